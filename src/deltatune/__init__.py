@@ -1,0 +1,60 @@
+"""deltatune: parameter-efficient fine-tuning for any PyTorch model.
+
+    import deltatune
+    model = deltatune.attach(model, deltatune.LoraConfig(r=8, target_modules="all-linear"))
+    ...train...
+    model.save("my-adapter")                     # or format="peft"
+    model = deltatune.load(base_model, "my-adapter")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from torch import nn
+
+from .config import DeltaConfig, TargetedConfig
+from .errors import (
+    AdapterFileError,
+    AdapterNameError,
+    AdapterShapeError,
+    DeltaTuneError,
+    MergeError,
+    TargetNotFoundError,
+    UnknownMethodError,
+    UnsupportedModuleError,
+)
+from .methods.base import Method, ModuleMethod
+from .methods.bitfit import BitFitConfig
+from .methods.lora import LoraConfig
+from .model import DeltaModel
+from .registry import get_method, register, registered_methods
+from .site import SiteAdapter
+from .summary import TrainableSummary
+from .targeting import model_modules
+
+
+def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> DeltaModel:
+    """Freeze `model` and add adapter `name` built from `config`; returns the `DeltaModel`."""
+    delta_model = DeltaModel(model)
+    try:
+        return delta_model.add(name, config)
+    except BaseException:
+        delta_model.unload(merge=False)
+        raise
+
+
+def load(model: nn.Module, path: str, name: str | None = None, trainable: bool = False) -> DeltaModel:
+    """Load an adapter folder (deltatune's or peft's, told apart by its config) onto `model`, a plain
+    model or a `DeltaModel`. A folder of subfolders loads each. `trainable=True` to train it further."""
+    from .io import load_adapters
+
+    return load_adapters(model, path, name, trainable)
+
+
+__all__ = [
+    "AdapterFileError", "AdapterNameError", "AdapterShapeError", "BitFitConfig", "DeltaConfig", "DeltaModel",
+    "DeltaTuneError", "LoraConfig", "MergeError", "Method", "ModuleMethod", "SiteAdapter", "TargetNotFoundError",
+    "TargetedConfig", "TrainableSummary", "UnknownMethodError", "UnsupportedModuleError", "attach",
+    "get_method", "load", "model_modules", "register", "registered_methods",
+]

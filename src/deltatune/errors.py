@@ -1,0 +1,35 @@
+"""The errors deltatune raises. Each message says what was wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class DeltaTuneError(ValueError):
+    """Base class of every error deltatune raises on bad input."""
+
+
+class TargetNotFoundError(DeltaTuneError):
+    """A `target_modules` / `modules_to_save` / `exclude_modules` entry matched no module."""
+
+
+class UnsupportedModuleError(DeltaTuneError):
+    """A selected module has a type the method cannot adapt."""
+
+
+class UnknownMethodError(DeltaTuneError):
+    """A method name that is not registered."""
+
+
+class AdapterNameError(DeltaTuneError):
+    """An adapter name that is already taken, or not present."""
+
+
+class AdapterShapeError(DeltaTuneError):
+    """Weights on disk do not fit the model they are loaded into."""
+
+
+class AdapterFileError(DeltaTuneError):
+    """An adapter folder or weights file that is missing, truncated or corrupted."""
+
+
+class MergeError(DeltaTuneError):
+    """A merge that would give wrong weights (non-finite values, tied parameters)."""

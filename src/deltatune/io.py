@@ -1,0 +1,203 @@
+"""Adapter folders on disk: ours and peft's, safetensors only, every write atomic.
+
+Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
+"base_model_name_or_path"} and `adapter_model.safetensors` whose keys are `<module path>.<tensor>`
+(no adapter name, so a file loads under any name). peft's folder: see `peft_format`. The weights file
+is written before the config, each atomically, so an interrupted save never leaves a config that
+points at missing or partial weights. Loading checks every key and shape before it copies anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from . import __version__, peft_format
+from .atomic import write_json, write_safetensors
+from .config import DeltaConfig
+from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
+from .registry import config_from_dict
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMATS = ("deltatune", "peft")
+
+
+def save_adapters(delta_model: Any, path: str | Path, names: list[str], format: str) -> None:
+    """One adapter: into `path`; several: into `path/<name>/` each."""
+    if format not in FORMATS:
+        raise DeltaTuneError(f"unknown format {format!r}; use one of {FORMATS}")
+    delta_model._check_names(names)
+    if not names:
+        raise DeltaTuneError("there is no adapter to save")
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise AdapterFileError(f"{root} is a file; pass a folder path to save into")
+    for name in names:
+        folder = root if len(names) == 1 else root / name
+        peft = format == "peft"
+        if peft:
+            config = peft_format.config_to_peft(delta_model.configs[name], delta_model.targets[name], delta_model.base_model)
+        else:
+            config = _our_config(delta_model, name)
+        write_safetensors(folder / WEIGHTS_FILE, _file_tensors(delta_model, name, peft), metadata={"format": "pt"})
+        write_json(folder / CONFIG_FILE, config)
+
+
+def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainable: bool) -> Any:
+    """Load the adapter(s) in `path` onto `model` (a plain model or a `DeltaModel`)."""
+    from .model import DeltaModel
+
+    folders = _adapter_folders(Path(path), name)
+    delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    added: list[str] = []
+    try:
+        for adapter_name, folder in folders:
+            _load_one(delta_model, folder, adapter_name, trainable)
+            added.append(adapter_name)
+    except BaseException:
+        for adapter_name in added:
+            delta_model.delete(adapter_name)
+        if delta_model is not model:
+            delta_model.unload(merge=False)
+        raise
+    return delta_model
+
+
+def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool) -> None:
+    data = _read_json(folder / CONFIG_FILE)
+    if peft_format.is_peft_config(data):
+        config: DeltaConfig = peft_format.config_from_peft(data)
+        peft = True
+        tensors = _read_tensors(folder / WEIGHTS_FILE)
+        tensors = {k: v for k, v in tensors.items() if not peft_format.IGNORED_KEY.match(k)}
+        config = _keep_saved_modules(config, tensors, delta_model.base_model)
+        adapter_name = name or "default"
+    else:
+        if data.get("format") != "deltatune" or "config" not in data:
+            raise AdapterFileError(f"{folder / CONFIG_FILE} is neither a deltatune nor a peft adapter config")
+        config = config_from_dict(data["config"])
+        peft = False
+        tensors = _read_tensors(folder / WEIGHTS_FILE)
+        adapter_name = name or data.get("name") or "default"
+    delta_model.add(adapter_name, config, trainable=trainable)
+    try:
+        _copy_into(delta_model, adapter_name, tensors, peft, folder / WEIGHTS_FILE)
+    except BaseException:
+        delta_model.delete(adapter_name)
+        raise
+
+
+def _copy_into(delta_model: Any, name: str, tensors: dict[str, torch.Tensor], peft: bool, file: Path) -> None:
+    """Check that the file holds exactly the adapter's tensors with the right shapes, then copy."""
+    plan: list[tuple[Any, dict[str, torch.Tensor]]] = []
+    used: set[str] = set()
+    for module_name, site in delta_model.sites():
+        if name not in site.adapters:
+            continue
+        adapter = site.adapters[name]
+        loaded = {}
+        for tensor_name, current in adapter.file_state().items():
+            file_key = _file_key(module_name, adapter, tensor_name, peft)
+            if file_key not in tensors:
+                raise AdapterShapeError(
+                    f"{file} has no tensor {file_key!r} that this model needs; the adapter was made for "
+                    "another model (or with another config)"
+                )
+            stored = tensors[file_key]
+            if stored.shape != current.shape:
+                raise AdapterShapeError(
+                    f"{file_key}: the file holds shape {tuple(stored.shape)}, the model needs "
+                    f"{tuple(current.shape)}; the adapter was made for a model of another shape"
+                )
+            loaded[tensor_name] = stored.to(dtype=current.dtype, device=current.device)
+            used.add(file_key)
+        plan.append((adapter, loaded))
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise AdapterShapeError(
+            f"{file} holds {len(extra)} tensor(s) this model has no place for, first {extra[0]!r}; the "
+            "adapter was made for another model"
+        )
+    for adapter, loaded in plan:
+        adapter.load_file_state(loaded)
+
+
+def _keep_saved_modules(config: DeltaConfig, tensors: dict[str, torch.Tensor], model: nn.Module) -> DeltaConfig:
+    """peft lists default heads ("classifier", "score") in modules_to_save whether or not the model has
+    them; keep the entries whose weights the file holds."""
+    if not config.modules_to_save:
+        return config
+    names = [n for n, _ in model.named_modules()]
+    kept = [
+        entry for entry in dict.fromkeys(config.modules_to_save)
+        if any((n == entry or n.endswith("." + entry)) and any(k.startswith(peft_format.PREFIX + n + ".") for k in tensors) for n in names)
+    ]
+    return config.replace(modules_to_save=kept or None)
+
+
+def _adapter_folders(root: Path, name: str | None) -> list[tuple[str | None, Path]]:
+    if (root / CONFIG_FILE).is_file():
+        return [(name, root)]
+    if root.is_dir():
+        found = sorted(child for child in root.iterdir() if (child / CONFIG_FILE).is_file())
+        if name is not None:
+            found = [child for child in found if child.name == name]
+        if found:
+            return [(child.name, child) for child in found]
+    raise AdapterFileError(
+        f"no adapter at {root}: expected {CONFIG_FILE} and {WEIGHTS_FILE} there, or subfolders holding them"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFileError(f"cannot read {path}: {error}; save the adapter again") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AdapterFileError(f"{path} is missing: the adapter folder is incomplete; save it again")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as error:  # safetensors raises several types for broken files
+        raise AdapterFileError(
+            f"{path} is truncated or corrupted ({type(error).__name__}: {error}); save or copy the adapter again"
+        ) from None
+
+
+def _file_key(module_name: str, adapter: Any, tensor_name: str, peft: bool) -> str:
+    """A tensor's key in the weights file: `<module>.<tensor>` here, peft's naming with `peft`."""
+    if peft:
+        return peft_format.peft_key(module_name, adapter.peft_names[tensor_name])
+    return f"{module_name}.{tensor_name}"
+
+
+def _our_config(delta_model: Any, name: str) -> dict[str, Any]:
+    model_config = getattr(delta_model.base_model, "config", None)
+    return {
+        "format": "deltatune",
+        "version": __version__,
+        "name": name,
+        "method": delta_model.configs[name].method,
+        "config": delta_model.configs[name].to_dict(),
+        "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
+    }
+
+
+def _file_tensors(delta_model: Any, name: str, peft: bool) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for module_name, site in delta_model.sites():
+        if name in site.adapters:
+            adapter = site.adapters[name]
+            for tensor_name, tensor in adapter.file_state().items():
+                tensors[_file_key(module_name, adapter, tensor_name, peft)] = tensor
+    return tensors

@@ -1,0 +1,202 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, arXiv:2106.09685); rsLoRA scaling (Kalajdzievski 2023).
+
+         x ──► W ──────────────┐
+         │                     (+) ──► y = W x + b + s · B A dropout(x)
+         └─► dropout ─► A ─► B ┘        A: rank × in_features, B: out_features × rank
+                                        s = lora_alpha / rank  (rsLoRA: lora_alpha / √rank)
+
+ΔW = s · B A folds into W for merging. A starts Kaiming-uniform and B at zero, so the adapted model
+equals the base model until B trains (embeddings: A zero, B normal, as in the paper's code and peft).
+Layers: `nn.Linear`, transformers' `Conv1D` (GPT-2; weight stored in × out), `nn.Embedding`,
+`nn.Conv1d` / `nn.Conv2d` (A is a conv with the layer's kernel, B a 1×1 conv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TargetedConfig
+from ..errors import DeltaTuneError, UnsupportedModuleError
+from ..registry import register
+from ..site import SiteAdapter
+from ..targeting import pattern_value
+from .base import ModuleMethod
+
+DEFAULT_TARGETS = {
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "phi", "mbart"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "deberta-v2"], ["query", "value"]),
+    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+    **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ["query_key_value"]),
+    "gpt2": ["c_attn"],
+    "distilbert": ["q_lin", "v_lin"],
+}
+
+
+@dataclasses.dataclass
+class LoraConfig(TargetedConfig):
+    """LoRA settings; names and defaults follow peft's `LoraConfig`."""
+
+    r: int = 8
+    """Rank of the update B A."""
+    lora_alpha: float = 8
+    """Scale numerator: s = lora_alpha / r (or / √r with `use_rslora`)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input path, an independent mask per adapted module. 0 costs nothing."""
+    use_rslora: bool = False
+    """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
+    init_lora_weights: bool | str = True
+    """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
+    False: random A and B (for tests: the adapter changes the output from the start)."""
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    """{module name pattern: alpha} overriding `lora_alpha` for matching modules."""
+
+    def validate(self) -> None:
+        ranks = [self.r, *self.rank_pattern.values()]
+        if any(not isinstance(rank, int) or rank <= 0 for rank in ranks):
+            raise DeltaTuneError(f"LoRA rank must be a positive integer, got {ranks}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise DeltaTuneError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise DeltaTuneError(f'init_lora_weights must be True, False or "gaussian", got {self.init_lora_weights!r}')
+
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        rank = self.rank_for(module_name)
+        alpha = self.alpha_for(module_name)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+class LoraAdapter(SiteAdapter):
+    """Shared state of every LoRA layer: `lora_A`, `lora_B`, scaling and dropout."""
+
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], module_name: str, config: LoraConfig, reference: torch.Tensor) -> None:
+        super().__init__()
+        self.rank = config.rank_for(module_name)
+        self.scaling = config.scaling_for(module_name)
+        factory = {"dtype": reference.dtype if reference.is_floating_point() else torch.float32, "device": reference.device}
+        self.lora_A = nn.Parameter(torch.empty((self.rank, *a_shape), **factory))
+        self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank, *b_shape[1:]), **factory))
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.reset(config.init_lora_weights)
+
+    def reset(self, init: bool | str) -> None:
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.rank)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    def delta_matrix(self) -> torch.Tensor:
+        """s · B A as an (out, in · kernel) float32 matrix."""
+        return self.scaling * (self.lora_B.detach().float().flatten(1) @ self.lora_A.detach().float().flatten(1))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
+
+
+def add_low_rank(output: torch.Tensor, hidden: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """output + scaling · hidden Bᵀ as one fused `addmm` over the flattened leading dims."""
+    flat = torch.addmm(output.reshape(-1, output.shape[-1]), hidden.reshape(-1, hidden.shape[-1]).to(output.dtype), lora_B.t().to(output.dtype), alpha=scaling)
+    return flat.view(output.shape)
+
+
+class LoraLinear(LoraAdapter):
+    """LoRA on `nn.Linear` (weight out × in) and GPT-2 `Conv1D` (weight in × out, `transposed`)."""
+
+    def __init__(self, module: nn.Module, module_name: str, config: LoraConfig) -> None:
+        weight = module.weight
+        self.transposed = not isinstance(module, nn.Linear)
+        in_features, out_features = weight.shape if self.transposed else weight.shape[::-1]
+        super().__init__((in_features,), (out_features,), module_name, config, weight)
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        hidden = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        return add_low_rank(output, hidden, self.lora_B, self.scaling)
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        delta = self.delta_matrix()
+        return {"weight": delta.t() if self.transposed else delta}
+
+
+class LoraEmbedding(LoraAdapter):
+    """LoRA on `nn.Embedding`: the token's column of A (rank × num_embeddings), then B."""
+
+    peft_names = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+    def __init__(self, module: nn.Embedding, module_name: str, config: LoraConfig) -> None:
+        super().__init__((module.num_embeddings,), (module.embedding_dim,), module_name, config, module.weight)
+
+    def reset(self, init: bool | str) -> None:
+        with torch.no_grad():
+            if init is False:
+                nn.init.normal_(self.lora_A)
+            else:
+                nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def forward(self, module: nn.Embedding, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        hidden = F.embedding(args[0], self.lora_A.t(), module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+        return add_low_rank(output, hidden, self.lora_B, self.scaling)
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": self.delta_matrix().t()}
+
+
+class LoraConv(LoraAdapter):
+    """LoRA on `nn.Conv1d` / `nn.Conv2d`: A is a conv with the layer's kernel, stride and padding;
+    B a 1×1 conv. ΔW[o, i, k] = s Σ_r B[o, r] A[r, i, k]."""
+
+    def __init__(self, module: nn.Conv1d | nn.Conv2d, module_name: str, config: LoraConfig) -> None:
+        if module.groups != 1:
+            raise UnsupportedModuleError(f"LoRA on grouped convolutions is not supported ({module_name} has groups={module.groups})")
+        ones = (1,) * len(module.kernel_size)
+        super().__init__((module.in_channels, *module.kernel_size), (module.out_channels, *ones), module_name, config, module.weight)
+        self.pointwise = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        hidden = module._conv_forward(self.dropout(args[0].to(self.lora_A.dtype)), self.lora_A, None)
+        return output + self.scaling * self.pointwise(hidden, self.lora_B).to(output.dtype)
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": self.delta_matrix().view(module.weight.shape)}
+
+
+def _adapter_types() -> dict[type, type[LoraAdapter]]:
+    from transformers.pytorch_utils import Conv1D
+
+    return {nn.Linear: LoraLinear, Conv1D: LoraLinear, nn.Embedding: LoraEmbedding, nn.Conv1d: LoraConv, nn.Conv2d: LoraConv}
+
+
+@register("lora")
+class Lora(ModuleMethod):
+    """LoRA on the selected Linear, Conv1D, Embedding and Conv layers."""
+
+    config_class = LoraConfig
+    adapter_types = _adapter_types()
+
+    def default_targets(self, model: nn.Module) -> list[str] | str:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type in DEFAULT_TARGETS:
+            return DEFAULT_TARGETS[model_type]
+        return super().default_targets(model)
+

@@ -1,0 +1,195 @@
+"""`DeltaModel`: a model with named adapters that can be added, activated, merged, saved and removed.
+
+The base model stays what it was: its modules and code are untouched; each adapted module gains a
+`deltatune` child (a `DeltaSite`) and a forward hook. Every base parameter is frozen at attach and its
+`requires_grad` restored by `unload()`. Attribute look-ups the wrapper does not answer (`config`,
+`get_input_embeddings`, ...) go to the base model, so transformers code keeps working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig
+from .errors import AdapterNameError, DeltaTuneError
+from .merging import merge_adapters, unmerge_adapters
+from .registry import method_for
+from .site import DeltaSite, RoutingState, site_of
+from .summary import TrainableSummary
+
+
+class DeltaModel(nn.Module):
+    """A base model plus named adapters. Create it with `deltatune.attach` or `deltatune.load`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if isinstance(model, DeltaModel) or any(isinstance(module, DeltaSite) for module in model.modules()):
+            raise DeltaTuneError("this model already has deltatune adapters: add more with delta_model.add(name, config)")
+        self.base_model = model
+        self.configs: dict[str, DeltaConfig] = {}
+        self.targets: dict[str, list[str]] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.routing = RoutingState()
+        self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self._modules["base_model"], name)
+
+    # ----------------------------------------------------------------------------- adapters
+    def add(self, name: str, config: DeltaConfig, trainable: bool = True) -> "DeltaModel":
+        """Add adapter `name` built from `config`. The first adapter becomes active."""
+        if not isinstance(name, str) or not name or "." in name or name in self.configs:
+            taken = f"; taken: {sorted(self.configs)}" if name in self.configs else ""
+            raise AdapterNameError(f"adapter name {name!r} is not free (names are non-empty, without '.'){taken}; pick another name")
+        if not isinstance(config, DeltaConfig):
+            raise DeltaTuneError(f"expected a deltatune config (LoraConfig, BitFitConfig, ...), got {type(config).__name__}")
+        method = method_for(config)
+        try:
+            self.targets[name] = method.attach(self.base_model, name, config, self.routing)
+        except BaseException:
+            method.detach(self.base_model, name)
+            self.targets.pop(name, None)
+            raise
+        self.configs[name] = config
+        self.set_trainable(name, trainable)
+        self.activate(*(self.active_adapters or (name,)))
+        return self
+
+    def activate(self, *names: str) -> "DeltaModel":
+        """Run these adapters (all at once, in this order) on every forward call."""
+        self._check_names(names)
+        if any(site.merged for _, site in self.sites()) and set(names) != set(self.active_adapters):
+            raise DeltaTuneError("adapters are merged into the weights: call unmerge() before changing the active adapters")
+        self.active_adapters = tuple(names)
+        for _, site in self.sites():
+            site.set_active(self.active_adapters)
+        return self
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside the block the model computes as the base model (unmerged adapters are skipped)."""
+        if any(site.merged for _, site in self.sites()):
+            raise DeltaTuneError("adapters are merged into the weights: call unmerge() before disabling them")
+        previous, self.routing.disabled = self.routing.disabled, True
+        try:
+            yield
+        finally:
+            self.routing.disabled = previous
+
+    def delete(self, name: str) -> None:
+        """Remove adapter `name` everywhere (it is unmerged first if merged)."""
+        self._check_names([name])
+        if any(name in site.merged for _, site in self.sites()):
+            self.unmerge()
+        method_for(self.configs[name]).detach(self.base_model, name)
+        del self.configs[name], self.targets[name]
+        self.activate(*(n for n in self.active_adapters if n != name))
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        """Turn training of adapter `name`'s parameters on or off."""
+        for parameter in self.adapter_parameters(name):
+            parameter.requires_grad_(trainable)
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """The parameters of adapter `name`, found through the sites that hold it."""
+        self._check_names([name])
+        for _, site in self.sites():
+            if name in site.adapters:
+                yield from site.adapters[name].parameters()
+
+    def sites(self) -> Iterator[tuple[str, DeltaSite]]:
+        """(full module name, site) for every adapted module of the base model."""
+        for module_name, module in self.base_model.named_modules():
+            site = site_of(module)
+            if site is not None:
+                yield module_name, site
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], name: str, combination_type: str = "cat", svd_rank: int | None = None) -> "DeltaModel":
+        """New LoRA adapter `name` whose update is Σ weights[i] · ΔW(adapters[i]); see `lora_combine`."""
+        from .methods.lora_combine import combine_lora
+
+        self._check_names(adapters)
+        combine_lora(self, adapters, weights, name, combination_type, svd_rank)
+        return self
+
+    # ----------------------------------------------------------------------------- merging
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights, in float32."""
+        names = list(self.active_adapters if names is None else names)
+        self._check_names(names)
+        merge_adapters(self.base_model, self.sites(), names)
+        self.activate(*self.active_adapters)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter back out of the base weights."""
+        unmerge_adapters(self.base_model, self.sites())
+        self.activate(*self.active_adapters)
+
+    def unload(self, merge: bool = True) -> nn.Module:
+        """Remove all adapters and return the plain base model (with the active adapters merged in if
+        `merge`). `requires_grad` flags are restored as they were before attach."""
+        if merge and self.active_adapters:
+            merge_adapters(self.base_model, self.sites(), list(self.active_adapters))
+        else:
+            unmerge_adapters(self.base_model, self.sites())
+        for name in list(self.configs):
+            method_for(self.configs[name]).detach(self.base_model, name)
+        self.configs.clear()
+        self.targets.clear()
+        self.active_adapters = ()
+        for parameter_name, parameter in self.base_model.named_parameters():
+            parameter.requires_grad_(self._base_requires_grad.get(parameter_name, False))
+        return self.base_model
+
+    # ----------------------------------------------------------------------------- running
+    def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward. `adapter_names` gives each row its adapter (`None`: base model)."""
+        self._route(adapter_names)
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
+        """The base model's `generate`, with optional per-row adapters as in `forward`."""
+        self._route(adapter_names)
+        return self.base_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' gradient checkpointing, non-reentrant by default so that frozen inputs
+        still let gradients reach the adapters."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def _route(self, adapter_names: list[str | None] | None) -> None:
+        if adapter_names is None:
+            if self.routing.row_groups is not None:
+                self.routing.set_rows(None)
+            return
+        self._check_names([name for name in adapter_names if name is not None])
+        self.routing.set_rows(list(adapter_names))
+
+    # ----------------------------------------------------------------------------- files
+    def save(self, path: str, names: list[str] | None = None, format: str = "deltatune") -> None:
+        """Write adapters to the folder `path` (one adapter: the folder itself; several: one
+        subfolder each). `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads."""
+        from .io import save_adapters
+
+        save_adapters(self, path, list(self.configs) if names is None else list(names), format)
+
+    def trainable_summary(self) -> TrainableSummary:
+        """Trainable and total parameter counts, overall and per adapter."""
+        return TrainableSummary.of(self)
+
+    def _check_names(self, names: Any) -> None:
+        unknown = [name for name in names if name not in self.configs]
+        if unknown:
+            raise AdapterNameError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.configs)}")

@@ -1,0 +1,161 @@
+"""Where deltas meet the model: one `DeltaSite` per adapted module, one forward hook each.
+
+A site is registered as the child `deltatune` of the module it adapts, so adapter weights move, cast
+and shard with their module, and the model's own code is never copied or replaced. It holds every
+adapter at that module in one `nn.ModuleDict` keyed by adapter name. An adapter module there is any
+`nn.Module` called as `adapter(module, args, kwargs, output) -> new output`.
+
+`RoutingState` is shared by all sites of one `DeltaModel`: which adapters run (set once at
+`activate()`), whether all are disabled, and, for a mixed batch, which rows go to which adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DeltaTuneError
+
+SITE_ATTRIBUTE = "deltatune"
+
+
+class SiteAdapter(nn.Module):
+    """Base of the modules a site holds: one adapter of one method at one module.
+
+    `forward(module, args, kwargs, output)` returns the module's new output. A mergeable adapter
+    overrides `delta_parameters`. `peft_names` maps a tensor name in our files to its name in peft's
+    (`{"lora_A": "lora_A.weight"}`); adapters of methods peft lacks leave it empty.
+    """
+
+    peft_names: dict[str, str] = {}
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        raise NotImplementedError
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """{name of a parameter of `module`: float32 delta to add to it} for merging."""
+        raise DeltaTuneError(f"{type(self).__name__} cannot be merged into the weights; use unload(merge=False)")
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        """The tensors saved for this adapter, by name."""
+        return self.state_dict()
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(tensors, strict=True)
+
+
+@dataclass
+class RoutingState:
+    """What the hooks read on every call; written by `DeltaModel`, never per site."""
+
+    disabled: bool = False
+    batch_size: int = 0
+    row_groups: tuple[tuple[str, torch.Tensor], ...] | None = None
+    _rows_cache: dict[tuple[str, torch.device, int], torch.Tensor] = field(default_factory=dict)
+
+    def set_rows(self, adapter_names: list[str | None] | None) -> None:
+        """Route row i of the next calls to `adapter_names[i]` (`None`: base model), or clear routing."""
+        self._rows_cache.clear()
+        if adapter_names is None:
+            self.row_groups = None
+            return
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            if name is not None:
+                groups.setdefault(name, []).append(row)
+        self.batch_size = len(adapter_names)
+        self.row_groups = tuple((name, torch.tensor(rows)) for name, rows in groups.items())
+
+    def rows(self, name: str, rows: torch.Tensor, leading: int, device: torch.device) -> torch.Tensor:
+        """Row indices for a tensor whose first dim is `leading`: the batch, or the batch with each
+        row repeated (beam search) or flattened with its positions (B*T)."""
+        key = (name, device, leading)
+        cached = self._rows_cache.get(key)
+        if cached is not None:
+            return cached
+        if leading % self.batch_size:
+            raise DeltaTuneError(
+                f"adapter_names has {self.batch_size} entries but a layer sees a batch of {leading}; "
+                "pass one adapter name per input row"
+            )
+        repeat = leading // self.batch_size
+        expanded = (rows[:, None] * repeat + torch.arange(repeat)[None, :]).reshape(-1).to(device)
+        self._rows_cache[key] = expanded
+        return expanded
+
+
+class DeltaSite(nn.Module):
+    """All adapters at one module. Its hook applies the active ones to the module's output."""
+
+    def __init__(self, state: RoutingState) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.state = state
+        self.active: list[nn.Module] = []
+        self.merged: list[str] = []
+        self.created_parameters: set[str] = set()
+        self.hook_handle: Any = None
+
+    def extra_repr(self) -> str:
+        return f"active={[self._name_of(a) for a in self.active]}, merged={self.merged}"
+
+    def _name_of(self, adapter: nn.Module) -> str:
+        return next(name for name, held in self.adapters.items() if held is adapter)
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        """Precompute the adapters the hook runs, in activation order (merged ones are in the weights)."""
+        self.active = [self.adapters[name] for name in names if name in self.adapters and name not in self.merged]
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state = self.state
+        if state.disabled:
+            return output
+        if state.row_groups is not None:
+            return self._mixed_batch(module, args, kwargs, output)
+        for adapter in self.active:
+            output = adapter(module, args, kwargs, output)
+        return output
+
+    def _mixed_batch(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """Each group of rows gets its own adapter; rows of other adapters or `None` keep the base output."""
+        if self.merged:
+            raise DeltaTuneError("mixed batches need unmerged adapters: call unmerge() first")
+        result = output
+        for name, group in self.state.row_groups:
+            adapter = self.adapters[name] if name in self.adapters else None
+            if adapter is None:
+                continue
+            rows = self.state.rows(name, group, output.shape[0], output.device)
+            sub_args = (args[0].index_select(0, rows), *args[1:])
+            sub_output = adapter(module, sub_args, kwargs, output.index_select(0, rows))
+            result = result.index_copy(0, rows, sub_output.to(result.dtype))
+        return result
+
+
+def site_of(module: nn.Module) -> DeltaSite | None:
+    """The site on `module`, if deltatune adapted it."""
+    site = module._modules.get(SITE_ATTRIBUTE)
+    return site if isinstance(site, DeltaSite) else None
+
+
+def open_site(module: nn.Module, state: RoutingState) -> DeltaSite:
+    """The site on `module`, created (with its hook) on first use."""
+    site = site_of(module)
+    if site is None:
+        if SITE_ATTRIBUTE in module._modules or hasattr(module, SITE_ATTRIBUTE):
+            raise DeltaTuneError(f"{type(module).__name__} already has an attribute {SITE_ATTRIBUTE!r}")
+        site = DeltaSite(state)
+        module.add_module(SITE_ATTRIBUTE, site)
+        site.hook_handle = module.register_forward_hook(site.hook, with_kwargs=True)
+    return site
+
+
+def close_site_if_empty(module: nn.Module) -> None:
+    """Remove the site and its hook once no adapter is left on it."""
+    site = site_of(module)
+    if site is not None and len(site.adapters) == 0:
+        site.hook_handle.remove()
+        del module._modules[SITE_ATTRIBUTE]

@@ -1,0 +1,234 @@
+"""A method defined outside the library, registered with `@deltatune.register`, works end to end:
+attach, train, save, load, merge; with no edit to deltatune itself.
+
+The method: a learned per-feature scale γ on each adapted layer's output, y ← y ⊙ (1 + γ), γ zero at
+start. For a linear layer y = W x + b this is W' = W + W ⊙ γ[:, None], b' = b + b ⊙ γ, so it merges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune
+from deltatune.site import DeltaSite
+from tiny_models import build, run
+
+
+@dataclasses.dataclass
+class ScaledOutputConfig(deltatune.TargetedConfig):
+    """Settings of the scaled-output method."""
+
+    init_scale: float = 0.0
+    """Starting value of every γ (0: the adapted model equals the base model)."""
+
+    def validate(self) -> None:
+        if not -1.0 < self.init_scale < 10.0:
+            raise deltatune.DeltaTuneError(f"init_scale must be in (-1, 10), got {self.init_scale}")
+
+
+class OutputScale(deltatune.SiteAdapter):
+    """γ over the output features of an `nn.Linear` (weight out × in) or GPT-2 `Conv1D` (in × out)."""
+
+    def __init__(self, module: nn.Module, module_name: str, config: ScaledOutputConfig) -> None:
+        super().__init__()
+        self.transposed = isinstance(module, Conv1D)
+        features = module.weight.shape[-1] if self.transposed else module.weight.shape[0]
+        self.gamma = nn.Parameter(torch.full((features,), config.init_scale, dtype=module.weight.dtype, device=module.weight.device))
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        return output * (1 + self.gamma.to(output.dtype))
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        gamma = self.gamma.detach().float()
+        weight = module.weight.detach().float()
+        deltas = {"weight": weight * gamma[None, :] if self.transposed else weight * gamma[:, None]}
+        if module.bias is not None:
+            deltas["bias"] = module.bias.detach().float() * gamma
+        return deltas
+
+
+@deltatune.register("scaled_output")
+class ScaledOutput(deltatune.ModuleMethod):
+    """Scale the outputs of the selected linear layers."""
+
+    config_class = ScaledOutputConfig
+    adapter_types = {nn.Linear: OutputScale, Conv1D: OutputScale}
+
+
+# ----------------------------------------------------------------------------- helpers
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's own parameters (not the ones deltatune added)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if ".deltatune." not in name}
+
+
+def trained(targets=TARGETS, steps: int = 6) -> tuple[deltatune.DeltaModel, nn.Module, dict[str, torch.Tensor], list[float]]:
+    """A tiny Llama with a scaled_output adapter trained a few steps; also its base parameters at start
+    and the losses seen."""
+    model = build("llama")
+    before = base_parameters(model)
+    delta_model = deltatune.attach(model, ScaledOutputConfig(target_modules=targets))
+    delta_model.train()
+    optimizer = torch.optim.AdamW([p for p in delta_model.parameters() if p.requires_grad], lr=5e-2)
+    input_ids = torch.randint(3, 96, (4, 8), generator=torch.Generator().manual_seed(7))
+    losses = []
+    for _ in range(steps):
+        loss = delta_model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    delta_model.eval()
+    return delta_model, model, before, losses
+
+
+# ----------------------------------------------------------------------------- tests
+def test_registration_stamps_the_config_and_lists_the_method() -> None:
+    assert ScaledOutputConfig.method == "scaled_output"
+    assert ScaledOutputConfig(target_modules=["q_proj"]).to_dict()["method"] == "scaled_output"
+    assert "scaled_output" in deltatune.registered_methods()
+    assert isinstance(deltatune.get_method("scaled_output"), ScaledOutput)
+    assert isinstance(deltatune.get_method("scaled_output"), deltatune.Method)
+
+
+def test_attaches_to_the_selected_layers_only_and_starts_as_the_base_model() -> None:
+    model = build("llama")
+    expected = run(model, "llama").detach()
+    delta_model = deltatune.attach(model, ScaledOutputConfig(target_modules=TARGETS))
+    sites = dict(delta_model.sites())
+    assert sorted(sites) == sorted(f"model.layers.{i}.{part}" for i in range(2) for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    assert all(isinstance(site.adapters["default"], OutputScale) for site in sites.values())
+    assert sites["model.layers.0.self_attn.v_proj"].adapters["default"].gamma.shape == (16,)  # 2 kv heads × head dim 8
+    trainable = [name for name, p in delta_model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.endswith(".deltatune.adapters.default.gamma") for name in trainable)
+    assert delta_model.trainable_summary().per_adapter == {"default": 2 * (32 + 16 + 32)}
+    assert torch.equal(run(delta_model, "llama"), expected)
+
+
+def test_all_linear_and_errors_come_from_the_shared_targeting() -> None:
+    delta_model = deltatune.attach(build("llama"), ScaledOutputConfig(target_modules="all-linear"))
+    assert len(list(delta_model.sites())) == 2 * 7  # q k v o gate up down per block; lm_head left out
+    with pytest.raises(deltatune.TargetNotFoundError, match="q_proj"):
+        deltatune.attach(build("llama"), ScaledOutputConfig(target_modules=["q_prj"]))
+    with pytest.raises(deltatune.UnsupportedModuleError, match="scaled_output cannot adapt"):
+        deltatune.attach(build("llama"), ScaledOutputConfig(target_modules=["mlp"]))
+    with pytest.raises(deltatune.TargetNotFoundError, match="needs target_modules"):
+        deltatune.attach(build("llama"), ScaledOutputConfig())
+    with pytest.raises(deltatune.DeltaTuneError, match="init_scale"):
+        ScaledOutputConfig(init_scale=-3.0)
+
+
+def test_trains_and_leaves_the_base_weights_bit_identical() -> None:
+    delta_model, model, before, losses = trained()
+    assert losses[-1] < losses[0] - 1e-3, losses
+    after = base_parameters(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    gammas = list(delta_model.adapter_parameters("default"))
+    assert all(g.abs().max() > 0 for g in gammas), "some γ did not train"
+    with delta_model.disabled():
+        assert torch.equal(run(delta_model, "llama"), run(build("llama"), "llama"))
+
+
+def test_save_then_load_into_a_fresh_model_gives_equal_outputs(tmp_path: Path) -> None:
+    delta_model, _, _, _ = trained()
+    expected = run(delta_model, "llama").detach()
+    folder = tmp_path / "scaled"
+    delta_model.save(str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    loaded = deltatune.load(build("llama"), str(folder))
+    assert isinstance(loaded.configs["default"], ScaledOutputConfig)
+    assert loaded.configs["default"].target_modules == TARGETS
+    assert torch.equal(run(loaded, "llama"), expected)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+    again = deltatune.load(build("llama"), str(folder), name="again", trainable=True)
+    assert list(again.configs) == ["again"]
+    assert all(p.requires_grad for p in again.adapter_parameters("again"))
+    assert torch.equal(run(again, "llama"), expected)
+
+
+def test_merge_matches_unmerged_and_unmerge_restores() -> None:
+    delta_model, model, before, _ = trained()
+    unmerged = run(delta_model, "llama").detach()
+    delta_model.merge()
+    assert all(site.merged == ["default"] for _, site in delta_model.sites())
+    merged = run(delta_model, "llama").detach()
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before["model.layers.0.self_attn.q_proj.weight"])
+
+    delta_model.unmerge()
+    torch.testing.assert_close(run(delta_model, "llama"), unmerged, atol=1e-6, rtol=0)
+    after = base_parameters(model)
+    assert all(torch.allclose(after[name], before[name], atol=1e-6, rtol=0) for name in before)
+
+    plain = delta_model.unload(merge=True)
+    assert not any(isinstance(module, DeltaSite) for module in plain.modules())
+    torch.testing.assert_close(run(plain, "llama"), unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_merge_with_biases_and_conv1d() -> None:
+    """Layers with a bias (MLP) and GPT-2's transposed Conv1D take the right delta."""
+    for arch, targets in (("mlp", ["net.0", "net.2", "head"]), ("gpt2", ["c_attn", "c_fc"])):
+        model = build(arch)
+        delta_model = deltatune.attach(model, ScaledOutputConfig(target_modules=targets, init_scale=0.0))
+        with torch.no_grad():
+            for parameter in delta_model.adapter_parameters("default"):
+                parameter.uniform_(-0.5, 0.5)
+        unmerged = run(delta_model, arch).detach()
+        delta_model.merge()
+        torch.testing.assert_close(run(delta_model, arch), unmerged, atol=1e-5, rtol=1e-4)
+        delta_model.unmerge()
+
+
+def test_lives_beside_builtin_methods() -> None:
+    """A LoRA adapter and a scaled_output adapter on one model: each can be active, both together."""
+    model = build("llama")
+    base = run(model, "llama").detach()
+    delta_model = deltatune.attach(model, deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name="lora")
+    delta_model.add("scale", ScaledOutputConfig(target_modules=["q_proj", "o_proj"], init_scale=0.25))
+    with_lora = run(delta_model, "llama").detach()
+    delta_model.activate("scale")
+    with_scale = run(delta_model, "llama").detach()
+    delta_model.activate("lora", "scale")
+    both = run(delta_model, "llama").detach()
+    assert not torch.allclose(with_lora, base) and not torch.allclose(with_scale, base)
+    assert not torch.allclose(both, with_lora) and not torch.allclose(both, with_scale)
+    delta_model.delete("scale")
+    assert torch.equal(run(delta_model, "llama"), with_lora)
+
+
+def test_registering_the_same_name_for_another_class_is_refused() -> None:
+    @dataclasses.dataclass
+    class OtherConfig(deltatune.TargetedConfig):
+        pass
+
+    class Other(deltatune.ModuleMethod):
+        config_class = OtherConfig
+        adapter_types = {nn.Linear: OutputScale}
+
+    with pytest.raises(deltatune.UnknownMethodError, match=r"'scaled_output' is already taken by ScaledOutput; pick another name"):
+        deltatune.register("scaled_output")(Other)
+    assert isinstance(deltatune.get_method("scaled_output"), ScaledOutput)
+    assert ScaledOutputConfig.method == "scaled_output"
+    assert OtherConfig.method == ""
+
+
+def test_registration_needs_a_config_class_and_a_valid_name() -> None:
+    class NoConfig:
+        pass
+
+    with pytest.raises(TypeError, match="needs a `config_class`"):
+        deltatune.register("no_config_here")(NoConfig)
+    assert "no_config_here" not in deltatune.registered_methods()
+    with pytest.raises(deltatune.UnknownMethodError, match="must be letters, digits"):
+        deltatune.register("bad name!")

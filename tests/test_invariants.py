@@ -1,0 +1,159 @@
+"""The invariant table: every built-in method × every tiny architecture (DESIGN.md §7).
+
+A method added to the library without a case here fails `test_every_builtin_method_has_a_case`.
+Adapters are given random weights (`randomize`) wherever an invariant needs a non-trivial delta.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import deltatune
+from tiny_models import ARCHS, build, run
+
+ARCH_NAMES = ["llama", "gpt2", "bert", "t5", "mlp"]
+
+CASES = {
+    "lora": lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear),
+    "bitfit": lambda arch: deltatune.BitFitConfig(add_missing_bias=True),
+}
+
+GRID = [(method, arch) for method in CASES for arch in ARCH_NAMES]
+IDS = [f"{method}-{arch}" for method, arch in GRID]
+
+
+def randomize(delta_model: deltatune.DeltaModel, name: str, seed: int = 0) -> None:
+    """Give adapter `name` random weights, so its delta is not zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in delta_model.adapter_parameters(name):
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+def attached(method: str, arch: str, name: str = "default", seed: int = 0) -> deltatune.DeltaModel:
+    delta_model = deltatune.attach(build(arch), CASES[method](arch), name=name)
+    randomize(delta_model, name, seed)
+    return delta_model
+
+
+def frozen(arch: str) -> torch.nn.Module:
+    """The base model with frozen parameters, as inside a DeltaModel (T5's kernels differ by a few ulp
+    depending on whether parameters require grad)."""
+    return build(arch).requires_grad_(False)
+
+
+def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's own tensors (without deltatune's sites), cloned."""
+    sites = {name for name, _ in model.named_modules() if name.endswith("deltatune") or ".deltatune." in name}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not any(k.startswith(s + ".") for s in sites)}
+
+
+def test_every_builtin_method_has_a_case() -> None:
+    builtin = {name for name in deltatune.registered_methods() if type(deltatune.get_method(name)).__module__.startswith("deltatune.")}
+    assert builtin == set(CASES)
+
+
+@pytest.mark.parametrize("method,arch", GRID, ids=IDS)
+def test_output_equals_base_at_init(method: str, arch: str) -> None:
+    expected = run(frozen(arch), arch)
+    delta_model = deltatune.attach(build(arch), CASES[method](arch))
+    assert torch.equal(run(delta_model, arch), expected)
+
+
+@pytest.mark.parametrize("method,arch", GRID, ids=IDS)
+def test_only_adapter_parameters_train_and_base_stays_bit_identical(method: str, arch: str) -> None:
+    delta_model = attached(method, arch)
+    adapter_ids = {id(p) for p in delta_model.adapter_parameters("default")}
+    trainable = [n for n, p in delta_model.named_parameters() if p.requires_grad]
+    assert trainable and all(id(dict(delta_model.named_parameters())[n]) in adapter_ids for n in trainable)
+    before_state = base_state(delta_model.base_model)
+    before_output = run(delta_model, arch).detach()
+    optimizer = torch.optim.AdamW([p for p in delta_model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        loss = run(delta_model, arch, seed=10 + step).float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after_state = base_state(delta_model.base_model)
+    assert before_state.keys() == after_state.keys()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert not torch.allclose(run(delta_model, arch), before_output)
+
+
+@pytest.mark.parametrize("method,arch", GRID, ids=IDS)
+def test_save_then_load_gives_equal_outputs(method: str, arch: str, tmp_path) -> None:
+    delta_model = attached(method, arch)
+    expected = run(delta_model, arch)
+    delta_model.save(tmp_path / "adapter")
+    loaded = deltatune.load(build(arch), tmp_path / "adapter")
+    assert torch.equal(run(loaded, arch), expected)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("method,arch", GRID, ids=IDS)
+def test_merge_matches_unmerged(method: str, arch: str) -> None:
+    delta_model = attached(method, arch)
+    expected = run(delta_model, arch)
+    delta_model.merge()
+    torch.testing.assert_close(run(delta_model, arch), expected, atol=1e-5, rtol=0)
+    delta_model.unmerge()
+    torch.testing.assert_close(run(delta_model, arch), expected, atol=1e-5, rtol=0)
+    merged_plain = delta_model.unload(merge=True)
+    torch.testing.assert_close(run(merged_plain, arch), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,arch", GRID, ids=IDS)
+def test_unload_restores_the_base_exactly(method: str, arch: str) -> None:
+    reference = build(arch)
+    expected, expected_state = run(reference, arch), base_state(reference)
+    flags = {n: p.requires_grad for n, p in reference.named_parameters()}
+    plain = attached(method, arch).unload(merge=False)
+    assert torch.equal(run(plain, arch), expected)
+    assert plain.state_dict().keys() == expected_state.keys()
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+    assert not [n for n, _ in plain.named_modules() if n.endswith("deltatune")]
+
+
+@pytest.mark.parametrize("method,arch", GRID, ids=IDS)
+def test_disabled_equals_base(method: str, arch: str) -> None:
+    expected = run(frozen(arch), arch)
+    delta_model = attached(method, arch)
+    with delta_model.disabled():
+        assert torch.equal(run(delta_model, arch), expected)
+    assert not torch.equal(run(delta_model, arch), expected)
+
+
+@pytest.mark.parametrize("method,arch", GRID, ids=IDS)
+def test_mixed_batch_rows_equal_separate_runs(method: str, arch: str) -> None:
+    delta_model = attached(method, arch, name="a", seed=1)
+    delta_model.add("b", CASES[method](arch))
+    randomize(delta_model, "b", seed=2)
+    base_output = run(frozen(arch), arch)
+    delta_model.activate("a")
+    output_a = run(delta_model, arch)
+    delta_model.activate("b")
+    output_b = run(delta_model, arch)
+    mixed = run(delta_model, arch, adapter_names=["a", "b", None])
+    torch.testing.assert_close(mixed[0], output_a[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], output_b[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[2], base_output[2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method,arch", GRID, ids=IDS)
+def test_two_active_adapters_add_their_deltas(method: str, arch: str) -> None:
+    """For additive methods, running a and b together equals base + Δa + Δb to first order; here we
+    check the exact statement that matters: activating both differs from either alone, and
+    deactivating one gives the other's output back."""
+    delta_model = attached(method, arch, name="a", seed=1)
+    delta_model.add("b", copy.deepcopy(CASES[method](arch)))
+    randomize(delta_model, "b", seed=2)
+    delta_model.activate("a")
+    output_a = run(delta_model, arch)
+    delta_model.activate("a", "b")
+    both = run(delta_model, arch)
+    assert not torch.allclose(both, output_a)
+    delta_model.activate("a")
+    assert torch.equal(run(delta_model, arch), output_a)
