@@ -1,26 +1,38 @@
 # Every target builds its own virtual environment; nothing has to be installed by hand.
+# `make test` runs the suite twice: on the current transformers 5.x, and on 4.57 (the release
+# AdapterHub pins), the two lines deltatune supports.
 PYTHON ?= python3
 VENV := .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+VENV_457 := .venv-transformers457
+PYTEST_FLAGS ?= -q -n 2
 
-.PHONY: test demo venv clean
+.PHONY: test test-current test-457 demo clean
 
-venv: $(STAMP)
-
-$(STAMP): pyproject.toml tools/install-torch.sh
+$(VENV)/.installed: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	tools/install-torch.sh $(BIN)/pip
-	$(BIN)/pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	tools/install-torch.sh $(VENV)/bin/pip
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $@
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q tests
+$(VENV_457)/.installed: pyproject.toml tools/install-torch.sh
+	$(PYTHON) -m venv $(VENV_457)
+	$(VENV_457)/bin/pip install --quiet --upgrade pip
+	tools/install-torch.sh $(VENV_457)/bin/pip
+	$(VENV_457)/bin/pip install --quiet -e ".[test]" "transformers==4.57.*"
+	touch $@
 
-demo: $(STAMP)
+test: test-457 test-current
+
+test-current: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_FLAGS) tests
+
+test-457: $(VENV_457)/.installed
+	$(VENV_457)/bin/python -m pytest $(PYTEST_FLAGS) tests
+
+demo: $(VENV)/.installed
 	@echo "The main job (deltatune demo) arrives with the trainer; see the open issues."
 	@exit 1
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV_457) .pytest_cache

@@ -71,7 +71,10 @@ def assert_clean_plain(model: torch.nn.Module, flags_before: dict[str, bool]) ->
 
 
 def no_temp_files(folder: Path) -> list[str]:
-    return [name for name in os.listdir(folder) if name.endswith(".tmp") or name.startswith(".")]
+    """Leftovers of an interrupted save: in the folder, or staging folders beside it."""
+    inside = os.listdir(folder) if folder.exists() else []
+    beside = [name for name in os.listdir(folder.parent) if name.startswith(f".{folder.name}.")]
+    return [name for name in inside if name.endswith((".tmp", ".partial")) or name.startswith(".")] + beside
 
 
 # ----------------------------------------------------------------------------- targeting

@@ -2,9 +2,9 @@
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
 "base_model_name_or_path"} and `adapter_model.safetensors` whose keys are `<module path>.<tensor>`
-(no adapter name, so a file loads under any name). peft's folder: see `peft_format`. The weights file
-is written before the config, each atomically, so an interrupted save never leaves a config that
-points at missing or partial weights. Loading checks every key and shape before it copies anything.
+(no adapter name, so a file loads under any name). peft's folder: see `peft_format`. Both files are
+written in full to a staging folder and then renamed into place (`atomic`), so an interrupted save
+leaves the old adapter as it was. Loading checks every key and shape before it copies anything.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import __version__, peft_format
-from .atomic import write_json, write_safetensors
+from .atomic import json_writer, safetensors_writer, write_files
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
 from .registry import config_from_dict
@@ -45,8 +45,8 @@ def save_adapters(delta_model: Any, path: str | Path, names: list[str], format: 
             config = peft_format.config_to_peft(delta_model.configs[name], delta_model.targets[name], delta_model.base_model)
         else:
             config = _our_config(delta_model, name)
-        write_safetensors(folder / WEIGHTS_FILE, _file_tensors(delta_model, name, peft), metadata={"format": "pt"})
-        write_json(folder / CONFIG_FILE, config)
+        weights = safetensors_writer(_file_tensors(delta_model, name, peft), metadata={"format": "pt"})
+        write_files(folder, {WEIGHTS_FILE: weights, CONFIG_FILE: json_writer(config)})
 
 
 def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainable: bool) -> Any:

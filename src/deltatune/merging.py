@@ -3,6 +3,8 @@
 W ← W + ΔW is computed in float32 and cast back to W's dtype, checked for non-finite values; all or
 nothing: if any parameter would turn non-finite, the ones already written are restored. A parameter
 shared by two modules (tied input/output embeddings) is refused: merging would change both.
+Unmerge subtracts the same deltas: recomputed for adapters whose delta does not read the module's
+weights (LoRA, BitFit: no copies kept), kept from merge time for the others (`delta_reads_module`).
 A bias that a BitFit adapter gave a bias-free module is created on merge and removed on unmerge.
 """
 
@@ -38,10 +40,13 @@ def merge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]], nam
                 _apply(module, site, deltas, sign=1.0, context=f"adapter {name!r} at {module_name}")
                 written.append((module, site, name, deltas))
                 site.merged.append(name)
+                if site.adapters[name].delta_reads_module:
+                    site.merged_deltas[name] = deltas
     except BaseException:
         for module, site, name, deltas in reversed(written):
             _apply(module, site, deltas, sign=-1.0, context="rollback")
             site.merged.remove(name)
+            site.merged_deltas.pop(name, None)
         raise
 
 
@@ -50,7 +55,8 @@ def unmerge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]]) -
     for module_name, site in list(sites):
         module = model.get_submodule(module_name)
         for name in reversed(site.merged):
-            _apply(module, site, site.adapters[name].delta_parameters(module), sign=-1.0, context=name)
+            deltas = site.merged_deltas.pop(name, None) or site.adapters[name].delta_parameters(module)
+            _apply(module, site, deltas, sign=-1.0, context=name)
         site.merged.clear()
         for parameter_name in sorted(site.created_parameters):
             setattr(module, parameter_name, None)

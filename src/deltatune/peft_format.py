@@ -31,6 +31,7 @@ TASK_TYPES = {
     "ForQuestionAnswering": "QUESTION_ANS",
 }
 
+PEFT_SAVED_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 UNSUPPORTED_OPTIONS = {"use_dora": False, "bias": "none", "lora_bias": False}
 LORA_FIELDS = (
     "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
@@ -64,7 +65,7 @@ def config_to_peft(config: DeltaConfig, targets: list[str], model: nn.Module) ->
     return {
         "peft_type": "LORA",
         "peft_version": PEFT_VERSION,
-        "task_type": task_type_of(model),
+        "task_type": _task_type_for(model, config),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
         "inference_mode": True,
         "r": config.r,
@@ -79,6 +80,18 @@ def config_to_peft(config: DeltaConfig, targets: list[str], model: nn.Module) ->
         "bias": "none",
         "use_dora": False,
     }
+
+
+def _task_type_for(model: nn.Module, config: LoraConfig) -> str | None:
+    """The model's task type, unless peft would then expect head weights we did not save: for
+    classification and QA task types peft adds the head (`classifier`, `score`, `qa_outputs`) to
+    `modules_to_save` on its own. Without a task type peft loads the same weights as a plain model."""
+    task_type = task_type_of(model)
+    heads = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PEFT_SAVED_HEADS.get(task_type, ())]
+    saved = config.modules_to_save or []
+    if any(not any(head == entry or head.endswith("." + entry) for entry in saved) for head in heads):
+        return None
+    return task_type
 
 
 def task_type_of(model: nn.Module) -> str | None:

@@ -31,6 +31,9 @@ class SiteAdapter(nn.Module):
     """
 
     peft_names: dict[str, str] = {}
+    delta_reads_module: bool = True
+    """Whether `delta_parameters` depends on the module's weights. Then merge keeps the deltas it
+    added so that unmerge can subtract exactly those; LoRA and BitFit set False and keep nothing."""
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         raise NotImplementedError
@@ -96,6 +99,7 @@ class DeltaSite(nn.Module):
         self.state = state
         self.active: list[nn.Module] = []
         self.merged: list[str] = []
+        self.merged_deltas: dict[str, dict[str, torch.Tensor]] = {}
         self.created_parameters: set[str] = set()
         self.hook_handle: Any = None
 

@@ -50,6 +50,8 @@ FEATURE_AXIS: dict[type, Callable[[nn.Module], tuple[int, int]]] = {
 class BiasDelta(SiteAdapter):
     """Δb added to a module's output along its feature axis (last dim, or dim 1 for convolutions)."""
 
+    delta_reads_module = False
+
     def __init__(self, module: nn.Module, module_name: str, config: BitFitConfig) -> None:
         super().__init__()
         features, self.feature_axis = lookup_type(FEATURE_AXIS, type(module))(module)

@@ -83,6 +83,7 @@ class LoraAdapter(SiteAdapter):
     """Shared state of every LoRA layer: `lora_A`, `lora_B`, scaling and dropout."""
 
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    delta_reads_module = False
 
     def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], module_name: str, config: LoraConfig, reference: torch.Tensor) -> None:
         super().__init__()
