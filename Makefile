@@ -1,6 +1,7 @@
 # Every target builds its own virtual environment; nothing has to be installed by hand.
 # `make test` runs the suite twice: on the current transformers 5.x, and on 4.57 (the release
-# AdapterHub pins), the two lines deltatune supports.
+# AdapterHub pins), the two lines deltatune supports; the second environment also holds AdapterHub
+# `adapters`, so the cross-checks against it run there.
 PYTHON ?= python3
 VENV := .venv
 VENV_457 := .venv-transformers457
@@ -19,7 +20,7 @@ $(VENV_457)/.installed: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV_457)
 	$(VENV_457)/bin/pip install --quiet --upgrade pip
 	tools/install-torch.sh $(VENV_457)/bin/pip
-	$(VENV_457)/bin/pip install --quiet -e ".[test]" "transformers==4.57.*"
+	$(VENV_457)/bin/pip install --quiet -e ".[test]" "transformers==4.57.*" "adapters==1.3.0"
 	touch $@
 
 test: test-457 test-current

@@ -2,8 +2,9 @@
 
 A site is registered as the child `deltatune` of the module it adapts, so adapter weights move, cast
 and shard with their module, and the model's own code is never copied or replaced. It holds every
-adapter at that module in one `nn.ModuleDict` keyed by adapter name. An adapter module there is any
-`nn.Module` called as `adapter(module, args, kwargs, output) -> new output`.
+adapter at that module in one `nn.ModuleDict` keyed by adapter name. An adapter module there is a
+`SiteAdapter`, called as `adapter(module, args, kwargs, output) -> new output`; one that overrides
+`prepare` also rewrites the module's inputs before it runs (a second hook, registered only then).
 
 `RoutingState` is shared by all sites of one `DeltaModel`: which adapters run (set once at
 `activate()`), whether all are disabled, and, for a mixed batch, which rows go to which adapter.
@@ -37,6 +38,17 @@ class SiteAdapter(nn.Module):
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         raise NotImplementedError
+
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Rewrite the module's inputs before it runs (soft prompts). Default: no pre-hook at all."""
+        return args, kwargs
+
+    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
+        """Mixed batch: apply this adapter to the rows `rows` of the batch only. The default slices the
+        first positional input and the output along dim 0; adapters that see other layouts override."""
+        sub_args = (args[0].index_select(0, rows), *args[1:])
+        sub_output = self(module, sub_args, kwargs, output.index_select(0, rows))
+        return output.index_copy(0, rows, sub_output.to(output.dtype))
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """{name of a parameter of `module`: float32 delta to add to it} for merging."""
@@ -101,7 +113,7 @@ class DeltaSite(nn.Module):
         self.merged: list[str] = []
         self.merged_deltas: dict[str, dict[str, torch.Tensor]] = {}
         self.created_parameters: set[str] = set()
-        self.hook_handle: Any = None
+        self.hook_handles: list[Any] = []
 
     def extra_repr(self) -> str:
         return f"active={[self._name_of(a) for a in self.active]}, merged={self.merged}"
@@ -109,9 +121,25 @@ class DeltaSite(nn.Module):
     def _name_of(self, adapter: nn.Module) -> str:
         return next(name for name, held in self.adapters.items() if held is adapter)
 
+    def add(self, module: nn.Module, name: str, adapter: SiteAdapter) -> None:
+        """Hold `adapter` under `name`; give `module` the input hook the first time an adapter needs it."""
+        self.adapters[name] = adapter
+        if type(adapter).prepare is not SiteAdapter.prepare and len(self.hook_handles) == 1:
+            self.hook_handles.append(module.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
+
     def set_active(self, names: tuple[str, ...]) -> None:
         """Precompute the adapters the hook runs, in activation order (merged ones are in the weights)."""
         self.active = [self.adapters[name] for name in names if name in self.adapters and name not in self.merged]
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self.state
+        if state.disabled:
+            return None
+        if state.row_groups is not None:
+            raise DeltaTuneError("mixed batches are not supported by adapters that rewrite inputs here")
+        for adapter in self.active:
+            args, kwargs = adapter.prepare(module, args, kwargs)
+        return args, kwargs
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self.state
@@ -127,16 +155,11 @@ class DeltaSite(nn.Module):
         """Each group of rows gets its own adapter; rows of other adapters or `None` keep the base output."""
         if self.merged:
             raise DeltaTuneError("mixed batches need unmerged adapters: call unmerge() first")
-        result = output
         for name, group in self.state.row_groups:
-            adapter = self.adapters[name] if name in self.adapters else None
-            if adapter is None:
-                continue
-            rows = self.state.rows(name, group, output.shape[0], output.device)
-            sub_args = (args[0].index_select(0, rows), *args[1:])
-            sub_output = adapter(module, sub_args, kwargs, output.index_select(0, rows))
-            result = result.index_copy(0, rows, sub_output.to(result.dtype))
-        return result
+            if name in self.adapters:
+                rows = self.state.rows(name, group, _leading_size(output), _device(output))
+                output = self.adapters[name].forward_rows(module, args, kwargs, output, rows)
+        return output
 
 
 def site_of(module: nn.Module) -> DeltaSite | None:
@@ -153,7 +176,7 @@ def open_site(module: nn.Module, state: RoutingState) -> DeltaSite:
             raise DeltaTuneError(f"{type(module).__name__} already has an attribute {SITE_ATTRIBUTE!r}")
         site = DeltaSite(state)
         module.add_module(SITE_ATTRIBUTE, site)
-        site.hook_handle = module.register_forward_hook(site.hook, with_kwargs=True)
+        site.hook_handles.append(module.register_forward_hook(site.hook, with_kwargs=True))
     return site
 
 
@@ -161,5 +184,15 @@ def close_site_if_empty(module: nn.Module) -> None:
     """Remove the site and its hook once no adapter is left on it."""
     site = site_of(module)
     if site is not None and len(site.adapters) == 0:
-        site.hook_handle.remove()
+        for handle in site.hook_handles:
+            handle.remove()
         del module._modules[SITE_ATTRIBUTE]
+
+
+def _leading_size(output: Any) -> int:
+    """Batch size of a module output: a tensor, or the first tensor of a tuple (transformers blocks)."""
+    return (output[0] if isinstance(output, tuple) else output).shape[0]
+
+
+def _device(output: Any) -> torch.device:
+    return (output[0] if isinstance(output, tuple) else output).device

@@ -72,7 +72,8 @@ class ModuleMethod:
         built = {target: self.build_adapter(model.get_submodule(target), target, config) for target in targets}
         built.update({target: ModuleCopy(model.get_submodule(target)) for target in saved})
         for target, adapter in built.items():
-            open_site(model.get_submodule(target), state).adapters[name] = adapter
+            module = model.get_submodule(target)
+            open_site(module, state).add(module, name, adapter)
         return targets
 
     def detach(self, model: nn.Module, name: str) -> None:
