@@ -21,6 +21,7 @@ from .merging import merge_adapters, unmerge_adapters
 from .registry import method_for
 from .site import DeltaSite, RoutingState, site_of
 from .summary import TrainableSummary
+from .targeting import model_modules
 
 
 class DeltaModel(nn.Module):
@@ -110,7 +111,7 @@ class DeltaModel(nn.Module):
 
     def sites(self) -> Iterator[tuple[str, DeltaSite]]:
         """(full module name, site) for every adapted module of the base model."""
-        for module_name, module in self.base_model.named_modules():
+        for module_name, module in model_modules(self.base_model):
             site = site_of(module)
             if site is not None:
                 yield module_name, site

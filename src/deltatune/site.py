@@ -47,8 +47,10 @@ class SiteAdapter(nn.Module):
         """Mixed batch: apply this adapter to the rows `rows` of the batch only. The default slices the
         first positional input and the output along dim 0; adapters that see other layouts override."""
         sub_args = (args[0].index_select(0, rows), *args[1:])
-        sub_output = self(module, sub_args, kwargs, output.index_select(0, rows))
-        return output.index_copy(0, rows, sub_output.to(output.dtype))
+        sub_output = self(module, sub_args, kwargs, output.index_select(0, rows)).to(output.dtype)
+        if torch.is_grad_enabled():
+            return output.index_copy(0, rows, sub_output)
+        return output.index_copy_(0, rows, sub_output)
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """{name of a parameter of `module`: float32 delta to add to it} for merging."""
@@ -123,7 +125,7 @@ class DeltaSite(nn.Module):
 
     def add(self, module: nn.Module, name: str, adapter: SiteAdapter) -> None:
         """Hold `adapter` under `name`; give `module` the input hook the first time an adapter needs it."""
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(module.training)
         if type(adapter).prepare is not SiteAdapter.prepare and len(self.hook_handles) == 1:
             self.hook_handles.append(module.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
 
@@ -174,7 +176,7 @@ def open_site(module: nn.Module, state: RoutingState) -> DeltaSite:
     if site is None:
         if SITE_ATTRIBUTE in module._modules or hasattr(module, SITE_ATTRIBUTE):
             raise DeltaTuneError(f"{type(module).__name__} already has an attribute {SITE_ATTRIBUTE!r}")
-        site = DeltaSite(state)
+        site = DeltaSite(state).train(module.training)
         module.add_module(SITE_ATTRIBUTE, site)
         site.hook_handles.append(module.register_forward_hook(site.hook, with_kwargs=True))
     return site

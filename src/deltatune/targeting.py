@@ -27,15 +27,18 @@ DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "block", "blocks")
 
 
 def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """`named_modules()` without deltatune's own sites and what they hold."""
-    skipped: list[str] = []
-    for name, module in model.named_modules():
-        if any(name == prefix or name.startswith(prefix + ".") for prefix in skipped):
+    """`named_modules()` without deltatune's own sites and what they hold. It never walks into a
+    site, so its cost does not grow with the number of adapters."""
+    seen: set[int] = set()
+    pending: list[tuple[str, nn.Module]] = [("", model)]
+    while pending:
+        name, module = pending.pop()
+        if id(module) in seen or isinstance(module, DeltaSite):
             continue
-        if isinstance(module, DeltaSite):
-            skipped.append(name)
-            continue
+        seen.add(id(module))
         yield name, module
+        children = [(f"{name}.{child_name}" if name else child_name, child) for child_name, child in module._modules.items() if child is not None]
+        pending.extend(reversed(children))
 
 
 def linear_types() -> tuple[type, ...]:

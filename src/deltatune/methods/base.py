@@ -24,7 +24,7 @@ from torch import nn
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetNotFoundError
 from ..site import RoutingState, close_site_if_empty, open_site, site_of
-from ..targeting import saved_module_names, select_modules
+from ..targeting import model_modules, saved_module_names, select_modules
 from .module_copy import ModuleCopy
 
 
@@ -82,7 +82,7 @@ class ModuleMethod:
 
 def detach_everywhere(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every site of `model` (sites left empty go too)."""
-    for module in list(model.modules()):
+    for _, module in list(model_modules(model)):
         site = site_of(module)
         if site is not None and name in site.adapters:
             del site.adapters[name]

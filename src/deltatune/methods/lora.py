@@ -27,6 +27,7 @@ from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
 from .base import ModuleMethod
+from .lora_dropout import DroppedProjection, drop_threshold, kept_fraction
 
 DEFAULT_TARGETS = {
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "phi", "mbart"], ["q_proj", "v_proj"]),
@@ -47,7 +48,8 @@ class LoraConfig(TargetedConfig):
     lora_alpha: float = 8
     """Scale numerator: s = lora_alpha / r (or / √r with `use_rslora`)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input path, an independent mask per adapted module. 0 costs nothing."""
+    """Dropout on the LoRA input path, an independent mask per adapted module. 0 costs nothing; on
+    linear layers p is used rounded to a multiple of 1/65536 (see `lora_dropout`)."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
     init_lora_weights: bool | str = True
@@ -92,7 +94,7 @@ class LoraAdapter(SiteAdapter):
         factory = {"dtype": reference.dtype if reference.is_floating_point() else torch.float32, "device": reference.device}
         self.lora_A = nn.Parameter(torch.empty((self.rank, *a_shape), **factory))
         self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank, *b_shape[1:]), **factory))
-        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.dropout_probability = config.lora_dropout
         self.reset(config.init_lora_weights)
 
     def reset(self, init: bool | str) -> None:
@@ -115,9 +117,14 @@ class LoraAdapter(SiteAdapter):
 
 
 def add_low_rank(output: torch.Tensor, hidden: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """output + scaling · hidden Bᵀ as one fused `addmm` over the flattened leading dims."""
-    flat = torch.addmm(output.reshape(-1, output.shape[-1]), hidden.reshape(-1, hidden.shape[-1]).to(output.dtype), lora_B.t().to(output.dtype), alpha=scaling)
-    return flat.view(output.shape)
+    """output + scaling · hidden Bᵀ as one fused `addmm` over the flattened leading dims; in place
+    when no graph is recorded (inference), so the adapter allocates nothing of the output's size."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).to(output.dtype)
+    weight = lora_B.t().to(output.dtype)
+    if not torch.is_grad_enabled() and output.is_contiguous():
+        output.view(-1, output.shape[-1]).addmm_(flat_hidden, weight, alpha=scaling)
+        return output
+    return torch.addmm(output.reshape(-1, output.shape[-1]), flat_hidden, weight, alpha=scaling).view(output.shape)
 
 
 class LoraLinear(LoraAdapter):
@@ -129,10 +136,25 @@ class LoraLinear(LoraAdapter):
         in_features, out_features = weight.shape if self.transposed else weight.shape[::-1]
         super().__init__((in_features,), (out_features,), module_name, config, weight)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(dropout(x) Aᵀ, the scaling that goes with it); dropout only in training."""
+        x = x.to(self.lora_A.dtype)
+        if self.training and self.dropout_probability > 0:
+            hidden = DroppedProjection.apply(x, self.lora_A, drop_threshold(self.dropout_probability))
+            return hidden, self.scaling / kept_fraction(self.dropout_probability)
+        return F.linear(x, self.lora_A), self.scaling
+
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        hidden = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
-        return add_low_rank(output, hidden, self.lora_B, self.scaling)
+        hidden, scaling = self.project(args[0])
+        return add_low_rank(output, hidden, self.lora_B, scaling)
+
+    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: only the LoRA term of the chosen rows is computed, then added into them."""
+        hidden, scaling = self.project(args[0].index_select(0, rows))
+        delta = F.linear(hidden, self.lora_B).to(output.dtype)
+        if torch.is_grad_enabled():
+            return output.index_add(0, rows, delta, alpha=scaling)
+        return output.index_add_(0, rows, delta, alpha=scaling)
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         delta = self.delta_matrix()
@@ -172,6 +194,7 @@ class LoraConv(LoraAdapter):
             raise UnsupportedModuleError(f"LoRA on grouped convolutions is not supported ({module_name} has groups={module.groups})")
         ones = (1,) * len(module.kernel_size)
         super().__init__((module.in_channels, *module.kernel_size), (module.out_channels, *ones), module_name, config, module.weight)
+        self.dropout = nn.Dropout(config.lora_dropout)
         self.pointwise = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
