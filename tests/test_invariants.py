@@ -32,6 +32,16 @@ class Case:
 CASES = {
     "lora": Case(lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear)),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
+    "bottleneck": Case(lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"), archs=("llama", "gpt2", "bert", "t5"), mergeable=False),
+    "compacter": Case(lambda arch: deltatune.CompacterConfig(reduction_factor=4, init_weights="zero_up"), archs=("llama", "gpt2", "bert", "t5"), mergeable=False),
+    # A fusion needs trained adapters to fuse, so the table cannot attach it alone: its invariants
+    # (only fusion weights train, save/load, mixed batches) are in test_adapters.py.
+    "fusion": Case(lambda arch: deltatune.FusionConfig(adapters=["a", "b"]), archs=()),
+    # Soft prompts start away from the base (a prompt changes the input) and do not merge; plain models
+    # (mlp) have no token stack to put a prompt in.
+    "prompt_tuning": Case(lambda arch: deltatune.PromptTuningConfig(num_virtual_tokens=3), archs=("llama", "gpt2", "bert", "t5"), mergeable=False, zero_init=False),
+    "p_tuning": Case(lambda arch: deltatune.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), archs=("llama", "gpt2", "bert", "t5"), mergeable=False, zero_init=False),
+    "prefix_tuning": Case(lambda arch: deltatune.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8), archs=("llama", "gpt2", "bert", "t5"), mergeable=False, zero_init=False),
 }
 
 

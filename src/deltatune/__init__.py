@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from torch import nn
 
+from .composition import Fuse, Stack
 from .config import DeltaConfig, TargetedConfig
 from .errors import (
     AdapterFileError,
@@ -26,7 +27,14 @@ from .errors import (
 )
 from .methods.base import Method, ModuleMethod
 from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.compacter import CompacterConfig
+from .methods.fusion import FusionConfig
 from .methods.lora import LoraConfig
+from .methods.p_tuning import PTuningConfig
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig
+from .methods.soft_prompt import collapse_soft_prompt
 from .model import DeltaModel
 from .registry import get_method, register, registered_methods
 from .site import SiteAdapter
@@ -53,8 +61,9 @@ def load(model: nn.Module, path: str, name: str | None = None, trainable: bool =
 
 
 __all__ = [
-    "AdapterFileError", "AdapterNameError", "AdapterShapeError", "BitFitConfig", "DeltaConfig", "DeltaModel",
-    "DeltaTuneError", "LoraConfig", "MergeError", "Method", "ModuleMethod", "SiteAdapter", "TargetNotFoundError",
+    "AdapterFileError", "AdapterNameError", "AdapterShapeError", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "DeltaConfig", "DeltaModel",
+    "DeltaTuneError", "Fuse", "FusionConfig", "LoraConfig", "MergeError", "Method", "ModuleMethod", "SiteAdapter", "Stack", "TargetNotFoundError",
     "TargetedConfig", "TrainableSummary", "UnknownMethodError", "UnsupportedModuleError", "attach",
     "get_method", "load", "model_modules", "register", "registered_methods",
+    "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "collapse_soft_prompt",
 ]

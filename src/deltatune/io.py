@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import __version__, peft_format
+from . import __version__, adapterhub_format, peft_format
 from .atomic import json_writer, safetensors_writer, write_files
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
-from .registry import config_from_dict
+from .registry import config_from_dict, get_method, registered_methods
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -53,7 +53,7 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainabl
     """Load the adapter(s) in `path` onto `model` (a plain model or a `DeltaModel`)."""
     from .model import DeltaModel
 
-    folders = _adapter_folders(Path(path), name)
+    folders = sorted(_adapter_folders(Path(path), name), key=lambda item: _needs_other_adapters(item[1]))
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
     added: list[str] = []
     try:
@@ -70,12 +70,16 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainabl
 
 
 def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool) -> None:
+    if adapterhub_format.is_adapterhub_folder(folder):
+        config, tensors, adapter_name = adapterhub_format.read_folder(folder, delta_model.base_model)
+        _add_and_copy(delta_model, name or adapter_name, config, tensors, False, folder, trainable)
+        return
     data = _read_json(folder / CONFIG_FILE)
     if peft_format.is_peft_config(data):
         config: DeltaConfig = peft_format.config_from_peft(data)
         peft = True
         tensors = _read_tensors(folder / WEIGHTS_FILE)
-        tensors = {k: v for k, v in tensors.items() if not peft_format.IGNORED_KEY.match(k)}
+        tensors = peft_format.tensors_from_peft(data, {k: v for k, v in tensors.items() if not peft_format.IGNORED_KEY.match(k)})
         config = _keep_saved_modules(config, tensors, delta_model.base_model)
         adapter_name = name or "default"
     else:
@@ -85,12 +89,25 @@ def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool)
         peft = False
         tensors = _read_tensors(folder / WEIGHTS_FILE)
         adapter_name = name or data.get("name") or "default"
-    delta_model.add(adapter_name, config, trainable=trainable)
+    _add_and_copy(delta_model, adapter_name, config, tensors, peft, folder / WEIGHTS_FILE, trainable)
+
+
+def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool) -> None:
+    delta_model.add(name, config, trainable=trainable)
     try:
-        _copy_into(delta_model, adapter_name, tensors, peft, folder / WEIGHTS_FILE)
+        _copy_into(delta_model, name, tensors, peft, file)
     except BaseException:
-        delta_model.delete(adapter_name)
+        delta_model.delete(name)
         raise
+
+
+def _needs_other_adapters(folder: Path) -> bool:
+    """Whether the folder holds an adapter built on others (a fusion), which loads after them."""
+    if adapterhub_format.is_fusion_folder(folder):
+        return True
+    data = _read_json(folder / CONFIG_FILE)
+    method = data.get("method") if data.get("format") == "deltatune" else None
+    return method in registered_methods() and getattr(get_method(method), "needs_other_adapters", False)
 
 
 def _copy_into(delta_model: Any, name: str, tensors: dict[str, torch.Tensor], peft: bool, file: Path) -> None:
@@ -142,10 +159,11 @@ def _keep_saved_modules(config: DeltaConfig, tensors: dict[str, torch.Tensor], m
 
 
 def _adapter_folders(root: Path, name: str | None) -> list[tuple[str | None, Path]]:
-    if (root / CONFIG_FILE).is_file():
+    is_adapter = lambda folder: (folder / CONFIG_FILE).is_file() or adapterhub_format.is_fusion_folder(folder)  # noqa: E731
+    if is_adapter(root):
         return [(name, root)]
     if root.is_dir():
-        found = sorted(child for child in root.iterdir() if (child / CONFIG_FILE).is_file())
+        found = sorted(child for child in root.iterdir() if is_adapter(child))
         if name is not None:
             found = [child for child in found if child.name == name]
         if found:
@@ -198,6 +216,8 @@ def _file_tensors(delta_model: Any, name: str, peft: bool) -> dict[str, torch.Te
     for module_name, site in delta_model.sites():
         if name in site.adapters:
             adapter = site.adapters[name]
-            for tensor_name, tensor in adapter.file_state().items():
+            # peft keeps a prompt encoder's output only: such adapters give it as `peft_file_state`
+            state = adapter.peft_file_state() if peft and hasattr(adapter, "peft_file_state") else adapter.file_state()
+            for tensor_name, tensor in state.items():
                 tensors[_file_key(module_name, adapter, tensor_name, peft)] = tensor
     return tensors

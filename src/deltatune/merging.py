@@ -1,7 +1,7 @@
 """Generic merge and unmerge over every mergeable adapter (`delta_parameters`).
 
-W ← W + ΔW is computed in float32 and cast back to W's dtype, checked for non-finite values; all or
-nothing: if any parameter would turn non-finite, the ones already written are restored. A parameter
+W ← W + ΔW is computed in float32 (in place for float32 weights, through one float32 copy for
+others) and cast back to W's dtype, checked for non-finite values; all or nothing: if any parameter would turn non-finite, the ones already written are restored. A parameter
 shared by two modules (tied input/output embeddings) is refused: merging would change both.
 Unmerge subtracts the same deltas: recomputed for adapters whose delta does not read the module's
 weights (LoRA, BitFit: no copies kept), kept from merge time for the others (`delta_reads_module`).
@@ -65,12 +65,15 @@ def unmerge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]]) -
 
 def _apply(module: nn.Module, site: DeltaSite, deltas: dict[str, torch.Tensor], sign: float, context: str) -> None:
     for parameter_name, delta in deltas.items():
-        parameter = _parameter_or_new(module, site, parameter_name, delta)
-        updated = parameter.detach().float() + sign * delta.to(parameter.device)
-        if not torch.isfinite(updated).all():
+        target = _parameter_or_new(module, site, parameter_name, delta).detach()
+        work = target if target.dtype == torch.float32 else target.float()  # float32 weights: in place
+        work.add_(delta.to(target.device), alpha=sign)
+        if not torch.isfinite(work).all():
+            if work is target:
+                work.sub_(delta.to(target.device), alpha=sign)
             raise MergeError(f"merging {context} gives non-finite values in {parameter_name}; the adapter weights are broken")
-        with torch.no_grad():
-            parameter.copy_(updated.to(parameter.dtype))
+        if work is not target:
+            target.copy_(work)
 
 
 def _parameter_or_new(module: nn.Module, site: DeltaSite, parameter_name: str, delta: torch.Tensor) -> nn.Parameter:

@@ -9,12 +9,13 @@ The base model stays what it was: its modules and code are untouched; each adapt
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .composition import ActivePlan, Fuse, Setup, site_names
 from .config import DeltaConfig
 from .errors import AdapterNameError, DeltaTuneError
 from .merging import merge_adapters, unmerge_adapters
@@ -35,6 +36,7 @@ class DeltaModel(nn.Module):
         self.configs: dict[str, DeltaConfig] = {}
         self.targets: dict[str, list[str]] = {}
         self.active_adapters: tuple[str, ...] = ()
+        self.plan = ActivePlan((), [])
         self.routing = RoutingState()
         self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -64,18 +66,52 @@ class DeltaModel(nn.Module):
             raise
         self.configs[name] = config
         self.set_trainable(name, trainable)
-        self.activate(*(self.active_adapters or (name,)))
+        self._reactivate(self.active_adapters or (name,))
         return self
 
-    def activate(self, *names: str) -> "DeltaModel":
-        """Run these adapters (all at once, in this order) on every forward call."""
+    def activate(self, *setup: str | Setup, skip_layers: Iterable[int] = (), train_skip_lowest: int = 0) -> "DeltaModel":
+        """Run these adapters on every forward call: names (all at once, in this order: for bottleneck
+        adapters one after the other, as `Stack`), `deltatune.Stack(...)` or `deltatune.Fuse(...)`.
+        `skip_layers`: blocks whose adapters do not run (AdapterDrop); `train_skip_lowest=k`: in
+        training, also skip the adapters of a random number (0..k) of lowest blocks on each call."""
+        names = site_names(setup, self._fusion_name)
         self._check_names(names)
         if any(site.merged for _, site in self.sites()) and set(names) != set(self.active_adapters):
             raise DeltaTuneError("adapters are merged into the weights: call unmerge() before changing the active adapters")
-        self.active_adapters = tuple(names)
-        for _, site in self.sites():
-            site.set_active(self.active_adapters)
+        self.active_adapters = names
+        self.plan = ActivePlan(names, self._site_layers(bool(skip_layers) or train_skip_lowest > 0), frozenset(skip_layers), train_skip_lowest)
+        self.plan.apply()
         return self
+
+    def fuse(self, *adapters: str, name: str | None = None, dropout: float = 0.0) -> "DeltaModel":
+        """Add AdapterFusion layers over trained bottleneck adapters (named `name`, default "a,b"),
+        freeze those adapters, and activate `Fuse(*adapters)`: only the fusion weights train."""
+        from .methods.fusion import FusionConfig
+
+        self._check_names(adapters)
+        self.add(name or ",".join(adapters), FusionConfig(adapters=list(adapters), dropout=dropout))
+        for adapter in adapters:
+            self.set_trainable(adapter, False)
+        return self.activate(Fuse(*adapters))
+
+    def _fusion_name(self, fuse: Fuse) -> str:
+        from .methods.fusion import fusion_name
+
+        return fusion_name(self.configs, fuse)
+
+    def _reactivate(self, names: Iterable[str]) -> None:
+        """Activate `names` again, keeping the AdapterDrop settings."""
+        self.activate(*names, skip_layers=self.plan.skip_layers, train_skip_lowest=self.plan.train_skip_lowest)
+
+    def _site_layers(self, need_layers: bool) -> list[tuple[DeltaSite, int | None]]:
+        """Every site with its block index (found only when AdapterDrop needs it)."""
+        if not need_layers:
+            return [(site, None) for _, site in self.sites()]
+        from .architectures import block_names, layer_of
+
+        override = next((config.architecture for config in self.configs.values() if getattr(config, "architecture", None)), None)
+        blocks = block_names(self.base_model, override)
+        return [(site, layer_of(blocks, module_name)) for module_name, site in self.sites()]
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -95,7 +131,7 @@ class DeltaModel(nn.Module):
             self.unmerge()
         method_for(self.configs[name]).detach(self.base_model, name)
         del self.configs[name], self.targets[name]
-        self.activate(*(n for n in self.active_adapters if n != name))
+        self._reactivate(n for n in self.active_adapters if n != name)
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Turn training of adapter `name`'s parameters on or off."""
@@ -105,9 +141,13 @@ class DeltaModel(nn.Module):
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """The parameters of adapter `name`, found through the sites that hold it."""
         self._check_names([name])
+        seen: set[int] = set()  # a parameter shared by the sites of one adapter (Compacter's rule) counts once
         for _, site in self.sites():
             if name in site.adapters:
-                yield from site.adapters[name].parameters()
+                for parameter in site.adapters[name].parameters():
+                    if id(parameter) not in seen:
+                        seen.add(id(parameter))
+                        yield parameter
 
     def sites(self) -> Iterator[tuple[str, DeltaSite]]:
         """(full module name, site) for every adapted module of the base model."""
@@ -130,12 +170,12 @@ class DeltaModel(nn.Module):
         names = list(self.active_adapters if names is None else names)
         self._check_names(names)
         merge_adapters(self.base_model, self.sites(), names)
-        self.activate(*self.active_adapters)
+        self._reactivate(self.active_adapters)
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weights."""
         unmerge_adapters(self.base_model, self.sites())
-        self.activate(*self.active_adapters)
+        self._reactivate(self.active_adapters)
 
     def unload(self, merge: bool = True) -> nn.Module:
         """Remove all adapters and return the plain base model (with the active adapters merged in if
@@ -149,6 +189,7 @@ class DeltaModel(nn.Module):
         self.configs.clear()
         self.targets.clear()
         self.active_adapters = ()
+        self.plan = ActivePlan((), [])
         for parameter_name, parameter in self.base_model.named_parameters():
             parameter.requires_grad_(self._base_requires_grad.get(parameter_name, False))
         return self.base_model
@@ -157,6 +198,8 @@ class DeltaModel(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. `adapter_names` gives each row its adapter (`None`: base model)."""
         self._route(adapter_names)
+        if self.plan.train_skip_lowest:
+            self.plan.before_call(self.training)
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:

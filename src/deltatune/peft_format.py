@@ -1,10 +1,14 @@
-"""peft's adapter files, read and written for the methods peft has (LoRA so far).
+"""peft's adapter files, read and written for the methods peft has (LoRA, prompt / P- / prefix tuning).
 
 Facts of the format (peft 0.21): `adapter_config.json` holds `peft_type` ("LORA"), `task_type` and the
 config fields under the same names as our `LoraConfig`; `adapter_model.safetensors` keys are
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (`lora_embedding_A` / `_B` for
 embeddings) and `base_model.model.<module path>.<parameter>` for `modules_to_save`, with no adapter name.
 peft also stores a targeted embedding's base weight (`...base_layer.weight`); that key is ignored here.
+Soft prompts ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"): one bare key `prompt_embeddings`, the table
+the prompt encoder produces (n × token_dim; prefix: n × num_layers·2·token_dim), and the prompt's shape
+in the config (`num_virtual_tokens`, `token_dim`, `num_layers`, `num_attention_heads`,
+`num_transformer_submodules`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from torch import nn
 from .config import DeltaConfig
 from .errors import DeltaTuneError
 from .methods.lora import LoraConfig
+from .methods.p_tuning import p_tuning_from_peft
+from .methods.prefix_tuning import prefix_tuning_from_peft
+from .methods.prompt_tuning import prompt_tuning_from_peft
+from .methods.soft_prompt import SoftPromptConfig
 
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
@@ -43,11 +51,17 @@ def is_peft_config(data: dict[str, Any]) -> bool:
     return "peft_type" in data
 
 
-def config_from_peft(data: dict[str, Any]) -> LoraConfig:
+SOFT_PROMPT_READERS = {"PROMPT_TUNING": prompt_tuning_from_peft, "P_TUNING": p_tuning_from_peft, "PREFIX_TUNING": prefix_tuning_from_peft}
+PROMPT_KEY = "prompt_embeddings"
+
+
+def config_from_peft(data: dict[str, Any]) -> DeltaConfig:
     """Our config for a peft `adapter_config.json`; refuses options we do not compute."""
     peft_type = data.get("peft_type")
+    if peft_type in SOFT_PROMPT_READERS:
+        return SOFT_PROMPT_READERS[peft_type](data)
     if peft_type != "LORA":
-        raise DeltaTuneError(f"this is a peft {peft_type} adapter; deltatune reads peft LoRA adapters so far")
+        raise DeltaTuneError(f"this is a peft {peft_type} adapter; deltatune reads peft's LoRA, {', '.join(SOFT_PROMPT_READERS)} adapters")
     for key, plain in UNSUPPORTED_OPTIONS.items():
         if data.get(key, plain) not in (plain, None):
             raise DeltaTuneError(f"peft option {key}={data[key]!r} is not supported by deltatune's LoRA; retrain without it")
@@ -60,6 +74,9 @@ def config_from_peft(data: dict[str, Any]) -> LoraConfig:
 def config_to_peft(config: DeltaConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
     """peft's `adapter_config.json` for our adapter. Targets, ranks and alphas are written as resolved
     full module names, so peft selects exactly the modules we adapted with the same shapes."""
+    if isinstance(config, SoftPromptConfig):
+        return {"peft_version": PEFT_VERSION, "task_type": task_type_of(model), "inference_mode": True,
+                "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None, **config.peft_fields(model)}
     if not isinstance(config, LoraConfig):
         raise DeltaTuneError(f"peft has no {config.method!r} method; save this adapter with format='deltatune'")
     return {
@@ -101,4 +118,14 @@ def task_type_of(model: nn.Module) -> str | None:
 
 
 def peft_key(module_name: str, peft_name: str) -> str:
-    return f"{PREFIX}{module_name}.{peft_name}"
+    """A tensor's key in peft's file; a soft prompt's table is the bare `prompt_embeddings`."""
+    return peft_name if peft_name == PROMPT_KEY else f"{PREFIX}{module_name}.{peft_name}"
+
+
+def tensors_from_peft(data: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """peft's seq2seq prompt (or P-) tuning keeps n rows per transformer submodule and feeds the first n
+    to the encoder: keep those."""
+    submodules = data.get("num_transformer_submodules") or 1
+    if data.get("peft_type") in ("PROMPT_TUNING", "P_TUNING") and submodules > 1 and PROMPT_KEY in tensors:
+        return {**tensors, PROMPT_KEY: tensors[PROMPT_KEY][: data["num_virtual_tokens"]]}
+    return tensors

@@ -43,6 +43,12 @@ class SiteAdapter(nn.Module):
         """Rewrite the module's inputs before it runs (soft prompts). Default: no pre-hook at all."""
         return args, kwargs
 
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: "RoutingState") -> tuple[tuple, dict]:
+        """Mixed batch: rewrite the inputs of the whole batch at once. `groups` holds (adapter, name, rows)
+        for every adapter of this site that has rows (`state.rows` expands them); the site calls the
+        first group's adapter. Default: refused."""
+        raise DeltaTuneError(f"{type(self).__name__} rewrites inputs and does not support mixed batches; run each adapter in its own batch")
+
     def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
         """Mixed batch: apply this adapter to the rows `rows` of the batch only. The default slices the
         first positional input and the output along dim 0; adapters that see other layouts override."""
@@ -138,7 +144,8 @@ class DeltaSite(nn.Module):
         if state.disabled:
             return None
         if state.row_groups is not None:
-            raise DeltaTuneError("mixed batches are not supported by adapters that rewrite inputs here")
+            groups = [(self.adapters[name], name, rows) for name, rows in state.row_groups if name in self.adapters]
+            return groups[0][0].prepare_rows(module, args, kwargs, groups, state) if groups else None
         for adapter in self.active:
             args, kwargs = adapter.prepare(module, args, kwargs)
         return args, kwargs
@@ -192,9 +199,9 @@ def close_site_if_empty(module: nn.Module) -> None:
 
 
 def _leading_size(output: Any) -> int:
-    """Batch size of a module output: a tensor, or the first tensor of a tuple (transformers blocks)."""
-    return (output[0] if isinstance(output, tuple) else output).shape[0]
+    """Batch size of a module output: a tensor, or the first tensor of a tuple or ModelOutput (transformers)."""
+    return (output if isinstance(output, torch.Tensor) else output[0]).shape[0]
 
 
 def _device(output: Any) -> torch.device:
-    return (output[0] if isinstance(output, tuple) else output).device
+    return (output if isinstance(output, torch.Tensor) else output[0]).device

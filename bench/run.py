@@ -1,0 +1,162 @@
+"""deltatune against peft (and AdapterHub), side by side, in one run: `make bench`.
+
+Every measurement runs each library in its own fresh worker process (workloads.py) on the same model
+and inputs, alternating libraries over `--rounds` rounds and keeping each library's best median, then
+prints the ratios deltatune / reference beside the targets and writes them to bench/results.json.
+`--quick` uses a tiny model and few repeats: a smoke test of the whole suite, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+HERE = Path(__file__).parent
+REPOSITORY = HERE.parent
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    workload: str
+    options: dict[str, Any] = field(default_factory=dict)
+    libraries: tuple[str, ...] = ("deltatune", "peft")
+    environment: str = "main"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio computed from the results, the bound the issue sets, and what it means."""
+
+    label: str
+    ratio: Callable[[dict[str, dict[str, Any]]], float]
+    bound: float
+    context: Callable[[dict[str, dict[str, Any]]], str] = lambda results: ""
+
+
+SUITE = [
+    Measurement("train_dropout", "train", {"dropout": 0.05}),
+    Measurement("train_no_dropout", "train", {"dropout": 0.0}),
+    Measurement("train_tail_labels", "train", {"dropout": 0.05, "labelled_tail": 16}),
+    Measurement("forward", "forward", libraries=("base", "deltatune", "peft")),
+    Measurement("mixed", "mixed"),
+    Measurement("add_and_merge", "add_and_merge", {"adapters": 100}),
+    Measurement("houlsby", "houlsby", libraries=("deltatune", "adapterhub"), environment="adapterhub"),
+    Measurement("prefix", "prefix"),
+]
+
+
+def _seconds(results: dict, measurement: str, library: str, key: str = "seconds") -> float:
+    return results[measurement][library][key]
+
+
+TARGETS = [
+    Target("LoRA train step, dropout 0.05: time vs peft", lambda r: _seconds(r, "train_dropout", "deltatune") / _seconds(r, "train_dropout", "peft"), 0.80),
+    Target("LoRA train step, dropout 0.05: peak memory vs peft", lambda r: _seconds(r, "train_dropout", "deltatune", "peak_added_bytes") / _seconds(r, "train_dropout", "peft", "peak_added_bytes"), 0.90),
+    Target("LoRA train step, dropout 0: time vs peft", lambda r: _seconds(r, "train_no_dropout", "deltatune") / _seconds(r, "train_no_dropout", "peft"), 0.95),
+    Target("LoRA train step, labels on last 16 tokens: time vs peft", lambda r: _seconds(r, "train_tail_labels", "deltatune") / _seconds(r, "train_tail_labels", "peft"), 0.65),
+    Target(
+        "unmerged LoRA forward vs base model",
+        lambda r: _seconds(r, "forward", "deltatune") / _seconds(r, "forward", "base"),
+        1.05,
+        lambda r: f"peft: {_seconds(r, 'forward', 'peft') / _seconds(r, 'forward', 'base'):.3f}",
+    ),
+    Target("mixed batch of 4 adapters vs single-adapter forward", lambda r: _seconds(r, "mixed", "deltatune") / _seconds(r, "mixed", "deltatune", "single_seconds"), 1.10,
+           lambda r: f"peft: {_seconds(r, 'mixed', 'peft') / _seconds(r, 'mixed', 'peft', 'single_seconds'):.3f}"),
+    Target("mixed batch of 4 adapters: time vs peft", lambda r: _seconds(r, "mixed", "deltatune") / _seconds(r, "mixed", "peft"), 0.85),
+    Target("adding the 100th adapter vs the 1st", lambda r: _seconds(r, "add_and_merge", "deltatune", "last_add_seconds") / _seconds(r, "add_and_merge", "deltatune", "first_add_seconds"), 1.5,
+           lambda r: f"peft: {_seconds(r, 'add_and_merge', 'peft', 'last_add_seconds') / _seconds(r, 'add_and_merge', 'peft', 'first_add_seconds'):.2f}"),
+    Target("merge LoRA on all 7 linear layers (seconds)", lambda r: _seconds(r, "add_and_merge", "deltatune", "merge_seconds"), 0.3,
+           lambda r: f"peft: {_seconds(r, 'add_and_merge', 'peft', 'merge_seconds'):.3f} s"),
+    Target("Houlsby adapter train step vs AdapterHub", lambda r: _seconds(r, "houlsby", "deltatune") / _seconds(r, "houlsby", "adapterhub"), 0.90),
+    Target("prefix tuning train step vs peft", lambda r: _seconds(r, "prefix", "deltatune") / _seconds(r, "prefix", "peft"), 0.90),
+]
+
+
+def run_worker(python: str, measurement: Measurement, library: str, options: dict[str, Any]) -> dict[str, Any]:
+    command = [python, str(HERE / "workloads.py"), measurement.workload, library, json.dumps({**options, **measurement.options})]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(options["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=environment)
+    if finished.returncode != 0:
+        raise RuntimeError(f"{measurement.name} / {library} failed:\n{finished.stderr[-3000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def measure(measurement: Measurement, python: str, options: dict[str, Any], rounds: int) -> dict[str, dict[str, Any]]:
+    """Each library's result with the smallest median over the rounds (libraries alternate)."""
+    best: dict[str, dict[str, Any]] = {}
+    for _ in range(rounds):
+        for library in measurement.libraries:
+            result = run_worker(python, measurement, library, options)
+            if library not in best or result.get("seconds", 0) < best[library].get("seconds", 0):
+                best[library] = result
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, few repeats: a smoke test")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None, help="alternations per measurement (default 2, quick 1)")
+    parser.add_argument("--only", default="", help="comma-separated measurement names")
+    parser.add_argument("--adapterhub-python", default=str(REPOSITORY / ".venv-transformers457" / "bin" / "python"))
+    parser.add_argument("--out", default=str(HERE / "results.json"))
+    arguments = parser.parse_args(argv)
+    options = {"quick": arguments.quick, "threads": arguments.threads, "warmup": 1 if arguments.quick else 2, "repeats": 2 if arguments.quick else 5}
+    rounds = arguments.rounds or (1 if arguments.quick else 2)
+    pythons = {"main": sys.executable, "adapterhub": arguments.adapterhub_python}
+    wanted = set(filter(None, arguments.only.split(",")))
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for measurement in SUITE:
+        if wanted and measurement.name not in wanted:
+            continue
+        if not Path(pythons[measurement.environment]).exists():
+            skipped[measurement.name] = f"no Python at {pythons[measurement.environment]} (run make test once to build it)"
+            continue
+        options_here = {**options, "adapters": 5} if arguments.quick else options
+        print(f"measuring {measurement.name} ...", flush=True)
+        results[measurement.name] = measure(measurement, pythons[measurement.environment], options_here, rounds)
+    report = summarise(results, skipped, arguments)
+    Path(arguments.out).write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    return 0
+
+
+def summarise(results: dict, skipped: dict[str, str], arguments: argparse.Namespace) -> dict[str, Any]:
+    ratios = []
+    for target in TARGETS:
+        try:
+            value, context = target.ratio(results), target.context(results)
+        except KeyError:
+            continue
+        ratios.append({"label": target.label, "value": value, "bound": target.bound, "met": value <= target.bound, "context": context})
+    return {
+        "mode": "quick" if arguments.quick else "full",
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": arguments.threads, "torch": torch.__version__, "python": platform.python_version()},
+        "targets": ratios,
+        "skipped": skipped,
+        "results": results,
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"\n{report['mode']} run, {report['machine']['threads']} threads, torch {report['machine']['torch']}")
+    print(f"{'measure':<58} {'value':>8} {'target':>8}  met  reference")
+    for row in report["targets"]:
+        print(f"{row['label']:<58} {row['value']:>8.3f} {'≤ ' + format(row['bound'], 'g'):>8}  {'yes' if row['met'] else 'NO ':<4} {row['context']}")
+    for name, why in report["skipped"].items():
+        print(f"skipped {name}: {why}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

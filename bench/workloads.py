@@ -1,0 +1,205 @@
+"""The measured workloads. Each runs in a fresh worker process for one library:
+
+    python bench/workloads.py WORKLOAD LIBRARY '{"quick": false, ...}'   → one JSON line on stdout
+
+so that peak memory, allocator state and warm caches never leak from one library into the other.
+deltatune and peft get the same model (same seed or the same checkpoint), the same adapter
+shapes and the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import time_calls  # noqa: E402
+from models import LINEAR_LAYERS, causal_lm, labels_for, minilm, token_batch  # noqa: E402
+
+BATCH, LENGTH = 8, 64
+
+
+def lora_model(library: str, model: torch.nn.Module, dropout: float, names: list[str] = ("default",), rank: int = 16) -> torch.nn.Module:
+    """The model with one LoRA adapter per name on all seven linear layers, the first one active."""
+    if library == "deltatune":
+        import deltatune
+
+        delta_model = None
+        for name in names:
+            config = deltatune.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LINEAR_LAYERS, init_lora_weights=False)
+            delta_model = deltatune.attach(model, config, name) if delta_model is None else delta_model.add(name, config)
+        return delta_model
+    import peft
+
+    peft_model = None
+    for name in names:
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LINEAR_LAYERS, init_lora_weights=False)
+        if peft_model is None:
+            peft_model = peft.get_peft_model(model, config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+    peft_model.set_adapter(names[0])
+    return peft_model
+
+
+def train(library: str, options: dict[str, Any]) -> dict[str, Any]:
+    """One LoRA training step: forward, loss, backward, AdamW step."""
+    model = causal_lm(options["quick"]).train()
+    wrapped = lora_model(library, model, options["dropout"])
+    input_ids = token_batch(model, BATCH, LENGTH)
+    labels = labels_for(input_ids, options.get("labelled_tail"))
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+    loss_of = _sparse_loss(wrapped) if library == "deltatune" else lambda: wrapped(input_ids=input_ids, labels=labels).loss
+
+    def step() -> None:
+        loss_of(input_ids, labels).backward() if library == "deltatune" else loss_of().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_calls(step, options["warmup"], options["repeats"])
+
+
+def _sparse_loss(wrapped: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """deltatune's training loss: the LM head only at labelled positions."""
+    from deltatune.tasks import causal_lm_loss
+
+    return lambda input_ids, labels: causal_lm_loss(wrapped, input_ids, None, labels)
+
+
+def forward(library: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Inference forward of the whole batch, one adapter unmerged (or none: library "base")."""
+    model = causal_lm(options["quick"]).eval()
+    wrapped = (model if library == "base" else lora_model(library, model, 0.0)).eval()
+    input_ids = token_batch(model, BATCH, LENGTH)
+    with torch.inference_mode():
+        return time_calls(lambda: wrapped(input_ids=input_ids), options["warmup"], options["repeats"])
+
+
+def mixed(library: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Four adapters, two rows each, in one forward; and the same batch with one adapter, for scale."""
+    names = ["a", "b", "c", "d"]
+    model = causal_lm(options["quick"]).eval()
+    wrapped = lora_model(library, model, 0.0, names).eval()  # peft leaves new layers in training mode
+    input_ids = token_batch(model, BATCH, LENGTH)
+    rows = [name for name in names for _ in range(BATCH // len(names))]
+    with torch.inference_mode():
+        single = time_calls(lambda: wrapped(input_ids=input_ids), options["warmup"], options["repeats"])
+        per_row = time_calls(lambda: wrapped(input_ids=input_ids, adapter_names=rows), options["warmup"], options["repeats"])
+    return {**per_row, "single_seconds": single["seconds"]}
+
+
+def add_and_merge(library: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Seconds to add adapters 1..N (r=16, all seven linear layers), then to merge one into the weights."""
+    count = options["adapters"]
+    model = causal_lm(options["quick"]).eval()
+    wrapped = lora_model(library, model, 0.0)
+    add_seconds = []
+    for index in range(1, count):
+        start = time.perf_counter()
+        _add(library, wrapped, f"extra{index}")
+        add_seconds.append(time.perf_counter() - start)
+    first = _first_add_seconds(library, options)
+    start = time.perf_counter()
+    wrapped.merge() if library == "deltatune" else wrapped.base_model.merge_adapter()
+    return {"first_add_seconds": first, "last_add_seconds": sorted(add_seconds[-5:])[2], "adapters": count, "merge_seconds": time.perf_counter() - start}
+
+
+def _first_add_seconds(library: str, options: dict[str, Any]) -> float:
+    """Median of five first adds, each onto a fresh model (deltatune: `add` on a new DeltaModel;
+    peft: `get_peft_model`, which is its first add)."""
+    seconds = []
+    for _ in range(5):
+        model = causal_lm(options["quick"]).eval()
+        if library == "deltatune":
+            import deltatune
+
+            wrapped = deltatune.DeltaModel(model)
+            start = time.perf_counter()
+            _add(library, wrapped, "default")
+        else:
+            start = time.perf_counter()
+            lora_model(library, model, 0.0)
+        seconds.append(time.perf_counter() - start)
+    return sorted(seconds)[2]
+
+
+def _add(library: str, wrapped: torch.nn.Module, name: str) -> None:
+    if library == "deltatune":
+        import deltatune
+
+        wrapped.add(name, deltatune.LoraConfig(r=16, lora_alpha=32, target_modules=LINEAR_LAYERS))
+    else:
+        import peft
+
+        wrapped.add_adapter(name, peft.LoraConfig(r=16, lora_alpha=32, target_modules=LINEAR_LAYERS))
+
+
+def houlsby(library: str, options: dict[str, Any]) -> dict[str, Any]:
+    """One training step of a Houlsby adapter (reduction 16, swish) on all-MiniLM-L6-v2, batch 32×64;
+    both libraries minimise the same loss on the same last hidden states."""
+    model = minilm(options["quick"]).train()
+    if library == "deltatune":
+        import deltatune
+
+        wrapped = deltatune.attach(model, deltatune.BottleneckConfig(preset="houlsby"))
+    else:
+        import adapters
+
+        adapters.init(model)
+        model.add_adapter("houlsby", config="double_seq_bn")
+        model.train_adapter("houlsby")
+        wrapped = model
+    input_ids = token_batch(model, 32, 64)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        wrapped(input_ids=input_ids).last_hidden_state.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_calls(step, options["warmup"], options["repeats"])
+
+
+def prefix(library: str, options: dict[str, Any]) -> dict[str, Any]:
+    """One training step of prefix tuning (20 virtual tokens, MLP reparametrisation) on SmolLM2,
+    batch 8×64, labels on every token."""
+    model = causal_lm(options["quick"]).train()
+    if library == "deltatune":
+        import deltatune
+
+        wrapped = deltatune.attach(model, deltatune.PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True))
+    else:
+        import peft
+
+        wrapped = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, prefix_projection=True))
+    input_ids = token_batch(model, BATCH, LENGTH)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        wrapped(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_calls(step, options["warmup"], options["repeats"])
+
+
+WORKLOADS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
+    "train": train,
+    "forward": forward,
+    "mixed": mixed,
+    "add_and_merge": add_and_merge,
+    "houlsby": houlsby,
+    "prefix": prefix,
+}
+
+
+if __name__ == "__main__":
+    workload, library, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    torch.set_num_threads(options["threads"])
+    torch.manual_seed(0)
+    print(json.dumps(WORKLOADS[workload](library, options)))

@@ -1,0 +1,278 @@
+"""Bottleneck adapters (Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2020, arXiv:2005.00247;
+parallel: He et al. 2021, arXiv:2110.04366), placed as AdapterHub places them.
+
+A small MLP on a sublayer's output h (x is the residual stream entering the sublayer):
+
+    u = s · (W_up f(W_down z + b_down) + b_up)      W_down: size × hidden, W_up: hidden × size
+    h ← h + dropout(u)                              size = hidden / reduction_factor
+
+    houlsby   z = h, after the attention and the FFN output          (AdapterHub `double_seq_bn`)
+    pfeiffer  z = LN(h + x), after the FFN output only               (AdapterHub `seq_bn`)
+    parallel  z = x, after the FFN output, s = 4, zero W_up          (AdapterHub `par_bn`)
+
+In a post-LN model (BERT) the block then computes LN(h + x), so Houlsby gives LN(A(h) + h + x). The
+Pfeiffer input LN(h + x) applies the block's own pretrained norm (`original_ln_before`): the block
+then computes LN(A(LN(h + x)) + h + x), the pretrained norm twice, exactly as AdapterHub does; in a
+pre-LN model (no norm after the sublayer) z = h + x. The hook sits on the sublayer's output module
+(`architectures`); x comes from a forward pre-hook on the module that receives the residual stream.
+Not mergeable (f is non-linear). Compacter (`compacter.py`) is this adapter with other linears.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..architectures import SublayerSite, check_override, hidden_size, input_of, sublayer_sites
+from ..config import DeltaConfig
+from ..errors import DeltaTuneError
+from ..registry import register
+from ..site import RoutingState, SiteAdapter, open_site, site_of
+from ..targeting import saved_module_names
+from .base import detach_everywhere
+from .module_copy import ModuleCopy
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "houlsby": dict(attention_adapter=True, ffn_adapter=True, parallel=False, original_ln_before=False, reduction_factor=16, non_linearity="swish", scaling=1.0, init_weights="bert"),
+    "pfeiffer": dict(attention_adapter=False, ffn_adapter=True, parallel=False, original_ln_before=True, reduction_factor=16, non_linearity="relu", scaling=1.0, init_weights="bert"),
+    "parallel": dict(attention_adapter=False, ffn_adapter=True, parallel=True, original_ln_before=False, reduction_factor=2, non_linearity="relu", scaling=4.0, init_weights="zero_up"),
+}
+
+
+@dataclasses.dataclass
+class BottleneckConfig(DeltaConfig):
+    """Bottleneck adapter settings. Fields left `None` take the value of `preset`."""
+
+    preset: str = "houlsby"
+    """"houlsby" (attention + FFN), "pfeiffer" (FFN, input LN(h + x)) or "parallel" (FFN, input x)."""
+    attention_adapter: bool | None = None
+    """An adapter after each attention sublayer's output."""
+    ffn_adapter: bool | None = None
+    """An adapter after each feed-forward sublayer's output."""
+    parallel: bool | None = None
+    """The adapter reads the sublayer's input x instead of its output h."""
+    original_ln_before: bool | None = None
+    """The adapter reads LN(h + x) with the block's own norm (h + x in pre-LN models)."""
+    reduction_factor: float | None = None
+    """Bottleneck size = hidden size // reduction_factor (at least 1)."""
+    bottleneck_size: int | None = None
+    """An explicit bottleneck size; overrides `reduction_factor`."""
+    non_linearity: str | None = None
+    """f: a transformers activation name ("swish", "relu", "gelu", ...) or "leakyrelu"."""
+    scaling: float | None = None
+    """s, the factor on the adapter's output."""
+    init_weights: str | None = None
+    """"bert": W ~ N(0, 0.02), biases 0; "near_identity": truncated N(0, 0.01); "zero_up": W_down
+    Kaiming-uniform, W_up and b_up zero (the model starts equal to the base)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's output u."""
+    leave_out: list[int] = dataclasses.field(default_factory=list)
+    """Layer indices (0-based, in model order; T5/BART decoders after the encoder) without adapters."""
+    architecture: dict[str, str] | None = None
+    """Names the blocks and sublayer modules when the built-in map and the search cannot (see
+    `deltatune.architectures`); keys: blocks, attention_output, ffn_output, attention_input,
+    ffn_input, attention_layer_norm, ffn_layer_norm, input_argument."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise DeltaTuneError(f"unknown bottleneck preset {self.preset!r}; use one of {sorted(PRESETS)}")
+        for key, value in self.preset_values().items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.leave_out = sorted(set(self.leave_out))
+        super().__post_init__()
+
+    def preset_values(self) -> dict[str, Any]:
+        return PRESETS[self.preset]
+
+    def validate(self) -> None:
+        if not (self.attention_adapter or self.ffn_adapter):
+            raise DeltaTuneError("set attention_adapter or ffn_adapter (or both): the config places no adapter")
+        if self.parallel and self.original_ln_before:
+            raise DeltaTuneError("a parallel adapter reads x, so original_ln_before must be False")
+        if self.bottleneck_size is None and not self.reduction_factor > 0:
+            raise DeltaTuneError(f"reduction_factor must be positive, got {self.reduction_factor}")
+        if self.bottleneck_size is not None and self.bottleneck_size < 1:
+            raise DeltaTuneError(f"bottleneck_size must be at least 1, got {self.bottleneck_size}")
+        if self.init_weights not in INITS:
+            raise DeltaTuneError(f"init_weights must be one of {sorted(INITS)}, got {self.init_weights!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DeltaTuneError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.architecture is not None:
+            check_override(self.architecture)
+        activation(self.non_linearity)
+
+    def size_for(self, hidden: int) -> int:
+        return self.bottleneck_size or max(1, int(hidden // self.reduction_factor))
+
+
+def activation(name: str) -> nn.Module:
+    """The non-linearity f by name (transformers' table, plus "leakyrelu")."""
+    from transformers.activations import ACT2FN
+
+    if name.lower() == "leakyrelu":
+        return nn.LeakyReLU()
+    if name.lower() not in ACT2FN:
+        raise DeltaTuneError(f"unknown non_linearity {name!r}; use one of {sorted(ACT2FN)} or 'leakyrelu'")
+    return ACT2FN[name.lower()]
+
+
+def _bert_init(down: nn.Linear, up: nn.Linear) -> None:
+    for linear in (down, up):
+        nn.init.normal_(linear.weight, std=0.02)
+        nn.init.zeros_(linear.bias)
+
+
+def _near_identity_init(down: nn.Linear, up: nn.Linear) -> None:
+    for linear in (down, up):
+        nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
+        nn.init.zeros_(linear.bias)
+
+
+def _zero_up_init(down: nn.Linear, up: nn.Linear) -> None:
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    nn.init.zeros_(down.bias)
+    nn.init.zeros_(up.weight)
+    nn.init.zeros_(up.bias)
+
+
+INITS: dict[str, Callable[[nn.Linear, nn.Linear], None]] = {"bert": _bert_init, "near_identity": _near_identity_init, "zero_up": _zero_up_init}
+
+
+class InputTap:
+    """Records x, the input of the module that receives the residual stream, on every call (a forward
+    pre-hook, registered once). Not a module: the adapter holds it as a plain attribute."""
+
+    def __init__(self, module: nn.Module, argument: str) -> None:
+        self.argument = argument
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.value = input_of(args, kwargs, self.argument)
+
+    def take(self, rows: torch.Tensor | None) -> torch.Tensor:
+        if self.value is None:
+            raise DeltaTuneError("the sublayer input was not seen before its output; check the adapter config's architecture map")
+        return self.value if rows is None else self.value.index_select(0, rows)
+
+
+class BottleneckAdapter(SiteAdapter):
+    """One bottleneck adapter on one sublayer output; `down` and `up` are any modules mapping
+    hidden → size → hidden (`nn.Linear` here, PHM or low-rank layers for Compacter)."""
+
+    def __init__(self, down: nn.Module, up: nn.Module, hidden: int, config: BottleneckConfig, tap: InputTap | None, layer_norm: nn.Module | None) -> None:
+        super().__init__()
+        self.down, self.up = down, up
+        self.hidden = hidden
+        self.activation = activation(config.non_linearity)
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.parallel = config.parallel
+        self.original_ln_before = config.original_ln_before
+        self.__dict__["tap"] = tap              # plain attributes: not parameters of the adapter
+        self.__dict__["layer_norm"] = layer_norm
+
+    def extra_repr(self) -> str:
+        return f"scaling={self.scaling:g}, parallel={self.parallel}, original_ln_before={self.original_ln_before}"
+
+    def adapter_input(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """z: what the bottleneck reads (h, x, LN(h + x) or h + x); `rows` selects a mixed batch's rows."""
+        if self.parallel:
+            return self.tap.take(rows)
+        if not self.original_ln_before:
+            return h
+        summed = h + self.tap.take(rows)
+        return summed if self.layer_norm is None else self.layer_norm(summed)
+
+    def up_output(self, z: torch.Tensor) -> torch.Tensor:
+        """u = s · up(f(down(z))), in z's dtype."""
+        dtype = next(self.up.parameters()).dtype
+        return (self.scaling * self.up(self.activation(self.down(z.to(dtype))))).to(z.dtype)
+
+    def adapt(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return h + self.dropout(self.up_output(self.adapter_input(h, rows)))
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        return self.adapt(output)
+
+    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return output.index_copy(0, rows, self.adapt(output.index_select(0, rows), rows))
+
+    def shared_file_keys(self) -> set[str]:
+        """Keys of tensors shared with other layers that another site saves (`shared_keys` of a
+        projection: Compacter's rule matrices, stored once per adapter)."""
+        return {f"{role}.{key}" for role in ("down", "up") for key in getattr(getattr(self, role), "shared_keys", ())}
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        skipped = self.shared_file_keys()
+        return {key: value for key, value in self.state_dict().items() if key not in skipped}
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        result = self.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys or set(result.missing_keys) - self.shared_file_keys():
+            raise DeltaTuneError(f"adapter tensors do not fit: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+
+    def close(self) -> None:
+        """Remove the input hook (on detach)."""
+        if self.tap is not None:
+            self.tap.handle.remove()
+
+
+@register("bottleneck")
+class Bottleneck:
+    """Bottleneck adapters on the sublayers the config places them at, in every block not left out."""
+
+    config_class = BottleneckConfig
+
+    def make_projections(self, hidden: int, size: int, config: Any, shared: Any, reference: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+        """W_down and W_up, initialised per `config.init_weights`."""
+        factory = {"dtype": reference.dtype, "device": reference.device}
+        down, up = nn.Linear(hidden, size, **factory), nn.Linear(size, hidden, **factory)
+        with torch.no_grad():
+            INITS[config.init_weights](down, up)
+        return down, up
+
+    def shared_parameters(self, hidden: int, size: int, config: Any, reference: torch.Tensor) -> Any:
+        """Parameters every layer's adapter shares (Compacter's rule matrices); none here."""
+        return None
+
+    def attach(self, model: nn.Module, name: str, config: BottleneckConfig, state: RoutingState) -> list[str]:
+        sites = placed_sites(model, config)
+        first = model.get_submodule(sites[0].output)
+        hidden = hidden_size(model, first)
+        reference = next(model.get_submodule(sites[0].block).parameters())
+        size = config.size_for(hidden)
+        shared = self.shared_parameters(hidden, size, config, reference)
+        for site in sites:
+            output_module = model.get_submodule(site.output)
+            down, up = self.make_projections(hidden, size, config, shared, reference)
+            needs_input = config.parallel or config.original_ln_before
+            tap = InputTap(model.get_submodule(site.input), site.input_argument) if needs_input else None
+            layer_norm = model.get_submodule(site.layer_norm) if site.layer_norm and config.original_ln_before else None
+            open_site(output_module, state).add(output_module, name, BottleneckAdapter(down, up, hidden, config, tap, layer_norm))
+        for saved in saved_module_names(model, config):
+            module = model.get_submodule(saved)
+            open_site(module, state).add(module, name, ModuleCopy(module))
+        return [site.output for site in sites]
+
+    def detach(self, model: nn.Module, name: str) -> None:
+        for module in model.modules():
+            site = site_of(module)
+            adapter = site.adapters[name] if site is not None and name in site.adapters else None
+            if isinstance(adapter, BottleneckAdapter):
+                adapter.close()
+        detach_everywhere(model, name)
+
+
+def placed_sites(model: nn.Module, config: BottleneckConfig) -> list[SublayerSite]:
+    """The sublayer sites a config puts adapters on."""
+    kinds = {"attention": config.attention_adapter, "ffn": config.ffn_adapter}
+    sites = [site for site in sublayer_sites(model, config.architecture) if kinds[site.kind] and site.layer not in config.leave_out]
+    if not sites:
+        raise DeltaTuneError(f"the config places no adapter on this model (leave_out={config.leave_out} leaves out every layer)")
+    return sites

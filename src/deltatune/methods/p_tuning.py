@@ -1,0 +1,101 @@
+"""P-tuning (Liu et al. 2021, "GPT Understands, Too", arXiv:2103.10385): the prompt comes from a small
+encoder over n learned vectors.
+
+    e = Embedding(n, d)(0..n-1)                                    n × d
+    MLP:   P = W₃ relu(W₂ relu(W₁ e))                                W₁: d→h, W₂: h→h, W₃: h→d
+    LSTM:  P = W₂ relu(W₁ BiLSTM(e))                                 BiLSTM: d→2h, W₁: 2h→2h, W₂: 2h→d
+    inputs_embeds = [P ; E(x)]
+
+The encoder only helps training; `collapse_soft_prompt` folds it into the table P it produces (the
+adapter then is a prompt-tuning adapter), and peft's files hold only P (`prompt_embeddings`). Our own
+files keep the encoder, so a saved adapter trains on from where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import DeltaTuneError
+from ..registry import register
+from .prompt_tuning import PromptTuningConfig
+from .soft_prompt import PromptInputMethod, SoftPromptConfig, hidden_size
+
+ENCODER_TYPES = ("MLP", "LSTM")
+
+
+@dataclasses.dataclass
+class PTuningConfig(SoftPromptConfig):
+    """P-tuning settings; field names follow peft's `PromptEncoderConfig`."""
+
+    peft_type: ClassVar[str] = "P_TUNING"
+
+    encoder_reparameterization_type: str = "MLP"
+    """The prompt encoder: "MLP" (three linear layers) or "LSTM" (a bidirectional LSTM, then two linears)."""
+    encoder_hidden_size: int | None = None
+    """h, the encoder's hidden size; None: the model's hidden size."""
+    encoder_num_layers: int = 2
+    """Layers of the LSTM (the MLP always has three linear layers)."""
+    encoder_dropout: float = 0.0
+    """Dropout between LSTM layers."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.encoder_reparameterization_type = str(getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)).upper()
+        if self.encoder_reparameterization_type not in ENCODER_TYPES:
+            raise DeltaTuneError(f"encoder_reparameterization_type must be one of {ENCODER_TYPES}, got {self.encoder_reparameterization_type!r}")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            raise DeltaTuneError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
+
+    def collapsed(self) -> PromptTuningConfig:
+        return PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, modules_to_save=self.modules_to_save)
+
+    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
+        fields = super().peft_fields(model)
+        return {
+            **fields,
+            "encoder_reparameterization_type": self.encoder_reparameterization_type,
+            "encoder_hidden_size": self.encoder_hidden_size or fields["token_dim"],
+            "encoder_num_layers": self.encoder_num_layers,
+            "encoder_dropout": self.encoder_dropout,
+        }
+
+
+class PromptEncoder(nn.Module):
+    """n learned vectors through an MLP or a BiLSTM + MLP; `forward()` gives the prompt P (n × d)."""
+
+    def __init__(self, count: int, width: int, config: PTuningConfig, reference: torch.Tensor) -> None:
+        super().__init__()
+        hidden = config.encoder_hidden_size or width
+        self.embedding = nn.Embedding(count, width)
+        self.lstm = None
+        if config.encoder_reparameterization_type == "LSTM":
+            self.lstm = nn.LSTM(width, hidden, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, width))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, width))
+        self.to(device=reference.device, dtype=reference.dtype)
+
+    def forward(self) -> torch.Tensor:
+        vectors = self.embedding.weight[None]
+        if self.lstm is not None:
+            vectors = self.lstm(vectors)[0]
+        return self.mlp(vectors)[0]
+
+
+@register("p_tuning")
+class PTuning(PromptInputMethod):
+    """A prompt from a small trained encoder, in front of the input."""
+
+    config_class = PTuningConfig
+
+    def build_source(self, model: nn.Module, config: PTuningConfig) -> nn.Module:
+        return PromptEncoder(config.num_virtual_tokens, hidden_size(model), config, model.get_input_embeddings().weight)
+
+
+def p_tuning_from_peft(data: dict[str, Any]) -> PromptTuningConfig:
+    """peft's P_TUNING files hold only the encoder's output: they load as the collapsed adapter."""
+    return PromptTuningConfig.from_dict({"num_virtual_tokens": data["num_virtual_tokens"], "modules_to_save": data.get("modules_to_save")})

@@ -1,0 +1,316 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+arXiv:2101.00190): learned keys and values in front of every self-attention layer's own.
+
+    K_l ← [P^K_l ; K_l],   V_l ← [P^V_l ; V_l]      P^K_l, P^V_l: kv_heads × n × head_dim, l = 0..L-1
+
+All prefixes form one table T ∈ R^{n × 2L·kv_heads·head_dim} (kv_heads, not query heads: grouped-query
+attention works). Chunk c of a row is one layer's keys or values: decoder-only and encoder models use
+chunks 2l (keys) and 2l+1 (values); encoder-decoders use peft's seq2seq layout, 4l mod 2L and
+4l+1 mod 2L, so that files move between the two libraries unchanged. Training can run T through an MLP
+(`prefix_projection=True`):
+
+    T = W₂ tanh(W₁ E + b₁) + b₂,    E = Embedding(n, d), W₁: d→h, W₂: h→2L·kv_dim
+
+and `collapse_soft_prompt` folds it back into the plain table afterwards (peft's files hold only T).
+
+The prefix reaches attention through the model's own cache object (`DynamicCache`; an
+`EncoderDecoderCache` whose self-attention part holds it for encoder-decoders), built per call in front
+of the first tokens the cache sees, as a prompt is (see `soft_prompt`: mask, positions, mixed batches).
+Cached self-attention is what the models expose: decoder-only self-attention, BERT's self-attention and
+an encoder-decoder's decoder self-attention (T5's encoder stack drops any cache; cross-attention
+prefixes are not built).
+
+Training runs on a `ReadOnlyPrefixCache`, whose `update` returns [prefix ; new] and stores nothing, so a
+layer run twice (gradient checkpointing recomputes it in the backward pass) sees the same keys both
+times. transformers drops the cache of a checkpointed layer; an adapter on every self-attention module
+hands it back (`PrefixReinsert`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
+
+from ..errors import DeltaTuneError, UnsupportedModuleError
+from ..registry import register
+from ..site import RoutingState, SiteAdapter
+from .soft_prompt import (
+    CACHE_ARGUMENTS,
+    CallShape,
+    PromptTable,
+    RowLayout,
+    SoftPromptConfig,
+    SoftPromptMethod,
+    Stacks,
+    cache_argument,
+    find_stacks,
+    hidden_size,
+    parameter_names,
+)
+
+CROSS_ATTENTION_NAMES = ("EncDecAttention", "crossattention", "encoder_attn")
+"""Last name parts of cross-attention modules, which get no prefix."""
+
+_PREFIX_LENGTHS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+"""For caches that hold only prefixes so far: how many positions. A second active prefix adapter adds
+its prefix to such a cache; a cache that has seen tokens gets no prefix again."""
+
+
+@dataclasses.dataclass
+class PrefixTuningConfig(SoftPromptConfig):
+    """Prefix tuning settings; field names follow peft's `PrefixTuningConfig`."""
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    prefix_projection: bool = False
+    """Train the prefix through an MLP (`Embedding → Linear → tanh → Linear`) instead of as a plain table."""
+    encoder_hidden_size: int | None = None
+    """h, the MLP's hidden size; None: the model's hidden size."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            raise DeltaTuneError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
+
+    def collapsed(self) -> "PrefixTuningConfig":
+        return self.replace(prefix_projection=False)
+
+    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
+        """peft reads the table as L·2 chunks of `token_dim` = kv_heads·head_dim, in `num_attention_heads`
+        = kv_heads heads; an encoder-decoder has two transformer submodules (peft's seq2seq layout)."""
+        layout = prefix_layout(model, find_stacks(model, self))
+        return {
+            **super().peft_fields(model),
+            "token_dim": layout.kv_heads * layout.head_dim,
+            "num_attention_heads": layout.kv_heads,
+            "num_layers": layout.layers,
+            "num_transformer_submodules": 2 if layout.encoder_decoder else 1,
+            "prefix_projection": self.prefix_projection,
+            "encoder_hidden_size": self.encoder_hidden_size or hidden_size(model),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixLayout:
+    """The shape of one model's prefix table: which attention modules, which chunk feeds which layer."""
+
+    attention: dict[str, int]
+    """Full name of each cached self-attention module → its layer index."""
+    kv_heads: int
+    head_dim: int
+    encoder_decoder: bool
+
+    @property
+    def layers(self) -> int:
+        return len(self.attention)
+
+    @property
+    def width(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim
+
+    def chunks(self, layer: int) -> tuple[int, int]:
+        """The table chunks (keys, values) of layer `layer`."""
+        if self.encoder_decoder:
+            return (4 * layer) % (2 * self.layers), (4 * layer + 1) % (2 * self.layers)
+        return 2 * layer, 2 * layer + 1
+
+
+def prefix_layout(model: nn.Module, stacks: Stacks) -> PrefixLayout:
+    config = model.config
+    stack = stacks.cache_stack
+    attention = {}
+    for name, module in model.named_modules():
+        if not name.startswith(stack + ".") or not hasattr(module, "layer_idx") or name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES:
+            continue
+        if any(argument in parameter_names(module) for argument in CACHE_ARGUMENTS):
+            attention = {kept: index for kept, index in attention.items() if not name.startswith(kept + ".")}
+            attention[name] = module.layer_idx
+    if sorted(attention.values()) != list(range(len(attention))) or not attention:
+        raise UnsupportedModuleError(
+            f"cannot find one cached self-attention module per layer in {type(model).__name__} "
+            f"(found {sorted(attention)}); prefix tuning needs attention modules that read the model's cache"
+        )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
+    return PrefixLayout(attention, kv_heads, head_dim, stacks.decoder is not None)
+
+
+class PrefixProjection(nn.Module):
+    """T = W₂ tanh(W₁ E + b₁) + b₂ over n learned vectors E; `forward()` gives T (n × width)."""
+
+    def __init__(self, count: int, dim: int, hidden: int, width: int, reference: torch.Tensor) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(count, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        self.to(device=reference.device, dtype=reference.dtype)
+
+    def forward(self) -> torch.Tensor:
+        return self.mlp(self.embedding.weight)
+
+
+class ReadOnlyPrefixCache(DynamicCache):
+    """A cache holding only a prefix: `update` returns [prefix ; new keys] and stores nothing."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+def self_attention_part(cache: Any) -> DynamicCache:
+    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+
+
+def prefix_length_so_far(cache: Any) -> int | None:
+    """How many prefix positions `cache` holds if it has seen no tokens yet (None: it has)."""
+    if cache is None:
+        return 0
+    length = cache.get_seq_length()
+    return length if length == _PREFIX_LENGTHS.get(cache, 0) else None
+
+
+class PrefixCache(SiteAdapter):
+    """At the stack whose self-attention reads the cache: put the prefix into it, extend mask and positions."""
+
+    peft_names = {"source.weight": "prompt_embeddings"}
+
+    def __init__(self, source: nn.Module, stack: nn.Module, stacks: Stacks, layout: PrefixLayout, num_virtual_tokens: int, model_config: Any) -> None:
+        super().__init__()
+        self.source = source
+        self.num_virtual_tokens = num_virtual_tokens
+        self.stacks = stacks
+        self.layout = layout
+        self.model_config = model_config
+        self.names = parameter_names(stack)
+        self.cache_key = cache_argument(stack)
+        self.accepts_positions = "position_ids" in self.names
+        self.held: dict[int, Any] = {}
+        """The latest cache per batch size, for `PrefixReinsert` (shared with it)."""
+
+    def peft_file_state(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # the inference kernels (an LSTM's differ in the last bits with autograd on)
+            return {"source.weight": self.source()}
+
+    def prefix(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) per layer, each batch × kv_heads × n × head_dim."""
+        layout = self.layout
+        table = self.source().view(self.num_virtual_tokens, 2 * layout.layers, layout.kv_heads, layout.head_dim).permute(1, 2, 0, 3)
+        return [tuple(table[chunk].expand(batch, -1, -1, -1) for chunk in layout.chunks(layer)) for layer in range(layout.layers)]
+
+    def new_cache(self, module: nn.Module) -> Any:
+        read_only = module.training and torch.is_grad_enabled()
+        cache = (ReadOnlyPrefixCache if read_only else DynamicCache)(config=self.model_config)
+        return EncoderDecoderCache(cache, DynamicCache(config=self.model_config)) if self.layout.encoder_decoder else cache
+
+    def fill(self, module: nn.Module, call: CallShape, per_layer: list[tuple[torch.Tensor, torch.Tensor]], added: int) -> None:
+        cache = call.cache if call.cache is not None else self.new_cache(module)
+        part = self_attention_part(cache)
+        for layer, (keys, values) in enumerate(per_layer):
+            DynamicCache.update(part, keys, values, layer)
+        _PREFIX_LENGTHS[cache] = _PREFIX_LENGTHS.get(cache, 0) + added
+        call.keywords[self.cache_key] = cache
+        self.held[call.batch] = cache
+
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        call = CallShape(self.names, args, kwargs, self.cache_key)
+        n = self.num_virtual_tokens
+        so_far = prefix_length_so_far(call.cache)
+        if so_far is not None:
+            call.check_length(n + so_far, self.stacks.max_positions)
+            self.fill(module, call, self.prefix(call.batch), n)
+        call.extend_mask("attention_mask", None, n, call.length)
+        call.shift_positions(n, None, False, self.accepts_positions)
+        return (), call.keywords
+
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
+        call = CallShape(self.names, args, kwargs, self.cache_key)
+        layout = RowLayout.of(groups, state, call.batch, call.device, rolled=False)
+        first = call.cached == 0
+        if first:
+            call.check_length(layout.width, self.stacks.max_positions)
+            reference = next(self.source.parameters())  # the prefixes sit right-aligned in the cache
+            shape = (call.batch, self.layout.kv_heads, layout.width, self.layout.head_dim)
+            blocks = [tuple(reference.new_zeros(shape) for _ in range(2)) for _ in range(self.layout.layers)]
+            for adapter, rows in layout.groups:
+                for layer, pair in enumerate(adapter.prefix(call.batch)):
+                    for block, part in zip(blocks[layer], pair):
+                        block[rows, :, layout.width - part.shape[2]:] = part[rows]
+            self.fill(module, call, blocks, layout.width)
+            for adapter, _ in layout.groups:
+                adapter.held[call.batch] = call.keywords[self.cache_key]
+        real_past = call.cached - (0 if first else layout.width)
+        call.extend_mask("attention_mask", layout, layout.width, real_past + call.length)
+        call.shift_positions(layout.width, layout, False, self.accepts_positions, real_past)
+        return (), call.keywords
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not (module.training and torch.is_grad_enabled()):
+            self.held.clear()
+        return output
+
+    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
+        return self(module, args, kwargs, output)
+
+
+class PrefixReinsert(SiteAdapter):
+    """On a self-attention module: give back the prefix cache when the layer around it dropped it
+    (gradient checkpointing); otherwise nothing."""
+
+    def __init__(self, module: nn.Module, held: dict[int, Any]) -> None:
+        super().__init__()
+        names = parameter_names(module)
+        self.cache_key = cache_argument(module)
+        self.position = names.index(self.cache_key)
+        self.held = held
+
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        given = args[self.position] if self.position < len(args) else kwargs.get(self.cache_key)
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        cache = self.held.get(hidden.shape[0])
+        if given is not None or cache is None:
+            return args, kwargs
+        if self.position < len(args):
+            return (*args[: self.position], cache, *args[self.position + 1:]), kwargs
+        return args, {**kwargs, self.cache_key: cache}
+
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
+        return self.prepare(module, args, kwargs)
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return output
+
+    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
+        return output
+
+
+@register("prefix_tuning")
+class PrefixTuning(SoftPromptMethod):
+    """Learned key/value prefixes for every cached self-attention layer."""
+
+    config_class = PrefixTuningConfig
+
+    def adapters(self, model: nn.Module, config: PrefixTuningConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
+        layout = prefix_layout(model, stacks)
+        reference = model.get_input_embeddings().weight
+        count = config.num_virtual_tokens
+        if config.prefix_projection:
+            dim = hidden_size(model)
+            source: nn.Module = PrefixProjection(count, dim, config.encoder_hidden_size or dim, layout.width, reference)
+        else:
+            source = PromptTable(torch.randn(count, layout.width, device=reference.device).to(reference.dtype))
+        stack = model.get_submodule(stacks.cache_stack)
+        model_config = stack.config if hasattr(stack, "config") else model.config
+        owner = PrefixCache(source, stack, stacks, layout, count, model_config)
+        built: dict[str, SiteAdapter] = {stacks.cache_stack: owner}
+        built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
+        return built
+
+
+def prefix_tuning_from_peft(data: dict[str, Any]) -> PrefixTuningConfig:
+    """peft's PREFIX_TUNING files hold the table T (the projection's output): they load as a plain table."""
+    return PrefixTuningConfig.from_dict({"num_virtual_tokens": data["num_virtual_tokens"], "modules_to_save": data.get("modules_to_save")})
