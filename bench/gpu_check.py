@@ -98,6 +98,39 @@ def training_step_with_dropout() -> dict[str, float | bool]:
     return {"losses": losses, "loss_fell": losses[-1] < losses[0], "base_bit_identical": unchanged}
 
 
+def every_method_on_the_device() -> dict[str, str]:
+    """Each built-in method on the bf16 model on the device: a training step (finite loss, gradients
+    only on the adapter) and a short greedy generation."""
+    import deltatune
+
+    configs = {
+        "lora": deltatune.LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.1),
+        "bitfit": deltatune.BitFitConfig(add_missing_bias=True),
+        "bottleneck": deltatune.BottleneckConfig(preset="houlsby"),
+        "compacter": deltatune.CompacterConfig(reduction_factor=16),
+        "prompt_tuning": deltatune.PromptTuningConfig(num_virtual_tokens=8),
+        "p_tuning": deltatune.PTuningConfig(num_virtual_tokens=8),
+        "prefix_tuning": deltatune.PrefixTuningConfig(num_virtual_tokens=8, prefix_projection=True),
+    }
+    outcome = {}
+    for name, config in configs.items():
+        try:
+            model = deltatune.attach(model_on_gpu().train(), config)
+            input_ids = token_batch(model.base_model, 2, 32).to(SETTINGS["device"])
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            stray = [n for n, p in model.named_parameters() if p.grad is not None and not p.requires_grad]
+            model.eval()
+            with torch.inference_mode():
+                tokens = model.generate(input_ids=input_ids[:, :8], attention_mask=torch.ones_like(input_ids[:, :8]), max_new_tokens=4, do_sample=False)
+            ok = torch.isfinite(loss).item() and not stray and tokens.shape == (2, 12)
+            outcome[name] = "ok" if ok else f"loss {loss.item()}, stray grads {stray[:2]}, tokens {tuple(tokens.shape)}"
+        except Exception as error:  # report every method, do not stop at the first failure
+            outcome[name] = f"{type(error).__name__}: {error}"[:300]
+        _free()
+    return outcome
+
+
 def timings() -> dict[str, float]:
     results = {}
     for library in ("deltatune", "peft"):
@@ -142,7 +175,7 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.dry_run:
         SETTINGS.update(device="cpu", quick=True)
-    report = {"device": torch.cuda.get_device_name() if SETTINGS["device"] == "cuda" else "cpu", "torch": torch.__version__, "agreement": agreement(), "training": training_step_with_dropout(), "timings": timings()}
+    report = {"device": torch.cuda.get_device_name() if SETTINGS["device"] == "cuda" else "cpu", "torch": torch.__version__, "agreement": agreement(), "training": training_step_with_dropout(), "methods": every_method_on_the_device(), "timings": timings()}
     t = report["timings"]
     report["ratios"] = {
         "train_dropout0.05_ours_vs_peft": t["train_dropout0.05_deltatune"] / t["train_dropout0.05_peft"],

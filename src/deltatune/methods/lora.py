@@ -124,6 +124,20 @@ def add_low_rank(output: torch.Tensor, hidden: torch.Tensor, lora_B: torch.Tenso
     return flat.view(output.shape)
 
 
+def _replayed_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
+    """CPU: the mask replayed from a seed, 1/(1-p) folded into the scaling (`lora_dropout`)."""
+    return DroppedProjection.apply(x, lora_A, drop_threshold(probability)), scaling / kept_fraction(probability)
+
+
+def _fused_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
+    """Accelerators: torch's fused dropout kernel is cheap there (on an H200 the replayed mask made a
+    LoRA step 1.5× slower than peft's; with this path the step takes 0.84× peft's; bench/README.md)."""
+    return F.linear(F.dropout(x, probability, training=True), lora_A), scaling
+
+
+DROPPED_PROJECTIONS = {"cpu": _replayed_dropout_projection}
+
+
 class LoraLinear(LoraAdapter):
     """LoRA on `nn.Linear` (weight out × in) and GPT-2 `Conv1D` (weight in × out, `transposed`)."""
 
@@ -137,8 +151,7 @@ class LoraLinear(LoraAdapter):
         """(dropout(x) Aᵀ, the scaling that goes with it); dropout only in training."""
         x = x.to(self.lora_A.dtype)
         if self.training and self.dropout_probability > 0:
-            hidden = DroppedProjection.apply(x, self.lora_A, drop_threshold(self.dropout_probability))
-            return hidden, self.scaling / kept_fraction(self.dropout_probability)
+            return DROPPED_PROJECTIONS.get(x.device.type, _fused_dropout_projection)(x, self.lora_A, self.dropout_probability, self.scaling)
         return F.linear(x, self.lora_A), self.scaling
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
