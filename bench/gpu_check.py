@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import LINEAR_LAYERS, causal_lm, token_batch  # noqa: E402
+from models import causal_lm, token_batch  # noqa: E402
 from workloads import lora_model  # noqa: E402
 
 BATCH, LENGTH = 16, 256

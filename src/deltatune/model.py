@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
 from .composition import ActivePlan, Fuse, Setup, site_names

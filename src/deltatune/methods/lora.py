@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn

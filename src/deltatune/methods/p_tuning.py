@@ -22,7 +22,8 @@ from torch import nn
 from ..errors import DeltaTuneError
 from ..registry import register
 from .prompt_tuning import PromptTuningConfig
-from .soft_prompt import PromptInputMethod, SoftPromptConfig, hidden_size
+from .prompt_input import PromptInputMethod
+from .soft_prompt import SoftPromptConfig, hidden_size
 
 ENCODER_TYPES = ("MLP", "LSTM")
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..errors import DeltaTuneError
 from ..registry import register
-from .soft_prompt import PromptInputMethod, PromptTable, SoftPromptConfig
+from .prompt_input import PromptInputMethod
+from .soft_prompt import PromptTable, SoftPromptConfig
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
