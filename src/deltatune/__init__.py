@@ -40,6 +40,7 @@ from .registry import get_method, register, registered_methods
 from .site import SiteAdapter
 from .summary import TrainableSummary
 from .targeting import model_modules
+from .tasks import causal_lm_loss
 
 
 def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> DeltaModel:
@@ -65,5 +66,5 @@ __all__ = [
     "DeltaTuneError", "Fuse", "FusionConfig", "LoraConfig", "MergeError", "Method", "ModuleMethod", "SiteAdapter", "Stack", "TargetNotFoundError",
     "TargetedConfig", "TrainableSummary", "UnknownMethodError", "UnsupportedModuleError", "attach",
     "get_method", "load", "model_modules", "register", "registered_methods",
-    "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "collapse_soft_prompt",
+    "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "collapse_soft_prompt", "causal_lm_loss",
 ]

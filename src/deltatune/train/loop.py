@@ -1,0 +1,238 @@
+"""The training loop behind `deltatune train` and `deltatune.train.train(config)`.
+
+One optimizer step takes `batch_size × gradient_accumulation_steps × world_size` examples. The order
+of the examples in epoch e is a permutation drawn from a generator seeded with `seed + e`, so any step
+can be reproduced from (seed, step) alone: that, plus the optimizer, scheduler and random states in a
+checkpoint, is what makes `--resume` continue bit-exactly. AdamW updates the trainable parameters
+only (the adapter, and any `modules_to_save`); the learning rate warms up linearly for
+`warmup_steps`, then follows the schedule (linear or cosine to zero, or constant).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DeltaTuneError
+from ..model import DeltaModel
+from ..tasks import TaskType, get_task
+from . import distributed
+from .checkpoint import TrainerState, checkpoint_folder, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
+from .config import TrainConfig
+from .data import read_records
+from .encode import EncodeContext, collate, encode, label_names
+from .evaluate import EvalContext, Evaluation, evaluate
+from .models import attach_adapter, load_model, load_tokenizer, model_folder
+from .report import write_report
+
+ADAPTER_FOLDER = "adapter"
+
+
+@dataclass
+class Run:
+    """A model with its adapter, tokenizer and encoded data, ready to train or evaluate."""
+
+    config: TrainConfig
+    task: TaskType
+    tokenizer: Any
+    delta_model: DeltaModel
+    train_features: list[dict[str, Any]]
+    eval_features: list[dict[str, Any]]
+    device: torch.device
+    eval_context: EvalContext = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.eval_context = EvalContext(self.tokenizer, self.device, self.config.eval_batch_size, self.config.max_new_tokens)
+
+    def evaluate(self, with_loss: bool = True) -> Evaluation:
+        if not self.eval_features:
+            raise DeltaTuneError("there is no eval_file in the config; set eval_file=PATH to evaluate")
+        return evaluate(self.delta_model, self.task, self.eval_features, self.eval_context, with_loss)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: the trained model, its history and final evaluation."""
+
+    run: Run
+    history: list[dict[str, float]]
+    final: Evaluation | None
+    output_dir: Path
+    seconds: float
+
+
+def choose_device(name: str, ranks: distributed.Ranks) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device(f"cuda:{ranks.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter: str | None = None) -> Run:
+    """Read and encode the data, load the model and attach the adapter from the config (or load the
+    saved adapter folder `adapter`). Data and config errors come before the model is loaded."""
+    task = get_task(config.task)
+    device = device or choose_device(config.device, distributed.ranks_from_environment())
+    adapter_config = config.adapter_config() if adapter is None else None
+    train_records = read_records(config.train_file, config.columns)
+    eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
+    tokenizer = load_tokenizer(config.tokenizer or str(model_folder(config.model)))
+    labels = label_names(task.name, train_records)
+    context = EncodeContext(tokenizer, config.max_length, config.chat_template, config.system_prompt, {n: i for i, n in enumerate(labels)})
+    train_features, eval_features = encode(task.name, train_records, context), encode(task.name, eval_records, context)
+    torch.manual_seed(config.seed)
+    model = load_model(config.model, task, tokenizer, labels)
+    if adapter is None:
+        delta_model = attach_adapter(model, adapter_config, task)
+    else:
+        from .. import load
+
+        delta_model = load(model, adapter)
+    return Run(config, task, tokenizer, delta_model.to(device), train_features, eval_features, device)
+
+
+DECAY: dict[str, Callable[[float], float]] = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "constant": lambda progress: 1.0,
+}
+"""Learning-rate factor after warm-up, as a function of the share of those steps done (0 → 1)."""
+
+
+def learning_rate_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """The schedule as a function of the step: linear warm-up, then `DECAY[config.scheduler]`."""
+    decay = DECAY[config.scheduler]
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        return decay((step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+
+    return factor
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    wanted = config.bf16
+    if wanted == "auto":
+        wanted = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
+
+
+class Schedule:
+    """Which examples each rank reads at each micro-step: a pure function of (seed, step)."""
+
+    def __init__(self, config: TrainConfig, count: int, ranks: distributed.Ranks) -> None:
+        self.batch, self.accumulation, self.ranks, self.count, self.seed = config.batch_size, config.gradient_accumulation_steps, ranks, count, config.seed
+        self.per_step = self.batch * self.accumulation * ranks.world_size
+        self.steps_per_epoch = max(1, math.ceil(count / self.per_step))
+        self.total = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + epoch)))
+        first = within * self.per_step
+        indices = [int(self._order[1][(first + i) % self.count]) for i in range(self.per_step)]
+        size = self.batch
+        return [indices[(k * self.ranks.world_size + self.ranks.rank) * size:][:size] for k in range(self.accumulation)]
+
+
+def train(config: TrainConfig, resume: str | Path | bool | None = None, progress: bool = True) -> TrainResult:
+    """Train the adapter the config describes; returns the trained model and what was measured.
+    `resume=True` continues from the latest checkpoint in `output_dir`, a path from that checkpoint."""
+    ranks = distributed.ranks_from_environment()
+    device = choose_device(config.device, ranks)
+    joined = distributed.start(ranks, device)
+    try:
+        return train_run(prepare_run(config, device), resume, progress)
+    finally:
+        if joined:
+            distributed.stop(ranks)
+
+
+def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool = True) -> TrainResult:
+    """Train a prepared run (see `train`); under a launcher the process group must be joined."""
+    ranks = distributed.ranks_from_environment()
+    config, output_dir = run.config, Path(run.config.output_dir)
+    if not run.train_features:
+        raise DeltaTuneError(f"{config.train_file} holds no training examples")
+    if config.gradient_checkpointing:
+        run.delta_model.gradient_checkpointing_enable()
+    schedule = Schedule(config, len(run.train_features), ranks)
+    parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
+    state = TrainerState()
+    if resume:
+        folder = latest_checkpoint(output_dir) if resume is True else Path(resume)
+        if folder is None:
+            raise DeltaTuneError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; train without --resume, or set save_every")
+        state = load_checkpoint(folder, run.delta_model, optimizer, scheduler)
+    model = distributed.wrap(run.delta_model, ranks, run.device)
+    pad_id = run.eval_context.pad_id
+    bar = tqdm(total=schedule.total, initial=state.step, disable=not (progress and ranks.main), unit="step", dynamic_ncols=True)
+    started, tokens = time.perf_counter(), 0
+    model.train()
+    while state.step < schedule.total:
+        micro_batches = schedule.micro_batches(state.step)
+        step_loss = torch.zeros((), device=run.device)
+        for index, rows in enumerate(micro_batches):
+            batch = {k: v.to(run.device) for k, v in collate([run.train_features[i] for i in rows], pad_id).items()}
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(rows)
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or not ranks.distributed else model.no_sync():
+                with _autocast(config, run.device):
+                    loss = run.task.loss(model, batch) / len(micro_batches)
+                loss.backward()
+            step_loss += loss.detach()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if ranks.distributed:
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= ranks.world_size
+        _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0])
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(loss=f"{float(step_loss):.4f}", tok_s=f"{tokens * ranks.world_size / elapsed:.0f}", refresh=False)
+        bar.update(1)
+        if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
+            if ranks.main:
+                save_checkpoint(checkpoint_folder(output_dir, state.step), run.delta_model, optimizer, scheduler, state)
+            distributed.barrier(ranks)
+    bar.close()
+    final = _evaluate_into(run, ranks, state) if run.eval_features else None
+    seconds = time.perf_counter() - started
+    if ranks.main:
+        run.delta_model.save(str(output_dir / ADAPTER_FOLDER))
+        write_report(output_dir, run, state.history, final, seconds)
+    distributed.barrier(ranks)
+    return TrainResult(run, state.history, final, output_dir, seconds)
+
+
+def _record(run: Run, ranks: distributed.Ranks, state: TrainerState, schedule: Schedule, loss: float, learning_rate: float) -> None:
+    config = run.config
+    if state.step % config.log_every == 0 or state.step == schedule.total:
+        state.history.append({"step": state.step, "loss": loss, "learning_rate": learning_rate})
+    if run.eval_features and config.eval_every and state.step % config.eval_every == 0 and state.step < schedule.total:
+        _evaluate_into(run, ranks, state)
+
+
+def _evaluate_into(run: Run, ranks: distributed.Ranks, state: TrainerState) -> Evaluation | None:
+    """Evaluate on rank 0 and add `eval_<metric>` to the history; the other ranks wait."""
+    result = None
+    if ranks.main:
+        result = run.evaluate()
+        state.history.append({"step": state.step, **{f"eval_{name}": value for name, value in result.metrics.items()}})
+        tqdm.write("step {}: {}".format(state.step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())))
+    distributed.barrier(ranks)
+    return result

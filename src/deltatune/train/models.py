@@ -1,0 +1,73 @@
+"""Loading a model and tokenizer for a task, from local folders only, and attaching the adapter.
+
+A model is a local transformers folder or a packaged model name (`PACKAGED_MODELS`). Nothing is ever
+downloaded: loads run with `local_files_only=True`. Task heads that start untrained (a classifier)
+are added to the adapter's `modules_to_save` unless the config names them itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import DeltaTuneError
+from ..model import DeltaModel
+from ..tasks import TaskType, task_model_class, trained_heads
+
+
+def _smollm2() -> Path:
+    from .smollm2 import smollm2_folder
+
+    return smollm2_folder()
+
+
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"smollm2": _smollm2}
+"""Model names that resolve to a folder deltatune builds from an installed package."""
+
+
+def model_folder(name: str) -> Path:
+    """The local folder of model `name` (a path, or a packaged model name)."""
+    if name in PACKAGED_MODELS:
+        return PACKAGED_MODELS[name]()
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise DeltaTuneError(
+            f"model {name!r} is not a local model folder (no config.json there); give the path of a folder "
+            f"saved with save_pretrained, or one of the packaged models: {', '.join(PACKAGED_MODELS)}"
+        )
+    return folder
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = PACKAGED_MODELS[name]() if name in PACKAGED_MODELS else Path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise DeltaTuneError(f"cannot load a tokenizer from {folder} ({type(error).__name__}); set `tokenizer:` to a folder that holds one") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, task: TaskType, tokenizer: Any, label_names: list[str] = ()) -> nn.Module:
+    """The model of `task` from folder or packaged name `name` (labels set for classification)."""
+    extra: dict[str, Any] = {}
+    if label_names:
+        extra = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+    model = task_model_class(task).from_pretrained(str(model_folder(name)), local_files_only=True, **extra)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def attach_adapter(model: nn.Module, adapter_config: Any, task: TaskType) -> DeltaModel:
+    """`model` with the adapter `default` built from `adapter_config`; new task heads train fully."""
+    if task.trains_head and adapter_config.modules_to_save is None:
+        adapter_config = adapter_config.replace(modules_to_save=trained_heads(model) or None)
+    from .. import attach
+
+    return attach(model, adapter_config)
