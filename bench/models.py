@@ -41,7 +41,11 @@ def _pretrained_smollm2() -> LlamaForCausalLM | None:
         folder = smollm2_folder()
     except DeltaTuneError:  # the package is not installed: the same shapes with random weights
         return None
-    return LlamaForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    with torch.no_grad():  # transformers maps the checkpoint's tensors copy-on-write: the first write to
+        for parameter in model.parameters():  # them (a merge) would pay ~1.5 s of page copies, any library
+            parameter.data = parameter.data.clone()
+    return model
 
 
 def minilm(quick: bool) -> torch.nn.Module:

@@ -19,7 +19,7 @@ def test_gradients_equal_an_explicit_mask() -> None:
     grad_x, grad_A = torch.autograd.grad(hidden, (x, lora_A), upstream)
     torch.manual_seed(3)
     seed = int(torch.randint(0, 1 << 62, (1,)).item())
-    keep = (~drop_into(x.detach(), seed, drop_threshold(0.3))[0]).float()
+    keep = drop_into(x.detach(), seed, drop_threshold(0.3))[0].float()
     x_ref, a_ref = x.detach().clone().requires_grad_(), lora_A.detach().clone().requires_grad_()
     reference = F.linear(x_ref * keep, a_ref)
     ref_x, ref_A = torch.autograd.grad(reference, (x_ref, a_ref), upstream)
@@ -30,10 +30,10 @@ def test_gradients_equal_an_explicit_mask() -> None:
 
 def test_drop_rate_matches_the_probability() -> None:
     x = torch.ones(256, 1024)
-    dropped, kept = drop_into(x, seed=7, threshold=drop_threshold(0.05))
-    assert abs(dropped.float().mean().item() - 0.05) < 0.003
+    keep, kept = drop_into(x, seed=7, threshold=drop_threshold(0.05))
+    assert abs(1 - keep.float().mean().item() - 0.05) < 0.003
     assert abs(kept_fraction(0.05) - 0.95) < 1 / 65536
-    assert torch.equal(kept, x.masked_fill(dropped, 0.0))
+    assert torch.equal(kept, x * keep)
 
 
 def test_masks_differ_between_calls_and_repeat_under_a_seed() -> None:

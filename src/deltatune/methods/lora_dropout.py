@@ -39,7 +39,7 @@ def kept_fraction(probability: float) -> float:
 
 
 def _buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(random words, drop mask, dropped copy) scratch tensors for inputs shaped like x."""
+    """(random words, keep mask, dropped copy) scratch tensors for inputs shaped like x."""
     key = (x.shape, x.dtype, x.device)
     found = _scratch.get(key)
     if found is None:
@@ -54,13 +54,13 @@ def _buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def drop_into(x: torch.Tensor, seed: int, threshold: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask of dropped elements, x with them zeroed), both in scratch memory; same seed, same mask."""
-    words, dropped, kept = _buffers(x)
+    """(mask of kept elements, x with the others zeroed), both in scratch memory; same seed, same mask."""
+    words, keep, kept = _buffers(x)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     words.random_(-(1 << 63), (1 << 63) - 1, generator=generator)
-    torch.lt(words.view(torch.int16)[: x.numel()].view(x.shape), threshold, out=dropped)
-    kept.copy_(x).masked_fill_(dropped, 0.0)
-    return dropped, kept
+    torch.ge(words.view(torch.int16)[: x.numel()].view(x.shape), threshold, out=keep)
+    torch.mul(x, keep, out=kept)
+    return keep, kept
 
 
 class DroppedProjection(torch.autograd.Function):
@@ -77,10 +77,10 @@ class DroppedProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hidden: torch.Tensor):
         x, lora_A = ctx.saved_tensors
-        dropped, kept = drop_into(x, ctx.seed, ctx.threshold)
+        keep, kept = drop_into(x, ctx.seed, ctx.threshold)
         grad_x = grad_A = None
         if ctx.needs_input_grad[1]:
             grad_A = grad_hidden.reshape(-1, grad_hidden.shape[-1]).t() @ kept.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_hidden @ lora_A).masked_fill_(dropped, 0.0)
+            grad_x = (grad_hidden @ lora_A).mul_(keep)
         return grad_x, grad_A, None
