@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tiny_models import VOCAB
+from tiny_models import VOCAB, build
 
 WORDS = ["classify", "the", "sentiment", "of", "this", "review", "positive", "negative"]
 
@@ -58,3 +58,13 @@ def generate_new_tokens(model: nn.Module, inputs: dict[str, torch.Tensor], steps
     with torch.no_grad():
         output = model.generate(**inputs, **options)
     return output[:, -steps:].tolist()
+
+
+def lively(arch: str) -> nn.Module:
+    """The tiny model with weights scaled up, so that greedy decoding does not repeat one token."""
+    model = build(arch)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(3)
+    return model
+

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 import deltatune
-from prompt_helpers import PROMPTS, generate_new_tokens, greedy_by_forward, left_padded
-from tiny_models import build
+from prompt_helpers import PROMPTS, generate_new_tokens, greedy_by_forward, left_padded, lively
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -48,14 +47,6 @@ OUR_CONFIGS = {
 }
 GRID = [pytest.param(method, arch, id=f"{method}-{arch}") for method in PEFT_CONFIGS for arch in TASKS]
 
-
-def lively(arch: str) -> torch.nn.Module:
-    """The tiny model with weights scaled up, so that greedy decoding does not repeat one token."""
-    model = build(arch)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(3)
-    return model
 
 
 def randomize(parameters, seed: int) -> None:

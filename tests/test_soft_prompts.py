@@ -11,7 +11,7 @@ import torch
 
 import deltatune
 from deltatune.methods.prompt_tuning import text_token_ids
-from prompt_helpers import PROMPTS, generate_new_tokens, left_padded, tiny_tokenizer_folder
+from prompt_helpers import PROMPTS, generate_new_tokens, left_padded, lively, tiny_tokenizer_folder
 from tiny_models import build
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -23,13 +23,6 @@ CONFIGS = {
 }
 GENERATORS = ["llama", "gpt2", "t5"]
 
-
-def lively(arch: str) -> torch.nn.Module:
-    model = build(arch)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(3)
-    return model
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
