@@ -25,7 +25,7 @@ from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
 from .base import ModuleMethod
-from .lora_dropout import DroppedProjection, drop_threshold, kept_fraction
+from .lora_dropout import SPARSE_LIMIT, DroppedProjection
 
 DEFAULT_TARGETS = {
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "phi", "mbart"], ["q_proj", "v_proj"]),
@@ -46,8 +46,8 @@ class LoraConfig(TargetedConfig):
     lora_alpha: float = 8
     """Scale numerator: s = lora_alpha / r (or / √r with `use_rslora`)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input path, an independent mask per adapted module. 0 costs nothing; on
-    linear layers p is used rounded to a multiple of 1/65536 (see `lora_dropout`)."""
+    """Dropout on the LoRA input path, an independent mask per adapted module. 0 costs nothing; small
+    p costs little on CPU (only the dropped terms are computed, see `lora_dropout`)."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
     init_lora_weights: bool | str = True
@@ -122,18 +122,20 @@ def add_low_rank(output: torch.Tensor, hidden: torch.Tensor, lora_B: torch.Tenso
     return flat.view(output.shape)
 
 
-def _replayed_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
-    """CPU: the mask replayed from a seed, 1/(1-p) folded into the scaling (`lora_dropout`)."""
-    return DroppedProjection.apply(x, lora_A, drop_threshold(probability)), scaling / kept_fraction(probability)
-
-
 def _fused_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
-    """Accelerators: torch's fused dropout kernel is cheap there (on an H200 the replayed mask made a
-    LoRA step 1.5× slower than peft's; with this path the step takes 0.84× peft's; bench/README.md)."""
+    """Accelerators (and large p): torch's fused dropout kernel. On an H200 a mask made in separate
+    passes made a LoRA step 1.5× slower than peft's; with this path the step takes 0.84× peft's."""
     return F.linear(F.dropout(x, probability, training=True), lora_A), scaling
 
 
-DROPPED_PROJECTIONS = {"cpu": _replayed_dropout_projection}
+def _sparse_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
+    """CPU: x Aᵀ minus the dropped terms, 1/(1-p) folded into the scaling (`lora_dropout`)."""
+    if probability > SPARSE_LIMIT:
+        return _fused_dropout_projection(x, lora_A, probability, scaling)
+    return DroppedProjection.apply(x, lora_A, probability), scaling / (1 - probability)
+
+
+DROPPED_PROJECTIONS = {"cpu": _sparse_dropout_projection}
 
 
 class LoraLinear(LoraAdapter):
