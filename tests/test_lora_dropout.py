@@ -38,7 +38,7 @@ def test_output_and_gradients_equal_an_explicit_mask(probability: float) -> None
     torch.testing.assert_close(grad_A, ref_A, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("probability", [0.001, 0.05, 0.25])
+@pytest.mark.parametrize("probability", [0.001, 0.05, 0.5])
 def test_drop_rate_and_gaps_follow_bernoulli(probability: float) -> None:
     count = 2_000_000
     torch.manual_seed(7)
@@ -69,7 +69,7 @@ def test_masks_differ_between_calls_and_repeat_under_a_seed() -> None:
 
 
 def test_large_probabilities_use_a_dense_mask() -> None:
-    delta_model = deltatune.attach(build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.6, target_modules="all-linear", init_lora_weights=False))
+    delta_model = deltatune.attach(build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.7, target_modules="all-linear", init_lora_weights=False))
     inputs = torch.randint(3, 96, (2, 10))
     torch.manual_seed(0)
     first = delta_model(input_ids=inputs).logits
@@ -100,7 +100,7 @@ def test_dropout_is_off_in_eval_mode() -> None:
     assert torch.equal(delta_model(input_ids=inputs).logits, delta_model(input_ids=inputs).logits)
 
 
-@pytest.mark.parametrize("probability", [0.05, 0.6])
+@pytest.mark.parametrize("probability", [0.05, 0.7])
 def test_kept_terms_are_rescaled_so_the_mean_is_unchanged(probability: float) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(1000, 1, bias=False))
     torch.nn.init.zeros_(model[0].weight)
