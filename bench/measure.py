@@ -6,7 +6,7 @@ import gc
 import resource
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 
 def reset_peak_memory() -> None:
@@ -57,3 +57,30 @@ def time_calls(call: Callable[[], object], warmup: int, repeats: int) -> dict[st
         "seconds_all": seconds,
         "peak_added_bytes": max(peak_memory_bytes() - before, 0),
     }
+
+
+def time_interleaved(calls: dict[Any, Callable[[], object]], warmup: int, repeats: int) -> dict[Any, dict[str, Any]]:
+    """Median of `repeats` timed calls of each callable, the callables alternating (forward order, then
+    reversed, ...) so that each meets the same machine load and none is always first; after `warmup`
+    untimed rounds."""
+    gc.collect()
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    seconds: dict[Any, list[float]] = {key: [] for key in calls}
+    for repeat in range(repeats):
+        order = list(calls) if repeat % 2 == 0 else list(calls)[::-1]
+        for key in order:
+            start = time.perf_counter()
+            calls[key]()
+            seconds[key].append(time.perf_counter() - start)
+    return {key: {"seconds": statistics.median(values), "seconds_all": values} for key, values in seconds.items()}
+
+
+def touch_memory(size: int) -> None:
+    """Write `size` bytes once and free them, so that later allocations reuse pages the (virtual)
+    machine has already backed."""
+    if size:
+        block = bytearray(size)
+        block[:: resource.getpagesize()] = b"\1" * len(range(0, size, resource.getpagesize()))
+        del block

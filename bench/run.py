@@ -1,8 +1,9 @@
 """deltatune against peft (and AdapterHub), side by side, in one run: `make bench`.
 
-Every measurement runs each library in its own fresh worker process (workloads.py) on the same model
-and inputs, alternating libraries over `--rounds` rounds and keeping each library's best median, then
-prints the ratios deltatune / reference beside the targets and writes them to bench/results.json.
+Every measurement runs each library alone in a fresh worker process (workloads.py: its peak memory
+and a standalone time), then all its libraries together in one more worker whose calls alternate
+between them (the paired times, from which the ratios come: every library meets the same machine
+load). It prints the ratios deltatune / reference beside the targets and writes bench/results.json.
 `--quick` uses a tiny model and few repeats: a smoke test of the whole suite, not a measurement.
 """
 
@@ -31,8 +32,8 @@ class Measurement:
     options: dict[str, Any] = field(default_factory=dict)
     libraries: tuple[str, ...] = ("deltatune", "peft")
     environment: str = "main"
-    rounds: int | None = None
-    """Fixed alternation count (None: `--rounds`); one for workloads that time single events."""
+    paired: bool = True
+    """Time the libraries side by side in one process (False: workloads that time one-off events)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ SUITE = [
     Measurement("train_tail_labels", "train", {"dropout": 0.05, "labelled_tail": 16}),
     Measurement("forward", "forward", libraries=("base", "deltatune", "peft")),
     Measurement("mixed", "mixed"),
-    Measurement("add_and_merge", "add_and_merge", {"adapters": 100}, rounds=1),
+    Measurement("add_and_merge", "add_and_merge", {"adapters": 100}, paired=False),
     Measurement("houlsby", "houlsby", libraries=("deltatune", "adapterhub"), environment="adapterhub"),
     Measurement("prefix", "prefix"),
 ]
@@ -84,37 +85,39 @@ TARGETS = [
 ]
 
 
-def run_worker(python: str, measurement: Measurement, library: str, options: dict[str, Any]) -> dict[str, Any]:
-    command = [python, str(HERE / "workloads.py"), measurement.workload, library, json.dumps({**options, **measurement.options})]
+def run_worker(python: str, measurement: Measurement, libraries: tuple[str, ...], options: dict[str, Any]) -> dict[str, Any]:
+    command = [python, str(HERE / "workloads.py"), measurement.workload, ",".join(libraries), json.dumps({**options, **measurement.options})]
     environment = {**os.environ, "OMP_NUM_THREADS": str(options["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     finished = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=environment)
     if finished.returncode != 0:
-        raise RuntimeError(f"{measurement.name} / {library} failed:\n{finished.stderr[-3000:]}")
+        raise RuntimeError(f"{measurement.name} / {','.join(libraries)} failed:\n{finished.stderr[-3000:]}")
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-def measure(measurement: Measurement, python: str, options: dict[str, Any], rounds: int) -> dict[str, dict[str, Any]]:
-    """Each library's result with the smallest median over the rounds (libraries alternate)."""
-    best: dict[str, dict[str, Any]] = {}
-    for _ in range(rounds):
-        for library in measurement.libraries:
-            result = run_worker(python, measurement, library, options)
-            if library not in best or result.get("seconds", 0) < best[library].get("seconds", 0):
-                best[library] = result
-    return best
+def measure(measurement: Measurement, python: str, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per library: peak memory and standalone time from its own worker; with `paired`, the time from
+    the shared worker replaces "seconds" (the standalone one stays as "alone_seconds")."""
+    alone = {library: run_worker(python, measurement, (library,), options["alone"]) for library in measurement.libraries}
+    if not measurement.paired:
+        return alone
+    paired = run_worker(python, measurement, measurement.libraries, options["paired"])
+    return {library: {**alone[library], "alone_seconds": alone[library]["seconds"], **paired[library]} for library in measurement.libraries}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats: a smoke test")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=None, help="alternations per measurement (default 2, quick 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per library in the paired worker (default 7, quick 2)")
     parser.add_argument("--only", default="", help="comma-separated measurement names")
     parser.add_argument("--adapterhub-python", default=str(REPOSITORY / ".venv-transformers457" / "bin" / "python"))
     parser.add_argument("--out", default=str(HERE / "results.json"))
     arguments = parser.parse_args(argv)
-    options = {"quick": arguments.quick, "threads": arguments.threads, "warmup": 1 if arguments.quick else 2, "repeats": 2 if arguments.quick else 5}
-    rounds = arguments.rounds or (1 if arguments.quick else 2)
+    common = {"quick": arguments.quick, "threads": arguments.threads}
+    options = {
+        "alone": {**common, "warmup": 1, "repeats": 1 if arguments.quick else 3},
+        "paired": {**common, "warmup": 1 if arguments.quick else 2, "repeats": arguments.repeats or (2 if arguments.quick else 7)},
+    }
     pythons = {"main": sys.executable, "adapterhub": arguments.adapterhub_python}
     wanted = set(filter(None, arguments.only.split(",")))
     results: dict[str, dict[str, Any]] = {}
@@ -125,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(pythons[measurement.environment]).exists():
             skipped[measurement.name] = f"no Python at {pythons[measurement.environment]} (run make test once to build it)"
             continue
-        options_here = {**options, "adapters": 5} if arguments.quick else options
+        options_here = {mode: {**values, "adapters": 5} for mode, values in options.items()} if arguments.quick else options
         print(f"measuring {measurement.name} ...", flush=True)
-        results[measurement.name] = measure(measurement, pythons[measurement.environment], options_here, measurement.rounds or rounds)
+        results[measurement.name] = measure(measurement, pythons[measurement.environment], options_here)
     report = summarise(results, skipped, arguments)
     Path(arguments.out).write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)

@@ -1,10 +1,13 @@
-"""The measured workloads. Each runs in a fresh worker process for one library:
+"""The measured workloads, run in fresh worker processes:
 
-    python bench/workloads.py WORKLOAD LIBRARY '{"quick": false, ...}'   → one JSON line on stdout
+    python bench/workloads.py WORKLOAD LIBRARY '{"quick": false, ...}'        → one JSON line on stdout
+    python bench/workloads.py WORKLOAD LIB1,LIB2 '{"quick": false, ...}'      (paired timing)
 
-so that peak memory, allocator state and warm caches never leak from one library into the other.
-deltatune and peft get the same model (same seed or the same checkpoint), the same adapter
-shapes and the same inputs.
+With one library the worker times it and measures the peak memory its calls add, so that memory and
+allocator state never leak from one library into the other. With several, each library gets its own
+model in the one process and their calls alternate (A B, B A, A B, ...), so that every library meets
+the same machine load: the ratios come from these paired timings. Every library gets the same model
+(same seed or the same checkpoint), the same adapter shapes and the same inputs.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import time_calls  # noqa: E402
+from measure import time_calls, time_interleaved, touch_memory  # noqa: E402
 from models import LINEAR_LAYERS, causal_lm, labels_for, minilm, token_batch  # noqa: E402
 
 BATCH, LENGTH = 8, 64
+Calls = dict[str, Callable[[], object]]
+"""A prepared workload: timing name ("seconds", ...) → the call to time."""
 
 
 def lora_model(library: str, model: torch.nn.Module, dropout: float, names: list[str] = ("default",), rank: int = 16) -> torch.nn.Module:
@@ -47,7 +52,7 @@ def lora_model(library: str, model: torch.nn.Module, dropout: float, names: list
     return peft_model
 
 
-def train(library: str, options: dict[str, Any]) -> dict[str, Any]:
+def train(library: str, options: dict[str, Any]) -> Calls:
     """One LoRA training step: forward, loss, backward, AdamW step."""
     model = causal_lm(options["quick"]).train()
     wrapped = lora_model(library, model, options["dropout"])
@@ -61,7 +66,7 @@ def train(library: str, options: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_calls(step, options["warmup"], options["repeats"])
+    return {"seconds": step}
 
 
 def _sparse_loss(wrapped: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -71,31 +76,44 @@ def _sparse_loss(wrapped: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tens
     return lambda input_ids, labels: causal_lm_loss(wrapped, input_ids, None, labels)
 
 
-def forward(library: str, options: dict[str, Any]) -> dict[str, Any]:
+def inference(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return call()
+
+    return run
+
+
+def forward(library: str, options: dict[str, Any]) -> Calls:
     """Inference forward of the whole batch, one adapter unmerged (or none: library "base")."""
     model = causal_lm(options["quick"]).eval()
     wrapped = (model if library == "base" else lora_model(library, model, 0.0)).eval()
     input_ids = token_batch(model, BATCH, LENGTH)
-    with torch.inference_mode():
-        return time_calls(lambda: wrapped(input_ids=input_ids), options["warmup"], options["repeats"])
+    return {"seconds": inference(lambda: wrapped(input_ids=input_ids))}
 
 
-def mixed(library: str, options: dict[str, Any]) -> dict[str, Any]:
+def mixed(library: str, options: dict[str, Any]) -> Calls:
     """Four adapters, two rows each, in one forward; and the same batch with one adapter, for scale."""
     names = ["a", "b", "c", "d"]
     model = causal_lm(options["quick"]).eval()
     wrapped = lora_model(library, model, 0.0, names).eval()  # peft leaves new layers in training mode
     input_ids = token_batch(model, BATCH, LENGTH)
     rows = [name for name in names for _ in range(BATCH // len(names))]
-    with torch.inference_mode():
-        single = time_calls(lambda: wrapped(input_ids=input_ids), options["warmup"], options["repeats"])
-        per_row = time_calls(lambda: wrapped(input_ids=input_ids, adapter_names=rows), options["warmup"], options["repeats"])
-    return {**per_row, "single_seconds": single["seconds"]}
+    return {
+        "seconds": inference(lambda: wrapped(input_ids=input_ids, adapter_names=rows)),
+        "single_seconds": inference(lambda: wrapped(input_ids=input_ids)),
+    }
 
 
 def add_and_merge(library: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Seconds to add adapters 1..N (r=16, all seven linear layers), then to merge one into the weights."""
+    """Seconds to add adapters 1..N (r=16, all seven linear layers), then to merge one into the weights.
+
+    The worker first touches and frees 3 GiB: on a virtual machine the first touch of guest memory
+    never used before costs far more than a reused page (here an add's ~4,960 page faults took 0.047 s
+    on reused pages and 0.11 s on fresh ones, after ~1.3 GB), which would time the machine's history
+    rather than the library."""
     count = options["adapters"]
+    touch_memory(0 if options["quick"] else 3 << 30)
     model = causal_lm(options["quick"]).eval()
     wrapped = lora_model(library, model, 0.0)
     add_seconds = []
@@ -139,7 +157,7 @@ def _add(library: str, wrapped: torch.nn.Module, name: str) -> None:
         wrapped.add_adapter(name, peft.LoraConfig(r=16, lora_alpha=32, target_modules=LINEAR_LAYERS))
 
 
-def houlsby(library: str, options: dict[str, Any]) -> dict[str, Any]:
+def houlsby(library: str, options: dict[str, Any]) -> Calls:
     """One training step of a Houlsby adapter (reduction 16, swish) on all-MiniLM-L6-v2, batch 32×64;
     both libraries minimise the same loss on the same last hidden states."""
     model = minilm(options["quick"]).train()
@@ -162,10 +180,10 @@ def houlsby(library: str, options: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_calls(step, options["warmup"], options["repeats"])
+    return {"seconds": step}
 
 
-def prefix(library: str, options: dict[str, Any]) -> dict[str, Any]:
+def prefix(library: str, options: dict[str, Any]) -> Calls:
     """One training step of prefix tuning (20 virtual tokens, MLP reparametrisation) on SmolLM2,
     batch 8×64, labels on every token."""
     model = causal_lm(options["quick"]).train()
@@ -185,21 +203,40 @@ def prefix(library: str, options: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_calls(step, options["warmup"], options["repeats"])
+    return {"seconds": step}
 
 
-WORKLOADS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
+TIMED: dict[str, Callable[[str, dict[str, Any]], Calls]] = {
     "train": train,
     "forward": forward,
     "mixed": mixed,
-    "add_and_merge": add_and_merge,
     "houlsby": houlsby,
     "prefix": prefix,
 }
+EVENTS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {"add_and_merge": add_and_merge}
+"""Workloads that time one-off events themselves (no repeated calls)."""
+
+
+def run(workload: str, libraries: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    """One library: its timings and peak memory. Several: their paired timings, {library: {...}}."""
+    if workload in EVENTS:
+        return EVENTS[workload](libraries[0], options)
+    if len(libraries) == 1:
+        calls = TIMED[workload](libraries[0], options)
+        timings = {name: time_calls(call, options["warmup"], options["repeats"]) for name, call in calls.items()}
+        return {**timings["seconds"], **{name: timing["seconds"] for name, timing in timings.items() if name != "seconds"}}
+    prepared = {library: TIMED[workload](library, options) for library in libraries}
+    flat = {(library, name): call for library, calls in prepared.items() for name, call in calls.items()}
+    timings = time_interleaved(flat, options["warmup"], options["repeats"])
+    results = {}
+    for library, calls in prepared.items():
+        own = timings[(library, "seconds")]["seconds_all"]
+        results[library] = {name: timings[(library, name)]["seconds"] for name in calls} | {"seconds_all": own, "seconds_min": min(own)}
+    return results
 
 
 if __name__ == "__main__":
-    workload, library, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    workload, libraries, options = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3])
     torch.set_num_threads(options["threads"])
     torch.manual_seed(0)
-    print(json.dumps(WORKLOADS[workload](library, options)))
+    print(json.dumps(run(workload, libraries, options)))

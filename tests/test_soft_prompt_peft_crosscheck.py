@@ -120,3 +120,13 @@ def test_peft_seq2seq_prompt_keeps_the_encoder_rows(tmp_path: Path) -> None:
     ours = deltatune.load(copy.deepcopy(base), str(tmp_path))
     table = next(ours.adapter_parameters("default"))
     torch.testing.assert_close(table, theirs.prompt_encoder["default"].embedding.weight[:VIRTUAL], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(TASKS))
+def test_default_prefix_projection_has_peft_shapes(arch: str) -> None:
+    """Same config, same trainable tensors: the MLP's width defaults to peft's (kv_heads · head_dim)."""
+    base = lively(arch)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, task_type=TASKS[arch], prefix_projection=True))
+    ours = deltatune.attach(copy.deepcopy(base), deltatune.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, prefix_projection=True))
+    their_shapes = sorted(tuple(p.shape) for p in theirs.prompt_encoder.parameters())
+    assert sorted(tuple(p.shape) for p in ours.adapter_parameters("default")) == their_shapes

@@ -189,13 +189,18 @@ class BottleneckAdapter(SiteAdapter):
         summed = h + self.tap.take(rows)
         return summed if self.layer_norm is None else self.layer_norm(summed)
 
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        """up(f(down(z))), unscaled, in z's dtype."""
+        dtype = next(self.up.parameters()).dtype
+        return self.up(self.activation(self.down(z.to(dtype)))).to(z.dtype)
+
     def up_output(self, z: torch.Tensor) -> torch.Tensor:
         """u = s · up(f(down(z))), in z's dtype."""
-        dtype = next(self.up.parameters()).dtype
-        return (self.scaling * self.up(self.activation(self.down(z.to(dtype))))).to(z.dtype)
+        return self.scaling * self.bottleneck(z)
 
     def adapt(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return h + self.dropout(self.up_output(self.adapter_input(h, rows)))
+        """h + dropout(u), with s applied by the addition (dropout commutes with it): one pass over h."""
+        return torch.add(h, self.dropout(self.bottleneck(self.adapter_input(h, rows))), alpha=self.scaling)
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         return self.adapt(output)

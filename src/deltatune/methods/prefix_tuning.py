@@ -9,7 +9,7 @@ chunks 2l (keys) and 2l+1 (values); encoder-decoders use peft's seq2seq layout, 
 4l+1 mod 2L, so that files move between the two libraries unchanged. Training can run T through an MLP
 (`prefix_projection=True`):
 
-    T = W₂ tanh(W₁ E + b₁) + b₂,    E = Embedding(n, d), W₁: d→h, W₂: h→2L·kv_dim
+    T = W₂ tanh(W₁ E + b₁) + b₂,    E = Embedding(n, d), W₁: d→h, W₂: h→2L·d,   d = kv_heads·head_dim
 
 and `collapse_soft_prompt` folds it back into the plain table afterwards (peft's files hold only T).
 
@@ -49,7 +49,6 @@ from .soft_prompt import (
     Stacks,
     cache_argument,
     find_stacks,
-    hidden_size,
     parameter_names,
 )
 
@@ -70,7 +69,8 @@ class PrefixTuningConfig(SoftPromptConfig):
     prefix_projection: bool = False
     """Train the prefix through an MLP (`Embedding → Linear → tanh → Linear`) instead of as a plain table."""
     encoder_hidden_size: int | None = None
-    """h, the MLP's hidden size; None: the model's hidden size."""
+    """h, the MLP's hidden size; None: d = kv_heads · head_dim, as in peft (the model's hidden size
+    unless it uses grouped-query attention)."""
 
     def validate(self) -> None:
         super().validate()
@@ -91,7 +91,7 @@ class PrefixTuningConfig(SoftPromptConfig):
             "num_layers": layout.layers,
             "num_transformer_submodules": 2 if layout.encoder_decoder else 1,
             "prefix_projection": self.prefix_projection,
-            "encoder_hidden_size": self.encoder_hidden_size or hidden_size(model),
+            "encoder_hidden_size": self.encoder_hidden_size or layout.kv_heads * layout.head_dim,
         }
 
 
@@ -299,7 +299,7 @@ class PrefixTuning(SoftPromptMethod):
         reference = model.get_input_embeddings().weight
         count = config.num_virtual_tokens
         if config.prefix_projection:
-            dim = hidden_size(model)
+            dim = layout.kv_heads * layout.head_dim  # peft's token_dim: its MLP has the same shapes
             source: nn.Module = PrefixProjection(count, dim, config.encoder_hidden_size or dim, layout.width, reference)
         else:
             source = PromptTable(torch.randn(count, layout.width, device=reference.device).to(reference.dtype))
