@@ -53,8 +53,8 @@ SUITE = [
     Measurement("forward", "forward", libraries=("base", "deltatune", "peft")),
     Measurement("mixed", "mixed"),
     Measurement("add_and_merge", "add_and_merge", {"adapters": 100}, paired=False),
-    Measurement("houlsby", "houlsby", libraries=("deltatune", "adapterhub"), environment="adapterhub"),
-    Measurement("prefix", "prefix"),
+    Measurement("houlsby", "houlsby", libraries=("deltatune", "adapterhub", "floor"), environment="adapterhub"),
+    Measurement("prefix", "prefix", libraries=("deltatune", "peft", "floor")),
 ]
 
 
@@ -80,8 +80,10 @@ TARGETS = [
            lambda r: f"peft: {_seconds(r, 'add_and_merge', 'peft', 'last_add_seconds') / _seconds(r, 'add_and_merge', 'peft', 'first_add_seconds'):.2f}"),
     Target("merge LoRA on all 7 linear layers (seconds)", lambda r: _seconds(r, "add_and_merge", "deltatune", "merge_seconds"), 0.3,
            lambda r: f"peft: {_seconds(r, 'add_and_merge', 'peft', 'merge_seconds'):.3f} s"),
-    Target("Houlsby adapter train step vs AdapterHub", lambda r: _seconds(r, "houlsby", "deltatune") / _seconds(r, "houlsby", "adapterhub"), 0.90),
-    Target("prefix tuning train step vs peft", lambda r: _seconds(r, "prefix", "deltatune") / _seconds(r, "prefix", "peft"), 0.90),
+    Target("Houlsby adapter train step vs AdapterHub", lambda r: _seconds(r, "houlsby", "deltatune") / _seconds(r, "houlsby", "adapterhub"), 0.90,
+           lambda r: f"floor: {_seconds(r, 'houlsby', 'floor') / _seconds(r, 'houlsby', 'adapterhub'):.3f}"),
+    Target("prefix tuning train step vs peft", lambda r: _seconds(r, "prefix", "deltatune") / _seconds(r, "prefix", "peft"), 0.90,
+           lambda r: f"floor: {_seconds(r, 'prefix', 'floor') / _seconds(r, 'prefix', 'peft'):.3f}"),
 ]
 
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats: a smoke test")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per library in the paired worker (default 7, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per library in the paired worker (default 9, quick 2)")
     parser.add_argument("--only", default="", help="comma-separated measurement names")
     parser.add_argument("--adapterhub-python", default=str(REPOSITORY / ".venv-transformers457" / "bin" / "python"))
     parser.add_argument("--out", default=str(HERE / "results.json"))
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"quick": arguments.quick, "threads": arguments.threads}
     options = {
         "alone": {**common, "warmup": 1, "repeats": 1 if arguments.quick else 3},
-        "paired": {**common, "warmup": 1 if arguments.quick else 2, "repeats": arguments.repeats or (2 if arguments.quick else 7)},
+        "paired": {**common, "warmup": 1 if arguments.quick else 2, "repeats": arguments.repeats or (2 if arguments.quick else 9)},
     }
     pythons = {"main": sys.executable, "adapterhub": arguments.adapterhub_python}
     wanted = set(filter(None, arguments.only.split(",")))

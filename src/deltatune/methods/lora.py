@@ -115,11 +115,14 @@ class LoraAdapter(SiteAdapter):
 
 
 def add_low_rank(output: torch.Tensor, hidden: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """output + scaling · hidden Bᵀ as one fused `addmm` over the flattened leading dims (on CPU the
-    out-of-place `addmm` measured 20× faster than the in-place `addmm_` for rank-16 updates)."""
+    """output + scaling · hidden Bᵀ as one fused `addmm` over the flattened leading dims. Without
+    autograd it writes into `output` (a fresh tensor of the layer's own: 0.6× the time of a copy); with
+    autograd it stays out of place, which measured faster than an in-place update of a view there."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).to(output.dtype)
-    flat = torch.addmm(output.reshape(-1, output.shape[-1]), flat_hidden, lora_B.t().to(output.dtype), alpha=scaling)
-    return flat.view(output.shape)
+    flat_output = output.reshape(-1, output.shape[-1])
+    if torch.is_grad_enabled() or not output.is_contiguous():
+        return torch.addmm(flat_output, flat_hidden, lora_B.t().to(output.dtype), alpha=scaling).view(output.shape)
+    return flat_output.addmm_(flat_hidden, lora_B.t().to(output.dtype), alpha=scaling).view(output.shape)
 
 
 def _fused_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
