@@ -250,8 +250,9 @@ def run(workload: str, libraries: list[str], options: dict[str, Any]) -> dict[st
     timings = time_interleaved(flat, options["warmup"], options["repeats"])
     results = {}
     for library, calls in prepared.items():
-        own = timings[(library, "seconds")]["seconds_all"]
-        results[library] = {name: timings[(library, name)]["seconds"] for name in calls} | {"seconds_all": own, "seconds_min": min(own)}
+        results[library] = {"seconds_min": min(timings[(library, "seconds")]["seconds_all"])}
+        for name in calls:
+            results[library] |= {name: timings[(library, name)]["seconds"], f"{name}_all": timings[(library, name)]["seconds_all"]}
     return results
 
 
