@@ -22,6 +22,7 @@ state for the recomputation).
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 
 import torch
@@ -53,8 +54,9 @@ def dropped_positions(count: int, probability: float, device: torch.device) -> t
 
 
 def _scratch_like(x: torch.Tensor) -> torch.Tensor:
-    """A reusable buffer shaped like x (contents undefined); a few shapes are kept, least recent dropped."""
-    key = (x.shape, x.dtype, x.device)
+    """A reusable buffer shaped like x (contents undefined), one per thread (torch ops release the GIL,
+    so threads would otherwise overwrite each other's); a few are kept, the least recent dropped."""
+    key = (threading.get_ident(), x.shape, x.dtype, x.device)
     found = _scratch.pop(key, None)
     _scratch[key] = found if found is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
     if len(_scratch) > SCRATCH_ENTRIES:
