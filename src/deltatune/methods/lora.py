@@ -25,7 +25,7 @@ from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
 from .base import ModuleMethod
-from .lora_dropout import SPARSE_LIMIT, DroppedProjection
+from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 
 DEFAULT_TARGETS = {
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "phi", "mbart"], ["q_proj", "v_proj"]),
@@ -47,7 +47,7 @@ class LoraConfig(TargetedConfig):
     """Scale numerator: s = lora_alpha / r (or / √r with `use_rslora`)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input path, an independent mask per adapted module. 0 costs nothing; small
-    p costs little on CPU (only the dropped terms are computed, see `lora_dropout`)."""
+    p costs little on CPU (only the dropped positions are drawn, see `lora_dropout`)."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
     init_lora_weights: bool | str = True
@@ -131,14 +131,15 @@ def _fused_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability
     return F.linear(F.dropout(x, probability, training=True), lora_A), scaling
 
 
-def _sparse_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
-    """CPU: x Aᵀ minus the dropped terms, 1/(1-p) folded into the scaling (`lora_dropout`)."""
-    if probability > SPARSE_LIMIT:
+def _drawn_positions_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
+    """CPU: only the dropped positions are drawn and kept (`lora_dropout`), 1/(1-p) folded into the
+    scaling; above `POSITIONS_LIMIT` the dense kernel."""
+    if probability > POSITIONS_LIMIT:
         return _fused_dropout_projection(x, lora_A, probability, scaling)
     return DroppedProjection.apply(x, lora_A, probability), scaling / (1 - probability)
 
 
-DROPPED_PROJECTIONS = {"cpu": _sparse_dropout_projection}
+DROPPED_PROJECTIONS = {"cpu": _drawn_positions_projection}
 
 
 class LoraLinear(LoraAdapter):

@@ -28,7 +28,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-SPARSE_LIMIT = 0.6
+POSITIONS_LIMIT = 0.6
 """Above this p the kept positions (8 bytes per drop) outweigh `F.dropout`'s saved mask and dropped copy
 (5 bytes per float32 element), and near p = 0.85 they also cost more time: `lora.py` then uses
 `F.dropout`. Measured per module (512 × 576 inputs, forward + backward): 0.93 ms against 2.7 ms at
