@@ -5,7 +5,10 @@ and a standalone time), then all its libraries together in one more worker whose
 between them. Each time ratio is the median over the repeats of the ratio of one repeat's
 back-to-back calls, so that both sides of every ratio meet the same machine load. It prints the
 ratios deltatune / reference beside the targets and writes bench/results.json.
-`--quick` uses a tiny model and few repeats: a smoke test of the whole suite, not a measurement.
+`--quick` uses a tiny model and few repeats: a smoke test of the whole suite, not a measurement. It
+runs the workloads of this environment inside this process (starting ~20 worker processes, each
+importing torch, transformers and peft, was what made the smoke test slow on a loaded machine); only
+the AdapterHub workload still goes through a worker, since it needs the other environment.
 """
 
 from __future__ import annotations
@@ -93,12 +96,23 @@ TARGETS = [
 
 
 def run_worker(python: str, measurement: Measurement, libraries: tuple[str, ...], options: dict[str, Any]) -> dict[str, Any]:
+    if options.get("in_process") and python == sys.executable:
+        return _run_here(measurement, libraries, options)
     command = [python, str(HERE / "workloads.py"), measurement.workload, ",".join(libraries), json.dumps({**options, **measurement.options})]
     environment = {**os.environ, "OMP_NUM_THREADS": str(options["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     finished = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=environment)
     if finished.returncode != 0:
         raise RuntimeError(f"{measurement.name} / {','.join(libraries)} failed:\n{finished.stderr[-3000:]}")
     return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def _run_here(measurement: Measurement, libraries: tuple[str, ...], options: dict[str, Any]) -> dict[str, Any]:
+    """The worker's `run`, called in this process; the JSON round trip keeps its results as a worker's."""
+    sys.path.insert(0, str(HERE))
+    import workloads
+
+    torch.manual_seed(0)
+    return json.loads(json.dumps(workloads.run(measurement.workload, list(libraries), {**options, **measurement.options})))
 
 
 def measure(measurement: Measurement, python: str, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapterhub-python", default=str(REPOSITORY / ".venv-transformers457" / "bin" / "python"))
     parser.add_argument("--out", default=str(HERE / "results.json"))
     arguments = parser.parse_args(argv)
-    common = {"quick": arguments.quick, "threads": arguments.threads}
+    common = {"quick": arguments.quick, "threads": arguments.threads, "in_process": arguments.quick}
     options = {
         "alone": {**common, "warmup": 1, "repeats": 1 if arguments.quick else 3},
         "paired": {**common, "warmup": 1 if arguments.quick else 2, "repeats": arguments.repeats or (2 if arguments.quick else 9)},
