@@ -164,9 +164,11 @@ def test_mixed_batch_rows_equal_separate_runs(method: str, arch: str) -> None:
     delta_model.activate("b")
     output_b = run(delta_model, arch)
     mixed = run(delta_model, arch, adapter_names=["a", "b", None])
-    torch.testing.assert_close(mixed[0], output_a[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(mixed[1], output_b[1], atol=1e-6, rtol=0)
-    torch.testing.assert_close(mixed[2], base_output[2], atol=1e-6, rtol=0)
+    # A sub-batch of one row goes through other matmul blocking than the whole batch: a few float32
+    # ulps of the value apart (1.07e-6 at a value of 1.07 for T5 on one thread), so relative as well.
+    torch.testing.assert_close(mixed[0], output_a[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], output_b[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], base_output[2], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method,arch", GRID)
