@@ -30,6 +30,7 @@ from torch import nn
 from ..architectures import SublayerSite, check_override, hidden_size, input_of, sublayer_sites
 from ..config import DeltaConfig
 from ..errors import DeltaTuneError
+from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveInt
 from ..registry import register
 from ..site import RoutingState, SiteAdapter, open_site, site_of
 from ..targeting import saved_module_names
@@ -57,9 +58,9 @@ class BottleneckConfig(DeltaConfig):
     """The adapter reads the sublayer's input x instead of its output h."""
     original_ln_before: bool | None = None
     """The adapter reads LN(h + x) with the block's own norm (h + x in pre-LN models)."""
-    reduction_factor: float | None = None
+    reduction_factor: PositiveFloat | None = None
     """Bottleneck size = hidden size // reduction_factor (at least 1)."""
-    bottleneck_size: int | None = None
+    bottleneck_size: PositiveInt | None = None
     """An explicit bottleneck size; overrides `reduction_factor`."""
     non_linearity: str | None = None
     """f: a transformers activation name ("swish", "relu", "gelu", ...) or "leakyrelu"."""
@@ -68,23 +69,23 @@ class BottleneckConfig(DeltaConfig):
     init_weights: str | None = None
     """"bert": W ~ N(0, 0.02), biases 0; "near_identity": truncated N(0, 0.01); "zero_up": W_down
     Kaiming-uniform, W_up and b_up zero (the model starts equal to the base)."""
-    dropout: float = 0.0
+    dropout: DropoutRate = 0.0
     """Dropout on the adapter's output u."""
-    leave_out: list[int] = dataclasses.field(default_factory=list)
+    leave_out: list[NonNegativeInt] = dataclasses.field(default_factory=list)
     """Layer indices (0-based, in model order; T5/BART decoders after the encoder) without adapters."""
     architecture: dict[str, str] | None = None
     """Names the blocks and sublayer modules when the built-in map and the search cannot (see
     `deltatune.architectures`); keys: blocks, attention_output, ffn_output, attention_input,
     ffn_input, attention_layer_norm, ffn_layer_norm, input_argument."""
 
-    def __post_init__(self) -> None:
+    def normalise(self) -> None:
         if self.preset not in PRESETS:
             raise DeltaTuneError(f"unknown bottleneck preset {self.preset!r}; use one of {sorted(PRESETS)}")
         for key, value in self.preset_values().items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         self.leave_out = sorted(set(self.leave_out))
-        super().__post_init__()
+        super().normalise()
 
     def preset_values(self) -> dict[str, Any]:
         return PRESETS[self.preset]
@@ -94,14 +95,8 @@ class BottleneckConfig(DeltaConfig):
             raise DeltaTuneError("set attention_adapter or ffn_adapter (or both): the config places no adapter")
         if self.parallel and self.original_ln_before:
             raise DeltaTuneError("a parallel adapter reads x, so original_ln_before must be False")
-        if self.bottleneck_size is None and not self.reduction_factor > 0:
-            raise DeltaTuneError(f"reduction_factor must be positive, got {self.reduction_factor}")
-        if self.bottleneck_size is not None and self.bottleneck_size < 1:
-            raise DeltaTuneError(f"bottleneck_size must be at least 1, got {self.bottleneck_size}")
         if self.init_weights not in INITS:
             raise DeltaTuneError(f"init_weights must be one of {sorted(INITS)}, got {self.init_weights!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltaTuneError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.architecture is not None:
             check_override(self.architecture)
         activation(self.non_linearity)

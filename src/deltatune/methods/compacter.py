@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
+from ..field_check import NonNegativeFloat, PositiveInt
 from ..registry import register
 from .bottleneck import Bottleneck, BottleneckConfig
 
@@ -32,11 +33,11 @@ class CompacterConfig(BottleneckConfig):
 
     linear: str = "phm"
     """"phm" (Kronecker sums with shared rules) or "low_rank" (two factors of rank `phm_rank`)."""
-    phm_dim: int = 4
+    phm_dim: PositiveInt = 4
     """n, the number of rule matrices and their size; hidden and bottleneck sizes must divide by it."""
-    phm_rank: int = 1
+    phm_rank: PositiveInt = 1
     """Rank of each W_i = W_left_i W_right_i (and of the low-rank layer)."""
-    phm_init_range: float = 1e-4
+    phm_init_range: NonNegativeFloat = 1e-4
     """Standard deviation of the rule matrices at init."""
 
     def preset_values(self) -> dict[str, Any]:
@@ -46,8 +47,6 @@ class CompacterConfig(BottleneckConfig):
         super().validate()
         if self.linear not in PROJECTIONS:
             raise DeltaTuneError(f"linear must be one of {sorted(PROJECTIONS)}, got {self.linear!r}")
-        if self.phm_dim < 1 or self.phm_rank < 1:
-            raise DeltaTuneError(f"phm_dim and phm_rank must be positive, got {self.phm_dim}, {self.phm_rank}")
 
 
 class SharedRule:

@@ -24,6 +24,7 @@ from torch import nn
 from ..composition import Fuse
 from ..config import DeltaConfig
 from ..errors import AdapterNameError, DeltaTuneError
+from ..field_check import DropoutRate
 from ..registry import register
 from ..site import RoutingState, SiteAdapter, site_of
 from .base import detach_everywhere
@@ -36,14 +37,12 @@ class FusionConfig(DeltaConfig):
 
     adapters: list[str] = dataclasses.field(default_factory=list)
     """The bottleneck adapters fused, in order (two or more)."""
-    dropout: float = 0.0
+    dropout: DropoutRate = 0.0
     """Dropout on the attention scores in training (AdapterHub uses the model's attention dropout)."""
 
     def validate(self) -> None:
         if len(self.adapters) < 2 or len(set(self.adapters)) != len(self.adapters):
             raise DeltaTuneError(f"a fusion needs two or more distinct adapter names, got {self.adapters!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltaTuneError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class FusionLayer(SiteAdapter):

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig
-from ..errors import DeltaTuneError, UnsupportedModuleError
+from ..errors import UnsupportedModuleError
+from ..field_check import DropoutRate, PositiveInt, Regex
 from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
@@ -41,31 +44,22 @@ DEFAULT_TARGETS = {
 class LoraConfig(TargetedConfig):
     """LoRA settings; names and defaults follow peft's `LoraConfig`."""
 
-    r: int = 8
+    r: PositiveInt = 8
     """Rank of the update B A."""
     lora_alpha: float = 8
     """Scale numerator: s = lora_alpha / r (or / √r with `use_rslora`)."""
-    lora_dropout: float = 0.0
+    lora_dropout: DropoutRate = 0.0
     """Dropout on the LoRA input path, an independent mask per adapted module. 0 costs nothing; small
     p costs little on CPU (only the dropped positions are drawn, see `lora_dropout`)."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
-    init_lora_weights: bool | str = True
+    init_lora_weights: bool | Literal["gaussian"] = True
     """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
     False: random A and B (for tests: the adapter changes the output from the start)."""
-    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    rank_pattern: dict[Regex, PositiveInt] = dataclasses.field(default_factory=dict)
     """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[Regex, float] = dataclasses.field(default_factory=dict)
     """{module name pattern: alpha} overriding `lora_alpha` for matching modules."""
-
-    def validate(self) -> None:
-        ranks = [self.r, *self.rank_pattern.values()]
-        if any(not isinstance(rank, int) or rank <= 0 for rank in ranks):
-            raise DeltaTuneError(f"LoRA rank must be a positive integer, got {ranks}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise DeltaTuneError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise DeltaTuneError(f'init_lora_weights must be True, False or "gaussian", got {self.init_lora_weights!r}')
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
+from ..field_check import DropoutRate, PositiveInt
 from ..registry import register
 from .prompt_tuning import PromptTuningConfig
 from .prompt_input import PromptInputMethod
@@ -36,11 +37,11 @@ class PTuningConfig(SoftPromptConfig):
 
     encoder_reparameterization_type: str = "MLP"
     """The prompt encoder: "MLP" (three linear layers) or "LSTM" (a bidirectional LSTM, then two linears)."""
-    encoder_hidden_size: int | None = None
+    encoder_hidden_size: PositiveInt | None = None
     """h, the encoder's hidden size; None: the model's hidden size."""
-    encoder_num_layers: int = 2
+    encoder_num_layers: PositiveInt = 2
     """Layers of the LSTM (the MLP always has three linear layers)."""
-    encoder_dropout: float = 0.0
+    encoder_dropout: DropoutRate = 0.0
     """Dropout between LSTM layers."""
 
     def validate(self) -> None:
@@ -48,8 +49,6 @@ class PTuningConfig(SoftPromptConfig):
         self.encoder_reparameterization_type = str(getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)).upper()
         if self.encoder_reparameterization_type not in ENCODER_TYPES:
             raise DeltaTuneError(f"encoder_reparameterization_type must be one of {ENCODER_TYPES}, got {self.encoder_reparameterization_type!r}")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise DeltaTuneError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
 
     def collapsed(self) -> PromptTuningConfig:
         return PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, modules_to_save=self.modules_to_save)

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
-from ..errors import DeltaTuneError, UnsupportedModuleError
+from ..errors import UnsupportedModuleError
+from ..field_check import PositiveInt
 from ..registry import register
 from ..site import RoutingState, SiteAdapter
 from .soft_prompt import (
@@ -68,14 +69,9 @@ class PrefixTuningConfig(SoftPromptConfig):
 
     prefix_projection: bool = False
     """Train the prefix through an MLP (`Embedding → Linear → tanh → Linear`) instead of as a plain table."""
-    encoder_hidden_size: int | None = None
+    encoder_hidden_size: PositiveInt | None = None
     """h, the MLP's hidden size; None: d = kv_heads · head_dim, as in peft (the model's hidden size
     unless it uses grouped-query attention)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise DeltaTuneError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
 
     def collapsed(self) -> "PrefixTuningConfig":
         return self.replace(prefix_projection=False)

@@ -40,7 +40,7 @@ class PromptTuningConfig(SoftPromptConfig):
     """The text whose token embeddings start the prompt (with "TEXT")."""
     tokenizer_name_or_path: str | None = None
     """A tokenizer folder (or name, if it is cached locally) for "TEXT"."""
-    tokenizer_kwargs: dict | None = None
+    tokenizer_kwargs: dict[str, Any] | None = None
     """Keyword arguments for `AutoTokenizer.from_pretrained` (with "TEXT")."""
 
     def validate(self) -> None:

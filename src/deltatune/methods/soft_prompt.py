@@ -39,6 +39,7 @@ from torch import nn
 
 from ..config import DeltaConfig
 from ..errors import DeltaTuneError, UnsupportedModuleError
+from ..field_check import PositiveInt
 from ..site import RoutingState, SiteAdapter, open_site
 from ..targeting import saved_module_names
 from .base import detach_everywhere
@@ -57,12 +58,8 @@ class SoftPromptConfig(DeltaConfig):
 
     peft_type: ClassVar[str] = ""
 
-    num_virtual_tokens: int = 8
+    num_virtual_tokens: PositiveInt = 8
     """n: how many virtual tokens the prompt (or prefix) has."""
-
-    def validate(self) -> None:
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise DeltaTuneError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SoftPromptConfig":

@@ -11,19 +11,24 @@
     learning_rate: 2.0e-4
 
 Overrides use dots for nested keys and YAML for values: `adapter.r=16 max_steps=200
-adapter.target_modules=[q_proj,v_proj]`. Unknown keys are errors with the close names.
+adapter.target_modules=[q_proj,v_proj]`. Unknown keys are errors with the close names. Every field,
+and every field of the adapter's method config, is checked against its annotation (type and range,
+see `deltatune.field_check`) when the config is made, before any data or model is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from ..errors import DeltaTuneError
+from ..field_check import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields, numbers_from_text
 
 
 class ConfigError(DeltaTuneError):
@@ -38,10 +43,10 @@ class TrainConfig:
     """A local model folder (transformers format), or the name of a packaged model ("smollm2")."""
     task: str = "causal-lm"
     """causal-lm, seq2seq-lm, seq-cls, token-cls, qa or feature-extraction."""
-    train_file: Any = ""
+    train_file: str | Path | Iterable[dict[str, Any]] = ""
     """Training records: a .jsonl, .csv or .tsv path (see `deltatune.train.data` for the fields); from
     Python also any iterable of dicts, such as a `datasets.Dataset`."""
-    eval_file: Any = None
+    eval_file: str | Path | Iterable[dict[str, Any]] | None = None
     """Records for periodic evaluation, as `train_file`; none: no evaluation."""
     columns: dict[str, str] | None = None
     """Rename fields of the records, {name in the file: name the task reads}, e.g. {sentence: text}."""
@@ -51,43 +56,47 @@ class TrainConfig:
     """Tokenizer folder; default: the model's."""
     output_dir: str = "deltatune-output"
     """Where the adapter, checkpoints, metrics.json and the plot go."""
-    max_length: int = 256
+    max_length: PositiveInt = 256
     """Longest example in tokens (longer ones are cut)."""
     chat_template: bool = False
     """Causal LM: render prompt/completion records with the tokenizer's chat template."""
     system_prompt: str | None = None
     """Causal LM with chat_template: a system turn before every prompt."""
-    epochs: float = 1.0
+    epochs: PositiveFloat = 1.0
     """Passes over the training data (ignored when max_steps is set)."""
-    max_steps: int | None = None
-    """Optimizer steps to run; overrides epochs."""
-    batch_size: int = 8
+    max_steps: PositiveInt | None = None
+    """Optimizer steps to run; overrides epochs. None: run `epochs` passes."""
+    batch_size: PositiveInt = 8
     """Examples per forward pass (per process under torchrun)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: PositiveInt = 1
     """Forward passes per optimizer step."""
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    learning_rate: PositiveFloat = 2e-4
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 0
     scheduler: str = "linear"
     """Learning rate after warm-up: linear (to zero), cosine (to zero) or constant."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: PositiveFloat | None = 1.0
     """Clip the gradient norm; none: no clipping."""
-    seed: int = 0
+    seed: Annotated[int, Range(minimum=0, maximum=2**32 - 1)] = 0
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time)."""
-    bf16: str | bool = "auto"
+    bf16: bool | Literal["auto"] = "auto"
     """bfloat16 autocast: true, false, or auto (on where a CUDA device supports it)."""
-    eval_every: int | None = None
+    eval_every: PositiveInt | None = None
     """Evaluate every this many steps (and always at the end); none: at the end only."""
-    save_every: int | None = None
+    save_every: PositiveInt | None = None
     """Write a checkpoint (for --resume) every this many steps."""
-    log_every: int = 1
+    log_every: PositiveInt = 1
     """Record the training loss every this many steps (for the plot and metrics.json)."""
-    max_new_tokens: int = 64
+    max_new_tokens: PositiveInt = 64
     """Language models: tokens generated per evaluation example."""
-    eval_batch_size: int = 16
+    eval_batch_size: PositiveInt = 16
     device: str = "auto"
-    """cpu, cuda, cuda:1, or auto (the local CUDA device if any)."""
+    """cpu, cuda, cuda:1, mps, or auto (the local CUDA device if any)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, ConfigError)
+        self.validate()
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
@@ -111,13 +120,10 @@ class TrainConfig:
         for key in data:
             if key not in names:
                 raise ConfigError(f"unknown config key {key!r}{_suggest(key, names)}")
-        for key in FLOAT_FIELDS.intersection(data):
-            data[key] = _number(key, data[key])
-        config = cls(**data)
-        config.validate()
-        return config
+        return cls(**numbers_from_text(cls, data))
 
     def validate(self) -> None:
+        """The rules beyond each field's type and range; builds the adapter's config to check it too."""
         from ..tasks import get_task
 
         get_task(self.task)
@@ -125,15 +131,13 @@ class TrainConfig:
             raise ConfigError("the config needs `model`: a local model folder or a packaged model name")
         if not self.train_file:
             raise ConfigError("the config needs `train_file`: a .jsonl, .csv or .tsv file of training records")
-        if not isinstance(self.adapter, dict) or "method" not in self.adapter:
+        if "method" not in self.adapter:
             raise ConfigError("`adapter` must be a mapping with a `method` key (lora, bitfit, ...) and that method's fields")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "log_every", "eval_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
-        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N (N a device number), mps or auto, got {self.device!r}")
+        self.adapter_config()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,23 +153,13 @@ class TrainConfig:
             if key not in known:
                 raise ConfigError(f"adapter: {method.config_class.__name__} has no field {key!r}{_suggest(key, known)}")
         try:
-            return method.config_class(**fields)
-        except TypeError as error:
+            return method.config_class(**numbers_from_text(method.config_class, fields))
+        except (TypeError, DeltaTuneError) as error:
             raise ConfigError(f"adapter: {error}") from None
 
 
 SCHEDULERS = ("linear", "cosine", "constant")
-FLOAT_FIELDS = {"learning_rate", "weight_decay", "epochs", "max_grad_norm"}
-
-
-def _number(key: str, value: Any) -> Any:
-    """YAML reads `1e-4` (no dot) as text; numbers written that way are meant as numbers."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigError(f"{key} must be a number, got {value!r}") from None
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
