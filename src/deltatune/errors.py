@@ -33,3 +33,7 @@ class AdapterFileError(DeltaTuneError):
 
 class MergeError(DeltaTuneError):
     """A merge that would give wrong weights (non-finite values, tied parameters)."""
+
+
+class OutputFolderError(DeltaTuneError):
+    """An output folder that cannot be written, or whose writing would destroy an input or earlier work."""
