@@ -37,3 +37,7 @@ class MergeError(DeltaTuneError):
 
 class OutputFolderError(DeltaTuneError):
     """An output folder that cannot be written, or whose writing would destroy an input or earlier work."""
+
+
+class TrainingDivergedError(DeltaTuneError):
+    """A training step gave a non-finite loss, gradient norm or weight; nothing broken was saved."""

@@ -8,6 +8,7 @@
 - `random.safetensors`: the CPU (and CUDA) random generator states;
 - `trainer_state.json`: the step, the optimizer's parameter groups, the scheduler state and the
   loss / metric history so far. Written last, so a checkpoint without it is incomplete and skipped.
+  Strict JSON (a non-finite number is null).
 
 Resuming restores all of them; the data order is a function of (seed, epoch), so the run continues
 with the same batches, the same dropout masks and the same optimizer moments as one never stopped.
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 
 from ..atomic import json_writer, safetensors_writer, write_files
 from ..errors import DeltaTuneError
+from .report import finite_json
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -69,7 +71,7 @@ def save_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optim
         TRAINABLE_FILE: safetensors_writer(dict(trainable_parameters(delta_model))),
         OPTIMIZER_FILE: safetensors_writer(tensors),
         RANDOM_FILE: safetensors_writer(generators),
-        STATE_FILE: json_writer(trainer_state),
+        STATE_FILE: json_writer(finite_json(trainer_state)),
     })
 
 

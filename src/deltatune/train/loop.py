@@ -6,6 +6,11 @@ can be reproduced from (seed, step) alone: that, plus the optimizer, scheduler a
 checkpoint, is what makes `--resume` continue bit-exactly. AdamW updates the trainable parameters
 only (the adapter, and any `modules_to_save`); the learning rate warms up linearly for
 `warmup_steps`, then follows the schedule (linear or cosine to zero, or constant).
+
+Nothing goes wrong silently. Every step checks that its loss and total gradient norm are finite
+(one device sync: the norm is what gradient clipping computes anyway), and every save that its
+weights are: a run that diverges stops with a `TrainingDivergedError` naming the step and the likely
+cause, saves no adapter and keeps the checkpoints written before.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DeltaTuneError
+from ..errors import DeltaTuneError, TrainingDivergedError
 from ..model import DeltaModel
 from ..tasks import TaskType, get_task
 from . import distributed
@@ -192,24 +197,28 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
                     loss = run.task.loss(model, batch) / len(micro_batches)
                 loss.backward()
             step_loss += loss.detach()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        if ranks.distributed:
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= ranks.world_size
+        gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
+        if not torch.isfinite(step_loss + gradient_norm):
+            what = f"the loss is {float(step_loss):.4g} and the gradient norm {float(gradient_norm):.4g}"
+            raise _diverged(config, state.step + 1, what, before_any_update=state.step == 0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        if ranks.distributed:
-            torch.distributed.all_reduce(step_loss)
-            step_loss /= ranks.world_size
         _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0])
         elapsed = time.perf_counter() - started
         bar.set_postfix(loss=f"{float(step_loss):.4f}", tok_s=f"{tokens * ranks.world_size / elapsed:.0f}", refresh=False)
         bar.update(1)
         if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
+            _check_weights(config, parameters, state.step)
             if ranks.main:
                 save_checkpoint(checkpoint_folder(output_dir, state.step), run.delta_model, optimizer, scheduler, state)
             distributed.barrier(ranks)
     bar.close()
+    _check_weights(config, parameters, state.step)
     final = _evaluate_into(run, ranks, state) if run.eval_features else None
     seconds = time.perf_counter() - started
     if ranks.main:
@@ -217,6 +226,23 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         write_report(output_dir, run, state.history, final, seconds)
     distributed.barrier(ranks)
     return TrainResult(run, state.history, final, output_dir, seconds)
+
+
+def _check_weights(config: TrainConfig, parameters: list[torch.nn.Parameter], step: int) -> None:
+    """Stop before a save if an update has left a trainable weight non-finite."""
+    if parameters and not bool(torch.stack([torch.isfinite(parameter).all() for parameter in parameters]).all()):
+        raise _diverged(config, step, "the adapter's weights are non-finite after its update", before_any_update=False)
+
+
+def _diverged(config: TrainConfig, step: int, what: str, before_any_update: bool) -> TrainingDivergedError:
+    """The one-line error for a non-finite step: what was seen, the likely cause, what is kept."""
+    if before_any_update:
+        cause = " before any update: the model's weights or the adapter config give non-finite values, check them"
+    else:
+        cause = f"; the learning rate ({config.learning_rate:g}) is likely too high, lower it"
+    kept = latest_checkpoint(Path(config.output_dir))
+    saved = f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written"
+    return TrainingDivergedError(f"training diverged at step {step}: {what}{cause}; no adapter was saved and {saved}")
 
 
 def _record(run: Run, ranks: distributed.Ranks, state: TrainerState, schedule: Schedule, loss: float, learning_rate: float) -> None:
