@@ -1,11 +1,13 @@
 """Training never goes wrong silently: a run whose loss or gradient turns non-finite stops at that step
 with one line and a non-zero exit, saves no broken adapter and keeps its last good checkpoint; the
-JSON files it writes are strict JSON; a classification data set with a single label is refused."""
+JSON files it writes are strict JSON; an output folder that cannot be written stops the run before
+the model loads; a classification data set with a single label is refused."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,41 @@ def test_metrics_and_trainer_state_are_strict_json_even_with_non_finite_values(t
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     save_checkpoint(tmp_path / "step", run.delta_model, optimizer, scheduler, TrainerState(step=1, history=history))
     assert strict_json(tmp_path / "step" / "trainer_state.json")["history"][1] == {"step": 1, "eval_loss": None}
+
+
+def _a_file(tmp_path: Path) -> Path:
+    (tmp_path / "taken").write_text("not a folder", encoding="utf-8")
+    return tmp_path / "taken"
+
+
+def _read_only(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder
+
+
+UNWRITABLE = {
+    "a-file": _a_file,
+    "inside-a-file": lambda tmp_path: _a_file(tmp_path) / "out",
+    "read-only": _read_only,
+}
+
+
+@pytest.mark.parametrize("where", list(UNWRITABLE))
+def test_an_output_dir_that_cannot_be_written_stops_the_run_before_the_model_loads(where: str, tmp_path, monkeypatch, capsys) -> None:
+    output_dir = UNWRITABLE[where](tmp_path)
+    config = task_config(tmp_path, "causal-lm", output_dir=output_dir)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(loop, "load_model", no_model)
+    assert main(["train", str(config), "--quiet"]) == 2
+    line = last_error_line(capsys)
+    assert line.startswith(f"deltatune: output_dir {output_dir}") and "cannot be written" in line, line
 
 
 def test_a_classification_data_set_with_a_single_label_is_refused(tmp_path, capsys) -> None:

@@ -41,3 +41,7 @@ class OutputFolderError(DeltaTuneError):
 
 class TrainingDivergedError(DeltaTuneError):
     """A training step gave a non-finite loss, gradient norm or weight; nothing broken was saved."""
+
+
+class CheckpointMismatchError(DeltaTuneError):
+    """A checkpoint written by a run with other settings (or other data) than the run resuming it."""

@@ -186,9 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse, letting `key=value` overrides come after options too (`train c.yaml --quiet lr=1`)."""
+    """Parse, letting `key=value` overrides come after options too (`train c.yaml --quiet lr=1`,
+    `train c.yaml --resume lr=1`: an override, not a checkpoint path)."""
     parser = build_parser()
     arguments, extra = parser.parse_known_args(argv)
+    resume = getattr(arguments, "resume", None)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        arguments.resume, extra = True, [resume, *extra]
     stray = [item for item in extra if item.startswith("-") or not hasattr(arguments, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -51,6 +51,10 @@ class TrainConfig:
     """Tokenizer folder; default: the model's."""
     output_dir: str = "deltatune-output"
     """Where the adapter, checkpoints, metrics.json and the plot go."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds another run's adapter, checkpoints or metrics: they are
+    removed when training starts. Without it such a run stops before the model loads (`--resume`
+    continues the run that is there)."""
     max_length: int = 256
     """Longest example in tokens (longer ones are cut)."""
     chat_template: bool = False
@@ -81,6 +85,8 @@ class TrainConfig:
     """Evaluate every this many steps (and always at the end); none: at the end only."""
     save_every: int | None = None
     """Write a checkpoint (for --resume) every this many steps."""
+    save_total_limit: int | None = None
+    """Keep only this many checkpoints, the newest (a positive whole number); none: keep all."""
     log_every: int = 1
     """Record the training loss every this many steps (for the plot and metrics.json)."""
     max_new_tokens: int = 64

@@ -1,5 +1,10 @@
 """Where commands write: never into their inputs, never over earlier work unless told to, never half.
 
+Training (`output_dir`): before anything is loaded the folder must be writable (it is created, and a
+probe file written and removed), and it must not hold another run's work (`RUN_ENTRIES`) unless the
+run continues that work (`--resume`, which checks it is the same run) or replaces it
+(`overwrite_output_dir`: those entries, and nothing else, are removed when training starts).
+
 Merging (`deltatune merge MODEL ADAPTER OUT`): OUT must not be, lie inside or contain an input folder
 (compared after resolving links), and must be absent or empty unless `overwrite`. The merged folder
 is written into a staging folder beside OUT, which then takes OUT's place: a failure leaves OUT as
@@ -17,6 +22,51 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import OutputFolderError
+from .checkpoint import ADAPTER_FOLDER, CHECKPOINTS_FOLDER
+from .config import TrainConfig
+from .report import METRICS_FILE, PLOT_FILE
+
+RUN_ENTRIES = (ADAPTER_FOLDER, CHECKPOINTS_FOLDER, METRICS_FILE, PLOT_FILE)
+"""What a training run writes into its output_dir."""
+
+
+def check_output_dir(config: TrainConfig, resume: str | Path | bool | None) -> None:
+    """The checks on a run's output_dir that come before the model loads."""
+    folder = Path(config.output_dir)
+    _check_writable(folder)
+    found = previous_run(folder)
+    if found and not resume and not config.overwrite_output_dir:
+        raise OutputFolderError(
+            f"output_dir {folder} already holds a run ({', '.join(found)}); continue it with --resume, "
+            "replace it with overwrite_output_dir=true, or give another output_dir"
+        )
+
+
+def _check_writable(folder: Path) -> None:
+    """Create `folder` and write a probe file into it, or say in one line why that cannot be done."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(f"output_dir {folder} cannot be written: it is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".deltatune-probe-"):
+            pass
+    except OSError as error:
+        raise OutputFolderError(f"output_dir {folder} cannot be written ({error.strerror or error}); give a folder you can write to") from None
+
+
+def previous_run(folder: Path) -> list[str]:
+    """The entries of `RUN_ENTRIES` that are in `folder`."""
+    return [name for name in RUN_ENTRIES if (folder / name).exists()]
+
+
+def clear_previous_run(folder: Path) -> None:
+    """Remove what an earlier run left in `folder` (its adapter, checkpoints, metrics and plot)."""
+    for name in previous_run(folder):
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 RELATIONS: dict[str, Callable[[Path, Path], bool]] = {
