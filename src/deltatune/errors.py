@@ -33,3 +33,15 @@ class AdapterFileError(DeltaTuneError):
 
 class MergeError(DeltaTuneError):
     """A merge that would give wrong weights (non-finite values, tied parameters)."""
+
+
+class OutputFolderError(DeltaTuneError):
+    """An output folder that cannot be written, or whose writing would destroy an input or earlier work."""
+
+
+class TrainingDivergedError(DeltaTuneError):
+    """A training step gave a non-finite loss, gradient norm or weight; nothing broken was saved."""
+
+
+class CheckpointMismatchError(DeltaTuneError):
+    """A checkpoint written by a run with other settings (or other data) than the run resuming it."""

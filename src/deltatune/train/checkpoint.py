@@ -6,16 +6,19 @@
   method, also those whose adapter files keep less than what trains, such as P-tuning's encoder);
 - `optimizer.safetensors`: every tensor of the optimizer state, keyed `state.<param index>.<name>`;
 - `random.safetensors`: the CPU (and CUDA) random generator states;
-- `trainer_state.json`: the step, the optimizer's parameter groups, the scheduler state and the
-  loss / metric history so far. Written last, so a checkpoint without it is incomplete and skipped.
+- `trainer_state.json`: the step, the optimizer's parameter groups, the scheduler state, the
+  loss / metric history so far, and the run it belongs to (`fingerprint.py`). Written last, so a
+  checkpoint without it is incomplete and skipped. Strict JSON (a non-finite number is null).
 
 Resuming restores all of them; the data order is a function of (seed, epoch), so the run continues
 with the same batches, the same dropout masks and the same optimizer moments as one never stopped.
+With `save_total_limit` only the newest checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +28,31 @@ from safetensors.torch import load_file
 
 from ..atomic import json_writer, safetensors_writer, write_files
 from ..errors import DeltaTuneError
+from .report import finite_json
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RANDOM_FILE = "random.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
 ADAPTER_FOLDER = "adapter"
+CHECKPOINTS_FOLDER = "checkpoints"
 
 
 @dataclass
 class TrainerState:
-    """Where a run stands: optimizer steps done and what has been recorded."""
+    """Where a run stands: optimizer steps done, what has been recorded, and which run it is (the
+    record `fingerprint.run_record` makes)."""
 
     step: int = 0
     history: list[dict[str, float]] | None = None
+    run: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.history = self.history or []
 
 
 def checkpoint_folder(output_dir: Path, step: int) -> Path:
-    return output_dir / "checkpoints" / f"step-{step:06d}"
+    return output_dir / CHECKPOINTS_FOLDER / f"step-{step:06d}"
 
 
 def save_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState) -> None:
@@ -64,26 +71,45 @@ def save_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optim
         "history": state.history,
         "param_groups": optimizer_state["param_groups"],
         "scheduler": scheduler.state_dict(),
+        "run": state.run,
     }
     write_files(folder, {
         TRAINABLE_FILE: safetensors_writer(dict(trainable_parameters(delta_model))),
         OPTIMIZER_FILE: safetensors_writer(tensors),
         RANDOM_FILE: safetensors_writer(generators),
-        STATE_FILE: json_writer(trainer_state),
+        STATE_FILE: json_writer(finite_json(trainer_state)),
     })
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in `output_dir`, by step."""
+    found = [path for path in (output_dir / CHECKPOINTS_FOLDER).glob("step-*") if path.name[5:].isdigit() and (path / STATE_FILE).is_file()]
+    return sorted(found, key=lambda path: int(path.name[5:]))
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step in `output_dir`, if any."""
-    found = sorted(path for path in (output_dir / "checkpoints").glob("step-*") if (path / STATE_FILE).is_file())
+    found = complete_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Remove all but the `keep` newest complete checkpoints."""
+    found = complete_checkpoints(output_dir)
+    for folder in found[:max(0, len(found) - keep)]:
+        shutil.rmtree(folder)
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """The `trainer_state.json` of checkpoint `folder` (a clear error when it is not a checkpoint)."""
+    if not (folder / STATE_FILE).is_file():
+        raise DeltaTuneError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint folder or the output folder")
+    return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
 
 
 def load_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
     """Restore adapter weights, optimizer, scheduler and random state from `folder`."""
-    if not (folder / STATE_FILE).is_file():
-        raise DeltaTuneError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint folder or the output folder")
-    saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    saved = read_trainer_state(folder)
     _load_trainable(delta_model, load_file(str(folder / TRAINABLE_FILE)))
     tensors = load_file(str(folder / OPTIMIZER_FILE))
     state: dict[int, dict[str, torch.Tensor]] = {}

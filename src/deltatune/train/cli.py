@@ -3,7 +3,7 @@
     deltatune demo [--out DIR]                   the main job: fine-tune SmolLM2 on a generated task
     deltatune train CONFIG.yaml [key=value ...] [--resume [CHECKPOINT]]
     deltatune eval CONFIG.yaml [key=value ...] [--adapter DIR | --base]
-    deltatune merge MODEL ADAPTER OUT            a full model folder with the adapter merged in
+    deltatune merge MODEL ADAPTER OUT [--overwrite]   a full model folder with the adapter merged in
     deltatune inspect MODEL|CONFIG.yaml [--adapter DIR]   the module tree, parameters counted
     deltatune methods                            the registered methods
     deltatune show ADAPTER                       describe an adapter folder
@@ -89,18 +89,26 @@ def _load_plain(model: str):
 
 
 def _merge(arguments: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
     from .. import load
+    from .models import model_folder
+    from .outputs import check_merge_output, replaced_folder
 
+    out = Path(arguments.out)
+    check_merge_output(out, {"model": model_folder(arguments.model), "adapter": Path(arguments.adapter)}, arguments.overwrite)
     folder, model = _load_plain(arguments.model)
-    merged = load(model, arguments.adapter).unload(merge=True)
-    merged.save_pretrained(arguments.out)
     try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(folder), local_files_only=True).save_pretrained(arguments.out)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError):
+        tokenizer = None
         print(f"note: no tokenizer in {folder}; the merged folder holds the model only")
-    print(f"merged model written to {arguments.out}")
+    merged = load(model, arguments.adapter).unload(merge=True)
+    with replaced_folder(out) as staging:
+        merged.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    print(f"merged model written to {out}")
 
 
 def _inspect(arguments: argparse.Namespace) -> None:
@@ -154,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="write a full model folder with an adapter merged in")
     merge.add_argument("model", help="model folder, or a packaged model name (smollm2)")
     merge.add_argument("adapter", help="adapter folder (deltatune or peft)")
-    merge.add_argument("out", help="folder to write the merged model into")
+    merge.add_argument("out", help="a new (or empty) folder to write the merged model into; never an input folder")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
     merge.set_defaults(run=_merge)
 
     inspect = commands.add_parser("inspect", help="print the module tree with frozen / trainable / adapter parameters")
@@ -177,9 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse, letting `key=value` overrides come after options too (`train c.yaml --quiet lr=1`)."""
+    """Parse, letting `key=value` overrides come after options too (`train c.yaml --quiet lr=1`,
+    `train c.yaml --resume lr=1`: an override, not a checkpoint path)."""
     parser = build_parser()
     arguments, extra = parser.parse_known_args(argv)
+    resume = getattr(arguments, "resume", None)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        arguments.resume, extra = True, [resume, *extra]
     stray = [item for item in extra if item.startswith("-") or not hasattr(arguments, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -56,6 +56,10 @@ class TrainConfig:
     """Tokenizer folder; default: the model's."""
     output_dir: str = "deltatune-output"
     """Where the adapter, checkpoints, metrics.json and the plot go."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds another run's adapter, checkpoints or metrics: they are
+    removed when training starts. Without it such a run stops before the model loads (`--resume`
+    continues the run that is there)."""
     max_length: PositiveInt = 256
     """Longest example in tokens (longer ones are cut)."""
     chat_template: bool = False
@@ -86,6 +90,8 @@ class TrainConfig:
     """Evaluate every this many steps (and always at the end); none: at the end only."""
     save_every: PositiveInt | None = None
     """Write a checkpoint (for --resume) every this many steps."""
+    save_total_limit: PositiveInt | None = None
+    """Keep only this many checkpoints, the newest (a positive whole number); none: keep all."""
     log_every: PositiveInt = 1
     """Record the training loss every this many steps (for the plot and metrics.json)."""
     max_new_tokens: PositiveInt = 64

@@ -10,7 +10,8 @@
    blocks by default: the backward pass then stops halfway down), measure again.
    A second, format-blind score, `record_match`, parses the answer as JSON and compares records.
 4. Print a before/after table and a few answers; write the adapter, `metrics.json` (with "before" and
-   "after": exact match in [0, 1]) and `training.png` into the output folder.
+   "after": exact match in [0, 1]) and `training.png` into the output folder, replacing those of an
+   earlier demo run there.
 
 The budget (40 steps of 8 examples, sequences under 80 tokens) fits a few minutes on 2 CPU cores.
 """
@@ -118,7 +119,7 @@ def demo_config(options: DemoOptions, train_file: Path, eval_file: Path, layers:
         adapter["layers_to_transform"] = list(range(layers // 2, layers))
     settings = {
         "model": options.model, "task": "causal-lm", "train_file": str(train_file), "eval_file": str(eval_file),
-        "adapter": adapter, "output_dir": options.out, "chat_template": chat,
+        "adapter": adapter, "output_dir": options.out, "overwrite_output_dir": True, "chat_template": chat,
         "system_prompt": SYSTEM_PROMPT if chat and not options.data else None,
         "max_length": 128, "batch_size": 8, "max_steps": options.steps or 40, "learning_rate": 2e-3,
         "warmup_steps": 4, "scheduler": "linear", "max_new_tokens": 48, "eval_batch_size": 32, "eval_every": 10,

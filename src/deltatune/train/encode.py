@@ -5,7 +5,8 @@ prompt becomes a user turn (after an optional system turn) rendered by the token
 and the completion is the assistant turn, end-of-turn marker included; `messages` records are rendered
 whole and the last (assistant) message is learned. Without a template the completion follows the prompt
 as it is (put a leading space in it if your tokenizer needs one) and ends with EOS.
-Classification labels are mapped to ids in sorted order of the training labels (`label_names`).
+Classification labels are mapped to ids in sorted order of the training labels (`label_names`); the
+training data must hold at least two (with one, transformers would train a regression).
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ LABEL_FIELDS = {"seq-cls": ("label", False), "token-cls": ("tags", True)}
 
 
 def label_names(task: str, records: list[Record]) -> list[str]:
-    """The classification labels of `task` found in `records`, sorted (numbers numerically)."""
+    """The classification labels of `task` found in `records`, sorted (numbers numerically); a data
+    set with a single label is refused."""
     if task not in LABEL_FIELDS:
         return []
     field_name, per_word = LABEL_FIELDS[task]
@@ -175,6 +177,11 @@ def label_names(task: str, records: list[Record]) -> list[str]:
     for record in records:
         value = record.get(field_name, list if per_word else (str, int))
         found.update(map(str, value) if per_word else [str(value)])
+    if len(found) == 1:
+        raise DataError(
+            f"the training data holds only one label, {found.pop()!r} (field {field_name!r}); classification needs at "
+            "least two: add examples of the other labels"
+        )
     return sorted(found, key=lambda name: (not name.lstrip("-").isdigit(), int(name) if name.lstrip("-").isdigit() else 0, name))
 
 

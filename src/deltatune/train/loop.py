@@ -6,6 +6,13 @@ can be reproduced from (seed, step) alone: that, plus the optimizer, scheduler a
 checkpoint, is what makes `--resume` continue bit-exactly. AdamW updates the trainable parameters
 only (the adapter, and any `modules_to_save`); the learning rate warms up linearly for
 `warmup_steps`, then follows the schedule (linear or cosine to zero, or constant).
+
+Nothing goes wrong silently. The output folder is checked before the model loads (`outputs.py`);
+`--resume` continues only the run that wrote the checkpoint (`fingerprint.py`). Every step checks
+that its loss and total gradient norm are finite (one device sync: the norm is what gradient
+clipping computes anyway), and every save that its weights are: a run that diverges stops with a
+`TrainingDivergedError` naming the step and the likely cause, saves no adapter and keeps the
+checkpoints written before.
 """
 
 from __future__ import annotations
@@ -20,19 +27,29 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DeltaTuneError
+from ..errors import DeltaTuneError, TrainingDivergedError
 from ..model import DeltaModel
 from ..tasks import TaskType, get_task
 from . import distributed
-from .checkpoint import TrainerState, checkpoint_folder, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
+from .checkpoint import (
+    ADAPTER_FOLDER,
+    CHECKPOINTS_FOLDER,
+    TrainerState,
+    checkpoint_folder,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    trainable_parameters,
+)
 from .config import TrainConfig
 from .data import read_records
 from .encode import EncodeContext, collate, encode, label_names
 from .evaluate import EvalContext, Evaluation, evaluate
+from .fingerprint import check_same_run, run_record
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
+from .outputs import check_output_dir, clear_previous_run
 from .report import write_report
-
-ADAPTER_FOLDER = "adapter"
 
 
 @dataclass
@@ -148,6 +165,7 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, progress
     """Train the adapter the config describes; returns the trained model and what was measured.
     `resume=True` continues from the latest checkpoint in `output_dir`, a path from that checkpoint."""
     ranks = distributed.ranks_from_environment()
+    check_output_dir(config, resume)
     device = choose_device(config.device, ranks)
     joined = distributed.start(ranks, device)
     try:
@@ -161,6 +179,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     """Train a prepared run (see `train`); under a launcher the process group must be joined."""
     ranks = distributed.ranks_from_environment()
     config, output_dir = run.config, Path(run.config.output_dir)
+    check_output_dir(config, resume)
     if not run.train_features:
         raise DeltaTuneError(f"{config.train_file} holds no training examples")
     if config.gradient_checkpointing:
@@ -169,12 +188,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
-    state = TrainerState()
-    if resume:
-        folder = latest_checkpoint(output_dir) if resume is True else Path(resume)
-        if folder is None:
-            raise DeltaTuneError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; train without --resume, or set save_every")
-        state = load_checkpoint(folder, run.delta_model, optimizer, scheduler)
+    state = _starting_state(run, ranks, resume, optimizer, scheduler)
     model = distributed.wrap(run.delta_model, ranks, run.device)
     pad_id = run.eval_context.pad_id
     bar = tqdm(total=schedule.total, initial=state.step, disable=not (progress and ranks.main), unit="step", dynamic_ncols=True)
@@ -192,24 +206,30 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
                     loss = run.task.loss(model, batch) / len(micro_batches)
                 loss.backward()
             step_loss += loss.detach()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        if ranks.distributed:
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= ranks.world_size
+        gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
+        if not torch.isfinite(step_loss + gradient_norm):
+            what = f"the loss is {float(step_loss):.4g} and the gradient norm {float(gradient_norm):.4g}"
+            raise _diverged(config, state.step + 1, what, before_any_update=state.step == 0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        if ranks.distributed:
-            torch.distributed.all_reduce(step_loss)
-            step_loss /= ranks.world_size
         _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0])
         elapsed = time.perf_counter() - started
         bar.set_postfix(loss=f"{float(step_loss):.4f}", tok_s=f"{tokens * ranks.world_size / elapsed:.0f}", refresh=False)
         bar.update(1)
         if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
+            _check_weights(config, parameters, state.step)
             if ranks.main:
                 save_checkpoint(checkpoint_folder(output_dir, state.step), run.delta_model, optimizer, scheduler, state)
+                if config.save_total_limit:
+                    prune_checkpoints(output_dir, config.save_total_limit)
             distributed.barrier(ranks)
     bar.close()
+    _check_weights(config, parameters, state.step)
     final = _evaluate_into(run, ranks, state) if run.eval_features else None
     seconds = time.perf_counter() - started
     if ranks.main:
@@ -217,6 +237,41 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         write_report(output_dir, run, state.history, final, seconds)
     distributed.barrier(ranks)
     return TrainResult(run, state.history, final, output_dir, seconds)
+
+
+def _starting_state(run: Run, ranks: distributed.Ranks, resume: str | Path | bool | None, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+    """Step 0 in an output folder cleared of earlier runs, or the checkpoint resumed (which must be
+    this run's); either way the state records this run, for the checkpoints it writes."""
+    output_dir = Path(run.config.output_dir)
+    record = run_record(run.config, run.train_features, ranks.world_size)
+    if not resume:
+        if ranks.main:
+            clear_previous_run(output_dir)
+        return TrainerState(run=record)
+    folder = latest_checkpoint(output_dir) if resume is True else Path(resume)
+    if folder is None:
+        raise DeltaTuneError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS_FOLDER}; train without --resume, or set save_every")
+    check_same_run(folder, record)
+    state = load_checkpoint(folder, run.delta_model, optimizer, scheduler)
+    state.run = record
+    return state
+
+
+def _check_weights(config: TrainConfig, parameters: list[torch.nn.Parameter], step: int) -> None:
+    """Stop before a save if an update has left a trainable weight non-finite."""
+    if parameters and not bool(torch.stack([torch.isfinite(parameter).all() for parameter in parameters]).all()):
+        raise _diverged(config, step, "the adapter's weights are non-finite after its update", before_any_update=False)
+
+
+def _diverged(config: TrainConfig, step: int, what: str, before_any_update: bool) -> TrainingDivergedError:
+    """The one-line error for a non-finite step: what was seen, the likely cause, what is kept."""
+    if before_any_update:
+        cause = " before any update: the model's weights or the adapter config give non-finite values, check them"
+    else:
+        cause = f"; the learning rate ({config.learning_rate:g}) is likely too high, lower it"
+    kept = latest_checkpoint(Path(config.output_dir))
+    saved = f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written"
+    return TrainingDivergedError(f"training diverged at step {step}: {what}{cause}; no adapter was saved and {saved}")
 
 
 def _record(run: Run, ranks: distributed.Ranks, state: TrainerState, schedule: Schedule, loss: float, learning_rate: float) -> None:

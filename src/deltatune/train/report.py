@@ -2,14 +2,15 @@
 
 `metrics.json`: {"task", "method", "steps", "seconds", "trainable_parameters", "total_parameters",
 "eval": final eval metrics, "history": [{"step", "loss", "learning_rate"} | {"step", "eval_<metric>"}]}
-plus whatever the caller adds (the demo adds "before" and "after"). The plot shows the training loss
-by step and, on a second axis, the task's main eval metric. It needs matplotlib; without it the plot
-is skipped with a note.
+plus whatever the caller adds (the demo adds "before" and "after"); strict JSON, a non-finite number
+(NaN, ±inf) written as null. The plot shows the training loss by step and, on a second axis, the
+task's main eval metric. It needs matplotlib; without it the plot is skipped with a note.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +37,14 @@ def write_report(output_dir: Path, run: "Run", history: list[dict[str, float]], 
         "history": history,
         **(extra or {}),
     }
-    write_files(output_dir, {METRICS_FILE: json_writer(report)})
+    write_files(output_dir, {METRICS_FILE: json_writer(finite_json(report))})
     plot_history(history, run.task.metrics[0], output_dir / PLOT_FILE)
+
+
+def finite_json(data: Any) -> Any:
+    """`data` with every non-finite number (NaN, ±inf) as None: Python writes those as NaN and
+    Infinity, which are not JSON and which other readers refuse."""
+    return json.loads(json.dumps(data), parse_constant=lambda constant: None)
 
 
 def plot_history(history: list[dict[str, float]], metric: str, path: Path) -> bool:

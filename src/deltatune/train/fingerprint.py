@@ -1,0 +1,85 @@
+"""Which run a checkpoint belongs to, so that `--resume` never continues another run.
+
+Every checkpoint records its run: the full config, and a fingerprint of what decides the math of
+training: every config setting except those in `KEEPS_THE_MATH` (nested ones by dotted name, such
+as `adapter.r`; the adapter config with its defaults filled in), the number of processes (each step
+reads `batch_size × gradient_accumulation_steps × world_size` examples), and a SHA-256 of the
+encoded training examples (`training_data`: the examples themselves, wherever the file now lies).
+A resume whose fingerprint differs stops and names what differs. A setting added to the config
+later counts as changing the math unless it is listed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointMismatchError
+from .checkpoint import read_trainer_state
+from .config import TrainConfig
+
+KEEPS_THE_MATH = frozenset({
+    "output_dir", "overwrite_output_dir", "save_every", "save_total_limit", "eval_every", "log_every",
+    "eval_file", "eval_batch_size", "max_new_tokens", "device", "gradient_checkpointing", "train_file",
+})
+"""Settings a resumed run may change: where and how often it writes and evaluates, the device, and
+activation recomputation (same gradients). `train_file` is compared by content (`training_data`)."""
+
+DATA_FIELDS = ("train_file", "eval_file")
+"""Settings that may hold records passed from Python instead of a path."""
+SHOWN_VALUE_LENGTH = 40
+"""Differing values up to this many characters are shown in the error, longer ones only named."""
+
+
+def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """What a checkpoint stores about its run: {"fingerprint": ..., "config": every setting}."""
+    settings = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    settings.update({name: _data_source(settings[name]) for name in DATA_FIELDS})
+    compared = {name: value for name, value in settings.items() if name not in KEEPS_THE_MATH}
+    compared["adapter"] = {"method": config.adapter["method"], **dataclasses.asdict(config.adapter_config())}
+    examples = json.dumps(train_features, sort_keys=True, default=str).encode("utf-8")
+    fingerprint = {**compared, "world_size": world_size, "training_data": hashlib.sha256(examples).hexdigest()}
+    return {"fingerprint": _dotted(_as_json(fingerprint)), "config": _as_json(settings)}
+
+
+def check_same_run(folder: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume from checkpoint `folder` unless it was written by the run `record` describes."""
+    saved = read_trainer_state(folder).get("run")
+    again = "resume with the settings it was written with, or start afresh with overwrite_output_dir=true"
+    if saved is None:
+        raise CheckpointMismatchError(f"--resume: {folder} does not record which run wrote it (an older deltatune wrote it); {again}")
+    before, now = saved["fingerprint"], record["fingerprint"]
+    differ = [name for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
+    if differ:
+        described = ", ".join(_difference(name, before.get(name), now.get(name)) for name in differ)
+        raise CheckpointMismatchError(f"--resume: {folder} was written by a run with other settings ({described}); {again}")
+
+
+def _difference(name: str, before: Any, now: Any) -> str:
+    shown = json.dumps(before), json.dumps(now)
+    return name if max(map(len, shown)) > SHOWN_VALUE_LENGTH else f"{name}: {shown[0]} → {shown[1]}"
+
+
+def _data_source(value: Any) -> Any:
+    """A data file's path as given; records passed from Python by their type only (what they hold
+    is in `training_data`)."""
+    return value if value is None or isinstance(value, (str, Path)) else f"({type(value).__name__} of records)"
+
+
+def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings flattened to dotted names (`adapter.r`), as overrides name them."""
+    flat: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def _as_json(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings as they read back from JSON (tuples as lists; other objects by their text)."""
+    return json.loads(json.dumps(settings, default=str))

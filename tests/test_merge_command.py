@@ -1,0 +1,92 @@
+"""`deltatune merge MODEL ADAPTER OUT` never destroys its input: it never writes into the model or
+adapter folder (by any path that leads there), replaces an existing non-empty OUT only with
+`--overwrite`, and a merge that fails while writing leaves no half-written folder behind."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import transformers
+
+import deltatune
+from deltatune.train.cli import main
+from training_fixtures import model_folder
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def model_and_adapter(tmp_path) -> tuple[Path, Path]:
+    model = model_folder(tmp_path, "causal-lm")
+    delta_model = deltatune.attach(transformers.AutoModelForCausalLM.from_pretrained(model), deltatune.LoraConfig(r=2, target_modules="all-linear"))
+    delta_model.save(str(tmp_path / "adapter"))
+    return model, tmp_path / "adapter"
+
+
+OUTPUTS = {
+    "the-model-folder": lambda model, adapter: model,
+    "the-model-folder-by-another-path": lambda model, adapter: model.parent / "." / model.name / ".." / model.name,
+    "a-link-to-the-model-folder": lambda model, adapter: _link(model),
+    "a-folder-inside-the-model": lambda model, adapter: model / "merged",
+    "a-folder-holding-the-model": lambda model, adapter: model.parent,
+    "the-adapter-folder": lambda model, adapter: adapter,
+}
+
+
+def _link(target: Path) -> Path:
+    link = target.parent / "link-to-model"
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+@pytest.mark.parametrize("output", list(OUTPUTS))
+def test_merge_never_writes_into_its_input_folders(output: str, model_and_adapter, capsys) -> None:
+    model, adapter = model_and_adapter
+    before = {folder: folder_digest(folder) for folder in (model, adapter)}
+    out = OUTPUTS[output](model, adapter)
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["merge", str(model), str(adapter), str(out), *overwrite]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("deltatune: ") and "never writes into its inputs" in err[-1], err
+        assert {folder: folder_digest(folder) for folder in (model, adapter)} == before
+
+
+def test_merge_refuses_a_non_empty_output_folder_unless_told_to_overwrite(model_and_adapter, tmp_path, capsys) -> None:
+    model, adapter = model_and_adapter
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["merge", str(model), str(adapter), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [path.name for path in out.iterdir()] == ["notes.txt"]
+
+    assert main(["merge", str(model), str(adapter), str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_merge_into_an_empty_folder_needs_no_overwrite(model_and_adapter, tmp_path) -> None:
+    model, adapter = model_and_adapter
+    (tmp_path / "empty").mkdir()
+    assert main(["merge", str(model), str(adapter), str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_a_merge_that_fails_while_writing_leaves_no_output_folder(model_and_adapter, tmp_path, monkeypatch, capsys) -> None:
+    model, adapter = model_and_adapter
+    real_save = transformers.PreTrainedModel.save_pretrained
+
+    def save_then_fail(self, folder, *args, **kwargs):
+        real_save(self, folder, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_fail)
+    out = tmp_path / "merged"
+    assert main(["merge", str(model), str(adapter), str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
