@@ -84,7 +84,7 @@ SOFT_PROMPT_READ = ("num_virtual_tokens", "num_transformer_submodules", "modules
 SOFT_PROMPT_TOLERATED = {
     "token_dim": "the prompt's width, checked against the saved table's shape",
     "num_layers": "the prefix's layer count, checked against the saved table's shape",
-    "num_attention_heads": "the prefix's head count, part of the saved table's shape",
+    "num_attention_heads": "the prefix's head count; the model's own splits the table, as for the model the file was made for",
     "prompt_tuning_init": "how the prompt started; the saved table is the trained prompt",
     "prompt_tuning_init_text": "how the prompt started",
     "tokenizer_name_or_path": "how the prompt started",
@@ -119,10 +119,12 @@ def check_soft_prompt_keys(data: dict[str, Any]) -> None:
 
 def check_init(value: Any) -> None:
     """Refuse the `init_lora_weights` values whose saved adapters deltatune cannot reproduce."""
-    name = value.lower() if isinstance(value, str) else value
-    if value is None or isinstance(value, bool) or name in PLAIN_INITS:
+    if value is None or isinstance(value, bool):
         return
-    family = next((key for key in BASE_REWRITING_INITS if isinstance(name, str) and name.startswith(key)), None)
+    name = str(value).lower()
+    if name in PLAIN_INITS:
+        return
+    family = next((key for key in BASE_REWRITING_INITS if name.startswith(key)), None)
     if family is not None:
         method = BASE_REWRITING_INITS[family]
         remedy = (
@@ -137,8 +139,7 @@ def check_init(value: Any) -> None:
             f"base model's weights, so on the original base it gives other outputs; deltatune does not "
             f"implement {method} yet: {remedy}"
         )
-    reason = OTHER_REFUSED_INITS.get(name) if isinstance(name, str) else None
-    reason = reason or "an initialisation deltatune does not know, which may rewrite the base model"
+    reason = OTHER_REFUSED_INITS.get(name, "an initialisation deltatune does not know, which may rewrite the base model")
     raise DeltaTuneError(
         f"this peft adapter was made with init_lora_weights={value!r} ({reason}); deltatune does not "
         "implement it yet: train with the default init_lora_weights=True"

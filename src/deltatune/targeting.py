@@ -153,10 +153,10 @@ def _inside_any(name: str, saved: set[str]) -> bool:
 
 def _warn_unmatched_exclusions(spec: list[str] | str, names: list[str]) -> None:
     """peft's rule: an exclusion that matches no module of the model is a warning, not an error."""
-    entries = [spec] if isinstance(spec, str) else spec
-    for entry in entries:
-        if not any(matches(name, spec if isinstance(spec, str) else [entry]) for name in names):
-            warnings.warn(_no_match_message("exclude_modules", entry, names, pattern=isinstance(spec, str)), UserWarning, stacklevel=2)
+    pattern = isinstance(spec, str)
+    for entry in [spec] if pattern else spec:
+        if not any(matches(name, entry if pattern else [entry]) for name in names):
+            warnings.warn(_no_match_message("exclude_modules", entry, names, pattern=pattern), UserWarning, stacklevel=2)
 
 
 def _leaf_example(modules: dict[str, nn.Module], name: str, supported_types: tuple[type, ...]) -> str:
