@@ -225,7 +225,7 @@ class PrefixCache(SiteAdapter):
     def wants_cache(self, call: CallShape) -> bool:
         """Whether the caller asked for the cache back (`use_cache`, else the model config's default)."""
         asked = call.keywords.get("use_cache")
-        return asked if asked is not None else getattr(self.model_config, "use_cache", True) is not False
+        return bool(asked) if asked is not None else getattr(self.model_config, "use_cache", True) is not False
 
     def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if not _trains(module):
