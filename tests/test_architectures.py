@@ -152,13 +152,18 @@ def test_the_fallback_finds_blocks_of_a_model_it_never_saw(tmp_path) -> None:
 def test_parallel_adapters_read_the_sublayer_input_through_the_fallback() -> None:
     torch.manual_seed(0)
     delta_model = deltatune.attach(TinyLM().eval(), deltatune.BottleneckConfig(preset="parallel", init_weights="bert"))
-    seen = []
+    seen, read = [], []
     block = delta_model.base_model.layers[1]
-    handle = block.mlp.register_forward_pre_hook(lambda module, args: seen.append(args))
-    output = delta_model(INPUTS)
-    handle.remove()
     adapter = block.mlp.down.deltatune.adapters["default"]
-    assert torch.equal(adapter.tap.value, seen[0][0]) and output.isfinite().all()
+    handles = [
+        block.mlp.register_forward_pre_hook(lambda module, args: seen.append(args)),
+        block.mlp.down.register_forward_hook(lambda module, args, output: read.append(adapter.tap.value), prepend=True),
+    ]
+    output = delta_model(INPUTS)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(read[0], seen[0][0]) and output.isfinite().all()
+    assert adapter.tap.value is None  # forgotten once the call is done
 
 
 class Mixer(nn.Module):

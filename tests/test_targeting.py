@@ -53,13 +53,15 @@ def test_a_regex_that_matches_nothing_is_an_error() -> None:
         deltatune.attach(build("llama"), deltatune.LoraConfig(target_modules=r"q_proj"))
 
 
-def test_an_unmatched_exclusion_is_an_error() -> None:
-    with pytest.raises(deltatune.TargetNotFoundError, match="exclude_modules"):
-        deltatune.attach(build("llama"), deltatune.LoraConfig(target_modules="all-linear", exclude_modules=["nope_proj"]))
+@pytest.mark.parametrize("exclude", [["k_proj", "nope_proj"], r".*nope_proj"], ids=["list", "pattern"])
+def test_an_exclusion_that_matches_nothing_warns_naming_the_entry(exclude) -> None:
+    with pytest.warns(UserWarning, match=r"exclude_modules entry '(\.\*)?nope_proj' matches no module"):
+        delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(target_modules="all-linear", exclude_modules=exclude))
+    assert delta_model.targets["default"] and all("nope_proj" not in name for name in delta_model.targets["default"])
 
 
-def test_a_module_both_adapted_and_saved_is_an_error() -> None:
-    with pytest.raises(deltatune.TargetNotFoundError, match="modules_to_save"):
+def test_only_saved_modules_as_targets_select_nothing_and_say_why() -> None:
+    with pytest.raises(deltatune.TargetNotFoundError, match="modules_to_save.*train fully"):
         deltatune.attach(build("bert"), deltatune.LoraConfig(target_modules=["classifier"], modules_to_save=["classifier"]))
 
 

@@ -90,11 +90,16 @@ MODELS: dict[str, tuple[Callable[[], Any], Any, bool]] = {
 }
 """Task → (tiny config, auto class, whether the tokenizer uses [CLS]/[SEP])."""
 
+ARCHITECTURES: dict[str, tuple[Callable[[], Any], bool]] = {"llama": (_llama, False), "bert": (_bert, True), "t5": (_t5, False)}
+"""Another backbone for a task's model: name → (tiny config, whether the tokenizer uses [CLS]/[SEP])."""
 
-def model_folder(root: Path, task: str, seed: int = 0) -> Path:
-    """A saved tiny model (and tokenizer) for `task` under `root`."""
+
+def model_folder(root: Path, task: str, seed: int = 0, arch: str | None = None) -> Path:
+    """A saved tiny model (and tokenizer) for `task` under `root`; `arch` picks another backbone."""
     make_config, auto_class, pair_template = MODELS[task]
-    folder = root / f"tiny-{task}"
+    if arch is not None:
+        make_config, pair_template = ARCHITECTURES[arch]
+    folder = root / f"tiny-{task}{'-' + arch if arch else ''}"
     torch.manual_seed(seed)
     auto_class.from_config(make_config()).save_pretrained(folder)
     word_tokenizer(pair_template).save_pretrained(folder)
@@ -130,12 +135,13 @@ def write_config(path: Path, **settings: Any) -> Path:
     return path
 
 
-def task_config(tmp_path: Path, task: str, method: dict[str, Any] | None = None, **settings: Any) -> Path:
-    """A YAML config that trains a tiny `task` model on its small data set (full batch, high rate)."""
+def task_config(tmp_path: Path, task: str, method: dict[str, Any] | None = None, arch: str | None = None, **settings: Any) -> Path:
+    """A YAML config that trains a tiny `task` model (backbone `arch`, or the task's own) on its small
+    data set (full batch, high rate)."""
     data = write_jsonl(tmp_path / f"{task}.jsonl", records(task))
     adapter = method or {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
     defaults = {
-        "model": model_folder(tmp_path, task), "task": task, "train_file": data, "eval_file": data, "adapter": adapter,
+        "model": model_folder(tmp_path, task, arch=arch), "task": task, "train_file": data, "eval_file": data, "adapter": adapter,
         "output_dir": tmp_path / "out", "batch_size": 16, "max_steps": 6, "learning_rate": 0.02, "scheduler": "constant",
         "max_length": 32, "max_new_tokens": 6, "seed": 0,
     }

@@ -79,7 +79,7 @@ def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool)
         config: DeltaConfig = peft_format.config_from_peft(data)
         peft = True
         tensors = _read_tensors(folder / WEIGHTS_FILE)
-        tensors = peft_format.tensors_from_peft(data, {k: v for k, v in tensors.items() if not peft_format.IGNORED_KEY.match(k)})
+        tensors = peft_format.tensors_from_peft(data, tensors, delta_model.base_model)
         config = _keep_saved_modules(config, tensors, delta_model.base_model)
         adapter_name = name or "default"
     else:

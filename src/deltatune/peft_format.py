@@ -4,7 +4,10 @@ Facts of the format (peft 0.21): `adapter_config.json` holds `peft_type` ("LORA"
 config fields under the same names as our `LoraConfig`; `adapter_model.safetensors` keys are
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (`lora_embedding_A` / `_B` for
 embeddings) and `base_model.model.<module path>.<parameter>` for `modules_to_save`, with no adapter name.
-peft also stores a targeted embedding's base weight (`...base_layer.weight`); that key is ignored here.
+With `save_embedding_layers` peft also stores the model's whole embedding weights (`<path>.base_layer.weight`
+for an adapted embedding, `<path>.weight` else) and writes them into the base when it loads: here such a
+copy must equal the model's own weights (it is then dropped), since deltatune never rewrites the base.
+Which config keys are read, tolerated or refused: `peft_keys`.
 Soft prompts ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"): one bare key `prompt_embeddings`, the table
 the prompt encoder produces (n × token_dim; prefix: n × num_layers·2·token_dim), and the prompt's shape
 in the config (`num_virtual_tokens`, `token_dim`, `num_layers`, `num_attention_heads`,
@@ -16,19 +19,22 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import DeltaConfig
-from .errors import DeltaTuneError
+from .errors import AdapterShapeError, DeltaTuneError
 from .methods.lora import LoraConfig
 from .methods.p_tuning import p_tuning_from_peft
 from .methods.prefix_tuning import prefix_tuning_from_peft
 from .methods.prompt_tuning import prompt_tuning_from_peft
 from .methods.soft_prompt import SoftPromptConfig
+from .peft_keys import LORA_READ, check_lora_keys, check_soft_prompt_keys
+from .targeting import matches
 
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
-IGNORED_KEY = re.compile(r".*\.base_layer\.weight$")
+BASE_LAYER = ".base_layer"
 
 TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
@@ -40,11 +46,6 @@ TASK_TYPES = {
 }
 
 PEFT_SAVED_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
-UNSUPPORTED_OPTIONS = {"use_dora": False, "bias": "none", "lora_bias": False}
-LORA_FIELDS = (
-    "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-)
 
 
 def is_peft_config(data: dict[str, Any]) -> bool:
@@ -59,15 +60,14 @@ def config_from_peft(data: dict[str, Any]) -> DeltaConfig:
     """Our config for a peft `adapter_config.json`; refuses options we do not compute."""
     peft_type = data.get("peft_type")
     if peft_type in SOFT_PROMPT_READERS:
+        check_soft_prompt_keys(data)
         return SOFT_PROMPT_READERS[peft_type](data)
     if peft_type != "LORA":
         raise DeltaTuneError(f"this is a peft {peft_type} adapter; deltatune reads peft's LoRA, {', '.join(SOFT_PROMPT_READERS)} adapters")
-    for key, plain in UNSUPPORTED_OPTIONS.items():
-        if data.get(key, plain) not in (plain, None):
-            raise DeltaTuneError(f"peft option {key}={data[key]!r} is not supported by deltatune's LoRA; retrain without it")
-    fields = {key: data[key] for key in LORA_FIELDS if data.get(key) is not None}
+    check_lora_keys(data)
+    fields = {key: data[key] for key in LORA_READ if data.get(key) is not None}
     if fields.get("init_lora_weights") not in (True, False, "gaussian", None):
-        fields["init_lora_weights"] = True  # the weights come from the file: the initialisation is moot
+        fields["init_lora_weights"] = True  # a plain init ("eva", "orthogonal"): the weights come from the file
     return LoraConfig(**fields)
 
 
@@ -122,10 +122,62 @@ def peft_key(module_name: str, peft_name: str) -> str:
     return peft_name if peft_name == PROMPT_KEY else f"{PREFIX}{module_name}.{peft_name}"
 
 
-def tensors_from_peft(data: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
-    """peft's seq2seq prompt (or P-) tuning keeps n rows per transformer submodule and feeds the first n
-    to the encoder: keep those."""
+def tensors_from_peft(data: dict[str, Any], tensors: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The adapter's tensors in a peft file. peft's seq2seq prompt (or P-) tuning keeps n rows per
+    transformer submodule and feeds the first n to the encoder: keep those. Copies of the model's
+    embedding weights (`save_embedding_layers`) are checked against the model and dropped."""
     submodules = data.get("num_transformer_submodules") or 1
     if data.get("peft_type") in ("PROMPT_TUNING", "P_TUNING") and submodules > 1 and PROMPT_KEY in tensors:
-        return {**tensors, PROMPT_KEY: tensors[PROMPT_KEY][: data["num_virtual_tokens"]]}
-    return tensors
+        tensors = {**tensors, PROMPT_KEY: tensors[PROMPT_KEY][: data["num_virtual_tokens"]]}
+    saved = data.get("modules_to_save") or []
+    kept = {}
+    for key, tensor in tensors.items():
+        parameter = _embedding_copy_of(key, model, saved)
+        if parameter is None:
+            kept[key] = tensor
+        elif not _same_weights(tensor, model.get_parameter(parameter)):
+            raise AdapterShapeError(
+                f"the peft file holds {key!r}, its own copy of the model's {parameter} (peft's "
+                "save_embedding_layers: the embeddings were resized or trained), and it differs from this "
+                "model's; deltatune never rewrites base weights, so load the adapter onto the model those "
+                f"embeddings belong to, or copy that tensor into model.{parameter} first"
+            )
+    return kept
+
+
+def _embedding_copy_of(key: str, model: nn.Module, saved: list[str]) -> str | None:
+    """The model parameter a peft key copies whole, for an embedding layer peft saved with
+    `save_embedding_layers` (not as one of `modules_to_save`); None for the adapter's own tensors."""
+    if not key.startswith(PREFIX) or not key.endswith(".weight"):
+        return None
+    module_name = key[len(PREFIX): -len(".weight")]
+    adapted = module_name.endswith(BASE_LAYER)
+    module_name = module_name.removesuffix(BASE_LAYER)
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    if not isinstance(getattr(module, "weight", None), nn.Parameter) or matches(module_name, saved):
+        return None
+    return f"{module_name}.weight" if adapted or any(module is layer for layer in _embedding_layers(model)) else None
+
+
+def _embedding_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's input and output embeddings (transformers models; none for others)."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layers.append(getattr(model, getter)())
+        except (AttributeError, NotImplementedError):
+            continue
+    return [layer for layer in layers if layer is not None]
+
+
+def _same_weights(stored: torch.Tensor, current: torch.Tensor) -> bool:
+    """Equal in the coarser of the two dtypes (a float32 copy of bfloat16 weights is the same weights)."""
+    if stored.shape != current.shape:
+        return False
+    if not (stored.is_floating_point() and current.is_floating_point()):
+        return torch.equal(stored.to(current.device), current.detach())
+    coarser = min((stored.dtype, current.dtype), key=lambda dtype: torch.finfo(dtype).bits)
+    return torch.equal(stored.to(device=current.device, dtype=coarser), current.detach().to(coarser))

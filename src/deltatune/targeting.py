@@ -5,8 +5,11 @@ Rules (peft's, made strict):
 - a single string is a regular expression matched with `re.fullmatch` against full names;
 - `"all-linear"` selects every linear layer except the output head and `modules_to_save`;
 - `layers_to_transform` keeps modules inside the numbered blocks listed;
-- every list entry must match something, and a selected module must be of a type the method adapts:
-  otherwise the error names the entry, close module names and the supported types.
+- a module in `modules_to_save`, and every module inside it, trains fully and gets no adapter (as in
+  peft, where the saved copy wins);
+- every target list entry must match something, and a selected module must be of a type the method
+  adapts: otherwise the error names the entry, close module names and the supported types. An
+  `exclude_modules` entry that matches nothing warns, as in peft.
 Modules that deltatune itself added (adapter sites) are never candidates.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from typing import Callable, Iterable, Iterator
 
 from torch import nn
@@ -105,7 +109,7 @@ def select_modules(
     if target == ALL_LINEAR or target == [ALL_LINEAR]:
         heads = output_head_names(model)
         kinds = linear_types()
-        selected = [n for n in names if isinstance(modules[n], kinds) and n not in heads and n not in saved]
+        selected = [n for n in names if isinstance(modules[n], kinds) and n not in heads]
     elif isinstance(target, str):
         selected = [n for n in names if re.fullmatch(target, n)]
         if not selected:
@@ -114,18 +118,12 @@ def select_modules(
         selected = resolve_names(model, target, "target_modules", names)
 
     if config.exclude_modules:
-        if isinstance(config.exclude_modules, list):
-            resolve_names(model, config.exclude_modules, "exclude_modules", names)
+        _warn_unmatched_exclusions(config.exclude_modules, names)
         selected = [n for n in selected if not matches(n, config.exclude_modules)]
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
         selected = [n for n in selected if layer_index(n, config.layers_pattern) in wanted]
-    both = sorted(saved.intersection(selected))
-    if both:
-        raise TargetNotFoundError(
-            f"{both[0]!r} is both adapted and in modules_to_save; a module either trains fully or gets "
-            "an adapter: remove it from one of the two lists"
-        )
+    selected = [n for n in selected if not _inside_any(n, saved)]
     unsupported = [n for n in selected if not isinstance(modules[n], supported_types)]
     if unsupported:
         kinds = ", ".join(sorted({t.__name__ for t in supported_types}))
@@ -135,9 +133,10 @@ def select_modules(
             f"that module instead (for example {_leaf_example(modules, unsupported[0], supported_types)})."
         )
     if not selected:
+        saved_note = f"; modules in modules_to_save={config.modules_to_save!r} train fully and get no adapter" if saved else ""
         raise TargetNotFoundError(
             f"the config selects no module of the model (target_modules={target!r}, "
-            f"layers_to_transform={config.layers_to_transform!r}, exclude_modules={config.exclude_modules!r})"
+            f"layers_to_transform={config.layers_to_transform!r}, exclude_modules={config.exclude_modules!r}{saved_note})"
         )
     return selected
 
@@ -145,6 +144,19 @@ def select_modules(
 def saved_module_names(model: nn.Module, config: DeltaConfig) -> list[str]:
     """Full names of the modules in `config.modules_to_save`."""
     return resolve_names(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else []
+
+
+def _inside_any(name: str, saved: set[str]) -> bool:
+    """Whether module `name` is one of the `saved` modules or lies inside one."""
+    return any(name == entry or name.startswith(entry + ".") for entry in saved)
+
+
+def _warn_unmatched_exclusions(spec: list[str] | str, names: list[str]) -> None:
+    """peft's rule: an exclusion that matches no module of the model is a warning, not an error."""
+    pattern = isinstance(spec, str)
+    for entry in [spec] if pattern else spec:
+        if not any(matches(name, entry if pattern else [entry]) for name in names):
+            warnings.warn(_no_match_message("exclude_modules", entry, names, pattern=pattern), UserWarning, stacklevel=2)
 
 
 def _leaf_example(modules: dict[str, nn.Module], name: str, supported_types: tuple[type, ...]) -> str:

@@ -140,15 +140,24 @@ INITS: dict[str, Callable[[nn.Linear, nn.Linear], None]] = {"bert": _bert_init, 
 
 class InputTap:
     """Records x, the input of the module that receives the residual stream, on every call (a forward
-    pre-hook, registered once). Not a module: the adapter holds it as a plain attribute."""
+    pre-hook, registered once), and forgets it when the sublayer's output module has run, even if it
+    raised (`forget_after`): x never outlives its call. Not a module: the adapter holds it as a plain
+    attribute."""
 
     def __init__(self, module: nn.Module, argument: str) -> None:
         self.argument = argument
         self.value: torch.Tensor | None = None
-        self.handle = module.register_forward_pre_hook(self.record, with_kwargs=True)
+        self.handles = [module.register_forward_pre_hook(self.record, with_kwargs=True)]
 
     def record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.value = input_of(args, kwargs, self.argument)
+
+    def forget_after(self, output_module: nn.Module) -> None:
+        """Drop x once `output_module` (whose site reads x) has run; registered after that site's hook."""
+        self.handles.append(output_module.register_forward_hook(self.forget, always_call=True))
+
+    def forget(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.value = None
 
     def take(self, rows: torch.Tensor | None) -> torch.Tensor:
         if self.value is None:
@@ -220,7 +229,8 @@ class BottleneckAdapter(SiteAdapter):
     def close(self) -> None:
         """Remove the input hook (on detach)."""
         if self.tap is not None:
-            self.tap.handle.remove()
+            for handle in self.tap.handles:
+                handle.remove()
 
 
 @register("bottleneck")
@@ -255,6 +265,8 @@ class Bottleneck:
             tap = InputTap(model.get_submodule(site.input), site.input_argument) if needs_input else None
             layer_norm = model.get_submodule(site.layer_norm) if site.layer_norm and config.original_ln_before else None
             open_site(output_module, state).add(output_module, name, BottleneckAdapter(down, up, hidden, config, tap, layer_norm))
+            if tap is not None:
+                tap.forget_after(output_module)
         for saved in saved_module_names(model, config):
             module = model.get_submodule(saved)
             open_site(module, state).add(module, name, ModuleCopy(module))

@@ -60,6 +60,11 @@ _PREFIX_LENGTHS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictiona
 """For caches that hold only prefixes so far: how many positions. A second active prefix adapter adds
 its prefix to such a cache; a cache that has seen tokens gets no prefix again."""
 
+_CALL_ONLY: "weakref.WeakSet[Any]" = weakref.WeakSet()
+"""Caches built for a call that asked for none (`use_cache=False`). Its output does not hand them back,
+as the base model hands back no cache then: otherwise `generate(use_cache=False)` fed the prefix and
+the tokens seen so far in again with the whole sequence, and every token was attended twice."""
+
 
 @dataclasses.dataclass
 class PrefixTuningConfig(SoftPromptConfig):
@@ -199,12 +204,13 @@ class PrefixCache(SiteAdapter):
         return [tuple(table[chunk].expand(batch, -1, -1, -1) for chunk in layout.chunks(layer)) for layer in range(layout.layers)]
 
     def new_cache(self, module: nn.Module) -> Any:
-        read_only = module.training and torch.is_grad_enabled()
-        cache = (ReadOnlyPrefixCache if read_only else DynamicCache)(config=self.model_config)
+        cache = (ReadOnlyPrefixCache if _trains(module) else DynamicCache)(config=self.model_config)
         return EncoderDecoderCache(cache, DynamicCache(config=self.model_config)) if self.layout.encoder_decoder else cache
 
     def fill(self, module: nn.Module, call: CallShape, per_layer: list[tuple[torch.Tensor, torch.Tensor]], added: int) -> None:
         cache = call.cache if call.cache is not None else self.new_cache(module)
+        if call.cache is None and not self.wants_cache(call):
+            _CALL_ONLY.add(cache)
         part = self_attention_part(cache)
         for layer, (keys, values) in enumerate(per_layer):
             DynamicCache.update(part, keys, values, layer)
@@ -212,7 +218,14 @@ class PrefixCache(SiteAdapter):
         call.keywords[self.cache_key] = cache
         self.held[call.batch] = cache
 
+    def wants_cache(self, call: CallShape) -> bool:
+        """Whether the caller asked for the cache back (`use_cache`, else the model config's default)."""
+        asked = call.keywords.get("use_cache")
+        return bool(asked) if asked is not None else getattr(self.model_config, "use_cache", True) is not False
+
     def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not _trains(module):
+            self.held.clear()  # a call that raised never reached the forward hook that clears it
         call = CallShape(self.names, args, kwargs, self.cache_key)
         n = self.num_virtual_tokens
         so_far = prefix_length_so_far(call.cache)
@@ -226,6 +239,9 @@ class PrefixCache(SiteAdapter):
     def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=False)
+        if not _trains(module):
+            for adapter, _ in layout.groups:
+                adapter.held.clear()
         first = call.cached == 0
         if first:
             call.check_length(layout.width, self.stacks.max_positions)
@@ -245,12 +261,27 @@ class PrefixCache(SiteAdapter):
         return (), call.keywords
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not (module.training and torch.is_grad_enabled()):
+        if not _trains(module):
             self.held.clear()
-        return output
+        cache = kwargs.get(self.cache_key)
+        return without_cache(output, cache) if cache in _CALL_ONLY else output
 
     def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
         return self(module, args, kwargs, output)
+
+
+def _trains(module: nn.Module) -> bool:
+    """A training call (gradient checkpointing may run its layers again in the backward pass)."""
+    return module.training and torch.is_grad_enabled()
+
+
+def without_cache(output: Any, cache: Any) -> Any:
+    """A stack's output (a ModelOutput, or a tuple) with `cache` taken out."""
+    if isinstance(output, tuple):
+        return tuple(item for item in output if item is not cache)
+    for key in [key for key, value in output.items() if value is cache]:
+        output[key] = None
+    return output
 
 
 class PrefixReinsert(SiteAdapter):

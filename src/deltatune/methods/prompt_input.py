@@ -27,8 +27,9 @@ class PromptInput(SiteAdapter):
         self.names = parameter_names(stack)
         self.cache_key = next((name for name in CACHE_ARGUMENTS if name in self.names), "cache")
         self.accepts_positions = "position_ids" in self.names
-        self.pending: list[tuple[int, RowLayout | None]] = []
-        """Virtual positions to drop from the coming output (and how, in a mixed batch)."""
+        self.pending: tuple[int, RowLayout | None] | None = None
+        """Virtual positions to drop from this call's output (and how, in a mixed batch); set afresh by
+        every call's pre-hook, so a call that raised leaves nothing for the next."""
 
     def peft_file_state(self) -> dict[str, torch.Tensor]:
         """peft stores the prompt itself (`prompt_embeddings`), whatever produced it."""
@@ -36,6 +37,7 @@ class PromptInput(SiteAdapter):
             return {"source.weight": self.source()}
 
     def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.pending = None
         call = CallShape(self.names, args, kwargs, self.cache_key)
         n = self.num_virtual_tokens
         first = call.cached == 0
@@ -45,7 +47,7 @@ class PromptInput(SiteAdapter):
             prompt = self.source().to(embeds.dtype).expand(call.batch, -1, -1)
             call.keywords["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
             self._extend_token_types(call, n, None)
-            self.pending += [(n, None)] if self.stacks.trim else []
+            self.pending = (n, None) if self.stacks.trim else None
         call.extend_mask("attention_mask", None, n, call.length)
         call.shift_positions(n, None, first, self.accepts_positions)
         return (), call.keywords
@@ -53,6 +55,8 @@ class PromptInput(SiteAdapter):
     def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=call.cache is None)
+        for adapter, _ in layout.groups:
+            adapter.pending = None
         first = call.cached == 0
         if first:
             call.check_length(layout.width, self.stacks.max_positions)
@@ -64,17 +68,17 @@ class PromptInput(SiteAdapter):
                 block[rows, start:start + prompt.shape[0]] = prompt
             call.keywords["inputs_embeds"] = layout.combine(block, embeds)
             self._extend_token_types(call, layout.width, layout)
-            self.pending += [(layout.width, layout)] if self.stacks.trim else []
+            self.pending = (layout.width, layout) if self.stacks.trim else None
         real_past = call.cached - (0 if first else layout.width)
         call.extend_mask("attention_mask", layout, layout.width, real_past + call.length)
         call.shift_positions(layout.width, layout, first, self.accepts_positions, real_past)
         return (), call.keywords
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self.pending:
+        if self.pending is None:
             return output
-        (count, layout), = self.pending
-        self.pending = []
+        count, layout = self.pending
+        self.pending = None
         return trim_output(output, count, layout)
 
     def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:

@@ -1,0 +1,164 @@
+"""Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
+
+A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
+peft's `LoraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
+
+- read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
+- tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
+  initialised before they were trained and saved);
+- refused: unless it holds its default, it changes the math in a way deltatune does not implement,
+  and loading without it would give other outputs without a word.
+
+`init_lora_weights` is read, but the initialisations that also rewrite the base model's weights are
+refused by name: the saved A and B only reproduce peft's outputs on the rewritten base. A key that
+peft 0.21 does not have (a newer peft) is tolerated with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from .errors import DeltaTuneError
+
+COMMON_TOLERATED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode")
+"""Keys of every peft config that only describe the adapter (the task's heads, when peft adds them to
+`modules_to_save`, are listed there)."""
+
+LORA_READ = (
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+)
+
+LORA_TOLERATED = {
+    "fan_in_fan_out": "peft sets it from the layer type (False for Linear, True for GPT-2's Conv1D), as deltatune does",
+    "megatron_core": "the module path of Megatron, used only with megatron_config",
+    "loftq_config": "settings of the LoftQ initialisation, used only with init_lora_weights='loftq'",
+    "eva_config": "settings of the EVA initialisation, which leaves the base alone",
+    "corda_config": "settings of the CorDA initialisation, used only with init_lora_weights='corda'",
+    "lora_ga_config": "settings of the LoRA-GA initialisation, used only with init_lora_weights='lora_ga'",
+    "qalora_group_size": "used only with use_qalora",
+    "runtime_config": "peft's runtime settings, never saved",
+}
+
+LORA_REFUSED: dict[str, tuple[Any, str]] = {
+    "bias": ("none", "trains the biases of the base model"),
+    "use_dora": (False, "DoRA: a learned magnitude per output feature"),
+    "lora_bias": (False, "a bias on LoRA's B"),
+    "layer_replication": (None, "repeats layers of the base model"),
+    "target_parameters": (None, "LoRA on bare parameters such as mixture-of-experts weights"),
+    "trainable_token_indices": (None, "trains chosen rows of the embedding"),
+    "megatron_config": (None, "LoRA on Megatron's parallel layers"),
+    "use_qalora": (False, "QA-LoRA: pooled inputs for quantized layers"),
+    "alora_invocation_tokens": (None, "Activated LoRA: the adapter acts only from its invocation tokens on"),
+    "velora_config": (None, "VeLoRA: compressed activations in the backward pass and extra buffers"),
+    "monteclora_config": (None, "MonteCLoRA: sampled adapter weights"),
+    "use_bdlora": (None, "BD-LoRA: block-diagonal A or B"),
+    "arrow_config": (None, "Arrow: routing between several LoRA experts"),
+    "kasa_config": (None, "KaSA: a truncated base weight and learned singular values"),
+    "ensure_weight_tying": (False, "the adapter of a tied embedding also acts at the output head"),
+}
+"""Key → (its default, what it does that deltatune does not)."""
+
+PLAIN_INITS = ("gaussian", "eva", "orthogonal")
+"""Initialisations (besides True and False) that leave the base model alone and train A and B as plain
+LoRA does: the saved weights are the whole adapter."""
+
+BASE_REWRITING_INITS = {
+    "pissa": "PiSSA",
+    "olora": "OLoRA",
+    "corda": "CorDA",
+    "lora_ga": "LoRA-GA",
+    "loftq": "LoftQ",
+}
+"""Prefix of an `init_lora_weights` value ("pissa_niter_16" is PiSSA) → the method, for those that
+subtract the initial s·B·A from (or quantize) the base weights."""
+
+CONVERTIBLE = ("pissa", "olora", "corda", "lora_ga")
+"""The base-rewriting inits whose adapters peft itself converts to plain LoRA."""
+
+OTHER_REFUSED_INITS = {"mica": "MiCA keeps B frozen and trains A only, deltatune would train both"}
+
+SOFT_PROMPT_READ = ("num_virtual_tokens", "num_transformer_submodules", "modules_to_save")
+
+SOFT_PROMPT_TOLERATED = {
+    "token_dim": "the prompt's width, checked against the saved table's shape",
+    "num_layers": "the prefix's layer count, checked against the saved table's shape",
+    "num_attention_heads": "the prefix's head count; the model's own splits the table, as for the model the file was made for",
+    "prompt_tuning_init": "how the prompt started; the saved table is the trained prompt",
+    "prompt_tuning_init_text": "how the prompt started",
+    "tokenizer_name_or_path": "how the prompt started",
+    "tokenizer_kwargs": "how the prompt started",
+    "encoder_reparameterization_type": "the saved table is the encoder's output",
+    "encoder_hidden_size": "the saved table is the encoder's output",
+    "encoder_num_layers": "the saved table is the encoder's output",
+    "encoder_dropout": "the saved table is the encoder's output",
+    "prefix_projection": "the saved table is the projection's output",
+    "init_weights": "how the prefix started",
+}
+
+
+def check_lora_keys(data: dict[str, Any]) -> None:
+    """Refuse a peft LoRA config whose keys ask for math deltatune does not compute; warn about keys
+    peft 0.21 does not have."""
+    for key, (default, meaning) in LORA_REFUSED.items():
+        value = data.get(key)
+        if not _is_unset(value, default):
+            raise DeltaTuneError(
+                f"this peft adapter sets {key}={value!r} ({meaning}), which deltatune does not implement, "
+                "so it would load with other outputs; retrain it without that option, or run it with peft"
+            )
+    check_init(data.get("init_lora_weights"))
+    _warn_unknown(data, {*COMMON_TOLERATED, *LORA_READ, *LORA_TOLERATED, *LORA_REFUSED})
+
+
+def check_soft_prompt_keys(data: dict[str, Any]) -> None:
+    """Warn about soft-prompt config keys peft 0.21 does not have (none of its own keys is refused)."""
+    _warn_unknown(data, {*COMMON_TOLERATED, *SOFT_PROMPT_READ, *SOFT_PROMPT_TOLERATED})
+
+
+def check_init(value: Any) -> None:
+    """Refuse the `init_lora_weights` values whose saved adapters deltatune cannot reproduce."""
+    if value is None or isinstance(value, bool):
+        return
+    name = str(value).lower()
+    if name in PLAIN_INITS:
+        return
+    family = next((key for key in BASE_REWRITING_INITS if name.startswith(key)), None)
+    if family is not None:
+        method = BASE_REWRITING_INITS[family]
+        remedy = (
+            "convert it to plain LoRA with peft (save_pretrained(..., path_initial_model_for_weight_conversion="
+            "<the adapter saved right after initialisation>)) and load that, or train with the default "
+            "init_lora_weights=True"
+            if family in CONVERTIBLE
+            else "use it with peft on the base model LoftQ produced, or train with the default init_lora_weights=True"
+        )
+        raise DeltaTuneError(
+            f"this peft adapter was made with init_lora_weights={value!r} ({method}), which also rewrites the "
+            f"base model's weights, so on the original base it gives other outputs; deltatune does not "
+            f"implement {method} yet: {remedy}"
+        )
+    reason = OTHER_REFUSED_INITS.get(name, "an initialisation deltatune does not know, which may rewrite the base model")
+    raise DeltaTuneError(
+        f"this peft adapter was made with init_lora_weights={value!r} ({reason}); deltatune does not "
+        "implement it yet: train with the default init_lora_weights=True"
+    )
+
+
+def _is_unset(value: Any, default: Any) -> bool:
+    """Whether a key holds its default (missing, null, or an empty list or dict where the default is null)."""
+    if value is None or value == default:
+        return True
+    return default is None and isinstance(value, (list, dict)) and not value
+
+
+def _warn_unknown(data: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(key for key in data if key not in known and not _is_unset(data[key], None) and data[key] is not False)
+    if unknown:
+        warnings.warn(
+            f"peft config keys {unknown} are not keys of peft 0.21, which deltatune reads; they are ignored "
+            "(check that the adapter still gives the outputs you expect)",
+            UserWarning,
+            stacklevel=4,
+        )
