@@ -219,7 +219,7 @@ def test_saving_into_the_working_directory_keeps_it_usable(tmp_path: Path, monke
     assert same(loaded_outputs(Path(".")), outputs(saved))
 
 
-def test_a_save_keeps_the_folder_permissions_and_follows_a_symlinked_folder(tmp_path: Path) -> None:
+def test_a_save_through_a_symlink_replaces_the_real_folder_and_keeps_its_permissions(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()
     os.chmod(real, 0o750)
@@ -230,3 +230,15 @@ def test_a_save_keeps_the_folder_permissions_and_follows_a_symlinked_folder(tmp_
     assert link.is_symlink() and stat.S_IMODE(os.stat(real).st_mode) == 0o750
     assert same(loaded_outputs(real), outputs(saved))
 
+
+
+def test_writing_files_into_a_folder_keeps_its_other_entries_and_removes_staging_of_killed_writes(tmp_path: Path) -> None:
+    """`write_files` (a run's metrics, a checkpoint's files) adds files to a folder that stays."""
+    folder = tmp_path / "run"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "kept.txt").write_text("kept")
+    (folder / ".metrics.json.k1ll3d02.partial").write_text('{"half')
+    deltatune.atomic.write_files(folder, {"metrics.json": deltatune.atomic.json_writer({"loss": 1.0})})
+    assert (folder / "adapter" / "kept.txt").read_text() == "kept"
+    assert (folder / "metrics.json").read_text() == '{\n  "loss": 1.0\n}\n'
+    assert leftovers(folder) == []
