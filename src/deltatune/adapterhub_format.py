@@ -11,7 +11,8 @@ or `pytorch_model_adapter_fusion.bin` with keys `<block>.<location>.adapter_fusi
 Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`phm_layer`) and dynamic
 fusion configs translate to ours; options we do not implement (new layer norms, gating, invertible
 adapters, learned scaling, ...) are refused with the option's name, never silently dropped. Prediction
-heads saved beside the adapter (`head_config.json`) are not read.
+heads saved beside the adapter (`head_config.json`) are not read. Every name a folder records (the
+adapter's, a fusion's and the fused adapters') must follow the rule of `names`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .errors import AdapterFileError
 from .methods.bottleneck import BottleneckConfig, placed_sites
 from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
+from .names import check_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 FUSION_CONFIG = "adapter_fusion_config.json"
@@ -68,7 +70,7 @@ def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, 
         return _read_fusion(folder, model)
     data = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     config = config_from_adapterhub(data["config"], folder)
-    name = data.get("name") or folder.name
+    name = check_name(data.get("name") or folder.name, f"{folder / ADAPTER_CONFIG}", AdapterFileError)
     tensors = _read_weights(folder, ADAPTER_WEIGHTS)
     sites = placed_sites(model, config)
     ours: dict[str, torch.Tensor] = {}
@@ -107,7 +109,9 @@ def config_from_adapterhub(options: dict[str, Any], folder: Path) -> BottleneckC
 def _read_fusion(folder: Path, model: nn.Module) -> tuple[FusionConfig, dict[str, torch.Tensor], str]:
     data = json.loads((folder / FUSION_CONFIG).read_text(encoding="utf-8"))
     _refuse_other_values(data["config"], FIXED_FUSION_OPTIONS, folder)
-    name = data.get("name") or ",".join(data["adapter_names"])
+    for adapter in data["adapter_names"]:
+        check_name(adapter, f"{folder / FUSION_CONFIG}", AdapterFileError)
+    name = check_name(data.get("name") or ",".join(data["adapter_names"]), f"{folder / FUSION_CONFIG}", AdapterFileError)
     dropout = data["config"].get("dropout_prob")
     if dropout is None:
         dropout = getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0)

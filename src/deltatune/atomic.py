@@ -1,40 +1,144 @@
-"""Writes that never leave a half-written adapter.
+"""Writes that never leave a mix of two saves, and leave nothing behind when killed.
 
-Every file of a save is first written completely into a staging folder beside the target (same file
-system); only then are the files renamed into place, one `os.replace` each. An error while writing
-leaves the old folder untouched; other files in the target folder are never touched.
+`replace_folder(folder, writers)` replaces a whole folder (an adapter save), so a reader sees the old
+folder or the new one, never a mix. With `parent` the folder's parent (POSIX):
+
+1. Lock `parent/.deltatune.lock` (`flock`, exclusive; the empty file stays). Every write that stages
+   in a directory holds that directory's lock, so two processes saving to one folder run one after
+   the other and never mix their files (the later one wins whole); and while the lock is held, every
+   staging entry in `parent` (`.<name>.<8 characters>.partial`, also those of earlier releases) is a
+   killed write's and is removed, and a swap that a kill interrupted is finished (step 4).
+2. Stage: each writer writes its file (or folder) into a new `parent/.<name>.<random>.partial`; each
+   is fsynced.
+3. Carry over: the entries of the old folder that no writer wrote and that `replaced(entry)` does not
+   claim (a README, a model beside the adapter) are hard-linked into the staging folder (copied where
+   a link fails). The old folder is never written to.
+4. Swap: `renameat2(RENAME_EXCHANGE)` exchanges the folder and the staging folder in one step (Linux:
+   ext4, xfs, btrfs, tmpfs, ...), so at every instant the path holds a complete folder; the old one,
+   now under the staging name, is then removed. Where the file system cannot exchange (NFS, macOS)
+   the old folder is renamed to `.<name>.deltatune-old` and the staging folder into place; between the
+   two renames the path is absent. A kill there leaves the old folder complete under that name: the
+   next save puts it back first, and `load` names it in its error.
+
+So a kill at any instant leaves the old folder or the new one at the path, and staging that the next
+save into that parent removes. Readers take no lock: `folder_version` changes whenever the folder is
+replaced, so a reader compares it before and after reading and reads again if it changed. A process
+whose working directory is inside the folder is moved to the new one; other processes that hold the
+old folder open (a log file inside it) keep the old one: so a save folder is a folder of its own,
+never a run's output folder.
+
+Why this design: the folder keeps its plain layout, which peft, the Hub and `cp -r` read as it is
+(a symlink to a generation folder would not); the exchange leaves no instant without a folder (which
+renaming the old folder aside first does, so that is only the fallback); and readers need no lock, so
+a read-only folder, or one another user wrote, loads as well.
+
+`write_files(folder, writers)` adds or replaces files in a folder that stays (a run's output folder,
+a checkpoint): under the folder's own lock, each file is written in full to `.<name>.<random>.partial` in
+the folder (same file system, also on a mount point), then all are renamed into place in the order
+given, the file that marks a complete write last (a kill between two renames leaves new files beside
+old ones, so the caller's last file must tell a complete write); staging of killed writes there goes
+at the next one.
+
+Helper names use an entry's name cut to `STEM_BYTES` (with a digest when cut), so every name that the
+file system takes can be saved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import sys
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
 
+from .errors import AdapterFileError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so saves into one parent are not serialized there
+    fcntl = None
+
 Writer = Callable[[str], None]
+
+LOCK_FILE = ".deltatune.lock"
+STEM_BYTES = 200
+STAGING = re.compile(r"\..+\.[a-z0-9_]{8}\.partial")
+ASIDE_SUFFIX = ".deltatune-old"
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+
+
+def replace_folder(folder: Path, writers: dict[str, Writer], replaced: Callable[[Path], bool] = lambda entry: False) -> None:
+    """Replace `folder`, in one step, by a folder holding what `writers` write (`{entry name:
+    writer(path)}`, each writing one file or folder) and the old folder's other entries, except those
+    that `replaced(entry)` claims for this save. An error before the swap leaves the old folder as it was."""
+    with _errors_said(folder):
+        real = _real_folder(Path(folder))
+        with _locked(real.parent):
+            _remove_staging(real.parent)
+            _finish_interrupted_swap(real)
+            staging = _new_staging(real.parent, real.name)
+            try:
+                os.mkdir(staging)
+                for name, write in writers.items():
+                    write(str(staging / name))
+                    _sync_tree(staging / name)
+                if real.is_dir():
+                    _carry_over(real, staging, replaced)
+                    shutil.copymode(real, staging)
+                _sync_folder(staging)
+                with _working_directory_kept(real):
+                    _swap(real, staging)
+                _sync_folder(real.parent)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_files(folder: Path, writers: dict[str, Writer]) -> None:
-    """Write `{file name: writer(temporary path)}` into `folder`, all or (until the renames) nothing.
-    Files are renamed in the order given: put the file that marks a complete save last."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    try:
-        for file_name, write in writers.items():
-            write(str(staging / file_name))
-            with open(staging / file_name, "rb") as written:
-                os.fsync(written.fileno())
-        folder.mkdir(exist_ok=True)
-        for file_name in writers:
-            os.replace(staging / file_name, folder / file_name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Write `{file name: writer(temporary path)}` into `folder`, all or (until the renames) nothing;
+    other entries of the folder stay. Files are renamed in the order given: put the file that marks a
+    complete write last."""
+    folder = Path(folder)
+    with _errors_said(folder):
+        _check_not_a_file(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder):
+            _remove_staging(folder)
+            staged: dict[str, Path] = {}
+            try:
+                for name, write in writers.items():
+                    staged[name] = _new_staging(folder, name)
+                    write(str(staged[name]))
+                    _sync_tree(staged[name])
+                for name, path in staged.items():
+                    os.replace(path, folder / name)
+                _sync_folder(folder)
+            finally:
+                for path in staged.values():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+
+
+def folder_writer(writers: dict[str, Writer]) -> Writer:
+    """A writer of a folder holding `{file name: writer}`."""
+    def write(path: str) -> None:
+        os.mkdir(path)
+        for name, write_file in writers.items():
+            write_file(os.path.join(path, name))
+
+    return write
 
 
 def json_writer(data: dict[str, Any]) -> Writer:
@@ -50,3 +154,201 @@ def safetensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     """safetensors of detached, contiguous CPU copies (no pickling, no shared storage)."""
     plain = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
     return lambda path: save_file(plain, path, metadata=metadata)
+
+
+def folder_version(path: Path) -> tuple[int, int, int] | None:
+    """Changes whenever a save replaces the folder at `path` or an entry in it; None where it is absent."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_ctime_ns
+
+
+def interrupted_save(folder: Path) -> Path | None:
+    """Where the old `folder` lies if a save killed between its two renames left the path absent."""
+    real = Path(os.path.realpath(folder))
+    aside = _aside(real)
+    return aside if not real.exists() and aside.is_dir() else None
+
+
+def is_helper(name: str) -> bool:
+    """Whether an entry name is one of the lock, staging and aside entries that saves create."""
+    return name == LOCK_FILE or bool(STAGING.fullmatch(name)) or (name.startswith(".") and name.endswith(ASIDE_SUFFIX))
+
+
+# ----------------------------------------------------------------------------- the steps
+def _real_folder(folder: Path) -> Path:
+    _check_not_a_file(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    real = Path(os.path.realpath(folder))
+    if real == real.parent or os.path.ismount(real):
+        raise AdapterFileError(f"{folder} is a mount point, which a save cannot replace as a whole; save into a folder inside it")
+    return real
+
+
+def _check_not_a_file(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise AdapterFileError(f"{folder} is a file; pass a folder path to save into")
+
+
+@contextlib.contextmanager
+def _errors_said(folder: Path) -> Iterator[None]:
+    """An error of the file system (disk full, no permission) as one line naming the folder."""
+    try:
+        yield
+    except OSError as error:
+        raise AdapterFileError(f"cannot save {folder}: {error}; check that the disk has space and the folder is writable") from None
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the writes that stage in `directory` (released when the descriptor
+    closes, or the process dies)."""
+    descriptor = _open_lock_file(directory / LOCK_FILE)
+    try:
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _open_lock_file(path: Path) -> int:
+    """Opened for writing where allowed (NFS needs that for an exclusive lock), else read-only (a lock
+    file another user created, in a shared folder such as /tmp)."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
+def _remove_staging(directory: Path) -> None:
+    """Under the lock of `directory`: remove the staging entries that killed writes left in it."""
+    for entry in directory.iterdir():
+        if STAGING.fullmatch(entry.name) and not entry.is_symlink():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _finish_interrupted_swap(folder: Path) -> None:
+    """A kill between the two renames of a swap without exchange: put the old folder back (or, if the
+    new one is in place, drop the old)."""
+    aside = _aside(folder)
+    if aside.is_dir():
+        if folder.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, folder)
+
+
+def _new_staging(directory: Path, name: str) -> Path:
+    """A free staging name for entry `name` in `directory` (the entry is made by the caller: a folder
+    made with `os.mkdir` gets the usual permissions, where mkdtemp would give 0o700)."""
+    while True:
+        staging = directory / f".{_stem(name)}.{secrets.token_hex(4)}.partial"
+        if not os.path.lexists(staging):
+            return staging
+
+
+def _carry_over(old: Path, staging: Path, replaced: Callable[[Path], bool]) -> None:
+    """Hard-link into `staging` the entries of `old` that the save neither wrote nor replaces."""
+    for entry in old.iterdir():
+        target = staging / entry.name
+        if os.path.lexists(target) or is_helper(entry.name) or replaced(entry):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(target))
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _swap(folder: Path, staging: Path) -> None:
+    if not folder.exists():
+        os.rename(staging, folder)
+    elif not _exchange(folder, staging):
+        aside = _aside(folder)
+        os.rename(folder, aside)
+        os.rename(staging, folder)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step; False where the system or file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first))
+
+
+@cache
+def _renameat2() -> Any:
+    """The C library's `renameat2` (Linux, glibc 2.28+ or musl), or None."""
+    if sys.platform != "linux":
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
+
+
+@contextlib.contextmanager
+def _working_directory_kept(folder: Path) -> Iterator[None]:
+    """The swap moves the old folder away: a working directory inside it follows to the new one."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        cwd = None
+    yield
+    if cwd is not None and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)) and os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
+def _sync_tree(path: Path) -> None:
+    """fsync a file, or a folder with everything in it."""
+    if path.is_dir():
+        for child in path.iterdir():
+            _sync_tree(child)
+        _sync_folder(path)
+    else:
+        with open(path, "rb") as file:
+            os.fsync(file.fileno())
+
+
+def _sync_folder(path: Path) -> None:
+    """fsync a folder's entries (POSIX; Windows cannot open a folder)."""
+    if os.name == "posix":
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _aside(folder: Path) -> Path:
+    return folder.parent / f".{_stem(folder.name)}{ASIDE_SUFFIX}"
+
+
+def _stem(name: str) -> str:
+    """`name`, cut (with a digest of the whole) where helper names would pass 255 bytes."""
+    raw = os.fsencode(name)
+    if len(raw) <= STEM_BYTES:
+        return name
+    return os.fsdecode(raw[: STEM_BYTES - 17]) + "~" + hashlib.sha256(raw).hexdigest()[:16]

@@ -2,9 +2,15 @@
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
 "base_model_name_or_path"} and `adapter_model.safetensors` whose keys are `<module path>.<tensor>`
-(no adapter name, so a file loads under any name). peft's folder: see `peft_format`. Both files are
-written in full to a staging folder and then renamed into place (`atomic`), so an interrupted save
-leaves the old adapter as it was. Loading checks every key and shape before it copies anything.
+(no adapter name, so a file loads under any name). peft's folder: see `peft_format`.
+
+A save replaces the whole save folder in one step (`atomic`): an interrupted save leaves the old
+adapter as it was, and afterwards the folder holds exactly the adapters saved. The adapter entries of
+the old folder go: `adapter_config.json`, `adapter_fusion_config.json` and `adapter_model.safetensors`
+at its top, and every subfolder that holds an adapter (ours, peft's or AdapterHub's: what `load` would
+read). Everything else in it (a README, a model, hidden files) stays. Loading reads the folder again if
+a save replaced it meanwhile, skips hidden subfolders (a valid adapter name never starts with '.'), and
+checks every name, key and shape before it copies anything.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from safetensors import safe_open
 from torch import nn
 
 from . import __version__, adapterhub_format, peft_format
-from .atomic import json_writer, safetensors_writer, write_files
+from .atomic import Writer, folder_version, folder_writer, interrupted_save, json_writer, replace_folder, safetensors_writer
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
+from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMATS = ("deltatune", "peft")
+TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE)
+LOAD_ATTEMPTS = 5
 
 
 def save_adapters(delta_model: Any, path: str | Path, names: list[str], format: str) -> None:
@@ -35,45 +44,78 @@ def save_adapters(delta_model: Any, path: str | Path, names: list[str], format: 
     delta_model._check_names(names)
     if not names:
         raise DeltaTuneError("there is no adapter to save")
-    root = Path(path)
-    if root.exists() and not root.is_dir():
-        raise AdapterFileError(f"{root} is a file; pass a folder path to save into")
-    for name in names:
-        folder = root if len(names) == 1 else root / name
-        peft = format == "peft"
-        if peft:
-            config = peft_format.config_to_peft(delta_model.configs[name], delta_model.targets[name], delta_model.base_model)
-        else:
-            config = _our_config(delta_model, name)
-        weights = safetensors_writer(_file_tensors(delta_model, name, peft), metadata={"format": "pt"})
-        write_files(folder, {WEIGHTS_FILE: weights, CONFIG_FILE: json_writer(config)})
+    folders = {name: _adapter_writers(delta_model, check_name(name), format == "peft") for name in names}
+    if len(names) == 1:
+        replace_folder(Path(path), folders[names[0]], replaced=_written_by_saves)
+    else:
+        replace_folder(Path(path), {name: folder_writer(writers) for name, writers in folders.items()}, replaced=_written_by_saves)
+
+
+def _adapter_writers(delta_model: Any, name: str, peft: bool) -> dict[str, Writer]:
+    """The writers of adapter `name`'s two files."""
+    if peft:
+        config = peft_format.config_to_peft(delta_model.configs[name], delta_model.targets[name], delta_model.base_model)
+    else:
+        config = _our_config(delta_model, name)
+    weights = safetensors_writer(_file_tensors(delta_model, name, peft), metadata={"format": "pt"})
+    return {WEIGHTS_FILE: weights, CONFIG_FILE: json_writer(config)}
+
+
+def _written_by_saves(entry: Path) -> bool:
+    """The entries of an old save folder that a new save replaces (see the module docstring)."""
+    return entry.name in TOP_LEVEL_ADAPTER_FILES or _is_adapter_folder(entry)
 
 
 def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainable: bool) -> Any:
-    """Load the adapter(s) in `path` onto `model` (a plain model or a `DeltaModel`)."""
+    """Load the adapter(s) in `path` onto `model` (a plain model or a `DeltaModel`). A save that
+    replaces the folder meanwhile makes it read again, so the adapters come from one save."""
     from .model import DeltaModel
 
-    folders = sorted(_adapter_folders(Path(path), name), key=lambda item: _needs_other_adapters(item[1]))
+    root = Path(path)
+    if name is not None:
+        check_name(name)
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
-    added: list[str] = []
     try:
-        for adapter_name, folder in folders:
-            _load_one(delta_model, folder, adapter_name, trainable)
-            added.append(adapter_name)
+        for _ in range(LOAD_ATTEMPTS):
+            if _load_folder(delta_model, root, name, trainable):
+                return delta_model
+        raise AdapterFileError(f"{root} was replaced by a save on every one of {LOAD_ATTEMPTS} attempts to read it; load it when the saves are done")
     except BaseException:
-        for adapter_name in added:
-            delta_model.delete(adapter_name)
         if delta_model is not model:
             delta_model.unload(merge=False)
         raise
-    return delta_model
 
 
-def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool) -> None:
+def _load_folder(delta_model: Any, root: Path, name: str | None, trainable: bool) -> bool:
+    """Load every adapter in `root`; False (with nothing added) if a save replaced it meanwhile."""
+    version = folder_version(root)
+    added: list[str] = []
+    try:
+        folders = sorted(_adapter_folders(root, name), key=lambda item: _needs_other_adapters(item[1]))
+        for adapter_name, folder in folders:
+            added.append(_load_one(delta_model, folder, adapter_name, trainable))
+    except BaseException as error:
+        _delete(delta_model, added)
+        if not isinstance(error, Exception) or folder_version(root) == version:
+            raise
+        return False
+    if folder_version(root) == version:
+        return True
+    _delete(delta_model, added)
+    return False
+
+
+def _delete(delta_model: Any, names: list[str]) -> None:
+    for name in names:
+        delta_model.delete(name)
+
+
+def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool) -> str:
+    """Load the adapter in `folder` (under `name`, else the name it records); returns its name."""
     if adapterhub_format.is_adapterhub_folder(folder):
         config, tensors, adapter_name = adapterhub_format.read_folder(folder, delta_model.base_model)
         _add_and_copy(delta_model, name or adapter_name, config, tensors, False, folder, trainable)
-        return
+        return name or adapter_name
     data = _read_json(folder / CONFIG_FILE)
     if peft_format.is_peft_config(data):
         config: DeltaConfig = peft_format.config_from_peft(data)
@@ -88,8 +130,12 @@ def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool)
         config = config_from_dict(data["config"])
         peft = False
         tensors = _read_tensors(folder / WEIGHTS_FILE)
-        adapter_name = name or data.get("name") or "default"
+        recorded = data.get("name")
+        if recorded is not None:
+            check_name(recorded, f"{folder / CONFIG_FILE}", AdapterFileError)
+        adapter_name = name or recorded or "default"
     _add_and_copy(delta_model, adapter_name, config, tensors, peft, folder / WEIGHTS_FILE, trainable)
+    return adapter_name
 
 
 def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool) -> None:
@@ -158,16 +204,24 @@ def _keep_saved_modules(config: DeltaConfig, tensors: dict[str, torch.Tensor], m
     return config.replace(modules_to_save=kept or None)
 
 
+def _is_adapter_folder(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() or adapterhub_format.is_fusion_folder(folder)
+
+
 def _adapter_folders(root: Path, name: str | None) -> list[tuple[str | None, Path]]:
-    is_adapter = lambda folder: (folder / CONFIG_FILE).is_file() or adapterhub_format.is_fusion_folder(folder)  # noqa: E731
-    if is_adapter(root):
+    """(name, folder) of the adapter at `root`, or of each adapter subfolder (hidden ones skipped:
+    staging of saves and other tools' files, never a valid adapter name)."""
+    if _is_adapter_folder(root):
         return [(name, root)]
     if root.is_dir():
-        found = sorted(child for child in root.iterdir() if is_adapter(child))
+        found = sorted(child for child in root.iterdir() if not child.name.startswith(".") and _is_adapter_folder(child))
         if name is not None:
             found = [child for child in found if child.name == name]
         if found:
-            return [(child.name, child) for child in found]
+            return [(check_name(child.name, f"{child}", AdapterFileError), child) for child in found]
+    aside = interrupted_save(root)
+    if aside is not None:
+        raise AdapterFileError(f"no adapter at {root}: a save into it was killed; the adapter saved before is in {aside}: save again, or rename that folder back")
     raise AdapterFileError(
         f"no adapter at {root}: expected {CONFIG_FILE} and {WEIGHTS_FILE} there, or subfolders holding them"
     )

@@ -18,6 +18,7 @@ from .composition import ActivePlan, Fuse, Setup, site_names
 from .config import DeltaConfig
 from .errors import AdapterNameError, DeltaTuneError
 from .merging import merge_adapters, unmerge_adapters
+from .names import check_name
 from .registry import method_for
 from .site import DeltaSite, RoutingState, site_of
 from .summary import TrainableSummary
@@ -51,9 +52,9 @@ class DeltaModel(nn.Module):
     # ----------------------------------------------------------------------------- adapters
     def add(self, name: str, config: DeltaConfig, trainable: bool = True) -> "DeltaModel":
         """Add adapter `name` built from `config`. The first adapter becomes active."""
-        if not isinstance(name, str) or not name or "." in name or name in self.configs:
-            taken = f"; taken: {sorted(self.configs)}" if name in self.configs else ""
-            raise AdapterNameError(f"adapter name {name!r} is not free (names are non-empty, without '.'){taken}; pick another name")
+        check_name(name)
+        if name in self.configs:
+            raise AdapterNameError(f"adapter name {name!r} is not free; taken: {sorted(self.configs)}; pick another name")
         if not isinstance(config, DeltaConfig):
             raise DeltaTuneError(f"expected a deltatune config (LoraConfig, BitFitConfig, ...), got {type(config).__name__}")
         method = method_for(config)
@@ -223,7 +224,9 @@ class DeltaModel(nn.Module):
     # ----------------------------------------------------------------------------- files
     def save(self, path: str, names: list[str] | None = None, format: str = "deltatune") -> None:
         """Write adapters to the folder `path` (one adapter: the folder itself; several: one
-        subfolder each). `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads."""
+        subfolder each). `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads.
+        The folder is replaced in one step and then holds exactly these adapters: adapter files and
+        subfolders of earlier saves go, other files (a README) stay."""
         from .io import save_adapters
 
         save_adapters(self, path, list(self.configs) if names is None else list(names), format)
