@@ -3,8 +3,9 @@
 `replace_folder(folder, writers)` replaces a whole folder (an adapter save), so a reader sees the old
 folder or the new one, never a mix. With `parent` the folder's parent (POSIX):
 
-1. Lock `parent/.deltatune.lock` (`flock`, exclusive; the empty file stays). Every write that stages
-   in a directory holds that directory's lock, so two processes saving to one folder run one after
+1. Lock `parent` itself (`flock` on the directory, exclusive; where the file system refuses locks on
+   directories, as NFS does, an empty `parent/.deltatune.lock` is locked instead and stays). Every
+   write that stages in a directory holds that directory's lock, so two processes saving to one folder run one after
    the other and never mix their files (the later one wins whole); and while the lock is held, every
    staging entry in `parent` (`.<name>.<8 characters>.partial`, also those of earlier releases) is a
    killed write's and is removed, and a swap that a kill interrupted is finished (step 4).
@@ -205,9 +206,16 @@ def _errors_said(folder: Path) -> Iterator[None]:
 def _locked(directory: Path) -> Iterator[None]:
     """Hold the exclusive lock of the writes that stage in `directory` (released when the descriptor
     closes, or the process dies)."""
-    descriptor = _open_lock_file(directory / LOCK_FILE)
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
     try:
-        if fcntl is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:  # no locks on directories here (NFS): lock a file in it instead
+            os.close(descriptor)
+            descriptor = _open_lock_file(directory / LOCK_FILE)
             fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
