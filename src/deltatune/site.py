@@ -53,10 +53,12 @@ class SiteAdapter(nn.Module):
         """Mixed batch: apply this adapter to the rows `rows` of the batch only. The default slices the
         first positional input and the output along dim 0; adapters that see other layouts override."""
         sub_args = (args[0].index_select(0, rows), *args[1:])
-        sub_output = self(module, sub_args, kwargs, output.index_select(0, rows)).to(output.dtype)
-        if torch.is_grad_enabled():
-            return output.index_copy(0, rows, sub_output)
-        return output.index_copy_(0, rows, sub_output)
+        return put_rows(output, self(module, sub_args, kwargs, output.index_select(0, rows)), rows)
+
+    def batch_size(self, module: nn.Module, output: Any) -> int:
+        """The size of the batch dimension that `forward_rows` indexes: the output's first dim (of its
+        first tensor, for a tuple or a ModelOutput)."""
+        return _leading_size(output)
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """{name of a parameter of `module`: float32 delta to add to it} for merging."""
@@ -68,6 +70,14 @@ class SiteAdapter(nn.Module):
 
     def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(tensors, strict=True)
+
+
+def put_rows(full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`full` with its `rows` along `dim` replaced by `part` (in place when no gradient is recorded)."""
+    part = part.to(full.dtype)
+    if torch.is_grad_enabled():
+        return full.index_copy(dim, rows, part)
+    return full.index_copy_(dim, rows, part)
 
 
 @dataclass
@@ -93,8 +103,9 @@ class RoutingState:
         self.row_groups = tuple((name, torch.tensor(rows)) for name, rows in groups.items())
 
     def rows(self, name: str, rows: torch.Tensor, leading: int, device: torch.device) -> torch.Tensor:
-        """Row indices for a tensor whose first dim is `leading`: the batch, or the batch with each
-        row repeated (beam search) or flattened with its positions (B*T)."""
+        """Row indices for a tensor whose batch dim is `leading`: the batch, or the batch with each
+        row repeated (generate's beams and return sequences) or flattened with its positions (B*T).
+        `DeltaModel` has checked that the names count the rows of the call's input."""
         key = (name, device, leading)
         cached = self._rows_cache.get(key)
         if cached is not None:
@@ -166,8 +177,9 @@ class DeltaSite(nn.Module):
             raise DeltaTuneError("mixed batches need unmerged adapters: call unmerge() first")
         for name, group in self.state.row_groups:
             if name in self.adapters:
-                rows = self.state.rows(name, group, _leading_size(output), _device(output))
-                output = self.adapters[name].forward_rows(module, args, kwargs, output, rows)
+                adapter = self.adapters[name]
+                rows = self.state.rows(name, group, adapter.batch_size(module, output), _device(output))
+                output = adapter.forward_rows(module, args, kwargs, output, rows)
         return output
 
 
