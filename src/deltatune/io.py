@@ -49,7 +49,7 @@ def save_adapters(delta_model: Any, path: str | Path, names: list[str], format: 
         write_files(folder, {WEIGHTS_FILE: weights, CONFIG_FILE: json_writer(config)})
 
 
-def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainable: bool) -> Any:
+def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool = True) -> Any:
     """Load the adapter(s) in `path` onto `model` (a plain model or a `DeltaModel`)."""
     from .model import DeltaModel
 
@@ -58,7 +58,7 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainabl
     added: list[str] = []
     try:
         for adapter_name, folder in folders:
-            _load_one(delta_model, folder, adapter_name, trainable)
+            _load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype)
             added.append(adapter_name)
     except BaseException:
         for adapter_name in added:
@@ -69,10 +69,10 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainabl
     return delta_model
 
 
-def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool) -> None:
+def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> None:
     if adapterhub_format.is_adapterhub_folder(folder):
         config, tensors, adapter_name = adapterhub_format.read_folder(folder, delta_model.base_model)
-        _add_and_copy(delta_model, name or adapter_name, config, tensors, False, folder, trainable)
+        _add_and_copy(delta_model, name or adapter_name, config, tensors, False, folder, trainable, autocast_adapter_dtype)
         return
     data = _read_json(folder / CONFIG_FILE)
     if peft_format.is_peft_config(data):
@@ -89,11 +89,11 @@ def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool)
         peft = False
         tensors = _read_tensors(folder / WEIGHTS_FILE)
         adapter_name = name or data.get("name") or "default"
-    _add_and_copy(delta_model, adapter_name, config, tensors, peft, folder / WEIGHTS_FILE, trainable)
+    _add_and_copy(delta_model, adapter_name, config, tensors, peft, folder / WEIGHTS_FILE, trainable, autocast_adapter_dtype)
 
 
-def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool) -> None:
-    delta_model.add(name, config, trainable=trainable)
+def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool, autocast_adapter_dtype: bool) -> None:
+    delta_model.add(name, config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         _copy_into(delta_model, name, tensors, peft, file)
     except BaseException:

@@ -3,7 +3,9 @@
 The base model stays what it was: its modules and code are untouched; each adapted module gains a
 `deltatune` child (a `DeltaSite`) and a forward hook. Every base parameter is frozen at attach and its
 `requires_grad` restored by `unload()`. Attribute look-ups the wrapper does not answer (`config`,
-`get_input_embeddings`, ...) go to the base model, so transformers code keeps working.
+`get_input_embeddings`, ...) go to the base model, so transformers code keeps working. On a float16 /
+bfloat16 model, adapters keep float32 weights (`add(..., autocast_adapter_dtype=True)`, peft's default);
+`autocast_adapter_dtype=False` keeps them in the model's dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .config import DeltaConfig
 from .errors import AdapterNameError, DeltaTuneError
 from .merging import merge_adapters, unmerge_adapters
 from .registry import method_for
-from .site import DeltaSite, RoutingState, site_of
+from .site import DeltaSite, RoutingState, keep_in_float32, site_of
 from .summary import TrainableSummary
 from .targeting import model_modules
 
@@ -50,7 +52,7 @@ class DeltaModel(nn.Module):
             return getattr(self._modules["base_model"], name)
 
     # ----------------------------------------------------------------------------- adapters
-    def add(self, name: str, config: DeltaConfig, trainable: bool = True) -> "DeltaModel":
+    def add(self, name: str, config: DeltaConfig, trainable: bool = True, autocast_adapter_dtype: bool = True) -> "DeltaModel":
         """Add adapter `name` built from `config`. The first adapter becomes active."""
         if not isinstance(name, str) or not name or "." in name or name in self.configs:
             taken = f"; taken: {sorted(self.configs)}" if name in self.configs else ""
@@ -60,6 +62,10 @@ class DeltaModel(nn.Module):
         method = method_for(config)
         try:
             self.targets[name] = method.attach(self.base_model, name, config, self.routing)
+            if autocast_adapter_dtype:  # float16 / bfloat16 adapter weights in float32, as peft does
+                for _, site in self.sites():
+                    if name in site.adapters:
+                        keep_in_float32(site.adapters[name])
         except BaseException:
             method.detach(self.base_model, name)
             self.targets.pop(name, None)

@@ -8,6 +8,10 @@ adapter at that module in one `nn.ModuleDict` keyed by adapter name. An adapter 
 
 `RoutingState` is shared by all sites of one `DeltaModel`: which adapters run (set once at
 `activate()`), whether all are disabled, and, for a mixed batch, which rows go to which adapter.
+
+On a float16 / bfloat16 model, adapters keep float32 parameters (`keep_in_float32`, peft's
+`autocast_adapter_dtype`): an adapter's forward casts what it reads to its own dtype and what it
+returns to the module output's dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from .errors import DeltaTuneError
 
 SITE_ATTRIBUTE = "deltatune"
 
+FLOAT32_UPCAST = frozenset(
+    {torch.float16, torch.bfloat16}
+    | {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name)}
+)
+"""Parameter dtypes that adapters keep in float32 instead (the set peft's `autocast_adapter_dtype` upcasts)."""
+
 
 class SiteAdapter(nn.Module):
     """Base of the modules a site holds: one adapter of one method at one module.
@@ -35,6 +45,9 @@ class SiteAdapter(nn.Module):
     delta_reads_module: bool = True
     """Whether `delta_parameters` depends on the module's weights. Then merge keeps the deltas it
     added so that unmerge can subtract exactly those; LoRA and BitFit set False and keep nothing."""
+    keeps_module_dtype: bool = False
+    """Whether the parameters stay in the module's dtype where adapters are kept in float32
+    (`keep_in_float32`): a `modules_to_save` copy runs in the module's place, as in peft."""
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         raise NotImplementedError
@@ -78,6 +91,14 @@ def put_rows(full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, dim: in
     if torch.is_grad_enabled():
         return full.index_copy(dim, rows, part)
     return full.index_copy_(dim, rows, part)
+
+
+def keep_in_float32(adapter: SiteAdapter) -> None:
+    """Cast the adapter's half-precision parameters and buffers (`FLOAT32_UPCAST`) to float32, unless it
+    `keeps_module_dtype`: small optimizer updates would round away in them. The parameter objects stay
+    (`Module._apply` replaces their data), so parameters tied across sites stay tied."""
+    if not adapter.keeps_module_dtype:
+        adapter._apply(lambda tensor: tensor.float() if tensor.dtype in FLOAT32_UPCAST else tensor)
 
 
 @dataclass

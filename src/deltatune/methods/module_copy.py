@@ -1,7 +1,8 @@
 """`modules_to_save`: a full, trainable copy of a module (a classifier head, say), one per adapter.
 
 While the adapter is active the copy's output replaces the original's. Merging writes the copy's
-parameters over the original's (as the delta `copy - original`, so merge stays generic).
+parameters over the original's (as the delta `copy - original`, so merge stays generic). The copy keeps
+the module's dtype, as in peft: it runs in the module's place, on the module's inputs.
 
 In a mixed batch the copy runs on its rows only. A module returning one tensor has the batch at dim 0
 of its first input and of its output. A recurrent layer (`nn.RNN`, `nn.GRU`, `nn.LSTM`) returns
@@ -27,6 +28,8 @@ HiddenState = torch.Tensor | tuple[torch.Tensor, ...] | None
 
 class ModuleCopy(SiteAdapter):
     """A trainable copy of `module`, run in its place. File names are the module's own (`weight`)."""
+
+    keeps_module_dtype = True
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
