@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import deltatune
+from test_custom_method import ScaledOutputConfig
 from test_invariants import attached, base_state
 from tiny_models import build, run
 
@@ -65,6 +66,24 @@ def test_merge_checks_values_after_the_cast_to_the_weight_dtype() -> None:
     assert all(torch.equal(before[key], value) for key, value in base_state(delta_model.base_model).items())
     delta_model.unmerge()  # nothing is merged: a no-op, not an error
     assert torch.equal(delta_model(inputs), expected)
+
+
+def test_check_sees_what_earlier_adapters_at_a_module_write() -> None:
+    """A delta that reads the weights (`scaled_output`: ΔW = W ⊙ γ) after a LoRA at the same module is
+    computed from W + ΔW_lora: 30001 · (1 + 2) overflows float16, which W · 2 alone would not show."""
+    delta_model = deltatune.attach(build("mlp").half(), deltatune.LoraConfig(r=1, lora_alpha=1, target_modules=["net.2"]), name="lora")
+    delta_model.add("scale", ScaledOutputConfig(target_modules=["net.2"]))
+    layer = delta_model.base_model.net[2]
+    lora, scale = layer.deltatune.adapters["lora"], layer.deltatune.adapters["scale"]
+    with torch.no_grad():
+        layer.weight[0, 0] = 1.0
+        lora.lora_A.zero_()[0, 0] = 100.0
+        lora.lora_B.zero_()[0, 0] = 300.0
+        scale.gamma.zero_()[0] = 2.0
+    before = base_state(delta_model.base_model)
+    with pytest.raises(deltatune.MergeError, match="adapter 'scale' at net.2 gives non-finite values in weight"):
+        delta_model.merge(["lora", "scale"])
+    assert all(torch.equal(before[key], value) for key, value in base_state(delta_model.base_model).items())
 
 
 def test_merge_that_fails_while_writing_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,34 +1,32 @@
 """Generic merge and unmerge over every mergeable adapter (`delta_parameters`), all or nothing.
 
-W ← W + ΔW is computed in float32 (in place for float32 weights, through one float32 copy for others)
-and checked for non-finite values after the cast back to W's dtype: a float16 weight that ΔW pushes
-past 65504 is refused although the float32 sum is finite. A parameter shared by two modules (tied
-input/output embeddings) is refused: merging would change both.
+W ← W + ΔW is computed in float32 (float64 weights: in float64), rounded to W's dtype, and checked for
+non-finite values there: a float16 weight that ΔW pushes past 65504 is refused although the float32 sum
+is finite. A parameter shared by two modules (tied input/output embeddings) is refused: merging would
+change both.
 
-All or nothing, without a second copy of the model: a merge makes two passes over the adapted modules,
-one module at a time.
-1. Check: write the module's new values, check them, then put back the bits kept before the first
-   write (a copy of that one module's touched parameters, freed before the next module).
-2. Write: the same computation again, kept.
-Every refusal (non-finite values, a tied parameter) comes in pass 1, so a refused merge leaves every base
-weight bit-identical. Writing in place during the check lets an adapter whose delta reads the module's
-weights (`delta_reads_module`) see what the adapters before it at that module wrote, exactly as in
-pass 2. The price is computing each delta twice (cheap next to one forward pass); keeping the original
-of every weight touched instead would double the memory of a model adapted on all its linear layers.
-Should pass 2 fail anyway (out of memory, an interrupt), its current module is restored bit-exactly
-and the modules written before it are unmerged again, exact only to rounding (below).
+All or nothing, without a copy of the model: a merge makes two passes over the adapted modules.
+1. Check, writing nothing: per module, every new value is computed into a temporary (one module's
+   parameters at a time) and refused if any element is not finite.
+2. Write: the same computation again, in place.
+Every refusal comes in pass 1, so a refused merge leaves every base weight bit-identical. An adapter
+whose delta reads the module's weights (`delta_reads_module`) sees, in pass 1, the values the adapters
+before it at that module would have written (`_showing`), so both passes compute the same numbers.
+The price is computing each delta twice; keeping a copy of every weight touched, to restore it, would
+instead double the memory of a model adapted on all its linear layers. Should pass 2 fail anyway (out of
+memory, an interrupt), what it wrote is subtracted again, which is exact only to rounding (below).
 
 Unmerge subtracts the same deltas, in the same two passes: recomputed for adapters whose delta does not
 read the module's weights (LoRA, BitFit: no copies kept), kept from merge time for the others. After a
 successful merge, W + ΔW − ΔW gives W back to within a rounding step of W's dtype per adapter (float32:
-about 1e-7 relative), not bit-exactly: that would need the copy of every original weight that the two
-passes avoid. A bias that a BitFit adapter gave a bias-free module is created on merge and removed on
-unmerge (and on a refused merge).
+about 1e-7 relative), not bit-exactly: that would need the copy of every weight that the two passes
+avoid. A bias that a BitFit adapter gave a bias-free module is created on merge and removed on unmerge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -65,45 +63,114 @@ def unmerge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]]) -
 
 
 def _run(steps: list[Step], merging: bool, tied: dict[str, str]) -> None:
-    """Pass 1 checks every module and leaves it as it was; pass 2 writes (see the module docstring)."""
+    """Pass 1 checks every module, pass 2 writes (see the module docstring)."""
     for step in steps:
-        _fold(step, merging, tied, keep=False)
-    written: list[Step] = []
+        _check(step, merging, tied)
+    written: list[tuple[Step, str]] = []
     try:
         for step in steps:
-            _fold(step, merging, tied, keep=True)
-            written.append(step)
+            for name in step.names:
+                _write(step, name, merging)
+                written.append((step, name))
     except BaseException:
-        for step in reversed(written):
-            _fold(step._replace(names=step.names[::-1]), not merging, {}, keep=True)
+        for step, name in reversed(written):
+            _write(step, name, not merging)
         raise
 
 
-def _fold(step: Step, merging: bool, tied: dict[str, str], keep: bool) -> None:
-    """Add (merging) or subtract the deltas of `step.names` at one module. With `keep` the result stays
-    and is recorded on the site; otherwise, and on any error, every bit of the module is put back."""
-    write = ModuleWrite(step.module, step.site)
-    verb = "merging" if merging else "unmerging"
-    applied: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        for name in step.names:
+def _check(step: Step, merging: bool, tied: dict[str, str]) -> None:
+    """Compute the new values of one module's parameters without writing any; refuse non-finite ones."""
+    values: dict[str, torch.Tensor] = {}  # parameter name → its value after the adapters so far
+    for name in step.names:
+        reads = step.site.adapters[name].delta_reads_module
+        with _showing(step.module, values) if reads else contextlib.nullcontext():
             deltas = _deltas(step, name, merging)
-            _refuse_tied(step.module_name, deltas, tied)
-            for parameter_name, delta in deltas.items():
-                write.add(parameter_name, delta, 1.0 if merging else -1.0, f"{verb} adapter {name!r} at {step.module_name}")
-            applied[name] = deltas
-    except BaseException:
-        write.restore()
-        raise
-    if not keep:
-        write.restore()
+        _refuse_tied(step.module_name, deltas, tied)
+        for parameter_name, delta in deltas.items():
+            current = values.get(parameter_name)
+            if current is None:
+                current = _parameter(step.module, parameter_name)
+            current = current.detach() if current is not None else _zeros_for(step.module, delta)
+            values[parameter_name] = _added(current, delta, 1.0 if merging else -1.0)
+            if not _all_finite(values[parameter_name]):
+                verb = "merging" if merging else "unmerging"
+                dtype = str(current.dtype).removeprefix("torch.")
+                raise MergeError(
+                    f"{verb} adapter {name!r} at {step.module_name} gives non-finite values in {parameter_name} "
+                    f"({dtype}), so no weight was changed: the adapter weights are broken or the result overflows "
+                    f"{dtype} (merge into a float32 copy of the model, or use the adapter unmerged)"
+                )
+
+
+def _write(step: Step, name: str, merging: bool) -> None:
+    """Add (merging) or subtract adapter `name`'s deltas in place at one module, and record it there."""
+    site = step.site
+    deltas = _deltas(step, name, merging)
+    for parameter_name, delta in deltas.items():
+        target = _parameter(step.module, parameter_name)
+        if target is None:
+            target = nn.Parameter(_zeros_for(step.module, delta), requires_grad=False)
+            setattr(step.module, parameter_name, target)
+            site.created_parameters.add(parameter_name)
+        _added(target.detach(), delta, 1.0 if merging else -1.0, out=target.detach())
+    if merging:
+        site.merged.append(name)
+        if site.adapters[name].delta_reads_module:
+            site.merged_deltas[name] = deltas
         return
-    _record(step, applied, merging)
+    site.merged.remove(name)
+    site.merged_deltas.pop(name, None)
+    if not site.merged:
+        for parameter_name in sorted(site.created_parameters):
+            setattr(step.module, parameter_name, None)
+        site.created_parameters.clear()
 
 
 def _deltas(step: Step, name: str, merging: bool) -> dict[str, torch.Tensor]:
     kept = None if merging else step.site.merged_deltas.get(name)
     return kept if kept is not None else step.site.adapters[name].delta_parameters(step.module)
+
+
+def _added(weight: torch.Tensor, delta: torch.Tensor, sign: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight + sign · delta in float32 (or wider), rounded to weight's dtype; written into `out` if given.
+    Both passes use this one function, so the values pass 1 checks are the ones pass 2 writes."""
+    work_dtype = torch.promote_types(weight.dtype, torch.float32)
+    delta = delta.to(device=weight.device, dtype=work_dtype)
+    if weight.dtype == work_dtype:
+        return torch.add(weight, delta, alpha=sign, out=out)
+    value = weight.to(work_dtype).add_(delta, alpha=sign)
+    return value.to(weight.dtype) if out is None else out.copy_(value)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or ±inf: they reach the minimum or the maximum (one read, no full-size mask)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+@contextlib.contextmanager
+def _showing(module: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While the block runs, the module's parameters hold `values` (a bias not created yet appears as
+    one); afterwards every parameter holds its own tensor again, bits untouched."""
+    shown: list[tuple[str, nn.Parameter | None, torch.Tensor | None]] = []
+    try:
+        for parameter_name, value in values.items():
+            parameter = _parameter(module, parameter_name)
+            if parameter is None:
+                setattr(module, parameter_name, nn.Parameter(value, requires_grad=False))
+                shown.append((parameter_name, None, None))
+            else:
+                shown.append((parameter_name, parameter, parameter.data))
+                parameter.data = value
+        yield
+    finally:
+        for parameter_name, parameter, own in reversed(shown):
+            if parameter is None:
+                setattr(module, parameter_name, None)
+            else:
+                parameter.data = own
 
 
 def _refuse_tied(module_name: str, deltas: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
@@ -116,76 +183,17 @@ def _refuse_tied(module_name: str, deltas: dict[str, torch.Tensor], tied: dict[s
             )
 
 
-def _record(step: Step, applied: dict[str, dict[str, torch.Tensor]], merging: bool) -> None:
-    site = step.site
-    for name, deltas in applied.items():
-        if merging:
-            site.merged.append(name)
-            if site.adapters[name].delta_reads_module:
-                site.merged_deltas[name] = deltas
-        else:
-            site.merged.remove(name)
-            site.merged_deltas.pop(name, None)
-    if not site.merged:
-        for parameter_name in sorted(site.created_parameters):
-            setattr(step.module, parameter_name, None)
-        site.created_parameters.clear()
-
-
-class ModuleWrite:
-    """Writes into one module's parameters that `restore` undoes bit-exactly: each parameter's bits are
-    kept before its first write, and a parameter created here (a new bias) is removed again."""
-
-    def __init__(self, module: nn.Module, site: DeltaSite) -> None:
-        self.module = module
-        self.site = site
-        self.originals: dict[str, torch.Tensor | None] = {}
-        """Parameter name → its bits before the first write (None: created by this write)."""
-
-    def add(self, parameter_name: str, delta: torch.Tensor, sign: float, context: str) -> None:
-        """W ← W + sign · delta in float32, cast to W's dtype, refused if any value is not finite there."""
-        target = self._target(parameter_name, delta)
-        work = target if target.dtype == torch.float32 else target.float()  # float32 weights: in place
-        work.add_(delta.to(target.device), alpha=sign)
-        if work is not target:
-            target.copy_(work)
-        if not torch.isfinite(target).all():  # a mask of one parameter; a sum could overflow on finite values
-            dtype = str(target.dtype).removeprefix("torch.")
-            raise MergeError(
-                f"{context} gives non-finite values in {parameter_name} ({dtype}), so no weight was changed: the "
-                f"adapter weights are broken or the result overflows {dtype} (merge into a float32 copy of the "
-                "model, or use the adapter unmerged)"
-            )
-
-    def restore(self) -> None:
-        for parameter_name, original in self.originals.items():
-            if original is None:
-                setattr(self.module, parameter_name, None)
-                self.site.created_parameters.discard(parameter_name)
-            else:
-                self.module.get_parameter(parameter_name).detach().copy_(original)
-        self.originals.clear()
-
-    def _target(self, parameter_name: str, delta: torch.Tensor) -> torch.Tensor:
-        if parameter_name not in self.originals:
-            if _has_parameter(self.module, parameter_name):
-                self.originals[parameter_name] = self.module.get_parameter(parameter_name).detach().clone()
-            else:
-                self._create(parameter_name, delta)
-                self.originals[parameter_name] = None
-        return self.module.get_parameter(parameter_name).detach()
-
-    def _create(self, parameter_name: str, delta: torch.Tensor) -> None:
-        reference = self.module.weight
-        parameter = nn.Parameter(torch.zeros(delta.shape, dtype=reference.dtype, device=reference.device), requires_grad=False)
-        setattr(self.module, parameter_name, parameter)
-        self.site.created_parameters.add(parameter_name)
-
-
-def _has_parameter(module: nn.Module, parameter_name: str) -> bool:
+def _parameter(module: nn.Module, parameter_name: str) -> nn.Parameter | None:
+    """The module's parameter `parameter_name` (dotted for a submodule's), None where it has none."""
     owner_name, _, leaf = parameter_name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    return owner._parameters.get(leaf) is not None
+    return owner._parameters.get(leaf)
+
+
+def _zeros_for(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """The starting value of a parameter a delta creates (a new bias): zeros in the module's weight dtype."""
+    reference = module.weight
+    return torch.zeros(delta.shape, dtype=reference.dtype, device=reference.device)
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:
