@@ -43,22 +43,24 @@ from .targeting import model_modules
 from .tasks import causal_lm_loss
 
 
-def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> DeltaModel:
-    """Freeze `model` and add adapter `name` built from `config`; returns the `DeltaModel`."""
+def attach(model: nn.Module, config: DeltaConfig, name: str = "default", autocast_adapter_dtype: bool = True) -> DeltaModel:
+    """Freeze `model` and add adapter `name` built from `config`; returns the `DeltaModel`. On a float16 /
+    bfloat16 model the adapter keeps float32 weights (as peft does) unless `autocast_adapter_dtype=False`."""
     delta_model = DeltaModel(model)
     try:
-        return delta_model.add(name, config)
+        return delta_model.add(name, config, autocast_adapter_dtype=autocast_adapter_dtype)
     except BaseException:
         delta_model.unload(merge=False)
         raise
 
 
-def load(model: nn.Module, path: str, name: str | None = None, trainable: bool = False) -> DeltaModel:
+def load(model: nn.Module, path: str, name: str | None = None, trainable: bool = False, autocast_adapter_dtype: bool = True) -> DeltaModel:
     """Load an adapter folder (deltatune's or peft's, told apart by its config) onto `model`, a plain
-    model or a `DeltaModel`. A folder of subfolders loads each. `trainable=True` to train it further."""
+    model or a `DeltaModel`. A folder of subfolders loads each. `trainable=True` to train it further.
+    `autocast_adapter_dtype`: as in `attach` (float32 adapter weights on a half-precision model)."""
     from .io import load_adapters
 
-    return load_adapters(model, path, name, trainable)
+    return load_adapters(model, path, name, trainable, autocast_adapter_dtype)
 
 
 __all__ = [

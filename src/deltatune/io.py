@@ -66,7 +66,7 @@ def _written_by_saves(entry: Path) -> bool:
     return entry.name in TOP_LEVEL_ADAPTER_FILES or _is_adapter_folder(entry)
 
 
-def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainable: bool) -> Any:
+def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool = True) -> Any:
     """Load the adapter(s) in `path` onto `model` (a plain model or a `DeltaModel`). A save that
     replaces the folder meanwhile makes it read again, so the adapters come from one save."""
     from .model import DeltaModel
@@ -77,7 +77,7 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainabl
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
     try:
         for _ in range(LOAD_ATTEMPTS):
-            if _load_folder(delta_model, root, name, trainable):
+            if _load_folder(delta_model, root, name, trainable, autocast_adapter_dtype):
                 return delta_model
         raise AdapterFileError(f"{root} was replaced by a save on every one of {LOAD_ATTEMPTS} attempts to read it; load it when the saves are done")
     except BaseException:
@@ -86,14 +86,14 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainabl
         raise
 
 
-def _load_folder(delta_model: Any, root: Path, name: str | None, trainable: bool) -> bool:
+def _load_folder(delta_model: Any, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> bool:
     """Load every adapter in `root`; False (with nothing added) if a save replaced it meanwhile."""
     version = folder_version(root)
     added: list[str] = []
     try:
         folders = sorted(_adapter_folders(root, name), key=lambda item: _needs_other_adapters(item[1]))
         for adapter_name, folder in folders:
-            added.append(_load_one(delta_model, folder, adapter_name, trainable))
+            added.append(_load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype))
     except BaseException as error:
         _delete(delta_model, added)
         if not isinstance(error, Exception) or folder_version(root) == version:
@@ -110,11 +110,11 @@ def _delete(delta_model: Any, names: list[str]) -> None:
         delta_model.delete(name)
 
 
-def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool) -> str:
+def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> str:
     """Load the adapter in `folder` (under `name`, else the name it records); returns its name."""
     if adapterhub_format.is_adapterhub_folder(folder):
         config, tensors, adapter_name = adapterhub_format.read_folder(folder, delta_model.base_model)
-        _add_and_copy(delta_model, name or adapter_name, config, tensors, False, folder, trainable)
+        _add_and_copy(delta_model, name or adapter_name, config, tensors, False, folder, trainable, autocast_adapter_dtype)
         return name or adapter_name
     data = _read_json(folder / CONFIG_FILE)
     if peft_format.is_peft_config(data):
@@ -134,12 +134,12 @@ def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool)
         if recorded is not None:
             check_name(recorded, f"{folder / CONFIG_FILE}", AdapterFileError)
         adapter_name = name or recorded or "default"
-    _add_and_copy(delta_model, adapter_name, config, tensors, peft, folder / WEIGHTS_FILE, trainable)
+    _add_and_copy(delta_model, adapter_name, config, tensors, peft, folder / WEIGHTS_FILE, trainable, autocast_adapter_dtype)
     return adapter_name
 
 
-def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool) -> None:
-    delta_model.add(name, config, trainable=trainable)
+def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool, autocast_adapter_dtype: bool) -> None:
+    delta_model.add(name, config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         _copy_into(delta_model, name, tensors, peft, file)
     except BaseException:

@@ -1,16 +1,33 @@
-"""Generic merge and unmerge over every mergeable adapter (`delta_parameters`).
+"""Generic merge and unmerge over every mergeable adapter (`delta_parameters`), all or nothing.
 
-W ← W + ΔW is computed in float32 (in place for float32 weights, through one float32 copy for
-others) and cast back to W's dtype, checked for non-finite values; all or nothing: if any parameter would turn non-finite, the ones already written are restored. A parameter
-shared by two modules (tied input/output embeddings) is refused: merging would change both.
-Unmerge subtracts the same deltas: recomputed for adapters whose delta does not read the module's
-weights (LoRA, BitFit: no copies kept), kept from merge time for the others (`delta_reads_module`).
-A bias that a BitFit adapter gave a bias-free module is created on merge and removed on unmerge.
+W ← W + ΔW is computed in float32 (float64 weights: in float64), rounded to W's dtype, and checked for
+non-finite values there: a float16 weight that ΔW pushes past 65504 is refused although the float32 sum
+is finite. A parameter shared by two modules (tied input/output embeddings) is refused: merging would
+change both.
+
+All or nothing, without a copy of the model: a merge makes two passes over the adapted modules.
+1. Check, writing nothing: per module, every new value is computed into a temporary (one module's
+   parameters at a time) and refused if any element is not finite.
+2. Write: the same computation again, in place.
+Every refusal comes in pass 1, so a refused merge leaves every base weight bit-identical. An adapter
+whose delta reads the module's weights (`delta_reads_module`) sees, in pass 1, the values the adapters
+before it at that module would have written (`_showing`), so both passes compute the same numbers.
+The price is computing each delta twice; keeping a copy of every weight touched, to restore it, would
+instead double the memory of a model adapted on all its linear layers. Should pass 2 fail anyway (out of
+memory, an interrupt), what it wrote is subtracted again, which is exact only to rounding (below).
+
+Unmerge subtracts the same deltas, in the same two passes: recomputed for adapters whose delta does not
+read the module's weights (LoRA, BitFit: no copies kept), kept from merge time for the others. After a
+successful merge, W + ΔW − ΔW gives W back to within a rounding step of W's dtype per adapter (float32:
+about 1e-7 relative), not bit-exactly: that would need the copy of every weight that the two passes
+avoid. A bias that a BitFit adapter gave a bias-free module is created on merge and removed on unmerge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,77 +36,164 @@ from .errors import MergeError
 from .site import DeltaSite
 
 
+class Step(NamedTuple):
+    """One module's share of a merge or an unmerge."""
+
+    module_name: str
+    module: nn.Module
+    site: DeltaSite
+    names: list[str]
+    """The adapters, in the order their deltas are added (merge) or subtracted (unmerge)."""
+
+
 def merge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]], names: list[str]) -> None:
     """Fold adapters `names` into the weights of `model` at every site that holds them."""
-    tied = _tied_parameters(model)
-    written: list[tuple[nn.Module, DeltaSite, str, dict[str, torch.Tensor]]] = []
-    try:
-        for module_name, site in list(sites):
-            module = model.get_submodule(module_name)
-            for name in names:
-                if name not in site.adapters or name in site.merged:
-                    continue
-                deltas = site.adapters[name].delta_parameters(module)
-                for parameter_name in deltas:
-                    full_name = f"{module_name}.{parameter_name}"
-                    if full_name in tied:
-                        raise MergeError(
-                            f"cannot merge into {full_name}: it is tied to {tied[full_name]} and both would "
-                            "change. Untie them first, or use the adapter unmerged (unload(merge=False))"
-                        )
-                _apply(module, site, deltas, sign=1.0, context=f"adapter {name!r} at {module_name}")
-                written.append((module, site, name, deltas))
-                site.merged.append(name)
-                if site.adapters[name].delta_reads_module:
-                    site.merged_deltas[name] = deltas
-    except BaseException:
-        for module, site, name, deltas in reversed(written):
-            _apply(module, site, deltas, sign=-1.0, context="rollback")
-            site.merged.remove(name)
-            site.merged_deltas.pop(name, None)
-        raise
+    steps = []
+    for module_name, site in list(sites):
+        todo = [name for name in names if name in site.adapters and name not in site.merged]
+        if todo:
+            steps.append(Step(module_name, model.get_submodule(module_name), site, todo))
+    _run(steps, merging=True, tied=_tied_parameters(model))
 
 
 def unmerge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]]) -> None:
     """Subtract every merged adapter again (in reverse order of merging)."""
-    for module_name, site in list(sites):
-        module = model.get_submodule(module_name)
-        for name in reversed(site.merged):
-            deltas = site.merged_deltas.pop(name, None) or site.adapters[name].delta_parameters(module)
-            _apply(module, site, deltas, sign=-1.0, context=name)
-        site.merged.clear()
+    steps = [Step(module_name, model.get_submodule(module_name), site, site.merged[::-1]) for module_name, site in list(sites) if site.merged]
+    _run(steps, merging=False, tied={})
+
+
+def _run(steps: list[Step], merging: bool, tied: dict[str, str]) -> None:
+    """Pass 1 checks every module, pass 2 writes (see the module docstring)."""
+    for step in steps:
+        _check(step, merging, tied)
+    written: list[tuple[Step, str]] = []
+    try:
+        for step in steps:
+            for name in step.names:
+                _write(step, name, merging)
+                written.append((step, name))
+    except BaseException:
+        for step, name in reversed(written):
+            _write(step, name, not merging)
+        raise
+
+
+def _check(step: Step, merging: bool, tied: dict[str, str]) -> None:
+    """Compute the new values of one module's parameters without writing any; refuse non-finite ones."""
+    values: dict[str, torch.Tensor] = {}  # parameter name → its value after the adapters so far
+    for name in step.names:
+        reads = step.site.adapters[name].delta_reads_module
+        with _showing(step.module, values) if reads else contextlib.nullcontext():
+            deltas = _deltas(step, name, merging)
+        _refuse_tied(step.module_name, deltas, tied)
+        for parameter_name, delta in deltas.items():
+            current = values.get(parameter_name)
+            if current is None:
+                current = _parameter(step.module, parameter_name)
+            current = current.detach() if current is not None else _zeros_for(step.module, delta)
+            values[parameter_name] = _added(current, delta, 1.0 if merging else -1.0)
+            if not _all_finite(values[parameter_name]):
+                verb = "merging" if merging else "unmerging"
+                dtype = str(current.dtype).removeprefix("torch.")
+                raise MergeError(
+                    f"{verb} adapter {name!r} at {step.module_name} gives non-finite values in {parameter_name} "
+                    f"({dtype}), so no weight was changed: the adapter weights are broken or the result overflows "
+                    f"{dtype} (merge into a float32 copy of the model, or use the adapter unmerged)"
+                )
+
+
+def _write(step: Step, name: str, merging: bool) -> None:
+    """Add (merging) or subtract adapter `name`'s deltas in place at one module, and record it there."""
+    site = step.site
+    deltas = _deltas(step, name, merging)
+    for parameter_name, delta in deltas.items():
+        target = _parameter(step.module, parameter_name)
+        if target is None:
+            target = nn.Parameter(_zeros_for(step.module, delta), requires_grad=False)
+            setattr(step.module, parameter_name, target)
+            site.created_parameters.add(parameter_name)
+        _added(target.detach(), delta, 1.0 if merging else -1.0, out=target.detach())
+    if merging:
+        site.merged.append(name)
+        if site.adapters[name].delta_reads_module:
+            site.merged_deltas[name] = deltas
+        return
+    site.merged.remove(name)
+    site.merged_deltas.pop(name, None)
+    if not site.merged:
         for parameter_name in sorted(site.created_parameters):
-            setattr(module, parameter_name, None)
+            setattr(step.module, parameter_name, None)
         site.created_parameters.clear()
 
 
-def _apply(module: nn.Module, site: DeltaSite, deltas: dict[str, torch.Tensor], sign: float, context: str) -> None:
-    for parameter_name, delta in deltas.items():
-        target = _parameter_or_new(module, site, parameter_name, delta).detach()
-        work = target if target.dtype == torch.float32 else target.float()  # float32 weights: in place
-        work.add_(delta.to(target.device), alpha=sign)
-        if not torch.isfinite(work.sum()):  # one reduction, no full-size mask; inf and NaN propagate
-            if work is target:
-                work.sub_(delta.to(target.device), alpha=sign)
-            raise MergeError(f"merging {context} gives non-finite values in {parameter_name}; the adapter weights are broken")
-        if work is not target:
-            target.copy_(work)
+def _deltas(step: Step, name: str, merging: bool) -> dict[str, torch.Tensor]:
+    kept = None if merging else step.site.merged_deltas.get(name)
+    return kept if kept is not None else step.site.adapters[name].delta_parameters(step.module)
 
 
-def _parameter_or_new(module: nn.Module, site: DeltaSite, parameter_name: str, delta: torch.Tensor) -> nn.Parameter:
-    parameter = module.get_parameter(parameter_name) if _has_parameter(module, parameter_name) else None
-    if parameter is None:
-        reference = module.weight
-        parameter = nn.Parameter(torch.zeros(delta.shape, dtype=reference.dtype, device=reference.device), requires_grad=False)
-        setattr(module, parameter_name, parameter)
-        site.created_parameters.add(parameter_name)
-    return parameter
+def _added(weight: torch.Tensor, delta: torch.Tensor, sign: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight + sign · delta in float32 (or wider), rounded to weight's dtype; written into `out` if given.
+    Both passes use this one function, so the values pass 1 checks are the ones pass 2 writes."""
+    work_dtype = torch.promote_types(weight.dtype, torch.float32)
+    delta = delta.to(device=weight.device, dtype=work_dtype)
+    if weight.dtype == work_dtype:
+        return torch.add(weight, delta, alpha=sign, out=out)
+    value = weight.to(work_dtype).add_(delta, alpha=sign)
+    return value.to(weight.dtype) if out is None else out.copy_(value)
 
 
-def _has_parameter(module: nn.Module, parameter_name: str) -> bool:
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or ±inf: they reach the minimum or the maximum (one read, no full-size mask)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+@contextlib.contextmanager
+def _showing(module: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While the block runs, the module's parameters hold `values` (a bias not created yet appears as
+    one); afterwards every parameter holds its own tensor again, bits untouched."""
+    shown: list[tuple[str, nn.Parameter | None, torch.Tensor | None]] = []
+    try:
+        for parameter_name, value in values.items():
+            parameter = _parameter(module, parameter_name)
+            if parameter is None:
+                setattr(module, parameter_name, nn.Parameter(value, requires_grad=False))
+                shown.append((parameter_name, None, None))
+            else:
+                shown.append((parameter_name, parameter, parameter.data))
+                parameter.data = value
+        yield
+    finally:
+        for parameter_name, parameter, own in reversed(shown):
+            if parameter is None:
+                setattr(module, parameter_name, None)
+            else:
+                parameter.data = own
+
+
+def _refuse_tied(module_name: str, deltas: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+    for parameter_name in deltas:
+        full_name = f"{module_name}.{parameter_name}"
+        if full_name in tied:
+            raise MergeError(
+                f"cannot merge into {full_name}: it is tied to {tied[full_name]} and both would "
+                "change. Untie them first, or use the adapter unmerged (unload(merge=False))"
+            )
+
+
+def _parameter(module: nn.Module, parameter_name: str) -> nn.Parameter | None:
+    """The module's parameter `parameter_name` (dotted for a submodule's), None where it has none."""
     owner_name, _, leaf = parameter_name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    return owner._parameters.get(leaf) is not None
+    return owner._parameters.get(leaf)
+
+
+def _zeros_for(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """The starting value of a parameter a delta creates (a new bias): zeros in the module's weight dtype."""
+    reference = module.weight
+    return torch.zeros(delta.shape, dtype=reference.dtype, device=reference.device)
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:

@@ -3,7 +3,9 @@
 The base model stays what it was: its modules and code are untouched; each adapted module gains a
 `deltatune` child (a `DeltaSite`) and a forward hook. Every base parameter is frozen at attach and its
 `requires_grad` restored by `unload()`. Attribute look-ups the wrapper does not answer (`config`,
-`get_input_embeddings`, ...) go to the base model, so transformers code keeps working.
+`get_input_embeddings`, ...) go to the base model, so transformers code keeps working. On a float16 /
+bfloat16 model, adapters keep float32 weights (`add(..., autocast_adapter_dtype=True)`, peft's default);
+`autocast_adapter_dtype=False` keeps them in the model's dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from .composition import ActivePlan, Fuse, Setup, site_names
@@ -20,7 +23,7 @@ from .errors import AdapterNameError, DeltaTuneError
 from .merging import merge_adapters, unmerge_adapters
 from .names import check_name
 from .registry import method_for
-from .site import DeltaSite, RoutingState, site_of
+from .site import DeltaSite, RoutingState, keep_in_float32, site_of
 from .summary import TrainableSummary
 from .targeting import model_modules
 
@@ -50,7 +53,7 @@ class DeltaModel(nn.Module):
             return getattr(self._modules["base_model"], name)
 
     # ----------------------------------------------------------------------------- adapters
-    def add(self, name: str, config: DeltaConfig, trainable: bool = True) -> "DeltaModel":
+    def add(self, name: str, config: DeltaConfig, trainable: bool = True, autocast_adapter_dtype: bool = True) -> "DeltaModel":
         """Add adapter `name` built from `config`. The first adapter becomes active."""
         check_name(name)
         if name in self.configs:
@@ -60,6 +63,10 @@ class DeltaModel(nn.Module):
         method = method_for(config)
         try:
             self.targets[name] = method.attach(self.base_model, name, config, self.routing)
+            if autocast_adapter_dtype:  # float16 / bfloat16 adapter weights in float32, as peft does
+                for _, site in self.sites():
+                    if name in site.adapters:
+                        keep_in_float32(site.adapters[name])
         except BaseException:
             method.detach(self.base_model, name)
             self.targets.pop(name, None)
@@ -197,14 +204,15 @@ class DeltaModel(nn.Module):
     # ----------------------------------------------------------------------------- running
     def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. `adapter_names` gives each row its adapter (`None`: base model)."""
-        self._route(adapter_names)
+        self._route(adapter_names, args, kwargs)
         if self.plan.train_skip_lowest:
             self.plan.before_call(self.training)
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
-        """The base model's `generate`, with optional per-row adapters as in `forward`."""
-        self._route(adapter_names)
+        """The base model's `generate`, with optional per-row adapters as in `forward`: one name per
+        prompt (the beams and return sequences of a prompt run its adapter)."""
+        self._route(adapter_names, args, kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -213,12 +221,21 @@ class DeltaModel(nn.Module):
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def _route(self, adapter_names: list[str | None] | None) -> None:
+    def _route(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> None:
+        """Route row i of this call's input to `adapter_names[i]`, or every row to the active adapters."""
+        if self.routing.row_groups is not None:
+            self.routing.set_rows(None)
         if adapter_names is None:
-            if self.routing.row_groups is not None:
-                self.routing.set_rows(None)
             return
+        if isinstance(adapter_names, str):
+            raise DeltaTuneError(f"adapter_names must be a list with one adapter name (or None) per row, got the string {adapter_names!r}")
         self._check_names([name for name in adapter_names if name is not None])
+        rows = _batch_size(args, kwargs)
+        if rows is not None and len(adapter_names) != rows:
+            raise DeltaTuneError(
+                f"adapter_names has {len(adapter_names)} entries for a batch of {rows} rows; pass one adapter "
+                "name (or None for the base model) per row"
+            )
         self.routing.set_rows(list(adapter_names))
 
     # ----------------------------------------------------------------------------- files
@@ -239,3 +256,11 @@ class DeltaModel(nn.Module):
         unknown = [name for name in names if name not in self.configs]
         if unknown:
             raise AdapterNameError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.configs)}")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The rows of a call's input: `input_ids` or `inputs_embeds` (generate's `inputs`), else its first
+    tensor argument; None when it has no tensor."""
+    named = [kwargs.get(key) for key in ("input_ids", "inputs_embeds", "inputs")]
+    first = next((value for value in (*named, *args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim() > 0), None)
+    return None if first is None else first.shape[0]

@@ -8,6 +8,10 @@ adapter at that module in one `nn.ModuleDict` keyed by adapter name. An adapter 
 
 `RoutingState` is shared by all sites of one `DeltaModel`: which adapters run (set once at
 `activate()`), whether all are disabled, and, for a mixed batch, which rows go to which adapter.
+
+On a float16 / bfloat16 model, adapters keep float32 parameters (`keep_in_float32`, peft's
+`autocast_adapter_dtype`): an adapter's forward casts what it reads to its own dtype and what it
+returns to the module output's dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from .errors import DeltaTuneError
 
 SITE_ATTRIBUTE = "deltatune"
 
+FLOAT32_UPCAST = frozenset(
+    {torch.float16, torch.bfloat16}
+    | {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name)}
+)
+"""Parameter dtypes that adapters keep in float32 instead (the set peft's `autocast_adapter_dtype` upcasts)."""
+
 
 class SiteAdapter(nn.Module):
     """Base of the modules a site holds: one adapter of one method at one module.
@@ -35,6 +45,9 @@ class SiteAdapter(nn.Module):
     delta_reads_module: bool = True
     """Whether `delta_parameters` depends on the module's weights. Then merge keeps the deltas it
     added so that unmerge can subtract exactly those; LoRA and BitFit set False and keep nothing."""
+    keeps_module_dtype: bool = False
+    """Whether the parameters stay in the module's dtype where adapters are kept in float32
+    (`keep_in_float32`): a `modules_to_save` copy runs in the module's place, as in peft."""
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         raise NotImplementedError
@@ -53,10 +66,12 @@ class SiteAdapter(nn.Module):
         """Mixed batch: apply this adapter to the rows `rows` of the batch only. The default slices the
         first positional input and the output along dim 0; adapters that see other layouts override."""
         sub_args = (args[0].index_select(0, rows), *args[1:])
-        sub_output = self(module, sub_args, kwargs, output.index_select(0, rows)).to(output.dtype)
-        if torch.is_grad_enabled():
-            return output.index_copy(0, rows, sub_output)
-        return output.index_copy_(0, rows, sub_output)
+        return put_rows(output, self(module, sub_args, kwargs, output.index_select(0, rows)), rows)
+
+    def batch_size(self, module: nn.Module, output: Any) -> int:
+        """The size of the batch dimension that `forward_rows` indexes: the output's first dim (of its
+        first tensor, for a tuple or a ModelOutput)."""
+        return _leading_size(output)
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """{name of a parameter of `module`: float32 delta to add to it} for merging."""
@@ -68,6 +83,22 @@ class SiteAdapter(nn.Module):
 
     def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(tensors, strict=True)
+
+
+def put_rows(full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`full` with its `rows` along `dim` replaced by `part` (in place when no gradient is recorded)."""
+    part = part.to(full.dtype)
+    if torch.is_grad_enabled():
+        return full.index_copy(dim, rows, part)
+    return full.index_copy_(dim, rows, part)
+
+
+def keep_in_float32(adapter: SiteAdapter) -> None:
+    """Cast the adapter's half-precision parameters and buffers (`FLOAT32_UPCAST`) to float32, unless it
+    `keeps_module_dtype`: small optimizer updates would round away in them. The parameter objects stay
+    (`Module._apply` replaces their data), so parameters tied across sites stay tied."""
+    if not adapter.keeps_module_dtype:
+        adapter._apply(lambda tensor: tensor.float() if tensor.dtype in FLOAT32_UPCAST else tensor)
 
 
 @dataclass
@@ -93,8 +124,9 @@ class RoutingState:
         self.row_groups = tuple((name, torch.tensor(rows)) for name, rows in groups.items())
 
     def rows(self, name: str, rows: torch.Tensor, leading: int, device: torch.device) -> torch.Tensor:
-        """Row indices for a tensor whose first dim is `leading`: the batch, or the batch with each
-        row repeated (beam search) or flattened with its positions (B*T)."""
+        """Row indices for a tensor whose batch dim is `leading`: the batch, or the batch with each
+        row repeated (generate's beams and return sequences) or flattened with its positions (B*T).
+        `DeltaModel` has checked that the names count the rows of the call's input."""
         key = (name, device, leading)
         cached = self._rows_cache.get(key)
         if cached is not None:
@@ -166,8 +198,9 @@ class DeltaSite(nn.Module):
             raise DeltaTuneError("mixed batches need unmerged adapters: call unmerge() first")
         for name, group in self.state.row_groups:
             if name in self.adapters:
-                rows = self.state.rows(name, group, _leading_size(output), _device(output))
-                output = self.adapters[name].forward_rows(module, args, kwargs, output, rows)
+                adapter = self.adapters[name]
+                rows = self.state.rows(name, group, adapter.batch_size(module, output), _device(output))
+                output = adapter.forward_rows(module, args, kwargs, output, rows)
         return output
 
 

@@ -180,9 +180,10 @@ class PrefixCache(SiteAdapter):
 
     peft_names = {"source.weight": "prompt_embeddings"}
 
-    def __init__(self, source: nn.Module, stack: nn.Module, stacks: Stacks, layout: PrefixLayout, num_virtual_tokens: int, model_config: Any) -> None:
+    def __init__(self, source: nn.Module, stack: nn.Module, stacks: Stacks, layout: PrefixLayout, num_virtual_tokens: int, model_config: Any, embedding: nn.Module) -> None:
         super().__init__()
         self.source = source
+        self.__dict__["embedding"] = embedding  # the model's input embedding, not a part of the adapter: the keys' dtype
         self.num_virtual_tokens = num_virtual_tokens
         self.stacks = stacks
         self.layout = layout
@@ -198,9 +199,9 @@ class PrefixCache(SiteAdapter):
             return {"source.weight": self.source()}
 
     def prefix(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(keys, values) per layer, each batch × kv_heads × n × head_dim."""
+        """(keys, values) per layer, each batch × kv_heads × n × head_dim, in the model's dtype."""
         layout = self.layout
-        table = self.source().view(self.num_virtual_tokens, 2 * layout.layers, layout.kv_heads, layout.head_dim).permute(1, 2, 0, 3)
+        table = self.source().to(self.embedding.weight.dtype).view(self.num_virtual_tokens, 2 * layout.layers, layout.kv_heads, layout.head_dim).permute(1, 2, 0, 3)
         return [tuple(table[chunk].expand(batch, -1, -1, -1) for chunk in layout.chunks(layer)) for layer in range(layout.layers)]
 
     def new_cache(self, module: nn.Module) -> Any:
@@ -245,7 +246,7 @@ class PrefixCache(SiteAdapter):
         first = call.cached == 0
         if first:
             call.check_length(layout.width, self.stacks.max_positions)
-            reference = next(self.source.parameters())  # the prefixes sit right-aligned in the cache
+            reference = self.embedding.weight  # the prefixes sit right-aligned in the cache, in the model's dtype
             shape = (call.batch, self.layout.kv_heads, layout.width, self.layout.head_dim)
             blocks = [tuple(reference.new_zeros(shape) for _ in range(2)) for _ in range(self.layout.layers)]
             for adapter, rows in layout.groups:
@@ -323,7 +324,8 @@ class PrefixTuning(SoftPromptMethod):
 
     def adapters(self, model: nn.Module, config: PrefixTuningConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
         layout = prefix_layout(model, stacks)
-        reference = model.get_input_embeddings().weight
+        embedding = model.get_input_embeddings()
+        reference = embedding.weight
         count = config.num_virtual_tokens
         if config.prefix_projection:
             dim = layout.kv_heads * layout.head_dim  # peft's token_dim: its MLP has the same shapes
@@ -332,7 +334,7 @@ class PrefixTuning(SoftPromptMethod):
             source = PromptTable(torch.randn(count, layout.width, device=reference.device).to(reference.dtype))
         stack = model.get_submodule(stacks.cache_stack)
         model_config = stack.config if hasattr(stack, "config") else model.config
-        owner = PrefixCache(source, stack, stacks, layout, count, model_config)
+        owner = PrefixCache(source, stack, stacks, layout, count, model_config, embedding)
         built: dict[str, SiteAdapter] = {stacks.cache_stack: owner}
         built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
         return built
