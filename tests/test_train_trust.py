@@ -133,3 +133,13 @@ def test_a_classification_data_set_with_a_single_label_is_refused(tmp_path, caps
     line = last_error_line(capsys)
     assert "only one label, 'yes'" in line and "at least two" in line, line
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_run_whose_gradient_vanishes_at_a_positive_loss_stops_instead_of_saving_a_dead_adapter(tmp_path, capsys) -> None:
+    # A learning rate of 1e10 saturates the tiny Llama at its first update: from step 2 on its loss
+    # sticks at ln(vocabulary) with a gradient of exactly zero, finite but untrainable.
+    config = task_config(tmp_path, "causal-lm", learning_rate=1e10, eval_file=None, max_steps=6)
+    assert main(["train", str(config), "--quiet"]) == 2
+    line = last_error_line(capsys)
+    assert "the gradient is exactly zero" in line and "learning rate" in line, line
+    assert not (tmp_path / "out" / "adapter").exists()

@@ -210,9 +210,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
             torch.distributed.all_reduce(step_loss)
             step_loss /= ranks.world_size
         gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
-        if not torch.isfinite(step_loss + gradient_norm):
-            what = f"the loss is {float(step_loss):.4g} and the gradient norm {float(gradient_norm):.4g}"
-            raise _diverged(config, state.step + 1, what, before_any_update=state.step == 0)
+        _check_step(config, state.step + 1, float(step_loss), float(gradient_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -255,6 +253,20 @@ def _starting_state(run: Run, ranks: distributed.Ranks, resume: str | Path | boo
     state = load_checkpoint(folder, run.delta_model, optimizer, scheduler)
     state.run = record
     return state
+
+
+def _check_step(config: TrainConfig, step: int, loss: float, gradient_norm: float) -> None:
+    """Stop at a step whose loss or gradient norm is non-finite, or whose gradient is exactly zero
+    while the loss is not: a saturated (or disconnected) adapter that no further step can move."""
+    if not math.isfinite(loss + gradient_norm):
+        raise _diverged(config, step, f"the loss is {loss:.4g} and the gradient norm {gradient_norm:.4g}", before_any_update=step == 1)
+    if gradient_norm == 0.0 and loss > 0.0:
+        if step == 1:
+            raise TrainingDivergedError(
+                f"step 1: the gradient is exactly zero at loss {loss:.4g}: the adapter does not reach the loss; "
+                "check target_modules (and that the task's labels are not all ignored)"
+            )
+        raise _diverged(config, step, f"the gradient is exactly zero at loss {loss:.4g}, so no step can move the adapter", before_any_update=False)
 
 
 def _check_weights(config: TrainConfig, parameters: list[torch.nn.Parameter], step: int) -> None:
