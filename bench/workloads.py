@@ -71,7 +71,7 @@ def train(library: str, options: dict[str, Any]) -> Calls:
 
 def _sparse_loss(wrapped: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """deltatune's training loss: the LM head only at labelled positions."""
-    from deltatune.tasks import causal_lm_loss
+    from deltatune.losses import causal_lm_loss
 
     return lambda input_ids, labels: causal_lm_loss(wrapped, input_ids, None, labels)
 

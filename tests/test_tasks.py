@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import deltatune
-from deltatune.tasks import TASKS, causal_lm_loss, contrastive_loss, get_task, seq2seq_lm_loss, trained_heads
+from deltatune.losses import causal_lm_loss, contrastive_loss, seq2seq_lm_loss
+from deltatune.train.tasks import TASKS, get_task, trained_heads
 from tiny_models import VOCAB, build
 from training_fixtures import MODELS
 

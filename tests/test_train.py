@@ -15,6 +15,7 @@ import deltatune
 from deltatune.train.cli import main
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import train
+from deltatune.train.tasks import get_task
 from training_fixtures import MODELS, records, task_config
 
 
@@ -33,7 +34,7 @@ def test_each_task_trains_through_the_command_and_its_loss_falls(task: str, tmp_
     metrics = read_metrics(tmp_path)
     trained = losses(metrics)
     assert len(trained) == 6 and trained[-1] < trained[0]
-    assert metrics["task"] == task and 0.0 <= metrics["eval"][deltatune.tasks.get_task(task).metrics[0]] <= 1.0
+    assert metrics["task"] == task and 0.0 <= metrics["eval"][get_task(task).main_metric] <= 1.0
     for produced in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (tmp_path / "out" / produced).is_file()
 

@@ -6,8 +6,18 @@ from __future__ import annotations
 import pytest
 
 from deltatune.train.data import DataError, read_records
-from deltatune.train.encode import EncodeContext, collate, encode, label_names
+from deltatune.train import encode as encoding
+from deltatune.train.encode import EncodeContext, collate
+from deltatune.train.tasks import get_task
 from training_fixtures import word_tokenizer, write_jsonl
+
+
+def encode(task: str, records: list, context: EncodeContext) -> list[dict]:
+    return get_task(task).encode(records, context)
+
+
+def label_names(task: str, records: list) -> list[str]:
+    return encoding.label_names(get_task(task).label_field, records)
 
 
 def context(**settings) -> EncodeContext:

@@ -81,7 +81,10 @@ def test_a_step_that_leaves_non_finite_weights_saves_no_adapter(tmp_path, monkey
 def test_metrics_and_trainer_state_are_strict_json_even_with_non_finite_values(tmp_path) -> None:
     run = loop.prepare_run(TrainConfig.from_yaml(task_config(tmp_path, "causal-lm", eval_file=None)))
     history = [{"step": 1, "loss": math.nan, "learning_rate": 0.02}, {"step": 1, "eval_loss": math.inf}]
-    write_report(tmp_path / "report", run, history, None, 1.0)
+    write_report(
+        tmp_path / "report", task="causal-lm", method="lora", parameters=run.delta_model.trainable_summary(), history=history,
+        final_metrics={}, seconds=1.0, main_metric="exact_match",
+    )
     assert strict_json(tmp_path / "report" / "metrics.json")["history"] == [{"step": 1, "loss": None, "learning_rate": 0.02}, {"step": 1, "eval_loss": None}]
 
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]

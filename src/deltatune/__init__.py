@@ -40,7 +40,7 @@ from .registry import get_method, register, registered_methods
 from .site import SiteAdapter
 from .summary import TrainableSummary
 from .targeting import model_modules
-from .tasks import causal_lm_loss
+from .losses import causal_lm_loss
 
 
 def attach(model: nn.Module, config: DeltaConfig, name: str = "default", autocast_adapter_dtype: bool = True) -> DeltaModel:

@@ -1,8 +1,9 @@
 """Training: `deltatune.train.train(TrainConfig.from_yaml("run.yaml"))`, or `deltatune train run.yaml`.
 
-Files: `config.py` (the YAML config), `data.py` (reading records), `encode.py` (records → tokens per
-task), `models.py` / `smollm2.py` (loading, offline), `loop.py` (the loop), `checkpoint.py`
-(`--resume`), `distributed.py` (torchrun / accelerate), `evaluate.py` / `metrics.py`, `report.py`
+Files: `tasks.py` (one row per task type), `config.py` (the YAML config), `data.py` (reading records),
+`encode.py` (records → tokens), `models.py` / `smollm2.py` (loading, offline), `loop.py` (the loop),
+`checkpoint.py` (`--resume`), `distributed.py` (torchrun / accelerate), `predict.py` / `evaluate.py` /
+`metrics.py`, `report.py`
 (metrics.json and the plot), `tree.py` (the module tree of `deltatune inspect`), `demo.py` (the main job), `cli.py`.
 """
 

@@ -130,7 +130,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """The rules beyond each field's type and range; builds the adapter's config to check it too."""
-        from ..tasks import get_task
+        from .tasks import get_task
 
         get_task(self.task)
         if not self.model:

@@ -29,7 +29,7 @@ from ..errors import DeltaTuneError
 from .config import TrainConfig, apply_overrides
 from .data import read_records
 from .evaluate import Evaluation
-from .report import before_after_table, write_report
+from .report import before_after_table
 
 NAMES = "Maria Ahmed Chen Olga Pedro Yuki Amara Lars Fatima Diego Ingrid Kofi Priya Tomas Leila Ravi Sofia Jonas Mei Omar Elena Kwame Hana Luca Nadia Pablo Greta Tariq Aiko Felix".split()
 CITIES = "Berlin Lagos Lima Oslo Cairo Delhi Quito Porto Seoul Dakar Lyon Hanoi Perth Riga Tunis Accra Bergen Cusco Graz Malmo".split()
@@ -152,7 +152,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     after = scored(result.final)
     history = [{"step": 0, **{f"eval_{k}": v for k, v in before.metrics.items()}}, *result.history]
     report = {"metric": "exact_match", "before": before.metrics["exact_match"], "after": after.metrics["exact_match"], "before_all": before.metrics, "after_all": after.metrics}
-    write_report(out, run, history, after, result.seconds, report)
+    run.write_report(out, history, after, result.seconds, report)
     print()
     print(before_after_table(before.metrics, after.metrics))
     prompts = [record.get("prompt", "(chat)") for record in map(json.loads, eval_file.read_text(encoding="utf-8").splitlines())]

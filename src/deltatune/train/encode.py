@@ -12,11 +12,11 @@ training data must hold at least two (with one, transformers would train a regre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..tasks import IGNORE_INDEX
+from ..losses import IGNORE_INDEX
 from .data import DataError, Record
 
 
@@ -29,6 +29,15 @@ class EncodeContext:
     chat_template: bool = False
     system_prompt: str | None = None
     label_ids: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabelField:
+    """Where a classification task's records hold label names: the field, and whether it holds one
+    label per word (token classification) or one per record."""
+
+    name: str
+    per_word: bool = False
 
 
 def prompt_text(context: EncodeContext, prompt: str) -> str:
@@ -154,39 +163,21 @@ def encode_feature_extraction(record: Record, context: EncodeContext) -> dict[st
     }
 
 
-ENCODERS: dict[str, Callable[[Record, EncodeContext], dict[str, Any]]] = {
-    "causal-lm": encode_causal,
-    "seq2seq-lm": encode_seq2seq,
-    "seq-cls": encode_sequence_classification,
-    "token-cls": encode_token_classification,
-    "qa": encode_question_answering,
-    "feature-extraction": encode_feature_extraction,
-}
-
-LABEL_FIELDS = {"seq-cls": ("label", False), "token-cls": ("tags", True)}
-"""Tasks whose labels are names: the field, and whether it holds one label per word."""
-
-
-def label_names(task: str, records: list[Record]) -> list[str]:
-    """The classification labels of `task` found in `records`, sorted (numbers numerically); a data
-    set with a single label is refused."""
-    if task not in LABEL_FIELDS:
+def label_names(label_field: LabelField | None, records: list[Record]) -> list[str]:
+    """The label names found in `records` under `label_field`, sorted (numbers numerically); none for
+    a task without one. A data set with a single label is refused."""
+    if label_field is None:
         return []
-    field_name, per_word = LABEL_FIELDS[task]
     found: set[str] = set()
     for record in records:
-        value = record.get(field_name, list if per_word else (str, int))
-        found.update(map(str, value) if per_word else [str(value)])
+        value = record.get(label_field.name, list if label_field.per_word else (str, int))
+        found.update(map(str, value) if label_field.per_word else [str(value)])
     if len(found) == 1:
         raise DataError(
-            f"the training data holds only one label, {found.pop()!r} (field {field_name!r}); classification needs at "
+            f"the training data holds only one label, {found.pop()!r} (field {label_field.name!r}); classification needs at "
             "least two: add examples of the other labels"
         )
     return sorted(found, key=lambda name: (not name.lstrip("-").isdigit(), int(name) if name.lstrip("-").isdigit() else 0, name))
-
-
-def encode(task: str, records: list[Record], context: EncodeContext) -> list[dict[str, Any]]:
-    return [ENCODERS[task](record, context) for record in records]
 
 
 PAD_VALUES = {"attention_mask": 0, "positive_attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}

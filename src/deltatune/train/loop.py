@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from ..errors import DeltaTuneError, TrainingDivergedError
 from ..model import DeltaModel
-from ..tasks import TaskType, get_task
 from . import distributed
 from .checkpoint import (
     ADAPTER_FOLDER,
@@ -44,12 +43,14 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import read_records
-from .encode import EncodeContext, collate, encode, label_names
-from .evaluate import EvalContext, Evaluation, evaluate
+from .encode import EncodeContext, collate, label_names
+from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
 from .outputs import check_output_dir, clear_previous_run
+from .predict import EvalContext
 from .report import write_report
+from .tasks import TaskType, get_task
 
 
 @dataclass
@@ -72,6 +73,17 @@ class Run:
         if not self.eval_features:
             raise DeltaTuneError("there is no eval_file in the config; set eval_file=PATH to evaluate")
         return evaluate(self.delta_model, self.task, self.eval_features, self.eval_context, with_loss)
+
+    def write_report(
+        self, output_dir: Path, history: list[dict[str, float]], final: Evaluation | None, seconds: float,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """`metrics.json` and the plot of this run (`report.py`)."""
+        write_report(
+            output_dir, task=self.task.name, method=self.config.adapter.get("method"),
+            parameters=self.delta_model.trainable_summary(), history=history, final_metrics=final.metrics if final else {},
+            seconds=seconds, main_metric=self.task.main_metric, extra=extra,
+        )
 
 
 @dataclass
@@ -100,9 +112,9 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     train_records = read_records(config.train_file, config.columns)
     eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
     tokenizer = load_tokenizer(config.tokenizer or str(model_folder(config.model)))
-    labels = label_names(task.name, train_records)
+    labels = label_names(task.label_field, train_records)
     context = EncodeContext(tokenizer, config.max_length, config.chat_template, config.system_prompt, {n: i for i, n in enumerate(labels)})
-    train_features, eval_features = encode(task.name, train_records, context), encode(task.name, eval_records, context)
+    train_features, eval_features = task.encode(train_records, context), task.encode(eval_records, context)
     torch.manual_seed(config.seed)
     model = load_model(config.model, task, tokenizer, labels)
     if adapter is None:
@@ -232,7 +244,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     seconds = time.perf_counter() - started
     if ranks.main:
         run.delta_model.save(str(output_dir / ADAPTER_FOLDER))
-        write_report(output_dir, run, state.history, final, seconds)
+        run.write_report(output_dir, state.history, final, seconds)
     distributed.barrier(ranks)
     return TrainResult(run, state.history, final, output_dir, seconds)
 

@@ -77,10 +77,6 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-TEXT_METRICS = {"exact_match": exact_match, "bleu": bleu, "rouge_l": rouge_l, "f1": token_f1}
-LABEL_METRICS = {"accuracy": accuracy, "f1": macro_f1}
-
-
 def available(name: str) -> bool:
     """Whether metric `name` can run here (BLEU and ROUGE-L need optional packages)."""
     import importlib.util

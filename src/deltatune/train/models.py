@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import DeltaTuneError
 from ..model import DeltaModel
-from ..tasks import TaskType, task_model_class, trained_heads
+from .tasks import TaskType, trained_heads
 
 
 def _smollm2() -> Path:
@@ -58,7 +58,7 @@ def load_model(name: str, task: TaskType, tokenizer: Any, label_names: list[str]
     extra: dict[str, Any] = {}
     if label_names:
         extra = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
-    model = task_model_class(task).from_pretrained(str(model_folder(name)), local_files_only=True, **extra)
+    model = task.auto_class().from_pretrained(str(model_folder(name)), local_files_only=True, **extra)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -12,33 +12,33 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..atomic import json_writer, write_files
-
-if TYPE_CHECKING:
-    from .evaluate import Evaluation
-    from .loop import Run
+from ..summary import TrainableSummary
 
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "training.png"
 
 
-def write_report(output_dir: Path, run: "Run", history: list[dict[str, float]], final: "Evaluation | None", seconds: float, extra: dict[str, Any] | None = None) -> None:
-    summary = run.delta_model.trainable_summary()
+def write_report(
+    output_dir: Path, *, task: str, method: str, parameters: TrainableSummary, history: list[dict[str, float]],
+    final_metrics: dict[str, float], seconds: float, main_metric: str, extra: dict[str, Any] | None = None,
+) -> None:
+    """Write `metrics.json` and the plot of `history` with `main_metric` into `output_dir`."""
     report = {
-        "task": run.task.name,
-        "method": run.config.adapter.get("method"),
+        "task": task,
+        "method": method,
         "steps": max((entry["step"] for entry in history), default=0),
         "seconds": round(seconds, 2),
-        "trainable_parameters": summary.trainable,
-        "total_parameters": summary.total,
-        "eval": final.metrics if final else {},
+        "trainable_parameters": parameters.trainable,
+        "total_parameters": parameters.total,
+        "eval": final_metrics,
         "history": history,
         **(extra or {}),
     }
     write_files(output_dir, {METRICS_FILE: json_writer(finite_json(report))})
-    plot_history(history, run.task.metrics[0], output_dir / PLOT_FILE)
+    plot_history(history, main_metric, output_dir / PLOT_FILE)
 
 
 def finite_json(data: Any) -> Any:

@@ -1,14 +1,15 @@
-"""Task types: which transformers model class a task loads, which head trains fully, how the loss is
-computed, and which metrics judge it (DESIGN.md §2).
+"""Task losses, each `loss(model, batch) -> scalar`, and the pieces they share (DESIGN.md §2).
 
-| task               | model class                        | head trained fully | loss                            |
-|--------------------|------------------------------------|--------------------|---------------------------------|
-| causal-lm          | AutoModelForCausalLM               | none               | `causal_lm_loss` (labelled only) |
-| seq2seq-lm         | AutoModelForSeq2SeqLM              | none               | `seq2seq_lm_loss` (labelled only)|
-| seq-cls            | AutoModelForSequenceClassification | the new classifier | the model's cross-entropy       |
-| token-cls          | AutoModelForTokenClassification    | the new classifier | the model's cross-entropy       |
-| qa                 | AutoModelForQuestionAnswering      | `qa_outputs`       | the model's start/end loss      |
-| feature-extraction | AutoModel                          | none               | `contrastive_loss` (in-batch)   |
+| loss                   | task                   | what it computes                                        |
+|------------------------|------------------------|---------------------------------------------------------|
+| `causal_lm_batch_loss` | causal-lm              | next-token cross-entropy at the labelled positions only |
+| `seq2seq_lm_loss`      | seq2seq-lm             | decoder cross-entropy at the labelled positions only    |
+| `model_loss`           | seq-cls, token-cls, qa | the model's own loss from the batch's label fields      |
+| `contrastive_loss`     | feature-extraction     | in-batch contrastive loss of mean-pooled embeddings     |
+
+This module is part of the core library (`deltatune.causal_lm_loss` is public, for users' own
+loops); the task table that pairs each loss with its model class, encoder and metrics is the
+trainer's, `deltatune.train.tasks`.
 
 Language-model losses compute the output head only where labels are set. With N labelled positions
 out of B·T, the head costs N·d·V instead of B·T·d·V (on SmolLM2 the head is a fifth of the FLOPs, and
@@ -27,10 +28,8 @@ is kept, adapters on the head or a trained copy of it work, and no model code is
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +98,11 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return _labelled_cross_entropy(logits, labels[:, 1:][targets_mask])
 
 
+def causal_lm_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`causal_lm_loss` on a collated batch (`input_ids`, `labels`, optional `attention_mask`)."""
+    return causal_lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+
+
 def seq2seq_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of an encoder-decoder over the labelled decoder positions (head applied
     there only). The decoder inputs are the labels shifted right, as the model builds them itself."""
@@ -157,64 +161,3 @@ def contrastive_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     anchors, targets = embeddings[: len(texts)], embeddings[len(texts):]
     scores = CONTRASTIVE_SCALE * anchors @ targets.t()
     return F.cross_entropy(scores, torch.arange(len(texts), device=scores.device))
-
-
-def trained_heads(model: nn.Module) -> list[str]:
-    """The head modules a task model adds on top of its backbone (`classifier`, `score`,
-    `qa_outputs`): children with parameters other than the backbone. They start untrained, so they
-    train fully (`modules_to_save`)."""
-    model = unwrap(model)
-    backbone = getattr(model, "base_model_prefix", "")
-    return [
-        name for name, child in model.named_children()
-        if name != backbone and any(True for _ in child.parameters())
-    ]
-
-
-@dataclass(frozen=True)
-class TaskType:
-    """What a task needs from the model and how it is judged."""
-
-    name: str
-    model_class: str
-    """Name of the transformers auto class that loads the model."""
-    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-    metrics: tuple[str, ...]
-    """The metrics periodic evaluation reports; the first is the main one."""
-    trains_head: bool = False
-    """Whether the model's task head is new and must train fully."""
-    generates: bool = False
-    """Whether evaluation generates text (language-model tasks)."""
-
-
-def _causal_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return causal_lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
-
-
-TASKS: dict[str, TaskType] = {
-    task.name: task
-    for task in (
-        TaskType("causal-lm", "AutoModelForCausalLM", _causal_batch_loss, ("exact_match", "bleu", "rouge_l"), generates=True),
-        TaskType("seq2seq-lm", "AutoModelForSeq2SeqLM", seq2seq_lm_loss, ("exact_match", "bleu", "rouge_l"), generates=True),
-        TaskType("seq-cls", "AutoModelForSequenceClassification", model_loss, ("accuracy", "f1"), trains_head=True),
-        TaskType("token-cls", "AutoModelForTokenClassification", model_loss, ("accuracy", "f1"), trains_head=True),
-        TaskType("qa", "AutoModelForQuestionAnswering", model_loss, ("exact_match", "f1"), trains_head=True),
-        TaskType("feature-extraction", "AutoModel", contrastive_loss, ("accuracy",)),
-    )
-}
-
-
-def get_task(name: str) -> TaskType:
-    """The task type called `name`; the error lists the known ones."""
-    if name in TASKS:
-        return TASKS[name]
-    close = difflib.get_close_matches(str(name), TASKS, n=2)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise DeltaTuneError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(TASKS)}")
-
-
-def task_model_class(task: TaskType) -> Any:
-    """The transformers auto class for `task`."""
-    import transformers
-
-    return getattr(transformers, task.model_class)

@@ -1,0 +1,125 @@
+"""Task types: one row per task holds everything the trainer knows about it (DESIGN.md §2).
+
+| task               | model class             | trained fully  | loss                 | judged by                              |
+|--------------------|-------------------------|----------------|----------------------|----------------------------------------|
+| causal-lm          | AutoModelForCausalLM    | none           | causal_lm_batch_loss | generation: exact_match, bleu, rouge_l |
+| seq2seq-lm         | AutoModelForSeq2SeqLM   | none           | seq2seq_lm_loss      | generation: exact_match, bleu, rouge_l |
+| seq-cls            | …SequenceClassification | the classifier | the model's own      | arg-max label: accuracy, macro f1      |
+| token-cls          | …TokenClassification    | the classifier | the model's own      | arg-max tag: accuracy, macro f1        |
+| qa                 | …QuestionAnswering      | qa_outputs     | the model's own      | best span: exact_match, token f1       |
+| feature-extraction | AutoModel               | none           | contrastive_loss     | nearest positive: accuracy             |
+
+The rows live in `train/` because they hold the trainer's encoders and predictors by direct
+reference; the losses they name are the core library's (`deltatune.losses`, used without the trainer
+too). So the import runs one way: `train.tasks` imports `losses`, `encode`, `predict` and `metrics`,
+none of which imports it back, and `import deltatune` never imports `train/`. A task is one row
+here and nothing else; a name with no row is an error that lists the known ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import DeltaTuneError
+from ..losses import causal_lm_batch_loss, contrastive_loss, model_loss, seq2seq_lm_loss, unwrap
+from . import encode, metrics, predict
+from .data import Record
+
+Loss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Encoder = Callable[[Record, encode.EncodeContext], dict[str, Any]]
+Metric = Callable[[list, list], float]
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """What a task needs from the model, how its records become examples, and how it is judged."""
+
+    name: str
+    model_class: str
+    """Name of the transformers auto class that loads the model."""
+    loss: Loss
+    """The training (and eval) loss of a collated batch."""
+    encoder: Encoder
+    """One record → one example's fields (`encode.py`)."""
+    predictor: predict.Predictor
+    """The model's answers on examples, next to the references (`predict.py`)."""
+    metrics: dict[str, Metric]
+    """The metrics evaluation reports, each comparing predictions with references; the first is the
+    main one."""
+    label_field: encode.LabelField | None = None
+    """Where the records hold label names (classification), mapped to ids in sorted order."""
+    trains_head: bool = False
+    """Whether the model's task head is new and must train fully (`trained_heads`)."""
+
+    @property
+    def main_metric(self) -> str:
+        return next(iter(self.metrics))
+
+    def auto_class(self) -> Any:
+        """The transformers auto class that loads this task's model."""
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    def encode(self, records: list[Record], context: encode.EncodeContext) -> list[dict[str, Any]]:
+        return [self.encoder(record, context) for record in records]
+
+
+def trained_heads(model: nn.Module) -> list[str]:
+    """The head modules a task model adds on top of its backbone (`classifier`, `score`,
+    `qa_outputs`): children with parameters other than the backbone. They start untrained, so they
+    train fully (`modules_to_save`)."""
+    model = unwrap(model)
+    backbone = getattr(model, "base_model_prefix", "")
+    return [
+        name for name, child in model.named_children()
+        if name != backbone and any(True for _ in child.parameters())
+    ]
+
+
+TEXT_METRICS = {"exact_match": metrics.exact_match, "bleu": metrics.bleu, "rouge_l": metrics.rouge_l}
+LABEL_METRICS = {"accuracy": metrics.accuracy, "f1": metrics.macro_f1}
+
+TASKS: dict[str, TaskType] = {
+    task.name: task
+    for task in (
+        TaskType(
+            "causal-lm", "AutoModelForCausalLM", causal_lm_batch_loss, encode.encode_causal, predict.predict_causal,
+            TEXT_METRICS,
+        ),
+        TaskType(
+            "seq2seq-lm", "AutoModelForSeq2SeqLM", seq2seq_lm_loss, encode.encode_seq2seq, predict.predict_seq2seq,
+            TEXT_METRICS,
+        ),
+        TaskType(
+            "seq-cls", "AutoModelForSequenceClassification", model_loss, encode.encode_sequence_classification,
+            predict.predict_labels, LABEL_METRICS, label_field=encode.LabelField("label"), trains_head=True,
+        ),
+        TaskType(
+            "token-cls", "AutoModelForTokenClassification", model_loss, encode.encode_token_classification,
+            predict.predict_labels, LABEL_METRICS, label_field=encode.LabelField("tags", per_word=True), trains_head=True,
+        ),
+        TaskType(
+            "qa", "AutoModelForQuestionAnswering", model_loss, encode.encode_question_answering, predict.predict_spans,
+            {"exact_match": metrics.exact_match, "f1": metrics.token_f1}, trains_head=True,
+        ),
+        TaskType(
+            "feature-extraction", "AutoModel", contrastive_loss, encode.encode_feature_extraction, predict.predict_nearest,
+            {"accuracy": metrics.accuracy},
+        ),
+    )
+}
+
+
+def get_task(name: str) -> TaskType:
+    """The task type called `name`; the error lists the known ones."""
+    if name in TASKS:
+        return TASKS[name]
+    close = difflib.get_close_matches(str(name), TASKS, n=2)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise DeltaTuneError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(TASKS)}")
