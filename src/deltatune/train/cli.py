@@ -76,28 +76,16 @@ def _eval(arguments: argparse.Namespace) -> None:
     print(json.dumps(result.metrics, indent=2))
 
 
-def _load_plain(model: str):
-    """A model folder (or packaged name) loaded with the class its config names."""
-    import transformers
-
-    from .models import model_folder
-
-    folder = model_folder(model)
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    model_class = next((getattr(transformers, a) for a in config.architectures or [] if hasattr(transformers, a)), transformers.AutoModel)
-    return folder, model_class.from_pretrained(str(folder), local_files_only=True)
-
-
 def _merge(arguments: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from .. import load
-    from .models import model_folder
+    from .models import load_model, model_folder
     from .outputs import check_merge_output, replaced_folder
 
-    out = Path(arguments.out)
-    check_merge_output(out, {"model": model_folder(arguments.model), "adapter": Path(arguments.adapter)}, arguments.overwrite)
-    folder, model = _load_plain(arguments.model)
+    out, folder = Path(arguments.out), model_folder(arguments.model)
+    check_merge_output(out, {"model": folder, "adapter": Path(arguments.adapter)}, arguments.overwrite)
+    model = load_model(arguments.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError):
@@ -120,8 +108,9 @@ def _inspect(arguments: argparse.Namespace) -> None:
         model = prepare_run(_config(arguments.target, arguments.overrides), adapter=arguments.adapter).delta_model
     else:
         from .. import load
+        from .models import load_model
 
-        _, model = _load_plain(arguments.target)
+        model = load_model(arguments.target)
         if arguments.adapter:
             model = load(model, arguments.adapter)
     print(describe_tree(model, arguments.depth))

@@ -1,4 +1,5 @@
-"""Loading a model and tokenizer for a task, from local folders only, and attaching the adapter.
+"""Loading a model and tokenizer, from local folders only, and attaching the adapter: the one way
+`train`, `eval`, `merge` and `inspect` load a model.
 
 A model is a local transformers folder or a packaged model name (`PACKAGED_MODELS`). Nothing is ever
 downloaded: loads run with `local_files_only=True`. Task heads that start untrained (a classifier)
@@ -8,6 +9,7 @@ are added to the adapter's `modules_to_save` unless the config names them itself
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from torch import nn
@@ -53,13 +55,26 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def load_model(name: str, task: TaskType, tokenizer: Any, label_names: list[str] = ()) -> nn.Module:
-    """The model of `task` from folder or packaged name `name` (labels set for classification)."""
+def saved_model_class(folder: Path) -> Any:
+    """The transformers class the folder's config names (its `architectures`), else `AutoModel`."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    named = (getattr(transformers, name) for name in config.architectures or [] if hasattr(transformers, name))
+    return next(named, transformers.AutoModel)
+
+
+def load_model(name: str, task: TaskType | None = None, tokenizer: Any = None, label_names: Sequence[str] = ()) -> nn.Module:
+    """The model in folder or packaged name `name`: loaded with `task`'s auto class (labels set for
+    classification), or without a task with the class its config names. A tokenizer's pad id fills
+    in a config that has none."""
+    folder = model_folder(name)
     extra: dict[str, Any] = {}
     if label_names:
         extra = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
-    model = task.auto_class().from_pretrained(str(model_folder(name)), local_files_only=True, **extra)
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+    model_class = task.auto_class() if task is not None else saved_model_class(folder)
+    model = model_class.from_pretrained(str(folder), local_files_only=True, **extra)
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
