@@ -133,7 +133,7 @@ def layer_of(block_list: list[str], module_name: str) -> int | None:
     return None
 
 
-def hidden_size(model: nn.Module, output_module: nn.Module) -> int:
+def sublayer_output_width(model: nn.Module, output_module: nn.Module) -> int:
     """Width of a sublayer's output: a linear layer's out features, else the model config's hidden size."""
     weight = getattr(output_module, "weight", None)
     if isinstance(output_module, linear_types()) and weight is not None:

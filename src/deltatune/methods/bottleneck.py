@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..architectures import SublayerSite, check_override, hidden_size, input_of, sublayer_sites
+from ..architectures import SublayerSite, check_override, input_of, sublayer_output_width, sublayer_sites
 from ..config import DeltaConfig
 from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveInt
@@ -254,7 +254,7 @@ class Bottleneck:
     def attach(self, model: nn.Module, name: str, config: BottleneckConfig, state: RoutingState) -> list[str]:
         sites = placed_sites(model, config)
         first = model.get_submodule(sites[0].output)
-        hidden = hidden_size(model, first)
+        hidden = sublayer_output_width(model, first)
         reference = next(model.get_submodule(sites[0].block).parameters())
         size = config.size_for(hidden)
         shared = self.shared_parameters(hidden, size, config, reference)

@@ -24,7 +24,7 @@ from ..field_check import DropoutRate, PositiveInt
 from ..registry import register
 from .prompt_tuning import PromptTuningConfig
 from .prompt_input import PromptInputMethod
-from .soft_prompt import SoftPromptConfig, hidden_size
+from .soft_prompt import SoftPromptConfig, embedding_width
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -93,7 +93,7 @@ class PTuning(PromptInputMethod):
     config_class = PTuningConfig
 
     def build_source(self, model: nn.Module, config: PTuningConfig) -> nn.Module:
-        return PromptEncoder(config.num_virtual_tokens, hidden_size(model), config, model.get_input_embeddings().weight)
+        return PromptEncoder(config.num_virtual_tokens, embedding_width(model), config, model.get_input_embeddings().weight)
 
 
 def p_tuning_from_peft(data: dict[str, Any]) -> PromptTuningConfig:

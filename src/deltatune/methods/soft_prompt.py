@@ -83,7 +83,7 @@ class SoftPromptConfig(DeltaConfig):
         return {
             "peft_type": self.peft_type,
             "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": hidden_size(model),
+            "token_dim": embedding_width(model),
             "num_transformer_submodules": 1,
             "num_attention_heads": model_config.num_attention_heads,
             "num_layers": model_config.num_hidden_layers,
@@ -145,7 +145,8 @@ def cache_argument(module: nn.Module) -> str:
     return found
 
 
-def hidden_size(model: nn.Module) -> int:
+def embedding_width(model: nn.Module) -> int:
+    """Width of the model's token embeddings (peft's `token_dim`)."""
     return model.get_input_embeddings().embedding_dim
 
 

@@ -54,14 +54,17 @@ def _config(path: str, overrides: list[str]):
 
 
 def _train(arguments: argparse.Namespace) -> None:
+    from .checkpoint import ADAPTER_FOLDER
     from .loop import train
+    from .report import METRICS_FILE
 
     result = train(_config(arguments.config, arguments.overrides), resume=arguments.resume, progress=not arguments.quiet)
-    print(f"adapter saved in {result.output_dir / 'adapter'}; metrics in {result.output_dir / 'metrics.json'}")
+    print(f"adapter saved in {result.output_dir / ADAPTER_FOLDER}; metrics in {result.output_dir / METRICS_FILE}")
 
 
 def _eval(arguments: argparse.Namespace) -> None:
-    from .loop import ADAPTER_FOLDER, prepare_run
+    from .checkpoint import ADAPTER_FOLDER
+    from .loop import prepare_run
 
     config = _config(arguments.config, arguments.overrides)
     if not config.eval_file:
