@@ -1,14 +1,19 @@
-"""LoRA dropout on CPU: the dropped positions drawn as geometric gaps, their terms subtracted."""
+"""LoRA dropout on CPU: the dropped positions drawn as geometric gaps, their terms subtracted; the
+scratch memory it works in is shared by the modules of a model and freed with the model."""
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import deltatune
+from deltatune.methods import lora_dropout
 from deltatune.methods.lora_dropout import DroppedProjection, dropped_positions
 from tiny_models import build
 
@@ -113,3 +118,41 @@ def test_kept_terms_are_rescaled_so_the_mean_is_unchanged(probability: float) ->
     output = delta_model(torch.ones(4000, 1000))
     assert abs(output.mean().item() / 1000 - 1) < 0.005
     assert output.std().item() > 1
+
+
+@pytest.fixture
+def scratch_buffers(monkeypatch) -> list[weakref.ref]:
+    """Weak references to every buffer `lora_dropout` allocates while the test runs."""
+    made, allocate = [], torch.empty_like
+
+    def recorded(*args, **kwargs):
+        tensor = allocate(*args, **kwargs)
+        if sys._getframe(1).f_globals.get("__name__") == lora_dropout.__name__:
+            made.append(weakref.ref(tensor))
+        return tensor
+
+    gc.collect()  # models of earlier tests, and the buffers they hold, are gone
+    monkeypatch.setattr(torch, "empty_like", recorded)
+    return made
+
+
+def _train_step(delta_model: deltatune.DeltaModel) -> None:
+    inputs = torch.randint(3, 96, (3, 7))
+    delta_model(input_ids=inputs, labels=inputs).loss.backward()
+
+
+def test_dropout_scratch_is_shared_by_the_modules_and_steps_of_a_model(scratch_buffers) -> None:
+    delta_model = deltatune.attach(build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear"))
+    _train_step(delta_model)
+    _train_step(delta_model)
+    # one buffer per input width (the hidden size, 32, and the MLP's, 64), not one per module or call
+    assert len(scratch_buffers) == 2 and all(ref() is not None for ref in scratch_buffers)
+
+
+def test_dropout_scratch_memory_is_freed_with_the_model(scratch_buffers) -> None:
+    delta_model = deltatune.attach(build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear"))
+    _train_step(delta_model)
+    assert scratch_buffers and all(ref() is not None for ref in scratch_buffers)
+    del delta_model
+    gc.collect()
+    assert all(ref() is None for ref in scratch_buffers)
