@@ -1,4 +1,5 @@
-"""Task losses, each `loss(model, batch) -> scalar`, and the pieces they share (DESIGN.md §2).
+"""Task losses, each `loss(model, batch) -> scalar`, and the pieces they share (DESIGN.md §2);
+`causal_lm_loss` is the causal one on explicit tensors, for users' own loops.
 
 | loss                   | task                   | what it computes                                        |
 |------------------------|------------------------|---------------------------------------------------------|
@@ -7,9 +8,8 @@
 | `model_loss`           | seq-cls, token-cls, qa | the model's own loss from the batch's label fields      |
 | `contrastive_loss`     | feature-extraction     | in-batch contrastive loss of mean-pooled embeddings     |
 
-This module is part of the core library (`deltatune.causal_lm_loss` is public, for users' own
-loops); the task table that pairs each loss with its model class, encoder and metrics is the
-trainer's, `deltatune.train.tasks`.
+This module is part of the core library (`deltatune.causal_lm_loss` is public); the task table that
+pairs each loss with its model class, encoder and metrics is the trainer's, `deltatune.train.tasks`.
 
 Language-model losses compute the output head only where labels are set. With N labelled positions
 out of B·T, the head costs N·d·V instead of B·T·d·V (on SmolLM2 the head is a fifth of the FLOPs, and
