@@ -224,7 +224,7 @@ def test_registering_the_same_name_for_another_class_is_refused() -> None:
         config_class = OtherConfig
         adapter_types = {nn.Linear: OutputScale}
 
-    with pytest.raises(deltatune.UnknownMethodError, match=r"'scaled_output' is already taken by ScaledOutput; pick another name"):
+    with pytest.raises(deltatune.MethodNameError, match=r"'scaled_output' is already taken by ScaledOutput; pick another name"):
         deltatune.register("scaled_output")(Other)
     assert isinstance(deltatune.get_method("scaled_output"), ScaledOutput)
     assert ScaledOutputConfig.method == "scaled_output"
@@ -238,5 +238,5 @@ def test_registration_needs_a_config_class_and_a_valid_name() -> None:
     with pytest.raises(TypeError, match="needs a `config_class`"):
         deltatune.register("no_config_here")(NoConfig)
     assert "no_config_here" not in deltatune.registered_methods()
-    with pytest.raises(deltatune.UnknownMethodError, match="must be letters, digits"):
+    with pytest.raises(deltatune.MethodNameError, match="must be letters, digits"):
         deltatune.register("bad name!")

@@ -41,7 +41,7 @@ def save_adapters(delta_model: Any, path: str | Path, names: list[str], format: 
     """One adapter: into `path`; several: into `path/<name>/` each."""
     if format not in FORMATS:
         raise DeltaTuneError(f"unknown format {format!r}; use one of {FORMATS}")
-    delta_model._check_names(names)
+    delta_model.require(names)
     if not names:
         raise DeltaTuneError("there is no adapter to save")
     folders = {name: _adapter_writers(delta_model, check_name(name), format == "peft") for name in names}
@@ -139,7 +139,7 @@ def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool,
 
 
 def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool, autocast_adapter_dtype: bool) -> None:
-    delta_model.add(name, config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype)
+    delta_model.add(name, config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype, weights_from_file=True)
     try:
         _copy_into(delta_model, name, tensors, peft, file)
     except BaseException:

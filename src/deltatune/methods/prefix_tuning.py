@@ -39,7 +39,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 from ..errors import UnsupportedModuleError
 from ..field_check import PositiveInt
 from ..registry import register
-from ..site import RoutingState, SiteAdapter
+from ..placement import Placement
+from ..site import CallNote, RoutingState, SiteAdapter
 from .soft_prompt import (
     CACHE_ARGUMENTS,
     CallShape,
@@ -224,7 +225,7 @@ class PrefixCache(SiteAdapter):
         asked = call.keywords.get("use_cache")
         return bool(asked) if asked is not None else getattr(self.model_config, "use_cache", True) is not False
 
-    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         if not _trains(module):
             self.held.clear()  # a call that raised never reached the forward hook that clears it
         call = CallShape(self.names, args, kwargs, self.cache_key)
@@ -237,7 +238,7 @@ class PrefixCache(SiteAdapter):
         call.shift_positions(n, None, False, self.accepts_positions)
         return (), call.keywords
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=False)
         if not _trains(module):
@@ -296,7 +297,7 @@ class PrefixReinsert(SiteAdapter):
         self.position = names.index(self.cache_key)
         self.held = held
 
-    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         given = args[self.position] if self.position < len(args) else kwargs.get(self.cache_key)
         hidden = args[0] if args else next(iter(kwargs.values()))
         cache = self.held.get(hidden.shape[0])
@@ -306,8 +307,8 @@ class PrefixReinsert(SiteAdapter):
             return (*args[: self.position], cache, *args[self.position + 1:]), kwargs
         return args, {**kwargs, self.cache_key: cache}
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
-        return self.prepare(module, args, kwargs)
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
+        return self.prepare(module, args, kwargs, note)
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return output
@@ -322,7 +323,8 @@ class PrefixTuning(SoftPromptMethod):
 
     config_class = PrefixTuningConfig
 
-    def adapters(self, model: nn.Module, config: PrefixTuningConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
+    def adapters(self, placement: Placement, config: PrefixTuningConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
+        model = placement.model
         layout = prefix_layout(model, stacks)
         embedding = model.get_input_embeddings()
         reference = embedding.weight
