@@ -27,6 +27,7 @@ from . import __version__, adapterhub_format, peft_format
 from .atomic import Writer, folder_version, folder_writer, interrupted_save, json_writer, replace_folder, safetensors_writer
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
+from .methods.soft_prompt import SoftPromptConfig
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
 
@@ -274,4 +275,6 @@ def _file_tensors(delta_model: Any, name: str, peft: bool) -> dict[str, torch.Te
             state = adapter.peft_file_state() if peft and hasattr(adapter, "peft_file_state") else adapter.file_state()
             for tensor_name, tensor in state.items():
                 tensors[_file_key(module_name, adapter, tensor_name, peft)] = tensor
+    if peft and isinstance(delta_model.configs[name], SoftPromptConfig):
+        return peft_format.soft_prompt_keys_to_peft(tensors)
     return tensors
