@@ -193,8 +193,9 @@ class DeltaSite(nn.Module):
         from the model when AdapterDrop needs it)."""
         self.active: list[nn.Module] = []
         self.observers: list[SiteAdapter] = []
-        self.merged: list[str] = []
-        self.merged_deltas: dict[str, dict[str, torch.Tensor]] = {}
+        self.merges: dict[str, dict[str, torch.Tensor] | None] = {}
+        """Adapters merged into the module's weights, in merge order, each with the deltas merge added
+        when unmerge must subtract exactly those (`delta_reads_module`), else None (recomputed)."""
         self.created_parameters: set[str] = set()
         self.hook_handle: Any = None
         self.pre_hook_handle: Any = None
@@ -210,6 +211,11 @@ class DeltaSite(nn.Module):
         """A container that runs its children in turn (`nn.Sequential`) runs its site too, last: the
         site passes the value through (its work is in the hooks of the module it sits on)."""
         return value
+
+    @property
+    def merged(self) -> list[str]:
+        """The names of the merged adapters, in merge order."""
+        return list(self.merges)
 
     def _name_of(self, adapter: nn.Module) -> str:
         return next(name for name, held in self.adapters.items() if held is adapter)
@@ -253,7 +259,7 @@ class DeltaSite(nn.Module):
 
     def set_active(self, names: tuple[str, ...]) -> None:
         """Precompute the adapters the hook runs, in activation order (merged ones are in the weights)."""
-        self.active = [self.adapters[name] for name in names if name in self.adapters and name not in self.merged]
+        self.active = [self.adapters[name] for name in names if name in self.adapters and name not in self.merges]
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         note = CallNote()
@@ -291,7 +297,7 @@ class DeltaSite(nn.Module):
 
     def _mixed_batch(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         """Each group of rows gets its own adapter; rows of other adapters or `None` keep the base output."""
-        if self.merged:
+        if self.merges:
             raise DeltaTuneError("mixed batches need unmerged adapters: call unmerge() first")
         for name, group in self.state.row_groups:
             if name in self.adapters:
