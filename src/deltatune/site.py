@@ -193,6 +193,8 @@ class DeltaSite(nn.Module):
         from the model when AdapterDrop needs it)."""
         self.active: list[nn.Module] = []
         self.observers: list[SiteAdapter] = []
+        self.preparing: frozenset[str] = frozenset()
+        self.call_enders: list[SiteAdapter] = []
         self.merges: dict[str, dict[str, torch.Tensor] | None] = {}
         """Adapters merged into the module's weights, in merge order, each with the deltas merge added
         when unmerge must subtract exactly those (`delta_reads_module`), else None (recomputed)."""
@@ -236,10 +238,13 @@ class DeltaSite(nn.Module):
             self._update_hooks(module)
 
     def _update_hooks(self, module: nn.Module) -> None:
+        """Precompute which adapters observe, prepare and end calls; register or remove hooks to match."""
         held = list(self.adapters.values())
         self.observers = [adapter for adapter in held if _overrides(adapter, "observe")]
-        needs_pre_hook = bool(self.observers) or any(_overrides(adapter, "prepare") for adapter in held)
-        needs_end_hook = needs_pre_hook or any(_overrides(adapter, "call_ended") for adapter in held)
+        self.preparing = frozenset(name for name, adapter in self.adapters.items() if _overrides(adapter, "prepare"))
+        self.call_enders = [adapter for adapter in held if _overrides(adapter, "call_ended")]
+        needs_pre_hook = bool(self.observers or self.preparing)
+        needs_end_hook = needs_pre_hook or bool(self.call_enders)
         if needs_pre_hook and self.pre_hook_handle is None:
             self.pre_hook_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
         elif not needs_pre_hook and self.pre_hook_handle is not None:
@@ -270,8 +275,7 @@ class DeltaSite(nn.Module):
         for observer in self.observers:
             observer.observe(module, args, kwargs)
         if state.row_groups is not None:
-            groups = [(self.adapters[name], name, rows) for name, rows in state.row_groups if name in self.adapters]
-            groups = [group for group in groups if _overrides(group[0], "prepare")]
+            groups = [(self.adapters[name], name, rows) for name, rows in state.row_groups if name in self.preparing]
             return groups[0][0].prepare_rows(module, args, kwargs, groups, state, note) if groups else None
         for adapter in self.active:
             args, kwargs = adapter.prepare(module, args, kwargs, note)
@@ -292,7 +296,7 @@ class DeltaSite(nn.Module):
         """After every call, even one that raised: its note goes, and so does what adapters kept of it."""
         if self._notes and self.pre_hook_handle is not None:
             self._notes.pop()
-        for adapter in self.adapters.values():
+        for adapter in self.call_enders:
             adapter.call_ended()
 
     def _mixed_batch(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
