@@ -69,7 +69,7 @@ class SiteAdapter(nn.Module):
 
     def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: "RoutingState", note: "CallNote") -> tuple[tuple, dict]:
         """Mixed batch: rewrite the inputs of the whole batch at once. `groups` holds (adapter, name, rows)
-        for every adapter of this site that has rows (`state.rows` expands them); the site calls the
+        for every adapter of this site that has rows (`state.expanded_rows` expands them); the site calls the
         first group's adapter. Default: refused."""
         raise DeltaTuneError(f"{type(self).__name__} rewrites inputs and does not support mixed batches; run each adapter in its own batch")
 
@@ -142,10 +142,11 @@ class RoutingState:
         self.batch_size = len(adapter_names)
         self.row_groups = tuple((name, torch.tensor(rows)) for name, rows in groups.items())
 
-    def rows(self, name: str, rows: torch.Tensor, leading: int, device: torch.device) -> torch.Tensor:
-        """Row indices for a tensor whose batch dim is `leading`: the batch, or the batch with each
-        row repeated (generate's beams and return sequences) or flattened with its positions (B*T).
-        `DeltaModel` has checked that the names count the rows of the call's input."""
+    def expanded_rows(self, name: str, input_rows: torch.Tensor, leading: int, device: torch.device) -> torch.Tensor:
+        """The rows of adapter `name` (`input_rows`, its rows of the call's input) in a tensor whose batch
+        dim is `leading`: the batch, or the batch with each row repeated (generate's beams and return
+        sequences) or flattened with its positions (B*T). `DeltaModel` has checked that the names count
+        the rows of the call's input."""
         key = (name, device, leading)
         cached = self._rows_cache.get(key)
         if cached is not None:
@@ -156,7 +157,7 @@ class RoutingState:
                 "pass one adapter name per input row"
             )
         repeat = leading // self.batch_size
-        expanded = (rows[:, None] * repeat + torch.arange(repeat)[None, :]).reshape(-1).to(device)
+        expanded = (input_rows[:, None] * repeat + torch.arange(repeat)[None, :]).reshape(-1).to(device)
         self._rows_cache[key] = expanded
         return expanded
 
@@ -306,7 +307,7 @@ class DeltaSite(nn.Module):
         for name, group in self.state.row_groups:
             if name in self.adapters:
                 adapter = self.adapters[name]
-                rows = self.state.rows(name, group, adapter.batch_size(module, output), _device(output))
+                rows = self.state.expanded_rows(name, group, adapter.batch_size(module, output), _device(output))
                 output = adapter.forward_rows(module, args, kwargs, output, rows)
         return output
 

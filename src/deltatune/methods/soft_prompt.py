@@ -226,7 +226,7 @@ class RowLayout:
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         expanded = []
         for adapter, name, rows in groups:
-            rows = state.rows(name, rows, batch, device)
+            rows = state.expanded_rows(name, rows, batch, device)
             lengths[rows] = adapter.num_virtual_tokens
             expanded.append((adapter, rows))
         return cls(width, lengths, expanded, rolled)
