@@ -206,7 +206,17 @@ class DeltaModel(nn.Module):
         from .methods.lora_combine import combine_lora
 
         self.require(adapters)
-        combine_lora(self, adapters, weights, name, combination_type, svd_rank)
+        config, tensors = combine_lora(self, adapters, weights, combination_type, svd_rank)
+        self.add(name, config, trainable=False, weights_from_file=True)
+        try:
+            for module_name, site in self.sites():
+                if module_name in tensors:
+                    adapter = site.adapters[name]
+                    current = adapter.file_state()
+                    adapter.load_file_state({key: value.to(current[key].dtype) for key, value in tensors[module_name].items()})
+        except BaseException:
+            self.delete(name)
+            raise
         return self
 
     # ----------------------------------------------------------------------------- merging
