@@ -21,6 +21,9 @@ from .errors import (
     AdapterShapeError,
     DeltaTuneError,
     MergeError,
+    MethodNameError,
+    PlacementError,
+    TargetConflictError,
     TargetNotFoundError,
     UnknownMethodError,
     UnsupportedModuleError,
@@ -36,6 +39,7 @@ from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.soft_prompt import collapse_soft_prompt
 from .model import DeltaModel
+from .placement import Placement
 from .registry import get_method, register, registered_methods
 from .site import SiteAdapter
 from .summary import TrainableSummary
@@ -65,7 +69,8 @@ def load(model: nn.Module, path: str, name: str | None = None, trainable: bool =
 
 __all__ = [
     "AdapterFileError", "AdapterNameError", "AdapterShapeError", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "DeltaConfig", "DeltaModel",
-    "DeltaTuneError", "Fuse", "FusionConfig", "LoraConfig", "MergeError", "Method", "ModuleMethod", "SiteAdapter", "Stack", "TargetNotFoundError",
+    "DeltaTuneError", "Fuse", "FusionConfig", "LoraConfig", "MergeError", "Method", "MethodNameError", "ModuleMethod",
+    "Placement", "PlacementError", "SiteAdapter", "Stack", "TargetConflictError", "TargetNotFoundError",
     "TargetedConfig", "TrainableSummary", "UnknownMethodError", "UnsupportedModuleError", "attach",
     "get_method", "load", "model_modules", "register", "registered_methods",
     "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "collapse_soft_prompt", "causal_lm_loss",

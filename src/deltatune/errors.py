@@ -11,12 +11,25 @@ class TargetNotFoundError(DeltaTuneError):
     """A `target_modules` / `modules_to_save` / `exclude_modules` entry matched no module."""
 
 
+class TargetConflictError(TargetNotFoundError):
+    """The config's fields contradict each other about which modules are targets (every target is
+    also in `modules_to_save`, so nothing is left for the method)."""
+
+
+class PlacementError(DeltaTuneError):
+    """A method put two adapters of one name at one module."""
+
+
 class UnsupportedModuleError(DeltaTuneError):
     """A selected module has a type the method cannot adapt."""
 
 
 class UnknownMethodError(DeltaTuneError):
     """A method name that is not registered."""
+
+
+class MethodNameError(DeltaTuneError):
+    """A method registered under a name that is not valid, or that another method has taken."""
 
 
 class AdapterNameError(DeltaTuneError):

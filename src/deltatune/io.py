@@ -27,6 +27,7 @@ from . import __version__, adapterhub_format, peft_format
 from .atomic import Writer, folder_version, folder_writer, interrupted_save, json_writer, replace_folder, safetensors_writer
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
+from .methods.soft_prompt import SoftPromptConfig
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
 
@@ -41,7 +42,7 @@ def save_adapters(delta_model: Any, path: str | Path, names: list[str], format: 
     """One adapter: into `path`; several: into `path/<name>/` each."""
     if format not in FORMATS:
         raise DeltaTuneError(f"unknown format {format!r}; use one of {FORMATS}")
-    delta_model._check_names(names)
+    delta_model.require(names)
     if not names:
         raise DeltaTuneError("there is no adapter to save")
     folders = {name: _adapter_writers(delta_model, check_name(name), format == "peft") for name in names}
@@ -139,7 +140,7 @@ def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool,
 
 
 def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool, autocast_adapter_dtype: bool) -> None:
-    delta_model.add(name, config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype)
+    delta_model.add(name, config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype, weights_from_file=True)
     try:
         _copy_into(delta_model, name, tensors, peft, file)
     except BaseException:
@@ -274,4 +275,6 @@ def _file_tensors(delta_model: Any, name: str, peft: bool) -> dict[str, torch.Te
             state = adapter.peft_file_state() if peft and hasattr(adapter, "peft_file_state") else adapter.file_state()
             for tensor_name, tensor in state.items():
                 tensors[_file_key(module_name, adapter, tensor_name, peft)] = tensor
+    if peft and isinstance(delta_model.configs[name], SoftPromptConfig):
+        return peft_format.soft_prompt_keys_to_peft(tensors)
     return tensors

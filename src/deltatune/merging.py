@@ -114,20 +114,17 @@ def _write(step: Step, name: str, merging: bool) -> None:
             site.created_parameters.add(parameter_name)
         _added(target.detach(), delta, 1.0 if merging else -1.0, out=target.detach())
     if merging:
-        site.merged.append(name)
-        if site.adapters[name].delta_reads_module:
-            site.merged_deltas[name] = deltas
+        site.merges[name] = deltas if site.adapters[name].delta_reads_module else None
         return
-    site.merged.remove(name)
-    site.merged_deltas.pop(name, None)
-    if not site.merged:
+    del site.merges[name]
+    if not site.merges:
         for parameter_name in sorted(site.created_parameters):
             setattr(step.module, parameter_name, None)
         site.created_parameters.clear()
 
 
 def _deltas(step: Step, name: str, merging: bool) -> dict[str, torch.Tensor]:
-    kept = None if merging else step.site.merged_deltas.get(name)
+    kept = None if merging else step.site.merges.get(name)
     return kept if kept is not None else step.site.adapters[name].delta_parameters(step.module)
 
 

@@ -11,7 +11,9 @@ bfloat16 model, adapters keep float32 weights (`add(..., autocast_adapter_dtype=
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -21,11 +23,23 @@ from .composition import ActivePlan, Fuse, Setup, site_names
 from .config import DeltaConfig
 from .errors import AdapterNameError, DeltaTuneError
 from .merging import merge_adapters, unmerge_adapters
+from .methods.module_copy import ModuleCopy
 from .names import check_name
+from .placement import Placement
 from .registry import method_for
-from .site import DeltaSite, RoutingState, keep_in_float32, site_of
+from .site import DeltaSite, RoutingState, keep_in_float32, remove_adapter, site_of
 from .summary import TrainableSummary
-from .targeting import model_modules
+from .targeting import model_modules, saved_module_names
+
+
+@dataclasses.dataclass
+class AdapterRecord:
+    """What a `DeltaModel` knows of one adapter besides its modules: its config, the modules its method
+    adapted (`targets`) and every module that holds a part of it (`placed`, `modules_to_save` too)."""
+
+    config: DeltaConfig
+    targets: list[str]
+    placed: list[str]
 
 
 class DeltaModel(nn.Module):
@@ -36,8 +50,7 @@ class DeltaModel(nn.Module):
         if isinstance(model, DeltaModel) or any(isinstance(module, DeltaSite) for module in model.modules()):
             raise DeltaTuneError("this model already has deltatune adapters: add more with delta_model.add(name, config)")
         self.base_model = model
-        self.configs: dict[str, DeltaConfig] = {}
-        self.targets: dict[str, list[str]] = {}
+        self.records: dict[str, AdapterRecord] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.plan = ActivePlan((), [])
         self.routing = RoutingState()
@@ -52,29 +65,48 @@ class DeltaModel(nn.Module):
                 raise
             return getattr(self._modules["base_model"], name)
 
+    @property
+    def configs(self) -> Mapping[str, DeltaConfig]:
+        """{adapter name: config}, read-only (in the order the adapters were added)."""
+        return MappingProxyType({name: record.config for name, record in self.records.items()})
+
+    @property
+    def targets(self) -> Mapping[str, list[str]]:
+        """{adapter name: full names of the modules its method adapted}, read-only."""
+        return MappingProxyType({name: record.targets for name, record in self.records.items()})
+
     # ----------------------------------------------------------------------------- adapters
-    def add(self, name: str, config: DeltaConfig, trainable: bool = True, autocast_adapter_dtype: bool = True) -> "DeltaModel":
-        """Add adapter `name` built from `config`. The first adapter becomes active."""
+    def add(self, name: str, config: DeltaConfig, trainable: bool = True, autocast_adapter_dtype: bool = True, weights_from_file: bool = False) -> "DeltaModel":
+        """Add adapter `name` built from `config`. The first adapter becomes active. `weights_from_file`:
+        the weights are copied in from a file right after (as `load` does), so an initialisation that
+        needs data (a tokenizer for prompt tuning's TEXT init) is skipped."""
         check_name(name)
-        if name in self.configs:
-            raise AdapterNameError(f"adapter name {name!r} is not free; taken: {sorted(self.configs)}; pick another name")
+        if name in self.records:
+            raise AdapterNameError(f"adapter name {name!r} is not free; taken: {sorted(self.records)}; pick another name")
         if not isinstance(config, DeltaConfig):
             raise DeltaTuneError(f"expected a deltatune config (LoraConfig, BitFitConfig, ...), got {type(config).__name__}")
         method = method_for(config)
+        placement = Placement(self.base_model, name, self.routing, weights_from_file)
         try:
-            self.targets[name] = method.attach(self.base_model, name, config, self.routing)
+            method.attach(placement, config)
+            for saved in saved_module_names(self.base_model, config):
+                placement.put(saved, ModuleCopy(self.base_model.get_submodule(saved)), target=False)
             if autocast_adapter_dtype:  # float16 / bfloat16 adapter weights in float32, as peft does
-                for _, site in self.sites():
-                    if name in site.adapters:
-                        keep_in_float32(site.adapters[name])
+                for module_name in placement.placed:
+                    keep_in_float32(site_of(self.base_model.get_submodule(module_name)).adapters[name])
         except BaseException:
-            method.detach(self.base_model, name)
-            self.targets.pop(name, None)
+            placement.undo()
             raise
-        self.configs[name] = config
+        self.records[name] = AdapterRecord(config, list(placement.targets), list(placement.placed))
         self.set_trainable(name, trainable)
         self._reactivate(self.active_adapters or (name,))
         return self
+
+    def replace_config(self, name: str, config: DeltaConfig) -> None:
+        """Record a new config for adapter `name` whose modules changed in place to fit it (a soft
+        prompt's encoder collapsed into its table)."""
+        self.require([name])
+        self.records[name].config = config
 
     def activate(self, *setup: str | Setup, skip_layers: Iterable[int] = (), train_skip_lowest: int = 0) -> "DeltaModel":
         """Run these adapters on every forward call: names (all at once, in this order: for bottleneck
@@ -82,7 +114,7 @@ class DeltaModel(nn.Module):
         `skip_layers`: blocks whose adapters do not run (AdapterDrop); `train_skip_lowest=k`: in
         training, also skip the adapters of a random number (0..k) of lowest blocks on each call."""
         names = site_names(setup, self._fusion_name)
-        self._check_names(names)
+        self.require(names)
         if any(site.merged for _, site in self.sites()) and set(names) != set(self.active_adapters):
             raise DeltaTuneError("adapters are merged into the weights: call unmerge() before changing the active adapters")
         self.active_adapters = names
@@ -95,7 +127,7 @@ class DeltaModel(nn.Module):
         freeze those adapters, and activate `Fuse(*adapters)`: only the fusion weights train."""
         from .methods.fusion import FusionConfig
 
-        self._check_names(adapters)
+        self.require(adapters)
         self.add(name or ",".join(adapters), FusionConfig(adapters=list(adapters), dropout=dropout))
         for adapter in adapters:
             self.set_trainable(adapter, False)
@@ -111,14 +143,15 @@ class DeltaModel(nn.Module):
         self.activate(*names, skip_layers=self.plan.skip_layers, train_skip_lowest=self.plan.train_skip_lowest)
 
     def _site_layers(self, need_layers: bool) -> list[tuple[DeltaSite, int | None]]:
-        """Every site with its block index (found only when AdapterDrop needs it)."""
+        """Every site with its block index (found only when AdapterDrop needs it): the index recorded at
+        placement, else the block of the model that holds the site's module."""
         if not need_layers:
             return [(site, None) for _, site in self.sites()]
         from .architectures import block_names, layer_of
 
-        override = next((config.architecture for config in self.configs.values() if getattr(config, "architecture", None)), None)
-        blocks = block_names(self.base_model, override)
-        return [(site, layer_of(blocks, module_name)) for module_name, site in self.sites()]
+        sites = list(self.sites())
+        blocks = block_names(self.base_model) if any(site.layer is None for _, site in sites) else []
+        return [(site, site.layer if site.layer is not None else layer_of(blocks, module_name)) for module_name, site in sites]
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -133,12 +166,17 @@ class DeltaModel(nn.Module):
 
     def delete(self, name: str) -> None:
         """Remove adapter `name` everywhere (it is unmerged first if merged)."""
-        self._check_names([name])
+        self.require([name])
         if any(name in site.merged for _, site in self.sites()):
             self.unmerge()
-        method_for(self.configs[name]).detach(self.base_model, name)
-        del self.configs[name], self.targets[name]
+        self._remove(name)
         self._reactivate(n for n in self.active_adapters if n != name)
+
+    def _remove(self, name: str) -> None:
+        """Take adapter `name` off every module that holds a part of it (each part's `close()` runs)."""
+        record = self.records.pop(name)
+        for module_name in reversed(record.placed):
+            remove_adapter(self.base_model.get_submodule(module_name), name)
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Turn training of adapter `name`'s parameters on or off."""
@@ -147,7 +185,7 @@ class DeltaModel(nn.Module):
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """The parameters of adapter `name`, found through the sites that hold it."""
-        self._check_names([name])
+        self.require([name])
         seen: set[int] = set()  # a parameter shared by the sites of one adapter (Compacter's rule) counts once
         for _, site in self.sites():
             if name in site.adapters:
@@ -167,15 +205,25 @@ class DeltaModel(nn.Module):
         """New LoRA adapter `name` whose update is Σ weights[i] · ΔW(adapters[i]); see `lora_combine`."""
         from .methods.lora_combine import combine_lora
 
-        self._check_names(adapters)
-        combine_lora(self, adapters, weights, name, combination_type, svd_rank)
+        self.require(adapters)
+        config, tensors = combine_lora(self, adapters, weights, combination_type, svd_rank)
+        self.add(name, config, trainable=False, weights_from_file=True)
+        try:
+            for module_name, site in self.sites():
+                if module_name in tensors:
+                    adapter = site.adapters[name]
+                    current = adapter.file_state()
+                    adapter.load_file_state({key: value.to(current[key].dtype) for key, value in tensors[module_name].items()})
+        except BaseException:
+            self.delete(name)
+            raise
         return self
 
     # ----------------------------------------------------------------------------- merging
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights, in float32."""
         names = list(self.active_adapters if names is None else names)
-        self._check_names(names)
+        self.require(names)
         merge_adapters(self.base_model, self.sites(), names)
         self._reactivate(self.active_adapters)
 
@@ -191,10 +239,8 @@ class DeltaModel(nn.Module):
             merge_adapters(self.base_model, self.sites(), list(self.active_adapters))
         else:
             unmerge_adapters(self.base_model, self.sites())
-        for name in list(self.configs):
-            method_for(self.configs[name]).detach(self.base_model, name)
-        self.configs.clear()
-        self.targets.clear()
+        for name in list(self.records):
+            self._remove(name)
         self.active_adapters = ()
         self.plan = ActivePlan((), [])
         for parameter_name, parameter in self.base_model.named_parameters():
@@ -229,7 +275,7 @@ class DeltaModel(nn.Module):
             return
         if isinstance(adapter_names, str):
             raise DeltaTuneError(f"adapter_names must be a list with one adapter name (or None) per row, got the string {adapter_names!r}")
-        self._check_names([name for name in adapter_names if name is not None])
+        self.require([name for name in adapter_names if name is not None])
         rows = _batch_size(args, kwargs)
         if rows is not None and len(adapter_names) != rows:
             raise DeltaTuneError(
@@ -246,16 +292,17 @@ class DeltaModel(nn.Module):
         subfolders of earlier saves go, other files (a README) stay."""
         from .io import save_adapters
 
-        save_adapters(self, path, list(self.configs) if names is None else list(names), format)
+        save_adapters(self, path, list(self.records) if names is None else list(names), format)
 
     def trainable_summary(self) -> TrainableSummary:
         """Trainable and total parameter counts, overall and per adapter."""
         return TrainableSummary.of(self)
 
-    def _check_names(self, names: Any) -> None:
-        unknown = [name for name in names if name not in self.configs]
+    def require(self, names: Iterable[str]) -> None:
+        """Raise `AdapterNameError` unless this model has an adapter of each of `names`."""
+        unknown = [name for name in names if name not in self.records]
         if unknown:
-            raise AdapterNameError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.configs)}")
+            raise AdapterNameError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.records)}")
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -117,6 +117,21 @@ def task_type_of(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES.items() if class_name.endswith(suffix)), None)
 
 
+PROMPT_LEARNING_PREFIX = "base_model."
+"""peft's soft prompts wrap the model directly (no tuner model between): their `modules_to_save` keys
+are `base_model.<module path>.<parameter>`, without the `model.` that LoRA's have."""
+
+
+def soft_prompt_keys_from_peft(tensors: dict[str, Any]) -> dict[str, Any]:
+    """A soft-prompt file's keys in the form `peft_key` gives (`base_model.model.<path>`)."""
+    return {key if key == PROMPT_KEY else PREFIX + key.removeprefix(PROMPT_LEARNING_PREFIX): tensor for key, tensor in tensors.items()}
+
+
+def soft_prompt_keys_to_peft(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `soft_prompt_keys_from_peft`: the keys peft's soft prompts read."""
+    return {key if key == PROMPT_KEY else PROMPT_LEARNING_PREFIX + key.removeprefix(PREFIX): tensor for key, tensor in tensors.items()}
+
+
 def peft_key(module_name: str, peft_name: str) -> str:
     """A tensor's key in peft's file; a soft prompt's table is the bare `prompt_embeddings`."""
     return peft_name if peft_name == PROMPT_KEY else f"{PREFIX}{module_name}.{peft_name}"
@@ -127,6 +142,8 @@ def tensors_from_peft(data: dict[str, Any], tensors: dict[str, Any], model: nn.M
     transformer submodule and feeds the first n to the encoder: keep those. Copies of the model's
     embedding weights (`save_embedding_layers`) are checked against the model and dropped."""
     submodules = data.get("num_transformer_submodules") or 1
+    if data.get("peft_type") in SOFT_PROMPT_READERS:
+        tensors = soft_prompt_keys_from_peft(tensors)
     if data.get("peft_type") in ("PROMPT_TUNING", "P_TUNING") and submodules > 1 and PROMPT_KEY in tensors:
         tensors = {**tensors, PROMPT_KEY: tensors[PROMPT_KEY][: data["num_virtual_tokens"]]}
     saved = data.get("modules_to_save") or []

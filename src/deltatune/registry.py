@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from .errors import UnknownMethodError
+from .errors import MethodNameError, UnknownMethodError
 
 if TYPE_CHECKING:
     from .config import DeltaConfig
@@ -23,14 +23,14 @@ MethodClass = TypeVar("MethodClass", bound=type)
 def register(name: str) -> Callable[[MethodClass], MethodClass]:
     """Class decorator: make a method available under `name` (config files refer to it by that name)."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise UnknownMethodError(f"method name {name!r} must be letters, digits, '_' or '-'")
+        raise MethodNameError(f"method name {name!r} must be letters, digits, '_' or '-'")
 
     def decorate(method_class: MethodClass) -> MethodClass:
         config_class = getattr(method_class, "config_class", None)
         if config_class is None:
             raise TypeError(f"{method_class.__name__} needs a `config_class` attribute to be registered")
         if name in _METHODS and type(_METHODS[name]) is not method_class:
-            raise UnknownMethodError(
+            raise MethodNameError(
                 f"method name {name!r} is already taken by {type(_METHODS[name]).__name__}; pick another name"
             )
         config_class.method = name

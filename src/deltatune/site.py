@@ -3,11 +3,17 @@
 A site is registered as the child `deltatune` of the module it adapts, so adapter weights move, cast
 and shard with their module, and the model's own code is never copied or replaced. It holds every
 adapter at that module in one `nn.ModuleDict` keyed by adapter name. An adapter module there is a
-`SiteAdapter`, called as `adapter(module, args, kwargs, output) -> new output`; one that overrides
-`prepare` also rewrites the module's inputs before it runs (a second hook, registered only then).
+`SiteAdapter`, called as `adapter(module, args, kwargs, output) -> new output`. One that overrides
+`observe` sees the module's inputs on every call (a tap), one that overrides `prepare` rewrites them
+before the module runs: the site then registers its single forward pre-hook, shared by all of them.
 
-`RoutingState` is shared by all sites of one `DeltaModel`: which adapters run (set once at
-`activate()`), whether all are disabled, and, for a mixed batch, which rows go to which adapter.
+Per-call state belongs to the call: the pre-hook opens a fresh `CallNote`, hands it to `prepare`, and
+the forward hook finishes the output with it; a hook that runs even when the call raised drops it, so
+nothing of one call reaches the next.
+
+`RoutingState` is shared by all sites of one `DeltaModel` (internal to the library, not a part of the
+method contract): whether all adapters are disabled and, for a mixed batch, which rows go to which
+adapter.
 
 On a float16 / bfloat16 model, adapters keep float32 parameters (`keep_in_float32`, peft's
 `autocast_adapter_dtype`): an adapter's forward casts what it reads to its own dtype and what it
@@ -17,7 +23,7 @@ returns to the module output's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -52,15 +58,28 @@ class SiteAdapter(nn.Module):
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         raise NotImplementedError
 
-    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Rewrite the module's inputs before it runs (soft prompts). Default: no pre-hook at all."""
+    def observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """See the module's inputs before every call, whichever adapters are active (a tap that another
+        adapter reads). Default: nothing, and no pre-hook for it."""
+
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: "CallNote") -> tuple[tuple, dict]:
+        """Rewrite the module's inputs before it runs (soft prompts); what the output then needs goes
+        into `note`, this call's own (`note.then`). Default: no pre-hook at all."""
         return args, kwargs
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: "RoutingState") -> tuple[tuple, dict]:
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: "RoutingState", note: "CallNote") -> tuple[tuple, dict]:
         """Mixed batch: rewrite the inputs of the whole batch at once. `groups` holds (adapter, name, rows)
-        for every adapter of this site that has rows (`state.rows` expands them); the site calls the
+        for every adapter of this site that has rows (`state.expanded_rows` expands them); the site calls the
         first group's adapter. Default: refused."""
         raise DeltaTuneError(f"{type(self).__name__} rewrites inputs and does not support mixed batches; run each adapter in its own batch")
+
+    def call_ended(self) -> None:
+        """After every call of the module, even one that raised: drop what the call left with this
+        adapter (a tapped input). Default: nothing, and no hook for it."""
+
+    def close(self) -> None:
+        """The adapter leaves its site (delete, unload, a failed add): release what it holds outside
+        its parameters. Default: nothing."""
 
     def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
         """Mixed batch: apply this adapter to the rows `rows` of the batch only. The default slices the
@@ -123,10 +142,11 @@ class RoutingState:
         self.batch_size = len(adapter_names)
         self.row_groups = tuple((name, torch.tensor(rows)) for name, rows in groups.items())
 
-    def rows(self, name: str, rows: torch.Tensor, leading: int, device: torch.device) -> torch.Tensor:
-        """Row indices for a tensor whose batch dim is `leading`: the batch, or the batch with each
-        row repeated (generate's beams and return sequences) or flattened with its positions (B*T).
-        `DeltaModel` has checked that the names count the rows of the call's input."""
+    def expanded_rows(self, name: str, input_rows: torch.Tensor, leading: int, device: torch.device) -> torch.Tensor:
+        """The rows of adapter `name` (`input_rows`, its rows of the call's input) in a tensor whose batch
+        dim is `leading`: the batch, or the batch with each row repeated (generate's beams and return
+        sequences) or flattened with its positions (B*T). `DeltaModel` has checked that the names count
+        the rows of the call's input."""
         key = (name, device, leading)
         cached = self._rows_cache.get(key)
         if cached is not None:
@@ -137,9 +157,29 @@ class RoutingState:
                 "pass one adapter name per input row"
             )
         repeat = leading // self.batch_size
-        expanded = (rows[:, None] * repeat + torch.arange(repeat)[None, :]).reshape(-1).to(device)
+        expanded = (input_rows[:, None] * repeat + torch.arange(repeat)[None, :]).reshape(-1).to(device)
         self._rows_cache[key] = expanded
         return expanded
+
+
+class CallNote:
+    """What one call's pre-hook leaves for the forward hook of the same call: steps applied to the
+    module's output, in order (trim the virtual positions, take out a cache made for this call)."""
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[Any], Any]] = []
+
+    def then(self, step: Callable[[Any], Any]) -> None:
+        self.steps.append(step)
+
+    def finish(self, output: Any) -> Any:
+        for step in self.steps:
+            output = step(output)
+        return output
+
+
+def _overrides(adapter: SiteAdapter, hook: str) -> bool:
+    return getattr(type(adapter), hook) is not getattr(SiteAdapter, hook)
 
 
 class DeltaSite(nn.Module):
@@ -149,37 +189,97 @@ class DeltaSite(nn.Module):
         super().__init__()
         self.adapters = nn.ModuleDict()
         self.state = state
+        self.layer: int | None = None
+        """The block index of the module, recorded at placement by methods that know it (None: found
+        from the model when AdapterDrop needs it)."""
         self.active: list[nn.Module] = []
-        self.merged: list[str] = []
-        self.merged_deltas: dict[str, dict[str, torch.Tensor]] = {}
+        self.observers: list[SiteAdapter] = []
+        self.preparing: frozenset[str] = frozenset()
+        self.call_enders: list[SiteAdapter] = []
+        self.merges: dict[str, dict[str, torch.Tensor] | None] = {}
+        """Adapters merged into the module's weights, in merge order, each with the deltas merge added
+        when unmerge must subtract exactly those (`delta_reads_module`), else None (recomputed)."""
         self.created_parameters: set[str] = set()
-        self.hook_handles: list[Any] = []
+        self.hook_handle: Any = None
+        self.pre_hook_handle: Any = None
+        """The site's one forward pre-hook, present while an adapter here observes or prepares inputs."""
+        self.end_hook_handle: Any = None
+        """The hook that runs after every call, even one that raised, while an adapter needs it."""
+        self._notes: list[CallNote] = []
 
     def extra_repr(self) -> str:
         return f"active={[self._name_of(a) for a in self.active]}, merged={self.merged}"
+
+    def forward(self, value: Any) -> Any:
+        """A container that runs its children in turn (`nn.Sequential`) runs its site too, last: the
+        site passes the value through (its work is in the hooks of the module it sits on)."""
+        return value
+
+    @property
+    def merged(self) -> list[str]:
+        """The names of the merged adapters, in merge order."""
+        return list(self.merges)
 
     def _name_of(self, adapter: nn.Module) -> str:
         return next(name for name, held in self.adapters.items() if held is adapter)
 
     def add(self, module: nn.Module, name: str, adapter: SiteAdapter) -> None:
-        """Hold `adapter` under `name`; give `module` the input hook the first time an adapter needs it."""
+        """Hold `adapter` under `name`; give `module` the hooks the adapters here need."""
         self.adapters[name] = adapter.train(module.training)
-        if type(adapter).prepare is not SiteAdapter.prepare and len(self.hook_handles) == 1:
-            self.hook_handles.append(module.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
+        self._update_hooks(module)
+
+    def remove(self, module: nn.Module, name: str) -> None:
+        """Drop adapter `name` (its `close()` runs first) and the hooks no adapter here needs any more."""
+        adapter = self.adapters[name]
+        try:
+            adapter.close()
+        finally:
+            del self.adapters[name]
+            self.active = [held for held in self.active if held is not adapter]
+            self._update_hooks(module)
+
+    def _update_hooks(self, module: nn.Module) -> None:
+        """Precompute which adapters observe, prepare and end calls; register or remove hooks to match."""
+        held = list(self.adapters.values())
+        self.observers = [adapter for adapter in held if _overrides(adapter, "observe")]
+        self.preparing = frozenset(name for name, adapter in self.adapters.items() if _overrides(adapter, "prepare"))
+        self.call_enders = [adapter for adapter in held if _overrides(adapter, "call_ended")]
+        needs_pre_hook = bool(self.observers or self.preparing)
+        needs_end_hook = needs_pre_hook or bool(self.call_enders)
+        if needs_pre_hook and self.pre_hook_handle is None:
+            self.pre_hook_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+        elif not needs_pre_hook and self.pre_hook_handle is not None:
+            self.pre_hook_handle.remove()
+            self.pre_hook_handle = None
+        if needs_end_hook and self.end_hook_handle is None:
+            self.end_hook_handle = module.register_forward_hook(self.end_call, always_call=True)
+        elif not needs_end_hook and self.end_hook_handle is not None:
+            self.end_hook_handle.remove()
+            self.end_hook_handle = None
+
+    def remove_hooks(self) -> None:
+        for handle in (self.hook_handle, self.pre_hook_handle, self.end_hook_handle):
+            if handle is not None:
+                handle.remove()
+        self.hook_handle = self.pre_hook_handle = self.end_hook_handle = None
 
     def set_active(self, names: tuple[str, ...]) -> None:
         """Precompute the adapters the hook runs, in activation order (merged ones are in the weights)."""
-        self.active = [self.adapters[name] for name in names if name in self.adapters and name not in self.merged]
+        self.active = [self.adapters[name] for name in names if name in self.adapters and name not in self.merges]
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        note = CallNote()
+        self._notes.append(note)
         state = self.state
         if state.disabled:
             return None
+        for observer in self.observers:
+            observer.observe(module, args, kwargs)
         if state.row_groups is not None:
-            groups = [(self.adapters[name], name, rows) for name, rows in state.row_groups if name in self.adapters]
-            return groups[0][0].prepare_rows(module, args, kwargs, groups, state) if groups else None
+            groups = [(self.adapters[name], name, rows) for name, rows in state.row_groups if name in self.preparing]
+            return groups[0][0].prepare_rows(module, args, kwargs, groups, state, note) if groups else None
         for adapter in self.active:
-            args, kwargs = adapter.prepare(module, args, kwargs)
+            args, kwargs = adapter.prepare(module, args, kwargs, note)
         return args, kwargs
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -187,19 +287,27 @@ class DeltaSite(nn.Module):
         if state.disabled:
             return output
         if state.row_groups is not None:
-            return self._mixed_batch(module, args, kwargs, output)
-        for adapter in self.active:
-            output = adapter(module, args, kwargs, output)
-        return output
+            output = self._mixed_batch(module, args, kwargs, output)
+        else:
+            for adapter in self.active:
+                output = adapter(module, args, kwargs, output)
+        return self._notes[-1].finish(output) if self.pre_hook_handle is not None and self._notes else output
+
+    def end_call(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After every call, even one that raised: its note goes, and so does what adapters kept of it."""
+        if self._notes and self.pre_hook_handle is not None:
+            self._notes.pop()
+        for adapter in self.call_enders:
+            adapter.call_ended()
 
     def _mixed_batch(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         """Each group of rows gets its own adapter; rows of other adapters or `None` keep the base output."""
-        if self.merged:
+        if self.merges:
             raise DeltaTuneError("mixed batches need unmerged adapters: call unmerge() first")
         for name, group in self.state.row_groups:
             if name in self.adapters:
                 adapter = self.adapters[name]
-                rows = self.state.rows(name, group, adapter.batch_size(module, output), _device(output))
+                rows = self.state.expanded_rows(name, group, adapter.batch_size(module, output), _device(output))
                 output = adapter.forward_rows(module, args, kwargs, output, rows)
         return output
 
@@ -218,17 +326,21 @@ def open_site(module: nn.Module, state: RoutingState) -> DeltaSite:
             raise DeltaTuneError(f"{type(module).__name__} already has an attribute {SITE_ATTRIBUTE!r}")
         site = DeltaSite(state).train(module.training)
         module.add_module(SITE_ATTRIBUTE, site)
-        site.hook_handles.append(module.register_forward_hook(site.hook, with_kwargs=True))
+        site.hook_handle = module.register_forward_hook(site.hook, with_kwargs=True)
     return site
 
 
-def close_site_if_empty(module: nn.Module) -> None:
-    """Remove the site and its hook once no adapter is left on it."""
+def remove_adapter(module: nn.Module, name: str) -> None:
+    """Take adapter `name` off `module`'s site; the site and its hooks go once no adapter is left."""
     site = site_of(module)
-    if site is not None and len(site.adapters) == 0:
-        for handle in site.hook_handles:
-            handle.remove()
-        del module._modules[SITE_ATTRIBUTE]
+    if site is None or name not in site.adapters:
+        return
+    try:
+        site.remove(module, name)
+    finally:
+        if len(site.adapters) == 0:
+            site.remove_hooks()
+            del module._modules[SITE_ATTRIBUTE]
 
 
 def _leading_size(output: Any) -> int:

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 from torch import nn
 
 from .config import DeltaConfig, TargetedConfig
-from .errors import TargetNotFoundError, UnsupportedModuleError
+from .errors import TargetConflictError, TargetNotFoundError, UnsupportedModuleError
 from .site import DeltaSite
 
 ALL_LINEAR = "all-linear"
@@ -123,6 +123,7 @@ def select_modules(
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
         selected = [n for n in selected if layer_index(n, config.layers_pattern) in wanted]
+    before_saved = bool(selected)
     selected = [n for n in selected if not _inside_any(n, saved)]
     unsupported = [n for n in selected if not isinstance(modules[n], supported_types)]
     if unsupported:
@@ -134,7 +135,8 @@ def select_modules(
         )
     if not selected:
         saved_note = f"; modules in modules_to_save={config.modules_to_save!r} train fully and get no adapter" if saved else ""
-        raise TargetNotFoundError(
+        error = TargetConflictError if saved and before_saved else TargetNotFoundError
+        raise error(
             f"the config selects no module of the model (target_modules={target!r}, "
             f"layers_to_transform={config.layers_to_transform!r}, exclude_modules={config.exclude_modules!r}{saved_note})"
         )

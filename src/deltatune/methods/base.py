@@ -1,14 +1,17 @@
 """The method contract, and the shared machinery of methods whose delta sits on chosen modules.
 
-A method is any class with a `config_class` and two functions (a `typing.Protocol`, no base class
+A method is any class with a `config_class` and one function (a `typing.Protocol`, no base class
 needed):
 
-    attach(model, name, config, state) -> list[str]   # full names of the modules it adapted
-    detach(model, name) -> None
+    attach(placement, config) -> None     # build adapters, put each at a module: placement.put(name, adapter)
 
-`@deltatune.register("name")` makes it available by name. Merging is generic: an adapter module that
-can be folded into the weights has `delta_parameters(module) -> {"weight": ΔW, ...}` (float32, in the
-layout of the module's own parameters), and `DeltaModel.merge()` adds those deltas.
+`@deltatune.register("name")` makes it available by name. `DeltaModel.add` makes the `Placement`
+(`deltatune.placement`), which records the targets, opens the modules' sites, says whether the weights
+will come from a file (`placement.weights_from_file`: skip an initialisation that needs data) and undoes
+everything when the add fails. `DeltaModel` owns the rest: `modules_to_save` copies, removal (each
+adapter's `SiteAdapter.close()` runs as it leaves its site), activation, and merging: an adapter module
+that can be folded into the weights has `delta_parameters(module) -> {"weight": ΔW, ...}` (float32, in
+the layout of the module's own parameters), and `DeltaModel.merge()` adds those deltas.
 
 `ModuleMethod` is the base for methods that put one adapter module on each selected module. A subclass
 gives `config_class`, a dispatch table `adapter_types` ({layer type: adapter class}) and, if it wants
@@ -23,9 +26,8 @@ from torch import nn
 
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetNotFoundError
-from ..site import RoutingState, close_site_if_empty, open_site, site_of
-from ..targeting import model_modules, saved_module_names, select_modules
-from .module_copy import ModuleCopy
+from ..placement import Placement
+from ..targeting import select_modules
 
 
 @runtime_checkable
@@ -34,11 +36,9 @@ class Method(Protocol):
 
     config_class: type[DeltaConfig]
 
-    def attach(self, model: nn.Module, name: str, config: DeltaConfig, state: RoutingState) -> list[str]:
-        """Add adapter `name` to `model`; return the full names of the modules it adapted."""
-
-    def detach(self, model: nn.Module, name: str) -> None:
-        """Remove every trace of adapter `name` from `model`."""
+    def attach(self, placement: Placement, config: DeltaConfig) -> None:
+        """Build adapter `placement.name`'s site adapters for `placement.model` and put each at its
+        module (`placement.put`); raise `DeltaTuneError` on a model the config does not fit."""
 
 
 class ModuleMethod:
@@ -66,27 +66,11 @@ class ModuleMethod:
         """Full names of the modules that get an adapter."""
         return select_modules(model, config, self.supported_types(), self.default_targets)
 
-    def attach(self, model: nn.Module, name: str, config: TargetedConfig, state: RoutingState) -> list[str]:
-        targets = self.select(model, config)
-        saved = saved_module_names(model, config)
-        built = {target: self.build_adapter(model.get_submodule(target), target, config) for target in targets}
-        built.update({target: ModuleCopy(model.get_submodule(target)) for target in saved})
+    def attach(self, placement: Placement, config: TargetedConfig) -> None:
+        model = placement.model
+        built = {target: self.build_adapter(model.get_submodule(target), target, config) for target in self.select(model, config)}
         for target, adapter in built.items():
-            module = model.get_submodule(target)
-            open_site(module, state).add(module, name, adapter)
-        return targets
-
-    def detach(self, model: nn.Module, name: str) -> None:
-        detach_everywhere(model, name)
-
-
-def detach_everywhere(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` from every site of `model` (sites left empty go too)."""
-    for _, module in list(model_modules(model)):
-        site = site_of(module)
-        if site is not None and name in site.adapters:
-            del site.adapters[name]
-            close_site_if_empty(module)
+            placement.put(target, adapter)
 
 
 _NO_DEFAULT = object()

@@ -14,7 +14,8 @@ In a post-LN model (BERT) the block then computes LN(h + x), so Houlsby gives LN
 Pfeiffer input LN(h + x) applies the block's own pretrained norm (`original_ln_before`): the block
 then computes LN(A(LN(h + x)) + h + x), the pretrained norm twice, exactly as AdapterHub does; in a
 pre-LN model (no norm after the sublayer) z = h + x. The hook sits on the sublayer's output module
-(`architectures`); x comes from a forward pre-hook on the module that receives the residual stream.
+(`architectures`); x comes from an `InputTap` at the module that receives the residual stream (it shares
+that site's one forward pre-hook with every other adapter there).
 Not mergeable (f is non-linear). Compacter (`compacter.py`) is this adapter with other linears.
 """
 
@@ -32,10 +33,8 @@ from ..config import DeltaConfig
 from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveInt
 from ..registry import register
-from ..site import RoutingState, SiteAdapter, open_site, site_of
-from ..targeting import saved_module_names
-from .base import detach_everywhere
-from .module_copy import ModuleCopy
+from ..placement import Placement
+from ..site import SiteAdapter
 
 PRESETS: dict[str, dict[str, Any]] = {
     "houlsby": dict(attention_adapter=True, ffn_adapter=True, parallel=False, original_ln_before=False, reduction_factor=16, non_linearity="swish", scaling=1.0, init_weights="bert"),
@@ -138,26 +137,13 @@ def _zero_up_init(down: nn.Linear, up: nn.Linear) -> None:
 INITS: dict[str, Callable[[nn.Linear, nn.Linear], None]] = {"bert": _bert_init, "near_identity": _near_identity_init, "zero_up": _zero_up_init}
 
 
-class InputTap:
-    """Records x, the input of the module that receives the residual stream, on every call (a forward
-    pre-hook, registered once), and forgets it when the sublayer's output module has run, even if it
-    raised (`forget_after`): x never outlives its call. Not a module: the adapter holds it as a plain
-    attribute."""
+class TappedInput:
+    """x of the current call, from the tap to the adapter that reads it: set when the input module is
+    called, dropped when the reading adapter's module has run (even if it raised), so x never outlives
+    its call. Not a module: both hold it as a plain attribute."""
 
-    def __init__(self, module: nn.Module, argument: str) -> None:
-        self.argument = argument
+    def __init__(self) -> None:
         self.value: torch.Tensor | None = None
-        self.handles = [module.register_forward_pre_hook(self.record, with_kwargs=True)]
-
-    def record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.value = input_of(args, kwargs, self.argument)
-
-    def forget_after(self, output_module: nn.Module) -> None:
-        """Drop x once `output_module` (whose site reads x) has run; registered after that site's hook."""
-        self.handles.append(output_module.register_forward_hook(self.forget, always_call=True))
-
-    def forget(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.value = None
 
     def take(self, rows: torch.Tensor | None) -> torch.Tensor:
         if self.value is None:
@@ -165,11 +151,42 @@ class InputTap:
         return self.value if rows is None else self.value.index_select(0, rows)
 
 
+class InputTap(SiteAdapter):
+    """At the module that receives the residual stream: record x (its input `argument`) on every call,
+    whichever adapters are active, for the bottleneck adapter at the sublayer's output."""
+
+    def __init__(self, argument: str, tapped: TappedInput) -> None:
+        super().__init__()
+        self.argument = argument
+        self.__dict__["tapped"] = tapped
+
+    def observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.tapped.value = input_of(args, kwargs, self.argument)
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return output
+
+    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
+        return output
+
+    delta_reads_module = False
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Nothing to fold in: whether the adapter merges is for the one that reads x to say."""
+        return {}
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
 class BottleneckAdapter(SiteAdapter):
     """One bottleneck adapter on one sublayer output; `down` and `up` are any modules mapping
     hidden → size → hidden (`nn.Linear` here, PHM or low-rank layers for Compacter)."""
 
-    def __init__(self, down: nn.Module, up: nn.Module, hidden: int, config: BottleneckConfig, tap: InputTap | None, layer_norm: nn.Module | None) -> None:
+    def __init__(self, down: nn.Module, up: nn.Module, hidden: int, config: BottleneckConfig, tap: TappedInput | None, layer_norm: nn.Module | None) -> None:
         super().__init__()
         self.down, self.up = down, up
         self.hidden = hidden
@@ -226,11 +243,9 @@ class BottleneckAdapter(SiteAdapter):
         if result.unexpected_keys or set(result.missing_keys) - self.shared_file_keys():
             raise DeltaTuneError(f"adapter tensors do not fit: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
 
-    def close(self) -> None:
-        """Remove the input hook (on detach)."""
+    def call_ended(self) -> None:
         if self.tap is not None:
-            for handle in self.tap.handles:
-                handle.remove()
+            self.tap.value = None
 
 
 @register("bottleneck")
@@ -251,7 +266,8 @@ class Bottleneck:
         """Parameters every layer's adapter shares (Compacter's rule matrices); none here."""
         return None
 
-    def attach(self, model: nn.Module, name: str, config: BottleneckConfig, state: RoutingState) -> list[str]:
+    def attach(self, placement: Placement, config: BottleneckConfig) -> None:
+        model = placement.model
         sites = placed_sites(model, config)
         first = model.get_submodule(sites[0].output)
         hidden = sublayer_output_width(model, first)
@@ -259,26 +275,12 @@ class Bottleneck:
         size = config.size_for(hidden)
         shared = self.shared_parameters(hidden, size, config, reference)
         for site in sites:
-            output_module = model.get_submodule(site.output)
             down, up = self.make_projections(hidden, size, config, shared, reference)
-            needs_input = config.parallel or config.original_ln_before
-            tap = InputTap(model.get_submodule(site.input), site.input_argument) if needs_input else None
+            tap = TappedInput() if config.parallel or config.original_ln_before else None
             layer_norm = model.get_submodule(site.layer_norm) if site.layer_norm and config.original_ln_before else None
-            open_site(output_module, state).add(output_module, name, BottleneckAdapter(down, up, hidden, config, tap, layer_norm))
             if tap is not None:
-                tap.forget_after(output_module)
-        for saved in saved_module_names(model, config):
-            module = model.get_submodule(saved)
-            open_site(module, state).add(module, name, ModuleCopy(module))
-        return [site.output for site in sites]
-
-    def detach(self, model: nn.Module, name: str) -> None:
-        for module in model.modules():
-            site = site_of(module)
-            adapter = site.adapters[name] if site is not None and name in site.adapters else None
-            if isinstance(adapter, BottleneckAdapter):
-                adapter.close()
-        detach_everywhere(model, name)
+                placement.put(site.input, InputTap(site.input_argument, tap), target=False, layer=site.layer)
+            placement.put(site.output, BottleneckAdapter(down, up, hidden, config, tap, layer_norm), layer=site.layer)
 
 
 def placed_sites(model: nn.Module, config: BottleneckConfig) -> list[SublayerSite]:

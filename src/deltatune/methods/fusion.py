@@ -26,8 +26,8 @@ from ..config import DeltaConfig
 from ..errors import AdapterNameError, DeltaTuneError
 from ..field_check import DropoutRate
 from ..registry import register
-from ..site import RoutingState, SiteAdapter, site_of
-from .base import detach_everywhere
+from ..placement import Placement
+from ..site import SiteAdapter
 from .bottleneck import BottleneckAdapter
 
 
@@ -95,23 +95,18 @@ class Fusion:
     config_class = FusionConfig
     needs_other_adapters = True
 
-    def attach(self, model: nn.Module, name: str, config: FusionConfig, state: RoutingState) -> list[str]:
-        targets = []
-        for module_name, module in model.named_modules():
-            site = site_of(module)
-            if site is None or not all(isinstance(site.adapters[a] if a in site.adapters else None, BottleneckAdapter) for a in config.adapters):
-                continue
-            site.add(module, name, FusionLayer(site.adapters, config))
-            targets.append(module_name)
-        if not targets:
+    def attach(self, placement: Placement, config: FusionConfig) -> None:
+        held_here = [
+            (module_name, held) for module_name, held in placement.adapters_at()
+            if all(isinstance(held[a] if a in held else None, BottleneckAdapter) for a in config.adapters)
+        ]
+        if not held_here:
             raise AdapterNameError(
                 f"no layer holds all of the bottleneck adapters {config.adapters}: add or load them first "
                 "(a fusion combines adapters placed at the same sublayers)"
             )
-        return targets
-
-    def detach(self, model: nn.Module, name: str) -> None:
-        detach_everywhere(model, name)
+        for module_name, held in held_here:
+            placement.put(module_name, FusionLayer(held, config))
 
 
 def fusion_name(configs: dict[str, DeltaConfig], fuse: Fuse) -> str:

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 COMBINATIONS = ("cat", "linear", "svd")
 
 
-def combine_lora(delta_model: "DeltaModel", adapters: list[str], weights: list[float], name: str, combination_type: str, svd_rank: int | None) -> None:
+def combine_lora(delta_model: "DeltaModel", adapters: list[str], weights: list[float], combination_type: str, svd_rank: int | None) -> tuple[LoraConfig, dict[str, dict[str, torch.Tensor]]]:
+    """The config of the combined adapter and its tensors per module ({module: {"lora_A": A, "lora_B": B}}),
+    which `DeltaModel.add_weighted_adapter` adds and copies in."""
     if combination_type not in COMBINATIONS:
         raise DeltaTuneError(f"unknown combination_type {combination_type!r}; use one of {COMBINATIONS}")
     if len(adapters) != len(weights) or not adapters:
@@ -45,14 +47,7 @@ def combine_lora(delta_model: "DeltaModel", adapters: list[str], weights: list[f
         rank_pattern={re.escape(module): r for module, r in ranks.items() if r != rank},
         alpha_pattern={re.escape(module): r for module, r in ranks.items() if r != rank},
     )
-    delta_model.add(name, config, trainable=False)
-    for module_name, site in delta_model.sites():
-        if module_name in new_factors and name in site.adapters:
-            lora_A, lora_B = new_factors[module_name]
-            adapter = site.adapters[name]
-            with torch.no_grad():
-                adapter.lora_A.copy_(lora_A.to(adapter.lora_A.dtype))
-                adapter.lora_B.copy_(lora_B.to(adapter.lora_B.dtype))
+    return config, {module: {"lora_A": lora_A, "lora_B": lora_B} for module, (lora_A, lora_B) in new_factors.items()}
 
 
 def _factors_per_module(delta_model: "DeltaModel", adapters: list[str]) -> dict[str, list[tuple[int, LoraAdapter]]]:

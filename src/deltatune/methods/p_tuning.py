@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, PositiveInt
+from ..placement import Placement
 from ..registry import register
 from .prompt_tuning import PromptTuningConfig
 from .prompt_input import PromptInputMethod
@@ -44,9 +45,12 @@ class PTuningConfig(SoftPromptConfig):
     encoder_dropout: DropoutRate = 0.0
     """Dropout between LSTM layers."""
 
+    def normalise(self) -> None:
+        super().normalise()
+        self.encoder_reparameterization_type = str(getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)).upper()
+
     def validate(self) -> None:
         super().validate()
-        self.encoder_reparameterization_type = str(getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)).upper()
         if self.encoder_reparameterization_type not in ENCODER_TYPES:
             raise DeltaTuneError(f"encoder_reparameterization_type must be one of {ENCODER_TYPES}, got {self.encoder_reparameterization_type!r}")
 
@@ -92,7 +96,8 @@ class PTuning(PromptInputMethod):
 
     config_class = PTuningConfig
 
-    def build_source(self, model: nn.Module, config: PTuningConfig) -> nn.Module:
+    def build_source(self, placement: Placement, config: PTuningConfig) -> nn.Module:
+        model = placement.model
         return PromptEncoder(config.num_virtual_tokens, embedding_width(model), config, model.get_input_embeddings().weight)
 
 

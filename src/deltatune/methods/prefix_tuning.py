@@ -39,7 +39,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 from ..errors import UnsupportedModuleError
 from ..field_check import PositiveInt
 from ..registry import register
-from ..site import RoutingState, SiteAdapter
+from ..placement import Placement
+from ..site import CallNote, RoutingState, SiteAdapter
 from .soft_prompt import (
     CACHE_ARGUMENTS,
     CallShape,
@@ -59,12 +60,6 @@ CROSS_ATTENTION_NAMES = ("EncDecAttention", "crossattention", "encoder_attn")
 _PREFIX_LENGTHS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 """For caches that hold only prefixes so far: how many positions. A second active prefix adapter adds
 its prefix to such a cache; a cache that has seen tokens gets no prefix again."""
-
-_CALL_ONLY: "weakref.WeakSet[Any]" = weakref.WeakSet()
-"""Caches built for a call that asked for none (`use_cache=False`). Its output does not hand them back,
-as the base model hands back no cache then: otherwise `generate(use_cache=False)` fed the prefix and
-the tokens seen so far in again with the whole sequence, and every token was attended twice."""
-
 
 @dataclasses.dataclass
 class PrefixTuningConfig(SoftPromptConfig):
@@ -192,7 +187,8 @@ class PrefixCache(SiteAdapter):
         self.cache_key = cache_argument(stack)
         self.accepts_positions = "position_ids" in self.names
         self.held: dict[int, Any] = {}
-        """The latest cache per batch size, for `PrefixReinsert` (shared with it)."""
+        """The cache of the running call per batch size, for `PrefixReinsert` (shared with it); see
+        `call_ended` for how long it stays."""
 
     def peft_file_state(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():  # the inference kernels (an LSTM's differ in the last bits with autograd on)
@@ -208,10 +204,14 @@ class PrefixCache(SiteAdapter):
         cache = (ReadOnlyPrefixCache if _trains(module) else DynamicCache)(config=self.model_config)
         return EncoderDecoderCache(cache, DynamicCache(config=self.model_config)) if self.layout.encoder_decoder else cache
 
-    def fill(self, module: nn.Module, call: CallShape, per_layer: list[tuple[torch.Tensor, torch.Tensor]], added: int) -> None:
+    def fill(self, module: nn.Module, call: CallShape, per_layer: list[tuple[torch.Tensor, torch.Tensor]], added: int, note: CallNote) -> None:
+        """Put the prefix into the call's cache (a new one if it has none). A cache made for a call that
+        asked for none (`use_cache=False`) is taken out of its output again (`note`), as the base model
+        hands back no cache then: otherwise `generate(use_cache=False)` fed the prefix and the tokens seen
+        so far in again with the whole sequence, and every token was attended twice."""
         cache = call.cache if call.cache is not None else self.new_cache(module)
         if call.cache is None and not self.wants_cache(call):
-            _CALL_ONLY.add(cache)
+            note.then(lambda output: without_cache(output, cache))
         part = self_attention_part(cache)
         for layer, (keys, values) in enumerate(per_layer):
             DynamicCache.update(part, keys, values, layer)
@@ -224,25 +224,20 @@ class PrefixCache(SiteAdapter):
         asked = call.keywords.get("use_cache")
         return bool(asked) if asked is not None else getattr(self.model_config, "use_cache", True) is not False
 
-    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if not _trains(module):
-            self.held.clear()  # a call that raised never reached the forward hook that clears it
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         n = self.num_virtual_tokens
         so_far = prefix_length_so_far(call.cache)
         if so_far is not None:
             call.check_length(n + so_far, self.stacks.max_positions)
-            self.fill(module, call, self.prefix(call.batch), n)
+            self.fill(module, call, self.prefix(call.batch), n, note)
         call.extend_mask("attention_mask", None, n, call.length)
         call.shift_positions(n, None, False, self.accepts_positions)
         return (), call.keywords
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=False)
-        if not _trains(module):
-            for adapter, _ in layout.groups:
-                adapter.held.clear()
         first = call.cached == 0
         if first:
             call.check_length(layout.width, self.stacks.max_positions)
@@ -253,7 +248,7 @@ class PrefixCache(SiteAdapter):
                 for layer, pair in enumerate(adapter.prefix(call.batch)):
                     for block, part in zip(blocks[layer], pair):
                         block[rows, :, layout.width - part.shape[2]:] = part[rows]
-            self.fill(module, call, blocks, layout.width)
+            self.fill(module, call, blocks, layout.width, note)
             for adapter, _ in layout.groups:
                 adapter.held[call.batch] = call.keywords[self.cache_key]
         real_past = call.cached - (0 if first else layout.width)
@@ -262,13 +257,17 @@ class PrefixCache(SiteAdapter):
         return (), call.keywords
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not _trains(module):
-            self.held.clear()
-        cache = kwargs.get(self.cache_key)
-        return without_cache(output, cache) if cache in _CALL_ONLY else output
+        return output
 
     def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
-        return self(module, args, kwargs, output)
+        return output
+
+    def call_ended(self) -> None:
+        """The cache goes with its call, except in training: gradient checkpointing replays the
+        attention layers in the backward pass, after the call, and `PrefixReinsert` hands them the
+        same cache again then (the next training call of that batch size replaces it)."""
+        if not (self.training and torch.is_grad_enabled()):
+            self.held.clear()
 
 
 def _trains(module: nn.Module) -> bool:
@@ -296,7 +295,7 @@ class PrefixReinsert(SiteAdapter):
         self.position = names.index(self.cache_key)
         self.held = held
 
-    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         given = args[self.position] if self.position < len(args) else kwargs.get(self.cache_key)
         hidden = args[0] if args else next(iter(kwargs.values()))
         cache = self.held.get(hidden.shape[0])
@@ -306,8 +305,8 @@ class PrefixReinsert(SiteAdapter):
             return (*args[: self.position], cache, *args[self.position + 1:]), kwargs
         return args, {**kwargs, self.cache_key: cache}
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
-        return self.prepare(module, args, kwargs)
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
+        return self.prepare(module, args, kwargs, note)
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return output
@@ -322,7 +321,8 @@ class PrefixTuning(SoftPromptMethod):
 
     config_class = PrefixTuningConfig
 
-    def adapters(self, model: nn.Module, config: PrefixTuningConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
+    def adapters(self, placement: Placement, config: PrefixTuningConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
+        model = placement.model
         layout = prefix_layout(model, stacks)
         embedding = model.get_input_embeddings()
         reference = embedding.weight

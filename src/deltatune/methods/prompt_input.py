@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..site import RoutingState, SiteAdapter
+from ..placement import Placement
+from ..site import CallNote, RoutingState, SiteAdapter
 from .soft_prompt import CACHE_ARGUMENTS, CallShape, RowLayout, SoftPromptConfig, SoftPromptMethod, Stacks, parameter_names, trim_output
 
 
@@ -27,17 +28,13 @@ class PromptInput(SiteAdapter):
         self.names = parameter_names(stack)
         self.cache_key = next((name for name in CACHE_ARGUMENTS if name in self.names), "cache")
         self.accepts_positions = "position_ids" in self.names
-        self.pending: tuple[int, RowLayout | None] | None = None
-        """Virtual positions to drop from this call's output (and how, in a mixed batch); set afresh by
-        every call's pre-hook, so a call that raised leaves nothing for the next."""
 
     def peft_file_state(self) -> dict[str, torch.Tensor]:
         """peft stores the prompt itself (`prompt_embeddings`), whatever produced it."""
         with torch.no_grad():  # the inference kernels (an LSTM's differ in the last bits with autograd on)
             return {"source.weight": self.source()}
 
-    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self.pending = None
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         n = self.num_virtual_tokens
         first = call.cached == 0
@@ -47,16 +44,15 @@ class PromptInput(SiteAdapter):
             prompt = self.source().to(embeds.dtype).expand(call.batch, -1, -1)
             call.keywords["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
             self._extend_token_types(call, n, None)
-            self.pending = (n, None) if self.stacks.trim else None
+            if self.stacks.trim:
+                note.then(lambda output: trim_output(output, n))
         call.extend_mask("attention_mask", None, n, call.length)
         call.shift_positions(n, None, first, self.accepts_positions)
         return (), call.keywords
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=call.cache is None)
-        for adapter, _ in layout.groups:
-            adapter.pending = None
         first = call.cached == 0
         if first:
             call.check_length(layout.width, self.stacks.max_positions)
@@ -68,22 +64,20 @@ class PromptInput(SiteAdapter):
                 block[rows, start:start + prompt.shape[0]] = prompt
             call.keywords["inputs_embeds"] = layout.combine(block, embeds)
             self._extend_token_types(call, layout.width, layout)
-            self.pending = (layout.width, layout) if self.stacks.trim else None
+            if self.stacks.trim:
+                note.then(lambda output: trim_output(output, layout.width, layout))
         real_past = call.cached - (0 if first else layout.width)
         call.extend_mask("attention_mask", layout, layout.width, real_past + call.length)
         call.shift_positions(layout.width, layout, first, self.accepts_positions, real_past)
         return (), call.keywords
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.pending is None:
-            return output
-        count, layout = self.pending
-        self.pending = None
-        return trim_output(output, count, layout)
+        """The output is trimmed by the step `prepare` left in the call's note."""
+        return output
 
     def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
-        """The whole batch was rewritten at once (by the first group's adapter, which trims it here)."""
-        return self(module, args, kwargs, output)
+        """The whole batch was rewritten at once (by the first group's adapter, whose note trims it)."""
+        return output
 
     @staticmethod
     def _embeds(module: nn.Module, call: CallShape) -> torch.Tensor:
@@ -107,13 +101,13 @@ class EncoderPromptMask(SiteAdapter):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
 
-    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         mask = kwargs.get("encoder_attention_mask")
         if mask is not None:
             kwargs = {**kwargs, "encoder_attention_mask": torch.cat([mask.new_ones(mask.shape[0], self.num_virtual_tokens), mask], dim=1)}
         return args, kwargs
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState) -> tuple[tuple, dict]:
+    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
         states = kwargs.get("encoder_hidden_states")
         mask = kwargs.get("encoder_attention_mask")
         layout = RowLayout.of(groups, state, states.shape[0], states.device, rolled=True)  # the encoder runs without a cache
@@ -131,12 +125,12 @@ class EncoderPromptMask(SiteAdapter):
 class PromptInputMethod(SoftPromptMethod):
     """Prompt tuning and P-tuning: a prompt at the input stack (and the cross-attention mask of a decoder)."""
 
-    def build_source(self, model: nn.Module, config: SoftPromptConfig) -> nn.Module:
+    def build_source(self, placement: Placement, config: SoftPromptConfig) -> nn.Module:
         raise NotImplementedError
 
-    def adapters(self, model: nn.Module, config: SoftPromptConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
-        stack = model.get_submodule(stacks.input)
-        built: dict[str, SiteAdapter] = {stacks.input: PromptInput(self.build_source(model, config), stack, stacks, config.num_virtual_tokens)}
+    def adapters(self, placement: Placement, config: SoftPromptConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
+        stack = placement.model.get_submodule(stacks.input)
+        built: dict[str, SiteAdapter] = {stacks.input: PromptInput(self.build_source(placement, config), stack, stacks, config.num_virtual_tokens)}
         if stacks.decoder is not None:
             built[stacks.decoder] = EncoderPromptMask(config.num_virtual_tokens)
         return built

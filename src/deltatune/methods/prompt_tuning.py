@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
+from ..placement import Placement
 from ..registry import register
 from .prompt_input import PromptInputMethod
 from .soft_prompt import PromptTable, SoftPromptConfig
@@ -43,9 +44,12 @@ class PromptTuningConfig(SoftPromptConfig):
     tokenizer_kwargs: dict[str, Any] | None = None
     """Keyword arguments for `AutoTokenizer.from_pretrained` (with "TEXT")."""
 
+    def normalise(self) -> None:
+        super().normalise()
+        self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)).upper()
+
     def validate(self) -> None:
         super().validate()
-        self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)).upper()
         if self.prompt_tuning_init not in INITS:
             raise DeltaTuneError(f"prompt_tuning_init must be one of {INITS}, got {self.prompt_tuning_init!r}")
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
@@ -76,11 +80,12 @@ def text_token_ids(config: PromptTuningConfig) -> list[int]:
     return list(itertools.islice(itertools.cycle(token_ids), config.num_virtual_tokens))
 
 
-def initial_prompt(embedding: nn.Embedding, config: PromptTuningConfig) -> torch.Tensor:
-    """P at the start (n × d), in the embedding's dtype and device."""
+def initial_prompt(embedding: nn.Embedding, config: PromptTuningConfig, weights_from_file: bool = False) -> torch.Tensor:
+    """P at the start (n × d), in the embedding's dtype and device; random when the weights come from a
+    file (no tokenizer is opened then)."""
     weight = embedding.weight
     count = config.num_virtual_tokens
-    if not config.initialise_from_data() or config.prompt_tuning_init == "RANDOM":
+    if weights_from_file or config.prompt_tuning_init == "RANDOM":
         std = weight.detach().float().std().item()
         return torch.randn(count, weight.shape[1], device=weight.device).mul(std).to(weight.dtype)
     if config.prompt_tuning_init == "TEXT":
@@ -98,8 +103,8 @@ class PromptTuning(PromptInputMethod):
 
     config_class = PromptTuningConfig
 
-    def build_source(self, model: nn.Module, config: PromptTuningConfig) -> nn.Module:
-        return PromptTable(initial_prompt(model.get_input_embeddings(), config))
+    def build_source(self, placement: Placement, config: PromptTuningConfig) -> nn.Module:
+        return PromptTable(initial_prompt(placement.model.get_input_embeddings(), config, placement.weights_from_file))
 
 
 def prompt_tuning_from_peft(data: dict[str, Any]) -> PromptTuningConfig:

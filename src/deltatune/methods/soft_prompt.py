@@ -40,10 +40,8 @@ from torch import nn
 from ..config import DeltaConfig
 from ..errors import DeltaTuneError, UnsupportedModuleError
 from ..field_check import PositiveInt
-from ..site import RoutingState, SiteAdapter, open_site
-from ..targeting import saved_module_names
-from .base import detach_everywhere
-from .module_copy import ModuleCopy
+from ..placement import Placement
+from ..site import RoutingState, SiteAdapter
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 """The keyword a stack takes its key/value cache by: transformers 5 says `cache`, 4.57 `past_key_values`."""
@@ -60,17 +58,6 @@ class SoftPromptConfig(DeltaConfig):
 
     num_virtual_tokens: PositiveInt = 8
     """n: how many virtual tokens the prompt (or prefix) has."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SoftPromptConfig":
-        """A config read from an adapter file: its weights come from the file, so the initialisation that
-        needs data (a tokenizer, the vocabulary) is skipped."""
-        config = super().from_dict(data)
-        config.weights_from_file = True
-        return config
-
-    def initialise_from_data(self) -> bool:
-        return not getattr(self, "weights_from_file", False)
 
     def collapsed(self) -> "SoftPromptConfig":
         """The config of this adapter once its encoder is folded into a plain table (`collapse_soft_prompt`)."""
@@ -240,7 +227,7 @@ class RowLayout:
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         expanded = []
         for adapter, name, rows in groups:
-            rows = state.rows(name, rows, batch, device)
+            rows = state.expanded_rows(name, rows, batch, device)
             lengths[rows] = adapter.num_virtual_tokens
             expanded.append((adapter, rows))
         return cls(width, lengths, expanded, rolled)
@@ -307,30 +294,23 @@ class PromptTable(nn.Module):
 
 
 class SoftPromptMethod:
-    """Attach / detach for the soft-prompt methods: `adapters` says which module gets which adapter."""
+    """Attach for the soft-prompt methods: `adapters` says which module gets which adapter."""
 
     config_class: type[SoftPromptConfig] = SoftPromptConfig
 
-    def adapters(self, model: nn.Module, config: SoftPromptConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
+    def adapters(self, placement: Placement, config: SoftPromptConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
         raise NotImplementedError
 
-    def attach(self, model: nn.Module, name: str, config: SoftPromptConfig, state: RoutingState) -> list[str]:
-        stacks = find_stacks(model, config)
-        built = self.adapters(model, config, stacks)
-        saved = {target: ModuleCopy(model.get_submodule(target)) for target in saved_module_names(model, config)}
-        for target, adapter in {**built, **saved}.items():
-            module = model.get_submodule(target)
-            open_site(module, state).add(module, name, adapter)
-        return list(built)
-
-    def detach(self, model: nn.Module, name: str) -> None:
-        detach_everywhere(model, name)
+    def attach(self, placement: Placement, config: SoftPromptConfig) -> None:
+        stacks = find_stacks(placement.model, config)
+        for target, adapter in self.adapters(placement, config, stacks).items():
+            placement.put(target, adapter)
 
 
 def collapse_soft_prompt(delta_model: Any, name: str = "default") -> None:
     """Fold adapter `name`'s prompt encoder (P-tuning's MLP / LSTM, prefix tuning's MLP) into a plain table
     of its current output. The outputs stay the same; the adapter gets smaller and its config says so."""
-    delta_model._check_names([name])
+    delta_model.require([name])
     config = delta_model.configs[name]
     if not isinstance(config, SoftPromptConfig):
         raise DeltaTuneError(f"adapter {name!r} is a {config.method} adapter; only soft prompts have an encoder to collapse")
@@ -341,5 +321,5 @@ def collapse_soft_prompt(delta_model: Any, name: str = "default") -> None:
         if source is not None and not isinstance(source, PromptTable):
             with torch.no_grad():
                 adapter.source = PromptTable(source().detach().clone())
-    delta_model.configs[name] = config.collapsed()
+    delta_model.replace_config(name, config.collapsed())
     delta_model.set_trainable(name, trainable)
