@@ -17,8 +17,6 @@ class PromptInput(SiteAdapter):
     """Prompt tuning and P-tuning at the input stack: [P ; E(x)], mask, positions, output trimming.
     `source()` gives P (n × d): a `PromptTable`, or P-tuning's encoder."""
 
-    peft_names = {"source.weight": "prompt_embeddings"}
-
     def __init__(self, source: nn.Module, stack: nn.Module, stacks: Stacks, num_virtual_tokens: int) -> None:
         super().__init__()
         self.source = source
@@ -30,11 +28,6 @@ class PromptInput(SiteAdapter):
         self.pending: tuple[int, RowLayout | None] | None = None
         """Virtual positions to drop from this call's output (and how, in a mixed batch); set afresh by
         every call's pre-hook, so a call that raised leaves nothing for the next."""
-
-    def peft_file_state(self) -> dict[str, torch.Tensor]:
-        """peft stores the prompt itself (`prompt_embeddings`), whatever produced it."""
-        with torch.no_grad():  # the inference kernels (an LSTM's differ in the last bits with autograd on)
-            return {"source.weight": self.source()}
 
     def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.pending = None
