@@ -13,7 +13,7 @@ for an adapted embedding, `<path>.weight` else) and writes them into the base wh
 copy must equal the model's own weights (it is then dropped), since deltatune never rewrites the base.
 Which config keys are read, tolerated or refused: `peft_keys`.
 
-The codecs come from the registered methods (`codecs()`), so a method registered outside the library
+The codecs come from the registered methods (`codec_of_type`), so a method registered outside the library
 reads and writes peft's folders with no edit here. Built in: LoRA (`methods/lora.py`), prompt, P- and
 prefix tuning (their method files; the shared part in `methods/soft_prompt_peft.py`).
 """
@@ -120,17 +120,25 @@ def is_peft_config(data: dict[str, Any]) -> bool:
     return "peft_type" in data
 
 
-def codecs() -> dict[str, PeftCodec]:
-    """peft type → codec, for every registered method that declares one (`peft_codec` on its class)."""
-    table: dict[str, PeftCodec] = {}
-    for name in registered_methods():
-        codec = getattr(get_method(name), "peft_codec", None)  # optional: methods peft lacks have none
-        if codec is None:
-            continue
-        if codec.peft_type in table and table[codec.peft_type] is not codec:
-            raise DeltaTuneError(f"two registered methods declare a codec for peft type {codec.peft_type!r}; give {name!r} another peft_type")
-        table[codec.peft_type] = codec
-    return table
+def codec_of_method(method: str) -> PeftCodec | None:
+    """The codec registered method `method` declares (`peft_codec` on its class); None for a method
+    peft lacks, which declares none."""
+    return getattr(get_method(method), "peft_codec", None)
+
+
+def codec_of_type(peft_type: Any) -> PeftCodec:
+    """The codec that reads peft type `peft_type`: the one registered method whose codec has that type."""
+    declared = {name: codec for name in registered_methods() if (codec := codec_of_method(name)) is not None}
+    found = {name: codec for name, codec in declared.items() if codec.peft_type == peft_type}
+    if not found:
+        readable = sorted({codec.peft_type for codec in declared.values()})
+        raise DeltaTuneError(f"this is a peft {peft_type} adapter; deltatune reads peft's {', '.join(readable)} adapters")
+    if len({id(codec) for codec in found.values()}) > 1:
+        raise DeltaTuneError(
+            f"the registered methods {', '.join(map(repr, sorted(found)))} all read peft type {peft_type!r}, so this "
+            "folder could be either; register only one of them, or give the others another peft_type"
+        )
+    return next(iter(found.values()))
 
 
 def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], PeftLayout]:
@@ -138,7 +146,7 @@ def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], P
     ranks and alphas are written as resolved full module names, so peft selects exactly the modules
     adapted here with the same shapes."""
     config = delta_model.configs[name]
-    codec = getattr(get_method(config.method), "peft_codec", None)
+    codec = codec_of_method(config.method)
     if codec is None:
         raise DeltaTuneError(f"peft has no {config.method!r} method (it declares no peft codec); save this adapter with format='deltatune'")
     model = delta_model.base_model
@@ -157,11 +165,7 @@ def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], P
 def read_adapter(data: dict[str, Any], weights: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, torch.Tensor], PeftLayout]:
     """(our config, the adapter's tensors, their layout) for a peft folder whose config is `data` and
     whose tensors are in `weights`; refuses options we do not compute."""
-    peft_type = data.get("peft_type")
-    table = codecs()
-    if peft_type not in table:
-        raise DeltaTuneError(f"this is a peft {peft_type} adapter; deltatune reads peft's {', '.join(sorted(table))} adapters")
-    codec = table[peft_type]
+    codec = codec_of_type(data.get("peft_type"))
     codec.check_keys(data)
     config = codec.config_from_peft(data)
     tensors = _without_embedding_copies(codec.tensors_from_peft(data, read_tensors(weights)), data, model)
