@@ -1,4 +1,5 @@
-"""Adapter folders on disk: ours and peft's, safetensors only, every write atomic.
+"""Adapter folders on disk: ours and peft's (read and written, safetensors only), AdapterHub's (read);
+every write atomic.
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
 "base_model_name_or_path"} and `adapter_model.safetensors` whose keys are `<module path>.<tensor>`

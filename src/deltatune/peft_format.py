@@ -126,7 +126,7 @@ def codec_of_method(method: str) -> PeftCodec | None:
     return getattr(get_method(method), "peft_codec", None)
 
 
-def codec_of_type(peft_type: Any) -> PeftCodec:
+def codec_of_type(peft_type: str | None) -> PeftCodec:
     """The codec that reads peft type `peft_type`: the one registered method whose codec has that type."""
     declared = {name: codec for name in registered_methods() if (codec := codec_of_method(name)) is not None}
     found = {name: codec for name, codec in declared.items() if codec.peft_type == peft_type}
@@ -142,9 +142,7 @@ def codec_of_type(peft_type: Any) -> PeftCodec:
 
 
 def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], PeftLayout]:
-    """peft's `adapter_config.json` for adapter `name`, and the layout of its weights file. Targets,
-    ranks and alphas are written as resolved full module names, so peft selects exactly the modules
-    adapted here with the same shapes."""
+    """peft's `adapter_config.json` for adapter `name` of `delta_model`, and the layout of its weights file."""
     config = delta_model.configs[name]
     codec = codec_of_method(config.method)
     if codec is None:
