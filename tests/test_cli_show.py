@@ -44,7 +44,8 @@ def test_show_describes_an_adapterhub_fusion_folder(tmp_path: Path, capsys) -> N
     folder.mkdir()
     config = {"key": True, "query": True, "value": True, "dropout_prob": 0.1}
     (folder / "adapter_fusion_config.json").write_text(json.dumps({"adapter_names": ["first", "second"], "config": config, "name": "first,second"}))
-    write_weights(folder / "model_adapter_fusion.safetensors", {"bert.encoder.layer.0.output.adapter_fusion_layer.first,second.query.weight": torch.zeros(32, 32)})
+    query = "bert.encoder.layer.0.output.adapter_fusion_layer.first,second.query.weight"
+    write_weights(folder / "model_adapter_fusion.safetensors", {query: torch.zeros(32, 32)})
     assert main(["show", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "adapterhub adapter, method fusion" in out and "1 tensors, 1,024 parameters" in out
