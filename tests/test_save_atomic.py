@@ -85,7 +85,7 @@ def test_a_load_that_overlaps_a_save_reads_one_adapter_not_a_mix(tmp_path: Path,
     folder = tmp_path / "adapter"
     old, new = delta_model(["default"], seed=1, alpha=4), delta_model(["default"], seed=2, alpha=16)
     old.save(str(folder))
-    real_read = deltatune.io._read_tensors
+    real_read = deltatune.io.read_tensors
     saved: list[bool] = []
 
     def read_after_a_save(path: Path) -> dict[str, torch.Tensor]:
@@ -94,7 +94,7 @@ def test_a_load_that_overlaps_a_save_reads_one_adapter_not_a_mix(tmp_path: Path,
             new.save(str(folder))
         return real_read(path)
 
-    monkeypatch.setattr(deltatune.io, "_read_tensors", read_after_a_save)
+    monkeypatch.setattr(deltatune.io, "read_tensors", read_after_a_save)
     found = loaded_outputs(folder)
     assert same(found, outputs(new)) or same(found, outputs(old)), "the load combined the old config with the new weights"
 

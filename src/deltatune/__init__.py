@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from torch import nn
 
 from .composition import Fuse, Stack
@@ -28,6 +26,7 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModuleError,
 )
+from .io import load_adapters
 from .methods.base import Method, ModuleMethod
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
@@ -45,6 +44,7 @@ from .site import SiteAdapter
 from .summary import TrainableSummary
 from .targeting import model_modules
 from .losses import causal_lm_loss
+from .version import __version__ as __version__
 
 
 def attach(model: nn.Module, config: DeltaConfig, name: str = "default", autocast_adapter_dtype: bool = True) -> DeltaModel:
@@ -61,10 +61,16 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default", autocas
 def load(model: nn.Module, path: str, name: str | None = None, trainable: bool = False, autocast_adapter_dtype: bool = True) -> DeltaModel:
     """Load an adapter folder (deltatune's or peft's, told apart by its config) onto `model`, a plain
     model or a `DeltaModel`. A folder of subfolders loads each. `trainable=True` to train it further.
-    `autocast_adapter_dtype`: as in `attach` (float32 adapter weights on a half-precision model)."""
-    from .io import load_adapters
-
-    return load_adapters(model, path, name, trainable, autocast_adapter_dtype)
+    `autocast_adapter_dtype`: as in `attach` (float32 adapter weights on a half-precision model). On an
+    error nothing is added: a plain `model` is left as it was."""
+    delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    try:
+        load_adapters(delta_model, path, name, trainable, autocast_adapter_dtype)
+    except BaseException:
+        if delta_model is not model:
+            delta_model.unload(merge=False)
+        raise
+    return delta_model
 
 
 __all__ = [

@@ -17,7 +17,6 @@ adapter's, a fusion's and the fused adapters') must follow the rule of `names`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import nn
 from .architectures import sublayer_sites
 from .config import DeltaConfig
 from .errors import AdapterFileError
+from .files import read_json, read_pickled_tensors, read_tensors
 from .methods.bottleneck import BottleneckConfig, placed_sites
 from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
@@ -54,8 +54,8 @@ def is_adapterhub_folder(folder: Path) -> bool:
     if (folder / FUSION_CONFIG).is_file():
         return True
     try:
-        data = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(folder / ADAPTER_CONFIG)
+    except AdapterFileError:
         return False
     return isinstance(data.get("config"), dict) and "format" not in data and "peft_type" not in data and "model_type" in data
 
@@ -64,11 +64,21 @@ def is_fusion_folder(folder: Path) -> bool:
     return (folder / FUSION_CONFIG).is_file()
 
 
+def describe(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
+    """(method, AdapterHub's config, weights file) of an AdapterHub folder, read without a model."""
+    if is_fusion_folder(folder):
+        data = read_json(folder / FUSION_CONFIG)
+        return "fusion", {**data["config"], "adapter_names": data["adapter_names"]}, _weights_file(folder, FUSION_WEIGHTS)
+    options = read_json(folder / ADAPTER_CONFIG)["config"]
+    method = "compacter" if options.get("phm_layer") else options.get("architecture") or "bottleneck"
+    return method, options, _weights_file(folder, ADAPTER_WEIGHTS)
+
+
 def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, torch.Tensor], str]:
     """(our config, tensors under our file keys, the adapter's name) for an AdapterHub folder."""
     if is_fusion_folder(folder):
         return _read_fusion(folder, model)
-    data = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    data = read_json(folder / ADAPTER_CONFIG)
     config = config_from_adapterhub(data["config"], folder)
     name = check_name(data.get("name") or folder.name, f"{folder / ADAPTER_CONFIG}", AdapterFileError)
     tensors = _read_weights(folder, ADAPTER_WEIGHTS)
@@ -107,7 +117,7 @@ def config_from_adapterhub(options: dict[str, Any], folder: Path) -> BottleneckC
 
 
 def _read_fusion(folder: Path, model: nn.Module) -> tuple[FusionConfig, dict[str, torch.Tensor], str]:
-    data = json.loads((folder / FUSION_CONFIG).read_text(encoding="utf-8"))
+    data = read_json(folder / FUSION_CONFIG)
     _refuse_other_values(data["config"], FIXED_FUSION_OPTIONS, folder)
     for adapter in data["adapter_names"]:
         check_name(adapter, f"{folder / FUSION_CONFIG}", AdapterFileError)
@@ -157,14 +167,12 @@ def _our_tensor_name(name: str) -> str:
 
 
 def _read_weights(folder: Path, names: tuple[str, str]) -> dict[str, torch.Tensor]:
-    from .io import _read_tensors
-
-    safe, pickled = (folder / name for name in names)
-    if safe.is_file():
-        return _read_tensors(safe)
-    if not pickled.is_file():
+    weights = _weights_file(folder, names)
+    if weights is None:
         raise AdapterFileError(f"{folder} has neither {names[0]} nor {names[1]}; copy the complete AdapterHub folder")
-    try:
-        return torch.load(pickled, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for broken or unsafe files
-        raise AdapterFileError(f"cannot read {pickled} as plain tensors ({type(error).__name__}: {error})") from None
+    return read_tensors(weights) if weights.name == names[0] else read_pickled_tensors(weights)
+
+
+def _weights_file(folder: Path, names: tuple[str, str]) -> Path | None:
+    """The folder's weights file: safetensors if it has one, else the pickle; None without either."""
+    return next((folder / name for name in names if (folder / name).is_file()), None)

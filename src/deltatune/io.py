@@ -1,8 +1,11 @@
-"""Adapter folders on disk: ours and peft's, safetensors only, every write atomic.
+"""Adapter folders on disk: ours and peft's (read and written, safetensors only), AdapterHub's (read);
+every write atomic.
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
 "base_model_name_or_path"} and `adapter_model.safetensors` whose keys are `<module path>.<tensor>`
-(no adapter name, so a file loads under any name). peft's folder: see `peft_format`.
+(no adapter name, so a file loads under any name). peft's folder: see `peft_format`; AdapterHub's (read
+only): see `adapterhub_format`. A format decides the config file, the tensor keys and what is stored of
+each adapter (a `FileLayout`).
 
 A save replaces the whole save folder in one step (`atomic`): an interrupted save leaves the old
 adapter as it was, and afterwards the folder holds exactly the adapters saved. The adapter entries of
@@ -15,51 +18,130 @@ checks every name, key and shape before it copies anything.
 
 from __future__ import annotations
 
-import json
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from . import __version__, adapterhub_format, peft_format
+from . import adapterhub_format, peft_format
 from .atomic import Writer, folder_version, folder_writer, interrupted_save, json_writer, replace_folder, safetensors_writer
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
-from .methods.soft_prompt import SoftPromptConfig
+from .files import read_json, read_tensors, tensor_count
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
+from .site import SiteAdapter
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-FORMATS = ("deltatune", "peft")
 TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE)
 LOAD_ATTEMPTS = 5
 
 
-def save_adapters(delta_model: Any, path: str | Path, names: list[str], format: str) -> None:
+class FileLayout(Protocol):
+    """How a format names and stores one adapter's tensors in its weights file."""
+
+    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
+        """The key of tensor `tensor_name` (a key of `adapter.file_state()`) of `adapter` at `module_name`."""
+
+    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
+        """The tensors the format stores of `adapter`, by their names in `adapter.file_state()`."""
+
+
+class OurLayout:
+    """Our weights file: every tensor of `file_state()` under `<module path>.<tensor name>`."""
+
+    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
+        return f"{module_name}.{tensor_name}"
+
+    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
+        return adapter.file_state()
+
+
+OURS = OurLayout()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadAdapter:
+    """One adapter as a folder holds it, read and checked, before anything is added to a model."""
+
+    config: DeltaConfig
+    tensors: dict[str, torch.Tensor]
+    layout: FileLayout
+    recorded_name: str | None
+    """The name the folder records (AdapterHub's and ours), if any."""
+    source: Path
+    """Where the tensors come from, for errors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSummary:
+    """What `describe_folder` tells of an adapter folder, without a model."""
+
+    kind: str
+    """Who wrote it: "deltatune", "peft" or "adapterhub"."""
+    method: str
+    config: dict[str, Any]
+    weights: Path | None
+    """Its weights file, if it has one."""
+
+    def tensor_count(self) -> tuple[int, int]:
+        """(tensors, parameters) in the weights file; (0, 0) without one."""
+        return tensor_count(self.weights) if self.weights is not None else (0, 0)
+
+
+def _our_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], FileLayout]:
+    config = delta_model.configs[name]
+    model_config = getattr(delta_model.base_model, "config", None)
+    data = {
+        "format": "deltatune",
+        "version": __version__,
+        "name": name,
+        "method": config.method,
+        "config": config.to_dict(),
+        "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
+    }
+    return data, OURS
+
+
+FORMATS: dict[str, Callable[[DeltaModel, str], tuple[dict[str, Any], FileLayout]]] = {
+    "deltatune": _our_files,
+    "peft": peft_format.adapter_files,
+}
+"""Format name → (the config file's data, the weights file's layout) of one adapter."""
+
+
+def save_adapters(delta_model: DeltaModel, path: str | Path, names: list[str], format: str) -> None:
     """One adapter: into `path`; several: into `path/<name>/` each."""
     if format not in FORMATS:
-        raise DeltaTuneError(f"unknown format {format!r}; use one of {FORMATS}")
+        raise DeltaTuneError(f"unknown format {format!r}; use one of {tuple(FORMATS)}")
     delta_model.require(names)
     if not names:
         raise DeltaTuneError("there is no adapter to save")
-    folders = {name: _adapter_writers(delta_model, check_name(name), format == "peft") for name in names}
+    folders = {name: _adapter_writers(delta_model, check_name(name), format) for name in names}
     if len(names) == 1:
         replace_folder(Path(path), folders[names[0]], replaced=_written_by_saves)
     else:
         replace_folder(Path(path), {name: folder_writer(writers) for name, writers in folders.items()}, replaced=_written_by_saves)
 
 
-def _adapter_writers(delta_model: Any, name: str, peft: bool) -> dict[str, Writer]:
+def _adapter_writers(delta_model: DeltaModel, name: str, format: str) -> dict[str, Writer]:
     """The writers of adapter `name`'s two files."""
-    if peft:
-        config = peft_format.config_to_peft(delta_model.configs[name], delta_model.targets[name], delta_model.base_model)
-    else:
-        config = _our_config(delta_model, name)
-    weights = safetensors_writer(_file_tensors(delta_model, name, peft), metadata={"format": "pt"})
-    return {WEIGHTS_FILE: weights, CONFIG_FILE: json_writer(config)}
+    config, layout = FORMATS[format](delta_model, name)
+    tensors = {}
+    for module_name, site in delta_model.sites():
+        if name in site.adapters:
+            adapter = site.adapters[name]
+            for tensor_name, tensor in layout.file_state(adapter).items():
+                tensors[layout.tensor_key(module_name, adapter, tensor_name)] = tensor
+    return {WEIGHTS_FILE: safetensors_writer(tensors, metadata={"format": "pt"}), CONFIG_FILE: json_writer(config)}
 
 
 def _written_by_saves(entry: Path) -> bool:
@@ -67,27 +149,19 @@ def _written_by_saves(entry: Path) -> bool:
     return entry.name in TOP_LEVEL_ADAPTER_FILES or _is_adapter_folder(entry)
 
 
-def load_adapters(model: nn.Module, path: str | Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool = True) -> Any:
-    """Load the adapter(s) in `path` onto `model` (a plain model or a `DeltaModel`). A save that
+def load_adapters(delta_model: DeltaModel, path: str | Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool = True) -> None:
+    """Add the adapter(s) in `path` to `delta_model`; on an error none of them is added. A save that
     replaces the folder meanwhile makes it read again, so the adapters come from one save."""
-    from .model import DeltaModel
-
     root = Path(path)
     if name is not None:
         check_name(name)
-    delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
-    try:
-        for _ in range(LOAD_ATTEMPTS):
-            if _load_folder(delta_model, root, name, trainable, autocast_adapter_dtype):
-                return delta_model
-        raise AdapterFileError(f"{root} was replaced by a save on every one of {LOAD_ATTEMPTS} attempts to read it; load it when the saves are done")
-    except BaseException:
-        if delta_model is not model:
-            delta_model.unload(merge=False)
-        raise
+    for _ in range(LOAD_ATTEMPTS):
+        if _load_folder(delta_model, root, name, trainable, autocast_adapter_dtype):
+            return
+    raise AdapterFileError(f"{root} was replaced by a save on every one of {LOAD_ATTEMPTS} attempts to read it; load it when the saves are done")
 
 
-def _load_folder(delta_model: Any, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> bool:
+def _load_folder(delta_model: DeltaModel, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> bool:
     """Load every adapter in `root`; False (with nothing added) if a save replaced it meanwhile."""
     version = folder_version(root)
     added: list[str] = []
@@ -106,60 +180,99 @@ def _load_folder(delta_model: Any, root: Path, name: str | None, trainable: bool
     return False
 
 
-def _delete(delta_model: Any, names: list[str]) -> None:
+def _delete(delta_model: DeltaModel, names: list[str]) -> None:
     for name in names:
         delta_model.delete(name)
 
 
-def _load_one(delta_model: Any, folder: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> str:
-    """Load the adapter in `folder` (under `name`, else the name it records); returns its name."""
+def folder_kind(folder: Path) -> str:
+    """Who wrote the adapter folder, as `load` tells them apart: "adapterhub", "peft" or "deltatune"."""
     if adapterhub_format.is_adapterhub_folder(folder):
-        config, tensors, adapter_name = adapterhub_format.read_folder(folder, delta_model.base_model)
-        _add_and_copy(delta_model, name or adapter_name, config, tensors, False, folder, trainable, autocast_adapter_dtype)
-        return name or adapter_name
-    data = _read_json(folder / CONFIG_FILE)
+        return "adapterhub"
+    data = read_json(folder / CONFIG_FILE)
     if peft_format.is_peft_config(data):
-        config: DeltaConfig = peft_format.config_from_peft(data)
-        peft = True
-        tensors = _read_tensors(folder / WEIGHTS_FILE)
-        tensors = peft_format.tensors_from_peft(data, tensors, delta_model.base_model)
-        config = _keep_saved_modules(config, tensors, delta_model.base_model)
-        adapter_name = name or "default"
-    else:
-        if data.get("format") != "deltatune" or "config" not in data:
-            raise AdapterFileError(f"{folder / CONFIG_FILE} is neither a deltatune nor a peft adapter config")
-        config = config_from_dict(data["config"])
-        peft = False
-        tensors = _read_tensors(folder / WEIGHTS_FILE)
-        recorded = data.get("name")
-        if recorded is not None:
-            check_name(recorded, f"{folder / CONFIG_FILE}", AdapterFileError)
-        adapter_name = name or recorded or "default"
-    _add_and_copy(delta_model, adapter_name, config, tensors, peft, folder / WEIGHTS_FILE, trainable, autocast_adapter_dtype)
-    return adapter_name
+        return "peft"
+    if data.get("format") != "deltatune" or "config" not in data:
+        raise AdapterFileError(f"{folder / CONFIG_FILE} is neither a deltatune nor a peft adapter config")
+    return "deltatune"
 
 
-def _add_and_copy(delta_model: Any, name: str, config: DeltaConfig, tensors: dict[str, torch.Tensor], peft: bool, file: Path, trainable: bool, autocast_adapter_dtype: bool) -> None:
-    delta_model.add(name, config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype, weights_from_file=True)
+def describe_folder(path: str | Path) -> FolderSummary:
+    """Kind, method, config and weights file of the adapter folder `path` (for `deltatune show`)."""
+    folder = Path(path)
+    kind = folder_kind(folder)
+    return FolderSummary(kind, *DESCRIBERS[kind](folder))
+
+
+def _describe_peft(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
+    data = read_json(folder / CONFIG_FILE)
+    return data["peft_type"], data, _weights_file(folder)
+
+
+def _describe_ours(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
+    data = read_json(folder / CONFIG_FILE)
+    return data.get("method", ""), data["config"], _weights_file(folder)
+
+
+def _weights_file(folder: Path) -> Path | None:
+    return folder / WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else None
+
+
+DESCRIBERS: dict[str, Callable[[Path], tuple[str, dict[str, Any], Path | None]]] = {
+    "adapterhub": adapterhub_format.describe, "peft": _describe_peft, "deltatune": _describe_ours,
+}
+"""`folder_kind` → (method, config, weights file) of such a folder."""
+
+
+def _read_adapterhub(folder: Path, model: nn.Module) -> ReadAdapter:
+    config, tensors, name = adapterhub_format.read_folder(folder, model)
+    return ReadAdapter(config, tensors, OURS, name, folder)
+
+
+def _read_peft(folder: Path, model: nn.Module) -> ReadAdapter:
+    config, tensors, layout = peft_format.read_adapter(read_json(folder / CONFIG_FILE), folder / WEIGHTS_FILE, model)
+    return ReadAdapter(config, tensors, layout, None, folder / WEIGHTS_FILE)
+
+
+def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
+    data = read_json(folder / CONFIG_FILE)
+    config = config_from_dict(data["config"])
+    tensors = read_tensors(folder / WEIGHTS_FILE)
+    recorded = data.get("name")
+    if recorded is not None:
+        check_name(recorded, f"{folder / CONFIG_FILE}", AdapterFileError)
+    return ReadAdapter(config, tensors, OURS, recorded, folder / WEIGHTS_FILE)
+
+
+READERS: dict[str, Callable[[Path, nn.Module], ReadAdapter]] = {"adapterhub": _read_adapterhub, "peft": _read_peft, "deltatune": _read_ours}
+"""`folder_kind` → the reader of such a folder."""
+
+
+def _load_one(delta_model: DeltaModel, folder: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> str:
+    """Load the adapter in `folder` (under `name`, else the name it records); returns its name."""
+    read = READERS[folder_kind(folder)](folder, delta_model.base_model)
+    adapter_name = name or read.recorded_name or "default"
+    delta_model.add(adapter_name, read.config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype, weights_from_file=True)
     try:
-        _copy_into(delta_model, name, tensors, peft, file)
+        _copy_into(delta_model, adapter_name, read)
     except BaseException:
-        delta_model.delete(name)
+        delta_model.delete(adapter_name)
         raise
+    return adapter_name
 
 
 def _needs_other_adapters(folder: Path) -> bool:
     """Whether the folder holds an adapter built on others (a fusion), which loads after them."""
     if adapterhub_format.is_fusion_folder(folder):
         return True
-    data = _read_json(folder / CONFIG_FILE)
+    data = read_json(folder / CONFIG_FILE)
     method = data.get("method") if data.get("format") == "deltatune" else None
     return method in registered_methods() and getattr(get_method(method), "needs_other_adapters", False)
 
 
-def _copy_into(delta_model: Any, name: str, tensors: dict[str, torch.Tensor], peft: bool, file: Path) -> None:
+def _copy_into(delta_model: DeltaModel, name: str, read: ReadAdapter) -> None:
     """Check that the file holds exactly the adapter's tensors with the right shapes, then copy."""
-    plan: list[tuple[Any, dict[str, torch.Tensor]]] = []
+    plan: list[tuple[SiteAdapter, dict[str, torch.Tensor]]] = []
     used: set[str] = set()
     for module_name, site in delta_model.sites():
         if name not in site.adapters:
@@ -167,13 +280,13 @@ def _copy_into(delta_model: Any, name: str, tensors: dict[str, torch.Tensor], pe
         adapter = site.adapters[name]
         loaded = {}
         for tensor_name, current in adapter.file_state().items():
-            file_key = _file_key(module_name, adapter, tensor_name, peft)
-            if file_key not in tensors:
+            file_key = read.layout.tensor_key(module_name, adapter, tensor_name)
+            if file_key not in read.tensors:
                 raise AdapterShapeError(
-                    f"{file} has no tensor {file_key!r} that this model needs; the adapter was made for "
+                    f"{read.source} has no tensor {file_key!r} that this model needs; the adapter was made for "
                     "another model (or with another config)"
                 )
-            stored = tensors[file_key]
+            stored = read.tensors[file_key]
             if stored.shape != current.shape:
                 raise AdapterShapeError(
                     f"{file_key}: the file holds shape {tuple(stored.shape)}, the model needs "
@@ -182,27 +295,14 @@ def _copy_into(delta_model: Any, name: str, tensors: dict[str, torch.Tensor], pe
             loaded[tensor_name] = stored.to(dtype=current.dtype, device=current.device)
             used.add(file_key)
         plan.append((adapter, loaded))
-    extra = sorted(set(tensors) - used)
+    extra = sorted(set(read.tensors) - used)
     if extra:
         raise AdapterShapeError(
-            f"{file} holds {len(extra)} tensor(s) this model has no place for, first {extra[0]!r}; the "
+            f"{read.source} holds {len(extra)} tensor(s) this model has no place for, first {extra[0]!r}; the "
             "adapter was made for another model"
         )
     for adapter, loaded in plan:
         adapter.load_file_state(loaded)
-
-
-def _keep_saved_modules(config: DeltaConfig, tensors: dict[str, torch.Tensor], model: nn.Module) -> DeltaConfig:
-    """peft lists default heads ("classifier", "score") in modules_to_save whether or not the model has
-    them; keep the entries whose weights the file holds."""
-    if not config.modules_to_save:
-        return config
-    names = [n for n, _ in model.named_modules()]
-    kept = [
-        entry for entry in dict.fromkeys(config.modules_to_save)
-        if any((n == entry or n.endswith("." + entry)) and any(k.startswith(peft_format.PREFIX + n + ".") for k in tensors) for n in names)
-    ]
-    return config.replace(modules_to_save=kept or None)
 
 
 def _is_adapter_folder(folder: Path) -> bool:
@@ -226,55 +326,3 @@ def _adapter_folders(root: Path, name: str | None) -> list[tuple[str | None, Pat
     raise AdapterFileError(
         f"no adapter at {root}: expected {CONFIG_FILE} and {WEIGHTS_FILE} there, or subfolders holding them"
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterFileError(f"cannot read {path}: {error}; save the adapter again") from None
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise AdapterFileError(f"{path} is missing: the adapter folder is incomplete; save it again")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            return {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as error:  # safetensors raises several types for broken files
-        raise AdapterFileError(
-            f"{path} is truncated or corrupted ({type(error).__name__}: {error}); save or copy the adapter again"
-        ) from None
-
-
-def _file_key(module_name: str, adapter: Any, tensor_name: str, peft: bool) -> str:
-    """A tensor's key in the weights file: `<module>.<tensor>` here, peft's naming with `peft`."""
-    if peft:
-        return peft_format.peft_key(module_name, adapter.peft_names[tensor_name])
-    return f"{module_name}.{tensor_name}"
-
-
-def _our_config(delta_model: Any, name: str) -> dict[str, Any]:
-    model_config = getattr(delta_model.base_model, "config", None)
-    return {
-        "format": "deltatune",
-        "version": __version__,
-        "name": name,
-        "method": delta_model.configs[name].method,
-        "config": delta_model.configs[name].to_dict(),
-        "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
-    }
-
-
-def _file_tensors(delta_model: Any, name: str, peft: bool) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for module_name, site in delta_model.sites():
-        if name in site.adapters:
-            adapter = site.adapters[name]
-            # peft keeps a prompt encoder's output only: such adapters give it as `peft_file_state`
-            state = adapter.peft_file_state() if peft and hasattr(adapter, "peft_file_state") else adapter.file_state()
-            for tensor_name, tensor in state.items():
-                tensors[_file_key(module_name, adapter, tensor_name, peft)] = tensor
-    if peft and isinstance(delta_model.configs[name], SoftPromptConfig):
-        return peft_format.soft_prompt_keys_to_peft(tensors)
-    return tensors

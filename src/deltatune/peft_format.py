@@ -1,36 +1,44 @@
-"""peft's adapter files, read and written for the methods peft has (LoRA, prompt / P- / prefix tuning).
+"""peft's adapter files: the rules every method shares. What is a method's own (its peft type, its config
+fields, its tensor names) is its codec, a `PeftCodec` the method class declares as `peft_codec`.
 
-Facts of the format (peft 0.21): `adapter_config.json` holds `peft_type` ("LORA"), `task_type` and the
-config fields under the same names as our `LoraConfig`; `adapter_model.safetensors` keys are
-`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (`lora_embedding_A` / `_B` for
-embeddings) and `base_model.model.<module path>.<parameter>` for `modules_to_save`, with no adapter name.
+Facts of the format (peft 0.21): `adapter_config.json` holds `peft_type`, `task_type`, `peft_version`,
+`base_model_name_or_path`, `inference_mode` and `modules_to_save`, then the method's fields;
+`adapter_model.safetensors` keys carry no adapter name: `base_model.model.<module path>.<tensor>` for the
+method's tensors (`lora_A.weight`; soft prompts use one bare key, `prompt_embeddings`) and
+`base_model.model.<module path>.<parameter>` for a `modules_to_save` copy. peft adds the task's heads
+(`classifier`, `score`, `qa_outputs`) to `modules_to_save` on its own and lists them whether or not the
+model has them: only the entries whose weights the file holds are read.
 With `save_embedding_layers` peft also stores the model's whole embedding weights (`<path>.base_layer.weight`
 for an adapted embedding, `<path>.weight` else) and writes them into the base when it loads: here such a
 copy must equal the model's own weights (it is then dropped), since deltatune never rewrites the base.
 Which config keys are read, tolerated or refused: `peft_keys`.
-Soft prompts ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"): one bare key `prompt_embeddings`, the table
-the prompt encoder produces (n × token_dim; prefix: n × num_layers·2·token_dim), and the prompt's shape
-in the config (`num_virtual_tokens`, `token_dim`, `num_layers`, `num_attention_heads`,
-`num_transformer_submodules`).
+
+The codecs come from the registered methods (`codec_of_type`), so a method registered outside the library
+reads and writes peft's folders with no edit here. Built in: LoRA (`methods/lora.py`), prompt, P- and
+prefix tuning (their method files; the shared part in `methods/soft_prompt_peft.py`).
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any
+import abc
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from .config import DeltaConfig
 from .errors import AdapterShapeError, DeltaTuneError
-from .methods.lora import LoraConfig
-from .methods.p_tuning import p_tuning_from_peft
-from .methods.prefix_tuning import prefix_tuning_from_peft
-from .methods.prompt_tuning import prompt_tuning_from_peft
-from .methods.soft_prompt import SoftPromptConfig
-from .peft_keys import LORA_READ, check_lora_keys, check_soft_prompt_keys
+from .files import read_tensors
+from .methods.base import lookup_type
+from .methods.module_copy import ModuleCopy
+from .registry import get_method, registered_methods
+from .site import SiteAdapter
 from .targeting import matches
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
 
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
@@ -48,64 +56,130 @@ TASK_TYPES = {
 PEFT_SAVED_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 
+class PeftCodec(abc.ABC):
+    """One method's part of peft's format. A subclass sets `peft_type` and `tensor_names` and translates
+    configs; the other hooks have defaults that fit a method whose adapters store all their tensors."""
+
+    peft_type: ClassVar[str] = ""
+    """peft's name for the method: the `peft_type` its config files hold ("LORA")."""
+    model_prefix: ClassVar[str] = PREFIX
+    """What comes before a module path in the method's tensor keys: `base_model.model.` where peft puts
+    a tuner model between its wrapper and the model (LoRA); soft prompts wrap the model directly, so
+    theirs (the copies of `modules_to_save`) are `base_model.<path>`."""
+    tensor_names: ClassVar[dict[type, dict[str, str]]] = {}
+    """Adapter type (or a base of it) → {tensor name in its `file_state()`: peft's name after the module
+    path}: `{LoraLinear: {"lora_A": "lora_A.weight", ...}}`."""
+
+    @abc.abstractmethod
+    def config_to_peft(self, config: DeltaConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        """The method's own fields of peft's `adapter_config.json` for `config`, placed at `targets` of `model`."""
+
+    @abc.abstractmethod
+    def config_from_peft(self, data: dict[str, Any]) -> DeltaConfig:
+        """Our config for peft's `adapter_config.json` `data` (`modules_to_save` is read for every method)."""
+
+    def check_keys(self, data: dict[str, Any]) -> None:
+        """Refuse config keys that ask for math the method does not compute (before `config_from_peft`)."""
+
+    def task_type(self, config: DeltaConfig, model: nn.Module) -> str | None:
+        """The `task_type` to write: the model's, unless peft would then expect head weights not saved."""
+        return task_type_with_saved_heads(model, config.modules_to_save or [])
+
+    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
+        """The key in peft's file of tensor `tensor_name` of `adapter`, placed at `module_name`."""
+        names = lookup_type(self.tensor_names, type(adapter), {})
+        if tensor_name not in names:
+            raise DeltaTuneError(
+                f"{type(self).__name__} gives no peft name for tensor {tensor_name!r} of {type(adapter).__name__}; "
+                "add it to the codec's tensor_names"
+            )
+        return f"{self.model_prefix}{module_name}.{names[tensor_name]}"
+
+    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
+        """What peft's file stores of `adapter`, under the names of `adapter.file_state()`: all of it."""
+        return adapter.file_state()
+
+    def tensors_from_peft(self, data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The method's tensors among those of a peft file (`data`: its config); all of them by default."""
+        return tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftLayout:
+    """How one adapter's tensors are named and stored in peft's weights file: its `modules_to_save`
+    copies by peft's general rule, the rest by its method's codec."""
+
+    codec: PeftCodec
+
+    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
+        if isinstance(adapter, ModuleCopy):
+            return f"{self.codec.model_prefix}{module_name}.{tensor_name}"
+        return self.codec.tensor_key(module_name, adapter, tensor_name)
+
+    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
+        return adapter.file_state() if isinstance(adapter, ModuleCopy) else self.codec.file_state(adapter)
+
+
 def is_peft_config(data: dict[str, Any]) -> bool:
     return "peft_type" in data
 
 
-SOFT_PROMPT_READERS = {"PROMPT_TUNING": prompt_tuning_from_peft, "P_TUNING": p_tuning_from_peft, "PREFIX_TUNING": prefix_tuning_from_peft}
-PROMPT_KEY = "prompt_embeddings"
+def codec_of_method(method: str) -> PeftCodec | None:
+    """The codec registered method `method` declares (`peft_codec` on its class); None for a method
+    peft lacks, which declares none."""
+    return getattr(get_method(method), "peft_codec", None)
 
 
-def config_from_peft(data: dict[str, Any]) -> DeltaConfig:
-    """Our config for a peft `adapter_config.json`; refuses options we do not compute."""
-    peft_type = data.get("peft_type")
-    if peft_type in SOFT_PROMPT_READERS:
-        check_soft_prompt_keys(data)
-        return SOFT_PROMPT_READERS[peft_type](data)
-    if peft_type != "LORA":
-        raise DeltaTuneError(f"this is a peft {peft_type} adapter; deltatune reads peft's LoRA, {', '.join(SOFT_PROMPT_READERS)} adapters")
-    check_lora_keys(data)
-    fields = {key: data[key] for key in LORA_READ if data.get(key) is not None}
-    if fields.get("init_lora_weights") not in (True, False, "gaussian", None):
-        fields["init_lora_weights"] = True  # a plain init ("eva", "orthogonal"): the weights come from the file
-    return LoraConfig(**fields)
+def codec_of_type(peft_type: str | None) -> PeftCodec:
+    """The codec that reads peft type `peft_type`: the one registered method whose codec has that type."""
+    declared = {name: codec for name in registered_methods() if (codec := codec_of_method(name)) is not None}
+    found = {name: codec for name, codec in declared.items() if codec.peft_type == peft_type}
+    if not found:
+        readable = sorted({codec.peft_type for codec in declared.values()})
+        raise DeltaTuneError(f"this is a peft {peft_type} adapter; deltatune reads peft's {', '.join(readable)} adapters")
+    if len({id(codec) for codec in found.values()}) > 1:
+        raise DeltaTuneError(
+            f"the registered methods {', '.join(map(repr, sorted(found)))} all read peft type {peft_type!r}, so this "
+            "folder could be either; register only one of them, or give the others another peft_type"
+        )
+    return next(iter(found.values()))
 
 
-def config_to_peft(config: DeltaConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
-    """peft's `adapter_config.json` for our adapter. Targets, ranks and alphas are written as resolved
-    full module names, so peft selects exactly the modules we adapted with the same shapes."""
-    if isinstance(config, SoftPromptConfig):
-        return {"peft_version": PEFT_VERSION, "task_type": task_type_of(model), "inference_mode": True,
-                "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None, **config.peft_fields(model)}
-    if not isinstance(config, LoraConfig):
-        raise DeltaTuneError(f"peft has no {config.method!r} method; save this adapter with format='deltatune'")
-    return {
-        "peft_type": "LORA",
+def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], PeftLayout]:
+    """peft's `adapter_config.json` for adapter `name` of `delta_model`, and the layout of its weights file."""
+    config = delta_model.configs[name]
+    codec = codec_of_method(config.method)
+    if codec is None:
+        raise DeltaTuneError(f"peft has no {config.method!r} method (it declares no peft codec); save this adapter with format='deltatune'")
+    model = delta_model.base_model
+    data = {
+        "peft_type": codec.peft_type,
         "peft_version": PEFT_VERSION,
-        "task_type": _task_type_for(model, config),
+        "task_type": codec.task_type(config, model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
         "inference_mode": True,
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": config.init_lora_weights,
-        "target_modules": targets,
-        "rank_pattern": {re.escape(n): config.rank_for(n) for n in targets if config.rank_for(n) != config.r},
-        "alpha_pattern": {re.escape(n): config.alpha_for(n) for n in targets if config.alpha_for(n) != config.lora_alpha},
+        **codec.config_to_peft(config, delta_model.targets[name], model),
         "modules_to_save": config.modules_to_save,
-        "bias": "none",
-        "use_dora": False,
     }
+    return data, PeftLayout(codec)
 
 
-def _task_type_for(model: nn.Module, config: LoraConfig) -> str | None:
+def read_adapter(data: dict[str, Any], weights: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, torch.Tensor], PeftLayout]:
+    """(our config, the adapter's tensors, their layout) for a peft folder whose config is `data` and
+    whose tensors are in `weights`; refuses options we do not compute."""
+    codec = codec_of_type(data.get("peft_type"))
+    codec.check_keys(data)
+    config = codec.config_from_peft(data)
+    tensors = _without_embedding_copies(codec.tensors_from_peft(data, read_tensors(weights)), data, model)
+    return _keep_saved_modules(config, data, tensors, model, codec.model_prefix), tensors, PeftLayout(codec)
+
+
+def task_type_with_saved_heads(model: nn.Module, saved: list[str]) -> str | None:
     """The model's task type, unless peft would then expect head weights we did not save: for
     classification and QA task types peft adds the head (`classifier`, `score`, `qa_outputs`) to
     `modules_to_save` on its own. Without a task type peft loads the same weights as a plain model."""
     task_type = task_type_of(model)
     heads = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PEFT_SAVED_HEADS.get(task_type, ())]
-    saved = config.modules_to_save or []
     if any(not any(head == entry or head.endswith("." + entry) for entry in saved) for head in heads):
         return None
     return task_type
@@ -117,35 +191,23 @@ def task_type_of(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES.items() if class_name.endswith(suffix)), None)
 
 
-PROMPT_LEARNING_PREFIX = "base_model."
-"""peft's soft prompts wrap the model directly (no tuner model between): their `modules_to_save` keys
-are `base_model.<module path>.<parameter>`, without the `model.` that LoRA's have."""
+def _keep_saved_modules(config: DeltaConfig, data: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module, prefix: str) -> DeltaConfig:
+    """`config` with the `modules_to_save` entries of `data` whose weights the file holds (peft lists
+    default heads whether or not the model has them)."""
+    entries = data.get("modules_to_save")
+    if not entries:
+        return config
+    names = [n for n, _ in model.named_modules()]
+    kept = [
+        entry for entry in dict.fromkeys([entries] if isinstance(entries, str) else entries)
+        if any((n == entry or n.endswith("." + entry)) and any(k.startswith(prefix + n + ".") for k in tensors) for n in names)
+    ]
+    return config.replace(modules_to_save=kept or None)
 
 
-def soft_prompt_keys_from_peft(tensors: dict[str, Any]) -> dict[str, Any]:
-    """A soft-prompt file's keys in the form `peft_key` gives (`base_model.model.<path>`)."""
-    return {key if key == PROMPT_KEY else PREFIX + key.removeprefix(PROMPT_LEARNING_PREFIX): tensor for key, tensor in tensors.items()}
-
-
-def soft_prompt_keys_to_peft(tensors: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `soft_prompt_keys_from_peft`: the keys peft's soft prompts read."""
-    return {key if key == PROMPT_KEY else PROMPT_LEARNING_PREFIX + key.removeprefix(PREFIX): tensor for key, tensor in tensors.items()}
-
-
-def peft_key(module_name: str, peft_name: str) -> str:
-    """A tensor's key in peft's file; a soft prompt's table is the bare `prompt_embeddings`."""
-    return peft_name if peft_name == PROMPT_KEY else f"{PREFIX}{module_name}.{peft_name}"
-
-
-def tensors_from_peft(data: dict[str, Any], tensors: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """The adapter's tensors in a peft file. peft's seq2seq prompt (or P-) tuning keeps n rows per
-    transformer submodule and feeds the first n to the encoder: keep those. Copies of the model's
-    embedding weights (`save_embedding_layers`) are checked against the model and dropped."""
-    submodules = data.get("num_transformer_submodules") or 1
-    if data.get("peft_type") in SOFT_PROMPT_READERS:
-        tensors = soft_prompt_keys_from_peft(tensors)
-    if data.get("peft_type") in ("PROMPT_TUNING", "P_TUNING") and submodules > 1 and PROMPT_KEY in tensors:
-        tensors = {**tensors, PROMPT_KEY: tensors[PROMPT_KEY][: data["num_virtual_tokens"]]}
+def _without_embedding_copies(tensors: dict[str, Any], data: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """`tensors` without the copies of the model's embedding weights (`save_embedding_layers`), each
+    checked against the model."""
     saved = data.get("modules_to_save") or []
     kept = {}
     for key, tensor in tensors.items():

@@ -43,11 +43,10 @@ class SiteAdapter(nn.Module):
     """Base of the modules a site holds: one adapter of one method at one module.
 
     `forward(module, args, kwargs, output)` returns the module's new output. A mergeable adapter
-    overrides `delta_parameters`. `peft_names` maps a tensor name in our files to its name in peft's
-    (`{"lora_A": "lora_A.weight"}`); adapters of methods peft lacks leave it empty.
+    overrides `delta_parameters`. How its tensors are named in peft's files is its method's codec's
+    business (`peft_format.PeftCodec`), not the adapter's.
     """
 
-    peft_names: dict[str, str] = {}
     delta_reads_module: bool = True
     """Whether `delta_parameters` depends on the module's weights. Then merge keeps the deltas it
     added so that unmerge can subtract exactly those; LoRA and BitFit set False and keep nothing."""

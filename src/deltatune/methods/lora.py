@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+import re
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from torch import nn
 from ..config import TargetedConfig
 from ..errors import UnsupportedModuleError
 from ..field_check import DropoutRate, PositiveInt, Regex
+from ..peft_format import PeftCodec
+from ..peft_keys import LORA_READ, check_lora_keys
 from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
@@ -76,7 +79,6 @@ class LoraConfig(TargetedConfig):
 class LoraAdapter(SiteAdapter):
     """Shared state of every LoRA layer: `lora_A`, `lora_B`, scaling and dropout."""
 
-    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
     delta_reads_module = False
 
     def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], module_name: str, config: LoraConfig, reference: torch.Tensor) -> None:
@@ -172,8 +174,6 @@ class LoraLinear(LoraAdapter):
 class LoraEmbedding(LoraAdapter):
     """LoRA on `nn.Embedding`: the token's column of A (rank × num_embeddings), then B."""
 
-    peft_names = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
-
     def __init__(self, module: nn.Embedding, module_name: str, config: LoraConfig) -> None:
         super().__init__((module.num_embeddings,), (module.embedding_dim,), module_name, config, module.weight)
 
@@ -213,6 +213,41 @@ class LoraConv(LoraAdapter):
         return {"weight": self.delta_matrix().view(module.weight.shape)}
 
 
+class LoraPeft(PeftCodec):
+    """LoRA in peft's files: the config fields under the same names (targets, ranks and alphas as the
+    resolved full module names, so peft adapts exactly these modules with the same shapes) and the
+    tensors `lora_A.weight` / `lora_B.weight` (embeddings: `lora_embedding_A` / `lora_embedding_B`)."""
+
+    peft_type = "LORA"
+    tensor_names = {
+        LoraAdapter: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+        LoraEmbedding: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
+    }
+
+    def check_keys(self, data: dict[str, Any]) -> None:
+        check_lora_keys(data)
+
+    def config_to_peft(self, config: LoraConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        return {
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout,
+            "use_rslora": config.use_rslora,
+            "init_lora_weights": config.init_lora_weights,
+            "target_modules": targets,
+            "rank_pattern": {re.escape(n): config.rank_for(n) for n in targets if config.rank_for(n) != config.r},
+            "alpha_pattern": {re.escape(n): config.alpha_for(n) for n in targets if config.alpha_for(n) != config.lora_alpha},
+            "bias": "none",
+            "use_dora": False,
+        }
+
+    def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
+        fields = {key: data[key] for key in LORA_READ if data.get(key) is not None}
+        if fields.get("init_lora_weights") not in (True, False, "gaussian", None):
+            fields["init_lora_weights"] = True  # a plain init ("eva", "orthogonal"): the weights come from the file
+        return LoraConfig(**fields)
+
+
 def _adapter_types() -> dict[type, type[LoraAdapter]]:
     from transformers.pytorch_utils import Conv1D
 
@@ -225,6 +260,7 @@ class Lora(ModuleMethod):
 
     config_class = LoraConfig
     adapter_types = _adapter_types()
+    peft_codec = LoraPeft()
 
     def default_targets(self, model: nn.Module) -> list[str] | str:
         model_type = getattr(getattr(model, "config", None), "model_type", None)

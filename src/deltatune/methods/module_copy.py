@@ -43,7 +43,6 @@ class ModuleCopy(SiteAdapter):
         self.copy._forward_hooks_with_kwargs.clear()
         for parameter in self.copy.parameters():
             parameter.requires_grad_(True)
-        self.peft_names = {name: name for name in self.copy.state_dict()}
         self.recurrent = isinstance(module, nn.RNNBase)
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ files keep the encoder, so a saved adapter trains on from where it stopped.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from ..registry import register
 from .prompt_tuning import PromptTuningConfig
 from .prompt_input import PromptInputMethod
 from .soft_prompt import SoftPromptConfig, embedding_width
+from .soft_prompt_peft import PromptInputPeft
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -33,8 +34,6 @@ ENCODER_TYPES = ("MLP", "LSTM")
 @dataclasses.dataclass
 class PTuningConfig(SoftPromptConfig):
     """P-tuning settings; field names follow peft's `PromptEncoderConfig`."""
-
-    peft_type: ClassVar[str] = "P_TUNING"
 
     encoder_reparameterization_type: str = "MLP"
     """The prompt encoder: "MLP" (three linear layers) or "LSTM" (a bidirectional LSTM, then two linears)."""
@@ -56,16 +55,6 @@ class PTuningConfig(SoftPromptConfig):
 
     def collapsed(self) -> PromptTuningConfig:
         return PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, modules_to_save=self.modules_to_save)
-
-    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
-        fields = super().peft_fields(model)
-        return {
-            **fields,
-            "encoder_reparameterization_type": self.encoder_reparameterization_type,
-            "encoder_hidden_size": self.encoder_hidden_size or fields["token_dim"],
-            "encoder_num_layers": self.encoder_num_layers,
-            "encoder_dropout": self.encoder_dropout,
-        }
 
 
 class PromptEncoder(nn.Module):
@@ -90,17 +79,34 @@ class PromptEncoder(nn.Module):
         return self.mlp(vectors)[0]
 
 
+class PTuningPeft(PromptInputPeft):
+    """peft's P_TUNING: the encoder's settings are written, but its files hold only the encoder's
+    output, so they load as the collapsed adapter (a prompt-tuning table)."""
+
+    peft_type = "P_TUNING"
+
+    def config_to_peft(self, config: PTuningConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        fields = super().config_to_peft(config, targets, model)
+        return {
+            **fields,
+            "encoder_reparameterization_type": config.encoder_reparameterization_type,
+            "encoder_hidden_size": config.encoder_hidden_size or fields["token_dim"],
+            "encoder_num_layers": config.encoder_num_layers,
+            "encoder_dropout": config.encoder_dropout,
+        }
+
+    def config_from_peft(self, data: dict[str, Any]) -> PromptTuningConfig:
+        return PromptTuningConfig.from_dict({"num_virtual_tokens": data["num_virtual_tokens"]})
+
+
 @register("p_tuning")
 class PTuning(PromptInputMethod):
     """A prompt from a small trained encoder, in front of the input."""
 
     config_class = PTuningConfig
+    peft_codec = PTuningPeft()
 
     def build_source(self, placement: Placement, config: PTuningConfig) -> nn.Module:
         model = placement.model
         return PromptEncoder(config.num_virtual_tokens, embedding_width(model), config, model.get_input_embeddings().weight)
 
-
-def p_tuning_from_peft(data: dict[str, Any]) -> PromptTuningConfig:
-    """peft's P_TUNING files hold only the encoder's output: they load as the collapsed adapter."""
-    return PromptTuningConfig.from_dict({"num_virtual_tokens": data["num_virtual_tokens"], "modules_to_save": data.get("modules_to_save")})

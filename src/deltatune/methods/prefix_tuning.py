@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ from .soft_prompt import (
     find_stacks,
     parameter_names,
 )
+from .soft_prompt_peft import SoftPromptPeft
 
 CROSS_ATTENTION_NAMES = ("EncDecAttention", "crossattention", "encoder_attn")
 """Last name parts of cross-attention modules, which get no prefix."""
@@ -65,8 +66,6 @@ its prefix to such a cache; a cache that has seen tokens gets no prefix again.""
 class PrefixTuningConfig(SoftPromptConfig):
     """Prefix tuning settings; field names follow peft's `PrefixTuningConfig`."""
 
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
-
     prefix_projection: bool = False
     """Train the prefix through an MLP (`Embedding → Linear → tanh → Linear`) instead of as a plain table."""
     encoder_hidden_size: PositiveInt | None = None
@@ -75,20 +74,6 @@ class PrefixTuningConfig(SoftPromptConfig):
 
     def collapsed(self) -> "PrefixTuningConfig":
         return self.replace(prefix_projection=False)
-
-    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
-        """peft reads the table as L·2 chunks of `token_dim` = kv_heads·head_dim, in `num_attention_heads`
-        = kv_heads heads; an encoder-decoder has two transformer submodules (peft's seq2seq layout)."""
-        layout = prefix_layout(model, find_stacks(model, self))
-        return {
-            **super().peft_fields(model),
-            "token_dim": layout.kv_heads * layout.head_dim,
-            "num_attention_heads": layout.kv_heads,
-            "num_layers": layout.layers,
-            "num_transformer_submodules": 2 if layout.encoder_decoder else 1,
-            "prefix_projection": self.prefix_projection,
-            "encoder_hidden_size": self.encoder_hidden_size or layout.kv_heads * layout.head_dim,
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +158,6 @@ def prefix_length_so_far(cache: Any) -> int | None:
 class PrefixCache(SiteAdapter):
     """At the stack whose self-attention reads the cache: put the prefix into it, extend mask and positions."""
 
-    peft_names = {"source.weight": "prompt_embeddings"}
-
     def __init__(self, source: nn.Module, stack: nn.Module, stacks: Stacks, layout: PrefixLayout, num_virtual_tokens: int, model_config: Any, embedding: nn.Module) -> None:
         super().__init__()
         self.source = source
@@ -189,10 +172,6 @@ class PrefixCache(SiteAdapter):
         self.held: dict[int, Any] = {}
         """The cache of the running call per batch size, for `PrefixReinsert` (shared with it); see
         `call_ended` for how long it stays."""
-
-    def peft_file_state(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():  # the inference kernels (an LSTM's differ in the last bits with autograd on)
-            return {"source.weight": self.source()}
 
     def prefix(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) per layer, each batch × kv_heads × n × head_dim, in the model's dtype."""
@@ -315,11 +294,36 @@ class PrefixReinsert(SiteAdapter):
         return output
 
 
+class PrefixTuningPeft(SoftPromptPeft):
+    """peft's PREFIX_TUNING: it reads the table as L·2 chunks of `token_dim` = kv_heads·head_dim, in
+    `num_attention_heads` = kv_heads heads; an encoder-decoder has two transformer submodules (peft's
+    seq2seq layout). Its files hold the table T (the projection's output): they load as a plain table."""
+
+    peft_type = "PREFIX_TUNING"
+    prompt_holder = PrefixCache
+
+    def config_to_peft(self, config: PrefixTuningConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        layout = prefix_layout(model, find_stacks(model, config))
+        return {
+            **super().config_to_peft(config, targets, model),
+            "token_dim": layout.kv_heads * layout.head_dim,
+            "num_attention_heads": layout.kv_heads,
+            "num_layers": layout.layers,
+            "num_transformer_submodules": 2 if layout.encoder_decoder else 1,
+            "prefix_projection": config.prefix_projection,
+            "encoder_hidden_size": config.encoder_hidden_size or layout.kv_heads * layout.head_dim,
+        }
+
+    def config_from_peft(self, data: dict[str, Any]) -> PrefixTuningConfig:
+        return PrefixTuningConfig.from_dict({"num_virtual_tokens": data["num_virtual_tokens"]})
+
+
 @register("prefix_tuning")
 class PrefixTuning(SoftPromptMethod):
     """Learned key/value prefixes for every cached self-attention layer."""
 
     config_class = PrefixTuningConfig
+    peft_codec = PrefixTuningPeft()
 
     def adapters(self, placement: Placement, config: PrefixTuningConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
         model = placement.model
@@ -339,7 +343,3 @@ class PrefixTuning(SoftPromptMethod):
         built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
         return built
 
-
-def prefix_tuning_from_peft(data: dict[str, Any]) -> PrefixTuningConfig:
-    """peft's PREFIX_TUNING files hold the table T (the projection's output): they load as a plain table."""
-    return PrefixTuningConfig.from_dict({"num_virtual_tokens": data["num_virtual_tokens"], "modules_to_save": data.get("modules_to_save")})

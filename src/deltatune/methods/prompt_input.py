@@ -18,8 +18,6 @@ class PromptInput(SiteAdapter):
     """Prompt tuning and P-tuning at the input stack: [P ; E(x)], mask, positions, output trimming.
     `source()` gives P (n × d): a `PromptTable`, or P-tuning's encoder."""
 
-    peft_names = {"source.weight": "prompt_embeddings"}
-
     def __init__(self, source: nn.Module, stack: nn.Module, stacks: Stacks, num_virtual_tokens: int) -> None:
         super().__init__()
         self.source = source
@@ -28,11 +26,6 @@ class PromptInput(SiteAdapter):
         self.names = parameter_names(stack)
         self.cache_key = next((name for name in CACHE_ARGUMENTS if name in self.names), "cache")
         self.accepts_positions = "position_ids" in self.names
-
-    def peft_file_state(self) -> dict[str, torch.Tensor]:
-        """peft stores the prompt itself (`prompt_embeddings`), whatever produced it."""
-        with torch.no_grad():  # the inference kernels (an LSTM's differ in the last bits with autograd on)
-            return {"source.weight": self.source()}
 
     def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)

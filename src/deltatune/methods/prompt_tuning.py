@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from ..placement import Placement
 from ..registry import register
 from .prompt_input import PromptInputMethod
 from .soft_prompt import PromptTable, SoftPromptConfig
+from .soft_prompt_peft import PromptInputPeft
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
@@ -32,8 +33,6 @@ INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 @dataclasses.dataclass
 class PromptTuningConfig(SoftPromptConfig):
     """Prompt tuning settings; field names follow peft's `PromptTuningConfig`."""
-
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
 
     prompt_tuning_init: str = "RANDOM"
     """"RANDOM", "TEXT" (from `prompt_tuning_init_text`) or "SAMPLE_VOCAB"."""
@@ -59,10 +58,6 @@ class PromptTuningConfig(SoftPromptConfig):
                 'prompt_tuning_init="TEXT" needs a tokenizer to turn the text into tokens: set '
                 "tokenizer_name_or_path to the model's tokenizer folder"
             )
-
-    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
-        names = ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs")
-        return {**super().peft_fields(model), **{name: getattr(self, name) for name in names}}
 
 
 def text_token_ids(config: PromptTuningConfig) -> list[int]:
@@ -97,17 +92,27 @@ def initial_prompt(embedding: nn.Embedding, config: PromptTuningConfig, weights_
     return embedding(token_ids).detach().clone()
 
 
+class PromptTuningPeft(PromptInputPeft):
+    """peft's PROMPT_TUNING: the prompt's shape and how it started; the table loads as it is."""
+
+    peft_type = "PROMPT_TUNING"
+    init_fields = ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs")
+
+    def config_to_peft(self, config: PromptTuningConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        return {**super().config_to_peft(config, targets, model), **{name: getattr(config, name) for name in self.init_fields}}
+
+    def config_from_peft(self, data: dict[str, Any]) -> PromptTuningConfig:
+        fields = ("num_virtual_tokens", *self.init_fields)
+        return PromptTuningConfig.from_dict({key: data[key] for key in fields if data.get(key) is not None})
+
+
 @register("prompt_tuning")
 class PromptTuning(PromptInputMethod):
     """A learned table of n virtual-token embeddings in front of the input."""
 
     config_class = PromptTuningConfig
+    peft_codec = PromptTuningPeft()
 
     def build_source(self, placement: Placement, config: PromptTuningConfig) -> nn.Module:
         return PromptTable(initial_prompt(placement.model.get_input_embeddings(), config, placement.weights_from_file))
 
-
-def prompt_tuning_from_peft(data: dict[str, Any]) -> PromptTuningConfig:
-    """Our config for peft's PROMPT_TUNING `adapter_config.json` (the weights come from its file)."""
-    fields = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs", "modules_to_save")
-    return PromptTuningConfig.from_dict({key: data[key] for key in fields if data.get(key) is not None})

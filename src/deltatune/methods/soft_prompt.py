@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,28 +54,12 @@ SEQUENCE_FIELDS = {"last_hidden_state": 1, "hidden_states": 1, "attentions": -2}
 class SoftPromptConfig(DeltaConfig):
     """What every soft-prompt method shares."""
 
-    peft_type: ClassVar[str] = ""
-
     num_virtual_tokens: PositiveInt = 8
     """n: how many virtual tokens the prompt (or prefix) has."""
 
     def collapsed(self) -> "SoftPromptConfig":
         """The config of this adapter once its encoder is folded into a plain table (`collapse_soft_prompt`)."""
         return self
-
-    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
-        """peft's config fields for this adapter on `model` (its `peft_type` and the prompt's shape). The
-        prompt is written with one transformer submodule, so peft's table has exactly our n rows."""
-        model_config = model.config
-        return {
-            "peft_type": self.peft_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": embedding_width(model),
-            "num_transformer_submodules": 1,
-            "num_attention_heads": model_config.num_attention_heads,
-            "num_layers": model_config.num_hidden_layers,
-            "modules_to_save": self.modules_to_save,
-        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from .. import __version__, registered_methods
+from .. import registered_methods
 from ..errors import DeltaTuneError
+from ..io import describe_folder
+from ..version import __version__
 
 
 def _methods(arguments: argparse.Namespace) -> None:
@@ -29,22 +30,12 @@ def _methods(arguments: argparse.Namespace) -> None:
 
 
 def _show(arguments: argparse.Namespace) -> None:
-    from safetensors import safe_open
-
-    from ..io import CONFIG_FILE, WEIGHTS_FILE, _read_json
-
-    folder = Path(arguments.path)
-    config = _read_json(folder / CONFIG_FILE)
-    kind = "peft" if "peft_type" in config else "deltatune"
-    method = config.get("peft_type") or config.get("method")
-    print(f"{folder}: {kind} adapter, method {method}")
-    weights = folder / WEIGHTS_FILE
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as file:
-            count = sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())
-            tensors = len(list(file.keys()))
-        print(f"  {tensors} tensors, {count:,} parameters, {weights.stat().st_size / 1e6:.2f} MB")
-    print(json.dumps(config.get("config", config), indent=2, sort_keys=True))
+    summary = describe_folder(arguments.path)
+    print(f"{Path(arguments.path)}: {summary.kind} adapter, method {summary.method}")
+    if summary.weights is not None:
+        tensors, count = summary.tensor_count()
+        print(f"  {tensors} tensors, {count:,} parameters, {summary.weights.stat().st_size / 1e6:.2f} MB")
+    print(json.dumps(summary.config, indent=2, sort_keys=True))
 
 
 def _config(path: str, overrides: list[str]):
