@@ -22,7 +22,6 @@ from torch import nn
 
 import deltatune
 from deltatune import registry
-from deltatune.peft_format import PeftCodec
 from tiny_models import build, run
 
 FULL_TARGETS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
@@ -47,7 +46,7 @@ class OutputGain(deltatune.SiteAdapter):
         return output * (1 + self.gain.to(output.dtype))
 
 
-class OutputGainPeft(PeftCodec):
+class OutputGainPeft(deltatune.PeftCodec):
     """The method in peft's files: peft type "OUTPUT_GAIN", its gains under `<module>.output_gain`."""
 
     peft_type = "OUTPUT_GAIN"

@@ -9,17 +9,21 @@ W' = W + W ⊙ γ[:, None], b' = b + b ⊙ γ, so it merges.
 
 `shifted_blocks` (its own `attach`, two kinds of site): γ on the selected linear layers as above, and a
 learned vector β added to the output of every transformer block, h ← h + β (β zero at start; not
-mergeable, since a block has no weight it could go into).
+mergeable, since a block has no weight it could go into). It also reads and writes peft's folder layout
+through a codec of its own (`ShiftedBlocksPeft`): peft type "SHIFTED_BLOCKS", γ under
+`base_model.model.<layer>.output_scale`, β under `base_model.model.<block>.block_shift`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -90,11 +94,25 @@ class BlockShift(deltatune.SiteAdapter):
         return output + self.beta.to(output.dtype)
 
 
+class ShiftedBlocksPeft(deltatune.PeftCodec):
+    """The shifted-blocks method in peft's folder layout (a method peft itself does not have)."""
+
+    peft_type = "SHIFTED_BLOCKS"
+    tensor_names = {OutputScale: {"gamma": "output_scale"}, BlockShift: {"beta": "block_shift"}}
+
+    def config_to_peft(self, config: ShiftedBlocksConfig, targets: list[str], model: nn.Module) -> dict:
+        return {"target_modules": config.target_modules, "blocks": config.blocks, "init_scale": config.init_scale}
+
+    def config_from_peft(self, data: dict) -> ShiftedBlocksConfig:
+        return ShiftedBlocksConfig(target_modules=data["target_modules"], blocks=data["blocks"], init_scale=data["init_scale"])
+
+
 @deltatune.register("shifted_blocks")
 class ShiftedBlocks:
     """γ at the selected linear layers, β at every block's output: two kinds of site, one adapter."""
 
     config_class = ShiftedBlocksConfig
+    peft_codec = ShiftedBlocksPeft()
 
     def attach(self, placement: deltatune.Placement, config: ShiftedBlocksConfig) -> None:
         model = placement.model
@@ -344,8 +362,19 @@ def test_a_two_site_method_saves_and_loads_in_our_format(tmp_path: Path) -> None
     assert torch.equal(run(loaded, "llama"), expected)
 
 
-# The same method saving and loading in peft's format through a codec of its own is added here once
-# per-method peft codecs are in the library (the codec declared with the method, no library edit).
+def test_a_two_site_method_saves_and_loads_in_peft_format_through_its_own_codec(tmp_path: Path) -> None:
+    delta_model, _ = shifted()
+    expected = run(delta_model, "llama").detach()
+    delta_model.save(str(tmp_path / "shifted"), format="peft")
+    config = json.loads((tmp_path / "shifted" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SHIFTED_BLOCKS" and config["blocks"] == ShiftedBlocksConfig.blocks
+    with safe_open(str(tmp_path / "shifted" / "adapter_model.safetensors"), framework="pt") as file:
+        keys = set(file.keys())
+    assert keys == {f"base_model.model.{name}.output_scale" for name in SCALED} | {f"base_model.model.{name}.block_shift" for name in BLOCKS}
+    loaded = deltatune.load(build("llama"), str(tmp_path / "shifted"))
+    assert isinstance(loaded.configs["default"], ShiftedBlocksConfig)
+    assert loaded.targets["default"] == SCALED + BLOCKS
+    assert torch.equal(run(loaded, "llama"), expected)
 
 
 @pytest.mark.parametrize("removal", ["delete", "unload"])

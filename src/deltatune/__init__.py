@@ -38,6 +38,7 @@ from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.soft_prompt import collapse_soft_prompt
 from .model import DeltaModel
+from .peft_format import PeftCodec
 from .placement import Placement
 from .registry import get_method, register, registered_methods
 from .site import SiteAdapter
@@ -76,7 +77,7 @@ def load(model: nn.Module, path: str, name: str | None = None, trainable: bool =
 __all__ = [
     "AdapterFileError", "AdapterNameError", "AdapterShapeError", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "DeltaConfig", "DeltaModel",
     "DeltaTuneError", "Fuse", "FusionConfig", "LoraConfig", "MergeError", "Method", "MethodNameError", "ModuleMethod",
-    "Placement", "PlacementError", "SiteAdapter", "Stack", "TargetConflictError", "TargetNotFoundError",
+    "PeftCodec", "Placement", "PlacementError", "SiteAdapter", "Stack", "TargetConflictError", "TargetNotFoundError",
     "TargetedConfig", "TrainableSummary", "UnknownMethodError", "UnsupportedModuleError", "attach",
     "get_method", "load", "model_modules", "register", "registered_methods",
     "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "collapse_soft_prompt", "causal_lm_loss",
