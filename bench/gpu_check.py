@@ -56,11 +56,12 @@ def model_on_gpu() -> torch.nn.Module:
 
 
 def agreement() -> dict[str, float]:
-    import deltatune
     import peft
 
+    import deltatune
+
     base = model_on_gpu().eval()
-    input_ids = token_batch(base, 4, 64).to(SETTINGS['device'])
+    input_ids = token_batch(base, 4, 64).to(SETTINGS["device"])
     theirs = lora_model("peft", base, 0.0).eval()
     with torch.inference_mode():
         expected = theirs(input_ids=input_ids).logits.float()
@@ -84,7 +85,7 @@ def agreement() -> dict[str, float]:
 def training_step_with_dropout() -> dict[str, float | bool]:
     base = model_on_gpu().train()
     ours = lora_model("deltatune", base, 0.05)
-    input_ids = token_batch(base, 4, 64).to(SETTINGS['device'])
+    input_ids = token_batch(base, 4, 64).to(SETTINGS["device"])
     before = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
     losses = []
@@ -122,7 +123,12 @@ def every_method_on_the_device() -> dict[str, str]:
             stray = [n for n, p in model.named_parameters() if p.grad is not None and not p.requires_grad]
             model.eval()
             with torch.inference_mode():
-                tokens = model.generate(input_ids=input_ids[:, :8], attention_mask=torch.ones_like(input_ids[:, :8]), max_new_tokens=4, do_sample=False)
+                tokens = model.generate(
+                    input_ids=input_ids[:, :8],
+                    attention_mask=torch.ones_like(input_ids[:, :8]),
+                    max_new_tokens=4,
+                    do_sample=False,
+                )
             ok = torch.isfinite(loss).item() and not stray and tokens.shape == (2, 12)
             outcome[name] = "ok" if ok else f"loss {loss.item()}, stray grads {stray[:2]}, tokens {tuple(tokens.shape)}"
         except Exception as error:  # report every method, do not stop at the first failure
@@ -137,7 +143,7 @@ def timings() -> dict[str, float]:
         for dropout in (0.05, 0.0):
             base = model_on_gpu().train()
             wrapped = lora_model(library, base, dropout)
-            input_ids = token_batch(base, BATCH, LENGTH).to(SETTINGS['device'])
+            input_ids = token_batch(base, BATCH, LENGTH).to(SETTINGS["device"])
             optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
 
             def step() -> None:
@@ -146,10 +152,10 @@ def timings() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
 
             results[f"train_dropout{dropout}_{library}"] = cuda_seconds(step)
-            del wrapped, base, optimizer
+            wrapped = base = optimizer = None  # frees the GPU memory before the next model
             _free()
     base = model_on_gpu().eval()
-    input_ids = token_batch(base, BATCH, LENGTH).to(SETTINGS['device'])
+    input_ids = token_batch(base, BATCH, LENGTH).to(SETTINGS["device"])
     with torch.inference_mode():
         results["forward_base"] = cuda_seconds(lambda: base(input_ids=input_ids))
     for library in ("deltatune", "peft"):
@@ -158,7 +164,7 @@ def timings() -> dict[str, float]:
         with torch.inference_mode():
             results[f"forward_{library}"] = cuda_seconds(lambda: wrapped(input_ids=input_ids))
             results[f"mixed_{library}"] = cuda_seconds(lambda: wrapped(input_ids=input_ids, adapter_names=rows))
-        del wrapped
+        wrapped = None  # frees the GPU memory before the next model
         _free()
     return results
 
@@ -175,7 +181,14 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.dry_run:
         SETTINGS.update(device="cpu", quick=True)
-    report = {"device": torch.cuda.get_device_name() if SETTINGS["device"] == "cuda" else "cpu", "torch": torch.__version__, "agreement": agreement(), "training": training_step_with_dropout(), "methods": every_method_on_the_device(), "timings": timings()}
+    report = {
+        "device": torch.cuda.get_device_name() if SETTINGS["device"] == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "agreement": agreement(),
+        "training": training_step_with_dropout(),
+        "methods": every_method_on_the_device(),
+        "timings": timings(),
+    }
     t = report["timings"]
     report["ratios"] = {
         "train_dropout0.05_ours_vs_peft": t["train_dropout0.05_deltatune"] / t["train_dropout0.05_peft"],

@@ -6,7 +6,8 @@ import gc
 import resource
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def reset_peak_memory() -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,21 +30,29 @@ Calls = dict[str, Callable[[], object]]
 """A prepared workload: timing name ("seconds", ...) → the call to time."""
 
 
-def lora_model(library: str, model: torch.nn.Module, dropout: float, names: list[str] = ("default",), rank: int = 16) -> torch.nn.Module:
+def lora_model(
+    library: str, model: torch.nn.Module, dropout: float, names: list[str] = ("default",), rank: int = 16
+) -> torch.nn.Module:
     """The model with one LoRA adapter per name on all seven linear layers, the first one active."""
     if library == "deltatune":
         import deltatune
 
         delta_model = None
         for name in names:
-            config = deltatune.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LINEAR_LAYERS, init_lora_weights=False)
-            delta_model = deltatune.attach(model, config, name) if delta_model is None else delta_model.add(name, config)
+            config = deltatune.LoraConfig(
+                r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LINEAR_LAYERS, init_lora_weights=False
+            )
+            delta_model = (
+                deltatune.attach(model, config, name) if delta_model is None else delta_model.add(name, config)
+            )
         return delta_model
     import peft
 
     peft_model = None
     for name in names:
-        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LINEAR_LAYERS, init_lora_weights=False)
+        config = peft.LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LINEAR_LAYERS, init_lora_weights=False
+        )
         if peft_model is None:
             peft_model = peft.get_peft_model(model, config, adapter_name=name)
         else:
@@ -59,7 +68,9 @@ def train(library: str, options: dict[str, Any]) -> Calls:
     input_ids = token_batch(model, BATCH, LENGTH)
     labels = labels_for(input_ids, options.get("labelled_tail"))
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
-    loss_of = _sparse_loss(wrapped) if library == "deltatune" else lambda: wrapped(input_ids=input_ids, labels=labels).loss
+    loss_of = (
+        _sparse_loss(wrapped) if library == "deltatune" else lambda: wrapped(input_ids=input_ids, labels=labels).loss
+    )
 
     def step() -> None:
         loss_of(input_ids, labels).backward() if library == "deltatune" else loss_of().backward()
@@ -124,7 +135,12 @@ def add_and_merge(library: str, options: dict[str, Any]) -> dict[str, Any]:
     first = _first_add_seconds(library, options)
     start = time.perf_counter()
     wrapped.merge() if library == "deltatune" else wrapped.base_model.merge_adapter()
-    return {"first_add_seconds": first, "last_add_seconds": sorted(add_seconds[-5:])[2], "adapters": count, "merge_seconds": time.perf_counter() - start}
+    return {
+        "first_add_seconds": first,
+        "last_add_seconds": sorted(add_seconds[-5:])[2],
+        "adapters": count,
+        "merge_seconds": time.perf_counter() - start,
+    }
 
 
 def _first_add_seconds(library: str, options: dict[str, Any]) -> float:
@@ -166,7 +182,9 @@ def floor(model: torch.nn.Module) -> torch.nn.Module:
     model.requires_grad_(False)
     gate = torch.nn.Parameter(torch.ones((), dtype=next(model.parameters()).dtype))
     model.register_parameter("floor_gate", gate)
-    model.get_submodule(sublayer_sites(model, None)[0].output).register_forward_hook(lambda module, args, output: output * gate)
+    model.get_submodule(sublayer_sites(model, None)[0].output).register_forward_hook(
+        lambda module, args, output: output * gate
+    )
     return model
 
 
@@ -194,7 +212,9 @@ def _prefix_deltatune(model: torch.nn.Module) -> torch.nn.Module:
 def _prefix_peft(model: torch.nn.Module) -> torch.nn.Module:
     import peft
 
-    return peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, prefix_projection=True))
+    return peft.get_peft_model(
+        model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, prefix_projection=True)
+    )
 
 
 def _adapter_step(wrapped: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[], None]:
@@ -214,7 +234,9 @@ def houlsby(library: str, options: dict[str, Any]) -> Calls:
     model = minilm(options["quick"]).train()
     wrapped = {"deltatune": _houlsby_deltatune, "adapterhub": _houlsby_adapterhub, "floor": floor}[library](model)
     input_ids = token_batch(model, 32, 64)
-    return {"seconds": _adapter_step(wrapped, lambda wrapped: wrapped(input_ids=input_ids).last_hidden_state.pow(2).mean())}
+    return {
+        "seconds": _adapter_step(wrapped, lambda wrapped: wrapped(input_ids=input_ids).last_hidden_state.pow(2).mean())
+    }
 
 
 def prefix(library: str, options: dict[str, Any]) -> Calls:
@@ -244,7 +266,10 @@ def run(workload: str, libraries: list[str], options: dict[str, Any]) -> dict[st
     if len(libraries) == 1:
         calls = TIMED[workload](libraries[0], options)
         timings = {name: time_calls(call, options["warmup"], options["repeats"]) for name, call in calls.items()}
-        return {**timings["seconds"], **{name: timing["seconds"] for name, timing in timings.items() if name != "seconds"}}
+        return {
+            **timings["seconds"],
+            **{name: timing["seconds"] for name, timing in timings.items() if name != "seconds"},
+        }
     prepared = {library: TIMED[workload](library, options) for library in libraries}
     flat = {(library, name): call for library, calls in prepared.items() for name, call in calls.items()}
     timings = time_interleaved(flat, options["warmup"], options["repeats"])
@@ -252,7 +277,10 @@ def run(workload: str, libraries: list[str], options: dict[str, Any]) -> dict[st
     for library, calls in prepared.items():
         results[library] = {"seconds_min": min(timings[(library, "seconds")]["seconds_all"])}
         for name in calls:
-            results[library] |= {name: timings[(library, name)]["seconds"], f"{name}_all": timings[(library, name)]["seconds_all"]}
+            results[library] |= {
+                name: timings[(library, name)]["seconds"],
+                f"{name}_all": timings[(library, name)]["seconds_all"],
+            }
     return results
 
 

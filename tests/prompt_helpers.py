@@ -17,11 +17,19 @@ def tiny_tokenizer_folder(folder: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocabulary = {"<pad>": 0, "<s>": 1, "</s>": 2, **{word: 3 + index for index, word in enumerate(WORDS)}, "<unk>": 3 + len(WORDS)}
+    vocabulary = {
+        "<pad>": 0,
+        "<s>": 1,
+        "</s>": 2,
+        **{word: 3 + index for index, word in enumerate(WORDS)},
+        "<unk>": 3 + len(WORDS),
+    }
     assert max(vocabulary.values()) < VOCAB
     backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tokenizer.save_pretrained(str(folder))
     return folder
 
@@ -52,7 +60,9 @@ def greedy_by_forward(model: nn.Module, prompt: list[int], steps: int, seq2seq: 
     return generated[0, -steps:].tolist()
 
 
-def generate_new_tokens(model: nn.Module, inputs: dict[str, torch.Tensor], steps: int, seq2seq: bool, **options) -> list[list[int]]:
+def generate_new_tokens(
+    model: nn.Module, inputs: dict[str, torch.Tensor], steps: int, seq2seq: bool, **options
+) -> list[list[int]]:
     """The `steps` tokens generate() adds to each row (greedy unless `options` say otherwise)."""
     options = {"max_new_tokens": steps, "do_sample": False, "pad_token_id": 0, "eos_token_id": None, **options}
     with torch.no_grad():
@@ -67,4 +77,3 @@ def lively(arch: str) -> nn.Module:
         for parameter in model.parameters():
             parameter.mul_(3)
     return model
-

@@ -16,7 +16,9 @@ from test_invariants import CASES, base_state, grid, randomize
 from tiny_models import build, run
 
 BF16_GRID = [param for param in grid() if param.values[1] != "mlp"]
-MERGEABLE = [pytest.param(method, id=method) for method, case in CASES.items() if case.mergeable and "llama" in case.archs]
+MERGEABLE = [
+    pytest.param(method, id=method) for method, case in CASES.items() if case.mergeable and "llama" in case.archs
+]
 
 
 def bf16_attached(method: str, arch: str = "llama", name: str = "a", seed: int = 1, **options) -> deltatune.DeltaModel:
@@ -29,9 +31,13 @@ def base_dtype_output(arch: str = "llama") -> torch.Tensor:
     return run(build(arch).to(torch.bfloat16).requires_grad_(False), arch)
 
 
-def assert_small_steps_change_every_tensor(delta_model: deltatune.DeltaModel, names: list[str], arch: str = "llama") -> None:
+def assert_small_steps_change_every_tensor(
+    delta_model: deltatune.DeltaModel, names: list[str], arch: str = "llama"
+) -> None:
     """One Adam step of 1e-5 (far below bfloat16's resolution at 0.1, 4e-4) changes every trainable tensor."""
-    parameters = [parameter for name in names for parameter in delta_model.adapter_parameters(name) if parameter.requires_grad]
+    parameters = [
+        parameter for name in names for parameter in delta_model.adapter_parameters(name) if parameter.requires_grad
+    ]
     before = [parameter.detach().clone() for parameter in parameters]
     optimizer = torch.optim.Adam(parameters, lr=1e-5)
     delta_model.train()
@@ -39,7 +45,9 @@ def assert_small_steps_change_every_tensor(delta_model: deltatune.DeltaModel, na
     optimizer.step()
     delta_model.eval()
     assert all(parameter.grad.dtype == torch.float32 for parameter in parameters)
-    unchanged = [index for index, (old, parameter) in enumerate(zip(before, parameters)) if torch.equal(old, parameter.detach())]
+    unchanged = [
+        index for index, (old, parameter) in enumerate(zip(before, parameters)) if torch.equal(old, parameter.detach())
+    ]
     assert not unchanged, f"{len(unchanged)} of {len(parameters)} adapter tensors did not change"
 
 
@@ -59,7 +67,9 @@ def test_mixed_batch_rows_on_a_bfloat16_model_equal_separate_runs(method: str, a
     delta_model = bf16_attached(method, arch)
     delta_model.add("b", CASES[method].config(arch))
     randomize(delta_model, "b", seed=2)
-    assert {parameter.dtype for name in ("a", "b") for parameter in delta_model.adapter_parameters(name)} == {torch.float32}
+    assert {parameter.dtype for name in ("a", "b") for parameter in delta_model.adapter_parameters(name)} == {
+        torch.float32
+    }
     separate = {}
     for name in ("a", "b"):
         delta_model.activate(name)
@@ -87,7 +97,9 @@ def test_float32_adapter_merges_into_bfloat16_weights(method: str) -> None:
     assert {parameter.dtype for parameter in delta_model.adapter_parameters("a")} == {torch.float32}
     expected = run(delta_model, "llama").float()
     delta_model.merge()
-    assert {tensor.dtype for tensor in base_state(delta_model.base_model).values() if tensor.is_floating_point()} == {torch.bfloat16}
+    assert {tensor.dtype for tensor in base_state(delta_model.base_model).values() if tensor.is_floating_point()} == {
+        torch.bfloat16
+    }
     torch.testing.assert_close(run(delta_model, "llama").float(), expected, atol=0.1, rtol=0.05)
     delta_model.unmerge()
     torch.testing.assert_close(run(delta_model, "llama").float(), expected, atol=0.1, rtol=0.05)

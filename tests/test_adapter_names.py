@@ -34,14 +34,26 @@ def saved_folder(tmp_path: Path, names: list[str]) -> Path:
 def files_outside(root: Path, top: Path) -> list[str]:
     """Every path under `top` that is neither `root`, inside it, nor the lock file saves keep beside it."""
     return sorted(
-        str(path.relative_to(top)) for path in top.rglob("*")
+        str(path.relative_to(top))
+        for path in top.rglob("*")
         if path != root and root not in path.parents and path.name != ".deltatune.lock"
     )
 
 
-@pytest.mark.parametrize("bad_name", [
-    "sub/dir", "/absolute", "back\\slash", "nul\x00byte", "new\nline", "C:drive", "x" * 201, "é" * 101, "x" * 300,
-])
+@pytest.mark.parametrize(
+    "bad_name",
+    [
+        "sub/dir",
+        "/absolute",
+        "back\\slash",
+        "nul\x00byte",
+        "new\nline",
+        "C:drive",
+        "x" * 201,
+        "é" * 101,
+        "x" * 300,
+    ],
+)
 def test_names_that_are_not_one_safe_path_component_are_refused_with_the_rule(bad_name: str) -> None:
     delta_model = deltatune.attach(build("mlp"), lora())
     with pytest.raises(deltatune.AdapterNameError, match=RULE):
@@ -66,25 +78,44 @@ def test_save_never_writes_outside_root(tmp_path: Path) -> None:
     (downloaded / "adapter_config.json").write_text(json.dumps(config))
     root = tmp_path / "work" / "root"
     delta_model = deltatune.attach(build("mlp"), lora(), name="mine")
-    with pytest.raises(deltatune.AdapterFileError, match=re.escape("adapter_config.json: adapter name '../outside' contains '.': ") + RULE):
+    with pytest.raises(
+        deltatune.AdapterFileError,
+        match=re.escape("adapter_config.json: adapter name '../outside' contains '.': ") + RULE,
+    ):
         deltatune.load(delta_model, str(downloaded))
         delta_model.save(str(root))
     assert list(delta_model.configs) == ["mine"]
     assert files_outside(root, tmp_path / "work") == []
 
 
-@pytest.mark.parametrize("file_name, content", [
-    ("adapter_config.json", {
-        "config": {"mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu"},
-        "name": "../escape", "model_type": "bert", "hidden_size": 32, "version": "1.0",
-    }),
-    ("adapter_fusion_config.json", {"adapter_names": ["a", "../escape"], "config": {}, "name": "fused"}),
-])
+@pytest.mark.parametrize(
+    "file_name, content",
+    [
+        (
+            "adapter_config.json",
+            {
+                "config": {
+                    "mh_adapter": False,
+                    "output_adapter": True,
+                    "reduction_factor": 16,
+                    "non_linearity": "relu",
+                },
+                "name": "../escape",
+                "model_type": "bert",
+                "hidden_size": 32,
+                "version": "1.0",
+            },
+        ),
+        ("adapter_fusion_config.json", {"adapter_names": ["a", "../escape"], "config": {}, "name": "fused"}),
+    ],
+)
 def test_names_recorded_in_adapterhub_folders_follow_the_rule(tmp_path: Path, file_name: str, content: dict) -> None:
     folder = tmp_path / "adapterhub"
     folder.mkdir()
     (folder / file_name).write_text(json.dumps(content))
-    with pytest.raises(deltatune.AdapterFileError, match=re.escape(f"{file_name}: adapter name '../escape' contains '.': ") + RULE):
+    with pytest.raises(
+        deltatune.AdapterFileError, match=re.escape(f"{file_name}: adapter name '../escape' contains '.': ") + RULE
+    ):
         deltatune.load(build("bert"), str(folder))
 
 
@@ -92,7 +123,9 @@ def test_an_adapter_subfolder_whose_name_breaks_the_rule_is_refused_with_its_pat
     folder = saved_folder(tmp_path, ["first", "second"])
     os.rename(folder / "second", folder / "training")
     model = build("mlp")
-    with pytest.raises(deltatune.AdapterFileError, match=r"saved/training: adapter name 'training' is an attribute of torch modules"):
+    with pytest.raises(
+        deltatune.AdapterFileError, match=r"saved/training: adapter name 'training' is an attribute of torch modules"
+    ):
         deltatune.load(model, str(folder))
     assert not any(isinstance(module, deltatune.DeltaModel) for module in model.modules())
 

@@ -30,9 +30,19 @@ def with_adapters(arch: str, config, names=("a", "b")) -> deltatune.DeltaModel:
 
 def test_presets_fill_the_fields_and_explicit_values_win() -> None:
     parallel = deltatune.BottleneckConfig(preset="parallel", scaling=2.0)
-    assert (parallel.parallel, parallel.reduction_factor, parallel.scaling, parallel.init_weights) == (True, 2, 2.0, "zero_up")
+    assert (parallel.parallel, parallel.reduction_factor, parallel.scaling, parallel.init_weights) == (
+        True,
+        2,
+        2.0,
+        "zero_up",
+    )
     pfeiffer = deltatune.BottleneckConfig(preset="pfeiffer")
-    assert (pfeiffer.attention_adapter, pfeiffer.ffn_adapter, pfeiffer.original_ln_before, pfeiffer.non_linearity) == (False, True, True, "relu")
+    assert (pfeiffer.attention_adapter, pfeiffer.ffn_adapter, pfeiffer.original_ln_before, pfeiffer.non_linearity) == (
+        False,
+        True,
+        True,
+        "relu",
+    )
     compacter = deltatune.CompacterConfig()
     assert (compacter.attention_adapter, compacter.reduction_factor, compacter.non_linearity) == (True, 32, "gelu")
     assert deltatune.CompacterConfig.from_dict(compacter.to_dict()) == compacter
@@ -68,7 +78,11 @@ def test_phm_weight_is_the_sum_of_kronecker_products_and_the_rule_is_shared(tmp_
     x = torch.randn(2, 5, layer.in_features)
     torch.testing.assert_close(layer(x), x @ expected + layer.bias)
     summary = delta_model.trainable_summary()
-    assert summary.per_adapter["c"] == summary.trainable == sum(p.numel() for p in delta_model.parameters() if p.requires_grad)
+    assert (
+        summary.per_adapter["c"]
+        == summary.trainable
+        == sum(p.numel() for p in delta_model.parameters() if p.requires_grad)
+    )
     delta_model.save(tmp_path / "c")
     from safetensors import safe_open
 
@@ -142,7 +156,9 @@ def test_fusion_training_touches_only_fusion_parameters() -> None:
     assert delta_model.active_adapters == ("a,b",)
     fusion_ids = {id(p) for p in delta_model.adapter_parameters("a,b")}
     assert {id(p) for p in delta_model.parameters() if p.requires_grad} == fusion_ids
-    frozen_before = {name: tensor.clone() for name, tensor in delta_model.state_dict().items() if ".adapters.a,b." not in name}
+    frozen_before = {
+        name: tensor.clone() for name, tensor in delta_model.state_dict().items() if ".adapters.a,b." not in name
+    }
     fusion_before = [p.detach().clone() for p in delta_model.adapter_parameters("a,b")]
     output_before = run(delta_model, "bert").detach()
     optimizer = torch.optim.AdamW([p for p in delta_model.parameters() if p.requires_grad], lr=1e-2)

@@ -27,8 +27,16 @@ def llama_48() -> torch.nn.Module:
     """The tiny Llama of tiny_models with hidden size 48 instead of 32 (same layer names)."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -102,7 +110,9 @@ def test_target_that_matches_nothing_on_an_existing_delta_model_keeps_it_as_it_w
 def test_non_leaf_target_suggests_a_leaf_name() -> None:
     model = mixed_flags_llama()
     before = grad_flags(model)
-    with pytest.raises(deltatune.UnsupportedModuleError, match=r"cannot adapt 'model\.layers\.0\.mlp'.*LlamaMLP.*gate_proj"):
+    with pytest.raises(
+        deltatune.UnsupportedModuleError, match=r"cannot adapt 'model\.layers\.0\.mlp'.*LlamaMLP.*gate_proj"
+    ):
         deltatune.attach(model, deltatune.LoraConfig(target_modules=["mlp"]))
     assert_clean_plain(model, before)
 
@@ -113,7 +123,9 @@ def test_bitfit_on_llama_without_biases_mentions_add_missing_bias() -> None:
     with pytest.raises(deltatune.DeltaTuneError, match="add_missing_bias=True"):
         deltatune.attach(model, deltatune.BitFitConfig())
     assert_clean_plain(model, before)
-    with pytest.raises(deltatune.DeltaTuneError, match=r"'model\.layers\.0\.self_attn\.q_proj' has no bias.*add_missing_bias=True"):
+    with pytest.raises(
+        deltatune.DeltaTuneError, match=r"'model\.layers\.0\.self_attn\.q_proj' has no bias.*add_missing_bias=True"
+    ):
         deltatune.attach(model, deltatune.BitFitConfig(target_modules=["q_proj"]))
     assert_clean_plain(model, before)
 
@@ -124,7 +136,10 @@ def test_bitfit_on_llama_without_biases_mentions_add_missing_bias() -> None:
     [
         ({"r": 0}, r"r must be a whole number ≥ 1, got 0"),
         ({"r": -2}, r"r must be a whole number ≥ 1, got -2"),
-        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern must be a mapping of regular expressions to whole numbers ≥ 1"),
+        (
+            {"rank_pattern": {"q_proj": 0}},
+            r"rank_pattern must be a mapping of regular expressions to whole numbers ≥ 1",
+        ),
         ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\), got 1\.5"),
         ({"lora_dropout": -0.1}, r"lora_dropout must be a number in \[0, 1\)"),
         ({"init_lora_weights": "pissa"}, r"init_lora_weights must be true, false or \"gaussian\""),
@@ -142,7 +157,9 @@ def test_lora_config_values_are_checked_on_replace() -> None:
 
 
 def test_target_modules_of_the_wrong_type_is_refused() -> None:
-    with pytest.raises(deltatune.DeltaTuneError, match="target_modules must be a list of strings, a regular expression or null"):
+    with pytest.raises(
+        deltatune.DeltaTuneError, match="target_modules must be a list of strings, a regular expression or null"
+    ):
         deltatune.LoraConfig(target_modules=["q_proj", 3])
 
 
@@ -185,7 +202,9 @@ def test_duplicate_adapter_name_is_refused_and_the_first_one_kept() -> None:
     delta_model = deltatune.attach(build("llama"), lora())
     expected = run(delta_model, "llama").detach()
     parameters_before = list(delta_model.adapter_parameters("default"))
-    with pytest.raises(deltatune.AdapterNameError, match=r"'default' is not free.*taken: \['default'\].*pick another name"):
+    with pytest.raises(
+        deltatune.AdapterNameError, match=r"'default' is not free.*taken: \['default'\].*pick another name"
+    ):
         delta_model.add("default", lora(r=2))
     assert list(delta_model.configs) == ["default"]
     assert delta_model.configs["default"].r == 4
@@ -282,7 +301,10 @@ def test_truncated_weights_file(saved_adapter: tuple[Path, torch.Tensor]) -> Non
     weights.write_bytes(data[: len(data) // 2])
     model = mixed_flags_llama()
     before = grad_flags(model)
-    with pytest.raises(deltatune.AdapterFileError, match=re.escape(str(weights)) + r" is truncated or corrupted.*save or copy the adapter again"):
+    with pytest.raises(
+        deltatune.AdapterFileError,
+        match=re.escape(str(weights)) + r" is truncated or corrupted.*save or copy the adapter again",
+    ):
         deltatune.load(model, str(folder))
     assert_clean_plain(model, before)
 
@@ -293,7 +315,7 @@ def test_weights_file_with_corrupted_header(saved_adapter: tuple[Path, torch.Ten
     data = bytearray(weights.read_bytes())
     header_length = int.from_bytes(data[:8], "little")
     middle = 8 + header_length // 2
-    data[middle : middle + 16] = b"\xff\x00{]\x01\x02\xfe\"\"::,,\x00\x00\xff\xfe"
+    data[middle : middle + 16] = b'\xff\x00{]\x01\x02\xfe""::,,\x00\x00\xff\xfe'
     weights.write_bytes(bytes(data))
     model = build("llama")
     before = grad_flags(model)
@@ -332,7 +354,9 @@ def test_missing_weights_file(saved_adapter: tuple[Path, torch.Tensor]) -> None:
     (folder / WEIGHTS).unlink()
     model = build("llama")
     before = grad_flags(model)
-    with pytest.raises(deltatune.AdapterFileError, match=re.escape(str(folder / WEIGHTS)) + r" is missing.*save it again"):
+    with pytest.raises(
+        deltatune.AdapterFileError, match=re.escape(str(folder / WEIGHTS)) + r" is missing.*save it again"
+    ):
         deltatune.load(model, str(folder))
     assert_clean_plain(model, before)
 
@@ -358,7 +382,9 @@ def test_folder_with_invalid_json_config(saved_adapter: tuple[Path, torch.Tensor
     (folder / CONFIG).write_text('{"format": "deltatune", "config": {"method": "lora", ')
     model = mixed_flags_llama()
     before = grad_flags(model)
-    with pytest.raises(deltatune.AdapterFileError, match=r"cannot read .*" + re.escape(CONFIG) + r".*save the adapter again"):
+    with pytest.raises(
+        deltatune.AdapterFileError, match=r"cannot read .*" + re.escape(CONFIG) + r".*save the adapter again"
+    ):
         deltatune.load(model, str(folder))
     assert_clean_plain(model, before)
 
@@ -444,7 +470,9 @@ def test_save_interrupted_while_writing_config_leaves_the_old_adapter(
     assert_folder_intact(folder, expected, files_before)
 
 
-def test_interrupted_first_save_leaves_no_adapter_folder_that_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_first_save_leaves_no_adapter_folder_that_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "new"
 
     def fail(tensors, filename, metadata=None):

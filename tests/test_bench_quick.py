@@ -15,8 +15,12 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY / "bench"))
 
 
-@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="runs once, in the transformers 5 environment")
-def test_quick_benchmark_runs_every_workload_starting_workers_only_for_other_environments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="runs once, in the transformers 5 environment"
+)
+def test_quick_benchmark_runs_every_workload_starting_workers_only_for_other_environments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import run as bench
 
     started: list[list[str]] = []
@@ -32,7 +36,16 @@ def test_quick_benchmark_runs_every_workload_starting_workers_only_for_other_env
     report = json.loads(out.read_text())
     assert report["mode"] == "quick"
     measured = set(report["results"]) | set(report["skipped"])
-    assert {"train_dropout", "train_no_dropout", "train_tail_labels", "forward", "mixed", "add_and_merge", "houlsby", "prefix"} <= measured
+    assert {
+        "train_dropout",
+        "train_no_dropout",
+        "train_tail_labels",
+        "forward",
+        "mixed",
+        "add_and_merge",
+        "houlsby",
+        "prefix",
+    } <= measured
     if (REPOSITORY / ".venv-transformers457" / "bin" / "python").exists():
         assert "houlsby" in report["results"], report["skipped"]
     assert all(row["value"] > 0 for row in report["targets"])

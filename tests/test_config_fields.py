@@ -41,7 +41,9 @@ class Case:
 TRAIN_FIELDS: dict[str, Case] = {
     "model": Case("a string", "[a, b]", ('""',), "the config needs `model`"),
     "task": Case("a string", "5", ("classify",), "unknown task 'classify'"),
-    "train_file": Case("a string, a path or an iterable of mappings", "[1, 2]", ('""',), "the config needs `train_file`"),
+    "train_file": Case(
+        "a string, a path or an iterable of mappings", "[1, 2]", ('""',), "the config needs `train_file`"
+    ),
     "eval_file": Case("a string, a path, an iterable of mappings or null", "5"),
     "columns": Case("a mapping of strings to strings or null", "{sentence: 1}"),
     "adapter": Case("a mapping", "lora", ("{r: 4}",), "`adapter` must be a mapping with a `method` key"),
@@ -69,7 +71,9 @@ TRAIN_FIELDS: dict[str, Case] = {
     "log_every": Case("a whole number ≥ 1", "[1]", ("0",)),
     "max_new_tokens": Case("a whole number ≥ 1", "1.5", ("-1",)),
     "eval_batch_size": Case("a whole number ≥ 1", "true", ("0",)),
-    "device": Case("a string", "0", ("gpu", "cuda:x"), "device must be cpu, cuda, cuda:N (N a device number), mps or auto"),
+    "device": Case(
+        "a string", "0", ("gpu", "cuda:x"), "device must be cpu, cuda, cuda:N (N a device number), mps or auto"
+    ),
 }
 
 ADAPTER_FIELDS: dict[str, Case] = {
@@ -86,7 +90,9 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "lora_dropout": Case("a number in [0, 1)", "[0.1]", ("1", "-0.1")),
     "use_rslora": Case("true or false", '"false"'),
     "init_lora_weights": Case('true, false or "gaussian"', "1", ("pissa",)),
-    "rank_pattern": Case("a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')),
+    "rank_pattern": Case(
+        "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')
+    ),
     "alpha_pattern": Case("a mapping of regular expressions to numbers", "{q_proj: high}", ("{q_proj: .inf}",)),
     # BitFit
     "add_missing_bias": Case("true or false", '"false"'),
@@ -103,7 +109,9 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "init_weights": Case("a string or null", "5", ("xavier",), "init_weights must be one of"),
     "dropout": Case("a number in [0, 1)", "low", ("1.5", "-0.5")),
     "leave_out": Case("a list of whole numbers ≥ 0", "3", ("[-1]",)),
-    "architecture": Case("a mapping of strings to strings or null", "[blocks]", ("{nonsense: x}",), "unknown keys ['nonsense']"),
+    "architecture": Case(
+        "a mapping of strings to strings or null", "[blocks]", ("{nonsense: x}",), "unknown keys ['nonsense']"
+    ),
     "linear": Case("a string", "5", ("dense",), "linear must be one of"),
     "phm_dim": Case("a whole number ≥ 1", "1.5", ("0",)),
     "phm_rank": Case("a whole number ≥ 1", '"1"', ("0",)),
@@ -116,7 +124,9 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "prompt_tuning_init_text": Case("a string or null", "[a]"),
     "tokenizer_name_or_path": Case("a string or null", "5"),
     "tokenizer_kwargs": Case("a mapping or null", "[a]"),
-    "encoder_reparameterization_type": Case("a string", "5", ("GRU",), "encoder_reparameterization_type must be one of"),
+    "encoder_reparameterization_type": Case(
+        "a string", "5", ("GRU",), "encoder_reparameterization_type must be one of"
+    ),
     "encoder_hidden_size": Case("a whole number ≥ 1 or null", "1.5", ("0",)),
     "encoder_num_layers": Case("a whole number ≥ 1", "1.5", ("0",)),
     "encoder_dropout": Case("a number in [0, 1)", "[0]", ("1",)),
@@ -153,7 +163,9 @@ def cases() -> list:
     for method, base in METHOD_BASES.items():
         for name in field_names(get_method(method).config_class):
             for kind, value, message in _bad_values(name, ADAPTER_FIELDS.get(name), "adapter: "):
-                found.append(pytest.param([f"adapter={base}", f"adapter.{name}={value}"], message, id=f"{method}-{name}-{kind}"))
+                found.append(
+                    pytest.param([f"adapter={base}", f"adapter.{name}={value}"], message, id=f"{method}-{name}-{kind}")
+                )
     return found
 
 
@@ -163,7 +175,10 @@ def _bad_values(name: str, case: Case | None, prefix: str) -> list[tuple[str, st
         return []
     expected = f"{prefix}{name} must be {case.accepts}, got "
     bad = [("wrong-type", case.wrong_type, expected)]
-    bad += [(f"out-of-range-{index}", value, case.range_message or expected) for index, value in enumerate(case.out_of_range)]
+    bad += [
+        (f"out-of-range-{index}", value, case.range_message or expected)
+        for index, value in enumerate(case.out_of_range)
+    ]
     return bad
 
 
@@ -188,7 +203,10 @@ def test_every_config_field_has_a_case() -> None:
     from deltatune.field_check import Range, field_types
 
     assert sorted(built_in_methods()) == sorted(METHOD_BASES)
-    classes = [(TrainConfig, TRAIN_FIELDS), *((get_method(method).config_class, ADAPTER_FIELDS) for method in METHOD_BASES)]
+    classes = [
+        (TrainConfig, TRAIN_FIELDS),
+        *((get_method(method).config_class, ADAPTER_FIELDS) for method in METHOD_BASES),
+    ]
     missing, unranged = [], []
     for config_class, table in classes:
         for name, annotation in field_types(config_class).items():
@@ -201,7 +219,9 @@ def test_every_config_field_has_a_case() -> None:
 
 
 def _declares_range(annotation: typing.Any, range_class: type) -> bool:
-    if typing.get_origin(annotation) is typing.Annotated and any(isinstance(limit, range_class) for limit in annotation.__metadata__):
+    if typing.get_origin(annotation) is typing.Annotated and any(
+        isinstance(limit, range_class) for limit in annotation.__metadata__
+    ):
         return True
     return any(_declares_range(argument, range_class) for argument in typing.get_args(annotation))
 
@@ -213,7 +233,9 @@ def test_every_method_base_is_a_valid_config(valid_config: Path) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "message"), cases())
-def test_bad_field_value_exits_2_with_one_line_naming_the_field(overrides: list[str], message: str, valid_config: Path, nothing_loaded: None, capsys: pytest.CaptureFixture) -> None:
+def test_bad_field_value_exits_2_with_one_line_naming_the_field(
+    overrides: list[str], message: str, valid_config: Path, nothing_loaded: None, capsys: pytest.CaptureFixture
+) -> None:
     capsys.readouterr()
     assert main(["train", str(valid_config), "--quiet", *overrides]) == 2
     err = capsys.readouterr().err
@@ -225,7 +247,10 @@ def test_bad_field_value_exits_2_with_one_line_naming_the_field(overrides: list[
 def test_bad_field_value_from_the_shell_ends_without_traceback(override: str, valid_config: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "deltatune.train.cli", "train", str(valid_config), "--quiet", override],
-        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
     )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()

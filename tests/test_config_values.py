@@ -16,7 +16,12 @@ from deltatune.train.config import ConfigError, TrainConfig
 from tiny_models import build
 from training_fixtures import task_config
 
-SWITCHES = {"bf16": "bf16", "chat_template": "chat_template", "gradient_checkpointing": "gradient_checkpointing", "use_rslora": "adapter.use_rslora"}
+SWITCHES = {
+    "bf16": "bf16",
+    "chat_template": "chat_template",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "use_rslora": "adapter.use_rslora",
+}
 """Yes/no settings of the training config, by the override key that sets them."""
 
 
@@ -55,7 +60,9 @@ def test_unquoted_false_keeps_the_switch_off(field: str, tmp_path: Path) -> None
 
 def saved_lora_with_text_switch(folder: Path, file_format: str) -> Path:
     """A saved LoRA adapter whose adapter_config.json says use_rslora "false" (text)."""
-    delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    delta_model = deltatune.attach(
+        build("llama"), deltatune.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
     delta_model.save(str(folder), format=file_format)
     path = folder / "adapter_config.json"
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -73,7 +80,9 @@ def test_quoted_false_in_a_saved_adapter_config_is_refused_not_read_as_rslora(fi
         deltatune.load(build("llama"), str(folder))
 
 
-@pytest.mark.parametrize("changes", [{"r": True}, {"lora_alpha": False}, {"lora_dropout": False}, {"rank_pattern": {"q_proj": True}}])
+@pytest.mark.parametrize(
+    "changes", [{"r": True}, {"lora_alpha": False}, {"lora_dropout": False}, {"rank_pattern": {"q_proj": True}}]
+)
 def test_a_bool_is_not_a_number(changes: dict) -> None:
     with pytest.raises(deltatune.DeltaTuneError, match=f"{next(iter(changes))} must be"):
         deltatune.LoraConfig(**changes)
@@ -88,11 +97,26 @@ def test_non_finite_numbers_are_refused(value: float) -> None:
 
 
 def test_whole_numbers_are_numbers_and_sequences_are_lists() -> None:
-    config = deltatune.LoraConfig(r=4, lora_alpha=16, target_modules=("q_proj", "v_proj"), modules_to_save={"score"}, layers_to_transform=(1, 0))
-    assert (config.lora_alpha, config.target_modules, config.modules_to_save, config.layers_to_transform) == (16, ["q_proj", "v_proj"], ["score"], [1, 0])
+    config = deltatune.LoraConfig(
+        r=4, lora_alpha=16, target_modules=("q_proj", "v_proj"), modules_to_save={"score"}, layers_to_transform=(1, 0)
+    )
+    assert (config.lora_alpha, config.target_modules, config.modules_to_save, config.layers_to_transform) == (
+        16,
+        ["q_proj", "v_proj"],
+        ["score"],
+        [1, 0],
+    )
 
 
-@pytest.mark.parametrize("changes", [{"target_modules": "q_proj("}, {"exclude_modules": "*"}, {"rank_pattern": {"[": 2}}, {"alpha_pattern": {"(?P<": 2.0}}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"target_modules": "q_proj("},
+        {"exclude_modules": "*"},
+        {"rank_pattern": {"[": 2}},
+        {"alpha_pattern": {"(?P<": 2.0}},
+    ],
+)
 def test_a_pattern_that_does_not_compile_is_refused_when_the_config_is_made(changes: dict) -> None:
     field = next(iter(changes))
     with pytest.raises(deltatune.DeltaTuneError, match=f"{field} must be .*regular expression"):
@@ -101,7 +125,10 @@ def test_a_pattern_that_does_not_compile_is_refused_when_the_config_is_made(chan
 
 def test_numbers_written_as_text_are_read_as_numbers(tmp_path: Path) -> None:
     """YAML reads 1e-4 (no dot) as text; in a number field it is meant as a number."""
-    config = TrainConfig.from_yaml(task_config(tmp_path, "causal-lm"), ["learning_rate=1e-4", "adapter.lora_alpha=1e2", "adapter.lora_dropout=5e-2"])
+    config = TrainConfig.from_yaml(
+        task_config(tmp_path, "causal-lm"),
+        ["learning_rate=1e-4", "adapter.lora_alpha=1e2", "adapter.lora_dropout=5e-2"],
+    )
     adapter = config.adapter_config()
     assert (config.learning_rate, adapter.lora_alpha, adapter.lora_dropout) == (1e-4, 100.0, 0.05)
 
@@ -130,12 +157,15 @@ class StrengthConfig(deltatune.TargetedConfig):
     mode: str | None = None
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"strength": "high"}, "strength must be a number, got 'high'"),
-    ({"steps": True}, "steps must be a whole number, got True"),
-    ({"mode": 3}, "mode must be a string or null, got 3"),
-    ({"target_modules": 3}, "target_modules must be a list of strings, a regular expression or null, got 3"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"strength": "high"}, "strength must be a number, got 'high'"),
+        ({"steps": True}, "steps must be a whole number, got True"),
+        ({"mode": 3}, "mode must be a string or null, got 3"),
+        ({"target_modules": 3}, "target_modules must be a list of strings, a regular expression or null, got 3"),
+    ],
+)
 def test_fields_of_a_user_config_are_checked(changes: dict, message: str) -> None:
     with pytest.raises(deltatune.DeltaTuneError, match=message):
         StrengthConfig(**changes)

@@ -89,7 +89,9 @@ def test_a_method_registered_outside_the_library_saves_in_peft_format_through_it
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "OUTPUT_GAIN" and config["task_type"] == "CAUSAL_LM"
     assert config["target_modules"] == FULL_TARGETS and config["modules_to_save"] == ["norm"]
-    expected_keys = {f"base_model.model.{target}.output_gain" for target in FULL_TARGETS} | {"base_model.model.model.norm.weight"}
+    expected_keys = {f"base_model.model.{target}.output_gain" for target in FULL_TARGETS} | {
+        "base_model.model.model.norm.weight"
+    }
     assert file_keys(tmp_path / "adapter" / "adapter_model.safetensors") == expected_keys
 
 
@@ -97,22 +99,36 @@ def test_a_method_registered_outside_the_library_loads_its_peft_folder_with_the_
     delta_model = gained_model(modules_to_save=["norm"])
     delta_model.save(tmp_path / "adapter", format="peft")
     loaded = deltatune.load(build("llama"), str(tmp_path / "adapter"))
-    assert isinstance(loaded.configs["default"], OutputGainConfig) and loaded.configs["default"].modules_to_save == ["norm"]
+    assert isinstance(loaded.configs["default"], OutputGainConfig) and loaded.configs["default"].modules_to_save == [
+        "norm"
+    ]
     assert torch.equal(run(loaded, "llama"), run(delta_model, "llama"))
 
 
 def hand_written_folder(folder: Path, gains: dict[str, torch.Tensor]) -> None:
     """A peft-layout folder of the output-gain method, written without deltatune."""
     folder.mkdir()
-    config = {"peft_type": "OUTPUT_GAIN", "task_type": "CAUSAL_LM", "target_modules": sorted(gains), "init_gain": 0.0, "peft_version": "0.21.2"}
+    config = {
+        "peft_type": "OUTPUT_GAIN",
+        "task_type": "CAUSAL_LM",
+        "target_modules": sorted(gains),
+        "init_gain": 0.0,
+        "peft_version": "0.21.2",
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    save_file({f"base_model.model.{target}.output_gain": gain for target, gain in gains.items()}, str(folder / "adapter_model.safetensors"))
+    save_file(
+        {f"base_model.model.{target}.output_gain": gain for target, gain in gains.items()},
+        str(folder / "adapter_model.safetensors"),
+    )
 
 
 def test_a_hand_written_peft_folder_of_a_method_registered_outside_the_library_loads(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(5)
     base = build("llama")
-    gains = {target: 0.5 * torch.randn(base.get_submodule(target).out_features, generator=generator) for target in FULL_TARGETS}
+    gains = {
+        target: 0.5 * torch.randn(base.get_submodule(target).out_features, generator=generator)
+        for target in FULL_TARGETS
+    }
     hand_written_folder(tmp_path / "adapter", gains)
     by_hand = copy.deepcopy(base)
     with torch.no_grad():
@@ -125,10 +141,14 @@ def test_a_hand_written_peft_folder_of_a_method_registered_outside_the_library_l
 
 def test_a_peft_folder_without_a_tensor_the_codec_names_is_refused_naming_it(tmp_path: Path) -> None:
     base = build("llama")
-    hand_written_folder(tmp_path / "adapter", {FULL_TARGETS[0]: torch.zeros(base.get_submodule(FULL_TARGETS[0]).out_features)})
+    hand_written_folder(
+        tmp_path / "adapter", {FULL_TARGETS[0]: torch.zeros(base.get_submodule(FULL_TARGETS[0]).out_features)}
+    )
     config_file = tmp_path / "adapter" / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "target_modules": FULL_TARGETS}))
-    with pytest.raises(deltatune.AdapterShapeError, match=rf"no tensor 'base_model.model.{FULL_TARGETS[1]}.output_gain'"):
+    with pytest.raises(
+        deltatune.AdapterShapeError, match=rf"no tensor 'base_model.model.{FULL_TARGETS[1]}.output_gain'"
+    ):
         deltatune.load(base, str(tmp_path / "adapter"))
 
 
@@ -138,9 +158,13 @@ class TwinMethod(OutputGainMethod):
     peft_codec = OutputGainPeft()
 
 
-def test_a_peft_type_claimed_by_two_registered_methods_is_refused_naming_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_peft_type_claimed_by_two_registered_methods_is_refused_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(registry._METHODS, "output_gain_twin", TwinMethod())
     base = build("llama")
-    hand_written_folder(tmp_path / "adapter", {FULL_TARGETS[0]: torch.zeros(base.get_submodule(FULL_TARGETS[0]).out_features)})
+    hand_written_folder(
+        tmp_path / "adapter", {FULL_TARGETS[0]: torch.zeros(base.get_submodule(FULL_TARGETS[0]).out_features)}
+    )
     with pytest.raises(deltatune.DeltaTuneError, match=r"'output_gain', 'output_gain_twin'.*OUTPUT_GAIN"):
         deltatune.load(base, str(tmp_path / "adapter"))

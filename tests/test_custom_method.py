@@ -51,7 +51,9 @@ class OutputScale(deltatune.SiteAdapter):
         super().__init__()
         self.transposed = isinstance(module, Conv1D)
         features = module.weight.shape[-1] if self.transposed else module.weight.shape[0]
-        self.gamma = nn.Parameter(torch.full((features,), config.init_scale, dtype=module.weight.dtype, device=module.weight.device))
+        self.gamma = nn.Parameter(
+            torch.full((features,), config.init_scale, dtype=module.weight.dtype, device=module.weight.device)
+        )
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         return output * (1 + self.gamma.to(output.dtype))
@@ -104,7 +106,9 @@ class ShiftedBlocksPeft(deltatune.PeftCodec):
         return {"target_modules": config.target_modules, "blocks": config.blocks, "init_scale": config.init_scale}
 
     def config_from_peft(self, data: dict) -> ShiftedBlocksConfig:
-        return ShiftedBlocksConfig(target_modules=data["target_modules"], blocks=data["blocks"], init_scale=data["init_scale"])
+        return ShiftedBlocksConfig(
+            target_modules=data["target_modules"], blocks=data["blocks"], init_scale=data["init_scale"]
+        )
 
 
 @deltatune.register("shifted_blocks")
@@ -119,7 +123,9 @@ class ShiftedBlocks:
         scaled = ScaledOutput().select(model, config)
         blocks = [name for name, _ in model.named_modules() if re.fullmatch(config.blocks, name)]
         if not blocks:
-            raise deltatune.TargetNotFoundError(f"no module matches blocks={config.blocks!r}; give the regular expression of the model's blocks")
+            raise deltatune.TargetNotFoundError(
+                f"no module matches blocks={config.blocks!r}; give the regular expression of the model's blocks"
+            )
         for name in scaled:
             placement.put(name, OutputScale(model.get_submodule(name), name, config))
         reference = model.get_input_embeddings().weight
@@ -136,7 +142,9 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if ".deltatune." not in name}
 
 
-def trained(targets=TARGETS, steps: int = 6) -> tuple[deltatune.DeltaModel, nn.Module, dict[str, torch.Tensor], list[float]]:
+def trained(
+    targets=TARGETS, steps: int = 6
+) -> tuple[deltatune.DeltaModel, nn.Module, dict[str, torch.Tensor], list[float]]:
     """A tiny Llama with a scaled_output adapter trained a few steps; also its base parameters at start
     and the losses seen."""
     model = build("llama")
@@ -170,7 +178,11 @@ def test_attaches_to_the_selected_layers_only_and_starts_as_the_base_model() -> 
     expected = run(model, "llama").detach()
     delta_model = deltatune.attach(model, ScaledOutputConfig(target_modules=TARGETS))
     sites = dict(delta_model.sites())
-    assert sorted(sites) == sorted(f"model.layers.{i}.{part}" for i in range(2) for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    assert sorted(sites) == sorted(
+        f"model.layers.{i}.{part}"
+        for i in range(2)
+        for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    )
     assert all(isinstance(site.adapters["default"], OutputScale) for site in sites.values())
     assert sites["model.layers.0.self_attn.v_proj"].adapters["default"].gamma.shape == (16,)  # 2 kv heads × head dim 8
     trainable = [name for name, p in delta_model.named_parameters() if p.requires_grad]
@@ -268,7 +280,9 @@ def test_lives_beside_builtin_methods() -> None:
     """A LoRA adapter and a scaled_output adapter on one model: each can be active, both together."""
     model = build("llama")
     base = run(model, "llama").detach()
-    delta_model = deltatune.attach(model, deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name="lora")
+    delta_model = deltatune.attach(
+        model, deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name="lora"
+    )
     delta_model.add("scale", ScaledOutputConfig(target_modules=["q_proj", "o_proj"], init_scale=0.25))
     with_lora = run(delta_model, "llama").detach()
     delta_model.activate("scale")
@@ -290,7 +304,9 @@ def test_registering_the_same_name_for_another_class_is_refused() -> None:
         config_class = OtherConfig
         adapter_types = {nn.Linear: OutputScale}
 
-    with pytest.raises(deltatune.MethodNameError, match=r"'scaled_output' is already taken by ScaledOutput; pick another name"):
+    with pytest.raises(
+        deltatune.MethodNameError, match=r"'scaled_output' is already taken by ScaledOutput; pick another name"
+    ):
         deltatune.register("scaled_output")(Other)
     assert isinstance(deltatune.get_method("scaled_output"), ScaledOutput)
     assert ScaledOutputConfig.method == "scaled_output"
@@ -332,7 +348,12 @@ def test_a_method_with_its_own_attach_places_adapters_at_two_kinds_of_site() -> 
     assert delta_model.targets["default"] == SCALED + BLOCKS
     sites = dict(delta_model.sites())
     assert sorted(sites) == sorted(SCALED + BLOCKS)
-    assert [type(sites[name].adapters["default"]) for name in SCALED + BLOCKS] == [OutputScale, OutputScale, BlockShift, BlockShift]
+    assert [type(sites[name].adapters["default"]) for name in SCALED + BLOCKS] == [
+        OutputScale,
+        OutputScale,
+        BlockShift,
+        BlockShift,
+    ]
     assert delta_model.trainable_summary().per_adapter == {"default": 2 * 32 + 2 * 32}
     assert torch.equal(run(delta_model, "llama"), expected)
 
@@ -370,7 +391,9 @@ def test_a_two_site_method_saves_and_loads_in_peft_format_through_its_own_codec(
     assert config["peft_type"] == "SHIFTED_BLOCKS" and config["blocks"] == ShiftedBlocksConfig.blocks
     with safe_open(str(tmp_path / "shifted" / "adapter_model.safetensors"), framework="pt") as file:
         keys = set(file.keys())
-    assert keys == {f"base_model.model.{name}.output_scale" for name in SCALED} | {f"base_model.model.{name}.block_shift" for name in BLOCKS}
+    assert keys == {f"base_model.model.{name}.output_scale" for name in SCALED} | {
+        f"base_model.model.{name}.block_shift" for name in BLOCKS
+    }
     loaded = deltatune.load(build("llama"), str(tmp_path / "shifted"))
     assert isinstance(loaded.configs["default"], ShiftedBlocksConfig)
     assert loaded.targets["default"] == SCALED + BLOCKS

@@ -23,12 +23,21 @@ def test_generated_task_is_deterministic_and_needs_the_input() -> None:
     for record in records:
         fields = json.loads(record["completion"])
         assert all(fields[key] in record["prompt"] for key in ("name", "city", "item"))
-        assert str(fields["count"]) in record["prompt"].split() or NUMBER_WORDS[fields["count"]] in record["prompt"].split()
+        assert (
+            str(fields["count"]) in record["prompt"].split()
+            or NUMBER_WORDS[fields["count"]] in record["prompt"].split()
+        )
 
 
 def test_record_match_compares_parsed_records() -> None:
     reference = '{"name": "Mei", "count": 3}'
-    assert record_match(['{"count": 3, "name": "Mei"}', 'Sure: {"name": "Mei", "count": 3}', '{"name": "Mei"}', "none"], [reference] * 4) == 0.5
+    assert (
+        record_match(
+            ['{"count": 3, "name": "Mei"}', 'Sure: {"name": "Mei", "count": 3}', '{"name": "Mei"}', "none"],
+            [reference] * 4,
+        )
+        == 0.5
+    )
 
 
 def test_run_demo_writes_adapter_metrics_and_plot(tmp_path, capsys) -> None:
@@ -47,10 +56,30 @@ def test_run_demo_writes_adapter_metrics_and_plot(tmp_path, capsys) -> None:
 
 
 def test_demo_command_takes_a_data_file_and_method(tmp_path) -> None:
-    data = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": f"red {w}", "completion": f"the {w}"} for w in ["cat", "dog", "cow"] * 4])
+    data = write_jsonl(
+        tmp_path / "mine.jsonl", [{"prompt": f"red {w}", "completion": f"the {w}"} for w in ["cat", "dog", "cow"] * 4]
+    )
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--model", str(model_folder(tmp_path, "causal-lm")), "--data", str(data),
-                 "--method", "bitfit", "--steps", "2", "--examples", "3"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--model",
+                str(model_folder(tmp_path, "causal-lm")),
+                "--data",
+                str(data),
+                "--method",
+                "bitfit",
+                "--steps",
+                "2",
+                "--examples",
+                "3",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "bitfit" and len((out / "data" / "eval.jsonl").read_text().splitlines()) == 3
 

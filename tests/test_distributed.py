@@ -16,19 +16,35 @@ from safetensors.torch import load_file
 
 from training_fixtures import task_config
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import os, sys
     from safetensors.torch import save_file
     from deltatune.train import TrainConfig, train
 
     result = train(TrainConfig.from_yaml(sys.argv[1]), progress=False)
-    trainable = {name: p.detach().contiguous() for name, p in result.run.delta_model.named_parameters() if p.requires_grad}
+    parameters = result.run.delta_model.named_parameters()
+    trainable = {name: p.detach().contiguous() for name, p in parameters if p.requires_grad}
     save_file(trainable, os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.safetensors"))
-''')
+""")
 
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+    "accelerate": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ],
 }
 
 
@@ -36,12 +52,25 @@ LAUNCHERS = {
 def test_two_processes_train_one_adapter_and_agree(launcher: str, tmp_path) -> None:
     if launcher == "accelerate":
         pytest.importorskip("accelerate")
-    config = task_config(tmp_path, "causal-lm", batch_size=2, gradient_accumulation_steps=2, max_steps=6, eval_file=None,
-                         adapter={"method": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": 0.1})
+    config = task_config(
+        tmp_path,
+        "causal-lm",
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        eval_file=None,
+        adapter={"method": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": 0.1},
+    )
     script = tmp_path / "run.py"
     script.write_text(SCRIPT, encoding="utf-8")
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([*LAUNCHERS[launcher], str(script), str(config), str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300)
+    done = subprocess.run(
+        [*LAUNCHERS[launcher], str(script), str(config), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     ranks = [load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in (0, 1)]

@@ -9,8 +9,8 @@ architectures it runs; the tests of an invariant run over the cases it applies t
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -32,21 +32,49 @@ class Case:
 CASES = {
     "lora": Case(lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear)),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
-    "bottleneck": Case(lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"), archs=("llama", "gpt2", "bert", "t5"), mergeable=False),
-    "compacter": Case(lambda arch: deltatune.CompacterConfig(reduction_factor=4, init_weights="zero_up"), archs=("llama", "gpt2", "bert", "t5"), mergeable=False),
+    "bottleneck": Case(
+        lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+    ),
+    "compacter": Case(
+        lambda arch: deltatune.CompacterConfig(reduction_factor=4, init_weights="zero_up"),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+    ),
     # A fusion needs trained adapters to fuse, so the table cannot attach it alone: its invariants
     # (only fusion weights train, save/load, mixed batches) are in test_adapters.py.
     "fusion": Case(lambda arch: deltatune.FusionConfig(adapters=["a", "b"]), archs=()),
     # Soft prompts start away from the base (a prompt changes the input) and do not merge; plain models
     # (mlp) have no token stack to put a prompt in.
-    "prompt_tuning": Case(lambda arch: deltatune.PromptTuningConfig(num_virtual_tokens=3), archs=("llama", "gpt2", "bert", "t5"), mergeable=False, zero_init=False),
-    "p_tuning": Case(lambda arch: deltatune.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), archs=("llama", "gpt2", "bert", "t5"), mergeable=False, zero_init=False),
-    "prefix_tuning": Case(lambda arch: deltatune.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8), archs=("llama", "gpt2", "bert", "t5"), mergeable=False, zero_init=False),
+    "prompt_tuning": Case(
+        lambda arch: deltatune.PromptTuningConfig(num_virtual_tokens=3),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+    ),
+    "p_tuning": Case(
+        lambda arch: deltatune.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+    ),
+    "prefix_tuning": Case(
+        lambda arch: deltatune.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+    ),
 }
 
 
 def grid(applies: Callable[[Case], bool] = lambda case: True) -> list:
-    return [pytest.param(method, arch, id=f"{method}-{arch}") for method, case in CASES.items() if applies(case) for arch in case.archs]
+    return [
+        pytest.param(method, arch, id=f"{method}-{arch}")
+        for method, case in CASES.items()
+        if applies(case)
+        for arch in case.archs
+    ]
 
 
 GRID = grid()
@@ -75,11 +103,17 @@ def frozen(arch: str) -> torch.nn.Module:
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The base model's own tensors (without deltatune's sites), cloned."""
     sites = {name for name, _ in model.named_modules() if name.endswith("deltatune") or ".deltatune." in name}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not any(k.startswith(s + ".") for s in sites)}
+    return {
+        k: v.detach().clone() for k, v in model.state_dict().items() if not any(k.startswith(s + ".") for s in sites)
+    }
 
 
 def test_every_builtin_method_has_a_case() -> None:
-    builtin = {name for name in deltatune.registered_methods() if type(deltatune.get_method(name)).__module__.startswith("deltatune.")}
+    builtin = {
+        name
+        for name in deltatune.registered_methods()
+        if type(deltatune.get_method(name)).__module__.startswith("deltatune.")
+    }
     assert builtin == set(CASES)
 
 

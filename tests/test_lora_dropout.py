@@ -74,7 +74,10 @@ def test_masks_differ_between_calls_and_repeat_under_a_seed() -> None:
 
 
 def test_large_probabilities_use_a_dense_mask() -> None:
-    delta_model = deltatune.attach(build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.7, target_modules="all-linear", init_lora_weights=False))
+    delta_model = deltatune.attach(
+        build("llama").train(),
+        deltatune.LoraConfig(r=4, lora_dropout=0.7, target_modules="all-linear", init_lora_weights=False),
+    )
     inputs = torch.randint(3, 96, (2, 10))
     torch.manual_seed(0)
     first = delta_model(input_ids=inputs).logits
@@ -84,7 +87,10 @@ def test_large_probabilities_use_a_dense_mask() -> None:
 
 
 def _gradients(checkpointing: bool) -> list[torch.Tensor]:
-    delta_model = deltatune.attach(build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear", init_lora_weights=False))
+    delta_model = deltatune.attach(
+        build("llama").train(),
+        deltatune.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear", init_lora_weights=False),
+    )
     if checkpointing:
         delta_model.gradient_checkpointing_enable()
     inputs = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -109,7 +115,9 @@ def test_dropout_is_off_in_eval_mode() -> None:
 def test_kept_terms_are_rescaled_so_the_mean_is_unchanged(probability: float) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(1000, 1, bias=False))
     torch.nn.init.zeros_(model[0].weight)
-    delta_model = deltatune.attach(model, deltatune.LoraConfig(r=1, lora_alpha=1, lora_dropout=probability, target_modules=["0"]))
+    delta_model = deltatune.attach(
+        model, deltatune.LoraConfig(r=1, lora_alpha=1, lora_dropout=probability, target_modules=["0"])
+    )
     adapter = model[0].deltatune.adapters["default"]
     with torch.no_grad():
         adapter.lora_A.fill_(1.0)
@@ -142,7 +150,9 @@ def _train_step(delta_model: deltatune.DeltaModel) -> None:
 
 
 def test_dropout_scratch_is_shared_by_the_modules_and_steps_of_a_model(scratch_buffers) -> None:
-    delta_model = deltatune.attach(build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear"))
+    delta_model = deltatune.attach(
+        build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear")
+    )
     _train_step(delta_model)
     _train_step(delta_model)
     # one buffer per input width (the hidden size, 32, and the MLP's, 64), not one per module or call
@@ -150,7 +160,9 @@ def test_dropout_scratch_is_shared_by_the_modules_and_steps_of_a_model(scratch_b
 
 
 def test_dropout_scratch_memory_is_freed_with_the_model(scratch_buffers) -> None:
-    delta_model = deltatune.attach(build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear"))
+    delta_model = deltatune.attach(
+        build("llama").train(), deltatune.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear")
+    )
     _train_step(delta_model)
     assert scratch_buffers and all(ref() is not None for ref in scratch_buffers)
     del delta_model

@@ -51,7 +51,9 @@ def test_refused_unload_keeps_the_model_and_its_adapters() -> None:
 
 def test_merge_checks_values_after_the_cast_to_the_weight_dtype() -> None:
     """In float16, W + ΔW = 60000 + 10000 is finite in float32 but infinite once cast back."""
-    delta_model = deltatune.attach(build("mlp").half(), deltatune.LoraConfig(r=1, lora_alpha=1, target_modules=["net.0", "net.2"]))
+    delta_model = deltatune.attach(
+        build("mlp").half(), deltatune.LoraConfig(r=1, lora_alpha=1, target_modules=["net.0", "net.2"])
+    )
     layer = delta_model.base_model.net[2]
     adapter = layer.deltatune.adapters["default"]
     with torch.no_grad():
@@ -71,7 +73,9 @@ def test_merge_checks_values_after_the_cast_to_the_weight_dtype() -> None:
 def test_check_sees_what_earlier_adapters_at_a_module_write() -> None:
     """A delta that reads the weights (`scaled_output`: ΔW = W ⊙ γ) after a LoRA at the same module is
     computed from W + ΔW_lora: 30001 · (1 + 2) overflows float16, which W · 2 alone would not show."""
-    delta_model = deltatune.attach(build("mlp").half(), deltatune.LoraConfig(r=1, lora_alpha=1, target_modules=["net.2"]), name="lora")
+    delta_model = deltatune.attach(
+        build("mlp").half(), deltatune.LoraConfig(r=1, lora_alpha=1, target_modules=["net.2"]), name="lora"
+    )
     delta_model.add("scale", ScaledOutputConfig(target_modules=["net.2"]))
     layer = delta_model.base_model.net[2]
     lora, scale = layer.deltatune.adapters["lora"], layer.deltatune.adapters["scale"]

@@ -16,13 +16,19 @@ from training_fixtures import model_folder
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture
 def model_and_adapter(tmp_path) -> tuple[Path, Path]:
     model = model_folder(tmp_path, "causal-lm")
-    delta_model = deltatune.attach(transformers.AutoModelForCausalLM.from_pretrained(model), deltatune.LoraConfig(r=2, target_modules="all-linear"))
+    delta_model = deltatune.attach(
+        transformers.AutoModelForCausalLM.from_pretrained(model), deltatune.LoraConfig(r=2, target_modules="all-linear")
+    )
     delta_model.save(str(tmp_path / "adapter"))
     return model, tmp_path / "adapter"
 
@@ -76,7 +82,9 @@ def test_merge_into_an_empty_folder_needs_no_overwrite(model_and_adapter, tmp_pa
     assert (tmp_path / "empty" / "config.json").is_file()
 
 
-def test_a_merge_that_fails_while_writing_leaves_no_output_folder(model_and_adapter, tmp_path, monkeypatch, capsys) -> None:
+def test_a_merge_that_fails_while_writing_leaves_no_output_folder(
+    model_and_adapter, tmp_path, monkeypatch, capsys
+) -> None:
     model, adapter = model_and_adapter
     real_save = transformers.PreTrainedModel.save_pretrained
 

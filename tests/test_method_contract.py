@@ -30,7 +30,11 @@ def fused_bert(**fusion_options) -> deltatune.DeltaModel:
 def test_a_fusion_gives_its_modules_to_save_a_trainable_copy() -> None:
     delta_model = fused_bert(modules_to_save=["classifier"])
     classifier = delta_model.base_model.classifier
-    copy = site_of(classifier).adapters["ab"] if site_of(classifier) is not None and "ab" in site_of(classifier).adapters else None
+    copy = (
+        site_of(classifier).adapters["ab"]
+        if site_of(classifier) is not None and "ab" in site_of(classifier).adapters
+        else None
+    )
     assert isinstance(copy, ModuleCopy), "the fusion's modules_to_save got no copy of the classifier"
     copied = {id(parameter) for parameter in copy.parameters()}
     assert copied and copied <= {id(parameter) for parameter in delta_model.adapter_parameters("ab")}
@@ -76,7 +80,9 @@ def test_adapters_reading_a_sublayer_input_share_one_pre_hook_per_input_module(a
 
 
 def test_a_fused_parallel_adapter_reads_its_input_though_only_the_fusion_is_active() -> None:
-    delta_model = deltatune.attach(build("llama"), deltatune.BottleneckConfig(preset="parallel", init_weights="bert"), name="a")
+    delta_model = deltatune.attach(
+        build("llama"), deltatune.BottleneckConfig(preset="parallel", init_weights="bert"), name="a"
+    )
     delta_model.add("b", deltatune.BottleneckConfig(preset="parallel", init_weights="bert"))
     delta_model.fuse("a", "b")
     assert delta_model.active_adapters == ("a,b",)

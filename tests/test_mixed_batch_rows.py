@@ -15,7 +15,9 @@ from tiny_models import VOCAB, build
 
 
 def two_lora_adapters() -> deltatune.DeltaModel:
-    delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), name="a")
+    delta_model = deltatune.attach(
+        build("llama"), deltatune.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), name="a"
+    )
     delta_model.add("b", deltatune.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     randomize(delta_model, "a", seed=1)
     randomize(delta_model, "b", seed=2)
@@ -53,8 +55,12 @@ def test_forward_refuses_adapter_names_given_as_a_string() -> None:
 @pytest.mark.parametrize("rows,adapter_names", WRONG_LENGTHS)
 def test_generate_refuses_adapter_names_without_one_entry_per_prompt(rows: int, adapter_names: list) -> None:
     delta_model = two_lora_adapters()
-    with pytest.raises(deltatune.DeltaTuneError, match=f"adapter_names has {len(adapter_names)} entries for a batch of {rows} rows"):
-        delta_model.generate(token_ids(rows), max_new_tokens=2, do_sample=False, num_beams=3, adapter_names=adapter_names)
+    with pytest.raises(
+        deltatune.DeltaTuneError, match=f"adapter_names has {len(adapter_names)} entries for a batch of {rows} rows"
+    ):
+        delta_model.generate(
+            token_ids(rows), max_new_tokens=2, do_sample=False, num_beams=3, adapter_names=adapter_names
+        )
 
 
 def test_beam_search_takes_one_adapter_name_per_prompt() -> None:
@@ -94,10 +100,24 @@ class RecurrentTagger(nn.Module):
 
 @pytest.mark.parametrize(
     "cell,batch_first,initial_state",
-    [(nn.GRU, True, False), (nn.GRU, False, True), (nn.LSTM, True, True), (nn.LSTM, False, False), (nn.RNN, False, False)],
-    ids=["gru-batch-first", "gru-sequence-first-with-state", "lstm-batch-first-with-state", "lstm-sequence-first", "rnn-sequence-first"],
+    [
+        (nn.GRU, True, False),
+        (nn.GRU, False, True),
+        (nn.LSTM, True, True),
+        (nn.LSTM, False, False),
+        (nn.RNN, False, False),
+    ],
+    ids=[
+        "gru-batch-first",
+        "gru-sequence-first-with-state",
+        "lstm-batch-first-with-state",
+        "lstm-sequence-first",
+        "rnn-sequence-first",
+    ],
 )
-def test_mixed_batch_rows_through_a_recurrent_module_copy_equal_separate_runs(cell: type[nn.RNNBase], batch_first: bool, initial_state: bool) -> None:
+def test_mixed_batch_rows_through_a_recurrent_module_copy_equal_separate_runs(
+    cell: type[nn.RNNBase], batch_first: bool, initial_state: bool
+) -> None:
     torch.manual_seed(0)
     config = lambda: deltatune.LoraConfig(r=2, target_modules=["head"], modules_to_save=["rnn"])  # noqa: E731
     delta_model = deltatune.attach(RecurrentTagger(cell, batch_first, initial_state).eval(), config(), name="a")

@@ -94,7 +94,9 @@ def test_lora_trains_with_gradient_checkpointing() -> None:
 
 
 def test_modules_to_save_trains_a_copy_of_the_head(tmp_path) -> None:
-    delta_model = deltatune.attach(build("bert"), lora(target_modules=["query", "value"], modules_to_save=["classifier"]))
+    delta_model = deltatune.attach(
+        build("bert"), lora(target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
     original = delta_model.base_model.classifier.weight.detach().clone()
     trainable = {n for n, p in delta_model.named_parameters() if p.requires_grad}
     assert any("classifier.deltatune" in n for n in trainable)

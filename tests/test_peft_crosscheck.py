@@ -38,9 +38,17 @@ PATTERNS = {
 }
 # A full module name each rank pattern picks, and the rank it must get.
 PATTERN_PROBES = {
-    "llama": {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 6, "model.layers.0.mlp.down_proj": 4},
+    "llama": {
+        "model.layers.0.self_attn.q_proj": 2,
+        "model.layers.1.mlp.down_proj": 6,
+        "model.layers.0.mlp.down_proj": 4,
+    },
     "gpt2": {"transformer.h.0.attn.c_attn": 2, "transformer.h.1.mlp.c_proj": 6, "transformer.h.0.mlp.c_proj": 4},
-    "bert": {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.1.output.dense": 6, "bert.encoder.layer.1.attention.output.dense": 4},
+    "bert": {
+        "bert.encoder.layer.0.attention.self.query": 2,
+        "bert.encoder.layer.1.output.dense": 6,
+        "bert.encoder.layer.1.attention.output.dense": 4,
+    },
 }
 
 
@@ -61,12 +69,16 @@ def assert_changed(actual: torch.Tensor, reference: torch.Tensor) -> None:
 # Both build from deep copies: peft edits its config's lists in place (all-linear, task heads).
 def peft_lora(targets, r: int = 4, lora_alpha: float = 8, **options) -> peft.LoraConfig:
     options = copy.deepcopy(options)
-    return peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=copy.deepcopy(targets), init_lora_weights=False, **options)
+    return peft.LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=copy.deepcopy(targets), init_lora_weights=False, **options
+    )
 
 
 def our_lora(targets, r: int = 4, lora_alpha: float = 8, **options) -> deltatune.LoraConfig:
     options = copy.deepcopy(options)
-    return deltatune.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=copy.deepcopy(targets), init_lora_weights=False, **options)
+    return deltatune.LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=copy.deepcopy(targets), init_lora_weights=False, **options
+    )
 
 
 def peft_model_with(base: nn.Module, configs: dict[str, peft.LoraConfig]) -> peft.PeftModel:
@@ -98,7 +110,10 @@ def perturb_our_saved_modules(model: deltatune.DeltaModel, scale: float = 0.5) -
 
 
 def has_deltatune_modules(model: nn.Module) -> bool:
-    return any(isinstance(module, (LoraAdapter, ModuleCopy)) or type(module).__name__ == "DeltaSite" for module in model.modules())
+    return any(
+        isinstance(module, (LoraAdapter, ModuleCopy)) or type(module).__name__ == "DeltaSite"
+        for module in model.modules()
+    )
 
 
 def our_rank_at(model: deltatune.DeltaModel, module_name: str, adapter: str = "default") -> int:
@@ -110,7 +125,9 @@ def two_adapters(arch: str, tmp_path: Path, rank_b: int = 2, saved: bool = False
     tmp_path/a and tmp_path/b, and the base model."""
     base = build(arch)
     extra = {"modules_to_save": ["classifier"]} if saved else {}
-    model = peft_model_with(base, {"a": peft_lora(TARGETS[arch], **extra), "b": peft_lora(TARGETS[arch], r=rank_b, lora_alpha=3, **extra)})
+    model = peft_model_with(
+        base, {"a": peft_lora(TARGETS[arch], **extra), "b": peft_lora(TARGETS[arch], r=rank_b, lora_alpha=3, **extra)}
+    )
     perturb_peft_saved_modules(model)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "a" / "adapter_config.json").is_file() and (tmp_path / "b" / "adapter_config.json").is_file()
@@ -257,7 +274,7 @@ def test_weighted_adapter_matches_peft_add_weighted_adapter(arch: str, combinati
 
 
 def test_weighted_cat_with_unit_weights_equals_both_adapters_active(tmp_path: Path) -> None:
-    """"cat" is exact: with weights 1, 1 the combined adapter computes what a and b do together."""
+    """ "cat" is exact: with weights 1, 1 the combined adapter computes what a and b do together."""
     base, _ = two_adapters("llama", tmp_path, rank_b=2)
     ours = our_two_adapters(base, tmp_path)
     ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c", combination_type="cat")
@@ -274,7 +291,9 @@ def test_rank_alpha_pattern_rslora_round_trip_through_peft(arch: str, tmp_path: 
     base = build(arch)
 
     # peft -> deltatune
-    theirs = peft_model_with(base, {"default": peft_lora(TARGETS[arch], task_type=SINGLE[arch].get("task_type"), **options, **head)})
+    theirs = peft_model_with(
+        base, {"default": peft_lora(TARGETS[arch], task_type=SINGLE[arch].get("task_type"), **options, **head)}
+    )
     perturb_peft_saved_modules(theirs)
     expected = run(theirs, arch)
     assert_changed(expected, run(base, arch))

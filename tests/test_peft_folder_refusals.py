@@ -35,7 +35,9 @@ def perturbed_lora_weights(model: torch.nn.Module) -> None:
 def peft_folder(folder: Path, **options) -> tuple[torch.nn.Module, torch.Tensor]:
     """A trained-looking peft LoRA adapter on the tiny Llama, saved in `folder`; the base and peft's output."""
     base = build("llama")
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), **options))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), **options)
+    )
     perturbed_lora_weights(theirs)
     theirs.save_pretrained(str(folder))
     return base, run(theirs.eval(), "llama")
@@ -58,13 +60,22 @@ def assert_loads_with_peft_outputs(base: torch.nn.Module, folder: Path, expected
 def test_every_peft_lora_key_is_read_tolerated_or_refused() -> None:
     from deltatune import peft_keys
 
-    classes = [set(peft_keys.COMMON_TOLERATED), set(peft_keys.LORA_READ), set(peft_keys.LORA_TOLERATED), set(peft_keys.LORA_REFUSED)]
+    classes = [
+        set(peft_keys.COMMON_TOLERATED),
+        set(peft_keys.LORA_READ),
+        set(peft_keys.LORA_TOLERATED),
+        set(peft_keys.LORA_REFUSED),
+    ]
     unclassified = {field.name for field in dataclasses.fields(peft.LoraConfig)} - set().union(*classes)
     assert not unclassified, f"classify these peft keys in deltatune.peft_keys: {sorted(unclassified)}"
     assert sum(map(len, classes)) == len(set().union(*classes)), "a key is in two classes"
 
 
-@pytest.mark.parametrize("config_class", [peft.PromptTuningConfig, peft.PromptEncoderConfig, peft.PrefixTuningConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "config_class",
+    [peft.PromptTuningConfig, peft.PromptEncoderConfig, peft.PrefixTuningConfig],
+    ids=lambda c: c.__name__,
+)
 def test_every_peft_soft_prompt_key_is_read_or_tolerated(config_class) -> None:
     from deltatune import peft_keys
 
@@ -77,7 +88,10 @@ def test_every_peft_soft_prompt_key_is_read_or_tolerated(config_class) -> None:
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
 def test_an_adapter_whose_init_rewrote_the_base_is_refused_by_name(init: str, tmp_path: Path) -> None:
     base, _ = peft_folder(tmp_path, init_lora_weights=init)
-    with pytest.raises(deltatune.DeltaTuneError, match=rf"init_lora_weights='{init}'.*rewrites the base.*path_initial_model_for_weight_conversion"):
+    with pytest.raises(
+        deltatune.DeltaTuneError,
+        match=rf"init_lora_weights='{init}'.*rewrites the base.*path_initial_model_for_weight_conversion",
+    ):
         deltatune.load(copy.deepcopy(base), str(tmp_path))
 
 
@@ -92,11 +106,15 @@ def test_an_init_deltatune_cannot_reproduce_is_refused_by_name(init: str, tmp_pa
 def test_a_pissa_adapter_converted_by_peft_loads_with_peft_outputs(tmp_path: Path) -> None:
     """The refusal's advice works: peft's conversion gives a plain LoRA adapter of the same function."""
     base = build("llama")
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), init_lora_weights="pissa"))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), init_lora_weights="pissa")
+    )
     theirs.save_pretrained(str(tmp_path / "initial"))
     perturbed_lora_weights(theirs)
     expected = run(theirs.eval(), "llama")
-    theirs.save_pretrained(str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    theirs.save_pretrained(
+        str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "initial")
+    )
     assert_loads_with_peft_outputs(base, tmp_path / "converted", expected)
 
 
@@ -109,7 +127,9 @@ def test_an_init_that_leaves_the_base_alone_loads_with_peft_outputs(init, tmp_pa
 def test_an_eva_adapter_loads_with_peft_outputs(tmp_path: Path) -> None:
     """EVA initialises A from data and leaves the base alone: the saved weights are the adapter."""
     base, expected = peft_folder(tmp_path)
-    assert_loads_with_peft_outputs(base, with_config_keys(tmp_path, init_lora_weights="eva", eva_config={"rho": 2.0}), expected)
+    assert_loads_with_peft_outputs(
+        base, with_config_keys(tmp_path, init_lora_weights="eva", eva_config={"rho": 2.0}), expected
+    )
 
 
 # ----------------------------------------------------------------------------- keys
@@ -149,8 +169,15 @@ def test_a_key_that_changes_the_math_is_refused_by_name(key: str, tmp_path: Path
 def test_keys_that_do_not_change_the_math_stay_accepted(tmp_path: Path) -> None:
     base, expected = peft_folder(tmp_path)
     harmless = {
-        "fan_in_fan_out": True, "megatron_core": "my.megatron", "loftq_config": {"loftq_bits": 4}, "qalora_group_size": 8,
-        "revision": "v1", "inference_mode": False, "target_parameters": [], "layer_replication": None, "bias": "none",
+        "fan_in_fan_out": True,
+        "megatron_core": "my.megatron",
+        "loftq_config": {"loftq_bits": 4},
+        "qalora_group_size": 8,
+        "revision": "v1",
+        "inference_mode": False,
+        "target_parameters": [],
+        "layer_replication": None,
+        "bias": "none",
     }
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -32,8 +32,11 @@ def make_peft_text_prompt_folder(tmp_path: Path) -> tuple[Path, nn.Module]:
     init from a tokenizer folder that is then removed: the trainer's machine had it, this one has not."""
     tokenizer = tiny_tokenizer_folder(tmp_path / "trainer-tokenizer")
     config = peft.PromptTuningConfig(
-        task_type="SEQ_CLS", num_virtual_tokens=4, prompt_tuning_init="TEXT",
-        prompt_tuning_init_text="classify the sentiment of this review", tokenizer_name_or_path=str(tokenizer),
+        task_type="SEQ_CLS",
+        num_virtual_tokens=4,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="classify the sentiment of this review",
+        tokenizer_name_or_path=str(tokenizer),
     )
     peft_model = peft.get_peft_model(build("bert"), config)
     with torch.no_grad():
@@ -56,10 +59,14 @@ def test_a_peft_text_init_prompt_folder_with_modules_to_save_loads_without_its_t
         torch.testing.assert_close(loaded(**INPUTS).logits, peft_model(**INPUTS).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("config", [
-    lambda: deltatune.PromptTuningConfig(num_virtual_tokens=4, modules_to_save=["classifier"]),
-    lambda: deltatune.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16, modules_to_save=["classifier"]),
-], ids=["prompt_tuning", "p_tuning"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: deltatune.PromptTuningConfig(num_virtual_tokens=4, modules_to_save=["classifier"]),
+        lambda: deltatune.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16, modules_to_save=["classifier"]),
+    ],
+    ids=["prompt_tuning", "p_tuning"],
+)
 def test_our_peft_prompt_folder_with_modules_to_save_loads_in_peft_with_our_head(config, tmp_path: Path) -> None:
     delta_model = deltatune.attach(build("bert"), config())
     with torch.no_grad():

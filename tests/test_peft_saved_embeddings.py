@@ -25,11 +25,15 @@ SETUPS = {
 }
 
 
-def peft_folder_with_embeddings(folder: Path, targets: list[str], change_embeddings: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+def peft_folder_with_embeddings(
+    folder: Path, targets: list[str], change_embeddings: bool
+) -> tuple[torch.nn.Module, torch.Tensor]:
     """A peft adapter saved with save_embedding_layers=True; with `change_embeddings` the embedding
     weights were trained (they differ from the base model's). The base, and peft's output after loading."""
     base = build("llama")
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=list(targets), init_lora_weights=False))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=list(targets), init_lora_weights=False)
+    )
     if change_embeddings:
         with torch.no_grad():
             theirs.get_input_embeddings().weight.add_(0.05 * torch.randn_like(theirs.get_input_embeddings().weight))
@@ -53,6 +57,8 @@ def test_saved_embedding_weights_that_differ_from_the_model_are_refused_by_key(s
     assert (expected - run(base, "llama")).abs().max() > 1e-3
     model = copy.deepcopy(base)
     before = {name: parameter.clone() for name, parameter in model.named_parameters()}
-    with pytest.raises(deltatune.DeltaTuneError, match=rf"'base_model.model.{key}'.*save_embedding_layers.*differs from this model"):
+    with pytest.raises(
+        deltatune.DeltaTuneError, match=rf"'base_model.model.{key}'.*save_embedding_layers.*differs from this model"
+    ):
         deltatune.load(model, str(tmp_path))
     assert all(torch.equal(parameter, before[name]) for name, parameter in model.named_parameters())

@@ -23,7 +23,9 @@ TASKS = {"llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
 def peft_prefix_folder(arch: str, base: torch.nn.Module, folder: Path, seed: int = 3) -> torch.nn.Module:
     """A peft prefix-tuning adapter with random weights saved in `folder`; peft's model loaded from it."""
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(num_virtual_tokens=4, task_type=TASKS[arch]))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.PrefixTuningConfig(num_virtual_tokens=4, task_type=TASKS[arch])
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in theirs.prompt_encoder.parameters():

@@ -53,11 +53,18 @@ def same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> boo
 def leftovers(folder: Path) -> list[str]:
     """Staging and aside folders of saves, beside the folder or in it."""
     places = [folder.parent] + ([folder] if folder.is_dir() else [])
-    return sorted(entry.name for place in places for entry in place.iterdir() if entry.name.endswith((".partial", ".deltatune-old")))
+    return sorted(
+        entry.name
+        for place in places
+        for entry in place.iterdir()
+        if entry.name.endswith((".partial", ".deltatune-old"))
+    )
 
 
 # ----------------------------------------------------------------------------- a save is one step
-def test_a_save_stopped_between_two_renames_leaves_the_old_adapter_or_the_new(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_save_stopped_between_two_renames_leaves_the_old_adapter_or_the_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "adapter"
     old, new = delta_model(["default"], seed=1, alpha=4), delta_model(["default"], seed=2, alpha=16)
     old.save(str(folder))
@@ -69,6 +76,7 @@ def test_a_save_stopped_between_two_renames_leaves_the_old_adapter_or_the_new(tm
             if len(renames) == 2:
                 raise Killed
             return real(*args, **kwargs)
+
         return rename
 
     monkeypatch.setattr(os, "replace", stopping_at_the_second(os.replace))
@@ -80,7 +88,9 @@ def test_a_save_stopped_between_two_renames_leaves_the_old_adapter_or_the_new(tm
     assert same(found, outputs(old)) or same(found, outputs(new)), "the folder holds parts of two saves"
 
 
-def test_a_load_that_overlaps_a_save_reads_one_adapter_not_a_mix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_load_that_overlaps_a_save_reads_one_adapter_not_a_mix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another process saves between the load's reading of the config and of the weights."""
     folder = tmp_path / "adapter"
     old, new = delta_model(["default"], seed=1, alpha=4), delta_model(["default"], seed=2, alpha=16)
@@ -96,7 +106,9 @@ def test_a_load_that_overlaps_a_save_reads_one_adapter_not_a_mix(tmp_path: Path,
 
     monkeypatch.setattr(deltatune.io, "read_tensors", read_after_a_save)
     found = loaded_outputs(folder)
-    assert same(found, outputs(new)) or same(found, outputs(old)), "the load combined the old config with the new weights"
+    assert same(found, outputs(new)) or same(found, outputs(old)), (
+        "the load combined the old config with the new weights"
+    )
 
 
 # ----------------------------------------------------------------------------- exactly what was saved
@@ -128,7 +140,11 @@ def test_a_single_adapter_save_over_a_multi_adapter_folder_removes_the_old_subfo
 def test_a_save_keeps_the_files_it_did_not_write(tmp_path: Path) -> None:
     folder = tmp_path / "adapters"
     folder.mkdir()
-    user_files = {"README.md": "# my adapter\n", "notes/todo.txt": "train longer\n", ".gitattributes": "*.safetensors lfs\n"}
+    user_files = {
+        "README.md": "# my adapter\n",
+        "notes/todo.txt": "train longer\n",
+        ".gitattributes": "*.safetensors lfs\n",
+    }
     for name, text in user_files.items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(text)
@@ -189,7 +205,10 @@ def test_without_exchange_a_save_stopped_between_its_renames_is_named_by_load_an
     with contextlib.suppress(Killed):
         new.save(str(folder))
     monkeypatch.setattr(os, "rename", real_rename)
-    with pytest.raises(deltatune.AdapterFileError, match=r"a save into it was killed; the adapter saved before is in .*\.adapter\.deltatune-old"):
+    with pytest.raises(
+        deltatune.AdapterFileError,
+        match=r"a save into it was killed; the adapter saved before is in .*\.adapter\.deltatune-old",
+    ):
         deltatune.load(build("mlp"), str(folder))
     new.save(str(folder))
     assert same(loaded_outputs(folder), outputs(new))
@@ -231,8 +250,9 @@ def test_a_save_through_a_symlink_replaces_the_real_folder_and_keeps_its_permiss
     assert same(loaded_outputs(real), outputs(saved))
 
 
-
-def test_writing_files_into_a_folder_keeps_its_other_entries_and_removes_staging_of_killed_writes(tmp_path: Path) -> None:
+def test_writing_files_into_a_folder_keeps_its_other_entries_and_removes_staging_of_killed_writes(
+    tmp_path: Path,
+) -> None:
     """`write_files` (a run's metrics, a checkpoint's files) adds files to a folder that stays."""
     folder = tmp_path / "run"
     (folder / "adapter").mkdir(parents=True)

@@ -49,7 +49,9 @@ def version(index: int) -> deltatune.DeltaModel:
     return deltatune.attach(Projection(), config)
 """
 
-HELPER = VERSIONS + """
+HELPER = (
+    VERSIONS
+    + """
 import os
 import sys
 import time
@@ -99,6 +101,7 @@ for line in sys.stdin:
         os.close(write_end)
         print("done", *[os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids], flush=True)
 """
+)
 
 
 class Helper:
@@ -107,7 +110,10 @@ class Helper:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.process = subprocess.Popen(
-            [sys.executable, "-c", HELPER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-c", HELPER, str(folder)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
         ready = self.read()
@@ -133,7 +139,11 @@ class Helper:
         loaded = deltatune.load(self.projection(), str(self.folder))
         found = (loaded.configs["default"].lora_alpha, adapter_tensors(loaded))
         for index, (alpha, tensors) in enumerate(self.expected):
-            if found[0] == alpha and found[1].keys() == tensors.keys() and all(torch.equal(found[1][k], tensors[k]) for k in tensors):
+            if (
+                found[0] == alpha
+                and found[1].keys() == tensors.keys()
+                and all(torch.equal(found[1][k], tensors[k]) for k in tensors)
+            ):
                 return index
         return None
 
@@ -152,7 +162,12 @@ def adapter_tensors(model: deltatune.DeltaModel) -> dict[str, torch.Tensor]:
 def leftovers(folder: Path) -> list[str]:
     """Staging and aside folders of saves, beside the folder or in it."""
     places = [folder.parent] + ([folder] if folder.is_dir() else [])
-    return sorted(entry.name for place in places for entry in place.iterdir() if entry.name.endswith((".partial", ".deltatune-old")))
+    return sorted(
+        entry.name
+        for place in places
+        for entry in place.iterdir()
+        if entry.name.endswith((".partial", ".deltatune-old"))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +177,9 @@ def helper(tmp_path_factory: pytest.TempPathFactory):
     started.close()
 
 
-def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter_and_the_next_save_no_staging(helper: Helper) -> None:
+def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter_and_the_next_save_no_staging(
+    helper: Helper,
+) -> None:
     moments = random.Random(20240610)
     for kill in range(24):
         helper.send("loop")

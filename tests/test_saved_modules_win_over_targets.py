@@ -42,7 +42,12 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
 def test_a_peft_folder_whose_target_is_also_saved_loads_with_peft_outputs(case: str, tmp_path: Path) -> None:
     arch, targets, saved, saved_name = CASES[case]
     base = build(arch)
-    theirs = perturbed(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=list(targets), modules_to_save=list(saved), init_lora_weights=False)))
+    theirs = perturbed(
+        peft.get_peft_model(
+            copy.deepcopy(base),
+            peft.LoraConfig(r=4, target_modules=list(targets), modules_to_save=list(saved), init_lora_weights=False),
+        )
+    )
     expected = run(theirs, arch)
     theirs.save_pretrained(str(tmp_path))
 
@@ -56,8 +61,17 @@ def test_a_peft_folder_whose_target_is_also_saved_loads_with_peft_outputs(case: 
 def test_a_config_whose_target_is_also_saved_adapts_what_peft_adapts(case: str, tmp_path: Path) -> None:
     arch, targets, saved, saved_name = CASES[case]
     base = build(arch)
-    ours = perturbed(deltatune.attach(copy.deepcopy(base), deltatune.LoraConfig(r=4, target_modules=list(targets), modules_to_save=list(saved), init_lora_weights=False)))
-    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=list(targets), modules_to_save=list(saved)))
+    ours = perturbed(
+        deltatune.attach(
+            copy.deepcopy(base),
+            deltatune.LoraConfig(
+                r=4, target_modules=list(targets), modules_to_save=list(saved), init_lora_weights=False
+            ),
+        )
+    )
+    reference = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=list(targets), modules_to_save=list(saved))
+    )
     assert sorted(ours.targets["default"]) == sorted(reference.targeted_module_names)
     assert not any(name == saved_name or name.startswith(saved_name + ".") for name in ours.targets["default"])
 
@@ -66,8 +80,14 @@ def test_a_config_whose_target_is_also_saved_adapts_what_peft_adapts(case: str, 
     torch.testing.assert_close(run(theirs, arch), run(ours, arch), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("task,arch", [("seq-cls", "bert"), ("token-cls", None), ("qa", None)], ids=["seq-cls-bert", "token-cls-bert", "qa-bert"])
-def test_bitfit_with_default_targets_trains_a_task_head_through_the_command_line(task: str, arch: str | None, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "task,arch",
+    [("seq-cls", "bert"), ("token-cls", None), ("qa", None)],
+    ids=["seq-cls-bert", "token-cls-bert", "qa-bert"],
+)
+def test_bitfit_with_default_targets_trains_a_task_head_through_the_command_line(
+    task: str, arch: str | None, tmp_path: Path
+) -> None:
     """The task puts its new head in modules_to_save; BitFit's default targets (every module with a
     bias) include it: the head trains fully, the other biases get BitFit."""
     config = task_config(tmp_path, task, method={"method": "bitfit"}, arch=arch)

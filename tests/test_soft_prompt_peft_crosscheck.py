@@ -4,8 +4,9 @@
 - a folder saved by peft loads here and gives peft's logits (atol 1e-5) on a left-padded batch. Our
   outputs cover the real tokens only; peft's causal-LM prompt tuning also returns the n virtual
   positions, which are dropped from its logits before comparing;
-- greedy generate() of a left-padded batch (T5: right-padded, see `padded`) of 3 prompts of different lengths gives, token for token, what
-  peft's model computes for each prompt alone (greedy decoding through peft's forward). peft's own
+- greedy generate() of a left-padded batch (T5: right-padded, see `padded`) of 3 prompts of different
+  lengths gives, token for token, what peft's model computes for each prompt alone (greedy decoding
+  through peft's forward). peft's own
   generate() is not the reference: with peft 0.21.2 its left-padded rows differ from the same prompts
   alone on transformers 5 (positions ignore the padding), and for T5 prefix tuning it drops the prefix
   on transformers 5 (the cache keyword was renamed) and disagrees with its own forward on 4.57;
@@ -33,20 +34,29 @@ TASKS = {"llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
 PEFT_CONFIGS = {
     "prompt_tuning": lambda task: peft.PromptTuningConfig(num_virtual_tokens=VIRTUAL, task_type=task),
-    "p_tuning_mlp": lambda task: peft.PromptEncoderConfig(num_virtual_tokens=VIRTUAL, task_type=task, encoder_hidden_size=16),
-    "p_tuning_lstm": lambda task: peft.PromptEncoderConfig(num_virtual_tokens=VIRTUAL, task_type=task, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"),
+    "p_tuning_mlp": lambda task: peft.PromptEncoderConfig(
+        num_virtual_tokens=VIRTUAL, task_type=task, encoder_hidden_size=16
+    ),
+    "p_tuning_lstm": lambda task: peft.PromptEncoderConfig(
+        num_virtual_tokens=VIRTUAL, task_type=task, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
+    ),
     "prefix_tuning": lambda task: peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, task_type=task),
-    "prefix_projection": lambda task: peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, task_type=task, prefix_projection=True, encoder_hidden_size=16),
+    "prefix_projection": lambda task: peft.PrefixTuningConfig(
+        num_virtual_tokens=VIRTUAL, task_type=task, prefix_projection=True, encoder_hidden_size=16
+    ),
 }
 OUR_CONFIGS = {
     "prompt_tuning": lambda: deltatune.PromptTuningConfig(num_virtual_tokens=VIRTUAL),
     "p_tuning_mlp": lambda: deltatune.PTuningConfig(num_virtual_tokens=VIRTUAL, encoder_hidden_size=16),
-    "p_tuning_lstm": lambda: deltatune.PTuningConfig(num_virtual_tokens=VIRTUAL, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"),
+    "p_tuning_lstm": lambda: deltatune.PTuningConfig(
+        num_virtual_tokens=VIRTUAL, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
+    ),
     "prefix_tuning": lambda: deltatune.PrefixTuningConfig(num_virtual_tokens=VIRTUAL),
-    "prefix_projection": lambda: deltatune.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, prefix_projection=True, encoder_hidden_size=16),
+    "prefix_projection": lambda: deltatune.PrefixTuningConfig(
+        num_virtual_tokens=VIRTUAL, prefix_projection=True, encoder_hidden_size=16
+    ),
 }
 GRID = [pytest.param(method, arch, id=f"{method}-{arch}") for method in PEFT_CONFIGS for arch in TASKS]
-
 
 
 def randomize(parameters, seed: int) -> None:
@@ -67,7 +77,7 @@ def real_logits(model: torch.nn.Module, arch: str, inputs: dict[str, torch.Tenso
     extra = {"decoder_input_ids": torch.tensor([[0, 5, 6, 7]] * 3)} if arch == "t5" else {}
     with torch.no_grad():
         logits = model(**inputs, **extra).logits
-    return logits[:, -inputs["input_ids"].shape[1]:] if arch == "llama" else logits
+    return logits[:, -inputs["input_ids"].shape[1] :] if arch == "llama" else logits
 
 
 def peft_folder(method: str, arch: str, base: torch.nn.Module, folder: Path) -> peft.PeftModel:
@@ -90,7 +100,9 @@ def test_peft_folder_loads_with_peft_logits(method: str, arch: str, tmp_path: Pa
 
 
 @pytest.mark.parametrize("method,arch", GRID)
-def test_greedy_generate_of_left_padded_batch_matches_peft_token_for_token(method: str, arch: str, tmp_path: Path) -> None:
+def test_greedy_generate_of_left_padded_batch_matches_peft_token_for_token(
+    method: str, arch: str, tmp_path: Path
+) -> None:
     base = lively(arch)
     theirs = peft_folder(method, arch, base, tmp_path)
     ours = deltatune.load(copy.deepcopy(base), str(tmp_path)).eval()
@@ -126,7 +138,12 @@ def test_peft_seq2seq_prompt_keeps_the_encoder_rows(tmp_path: Path) -> None:
 def test_default_prefix_projection_has_peft_shapes(arch: str) -> None:
     """Same config, same trainable tensors: the MLP's width defaults to peft's (kv_heads · head_dim)."""
     base = lively(arch)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, task_type=TASKS[arch], prefix_projection=True))
-    ours = deltatune.attach(copy.deepcopy(base), deltatune.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, prefix_projection=True))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, task_type=TASKS[arch], prefix_projection=True),
+    )
+    ours = deltatune.attach(
+        copy.deepcopy(base), deltatune.PrefixTuningConfig(num_virtual_tokens=VIRTUAL, prefix_projection=True)
+    )
     their_shapes = sorted(tuple(p.shape) for p in theirs.prompt_encoder.parameters())
     assert sorted(tuple(p.shape) for p in ours.adapter_parameters("default")) == their_shapes

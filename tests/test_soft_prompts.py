@@ -18,11 +18,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 CONFIGS = {
     "prompt_tuning": lambda count: deltatune.PromptTuningConfig(num_virtual_tokens=count),
-    "p_tuning": lambda count: deltatune.PTuningConfig(num_virtual_tokens=count, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"),
-    "prefix_tuning": lambda count: deltatune.PrefixTuningConfig(num_virtual_tokens=count, prefix_projection=True, encoder_hidden_size=8),
+    "p_tuning": lambda count: deltatune.PTuningConfig(
+        num_virtual_tokens=count, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"
+    ),
+    "prefix_tuning": lambda count: deltatune.PrefixTuningConfig(
+        num_virtual_tokens=count, prefix_projection=True, encoder_hidden_size=8
+    ),
 }
 GENERATORS = ["llama", "gpt2", "t5"]
-
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,7 +70,9 @@ def test_padded_batch_generates_what_each_prompt_generates_alone(method: str, ar
     randomize(delta_model, "default", seed=1)
     options = {"num_beams": 2} if search == "beam" else {}
     batch = generate_new_tokens(delta_model, padded(arch), 5, arch == "t5", **options)
-    assert batch == [generate_new_tokens(delta_model, alone(prompt), 5, arch == "t5", **options)[0] for prompt in PROMPTS]
+    assert batch == [
+        generate_new_tokens(delta_model, alone(prompt), 5, arch == "t5", **options)[0] for prompt in PROMPTS
+    ]
     with delta_model.disabled():
         assert batch != generate_new_tokens(delta_model, padded(arch), 5, arch == "t5", **options)
 
@@ -122,7 +127,12 @@ def test_prefix_tuning_trains_with_gradient_checkpointing(arch: str) -> None:
 def test_text_init_equals_the_text_embeddings(tmp_path: Path) -> None:
     folder = tiny_tokenizer_folder(tmp_path / "tokenizer")
     text = "classify the sentiment of this review"
-    config = deltatune.PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=str(folder))
+    config = deltatune.PromptTuningConfig(
+        num_virtual_tokens=8,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path=str(folder),
+    )
     model = build("llama")
     delta_model = deltatune.attach(model, config)
     from transformers import AutoTokenizer
@@ -130,7 +140,9 @@ def test_text_init_equals_the_text_embeddings(tmp_path: Path) -> None:
     token_ids = AutoTokenizer.from_pretrained(str(folder))(text)["input_ids"]
     assert text_token_ids(config) == (token_ids * 2)[:8]  # 6 words, repeated to 8
     table = next(delta_model.adapter_parameters("default"))
-    torch.testing.assert_close(table, model.get_input_embeddings().weight[torch.tensor((token_ids * 2)[:8])], atol=0, rtol=0)
+    torch.testing.assert_close(
+        table, model.get_input_embeddings().weight[torch.tensor((token_ids * 2)[:8])], atol=0, rtol=0
+    )
 
 
 def test_text_init_without_a_tokenizer_is_refused_at_config_time() -> None:
@@ -176,7 +188,10 @@ def test_saved_adapter_reloads_trainable_and_trains_on(method: str, tmp_path: Pa
             optimizer.zero_grad()
             losses.append(loss.item())
         assert losses[-1] < losses[0]
-    assert sum(p.numel() for p in deltatune.load(build("llama"), tmp_path / "ours").adapter_parameters("default")) == delta_model.trainable_summary().per_adapter["default"]
+    assert (
+        sum(p.numel() for p in deltatune.load(build("llama"), tmp_path / "ours").adapter_parameters("default"))
+        == delta_model.trainable_summary().per_adapter["default"]
+    )
 
 
 @pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning"])

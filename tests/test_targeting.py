@@ -44,7 +44,9 @@ def test_pattern_value_uses_the_first_matching_key() -> None:
 
 
 def test_regex_target_selects_full_matches_only() -> None:
-    delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(target_modules=r"model\.layers\.0\.mlp\.(up|down)_proj"))
+    delta_model = deltatune.attach(
+        build("llama"), deltatune.LoraConfig(target_modules=r"model\.layers\.0\.mlp\.(up|down)_proj")
+    )
     assert delta_model.targets["default"] == ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
 
 
@@ -56,13 +58,17 @@ def test_a_regex_that_matches_nothing_is_an_error() -> None:
 @pytest.mark.parametrize("exclude", [["k_proj", "nope_proj"], r".*nope_proj"], ids=["list", "pattern"])
 def test_an_exclusion_that_matches_nothing_warns_naming_the_entry(exclude) -> None:
     with pytest.warns(UserWarning, match=r"exclude_modules entry '(\.\*)?nope_proj' matches no module"):
-        delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(target_modules="all-linear", exclude_modules=exclude))
+        delta_model = deltatune.attach(
+            build("llama"), deltatune.LoraConfig(target_modules="all-linear", exclude_modules=exclude)
+        )
     assert delta_model.targets["default"] and all("nope_proj" not in name for name in delta_model.targets["default"])
 
 
 def test_only_saved_modules_as_targets_select_nothing_and_say_why() -> None:
     with pytest.raises(deltatune.TargetNotFoundError, match="modules_to_save.*train fully"):
-        deltatune.attach(build("bert"), deltatune.LoraConfig(target_modules=["classifier"], modules_to_save=["classifier"]))
+        deltatune.attach(
+            build("bert"), deltatune.LoraConfig(target_modules=["classifier"], modules_to_save=["classifier"])
+        )
 
 
 def test_deltatune_modules_are_never_targets() -> None:

@@ -61,7 +61,9 @@ def test_causal_lm_loss_gives_gradients_to_the_adapter_only() -> None:
 
 
 def test_causal_lm_loss_with_a_trained_copy_of_the_head() -> None:
-    delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    delta_model = deltatune.attach(
+        build("llama"), deltatune.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     randomized(delta_model)
     input_ids, attention_mask, labels = lm_batch()
     expected = delta_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
@@ -100,7 +102,12 @@ def test_contrastive_loss_matches_its_definition() -> None:
     model = MODELS["feature-extraction"][1].from_config(MODELS["feature-extraction"][0]()).eval()
     ids = torch.randint(10, 90, (4, 5), generator=torch.Generator().manual_seed(0))
     positives = torch.randint(10, 90, (4, 6), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "positive_input_ids": positives, "positive_attention_mask": torch.ones_like(positives)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "positive_input_ids": positives,
+        "positive_attention_mask": torch.ones_like(positives),
+    }
     anchors = F.normalize(model(input_ids=ids).last_hidden_state.mean(1), dim=-1)
     targets = F.normalize(model(input_ids=positives).last_hidden_state.mean(1), dim=-1)
     expected = F.cross_entropy(20.0 * anchors @ targets.t(), torch.arange(4))

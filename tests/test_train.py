@@ -60,19 +60,29 @@ def test_in_memory_records_train_like_a_file(tmp_path) -> None:
     config = TrainConfig.from_yaml(task_config(tmp_path, "seq-cls"))
     config.train_file, config.eval_file = rows, rows
     result = train(config, progress=False)
-    assert result.final.metrics["accuracy"] >= 0.0 and losses(read_metrics(tmp_path))[-1] < losses(read_metrics(tmp_path))[0]
+    assert (
+        result.final.metrics["accuracy"] >= 0.0
+        and losses(read_metrics(tmp_path))[-1] < losses(read_metrics(tmp_path))[0]
+    )
 
 
 def test_overrides_reach_the_adapter_config(tmp_path) -> None:
-    config = TrainConfig.from_yaml(task_config(tmp_path, "causal-lm"), ["adapter.r=2", "adapter.target_modules=[q_proj,v_proj]", "learning_rate=1e-3"])
+    config = TrainConfig.from_yaml(
+        task_config(tmp_path, "causal-lm"),
+        ["adapter.r=2", "adapter.target_modules=[q_proj,v_proj]", "learning_rate=1e-3"],
+    )
     built = config.adapter_config()
     assert (built.r, built.target_modules, config.learning_rate) == (2, ["q_proj", "v_proj"], 1e-3)
 
 
-@pytest.mark.parametrize("adapter", [
-    {"method": "bitfit", "add_missing_bias": True},
-    {"method": "lora", "r": 2, "use_rslora": True, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1},
-], ids=["bitfit", "rslora"])
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {"method": "bitfit", "add_missing_bias": True},
+        {"method": "lora", "r": 2, "use_rslora": True, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1},
+    ],
+    ids=["bitfit", "rslora"],
+)
 def test_a_method_is_picked_by_name_with_its_fields(adapter: dict, tmp_path) -> None:
     result = train(TrainConfig.from_yaml(task_config(tmp_path, "causal-lm", method=adapter)), progress=False)
     assert result.run.delta_model.configs["default"].method == adapter["method"]
@@ -95,7 +105,13 @@ class Scale(deltatune.SiteAdapter):
 
 def test_a_user_registered_method_trains_by_name(tmp_path) -> None:
     if "train_test_scale" not in deltatune.registered_methods():
-        deltatune.register("train_test_scale")(type("ScaleMethod", (deltatune.ModuleMethod,), {"config_class": ScaleConfig, "adapter_types": {nn.Linear: Scale}}))
+        deltatune.register("train_test_scale")(
+            type(
+                "ScaleMethod",
+                (deltatune.ModuleMethod,),
+                {"config_class": ScaleConfig, "adapter_types": {nn.Linear: Scale}},
+            )
+        )
     adapter = {"method": "train_test_scale", "target_modules": ["down_proj"]}
     assert main(["train", str(task_config(tmp_path, "causal-lm", method=adapter)), "--quiet"]) == 0
     assert losses(read_metrics(tmp_path))[-1] < losses(read_metrics(tmp_path))[0]
@@ -104,7 +120,15 @@ def test_a_user_registered_method_trains_by_name(tmp_path) -> None:
 def test_accumulation_matches_one_big_batch(tmp_path) -> None:
     """Two micro-batches of 8 give the update of one batch of 16 (mean losses, same examples)."""
     whole = train(TrainConfig.from_yaml(task_config(tmp_path, "seq-cls", max_steps=2, eval_file=None)), progress=False)
-    split_config = task_config(tmp_path, "seq-cls", max_steps=2, eval_file=None, batch_size=8, gradient_accumulation_steps=2, output_dir=str(tmp_path / "split"))
+    split_config = task_config(
+        tmp_path,
+        "seq-cls",
+        max_steps=2,
+        eval_file=None,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        output_dir=str(tmp_path / "split"),
+    )
     split = train(TrainConfig.from_yaml(split_config), progress=False)
     for (name, a), (_, b) in zip(whole.run.delta_model.named_parameters(), split.run.delta_model.named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), name
@@ -139,9 +163,20 @@ def test_inspect_counts_tied_weights_once() -> None:
 
     from deltatune.train.tree import describe_tree
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     lines = describe_tree(model).splitlines()
     unique = sum(p.numel() for p in model.parameters())
     assert lines[-1] == f"total: trainable {unique:,}  (100.0000% train)"
-    assert any(line.strip().startswith("lm_head (Linear)") and "tied to weights counted above: 3,072" in line for line in lines)
+    assert any(
+        line.strip().startswith("lm_head (Linear)") and "tied to weights counted above: 3,072" in line for line in lines
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from deltatune.train.data import DataError, read_records
 from deltatune.train import encode as encoding
+from deltatune.train.data import DataError, read_records
 from deltatune.train.encode import EncodeContext, collate
 from deltatune.train.tasks import get_task
 from training_fixtures import word_tokenizer, write_jsonl
@@ -36,10 +36,13 @@ def test_jsonl_csv_tsv_and_iterables_give_the_same_records(tmp_path) -> None:
     assert renamed[0].fields == {"sentence": "red cat", "label": "yes"}
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"text": "a"}\n[1, 2]\n', "a.jsonl line 2: expected a JSON object"),
-    ('{"text": "a"}\n\n{"text": \n', "a.jsonl line 3: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"text": "a"}\n[1, 2]\n', "a.jsonl line 2: expected a JSON object"),
+        ('{"text": "a"}\n\n{"text": \n', "a.jsonl line 3: not valid JSON"),
+    ],
+)
 def test_malformed_jsonl_names_the_line(tmp_path, content: str, message: str) -> None:
     (tmp_path / "a.jsonl").write_text(content, encoding="utf-8")
     with pytest.raises(DataError, match=message):
@@ -70,16 +73,18 @@ def test_prompt_completion_learns_the_completion_only() -> None:
 
 
 def test_chat_template_renders_prompt_and_learns_the_assistant_turn() -> None:
-    records = read_records([
-        {"prompt": "red cat", "completion": "the cat"},
-        {"messages": [{"role": "user", "content": "red cat"}, {"role": "assistant", "content": "the cat"}]},
-    ])
+    records = read_records(
+        [
+            {"prompt": "red cat", "completion": "the cat"},
+            {"messages": [{"role": "user", "content": "red cat"}, {"role": "assistant", "content": "the cat"}]},
+        ]
+    )
     settings = context(chat_template=True)
     plain, chat = encode("causal-lm", records, settings)
     assert plain["input_ids"] == chat["input_ids"] and plain["labels"] == chat["labels"]
     tokenizer = settings.tokenizer
     assert tokenizer.decode(chat["input_ids"][: chat["prompt_length"]]) == "<user> red cat </s> <bot>"
-    assert tokenizer.decode(chat["labels"][chat["prompt_length"]:]) == "the cat </s>"
+    assert tokenizer.decode(chat["labels"][chat["prompt_length"] :]) == "the cat </s>"
     with_system = encode("causal-lm", records[:1], context(chat_template=True, system_prompt="color"))[0]
     assert tokenizer.decode(with_system["input_ids"]).startswith("<sys> color </s> <user>")
 
@@ -107,20 +112,41 @@ def test_labels_map_in_sorted_order_and_unknown_labels_are_errors() -> None:
 
 def test_token_labels_go_to_the_first_piece_of_each_word_and_qa_finds_the_span() -> None:
     tokenizer = word_tokenizer(pair_template=True)
-    tagged = encode("token-cls", read_records([{"tokens": ["red", "cat"], "tags": ["O", "ANIMAL"]}]), EncodeContext(tokenizer, 16, label_ids={"ANIMAL": 0, "O": 1}))
+    tagged = encode(
+        "token-cls",
+        read_records([{"tokens": ["red", "cat"], "tags": ["O", "ANIMAL"]}]),
+        EncodeContext(tokenizer, 16, label_ids={"ANIMAL": 0, "O": 1}),
+    )
     assert tagged[0]["labels"] == [-100, 1, 0, -100]
-    answered = encode("qa", read_records([{"question": "where is the cat", "context": "the cat is in rome", "answer": "rome"}]), EncodeContext(tokenizer, 32))
+    answered = encode(
+        "qa",
+        read_records([{"question": "where is the cat", "context": "the cat is in rome", "answer": "rome"}]),
+        EncodeContext(tokenizer, 32),
+    )
     feature = answered[0]
-    assert tokenizer.decode(feature["input_ids"][feature["start_positions"]:feature["end_positions"] + 1]) == "rome"
+    assert tokenizer.decode(feature["input_ids"][feature["start_positions"] : feature["end_positions"] + 1]) == "rome"
     with pytest.raises(DataError, match="the answer 'oslo' is not in the context"):
-        encode("qa", read_records([{"question": "where", "context": "in rome", "answer": "oslo"}]), EncodeContext(tokenizer, 32))
+        encode(
+            "qa",
+            read_records([{"question": "where", "context": "in rome", "answer": "oslo"}]),
+            EncodeContext(tokenizer, 32),
+        )
 
 
 def test_collate_pads_each_field_with_its_own_value() -> None:
-    batch = collate([
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "reference": "x", "prompt_length": 1},
-        {"input_ids": [5], "attention_mask": [1], "labels": [5], "reference": "y", "prompt_length": 1},
-    ], pad_id=0)
+    batch = collate(
+        [
+            {
+                "input_ids": [5, 6, 7],
+                "attention_mask": [1, 1, 1],
+                "labels": [-100, 6, 7],
+                "reference": "x",
+                "prompt_length": 1,
+            },
+            {"input_ids": [5], "attention_mask": [1], "labels": [5], "reference": "y", "prompt_length": 1},
+        ],
+        pad_id=0,
+    )
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

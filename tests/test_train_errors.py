@@ -14,13 +14,17 @@ from training_fixtures import task_config
 
 def malformed_line(tmp_path) -> list[str]:
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"prompt": "red cat", "completion": "the cat"}\n{"prompt": "blue dog", "completion": \n', encoding="utf-8")
+    data.write_text(
+        '{"prompt": "red cat", "completion": "the cat"}\n{"prompt": "blue dog", "completion": \n', encoding="utf-8"
+    )
     return [f"train_file={data}"]
 
 
 def missing_field(tmp_path) -> list[str]:
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"prompt": "red cat", "completion": "the cat"}\n{"prompt": "blue dog", "answer": "dog"}\n', encoding="utf-8")
+    data.write_text(
+        '{"prompt": "red cat", "completion": "the cat"}\n{"prompt": "blue dog", "answer": "dog"}\n', encoding="utf-8"
+    )
     return [f"train_file={data}"]
 
 
@@ -33,7 +37,10 @@ CASES = {
     "unknown-method-field": (lambda tmp: ["adapter.rank=4"], "LoraConfig has no field 'rank'"),
     "unknown-task": (lambda tmp: ["task=classify"], "unknown task 'classify'"),
     "bad-override": (lambda tmp: ["learning_rate"], "bad override 'learning_rate': write key=value"),
-    "unknown-key": (lambda tmp: ["lerning_rate=1e-3"], "unknown config key 'lerning_rate'; did you mean 'learning_rate'"),
+    "unknown-key": (
+        lambda tmp: ["lerning_rate=1e-3"],
+        "unknown config key 'lerning_rate'; did you mean 'learning_rate'",
+    ),
     "bad-number": (lambda tmp: ["learning_rate=fast"], "learning_rate must be a number"),
 }
 
@@ -51,7 +58,9 @@ def test_bad_input_ends_with_one_clear_line(case: str, tmp_path, capsys) -> None
 def test_missing_config_file_from_the_shell_exits_non_zero_without_traceback(tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "deltatune.train.cli", "train", str(tmp_path / "none.yaml")],
-        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"deltatune: config file {tmp_path / 'none.yaml'} does not exist"]

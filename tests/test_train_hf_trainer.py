@@ -24,8 +24,16 @@ def test_the_adapter_trains_with_transformers_trainer(tmp_path) -> None:
     delta_model = deltatune.attach(model, deltatune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     before = {name: p.detach().clone() for name, p in delta_model.named_parameters()}
     arguments = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, seed=0,
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        seed=0,
     )
     trainer = Trainer(model=delta_model, args=arguments, train_dataset=rows)
     trainer.train()

@@ -11,11 +11,15 @@ from deltatune.train.cli import main
 from training_fixtures import MODELS, model_folder
 
 
-@pytest.mark.parametrize("task,config", [
-    ("causal-lm", deltatune.LoraConfig(r=4, target_modules="all-linear")),
-    ("seq-cls", deltatune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"])),
-    ("token-cls", deltatune.BitFitConfig()),
-], ids=["lora-llama", "lora-and-head-llama-cls", "bitfit-bert"])
+@pytest.mark.parametrize(
+    "task,config",
+    [
+        ("causal-lm", deltatune.LoraConfig(r=4, target_modules="all-linear")),
+        ("seq-cls", deltatune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"])),
+        ("token-cls", deltatune.BitFitConfig()),
+    ],
+    ids=["lora-llama", "lora-and-head-llama-cls", "bitfit-bert"],
+)
 def test_merged_folder_loads_with_automodel_and_matches_the_unmerged_model(task: str, config, tmp_path) -> None:
     _, auto_class, _ = MODELS[task]
     folder = model_folder(tmp_path, task)

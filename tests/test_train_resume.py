@@ -15,7 +15,12 @@ from training_fixtures import task_config
 
 SETTINGS = {
     "adapter": {"method": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": 0.2},
-    "batch_size": 4, "max_steps": 8, "save_every": 3, "scheduler": "linear", "warmup_steps": 2, "eval_file": None,
+    "batch_size": 4,
+    "max_steps": 8,
+    "save_every": 3,
+    "scheduler": "linear",
+    "warmup_steps": 2,
+    "eval_file": None,
 }
 
 

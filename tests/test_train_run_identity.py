@@ -40,7 +40,9 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_settings_and_names_them
     capsys.readouterr()
     assert main(["train", str(config), "--quiet", "--resume", "learning_rate=0.001", "adapter.r=2"]) == 2
     line = last_error_line(capsys)
-    assert line.startswith("deltatune: --resume: ") and "learning_rate: 0.02 → 0.001" in line and "adapter" in line, line
+    assert line.startswith("deltatune: --resume: ") and "learning_rate: 0.02 → 0.001" in line and "adapter" in line, (
+        line
+    )
     assert not (out / "adapter").exists()
 
 
@@ -65,7 +67,21 @@ def test_resume_refuses_a_checkpoint_that_records_no_run(tmp_path, capsys) -> No
 
 def test_resume_accepts_changes_to_settings_that_keep_the_math(tmp_path) -> None:
     config, out = interrupted_run(tmp_path)
-    assert main(["train", str(config), "--quiet", "save_every=2", "log_every=2", "max_new_tokens=3", "device=cpu", "--resume"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(config),
+                "--quiet",
+                "save_every=2",
+                "log_every=2",
+                "max_new_tokens=3",
+                "device=cpu",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -97,7 +113,9 @@ def test_save_total_limit_keeps_only_the_newest_checkpoints(tmp_path) -> None:
 
 
 def test_the_demo_runs_again_into_its_own_folder(tmp_path) -> None:
-    options = DemoOptions(out=str(tmp_path / "demo"), model=str(model_folder(tmp_path, "causal-lm")), steps=2, examples=4)
+    options = DemoOptions(
+        out=str(tmp_path / "demo"), model=str(model_folder(tmp_path, "causal-lm")), steps=2, examples=4
+    )
     run_demo(options)
     run_demo(options)
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["steps"] == 2

@@ -25,6 +25,7 @@ from training_fixtures import records, task_config, write_jsonl
 
 def strict_json(path: Path) -> dict:
     """The file parsed by a parser that refuses NaN and Infinity, as every non-Python reader does."""
+
     def refuse(constant: str) -> None:
         raise ValueError(f"{path.name} holds {constant}, which is not JSON")
 
@@ -38,9 +39,13 @@ def last_error_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, None], ids=["clipped", "unclipped"])
-def test_a_diverged_run_stops_at_that_step_and_keeps_its_last_good_checkpoint(max_grad_norm: float | None, tmp_path, capsys) -> None:
+def test_a_diverged_run_stops_at_that_step_and_keeps_its_last_good_checkpoint(
+    max_grad_norm: float | None, tmp_path, capsys
+) -> None:
     # A learning rate of 1e10 turns the tiny BERT's loss NaN at step 2.
-    config = task_config(tmp_path, "token-cls", learning_rate=1e10, max_grad_norm=max_grad_norm, save_every=1, eval_file=None)
+    config = task_config(
+        tmp_path, "token-cls", learning_rate=1e10, max_grad_norm=max_grad_norm, save_every=1, eval_file=None
+    )
     assert main(["train", str(config), "--quiet"]) == 2
     line = last_error_line(capsys)
     assert line.startswith("deltatune: training diverged at step 2") and "learning rate" in line, line
@@ -82,10 +87,19 @@ def test_metrics_and_trainer_state_are_strict_json_even_with_non_finite_values(t
     run = loop.prepare_run(TrainConfig.from_yaml(task_config(tmp_path, "causal-lm", eval_file=None)))
     history = [{"step": 1, "loss": math.nan, "learning_rate": 0.02}, {"step": 1, "eval_loss": math.inf}]
     write_report(
-        tmp_path / "report", task="causal-lm", method="lora", parameters=run.delta_model.trainable_summary(), history=history,
-        final_metrics={}, seconds=1.0, main_metric="exact_match",
+        tmp_path / "report",
+        task="causal-lm",
+        method="lora",
+        parameters=run.delta_model.trainable_summary(),
+        history=history,
+        final_metrics={},
+        seconds=1.0,
+        main_metric="exact_match",
     )
-    assert strict_json(tmp_path / "report" / "metrics.json")["history"] == [{"step": 1, "loss": None, "learning_rate": 0.02}, {"step": 1, "eval_loss": None}]
+    assert strict_json(tmp_path / "report" / "metrics.json")["history"] == [
+        {"step": 1, "loss": None, "learning_rate": 0.02},
+        {"step": 1, "eval_loss": None},
+    ]
 
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
     optimizer = torch.optim.AdamW(parameters, lr=0.02)
@@ -116,7 +130,9 @@ UNWRITABLE = {
 
 
 @pytest.mark.parametrize("where", list(UNWRITABLE))
-def test_an_output_dir_that_cannot_be_written_stops_the_run_before_the_model_loads(where: str, tmp_path, monkeypatch, capsys) -> None:
+def test_an_output_dir_that_cannot_be_written_stops_the_run_before_the_model_loads(
+    where: str, tmp_path, monkeypatch, capsys
+) -> None:
     output_dir = UNWRITABLE[where](tmp_path)
     config = task_config(tmp_path, "causal-lm", output_dir=output_dir)
 
@@ -138,7 +154,9 @@ def test_a_classification_data_set_with_a_single_label_is_refused(tmp_path, caps
     assert not (tmp_path / "out" / "adapter").exists()
 
 
-def test_a_run_whose_gradient_vanishes_at_a_positive_loss_stops_instead_of_saving_a_dead_adapter(tmp_path, capsys) -> None:
+def test_a_run_whose_gradient_vanishes_at_a_positive_loss_stops_instead_of_saving_a_dead_adapter(
+    tmp_path, capsys
+) -> None:
     # A learning rate of 1e10 saturates the tiny Llama at its first update: from step 2 on its loss
     # sticks at ln(vocabulary) with a gradient of exactly zero, finite but untrainable.
     config = task_config(tmp_path, "causal-lm", learning_rate=1e10, eval_file=None, max_steps=6)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -33,7 +34,8 @@ WORDS = (
 VOCAB_SIZE = 96
 NUMBERS = WORDS[:11]
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<' + {'user': 'user', 'assistant': 'bot', 'system': 'sys'}[message['role']] + '> ' "
+    "{% for message in messages %}"
+    "{{ '<' + {'user': 'user', 'assistant': 'bot', 'system': 'sys'}[message['role']] + '> ' "
     "+ message['content'] + ' </s> ' }}{% endfor %}{% if add_generation_prompt %}{{ '<bot> ' }}{% endif %}"
 )
 
@@ -50,10 +52,17 @@ def word_tokenizer(pair_template: bool) -> PreTrainedTokenizerFast:
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 4), ("[SEP]", 5)]
         )
     else:
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
-        cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -61,22 +70,43 @@ def word_tokenizer(pair_template: bool) -> PreTrainedTokenizerFast:
 
 def _llama() -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 
 def _bert() -> BertConfig:
     return BertConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=128, pad_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
     )
 
 
 def _t5() -> T5Config:
     return T5Config(
-        vocab_size=VOCAB_SIZE, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+        vocab_size=VOCAB_SIZE,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=2,
     )
 
 
@@ -90,7 +120,11 @@ MODELS: dict[str, tuple[Callable[[], Any], Any, bool]] = {
 }
 """Task → (tiny config, auto class, whether the tokenizer uses [CLS]/[SEP])."""
 
-ARCHITECTURES: dict[str, tuple[Callable[[], Any], bool]] = {"llama": (_llama, False), "bert": (_bert, True), "t5": (_t5, False)}
+ARCHITECTURES: dict[str, tuple[Callable[[], Any], bool]] = {
+    "llama": (_llama, False),
+    "bert": (_bert, True),
+    "t5": (_t5, False),
+}
 """Another backbone for a task's model: name → (tiny config, whether the tokenizer uses [CLS]/[SEP])."""
 
 
@@ -114,14 +148,26 @@ def records(task: str, count: int = 16, seed: int = 0) -> list[dict[str, Any]]:
     for index in range(count):
         animal, color = animals[index % 5], colors[rng.randrange(5)]
         words = rng.sample(WORDS[11:40], 4)
-        rows.append({
-            "causal-lm": lambda: {"prompt": f"{color} {animal}", "completion": f"the {animal} is {color}"},
-            "seq2seq-lm": lambda: {"prompt": f"{color} {animal}", "completion": f"{animal} {color}"},
-            "seq-cls": lambda: {"text": " ".join(words + [["good", "bad"][index % 2]]), "label": ["yes", "no"][index % 2]},
-            "token-cls": lambda: {"tokens": words + [NUMBERS[index % 11]], "tags": ["O"] * 4 + ["NUM"]},
-            "qa": lambda: {"question": f"where is the {animal}", "context": f"the {animal} is in {['paris', 'rome', 'oslo'][index % 3]} {' '.join(words)}", "answer": ["paris", "rome", "oslo"][index % 3]},
-            "feature-extraction": lambda: {"text": f"{animal} {color} {words[0]}", "positive": f"{words[0]} {color} {animal}"},
-        }[task]())
+        rows.append(
+            {
+                "causal-lm": lambda: {"prompt": f"{color} {animal}", "completion": f"the {animal} is {color}"},
+                "seq2seq-lm": lambda: {"prompt": f"{color} {animal}", "completion": f"{animal} {color}"},
+                "seq-cls": lambda: {
+                    "text": " ".join(words + [["good", "bad"][index % 2]]),
+                    "label": ["yes", "no"][index % 2],
+                },
+                "token-cls": lambda: {"tokens": words + [NUMBERS[index % 11]], "tags": ["O"] * 4 + ["NUM"]},
+                "qa": lambda: {
+                    "question": f"where is the {animal}",
+                    "context": f"the {animal} is in {['paris', 'rome', 'oslo'][index % 3]} {' '.join(words)}",
+                    "answer": ["paris", "rome", "oslo"][index % 3],
+                },
+                "feature-extraction": lambda: {
+                    "text": f"{animal} {color} {words[0]}",
+                    "positive": f"{words[0]} {color} {animal}",
+                },
+            }[task]()
+        )
     return rows
 
 
@@ -131,18 +177,33 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def write_config(path: Path, **settings: Any) -> Path:
-    path.write_text(yaml.safe_dump({key: (str(value) if isinstance(value, Path) else value) for key, value in settings.items()}), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump({key: (str(value) if isinstance(value, Path) else value) for key, value in settings.items()}),
+        encoding="utf-8",
+    )
     return path
 
 
-def task_config(tmp_path: Path, task: str, method: dict[str, Any] | None = None, arch: str | None = None, **settings: Any) -> Path:
+def task_config(
+    tmp_path: Path, task: str, method: dict[str, Any] | None = None, arch: str | None = None, **settings: Any
+) -> Path:
     """A YAML config that trains a tiny `task` model (backbone `arch`, or the task's own) on its small
     data set (full batch, high rate)."""
     data = write_jsonl(tmp_path / f"{task}.jsonl", records(task))
     adapter = method or {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
     defaults = {
-        "model": model_folder(tmp_path, task, arch=arch), "task": task, "train_file": data, "eval_file": data, "adapter": adapter,
-        "output_dir": tmp_path / "out", "batch_size": 16, "max_steps": 6, "learning_rate": 0.02, "scheduler": "constant",
-        "max_length": 32, "max_new_tokens": 6, "seed": 0,
+        "model": model_folder(tmp_path, task, arch=arch),
+        "task": task,
+        "train_file": data,
+        "eval_file": data,
+        "adapter": adapter,
+        "output_dir": tmp_path / "out",
+        "batch_size": 16,
+        "max_steps": 6,
+        "learning_rate": 0.02,
+        "scheduler": "constant",
+        "max_length": 32,
+        "max_new_tokens": 6,
+        "seed": 0,
     }
     return write_config(tmp_path / f"{task}.yaml", **{**defaults, **settings})

@@ -1,10 +1,10 @@
 """deltatune: parameter-efficient fine-tuning for any PyTorch model.
 
-    import deltatune
-    model = deltatune.attach(model, deltatune.LoraConfig(r=8, target_modules="all-linear"))
-    ...train...
-    model.save("my-adapter")                     # or format="peft"
-    model = deltatune.load(base_model, "my-adapter")
+import deltatune
+model = deltatune.attach(model, deltatune.LoraConfig(r=8, target_modules="all-linear"))
+...train...
+model.save("my-adapter")                     # or format="peft"
+model = deltatune.load(base_model, "my-adapter")
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .io import load_adapters
+from .losses import causal_lm_loss
 from .methods.base import Method, ModuleMethod
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
@@ -44,11 +45,12 @@ from .registry import get_method, register, registered_methods
 from .site import SiteAdapter
 from .summary import TrainableSummary
 from .targeting import model_modules
-from .losses import causal_lm_loss
 from .version import __version__ as __version__
 
 
-def attach(model: nn.Module, config: DeltaConfig, name: str = "default", autocast_adapter_dtype: bool = True) -> DeltaModel:
+def attach(
+    model: nn.Module, config: DeltaConfig, name: str = "default", autocast_adapter_dtype: bool = True
+) -> DeltaModel:
     """Freeze `model` and add adapter `name` built from `config`; returns the `DeltaModel`. On a float16 /
     bfloat16 model the adapter keeps float32 weights (as peft does) unless `autocast_adapter_dtype=False`."""
     delta_model = DeltaModel(model)
@@ -59,7 +61,9 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default", autocas
         raise
 
 
-def load(model: nn.Module, path: str, name: str | None = None, trainable: bool = False, autocast_adapter_dtype: bool = True) -> DeltaModel:
+def load(
+    model: nn.Module, path: str, name: str | None = None, trainable: bool = False, autocast_adapter_dtype: bool = True
+) -> DeltaModel:
     """Load an adapter folder (deltatune's or peft's, told apart by its config) onto `model`, a plain
     model or a `DeltaModel`. A folder of subfolders loads each. `trainable=True` to train it further.
     `autocast_adapter_dtype`: as in `attach` (float32 adapter weights on a half-precision model). On an
@@ -75,10 +79,42 @@ def load(model: nn.Module, path: str, name: str | None = None, trainable: bool =
 
 
 __all__ = [
-    "AdapterFileError", "AdapterNameError", "AdapterShapeError", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "DeltaConfig", "DeltaModel",
-    "DeltaTuneError", "Fuse", "FusionConfig", "LoraConfig", "MergeError", "Method", "MethodNameError", "ModuleMethod",
-    "PeftCodec", "Placement", "PlacementError", "SiteAdapter", "Stack", "TargetConflictError", "TargetNotFoundError",
-    "TargetedConfig", "TrainableSummary", "UnknownMethodError", "UnsupportedModuleError", "attach",
-    "get_method", "load", "model_modules", "register", "registered_methods",
-    "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "collapse_soft_prompt", "causal_lm_loss",
+    "AdapterFileError",
+    "AdapterNameError",
+    "AdapterShapeError",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "CompacterConfig",
+    "DeltaConfig",
+    "DeltaModel",
+    "DeltaTuneError",
+    "Fuse",
+    "FusionConfig",
+    "LoraConfig",
+    "MergeError",
+    "Method",
+    "MethodNameError",
+    "ModuleMethod",
+    "PeftCodec",
+    "Placement",
+    "PlacementError",
+    "SiteAdapter",
+    "Stack",
+    "TargetConflictError",
+    "TargetNotFoundError",
+    "TargetedConfig",
+    "TrainableSummary",
+    "UnknownMethodError",
+    "UnsupportedModuleError",
+    "attach",
+    "get_method",
+    "load",
+    "model_modules",
+    "register",
+    "registered_methods",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "collapse_soft_prompt",
+    "causal_lm_loss",
 ]

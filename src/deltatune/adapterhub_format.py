@@ -36,17 +36,40 @@ ADAPTER_CONFIG = "adapter_config.json"
 FUSION_CONFIG = "adapter_fusion_config.json"
 ADAPTER_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
 FUSION_WEIGHTS = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
-LOCATIONS = {"attention.output": "attention", "attention_adapters": "attention", "output": "ffn", "output_adapters": "ffn"}
+LOCATIONS = {
+    "attention.output": "attention",
+    "attention_adapters": "attention",
+    "output": "ffn",
+    "output_adapters": "ffn",
+}
 INITS = {"bert": "bert", "houlsby": "near_identity", "mam_adapter": "zero_up"}
 TENSOR_NAMES = {"adapter_down.0.": "down.", "adapter_up.": "up."}
 
 # AdapterHub option: the value our adapters implement (anything else is refused).
 FIXED_OPTIONS = {
-    "ln_before": False, "ln_after": False, "use_gating": False, "residual_before_ln": True, "original_ln_after": True,
-    "inv_adapter": None, "cross_adapter": False, "stochastic_depth": 0.0, "shared_W_phm": False,
-    "factorized_phm_W": True, "factorized_phm_rule": False, "phm_bias": True, "shared_phm_rule": True,
+    "ln_before": False,
+    "ln_after": False,
+    "use_gating": False,
+    "residual_before_ln": True,
+    "original_ln_after": True,
+    "inv_adapter": None,
+    "cross_adapter": False,
+    "stochastic_depth": 0.0,
+    "shared_W_phm": False,
+    "factorized_phm_W": True,
+    "factorized_phm_rule": False,
+    "phm_bias": True,
+    "shared_phm_rule": True,
 }
-FIXED_FUSION_OPTIONS = {"key": True, "query": True, "value": True, "query_before_ln": False, "residual_before": False, "temperature": False, "value_before_softmax": True}
+FIXED_FUSION_OPTIONS = {
+    "key": True,
+    "query": True,
+    "value": True,
+    "query_before_ln": False,
+    "residual_before": False,
+    "temperature": False,
+    "value_before_softmax": True,
+}
 
 
 def is_adapterhub_folder(folder: Path) -> bool:
@@ -57,7 +80,12 @@ def is_adapterhub_folder(folder: Path) -> bool:
         data = read_json(folder / ADAPTER_CONFIG)
     except AdapterFileError:
         return False
-    return isinstance(data.get("config"), dict) and "format" not in data and "peft_type" not in data and "model_type" in data
+    return (
+        isinstance(data.get("config"), dict)
+        and "format" not in data
+        and "peft_type" not in data
+        and "model_type" in data
+    )
 
 
 def is_fusion_folder(folder: Path) -> bool:
@@ -68,7 +96,11 @@ def describe(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
     """(method, AdapterHub's config, weights file) of an AdapterHub folder, read without a model."""
     if is_fusion_folder(folder):
         data = read_json(folder / FUSION_CONFIG)
-        return "fusion", {**data["config"], "adapter_names": data["adapter_names"]}, _weights_file(folder, FUSION_WEIGHTS)
+        return (
+            "fusion",
+            {**data["config"], "adapter_names": data["adapter_names"]},
+            _weights_file(folder, FUSION_WEIGHTS),
+        )
     options = read_json(folder / ADAPTER_CONFIG)["config"]
     method = "compacter" if options.get("phm_layer") else options.get("architecture") or "bottleneck"
     return method, options, _weights_file(folder, ADAPTER_WEIGHTS)
@@ -90,7 +122,9 @@ def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, 
             continue
         marker = f".adapters.{name}."
         if marker not in key:
-            raise AdapterFileError(f"{folder}: tensor {key!r} is not part of a bottleneck adapter {name!r} that deltatune can load")
+            raise AdapterFileError(
+                f"{folder}: tensor {key!r} is not part of a bottleneck adapter {name!r} that deltatune can load"
+            )
         prefix, tensor_name = key.split(marker)
         ours[f"{_site_output(prefix, sites, folder)}.{_our_tensor_name(tensor_name)}"] = tensor
     return config, ours, name
@@ -99,20 +133,39 @@ def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, 
 def config_from_adapterhub(options: dict[str, Any], folder: Path) -> BottleneckConfig:
     """Our `BottleneckConfig` / `CompacterConfig` for an AdapterHub bottleneck config dict."""
     if options.get("architecture", "bottleneck") not in (None, "bottleneck"):
-        raise AdapterFileError(f"{folder}: AdapterHub method {options['architecture']!r} is not a bottleneck adapter; deltatune reads bottleneck, Compacter and fusion folders")
+        raise AdapterFileError(
+            f"{folder}: AdapterHub method {options['architecture']!r} is not a bottleneck adapter; deltatune reads "
+            "bottleneck, Compacter and fusion folders"
+        )
     _refuse_other_values(options, FIXED_OPTIONS, folder)
-    if not isinstance(options.get("scaling", 1.0), (int, float)) or not isinstance(options["reduction_factor"], (int, float)):
-        raise AdapterFileError(f"{folder}: scaling and reduction_factor must be numbers here (got {options.get('scaling')!r}, {options['reduction_factor']!r})")
+    if not isinstance(options.get("scaling", 1.0), (int, float)) or not isinstance(
+        options["reduction_factor"], (int, float)
+    ):
+        raise AdapterFileError(
+            f"{folder}: scaling and reduction_factor must be numbers here (got {options.get('scaling')!r}, "
+            f"{options['reduction_factor']!r})"
+        )
     fields = dict(
-        preset="parallel" if options.get("is_parallel") else "pfeiffer" if options.get("original_ln_before") else "houlsby",
-        attention_adapter=options["mh_adapter"], ffn_adapter=options["output_adapter"], parallel=options.get("is_parallel", False),
-        original_ln_before=options.get("original_ln_before", False), reduction_factor=options["reduction_factor"],
-        non_linearity=options["non_linearity"], scaling=float(options.get("scaling", 1.0)),
-        init_weights=INITS.get(options.get("init_weights", "bert"), "bert"), dropout=options.get("dropout", 0.0),
+        preset="parallel"
+        if options.get("is_parallel")
+        else "pfeiffer"
+        if options.get("original_ln_before")
+        else "houlsby",
+        attention_adapter=options["mh_adapter"],
+        ffn_adapter=options["output_adapter"],
+        parallel=options.get("is_parallel", False),
+        original_ln_before=options.get("original_ln_before", False),
+        reduction_factor=options["reduction_factor"],
+        non_linearity=options["non_linearity"],
+        scaling=float(options.get("scaling", 1.0)),
+        init_weights=INITS.get(options.get("init_weights", "bert"), "bert"),
+        dropout=options.get("dropout", 0.0),
         leave_out=list(options.get("leave_out") or []),
     )
     if options.get("phm_layer"):
-        return CompacterConfig(**fields, phm_dim=options["phm_dim"], phm_rank=options["phm_rank"], phm_init_range=options["phm_init_range"])
+        return CompacterConfig(
+            **fields, phm_dim=options["phm_dim"], phm_rank=options["phm_rank"], phm_init_range=options["phm_init_range"]
+        )
     return BottleneckConfig(**fields)
 
 
@@ -121,7 +174,9 @@ def _read_fusion(folder: Path, model: nn.Module) -> tuple[FusionConfig, dict[str
     _refuse_other_values(data["config"], FIXED_FUSION_OPTIONS, folder)
     for adapter in data["adapter_names"]:
         check_name(adapter, f"{folder / FUSION_CONFIG}", AdapterFileError)
-    name = check_name(data.get("name") or ",".join(data["adapter_names"]), f"{folder / FUSION_CONFIG}", AdapterFileError)
+    name = check_name(
+        data.get("name") or ",".join(data["adapter_names"]), f"{folder / FUSION_CONFIG}", AdapterFileError
+    )
     dropout = data["config"].get("dropout_prob")
     if dropout is None:
         dropout = getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0)
@@ -139,7 +194,10 @@ def _read_fusion(folder: Path, model: nn.Module) -> tuple[FusionConfig, dict[str
 def _refuse_other_values(options: dict[str, Any], fixed: dict[str, Any], folder: Path) -> None:
     for option, value in fixed.items():
         if option in options and options[option] != value:
-            raise AdapterFileError(f"{folder}: AdapterHub option {option}={options[option]!r} is not supported (deltatune implements {option}={value!r})")
+            raise AdapterFileError(
+                f"{folder}: AdapterHub option {option}={options[option]!r} is not supported (deltatune implements "
+                f"{option}={value!r})"
+            )
 
 
 def _site_output(prefix: str, sites: list[Any], folder: Path) -> str:
@@ -150,19 +208,22 @@ def _site_output(prefix: str, sites: list[Any], folder: Path) -> str:
         parts = site.block.split(".")
         for start in range(len(parts)):
             block = ".".join(parts[start:])
-            if prefix.startswith(block + ".") and LOCATIONS.get(prefix[len(block) + 1:]) == site.kind:
+            if prefix.startswith(block + ".") and LOCATIONS.get(prefix[len(block) + 1 :]) == site.kind:
                 if best is None or len(block) > best[0]:
                     best = (len(block), site.output)
                 break
     if best is None:
-        raise AdapterFileError(f"{folder}: no place in this model for AdapterHub module {prefix!r}; was the adapter saved for another architecture?")
+        raise AdapterFileError(
+            f"{folder}: no place in this model for AdapterHub module {prefix!r}; was the adapter saved for another "
+            "architecture?"
+        )
     return best[1]
 
 
 def _our_tensor_name(name: str) -> str:
     for theirs, ours in TENSOR_NAMES.items():
         if name.startswith(theirs):
-            name = ours + name[len(theirs):]
+            name = ours + name[len(theirs) :]
     return name[:-2] + ".bias" if name.endswith(".b") else name
 
 

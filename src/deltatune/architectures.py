@@ -30,8 +30,14 @@ from .targeting import linear_types, model_modules
 
 SUBLAYERS = ("attention", "ffn")
 ARCHITECTURE_KEYS = (
-    "blocks", "attention_output", "attention_input", "attention_layer_norm",
-    "ffn_output", "ffn_input", "ffn_layer_norm", "input_argument",
+    "blocks",
+    "attention_output",
+    "attention_input",
+    "attention_layer_norm",
+    "ffn_output",
+    "ffn_input",
+    "ffn_layer_norm",
+    "input_argument",
 )
 
 
@@ -68,7 +74,9 @@ class SublayerSite:
     input_argument: str
 
 
-def _post_ln(blocks: str, attention: tuple[str, str, str], ffn: tuple[str, str, str], argument: str = "hidden_states") -> BlockLayout:
+def _post_ln(
+    blocks: str, attention: tuple[str, str, str], ffn: tuple[str, str, str], argument: str = "hidden_states"
+) -> BlockLayout:
     return BlockLayout(blocks, Sublayer(*attention, input_argument=argument), Sublayer(*ffn))
 
 
@@ -76,10 +84,20 @@ def _pre_ln(blocks: str, attention: tuple[str, str], ffn: tuple[str, str]) -> Bl
     return BlockLayout(blocks, Sublayer(*attention), Sublayer(*ffn))
 
 
-_BERT = (_post_ln("encoder.layer", ("attention.output.dropout", "attention", "attention.output.LayerNorm"), ("output.dropout", "intermediate", "output.LayerNorm")),)
+_BERT = (
+    _post_ln(
+        "encoder.layer",
+        ("attention.output.dropout", "attention", "attention.output.LayerNorm"),
+        ("output.dropout", "intermediate", "output.LayerNorm"),
+    ),
+)
 _LLAMA = (_pre_ln("layers", ("self_attn.o_proj", "input_layernorm"), ("mlp.down_proj", "post_attention_layernorm")),)
 _BART = tuple(
-    _post_ln(f"{stack}.layers", ("self_attn.out_proj", "self_attn", "self_attn_layer_norm"), ("fc2", "fc1", "final_layer_norm"))
+    _post_ln(
+        f"{stack}.layers",
+        ("self_attn.out_proj", "self_attn", "self_attn_layer_norm"),
+        ("fc2", "fc1", "final_layer_norm"),
+    )
     for stack in ("encoder", "decoder")
 )
 
@@ -87,7 +105,14 @@ ARCHITECTURES: dict[str, tuple[BlockLayout, ...]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _BERT),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma"), _LLAMA),
     **dict.fromkeys(("bart", "mbart"), _BART),
-    "distilbert": (_post_ln("transformer.layer", ("attention.out_lin", "attention", "sa_layer_norm"), ("ffn.lin2", "ffn", "output_layer_norm"), argument="query"),),
+    "distilbert": (
+        _post_ln(
+            "transformer.layer",
+            ("attention.out_lin", "attention", "sa_layer_norm"),
+            ("ffn.lin2", "ffn", "output_layer_norm"),
+            argument="query",
+        ),
+    ),
     "gpt2": (_pre_ln("h", ("attn.c_proj", "ln_1"), ("mlp.c_proj", "ln_2")),),
     "t5": (
         _pre_ln("encoder.block", ("layer.0.dropout", "layer.0.layer_norm"), ("layer.1.dropout", "layer.1.layer_norm")),
@@ -116,7 +141,17 @@ def sublayer_sites(model: nn.Module, override: dict[str, str] | None = None) -> 
                     f"adapter config's architecture={{...}} (keys: {', '.join(ARCHITECTURE_KEYS)})"
                 )
             full = lambda name: f"{block}.{name}" if name else None  # noqa: E731
-            sites.append(SublayerSite(block, layer, kind, full(sublayer.output), full(sublayer.input), full(sublayer.layer_norm), sublayer.input_argument))
+            sites.append(
+                SublayerSite(
+                    block,
+                    layer,
+                    kind,
+                    full(sublayer.output),
+                    full(sublayer.input),
+                    full(sublayer.layer_norm),
+                    sublayer.input_argument,
+                )
+            )
     return sites
 
 
@@ -182,8 +217,10 @@ def _layout_from_override(override: dict[str, str]) -> BlockLayout:
     def sublayer(kind: str) -> Sublayer:
         output = override[f"{kind}_output"]
         return Sublayer(
-            output, override.get(f"{kind}_input", output.rsplit(".", 1)[0] if "." in output else output),
-            override.get(f"{kind}_layer_norm"), override.get("input_argument", "hidden_states"),
+            output,
+            override.get(f"{kind}_input", output.rsplit(".", 1)[0] if "." in output else output),
+            override.get(f"{kind}_layer_norm"),
+            override.get("input_argument", "hidden_states"),
         )
 
     return BlockLayout(override["blocks"], sublayer("attention"), sublayer("ffn"))
@@ -192,7 +229,11 @@ def _layout_from_override(override: dict[str, str]) -> BlockLayout:
 def _blocks(modules: dict[str, nn.Module], layouts: tuple[BlockLayout, ...]) -> list[tuple[str, BlockLayout]]:
     found: list[tuple[str, BlockLayout]] = []
     for layout in layouts:
-        lists = [name for name, module in modules.items() if isinstance(module, nn.ModuleList) and (name == layout.blocks or name.endswith("." + layout.blocks))]
+        lists = [
+            name
+            for name, module in modules.items()
+            if isinstance(module, nn.ModuleList) and (name == layout.blocks or name.endswith("." + layout.blocks))
+        ]
         for list_name in lists:
             found += [(f"{list_name}.{index}", layout) for index in range(len(modules[list_name]))]
     if not found:
@@ -224,7 +265,9 @@ def _discover_block(list_name: str, block: nn.Module) -> BlockLayout | None:
     outputs = [_last_linear(children[attention]), _last_linear(children[ffn])]
     if None in outputs:
         return None
-    return BlockLayout(list_name, Sublayer(f"{attention}.{outputs[0]}", attention), Sublayer(f"{ffn}.{outputs[1]}", ffn))
+    return BlockLayout(
+        list_name, Sublayer(f"{attention}.{outputs[0]}", attention), Sublayer(f"{ffn}.{outputs[1]}", ffn)
+    )
 
 
 def _last_linear(module: nn.Module) -> str | None:

@@ -56,10 +56,10 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -81,7 +81,9 @@ AT_FDCWD = -100
 RENAME_EXCHANGE = 2
 
 
-def replace_folder(folder: Path, writers: dict[str, Writer], replaced: Callable[[Path], bool] = lambda entry: False) -> None:
+def replace_folder(
+    folder: Path, writers: dict[str, Writer], replaced: Callable[[Path], bool] = lambda entry: False
+) -> None:
     """Replace `folder`, in one step, by a folder holding what `writers` write (`{entry name:
     writer(path)}`, each writing one file or folder) and the old folder's other entries, except those
     that `replaced(entry)` claims for this save. An error before the swap leaves the old folder as it was."""
@@ -134,6 +136,7 @@ def write_files(folder: Path, writers: dict[str, Writer]) -> None:
 
 def folder_writer(writers: dict[str, Writer]) -> Writer:
     """A writer of a folder holding `{file name: writer}`."""
+
     def write(path: str) -> None:
         os.mkdir(path)
         for name, write_file in writers.items():
@@ -184,7 +187,9 @@ def _real_folder(folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     real = Path(os.path.realpath(folder))
     if real == real.parent or os.path.ismount(real):
-        raise AdapterFileError(f"{folder} is a mount point, which a save cannot replace as a whole; save into a folder inside it")
+        raise AdapterFileError(
+            f"{folder} is a mount point, which a save cannot replace as a whole; save into a folder inside it"
+        )
     return real
 
 
@@ -199,7 +204,9 @@ def _errors_said(folder: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        raise AdapterFileError(f"cannot save {folder}: {error}; check that the disk has space and the folder is writable") from None
+        raise AdapterFileError(
+            f"cannot save {folder}: {error}; check that the disk has space and the folder is writable"
+        ) from None
 
 
 @contextlib.contextmanager

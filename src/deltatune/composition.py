@@ -12,8 +12,9 @@ also skips the adapters of a random number of lowest layers on every forward cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 
@@ -40,9 +41,9 @@ class Fuse:
 class Stack:
     """Adapters (or fusions) applied one after the other at every site."""
 
-    children: tuple[Union[str, Fuse], ...]
+    children: tuple[str | Fuse, ...]
 
-    def __init__(self, *children: Union[str, Fuse]) -> None:
+    def __init__(self, *children: str | Fuse) -> None:
         if not children or not all(isinstance(child, (str, Fuse)) for child in children):
             raise DeltaTuneError(f"Stack takes adapter names or Fuse(...) blocks, got {children!r}")
         object.__setattr__(self, "children", tuple(children))
@@ -51,7 +52,7 @@ class Stack:
         return {"stack": [child if isinstance(child, str) else child.to_dict() for child in self.children]}
 
 
-Setup = Union[str, Stack, Fuse]
+Setup = str | Stack | Fuse
 
 
 def setup_from_dict(data: Any) -> Setup:

@@ -46,7 +46,7 @@ class DeltaConfig:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DeltaConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
         """Build from a dict; unknown keys are dropped with a warning naming them."""
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - {"method"})
@@ -54,7 +54,7 @@ class DeltaConfig:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {unknown}", stacklevel=2)
         return cls(**{key: value for key, value in data.items() if key in names})
 
-    def replace(self, **changes: Any) -> "DeltaConfig":
+    def replace(self, **changes: Any) -> DeltaConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

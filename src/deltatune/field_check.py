@@ -25,8 +25,9 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 from .errors import DeltaTuneError
 
@@ -128,7 +129,9 @@ def field_types(config_class: type) -> dict[str, Any]:
 def _resolved_alone(config_class: type, field: dataclasses.Field) -> Any:
     if not isinstance(field.type, str):
         return field.type
-    owner = next((base for base in config_class.__mro__ if field.name in vars(base).get("__annotations__", {})), config_class)
+    owner = next(
+        (base for base in config_class.__mro__ if field.name in vars(base).get("__annotations__", {})), config_class
+    )
     try:
         return eval(field.type, vars(sys.modules[owner.__module__]), dict(vars(owner)))  # noqa: S307 - as typing does
     except Exception:  # noqa: BLE001 - whatever stops the resolution, the field stays unchecked
@@ -172,7 +175,9 @@ def _accepts_list(arguments: tuple, value: Any) -> bool:
 
 def _accepts_dict(arguments: tuple, value: Any) -> bool:
     key_type, value_type = arguments or (Any, Any)
-    return isinstance(value, dict) and all(accepts(key_type, key) and accepts(value_type, item) for key, item in value.items())
+    return isinstance(value, dict) and all(
+        accepts(key_type, key) and accepts(value_type, item) for key, item in value.items()
+    )
 
 
 def _accepts_iterable(arguments: tuple, value: Any) -> bool:
@@ -180,7 +185,9 @@ def _accepts_iterable(arguments: tuple, value: Any) -> bool:
     generator) are taken as they are: checking them would read or consume them."""
     if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Iterable):
         return False
-    return not isinstance(value, (*LIST_TYPES, dict)) or all(accepts(arguments[0] if arguments else Any, item) for item in value)
+    return not isinstance(value, (*LIST_TYPES, dict)) or all(
+        accepts(arguments[0] if arguments else Any, item) for item in value
+    )
 
 
 def _accepts_literal(arguments: tuple, value: Any) -> bool:

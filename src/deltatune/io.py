@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from . import adapterhub_format, peft_format
-from .atomic import Writer, folder_version, folder_writer, interrupted_save, json_writer, replace_folder, safetensors_writer
+from .atomic import (
+    Writer,
+    folder_version,
+    folder_writer,
+    interrupted_save,
+    json_writer,
+    replace_folder,
+    safetensors_writer,
+)
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
 from .files import read_json, read_tensors, tensor_count
@@ -129,7 +137,9 @@ def save_adapters(delta_model: DeltaModel, path: str | Path, names: list[str], f
     if len(names) == 1:
         replace_folder(Path(path), folders[names[0]], replaced=_written_by_saves)
     else:
-        replace_folder(Path(path), {name: folder_writer(writers) for name, writers in folders.items()}, replaced=_written_by_saves)
+        replace_folder(
+            Path(path), {name: folder_writer(writers) for name, writers in folders.items()}, replaced=_written_by_saves
+        )
 
 
 def _adapter_writers(delta_model: DeltaModel, name: str, format: str) -> dict[str, Writer]:
@@ -149,7 +159,9 @@ def _written_by_saves(entry: Path) -> bool:
     return entry.name in TOP_LEVEL_ADAPTER_FILES or _is_adapter_folder(entry)
 
 
-def load_adapters(delta_model: DeltaModel, path: str | Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool = True) -> None:
+def load_adapters(
+    delta_model: DeltaModel, path: str | Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool = True
+) -> None:
     """Add the adapter(s) in `path` to `delta_model`; on an error none of them is added. A save that
     replaces the folder meanwhile makes it read again, so the adapters come from one save."""
     root = Path(path)
@@ -158,10 +170,15 @@ def load_adapters(delta_model: DeltaModel, path: str | Path, name: str | None, t
     for _ in range(LOAD_ATTEMPTS):
         if _load_folder(delta_model, root, name, trainable, autocast_adapter_dtype):
             return
-    raise AdapterFileError(f"{root} was replaced by a save on every one of {LOAD_ATTEMPTS} attempts to read it; load it when the saves are done")
+    raise AdapterFileError(
+        f"{root} was replaced by a save on every one of {LOAD_ATTEMPTS} attempts to read it; load it when the saves "
+        "are done"
+    )
 
 
-def _load_folder(delta_model: DeltaModel, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> bool:
+def _load_folder(
+    delta_model: DeltaModel, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool
+) -> bool:
     """Load every adapter in `root`; False (with nothing added) if a save replaced it meanwhile."""
     version = folder_version(root)
     added: list[str] = []
@@ -219,7 +236,9 @@ def _weights_file(folder: Path) -> Path | None:
 
 
 DESCRIBERS: dict[str, Callable[[Path], tuple[str, dict[str, Any], Path | None]]] = {
-    "adapterhub": adapterhub_format.describe, "peft": _describe_peft, "deltatune": _describe_ours,
+    "adapterhub": adapterhub_format.describe,
+    "peft": _describe_peft,
+    "deltatune": _describe_ours,
 }
 """`folder_kind` → (method, config, weights file) of such a folder."""
 
@@ -244,15 +263,27 @@ def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
     return ReadAdapter(config, tensors, OURS, recorded, folder / WEIGHTS_FILE)
 
 
-READERS: dict[str, Callable[[Path, nn.Module], ReadAdapter]] = {"adapterhub": _read_adapterhub, "peft": _read_peft, "deltatune": _read_ours}
+READERS: dict[str, Callable[[Path, nn.Module], ReadAdapter]] = {
+    "adapterhub": _read_adapterhub,
+    "peft": _read_peft,
+    "deltatune": _read_ours,
+}
 """`folder_kind` → the reader of such a folder."""
 
 
-def _load_one(delta_model: DeltaModel, folder: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool) -> str:
+def _load_one(
+    delta_model: DeltaModel, folder: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool
+) -> str:
     """Load the adapter in `folder` (under `name`, else the name it records); returns its name."""
     read = READERS[folder_kind(folder)](folder, delta_model.base_model)
     adapter_name = name or read.recorded_name or "default"
-    delta_model.add(adapter_name, read.config, trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype, weights_from_file=True)
+    delta_model.add(
+        adapter_name,
+        read.config,
+        trainable=trainable,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        weights_from_file=True,
+    )
     try:
         _copy_into(delta_model, adapter_name, read)
     except BaseException:
@@ -315,14 +346,19 @@ def _adapter_folders(root: Path, name: str | None) -> list[tuple[str | None, Pat
     if _is_adapter_folder(root):
         return [(name, root)]
     if root.is_dir():
-        found = sorted(child for child in root.iterdir() if not child.name.startswith(".") and _is_adapter_folder(child))
+        found = sorted(
+            child for child in root.iterdir() if not child.name.startswith(".") and _is_adapter_folder(child)
+        )
         if name is not None:
             found = [child for child in found if child.name == name]
         if found:
             return [(check_name(child.name, f"{child}", AdapterFileError), child) for child in found]
     aside = interrupted_save(root)
     if aside is not None:
-        raise AdapterFileError(f"no adapter at {root}: a save into it was killed; the adapter saved before is in {aside}: save again, or rename that folder back")
+        raise AdapterFileError(
+            f"no adapter at {root}: a save into it was killed; the adapter saved before is in {aside}: save again, or "
+            "rename that folder back"
+        )
     raise AdapterFileError(
         f"no adapter at {root}: expected {CONFIG_FILE} and {WEIGHTS_FILE} there, or subfolders holding them"
     )

@@ -28,8 +28,7 @@ is kept, adapters on the head or a trained copy of it work, and no model code is
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +78,9 @@ def _labelled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose label is not -100, with the LM head
     applied at those positions only. Equals `model(input_ids, attention_mask, labels=labels).loss` of
     a transformers causal LM; `model` may be wrapped in a `DeltaModel` (and in DDP)."""
@@ -153,11 +154,13 @@ def contrastive_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     texts, positives = batch["input_ids"], batch["positive_input_ids"]
     length = max(texts.shape[1], positives.shape[1])
     ids = torch.cat([F.pad(texts, (0, length - texts.shape[1])), F.pad(positives, (0, length - positives.shape[1]))])
-    mask = torch.cat([
-        F.pad(batch["attention_mask"], (0, length - texts.shape[1])),
-        F.pad(batch["positive_attention_mask"], (0, length - positives.shape[1])),
-    ])
+    mask = torch.cat(
+        [
+            F.pad(batch["attention_mask"], (0, length - texts.shape[1])),
+            F.pad(batch["positive_attention_mask"], (0, length - positives.shape[1])),
+        ]
+    )
     embeddings = embed(model, ids, mask)
-    anchors, targets = embeddings[: len(texts)], embeddings[len(texts):]
+    anchors, targets = embeddings[: len(texts)], embeddings[len(texts) :]
     scores = CONTRASTIVE_SCALE * anchors @ targets.t()
     return F.cross_entropy(scores, torch.arange(len(texts), device=scores.device))

@@ -58,7 +58,11 @@ def merge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]], nam
 
 def unmerge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]]) -> None:
     """Subtract every merged adapter again (in reverse order of merging)."""
-    steps = [Step(module_name, model.get_submodule(module_name), site, site.merged[::-1]) for module_name, site in list(sites) if site.merged]
+    steps = [
+        Step(module_name, model.get_submodule(module_name), site, site.merged[::-1])
+        for module_name, site in list(sites)
+        if site.merged
+    ]
     _run(steps, merging=False, tied={})
 
 

@@ -48,7 +48,9 @@ class DeltaModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if isinstance(model, DeltaModel) or any(isinstance(module, DeltaSite) for module in model.modules()):
-            raise DeltaTuneError("this model already has deltatune adapters: add more with delta_model.add(name, config)")
+            raise DeltaTuneError(
+                "this model already has deltatune adapters: add more with delta_model.add(name, config)"
+            )
         self.base_model = model
         self.records: dict[str, AdapterRecord] = {}
         self.active_adapters: tuple[str, ...] = ()
@@ -76,15 +78,26 @@ class DeltaModel(nn.Module):
         return MappingProxyType({name: record.targets for name, record in self.records.items()})
 
     # ----------------------------------------------------------------------------- adapters
-    def add(self, name: str, config: DeltaConfig, trainable: bool = True, autocast_adapter_dtype: bool = True, weights_from_file: bool = False) -> "DeltaModel":
+    def add(
+        self,
+        name: str,
+        config: DeltaConfig,
+        trainable: bool = True,
+        autocast_adapter_dtype: bool = True,
+        weights_from_file: bool = False,
+    ) -> DeltaModel:
         """Add adapter `name` built from `config`. The first adapter becomes active. `weights_from_file`:
         the weights are copied in from a file right after (as `load` does), so an initialisation that
         needs data (a tokenizer for prompt tuning's TEXT init) is skipped."""
         check_name(name)
         if name in self.records:
-            raise AdapterNameError(f"adapter name {name!r} is not free; taken: {sorted(self.records)}; pick another name")
+            raise AdapterNameError(
+                f"adapter name {name!r} is not free; taken: {sorted(self.records)}; pick another name"
+            )
         if not isinstance(config, DeltaConfig):
-            raise DeltaTuneError(f"expected a deltatune config (LoraConfig, BitFitConfig, ...), got {type(config).__name__}")
+            raise DeltaTuneError(
+                f"expected a deltatune config (LoraConfig, BitFitConfig, ...), got {type(config).__name__}"
+            )
         method = method_for(config)
         placement = Placement(self.base_model, name, self.routing, weights_from_file)
         try:
@@ -108,7 +121,7 @@ class DeltaModel(nn.Module):
         self.require([name])
         self.records[name].config = config
 
-    def activate(self, *setup: str | Setup, skip_layers: Iterable[int] = (), train_skip_lowest: int = 0) -> "DeltaModel":
+    def activate(self, *setup: str | Setup, skip_layers: Iterable[int] = (), train_skip_lowest: int = 0) -> DeltaModel:
         """Run these adapters on every forward call: names (all at once, in this order: for bottleneck
         adapters one after the other, as `Stack`), `deltatune.Stack(...)` or `deltatune.Fuse(...)`.
         `skip_layers`: blocks whose adapters do not run (AdapterDrop); `train_skip_lowest=k`: in
@@ -116,13 +129,20 @@ class DeltaModel(nn.Module):
         names = site_names(setup, self._fusion_name)
         self.require(names)
         if any(site.merged for _, site in self.sites()) and set(names) != set(self.active_adapters):
-            raise DeltaTuneError("adapters are merged into the weights: call unmerge() before changing the active adapters")
+            raise DeltaTuneError(
+                "adapters are merged into the weights: call unmerge() before changing the active adapters"
+            )
         self.active_adapters = names
-        self.plan = ActivePlan(names, self._site_layers(bool(skip_layers) or train_skip_lowest > 0), frozenset(skip_layers), train_skip_lowest)
+        self.plan = ActivePlan(
+            names,
+            self._site_layers(bool(skip_layers) or train_skip_lowest > 0),
+            frozenset(skip_layers),
+            train_skip_lowest,
+        )
         self.plan.apply()
         return self
 
-    def fuse(self, *adapters: str, name: str | None = None, dropout: float = 0.0) -> "DeltaModel":
+    def fuse(self, *adapters: str, name: str | None = None, dropout: float = 0.0) -> DeltaModel:
         """Add AdapterFusion layers over trained bottleneck adapters (named `name`, default "a,b"),
         freeze those adapters, and activate `Fuse(*adapters)`: only the fusion weights train."""
         from .methods.fusion import FusionConfig
@@ -151,7 +171,10 @@ class DeltaModel(nn.Module):
 
         sites = list(self.sites())
         blocks = block_names(self.base_model) if any(site.layer is None for _, site in sites) else []
-        return [(site, site.layer if site.layer is not None else layer_of(blocks, module_name)) for module_name, site in sites]
+        return [
+            (site, site.layer if site.layer is not None else layer_of(blocks, module_name))
+            for module_name, site in sites
+        ]
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -201,7 +224,14 @@ class DeltaModel(nn.Module):
             if site is not None:
                 yield module_name, site
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], name: str, combination_type: str = "cat", svd_rank: int | None = None) -> "DeltaModel":
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        name: str,
+        combination_type: str = "cat",
+        svd_rank: int | None = None,
+    ) -> DeltaModel:
         """New LoRA adapter `name` whose update is Σ weights[i] · ΔW(adapters[i]); see `lora_combine`."""
         from .methods.lora_combine import combine_lora
 
@@ -213,7 +243,9 @@ class DeltaModel(nn.Module):
                 if module_name in tensors:
                     adapter = site.adapters[name]
                     current = adapter.file_state()
-                    adapter.load_file_state({key: value.to(current[key].dtype) for key, value in tensors[module_name].items()})
+                    adapter.load_file_state(
+                        {key: value.to(current[key].dtype) for key, value in tensors[module_name].items()}
+                    )
         except BaseException:
             self.delete(name)
             raise
@@ -274,7 +306,10 @@ class DeltaModel(nn.Module):
         if adapter_names is None:
             return
         if isinstance(adapter_names, str):
-            raise DeltaTuneError(f"adapter_names must be a list with one adapter name (or None) per row, got the string {adapter_names!r}")
+            raise DeltaTuneError(
+                "adapter_names must be a list with one adapter name (or None) per row, got the string "
+                f"{adapter_names!r}"
+            )
         self.require([name for name in adapter_names if name is not None])
         rows = _batch_size(args, kwargs)
         if rows is not None and len(adapter_names) != rows:
@@ -309,5 +344,8 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     """The rows of a call's input: `input_ids` or `inputs_embeds` (generate's `inputs`), else its first
     tensor argument; None when it has no tensor."""
     named = [kwargs.get(key) for key in ("input_ids", "inputs_embeds", "inputs")]
-    first = next((value for value in (*named, *args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim() > 0), None)
+    first = next(
+        (value for value in (*named, *args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim() > 0),
+        None,
+    )
     return None if first is None else first.shape[0]

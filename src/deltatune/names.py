@@ -33,7 +33,14 @@ def name_problem(name: object) -> str | None:
         return f"is a {type(name).__name__}, not a string"
     if not name:
         return "is empty"
-    bad = next((character for character in name if character in FORBIDDEN_CHARACTERS or unicodedata.category(character) == "Cc"), None)
+    bad = next(
+        (
+            character
+            for character in name
+            if character in FORBIDDEN_CHARACTERS or unicodedata.category(character) == "Cc"
+        ),
+        None,
+    )
     if bad is not None:
         return f"contains {bad!r}"
     try:

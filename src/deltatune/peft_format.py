@@ -53,7 +53,11 @@ TASK_TYPES = {
     "ForQuestionAnswering": "QUESTION_ANS",
 }
 
-PEFT_SAVED_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+PEFT_SAVED_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 class PeftCodec(abc.ABC):
@@ -78,7 +82,7 @@ class PeftCodec(abc.ABC):
     def config_from_peft(self, data: dict[str, Any]) -> DeltaConfig:
         """Our config for peft's `adapter_config.json` `data` (`modules_to_save` is read for every method)."""
 
-    def check_keys(self, data: dict[str, Any]) -> None:
+    def check_keys(self, data: dict[str, Any]) -> None:  # noqa: B027 (a hook: most codecs accept every key)
         """Refuse config keys that ask for math the method does not compute (before `config_from_peft`)."""
 
     def task_type(self, config: DeltaConfig, model: nn.Module) -> str | None:
@@ -136,7 +140,9 @@ def codec_of_type(peft_type: str | None) -> PeftCodec:
     found = {name: codec for name, codec in declared.items() if codec.peft_type == peft_type}
     if not found:
         readable = sorted({codec.peft_type for codec in declared.values()})
-        raise DeltaTuneError(f"this is a peft {peft_type} adapter; deltatune reads peft's {', '.join(readable)} adapters")
+        raise DeltaTuneError(
+            f"this is a peft {peft_type} adapter; deltatune reads peft's {', '.join(readable)} adapters"
+        )
     if len({id(codec) for codec in found.values()}) > 1:
         raise DeltaTuneError(
             f"the registered methods {', '.join(map(repr, sorted(found)))} all read peft type {peft_type!r}, so this "
@@ -150,7 +156,10 @@ def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], P
     config = delta_model.configs[name]
     codec = codec_of_method(config.method)
     if codec is None:
-        raise DeltaTuneError(f"peft has no {config.method!r} method (it declares no peft codec); save this adapter with format='deltatune'")
+        raise DeltaTuneError(
+            f"peft has no {config.method!r} method (it declares no peft codec); save this adapter with "
+            "format='deltatune'"
+        )
     model = delta_model.base_model
     data = {
         "peft_type": codec.peft_type,
@@ -164,7 +173,9 @@ def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], P
     return data, PeftLayout(codec)
 
 
-def read_adapter(data: dict[str, Any], weights: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, torch.Tensor], PeftLayout]:
+def read_adapter(
+    data: dict[str, Any], weights: Path, model: nn.Module
+) -> tuple[DeltaConfig, dict[str, torch.Tensor], PeftLayout]:
     """(our config, the adapter's tensors, their layout) for a peft folder whose config is `data` and
     whose tensors are in `weights`; refuses options we do not compute."""
     codec = codec_of_type(data.get("peft_type"))
@@ -179,7 +190,9 @@ def task_type_with_saved_heads(model: nn.Module, saved: list[str]) -> str | None
     classification and QA task types peft adds the head (`classifier`, `score`, `qa_outputs`) to
     `modules_to_save` on its own. Without a task type peft loads the same weights as a plain model."""
     task_type = task_type_of(model)
-    heads = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PEFT_SAVED_HEADS.get(task_type, ())]
+    heads = [
+        name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PEFT_SAVED_HEADS.get(task_type, ())
+    ]
     if any(not any(head == entry or head.endswith("." + entry) for entry in saved) for head in heads):
         return None
     return task_type
@@ -191,7 +204,9 @@ def task_type_of(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES.items() if class_name.endswith(suffix)), None)
 
 
-def _keep_saved_modules(config: DeltaConfig, data: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module, prefix: str) -> DeltaConfig:
+def _keep_saved_modules(
+    config: DeltaConfig, data: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module, prefix: str
+) -> DeltaConfig:
     """`config` with the `modules_to_save` entries of `data` whose weights the file holds (peft lists
     default heads whether or not the model has them)."""
     entries = data.get("modules_to_save")
@@ -199,8 +214,12 @@ def _keep_saved_modules(config: DeltaConfig, data: dict[str, Any], tensors: dict
         return config
     names = [n for n, _ in model.named_modules()]
     kept = [
-        entry for entry in dict.fromkeys([entries] if isinstance(entries, str) else entries)
-        if any((n == entry or n.endswith("." + entry)) and any(k.startswith(prefix + n + ".") for k in tensors) for n in names)
+        entry
+        for entry in dict.fromkeys([entries] if isinstance(entries, str) else entries)
+        if any(
+            (n == entry or n.endswith("." + entry)) and any(k.startswith(prefix + n + ".") for k in tensors)
+            for n in names
+        )
     ]
     return config.replace(modules_to_save=kept or None)
 
@@ -229,7 +248,7 @@ def _embedding_copy_of(key: str, model: nn.Module, saved: list[str]) -> str | No
     `save_embedding_layers` (not as one of `modules_to_save`); None for the adapter's own tensors."""
     if not key.startswith(PREFIX) or not key.endswith(".weight"):
         return None
-    module_name = key[len(PREFIX): -len(".weight")]
+    module_name = key[len(PREFIX) : -len(".weight")]
     adapted = module_name.endswith(BASE_LAYER)
     module_name = module_name.removesuffix(BASE_LAYER)
     try:

@@ -21,13 +21,31 @@ from typing import Any
 
 from .errors import DeltaTuneError
 
-COMMON_TOLERATED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode")
+COMMON_TOLERATED = (
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+)
 """Keys of every peft config that only describe the adapter (the task's heads, when peft adds them to
 `modules_to_save`, are listed there)."""
 
 LORA_READ = (
-    "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
 )
 
 LORA_TOLERATED = {
@@ -84,7 +102,9 @@ SOFT_PROMPT_READ = ("num_virtual_tokens", "num_transformer_submodules", "modules
 SOFT_PROMPT_TOLERATED = {
     "token_dim": "the prompt's width, checked against the saved table's shape",
     "num_layers": "the prefix's layer count, checked against the saved table's shape",
-    "num_attention_heads": "the prefix's head count; the model's own splits the table, as for the model the file was made for",
+    "num_attention_heads": (
+        "the prefix's head count; the model's own splits the table, as for the model the file was made for"
+    ),
     "prompt_tuning_init": "how the prompt started; the saved table is the trained prompt",
     "prompt_tuning_init_text": "how the prompt started",
     "tokenizer_name_or_path": "how the prompt started",
@@ -139,7 +159,9 @@ def check_init(value: Any) -> None:
             f"base model's weights, so on the original base it gives other outputs; deltatune does not "
             f"implement {method} yet: {remedy}"
         )
-    reason = OTHER_REFUSED_INITS.get(name, "an initialisation deltatune does not know, which may rewrite the base model")
+    reason = OTHER_REFUSED_INITS.get(
+        name, "an initialisation deltatune does not know, which may rewrite the base model"
+    )
     raise DeltaTuneError(
         f"this peft adapter was made with init_lora_weights={value!r} ({reason}); deltatune does not "
         "implement it yet: train with the default init_lora_weights=True"
@@ -154,7 +176,9 @@ def _is_unset(value: Any, default: Any) -> bool:
 
 
 def _warn_unknown(data: dict[str, Any], known: set[str]) -> None:
-    unknown = sorted(key for key in data if key not in known and not _is_unset(data[key], None) and data[key] is not False)
+    unknown = sorted(
+        key for key in data if key not in known and not _is_unset(data[key], None) and data[key] is not False
+    )
     if unknown:
         warnings.warn(
             f"peft config keys {unknown} are not keys of peft 0.21, which deltatune reads; they are ignored "

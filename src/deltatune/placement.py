@@ -40,7 +40,10 @@ class Placement:
         module = self.model.get_submodule(module_name)
         site = site_of(module)
         if site is not None and self.name in site.adapters:
-            raise PlacementError(f"{module_name!r} already holds an adapter {self.name!r}: a method puts one adapter of a name at a module")
+            raise PlacementError(
+                f"{module_name!r} already holds an adapter {self.name!r}: a method puts one adapter of a name at a "
+                "module"
+            )
         site = open_site(module, self._routing)
         self.placed.append(module_name)
         site.add(module, self.name, adapter)

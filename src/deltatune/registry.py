@@ -7,7 +7,8 @@ class with the method name, so a config knows which method reads it (`config.met
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import MethodNameError, UnknownMethodError
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from .config import DeltaConfig
     from .methods.base import Method
 
-_METHODS: dict[str, "Method"] = {}
+_METHODS: dict[str, Method] = {}
 
 MethodClass = TypeVar("MethodClass", bound=type)
 
@@ -40,7 +41,7 @@ def register(name: str) -> Callable[[MethodClass], MethodClass]:
     return decorate
 
 
-def get_method(name: str) -> "Method":
+def get_method(name: str) -> Method:
     """The registered method called `name`; the error lists the known ones."""
     try:
         return _METHODS[name]
@@ -54,7 +55,7 @@ def get_method(name: str) -> "Method":
         ) from None
 
 
-def method_for(config: "DeltaConfig") -> "Method":
+def method_for(config: DeltaConfig) -> Method:
     """The method that reads `config`."""
     return get_method(config.method)
 
@@ -64,7 +65,7 @@ def registered_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def config_from_dict(data: dict[str, Any]) -> "DeltaConfig":
+def config_from_dict(data: dict[str, Any]) -> DeltaConfig:
     """Rebuild a config from its JSON form (`{"method": ..., ...}`)."""
     if "method" not in data:
         raise UnknownMethodError("the adapter config has no 'method' key; it was not written by deltatune")

@@ -22,8 +22,9 @@ returns to the module output's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,11 @@ SITE_ATTRIBUTE = "deltatune"
 
 FLOAT32_UPCAST = frozenset(
     {torch.float16, torch.bfloat16}
-    | {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name)}
+    | {
+        getattr(torch, name)
+        for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+        if hasattr(torch, name)
+    }
 )
 """Parameter dtypes that adapters keep in float32 instead (the set peft's `autocast_adapter_dtype` upcasts)."""
 
@@ -61,16 +66,21 @@ class SiteAdapter(nn.Module):
         """See the module's inputs before every call, whichever adapters are active (a tap that another
         adapter reads). Default: nothing, and no pre-hook for it."""
 
-    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: "CallNote") -> tuple[tuple, dict]:
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         """Rewrite the module's inputs before it runs (soft prompts); what the output then needs goes
         into `note`, this call's own (`note.then`). Default: no pre-hook at all."""
         return args, kwargs
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: "RoutingState", note: "CallNote") -> tuple[tuple, dict]:
+    def prepare_rows(
+        self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote
+    ) -> tuple[tuple, dict]:
         """Mixed batch: rewrite the inputs of the whole batch at once. `groups` holds (adapter, name, rows)
         for every adapter of this site that has rows (`state.expanded_rows` expands them); the site calls the
         first group's adapter. Default: refused."""
-        raise DeltaTuneError(f"{type(self).__name__} rewrites inputs and does not support mixed batches; run each adapter in its own batch")
+        raise DeltaTuneError(
+            f"{type(self).__name__} rewrites inputs and does not support mixed batches; run each adapter in its own "
+            "batch"
+        )
 
     def call_ended(self) -> None:
         """After every call of the module, even one that raised: drop what the call left with this

@@ -23,9 +23,11 @@ class TrainableSummary:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     @classmethod
-    def of(cls, delta_model: "DeltaModel") -> "TrainableSummary":
+    def of(cls, delta_model: DeltaModel) -> TrainableSummary:
         parameters = list(delta_model.base_model.parameters())
-        per_adapter = {name: sum(p.numel() for p in delta_model.adapter_parameters(name)) for name in delta_model.configs}
+        per_adapter = {
+            name: sum(p.numel() for p in delta_model.adapter_parameters(name)) for name in delta_model.configs
+        }
         total = sum(p.numel() for p in parameters)
         return cls(
             trainable=sum(p.numel() for p in parameters if p.requires_grad),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -41,7 +41,11 @@ def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             continue
         seen.add(id(module))
         yield name, module
-        children = [(f"{name}.{child_name}" if name else child_name, child) for child_name, child in module._modules.items() if child is not None]
+        children = [
+            (f"{name}.{child_name}" if name else child_name, child)
+            for child_name, child in module._modules.items()
+            if child is not None
+        ]
         pending.extend(reversed(children))
 
 
@@ -83,9 +87,7 @@ def pattern_value(patterns: dict[str, float] | dict[str, int], name: str, defaul
     return default
 
 
-def resolve_names(
-    model: nn.Module, spec: list[str], field: str, candidates: list[str] | None = None
-) -> list[str]:
+def resolve_names(model: nn.Module, spec: list[str], field: str, candidates: list[str] | None = None) -> list[str]:
     """Full names matched by a list of suffixes; an entry that matches nothing is an error."""
     names = candidates if candidates is not None else [name for name, _ in model_modules(model) if name]
     for entry in spec:
@@ -103,7 +105,9 @@ def select_modules(
     """Full names of the modules `config` selects, in model order."""
     modules = dict((name, module) for name, module in model_modules(model) if name)
     names = list(modules)
-    saved = set(resolve_names(model, config.modules_to_save, "modules_to_save", names)) if config.modules_to_save else set()
+    saved = (
+        set(resolve_names(model, config.modules_to_save, "modules_to_save", names)) if config.modules_to_save else set()
+    )
     target = config.target_modules if config.target_modules is not None else default_targets(model)
 
     if target == ALL_LINEAR or target == [ALL_LINEAR]:
@@ -134,11 +138,14 @@ def select_modules(
             f"that module instead (for example {_leaf_example(modules, unsupported[0], supported_types)})."
         )
     if not selected:
-        saved_note = f"; modules in modules_to_save={config.modules_to_save!r} train fully and get no adapter" if saved else ""
+        saved_note = (
+            f"; modules in modules_to_save={config.modules_to_save!r} train fully and get no adapter" if saved else ""
+        )
         error = TargetConflictError if saved and before_saved else TargetNotFoundError
         raise error(
             f"the config selects no module of the model (target_modules={target!r}, "
-            f"layers_to_transform={config.layers_to_transform!r}, exclude_modules={config.exclude_modules!r}{saved_note})"
+            f"layers_to_transform={config.layers_to_transform!r}, "
+            f"exclude_modules={config.exclude_modules!r}{saved_note})"
         )
     return selected
 
@@ -158,7 +165,9 @@ def _warn_unmatched_exclusions(spec: list[str] | str, names: list[str]) -> None:
     pattern = isinstance(spec, str)
     for entry in [spec] if pattern else spec:
         if not any(matches(name, entry if pattern else [entry]) for name in names):
-            warnings.warn(_no_match_message("exclude_modules", entry, names, pattern=pattern), UserWarning, stacklevel=2)
+            warnings.warn(
+                _no_match_message("exclude_modules", entry, names, pattern=pattern), UserWarning, stacklevel=2
+            )
 
 
 def _leaf_example(modules: dict[str, nn.Module], name: str, supported_types: tuple[type, ...]) -> str:

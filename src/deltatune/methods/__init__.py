@@ -1,5 +1,3 @@
 """Built-in methods. Importing this package registers them."""
 
-from . import bitfit, lora  # noqa: F401  (registration happens on import)
-from . import bottleneck, compacter, fusion  # noqa: F401
-from . import p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
+from . import bitfit, bottleneck, compacter, fusion, lora, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401  (registration happens on import)  # noqa: F401  # noqa: F401

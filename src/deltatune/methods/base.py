@@ -68,7 +68,10 @@ class ModuleMethod:
 
     def attach(self, placement: Placement, config: TargetedConfig) -> None:
         model = placement.model
-        built = {target: self.build_adapter(model.get_submodule(target), target, config) for target in self.select(model, config)}
+        built = {
+            target: self.build_adapter(model.get_submodule(target), target, config)
+            for target in self.select(model, config)
+        }
         for target, adapter in built.items():
             placement.put(target, adapter)
 

@@ -10,7 +10,7 @@ Modules without a bias (Llama, T5) get a new one only when `add_missing_bias=Tru
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,14 +33,41 @@ from ..architectures import SublayerSite, check_override, input_of, sublayer_out
 from ..config import DeltaConfig
 from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveInt
-from ..registry import register
 from ..placement import Placement
+from ..registry import register
 from ..site import SiteAdapter
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "houlsby": dict(attention_adapter=True, ffn_adapter=True, parallel=False, original_ln_before=False, reduction_factor=16, non_linearity="swish", scaling=1.0, init_weights="bert"),
-    "pfeiffer": dict(attention_adapter=False, ffn_adapter=True, parallel=False, original_ln_before=True, reduction_factor=16, non_linearity="relu", scaling=1.0, init_weights="bert"),
-    "parallel": dict(attention_adapter=False, ffn_adapter=True, parallel=True, original_ln_before=False, reduction_factor=2, non_linearity="relu", scaling=4.0, init_weights="zero_up"),
+    "houlsby": dict(
+        attention_adapter=True,
+        ffn_adapter=True,
+        parallel=False,
+        original_ln_before=False,
+        reduction_factor=16,
+        non_linearity="swish",
+        scaling=1.0,
+        init_weights="bert",
+    ),
+    "pfeiffer": dict(
+        attention_adapter=False,
+        ffn_adapter=True,
+        parallel=False,
+        original_ln_before=True,
+        reduction_factor=16,
+        non_linearity="relu",
+        scaling=1.0,
+        init_weights="bert",
+    ),
+    "parallel": dict(
+        attention_adapter=False,
+        ffn_adapter=True,
+        parallel=True,
+        original_ln_before=False,
+        reduction_factor=2,
+        non_linearity="relu",
+        scaling=4.0,
+        init_weights="zero_up",
+    ),
 }
 
 
@@ -134,7 +162,11 @@ def _zero_up_init(down: nn.Linear, up: nn.Linear) -> None:
     nn.init.zeros_(up.bias)
 
 
-INITS: dict[str, Callable[[nn.Linear, nn.Linear], None]] = {"bert": _bert_init, "near_identity": _near_identity_init, "zero_up": _zero_up_init}
+INITS: dict[str, Callable[[nn.Linear, nn.Linear], None]] = {
+    "bert": _bert_init,
+    "near_identity": _near_identity_init,
+    "zero_up": _zero_up_init,
+}
 
 
 class TappedInput:
@@ -147,7 +179,9 @@ class TappedInput:
 
     def take(self, rows: torch.Tensor | None) -> torch.Tensor:
         if self.value is None:
-            raise DeltaTuneError("the sublayer input was not seen before its output; check the adapter config's architecture map")
+            raise DeltaTuneError(
+                "the sublayer input was not seen before its output; check the adapter config's architecture map"
+            )
         return self.value if rows is None else self.value.index_select(0, rows)
 
 
@@ -186,7 +220,15 @@ class BottleneckAdapter(SiteAdapter):
     """One bottleneck adapter on one sublayer output; `down` and `up` are any modules mapping
     hidden → size → hidden (`nn.Linear` here, PHM or low-rank layers for Compacter)."""
 
-    def __init__(self, down: nn.Module, up: nn.Module, hidden: int, config: BottleneckConfig, tap: TappedInput | None, layer_norm: nn.Module | None) -> None:
+    def __init__(
+        self,
+        down: nn.Module,
+        up: nn.Module,
+        hidden: int,
+        config: BottleneckConfig,
+        tap: TappedInput | None,
+        layer_norm: nn.Module | None,
+    ) -> None:
         super().__init__()
         self.down, self.up = down, up
         self.hidden = hidden
@@ -195,7 +237,7 @@ class BottleneckAdapter(SiteAdapter):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.parallel = config.parallel
         self.original_ln_before = config.original_ln_before
-        self.__dict__["tap"] = tap              # plain attributes: not parameters of the adapter
+        self.__dict__["tap"] = tap  # plain attributes: not parameters of the adapter
         self.__dict__["layer_norm"] = layer_norm
 
     def extra_repr(self) -> str:
@@ -226,7 +268,9 @@ class BottleneckAdapter(SiteAdapter):
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         return self.adapt(output)
 
-    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def forward_rows(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         return output.index_copy(0, rows, self.adapt(output.index_select(0, rows), rows))
 
     def shared_file_keys(self) -> set[str]:
@@ -241,7 +285,9 @@ class BottleneckAdapter(SiteAdapter):
     def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
         result = self.load_state_dict(tensors, strict=False)
         if result.unexpected_keys or set(result.missing_keys) - self.shared_file_keys():
-            raise DeltaTuneError(f"adapter tensors do not fit: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+            raise DeltaTuneError(
+                f"adapter tensors do not fit: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+            )
 
     def call_ended(self) -> None:
         if self.tap is not None:
@@ -254,7 +300,9 @@ class Bottleneck:
 
     config_class = BottleneckConfig
 
-    def make_projections(self, hidden: int, size: int, config: Any, shared: Any, reference: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    def make_projections(
+        self, hidden: int, size: int, config: Any, shared: Any, reference: torch.Tensor
+    ) -> tuple[nn.Module, nn.Module]:
         """W_down and W_up, initialised per `config.init_weights`."""
         factory = {"dtype": reference.dtype, "device": reference.device}
         down, up = nn.Linear(hidden, size, **factory), nn.Linear(size, hidden, **factory)
@@ -286,7 +334,13 @@ class Bottleneck:
 def placed_sites(model: nn.Module, config: BottleneckConfig) -> list[SublayerSite]:
     """The sublayer sites a config puts adapters on."""
     kinds = {"attention": config.attention_adapter, "ffn": config.ffn_adapter}
-    sites = [site for site in sublayer_sites(model, config.architecture) if kinds[site.kind] and site.layer not in config.leave_out]
+    sites = [
+        site
+        for site in sublayer_sites(model, config.architecture)
+        if kinds[site.kind] and site.layer not in config.leave_out
+    ]
     if not sites:
-        raise DeltaTuneError(f"the config places no adapter on this model (leave_out={config.leave_out} leaves out every layer)")
+        raise DeltaTuneError(
+            f"the config places no adapter on this model (leave_out={config.leave_out} leaves out every layer)"
+        )
     return sites

@@ -67,11 +67,16 @@ class SharedRule:
 class PHMLinear(nn.Module):
     """y = x H + b with H = Σ_i C_i ⊗ (W_left_i W_right_i)."""
 
-    def __init__(self, in_features: int, out_features: int, config: CompacterConfig, rule: SharedRule, reference: torch.Tensor) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, config: CompacterConfig, rule: SharedRule, reference: torch.Tensor
+    ) -> None:
         super().__init__()
         n, rank = config.phm_dim, config.phm_rank
         if in_features % n or out_features % n:
-            raise DeltaTuneError(f"PHM layers need sizes divisible by phm_dim={n}, got {in_features} → {out_features}; change phm_dim or reduction_factor")
+            raise DeltaTuneError(
+                f"PHM layers need sizes divisible by phm_dim={n}, got {in_features} → {out_features}; change phm_dim "
+                "or reduction_factor"
+            )
         factory = {"dtype": reference.dtype, "device": reference.device}
         self.in_features, self.out_features = in_features, out_features
         self.phm_rule = rule.parameter
@@ -88,7 +93,9 @@ class PHMLinear(nn.Module):
         return torch.einsum("iab,icd->acbd", self.phm_rule, blocks).reshape(self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight()).view(*x.shape[:-1], self.out_features)
+        return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight()).view(
+            *x.shape[:-1], self.out_features
+        )
 
     def zero_output(self) -> None:
         nn.init.zeros_(self.W_right)
@@ -97,7 +104,9 @@ class PHMLinear(nn.Module):
 class LowRankLinear(nn.Module):
     """y = x W_left W_right + b."""
 
-    def __init__(self, in_features: int, out_features: int, config: CompacterConfig, rule: None, reference: torch.Tensor) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, config: CompacterConfig, rule: None, reference: torch.Tensor
+    ) -> None:
         super().__init__()
         factory = {"dtype": reference.dtype, "device": reference.device}
         self.W_left = nn.Parameter(nn.init.xavier_normal_(torch.empty(in_features, config.phm_rank, **factory)))
@@ -120,12 +129,19 @@ class Compacter(Bottleneck):
 
     config_class = CompacterConfig
 
-    def shared_parameters(self, hidden: int, size: int, config: CompacterConfig, reference: torch.Tensor) -> SharedRule | None:
+    def shared_parameters(
+        self, hidden: int, size: int, config: CompacterConfig, reference: torch.Tensor
+    ) -> SharedRule | None:
         return SharedRule(config, reference) if config.linear == "phm" else None
 
-    def make_projections(self, hidden: int, size: int, config: CompacterConfig, shared: SharedRule | None, reference: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    def make_projections(
+        self, hidden: int, size: int, config: CompacterConfig, shared: SharedRule | None, reference: torch.Tensor
+    ) -> tuple[nn.Module, nn.Module]:
         projection = PROJECTIONS[config.linear]
-        down, up = projection(hidden, size, config, shared, reference), projection(size, hidden, config, shared, reference)
+        down, up = (
+            projection(hidden, size, config, shared, reference),
+            projection(size, hidden, config, shared, reference),
+        )
         if config.init_weights == "zero_up":
             with torch.no_grad():
                 up.zero_output()

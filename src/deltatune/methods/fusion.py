@@ -25,8 +25,8 @@ from ..composition import Fuse
 from ..config import DeltaConfig
 from ..errors import AdapterNameError, DeltaTuneError
 from ..field_check import DropoutRate
-from ..registry import register
 from ..placement import Placement
+from ..registry import register
 from ..site import SiteAdapter
 from .bottleneck import BottleneckAdapter
 
@@ -59,7 +59,7 @@ class FusionLayer(SiteAdapter):
         self.value = nn.Linear(hidden, hidden, bias=False, **factory)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.names = tuple(config.adapters)
-        self.__dict__["held"] = held              # the site's adapters: not parameters of the fusion
+        self.__dict__["held"] = held  # the site's adapters: not parameters of the fusion
         with torch.no_grad():
             for linear in (self.query, self.key):
                 nn.init.normal_(linear.weight, std=0.02)
@@ -72,7 +72,9 @@ class FusionLayer(SiteAdapter):
     def fuse(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         missing = [name for name in self.names if name not in self.held]
         if missing:
-            raise AdapterNameError(f"the fusion over {list(self.names)} lost adapter {missing[0]!r}; load it again or delete the fusion")
+            raise AdapterNameError(
+                f"the fusion over {list(self.names)} lost adapter {missing[0]!r}; load it again or delete the fusion"
+            )
         adapters = [self.held[name] for name in self.names]
         dtype = self.value.weight.dtype
         query = self.query(adapters[-1].adapter_input(h, rows).to(dtype))
@@ -84,7 +86,9 @@ class FusionLayer(SiteAdapter):
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         return self.fuse(output)
 
-    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def forward_rows(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         return output.index_copy(0, rows, self.fuse(output.index_select(0, rows), rows))
 
 
@@ -97,7 +101,8 @@ class Fusion:
 
     def attach(self, placement: Placement, config: FusionConfig) -> None:
         held_here = [
-            (module_name, held) for module_name, held in placement.adapters_at()
+            (module_name, held)
+            for module_name, held in placement.adapters_at()
             if all(isinstance(held[a] if a in held else None, BottleneckAdapter) for a in config.adapters)
         ]
         if not held_here:
@@ -114,4 +119,7 @@ def fusion_name(configs: dict[str, DeltaConfig], fuse: Fuse) -> str:
     for name, config in configs.items():
         if isinstance(config, FusionConfig) and tuple(config.adapters) == fuse.adapters:
             return name
-    raise AdapterNameError(f"no fusion over {list(fuse.adapters)}: call delta_model.fuse({', '.join(map(repr, fuse.adapters))}) or load one first")
+    raise AdapterNameError(
+        f"no fusion over {list(fuse.adapters)}: call delta_model.fuse({', '.join(map(repr, fuse.adapters))}) or load "
+        "one first"
+    )

@@ -34,7 +34,9 @@ from .base import ModuleMethod
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 
 DEFAULT_TARGETS = {
-    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "phi", "mbart"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(
+        ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "phi", "mbart"], ["q_proj", "v_proj"]
+    ),
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "deberta-v2"], ["query", "value"]),
     **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
     **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ["query_key_value"]),
@@ -81,11 +83,21 @@ class LoraAdapter(SiteAdapter):
 
     delta_reads_module = False
 
-    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], module_name: str, config: LoraConfig, reference: torch.Tensor) -> None:
+    def __init__(
+        self,
+        a_shape: tuple[int, ...],
+        b_shape: tuple[int, ...],
+        module_name: str,
+        config: LoraConfig,
+        reference: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.rank = config.rank_for(module_name)
         self.scaling = config.scaling_for(module_name)
-        factory = {"dtype": reference.dtype if reference.is_floating_point() else torch.float32, "device": reference.device}
+        factory = {
+            "dtype": reference.dtype if reference.is_floating_point() else torch.float32,
+            "device": reference.device,
+        }
         self.lora_A = nn.Parameter(torch.empty((self.rank, *a_shape), **factory))
         self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank, *b_shape[1:]), **factory))
         self.dropout_probability = config.lora_dropout
@@ -104,7 +116,9 @@ class LoraAdapter(SiteAdapter):
 
     def delta_matrix(self) -> torch.Tensor:
         """s · B A as an (out, in · kernel) float32 matrix."""
-        return torch.mm(self.lora_B.detach().float().flatten(1), self.lora_A.detach().float().flatten(1)).mul_(self.scaling)
+        return torch.mm(self.lora_B.detach().float().flatten(1), self.lora_A.detach().float().flatten(1)).mul_(
+            self.scaling
+        )
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
@@ -121,13 +135,17 @@ def add_low_rank(output: torch.Tensor, hidden: torch.Tensor, lora_B: torch.Tenso
     return flat_output.addmm_(flat_hidden, lora_B.t().to(output.dtype), alpha=scaling).view(output.shape)
 
 
-def _fused_dropout_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
+def _fused_dropout_projection(
+    x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float
+) -> tuple[torch.Tensor, float]:
     """Accelerators (and large p): torch's fused dropout kernel, one pass over x; a mask made in
     separate passes costs an accelerator more than drawing only the dropped positions saves."""
     return F.linear(F.dropout(x, probability, training=True), lora_A), scaling
 
 
-def _drawn_positions_projection(x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float) -> tuple[torch.Tensor, float]:
+def _drawn_positions_projection(
+    x: torch.Tensor, lora_A: torch.Tensor, probability: float, scaling: float
+) -> tuple[torch.Tensor, float]:
     """CPU: only the dropped positions are drawn and kept (`lora_dropout`), 1/(1-p) folded into the
     scaling; above `POSITIONS_LIMIT` the dense kernel."""
     if probability > POSITIONS_LIMIT:
@@ -151,14 +169,18 @@ class LoraLinear(LoraAdapter):
         """(dropout(x) Aᵀ, the scaling that goes with it); dropout only in training."""
         x = x.to(self.lora_A.dtype)
         if self.training and self.dropout_probability > 0:
-            return DROPPED_PROJECTIONS.get(x.device.type, _fused_dropout_projection)(x, self.lora_A, self.dropout_probability, self.scaling)
+            return DROPPED_PROJECTIONS.get(x.device.type, _fused_dropout_projection)(
+                x, self.lora_A, self.dropout_probability, self.scaling
+            )
         return F.linear(x, self.lora_A), self.scaling
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         hidden, scaling = self.project(args[0])
         return add_low_rank(output, hidden, self.lora_B, scaling)
 
-    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def forward_rows(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         """Mixed batch: only the LoRA term of the chosen rows is computed, then added into them."""
         hidden, scaling = self.project(args[0].index_select(0, rows))
         delta = F.linear(hidden, self.lora_B).to(output.dtype)
@@ -186,7 +208,15 @@ class LoraEmbedding(LoraAdapter):
             nn.init.normal_(self.lora_B)
 
     def forward(self, module: nn.Embedding, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        hidden = F.embedding(args[0], self.lora_A.t(), module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+        hidden = F.embedding(
+            args[0],
+            self.lora_A.t(),
+            module.padding_idx,
+            module.max_norm,
+            module.norm_type,
+            module.scale_grad_by_freq,
+            module.sparse,
+        )
         return add_low_rank(output, hidden, self.lora_B, self.scaling)
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -199,9 +229,13 @@ class LoraConv(LoraAdapter):
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d, module_name: str, config: LoraConfig) -> None:
         if module.groups != 1:
-            raise UnsupportedModuleError(f"LoRA on grouped convolutions is not supported ({module_name} has groups={module.groups})")
+            raise UnsupportedModuleError(
+                f"LoRA on grouped convolutions is not supported ({module_name} has groups={module.groups})"
+            )
         ones = (1,) * len(module.kernel_size)
-        super().__init__((module.in_channels, *module.kernel_size), (module.out_channels, *ones), module_name, config, module.weight)
+        super().__init__(
+            (module.in_channels, *module.kernel_size), (module.out_channels, *ones), module_name, config, module.weight
+        )
         self.dropout = nn.Dropout(config.lora_dropout)
         self.pointwise = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
 
@@ -236,7 +270,9 @@ class LoraPeft(PeftCodec):
             "init_lora_weights": config.init_lora_weights,
             "target_modules": targets,
             "rank_pattern": {re.escape(n): config.rank_for(n) for n in targets if config.rank_for(n) != config.r},
-            "alpha_pattern": {re.escape(n): config.alpha_for(n) for n in targets if config.alpha_for(n) != config.lora_alpha},
+            "alpha_pattern": {
+                re.escape(n): config.alpha_for(n) for n in targets if config.alpha_for(n) != config.lora_alpha
+            },
             "bias": "none",
             "use_dora": False,
         }
@@ -251,7 +287,13 @@ class LoraPeft(PeftCodec):
 def _adapter_types() -> dict[type, type[LoraAdapter]]:
     from transformers.pytorch_utils import Conv1D
 
-    return {nn.Linear: LoraLinear, Conv1D: LoraLinear, nn.Embedding: LoraEmbedding, nn.Conv1d: LoraConv, nn.Conv2d: LoraConv}
+    return {
+        nn.Linear: LoraLinear,
+        Conv1D: LoraLinear,
+        nn.Embedding: LoraEmbedding,
+        nn.Conv1d: LoraConv,
+        nn.Conv2d: LoraConv,
+    }
 
 
 @register("lora")
@@ -267,4 +309,3 @@ class Lora(ModuleMethod):
         if model_type in DEFAULT_TARGETS:
             return DEFAULT_TARGETS[model_type]
         return super().default_targets(model)
-

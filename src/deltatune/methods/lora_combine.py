@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 COMBINATIONS = ("cat", "linear", "svd")
 
 
-def combine_lora(delta_model: "DeltaModel", adapters: list[str], weights: list[float], combination_type: str, svd_rank: int | None) -> tuple[LoraConfig, dict[str, dict[str, torch.Tensor]]]:
+def combine_lora(
+    delta_model: DeltaModel, adapters: list[str], weights: list[float], combination_type: str, svd_rank: int | None
+) -> tuple[LoraConfig, dict[str, dict[str, torch.Tensor]]]:
     """The config of the combined adapter and its tensors per module ({module: {"lora_A": A, "lora_B": B}}),
     which `DeltaModel.add_weighted_adapter` adds and copies in."""
     if combination_type not in COMBINATIONS:
@@ -37,7 +39,9 @@ def combine_lora(delta_model: "DeltaModel", adapters: list[str], weights: list[f
     if not all(isinstance(config, LoraConfig) for config in configs):
         raise DeltaTuneError("add_weighted_adapter combines LoRA adapters only")
     per_module = _factors_per_module(delta_model, adapters)
-    new_factors = {module: _combine(pieces, weights, combination_type, svd_rank) for module, pieces in per_module.items()}
+    new_factors = {
+        module: _combine(pieces, weights, combination_type, svd_rank) for module, pieces in per_module.items()
+    }
     ranks = {module: factors[0].shape[0] for module, factors in new_factors.items()}
     rank = max(ranks.values())
     config = LoraConfig(
@@ -50,7 +54,7 @@ def combine_lora(delta_model: "DeltaModel", adapters: list[str], weights: list[f
     return config, {module: {"lora_A": lora_A, "lora_B": lora_B} for module, (lora_A, lora_B) in new_factors.items()}
 
 
-def _factors_per_module(delta_model: "DeltaModel", adapters: list[str]) -> dict[str, list[tuple[int, LoraAdapter]]]:
+def _factors_per_module(delta_model: DeltaModel, adapters: list[str]) -> dict[str, list[tuple[int, LoraAdapter]]]:
     """{module: [(index of the adapter, its LoRA layer)]} over the modules any of them adapts."""
     found: dict[str, list[tuple[int, LoraAdapter]]] = {}
     for module_name, site in delta_model.sites():
@@ -60,8 +64,13 @@ def _factors_per_module(delta_model: "DeltaModel", adapters: list[str]) -> dict[
     return found
 
 
-def _combine(pieces: list[tuple[int, LoraAdapter]], weights: list[float], combination_type: str, svd_rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    scaled = [(weights[index] * layer.scaling, layer.lora_A.detach().float(), layer.lora_B.detach().float()) for index, layer in pieces]
+def _combine(
+    pieces: list[tuple[int, LoraAdapter]], weights: list[float], combination_type: str, svd_rank: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scaled = [
+        (weights[index] * layer.scaling, layer.lora_A.detach().float(), layer.lora_B.detach().float())
+        for index, layer in pieces
+    ]
     if combination_type == "cat":
         return torch.cat([w * a for w, a, _ in scaled]), torch.cat([b for _, _, b in scaled], dim=1)
     if combination_type == "linear":

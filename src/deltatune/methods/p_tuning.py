@@ -23,8 +23,8 @@ from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, PositiveInt
 from ..placement import Placement
 from ..registry import register
-from .prompt_tuning import PromptTuningConfig
 from .prompt_input import PromptInputMethod
+from .prompt_tuning import PromptTuningConfig
 from .soft_prompt import SoftPromptConfig, embedding_width
 from .soft_prompt_peft import PromptInputPeft
 
@@ -46,12 +46,17 @@ class PTuningConfig(SoftPromptConfig):
 
     def normalise(self) -> None:
         super().normalise()
-        self.encoder_reparameterization_type = str(getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)).upper()
+        self.encoder_reparameterization_type = str(
+            getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)
+        ).upper()
 
     def validate(self) -> None:
         super().validate()
         if self.encoder_reparameterization_type not in ENCODER_TYPES:
-            raise DeltaTuneError(f"encoder_reparameterization_type must be one of {ENCODER_TYPES}, got {self.encoder_reparameterization_type!r}")
+            raise DeltaTuneError(
+                f"encoder_reparameterization_type must be one of {ENCODER_TYPES}, got "
+                f"{self.encoder_reparameterization_type!r}"
+            )
 
     def collapsed(self) -> PromptTuningConfig:
         return PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, modules_to_save=self.modules_to_save)
@@ -66,10 +71,19 @@ class PromptEncoder(nn.Module):
         self.embedding = nn.Embedding(count, width)
         self.lstm = None
         if config.encoder_reparameterization_type == "LSTM":
-            self.lstm = nn.LSTM(width, hidden, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
+            self.lstm = nn.LSTM(
+                width,
+                hidden,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
             self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, width))
         else:
-            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, width))
+            self.mlp = nn.Sequential(
+                nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, width)
+            )
         self.to(device=reference.device, dtype=reference.dtype)
 
     def forward(self) -> torch.Tensor:
@@ -108,5 +122,6 @@ class PTuning(PromptInputMethod):
 
     def build_source(self, placement: Placement, config: PTuningConfig) -> nn.Module:
         model = placement.model
-        return PromptEncoder(config.num_virtual_tokens, embedding_width(model), config, model.get_input_embeddings().weight)
-
+        return PromptEncoder(
+            config.num_virtual_tokens, embedding_width(model), config, model.get_input_embeddings().weight
+        )

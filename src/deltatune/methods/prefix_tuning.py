@@ -38,8 +38,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from ..errors import UnsupportedModuleError
 from ..field_check import PositiveInt
-from ..registry import register
 from ..placement import Placement
+from ..registry import register
 from ..site import CallNote, RoutingState, SiteAdapter
 from .soft_prompt import (
     CACHE_ARGUMENTS,
@@ -58,9 +58,10 @@ from .soft_prompt_peft import SoftPromptPeft
 CROSS_ATTENTION_NAMES = ("EncDecAttention", "crossattention", "encoder_attn")
 """Last name parts of cross-attention modules, which get no prefix."""
 
-_PREFIX_LENGTHS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+_PREFIX_LENGTHS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 """For caches that hold only prefixes so far: how many positions. A second active prefix adapter adds
 its prefix to such a cache; a cache that has seen tokens gets no prefix again."""
+
 
 @dataclasses.dataclass
 class PrefixTuningConfig(SoftPromptConfig):
@@ -72,7 +73,7 @@ class PrefixTuningConfig(SoftPromptConfig):
     """h, the MLP's hidden size; None: d = kv_heads · head_dim, as in peft (the model's hidden size
     unless it uses grouped-query attention)."""
 
-    def collapsed(self) -> "PrefixTuningConfig":
+    def collapsed(self) -> PrefixTuningConfig:
         return self.replace(prefix_projection=False)
 
 
@@ -106,7 +107,11 @@ def prefix_layout(model: nn.Module, stacks: Stacks) -> PrefixLayout:
     stack = stacks.cache_stack
     attention = {}
     for name, module in model.named_modules():
-        if not name.startswith(stack + ".") or not hasattr(module, "layer_idx") or name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES:
+        if (
+            not name.startswith(stack + ".")
+            or not hasattr(module, "layer_idx")
+            or name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES
+        ):
             continue
         if any(argument in parameter_names(module) for argument in CACHE_ARGUMENTS):
             attention = {kept: index for kept, index in attention.items() if not name.startswith(kept + ".")}
@@ -138,7 +143,9 @@ class PrefixProjection(nn.Module):
 class ReadOnlyPrefixCache(DynamicCache):
     """A cache holding only a prefix: `update` returns [prefix ; new keys] and stores nothing."""
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
@@ -158,10 +165,21 @@ def prefix_length_so_far(cache: Any) -> int | None:
 class PrefixCache(SiteAdapter):
     """At the stack whose self-attention reads the cache: put the prefix into it, extend mask and positions."""
 
-    def __init__(self, source: nn.Module, stack: nn.Module, stacks: Stacks, layout: PrefixLayout, num_virtual_tokens: int, model_config: Any, embedding: nn.Module) -> None:
+    def __init__(
+        self,
+        source: nn.Module,
+        stack: nn.Module,
+        stacks: Stacks,
+        layout: PrefixLayout,
+        num_virtual_tokens: int,
+        model_config: Any,
+        embedding: nn.Module,
+    ) -> None:
         super().__init__()
         self.source = source
-        self.__dict__["embedding"] = embedding  # the model's input embedding, not a part of the adapter: the keys' dtype
+        self.__dict__["embedding"] = (
+            embedding  # the model's input embedding, not a part of the adapter: the keys' dtype
+        )
         self.num_virtual_tokens = num_virtual_tokens
         self.stacks = stacks
         self.layout = layout
@@ -176,14 +194,31 @@ class PrefixCache(SiteAdapter):
     def prefix(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) per layer, each batch × kv_heads × n × head_dim, in the model's dtype."""
         layout = self.layout
-        table = self.source().to(self.embedding.weight.dtype).view(self.num_virtual_tokens, 2 * layout.layers, layout.kv_heads, layout.head_dim).permute(1, 2, 0, 3)
-        return [tuple(table[chunk].expand(batch, -1, -1, -1) for chunk in layout.chunks(layer)) for layer in range(layout.layers)]
+        table = (
+            self.source()
+            .to(self.embedding.weight.dtype)
+            .view(self.num_virtual_tokens, 2 * layout.layers, layout.kv_heads, layout.head_dim)
+            .permute(1, 2, 0, 3)
+        )
+        return [
+            tuple(table[chunk].expand(batch, -1, -1, -1) for chunk in layout.chunks(layer))
+            for layer in range(layout.layers)
+        ]
 
     def new_cache(self, module: nn.Module) -> Any:
         cache = (ReadOnlyPrefixCache if _trains(module) else DynamicCache)(config=self.model_config)
-        return EncoderDecoderCache(cache, DynamicCache(config=self.model_config)) if self.layout.encoder_decoder else cache
+        return (
+            EncoderDecoderCache(cache, DynamicCache(config=self.model_config)) if self.layout.encoder_decoder else cache
+        )
 
-    def fill(self, module: nn.Module, call: CallShape, per_layer: list[tuple[torch.Tensor, torch.Tensor]], added: int, note: CallNote) -> None:
+    def fill(
+        self,
+        module: nn.Module,
+        call: CallShape,
+        per_layer: list[tuple[torch.Tensor, torch.Tensor]],
+        added: int,
+        note: CallNote,
+    ) -> None:
         """Put the prefix into the call's cache (a new one if it has none). A cache made for a call that
         asked for none (`use_cache=False`) is taken out of its output again (`note`), as the base model
         hands back no cache then: otherwise `generate(use_cache=False)` fed the prefix and the tokens seen
@@ -214,7 +249,9 @@ class PrefixCache(SiteAdapter):
         call.shift_positions(n, None, False, self.accepts_positions)
         return (), call.keywords
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
+    def prepare_rows(
+        self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote
+    ) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=False)
         first = call.cached == 0
@@ -226,7 +263,7 @@ class PrefixCache(SiteAdapter):
             for adapter, rows in layout.groups:
                 for layer, pair in enumerate(adapter.prefix(call.batch)):
                     for block, part in zip(blocks[layer], pair):
-                        block[rows, :, layout.width - part.shape[2]:] = part[rows]
+                        block[rows, :, layout.width - part.shape[2] :] = part[rows]
             self.fill(module, call, blocks, layout.width, note)
             for adapter, _ in layout.groups:
                 adapter.held[call.batch] = call.keywords[self.cache_key]
@@ -281,10 +318,12 @@ class PrefixReinsert(SiteAdapter):
         if given is not None or cache is None:
             return args, kwargs
         if self.position < len(args):
-            return (*args[: self.position], cache, *args[self.position + 1:]), kwargs
+            return (*args[: self.position], cache, *args[self.position + 1 :]), kwargs
         return args, {**kwargs, self.cache_key: cache}
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
+    def prepare_rows(
+        self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote
+    ) -> tuple[tuple, dict]:
         return self.prepare(module, args, kwargs, note)
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -342,4 +381,3 @@ class PrefixTuning(SoftPromptMethod):
         built: dict[str, SiteAdapter] = {stacks.cache_stack: owner}
         built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
         return built
-

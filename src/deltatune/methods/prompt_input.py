@@ -11,7 +11,16 @@ from torch import nn
 
 from ..placement import Placement
 from ..site import CallNote, RoutingState, SiteAdapter
-from .soft_prompt import CACHE_ARGUMENTS, CallShape, RowLayout, SoftPromptConfig, SoftPromptMethod, Stacks, parameter_names, trim_output
+from .soft_prompt import (
+    CACHE_ARGUMENTS,
+    CallShape,
+    RowLayout,
+    SoftPromptConfig,
+    SoftPromptMethod,
+    Stacks,
+    parameter_names,
+    trim_output,
+)
 
 
 class PromptInput(SiteAdapter):
@@ -43,7 +52,9 @@ class PromptInput(SiteAdapter):
         call.shift_positions(n, None, first, self.accepts_positions)
         return (), call.keywords
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
+    def prepare_rows(
+        self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote
+    ) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=call.cache is None)
         first = call.cached == 0
@@ -54,7 +65,7 @@ class PromptInput(SiteAdapter):
             for adapter, rows in layout.groups:
                 prompt = adapter.source().to(embeds.dtype)
                 start = layout.offset(prompt.shape[0])
-                block[rows, start:start + prompt.shape[0]] = prompt
+                block[rows, start : start + prompt.shape[0]] = prompt
             call.keywords["inputs_embeds"] = layout.combine(block, embeds)
             self._extend_token_types(call, layout.width, layout)
             if self.stacks.trim:
@@ -84,7 +95,9 @@ class PromptInput(SiteAdapter):
         token_types = call.keywords.get("token_type_ids")
         if token_types is not None:
             block = token_types.new_zeros(token_types.shape[0], width)
-            call.keywords["token_type_ids"] = layout.combine(block, token_types) if layout is not None else torch.cat([block, token_types], dim=1)
+            call.keywords["token_type_ids"] = (
+                layout.combine(block, token_types) if layout is not None else torch.cat([block, token_types], dim=1)
+            )
 
 
 class EncoderPromptMask(SiteAdapter):
@@ -97,13 +110,22 @@ class EncoderPromptMask(SiteAdapter):
     def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
         mask = kwargs.get("encoder_attention_mask")
         if mask is not None:
-            kwargs = {**kwargs, "encoder_attention_mask": torch.cat([mask.new_ones(mask.shape[0], self.num_virtual_tokens), mask], dim=1)}
+            kwargs = {
+                **kwargs,
+                "encoder_attention_mask": torch.cat(
+                    [mask.new_ones(mask.shape[0], self.num_virtual_tokens), mask], dim=1
+                ),
+            }
         return args, kwargs
 
-    def prepare_rows(self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote) -> tuple[tuple, dict]:
+    def prepare_rows(
+        self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote
+    ) -> tuple[tuple, dict]:
         states = kwargs.get("encoder_hidden_states")
         mask = kwargs.get("encoder_attention_mask")
-        layout = RowLayout.of(groups, state, states.shape[0], states.device, rolled=True)  # the encoder runs without a cache
+        layout = RowLayout.of(
+            groups, state, states.shape[0], states.device, rolled=True
+        )  # the encoder runs without a cache
         if mask is None:
             mask = torch.ones(states.shape[0], states.shape[1] - layout.width, dtype=torch.long, device=states.device)
         return args, {**kwargs, "encoder_attention_mask": layout.combine(layout.mask_block().to(mask.dtype), mask)}
@@ -123,7 +145,9 @@ class PromptInputMethod(SoftPromptMethod):
 
     def adapters(self, placement: Placement, config: SoftPromptConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
         stack = placement.model.get_submodule(stacks.input)
-        built: dict[str, SiteAdapter] = {stacks.input: PromptInput(self.build_source(placement, config), stack, stacks, config.num_virtual_tokens)}
+        built: dict[str, SiteAdapter] = {
+            stacks.input: PromptInput(self.build_source(placement, config), stack, stacks, config.num_virtual_tokens)
+        }
         if stacks.decoder is not None:
             built[stacks.decoder] = EncoderPromptMask(config.num_virtual_tokens)
         return built

@@ -52,7 +52,9 @@ class PromptTuningConfig(SoftPromptConfig):
         if self.prompt_tuning_init not in INITS:
             raise DeltaTuneError(f"prompt_tuning_init must be one of {INITS}, got {self.prompt_tuning_init!r}")
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
-            raise DeltaTuneError('prompt_tuning_init="TEXT" needs prompt_tuning_init_text: the text to start the prompt from')
+            raise DeltaTuneError(
+                'prompt_tuning_init="TEXT" needs prompt_tuning_init_text: the text to start the prompt from'
+            )
         if self.prompt_tuning_init == "TEXT" and not self.tokenizer_name_or_path:
             raise DeltaTuneError(
                 'prompt_tuning_init="TEXT" needs a tokenizer to turn the text into tokens: set '
@@ -68,14 +70,18 @@ def text_token_ids(config: PromptTuningConfig) -> list[int]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **options)
     except (OSError, ValueError) as error:
-        raise DeltaTuneError(f"cannot load the tokenizer {config.tokenizer_name_or_path!r} for the init text: {error}") from None
+        raise DeltaTuneError(
+            f"cannot load the tokenizer {config.tokenizer_name_or_path!r} for the init text: {error}"
+        ) from None
     token_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not token_ids:
         raise DeltaTuneError(f"the init text {config.prompt_tuning_init_text!r} gives no tokens; use a longer text")
     return list(itertools.islice(itertools.cycle(token_ids), config.num_virtual_tokens))
 
 
-def initial_prompt(embedding: nn.Embedding, config: PromptTuningConfig, weights_from_file: bool = False) -> torch.Tensor:
+def initial_prompt(
+    embedding: nn.Embedding, config: PromptTuningConfig, weights_from_file: bool = False
+) -> torch.Tensor:
     """P at the start (n × d), in the embedding's dtype and device; random when the weights come from a
     file (no tokenizer is opened then)."""
     weight = embedding.weight
@@ -86,7 +92,10 @@ def initial_prompt(embedding: nn.Embedding, config: PromptTuningConfig, weights_
     if config.prompt_tuning_init == "TEXT":
         token_ids = torch.tensor(text_token_ids(config), device=weight.device)
         if int(token_ids.max()) >= weight.shape[0]:
-            raise DeltaTuneError(f"the tokenizer {config.tokenizer_name_or_path!r} gives ids beyond the model's vocabulary ({weight.shape[0]}); use the model's own tokenizer")
+            raise DeltaTuneError(
+                f"the tokenizer {config.tokenizer_name_or_path!r} gives ids beyond the model's vocabulary "
+                f"({weight.shape[0]}); use the model's own tokenizer"
+            )
     else:
         token_ids = torch.randint(0, weight.shape[0], (count,), device=weight.device)
     return embedding(token_ids).detach().clone()
@@ -99,7 +108,10 @@ class PromptTuningPeft(PromptInputPeft):
     init_fields = ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs")
 
     def config_to_peft(self, config: PromptTuningConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
-        return {**super().config_to_peft(config, targets, model), **{name: getattr(config, name) for name in self.init_fields}}
+        return {
+            **super().config_to_peft(config, targets, model),
+            **{name: getattr(config, name) for name in self.init_fields},
+        }
 
     def config_from_peft(self, data: dict[str, Any]) -> PromptTuningConfig:
         fields = ("num_virtual_tokens", *self.init_fields)
@@ -115,4 +127,3 @@ class PromptTuning(PromptInputMethod):
 
     def build_source(self, placement: Placement, config: PromptTuningConfig) -> nn.Module:
         return PromptTable(initial_prompt(placement.model.get_input_embeddings(), config, placement.weights_from_file))
-

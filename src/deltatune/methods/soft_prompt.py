@@ -57,7 +57,7 @@ class SoftPromptConfig(DeltaConfig):
     num_virtual_tokens: PositiveInt = 8
     """n: how many virtual tokens the prompt (or prefix) has."""
 
-    def collapsed(self) -> "SoftPromptConfig":
+    def collapsed(self) -> SoftPromptConfig:
         """The config of this adapter once its encoder is folded into a plain table (`collapse_soft_prompt`)."""
         return self
 
@@ -143,7 +143,7 @@ class CallShape:
                 f"{total} positions; the model takes at most {limit}. Shorten the input or use fewer virtual tokens"
             )
 
-    def extend_mask(self, key: str, layout: "RowLayout | None", width: int, real_length: int) -> None:
+    def extend_mask(self, key: str, layout: RowLayout | None, width: int, real_length: int) -> None:
         """Give the 2-D mask `key` n ones in front; in a mixed batch, the `layout`'s virtual columns (a
         missing mask becomes explicit there, so that filler columns stay masked)."""
         mask = self.keywords.get(key)
@@ -161,7 +161,9 @@ class CallShape:
         else:
             self.keywords[key] = layout.combine(layout.mask_block().to(mask.dtype), mask)
 
-    def shift_positions(self, width: int, layout: "RowLayout | None", prepend: bool, accepts_positions: bool, real_past: int = 0) -> None:
+    def shift_positions(
+        self, width: int, layout: RowLayout | None, prepend: bool, accepts_positions: bool, real_past: int = 0
+    ) -> None:
         """Move real positions up by n (per row in a mixed batch) and, with `prepend`, give the virtual
         columns theirs. `cache_position` is dropped: the model counts it from the cache again. A mixed
         batch always gets explicit positions, counted from `real_past` (cached real tokens) if not given."""
@@ -200,7 +202,14 @@ class RowLayout:
     rolled: bool
 
     @classmethod
-    def of(cls, groups: list[tuple[SiteAdapter, str, torch.Tensor]], state: RoutingState, batch: int, device: torch.device, rolled: bool) -> "RowLayout":
+    def of(
+        cls,
+        groups: list[tuple[SiteAdapter, str, torch.Tensor]],
+        state: RoutingState,
+        batch: int,
+        device: torch.device,
+        rolled: bool,
+    ) -> RowLayout:
         kinds = {type(adapter) for adapter, _, _ in groups}
         if len(kinds) > 1:
             raise DeltaTuneError(
@@ -233,19 +242,29 @@ class RowLayout:
         """The row sequences: `block` (batch × width × ...) and the real part (batch × T × ...)."""
         if not self.rolled:
             return torch.cat([block, real.to(block.dtype)], dim=1)
-        index = self.real_index(real.shape[1]).view(real.shape[0], real.shape[1], *([1] * (real.dim() - 2))).expand_as(real)
-        return torch.cat([block, torch.zeros_like(real, dtype=block.dtype)], dim=1).scatter(1, index, real.to(block.dtype))
+        index = (
+            self.real_index(real.shape[1]).view(real.shape[0], real.shape[1], *([1] * (real.dim() - 2))).expand_as(real)
+        )
+        return torch.cat([block, torch.zeros_like(real, dtype=block.dtype)], dim=1).scatter(
+            1, index, real.to(block.dtype)
+        )
 
     def real_index(self, length: int) -> torch.Tensor:
         """(batch, T): the columns holding the real tokens."""
-        return self.lengths[:, None] * int(self.rolled) + (0 if self.rolled else self.width) + torch.arange(length, device=self.lengths.device)[None]
+        return (
+            self.lengths[:, None] * int(self.rolled)
+            + (0 if self.rolled else self.width)
+            + torch.arange(length, device=self.lengths.device)[None]
+        )
 
     def trim(self, tensor: torch.Tensor, dim: int, length: int) -> torch.Tensor:
         """The real tokens' entries of an output along `dim`."""
         dim = dim % tensor.dim()
         shape = [1] * tensor.dim()
         shape[0], shape[dim] = tensor.shape[0], length
-        return tensor.gather(dim, self.real_index(length).view(shape).expand(*tensor.shape[:dim], length, *tensor.shape[dim + 1:]))
+        return tensor.gather(
+            dim, self.real_index(length).view(shape).expand(*tensor.shape[:dim], length, *tensor.shape[dim + 1 :])
+        )
 
 
 def trim_output(output: Any, count: int, layout: RowLayout | None = None) -> Any:
@@ -262,7 +281,9 @@ def trim_output(output: Any, count: int, layout: RowLayout | None = None) -> Any
         value = output.get(key)
         if value is None:
             continue
-        output[key] = tuple(real_part(item, dim) for item in value) if isinstance(value, tuple) else real_part(value, dim)
+        output[key] = (
+            tuple(real_part(item, dim) for item in value) if isinstance(value, tuple) else real_part(value, dim)
+        )
     return output
 
 
@@ -297,7 +318,9 @@ def collapse_soft_prompt(delta_model: Any, name: str = "default") -> None:
     delta_model.require([name])
     config = delta_model.configs[name]
     if not isinstance(config, SoftPromptConfig):
-        raise DeltaTuneError(f"adapter {name!r} is a {config.method} adapter; only soft prompts have an encoder to collapse")
+        raise DeltaTuneError(
+            f"adapter {name!r} is a {config.method} adapter; only soft prompts have an encoder to collapse"
+        )
     trainable = any(parameter.requires_grad for parameter in delta_model.adapter_parameters(name))
     for _, site in delta_model.sites():
         adapter = site.adapters[name] if name in site.adapters else None

@@ -55,7 +55,9 @@ def checkpoint_folder(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINTS_FOLDER / f"step-{step:06d}"
 
 
-def save_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState) -> None:
+def save_checkpoint(
+    folder: Path, delta_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState
+) -> None:
     optimizer_state = optimizer.state_dict()
     tensors = {
         f"state.{index}.{name}": value
@@ -73,17 +75,24 @@ def save_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optim
         "scheduler": scheduler.state_dict(),
         "run": state.run,
     }
-    write_files(folder, {
-        TRAINABLE_FILE: safetensors_writer(dict(trainable_parameters(delta_model))),
-        OPTIMIZER_FILE: safetensors_writer(tensors),
-        RANDOM_FILE: safetensors_writer(generators),
-        STATE_FILE: json_writer(finite_json(trainer_state)),
-    })
+    write_files(
+        folder,
+        {
+            TRAINABLE_FILE: safetensors_writer(dict(trainable_parameters(delta_model))),
+            OPTIMIZER_FILE: safetensors_writer(tensors),
+            RANDOM_FILE: safetensors_writer(generators),
+            STATE_FILE: json_writer(finite_json(trainer_state)),
+        },
+    )
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoints in `output_dir`, by step."""
-    found = [path for path in (output_dir / CHECKPOINTS_FOLDER).glob("step-*") if path.name[5:].isdigit() and (path / STATE_FILE).is_file()]
+    found = [
+        path
+        for path in (output_dir / CHECKPOINTS_FOLDER).glob("step-*")
+        if path.name[5:].isdigit() and (path / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda path: int(path.name[5:]))
 
 
@@ -96,14 +105,16 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     """Remove all but the `keep` newest complete checkpoints."""
     found = complete_checkpoints(output_dir)
-    for folder in found[:max(0, len(found) - keep)]:
+    for folder in found[: max(0, len(found) - keep)]:
         shutil.rmtree(folder)
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     """The `trainer_state.json` of checkpoint `folder` (a clear error when it is not a checkpoint)."""
     if not (folder / STATE_FILE).is_file():
-        raise DeltaTuneError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint folder or the output folder")
+        raise DeltaTuneError(
+            f"{folder} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint folder or the output folder"
+        )
     return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
 
 
@@ -116,7 +127,9 @@ def load_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optim
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in saved["param_groups"]]
+    groups = [
+        {**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in saved["param_groups"]
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(saved["scheduler"])
     generators = load_file(str(folder / RANDOM_FILE))
@@ -137,7 +150,10 @@ def _load_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> N
     live = dict(trainable_parameters(model))
     if set(live) != set(saved):
         missing = sorted(set(live) ^ set(saved))
-        raise DeltaTuneError(f"the checkpoint does not fit this run (first differing parameter {missing[0]!r}); resume with the config it was written with")
+        raise DeltaTuneError(
+            f"the checkpoint does not fit this run (first differing parameter {missing[0]!r}); resume with the config "
+            "it was written with"
+        )
     with torch.no_grad():
         for name, parameter in live.items():
             parameter.copy_(saved[name])

@@ -49,7 +49,9 @@ def _train(arguments: argparse.Namespace) -> None:
     from .loop import train
     from .report import METRICS_FILE
 
-    result = train(_config(arguments.config, arguments.overrides), resume=arguments.resume, progress=not arguments.quiet)
+    result = train(
+        _config(arguments.config, arguments.overrides), resume=arguments.resume, progress=not arguments.quiet
+    )
     print(f"adapter saved in {result.output_dir / ADAPTER_FOLDER}; metrics in {result.output_dir / METRICS_FILE}")
 
 
@@ -113,14 +115,23 @@ def _inspect(arguments: argparse.Namespace) -> None:
 def _demo(arguments: argparse.Namespace) -> None:
     from .demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(
-        out=arguments.out, model=arguments.model, method=arguments.method, data=arguments.data,
-        steps=arguments.steps, examples=arguments.examples, overrides=arguments.overrides,
-    ))
+    run_demo(
+        DemoOptions(
+            out=arguments.out,
+            model=arguments.model,
+            method=arguments.method,
+            data=arguments.data,
+            steps=arguments.steps,
+            examples=arguments.examples,
+            overrides=arguments.overrides,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning for PyTorch models.")
+    parser = argparse.ArgumentParser(
+        prog="deltatune", description="Parameter-efficient fine-tuning for PyTorch models."
+    )
     parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("methods", help="list the registered methods").set_defaults(run=_methods)
@@ -131,7 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an adapter from a YAML config")
     train.add_argument("config", help="the YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. adapter.r=16")
-    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT", help="continue from the latest checkpoint in output_dir, or from CHECKPOINT")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in output_dir, or from CHECKPOINT",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
@@ -156,14 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--depth", type=int, default=6, help="deepest level shown (default 6)")
     inspect.set_defaults(run=_inspect)
 
-    demo = commands.add_parser("demo", help="the main job: fine-tune SmolLM2-135M-Instruct on a generated task, offline")
+    demo = commands.add_parser(
+        "demo", help="the main job: fine-tune SmolLM2-135M-Instruct on a generated task, offline"
+    )
     demo.add_argument("--out", default="deltatune-demo", help="output folder (default ./deltatune-demo)")
     demo.add_argument("--model", default="smollm2", help="model folder or packaged name (default smollm2)")
     demo.add_argument("--method", default="lora", help="a registered method (default lora)")
     demo.add_argument("--data", help="a prompt/completion JSONL file to use instead of the generated task")
     demo.add_argument("--steps", type=int, help="optimizer steps (default: the demo's budget)")
     demo.add_argument("--examples", type=int, help="evaluation examples (default 64)")
-    demo.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, e.g. learning_rate=1e-3 adapter.r=4")
+    demo.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="training config overrides, e.g. learning_rate=1e-3 adapter.r=4",
+    )
     demo.set_defaults(run=_demo)
     return parser
 

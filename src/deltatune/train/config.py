@@ -28,7 +28,15 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from ..errors import DeltaTuneError
-from ..field_check import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields, numbers_from_text
+from ..field_check import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    check_fields,
+    numbers_from_text,
+)
 
 
 class ConfigError(DeltaTuneError):
@@ -105,7 +113,7 @@ class TrainConfig:
         self.validate()
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         """Read a YAML config file and apply `key=value` overrides."""
         path = Path(path)
         if not path.is_file():
@@ -121,7 +129,7 @@ class TrainConfig:
         return cls.from_dict(apply_overrides(data, overrides))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = [field.name for field in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
@@ -138,7 +146,9 @@ class TrainConfig:
         if not self.train_file:
             raise ConfigError("the config needs `train_file`: a .jsonl, .csv or .tsv file of training records")
         if "method" not in self.adapter:
-            raise ConfigError("`adapter` must be a mapping with a `method` key (lora, bitfit, ...) and that method's fields")
+            raise ConfigError(
+                "`adapter` must be a mapping with a `method` key (lora, bitfit, ...) and that method's fields"
+            )
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
         if not DEVICE.fullmatch(self.device):
@@ -173,7 +183,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for override in overrides:
         key, sign, text = override.partition("=")
         if not sign or not key.strip():
-            raise ConfigError(f"bad override {override!r}: write key=value, for example learning_rate=1e-4 or adapter.r=16")
+            raise ConfigError(
+                f"bad override {override!r}: write key=value, for example learning_rate=1e-4 or adapter.r=16"
+            )
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:

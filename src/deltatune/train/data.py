@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..errors import DeltaTuneError
 
@@ -56,7 +57,9 @@ def _read_jsonl(path: Path) -> list[Record]:
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be one JSON object") from None
+                raise DataError(
+                    f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be one JSON object"
+                ) from None
             if not isinstance(fields, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(fields).__name__}")
             records.append(Record(fields, where))
@@ -71,7 +74,9 @@ def _read_delimited(delimiter: str) -> Callable[[Path], list[Record]]:
             for row in reader:
                 where = f"{path.name} line {reader.line_num}"
                 if None in row or None in row.values():
-                    raise DataError(f"{where}: the row has a different number of columns than the header {reader.fieldnames}")
+                    raise DataError(
+                        f"{where}: the row has a different number of columns than the header {reader.fieldnames}"
+                    )
                 records.append(Record(dict(row), where))
         return records
 
@@ -92,7 +97,10 @@ def read_records(source: str | Path | Iterable[dict[str, Any]], columns: dict[st
     records = _read(source)
     if not columns:
         return records
-    return [Record({columns.get(key, key): value for key, value in record.fields.items()}, record.where) for record in records]
+    return [
+        Record({columns.get(key, key): value for key, value in record.fields.items()}, record.where)
+        for record in records
+    ]
 
 
 def _read(source: str | Path | Iterable[dict[str, Any]]) -> list[Record]:

@@ -31,8 +31,14 @@ from .data import read_records
 from .evaluate import Evaluation
 from .report import before_after_table
 
-NAMES = "Maria Ahmed Chen Olga Pedro Yuki Amara Lars Fatima Diego Ingrid Kofi Priya Tomas Leila Ravi Sofia Jonas Mei Omar Elena Kwame Hana Luca Nadia Pablo Greta Tariq Aiko Felix".split()
-CITIES = "Berlin Lagos Lima Oslo Cairo Delhi Quito Porto Seoul Dakar Lyon Hanoi Perth Riga Tunis Accra Bergen Cusco Graz Malmo".split()
+NAMES = (
+    "Maria Ahmed Chen Olga Pedro Yuki Amara Lars Fatima Diego Ingrid Kofi Priya Tomas Leila Ravi Sofia Jonas Mei "
+    "Omar Elena Kwame Hana Luca Nadia Pablo Greta Tariq Aiko Felix"
+).split()
+CITIES = (
+    "Berlin Lagos Lima Oslo Cairo Delhi Quito Porto Seoul Dakar Lyon Hanoi Perth Riga Tunis Accra Bergen Cusco "
+    "Graz Malmo"
+).split()
 ITEMS = "apples books chairs lamps shirts candles bottles pencils tables tickets mugs rugs clocks kites drums".split()
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 PATTERNS = [
@@ -51,7 +57,12 @@ def generate_records(count: int, seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
     records = []
     for _ in range(count):
-        fields = {"name": rng.choice(NAMES), "city": rng.choice(CITIES), "item": rng.choice(ITEMS), "count": rng.randint(2, 12)}
+        fields = {
+            "name": rng.choice(NAMES),
+            "city": rng.choice(CITIES),
+            "item": rng.choice(ITEMS),
+            "count": rng.randint(2, 12),
+        }
         spoken = NUMBER_WORDS[fields["count"]] if rng.random() < 0.5 else str(fields["count"])
         sentence = rng.choice(PATTERNS).format(**{**fields, "count": spoken})
         records.append({"prompt": sentence, "completion": json.dumps(fields)})
@@ -80,13 +91,16 @@ class DemoOptions:
 
 def record_match(predictions: list[str], references: list[str]) -> float:
     """Share of answers that parse as JSON equal to the reference record (format-blind exact match)."""
+
     def parsed(text: str) -> Any:
         try:
-            return json.loads(text[text.index("{"):text.rindex("}") + 1])
+            return json.loads(text[text.index("{") : text.rindex("}") + 1])
         except ValueError:
             return None
 
-    return sum(parsed(p) is not None and parsed(p) == parsed(r) for p, r in zip(predictions, references)) / max(len(references), 1)
+    return sum(parsed(p) is not None and parsed(p) == parsed(r) for p, r in zip(predictions, references)) / max(
+        len(references), 1
+    )
 
 
 def _write_jsonl(records: list[dict[str, Any]]):
@@ -103,12 +117,17 @@ def write_data(options: DemoOptions, folder: Path) -> tuple[Path, Path]:
     if options.data:
         records = [record.fields for record in read_records(options.data)]
         if len(records) <= examples:
-            raise DeltaTuneError(f"{options.data} has {len(records)} records; the demo holds out {examples} for evaluation (set --examples lower)")
+            raise DeltaTuneError(
+                f"{options.data} has {len(records)} records; the demo holds out {examples} for evaluation (set "
+                "--examples lower)"
+            )
         train, held_out = records[:-examples], records[-examples:]
     else:
         train = generate_records(TRAIN_EXAMPLES, SEED)
         seen = {record["prompt"] for record in train}
-        held_out = [record for record in generate_records(2 * examples, SEED + 1) if record["prompt"] not in seen][:examples]
+        held_out = [record for record in generate_records(2 * examples, SEED + 1) if record["prompt"] not in seen][
+            :examples
+        ]
     write_files(folder, {"train.jsonl": _write_jsonl(train), "eval.jsonl": _write_jsonl(held_out)})
     return folder / "train.jsonl", folder / "eval.jsonl"
 
@@ -118,11 +137,24 @@ def demo_config(options: DemoOptions, train_file: Path, eval_file: Path, layers:
     if options.method == "lora" and layers:
         adapter["layers_to_transform"] = list(range(layers // 2, layers))
     settings = {
-        "model": options.model, "task": "causal-lm", "train_file": str(train_file), "eval_file": str(eval_file),
-        "adapter": adapter, "output_dir": options.out, "overwrite_output_dir": True, "chat_template": chat,
+        "model": options.model,
+        "task": "causal-lm",
+        "train_file": str(train_file),
+        "eval_file": str(eval_file),
+        "adapter": adapter,
+        "output_dir": options.out,
+        "overwrite_output_dir": True,
+        "chat_template": chat,
         "system_prompt": SYSTEM_PROMPT if chat and not options.data else None,
-        "max_length": 128, "batch_size": 8, "max_steps": options.steps or 40, "learning_rate": 2e-3,
-        "warmup_steps": 4, "scheduler": "linear", "max_new_tokens": 48, "eval_batch_size": 32, "eval_every": 10,
+        "max_length": 128,
+        "batch_size": 8,
+        "max_steps": options.steps or 40,
+        "learning_rate": 2e-3,
+        "warmup_steps": 4,
+        "scheduler": "linear",
+        "max_new_tokens": 48,
+        "eval_batch_size": 32,
+        "eval_every": 10,
     }
     return TrainConfig.from_dict(apply_overrides(settings, options.overrides))
 
@@ -137,9 +169,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     tokenizer = load_tokenizer(str(folder))
     train_file, eval_file = write_data(options, out / "data")
     settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config = demo_config(options, train_file, eval_file, settings.get("num_hidden_layers"), bool(tokenizer.chat_template))
+    config = demo_config(
+        options, train_file, eval_file, settings.get("num_hidden_layers"), bool(tokenizer.chat_template)
+    )
     run = prepare_run(config)
     print(run.delta_model.trainable_summary())
+
     def scored(evaluation: Evaluation) -> Evaluation:
         if not options.data:
             evaluation.metrics["record_match"] = record_match(evaluation.predictions, evaluation.references)
@@ -151,11 +186,19 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     result = train_run(run)
     after = scored(result.final)
     history = [{"step": 0, **{f"eval_{k}": v for k, v in before.metrics.items()}}, *result.history]
-    report = {"metric": "exact_match", "before": before.metrics["exact_match"], "after": after.metrics["exact_match"], "before_all": before.metrics, "after_all": after.metrics}
+    report = {
+        "metric": "exact_match",
+        "before": before.metrics["exact_match"],
+        "after": after.metrics["exact_match"],
+        "before_all": before.metrics,
+        "after_all": after.metrics,
+    }
     run.write_report(out, history, after, result.seconds, report)
     print()
     print(before_after_table(before.metrics, after.metrics))
-    prompts = [record.get("prompt", "(chat)") for record in map(json.loads, eval_file.read_text(encoding="utf-8").splitlines())]
+    prompts = [
+        record.get("prompt", "(chat)") for record in map(json.loads, eval_file.read_text(encoding="utf-8").splitlines())
+    ]
     for prompt, was, now in list(zip(prompts, before.predictions, after.predictions))[:3]:
         print(f"\n  input:  {prompt}\n  before: {was[:100]!r}\n  after:  {now!r}")
     print(f"\nadapter, metrics.json and training.png are in {out}/")

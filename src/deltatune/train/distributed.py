@@ -44,7 +44,9 @@ class Ranks:
 
 
 def ranks_from_environment() -> Ranks:
-    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    )
 
 
 def start(ranks: Ranks, device: torch.device) -> bool:

@@ -57,7 +57,10 @@ def _chat(context: EncodeContext, prompt: str, completion: str | None = None) ->
 
 def render_chat(context: EncodeContext, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     if not getattr(context.tokenizer, "chat_template", None):
-        raise DataError("chat data needs a tokenizer with a chat template; this tokenizer has none (set chat_template: false and use prompt/completion)")
+        raise DataError(
+            "chat data needs a tokenizer with a chat template; this tokenizer has none (set chat_template: false and "
+            "use prompt/completion)"
+        )
     return context.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -66,7 +69,9 @@ def _lm_texts(record: Record, context: EncodeContext) -> tuple[str, str, str]:
     if "messages" in record.fields:
         messages = record.get("messages", list)
         if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
-            raise DataError(f"{record.where}: field 'messages' must end with an assistant message (the answer that is learned)")
+            raise DataError(
+                f"{record.where}: field 'messages' must end with an assistant message (the answer that is learned)"
+            )
         prompt = render_chat(context, messages[:-1], add_generation_prompt=True)
         full = render_chat(context, messages, add_generation_prompt=False)
         reference = str(messages[-1].get("content", ""))
@@ -78,8 +83,11 @@ def _lm_texts(record: Record, context: EncodeContext) -> tuple[str, str, str]:
         prompt = prompt_text(context, user)
         full = render_chat(context, _chat(context, user, reference), add_generation_prompt=False)
     if not full.startswith(prompt):
-        raise DataError(f"{record.where}: the chat template renders the conversation so that the prompt is not its beginning; use prompt/completion without chat_template")
-    return prompt, full[len(prompt):], reference
+        raise DataError(
+            f"{record.where}: the chat template renders the conversation so that the prompt is not its beginning; use "
+            "prompt/completion without chat_template"
+        )
+    return prompt, full[len(prompt) :], reference
 
 
 def _ids(context: EncodeContext, text: str, special: bool) -> list[int]:
@@ -92,9 +100,18 @@ def encode_causal(record: Record, context: EncodeContext) -> dict[str, Any]:
     completion_ids = _ids(context, completion, special=False)
     ids = (prompt_ids + completion_ids)[: context.max_length]
     if len(prompt_ids) >= len(ids):
-        raise DataError(f"{record.where}: the prompt alone fills max_length={context.max_length} tokens; raise max_length or shorten the prompt")
-    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "prompt_length": len(prompt_ids), "reference": reference}
+        raise DataError(
+            f"{record.where}: the prompt alone fills max_length={context.max_length} tokens; raise max_length or "
+            "shorten the prompt"
+        )
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": labels,
+        "prompt_length": len(prompt_ids),
+        "reference": reference,
+    }
 
 
 def encode_seq2seq(record: Record, context: EncodeContext) -> dict[str, Any]:
@@ -102,7 +119,12 @@ def encode_seq2seq(record: Record, context: EncodeContext) -> dict[str, Any]:
     source, target = record.get("prompt", hint=hint), record.get("completion", hint=hint)
     encoded = context.tokenizer(source, truncation=True, max_length=context.max_length)
     labels = context.tokenizer(text_target=target, truncation=True, max_length=context.max_length)["input_ids"]
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels, "reference": target}
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "labels": labels,
+        "reference": target,
+    }
 
 
 def _label_id(record: Record, context: EncodeContext, value: Any) -> int:
@@ -124,8 +146,12 @@ def encode_sequence_classification(record: Record, context: EncodeContext) -> di
 def encode_token_classification(record: Record, context: EncodeContext) -> dict[str, Any]:
     words, tags = record.get("tokens", list), record.get("tags", list)
     if len(words) != len(tags):
-        raise DataError(f"{record.where}: 'tokens' has {len(words)} words but 'tags' {len(tags)}; give one tag per word")
-    encoded = context.tokenizer([str(word) for word in words], is_split_into_words=True, truncation=True, max_length=context.max_length)
+        raise DataError(
+            f"{record.where}: 'tokens' has {len(words)} words but 'tags' {len(tags)}; give one tag per word"
+        )
+    encoded = context.tokenizer(
+        [str(word) for word in words], is_split_into_words=True, truncation=True, max_length=context.max_length
+    )
     labels, previous = [], None
     for word in encoded.word_ids():
         labels.append(IGNORE_INDEX if word is None or word == previous else _label_id(record, context, tags[word]))
@@ -135,21 +161,34 @@ def encode_token_classification(record: Record, context: EncodeContext) -> dict[
 
 def encode_question_answering(record: Record, context: EncodeContext) -> dict[str, Any]:
     hint = " (qa records need 'question', 'context' and 'answer')"
-    question, passage, answer = record.get("question", hint=hint), record.get("context", hint=hint), record.get("answer", hint=hint)
+    question, passage, answer = (
+        record.get("question", hint=hint),
+        record.get("context", hint=hint),
+        record.get("answer", hint=hint),
+    )
     start_char = int(record.fields.get("answer_start", passage.find(answer)))
-    if start_char < 0 or passage[start_char:start_char + len(answer)] != answer:
+    if start_char < 0 or passage[start_char : start_char + len(answer)] != answer:
         raise DataError(f"{record.where}: the answer {answer!r} is not in the context (at answer_start={start_char})")
     end_char = start_char + len(answer)
-    encoded = context.tokenizer(question, passage, truncation="only_second", max_length=context.max_length, return_offsets_mapping=True)
+    encoded = context.tokenizer(
+        question, passage, truncation="only_second", max_length=context.max_length, return_offsets_mapping=True
+    )
     sequence_ids = encoded.sequence_ids()
-    offsets = [tuple(offset) if sequence == 1 else None for offset, sequence in zip(encoded.pop("offset_mapping"), sequence_ids)]
+    offsets = [
+        tuple(offset) if sequence == 1 else None
+        for offset, sequence in zip(encoded.pop("offset_mapping"), sequence_ids)
+    ]
     start = next((i for i, o in enumerate(offsets) if o and o[0] <= start_char < o[1]), 0)
     end = next((i for i, o in enumerate(offsets) if o and o[0] < end_char <= o[1]), 0)
     if end < start:
         start = end = 0
     return {
         **{key: list(value) for key, value in encoded.items()},
-        "start_positions": start, "end_positions": end, "offsets": offsets, "context": passage, "reference": answer,
+        "start_positions": start,
+        "end_positions": end,
+        "offsets": offsets,
+        "context": passage,
+        "reference": answer,
     }
 
 
@@ -158,8 +197,10 @@ def encode_feature_extraction(record: Record, context: EncodeContext) -> dict[st
     text = context.tokenizer(record.get("text", hint=hint), truncation=True, max_length=context.max_length)
     positive = context.tokenizer(record.get("positive", hint=hint), truncation=True, max_length=context.max_length)
     return {
-        "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
-        "positive_input_ids": positive["input_ids"], "positive_attention_mask": positive["attention_mask"],
+        "input_ids": text["input_ids"],
+        "attention_mask": text["attention_mask"],
+        "positive_input_ids": positive["input_ids"],
+        "positive_attention_mask": positive["attention_mask"],
     }
 
 
@@ -174,10 +215,13 @@ def label_names(label_field: LabelField | None, records: list[Record]) -> list[s
         found.update(map(str, value) if label_field.per_word else [str(value)])
     if len(found) == 1:
         raise DataError(
-            f"the training data holds only one label, {found.pop()!r} (field {label_field.name!r}); classification needs at "
+            f"the training data holds only one label, {found.pop()!r} (field {label_field.name!r}); classification "
+            "needs at "
             "least two: add examples of the other labels"
         )
-    return sorted(found, key=lambda name: (not name.lstrip("-").isdigit(), int(name) if name.lstrip("-").isdigit() else 0, name))
+    return sorted(
+        found, key=lambda name: (not name.lstrip("-").isdigit(), int(name) if name.lstrip("-").isdigit() else 0, name)
+    )
 
 
 PAD_VALUES = {"attention_mask": 0, "positive_attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}

@@ -29,12 +29,17 @@ class Evaluation:
 
 def eval_loss(model: nn.Module, task: TaskType, features: list[dict[str, Any]], context: EvalContext) -> float:
     """Mean of the task loss over the batches of `features`."""
-    losses = [task.loss(model, on_device(collate(batch, context.pad_id), context.device)).item() for batch in batches(features, context.batch_size)]
+    losses = [
+        task.loss(model, on_device(collate(batch, context.pad_id), context.device)).item()
+        for batch in batches(features, context.batch_size)
+    ]
     return sum(losses) / len(losses)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: TaskType, features: list[dict[str, Any]], context: EvalContext, with_loss: bool = True) -> Evaluation:
+def evaluate(
+    model: nn.Module, task: TaskType, features: list[dict[str, Any]], context: EvalContext, with_loss: bool = True
+) -> Evaluation:
     """The task's metrics (those whose packages are installed) on `features`."""
     was_training = model.training
     model.eval()

@@ -21,10 +21,22 @@ from ..errors import CheckpointMismatchError
 from .checkpoint import read_trainer_state
 from .config import TrainConfig
 
-KEEPS_THE_MATH = frozenset({
-    "output_dir", "overwrite_output_dir", "save_every", "save_total_limit", "eval_every", "log_every",
-    "eval_file", "eval_batch_size", "max_new_tokens", "device", "gradient_checkpointing", "train_file",
-})
+KEEPS_THE_MATH = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "save_every",
+        "save_total_limit",
+        "eval_every",
+        "log_every",
+        "eval_file",
+        "eval_batch_size",
+        "max_new_tokens",
+        "device",
+        "gradient_checkpointing",
+        "train_file",
+    }
+)
 """Settings a resumed run may change: where and how often it writes and evaluates, the device, and
 activation recomputation (same gradients). `train_file` is compared by content (`training_data`)."""
 
@@ -50,12 +62,16 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
     saved = read_trainer_state(folder).get("run")
     again = "resume with the settings it was written with, or start afresh with overwrite_output_dir=true"
     if saved is None:
-        raise CheckpointMismatchError(f"--resume: {folder} does not record which run wrote it (an older deltatune wrote it); {again}")
+        raise CheckpointMismatchError(
+            f"--resume: {folder} does not record which run wrote it (an older deltatune wrote it); {again}"
+        )
     before, now = saved["fingerprint"], record["fingerprint"]
     differ = [name for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
     if differ:
         described = ", ".join(_difference(name, before.get(name), now.get(name)) for name in differ)
-        raise CheckpointMismatchError(f"--resume: {folder} was written by a run with other settings ({described}); {again}")
+        raise CheckpointMismatchError(
+            f"--resume: {folder} was written by a run with other settings ({described}); {again}"
+        )
 
 
 def _difference(name: str, before: Any, now: Any) -> str:

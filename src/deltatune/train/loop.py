@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -67,7 +68,9 @@ class Run:
     eval_context: EvalContext = field(init=False)
 
     def __post_init__(self) -> None:
-        self.eval_context = EvalContext(self.tokenizer, self.device, self.config.eval_batch_size, self.config.max_new_tokens)
+        self.eval_context = EvalContext(
+            self.tokenizer, self.device, self.config.eval_batch_size, self.config.max_new_tokens
+        )
 
     def evaluate(self, with_loss: bool = True) -> Evaluation:
         if not self.eval_features:
@@ -75,14 +78,24 @@ class Run:
         return evaluate(self.delta_model, self.task, self.eval_features, self.eval_context, with_loss)
 
     def write_report(
-        self, output_dir: Path, history: list[dict[str, float]], final: Evaluation | None, seconds: float,
+        self,
+        output_dir: Path,
+        history: list[dict[str, float]],
+        final: Evaluation | None,
+        seconds: float,
         extra: dict[str, Any] | None = None,
     ) -> None:
         """`metrics.json` and the plot of this run (`report.py`)."""
         write_report(
-            output_dir, task=self.task.name, method=self.config.adapter.get("method"),
-            parameters=self.delta_model.trainable_summary(), history=history, final_metrics=final.metrics if final else {},
-            seconds=seconds, main_metric=self.task.main_metric, extra=extra,
+            output_dir,
+            task=self.task.name,
+            method=self.config.adapter.get("method"),
+            parameters=self.delta_model.trainable_summary(),
+            history=history,
+            final_metrics=final.metrics if final else {},
+            seconds=seconds,
+            main_metric=self.task.main_metric,
+            extra=extra,
         )
 
 
@@ -113,7 +126,9 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
     tokenizer = load_tokenizer(config.tokenizer or str(model_folder(config.model)))
     labels = label_names(task.label_field, train_records)
-    context = EncodeContext(tokenizer, config.max_length, config.chat_template, config.system_prompt, {n: i for i, n in enumerate(labels)})
+    context = EncodeContext(
+        tokenizer, config.max_length, config.chat_template, config.system_prompt, {n: i for i, n in enumerate(labels)}
+    )
     train_features, eval_features = task.encode(train_records, context), task.encode(eval_records, context)
     torch.manual_seed(config.seed)
     model = load_model(config.model, task, tokenizer, labels)
@@ -157,7 +172,13 @@ class Schedule:
     """Which examples each rank reads at each micro-step: a pure function of (seed, step)."""
 
     def __init__(self, config: TrainConfig, count: int, ranks: distributed.Ranks) -> None:
-        self.batch, self.accumulation, self.ranks, self.count, self.seed = config.batch_size, config.gradient_accumulation_steps, ranks, count, config.seed
+        self.batch, self.accumulation, self.ranks, self.count, self.seed = (
+            config.batch_size,
+            config.gradient_accumulation_steps,
+            ranks,
+            count,
+            config.seed,
+        )
         self.per_step = self.batch * self.accumulation * ranks.world_size
         self.steps_per_epoch = max(1, math.ceil(count / self.per_step))
         self.total = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
@@ -166,11 +187,16 @@ class Schedule:
     def micro_batches(self, step: int) -> list[list[int]]:
         epoch, within = divmod(step, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + epoch)))
+            self._order = (
+                epoch,
+                torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + epoch)),
+            )
         first = within * self.per_step
         indices = [int(self._order[1][(first + i) % self.count]) for i in range(self.per_step)]
         size = self.batch
-        return [indices[(k * self.ranks.world_size + self.ranks.rank) * size:][:size] for k in range(self.accumulation)]
+        return [
+            indices[(k * self.ranks.world_size + self.ranks.rank) * size :][:size] for k in range(self.accumulation)
+        ]
 
 
 def train(config: TrainConfig, resume: str | Path | bool | None = None, progress: bool = True) -> TrainResult:
@@ -203,7 +229,9 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     state = _starting_state(run, ranks, resume, optimizer, scheduler)
     model = distributed.wrap(run.delta_model, ranks, run.device)
     pad_id = run.eval_context.pad_id
-    bar = tqdm(total=schedule.total, initial=state.step, disable=not (progress and ranks.main), unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=schedule.total, initial=state.step, disable=not (progress and ranks.main), unit="step", dynamic_ncols=True
+    )
     started, tokens = time.perf_counter(), 0
     model.train()
     while state.step < schedule.total:
@@ -229,7 +257,9 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         state.step += 1
         _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0])
         elapsed = time.perf_counter() - started
-        bar.set_postfix(loss=f"{float(step_loss):.4f}", tok_s=f"{tokens * ranks.world_size / elapsed:.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{float(step_loss):.4f}", tok_s=f"{tokens * ranks.world_size / elapsed:.0f}", refresh=False
+        )
         bar.update(1)
         if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
             _check_weights(config, parameters, state.step)
@@ -249,7 +279,13 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     return TrainResult(run, state.history, final, output_dir, seconds)
 
 
-def _starting_state(run: Run, ranks: distributed.Ranks, resume: str | Path | bool | None, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+def _starting_state(
+    run: Run,
+    ranks: distributed.Ranks,
+    resume: str | Path | bool | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> TrainerState:
     """Step 0 in an output folder cleared of earlier runs, or the checkpoint resumed (which must be
     this run's); either way the state records this run, for the checkpoints it writes."""
     output_dir = Path(run.config.output_dir)
@@ -260,7 +296,9 @@ def _starting_state(run: Run, ranks: distributed.Ranks, resume: str | Path | boo
         return TrainerState(run=record)
     folder = latest_checkpoint(output_dir) if resume is True else Path(resume)
     if folder is None:
-        raise DeltaTuneError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS_FOLDER}; train without --resume, or set save_every")
+        raise DeltaTuneError(
+            f"--resume: no checkpoint in {output_dir / CHECKPOINTS_FOLDER}; train without --resume, or set save_every"
+        )
     check_same_run(folder, record)
     state = load_checkpoint(folder, run.delta_model, optimizer, scheduler)
     state.run = record
@@ -271,14 +309,24 @@ def _check_step(config: TrainConfig, step: int, loss: float, gradient_norm: floa
     """Stop at a step whose loss or gradient norm is non-finite, or whose gradient is exactly zero
     while the loss is not: a saturated (or disconnected) adapter that no further step can move."""
     if not math.isfinite(loss + gradient_norm):
-        raise _diverged(config, step, f"the loss is {loss:.4g} and the gradient norm {gradient_norm:.4g}", before_any_update=step == 1)
+        raise _diverged(
+            config,
+            step,
+            f"the loss is {loss:.4g} and the gradient norm {gradient_norm:.4g}",
+            before_any_update=step == 1,
+        )
     if gradient_norm == 0.0 and loss > 0.0:
         if step == 1:
             raise TrainingDivergedError(
                 f"step 1: the gradient is exactly zero at loss {loss:.4g}: the adapter does not reach the loss; "
                 "check target_modules (and that the task's labels are not all ignored)"
             )
-        raise _diverged(config, step, f"the gradient is exactly zero at loss {loss:.4g}, so no step can move the adapter", before_any_update=False)
+        raise _diverged(
+            config,
+            step,
+            f"the gradient is exactly zero at loss {loss:.4g}, so no step can move the adapter",
+            before_any_update=False,
+        )
 
 
 def _check_weights(config: TrainConfig, parameters: list[torch.nn.Parameter], step: int) -> None:
@@ -298,7 +346,9 @@ def _diverged(config: TrainConfig, step: int, what: str, before_any_update: bool
     return TrainingDivergedError(f"training diverged at step {step}: {what}{cause}; no adapter was saved and {saved}")
 
 
-def _record(run: Run, ranks: distributed.Ranks, state: TrainerState, schedule: Schedule, loss: float, learning_rate: float) -> None:
+def _record(
+    run: Run, ranks: distributed.Ranks, state: TrainerState, schedule: Schedule, loss: float, learning_rate: float
+) -> None:
     config = run.config
     if state.step % config.log_every == 0 or state.step == schedule.total:
         state.history.append({"step": state.step, "loss": loss, "learning_rate": learning_rate})

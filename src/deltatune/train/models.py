@@ -8,9 +8,9 @@ are added to the adapter's `modules_to_save` unless the config names them itself
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -49,7 +49,10 @@ def load_tokenizer(name: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as error:
-        raise DeltaTuneError(f"cannot load a tokenizer from {folder} ({type(error).__name__}); set `tokenizer:` to a folder that holds one") from None
+        raise DeltaTuneError(
+            f"cannot load a tokenizer from {folder} ({type(error).__name__}); set `tokenizer:` to a folder that holds "
+            "one"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -64,17 +67,27 @@ def saved_model_class(folder: Path) -> Any:
     return next(named, transformers.AutoModel)
 
 
-def load_model(name: str, task: TaskType | None = None, tokenizer: Any = None, label_names: Sequence[str] = ()) -> nn.Module:
+def load_model(
+    name: str, task: TaskType | None = None, tokenizer: Any = None, label_names: Sequence[str] = ()
+) -> nn.Module:
     """The model in folder or packaged name `name`: loaded with `task`'s auto class (labels set for
     classification), or without a task with the class its config names. A tokenizer's pad id fills
     in a config that has none."""
     folder = model_folder(name)
     extra: dict[str, Any] = {}
     if label_names:
-        extra = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+        extra = {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {n: i for i, n in enumerate(label_names)},
+        }
     model_class = task.auto_class() if task is not None else saved_model_class(folder)
     model = model_class.from_pretrained(str(folder), local_files_only=True, **extra)
-    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+    if (
+        tokenizer is not None
+        and getattr(model.config, "pad_token_id", None) is None
+        and tokenizer.pad_token_id is not None
+    ):
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

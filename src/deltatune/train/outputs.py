@@ -17,9 +17,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
 
 from ..errors import OutputFolderError
 from .checkpoint import ADAPTER_FOLDER, CHECKPOINTS_FOLDER
@@ -51,7 +50,9 @@ def _check_writable(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".deltatune-probe-"):
             pass
     except OSError as error:
-        raise OutputFolderError(f"output_dir {folder} cannot be written ({error.strerror or error}); give a folder you can write to") from None
+        raise OutputFolderError(
+            f"output_dir {folder} cannot be written ({error.strerror or error}); give a folder you can write to"
+        ) from None
 
 
 def previous_run(folder: Path) -> list[str]:
@@ -84,11 +85,16 @@ def check_merge_output(out: Path, inputs: dict[str, Path], overwrite: bool) -> N
         source = folder.resolve()
         relation = next((words for words, holds in RELATIONS.items() if holds(target, source)), None)
         if relation:
-            raise OutputFolderError(f"merge never writes into its inputs: OUT {out} {relation} the {role} folder {folder}; give a new folder for the merged model")
+            raise OutputFolderError(
+                f"merge never writes into its inputs: OUT {out} {relation} the {role} folder {folder}; give a new "
+                "folder for the merged model"
+            )
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"OUT {out} is a file; give a folder for the merged model")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputFolderError(f"OUT {out} already exists and is not empty; pass --overwrite to replace it, or give a new folder")
+        raise OutputFolderError(
+            f"OUT {out} already exists and is not empty; pass --overwrite to replace it, or give a new folder"
+        )
 
 
 @contextlib.contextmanager
@@ -99,7 +105,9 @@ def replaced_folder(out: Path) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     except OSError as error:
-        raise OutputFolderError(f"cannot write beside {out} ({error.strerror or error}); give a folder you can write to") from None
+        raise OutputFolderError(
+            f"cannot write beside {out} ({error.strerror or error}); give a folder you can write to"
+        ) from None
     try:
         yield staging
         _put_in_place(staging, out)

@@ -11,8 +11,9 @@ the set, the reference is i.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ Predictor = Callable[[nn.Module, list[dict[str, Any]], EvalContext], tuple[list,
 
 
 def batches(features: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    return [features[start:start + size] for start in range(0, len(features), size)]
+    return [features[start : start + size] for start in range(0, len(features), size)]
 
 
 def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -48,6 +49,7 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def by_batch(predict: Predictor) -> Predictor:
     """A predictor over all features from one that answers a batch at a time (`context.batch_size`)."""
+
     @functools.wraps(predict)
     def over_all(model: nn.Module, features: list[dict[str, Any]], context: EvalContext) -> tuple[list, list]:
         predictions, references = [], []
@@ -60,11 +62,15 @@ def by_batch(predict: Predictor) -> Predictor:
     return over_all
 
 
-def _generate(model: nn.Module, prompts: list[list[int]], pad_id: int, max_new_tokens: int, device: torch.device) -> list[list[int]]:
+def _generate(
+    model: nn.Module, prompts: list[list[int]], pad_id: int, max_new_tokens: int, device: torch.device
+) -> list[list[int]]:
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    output = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
+    )
     return output[:, width:].tolist()
 
 
@@ -78,7 +84,10 @@ def predict_causal(model: nn.Module, batch: list[dict[str, Any]], context: EvalC
 
 @by_batch
 def predict_seq2seq(model: nn.Module, batch: list[dict[str, Any]], context: EvalContext) -> tuple[list, list]:
-    inputs = on_device(collate([{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in batch], context.pad_id), context.device)
+    inputs = on_device(
+        collate([{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in batch], context.pad_id),
+        context.device,
+    )
     output = model.generate(**inputs, max_new_tokens=context.max_new_tokens, do_sample=False)
     texts = context.tokenizer.batch_decode(output, skip_special_tokens=True)
     return [text.strip() for text in texts], [feature["reference"] for feature in batch]
@@ -112,7 +121,7 @@ def predict_spans(model: nn.Module, batch: list[dict[str, Any]], context: EvalCo
         best = int(scores.masked_fill(~allowed, float("-inf")).argmax())
         first, last = divmod(best, length)
         span = feature["offsets"][first], feature["offsets"][last]
-        answers.append(feature["context"][span[0][0]:span[1][1]] if span[0] and span[1] else "")
+        answers.append(feature["context"][span[0][0] : span[1][1]] if span[0] and span[1] else "")
     return answers, [feature["reference"] for feature in batch]
 
 

@@ -22,8 +22,16 @@ PLOT_FILE = "training.png"
 
 
 def write_report(
-    output_dir: Path, *, task: str, method: str, parameters: TrainableSummary, history: list[dict[str, float]],
-    final_metrics: dict[str, float], seconds: float, main_metric: str, extra: dict[str, Any] | None = None,
+    output_dir: Path,
+    *,
+    task: str,
+    method: str,
+    parameters: TrainableSummary,
+    history: list[dict[str, float]],
+    final_metrics: dict[str, float],
+    seconds: float,
+    main_metric: str,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write `metrics.json` and the plot of `history` with `main_metric` into `output_dir`."""
     report = {

@@ -1,13 +1,16 @@
 """Task types: one row per task holds everything the trainer knows about it (DESIGN.md §2).
 
-| task               | model class             | trained fully  | loss                 | judged by                              |
-|--------------------|-------------------------|----------------|----------------------|----------------------------------------|
-| causal-lm          | AutoModelForCausalLM    | none           | causal_lm_batch_loss | generation: exact_match, bleu, rouge_l |
-| seq2seq-lm         | AutoModelForSeq2SeqLM   | none           | seq2seq_lm_loss      | generation: exact_match, bleu, rouge_l |
-| seq-cls            | …SequenceClassification | the classifier | the model's own      | arg-max label: accuracy, macro f1      |
-| token-cls          | …TokenClassification    | the classifier | the model's own      | arg-max tag: accuracy, macro f1        |
-| qa                 | …QuestionAnswering      | qa_outputs     | the model's own      | best span: exact_match, token f1       |
-| feature-extraction | AutoModel               | none           | contrastive_loss     | nearest positive: accuracy             |
+| task               | model class             | trains fully | loss                 | metrics (main first)       |
+|--------------------|-------------------------|--------------|----------------------|----------------------------|
+| causal-lm          | AutoModelForCausalLM    | none         | causal_lm_batch_loss | exact_match, bleu, rouge_l |
+| seq2seq-lm         | AutoModelForSeq2SeqLM   | none         | seq2seq_lm_loss      | exact_match, bleu, rouge_l |
+| seq-cls            | …SequenceClassification | classifier   | the model's own      | accuracy, macro f1         |
+| token-cls          | …TokenClassification    | classifier   | the model's own      | accuracy, macro f1         |
+| qa                 | …QuestionAnswering      | qa_outputs   | the model's own      | exact_match, token f1      |
+| feature-extraction | AutoModel               | none         | contrastive_loss     | accuracy                   |
+
+Language models are judged on their generations, classifiers on the arg-max label (tag), QA on
+the best span, embeddings on whether each text's nearest positive is its own.
 
 The rows live in `train/` because they hold the trainer's encoders and predictors by direct
 reference; the losses they name are the core library's (`deltatune.losses`, used without the trainer
@@ -19,8 +22,9 @@ here and nothing else; a name with no row is an error that lists the known ones.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,8 +81,7 @@ def trained_heads(model: nn.Module) -> list[str]:
     model = unwrap(model)
     backbone = getattr(model, "base_model_prefix", "")
     return [
-        name for name, child in model.named_children()
-        if name != backbone and any(True for _ in child.parameters())
+        name for name, child in model.named_children() if name != backbone and any(True for _ in child.parameters())
     ]
 
 
@@ -89,27 +92,56 @@ TASKS: dict[str, TaskType] = {
     task.name: task
     for task in (
         TaskType(
-            "causal-lm", "AutoModelForCausalLM", causal_lm_batch_loss, encode.encode_causal, predict.predict_causal,
+            "causal-lm",
+            "AutoModelForCausalLM",
+            causal_lm_batch_loss,
+            encode.encode_causal,
+            predict.predict_causal,
             TEXT_METRICS,
         ),
         TaskType(
-            "seq2seq-lm", "AutoModelForSeq2SeqLM", seq2seq_lm_loss, encode.encode_seq2seq, predict.predict_seq2seq,
+            "seq2seq-lm",
+            "AutoModelForSeq2SeqLM",
+            seq2seq_lm_loss,
+            encode.encode_seq2seq,
+            predict.predict_seq2seq,
             TEXT_METRICS,
         ),
         TaskType(
-            "seq-cls", "AutoModelForSequenceClassification", model_loss, encode.encode_sequence_classification,
-            predict.predict_labels, LABEL_METRICS, label_field=encode.LabelField("label"), trains_head=True,
+            "seq-cls",
+            "AutoModelForSequenceClassification",
+            model_loss,
+            encode.encode_sequence_classification,
+            predict.predict_labels,
+            LABEL_METRICS,
+            label_field=encode.LabelField("label"),
+            trains_head=True,
         ),
         TaskType(
-            "token-cls", "AutoModelForTokenClassification", model_loss, encode.encode_token_classification,
-            predict.predict_labels, LABEL_METRICS, label_field=encode.LabelField("tags", per_word=True), trains_head=True,
+            "token-cls",
+            "AutoModelForTokenClassification",
+            model_loss,
+            encode.encode_token_classification,
+            predict.predict_labels,
+            LABEL_METRICS,
+            label_field=encode.LabelField("tags", per_word=True),
+            trains_head=True,
         ),
         TaskType(
-            "qa", "AutoModelForQuestionAnswering", model_loss, encode.encode_question_answering, predict.predict_spans,
-            {"exact_match": metrics.exact_match, "f1": metrics.token_f1}, trains_head=True,
+            "qa",
+            "AutoModelForQuestionAnswering",
+            model_loss,
+            encode.encode_question_answering,
+            predict.predict_spans,
+            {"exact_match": metrics.exact_match, "f1": metrics.token_f1},
+            trains_head=True,
         ),
         TaskType(
-            "feature-extraction", "AutoModel", contrastive_loss, encode.encode_feature_extraction, predict.predict_nearest,
+            "feature-extraction",
+            "AutoModel",
+            contrastive_loss,
+            encode.encode_feature_extraction,
+            predict.predict_nearest,
             {"accuracy": metrics.accuracy},
         ),
     )

@@ -31,8 +31,13 @@ class Counts:
     tied: int = 0
     """Parameters shared with a module shown earlier (tied embeddings), counted there only."""
 
-    def __add__(self, other: "Counts") -> "Counts":
-        return Counts(self.frozen + other.frozen, self.trainable + other.trainable, self.adapter + other.adapter, self.tied + other.tied)
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(
+            self.frozen + other.frozen,
+            self.trainable + other.trainable,
+            self.adapter + other.adapter,
+            self.tied + other.tied,
+        )
 
     def describe(self) -> str:
         parts = [(name, getattr(self, name)) for name in ("frozen", "trainable", "adapter")]
