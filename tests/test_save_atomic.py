@@ -16,6 +16,7 @@ import torch
 import deltatune
 import deltatune.atomic
 import deltatune.io
+from save_checks import leftovers
 from tiny_models import build, run
 
 
@@ -48,17 +49,6 @@ def loaded_outputs(folder: Path) -> dict[str, torch.Tensor]:
 
 def same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Staging and aside folders of saves, beside the folder or in it."""
-    places = [folder.parent] + ([folder] if folder.is_dir() else [])
-    return sorted(
-        entry.name
-        for place in places
-        for entry in place.iterdir()
-        if entry.name.endswith((".partial", ".deltatune-old"))
-    )
 
 
 # ----------------------------------------------------------------------------- a save is one step

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import deltatune
+from save_checks import leftovers
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the savers are forked")
 
@@ -157,17 +158,6 @@ class Helper:
 
 def adapter_tensors(model: deltatune.DeltaModel) -> dict[str, torch.Tensor]:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if ".deltatune." in name}
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Staging and aside folders of saves, beside the folder or in it."""
-    places = [folder.parent] + ([folder] if folder.is_dir() else [])
-    return sorted(
-        entry.name
-        for place in places
-        for entry in place.iterdir()
-        if entry.name.endswith((".partial", ".deltatune-old"))
-    )
 
 
 @pytest.fixture(scope="module")
