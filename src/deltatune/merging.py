@@ -21,6 +21,11 @@ read the module's weights (LoRA, BitFit: no copies kept), kept from merge time f
 successful merge, W + ΔW − ΔW gives W back to within a rounding step of W's dtype per adapter (float32:
 about 1e-7 relative), not bit-exactly: that would need the copy of every weight that the two passes
 avoid. A bias that a BitFit adapter gave a bias-free module is created on merge and removed on unmerge.
+
+Quantized layers (`deltatune.quantized`): a delta into packed storage (a 4-bit or 8-bit weight) is refused
+in pass 1, naming the way out; a delta into a float parameter of such a layer (its bias) merges as usual.
+`merge_dequantized` is that way out: each adapted quantized layer is replaced by a plain float32 Linear
+holding its dequantized weight, and the adapters are merged into that, in the same two passes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import MergeError
+from .quantized import dequantized_linear, quantized_linear
 from .site import DeltaSite
 
 
@@ -54,6 +60,26 @@ def merge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]], nam
         if todo:
             steps.append(Step(module_name, model.get_submodule(module_name), site, todo))
     _run(steps, merging=True, tied=_tied_parameters(model))
+
+
+def merge_dequantized(
+    model: nn.Module, sites: Iterable[tuple[str, DeltaSite]], names: list[str]
+) -> dict[str, nn.Linear]:
+    """Merge adapters `names` as `merge_adapters` does, except at quantized layers: there into a float32
+    `nn.Linear` holding the dequantized weight. Returns {module name: that Linear}, for the caller to
+    put in place of the quantized layer once the adapters are removed; the quantized layers themselves
+    are not written."""
+    steps, plain = [], {}
+    for module_name, site in list(sites):
+        todo = [name for name in names if name in site.adapters and name not in site.merged]
+        if not todo:
+            continue
+        module = model.get_submodule(module_name)
+        if quantized_linear(module) is not None:
+            module = plain[module_name] = dequantized_linear(module)
+        steps.append(Step(module_name, module, site, todo))
+    _run(steps, merging=True, tied=_tied_parameters(model))
+    return plain
 
 
 def unmerge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]]) -> None:
@@ -85,11 +111,14 @@ def _run(steps: list[Step], merging: bool, tied: dict[str, str]) -> None:
 def _check(step: Step, merging: bool, tied: dict[str, str]) -> None:
     """Compute the new values of one module's parameters without writing any; refuse non-finite ones."""
     values: dict[str, torch.Tensor] = {}  # parameter name → its value after the adapters so far
+    quantized = quantized_linear(step.module)
     for name in step.names:
         reads = step.site.adapters[name].delta_reads_module
         with _showing(step.module, values) if reads else contextlib.nullcontext():
             deltas = _deltas(step, name, merging)
         _refuse_tied(step.module_name, deltas, tied)
+        if quantized is not None and merging:
+            _refuse_quantized(step, name, deltas, quantized)
         for parameter_name, delta in deltas.items():
             current = values.get(parameter_name)
             if current is None:
@@ -184,6 +213,17 @@ def _refuse_tied(module_name: str, deltas: dict[str, torch.Tensor], tied: dict[s
             )
 
 
+def _refuse_quantized(step: Step, name: str, deltas: dict[str, torch.Tensor], quantized) -> None:
+    packed = [parameter_name for parameter_name in deltas if parameter_name in quantized.quantized_parameters]
+    if packed:
+        raise MergeError(
+            f"cannot merge adapter {name!r} into {step.module_name}.{packed[0]}: it is quantized "
+            f"({quantized.describe(step.module)}) and adding the delta to its packed storage would lose most "
+            "of it, so no weight was changed. Use unload(merge=True, dequantize=True) for a model whose adapted "
+            "layers are dequantized float32 Linears with the adapter merged, or keep the adapter unmerged"
+        )
+
+
 def _parameter(module: nn.Module, parameter_name: str) -> nn.Parameter | None:
     """The module's parameter `parameter_name` (dotted for a submodule's), None where it has none."""
     owner_name, _, leaf = parameter_name.rpartition(".")
@@ -194,7 +234,8 @@ def _parameter(module: nn.Module, parameter_name: str) -> nn.Parameter | None:
 def _zeros_for(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     """The starting value of a parameter a delta creates (a new bias): zeros in the module's weight dtype."""
     reference = module.weight
-    return torch.zeros(delta.shape, dtype=reference.dtype, device=reference.device)
+    dtype = reference.dtype if reference.is_floating_point() else quantized_linear(module).compute_dtype(module)
+    return torch.zeros(delta.shape, dtype=dtype, device=reference.device)
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:

@@ -22,7 +22,7 @@ from torch import nn
 from .composition import ActivePlan, Fuse, Setup, site_names
 from .config import DeltaConfig
 from .errors import AdapterNameError, DeltaTuneError
-from .merging import merge_adapters, unmerge_adapters
+from .merging import merge_adapters, merge_dequantized, unmerge_adapters
 from .methods.module_copy import ModuleCopy
 from .names import check_name
 from .placement import Placement
@@ -264,15 +264,27 @@ class DeltaModel(nn.Module):
         unmerge_adapters(self.base_model, self.sites())
         self._reactivate(self.active_adapters)
 
-    def unload(self, merge: bool = True) -> nn.Module:
+    def unload(self, merge: bool = True, dequantize: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
         """Remove all adapters and return the plain base model (with the active adapters merged in if
-        `merge`). `requires_grad` flags are restored as they were before attach."""
+        `merge`). `requires_grad` flags are restored as they were before attach.
+
+        On a quantized base (`deltatune.quantized`) a merge cannot go into the packed weights:
+        `dequantize=True` replaces each quantized layer an active adapter adapts by a plain `nn.Linear`
+        in `dtype` holding the dequantized weight plus ΔW (added in float32); the other quantized layers
+        stay as they are."""
+        plain: dict[str, nn.Linear] = {}
         if merge and self.active_adapters:
-            merge_adapters(self.base_model, self.sites(), list(self.active_adapters))
+            if dequantize:
+                plain = merge_dequantized(self.base_model, self.sites(), list(self.active_adapters))
+            else:
+                merge_adapters(self.base_model, self.sites(), list(self.active_adapters))
         else:
             unmerge_adapters(self.base_model, self.sites())
         for name in list(self.records):
             self._remove(name)
+        for module_name, module in plain.items():
+            parent_name, _, leaf = module_name.rpartition(".")
+            self.base_model.get_submodule(parent_name).register_module(leaf, module.to(dtype))
         self.active_adapters = ()
         self.plan = ActivePlan((), [])
         for parameter_name, parameter in self.base_model.named_parameters():

@@ -45,7 +45,7 @@ class ModuleMethod:
     """One adapter module per selected module, chosen from `adapter_types` by the module's type."""
 
     config_class: type[TargetedConfig] = TargetedConfig
-    adapter_types: dict[type, type[nn.Module]] = {}
+    adapter_types: dict[type | str, type[nn.Module]] = {}
 
     def default_targets(self, model: nn.Module) -> list[str] | str:
         raise TargetNotFoundError(
@@ -60,7 +60,9 @@ class ModuleMethod:
         return adapter_class(module, module_name, config)
 
     def supported_types(self) -> tuple[type, ...]:
-        return tuple(self.adapter_types)
+        """The table's types (a type named by a string is found through its base class: quantized linears
+        are `nn.Linear`s)."""
+        return tuple(key for key in self.adapter_types if isinstance(key, type))
 
     def select(self, model: nn.Module, config: TargetedConfig) -> list[str]:
         """Full names of the modules that get an adapter."""
@@ -79,11 +81,20 @@ class ModuleMethod:
 _NO_DEFAULT = object()
 
 
-def lookup_type(table: dict[type, Any], module_type: type, default: Any = _NO_DEFAULT) -> Any:
-    """Dispatch on a type or its nearest base class in the table."""
+def type_name(module_type: type) -> str:
+    """A type's dotted name ("bitsandbytes.nn.modules.Linear4bit"), as tables name types of optional packages."""
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def lookup_type(table: dict[type | str, Any], module_type: type, default: Any = _NO_DEFAULT) -> Any:
+    """Dispatch on a type or its nearest base class in the table. A key may be a type or its dotted
+    name (`type_name`): a table can name a type of an optional package without importing it."""
     for base in module_type.__mro__:
         if base in table:
             return table[base]
+        name = type_name(base)
+        if name in table:
+            return table[name]
     if default is _NO_DEFAULT:
         raise KeyError(module_type)
     return default

@@ -55,7 +55,9 @@ class BiasDelta(SiteAdapter):
     def __init__(self, module: nn.Module, module_name: str, config: BitFitConfig) -> None:
         super().__init__()
         features, self.feature_axis = lookup_type(FEATURE_AXIS, type(module))(module)
-        self.bias = nn.Parameter(torch.zeros(features, dtype=module.weight.dtype, device=module.weight.device))
+        weight = module.weight  # a quantized layer's is packed integers: its Δb is float32
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.bias = nn.Parameter(torch.zeros(features, dtype=dtype, device=weight.device))
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(output.dtype)

@@ -8,7 +8,9 @@
 ΔW = s · B A folds into W for merging. A starts Kaiming-uniform and B at zero, so the adapted model
 equals the base model until B trains (embeddings: A zero, B normal, as in the paper's code and peft).
 Layers: `nn.Linear`, transformers' `Conv1D` (GPT-2; weight stored in × out), `nn.Embedding`,
-`nn.Conv1d` / `nn.Conv2d` (A is a conv with the layer's kernel, B a 1×1 conv).
+`nn.Conv1d` / `nn.Conv2d` (A is a conv with the layer's kernel, B a 1×1 conv), and the quantized linears
+of `deltatune.quantized` (bitsandbytes 4-bit and 8-bit): shapes from the logical in/out features, float32
+factors, the base's packed weight never read.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..errors import UnsupportedModuleError
 from ..field_check import DropoutRate, PositiveInt, Regex
 from ..peft_format import PeftCodec
 from ..peft_keys import LORA_READ, check_lora_keys
+from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
@@ -193,6 +196,21 @@ class LoraLinear(LoraAdapter):
         return {"weight": delta.t() if self.transposed else delta}
 
 
+class LoraQuantizedLinear(LoraLinear):
+    """LoRA on a quantized linear (`deltatune.quantized`): A and B from the logical shape, in float32
+    (the packed weight is uint8 or int8); the base layer computes its own output, the LoRA term is added
+    as on `nn.Linear`. `delta_parameters` gives ΔW as for a plain weight: merging it needs the weight
+    dequantized (`DeltaModel.unload(merge=True, dequantize=True)`)."""
+
+    def __init__(self, module: nn.Module, module_name: str, config: LoraConfig) -> None:
+        row = quantized_linear(module)
+        self.transposed = False
+        reference = torch.empty(0, dtype=torch.float32, device=module.weight.device)
+        LoraAdapter.__init__(
+            self, (row.in_features(module),), (row.out_features(module),), module_name, config, reference
+        )
+
+
 class LoraEmbedding(LoraAdapter):
     """LoRA on `nn.Embedding`: the token's column of A (rank × num_embeddings), then B."""
 
@@ -284,10 +302,11 @@ class LoraPeft(PeftCodec):
         return LoraConfig(**fields)
 
 
-def _adapter_types() -> dict[type, type[LoraAdapter]]:
+def _adapter_types() -> dict[type | str, type[LoraAdapter]]:
     from transformers.pytorch_utils import Conv1D
 
     return {
+        **dict.fromkeys(QUANTIZED_LINEARS, LoraQuantizedLinear),
         nn.Linear: LoraLinear,
         Conv1D: LoraLinear,
         nn.Embedding: LoraEmbedding,

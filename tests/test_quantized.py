@@ -1,0 +1,275 @@
+"""LoRA on quantized frozen bases (bitsandbytes 4-bit nf4 / fp4 with double quantization, and 8-bit),
+as transformers loads them from a `quantization_config`: shapes from the logical layer, training that
+leaves the packed storage bit-identical, peft's outputs, both file formats, the refused merge and the
+dequantized unload.
+
+bitsandbytes repacks a frozen 4-bit layer for its CPU kernel at the first inference call (eval mode, no
+input gradient), after which it computes through that kernel; the comparisons here run the model in
+training mode (no dropout in these models), where it dequantizes and computes in float32. Its 4-bit blocks
+are 64 wide, so the tiny models here are 64 wide (32 would not quantize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import deltatune
+from deltatune.errors import MergeError
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install deltatune[quantized])")
+peft = pytest.importorskip("peft")
+from transformers import BitsAndBytesConfig  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+VOCAB = 96
+QUANTIZED = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+KINDS = ["nf4", "fp4", "int8"]
+
+
+def quantization(kind: str) -> BitsAndBytesConfig:
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny fp32 Llama and BERT, saved once for the quantized loads."""
+    torch.manual_seed(0)
+    folders = {}
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    )
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    for name, model in {"llama": llama, "bert": bert}.items():
+        folders[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folders[name])
+    return folders
+
+
+def load(saved: dict[str, Path], arch: str, kind: str | None) -> torch.nn.Module:
+    auto = AutoModelForCausalLM if arch == "llama" else AutoModelForSequenceClassification
+    options = {"quantization_config": quantization(kind), "device_map": "cpu"} if kind else {}
+    model = auto.from_pretrained(saved[arch], dtype=torch.float32, **options)
+    return model.train()  # no dropout in these models; see the module docstring
+
+
+def inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(seed))}
+
+
+def run(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs(seed)).logits
+
+
+def lora(**options) -> deltatune.LoraConfig:
+    return deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[options.pop("arch", "llama")], **options)
+
+
+TARGETS = {"llama": "all-linear", "bert": ["query", "key", "value", "dense"]}
+
+
+def storage(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantized layer's packed weight (a copy)."""
+    return {name: module.weight.data.clone() for name, module in model.named_modules() if isinstance(module, QUANTIZED)}
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_shapes_come_from_the_logical_layer(saved, kind: str) -> None:
+    quantized = deltatune.attach(load(saved, "llama", kind), lora())
+    plain = deltatune.attach(load(saved, "llama", None), lora())
+    assert quantized.targets["default"] == plain.targets["default"]
+    assert len(quantized.targets["default"]) == 14
+    for ours, reference in zip(quantized.adapter_parameters("default"), plain.adapter_parameters("default")):
+        assert ours.shape == reference.shape and ours.dtype == torch.float32
+    assert quantized.trainable_summary().trainable == plain.trainable_summary().trainable == 8192
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "nf4"), ("llama", "fp4"), ("llama", "int8"), ("bert", "nf4")])
+def test_lora_trains_and_the_packed_base_stays_bit_identical(saved, arch: str, kind: str) -> None:
+    model = deltatune.attach(load(saved, arch, kind), lora(arch=arch))
+    before = storage(model.base_model)
+    assert before
+    optimizer = torch.optim.AdamW(model.adapter_parameters("default"), lr=1e-2)
+    batch = inputs(1)
+    labels = batch["input_ids"] if arch == "llama" else torch.tensor([0, 1, 2])
+    losses = []
+    for _ in range(8):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3
+    after = storage(model.base_model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not any(p.requires_grad for p in model.base_model.parameters() if not p.is_floating_point())
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "nf4"), ("llama", "fp4"), ("llama", "int8"), ("bert", "nf4")])
+def test_outputs_and_both_formats_match_peft_on_the_same_quantized_base(saved, arch, kind, tmp_path: Path) -> None:
+    ours = deltatune.attach(load(saved, arch, kind), lora(arch=arch, init_lora_weights=False))
+    expected = run(ours)
+    assert (expected - run(load(saved, arch, kind))).abs().max() > 1e-3
+    ours.save(str(tmp_path / "peft"), format="peft")
+    ours.save(str(tmp_path / "ours"))
+
+    theirs = peft.PeftModel.from_pretrained(load(saved, arch, kind), str(tmp_path / "peft")).train()
+    torch.testing.assert_close(run(theirs), expected, atol=1e-5, rtol=0)
+    back = deltatune.load(load(saved, arch, kind), str(tmp_path / "ours"))
+    torch.testing.assert_close(run(back), expected, atol=1e-5, rtol=0)
+    theirs.save_pretrained(tmp_path / "from_peft")
+    from_peft = deltatune.load(load(saved, arch, kind), str(tmp_path / "from_peft"))
+    torch.testing.assert_close(run(from_peft), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_into_a_quantized_layer_is_refused_naming_the_way_out(saved, kind: str) -> None:
+    model = deltatune.attach(load(saved, "llama", kind), lora(init_lora_weights=False))
+    before = storage(model.base_model)
+    expected = run(model)
+    with pytest.raises(MergeError, match=r"quantized \(bitsandbytes .*unload\(merge=True, dequantize=True\)"):
+        model.merge()
+    after = storage(model.base_model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not any(site.merged for _, site in model.sites())
+    torch.testing.assert_close(run(model), expected, atol=0, rtol=0)
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """bitsandbytes' own dequantization (the reference; the library has its own table)."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    return bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).float()
+
+
+def dequantized_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The quantized model with every quantized layer replaced by a float32 Linear of its dequantized weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QUANTIZED):
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                plain.weight.copy_(dequantized_weight(module))
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias)
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent).register_module(leaf, plain)
+    return model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unload_dequantize_merges_into_float32_linears(saved, kind: str, tmp_path: Path) -> None:
+    model = deltatune.attach(load(saved, "llama", kind), lora(init_lora_weights=False))
+    unmerged = run(model)
+    model.save(str(tmp_path))
+    reference = deltatune.load(dequantized_base(load(saved, "llama", kind)), str(tmp_path))
+    expected = run(reference)
+
+    plain = model.unload(merge=True, dequantize=True)
+    layer = plain.model.layers[0].self_attn.q_proj
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+    assert not any(isinstance(m, QUANTIZED) for m in plain.modules())  # every linear was adapted
+    merged = run(plain)
+    assert relative(merged, expected) < 1e-4  # the dequantized base with the adapter unmerged
+    if kind != "int8":  # 8-bit layers also quantize their inputs, so only the dequantized base compares
+        assert relative(merged, unmerged) < 1e-4
+
+
+def test_adapter_trained_on_a_4bit_base_loads_on_the_float32_model(saved, tmp_path: Path) -> None:
+    model = deltatune.attach(load(saved, "llama", "nf4"), lora())
+    optimizer = torch.optim.AdamW(model.adapter_parameters("default"), lr=1e-2)
+    for _ in range(3):
+        model(**inputs(1), labels=inputs(1)["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save(str(tmp_path / "ours"))
+    model.save(str(tmp_path / "peft"), format="peft")
+
+    fp32 = deltatune.load(load(saved, "llama", None), str(tmp_path / "ours"))
+    for ours, theirs in zip(model.adapter_parameters("default"), fp32.adapter_parameters("default")):
+        assert torch.equal(ours, theirs)
+    assert (run(fp32) - run(load(saved, "llama", None))).abs().max() > 1e-3
+    theirs = peft.PeftModel.from_pretrained(load(saved, "llama", None), str(tmp_path / "peft")).train()
+    torch.testing.assert_close(run(fp32), run(theirs), atol=1e-5, rtol=0)
+
+
+def test_dequantize_reads_the_layout_bitsandbytes_repacks_for_cpu_inference(saved) -> None:
+    from deltatune.quantized import quantized_linear
+
+    model = load(saved, "llama", "nf4")
+    layer = model.model.layers[0].self_attn.q_proj
+    row = quantized_linear(layer)
+    before, described = row.dequantize(layer), row.describe(layer)
+    assert torch.equal(before, dequantized_weight(layer))
+    assert described == "bitsandbytes 4-bit nf4, double quantization"
+    model.requires_grad_(False).eval()
+    run(model)
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this processor's bitsandbytes kernel keeps the storage as it is")
+    # its block scales are bfloat16 from now on: the weight it computes with is within their rounding
+    torch.testing.assert_close(row.dequantize(layer), before, rtol=8e-3, atol=1e-7)
+    assert row.describe(layer) == described
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False)  # the layer keeps its own state
+
+
+def test_bitfit_trains_and_merges_on_a_4bit_bert(saved) -> None:
+    model = deltatune.attach(load(saved, "bert", "nf4"), deltatune.BitFitConfig())
+    assert all(p.dtype == torch.float32 for p in model.adapter_parameters("default"))
+    before = storage(model.base_model)
+    optimizer = torch.optim.AdamW(model.adapter_parameters("default"), lr=5e-2)
+    labels = torch.tensor([0, 1, 2])
+    losses = []
+    for _ in range(8):
+        loss = model(**inputs(1), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3
+    expected = run(model)
+    model.merge()  # a bias is not packed: it merges as on a float layer
+    torch.testing.assert_close(run(model), expected, atol=1e-5, rtol=0)
+    after = storage(model.base_model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
