@@ -1,7 +1,8 @@
-"""LoRA on quantized frozen bases (bitsandbytes 4-bit nf4 / fp4 with double quantization, and 8-bit),
-as transformers loads them from a `quantization_config`: shapes from the logical layer, training that
-leaves the packed storage bit-identical, peft's outputs, both file formats, the refused merge and the
-dequantized unload.
+"""LoRA on quantized frozen bases as transformers loads them from a `quantization_config`: bitsandbytes
+4-bit (nf4 / fp4, double quantization) and 8-bit, optimum-quanto int8 / int4 weights, torchao int8
+weight-only. Shapes from the logical layer, training that leaves the quantized storage bit-identical,
+peft's outputs, both file formats, the refused merge and the dequantized unload. A backend whose package
+is missing is skipped, naming it.
 
 bitsandbytes repacks a frozen 4-bit layer for its CPU kernel at the first inference call (eval mode, no
 input gradient), after which it computes through that kernel; the comparisons here run the model in
@@ -10,6 +11,7 @@ are 64 wide, so the tiny models here are 64 wide (32 would not quantize)."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -26,18 +28,61 @@ from transformers import (
 import deltatune
 from deltatune.errors import MergeError
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install deltatune[quantized])")
 peft = pytest.importorskip("peft")
-from transformers import BitsAndBytesConfig  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
 VOCAB = 96
-QUANTIZED = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-KINDS = ["nf4", "fp4", "int8"]
+PACKAGES = {
+    "nf4": "bitsandbytes",
+    "fp4": "bitsandbytes",
+    "int8": "bitsandbytes",
+    "quanto-int8": "optimum.quanto",
+    "quanto-int4": "optimum.quanto",
+    "torchao-int8": "torchao",
+}
+# The quantized layer types (or, for torchao, weight types) each backend gives, by dotted name.
+QUANTIZED_TYPES = {
+    "bitsandbytes.nn.modules.Linear4bit",
+    "bitsandbytes.nn.modules.Linear8bitLt",
+    "optimum.quanto.nn.qlinear.QLinear",
+    "torchao.utils.TorchAOBaseTensor",
+}
 
 
-def quantization(kind: str) -> BitsAndBytesConfig:
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:  # a missing parent package (optimum)
+        return False
+
+
+def case(*values: str) -> pytest.param:
+    """A test case on the backend of its last value, skipped (naming the package) where it is missing."""
+    package = PACKAGES[values[-1]]
+    reason = f"{package} is not installed (pip install deltatune[quantized])"
+    return pytest.param(*values, marks=pytest.mark.skipif(not installed(package), reason=reason))
+
+
+KINDS = [case(kind) for kind in PACKAGES]
+needs_bitsandbytes = pytest.mark.skipif(
+    not installed("bitsandbytes"), reason="bitsandbytes is not installed (pip install deltatune[quantized])"
+)
+LLAMA_AND_BERT = [case("llama", kind) for kind in PACKAGES] + [case("bert", "nf4"), case("bert", "quanto-int8")]
+
+
+def quantization(kind: str):
+    if kind.startswith("quanto-"):
+        from transformers import QuantoConfig
+
+        return QuantoConfig(weights=kind.removeprefix("quanto-"))
+    if kind == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    from transformers import BitsAndBytesConfig
+
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -46,6 +91,15 @@ def quantization(kind: str) -> BitsAndBytesConfig:
         bnb_4bit_compute_dtype=torch.float32,
         bnb_4bit_use_double_quant=True,
     )
+
+
+def _names(kind: type) -> set[str]:
+    return {f"{base.__module__}.{base.__qualname__}" for base in kind.__mro__}
+
+
+def is_quantized_layer(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return bool((_names(type(module)) | _names(type(weight))) & QUANTIZED_TYPES)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +162,18 @@ TARGETS = {"llama": "all-linear", "bert": ["query", "key", "value", "dense"]}
 
 
 def storage(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every quantized layer's packed weight (a copy)."""
-    return {name: module.weight.data.clone() for name, module in model.named_modules() if isinstance(module, QUANTIZED)}
+    """Every quantized layer's stored weight tensors (copies): bitsandbytes' packed data, or the inner
+    tensors of a quantized tensor subclass (quanto, torchao)."""
+    stored = {}
+    for name, module in model.named_modules():
+        if is_quantized_layer(module):
+            weight = module.weight
+            if hasattr(weight, "__tensor_flatten__"):
+                inner, _ = weight.__tensor_flatten__()
+                stored.update({f"{name}.{key}": getattr(weight, key).clone() for key in inner})
+            else:
+                stored[name] = weight.data.clone()
+    return stored
 
 
 def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -127,7 +191,7 @@ def test_lora_shapes_come_from_the_logical_layer(saved, kind: str) -> None:
     assert quantized.trainable_summary().trainable == plain.trainable_summary().trainable == 8192
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "nf4"), ("llama", "fp4"), ("llama", "int8"), ("bert", "nf4")])
+@pytest.mark.parametrize("arch,kind", LLAMA_AND_BERT)
 def test_lora_trains_and_the_packed_base_stays_bit_identical(saved, arch: str, kind: str) -> None:
     model = deltatune.attach(load(saved, arch, kind), lora(arch=arch))
     before = storage(model.base_model)
@@ -148,7 +212,7 @@ def test_lora_trains_and_the_packed_base_stays_bit_identical(saved, arch: str, k
     assert not any(p.requires_grad for p in model.base_model.parameters() if not p.is_floating_point())
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "nf4"), ("llama", "fp4"), ("llama", "int8"), ("bert", "nf4")])
+@pytest.mark.parametrize("arch,kind", LLAMA_AND_BERT)
 def test_outputs_and_both_formats_match_peft_on_the_same_quantized_base(saved, arch, kind, tmp_path: Path) -> None:
     ours = deltatune.attach(load(saved, arch, kind), lora(arch=arch, init_lora_weights=False))
     expected = run(ours)
@@ -170,7 +234,8 @@ def test_merge_into_a_quantized_layer_is_refused_naming_the_way_out(saved, kind:
     model = deltatune.attach(load(saved, "llama", kind), lora(init_lora_weights=False))
     before = storage(model.base_model)
     expected = run(model)
-    with pytest.raises(MergeError, match=r"quantized \(bitsandbytes .*unload\(merge=True, dequantize=True\)"):
+    refusal = r"it is quantized \((bitsandbytes|optimum-quanto|torchao) .*unload\(merge=True, dequantize=True\)"
+    with pytest.raises(MergeError, match=refusal):
         model.merge()
     after = storage(model.base_model)
     assert all(torch.equal(before[name], after[name]) for name in before)
@@ -179,16 +244,23 @@ def test_merge_into_a_quantized_layer_is_refused_naming_the_way_out(saved, kind:
 
 
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
-    """bitsandbytes' own dequantization (the reference; the library has its own table)."""
-    if isinstance(module, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-    return bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).float()
+    """The backend's own dequantization (the reference; the library has its own table)."""
+    names = _names(type(module))
+    if "bitsandbytes.nn.modules.Linear4bit" in names:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if "bitsandbytes.nn.modules.Linear8bitLt" in names:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).float()
+    return module.weight.dequantize().float()  # quanto's and torchao's tensors
 
 
 def dequantized_base(model: torch.nn.Module) -> torch.nn.Module:
     """The quantized model with every quantized layer replaced by a float32 Linear of its dequantized weight."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, QUANTIZED):
+        if is_quantized_layer(module):
             plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             with torch.no_grad():
                 plain.weight.copy_(dequantized_weight(module))
@@ -210,13 +282,14 @@ def test_unload_dequantize_merges_into_float32_linears(saved, kind: str, tmp_pat
     plain = model.unload(merge=True, dequantize=True)
     layer = plain.model.layers[0].self_attn.q_proj
     assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
-    assert not any(isinstance(m, QUANTIZED) for m in plain.modules())  # every linear was adapted
+    assert not any(is_quantized_layer(m) for m in plain.modules())  # every linear was adapted
     merged = run(plain)
     assert relative(merged, expected) < 1e-4  # the dequantized base with the adapter unmerged
-    if kind != "int8":  # 8-bit layers also quantize their inputs, so only the dequantized base compares
+    if kind != "int8":  # bitsandbytes 8-bit layers also quantize their inputs: only the dequantized base compares
         assert relative(merged, unmerged) < 1e-4
 
 
+@needs_bitsandbytes
 def test_adapter_trained_on_a_4bit_base_loads_on_the_float32_model(saved, tmp_path: Path) -> None:
     model = deltatune.attach(load(saved, "llama", "nf4"), lora())
     optimizer = torch.optim.AdamW(model.adapter_parameters("default"), lr=1e-2)
@@ -235,6 +308,7 @@ def test_adapter_trained_on_a_4bit_base_loads_on_the_float32_model(saved, tmp_pa
     torch.testing.assert_close(run(fp32), run(theirs), atol=1e-5, rtol=0)
 
 
+@needs_bitsandbytes
 def test_dequantize_reads_the_layout_bitsandbytes_repacks_for_cpu_inference(saved) -> None:
     from deltatune.quantized import quantized_linear
 
@@ -254,6 +328,7 @@ def test_dequantize_reads_the_layout_bitsandbytes_repacks_for_cpu_inference(save
     assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False)  # the layer keeps its own state
 
 
+@needs_bitsandbytes
 def test_bitfit_trains_and_merges_on_a_4bit_bert(saved) -> None:
     model = deltatune.attach(load(saved, "bert", "nf4"), deltatune.BitFitConfig())
     assert all(p.dtype == torch.float32 for p in model.adapter_parameters("default"))

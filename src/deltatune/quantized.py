@@ -13,12 +13,16 @@ transformers replaces a model's `nn.Linear` layers by a backend's own when it lo
 
 Rows are keyed by the type's dotted name, so the backend package is imported only by whoever built the
 model (a model holding such layers has imported it already). `lookup_type` matches these names along a
-module type's MRO, before its `nn.Linear` base.
+module type's MRO, before its `nn.Linear` base. torchao keeps the layer a plain `nn.Linear` and makes its
+weight a tensor subclass: its row is found through the weight's type (`QUANTIZED_WEIGHTS`). Both
+quantized-weight backends report the logical shape and dtype on their weights.
 
 | backend | layer type | dequantize |
 |---|---|---|
 | bitsandbytes 4-bit (nf4, fp4, double quantization) | `bitsandbytes.nn.Linear4bit` | `functional.dequantize_4bit` |
 | bitsandbytes 8-bit (LLM.int8) | `bitsandbytes.nn.Linear8bitLt` | int8 rows × their absmax / 127 |
+| optimum-quanto int8 / int4 (weights) | `optimum.quanto.nn.QLinear` | `qweight.dequantize()` |
+| torchao (int8 weight-only, ...) | `nn.Linear`, weight a `TorchAOBaseTensor` | `weight.dequantize()` |
 """
 
 from __future__ import annotations
@@ -107,9 +111,34 @@ QUANTIZED_LINEARS: dict[str, QuantizedLinear] = {
 }
 
 
+def _quanto_describe(module: nn.Module) -> str:
+    qtype = getattr(module, "weight_qtype", None)
+    return f"optimum-quanto {getattr(qtype, 'name', qtype)}"
+
+
+QUANTIZED_LINEARS["optimum.quanto.nn.qlinear.QLinear"] = QuantizedLinear(
+    package="optimum-quanto",
+    describe=_quanto_describe,
+    dequantize=lambda module: module.qweight.dequantize().float(),
+    compute_dtype=lambda module: module.weight.dtype,
+)
+
+QUANTIZED_WEIGHTS: dict[str, QuantizedLinear] = {
+    "torchao.utils.TorchAOBaseTensor": QuantizedLinear(
+        package="torchao",
+        describe=lambda module: f"torchao {type(module.weight).__name__}",
+        dequantize=lambda module: module.weight.dequantize().float(),
+        compute_dtype=lambda module: module.weight.dtype,
+    ),
+}
+
+
 def quantized_linear(module: nn.Module) -> QuantizedLinear | None:
-    """The table row of `module`'s type, None for a layer that is not quantized."""
-    return lookup_type(QUANTIZED_LINEARS, type(module), default=None)
+    """The table row of `module`'s type (or of its weight's type), None for a layer that is not quantized."""
+    row = lookup_type(QUANTIZED_LINEARS, type(module), default=None)
+    if row is None and isinstance(module, nn.Linear):
+        row = lookup_type(QUANTIZED_WEIGHTS, type(module.weight), default=None)
+    return row
 
 
 def is_quantized(module: nn.Module) -> bool:

@@ -9,8 +9,9 @@
 equals the base model until B trains (embeddings: A zero, B normal, as in the paper's code and peft).
 Layers: `nn.Linear`, transformers' `Conv1D` (GPT-2; weight stored in × out), `nn.Embedding`,
 `nn.Conv1d` / `nn.Conv2d` (A is a conv with the layer's kernel, B a 1×1 conv), and the quantized linears
-of `deltatune.quantized` (bitsandbytes 4-bit and 8-bit): shapes from the logical in/out features, float32
-factors, the base's packed weight never read.
+of `deltatune.quantized` (bitsandbytes 4-bit and 8-bit, optimum-quanto): shapes from the logical in/out
+features, float32 factors, the base's packed weight never read (torchao's weights are tensor subclasses on
+a plain `nn.Linear` that report the logical shape: `LoraLinear` serves them).
 """
 
 from __future__ import annotations
