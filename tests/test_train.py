@@ -89,6 +89,16 @@ def test_a_method_is_picked_by_name_with_its_fields(adapter: dict, tmp_path) -> 
     assert losses(read_metrics(tmp_path))[-1] < losses(read_metrics(tmp_path))[0]
 
 
+@pytest.mark.parametrize("listed", [None, ["LayerNorm"], []], ids=["unset", "user-list", "empty-list"])
+def test_a_new_classification_head_trains_whatever_modules_to_save_the_user_lists(listed, tmp_path) -> None:
+    """The task's freshly initialised head is added to the user's `modules_to_save` (as peft does)."""
+    method = {"method": "lora", "r": 2, "target_modules": ["query"], "modules_to_save": listed}
+    result = train(TrainConfig.from_yaml(task_config(tmp_path, "seq-cls", method=method, arch="bert")), progress=False)
+    delta_model = result.run.delta_model
+    assert delta_model.configs["default"].modules_to_save == (listed or []) + ["classifier"]
+    assert any(parameter.requires_grad for name, parameter in delta_model.named_parameters() if "classifier" in name)
+
+
 @dataclasses.dataclass
 class ScaleConfig(deltatune.TargetedConfig):
     """A user's method: a learned per-feature scale on each selected Linear's output."""

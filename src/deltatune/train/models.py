@@ -3,7 +3,9 @@
 
 A model is a local transformers folder or a packaged model name (`PACKAGED_MODELS`). Nothing is ever
 downloaded: loads run with `local_files_only=True`. Task heads that start untrained (a classifier)
-are added to the adapter's `modules_to_save` unless the config names them itself.
+are always added to the adapter's `modules_to_save`, after the modules the config lists (as peft
+does), even where the config lists none (`[]`): a freshly initialised head that stays frozen would
+leave the model predicting from random weights.
 """
 
 from __future__ import annotations
@@ -94,8 +96,11 @@ def load_model(
 
 def attach_adapter(model: nn.Module, adapter_config: Any, task: TaskType) -> DeltaModel:
     """`model` with the adapter `default` built from `adapter_config`; new task heads train fully."""
-    if task.trains_head and adapter_config.modules_to_save is None:
-        adapter_config = adapter_config.replace(modules_to_save=trained_heads(model) or None)
+    if task.trains_head:
+        listed = list(adapter_config.modules_to_save or [])
+        heads = [head for head in trained_heads(model) if head not in listed]
+        if heads:
+            adapter_config = adapter_config.replace(modules_to_save=listed + heads)
     from .. import attach
 
     return attach(model, adapter_config)
