@@ -149,10 +149,10 @@ def test_a_save_keeps_the_files_it_did_not_write(tmp_path: Path) -> None:
 def killed_save_leftovers(folder: Path) -> list[Path]:
     """What killed saves leave: staging beside a single-adapter folder (half a weights file) and, in a
     folder of several adapters, the staging of one of them (both files written, as killed before the renames)."""
-    beside = folder.parent / f".{folder.name}.k1ll3d00.partial"
+    beside = folder.parent / f".{folder.name}.deltatune-0123456789abcdef.partial"
     beside.mkdir()
     (beside / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
-    inside = folder / ".a.k1ll3d01.partial"
+    inside = folder / ".a.deltatune-fedcba9876543210.partial"
     inside.mkdir(parents=True)
     for file in ("adapter_config.json", "adapter_model.safetensors"):
         (inside / file).write_bytes((folder / "a" / file).read_bytes())
@@ -173,6 +173,43 @@ def test_the_next_save_removes_the_staging_of_killed_saves(tmp_path: Path) -> No
     killed_save_leftovers(folder)
     delta_model(["a", "b"], seed=3).save(str(folder))
     assert leftovers(folder) == []
+
+
+def test_a_save_leaves_other_programs_partial_files_beside_it(tmp_path: Path) -> None:
+    """Only deltatune's own staging names go: a download's or a backup's `.partial` entry stays."""
+    (tmp_path / ".video.download.partial").write_text("other tool")
+    (tmp_path / ".backup.20261201.partial").mkdir()
+    (tmp_path / ".backup.20261201.partial" / "data.bin").write_text("x" * 100)
+    (tmp_path / ".adapter.deltatune-0123456789abcdef.partial.mine").write_text("not staging")
+    delta_model(["default"]).save(str(tmp_path / "adapter"))
+    assert (tmp_path / ".video.download.partial").read_text() == "other tool"
+    assert (tmp_path / ".backup.20261201.partial" / "data.bin").read_text() == "x" * 100
+    assert (tmp_path / ".adapter.deltatune-0123456789abcdef.partial.mine").is_file()
+
+
+def test_a_save_never_removes_a_user_folder_or_file_named_like_one_of_its_adapters(tmp_path: Path) -> None:
+    folder = tmp_path / "multi"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "notes" / "my_precious.txt").write_text("user data")
+    (folder / "b").write_text("user file")
+    for names in (["a", "notes"], ["a", "b"]):
+        with pytest.raises(deltatune.AdapterFileError, match=f"{names[1]}.*not an adapter"):
+            delta_model(names).save(str(folder))
+    assert (folder / "notes" / "my_precious.txt").read_text() == "user data"
+    assert (folder / "b").read_text() == "user file"
+    assert sorted(os.listdir(folder)) == ["b", "notes"] and leftovers(folder) == []
+
+
+def test_a_save_of_one_adapter_name_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(deltatune.DeltaTuneError, match="'a' more than once"):
+        delta_model(["a", "b"]).save(str(tmp_path / "out"), names=["a", "a"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_load_by_a_name_the_folder_lacks_names_the_adapters_it_holds(tmp_path: Path) -> None:
+    delta_model(["a", "b"]).save(str(tmp_path / "multi"))
+    with pytest.raises(deltatune.AdapterFileError, match="no adapter 'c'.*'a', 'b'"):
+        deltatune.load(build("mlp"), str(tmp_path / "multi"), name="c")
 
 
 # ----------------------------------------------------------------------------- file systems without an atomic exchange
@@ -247,7 +284,7 @@ def test_writing_files_into_a_folder_keeps_its_other_entries_and_removes_staging
     folder = tmp_path / "run"
     (folder / "adapter").mkdir(parents=True)
     (folder / "adapter" / "kept.txt").write_text("kept")
-    (folder / ".metrics.json.k1ll3d02.partial").write_text('{"half')
+    (folder / ".metrics.json.deltatune-00112233445566aa.partial").write_text('{"half')
     deltatune.atomic.write_files(folder, {"metrics.json": deltatune.atomic.json_writer({"loss": 1.0})})
     assert (folder / "adapter" / "kept.txt").read_text() == "kept"
     assert (folder / "metrics.json").read_text() == '{\n  "loss": 1.0\n}\n'

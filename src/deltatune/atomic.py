@@ -7,10 +7,13 @@ folder or the new one, never a mix. With `parent` the folder's parent (POSIX):
    directories, as NFS does, an empty `parent/.deltatune.lock` is locked instead and stays). Every
    write that stages in a directory holds that directory's lock, so two processes saving to one folder run one after
    the other and never mix their files (the later one wins whole); and while the lock is held, every
-   staging entry in `parent` (`.<name>.<8 characters>.partial`, also those of earlier releases) is a
-   killed write's and is removed, and a swap that a kill interrupted is finished (step 4).
-2. Stage: each writer writes its file (or folder) into a new `parent/.<name>.<random>.partial`; each
-   is fsynced.
+   staging entry in `parent` (`.<name>.deltatune-<16 hex digits>.partial`: a name no other program
+   makes, so another tool's `.download.partial` stays) is a killed write's and is removed, and a swap
+   that a kill interrupted is finished (step 4).
+2. Stage: each writer writes its file (or folder) into a new staging folder in `parent`; each is
+   fsynced. First, an entry of the old folder that a writer would replace and that `replaced(entry)`
+   does not claim (a user's folder with an adapter's name) fails the save: a save never removes what
+   no save wrote.
 3. Carry over: the entries of the old folder that no writer wrote and that `replaced(entry)` does not
    claim (a README, a model beside the adapter) are hard-linked into the staging folder (copied where
    a link fails). The old folder is never written to.
@@ -34,7 +37,7 @@ renaming the old folder aside first does, so that is only the fallback); and rea
 a read-only folder, or one another user wrote, loads as well.
 
 `write_files(folder, writers)` adds or replaces files in a folder that stays (a run's output folder,
-a checkpoint): under the folder's own lock, each file is written in full to `.<name>.<random>.partial` in
+a checkpoint): under the folder's own lock, each file is written in full to a staging file in
 the folder (same file system, also on a mount point), then all are renamed into place in the order
 given, the file that marks a complete write last (a kill between two renames leaves new files beside
 old ones, so the caller's last file must tell a complete write); staging of killed writes there goes
@@ -75,7 +78,7 @@ Writer = Callable[[str], None]
 
 LOCK_FILE = ".deltatune.lock"
 STEM_BYTES = 200
-STAGING = re.compile(r"\..+\.[a-z0-9_]{8}\.partial")
+STAGING = re.compile(r"\..+\.deltatune-[0-9a-f]{16}\.partial")
 ASIDE_SUFFIX = ".deltatune-old"
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
@@ -92,6 +95,8 @@ def replace_folder(
         with _locked(real.parent):
             _remove_staging(real.parent)
             _finish_interrupted_swap(real)
+            if real.is_dir():
+                _check_only_saves_replaced(real, writers, replaced)
             staging = _new_staging(real.parent, real.name)
             try:
                 os.mkdir(staging)
@@ -265,9 +270,21 @@ def _new_staging(directory: Path, name: str) -> Path:
     """A free staging name for entry `name` in `directory` (the entry is made by the caller: a folder
     made with `os.mkdir` gets the usual permissions, where mkdtemp would give 0o700)."""
     while True:
-        staging = directory / f".{_stem(name)}.{secrets.token_hex(4)}.partial"
+        staging = directory / f".{_stem(name)}.deltatune-{secrets.token_hex(8)}.partial"
         if not os.path.lexists(staging):
             return staging
+
+
+def _check_only_saves_replaced(old: Path, writers: dict[str, Writer], replaced: Callable[[Path], bool]) -> None:
+    """Refuse, before anything is written, a save that would replace an entry of `old` that no save
+    wrote (a user's folder or file with an adapter's name)."""
+    for name in writers:
+        entry = old / name
+        if os.path.lexists(entry) and not replaced(entry):
+            raise AdapterFileError(
+                f"{entry} is not an adapter a save wrote, and this save would replace it; move it out of {old}, or "
+                "save the adapters under other names or into another folder"
+            )
 
 
 def _carry_over(old: Path, staging: Path, replaced: Callable[[Path], bool]) -> None:

@@ -133,6 +133,9 @@ def save_adapters(delta_model: DeltaModel, path: str | Path, names: list[str], f
     delta_model.require(names)
     if not names:
         raise DeltaTuneError("there is no adapter to save")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DeltaTuneError(f"names lists {', '.join(map(repr, repeated))} more than once; name each adapter once")
     folders = {name: _adapter_writers(delta_model, check_name(name), format) for name in names}
     if len(names) == 1:
         replace_folder(Path(path), folders[names[0]], replaced=_written_by_saves)
@@ -349,10 +352,14 @@ def _adapter_folders(root: Path, name: str | None) -> list[tuple[str | None, Pat
         found = sorted(
             child for child in root.iterdir() if not child.name.startswith(".") and _is_adapter_folder(child)
         )
-        if name is not None:
-            found = [child for child in found if child.name == name]
+        chosen = [child for child in found if name is None or child.name == name]
+        if chosen:
+            return [(check_name(child.name, f"{child}", AdapterFileError), child) for child in chosen]
         if found:
-            return [(check_name(child.name, f"{child}", AdapterFileError), child) for child in found]
+            raise AdapterFileError(
+                f"no adapter {name!r} in {root}; it holds {', '.join(repr(child.name) for child in found)}: load one "
+                "of those, or all with no name"
+            )
     aside = interrupted_save(root)
     if aside is not None:
         raise AdapterFileError(
