@@ -119,3 +119,11 @@ def test_the_demo_runs_again_into_its_own_folder(tmp_path) -> None:
     run_demo(options)
     run_demo(options)
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_resume_refuses_a_checkpoint_of_other_base_model_weights_at_the_same_path(tmp_path, capsys) -> None:
+    config, out = interrupted_run(tmp_path)
+    model_folder(tmp_path, "causal-lm", seed=1)
+    capsys.readouterr()
+    assert main(["train", str(config), "--quiet", "--resume"]) == 2
+    assert "base_model_weights" in last_error_line(capsys)

@@ -8,7 +8,9 @@
 - `random.safetensors`: the CPU (and CUDA) random generator states;
 - `trainer_state.json`: the step, the optimizer's parameter groups, the scheduler state, the
   loss / metric history so far, and the run it belongs to (`fingerprint.py`). Written last, so a
-  checkpoint without it is incomplete and skipped. Strict JSON (a non-finite number is null).
+  checkpoint without it is incomplete and skipped. Strict JSON (a non-finite number is null). A
+  rewrite of an existing step folder (a resumed run reaching that step again) removes it first, so
+  until the new one is in place the folder is incomplete, never new files beside the old state.
 
 Resuming restores all of them; the data order is a function of (seed, epoch), so the run continues
 with the same batches, the same dropout masks and the same optimizer moments as one never stopped.
@@ -67,6 +69,7 @@ def save_checkpoint(
     generators = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         generators.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    (folder / STATE_FILE).unlink(missing_ok=True)
     delta_model.save(str(folder / ADAPTER_FOLDER))
     trainer_state = {
         "step": state.step,

@@ -4,7 +4,13 @@ Every checkpoint records its run: the full config, and a fingerprint of what dec
 training: every config setting except those in `KEEPS_THE_MATH` (nested ones by dotted name, such
 as `adapter.r`; the adapter config with its defaults filled in), the number of processes (each step
 reads `batch_size × gradient_accumulation_steps × world_size` examples), and a SHA-256 of the
-encoded training examples (`training_data`: the examples themselves, wherever the file now lies).
+encoded training examples (`training_data`: the examples themselves, wherever the file now lies),
+and an identity of the base model's weights (`base_model_weights`): `model` names a path, and other
+weights may be saved there later. The identity is the name, size and modification time of each
+weights file in the model folder: a stat per file, where hashing the weights would read gigabytes on
+every start. So rewriting the weights is always seen (even a change confined to a few layers, as a
+merged LoRA makes, which hashing a sample of the bytes could miss), and copying the same weights
+without keeping their times also counts as a change (resume from the original, or start afresh).
 A resume whose fingerprint differs stops and names what differs. A setting added to the config
 later counts as changing the math unless it is listed here.
 """
@@ -20,6 +26,7 @@ from typing import Any
 from ..errors import CheckpointMismatchError
 from .checkpoint import read_trainer_state
 from .config import TrainConfig
+from .models import model_folder
 
 KEEPS_THE_MATH = frozenset(
     {
@@ -44,6 +51,8 @@ DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""
 SHOWN_VALUE_LENGTH = 40
 """Differing values up to this many characters are shown in the error, longer ones only named."""
+WEIGHTS_SUFFIXES = (".safetensors", ".bin")
+"""The files of a transformers model folder that hold its weights (also sharded ones)."""
 
 
 def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
@@ -53,8 +62,20 @@ def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_
     compared = {name: value for name, value in settings.items() if name not in KEEPS_THE_MATH}
     compared["adapter"] = {"method": config.adapter["method"], **dataclasses.asdict(config.adapter_config())}
     examples = json.dumps(train_features, sort_keys=True, default=str).encode("utf-8")
-    fingerprint = {**compared, "world_size": world_size, "training_data": hashlib.sha256(examples).hexdigest()}
+    fingerprint = {
+        **compared,
+        "world_size": world_size,
+        "training_data": hashlib.sha256(examples).hexdigest(),
+        "base_model_weights": weights_identity(model_folder(config.model)),
+    }
     return {"fingerprint": _dotted(_as_json(fingerprint)), "config": _as_json(settings)}
+
+
+def weights_identity(folder: Path) -> str:
+    """A digest of (name, size, modification time) of every weights file in model `folder`."""
+    files = sorted(path for path in folder.iterdir() if path.name.endswith(WEIGHTS_SUFFIXES) and path.is_file())
+    stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    return hashlib.sha256(json.dumps(stats).encode("utf-8")).hexdigest()
 
 
 def check_same_run(folder: Path, record: dict[str, Any]) -> None:
