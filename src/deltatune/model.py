@@ -294,16 +294,16 @@ class DeltaModel(nn.Module):
     # ----------------------------------------------------------------------------- running
     def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. `adapter_names` gives each row its adapter (`None`: base model)."""
-        self._route(adapter_names, args, kwargs)
-        if self.plan.train_skip_lowest:
-            self.plan.before_call(self.training)
-        return self.base_model(*args, **kwargs)
+        with self._routed(adapter_names, args, kwargs):
+            if self.plan.train_skip_lowest:
+                self.plan.before_call(self.training)
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`, with optional per-row adapters as in `forward`: one name per
         prompt (the beams and return sequences of a prompt run its adapter)."""
-        self._route(adapter_names, args, kwargs)
-        return self.base_model.generate(*args, **kwargs)
+        with self._routed(adapter_names, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """transformers' gradient checkpointing, non-reentrant by default so that frozen inputs
@@ -311,11 +311,13 @@ class DeltaModel(nn.Module):
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def _route(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> None:
-        """Route row i of this call's input to `adapter_names[i]`, or every row to the active adapters."""
-        if self.routing.row_groups is not None:
-            self.routing.set_rows(None)
+    @contextlib.contextmanager
+    def _routed(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        """Route row i of this call's input to `adapter_names[i]`, or every row to the active adapters;
+        the routing ends with the call (even one that raised), so a later direct call to an inner module
+        runs the active adapters on every row."""
         if adapter_names is None:
+            yield
             return
         if isinstance(adapter_names, str):
             raise DeltaTuneError(
@@ -330,6 +332,10 @@ class DeltaModel(nn.Module):
                 "name (or None for the base model) per row"
             )
         self.routing.set_rows(list(adapter_names))
+        try:
+            yield
+        finally:
+            self.routing.set_rows(None)
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: str, names: list[str] | None = None, format: str = "deltatune") -> None:
