@@ -192,14 +192,28 @@ class DeltaModel(nn.Module):
         self.require([name])
         if any(name in site.merged for _, site in self.sites()):
             self.unmerge()
-        self._remove(name)
-        self._reactivate(n for n in self.active_adapters if n != name)
+        try:
+            self._remove(name)
+        finally:
+            self._reactivate(n for n in self.active_adapters if n != name)
 
     def _remove(self, name: str) -> None:
-        """Take adapter `name` off every module that holds a part of it (each part's `close()` runs)."""
+        """Take adapter `name` off every module that holds a part of it (each part's `close()` runs).
+        A `close()` that raises does not stop the removal: the adapter leaves every module, then the
+        first failure is raised."""
         record = self.records.pop(name)
+        failure: tuple[str, BaseException] | None = None
         for module_name in reversed(record.placed):
-            remove_adapter(self.base_model.get_submodule(module_name), name)
+            try:
+                remove_adapter(self.base_model.get_submodule(module_name), name)
+            except Exception as error:
+                failure = failure or (module_name, error)
+        if failure is not None:
+            module_name, error = failure
+            raise DeltaTuneError(
+                f"adapter {name!r} was removed from every module, but closing its part at {module_name!r} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Turn training of adapter `name`'s parameters on or off."""
@@ -280,8 +294,12 @@ class DeltaModel(nn.Module):
                 merge_adapters(self.base_model, self.sites(), list(self.active_adapters))
         else:
             unmerge_adapters(self.base_model, self.sites())
+        failure: DeltaTuneError | None = None
         for name in list(self.records):
-            self._remove(name)
+            try:
+                self._remove(name)
+            except DeltaTuneError as error:
+                failure = failure or error
         for module_name, module in plain.items():
             parent_name, _, leaf = module_name.rpartition(".")
             self.base_model.get_submodule(parent_name).register_module(leaf, module.to(dtype))
@@ -289,6 +307,8 @@ class DeltaModel(nn.Module):
         self.plan = ActivePlan((), [])
         for parameter_name, parameter in self.base_model.named_parameters():
             parameter.requires_grad_(self._base_requires_grad.get(parameter_name, False))
+        if failure is not None:
+            raise failure
         return self.base_model
 
     # ----------------------------------------------------------------------------- running
