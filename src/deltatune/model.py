@@ -27,7 +27,7 @@ from .methods.module_copy import ModuleCopy
 from .names import check_name
 from .placement import Placement
 from .registry import method_for
-from .site import DeltaSite, RoutingState, keep_in_float32, remove_adapter, site_of
+from .site import DeltaSite, RoutingState, SiteAdapter, keep_in_float32, remove_adapter, site_of
 from .summary import TrainableSummary
 from .targeting import model_modules, saved_module_names
 
@@ -55,6 +55,8 @@ class DeltaModel(nn.Module):
         self.records: dict[str, AdapterRecord] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.plan = ActivePlan((), [])
+        self._call_enders: list[SiteAdapter] = []
+        """The adapters with a `call_ended`, run at the end of every call too (kept by `activate`)."""
         self.routing = RoutingState()
         self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -140,6 +142,7 @@ class DeltaModel(nn.Module):
             train_skip_lowest,
         )
         self.plan.apply()
+        self._call_enders = [adapter for _, site in self.sites() for adapter in site.call_enders]
         return self
 
     def fuse(self, *adapters: str, name: str | None = None, dropout: float = 0.0) -> DeltaModel:
@@ -305,6 +308,7 @@ class DeltaModel(nn.Module):
             self.base_model.get_submodule(parent_name).register_module(leaf, module.to(dtype))
         self.active_adapters = ()
         self.plan = ActivePlan((), [])
+        self._call_enders = []
         for parameter_name, parameter in self.base_model.named_parameters():
             parameter.requires_grad_(self._base_requires_grad.get(parameter_name, False))
         if failure is not None:
@@ -314,7 +318,7 @@ class DeltaModel(nn.Module):
     # ----------------------------------------------------------------------------- running
     def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. `adapter_names` gives each row its adapter (`None`: base model)."""
-        with self._routed(adapter_names, args, kwargs):
+        with self._call(adapter_names, args, kwargs):
             if self.plan.train_skip_lowest:
                 self.plan.before_call(self.training)
             return self.base_model(*args, **kwargs)
@@ -322,7 +326,7 @@ class DeltaModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`, with optional per-row adapters as in `forward`: one name per
         prompt (the beams and return sequences of a prompt run its adapter)."""
-        with self._routed(adapter_names, args, kwargs):
+        with self._call(adapter_names, args, kwargs):
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -332,13 +336,24 @@ class DeltaModel(nn.Module):
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @contextlib.contextmanager
-    def _routed(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:
-        """Route row i of this call's input to `adapter_names[i]`, or every row to the active adapters;
-        the routing ends with the call (even one that raised), so a later direct call to an inner module
-        runs the active adapters on every row."""
-        if adapter_names is None:
+    def _call(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        """One forward or generate call: row i of its input goes to `adapter_names[i]`, or every row to
+        the active adapters. Nothing of the call outlives it, even one that raised: its routing ends (a
+        later direct call to an inner module runs the active adapters on every row), and every adapter
+        drops what it kept of the call (`call_ended`: a tapped input whose reader never ran)."""
+        if adapter_names is not None:
+            self._check_rows(adapter_names, args, kwargs)
+            self.routing.set_rows(list(adapter_names))
+        try:
             yield
-            return
+        finally:
+            if adapter_names is not None:
+                self.routing.set_rows(None)
+            for adapter in self._call_enders:
+                adapter.call_ended()
+
+    def _check_rows(self, adapter_names: list[str | None], args: tuple, kwargs: dict) -> None:
+        """Refuse `adapter_names` unless it names known adapters, one per row of the call's input."""
         if isinstance(adapter_names, str):
             raise DeltaTuneError(
                 "adapter_names must be a list with one adapter name (or None) per row, got the string "
@@ -351,11 +366,6 @@ class DeltaModel(nn.Module):
                 f"adapter_names has {len(adapter_names)} entries for a batch of {rows} rows; pass one adapter "
                 "name (or None for the base model) per row"
             )
-        self.routing.set_rows(list(adapter_names))
-        try:
-            yield
-        finally:
-            self.routing.set_rows(None)
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: str, names: list[str] | None = None, format: str = "deltatune") -> None:

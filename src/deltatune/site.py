@@ -84,8 +84,8 @@ class SiteAdapter(nn.Module):
         )
 
     def call_ended(self) -> None:
-        """After every call of the module, even one that raised: drop what the call left with this
-        adapter (a tapped input). Default: nothing, and no hook for it."""
+        """After every call of the module, and of the `DeltaModel`, even one that raised: drop what the
+        call left with this adapter (a tapped input). Default: nothing, and no hook for it."""
 
     def close(self) -> None:
         """The adapter leaves its site (delete, unload, a failed add): release what it holds outside
