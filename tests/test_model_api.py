@@ -175,3 +175,21 @@ def test_delete_removes_the_adapter_everywhere_even_when_a_close_raises() -> Non
     assert delta_model.active_adapters == ("b",)
     assert all("a" not in site.adapters for _, site in delta_model.sites())
     torch.testing.assert_close(run(delta_model, "llama"), expected_b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("step", ["set_trainable", "_reactivate"])
+def test_an_add_that_fails_after_placement_leaves_no_trace(step: str, monkeypatch) -> None:
+    delta_model = deltatune.attach(build("llama"), lora(target_modules=["q_proj"]), name="a")
+    expected = run(delta_model, "llama")
+
+    def fail(*args, **kwargs) -> None:
+        raise RuntimeError(f"{step} failed")
+
+    monkeypatch.setattr(delta_model, step, fail)
+    with pytest.raises(RuntimeError, match=step):
+        delta_model.add("b", lora(target_modules=["k_proj"]))
+    monkeypatch.undo()
+    assert list(delta_model.records) == ["a"] and delta_model.active_adapters == ("a",)
+    assert all("b" not in site.adapters for _, site in delta_model.sites())
+    torch.testing.assert_close(run(delta_model, "llama"), expected, atol=0, rtol=0)
+    delta_model.add("b", lora(target_modules=["k_proj"]))

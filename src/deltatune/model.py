@@ -102,6 +102,7 @@ class DeltaModel(nn.Module):
             )
         method = method_for(config)
         placement = Placement(self.base_model, name, self.routing, weights_from_file)
+        previous = self.active_adapters
         try:
             method.attach(placement, config)
             for saved in saved_module_names(self.base_model, config):
@@ -109,12 +110,16 @@ class DeltaModel(nn.Module):
             if autocast_adapter_dtype:  # float16 / bfloat16 adapter weights in float32, as peft does
                 for module_name in placement.placed:
                     keep_in_float32(site_of(self.base_model.get_submodule(module_name)).adapters[name])
+            self.records[name] = AdapterRecord(config, list(placement.targets), list(placement.placed))
+            self.set_trainable(name, trainable)
+            self._reactivate(previous or (name,))
         except BaseException:
             placement.undo()
+            if self.records.pop(name, None) is not None:  # the adapters active before run again
+                self.activate(
+                    *previous, skip_layers=self.plan.skip_layers, train_skip_lowest=self.plan.train_skip_lowest
+                )
             raise
-        self.records[name] = AdapterRecord(config, list(placement.targets), list(placement.placed))
-        self.set_trainable(name, trainable)
-        self._reactivate(self.active_adapters or (name,))
         return self
 
     def replace_config(self, name: str, config: DeltaConfig) -> None:
