@@ -154,3 +154,42 @@ def test_bf16_model_runs_and_merges_in_float32() -> None:
     delta_model.merge()
     assert delta_model.base_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     torch.testing.assert_close(run(delta_model, "llama").float(), output, atol=0.1, rtol=0.05)
+
+
+def test_delete_removes_the_adapter_everywhere_even_when_a_close_raises() -> None:
+    delta_model = deltatune.attach(build("llama"), lora(target_modules=["q_proj", "v_proj"]), name="a")
+    delta_model.add("b", lora(target_modules=["k_proj"]))
+    expected_b = run(delta_model.activate("b"), "llama")
+    delta_model.activate("a", "b")
+    holders = [site for _, site in delta_model.sites() if "a" in site.adapters]
+    failing = holders[len(holders) // 2].adapters["a"]
+
+    def close() -> None:
+        raise RuntimeError("close failed")
+
+    failing.close = close
+    with pytest.raises(deltatune.DeltaTuneError, match="'a'") as raised:
+        delta_model.delete("a")
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert list(delta_model.records) == ["b"]
+    assert delta_model.active_adapters == ("b",)
+    assert all("a" not in site.adapters for _, site in delta_model.sites())
+    torch.testing.assert_close(run(delta_model, "llama"), expected_b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("step", ["set_trainable", "_reactivate"])
+def test_an_add_that_fails_after_placement_leaves_no_trace(step: str, monkeypatch) -> None:
+    delta_model = deltatune.attach(build("llama"), lora(target_modules=["q_proj"]), name="a")
+    expected = run(delta_model, "llama")
+
+    def fail(*args, **kwargs) -> None:
+        raise RuntimeError(f"{step} failed")
+
+    monkeypatch.setattr(delta_model, step, fail)
+    with pytest.raises(RuntimeError, match=step):
+        delta_model.add("b", lora(target_modules=["k_proj"]))
+    monkeypatch.undo()
+    assert list(delta_model.records) == ["a"] and delta_model.active_adapters == ("a",)
+    assert all("b" not in site.adapters for _, site in delta_model.sites())
+    torch.testing.assert_close(run(delta_model, "llama"), expected, atol=0, rtol=0)
+    delta_model.add("b", lora(target_modules=["k_proj"]))

@@ -105,3 +105,60 @@ def test_no_adapter_keeps_a_tensor_of_a_finished_call(method: str, arch: str) ->
     raise_inside(delta_model)
     logits(delta_model)
     assert call_state(delta_model) == []
+
+
+def test_per_row_routing_ends_with_its_call() -> None:
+    """After a mixed-batch call, a direct call to an inner module runs the active adapters on every row."""
+    delta_model = adapted("prompt_tuning", "llama", names=("a", "b")).activate("a")
+    lora = deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    delta_model.add("c", lora).activate("c")
+    with torch.no_grad():
+        expected = delta_model.model(input_ids=TOKENS).last_hidden_state
+        delta_model(input_ids=TOKENS, adapter_names=["a", None])
+        after = delta_model.model(input_ids=TOKENS).last_hidden_state
+        delta_model.generate(input_ids=TOKENS, adapter_names=["c", None], max_new_tokens=1, do_sample=False)
+        after_generate = delta_model.model(input_ids=TOKENS).last_hidden_state
+    assert delta_model.routing.row_groups is None
+    torch.testing.assert_close(after, expected, atol=0, rtol=0)
+    torch.testing.assert_close(after_generate, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_concurrent_calls_keep_their_own_notes(method: str) -> None:
+    """Two threads call the model with inputs of different lengths; each gets its own call's output."""
+    import threading
+
+    delta_model = adapted(method, "llama")
+    inputs = [torch.randint(3, 90, (3, 4)), torch.randint(3, 90, (1, 9))]
+    with torch.no_grad():
+        expected = [delta_model(input_ids=tokens).logits for tokens in inputs]
+    wrong: list[str] = []
+
+    def work(index: int) -> None:
+        for _ in range(40):
+            with torch.no_grad():
+                out = delta_model(input_ids=inputs[index]).logits
+            if out.shape != expected[index].shape or not torch.allclose(out, expected[index], atol=1e-5):
+                wrong.append(f"thread {index}: {tuple(out.shape)}")
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+    assert all(not notes for _, site in delta_model.sites() for notes in site._notes.values())
+
+
+@pytest.mark.parametrize("method", ["bottleneck_parallel", "bottleneck_pfeiffer"])
+def test_a_tapped_input_does_not_outlive_a_call_that_raised_before_its_reader(method: str) -> None:
+    """The call raises inside the FFN, after the tap recorded x and before the adapter that reads it."""
+    delta_model = adapted(method, "llama")
+    first_ffn = delta_model.base_model.model.layers[0].mlp.gate_proj
+    handle = first_ffn.register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(RuntimeError("boom")))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            logits(delta_model)
+    finally:
+        handle.remove()
+    assert call_state(delta_model) == []

@@ -27,7 +27,7 @@ from .methods.module_copy import ModuleCopy
 from .names import check_name
 from .placement import Placement
 from .registry import method_for
-from .site import DeltaSite, RoutingState, keep_in_float32, remove_adapter, site_of
+from .site import DeltaSite, RoutingState, SiteAdapter, keep_in_float32, remove_adapter, site_of
 from .summary import TrainableSummary
 from .targeting import model_modules, saved_module_names
 
@@ -55,6 +55,8 @@ class DeltaModel(nn.Module):
         self.records: dict[str, AdapterRecord] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.plan = ActivePlan((), [])
+        self._call_enders: list[SiteAdapter] = []
+        """The adapters with a `call_ended`, run at the end of every call too (kept by `activate`)."""
         self.routing = RoutingState()
         self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -100,6 +102,7 @@ class DeltaModel(nn.Module):
             )
         method = method_for(config)
         placement = Placement(self.base_model, name, self.routing, weights_from_file)
+        previous = self.active_adapters
         try:
             method.attach(placement, config)
             for saved in saved_module_names(self.base_model, config):
@@ -107,12 +110,16 @@ class DeltaModel(nn.Module):
             if autocast_adapter_dtype:  # float16 / bfloat16 adapter weights in float32, as peft does
                 for module_name in placement.placed:
                     keep_in_float32(site_of(self.base_model.get_submodule(module_name)).adapters[name])
+            self.records[name] = AdapterRecord(config, list(placement.targets), list(placement.placed))
+            self.set_trainable(name, trainable)
+            self._reactivate(previous or (name,))
         except BaseException:
             placement.undo()
+            if self.records.pop(name, None) is not None:  # the adapters active before run again
+                self.activate(
+                    *previous, skip_layers=self.plan.skip_layers, train_skip_lowest=self.plan.train_skip_lowest
+                )
             raise
-        self.records[name] = AdapterRecord(config, list(placement.targets), list(placement.placed))
-        self.set_trainable(name, trainable)
-        self._reactivate(self.active_adapters or (name,))
         return self
 
     def replace_config(self, name: str, config: DeltaConfig) -> None:
@@ -140,6 +147,7 @@ class DeltaModel(nn.Module):
             train_skip_lowest,
         )
         self.plan.apply()
+        self._call_enders = [adapter for _, site in self.sites() for adapter in site.call_enders]
         return self
 
     def fuse(self, *adapters: str, name: str | None = None, dropout: float = 0.0) -> DeltaModel:
@@ -192,14 +200,28 @@ class DeltaModel(nn.Module):
         self.require([name])
         if any(name in site.merged for _, site in self.sites()):
             self.unmerge()
-        self._remove(name)
-        self._reactivate(n for n in self.active_adapters if n != name)
+        try:
+            self._remove(name)
+        finally:
+            self._reactivate(n for n in self.active_adapters if n != name)
 
     def _remove(self, name: str) -> None:
-        """Take adapter `name` off every module that holds a part of it (each part's `close()` runs)."""
+        """Take adapter `name` off every module that holds a part of it (each part's `close()` runs).
+        A `close()` that raises does not stop the removal: the adapter leaves every module, then the
+        first failure is raised."""
         record = self.records.pop(name)
+        failure: tuple[str, BaseException] | None = None
         for module_name in reversed(record.placed):
-            remove_adapter(self.base_model.get_submodule(module_name), name)
+            try:
+                remove_adapter(self.base_model.get_submodule(module_name), name)
+            except Exception as error:
+                failure = failure or (module_name, error)
+        if failure is not None:
+            module_name, error = failure
+            raise DeltaTuneError(
+                f"adapter {name!r} was removed from every module, but closing its part at {module_name!r} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Turn training of adapter `name`'s parameters on or off."""
@@ -280,30 +302,37 @@ class DeltaModel(nn.Module):
                 merge_adapters(self.base_model, self.sites(), list(self.active_adapters))
         else:
             unmerge_adapters(self.base_model, self.sites())
+        failure: DeltaTuneError | None = None
         for name in list(self.records):
-            self._remove(name)
+            try:
+                self._remove(name)
+            except DeltaTuneError as error:
+                failure = failure or error
         for module_name, module in plain.items():
             parent_name, _, leaf = module_name.rpartition(".")
             self.base_model.get_submodule(parent_name).register_module(leaf, module.to(dtype))
         self.active_adapters = ()
         self.plan = ActivePlan((), [])
+        self._call_enders = []
         for parameter_name, parameter in self.base_model.named_parameters():
             parameter.requires_grad_(self._base_requires_grad.get(parameter_name, False))
+        if failure is not None:
+            raise failure
         return self.base_model
 
     # ----------------------------------------------------------------------------- running
     def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. `adapter_names` gives each row its adapter (`None`: base model)."""
-        self._route(adapter_names, args, kwargs)
-        if self.plan.train_skip_lowest:
-            self.plan.before_call(self.training)
-        return self.base_model(*args, **kwargs)
+        with self._call(adapter_names, args, kwargs):
+            if self.plan.train_skip_lowest:
+                self.plan.before_call(self.training)
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`, with optional per-row adapters as in `forward`: one name per
         prompt (the beams and return sequences of a prompt run its adapter)."""
-        self._route(adapter_names, args, kwargs)
-        return self.base_model.generate(*args, **kwargs)
+        with self._call(adapter_names, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """transformers' gradient checkpointing, non-reentrant by default so that frozen inputs
@@ -311,12 +340,25 @@ class DeltaModel(nn.Module):
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def _route(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> None:
-        """Route row i of this call's input to `adapter_names[i]`, or every row to the active adapters."""
-        if self.routing.row_groups is not None:
-            self.routing.set_rows(None)
-        if adapter_names is None:
-            return
+    @contextlib.contextmanager
+    def _call(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        """One forward or generate call: row i of its input goes to `adapter_names[i]`, or every row to
+        the active adapters. Nothing of the call outlives it, even one that raised: its routing ends (a
+        later direct call to an inner module runs the active adapters on every row), and every adapter
+        drops what it kept of the call (`call_ended`: a tapped input whose reader never ran)."""
+        if adapter_names is not None:
+            self._check_rows(adapter_names, args, kwargs)
+            self.routing.set_rows(list(adapter_names))
+        try:
+            yield
+        finally:
+            if adapter_names is not None:
+                self.routing.set_rows(None)
+            for adapter in self._call_enders:
+                adapter.call_ended()
+
+    def _check_rows(self, adapter_names: list[str | None], args: tuple, kwargs: dict) -> None:
+        """Refuse `adapter_names` unless it names known adapters, one per row of the call's input."""
         if isinstance(adapter_names, str):
             raise DeltaTuneError(
                 "adapter_names must be a list with one adapter name (or None) per row, got the string "
@@ -329,7 +371,6 @@ class DeltaModel(nn.Module):
                 f"adapter_names has {len(adapter_names)} entries for a batch of {rows} rows; pass one adapter "
                 "name (or None for the base model) per row"
             )
-        self.routing.set_rows(list(adapter_names))
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: str, names: list[str] | None = None, format: str = "deltatune") -> None:

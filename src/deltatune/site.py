@@ -9,7 +9,7 @@ before the module runs: the site then registers its single forward pre-hook, sha
 
 Per-call state belongs to the call: the pre-hook opens a fresh `CallNote`, hands it to `prepare`, and
 the forward hook finishes the output with it; a hook that runs even when the call raised drops it, so
-nothing of one call reaches the next.
+nothing of one call reaches the next. Notes are kept per thread: concurrent calls keep their own.
 
 `RoutingState` is shared by all sites of one `DeltaModel` (internal to the library, not a part of the
 method contract): whether all adapters are disabled and, for a mixed batch, which rows go to which
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from threading import get_ident
 from typing import Any
 
 import torch
@@ -83,8 +84,8 @@ class SiteAdapter(nn.Module):
         )
 
     def call_ended(self) -> None:
-        """After every call of the module, even one that raised: drop what the call left with this
-        adapter (a tapped input). Default: nothing, and no hook for it."""
+        """After every call of the module, and of the `DeltaModel`, even one that raised: drop what the
+        call left with this adapter (a tapped input). Default: nothing, and no hook for it."""
 
     def close(self) -> None:
         """The adapter leaves its site (delete, unload, a failed add): release what it holds outside
@@ -214,7 +215,8 @@ class DeltaSite(nn.Module):
         """The site's one forward pre-hook, present while an adapter here observes or prepares inputs."""
         self.end_hook_handle: Any = None
         """The hook that runs after every call, even one that raised, while an adapter needs it."""
-        self._notes: list[CallNote] = []
+        self._notes: dict[int, list[CallNote]] = {}
+        """The notes of the calls in progress, a stack per thread (calls nest; threads run their own)."""
 
     def extra_repr(self) -> str:
         return f"active={[self._name_of(a) for a in self.active]}, merged={self.merged}"
@@ -278,7 +280,7 @@ class DeltaSite(nn.Module):
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         note = CallNote()
-        self._notes.append(note)
+        self._notes.setdefault(get_ident(), []).append(note)
         state = self.state
         if state.disabled:
             return None
@@ -300,12 +302,17 @@ class DeltaSite(nn.Module):
         else:
             for adapter in self.active:
                 output = adapter(module, args, kwargs, output)
-        return self._notes[-1].finish(output) if self.pre_hook_handle is not None and self._notes else output
+        notes = self._notes.get(get_ident()) if self.pre_hook_handle is not None else None
+        return notes[-1].finish(output) if notes else output
 
     def end_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         """After every call, even one that raised: its note goes, and so does what adapters kept of it."""
-        if self._notes and self.pre_hook_handle is not None:
-            self._notes.pop()
+        thread = get_ident()
+        notes = self._notes.get(thread) if self.pre_hook_handle is not None else None
+        if notes:
+            notes.pop()
+            if not notes:
+                del self._notes[thread]
         for adapter in self.call_enders:
             adapter.call_ended()
 

@@ -171,8 +171,9 @@ INITS: dict[str, Callable[[nn.Linear, nn.Linear], None]] = {
 
 class TappedInput:
     """x of the current call, from the tap to the adapter that reads it: set when the input module is
-    called, dropped when the reading adapter's module has run (even if it raised), so x never outlives
-    its call. Not a module: both hold it as a plain attribute."""
+    called, dropped when the reading adapter's module has run (even if it raised) or, when a call raised
+    before that module ran, at the end of the `DeltaModel` call (`call_ended`), so x never outlives its
+    call. Not a module: both hold it as a plain attribute."""
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None

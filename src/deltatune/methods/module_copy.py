@@ -2,7 +2,9 @@
 
 While the adapter is active the copy's output replaces the original's. Merging writes the copy's
 parameters over the original's (as the delta `copy - original`, so merge stays generic). The copy keeps
-the module's dtype, as in peft: it runs in the module's place, on the module's inputs.
+the module's dtype, as in peft: it runs in the module's place, on the module's inputs. It is a copy of
+the module as the base model has it (`base_copy`): the adapters of other adapters inside the module, and
+their hooks, stay with the original, so the copy is trained for its own adapter only.
 
 In a mixed batch the copy runs on its rows only. A module returning one tensor has the batch at dim 0
 of its first input and of its output. A recurrent layer (`nn.RNN`, `nn.GRU`, `nn.LSTM`) returns
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
-from ..site import SITE_ATTRIBUTE, SiteAdapter, put_rows
+from ..site import SITE_ATTRIBUTE, SiteAdapter, put_rows, site_of
 
 HiddenState = torch.Tensor | tuple[torch.Tensor, ...] | None
 """A recurrent layer's h (RNN, GRU) or (h, c) (LSTM)."""
@@ -33,14 +35,7 @@ class ModuleCopy(SiteAdapter):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        original_site = module._modules.pop(SITE_ATTRIBUTE, None)
-        try:
-            self.copy = copy.deepcopy(module)
-        finally:
-            if original_site is not None:
-                module._modules[SITE_ATTRIBUTE] = original_site
-        self.copy._forward_hooks.clear()
-        self.copy._forward_hooks_with_kwargs.clear()
+        self.copy = base_copy(module)
         for parameter in self.copy.parameters():
             parameter.requires_grad_(True)
         self.recurrent = isinstance(module, nn.RNNBase)
@@ -85,6 +80,40 @@ class ModuleCopy(SiteAdapter):
 
     def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.copy.load_state_dict(tensors, strict=True)
+
+
+class _LeftOut:
+    """What a site of `module` becomes in its copy, for `base_copy` to take out."""
+
+
+HOOK_FLAGS = {
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+}
+"""The hook dicts a site registers in, with the dicts that mark a hook's options by its id."""
+
+
+def base_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` as the base model has it: every site in it (the module's own and those of
+    its submodules, with their adapters of other adapters) and every hook of those sites is left out.
+    The sites are not copied at all (the deep copy's memo maps each to a placeholder), and the original
+    is not changed."""
+    left_out = _LeftOut()
+    memo: dict[int, Any] = {id(site): left_out for sub in module.modules() if (site := site_of(sub)) is not None}
+    copied = copy.deepcopy(module, memo)
+    pending = [copied]
+    while pending:
+        current = pending.pop()
+        if current._modules.get(SITE_ATTRIBUTE) is left_out:
+            del current._modules[SITE_ATTRIBUTE]
+        for hooks_name, flag_names in HOOK_FLAGS.items():
+            hooks = getattr(current, hooks_name)
+            for hook_id in [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is left_out]:
+                del hooks[hook_id]
+                for flag_name in flag_names:
+                    getattr(current, flag_name).pop(hook_id, None)
+        pending.extend(child for child in current._modules.values() if child is not None)
+    return copied
 
 
 def _state_rows(state: HiddenState, rows: torch.Tensor) -> HiddenState:
