@@ -62,6 +62,9 @@ class TrainConfig:
     """`method` (a registered method name) and that method's config fields."""
     tokenizer: str | None = None
     """Tokenizer folder; default: the model's."""
+    quantize: str | None = None
+    """Load the frozen base quantized: nf4, fp4, int8 (bitsandbytes), torchao-int8, quanto-int8 or
+    quanto-int4 (see `deltatune.train.quantize`); none: full precision."""
     output_dir: str = "deltatune-output"
     """Where the adapter, checkpoints, metrics.json and the plot go."""
     overwrite_output_dir: bool = False
@@ -138,6 +141,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """The rules beyond each field's type and range; builds the adapter's config to check it too."""
+        from .quantize import QUANTIZE_OPTIONS
         from .tasks import get_task
 
         get_task(self.task)
@@ -149,6 +153,8 @@ class TrainConfig:
             raise ConfigError(
                 "`adapter` must be a mapping with a `method` key (lora, bitfit, ...) and that method's fields"
             )
+        if self.quantize is not None and self.quantize not in QUANTIZE_OPTIONS:
+            raise ConfigError(f"unknown quantize {self.quantize!r}; use one of {', '.join(QUANTIZE_OPTIONS)}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
         if not DEVICE.fullmatch(self.device):

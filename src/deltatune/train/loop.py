@@ -131,7 +131,7 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     )
     train_features, eval_features = task.encode(train_records, context), task.encode(eval_records, context)
     torch.manual_seed(config.seed)
-    model = load_model(config.model, task, tokenizer, labels)
+    model = load_model(config.model, task, tokenizer, labels, config.quantize, str(device))
     if adapter is None:
         delta_model = attach_adapter(model, adapter_config, task)
     else:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
@@ -70,15 +71,29 @@ def saved_model_class(folder: Path) -> Any:
 
 
 def load_model(
-    name: str, task: TaskType | None = None, tokenizer: Any = None, label_names: Sequence[str] = ()
+    name: str,
+    task: TaskType | None = None,
+    tokenizer: Any = None,
+    label_names: Sequence[str] = (),
+    quantize: str | None = None,
+    device: str = "cpu",
 ) -> nn.Module:
     """The model in folder or packaged name `name`: loaded with `task`'s auto class (labels set for
     classification), or without a task with the class its config names. A tokenizer's pad id fills
-    in a config that has none."""
-    folder = model_folder(name)
+    in a config that has none. `quantize` (a name of `quantize.QUANTIZE_OPTIONS`) loads the linear
+    layers quantized, onto `device`, computing in float32; its backend is checked before anything loads."""
     extra: dict[str, Any] = {}
-    if label_names:
+    if quantize is not None:
+        from .quantize import quantization_config
+
         extra = {
+            "quantization_config": quantization_config(quantize),
+            "device_map": {"": device},
+            "dtype": torch.float32,
+        }
+    folder = model_folder(name)
+    if label_names:
+        extra |= {
             "num_labels": len(label_names),
             "id2label": dict(enumerate(label_names)),
             "label2id": {n: i for i, n in enumerate(label_names)},
