@@ -48,6 +48,7 @@ TRAIN_FIELDS: dict[str, Case] = {
     "columns": Case("a mapping of strings to strings or null", "{sentence: 1}"),
     "adapter": Case("a mapping", "lora", ("{r: 4}",), "`adapter` must be a mapping with a `method` key"),
     "tokenizer": Case("a string or null", "[a]"),
+    "quantize": Case("a string or null", "[nf4]", ("nf3",), "unknown quantize 'nf3'"),
     "output_dir": Case("a string", "5"),
     "overwrite_output_dir": Case("true or false", '"false"'),
     "max_length": Case("a whole number ≥ 1", '"10"', ("0",)),
