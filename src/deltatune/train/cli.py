@@ -4,6 +4,7 @@
     deltatune train CONFIG.yaml [key=value ...] [--resume [CHECKPOINT]]
     deltatune eval CONFIG.yaml [key=value ...] [--adapter DIR | --base]
     deltatune merge MODEL ADAPTER OUT [--overwrite]   a full model folder with the adapter merged in
+        [--quantize NAME --dequantize [--dtype D] [--requantize NAME]]   ... from a quantized base
     deltatune inspect MODEL|CONFIG.yaml [--adapter DIR]   the module tree, parameters counted
     deltatune methods                            the registered methods
     deltatune show ADAPTER                       describe an adapter folder
@@ -19,9 +20,10 @@ import sys
 from pathlib import Path
 
 from .. import registered_methods
-from ..errors import DeltaTuneError
+from ..errors import DeltaTuneError, MergeError
 from ..io import describe_folder
 from ..version import __version__
+from .quantize import QUANTIZE_OPTIONS
 
 
 def _methods(arguments: argparse.Namespace) -> None:
@@ -72,27 +74,60 @@ def _eval(arguments: argparse.Namespace) -> None:
     print(json.dumps(result.metrics, indent=2))
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+"""`merge --dtype` names (torch dtype names)."""
+REQUANTIZE_NAMES = ("nf4", "fp4", "int8")
+"""`merge --requantize` names: the `quantize:` names whose layers transformers can save (bitsandbytes)."""
+
+
 def _merge(arguments: argparse.Namespace) -> None:
+    import torch
     from transformers import AutoTokenizer
 
     from .. import load
+    from ..quantized import quantized_linear
+    from ..requantize import dequantize_model, save_requantized
     from .models import load_model, model_folder
     from .outputs import check_merge_output, replaced_folder
+    from .quantize import quantization_config, require_backend
 
     out, folder = Path(arguments.out), model_folder(arguments.model)
     check_merge_output(out, {"model": folder, "adapter": Path(arguments.adapter)}, arguments.overwrite)
-    model = load_model(arguments.model)
+    dequantize = arguments.dequantize or arguments.requantize is not None
+    if arguments.quantize and not dequantize:
+        _refuse_packed_merge(f"--quantize {arguments.quantize} loads the base quantized")
+    if arguments.requantize:
+        require_backend(arguments.requantize)
+    model = load_model(arguments.model, quantize=arguments.quantize)
+    quantized = next((module for module in model.modules() if quantized_linear(module) is not None), None)
+    if quantized is not None and not dequantize:
+        _refuse_packed_merge(f"{folder} holds a quantized model ({quantized_linear(quantized).describe(quantized)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
         print(f"note: no tokenizer in {folder}; the merged folder holds the model only")
-    merged = load(model, arguments.adapter).unload(merge=True)
+    dtype = getattr(torch, arguments.dtype or "float32")
+    merged = load(model, arguments.adapter).unload(merge=True, dequantize=dequantize, dtype=dtype)
+    if dequantize:
+        dequantize_model(merged, dtype)
+    elif arguments.dtype:
+        merged.to(dtype)
     with replaced_folder(out) as staging:
-        merged.save_pretrained(staging)
+        if arguments.requantize:
+            save_requantized(merged, staging, quantization_config(arguments.requantize, dtype), dtype)
+        else:
+            merged.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-    print(f"merged model written to {out}")
+    print(f"merged model written to {out}" + (f" ({arguments.requantize})" if arguments.requantize else ""))
+
+
+def _refuse_packed_merge(reason: str) -> None:
+    raise MergeError(
+        f"{reason}, and a merge into its packed weights would lose most of the adapter: pass --dequantize to "
+        "write a full-precision merged model (and --requantize nf4 to quantize it again); nothing was written"
+    )
 
 
 def _inspect(arguments: argparse.Namespace) -> None:
@@ -165,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter", help="adapter folder (deltatune or peft)")
     merge.add_argument("out", help="a new (or empty) folder to write the merged model into; never an input folder")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
+    merge.add_argument(
+        "--quantize",
+        choices=list(QUANTIZE_OPTIONS),
+        help="load the base quantized, as the adapter was trained on it (needs --dequantize)",
+    )
+    merge.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="dequantize every quantized layer and add the adapter in float32: a plain full-precision model",
+    )
+    merge.add_argument(
+        "--requantize",
+        choices=REQUANTIZE_NAMES,
+        help="quantize the dequantized merge again and write it as a quantized checkpoint (implies --dequantize)",
+    )
+    merge.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="dtype of the written float weights (default: float32 when dequantizing, else the model's own)",
+    )
     merge.set_defaults(run=_merge)
 
     inspect = commands.add_parser("inspect", help="print the module tree with frozen / trainable / adapter parameters")
