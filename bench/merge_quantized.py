@@ -13,8 +13,8 @@
    4-bit CPU path makes each generated token of an nf4 row slow. Rows: the nf4 base alone; the
    adapter unmerged on a freshly loaded nf4 base (the reference); (a) `deltatune merge --quantize nf4
    --dequantize` (a float32 checkpoint); (b) the same with `--requantize nf4` (an nf4 checkpoint);
-   (b') the same with `--requantize int8` (bitsandbytes 8-bit: how much a finer grid keeps); (c) peft's
-   `merge_and_unload()` into a freshly loaded nf4 base, from the adapter saved in peft's format. Every
+   (c) peft's `merge_and_unload()` into a freshly loaded nf4 base, from the adapter saved in peft's
+   format; (b') (a) with `--requantize int8` (bitsandbytes 8-bit: how much a finer grid keeps). Every
    merged model is loaded from what was written (a, b, b') or merged in memory (c), as a user gets it.
 3. Share of the gain kept = (loss_base − loss_merged) / (loss_base − loss_adapter). Target: (a) ≥ 99 %.
 
