@@ -20,7 +20,7 @@ import deltatune
 from deltatune.train import loop, quantize
 from deltatune.train.cli import main
 from test_quantized import PACKAGES, installed
-from training_fixtures import task_config
+from training_fixtures import model_folder, task_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -154,3 +154,15 @@ def test_a_missing_backend_is_one_line_naming_it_before_anything_loads(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert f"needs the {package.install} package" in err and f"pip install {package.install}" in err
+
+
+@pytest.mark.skipif(not installed("bitsandbytes"), reason="bitsandbytes is not installed")
+def test_the_demo_runs_on_an_nf4_base_and_says_so(tmp_path: Path, capsys) -> None:
+    model = model_folder(tmp_path, "causal-lm", arch="llama-64")
+    out = tmp_path / "demo"
+    command = ["demo", "--model", str(model), "--out", str(out), "--steps", "2", "--examples", "4", "quantize=nf4"]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "(quantized nf4 base)" in printed and "base weights: quantized nf4" in printed
+    report = metrics(out)
+    assert report["quantize"] == "nf4" and 0.0 <= report["after"] <= 1.0
