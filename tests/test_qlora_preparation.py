@@ -136,3 +136,42 @@ def test_reentrant_checkpointing_on_a_quantized_base_trains_only_after_the_prepa
     reentrant_checkpointing(prepared)
     losses = lora_losses(prepared)
     assert losses[-1] < losses[0] - 1e-3
+
+
+def lora_gradients(model: torch.nn.Module, evaluate_first: bool) -> dict[str, torch.Tensor]:
+    """The LoRA factors' gradients of one training step, after one evaluation (eval mode, no gradients)
+    or without it."""
+    torch.manual_seed(0)
+    config = deltatune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    delta_model = deltatune.attach(model, config)
+    if evaluate_first:
+        with torch.no_grad():
+            delta_model.eval()(**inputs())
+    delta_model.train()
+    batch = inputs(1)
+    delta_model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {name: parameter.grad for name, parameter in delta_model.named_parameters() if parameter.requires_grad}
+
+
+def test_after_an_evaluation_the_gradients_are_those_of_a_base_never_evaluated(folder: Path) -> None:
+    expected = lora_gradients(load(folder, "nf4", dtype=torch.float32), evaluate_first=False)
+    model = load(folder, "nf4", dtype=torch.float32)
+    deltatune.prepare_quantized_base(model)
+    gradients = lora_gradients(model, evaluate_first=True)
+    assert len(gradients) == 28 and gradients.keys() == expected.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_an_unprepared_4bit_base_repacked_by_an_evaluation_loses_the_gradient_through_its_weights(folder) -> None:
+    """The control: what the preparation prevents, on a CPU where bitsandbytes repacks its layers (the
+    gradient reaching an adapter below a 4-bit layer is only the part through the adapters above)."""
+    model = load(folder, "nf4", dtype=torch.float32)
+    if not all(
+        getattr(module, "support_avx512bf16_for_cpu", False) for module in model.modules() if is_quantized(module)
+    ):
+        pytest.skip("bitsandbytes does not repack 4-bit layers on this CPU (no avx512-bf16)")
+    expected = lora_gradients(load(folder, "nf4", dtype=torch.float32), evaluate_first=False)
+    gradients = lora_gradients(model, evaluate_first=True)
+    below = [name for name in gradients if "layers.0." in name and ".q_proj." in name]
+    assert below and all(not torch.allclose(gradients[name], expected[name], atol=1e-4) for name in below)

@@ -14,7 +14,13 @@ mantissa, and a norm's mean of squares overflows float16 on long inputs). The pr
    and bfloat16 inside attention (which refuses it), so such a base is left in its dtype (`WIDENED`),
 2. with `gradient_checkpointing=True`, the input embeddings' output requires grad, so that a
    checkpointed block (above all a reentrant one, which gives no gradient at all when none of its
-   inputs requires one) passes gradients through the frozen embeddings to the adapters inside it.
+   inputs requires one) passes gradients through the frozen embeddings to the adapters inside it,
+3. bitsandbytes 4-bit layers keep their portable layout (`TRAINABLE_LAYOUT`). On a CPU with
+   avx512-bf16, bitsandbytes repacks a frozen 4-bit layer for a faster kernel at its first call in eval
+   mode without gradients (an evaluation), and from then on, in training too, the layer's backward
+   gives no gradient to its input: every adapter below it silently stops learning (on a Llama, the
+   LoRA of q/k/v/gate/up; a prompt, a prefix). A layer repacked already is unpacked again, as
+   bitsandbytes' own `state_dict()` does.
 
 Where peft's `prepare_model_for_kbit_training` differs, and why:
 
@@ -28,6 +34,8 @@ Where peft's `prepare_model_for_kbit_training` differs, and why:
 - peft turns gradient checkpointing on (reentrant by default, hence its need of input gradients). Here
   checkpointing itself stays the caller's: `DeltaModel.gradient_checkpointing_enable` (non-reentrant),
   or the trainer's `gradient_checkpointing: true`.
+- peft does not do 3 (its CPU training after an evaluation gets no gradients below the first 4-bit
+  layer).
 - peft decides by the model's `is_loaded_in_4bit` / `quantization_method` flags. Here it is the layers
   themselves (`deltatune.quantized.is_quantized`): a base without a quantized linear is left untouched,
   wherever it came from.
@@ -35,10 +43,13 @@ Where peft's `prepare_model_for_kbit_training` differs, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .errors import DeltaTuneError
+from .methods.base import lookup_type
 from .quantized import quantized_linear
 
 HALF_PRECISION = (torch.float16, torch.bfloat16)
@@ -48,16 +59,35 @@ WIDENED = frozenset({"bitsandbytes"})
 base can compute in float32 around them."""
 
 
+def _bnb_4bit_portable_layout(module: nn.Module) -> None:
+    """No repacking for bitsandbytes' CPU inference kernel; a layer repacked already is unpacked."""
+    module.support_avx512bf16_for_cpu = False
+    weight = module.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+TRAINABLE_LAYOUT: dict[str, Callable[[nn.Module], None]] = {
+    "bitsandbytes.nn.modules.Linear4bit": _bnb_4bit_portable_layout,
+}
+"""Quantized layer types (by dotted name) whose storage layout must be set for training: what does it."""
+
+
 def prepare_quantized_base(model: nn.Module, gradient_checkpointing: bool = False) -> list[str]:
     """Prepare `model`, a base with quantized linear layers, for training an adapter on it: its 16-bit
-    floating parameters outside the quantized layers in float32 (bitsandbytes bases), and with
-    `gradient_checkpointing`, its input embeddings' output requiring grad. Call it on the base before
-    `attach`. A model without a quantized linear layer is left as it is. Returns the names of the
-    parameters it cast."""
+    floating parameters outside the quantized layers in float32 (bitsandbytes bases), its 4-bit layers
+    in a layout that gives gradients, and with `gradient_checkpointing`, its input embeddings' output
+    requiring grad. Call it on the base before `attach`. A model without a quantized linear layer is
+    left as it is. Returns the names of the parameters it cast."""
     rows = {name: quantized_linear(module) for name, module in model.named_modules()}
     quantized = {name: row.package for name, row in rows.items() if row is not None}
     if not quantized:
         return []
+    for name in quantized:
+        module = model.get_submodule(name)
+        lookup_type(TRAINABLE_LAYOUT, type(module), default=lambda module: None)(module)
     if gradient_checkpointing:
         _input_embeddings_require_grad(model)
     if not set(quantized.values()) <= WIDENED:
