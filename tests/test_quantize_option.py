@@ -166,3 +166,16 @@ def test_the_demo_runs_on_an_nf4_base_and_says_so(tmp_path: Path, capsys) -> Non
     assert "(quantized nf4 base)" in printed and "base weights: quantized nf4" in printed
     report = metrics(out)
     assert report["quantize"] == "nf4" and 0.0 <= report["after"] <= 1.0
+
+
+@pytest.mark.skipif(not installed("bitsandbytes"), reason="bitsandbytes is not installed")
+def test_gradient_checkpointing_on_an_nf4_base_trains_the_same_adapter(tmp_path: Path) -> None:
+    config = task_config(tmp_path, "causal-lm", quantize="nf4", eval_file=None, **SETTINGS)
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    assert main(["train", str(config), f"output_dir={plain}", "--quiet"]) == 0
+    assert main(["train", str(config), f"output_dir={checkpointed}", "gradient_checkpointing=true", "--quiet"]) == 0
+    assert losses(checkpointed)[-1] < losses(checkpointed)[0] - 0.05
+    expected, tensors = adapter_tensors(plain), adapter_tensors(checkpointed)
+    assert expected.keys() == tensors.keys()
+    for key in expected:
+        torch.testing.assert_close(tensors[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)
