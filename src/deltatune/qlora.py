@@ -18,8 +18,9 @@ mantissa, and a norm's mean of squares overflows float16 on long inputs). The pr
 3. bitsandbytes 4-bit layers keep their portable layout (`TRAINABLE_LAYOUT`). On a CPU with
    avx512-bf16, bitsandbytes repacks a frozen 4-bit layer for a faster kernel at its first call in eval
    mode without gradients (an evaluation), and from then on, in training too, the layer's backward
-   gives no gradient to its input: every adapter below it silently stops learning (on a Llama, the
-   LoRA of q/k/v/gate/up; a prompt, a prefix). A layer repacked already is unpacked again, as
+   passes no gradient through its weights to its input: an adapter below it (on a Llama the LoRA of
+   q/k/v/gate/up, a prompt, a prefix) gets only the part of its gradient that runs through the
+   adapters above, and silently learns from that. A layer repacked already is unpacked again, as
    bitsandbytes' own `state_dict()` does.
 
 Where peft's `prepare_model_for_kbit_training` differs, and why:
@@ -34,8 +35,7 @@ Where peft's `prepare_model_for_kbit_training` differs, and why:
 - peft turns gradient checkpointing on (reentrant by default, hence its need of input gradients). Here
   checkpointing itself stays the caller's: `DeltaModel.gradient_checkpointing_enable` (non-reentrant),
   or the trainer's `gradient_checkpointing: true`.
-- peft does not do 3 (its CPU training after an evaluation gets no gradients below the first 4-bit
-  layer).
+- peft does not do 3: on such a CPU, its training after an evaluation gets the same partial gradients.
 - peft decides by the model's `is_loaded_in_4bit` / `quantization_method` flags. Here it is the layers
   themselves (`deltatune.quantized.is_quantized`): a base without a quantized linear is left untouched,
   wherever it came from.
