@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,11 +37,11 @@ class MLP(nn.Module):
         return self.head(self.net(x))
 
 
-def llama() -> nn.Module:
+def llama(hidden_size: int = 32) -> nn.Module:
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -49,6 +51,39 @@ def llama() -> nn.Module:
         eos_token_id=2,
     )
     return LlamaForCausalLM(config)
+
+
+@functools.cache
+def _saved_llama_64() -> str:
+    """A 64-wide tiny Llama saved once per session (bitsandbytes quantizes in blocks of 64)."""
+    folder = tempfile.mkdtemp(prefix="deltatune-llama-64-")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        llama(hidden_size=64).save_pretrained(folder)
+    return folder
+
+
+def llama_nf4() -> nn.Module:
+    """The 64-wide tiny Llama loaded with bitsandbytes nf4 linear layers (double quantization, float32
+    compute), prepared as the trainer prepares a quantized base (`deltatune.prepare_quantized_base`:
+    among others, the 4-bit layers keep bitsandbytes' portable layout, so that its `state_dict()` is a
+    read and not an unpacking of a layer bitsandbytes repacked for inference)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import deltatune
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    with torch.random.fork_rng():
+        model = AutoModelForCausalLM.from_pretrained(
+            _saved_llama_64(), dtype=torch.float32, quantization_config=quantization, device_map="cpu"
+        )
+    deltatune.prepare_quantized_base(model)
+    return model
 
 
 def gpt2() -> nn.Module:
@@ -129,7 +164,10 @@ ARCHS = {
     "bert": Arch("bert", bert, token_inputs, logits, "all-linear"),
     "t5": Arch("t5", t5, seq2seq_inputs, logits, "all-linear"),
     "mlp": Arch("mlp", mlp, mlp_inputs, lambda output: output, ["net.0", "net.2"]),
+    "llama-nf4": Arch("llama-nf4", llama_nf4, token_inputs, logits, "all-linear"),
 }
+"""`llama-nf4` needs bitsandbytes (`QUANTIZED_ARCHS`); the others need only transformers."""
+QUANTIZED_ARCHS = {"llama-nf4": "bitsandbytes"}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

@@ -68,11 +68,11 @@ def word_tokenizer(pair_template: bool) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _llama() -> LlamaConfig:
+def _llama(hidden_size: int = 32) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -122,10 +122,12 @@ MODELS: dict[str, tuple[Callable[[], Any], Any, bool]] = {
 
 ARCHITECTURES: dict[str, tuple[Callable[[], Any], bool]] = {
     "llama": (_llama, False),
+    "llama-64": (lambda: _llama(hidden_size=64), False),
     "bert": (_bert, True),
     "t5": (_t5, False),
 }
-"""Another backbone for a task's model: name → (tiny config, whether the tokenizer uses [CLS]/[SEP])."""
+"""Another backbone for a task's model: name → (tiny config, whether the tokenizer uses [CLS]/[SEP]).
+`llama-64` is 64 wide, for quantized bases: bitsandbytes quantizes in blocks of 64."""
 
 
 def model_folder(root: Path, task: str, seed: int = 0, arch: str | None = None) -> Path:

@@ -41,6 +41,7 @@ from .methods.soft_prompt import collapse_soft_prompt
 from .model import DeltaModel
 from .peft_format import PeftCodec
 from .placement import Placement
+from .qlora import prepare_quantized_base
 from .registry import get_method, register, registered_methods
 from .site import SiteAdapter
 from .summary import TrainableSummary
@@ -110,6 +111,7 @@ __all__ = [
     "get_method",
     "load",
     "model_modules",
+    "prepare_quantized_base",
     "register",
     "registered_methods",
     "PTuningConfig",

@@ -34,6 +34,7 @@ from ..config import DeltaConfig
 from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveInt
 from ..placement import Placement
+from ..quantized import quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
 
@@ -319,8 +320,9 @@ class Bottleneck:
         model = placement.model
         sites = placed_sites(model, config)
         first = model.get_submodule(sites[0].output)
-        hidden = sublayer_output_width(model, first)
-        reference = next(model.get_submodule(sites[0].block).parameters())
+        row = quantized_linear(first)  # a quantized layer's stored weight is packed: its logical width
+        hidden = row.out_features(first) if row is not None else sublayer_output_width(model, first)
+        reference = weight_reference(model.get_submodule(sites[0].block))
         size = config.size_for(hidden)
         shared = self.shared_parameters(hidden, size, config, reference)
         for site in sites:
@@ -330,6 +332,17 @@ class Bottleneck:
             if tap is not None:
                 placement.put(site.input, InputTap(site.input_argument, tap), target=False, layer=site.layer)
             placement.put(site.output, BottleneckAdapter(down, up, hidden, config, tap, layer_norm), layer=site.layer)
+
+
+def weight_reference(block: nn.Module) -> torch.Tensor:
+    """A tensor with the device and dtype the adapter weights of `block` take: its first floating-point
+    parameter. In a block whose linear layers are quantized their stored weights may be integers (packed
+    4-bit, int8), so a norm's weight then; float32 on the block's device where it has none."""
+    parameters = list(block.parameters())
+    floating = next((parameter for parameter in parameters if parameter.is_floating_point()), None)
+    if floating is not None:
+        return floating
+    return torch.empty(0, dtype=torch.float32, device=parameters[0].device if parameters else "cpu")
 
 
 def placed_sites(model: nn.Module, config: BottleneckConfig) -> list[SublayerSite]:

@@ -1,6 +1,6 @@
 """The `deltatune` command.
 
-    deltatune demo [--out DIR]                   the main job: fine-tune SmolLM2 on a generated task
+    deltatune demo [--out DIR] [key=value ...]   the main job: fine-tune SmolLM2 on a generated task (quantize=nf4)
     deltatune train CONFIG.yaml [key=value ...] [--resume [CHECKPOINT]]
     deltatune eval CONFIG.yaml [key=value ...] [--adapter DIR | --base]
     deltatune merge MODEL ADAPTER OUT [--overwrite]   a full model folder with the adapter merged in

@@ -10,8 +10,10 @@
    blocks by default: the backward pass then stops halfway down), measure again.
    A second, format-blind score, `record_match`, parses the answer as JSON and compares records.
 4. Print a before/after table and a few answers; write the adapter, `metrics.json` (with "before" and
-   "after": exact match in [0, 1]) and `training.png` into the output folder, replacing those of an
-   earlier demo run there.
+   "after": exact match in [0, 1], and `quantize`) and `training.png` into the output folder, replacing
+   those of an earlier demo run there.
+
+`deltatune demo quantize=nf4` runs the same on a 4-bit base (QLoRA), and any other `quantize:` name.
 
 The budget (40 steps of 8 examples, sequences under 80 tokens) fits a few minutes on 2 CPU cores.
 """
@@ -86,6 +88,9 @@ class DemoOptions:
     are held out for evaluation)."""
     steps: int | None = None
     examples: int | None = None
+    quantize: str | None = None
+    """Load the frozen base quantized (a `quantize:` name: nf4, fp4, int8, ...); none: float32. A
+    `quantize=NAME` override does the same."""
     overrides: list[str] = field(default_factory=list)
 
 
@@ -143,6 +148,7 @@ def demo_config(options: DemoOptions, train_file: Path, eval_file: Path, layers:
         "eval_file": str(eval_file),
         "adapter": adapter,
         "output_dir": options.out,
+        "quantize": options.quantize,
         "overwrite_output_dir": True,
         "chat_template": chat,
         "system_prompt": SYSTEM_PROMPT if chat and not options.data else None,
@@ -173,6 +179,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         options, train_file, eval_file, settings.get("num_hidden_layers"), bool(tokenizer.chat_template)
     )
     run = prepare_run(config)
+    base = f"quantized {config.quantize}" if config.quantize else "float32"
+    print(f"{options.model} ({base} base), method {config.adapter['method']}")
     print(run.delta_model.trainable_summary())
 
     def scored(evaluation: Evaluation) -> Evaluation:
@@ -188,13 +196,14 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     history = [{"step": 0, **{f"eval_{k}": v for k, v in before.metrics.items()}}, *result.history]
     report = {
         "metric": "exact_match",
+        "quantize": config.quantize,
         "before": before.metrics["exact_match"],
         "after": after.metrics["exact_match"],
         "before_all": before.metrics,
         "after_all": after.metrics,
     }
     run.write_report(out, history, after, result.seconds, report)
-    print()
+    print(f"\nbase weights: {base}")
     print(before_after_table(before.metrics, after.metrics))
     prompts = [
         record.get("prompt", "(chat)") for record in map(json.loads, eval_file.read_text(encoding="utf-8").splitlines())

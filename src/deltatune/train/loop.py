@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DeltaTuneError, TrainingDivergedError
 from ..model import DeltaModel
+from ..qlora import prepare_quantized_base
 from . import distributed
 from .checkpoint import (
     ADAPTER_FOLDER,
@@ -50,6 +51,7 @@ from .fingerprint import check_same_run, run_record
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
 from .outputs import check_output_dir, clear_previous_run
 from .predict import EvalContext
+from .quantize import require_backend
 from .report import write_report
 from .tasks import TaskType, get_task
 
@@ -118,8 +120,14 @@ def choose_device(name: str, ranks: distributed.Ranks) -> torch.device:
 
 def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter: str | None = None) -> Run:
     """Read and encode the data, load the model and attach the adapter from the config (or load the
-    saved adapter folder `adapter`). Data and config errors come before the model is loaded."""
+    saved adapter folder `adapter`). Data and config errors, and a missing `quantize` backend, come
+    before the data is read and the model loaded. A base loaded with `quantize` is loaded onto the
+    device and prepared (`deltatune.prepare_quantized_base`); the move to the device after it is
+    `nn.Module.to` of the DeltaModel, never transformers' `to` (which refuses dtype casts of
+    bitsandbytes models), and a no-op for a base already there."""
     task = get_task(config.task)
+    if config.quantize is not None:
+        require_backend(config.quantize)
     device = device or choose_device(config.device, distributed.ranks_from_environment())
     adapter_config = config.adapter_config() if adapter is None else None
     train_records = read_records(config.train_file, config.columns)
@@ -132,6 +140,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     train_features, eval_features = task.encode(train_records, context), task.encode(eval_records, context)
     torch.manual_seed(config.seed)
     model = load_model(config.model, task, tokenizer, labels, config.quantize, str(device))
+    if config.quantize is not None:
+        prepare_quantized_base(model, config.gradient_checkpointing)
     if adapter is None:
         delta_model = attach_adapter(model, adapter_config, task)
     else:
