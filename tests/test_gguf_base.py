@@ -302,3 +302,54 @@ def test_a_missing_gguf_package_is_one_line(gguf_file: Path, monkeypatch: pytest
     monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(DeltaTuneError, match=r"^loading a GGUF file needs the gguf package.*pip install gguf$"):
         load_gguf_model(gguf_file)
+
+
+# --- the trainer: quantize: gguf -------------------------------------------------------------------------
+
+
+def gguf_run_config(tmp_path: Path, gguf_file: Path, task: str = "causal-lm", **settings: object) -> Path:
+    from training_fixtures import task_config, word_tokenizer
+
+    tokenizer = tmp_path / "tokenizer"
+    word_tokenizer(False).save_pretrained(tokenizer)
+    return task_config(tmp_path, task, model=gguf_file, tokenizer=tokenizer, **settings)
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_quantize_gguf_trains_on_the_files_blocks(task: str, gguf_file: Path, tmp_path: Path) -> None:
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.loop import train
+
+    result = train(TrainConfig.from_yaml(gguf_run_config(tmp_path, gguf_file, task, quantize="gguf")), progress=False)
+    trained = [entry["loss"] for entry in result.history if "loss" in entry]
+    assert len(trained) == 6 and trained[-1] < trained[0]
+    base = result.run.delta_model.base_model
+    assert isinstance(base.model.layers[0].mlp.down_proj, GGUFLinear)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_gguf_file_without_quantize_loads_dequantized_by_transformers(gguf_file: Path, tmp_path: Path) -> None:
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.loop import prepare_run
+
+    run = prepare_run(TrainConfig.from_yaml(gguf_run_config(tmp_path, gguf_file)))
+    layer = run.delta_model.base_model.model.layers[0].self_attn.q_proj
+    assert not any(isinstance(module, GGUFLinear) for module in run.delta_model.base_model.modules())
+    assert any(parameter.shape == (HIDDEN, HIDDEN) for parameter in layer.parameters())
+
+
+def test_quantize_gguf_on_a_model_folder_says_it_needs_a_gguf_file(tmp_path: Path) -> None:
+    from deltatune.train.models import load_model
+
+    with pytest.raises(DeltaTuneError, match=r"quantize: gguf loads a GGUF file, and model '.*' is none"):
+        load_model(str(tmp_path), quantize="gguf")
+
+
+def test_quantize_gguf_without_the_gguf_package_is_one_line(monkeypatch: pytest.MonkeyPatch, gguf_file: Path) -> None:
+    from deltatune.train import quantize
+    from deltatune.train.models import load_model
+
+    installed = quantize._installed
+    monkeypatch.setattr(quantize, "_installed", lambda module: module != "gguf" and installed(module))
+    with pytest.raises(DeltaTuneError, match=r"^quantize: gguf needs the gguf package, which is not installed"):
+        load_model(str(gguf_file), quantize="gguf")

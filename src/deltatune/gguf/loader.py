@@ -13,7 +13,8 @@ their quantized blocks.
    Here the same permutation moves whole rows of the block array, which is exact since a row's blocks
    run along the input dimension.
 5. A head tied to the embedding (no `output.weight` in the file) is a `GGUFLinear` over the embedding's
-   blocks.
+   blocks. A task head that GGUF files do not hold (a classifier's `score`) starts freshly initialised, as
+   transformers starts it; a tensor the file should hold but lacks is an error.
 
 Architectures whose tensors transformers converts in other ways after dequantizing (its
 `TENSOR_PROCESSORS` other than Llama's: merged or reshaped experts, transposed GPT-2 weights...) load their
@@ -120,9 +121,24 @@ def _tie_head(model: nn.Module) -> None:
         head.weight = embedding.weight
 
 
-def load_gguf_model(path: str | Path, model_class: Any = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model in GGUF file `path`, built with `model_class` (default `AutoModelForCausalLM`): quantized
-    tensors kept as blocks (`GGUFLinear`, `GGUFEmbedding`), float ones as `dtype` parameters; eval mode."""
+def _initialise_new(model: nn.Module, missing: list[str], path: Path, expected: set[str]) -> None:
+    """Initialise the parameters no GGUF file holds (a new task head); refuse the ones this file lacks."""
+    lacking = [name for name in missing if name in expected]
+    if lacking:
+        raise DeltaTuneError(f"{path.name} has no tensor for {', '.join(lacking[:3])} ({len(lacking)} in all)")
+    for module_name in dict.fromkeys(name.rpartition(".")[0] for name in missing):
+        module = model.get_submodule(module_name)
+        module.to_empty(device="cpu", recurse=False)
+        with torch.no_grad():
+            model._init_weights(module)
+
+
+def load_gguf_model(
+    path: str | Path, model_class: Any = None, dtype: torch.dtype = torch.float32, **config_settings: Any
+) -> nn.Module:
+    """The model in GGUF file `path`, built with `model_class` (default `AutoModelForCausalLM`) from the
+    file's config updated with `config_settings` (`num_labels`...): quantized tensors kept as blocks
+    (`GGUFLinear`, `GGUFEmbedding`), float ones as `dtype` parameters; eval mode."""
     require_gguf()
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -131,7 +147,7 @@ def load_gguf_model(path: str | Path, model_class: Any = None, dtype: torch.dtyp
     path = Path(path)
     if not path.is_file():
         raise DeltaTuneError(f"GGUF file {path} does not exist")
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **config_settings)
     with parameters_on_meta():
         model = (model_class or AutoModelForCausalLM).from_config(config)
     reader = gguf.GGUFReader(str(path), mode="c")
@@ -158,8 +174,6 @@ def load_gguf_model(path: str | Path, model_class: Any = None, dtype: torch.dtyp
         module_name = name.removesuffix(".weight")
         model.set_submodule(module_name, _quantized_module(model.get_submodule(module_name), blocks, kind, name))
     _tie_head(model)
-    missing = meta_tensors(model)
-    if missing:
-        raise DeltaTuneError(f"{path.name} has no tensor for {', '.join(missing[:3])} (and {len(missing)} in all)")
+    _initialise_new(model, meta_tensors(model), path, set(names.values()))
     model.config._name_or_path = str(path)
     return model.eval()
