@@ -22,6 +22,7 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 Dequantize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,8 +38,29 @@ class BlockFormat:
 
 
 def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The fp16 at bytes start, start + 1 of each block, as float32 (blocks × 1)."""
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+    """The fp16 at bytes start, start + 1 of each block, as float32 (blocks × 1). Every block size is even,
+    so the whole array reads as fp16 pairs without a copy."""
+    return blocks.view(torch.float16)[:, start // 2 : start // 2 + 1].float()
+
+
+def _nibble_table(offset: int) -> torch.Tensor:
+    """Byte value → its (low, high) nibble minus `offset`, as float32 (256 × 2)."""
+    codes = torch.arange(256)
+    return (torch.stack([codes & 0x0F, codes >> 4], dim=1) - offset).float()
+
+
+NIBBLES = {0: _nibble_table(0), 8: _nibble_table(8)}
+
+
+def _scaled_nibbles(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | int, shift: int) -> torch.Tensor:
+    """scale · (nibble − shift) + offset for bytes (blocks × k) holding 2k values, the k low nibbles first:
+    one table lookup gives both nibbles of each byte as floats, one fused multiply-add writes the result."""
+    count = packed.shape[0]
+    pairs = F.embedding(packed.int(), NIBBLES[shift].to(packed.device))  # blocks × k × (low, high)
+    result = torch.empty(count, 2, packed.shape[1], device=packed.device)
+    if isinstance(offset, int):
+        return torch.mul(pairs.transpose(1, 2), scale.unsqueeze(2), out=result).view(count, -1)
+    return torch.addcmul(offset.unsqueeze(2), scale.unsqueeze(2), pairs.transpose(1, 2), out=result).view(count, -1)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -54,11 +76,11 @@ def _fifth_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    return _half(blocks, 0) * (_nibbles(blocks[:, 2:]).float() - 8)
+    return _scaled_nibbles(blocks[:, 2:], _half(blocks, 0), 0, shift=8)
 
 
 def q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    return _half(blocks, 0) * _nibbles(blocks[:, 4:]).float() + _half(blocks, 2)
+    return _scaled_nibbles(blocks[:, 4:], _half(blocks, 0), _half(blocks, 2), shift=0)
 
 
 def q5_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -72,7 +94,7 @@ def q5_1(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    return _half(blocks, 0) * blocks[:, 2:].contiguous().view(torch.int8).float()
+    return blocks.view(torch.int8)[:, 2:].float().mul_(_half(blocks, 0))
 
 
 def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +124,7 @@ def q6_k(blocks: torch.Tensor) -> torch.Tensor:
     high = blocks[:, 128:192].reshape(count, 2, 1, 32)  # per half: 32 bytes of four 2-bit high parts
     high = torch.cat([(high >> shift) & 0x03 for shift in (0, 2, 4, 6)], dim=2).reshape(count, 8, 32)
     values = ((low | (high << 4)).float() - 32).reshape(count, 16, 16)
-    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
+    scales = blocks.view(torch.int8)[:, 192:208].float()
     scale = (_half(blocks, 208) * scales).unsqueeze(2)
     return (scale * values).reshape(count, 256)
 
