@@ -168,7 +168,7 @@ def test_linear_weights_stay_in_their_blocks(gguf_file: Path) -> None:
     )
     embedding = model.get_input_embeddings()
     assert isinstance(embedding, GGUFEmbedding) and embedding.type_name == "Q8_0"
-    assert model.get_output_embeddings().weight is embedding.weight  # the tied head reads the same blocks
+    assert model.get_output_embeddings().weight is embedding.blocks  # the tied head reads the same blocks
     floats = {name for name, parameter in model.named_parameters() if parameter.is_floating_point()}
     assert floats and all("norm" in name for name in floats)  # no float copy of a quantized weight
     assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
@@ -268,8 +268,19 @@ def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gg
     assert ((merged - unmerged).abs().max() / unmerged.abs().max()).item() < 1e-4
 
 
-def test_bitfit_trains_new_biases_on_the_blocks(gguf_file: Path) -> None:
-    model = deltatune.attach(load_gguf_model(gguf_file), deltatune.BitFitConfig(add_missing_bias=True))
+METHODS = {
+    "bitfit": lambda: deltatune.BitFitConfig(add_missing_bias=True),
+    "prompt-tuning": lambda: deltatune.PromptTuningConfig(num_virtual_tokens=4),
+    "p-tuning": lambda: deltatune.PTuningConfig(num_virtual_tokens=4),
+    "prefix-tuning": lambda: deltatune.PrefixTuningConfig(num_virtual_tokens=4),
+    "bottleneck": lambda: deltatune.BottleneckConfig(),
+    "compacter": lambda: deltatune.CompacterConfig(reduction_factor=8),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_other_methods_train_on_the_blocks(method: str, gguf_file: Path) -> None:
+    model = deltatune.attach(load_gguf_model(gguf_file), METHODS[method]())
     assert all(p.dtype == torch.float32 for p in model.adapter_parameters("default"))
     before = blocks(model.base_model)
     optimizer = torch.optim.AdamW(model.adapter_parameters("default"), lr=5e-2)

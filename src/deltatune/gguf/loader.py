@@ -113,7 +113,7 @@ def _put_float(model: nn.Module, name: str, values: torch.Tensor) -> None:
 def _tie_head(model: nn.Module) -> None:
     """Give a tied output head the embedding's table: its blocks (a `GGUFLinear` view) or its parameter."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is None or not head.weight.is_meta:
+    if head is None or not getattr(head, "weight", torch.empty(0)).is_meta:
         return
     if isinstance(embedding, GGUFEmbedding):
         model.set_output_embeddings(embedding.tied_head())
