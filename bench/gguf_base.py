@@ -28,7 +28,7 @@ from typing import Any
 from measure import current_memory_bytes, peak_memory_bytes
 
 HERE = Path(__file__).parent
-SHARED = ["eval_every=0"]
+SHARED = ["eval_every=null"]
 """Overrides both runs take: only the base model's and the final evaluation (the demo also evaluates at steps
 10, 20 and 30, which changes nothing in training; generating through layers that dequantize at every token is
 slow on 2 cores)."""
@@ -102,28 +102,8 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, help="run one variant here and print its JSON line")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/deltatune-gguf-bench"), help="demo output folders")
-    parser.add_argument("--out", type=Path, default=HERE / "results-gguf-base.json")
-    parser.add_argument("--steps", type=int, help="training steps (default: the demo's 40); for a quick check")
-    parser.add_argument("--examples", type=int, help="held-out examples (default: the demo's 64); for a quick check")
-    arguments = parser.parse_args()
-    if arguments.variant:
-        result = run_variant(arguments.variant, arguments.work / arguments.variant, arguments.steps, arguments.examples)
-        print("RESULT " + json.dumps(result), flush=True)
-        return
-    results = {}
-    for variant in VARIANTS:  # one process each, one after the other: their peaks never overlap
-        command = [sys.executable, __file__, "--variant", variant, "--work", str(arguments.work)]
-        command += [f"--{name}={value}" for name in ("steps", "examples") if (value := getattr(arguments, name))]
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode or not lines:
-            sys.exit(f"the {variant} run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
-        results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
-        print(json.dumps(results[variant]), flush=True)
+def summarise(results: dict[str, dict[str, Any]], out: Path) -> None:
+    """Write the two runs, their ratio and gap against the targets, the machine and versions to `out`."""
     fp32, gguf = results["fp32"], results["gguf"]
     ratio = gguf["peak_above_imports_mib"] / fp32["peak_above_imports_mib"]
     gap = abs(gguf["exact_match_after"] - fp32["exact_match_after"])
@@ -136,8 +116,38 @@ def main() -> None:
         "exact_match_gap_met": gap <= TARGET_GAP,
     }
     document = {"summary": summary, "runs": results, "machine": _machine(), "versions": _versions()}
-    arguments.out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant here, print its JSON line and keep it")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/deltatune-gguf-bench"), help="demo output folders")
+    parser.add_argument("--out", type=Path, default=HERE / "results-gguf-base.json")
+    parser.add_argument("--steps", type=int, help="training steps (default: the demo's 40); for a quick check")
+    parser.add_argument("--examples", type=int, help="held-out examples (default: the demo's 64); for a quick check")
+    parser.add_argument("--summarise", action="store_true", help="only summarise the runs kept in --work")
+    arguments = parser.parse_args()
+    if arguments.variant:
+        result = run_variant(arguments.variant, arguments.work / arguments.variant, arguments.steps, arguments.examples)
+        (arguments.work / f"{arguments.variant}.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if arguments.summarise:
+        results = {variant: json.loads((arguments.work / f"{variant}.json").read_text()) for variant in VARIANTS}
+        return summarise(results, arguments.out)
+    results = {}
+    for variant in VARIANTS:  # one process each, one after the other: their peaks never overlap
+        command = [sys.executable, __file__, "--variant", variant, "--work", str(arguments.work)]
+        command += [f"--{name}={value}" for name in ("steps", "examples") if (value := getattr(arguments, name))]
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode or not lines:
+            sys.exit(f"the {variant} run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+        results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
+        print(json.dumps(results[variant]), flush=True)
+    summarise(results, arguments.out)
 
 
 if __name__ == "__main__":
