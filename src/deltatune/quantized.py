@@ -23,6 +23,7 @@ quantized-weight backends report the logical shape and dtype on their weights.
 | bitsandbytes 8-bit (LLM.int8) | `bitsandbytes.nn.Linear8bitLt` | int8 rows × their absmax / 127 |
 | optimum-quanto int8 / int4 (weights) | `optimum.quanto.nn.QLinear` | `qweight.dequantize()` |
 | torchao (int8 weight-only, ...) | `nn.Linear`, weight a `TorchAOBaseTensor` | `weight.dequantize()` |
+| GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) | `deltatune.gguf.GGUFLinear` | the blocks, in torch |
 """
 
 from __future__ import annotations
@@ -121,6 +122,13 @@ QUANTIZED_LINEARS["optimum.quanto.nn.qlinear.QLinear"] = QuantizedLinear(
     describe=_quanto_describe,
     dequantize=lambda module: module.qweight.dequantize().float(),
     compute_dtype=lambda module: module.weight.dtype,
+)
+
+QUANTIZED_LINEARS["deltatune.gguf.linear.GGUFLinear"] = QuantizedLinear(
+    package="gguf",
+    describe=lambda module: f"GGUF {module.type_name} blocks",
+    dequantize=lambda module: module.dequantized_weight(),
+    compute_dtype=lambda module: torch.float32,
 )
 
 QUANTIZED_WEIGHTS: dict[str, QuantizedLinear] = {

@@ -73,7 +73,10 @@ def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_
 
 def weights_identity(folder: Path) -> str:
     """A digest of (name, size, modification time) of every weights file in model `folder`."""
-    files = sorted(path for path in folder.iterdir() if path.name.endswith(WEIGHTS_SUFFIXES) and path.is_file())
+    if folder.is_file():  # a GGUF file is the model
+        files = [folder]
+    else:
+        files = sorted(path for path in folder.iterdir() if path.name.endswith(WEIGHTS_SUFFIXES) and path.is_file())
     stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files]
     return hashlib.sha256(json.dumps(stats).encode("utf-8")).hexdigest()
 

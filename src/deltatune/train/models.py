@@ -1,8 +1,10 @@
 """Loading a model and tokenizer, from local folders only, and attaching the adapter: the one way
 `train`, `eval`, `merge` and `inspect` load a model.
 
-A model is a local transformers folder or a packaged model name (`PACKAGED_MODELS`). Nothing is ever
-downloaded: loads run with `local_files_only=True`. Task heads that start untrained (a classifier)
+A model is a local transformers folder, a GGUF file (`path/to/file.gguf`: transformers dequantizes it to
+float32, or with `quantize: gguf` deltatune keeps its blocks, `deltatune.gguf`) or a packaged model name
+(`PACKAGED_MODELS`; those that ship as a GGUF file are in `PACKAGED_GGUF`). Nothing is ever downloaded:
+loads run with `local_files_only=True`. Task heads that start untrained (a classifier)
 are always added to the adapter's `modules_to_save`, after the modules the config lists (as peft
 does), even where the config lists none (`[]`): a freshly initialised head that stays frozen would
 leave the model predicting from random weights.
@@ -28,14 +30,44 @@ def _smollm2() -> Path:
     return smollm2_folder()
 
 
+def _smollm2_gguf() -> Path:
+    from .smollm2 import gguf_path
+
+    return gguf_path()
+
+
 PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"smollm2": _smollm2}
 """Model names that resolve to a folder deltatune builds from an installed package."""
+PACKAGED_GGUF: dict[str, Callable[[], Path]] = {"smollm2": _smollm2_gguf}
+"""Packaged model names whose package ships a GGUF file (what `quantize: gguf` loads for them)."""
+GGUF_SUFFIX = ".gguf"
+
+
+def _gguf_path(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        raise DeltaTuneError(f"model {name!r} names a GGUF file that does not exist; give the path of a .gguf file")
+    return path
+
+
+def gguf_file(name: str) -> Path:
+    """The GGUF file `quantize: gguf` loads for model `name`: a packaged model's, or the `.gguf` path given."""
+    if name in PACKAGED_GGUF:
+        return PACKAGED_GGUF[name]()
+    if not name.endswith(GGUF_SUFFIX):
+        raise DeltaTuneError(
+            f"quantize: gguf loads a GGUF file, and model {name!r} is none; give the path of a .gguf file or one of "
+            f"the packaged models that ship one: {', '.join(PACKAGED_GGUF)}"
+        )
+    return _gguf_path(name)
 
 
 def model_folder(name: str) -> Path:
-    """The local folder of model `name` (a path, or a packaged model name)."""
+    """The local folder of model `name` (a path, or a packaged model name); for a GGUF file, the file."""
     if name in PACKAGED_MODELS:
         return PACKAGED_MODELS[name]()
+    if name.endswith(GGUF_SUFFIX):
+        return _gguf_path(name)
     folder = Path(name)
     if not (folder / "config.json").is_file():
         raise DeltaTuneError(
@@ -49,8 +81,11 @@ def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     folder = PACKAGED_MODELS[name]() if name in PACKAGED_MODELS else Path(name)
+    from_file = {"gguf_file": folder.name} if folder.name.endswith(GGUF_SUFFIX) else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(folder.parent if from_file else folder), local_files_only=True, **from_file
+        )
     except (OSError, ValueError) as error:
         raise DeltaTuneError(
             f"cannot load a tokenizer from {folder} ({type(error).__name__}); set `tokenizer:` to a folder that holds "
@@ -78,28 +113,27 @@ def load_model(
     quantize: str | None = None,
     device: str = "cpu",
 ) -> nn.Module:
-    """The model in folder or packaged name `name`: loaded with `task`'s auto class (labels set for
-    classification), or without a task with the class its config names. A tokenizer's pad id fills
+    """The model in folder, GGUF file or packaged name `name`: loaded with `task`'s auto class (labels set
+    for classification), or without a task with the class its config names. A tokenizer's pad id fills
     in a config that has none. `quantize` (a name of `quantize.QUANTIZE_OPTIONS`) loads the linear
-    layers quantized, onto `device`, computing in float32; its backend is checked before anything loads."""
-    extra: dict[str, Any] = {}
-    if quantize is not None:
-        from .quantize import quantization_config
-
-        extra = {
-            "quantization_config": quantization_config(quantize),
-            "device_map": {"": device},
-            "dtype": torch.float32,
-        }
-    folder = model_folder(name)
+    layers quantized, onto `device`, computing in float32; its backend is checked before anything loads.
+    `quantize: gguf` builds the model of `gguf_file(name)` with its blocks kept (`deltatune.gguf`)."""
+    labels: dict[str, Any] = {}
     if label_names:
-        extra |= {
+        labels = {
             "num_labels": len(label_names),
             "id2label": dict(enumerate(label_names)),
             "label2id": {n: i for i, n in enumerate(label_names)},
         }
-    model_class = task.auto_class() if task is not None else saved_model_class(folder)
-    model = model_class.from_pretrained(str(folder), local_files_only=True, **extra)
+    if quantize == "gguf":
+        from ..gguf import load_gguf_model
+        from .quantize import require_backend
+
+        require_backend(quantize)
+        model_class = task.auto_class() if task is not None else None
+        model = load_gguf_model(gguf_file(name), model_class, **labels).to(device)
+    else:
+        model = _load_pretrained(name, task, labels, quantize, device)
     if (
         tokenizer is not None
         and getattr(model.config, "pad_token_id", None) is None
@@ -107,6 +141,33 @@ def load_model(
     ):
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _load_pretrained(
+    name: str, task: TaskType | None, labels: dict[str, Any], quantize: str | None, device: str
+) -> nn.Module:
+    extra: dict[str, Any] = dict(labels)
+    if quantize is not None:
+        from .quantize import quantization_config
+
+        extra |= {
+            "quantization_config": quantization_config(quantize),
+            "device_map": {"": device},
+            "dtype": torch.float32,
+        }
+    folder = model_folder(name)
+    if folder.name.endswith(GGUF_SUFFIX):  # transformers dequantizes the file to float32
+        folder, extra["gguf_file"] = folder.parent, folder.name
+        model_class = task.auto_class() if task is not None else _causal_lm()
+    else:
+        model_class = task.auto_class() if task is not None else saved_model_class(folder)
+    return model_class.from_pretrained(str(folder), local_files_only=True, **extra)
+
+
+def _causal_lm() -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
 
 
 def attach_adapter(model: nn.Module, adapter_config: Any, task: TaskType) -> DeltaModel:

