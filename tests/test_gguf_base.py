@@ -252,6 +252,13 @@ def test_lora_equals_lora_on_the_dequantized_model_and_its_file_loads_there(gguf
     torch.testing.assert_close(logits(theirs), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_gguf_base_counts_its_logical_parameters_once(gguf_file: Path) -> None:
+    """Blocks count as in × out parameters, the embedding and its tied head once, as on the float32 model."""
+    ours = deltatune.attach(load_gguf_model(gguf_file), lora()).trainable_summary()
+    reference = deltatune.attach(transformers_model(gguf_file), lora()).trainable_summary()
+    assert (ours.trainable, ours.total) == (reference.trainable, reference.total)
+
+
 def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gguf_file: Path) -> None:
     model = deltatune.attach(load_gguf_model(gguf_file), lora(init_lora_weights=False))
     unmerged = logits(model)

@@ -191,6 +191,14 @@ def test_lora_shapes_come_from_the_logical_layer(saved, kind: str) -> None:
     assert quantized.trainable_summary().trainable == plain.trainable_summary().trainable == 8192
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_quantized_base_counts_its_logical_parameters(saved, kind: str) -> None:
+    """A packed weight counts as in × out parameters (bitsandbytes 4-bit stores two per byte)."""
+    quantized = deltatune.attach(load(saved, "llama", kind), lora()).trainable_summary()
+    plain = deltatune.attach(load(saved, "llama", None), lora()).trainable_summary()
+    assert (quantized.total, quantized.base) == (plain.total, plain.base)
+
+
 @pytest.mark.parametrize("arch,kind", LLAMA_AND_BERT)
 def test_lora_trains_and_the_packed_base_stays_bit_identical(saved, arch: str, kind: str) -> None:
     model = deltatune.attach(load(saved, arch, kind), lora(arch=arch))

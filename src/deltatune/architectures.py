@@ -169,7 +169,13 @@ def layer_of(block_list: list[str], module_name: str) -> int | None:
 
 
 def sublayer_output_width(model: nn.Module, output_module: nn.Module) -> int:
-    """Width of a sublayer's output: a linear layer's out features, else the model config's hidden size."""
+    """Width of a sublayer's output: a linear layer's out features (a quantized layer's logical ones: its
+    stored weight is packed), else the model config's hidden size."""
+    from .quantized import quantized_linear  # quantized imports methods.base, which imports this module
+
+    row = quantized_linear(output_module)
+    if row is not None:
+        return row.out_features(output_module)
     weight = getattr(output_module, "weight", None)
     if isinstance(output_module, linear_types()) and weight is not None:
         return weight.shape[0] if isinstance(output_module, nn.Linear) else weight.shape[1]

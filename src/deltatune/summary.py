@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from torch import nn
+
+from .quantized import quantized_linear
+
 if TYPE_CHECKING:
     from .model import DeltaModel
 
@@ -28,7 +32,7 @@ class TrainableSummary:
         per_adapter = {
             name: sum(p.numel() for p in delta_model.adapter_parameters(name)) for name in delta_model.configs
         }
-        total = sum(p.numel() for p in parameters)
+        total = _logical_total(delta_model.base_model)
         return cls(
             trainable=sum(p.numel() for p in parameters if p.requires_grad),
             total=total,
@@ -40,3 +44,15 @@ class TrainableSummary:
         lines = [f"trainable: {self.trainable:,} of {self.total:,} parameters ({self.trainable_percent:.4f}%)"]
         lines += [f"  adapter {name!r}: {count:,}" for name, count in self.per_adapter.items()]
         return "\n".join(lines)
+
+
+def _logical_total(model: nn.Module) -> int:
+    """Every parameter counted once (tied ones too), a quantized layer's weight by its logical in × out:
+    its storage counts packed values (bitsandbytes 4-bit: two per byte) or is a buffer of blocks (GGUF),
+    whose one copy may serve two layers (an embedding and its tied head)."""
+    counts = {id(parameter): parameter.numel() for parameter in model.parameters()}
+    for module in model.modules():
+        row = quantized_linear(module)
+        if row is not None:
+            counts[id(module.weight)] = row.in_features(module) * row.out_features(module)
+    return sum(counts.values())

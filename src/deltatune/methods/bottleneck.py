@@ -34,7 +34,6 @@ from ..config import DeltaConfig
 from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveInt
 from ..placement import Placement
-from ..quantized import quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
 
@@ -320,8 +319,7 @@ class Bottleneck:
         model = placement.model
         sites = placed_sites(model, config)
         first = model.get_submodule(sites[0].output)
-        row = quantized_linear(first)  # a quantized layer's stored weight is packed: its logical width
-        hidden = row.out_features(first) if row is not None else sublayer_output_width(model, first)
+        hidden = sublayer_output_width(model, first)
         reference = weight_reference(model.get_submodule(sites[0].block))
         size = config.size_for(hidden)
         shared = self.shared_parameters(hidden, size, config, reference)

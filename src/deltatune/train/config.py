@@ -63,8 +63,9 @@ class TrainConfig:
     tokenizer: str | None = None
     """Tokenizer folder; default: the model's."""
     quantize: str | None = None
-    """Load the frozen base quantized: nf4, fp4, int8 (bitsandbytes), torchao-int8, quanto-int8 or
-    quanto-int4 (see `deltatune.train.quantize`); none: full precision."""
+    """Load the frozen base quantized: nf4, fp4, int8 (bitsandbytes), torchao-int8, quanto-int8,
+    quanto-int4, or gguf (a GGUF file's blocks kept as they are: `model` a .gguf file or smollm2); see
+    `deltatune.train.quantize`. None: full precision."""
     output_dir: str = "deltatune-output"
     """Where the adapter, checkpoints, metrics.json and the plot go."""
     overwrite_output_dir: bool = False
