@@ -41,7 +41,7 @@ from .methods.soft_prompt import collapse_soft_prompt
 from .model import DeltaModel
 from .peft_format import PeftCodec
 from .placement import Placement
-from .qlora import prepare_quantized_base
+from .qlora import keep_trainable_layout, prepare_quantized_base
 from .registry import get_method, register, registered_methods
 from .site import SiteAdapter
 from .summary import TrainableSummary
@@ -55,6 +55,7 @@ def attach(
     """Freeze `model` and add adapter `name` built from `config`; returns the `DeltaModel`. On a float16 /
     bfloat16 model the adapter keeps float32 weights (as peft does) unless `autocast_adapter_dtype=False`."""
     delta_model = DeltaModel(model)
+    keep_trainable_layout(model)
     try:
         return delta_model.add(name, config, autocast_adapter_dtype=autocast_adapter_dtype)
     except BaseException:
@@ -70,6 +71,8 @@ def load(
     `autocast_adapter_dtype`: as in `attach` (float32 adapter weights on a half-precision model). On an
     error nothing is added: a plain `model` is left as it was."""
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    if trainable:
+        keep_trainable_layout(delta_model.base_model)
     try:
         load_adapters(delta_model, path, name, trainable, autocast_adapter_dtype)
     except BaseException:

@@ -85,9 +85,7 @@ def prepare_quantized_base(model: nn.Module, gradient_checkpointing: bool = Fals
     quantized = {name: row.package for name, row in rows.items() if row is not None}
     if not quantized:
         return []
-    for name in quantized:
-        module = model.get_submodule(name)
-        lookup_type(TRAINABLE_LAYOUT, type(module), default=lambda module: None)(module)
+    keep_trainable_layout(model)
     if gradient_checkpointing:
         _input_embeddings_require_grad(model)
     if not set(quantized.values()) <= WIDENED:
@@ -101,6 +99,15 @@ def prepare_quantized_base(model: nn.Module, gradient_checkpointing: bool = Fals
                 parameter.data = parameter.data.to(torch.float32)
                 cast.append(f"{module_name}.{parameter_name}" if module_name else parameter_name)
     return cast
+
+
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Put every quantized layer of `model` whose type needs it in the storage layout that gives input
+    gradients (3. above). `deltatune.attach` and a trainable `deltatune.load` do it, so an adapter never
+    trains on a partial gradient after an evaluation, prepared base or not."""
+    for module in model.modules():
+        if quantized_linear(module) is not None:
+            lookup_type(TRAINABLE_LAYOUT, type(module), default=lambda module: None)(module)
 
 
 def _input_embeddings_require_grad(model: nn.Module) -> None:

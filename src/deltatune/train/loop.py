@@ -122,7 +122,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     """Read and encode the data, load the model and attach the adapter from the config (or load the
     saved adapter folder `adapter`). Data and config errors, and a missing `quantize` backend, come
     before the data is read and the model loaded. A base loaded with `quantize` is loaded onto the
-    device and prepared (`deltatune.prepare_quantized_base`); the move to the device after it is
+    device; a quantized base (from `quantize` or a checkpoint saved quantized) is prepared
+    (`deltatune.prepare_quantized_base`); the move to the device after it is
     `nn.Module.to` of the DeltaModel, never transformers' `to` (which refuses dtype casts of
     bitsandbytes models), and a no-op for a base already there."""
     task = get_task(config.task)
@@ -140,8 +141,7 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     train_features, eval_features = task.encode(train_records, context), task.encode(eval_records, context)
     torch.manual_seed(config.seed)
     model = load_model(config.model, task, tokenizer, labels, config.quantize, str(device))
-    if config.quantize is not None:
-        prepare_quantized_base(model, config.gradient_checkpointing)
+    prepare_quantized_base(model, config.gradient_checkpointing)  # nothing on a base without quantized layers
     if adapter is None:
         delta_model = attach_adapter(model, adapter_config, task)
     else:
