@@ -290,6 +290,8 @@ def summarise(results: dict, skipped: dict[str, str], arguments: argparse.Namesp
             value, context = target.ratio(results), target.context(results)
         except KeyError:
             continue
+        except ZeroDivisionError:  # quick mode measures memory in-process: a tiny model may add no page
+            continue
         ratios.append(
             {
                 "label": target.label,
