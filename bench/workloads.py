@@ -12,6 +12,7 @@ the same machine load: the ratios come from these paired timings. Every library 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -22,8 +23,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import time_calls, time_interleaved, touch_memory  # noqa: E402
-from models import LINEAR_LAYERS, causal_lm, labels_for, minilm, token_batch  # noqa: E402
+from measure import (  # noqa: E402
+    current_memory_bytes,
+    peak_memory_bytes,
+    reset_peak_memory,
+    time_calls,
+    time_interleaved,
+    touch_memory,
+)
+from models import LINEAR_LAYERS, causal_lm, checkpoint_causal_lm, labels_for, minilm, token_batch  # noqa: E402
 
 BATCH, LENGTH = 8, 64
 Calls = dict[str, Callable[[], object]]
@@ -62,11 +70,25 @@ def lora_model(
 
 
 def train(library: str, options: dict[str, Any]) -> Calls:
-    """One LoRA training step: forward, loss, backward, AdamW step."""
-    model = causal_lm(options["quick"]).train()
-    wrapped = lora_model(library, model, options["dropout"])
+    """One LoRA training step: forward, loss, backward, AdamW step. With a `quantize` option the model
+    is loaded from its checkpoint as a user loads it: quantized (`quantize` names the method, e.g.
+    nf4) or, for `quantize: null`, in float32."""
+    model = (
+        checkpoint_causal_lm(options["quick"], options["quantize"])
+        if "quantize" in options
+        else causal_lm(options["quick"])
+    ).train()
     input_ids = token_batch(model, BATCH, LENGTH)
     labels = labels_for(input_ids, options.get("labelled_tail"))
+    return {"seconds": lora_step(library, model, options["dropout"], input_ids, labels)}
+
+
+def lora_step(
+    library: str, model: torch.nn.Module, dropout: float, input_ids: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], None]:
+    """A LoRA training step on `model` (forward, loss, backward, AdamW), each library with its own loss:
+    deltatune's `causal_lm_loss` (the LM head only at labelled positions), peft's the model's own."""
+    wrapped = lora_model(library, model, dropout)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
     loss_of = (
         _sparse_loss(wrapped) if library == "deltatune" else lambda: wrapped(input_ids=input_ids, labels=labels).loss
@@ -77,7 +99,7 @@ def train(library: str, options: dict[str, Any]) -> Calls:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"seconds": step}
+    return step
 
 
 def _sparse_loss(wrapped: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -248,6 +270,24 @@ def prefix(library: str, options: dict[str, Any]) -> Calls:
     return {"seconds": _adapter_step(wrapped, lambda wrapped: wrapped(input_ids=input_ids, labels=input_ids).loss)}
 
 
+LIBRARY_MODULES = ("deltatune", "deltatune.losses", "peft", "adapters", "bitsandbytes")
+
+
+def memory_after_imports() -> int:
+    """The resident memory once every library a workload may use is imported (the same set whichever
+    library the worker measures), with the high-water mark restarted there: the base of
+    `peak_with_load_bytes`, the peak over building the model and its timed calls."""
+    import importlib
+    import importlib.util
+
+    for name in LIBRARY_MODULES:
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name)
+    gc.collect()
+    reset_peak_memory()
+    return current_memory_bytes()
+
+
 TIMED: dict[str, Callable[[str, dict[str, Any]], Calls]] = {
     "train": train,
     "forward": forward,
@@ -264,11 +304,14 @@ def run(workload: str, libraries: list[str], options: dict[str, Any]) -> dict[st
     if workload in EVENTS:
         return EVENTS[workload](libraries[0], options)
     if len(libraries) == 1:
+        before_load = memory_after_imports()
         calls = TIMED[workload](libraries[0], options)
+        load_peak = peak_memory_bytes()
         timings = {name: time_calls(call, options["warmup"], options["repeats"]) for name, call in calls.items()}
         return {
             **timings["seconds"],
             **{name: timing["seconds"] for name, timing in timings.items() if name != "seconds"},
+            "peak_with_load_bytes": max(load_peak, peak_memory_bytes()) - before_load,
         }
     prepared = {library: TIMED[workload](library, options) for library in libraries}
     flat = {(library, name): call for library, calls in prepared.items() for name, call in calls.items()}

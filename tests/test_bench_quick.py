@@ -45,10 +45,14 @@ def test_quick_benchmark_runs_every_workload_starting_workers_only_for_other_env
         "add_and_merge",
         "houlsby",
         "prefix",
+        "train_nf4",
+        "train_fp32_checkpoint",
     } <= measured
     if (REPOSITORY / ".venv-transformers457" / "bin" / "python").exists():
         assert "houlsby" in report["results"], report["skipped"]
-    assert all(row["value"] > 0 for row in report["targets"])
+    # Quick mode measures memory inside this process, where a tiny model may fit in pages it already holds.
+    assert all(row["value"] >= 0 for row in report["targets"])
+    assert all(row["value"] > 0 for row in report["targets"] if "memory" not in row["label"])
     assert "measure" in capsys.readouterr().out
     # Each worker process imports torch, transformers and peft; on a loaded 2-core machine ~20 of
     # them took minutes. Quick mode starts one only where another environment is needed.
