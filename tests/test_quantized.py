@@ -355,3 +355,15 @@ def test_bitfit_trains_and_merges_on_a_4bit_bert(saved) -> None:
     torch.testing.assert_close(run(model), expected, atol=1e-5, rtol=0)
     after = storage(model.base_model)
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_modules_to_save_naming_a_quantized_layer_is_refused_with_the_way_out(saved, kind: str) -> None:
+    """A full trainable copy of packed weights cannot train: refused in one sentence, the model untouched."""
+    model = load(saved, "llama", kind)
+    before = storage(model)
+    config = deltatune.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["o_proj"])
+    with pytest.raises(deltatune.errors.DeltaTuneError, match="o_proj is a quantized layer.*target it"):
+        deltatune.attach(model, config)
+    assert all(torch.equal(before[name], tensor) for name, tensor in storage(model).items())
+    deltatune.attach(model, deltatune.LoraConfig(r=4, target_modules=["q_proj"]))  # nothing of it was left

@@ -106,7 +106,7 @@ class DeltaModel(nn.Module):
         try:
             method.attach(placement, config)
             for saved in saved_module_names(self.base_model, config):
-                placement.put(saved, ModuleCopy(self.base_model.get_submodule(saved)), target=False)
+                placement.put(saved, ModuleCopy(self.base_model.get_submodule(saved), saved), target=False)
             if autocast_adapter_dtype:  # float16 / bfloat16 adapter weights in float32, as peft does
                 for module_name in placement.placed:
                     keep_in_float32(site_of(self.base_model.get_submodule(module_name)).adapters[name])

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
+from ..quantized import quantized_linear
 from ..site import SITE_ATTRIBUTE, SiteAdapter, put_rows, site_of
 
 HiddenState = torch.Tensor | tuple[torch.Tensor, ...] | None
@@ -33,8 +34,9 @@ class ModuleCopy(SiteAdapter):
 
     keeps_module_dtype = True
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, name: str = "the module") -> None:
         super().__init__()
+        refuse_untrainable(module, name)
         self.copy = base_copy(module)
         for parameter in self.copy.parameters():
             parameter.requires_grad_(True)
@@ -91,6 +93,23 @@ HOOK_FLAGS = {
     "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
 }
 """The hook dicts a site registers in, with the dicts that mark a hook's options by its id."""
+
+
+def refuse_untrainable(module: nn.Module, name: str) -> None:
+    """A copy trains the module's floating-point parameters: one holding quantized layers (packed weights,
+    which cannot take gradients) or no floating-point parameter at all (GGUF blocks are buffers) is refused."""
+    quantized = next(((inner, row) for inner in module.modules() if (row := quantized_linear(inner))), None)
+    if quantized is not None:
+        layer, row = quantized
+        what = f"{name} is a quantized layer ({row.describe(layer)})"
+    elif not any(parameter.is_floating_point() for parameter in module.parameters()):
+        what = f"{name} holds no floating-point parameters (its weights are stored quantized)"
+    else:
+        return
+    raise DeltaTuneError(
+        f"modules_to_save: {what}, so a trainable copy of it cannot be made; target it with an adapter "
+        "(LoRA, BitFit) instead, or load the base in full precision"
+    )
 
 
 def base_copy(module: nn.Module) -> nn.Module:
