@@ -79,21 +79,10 @@ def checkpoint_causal_lm(quick: bool, quantize: str | None) -> LlamaForCausalLM:
         extra |= {"quantization_config": quantization_config(quantize), "device_map": {"": "cpu"}}
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **extra)
     if quantize is not None:
-        release_checkpoint_mapping(model)
+        from deltatune.train.quantize import own_unquantized_tensors
+
+        own_unquantized_tensors(model)
     return model
-
-
-def release_checkpoint_mapping(model: torch.nn.Module) -> None:
-    """Copy the tensors a quantized load left unquantized (embeddings, norms) into memory of their own.
-
-    transformers leaves them as zero-copy views into the memory-mapped float32 checkpoint; that keeps
-    the whole file mapped, and every page of it read while quantizing stays in the process's resident
-    set (SmolLM2: 502 MiB of file pages after an nf4 load, the size of the float32 model). Once they are
-    copied (113 MiB) the mapping closes. A float32 load keeps its mapping: its pages are the weights."""
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.dtype.is_floating_point and not hasattr(tensor, "quant_state"):
-                tensor.data = tensor.data.clone()
 
 
 def _smollm2_folder() -> Path:

@@ -180,3 +180,31 @@ def test_gradient_checkpointing_on_an_nf4_base_trains_the_same_adapter(tmp_path:
     assert expected.keys() == tensors.keys()
     for key in expected:
         torch.testing.assert_close(tensors[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges this process maps from file `path` (Linux: /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and Path(fields[5]) == path:
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
+@pytest.mark.parametrize("name", NAMES)
+def test_a_quantized_load_keeps_no_float_tensor_in_the_mapped_checkpoint(name: str, tmp_path: Path) -> None:
+    """The tensors left unquantized are the model's own memory, not views of the checkpoint file (which
+    would keep every page of it read while quantizing resident)."""
+    from deltatune.train.models import load_model
+
+    folder = model_folder(tmp_path, "causal-lm", arch="llama-64")
+    model = load_model(str(folder), quantize=name)
+    ranges = mapped_ranges((folder / "model.safetensors").resolve())
+    floating = [tensor for tensor in [*model.parameters(), *model.buffers()] if type(tensor.data) is torch.Tensor]
+    floating = [tensor for tensor in floating if tensor.is_floating_point()]
+    assert floating
+    inside = [tensor.shape for tensor in floating if any(s <= tensor.data_ptr() < e for s, e in ranges)]
+    assert not inside

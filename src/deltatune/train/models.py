@@ -161,7 +161,12 @@ def _load_pretrained(
         model_class = task.auto_class() if task is not None else _causal_lm()
     else:
         model_class = task.auto_class() if task is not None else saved_model_class(folder)
-    return model_class.from_pretrained(str(folder), local_files_only=True, **extra)
+    model = model_class.from_pretrained(str(folder), local_files_only=True, **extra)
+    if quantize is not None:
+        from .quantize import own_unquantized_tensors
+
+        own_unquantized_tensors(model)
+    return model
 
 
 def _causal_lm() -> Any:
