@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import deltatune
 from deltatune.quantized import is_quantized
 from deltatune.requantize import dequantize_model
 from deltatune.train.cli import main
 from deltatune.train.models import load_model
-from test_quantized import case, installed, needs_bitsandbytes, relative
+from test_quantized import case, installed, needs_bitsandbytes, quantizable_llama, relative
 from training_fixtures import word_tokenizer
 
 peft = pytest.importorskip("peft")
@@ -38,17 +38,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny 64-wide fp32 Llama with a tokenizer, saved (64: bitsandbytes' 4-bit block size)."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("base")
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    quantizable_llama().save_pretrained(folder)
     word_tokenizer(pair_template=False).save_pretrained(folder)
     return folder
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import deltatune
 from deltatune.quantized import is_quantized
-from test_quantized import VOCAB, inputs, installed, needs_bitsandbytes, quantization, storage
+from test_quantized import inputs, installed, needs_bitsandbytes, quantizable_llama, quantization, storage
 
 peft = pytest.importorskip("peft")
 
@@ -28,19 +28,8 @@ pytestmark = [
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny 64-wide Llama (bitsandbytes quantizes in blocks of 64) saved in float32."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
     path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    quantizable_llama(tie_word_embeddings=False).save_pretrained(path)
     return path
 
 

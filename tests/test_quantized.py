@@ -102,23 +102,27 @@ def is_quantized_layer(module: torch.nn.Module) -> bool:
     return bool((_names(type(module)) | _names(type(weight))) & QUANTIZED_TYPES)
 
 
+def quantizable_llama(**settings: object) -> LlamaForCausalLM:
+    """A tiny Llama 64 wide (bitsandbytes quantizes in blocks of 64), `settings` over its config."""
+    config = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+    }
+    return LlamaForCausalLM(LlamaConfig(**config | settings))
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny fp32 Llama and BERT, saved once for the quantized loads."""
     torch.manual_seed(0)
     folders = {}
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        )
-    )
+    llama = quantizable_llama()
     bert = BertForSequenceClassification(
         BertConfig(
             vocab_size=VOCAB,

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import deltatune
 from deltatune.quantized import quantized_linear
+from test_quantized import quantizable_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -56,18 +57,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny float32 Llama (64 wide: bitsandbytes' 4-bit blocks are 64), saved for quantized loads."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        )
-    ).save_pretrained(folder)
+    quantizable_llama().save_pretrained(folder)
     return folder
 
 
