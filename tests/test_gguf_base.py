@@ -1,7 +1,8 @@
 """GGUF bases with the linear weights kept in their quantized blocks (`deltatune.gguf`).
 
 Every file here is a tiny Llama written in the test with the `gguf` package (F32 norms, quantized
-linears and a Q8_0 token embedding tied to the head, as llama.cpp writes SmolLM2); the references are the
+linears and a Q8_0 token embedding tied to the head, as llama.cpp writes SmolLM2; one with its own Q8_0
+head; a Qwen2 for the biases of quantized linears); the references are the
 `gguf` package's own dequantization and transformers' own GGUF loader (`from_pretrained(...,
 gguf_file=...)`, which dequantizes to float32). The weights both hold are the same numbers, so the models
 agree to float32 rounding."""
@@ -31,7 +32,7 @@ LINEAR_TYPES = {"attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.Q8_0, "attn_outp
 """The block type of each linear in the tiny file (the FFN is Q4_1, as in SmolLM2's file)."""
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, tied: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -41,7 +42,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
         max_position_embeddings=128,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # norms away from 1 so that a misplaced norm would show
@@ -66,28 +67,34 @@ def _blocks(values: np.ndarray, kind: object) -> np.ndarray:
         return np.random.default_rng(0).integers(0, 256, (rows, values.shape[1] // block_size * type_size), np.uint8)
 
 
-def write_gguf(path: Path, model: LlamaForCausalLM, types: dict[str, object] | None = None) -> Path:
-    """`model` as a llama.cpp GGUF file: norms F32, the linears' block types from `types` (by GGUF name
-    part; others Q4_1), token embedding Q8_0 and no output.weight (a tied head), q and k rows in llama.cpp's
-    order."""
-    from gguf import MODEL_ARCH, get_tensor_name_map
-
-    types = {**LINEAR_TYPES, **(types or {})}
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+def gguf_writer(path: Path, architecture: str, config: object) -> object:
+    """A GGUF writer for `path` holding the metadata a decoder's config gives (sizes, heads, rope, norm)."""
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    return writer
+
+
+def write_gguf(path: Path, model: LlamaForCausalLM, types: dict[str, object] | None = None) -> Path:
+    """`model` as a llama.cpp GGUF file: norms F32, the linears' block types from `types` (by GGUF name
+    part; others Q4_1), token embedding Q8_0 and no output.weight where the head is tied (else a Q8_0
+    output.weight), q and k rows in llama.cpp's order."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    types = {**LINEAR_TYPES, **(types or {})}
+    config = model.config
+    writer = gguf_writer(path, "llama", config)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight":
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         name = names.get_name(hf_name.removesuffix(".weight")) + ".weight"
         values = tensor.float().numpy()
@@ -99,7 +106,9 @@ def write_gguf(path: Path, model: LlamaForCausalLM, types: dict[str, object] | N
             writer.add_tensor(name, values)
             continue
         kind = (
-            Q.Q8_0 if name == "token_embd.weight" else next((t for p, t in types.items() if f".{p}." in name), Q.Q4_1)
+            Q.Q8_0
+            if name in ("token_embd.weight", "output.weight")
+            else next((t for p, t in types.items() if f".{p}." in name), Q.Q4_1)
         )
         writer.add_tensor(name, _blocks(values, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -182,6 +191,67 @@ def test_logits_equal_transformers_gguf_loader(gguf_file: Path) -> None:
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+def write_qwen2_gguf(path: Path, model: torch.nn.Module, bias_first: bool) -> Path:
+    """A Qwen2 model (biased q, k, v) as a GGUF file: Q8_0 matrices, F32 vectors, the tensors in name order
+    (each layer's `.bias` before its `.weight`, as a sorted file holds them) or with weights first."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    config = model.config
+    writer = gguf_writer(path, "qwen2", config)
+    names = get_tensor_name_map(MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    tensors = {
+        f"{names.get_name(hf_name.rpartition('.')[0])}.{hf_name.rpartition('.')[2]}": tensor.float().numpy()
+        for hf_name, tensor in model.state_dict().items()
+        if hf_name != "lm_head.weight"
+    }
+    for name in sorted(tensors, key=lambda name: (name.rpartition(".")[0], name.endswith(".weight") == bias_first)):
+        values = tensors[name]
+        if values.ndim == 1:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("bias_first", [True, False], ids=["bias-first", "weight-first"])
+def test_quantized_linears_keep_their_bias_whichever_order_the_file_stores_them(
+    bias_first: bool, tmp_path: Path
+) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    source = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # biases far from zero so that a lost one shows
+        for name, parameter in source.named_parameters():
+            if name.endswith(".bias"):
+                parameter.uniform_(-1, 1)
+    path = write_qwen2_gguf(tmp_path / "qwen2.gguf", source, bias_first)
+    ours = load_gguf_model(path)
+    attention = ours.model.layers[0].self_attn
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(attention, projection)
+        assert isinstance(layer, GGUFLinear) and layer.bias is not None and not layer.bias.requires_grad
+        expected = getattr(source.model.layers[0].self_attn, projection).bias
+        torch.testing.assert_close(layer.bias, expected.detach(), atol=0, rtol=0)
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, transformers_model(path)(input_ids=ids).logits)
+
+
 def test_input_gradient_equals_the_float32_model(gguf_file: Path) -> None:
     gradients = []
     for model in (load_gguf_model(gguf_file), transformers_model(gguf_file)):
@@ -209,7 +279,7 @@ def test_a_linear_in_row_chunks_equals_one_dequantized_matmul(monkeypatch: pytes
 
 
 def lora(**options: object) -> deltatune.LoraConfig:
-    return deltatune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **options)
+    return deltatune.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **options})
 
 
 def blocks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
