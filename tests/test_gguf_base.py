@@ -345,6 +345,23 @@ def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gg
     assert ((merged - unmerged).abs().max() / unmerged.abs().max()).item() < 1e-4
 
 
+def test_merging_lora_into_the_tied_gguf_head_is_refused_as_on_float32(gguf_file: Path) -> None:
+    refusal = r"cannot merge into lm_head\.weight: it is tied to model\.embed_tokens\..* Untie them first"
+    on_float32 = deltatune.attach(
+        transformers_model(gguf_file), lora(target_modules=["lm_head"], init_lora_weights=False)
+    )
+    with pytest.raises(MergeError, match=refusal):
+        on_float32.merge()
+    model = deltatune.attach(load_gguf_model(gguf_file), lora(target_modules=["lm_head"], init_lora_weights=False))
+    assert "lm_head" in model.targets["default"]
+    before, unmerged = blocks(model.base_model), logits(model)
+    for merge in (model.merge, lambda: model.unload(merge=True, dequantize=True)):
+        with pytest.raises(MergeError, match=refusal):
+            merge()
+    assert all(torch.equal(before[name], buffer) for name, buffer in blocks(model.base_model).items())
+    torch.testing.assert_close(logits(model), unmerged, atol=0, rtol=0)
+
+
 METHODS = {
     "bitfit": lambda: deltatune.BitFitConfig(add_missing_bias=True),
     "prompt-tuning": lambda: deltatune.PromptTuningConfig(num_virtual_tokens=4),
