@@ -345,6 +345,53 @@ def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gg
     assert ((merged - unmerged).abs().max() / unmerged.abs().max()).item() < 1e-4
 
 
+def relative(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def untied_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with its own output head (a Q8_0 output.weight)."""
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "untied-llama.gguf", tiny_llama(tied=False))
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
+def test_a_dequantized_gguf_model_reloads_with_from_pretrained_as_the_adapter_model(
+    tied: bool, gguf_file: Path, untied_gguf_file: Path, tmp_path: Path
+) -> None:
+    from deltatune.requantize import dequantize_model
+
+    model = deltatune.attach(load_gguf_model(gguf_file if tied else untied_gguf_file), lora(init_lora_weights=False))
+    unmerged = logits(model)
+    plain = dequantize_model(model.unload(merge=True, dequantize=True))
+    embedding, head = plain.get_input_embeddings(), plain.get_output_embeddings()
+    assert type(embedding) is torch.nn.Embedding and type(head) is torch.nn.Linear
+    assert (head.weight is embedding.weight) == tied == plain.config.tie_word_embeddings
+    assert not any(buffer.dtype == torch.uint8 for buffer in plain.buffers())
+    plain.save_pretrained(tmp_path / "plain")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert relative(logits(reloaded), unmerged) < 1e-5
+
+
+def test_cli_merge_of_a_gguf_base_with_dequantize_reloads_as_the_adapter_model(
+    untied_gguf_file: Path, tmp_path: Path
+) -> None:
+    from deltatune.train.cli import main
+
+    model = deltatune.attach(load_gguf_model(untied_gguf_file), lora(init_lora_weights=False))
+    unmerged = logits(model)
+    model.save(str(tmp_path / "adapter"))
+    out = tmp_path / "merged"
+    assert (
+        main(
+            ["merge", str(untied_gguf_file), str(tmp_path / "adapter"), str(out), "--quantize", "gguf", "--dequantize"]
+        )
+        == 0
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert relative(logits(reloaded), unmerged) < 1e-5
+
+
 def test_merging_lora_into_the_tied_gguf_head_is_refused_as_on_float32(gguf_file: Path) -> None:
     refusal = r"cannot merge into lm_head\.weight: it is tied to model\.embed_tokens\..* Untie them first"
     on_float32 = deltatune.attach(
