@@ -1,7 +1,8 @@
 """GGUF bases with the linear weights kept in their quantized blocks (`deltatune.gguf`).
 
 Every file here is a tiny Llama written in the test with the `gguf` package (F32 norms, quantized
-linears and a Q8_0 token embedding tied to the head, as llama.cpp writes SmolLM2); the references are the
+linears and a Q8_0 token embedding tied to the head, as llama.cpp writes SmolLM2; one with its own Q8_0
+head; a Qwen2 for the biases of quantized linears); the references are the
 `gguf` package's own dequantization and transformers' own GGUF loader (`from_pretrained(...,
 gguf_file=...)`, which dequantizes to float32). The weights both hold are the same numbers, so the models
 agree to float32 rounding."""
@@ -31,7 +32,7 @@ LINEAR_TYPES = {"attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.Q8_0, "attn_outp
 """The block type of each linear in the tiny file (the FFN is Q4_1, as in SmolLM2's file)."""
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, tied: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -41,7 +42,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
         max_position_embeddings=128,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # norms away from 1 so that a misplaced norm would show
@@ -66,28 +67,34 @@ def _blocks(values: np.ndarray, kind: object) -> np.ndarray:
         return np.random.default_rng(0).integers(0, 256, (rows, values.shape[1] // block_size * type_size), np.uint8)
 
 
-def write_gguf(path: Path, model: LlamaForCausalLM, types: dict[str, object] | None = None) -> Path:
-    """`model` as a llama.cpp GGUF file: norms F32, the linears' block types from `types` (by GGUF name
-    part; others Q4_1), token embedding Q8_0 and no output.weight (a tied head), q and k rows in llama.cpp's
-    order."""
-    from gguf import MODEL_ARCH, get_tensor_name_map
-
-    types = {**LINEAR_TYPES, **(types or {})}
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+def gguf_writer(path: Path, architecture: str, config: object) -> object:
+    """A GGUF writer for `path` holding the metadata a decoder's config gives (sizes, heads, rope, norm)."""
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    return writer
+
+
+def write_gguf(path: Path, model: LlamaForCausalLM, types: dict[str, object] | None = None) -> Path:
+    """`model` as a llama.cpp GGUF file: norms F32, the linears' block types from `types` (by GGUF name
+    part; others Q4_1), token embedding Q8_0 and no output.weight where the head is tied (else a Q8_0
+    output.weight), q and k rows in llama.cpp's order."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    types = {**LINEAR_TYPES, **(types or {})}
+    config = model.config
+    writer = gguf_writer(path, "llama", config)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight":
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         name = names.get_name(hf_name.removesuffix(".weight")) + ".weight"
         values = tensor.float().numpy()
@@ -99,7 +106,9 @@ def write_gguf(path: Path, model: LlamaForCausalLM, types: dict[str, object] | N
             writer.add_tensor(name, values)
             continue
         kind = (
-            Q.Q8_0 if name == "token_embd.weight" else next((t for p, t in types.items() if f".{p}." in name), Q.Q4_1)
+            Q.Q8_0
+            if name in ("token_embd.weight", "output.weight")
+            else next((t for p, t in types.items() if f".{p}." in name), Q.Q4_1)
         )
         writer.add_tensor(name, _blocks(values, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -182,6 +191,67 @@ def test_logits_equal_transformers_gguf_loader(gguf_file: Path) -> None:
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+def write_qwen2_gguf(path: Path, model: torch.nn.Module, bias_first: bool) -> Path:
+    """A Qwen2 model (biased q, k, v) as a GGUF file: Q8_0 matrices, F32 vectors, the tensors in name order
+    (each layer's `.bias` before its `.weight`, as a sorted file holds them) or with weights first."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    config = model.config
+    writer = gguf_writer(path, "qwen2", config)
+    names = get_tensor_name_map(MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    tensors = {
+        f"{names.get_name(hf_name.rpartition('.')[0])}.{hf_name.rpartition('.')[2]}": tensor.float().numpy()
+        for hf_name, tensor in model.state_dict().items()
+        if hf_name != "lm_head.weight"
+    }
+    for name in sorted(tensors, key=lambda name: (name.rpartition(".")[0], name.endswith(".weight") == bias_first)):
+        values = tensors[name]
+        if values.ndim == 1:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("bias_first", [True, False], ids=["bias-first", "weight-first"])
+def test_quantized_linears_keep_their_bias_whichever_order_the_file_stores_them(
+    bias_first: bool, tmp_path: Path
+) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    source = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # biases far from zero so that a lost one shows
+        for name, parameter in source.named_parameters():
+            if name.endswith(".bias"):
+                parameter.uniform_(-1, 1)
+    path = write_qwen2_gguf(tmp_path / "qwen2.gguf", source, bias_first)
+    ours = load_gguf_model(path)
+    attention = ours.model.layers[0].self_attn
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(attention, projection)
+        assert isinstance(layer, GGUFLinear) and layer.bias is not None and not layer.bias.requires_grad
+        expected = getattr(source.model.layers[0].self_attn, projection).bias
+        torch.testing.assert_close(layer.bias, expected.detach(), atol=0, rtol=0)
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, transformers_model(path)(input_ids=ids).logits)
+
+
 def test_input_gradient_equals_the_float32_model(gguf_file: Path) -> None:
     gradients = []
     for model in (load_gguf_model(gguf_file), transformers_model(gguf_file)):
@@ -209,7 +279,7 @@ def test_a_linear_in_row_chunks_equals_one_dequantized_matmul(monkeypatch: pytes
 
 
 def lora(**options: object) -> deltatune.LoraConfig:
-    return deltatune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **options)
+    return deltatune.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **options})
 
 
 def blocks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -273,6 +343,70 @@ def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gg
     assert isinstance(plain.lm_head, GGUFLinear)  # not adapted: it stays in its blocks
     merged = logits(plain)
     assert ((merged - unmerged).abs().max() / unmerged.abs().max()).item() < 1e-4
+
+
+def relative(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def untied_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with its own output head (a Q8_0 output.weight)."""
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "untied-llama.gguf", tiny_llama(tied=False))
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
+def test_a_dequantized_gguf_model_reloads_with_from_pretrained_as_the_adapter_model(
+    tied: bool, gguf_file: Path, untied_gguf_file: Path, tmp_path: Path
+) -> None:
+    from deltatune.requantize import dequantize_model
+
+    model = deltatune.attach(load_gguf_model(gguf_file if tied else untied_gguf_file), lora(init_lora_weights=False))
+    unmerged = logits(model)
+    plain = dequantize_model(model.unload(merge=True, dequantize=True))
+    embedding, head = plain.get_input_embeddings(), plain.get_output_embeddings()
+    assert type(embedding) is torch.nn.Embedding and type(head) is torch.nn.Linear
+    assert (head.weight is embedding.weight) == tied == plain.config.tie_word_embeddings
+    assert not any(buffer.dtype == torch.uint8 for buffer in plain.buffers())
+    plain.save_pretrained(tmp_path / "plain")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert relative(logits(reloaded), unmerged) < 1e-5
+
+
+def test_cli_merge_of_a_gguf_base_with_dequantize_reloads_as_the_adapter_model(
+    untied_gguf_file: Path, tmp_path: Path
+) -> None:
+    from deltatune.train.cli import main
+
+    model = deltatune.attach(load_gguf_model(untied_gguf_file), lora(init_lora_weights=False))
+    unmerged = logits(model)
+    model.save(str(tmp_path / "adapter"))
+    out = tmp_path / "merged"
+    assert (
+        main(
+            ["merge", str(untied_gguf_file), str(tmp_path / "adapter"), str(out), "--quantize", "gguf", "--dequantize"]
+        )
+        == 0
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert relative(logits(reloaded), unmerged) < 1e-5
+
+
+def test_merging_lora_into_the_tied_gguf_head_is_refused_as_on_float32(gguf_file: Path) -> None:
+    refusal = r"cannot merge into lm_head\.weight: it is tied to model\.embed_tokens\..* Untie them first"
+    on_float32 = deltatune.attach(
+        transformers_model(gguf_file), lora(target_modules=["lm_head"], init_lora_weights=False)
+    )
+    with pytest.raises(MergeError, match=refusal):
+        on_float32.merge()
+    model = deltatune.attach(load_gguf_model(gguf_file), lora(target_modules=["lm_head"], init_lora_weights=False))
+    assert "lm_head" in model.targets["default"]
+    before, unmerged = blocks(model.base_model), logits(model)
+    for merge in (model.merge, lambda: model.unload(merge=True, dequantize=True)):
+        with pytest.raises(MergeError, match=refusal):
+            merge()
+    assert all(torch.equal(before[name], buffer) for name, buffer in blocks(model.base_model).items())
+    torch.testing.assert_close(logits(model), unmerged, atol=0, rtol=0)
 
 
 METHODS = {

@@ -2,8 +2,9 @@
 
 W ← W + ΔW is computed in float32 (float64 weights: in float64), rounded to W's dtype, and checked for
 non-finite values there: a float16 weight that ΔW pushes past 65504 is refused although the float32 sum
-is finite. A parameter shared by two modules (tied input/output embeddings) is refused: merging would
-change both.
+is finite. A tensor shared by two modules (tied input/output embeddings) is refused: merging would
+change both. Shared means the same storage, parameter or buffer: a GGUF head tied to its embedding is a
+`GGUFLinear` whose weight buffer is the embedding's blocks.
 
 All or nothing, without a copy of the model: a merge makes two passes over the adapted modules.
 1. Check, writing nothing: per module, every new value is computed into a temporary (one module's
@@ -238,12 +239,23 @@ def _zeros_for(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     return torch.zeros(delta.shape, dtype=dtype, device=reference.device)
 
 
+def storage_key(tensor: torch.Tensor) -> tuple:
+    """What identifies a tensor's values in memory: where they start, their shape and dtype; the object
+    itself where it has no address of its own (empty, on the meta device, or a wrapper tensor subclass
+    such as torchao's, whose `data_ptr()` is 0)."""
+    address = 0 if tensor.is_meta or tensor.numel() == 0 else tensor.data_ptr()
+    if address == 0:
+        return (id(tensor),)
+    return (tensor.device, address, tuple(tensor.shape), tensor.dtype)
+
+
 def _tied_parameters(model: nn.Module) -> dict[str, str]:
-    """{parameter name: another name of the same tensor} for parameters shared between modules."""
-    first_name: dict[int, str] = {}
+    """{tensor name: another name of the same tensor} for parameters and buffers shared between modules."""
+    first_name: dict[tuple, str] = {}
     tied: dict[str, str] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        other = first_name.setdefault(id(parameter), name)
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        other = first_name.setdefault(storage_key(tensor), name)
         if other != name:
             tied[name], tied[other] = other, name
     return tied

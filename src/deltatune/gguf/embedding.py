@@ -41,6 +41,11 @@ class GGUFEmbedding(nn.Module):
         rows = self.blocks.index_select(0, input_ids.reshape(-1))
         return dequantize_rows(rows, self.ggml_type).reshape(*input_ids.shape, self.embedding_dim)
 
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> nn.Embedding:
+        """A plain frozen `nn.Embedding` holding this table dequantized, in `dtype`."""
+        plain = nn.Embedding.from_pretrained(self.weight.to(dtype), freeze=True, padding_idx=self.padding_idx)
+        return plain.train(self.training)
+
     def tied_head(self) -> GGUFLinear:
         """The output head x ↦ x Eᵀ over this table's blocks (no second copy)."""
         return GGUFLinear(self.blocks, self.ggml_type, self.embedding_dim)

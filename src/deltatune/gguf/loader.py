@@ -7,7 +7,9 @@ their quantized blocks.
 3. Tensor names are mapped to the model's by transformers' `get_gguf_hf_weights_map`. Each quantized
    tensor (a type of `blocks.BLOCK_FORMATS`) replaces its skeleton layer whole: an `nn.Linear` by a
    `GGUFLinear`, an `nn.Embedding` by a `GGUFEmbedding`; their blocks are the file's bytes, mapped
-   copy-on-write (no copy is read in). F32 / F16 / BF16 tensors become plain float parameters.
+   copy-on-write (no copy is read in). F32 / F16 / BF16 tensors become plain float parameters. A
+   `GGUFLinear` takes over its skeleton's bias, so the bias is kept (frozen) whether the file stores it
+   before or after the weight.
 4. llama.cpp stores a Llama's q and k projections with their rows permuted per head (its rotary layout:
    the two halves of each head's rows interleaved); transformers undoes that on the dequantized floats.
    Here the same permutation moves whole rows of the block array, which is exact since a row's blocks
@@ -91,7 +93,8 @@ def _quantized_module(skeleton: nn.Module, blocks: torch.Tensor, kind: int, name
         expected = (skeleton.num_embeddings, skeleton.embedding_dim)
         found = (replacement.num_embeddings, replacement.embedding_dim)
     elif isinstance(skeleton, nn.Linear):
-        replacement = GGUFLinear(blocks, kind, skeleton.in_features)
+        bias = None if skeleton.bias is None else skeleton.bias.detach()  # on meta until the file's bias comes
+        replacement = GGUFLinear(blocks, kind, skeleton.in_features, bias)
         expected = (skeleton.out_features, skeleton.in_features)
         found = (replacement.out_features, replacement.in_features)
     else:
@@ -102,12 +105,16 @@ def _quantized_module(skeleton: nn.Module, blocks: torch.Tensor, kind: int, name
 
 
 def _put_float(model: nn.Module, name: str, values: torch.Tensor) -> None:
+    """Put `values` in place of the (meta) tensor `name`, a parameter keeping its `requires_grad` (a
+    `GGUFLinear`'s bias stays frozen)."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
     if attribute in module._buffers:
         module._buffers[attribute] = values
     else:
-        module._parameters[attribute] = nn.Parameter(values)
+        placeholder = module._parameters.get(attribute)
+        trainable = True if placeholder is None else placeholder.requires_grad
+        module._parameters[attribute] = nn.Parameter(values, requires_grad=trainable)
 
 
 def _tie_head(model: nn.Module) -> None:
