@@ -329,7 +329,7 @@ def test_a_gguf_base_counts_its_logical_parameters_once(gguf_file: Path) -> None
     assert (ours.trainable, ours.total) == (reference.trainable, reference.total)
 
 
-def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gguf_file: Path) -> None:
+def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gguf_file: Path, tmp_path: Path) -> None:
     model = deltatune.attach(load_gguf_model(gguf_file), lora(init_lora_weights=False))
     unmerged = logits(model)
     with pytest.raises(
@@ -340,9 +340,13 @@ def test_merge_into_blocks_is_refused_and_unload_dequantize_keeps_the_adapter(gg
     plain = model.unload(merge=True, dequantize=True)
     layer = plain.model.layers[0].self_attn.q_proj
     assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
-    assert isinstance(plain.lm_head, GGUFLinear)  # not adapted: it stays in its blocks
+    blocks = (GGUFLinear, GGUFEmbedding)
+    assert not any(isinstance(module, blocks) for module in plain.modules())  # adapted or not: a float model
     merged = logits(plain)
     assert ((merged - unmerged).abs().max() / unmerged.abs().max()).item() < 1e-4
+    plain.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded), merged, atol=1e-5, rtol=1e-5)
 
 
 def relative(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ are 64 wide, so the tiny models here are 64 wide (32 would not quantize)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,22 @@ def test_unload_dequantize_merges_into_float32_linears(saved, kind: str, tmp_pat
     merged = run(plain)
     assert relative(merged, expected) < 1e-4  # the dequantized base with the adapter unmerged
     assert relative(merged, unmerged) < 1e-4  # the quantized model with the adapter unmerged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unload_dequantize_gives_a_full_precision_model_that_saves_and_reloads(saved, kind: str, tmp_path) -> None:
+    """Layers without an adapter are dequantized too: the model `save_pretrained` writes is a plain
+    float32 checkpoint (no quantization_config) that reloads with the merged model's outputs."""
+    config = deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    model = deltatune.attach(load(saved, "llama", kind), config)
+    unmerged = run(model)
+    plain = model.unload(merge=True, dequantize=True)
+    assert not any(is_quantized_layer(module) for module in plain.modules())
+    assert relative(run(plain), unmerged) < 1e-4
+    plain.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).train()
+    assert relative(run(reloaded), unmerged) < 1e-4
 
 
 @needs_bitsandbytes

@@ -26,7 +26,9 @@ from .merging import merge_adapters, merge_dequantized, unmerge_adapters
 from .methods.module_copy import ModuleCopy
 from .names import check_name
 from .placement import Placement
+from .quantized import is_quantized
 from .registry import method_for
+from .requantize import dequantize_model
 from .site import DeltaSite, RoutingState, SiteAdapter, keep_in_float32, remove_adapter, site_of
 from .summary import TrainableSummary
 from .targeting import model_modules, saved_module_names
@@ -292,8 +294,10 @@ class DeltaModel(nn.Module):
 
         On a quantized base (`deltatune.quantized`) a merge cannot go into the packed weights:
         `dequantize=True` replaces each quantized layer an active adapter adapts by a plain `nn.Linear`
-        in `dtype` holding the dequantized weight plus ΔW (added in float32); the other quantized layers
-        stay as they are."""
+        holding the dequantized weight plus ΔW (added in float32), and then every other quantized layer
+        by its dequantized plain layer (`deltatune.requantize.dequantize_model`), all in `dtype`: a
+        full-precision model that `save_pretrained` writes as a plain checkpoint (a base without
+        quantized layers is left in its dtype)."""
         plain: dict[str, nn.Linear] = {}
         if merge and self.active_adapters:
             if dequantize:
@@ -318,6 +322,8 @@ class DeltaModel(nn.Module):
             parameter.requires_grad_(self._base_requires_grad.get(parameter_name, False))
         if failure is not None:
             raise failure
+        if dequantize and any(is_quantized(module) for module in self.base_model.modules()):
+            dequantize_model(self.base_model, dtype)
         return self.base_model
 
     # ----------------------------------------------------------------------------- running
