@@ -26,6 +26,7 @@ float tensors but refuse quantized ones, naming the architecture.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,18 @@ def _initialise_new(model: nn.Module, missing: list[str], path: Path, expected: 
             model._init_weights(module)
 
 
+def _gguf_names(model: nn.Module) -> dict[str, str]:
+    """transformers' map of GGUF tensor names to the model's parameter names (its signature differs:
+    transformers 5 takes a tensor processor, 4.57 none)."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:
+        from transformers.modeling_gguf_pytorch_utils import TensorProcessor
+
+        return get_gguf_hf_weights_map(model, TensorProcessor())
+    return get_gguf_hf_weights_map(model)
+
+
 def load_gguf_model(
     path: str | Path, model_class: Any = None, dtype: torch.dtype = torch.float32, **config_settings: Any
 ) -> nn.Module:
@@ -149,7 +162,6 @@ def load_gguf_model(
     require_gguf()
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
     path = Path(path)
     if not path.is_file():
@@ -159,7 +171,7 @@ def load_gguf_model(
         model = (model_class or AutoModelForCausalLM).from_config(config)
     reader = gguf.GGUFReader(str(path), mode="c")
     architecture = _architecture(reader)
-    names = get_gguf_hf_weights_map(model, TensorProcessor())
+    names = _gguf_names(model)
     _check_types(reader, path, names, architecture)
     permuted = ROW_PERMUTED.get(architecture, {})
     for tensor in reader.tensors:
