@@ -292,12 +292,9 @@ class DeltaModel(nn.Module):
         """Remove all adapters and return the plain base model (with the active adapters merged in if
         `merge`). `requires_grad` flags are restored as they were before attach.
 
-        On a quantized base (`deltatune.quantized`) a merge cannot go into the packed weights:
-        `dequantize=True` replaces each quantized layer an active adapter adapts by a plain `nn.Linear`
-        holding the dequantized weight plus ΔW (added in float32), and then every other quantized layer
-        by its dequantized plain layer (`deltatune.requantize.dequantize_model`), all in `dtype`: a
-        full-precision model that `save_pretrained` writes as a plain checkpoint (a base without
-        quantized layers is left in its dtype)."""
+        A merge cannot go into quantized weights: `dequantize=True` makes each adapted quantized layer a
+        plain `nn.Linear` holding its dequantized weight plus ΔW (added in float32), then dequantizes the
+        rest (`requantize.dequantize_model`), all in `dtype`: a plain full-precision checkpoint."""
         plain: dict[str, nn.Linear] = {}
         if merge and self.active_adapters:
             if dequantize:

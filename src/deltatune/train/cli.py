@@ -86,7 +86,7 @@ def _merge(arguments: argparse.Namespace) -> None:
 
     from .. import load
     from ..quantized import quantized_linear
-    from ..requantize import dequantize_model, save_requantized
+    from ..requantize import save_requantized
     from .models import load_model, model_folder
     from .outputs import check_merge_output, replaced_folder
     from .quantize import quantization_config, require_backend
@@ -109,9 +109,7 @@ def _merge(arguments: argparse.Namespace) -> None:
         print(f"note: no tokenizer in {folder}; the merged folder holds the model only")
     dtype = getattr(torch, arguments.dtype or "float32")
     merged = load(model, arguments.adapter).unload(merge=True, dequantize=dequantize, dtype=dtype)
-    if dequantize:
-        dequantize_model(merged, dtype)
-    elif arguments.dtype:
+    if arguments.dtype:
         merged.to(dtype)
     with replaced_folder(out) as staging:
         if arguments.requantize:
