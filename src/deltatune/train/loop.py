@@ -51,6 +51,7 @@ from .fingerprint import check_same_run, run_record
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
 from .outputs import check_output_dir, clear_previous_run
 from .predict import EvalContext
+from .progress import TrainingBar
 from .quantize import require_backend
 from .report import write_report
 from .tasks import TaskType, get_task
@@ -74,10 +75,10 @@ class Run:
             self.tokenizer, self.device, self.config.eval_batch_size, self.config.max_new_tokens
         )
 
-    def evaluate(self, with_loss: bool = True) -> Evaluation:
+    def evaluate(self, with_loss: bool = True, progress: bool = True) -> Evaluation:
         if not self.eval_features:
             raise DeltaTuneError("there is no eval_file in the config; set eval_file=PATH to evaluate")
-        return evaluate(self.delta_model, self.task, self.eval_features, self.eval_context, with_loss)
+        return evaluate(self.delta_model, self.task, self.eval_features, self.eval_context, with_loss, progress)
 
     def write_report(
         self,
@@ -239,9 +240,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     state = _starting_state(run, ranks, resume, optimizer, scheduler)
     model = distributed.wrap(run.delta_model, ranks, run.device)
     pad_id = run.eval_context.pad_id
-    bar = tqdm(
-        total=schedule.total, initial=state.step, disable=not (progress and ranks.main), unit="step", dynamic_ncols=True
-    )
+    bar = TrainingBar(schedule.total, state.step, enabled=progress and ranks.main)
     started, tokens = time.perf_counter(), 0
     model.train()
     while state.step < schedule.total:
@@ -265,22 +264,21 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0])
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(
-            loss=f"{float(step_loss):.4f}", tok_s=f"{tokens * ranks.world_size / elapsed:.0f}", refresh=False
-        )
-        bar.update(1)
-        if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
-            _check_weights(config, parameters, state.step)
-            if ranks.main:
-                save_checkpoint(checkpoint_folder(output_dir, state.step), run.delta_model, optimizer, scheduler, state)
-                if config.save_total_limit:
-                    prune_checkpoints(output_dir, config.save_total_limit)
-            distributed.barrier(ranks)
+        bar.step(float(step_loss), tokens * ranks.world_size)
+        with bar.paused():
+            _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0], progress)
+            if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
+                _check_weights(config, parameters, state.step)
+                if ranks.main:
+                    save_checkpoint(
+                        checkpoint_folder(output_dir, state.step), run.delta_model, optimizer, scheduler, state
+                    )
+                    if config.save_total_limit:
+                        prune_checkpoints(output_dir, config.save_total_limit)
+                distributed.barrier(ranks)
     bar.close()
     _check_weights(config, parameters, state.step)
-    final = _evaluate_into(run, ranks, state) if run.eval_features else None
+    final = _evaluate_into(run, ranks, state, progress) if run.eval_features else None
     seconds = time.perf_counter() - started
     if ranks.main:
         run.delta_model.save(str(output_dir / ADAPTER_FOLDER))
@@ -357,20 +355,27 @@ def _diverged(config: TrainConfig, step: int, what: str, before_any_update: bool
 
 
 def _record(
-    run: Run, ranks: distributed.Ranks, state: TrainerState, schedule: Schedule, loss: float, learning_rate: float
+    run: Run,
+    ranks: distributed.Ranks,
+    state: TrainerState,
+    schedule: Schedule,
+    loss: float,
+    learning_rate: float,
+    progress: bool,
 ) -> None:
     config = run.config
     if state.step % config.log_every == 0 or state.step == schedule.total:
         state.history.append({"step": state.step, "loss": loss, "learning_rate": learning_rate})
     if run.eval_features and config.eval_every and state.step % config.eval_every == 0 and state.step < schedule.total:
-        _evaluate_into(run, ranks, state)
+        _evaluate_into(run, ranks, state, progress)
 
 
-def _evaluate_into(run: Run, ranks: distributed.Ranks, state: TrainerState) -> Evaluation | None:
-    """Evaluate on rank 0 and add `eval_<metric>` to the history; the other ranks wait."""
+def _evaluate_into(run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool) -> Evaluation | None:
+    """Evaluate on rank 0 (its own progress bar if `progress`) and add `eval_<metric>` to the history;
+    the other ranks wait."""
     result = None
     if ranks.main:
-        result = run.evaluate()
+        result = run.evaluate(progress=progress)
         state.history.append({"step": state.step, **{f"eval_{name}": value for name, value in result.metrics.items()}})
         tqdm.write("step {}: {}".format(state.step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())))
     distributed.barrier(ranks)

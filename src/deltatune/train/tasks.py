@@ -10,7 +10,9 @@
 | feature-extraction | AutoModel               | none         | contrastive_loss     | accuracy                   |
 
 Language models are judged on their generations, classifiers on the arg-max label (tag), QA on
-the best span, embeddings on whether each text's nearest positive is its own.
+the best span, embeddings on whether each text's nearest positive is its own. Evaluation reads the
+eval set once for the last four rows (one forward gives the loss and the answer) and twice for
+language models (a teacher-forced loss pass, then the generation; `loss_terms`).
 
 The rows live in `train/` because they hold the trainer's encoders and predictors by direct
 reference; the losses they name are the core library's (`deltatune.losses`, used without the trainer
@@ -51,7 +53,8 @@ class TaskType:
     encoder: Encoder
     """One record → one example's fields (`encode.py`)."""
     predictor: predict.Predictor
-    """The model's answers on examples, next to the references (`predict.py`)."""
+    """The model's answers on examples, next to the references, and the eval loss where the same
+    forward gives it (`predict.py`)."""
     metrics: dict[str, Metric]
     """The metrics evaluation reports, each comparing predictions with references; the first is the
     main one."""
@@ -59,6 +62,10 @@ class TaskType:
     """Where the records hold label names (classification), mapped to ids in sorted order."""
     trains_head: bool = False
     """Whether the model's task head is new and must train fully (`trained_heads`)."""
+    loss_terms: Callable[[dict[str, torch.Tensor]], int] | None = None
+    """Language models: how many terms (labelled tokens) `loss` of a batch is the mean of. Evaluation
+    then makes a teacher-forced pass with `loss` before the predictor generates, weighting each batch by
+    its terms. None: the predictor's own forward gives the eval loss, in one pass (`evaluate.py`)."""
 
     @property
     def main_metric(self) -> str:
@@ -98,6 +105,7 @@ TASKS: dict[str, TaskType] = {
             encode.encode_causal,
             predict.predict_causal,
             TEXT_METRICS,
+            loss_terms=predict.next_token_targets,
         ),
         TaskType(
             "seq2seq-lm",
@@ -106,6 +114,7 @@ TASKS: dict[str, TaskType] = {
             encode.encode_seq2seq,
             predict.predict_seq2seq,
             TEXT_METRICS,
+            loss_terms=predict.labelled_tokens,
         ),
         TaskType(
             "seq-cls",
