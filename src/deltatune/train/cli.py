@@ -9,6 +9,9 @@
     deltatune methods                            the registered methods
     deltatune show ADAPTER                       describe an adapter folder
 
+`train` and `eval` compute with the CPU threads the config's `threads` names (`threads=2` on the command
+line), or by default with the cores the machine leaves free (`deltatune.train.threads`).
+
 Errors in input (data, config, names, files) end with one line on stderr and exit status 2.
 """
 

@@ -109,6 +109,12 @@ class TrainConfig:
     max_new_tokens: PositiveInt = 64
     """Language models: tokens generated per evaluation example."""
     eval_batch_size: PositiveInt = 16
+    """Examples per evaluation forward (grouped by length, so a batch pads little)."""
+    threads: PositiveInt | None = None
+    """CPU threads torch computes with. None: the cores this process may use less those the machine's
+    load keeps busy, at least 1, with a one-line warning when the machine is busy (see
+    `deltatune.train.threads`). Changes no result beyond float reduction order, so `--resume` may
+    change it."""
     device: str = "auto"
     """cpu, cuda, cuda:1, mps, or auto (the local CUDA device if any)."""
 

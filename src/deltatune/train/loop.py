@@ -55,6 +55,7 @@ from .progress import TrainingBar
 from .quantize import require_backend
 from .report import write_report
 from .tasks import TaskType, get_task
+from .threads import use_threads
 
 
 @dataclass
@@ -131,6 +132,7 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     if config.quantize is not None:
         require_backend(config.quantize)
     device = device or choose_device(config.device, distributed.ranks_from_environment())
+    use_threads(config.threads)
     adapter_config = config.adapter_config() if adapter is None else None
     train_records = read_records(config.train_file, config.columns)
     eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
