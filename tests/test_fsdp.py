@@ -1,7 +1,8 @@
 """FSDP2 training (`data_parallel: fsdp`) on CPU (gloo), two processes under `torchrun`: against DDP
 (the reference: every rank holds the whole model) for the same seed, the adapter, the checkpoint
-files, the loss and the evaluation agree (≤ 1e-5), while each rank holds only its shards; a run
-resumed from a mid-run checkpoint ends bit-exactly where the uninterrupted run ends (under DDP too).
+files, the loss and the evaluation agree (≤ 1e-5), while each rank holds only its shards; a NaN in
+one rank's shard is seen by every rank (so all stop together); a run resumed from a mid-run
+checkpoint ends bit-exactly where the uninterrupted run ends (under DDP too).
 
 One launch runs all of it (four trainings in one process group: starting the processes is most of
 the time). The data has examples of many lengths, and the adapter dropout, so that each rank's
@@ -18,16 +19,22 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
+import deltatune
+from deltatune import LoraConfig
+from deltatune.errors import DeltaTuneError
+from deltatune.train import sharding
 from deltatune.train.cli import main
 from test_distributed import LAUNCHERS
 from training_fixtures import WORDS, task_config, write_jsonl
 
 SCRIPT = textwrap.dedent("""
     import json, shutil, sys
-    import torch.distributed as dist
+    import torch, torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from deltatune.train import TrainConfig, train
+    from deltatune.train.sharding import all_finite
 
     config_path, root = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -47,6 +54,12 @@ SCRIPT = textwrap.dedent("""
                 "local": sum(p.to_local().numel() for p in parameters),
                 "whole": sum(p.numel() for p in parameters),
             }
+            trainable = [p for p in parameters if p.requires_grad]
+            shards["finite"] = [all_finite(trainable)]
+            if rank == 1:  # a NaN in one element of one rank's shard
+                with torch.no_grad():
+                    next(p for p in trainable if p.to_local().numel()).to_local().view(-1)[0] = float("nan")
+            shards["finite"].append(all_finite(trainable))
             with open(f"{root}/shards-rank{rank}.json", "w") as file:
                 json.dump(shards, file)
         if rank == 0:  # the interrupted run: only the checkpoint of step 3 is left
@@ -88,7 +101,13 @@ def runs(tmp_path_factory) -> dict:
         gradient_accumulation_steps=2,
         max_steps=6,
         device="cpu",
-        adapter={"method": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": 0.1},
+        adapter={
+            "method": "lora",
+            "r": 4,
+            "target_modules": "all-linear",
+            "lora_dropout": 0.1,
+            "modules_to_save": ["lm_head"],  # trainable weights in the root's shards too
+        },
     )
     script = root / "run.py"
     script.write_text(SCRIPT, encoding="utf-8")
@@ -125,6 +144,10 @@ def test_fsdp_shards_every_weight_over_the_ranks(runs) -> None:
     assert all(rank["sharded"] for rank in shards)
     assert shards[0]["whole"] == shards[1]["whole"] == shards[0]["local"] + shards[1]["local"]
     assert 0 < shards[1]["local"] < shards[0]["local"] + shards[1]["local"]
+
+
+def test_a_non_finite_shard_on_one_rank_is_seen_by_every_rank(runs) -> None:
+    assert [rank["finite"] for rank in runs["shards"]] == [[True, False], [True, False]]
 
 
 def test_fsdp_saves_the_adapter_ddp_saves(runs) -> None:
@@ -166,3 +189,11 @@ def test_fsdp_with_a_quantized_base_is_refused_before_loading(tmp_path, capsys) 
     config = task_config(tmp_path, "causal-lm")
     assert main(["train", str(config), "data_parallel=fsdp", "quantize=nf4", "--quiet"]) == 2
     assert "data_parallel=fsdp does not shard a quantized base" in capsys.readouterr().err
+
+
+def test_fsdp_on_a_model_without_transformer_blocks_is_a_clear_error() -> None:
+    delta_model = deltatune.attach(
+        nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), LoraConfig(r=2, target_modules=["0"])
+    )
+    with pytest.raises(DeltaTuneError, match="data_parallel=fsdp shards the model by transformer block and found none"):
+        sharding.shard(delta_model, torch.device("cpu"))

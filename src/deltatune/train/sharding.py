@@ -1,7 +1,8 @@
 """FSDP2 (`data_parallel: fsdp`): the frozen base and the adapter sharded over the ranks of a run.
 
 `shard` calls `fully_shard` on every transformer block (`architectures.block_names`: the decoder
-layer list, both stacks of an encoder-decoder) and then on the base model, which takes what lies
+layer list, both stacks of an encoder-decoder; an adapter config's `architecture` names them where
+the site map does not) and then on the base model, which takes what lies
 outside the blocks (embeddings, final norm, head). Every parameter becomes a `DTensor` sharded on
 dim 0: rank r keeps rows [r·⌈n/R⌉, (r+1)·⌈n/R⌉) of an n-row weight, R ranks. A block's weights are
 all-gathered just before it runs and freed after, its gradients reduce-scattered (averaged) after
@@ -43,14 +44,14 @@ def shard(delta_model: nn.Module, device: torch.device) -> nn.Module:
     """Shard `delta_model` in place over all ranks on `device` (blocks first, then the base model);
     returns it. Parameters on the CPU move to `device` one block at a time."""
     base = delta_model.base_model
-    if next(delta_model.parameters(recurse=False), None) is not None or list(delta_model.children()) != [base]:
-        raise DeltaTuneError(
-            "data_parallel=fsdp shards the base model, and this model holds weights outside it; use data_parallel=ddp"
-        )
+    named = [getattr(config, "architecture", None) for config in delta_model.configs.values()]
     try:
-        blocks = block_names(base)
+        blocks = block_names(base, next((architecture for architecture in named if architecture), None))
     except DeltaTuneError as error:
-        raise DeltaTuneError(f"data_parallel=fsdp shards each transformer block, but {error}") from None
+        raise DeltaTuneError(
+            f"data_parallel=fsdp shards the model by transformer block and found none ({error}); use "
+            "data_parallel=ddp for this model"
+        ) from None
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for name in blocks:
         fully_shard(base.get_submodule(name), mesh=mesh)
@@ -105,7 +106,11 @@ def whole_adapter(model: nn.Module) -> Iterator[None]:
     """Inside, every sharded parameter that trains or belongs to an adapter (`DeltaSite`) is a whole
     tensor in its module, on every rank, so that `DeltaModel.save` and the checkpoints write what a
     single-process run writes; the shards are put back on leaving. The frozen base stays sharded.
-    No forward or backward may run inside."""
+    Every FSDP module is resharded first (FSDP's own `state_dict` hook would register the shards
+    again in a module left gathered). No forward or backward may run inside."""
+    for module in model.modules():  # a root left gathered by a forward in no_grad: its shards back first
+        if isinstance(module, FSDPModule):
+            module.reshard()
     adapter_modules = {
         id(module) for site in model.modules() if isinstance(site, DeltaSite) for module in site.modules()
     }
