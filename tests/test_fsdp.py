@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import textwrap
+import typing
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 import deltatune
 from deltatune import LoraConfig
 from deltatune.errors import DeltaTuneError
-from deltatune.train import sharding
+from deltatune.train import TrainConfig, distributed, sharding
 from deltatune.train.cli import main
 from test_distributed import LAUNCHERS
 from training_fixtures import WORDS, task_config, write_jsonl
@@ -197,3 +198,8 @@ def test_fsdp_on_a_model_without_transformer_blocks_is_a_clear_error() -> None:
     )
     with pytest.raises(DeltaTuneError, match="data_parallel=fsdp shards the model by transformer block and found none"):
         sharding.shard(delta_model, torch.device("cpu"))
+
+
+def test_every_data_parallel_setting_has_an_engine() -> None:
+    annotation = typing.get_type_hints(TrainConfig)["data_parallel"]
+    assert set(typing.get_args(annotation)) == set(distributed.DATA_PARALLEL)

@@ -104,7 +104,7 @@ DATA_PARALLEL: dict[str, DataParallel] = {
 """The `data_parallel` settings of the training config."""
 
 
-def wrap(model: nn.Module, ranks: Ranks, device: torch.device, data_parallel: str = "ddp") -> nn.Module:
+def wrap(model: nn.Module, ranks: Ranks, device: torch.device, data_parallel: str) -> nn.Module:
     """The model to train on this rank: `model` itself in a single process."""
     return DATA_PARALLEL[data_parallel].wrap(model, device) if ranks.distributed else model
 

@@ -236,7 +236,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     if config.gradient_checkpointing:
         run.delta_model.gradient_checkpointing_enable()
     schedule = Schedule(config, len(run.train_features), ranks)
-    model = distributed.wrap(run.delta_model, ranks, run.device, config.data_parallel)  # FSDP: new parameters
+    model = distributed.wrap(run.delta_model, ranks, run.device, config.data_parallel)  # FSDP replaces the parameters
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
