@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import textwrap
 import typing
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 from torch import nn
 
@@ -88,8 +91,25 @@ def varied_records(count: int = 16, seed: int = 0) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """The four trainings' output folders, and what each rank reported of its shards."""
-    root = tmp_path_factory.mktemp("fsdp")
+    """The four trainings' output folders, and what each rank reported of its shards. Launched once a
+    session, also when pytest-xdist spreads these tests over workers: they share the session's
+    folder, and the first to take the lock launches."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
+    root = shared / "fsdp-runs"
+    with FileLock(str(shared / "fsdp-runs.lock")):
+        if not (root / "launched").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            launch(root)
+            (root / "launched").touch()
+    shards = [json.loads((root / f"shards-rank{rank}.json").read_text()) for rank in (0, 1)]
+    return {"root": root, "shards": shards}
+
+
+def launch(root: Path) -> None:
+    """`SCRIPT` in two processes under torchrun, on the varied data with LoRA (dropout, a trained head)."""
     data = write_jsonl(root / "varied.jsonl", varied_records())
     config = task_config(
         root,
@@ -121,8 +141,6 @@ def runs(tmp_path_factory) -> dict:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    shards = [json.loads((root / f"shards-rank{rank}.json").read_text()) for rank in (0, 1)]
-    return {"root": root, "shards": shards}
 
 
 def tensors(folder, name: str) -> dict[str, torch.Tensor]:
