@@ -76,6 +76,7 @@ TRAIN_FIELDS: dict[str, Case] = {
     "device": Case(
         "a string", "0", ("gpu", "cuda:x"), "device must be cpu, cuda, cuda:N (N a device number), mps or auto"
     ),
+    "data_parallel": Case('"ddp" or "fsdp"', "5", ("zero",)),
 }
 
 ADAPTER_FIELDS: dict[str, Case] = {

@@ -5,7 +5,7 @@
 - `trainable.safetensors`: every trainable parameter by its full name, for resuming (exact for every
   method, also those whose adapter files keep less than what trains, such as P-tuning's encoder);
 - `optimizer.safetensors`: every tensor of the optimizer state, keyed `state.<param index>.<name>`;
-- `random.safetensors`: the CPU (and CUDA) random generator states;
+- `random.safetensors`: the CPU (and CUDA) random generator states, of every rank in a launched run;
 - `trainer_state.json`: the step, the optimizer's parameter groups, the scheduler state, the
   loss / metric history so far, and the run it belongs to (`fingerprint.py`). Written last, so a
   checkpoint without it is incomplete and skipped. Strict JSON (a non-finite number is null). A
@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from ..atomic import json_writer, safetensors_writer, write_files
 from ..errors import DeltaTuneError
+from . import sharding
 from .report import finite_json
 
 STATE_FILE = "trainer_state.json"
@@ -38,6 +40,8 @@ RANDOM_FILE = "random.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
 ADAPTER_FOLDER = "adapter"
 CHECKPOINTS_FOLDER = "checkpoints"
+RANK_PREFIX = "rank"
+"""`random.safetensors` keys of rank r > 0 of a launched run begin `rank<r>.`."""
 
 
 @dataclass
@@ -58,17 +62,37 @@ def checkpoint_folder(output_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    folder: Path, delta_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState
+    folder: Path,
+    delta_model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainerState,
+    write: bool = True,
 ) -> None:
+    """Write checkpoint `folder` if `write` (rank 0 of a launched run). Every rank calls it: under FSDP
+    the shards of the adapter and of the optimizer state are gathered first, so the files hold whole
+    tensors, as a single-process run writes them."""
     optimizer_state = optimizer.state_dict()
     tensors = {
-        f"state.{index}.{name}": value
+        f"state.{index}.{name}": sharding.full(value)
         for index, entries in optimizer_state["state"].items()
         for name, value in entries.items()
     }
-    generators = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        generators.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    generators = _random_states()
+    with sharding.whole_adapter(delta_model):
+        if write:
+            _write_checkpoint(folder, delta_model, optimizer_state, tensors, generators, scheduler, state)
+
+
+def _write_checkpoint(
+    folder: Path,
+    delta_model: Any,
+    optimizer_state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    generators: dict[str, torch.Tensor],
+    scheduler: Any,
+    state: TrainerState,
+) -> None:
     (folder / STATE_FILE).unlink(missing_ok=True)
     delta_model.save(str(folder / ADAPTER_FOLDER))
     trainer_state = {
@@ -122,25 +146,56 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Restore adapter weights, optimizer, scheduler and random state from `folder`."""
+    """Restore adapter weights, optimizer, scheduler and random state from `folder` (under FSDP every
+    rank calls it, and takes its shards of the whole tensors)."""
     saved = read_trainer_state(folder)
     _load_trainable(delta_model, load_file(str(folder / TRAINABLE_FILE)))
     tensors = load_file(str(folder / OPTIMIZER_FILE))
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        state.setdefault(int(index), {})[name] = sharding.shard_like(value, parameters[int(index)])
     groups = [
         {**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in saved["param_groups"]
     ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(saved["scheduler"])
-    generators = load_file(str(folder / RANDOM_FILE))
-    torch.set_rng_state(generators["cpu"])
-    cuda = [generators[key] for key in sorted(k for k in generators if k.startswith("cuda."))]
+    _restore_random_states(load_file(str(folder / RANDOM_FILE)))
+    return TrainerState(step=saved["step"], history=saved["history"])
+
+
+def _random_states() -> dict[str, torch.Tensor]:
+    """The random generator states (CPU, each CUDA device) of every rank: rank 0's as `cpu`,
+    `cuda.<i>`, rank r's under `rank<r>.`. Each rank draws its own dropout masks from its own state,
+    which moves on by a number of draws that depends on its batches, so each is kept. In a launched
+    run every rank calls this (a gather)."""
+    own = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        own.update({f"cuda.{index}": value for index, value in enumerate(torch.cuda.get_rng_state_all())})
+    if not (dist.is_available() and dist.is_initialized()):
+        return own
+    every: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, own)
+    return {_rank_prefix(rank) + key: value for rank, states in enumerate(every) for key, value in states.items()}
+
+
+def _restore_random_states(generators: dict[str, torch.Tensor]) -> None:
+    """Set this rank's generators to the states `_random_states` saved for it (a checkpoint written
+    before states were kept per rank: rank 0's, for every rank)."""
+    own = {key: value for key, value in generators.items() if not key.startswith(RANK_PREFIX)}
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank:
+        prefix = _rank_prefix(rank)
+        own = {key.removeprefix(prefix): value for key, value in generators.items() if key.startswith(prefix)} or own
+    torch.set_rng_state(own["cpu"])
+    cuda = [own[key] for key in sorted((key for key in own if key.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    return TrainerState(step=saved["step"], history=saved["history"])
+
+
+def _rank_prefix(rank: int) -> str:
+    return f"{RANK_PREFIX}{rank}." if rank else ""
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -149,7 +204,8 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
 
 
 def _load_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Copy saved values into the live trainable parameters (in place: the optimizer keeps them)."""
+    """Copy saved values into the live trainable parameters (in place: the optimizer keeps them; a
+    sharded parameter takes its shard)."""
     live = dict(trainable_parameters(model))
     if set(live) != set(saved):
         missing = sorted(set(live) ^ set(saved))
@@ -159,4 +215,4 @@ def _load_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> N
         )
     with torch.no_grad():
         for name, parameter in live.items():
-            parameter.copy_(saved[name])
+            sharding.copy_whole_into(parameter, saved[name])

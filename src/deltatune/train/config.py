@@ -117,6 +117,10 @@ class TrainConfig:
     change it."""
     device: str = "auto"
     """cpu, cuda, cuda:1, mps, or auto (the local CUDA device if any)."""
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: every weight sharded
+    over the processes, for a base too big for one device); the same training steps either way.
+    Ignored in a single process. See `deltatune.train.distributed`."""
 
     def __post_init__(self) -> None:
         check_fields(self, ConfigError)
@@ -162,6 +166,11 @@ class TrainConfig:
             )
         if self.quantize is not None and self.quantize not in QUANTIZE_OPTIONS:
             raise ConfigError(f"unknown quantize {self.quantize!r}; use one of {', '.join(QUANTIZE_OPTIONS)}")
+        if self.quantize is not None and self.data_parallel == "fsdp":
+            raise ConfigError(
+                f"data_parallel=fsdp does not shard a quantized base (quantize={self.quantize}); use "
+                "data_parallel=ddp with quantize, or a full-precision base with fsdp"
+            )
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
         if not DEVICE.fullmatch(self.device):

@@ -41,13 +41,15 @@ KEEPS_THE_MATH = frozenset(
         "max_new_tokens",
         "device",
         "threads",
+        "data_parallel",
         "gradient_checkpointing",
         "train_file",
     }
 )
-"""Settings a resumed run may change: where and how often it writes and evaluates, the device and its
-thread count (the same math, up to float reduction order), and activation recomputation (same
-gradients). `train_file` is compared by content (`training_data`)."""
+"""Settings a resumed run may change: where and how often it writes and evaluates, the device, its
+thread count (the same math, up to float reduction order), the data-parallel engine (DDP or FSDP: the
+same steps), and activation recomputation (same gradients). `train_file` is compared by content
+(`training_data`)."""
 
 DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""

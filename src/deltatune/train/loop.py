@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import DeltaTuneError, TrainingDivergedError
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
-from . import distributed
+from . import distributed, sharding
 from .checkpoint import (
     ADAPTER_FOLDER,
     CHECKPOINTS_FOLDER,
@@ -127,11 +127,14 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     device; a quantized base (from `quantize` or a checkpoint saved quantized) is prepared
     (`deltatune.prepare_quantized_base`); the move to the device after it is
     `nn.Module.to` of the DeltaModel, never transformers' `to` (which refuses dtype casts of
-    bitsandbytes models), and a no-op for a base already there."""
+    bitsandbytes models), and a no-op for a base already there. Under FSDP the model stays on the CPU:
+    sharding moves each rank's shards to the device, a block at a time."""
     task = get_task(config.task)
     if config.quantize is not None:
         require_backend(config.quantize)
-    device = device or choose_device(config.device, distributed.ranks_from_environment())
+    ranks = distributed.ranks_from_environment()
+    device = device or choose_device(config.device, ranks)
+    home = torch.device("cpu") if distributed.sharded(ranks, config.data_parallel) else device
     use_threads(config.threads)
     adapter_config = config.adapter_config() if adapter is None else None
     train_records = read_records(config.train_file, config.columns)
@@ -143,7 +146,7 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     )
     train_features, eval_features = task.encode(train_records, context), task.encode(eval_records, context)
     torch.manual_seed(config.seed)
-    model = load_model(config.model, task, tokenizer, labels, config.quantize, str(device))
+    model = load_model(config.model, task, tokenizer, labels, config.quantize, str(home))
     prepare_quantized_base(model, config.gradient_checkpointing)  # nothing on a base without quantized layers
     if adapter is None:
         delta_model = attach_adapter(model, adapter_config, task)
@@ -151,7 +154,7 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
         from .. import load
 
         delta_model = load(model, adapter)
-    return Run(config, task, tokenizer, delta_model.to(device), train_features, eval_features, device)
+    return Run(config, task, tokenizer, delta_model.to(home), train_features, eval_features, device)
 
 
 DECAY: dict[str, Callable[[float], float]] = {
@@ -236,11 +239,11 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     if config.gradient_checkpointing:
         run.delta_model.gradient_checkpointing_enable()
     schedule = Schedule(config, len(run.train_features), ranks)
+    model = distributed.wrap(run.delta_model, ranks, run.device, config.data_parallel)  # FSDP replaces the parameters
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
     state = _starting_state(run, ranks, resume, optimizer, scheduler)
-    model = distributed.wrap(run.delta_model, ranks, run.device)
     pad_id = run.eval_context.pad_id
     bar = TrainingBar(schedule.total, state.step, enabled=progress and ranks.main)
     started, tokens = time.perf_counter(), 0
@@ -252,7 +255,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
             batch = {k: v.to(run.device) for k, v in collate([run.train_features[i] for i in rows], pad_id).items()}
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(rows)
             last = index == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or not ranks.distributed else model.no_sync():
+            with distributed.accumulate(model, ranks, config.data_parallel, last):
                 with _autocast(config, run.device):
                     loss = run.task.loss(model, batch) / len(micro_batches)
                 loss.backward()
@@ -271,20 +274,19 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
             _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0], progress)
             if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
                 _check_weights(config, parameters, state.step)
-                if ranks.main:
-                    save_checkpoint(
-                        checkpoint_folder(output_dir, state.step), run.delta_model, optimizer, scheduler, state
-                    )
-                    if config.save_total_limit:
-                        prune_checkpoints(output_dir, config.save_total_limit)
+                folder = checkpoint_folder(output_dir, state.step)
+                save_checkpoint(folder, run.delta_model, optimizer, scheduler, state, write=ranks.main)
+                if ranks.main and config.save_total_limit:
+                    prune_checkpoints(output_dir, config.save_total_limit)
                 distributed.barrier(ranks)
     bar.close()
     _check_weights(config, parameters, state.step)
     final = _evaluate_into(run, ranks, state, progress) if run.eval_features else None
     seconds = time.perf_counter() - started
-    if ranks.main:
-        run.delta_model.save(str(output_dir / ADAPTER_FOLDER))
-        run.write_report(output_dir, state.history, final, seconds)
+    with sharding.whole_adapter(run.delta_model):
+        if ranks.main:
+            run.delta_model.save(str(output_dir / ADAPTER_FOLDER))
+            run.write_report(output_dir, state.history, final, seconds)
     distributed.barrier(ranks)
     return TrainResult(run, state.history, final, output_dir, seconds)
 
@@ -341,7 +343,7 @@ def _check_step(config: TrainConfig, step: int, loss: float, gradient_norm: floa
 
 def _check_weights(config: TrainConfig, parameters: list[torch.nn.Parameter], step: int) -> None:
     """Stop before a save if an update has left a trainable weight non-finite."""
-    if parameters and not bool(torch.stack([torch.isfinite(parameter).all() for parameter in parameters]).all()):
+    if not sharding.all_finite(parameters):
         raise _diverged(config, step, "the adapter's weights are non-finite after its update", before_any_update=False)
 
 
@@ -374,10 +376,12 @@ def _record(
 
 def _evaluate_into(run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool) -> Evaluation | None:
     """Evaluate on rank 0 (its own progress bar if `progress`) and add `eval_<metric>` to the history;
-    the other ranks wait."""
+    the other ranks wait, or, holding shards of the model (FSDP), run the same evaluation alongside (a
+    forward pass needs every rank)."""
     result = None
+    if ranks.main or distributed.sharded(ranks, run.config.data_parallel):
+        result = run.evaluate(progress=progress and ranks.main)
     if ranks.main:
-        result = run.evaluate(progress=progress)
         state.history.append({"step": state.step, **{f"eval_{name}": value for name, value in result.metrics.items()}})
         tqdm.write("step {}: {}".format(state.step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())))
     distributed.barrier(ranks)
