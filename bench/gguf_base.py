@@ -11,6 +11,7 @@ its resident set after the imports: the model is included, which is the point. T
 
     nice python bench/gguf_base.py            # both runs, one after the other (several minutes each)
     python bench/gguf_base.py --variant gguf  # one run, printing its JSON line (what the parent reads)
+    python bench/gguf_base.py --variant gguf --load-only  # up to the loaded model only: the load's peak
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ def _tensor_bytes(module: Any) -> int:
     return sum(storages.values())
 
 
-def run_variant(variant: str, out: Path, steps: int | None, examples: int | None) -> dict[str, Any]:
-    """One demo run in this process; memory in MiB above the resident set after the imports."""
+class _Loaded(Exception):
+    """Ends a `--load-only` run once the demo's model is loaded and its adapter attached."""
+
+
+def run_variant(
+    variant: str, out: Path, steps: int | None, examples: int | None, load_only: bool = False
+) -> dict[str, Any]:
+    """One demo run in this process (up to the loaded model with `load_only`); memory in MiB above the
+    resident set after the imports."""
     import torch
 
     from deltatune.train import loop
@@ -62,11 +70,23 @@ def run_variant(variant: str, out: Path, steps: int | None, examples: int | None
         run = prepare_run(*args, **kwargs)
         stages["peak_after_load_mib"] = (peak_memory_bytes() - baseline) / MIB
         stages["base_model_tensors_mib"] = _tensor_bytes(run.delta_model.base_model) / MIB
+        if load_only:
+            raise _Loaded
         return run
 
     loop.prepare_run = recorded  # run_demo looks it up at call time
     start = time.perf_counter()
-    report = run_demo(DemoOptions(out=str(out), steps=steps, examples=examples, overrides=VARIANTS[variant]))
+    try:
+        report = run_demo(DemoOptions(out=str(out), steps=steps, examples=examples, overrides=VARIANTS[variant]))
+    except _Loaded:
+        seconds = time.perf_counter() - start
+        return {
+            "variant": variant,
+            "load_only": True,
+            "seconds": seconds,
+            "rss_after_imports_mib": baseline / MIB,
+            **stages,
+        }
     return {
         "variant": variant,
         "steps": steps or 40,
@@ -128,10 +148,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: the demo's 40); for a quick check")
     parser.add_argument("--examples", type=int, help="held-out examples (default: the demo's 64); for a quick check")
     parser.add_argument("--summarise", action="store_true", help="only summarise the runs kept in --work")
+    parser.add_argument("--load-only", action="store_true", help="with --variant: stop once the model is loaded")
     arguments = parser.parse_args()
     if arguments.variant:
-        result = run_variant(arguments.variant, arguments.work / arguments.variant, arguments.steps, arguments.examples)
-        (arguments.work / f"{arguments.variant}.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+        work = arguments.work / arguments.variant
+        result = run_variant(arguments.variant, work, arguments.steps, arguments.examples, arguments.load_only)
+        if not arguments.load_only:  # --summarise reads whole runs only
+            (arguments.work / f"{arguments.variant}.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
         print("RESULT " + json.dumps(result), flush=True)
         return
     if arguments.summarise:

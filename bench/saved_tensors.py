@@ -22,12 +22,20 @@ from models import checkpoint_causal_lm, labels_for, token_batch  # noqa: E402
 from workloads import BATCH, LENGTH, lora_model  # noqa: E402
 
 
+def storage_pointer(tensor: torch.Tensor) -> int | None:
+    """Where a tensor's storage starts; None for a wrapper tensor subclass (a quanto or torchao weight)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+
+
 def saved_by_shape(library: str, quick: bool, quantize: str | None, dropout: float) -> tuple[Counter, Counter]:
     """({(shape, dtype): bytes}, {(shape, dtype): count}) of the distinct non-parameter storages saved
     for backward by one forward."""
     model = checkpoint_causal_lm(quick, quantize).train()
     wrapped = lora_model(library, model, dropout)
-    parameters = {parameter.untyped_storage().data_ptr() for parameter in wrapped.parameters()}
+    parameters = {storage_pointer(parameter) for parameter in wrapped.parameters()} - {None}
     input_ids = token_batch(model, BATCH, LENGTH)
     labels = labels_for(input_ids, None)
     seen: set[int] = set()
@@ -35,12 +43,11 @@ def saved_by_shape(library: str, quick: bool, quantize: str | None, dropout: flo
     counts: Counter = Counter()
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in seen and pointer not in parameters and storage.nbytes():
+        pointer = storage_pointer(tensor)
+        if pointer is not None and pointer not in seen | parameters and tensor.untyped_storage().nbytes():
             seen.add(pointer)
             key = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-            sizes[key] += storage.nbytes()
+            sizes[key] += tensor.untyped_storage().nbytes()
             counts[key] += 1
         return tensor
 

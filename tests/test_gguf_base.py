@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -83,16 +84,20 @@ def gguf_writer(path: Path, architecture: str, config: object) -> object:
     return writer
 
 
-def write_gguf(path: Path, model: LlamaForCausalLM, types: dict[str, object] | None = None) -> Path:
+def write_gguf(
+    path: Path, model: LlamaForCausalLM, types: dict[str, object] | None = None, metadata: Any = None
+) -> Path:
     """`model` as a llama.cpp GGUF file: norms F32, the linears' block types from `types` (by GGUF name
     part; others Q4_1), token embedding Q8_0 and no output.weight where the head is tied (else a Q8_0
-    output.weight), q and k rows in llama.cpp's order."""
+    output.weight), q and k rows in llama.cpp's order; `metadata(writer)`, where given, adds more keys."""
     from gguf import MODEL_ARCH, get_tensor_name_map
 
     types = {**LINEAR_TYPES, **(types or {})}
     config = model.config
     writer = gguf_writer(path, "llama", config)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    if metadata is not None:
+        metadata(writer)
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:

@@ -4,9 +4,10 @@ shape (out × in or its transpose) other than the model's own parameters. Seen t
 `torch.autograd.graph.saved_tensors_hooks`, which is handed every tensor an autograd node saves.
 
 bitsandbytes' 4-bit and 8-bit layers dequantize again in backward and save only their packed storage.
-torchao's int8 weight-only tensors and optimum-quanto's QLinear save the dequantized float32 weight
-of every layer until backward (measured here, their own autograd): those cases are expected failures
-(strict, so a backend release that stops doing it shows up)."""
+torchao's int8 weight-only tensors and optimum-quanto's QLinear would save the dequantized float32
+weight of every layer until backward (their own autograd); at adapted layers deltatune runs them on the
+input detached and gives the input its gradient by dequantizing again (`deltatune.quantized_grad`). The
+reference for those gradients is the library's own layer (the same model with that rejoining off)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import deltatune
 from deltatune.quantized import quantized_linear
-from test_quantized import quantizable_llama
+from test_quantized import quantizable_llama, storage
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -33,7 +34,8 @@ BACKENDS = {
     "quanto-int8": "optimum.quanto",
     "quanto-int4": "optimum.quanto",
 }
-SAVES_DEQUANTIZED = {"torchao-int8", "quanto-int8", "quanto-int4"}
+REJOINED = ["torchao-int8", "quanto-int8", "quanto-int4"]
+"""The backends whose own autograd saves the dequantized weight (`QuantizedLinear.saves_dequantized`)."""
 
 
 def installed(package: str) -> bool:
@@ -44,12 +46,9 @@ def installed(package: str) -> bool:
 
 
 def backend_case(kind: str) -> pytest.param:
-    marks = [pytest.mark.skipif(not installed(BACKENDS[kind]), reason=f"{BACKENDS[kind]} is not installed")]
-    if kind in SAVES_DEQUANTIZED:
-        marks.append(
-            pytest.mark.xfail(strict=True, reason=f"{kind}: the backend's own autograd saves the dequantized weight")
-        )
-    return pytest.param(kind, marks=marks)
+    return pytest.param(
+        kind, marks=pytest.mark.skipif(not installed(BACKENDS[kind]), reason=f"{BACKENDS[kind]} is not installed")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +58,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     quantizable_llama().save_pretrained(folder)
     return folder
+
+
+def storage_pointer(tensor: torch.Tensor) -> int | None:
+    """Where a tensor's storage starts; None for a wrapper tensor subclass (a quantized weight), which has none."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
 
 
 def saved_weight_shaped_tensors(model: torch.nn.Module, step: Callable[[], torch.Tensor]) -> list[tuple[int, ...]]:
@@ -71,14 +78,14 @@ def saved_weight_shaped_tensors(model: torch.nn.Module, step: Callable[[], torch
             shape = (row.out_features(module), row.in_features(module))
             weight_shapes |= {shape, shape[::-1]}
     assert weight_shapes, "the model has no quantized layer"
-    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    parameters = {storage_pointer(parameter) for parameter in model.parameters()} - {None}
     found = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if (
             tensor.is_floating_point()
             and tuple(tensor.shape) in weight_shapes
-            and tensor.untyped_storage().data_ptr() not in parameters
+            and storage_pointer(tensor) not in parameters
         ):
             found.append(tuple(tensor.shape))
         return tensor
@@ -89,15 +96,51 @@ def saved_weight_shaped_tensors(model: torch.nn.Module, step: Callable[[], torch
     return found
 
 
-@pytest.mark.parametrize("kind", [backend_case(kind) for kind in BACKENDS])
-def test_a_lora_step_on_a_quantized_base_saves_no_dequantized_weight_for_backward(checkpoint: Path, kind: str) -> None:
+def quantized_lora(checkpoint: Path, kind: str, **lora: object) -> deltatune.DeltaModel:
     from deltatune.train.quantize import quantization_config
 
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, quantization_config=quantization_config(kind), device_map={"": "cpu"}, dtype=torch.float32
     )
-    wrapped = deltatune.attach(model, deltatune.LoraConfig(r=4, target_modules=LINEAR_LAYERS)).train()
-    input_ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(0))  # 10 rows: no weight shape
+    return deltatune.attach(model, deltatune.LoraConfig(r=4, target_modules=LINEAR_LAYERS, **lora)).train()
+
+
+INPUT_IDS = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(0))  # 10 rows: no weight shape
+
+
+@pytest.mark.parametrize("kind", [backend_case(kind) for kind in BACKENDS])
+def test_a_lora_step_on_a_quantized_base_saves_no_dequantized_weight_for_backward(checkpoint: Path, kind: str) -> None:
+    wrapped = quantized_lora(checkpoint, kind)
+    input_ids = INPUT_IDS
 
     found = saved_weight_shaped_tensors(wrapped, lambda: deltatune.causal_lm_loss(wrapped, input_ids, None, input_ids))
     assert found == []
+
+
+def _gradients(model: deltatune.DeltaModel, rejoined: bool) -> dict[str, torch.Tensor]:
+    """∂L/∂(input embeddings) and ∂L/∂(each LoRA weight) for one loss, with the sites' rejoining on or off."""
+    for _, site in model.sites():
+        site.rejoins_input = rejoined
+    model.zero_grad()
+    embeddings = model.base_model.get_input_embeddings()(INPUT_IDS).detach().requires_grad_(True)
+    output = model(inputs_embeds=embeddings).logits
+    output.square().mean().backward()
+    gradients = {
+        name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None
+    }
+    return {"inputs_embeds": embeddings.grad, "logits": output.detach(), **gradients}
+
+
+@pytest.mark.parametrize("kind", [backend_case(kind) for kind in REJOINED])
+def test_rejoined_input_gradients_equal_the_library_layers_own(checkpoint: Path, kind: str) -> None:
+    model = quantized_lora(checkpoint, kind, init_lora_weights=False)
+    sites = dict(model.sites())
+    assert len(sites) == 2 * len(LINEAR_LAYERS) and all(site.rejoins_input for site in sites.values())
+    before = storage(model.base_model)
+    ours, library = _gradients(model, rejoined=True), _gradients(model, rejoined=False)
+    assert ours.keys() == library.keys() and len(ours) == 2 + 2 * len(LINEAR_LAYERS) * 2
+    torch.testing.assert_close(ours.pop("logits"), library.pop("logits"), atol=0, rtol=0)
+    for name in ours:
+        torch.testing.assert_close(ours[name], library[name], atol=1e-5, rtol=1e-5, msg=name)
+    after = storage(model.base_model)
+    assert before and before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)

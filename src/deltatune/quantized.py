@@ -9,7 +9,9 @@ transformers replaces a model's `nn.Linear` layers by a backend's own when it lo
   never kept,
 - `compute_dtype(module)`: the dtype the layer computes its output in,
 - `describe(module)`: the quantization in words, for messages ("bitsandbytes 4-bit nf4, double
-  quantization").
+  quantization"),
+- `saves_dequantized`: whether the library's autograd keeps the dequantized weight for backward (torchao,
+  quanto); at an adapted layer the site then computes the input gradient itself (`quantized_grad`).
 
 Rows are keyed by the type's dotted name, so the backend package is imported only by whoever built the
 model (a model holding such layers has imported it already). `lookup_type` matches these names along a
@@ -52,6 +54,9 @@ class QuantizedLinear:
     out_features: Callable[[nn.Module], int] = lambda module: module.out_features
     quantized_parameters: tuple[str, ...] = ("weight",)
     """The parameters held in packed storage (a merge cannot write into them); the bias stays float."""
+    saves_dequantized: bool = False
+    """Whether the library's own autograd saves the dequantized weight for backward; the site then gives
+    the layer's input its gradient by dequantizing again in backward (`quantized_grad`)."""
 
 
 def _bnb_4bit_describe(module: nn.Module) -> str:
@@ -122,6 +127,7 @@ QUANTIZED_LINEARS["optimum.quanto.nn.qlinear.QLinear"] = QuantizedLinear(
     describe=_quanto_describe,
     dequantize=lambda module: module.qweight.dequantize().float(),
     compute_dtype=lambda module: module.weight.dtype,
+    saves_dequantized=True,
 )
 
 QUANTIZED_LINEARS["deltatune.gguf.linear.GGUFLinear"] = QuantizedLinear(
@@ -137,6 +143,7 @@ QUANTIZED_WEIGHTS: dict[str, QuantizedLinear] = {
         describe=lambda module: f"torchao {type(module.weight).__name__}",
         dequantize=lambda module: module.weight.dequantize().float(),
         compute_dtype=lambda module: module.weight.dtype,
+        saves_dequantized=True,
     ),
 }
 

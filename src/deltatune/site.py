@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import DeltaTuneError
+from .quantized_grad import backward_by_dequantizing, detached_input, rejoin
 
 SITE_ATTRIBUTE = "deltatune"
 
@@ -178,6 +179,8 @@ class CallNote:
 
     def __init__(self) -> None:
         self.steps: list[Callable[[Any], Any]] = []
+        self.base_input: torch.Tensor | None = None
+        """The input the module ran on detached (`quantized_grad`), for the output and the adapters."""
 
     def then(self, step: Callable[[Any], Any]) -> None:
         self.steps.append(step)
@@ -217,6 +220,9 @@ class DeltaSite(nn.Module):
         """The hook that runs after every call, even one that raised, while an adapter needs it."""
         self._notes: dict[int, list[CallNote]] = {}
         """The notes of the calls in progress, a stack per thread (calls nest; threads run their own)."""
+        self.rejoins_input = False
+        """Whether the module is a quantized layer run on its input detached and rejoined to it
+        (`quantized_grad`: its library would save the dequantized weight for backward)."""
 
     def extra_repr(self) -> str:
         return f"active={[self._name_of(a) for a in self.active]}, merged={self.merged}"
@@ -255,7 +261,7 @@ class DeltaSite(nn.Module):
         self.observers = [adapter for adapter in held if _overrides(adapter, "observe")]
         self.preparing = frozenset(name for name, adapter in self.adapters.items() if _overrides(adapter, "prepare"))
         self.call_enders = [adapter for adapter in held if _overrides(adapter, "call_ended")]
-        needs_pre_hook = bool(self.observers or self.preparing)
+        needs_pre_hook = bool(self.observers or self.preparing or self.rejoins_input)
         needs_end_hook = needs_pre_hook or bool(self.call_enders)
         if needs_pre_hook and self.pre_hook_handle is None:
             self.pre_hook_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
@@ -288,21 +294,29 @@ class DeltaSite(nn.Module):
             observer.observe(module, args, kwargs)
         if state.row_groups is not None:
             groups = [(self.adapters[name], name, rows) for name, rows in state.row_groups if name in self.preparing]
-            return groups[0][0].prepare_rows(module, args, kwargs, groups, state, note) if groups else None
-        for adapter in self.active:
-            args, kwargs = adapter.prepare(module, args, kwargs, note)
+            if groups:
+                args, kwargs = groups[0][0].prepare_rows(module, args, kwargs, groups, state, note)
+        else:
+            for adapter in self.active:
+                args, kwargs = adapter.prepare(module, args, kwargs, note)
+        note.base_input = detached_input(args) if self.rejoins_input else None
+        if note.base_input is not None:
+            args = (note.base_input.detach(), *args[1:])
         return args, kwargs
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self.state
         if state.disabled:
             return output
+        notes = self._notes.get(get_ident()) if self.pre_hook_handle is not None else None
+        if notes and notes[-1].base_input is not None:
+            output = rejoin(output, notes[-1].base_input, module)
+            args = (notes[-1].base_input, *args[1:])
         if state.row_groups is not None:
             output = self._mixed_batch(module, args, kwargs, output)
         else:
             for adapter in self.active:
                 output = adapter(module, args, kwargs, output)
-        notes = self._notes.get(get_ident()) if self.pre_hook_handle is not None else None
         return notes[-1].finish(output) if notes else output
 
     def end_call(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -341,6 +355,7 @@ def open_site(module: nn.Module, state: RoutingState) -> DeltaSite:
         if SITE_ATTRIBUTE in module._modules or hasattr(module, SITE_ATTRIBUTE):
             raise DeltaTuneError(f"{type(module).__name__} already has an attribute {SITE_ATTRIBUTE!r}")
         site = DeltaSite(state).train(module.training)
+        site.rejoins_input = backward_by_dequantizing(module)
         module.add_module(SITE_ATTRIBUTE, site)
         site.hook_handle = module.register_forward_hook(site.hook, with_kwargs=True)
     return site

@@ -1,15 +1,15 @@
 """Build the transformers model of a GGUF file with its linear weights (and its token embedding) kept in
 their quantized blocks.
 
-1. The config comes from the file's metadata, read by transformers (`AutoConfig.from_pretrained(...,
-   gguf_file=...)`), so it is the config transformers' own GGUF loader builds.
+1. The file's header (metadata and tensor table) is read once, from a copy-on-write memory map of the
+   file (`header.py`); the config transformers' own GGUF loader builds comes from it (`config.py`).
 2. The model is built with its parameters on the meta device (`skeleton.py`): nothing float is allocated.
-3. Tensor names are mapped to the model's by transformers' `get_gguf_hf_weights_map`. Each quantized
-   tensor (a type of `blocks.BLOCK_FORMATS`) replaces its skeleton layer whole: an `nn.Linear` by a
-   `GGUFLinear`, an `nn.Embedding` by a `GGUFEmbedding`; their blocks are the file's bytes, mapped
-   copy-on-write (no copy is read in). F32 / F16 / BF16 tensors become plain float parameters. A
-   `GGUFLinear` takes over its skeleton's bias, so the bias is kept (frozen) whether the file stores it
-   before or after the weight.
+3. Tensor names are mapped to the model's as transformers' `get_gguf_hf_weights_map` maps them
+   (`names.py`). Each quantized tensor (a type of `blocks.BLOCK_FORMATS`) replaces its skeleton layer
+   whole: an `nn.Linear` by a `GGUFLinear`, an `nn.Embedding` by a `GGUFEmbedding`; their blocks are views
+   of the file's map (no copy is read in; pages are read when first used). F32 / F16 / BF16 tensors become
+   float parameters, views of the map too where their type is `dtype`. A `GGUFLinear` takes over its
+   skeleton's bias, so the bias is kept (frozen) whether the file stores it before or after the weight.
 4. llama.cpp stores a Llama's q and k projections with their rows permuted per head (its rotary layout:
    the two halves of each head's rows interleaved); transformers undoes that on the dequantized floats.
    Here the same permutation moves whole rows of the block array, which is exact since a row's blocks
@@ -26,21 +26,23 @@ float tensors but refuse quantized ones, naming the architecture.
 from __future__ import annotations
 
 import importlib.util
-import inspect
+import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
-from .blocks import BLOCK_FORMATS
+from .blocks import BLOCK_FORMATS, row_bytes
+from .config import gguf_config
 from .embedding import GGUFEmbedding
+from .header import GGUFHeader, TensorEntry, read_header
 from .linear import GGUFLinear
+from .names import gguf_tensor_names
 from .skeleton import meta_tensors, parameters_on_meta
 
-FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
+FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 """ggml types loaded as plain float parameters."""
 ROW_PERMUTED = {"llama": {".attn_q.": "num_attention_heads", ".attn_k.": "num_key_value_heads"}}
 """Per GGUF architecture: tensor name parts whose rows llama.cpp permuted, and the config field giving
@@ -53,7 +55,8 @@ def require_gguf() -> None:
 
 
 def supported_types() -> str:
-    return ", ".join([*FLOAT_TYPES.values(), *(layout.name for layout in BLOCK_FORMATS.values())])
+    floats = [_type_name(kind) for kind in FLOAT_TYPES]
+    return ", ".join([*floats, *(layout.name for layout in BLOCK_FORMATS.values())])
 
 
 def _unpermute_rows(blocks: torch.Tensor, heads: int) -> torch.Tensor:
@@ -62,29 +65,32 @@ def _unpermute_rows(blocks: torch.Tensor, heads: int) -> torch.Tensor:
     return blocks.reshape(heads, half, 2, -1).transpose(1, 2).reshape(blocks.shape)
 
 
-def _check_types(reader: Any, path: Path, names: dict[str, str], architecture: str) -> None:
+def _type_name(ggml_type: int) -> str:
+    import gguf
+
+    known = ggml_type in gguf.GGMLQuantizationType._value2member_map_
+    return gguf.GGMLQuantizationType(ggml_type).name if known else f"ggml type {ggml_type}"
+
+
+def _check_types(header: GGUFHeader, path: Path, names: dict[str, str]) -> None:
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS
 
-    for tensor in reader.tensors:
-        kind = int(tensor.tensor_type)
+    architecture = header.architecture
+    for tensor in header.tensors:
+        kind = tensor.ggml_type
         if tensor.name not in names or kind in FLOAT_TYPES:
             continue
         if kind not in BLOCK_FORMATS:
             raise DeltaTuneError(
-                f"{path.name}: tensor {tensor.name} is {tensor.tensor_type.name}, a type deltatune cannot keep "
+                f"{path.name}: tensor {tensor.name} is {_type_name(kind)}, a type deltatune cannot keep "
                 f"quantized; supported: {supported_types()} (re-quantize the file, e.g. with llama-quantize)"
             )
         if architecture in TENSOR_PROCESSORS and architecture not in ROW_PERMUTED:
             raise DeltaTuneError(
                 f"{path.name}: transformers converts {architecture} tensors after dequantizing them, which cannot be "
-                f"done on quantized blocks ({tensor.name} is {tensor.tensor_type.name}); quantized GGUF bases are "
+                f"done on quantized blocks ({tensor.name} is {_type_name(kind)}); quantized GGUF bases are "
                 f"supported for llama and architectures stored as transformers holds them"
             )
-
-
-def _architecture(reader: Any) -> str:
-    field = reader.fields["general.architecture"]
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
 def _quantized_module(skeleton: nn.Module, blocks: torch.Tensor, kind: int, name: str) -> nn.Module:
@@ -141,16 +147,19 @@ def _initialise_new(model: nn.Module, missing: list[str], path: Path, expected: 
             model._init_weights(module)
 
 
-def _gguf_names(model: nn.Module) -> dict[str, str]:
-    """transformers' map of GGUF tensor names to the model's parameter names (its signature differs:
-    transformers 5 takes a tensor processor, 4.57 none)."""
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+def _tensor_bytes(header: GGUFHeader, tensor: TensorEntry, path: Path) -> torch.Tensor:
+    """The bytes of `tensor` in the file's copy-on-write map (no copy), as rows of its last dimension."""
+    rows, values = math.prod(tensor.shape[:-1]), tensor.shape[-1]
+    kind = tensor.ggml_type
+    width = row_bytes(values, kind) if kind in BLOCK_FORMATS else values * FLOAT_TYPES[kind].itemsize
+    if tensor.start + rows * width > header.data.shape[0]:
+        raise DeltaTuneError(f"{path.name} ends inside tensor {tensor.name}; the file is truncated")
+    return torch.from_numpy(header.data[tensor.start : tensor.start + rows * width]).view(rows, width)
 
-    if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:
-        from transformers.modeling_gguf_pytorch_utils import TensorProcessor
 
-        return get_gguf_hf_weights_map(model, TensorProcessor())
-    return get_gguf_hf_weights_map(model)
+def _float_values(raw: torch.Tensor, tensor: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
+    """A float tensor's values: its bytes viewed as their type (still the file's map), then cast to `dtype`."""
+    return raw.view(FLOAT_TYPES[tensor.ggml_type]).reshape(tensor.shape).to(dtype)
 
 
 def load_gguf_model(
@@ -160,38 +169,33 @@ def load_gguf_model(
     file's config updated with `config_settings` (`num_labels`...): quantized tensors kept as blocks
     (`GGUFLinear`, `GGUFEmbedding`), float ones as `dtype` parameters; eval mode."""
     require_gguf()
-    import gguf
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not path.is_file():
         raise DeltaTuneError(f"GGUF file {path} does not exist")
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **config_settings)
+    header = read_header(path)
+    config = gguf_config(header, path, **config_settings)
     with parameters_on_meta():
         model = (model_class or AutoModelForCausalLM).from_config(config)
-    reader = gguf.GGUFReader(str(path), mode="c")
-    architecture = _architecture(reader)
-    names = _gguf_names(model)
-    _check_types(reader, path, names, architecture)
-    permuted = ROW_PERMUTED.get(architecture, {})
-    for tensor in reader.tensors:
+    names = gguf_tensor_names(model, header.architecture)
+    _check_types(header, path, names)
+    permuted = ROW_PERMUTED.get(header.architecture, {})
+    for tensor in header.tensors:
         if tensor.name not in names:
             continue
-        name, kind = names[tensor.name], int(tensor.tensor_type)
-        if kind in FLOAT_TYPES:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape)))
-            heads = [field for part, field in permuted.items() if part in tensor.name]
-            tensor_values = torch.from_numpy(np.array(values, dtype=np.float32))
-            if heads:
-                tensor_values = _unpermute_rows(tensor_values, getattr(config, heads[0]))
-            _put_float(model, name, tensor_values.to(dtype))
-            continue
-        blocks = torch.from_numpy(tensor.data)
+        name, values = names[tensor.name], _tensor_bytes(header, tensor, path)
+        if tensor.ggml_type in FLOAT_TYPES:
+            values = _float_values(values, tensor, dtype)
         heads = [field for part, field in permuted.items() if part in tensor.name]
         if heads:
-            blocks = _unpermute_rows(blocks, getattr(config, heads[0]))
+            values = _unpermute_rows(values, getattr(config, heads[0]))
+        if tensor.ggml_type in FLOAT_TYPES:
+            _put_float(model, name, values)
+            continue
         module_name = name.removesuffix(".weight")
-        model.set_submodule(module_name, _quantized_module(model.get_submodule(module_name), blocks, kind, name))
+        skeleton = model.get_submodule(module_name)
+        model.set_submodule(module_name, _quantized_module(skeleton, values, tensor.ggml_type, name))
     _tie_head(model)
     _initialise_new(model, meta_tensors(model), path, set(names.values()))
     model.config._name_or_path = str(path)

@@ -5,8 +5,9 @@ training: every config setting except those in `KEEPS_THE_MATH` (nested ones by 
 as `adapter.r`; the adapter config with its defaults filled in), the number of processes (each step
 reads `batch_size × gradient_accumulation_steps × world_size` examples), and a SHA-256 of the
 encoded training examples (`training_data`: the examples themselves, wherever the file now lies),
-and an identity of the base model's weights (`base_model_weights`): `model` names a path, and other
-weights may be saved there later. The identity is the name, size and modification time of each
+and an identity of the base model's weights (`base_model_weights`, of what the run loads: the GGUF
+file with `quantize: gguf`, which for a packaged model is not its converted folder): `model` names a
+path, and other weights may be saved there later. The identity is the name, size and modification time of each
 weights file in the model folder: a stat per file, where hashing the weights would read gigabytes on
 every start. So rewriting the weights is always seen (even a change confined to a few layers, as a
 merged LoRA makes, which hashing a sample of the bytes could miss), and copying the same weights
@@ -26,7 +27,7 @@ from typing import Any
 from ..errors import CheckpointMismatchError
 from .checkpoint import read_trainer_state
 from .config import TrainConfig
-from .models import model_folder
+from .models import weights_source
 
 KEEPS_THE_MATH = frozenset(
     {
@@ -70,7 +71,7 @@ def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_
         **compared,
         "world_size": world_size,
         "training_data": hashlib.sha256(examples).hexdigest(),
-        "base_model_weights": weights_identity(model_folder(config.model)),
+        "base_model_weights": weights_identity(weights_source(config.model, config.quantize)),
     }
     return {"fingerprint": _dotted(_as_json(fingerprint)), "config": _as_json(settings)}
 

@@ -77,6 +77,12 @@ def model_folder(name: str) -> Path:
     return folder
 
 
+def weights_source(name: str, quantize: str | None) -> Path:
+    """Where `load_model(name, quantize=quantize)` reads the weights: the GGUF file with `quantize: gguf`,
+    else the model's folder (or GGUF file)."""
+    return gguf_file(name) if quantize == "gguf" else model_folder(name)
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 

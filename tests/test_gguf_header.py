@@ -1,0 +1,155 @@
+"""Reading a GGUF file once (`deltatune.gguf.header`, `.config`, `.names`): the header, the config and the
+tensor-name map equal what the `gguf` package and transformers give for the same file, and the loaded
+tensors are views of the file's copy-on-write map (nothing copied in, nothing written back)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install deltatune[quantized])")
+
+from deltatune.errors import DeltaTuneError  # noqa: E402
+from deltatune.gguf import load_gguf_model  # noqa: E402
+from deltatune.gguf.config import gguf_config, uses_plain_config  # noqa: E402
+from deltatune.gguf.header import read_header  # noqa: E402
+from deltatune.gguf.names import gguf_tensor_names  # noqa: E402
+from test_gguf_base import tiny_llama, write_gguf, write_qwen2_gguf  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+TOKENS = [f"t{index}" for index in range(96)]
+
+
+def _tokenizer(name: str = "tiny llama"):
+    def add(writer) -> None:
+        writer.add_name(name)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(TOKENS)
+        writer.add_token_merges(["t 1", "t 2", "t1 0"])
+        writer.add_token_types([1] * len(TOKENS))
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_pad_token_id(0)
+
+    return add
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "own-head"])
+def llama_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    return write_gguf(path, tiny_llama(tied=request.param), metadata=_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def qwen2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    return write_qwen2_gguf(tmp_path_factory.mktemp("gguf") / "qwen2.gguf", Qwen2ForCausalLM(config), True)
+
+
+def test_header_holds_what_the_gguf_package_reads(llama_file: Path) -> None:
+    header = read_header(llama_file)
+    reader = gguf.GGUFReader(str(llama_file))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if field.types[:2] == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+            assert header.string_arrays[key] == len(field.data) and key not in header.metadata
+        else:
+            assert header.metadata[key] == field.contents()
+    assert header.string_arrays["tokenizer.ggml.tokens"] == len(TOKENS)
+    assert [(t.name, t.shape, t.ggml_type) for t in header.tensors] == [
+        (t.name, tuple(int(d) for d in reversed(t.shape)), int(t.tensor_type)) for t in reader.tensors
+    ]
+    assert [t.start for t in header.tensors] == [int(t.data_offset) for t in reader.tensors]
+
+
+@pytest.mark.parametrize("settings", [{}, {"num_labels": 3}], ids=["causal", "labels"])
+def test_config_equals_transformers_gguf_config(llama_file: Path, qwen2_file: Path, settings: dict) -> None:
+    from transformers import AutoConfig
+
+    for path in (llama_file, qwen2_file):
+        header = read_header(path)
+        assert uses_plain_config(header)
+        ours = gguf_config(header, path, **settings).to_dict()
+        reference = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **settings).to_dict()
+        ours.pop("_name_or_path"), reference.pop("_name_or_path")  # the loader sets it to the file's path
+        assert ours == reference
+
+
+def test_a_llama_file_of_a_mistral_gets_transformers_config(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    path = write_gguf(tmp_path / "mistral.gguf", tiny_llama(), metadata=_tokenizer("mistral"))
+    header = read_header(path)
+    assert not uses_plain_config(header)
+    reference = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert reference.model_type == "mistral" and gguf_config(header, path).model_type == "mistral"
+
+
+@pytest.mark.parametrize("task", ["causal", "classification"])
+def test_tensor_names_equal_transformers_map(llama_file: Path, task: str) -> None:
+    import inspect
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    header = read_header(llama_file)
+    model_class = AutoModelForCausalLM if task == "causal" else AutoModelForSequenceClassification
+    model = model_class.from_config(gguf_config(header, llama_file, num_labels=2))
+    if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:  # transformers 5; 4.57 takes none
+        from transformers.modeling_gguf_pytorch_utils import TensorProcessor
+
+        reference = get_gguf_hf_weights_map(model, TensorProcessor())
+    else:
+        reference = get_gguf_hf_weights_map(model)
+    assert gguf_tensor_names(model, header.architecture) == reference
+
+
+def _file_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges this process maps `path` at (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and Path(fields[5]) == path.resolve():
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
+def test_blocks_and_float_tensors_are_views_of_the_file(llama_file: Path) -> None:
+    model = load_gguf_model(llama_file)
+    ranges = _file_ranges(llama_file)
+    layer = model.model.layers[0]
+    for tensor in (layer.self_attn.v_proj.weight, layer.mlp.down_proj.weight, layer.input_layernorm.weight):
+        assert any(start <= tensor.data_ptr() < end for start, end in ranges)
+    assert layer.self_attn.v_proj.weight.dtype == torch.uint8 and layer.input_layernorm.weight.dtype == torch.float32
+
+
+def test_writes_to_the_loaded_tensors_never_reach_the_file(llama_file: Path) -> None:
+    digest = hashlib.sha256(llama_file.read_bytes()).hexdigest()
+    model = load_gguf_model(llama_file)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.add_(1.0)
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    del model
+    assert hashlib.sha256(llama_file.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-gguf"])
+def test_a_damaged_file_is_refused_in_one_line(llama_file: Path, tmp_path: Path, damage: str) -> None:
+    data = llama_file.read_bytes()
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(data[: len(data) - 100] if damage == "truncated" else b"JUNK" + data[4:])
+    with pytest.raises(DeltaTuneError, match="truncated" if damage == "truncated" else "not a GGUF file") as error:
+        load_gguf_model(path)
+    assert "\n" not in str(error.value)
