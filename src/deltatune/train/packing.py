@@ -1,0 +1,171 @@
+"""Padding-free packing of causal-LM examples (`packing: true`).
+
+A micro-batch's examples are laid out end to end in rows of at most `max_length` tokens instead of
+one padded row each:
+
+    padded:  a a a . .        packed:  a a a b b     position_ids  0 1 2 0 1
+             b b . . .                 c c c c .                   0 1 2 3 0
+             c c c c .
+
+Each example keeps its own positions (`position_ids` restart at 0) and attends only to itself: given
+`position_ids` and no `attention_mask`, transformers (5.x and 4.57 alike, `masking_utils`) finds the
+restarts and builds a block-diagonal causal mask for SDPA and eager attention; flash attention reads
+the restarts as variable-length sequences, but only from a single row, so for it every example of the
+micro-batch goes into one row. A row shorter than the longest is padded at its end, its padding
+numbered from 0 again so that it is a block of its own, unlabelled.
+
+Labels are the examples' own, except that the first token of each example is unlabelled: alone, it
+is predicted by nothing; packed, the last token of the example before it would learn to predict it.
+So the loss (the mean over the labelled tokens) and its gradients are those of the padded batch, up to
+float rounding. Rows are filled first-fit decreasing (longest example first, each into the first row
+with room), which leaves at most one row less than half full.
+
+Packing changes how a micro-batch is laid out, not which examples it holds: steps, epochs, the
+learning-rate schedule and `--resume` count examples exactly as without packing.
+
+A model whose attention does not follow restarted `position_ids` would silently mix examples, so
+`packed_collate` first runs a probe (`check_model_packs`): two tokens sequences packed behind two
+different ones must give the same logits as each other and as the sequence alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DeltaTuneError
+from ..losses import IGNORE_INDEX, unwrap
+
+ONE_ROW_ATTENTION_PREFIX = "flash_attention"
+"""Attention implementations (`flash_attention_2`, `flash_attention_3`) that find packed examples in
+`position_ids` only in a batch of one row: for them a micro-batch is packed into a single row."""
+SEPARATION_TOLERANCE = 1e-4
+"""Probe: how much (relative to the largest logit) a packed example's logits may move when the
+example before it changes. Attention confined to the example moves them by rounding only."""
+POSITION_TOLERANCE = 5e-2
+"""Probe: how far (relative) a packed example's logits may be from its logits alone: rounding of other
+shapes, in bfloat16 too, but not positions counted on from the example before."""
+PROBE_TOKENS = (3, 4, 5)
+"""Probe: token ids of the example packed behind (taken modulo the vocabulary size)."""
+
+
+class PackingError(DeltaTuneError):
+    """A model that cannot train on packed rows."""
+
+
+def rows_of(lengths: list[int], capacity: int | None) -> list[list[int]]:
+    """Indices of the examples in each row: first-fit decreasing into rows of `capacity` tokens (an
+    example longer than a row gets a row of its own); `capacity` None: all in one row."""
+    if capacity is None:
+        return [list(range(len(lengths)))]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def collate_packed(features: list[dict[str, Any]], pad_id: int, capacity: int | None) -> dict[str, torch.Tensor]:
+    """`input_ids`, `position_ids` and `labels` of causal-LM examples packed into rows (`rows_of`),
+    R × W with W the longest row; no `attention_mask` (the restarts in `position_ids` are the mask)."""
+    rows = rows_of([len(feature["input_ids"]) for feature in features], capacity)
+    width = max(sum(len(features[i]["input_ids"]) for i in row) for row in rows)
+    input_ids, position_ids, labels = (torch.full((len(rows), width), value) for value in (pad_id, 0, IGNORE_INDEX))
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            ids, example_labels = features[index]["input_ids"], features[index]["labels"]
+            end = start + len(ids)
+            input_ids[row, start:end] = torch.tensor(ids)
+            position_ids[row, start:end] = torch.arange(len(ids))
+            labels[row, start + 1 : end] = torch.tensor(example_labels[1:])
+            start = end
+        position_ids[row, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def packed_collate(
+    model: nn.Module, max_length: int, pad_id: int
+) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """The collate function of packed training for `model`, once the probe has passed: rows of
+    `max_length`, or one row for attention that reads packing from a single row."""
+    check_model_packs(model)
+    implementation = str(getattr(unwrap(model).config, "_attn_implementation", None) or "")
+    capacity = None if implementation.startswith(ONE_ROW_ATTENTION_PREFIX) else max_length
+    return functools.partial(collate_packed, pad_id=pad_id, capacity=capacity)
+
+
+def check_model_packs(model: nn.Module) -> None:
+    """Refuse a model whose packed examples are not computed as alone: sequence q behind two different
+    sequences (packed in one row, positions restarted) must give the same logits both times, and
+    within `POSITION_TOLERANCE` of q alone. Runs in eval mode, without gradients or a cache (transformers
+    looks for packed examples only when there is no cache)."""
+    base = unwrap(model)
+    embeddings = base.get_input_embeddings()
+    vocabulary, device = embeddings.num_embeddings, embeddings.weight.device
+    first = torch.tensor(PROBE_TOKENS) % vocabulary
+    other, probe = (first + 3) % vocabulary, (torch.arange(4) + 9) % vocabulary
+    positions = torch.cat([torch.arange(len(first)), torch.arange(len(probe))]).unsqueeze(0).to(device)
+    model_type = getattr(base.config, "model_type", type(base).__name__)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            behind = [
+                model(
+                    input_ids=torch.cat([before, probe]).unsqueeze(0).to(device),
+                    position_ids=positions,
+                    use_cache=False,
+                )
+                .logits[0, len(first) :]
+                .float()
+                for before in (first, other)
+            ]
+            alone = model(input_ids=probe.unsqueeze(0).to(device), use_cache=False).logits[0].float()
+    except TypeError as error:
+        raise PackingError(
+            f"packing: {model_type} models do not take position_ids ({error}); set packing: false"
+        ) from None
+    finally:
+        model.train(training)
+    scale = float(alone.abs().max()) or 1.0
+    if float((behind[0] - behind[1]).abs().max()) > SEPARATION_TOLERANCE * scale:
+        raise PackingError(
+            f"packing: {model_type} models let packed examples attend to each other (their attention does not "
+            "follow restarted position_ids); set packing: false"
+        )
+    if float((behind[0] - alone).abs().max()) > POSITION_TOLERANCE * scale:
+        raise PackingError(
+            f"packing: {model_type} models compute a packed example otherwise than alone (its positions do not "
+            "restart with position_ids); set packing: false"
+        )
+
+
+def packing_refusal(task: str, adapter_config: Any) -> str | None:
+    """Why a run of `task` with this adapter cannot pack (None: it can), checked with the config."""
+    from ..methods.soft_prompt import SoftPromptConfig
+
+    if task == "seq2seq-lm":
+        return (
+            "packing is not available for seq2seq-lm: under transformers 4.57 T5's encoder builds its attention "
+            "mask from a 2-D padding mask only (so packed sources would attend to each other) and no "
+            "encoder-decoder takes position_ids; set packing: false"
+        )
+    if task != "causal-lm":
+        return f"packing applies to causal-lm only, not {task}; set packing: false"
+    if isinstance(adapter_config, SoftPromptConfig):
+        return (
+            f"packing cannot be used with {adapter_config.method}: its virtual tokens go in front of every "
+            "sequence, so a packed row would get them once for all its examples; set packing: false"
+        )
+    return None
