@@ -5,6 +5,7 @@ end, resume bit-exactly and are a run identity of their own; what cannot pack is
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 
@@ -83,13 +84,15 @@ def test_packed_loss_and_lora_gradients_equal_transformers_on_the_padded_batch(a
         torch.testing.assert_close(gradient, expected_gradients[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_rows_hold_every_example_once_within_their_capacity() -> None:
-    lengths = [7, 3, 12, 5, 5, 9, 1, 16, 20, 4]
-    rows = rows_of(lengths, 16)
+def test_rows_hold_every_example_once_as_few_and_as_even_as_their_capacity_allows() -> None:
+    lengths = [7, 3, 12, 5, 5, 9, 1, 14, 4, 6]
+    rows = rows_of(lengths, 24)
     assert sorted(index for row in rows for index in row) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in row) <= 16 or len(row) == 1 for row in rows)
-    assert [8] in rows  # longer than a row: a row of its own
-    assert sum(sum(lengths[i] for i in row) < 8 for row in rows) <= 1  # first-fit decreasing: one row under half
+    filled = [sum(lengths[i] for i in row) for row in rows]
+    assert len(rows) == math.ceil(sum(lengths) / 24) and max(filled) <= 24
+    assert max(filled) - min(filled) <= max(lengths)
+    assert rows_of([10, 10, 10], 15) == [[0], [1], [2]]  # two rows of 15 cannot hold 30 tokens in whole examples
+    assert sorted(map(sorted, rows_of([20, 3], 16))) == [[0], [1]]  # longer than a row: a row of its own
 
 
 def test_packed_positions_restart_per_example_and_padding_is_a_block_of_its_own() -> None:
@@ -99,9 +102,9 @@ def test_packed_positions_restart_per_example_and_padding_is_a_block_of_its_own(
         {"input_ids": [10, 11, 12, 13], "labels": [IGNORE_INDEX, IGNORE_INDEX, 12, 13]},
     ]
     packed = collate_packed(features, PAD, capacity=6)
-    assert packed["input_ids"].tolist() == [[10, 11, 12, 13, 8, 9], [5, 6, 7, PAD, PAD, PAD]]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
-    assert packed["labels"].tolist() == [[-100, -100, 12, 13, -100, 9], [-100, 6, 7, -100, -100, -100]]
+    assert packed["input_ids"].tolist() == [[10, 11, 12, 13, PAD], [5, 6, 7, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert packed["labels"].tolist() == [[-100, -100, 12, 13, -100], [-100, 6, 7, -100, 9]]
 
 
 def tiny_bloom() -> torch.nn.Module:

@@ -17,8 +17,8 @@ numbered from 0 again so that it is a block of its own, unlabelled.
 Labels are the examples' own, except that the first token of each example is unlabelled: alone, it
 is predicted by nothing; packed, the last token of the example before it would learn to predict it.
 So the loss (the mean over the labelled tokens) and its gradients are those of the padded batch, up to
-float rounding. Rows are filled first-fit decreasing (longest example first, each into the first row
-with room), which leaves at most one row less than half full.
+float rounding. The rows are balanced (`rows_of`): as few as hold the tokens, of nearly equal length,
+so that padding them to the longest wastes little.
 
 Packing changes how a micro-batch is laid out, not which examples it holds: steps, epochs, the
 learning-rate schedule and `--resume` count examples exactly as without packing.
@@ -31,6 +31,7 @@ different ones must give the same logits as each other and as the sequence alone
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -58,21 +59,24 @@ class PackingError(DeltaTuneError):
 
 
 def rows_of(lengths: list[int], capacity: int | None) -> list[list[int]]:
-    """Indices of the examples in each row: first-fit decreasing into rows of `capacity` tokens (an
-    example longer than a row gets a row of its own); `capacity` None: all in one row."""
+    """Indices of the examples in each row: the fewest rows of `capacity` tokens that hold them
+    (⌈tokens / capacity⌉, one more while that overflows), each example, longest first, into the row
+    with the fewest tokens so far; so the rows differ in length by at most one example, and little is
+    padded. `capacity` None: all in one row."""
     if capacity is None:
         return [list(range(len(lengths)))]
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
-        if row is None:
-            rows.append([])
-            room.append(capacity)
-            row = len(rows) - 1
-        rows[row].append(index)
-        room[row] -= lengths[index]
-    return rows
+    longest_first = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    count = max(1, math.ceil(sum(lengths) / capacity))
+    while True:
+        rows: list[list[int]] = [[] for _ in range(count)]
+        filled = [0] * count
+        for index in longest_first:
+            row = min(range(count), key=filled.__getitem__)
+            rows[row].append(index)
+            filled[row] += lengths[index]
+        if max(filled) <= capacity or count >= len(lengths):
+            return rows
+        count += 1
 
 
 def collate_packed(features: list[dict[str, Any]], pad_id: int, capacity: int | None) -> dict[str, torch.Tensor]:
