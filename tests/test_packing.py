@@ -116,15 +116,29 @@ def tiny_bloom() -> torch.nn.Module:
 def test_a_model_that_mixes_packed_examples_is_refused_naming_its_type() -> None:
     torch.manual_seed(0)
     with pytest.raises(PackingError, match=r"^packing: bloom models .*; set packing: false$"):
-        check_model_packs(deltatune.attach(tiny_bloom(), deltatune.LoraConfig(r=2, target_modules="all-linear")))
+        check_model_packs(
+            deltatune.attach(tiny_bloom(), deltatune.LoraConfig(r=2, target_modules="all-linear")), torch.device("cpu")
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_llama_and_gpt2_pass_the_packing_probe_and_keep_their_mode(arch: str) -> None:
     delta_model = deltatune.attach(build(arch), deltatune.LoraConfig(r=2, target_modules="all-linear"))
     delta_model.train()
-    check_model_packs(delta_model)
+    check_model_packs(delta_model, torch.device("cpu"))
     assert delta_model.training
+
+
+def test_flash_attention_gets_each_micro_batch_in_one_row_and_other_attention_rows_of_max_length(monkeypatch) -> None:
+    monkeypatch.setattr(packing, "check_model_packs", lambda model, device: None)
+    model = build("llama")
+    capacities = {}
+    for implementation in ("flash_attention_2", "sdpa"):
+        model.config._attn_implementation = implementation
+        capacities[implementation] = packing.packed_collate_for(model, 32, PAD, torch.device("cpu")).keywords[
+            "capacity"
+        ]
+    assert capacities == {"flash_attention_2": None, "sdpa": 32}
 
 
 @pytest.mark.parametrize(
@@ -197,3 +211,19 @@ def test_resume_with_packing_switched_is_refused_naming_it(tmp_path, capsys) -> 
     assert main(["train", str(config), "--quiet", "--resume", "packing=false"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("deltatune: --resume: ") and "packing: true → false" in line, line
+
+
+def test_a_checkpoint_that_predates_packing_resumes_with_packing_and_grouping_off(tmp_path, capsys) -> None:
+    settings = {**RESUME_SETTINGS, "packing": False}
+    config = task_config(tmp_path, "causal-lm", **settings)
+    assert main(["train", str(config), "--quiet"]) == 0
+    shutil.rmtree(tmp_path / "out" / "adapter")
+    state_file = tmp_path / "out" / "checkpoints" / "step-000006" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("packing", "group_by_length"):
+        del state["run"]["fingerprint"][name]  # as a checkpoint written before these settings existed
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", str(config), "--quiet", "--resume", "packing=true"]) == 2
+    assert "packing: false → true" in capsys.readouterr().err
+    assert main(["train", str(config), "--quiet", "--resume"]) == 0

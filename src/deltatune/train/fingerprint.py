@@ -47,6 +47,10 @@ KEEPS_THE_MATH = frozenset(
 """Settings a resumed run may change: where and how often it writes and evaluates, the device, and
 activation recomputation (same gradients). `train_file` is compared by content (`training_data`)."""
 
+ADDED_LATER = {"packing": False, "group_by_length": False}
+"""Settings added after checkpoints began recording their run, with the value every earlier run had: a
+checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade."""
+
 DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""
 SHOWN_VALUE_LENGTH = 40
@@ -89,7 +93,7 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
         raise CheckpointMismatchError(
             f"--resume: {folder} does not record which run wrote it (an older deltatune wrote it); {again}"
         )
-    before, now = saved["fingerprint"], record["fingerprint"]
+    before, now = {**ADDED_LATER, **saved["fingerprint"]}, record["fingerprint"]
     differ = [name for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
     if differ:
         described = ", ".join(_difference(name, before.get(name), now.get(name)) for name in differ)

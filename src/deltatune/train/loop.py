@@ -52,7 +52,7 @@ from .fingerprint import check_same_run, run_record
 from .length_groups import grouped_order
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
 from .outputs import check_output_dir, clear_previous_run
-from .packing import packed_collate
+from .packing import packed_collate_for
 from .predict import EvalContext
 from .quantize import require_backend
 from .report import write_report
@@ -246,7 +246,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     model = distributed.wrap(run.delta_model, ranks, run.device)
     pad_id = run.eval_context.pad_id
     build_batch = (
-        packed_collate(run.delta_model, config.max_length, pad_id)
+        packed_collate_for(run.delta_model, config.max_length, pad_id, run.device)
         if config.packing
         else functools.partial(collate, pad_id=pad_id)
     )

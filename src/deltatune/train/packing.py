@@ -24,8 +24,8 @@ Packing changes how a micro-batch is laid out, not which examples it holds: step
 learning-rate schedule and `--resume` count examples exactly as without packing.
 
 A model whose attention does not follow restarted `position_ids` would silently mix examples, so
-`packed_collate` first runs a probe (`check_model_packs`): two tokens sequences packed behind two
-different ones must give the same logits as each other and as the sequence alone.
+`packed_collate_for` first runs a probe (`check_model_packs`): a short sequence packed behind two
+different ones must give the same logits both times, and those it gives alone.
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ example before it changes. Attention confined to the example moves them by round
 POSITION_TOLERANCE = 5e-2
 """Probe: how far (relative) a packed example's logits may be from its logits alone: rounding of other
 shapes, in bfloat16 too, but not positions counted on from the example before."""
-PROBE_TOKENS = (3, 4, 5)
-"""Probe: token ids of the example packed behind (taken modulo the vocabulary size)."""
+PROBE_BEFORE = ((3, 4, 5), (6, 7, 8))
+PROBE_SEQUENCE = (9, 10, 11, 12)
+"""Probe: token ids (modulo the vocabulary size) of the two sequences packed before the probed one, and
+of the probed one."""
 
 
 class PackingError(DeltaTuneError):
@@ -98,42 +100,41 @@ def collate_packed(features: list[dict[str, Any]], pad_id: int, capacity: int | 
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
-def packed_collate(
-    model: nn.Module, max_length: int, pad_id: int
+def packed_collate_for(
+    model: nn.Module, max_length: int, pad_id: int, device: torch.device
 ) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-    """The collate function of packed training for `model`, once the probe has passed: rows of
-    `max_length`, or one row for attention that reads packing from a single row."""
-    check_model_packs(model)
+    """The collate function of packed training for `model` (on `device`), once the probe has passed:
+    rows of `max_length`, or one row for attention that reads packing from a single row."""
+    check_model_packs(model, device)
     implementation = str(getattr(unwrap(model).config, "_attn_implementation", None) or "")
     capacity = None if implementation.startswith(ONE_ROW_ATTENTION_PREFIX) else max_length
     return functools.partial(collate_packed, pad_id=pad_id, capacity=capacity)
 
 
-def check_model_packs(model: nn.Module) -> None:
-    """Refuse a model whose packed examples are not computed as alone: sequence q behind two different
-    sequences (packed in one row, positions restarted) must give the same logits both times, and
-    within `POSITION_TOLERANCE` of q alone. Runs in eval mode, without gradients or a cache (transformers
-    looks for packed examples only when there is no cache)."""
+def check_model_packs(model: nn.Module, device: torch.device) -> None:
+    """Refuse a model whose packed examples are not computed as alone: a sequence packed behind two
+    different ones (in one row, positions restarted) must give the same logits both times, and within
+    `POSITION_TOLERANCE` of its logits alone. Runs in eval mode, without gradients or a cache
+    (transformers looks for packed examples only when there is no cache)."""
     base = unwrap(model)
-    embeddings = base.get_input_embeddings()
-    vocabulary, device = embeddings.num_embeddings, embeddings.weight.device
-    first = torch.tensor(PROBE_TOKENS) % vocabulary
-    other, probe = (first + 3) % vocabulary, (torch.arange(4) + 9) % vocabulary
-    positions = torch.cat([torch.arange(len(first)), torch.arange(len(probe))]).unsqueeze(0).to(device)
-    model_type = getattr(base.config, "model_type", type(base).__name__)
+    vocabulary = base.config.vocab_size
+    before = [torch.tensor(tokens) % vocabulary for tokens in PROBE_BEFORE]
+    probe = torch.tensor(PROBE_SEQUENCE) % vocabulary
+    positions = torch.cat([torch.arange(len(before[0])), torch.arange(len(probe))]).unsqueeze(0).to(device)
+    model_type = base.config.model_type
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
             behind = [
                 model(
-                    input_ids=torch.cat([before, probe]).unsqueeze(0).to(device),
+                    input_ids=torch.cat([first, probe]).unsqueeze(0).to(device),
                     position_ids=positions,
                     use_cache=False,
                 )
-                .logits[0, len(first) :]
+                .logits[0, len(before[0]) :]
                 .float()
-                for before in (first, other)
+                for first in before
             ]
             alone = model(input_ids=probe.unsqueeze(0).to(device), use_cache=False).logits[0].float()
     except TypeError as error:
