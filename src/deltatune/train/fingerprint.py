@@ -12,7 +12,8 @@ every start. So rewriting the weights is always seen (even a change confined to 
 merged LoRA makes, which hashing a sample of the bytes could miss), and copying the same weights
 without keeping their times also counts as a change (resume from the original, or start afresh).
 A resume whose fingerprint differs stops and names what differs. A setting added to the config
-later counts as changing the math unless it is listed here.
+later counts as changing the math unless it is listed here; a checkpoint written before it existed
+counts as written with its `ADDED_LATER` value, which every earlier run computed with.
 """
 
 from __future__ import annotations
