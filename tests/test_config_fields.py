@@ -52,6 +52,8 @@ TRAIN_FIELDS: dict[str, Case] = {
     "output_dir": Case("a string", "5"),
     "overwrite_output_dir": Case("true or false", '"false"'),
     "max_length": Case("a whole number ≥ 1", '"10"', ("0",)),
+    "packing": Case("true or false", '"false"'),
+    "group_by_length": Case("true or false", '"false"'),
     "chat_template": Case("true or false", '"false"'),
     "system_prompt": Case("a string or null", "{a: b}"),
     "epochs": Case("a number > 0", "[1]", ("-1", "0")),

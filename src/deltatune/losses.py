@@ -79,11 +79,16 @@ def _labelled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torc
 
 
 def causal_lm_loss(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    **model_inputs: torch.Tensor,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose label is not -100, with the LM head
     applied at those positions only. Equals `model(input_ids, attention_mask, labels=labels).loss` of
-    a transformers causal LM; `model` may be wrapped in a `DeltaModel` (and in DDP)."""
+    a transformers causal LM; `model` may be wrapped in a `DeltaModel` (and in DDP). `model_inputs`
+    (the `position_ids` of packed rows) go to the model as they are."""
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     if not bool(targets_mask.any()):
         raise DeltaTuneError("this batch has no labelled position (every label is -100): nothing to learn from")
@@ -94,14 +99,16 @@ def causal_lm_loss(
 
     with head_on_rows(model, select) as hooked:
         if not hooked:
-            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_inputs).loss
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs).logits
     return _labelled_cross_entropy(logits, labels[:, 1:][targets_mask])
 
 
 def causal_lm_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`causal_lm_loss` on a collated batch (`input_ids`, `labels`, optional `attention_mask`)."""
-    return causal_lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+    """`causal_lm_loss` on a collated batch (`input_ids`, `labels`, optional `attention_mask`, and the
+    `position_ids` of a packed batch, `deltatune.train.packing`)."""
+    positions = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    return causal_lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"], **positions)
 
 
 def seq2seq_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

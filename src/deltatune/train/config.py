@@ -74,6 +74,15 @@ class TrainConfig:
     continues the run that is there)."""
     max_length: PositiveInt = 256
     """Longest example in tokens (longer ones are cut)."""
+    packing: bool = False
+    """Causal LM: lay each micro-batch's examples end to end in rows of at most max_length tokens, each
+    example attending only to itself, instead of padding every example to the longest (same loss and
+    gradients, less padding). Steps and epochs still count examples. Not with soft-prompt methods; a
+    model whose attention cannot keep packed examples apart is refused. See `deltatune.train.packing`."""
+    group_by_length: bool = False
+    """Put examples of similar length in the same micro-batch (less padding): each epoch's shuffled order
+    is sorted by length within spans of 50 batches and the batches shuffled; still a function of (seed,
+    epoch), so --resume is exact. See `deltatune.train.length_groups`."""
     chat_template: bool = False
     """Causal LM: render prompt/completion records with the tokenizer's chat template."""
     system_prompt: str | None = None
@@ -152,6 +161,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """The rules beyond each field's type and range; builds the adapter's config to check it too."""
+        from .packing import packing_refusal
         from .quantize import QUANTIZE_OPTIONS
         from .tasks import get_task
 
@@ -175,7 +185,9 @@ class TrainConfig:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
         if not DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be cpu, cuda, cuda:N (N a device number), mps or auto, got {self.device!r}")
-        self.adapter_config()
+        adapter_config = self.adapter_config()
+        if self.packing and (refusal := packing_refusal(self.task, adapter_config)):
+            raise ConfigError(refusal)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

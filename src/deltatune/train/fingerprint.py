@@ -13,7 +13,8 @@ every start. So rewriting the weights is always seen (even a change confined to 
 merged LoRA makes, which hashing a sample of the bytes could miss), and copying the same weights
 without keeping their times also counts as a change (resume from the original, or start afresh).
 A resume whose fingerprint differs stops and names what differs. A setting added to the config
-later counts as changing the math unless it is listed here.
+later counts as changing the math unless it is listed here; a checkpoint written before it existed
+counts as written with its `ADDED_LATER` value, which every earlier run computed with.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ KEEPS_THE_MATH = frozenset(
 thread count (the same math, up to float reduction order), the data-parallel engine (DDP or FSDP: the
 same steps), and activation recomputation (same gradients). `train_file` is compared by content
 (`training_data`)."""
+
+ADDED_LATER = {"packing": False, "group_by_length": False}
+"""Settings added after checkpoints began recording their run, with the value every earlier run had: a
+checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade."""
 
 DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""
@@ -94,7 +99,7 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
         raise CheckpointMismatchError(
             f"--resume: {folder} does not record which run wrote it (an older deltatune wrote it); {again}"
         )
-    before, now = saved["fingerprint"], record["fingerprint"]
+    before, now = {**ADDED_LATER, **saved["fingerprint"]}, record["fingerprint"]
     differ = [name for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
     if differ:
         described = ", ".join(_difference(name, before.get(name), now.get(name)) for name in differ)

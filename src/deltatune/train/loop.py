@@ -18,6 +18,7 @@ checkpoints written before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -48,8 +49,10 @@ from .data import read_records
 from .encode import EncodeContext, collate, label_names
 from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
+from .length_groups import grouped_order
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
 from .outputs import check_output_dir, clear_previous_run
+from .packing import packed_collate_for
 from .predict import EvalContext
 from .progress import TrainingBar
 from .quantize import require_backend
@@ -185,28 +188,31 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
 
 
 class Schedule:
-    """Which examples each rank reads at each micro-step: a pure function of (seed, step)."""
+    """Which examples each rank reads at each micro-step: a pure function of (seed, step); with
+    `group_by_length`, of the examples' `lengths` too (`length_groups.py`)."""
 
-    def __init__(self, config: TrainConfig, count: int, ranks: distributed.Ranks) -> None:
+    def __init__(self, config: TrainConfig, lengths: list[int], ranks: distributed.Ranks) -> None:
         self.batch, self.accumulation, self.ranks, self.count, self.seed = (
             config.batch_size,
             config.gradient_accumulation_steps,
             ranks,
-            count,
+            len(lengths),
             config.seed,
         )
+        self.lengths = lengths if config.group_by_length else None
         self.per_step = self.batch * self.accumulation * ranks.world_size
-        self.steps_per_epoch = max(1, math.ceil(count / self.per_step))
+        self.steps_per_epoch = max(1, math.ceil(self.count / self.per_step))
         self.total = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
         self._order: tuple[int, torch.Tensor] | None = None
 
     def micro_batches(self, step: int) -> list[list[int]]:
         epoch, within = divmod(step, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
-            self._order = (
-                epoch,
-                torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + epoch)),
-            )
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.count, generator=generator)
+            if self.lengths is not None:
+                order = grouped_order(order, self.lengths, self.batch, generator)
+            self._order = (epoch, order)
         first = within * self.per_step
         indices = [int(self._order[1][(first + i) % self.count]) for i in range(self.per_step)]
         size = self.batch
@@ -238,13 +244,18 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         raise DeltaTuneError(f"{config.train_file} holds no training examples")
     if config.gradient_checkpointing:
         run.delta_model.gradient_checkpointing_enable()
-    schedule = Schedule(config, len(run.train_features), ranks)
+    schedule = Schedule(config, [len(feature["input_ids"]) for feature in run.train_features], ranks)
     model = distributed.wrap(run.delta_model, ranks, run.device, config.data_parallel)  # FSDP replaces the parameters
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
     state = _starting_state(run, ranks, resume, optimizer, scheduler)
     pad_id = run.eval_context.pad_id
+    build_batch = (
+        packed_collate_for(run.delta_model, config.max_length, pad_id, run.device)
+        if config.packing
+        else functools.partial(collate, pad_id=pad_id)
+    )
     bar = TrainingBar(schedule.total, state.step, enabled=progress and ranks.main)
     started, tokens = time.perf_counter(), 0
     model.train()
@@ -252,8 +263,8 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         micro_batches = schedule.micro_batches(state.step)
         step_loss = torch.zeros((), device=run.device)
         for index, rows in enumerate(micro_batches):
-            batch = {k: v.to(run.device) for k, v in collate([run.train_features[i] for i in rows], pad_id).items()}
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(rows)
+            batch = {k: v.to(run.device) for k, v in build_batch([run.train_features[i] for i in rows]).items()}
+            tokens += sum(len(run.train_features[i]["input_ids"]) for i in rows)
             last = index == len(micro_batches) - 1
             with distributed.accumulate(model, ranks, config.data_parallel, last):
                 with _autocast(config, run.device):
