@@ -341,7 +341,10 @@ class DeltaModel(nn.Module):
         """transformers' gradient checkpointing, non-reentrant by default so that frozen inputs
         still let gradients reach the adapters."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @contextlib.contextmanager
     def _call(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DeltaTuneError, TrainingDivergedError
+from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
 from . import distributed
@@ -252,7 +253,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(rows)
             last = index == len(micro_batches) - 1
             with contextlib.nullcontext() if last or not ranks.distributed else model.no_sync():
-                with _autocast(config, run.device):
+                with _autocast(config, run.device), loss_chunk_rows(config.loss_chunk_rows):
                     loss = run.task.loss(model, batch) / len(micro_batches)
                 loss.backward()
             step_loss += loss.detach()
