@@ -234,7 +234,7 @@ def test_resume_with_another_loss_chunk_rows_is_refused(tmp_path, capsys) -> Non
     config, _ = interrupted_run(tmp_path)
     capsys.readouterr()
     assert main(["train", str(config), "--quiet", "--resume", "loss_chunk_rows=4"]) == 2
-    assert "loss_chunk_rows: 256 → 4" in last_error_line(capsys)
+    assert f"loss_chunk_rows: {chunked_loss.DEFAULT_CHUNK_ROWS} → 4" in last_error_line(capsys)
 
 
 def test_chunked_cross_entropy_equals_torchs_on_the_whole_logits() -> None:

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_ROWS = 256
-"""Rows per chunk by default: 256 × 49,152 float32 logits (SmolLM2's vocabulary) are 48 MiB."""
+DEFAULT_CHUNK_ROWS = 64
+"""Rows per chunk by default: 64 × 49,152 float32 logits (SmolLM2's vocabulary) are 12 MiB, of which
+backward holds about four copies (logits, log-softmax, their gradients); still a large matmul."""
 
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
 
