@@ -72,7 +72,8 @@ def lora_model(
 def train(library: str, options: dict[str, Any]) -> Calls:
     """One LoRA training step: forward, loss, backward, AdamW step. With a `quantize` option the model
     is loaded from its checkpoint as a user loads it: quantized (`quantize` names the method, e.g.
-    nf4) or, for `quantize: null`, in float32."""
+    nf4) or, for `quantize: null`, in float32. With `checkpointing`, each library recomputes the
+    activations in backward as its users turn it on (`gradient_checkpointing_on`)."""
     model = (
         checkpoint_causal_lm(options["quick"], options["quantize"])
         if "quantize" in options
@@ -80,15 +81,26 @@ def train(library: str, options: dict[str, Any]) -> Calls:
     ).train()
     input_ids = token_batch(model, BATCH, LENGTH)
     labels = labels_for(input_ids, options.get("labelled_tail"))
-    return {"seconds": lora_step(library, model, options["dropout"], input_ids, labels)}
+    step = lora_step(library, model, options["dropout"], input_ids, labels, options.get("checkpointing", False))
+    return {"seconds": step}
 
 
 def lora_step(
-    library: str, model: torch.nn.Module, dropout: float, input_ids: torch.Tensor, labels: torch.Tensor
+    library: str,
+    model: torch.nn.Module,
+    dropout: float,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    checkpointing: bool = False,
 ) -> Callable[[], None]:
     """A LoRA training step on `model` (forward, loss, backward, AdamW), each library with its own loss:
-    deltatune's `causal_lm_loss` (the LM head only at labelled positions), peft's the model's own."""
+    deltatune's `causal_lm_loss` (the LM head only at labelled positions, in chunks of its default
+    rows), peft's the model's own."""
+    if checkpointing:
+        model = gradient_checkpointing_on(library, model)
     wrapped = lora_model(library, model, dropout)
+    if checkpointing and library == "deltatune":
+        wrapped.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
     loss_of = (
         _sparse_loss(wrapped) if library == "deltatune" else lambda: wrapped(input_ids=input_ids, labels=labels).loss
@@ -100,6 +112,26 @@ def lora_step(
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def gradient_checkpointing_on(library: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The base prepared for checkpointed training as each library's users do it, before the adapter:
+    deltatune as its trainer does (`prepare_quantized_base(model, gradient_checkpointing=True)`, then
+    `DeltaModel.gradient_checkpointing_enable()` once attached); peft's QLoRA recipe on a quantized base
+    (`prepare_model_for_kbit_training`, which turns checkpointing on), and on a float32 one transformers'
+    `gradient_checkpointing_enable()` with `enable_input_require_grads()`, as peft's guide shows."""
+    if library == "deltatune":
+        import deltatune
+
+        deltatune.prepare_quantized_base(model, gradient_checkpointing=True)
+        return model
+    import peft
+
+    if getattr(model, "is_quantized", False):
+        return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    return model
 
 
 def _sparse_loss(wrapped: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -307,11 +339,16 @@ def run(workload: str, libraries: list[str], options: dict[str, Any]) -> dict[st
         before_load = memory_after_imports()
         calls = TIMED[workload](libraries[0], options)
         load_peak = peak_memory_bytes()
+        gc.collect()
+        loaded = current_memory_bytes() - before_load
         timings = {name: time_calls(call, options["warmup"], options["repeats"]) for name, call in calls.items()}
+        calls_peak = peak_memory_bytes()  # the high-water mark since the calls began, the model resident
         return {
             **timings["seconds"],
             **{name: timing["seconds"] for name, timing in timings.items() if name != "seconds"},
-            "peak_with_load_bytes": max(load_peak, peak_memory_bytes()) - before_load,
+            "peak_with_load_bytes": max(load_peak, calls_peak) - before_load,
+            "resident_after_load_bytes": loaded,
+            "step_peak_with_weights_bytes": calls_peak - before_load,
         }
     prepared = {library: TIMED[workload](library, options) for library in libraries}
     flat = {(library, name): call for library, calls in prepared.items() for name, call in calls.items()}

@@ -49,7 +49,7 @@ def test_causal_lm_loss_applies_the_head_to_labelled_positions_only() -> None:
     input_ids, attention_mask, labels = lm_batch()
     seen = []
     model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[:-1].numel()))
-    causal_lm_loss(model, input_ids, attention_mask, labels)
+    causal_lm_loss(model, input_ids, attention_mask, labels, chunk_rows=None)
     assert seen == [int((labels[:, 1:] != -100).sum())]
 
 

@@ -338,10 +338,10 @@ class DeltaModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' gradient checkpointing, non-reentrant by default so that frozen inputs
-        still let gradients reach the adapters."""
+        """transformers' gradient checkpointing, non-reentrant by default (frozen inputs still pass gradients)."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base = self.base_model  # transformers 5 renamed the method; both take the kwargs first
+        (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)(kwargs)
 
     @contextlib.contextmanager
     def _call(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:

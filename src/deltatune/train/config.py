@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from ..chunked_loss import DEFAULT_CHUNK_ROWS
 from ..errors import DeltaTuneError
 from ..field_check import (
     NonNegativeFloat,
@@ -105,6 +106,10 @@ class TrainConfig:
     seed: Annotated[int, Range(minimum=0, maximum=2**32 - 1)] = 0
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    loss_chunk_rows: PositiveInt | None = DEFAULT_CHUNK_ROWS
+    """Language-model tasks: compute the output head and cross-entropy this many labelled positions at a
+    time, recomputed in backward, so the [positions, vocabulary] logits never exist at once; null: all at
+    once. Same loss and gradients up to float32 rounding, so part of the run identity."""
     bf16: bool | Literal["auto"] = "auto"
     """bfloat16 autocast: true, false, or auto (on where a CUDA device supports it)."""
     eval_every: PositiveInt | None = None

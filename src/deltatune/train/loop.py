@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DeltaTuneError, TrainingDivergedError
+from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
 from . import distributed, sharding
@@ -267,7 +268,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
             tokens += sum(len(run.train_features[i]["input_ids"]) for i in rows)
             last = index == len(micro_batches) - 1
             with distributed.accumulate(model, ranks, config.data_parallel, last):
-                with _autocast(config, run.device):
+                with _autocast(config, run.device), loss_chunk_rows(config.loss_chunk_rows):
                     loss = run.task.loss(model, batch) / len(micro_batches)
                 loss.backward()
             step_loss += loss.detach()
