@@ -84,6 +84,20 @@ def test_packed_loss_and_lora_gradients_equal_transformers_on_the_padded_batch(a
         torch.testing.assert_close(gradient, expected_gradients[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_packed_rows_stay_apart_where_the_loss_is_the_models_own(monkeypatch) -> None:
+    """Without an output head to hook, the loss is the model's own `labels=` loss; a cache built by that
+    forward would stop transformers from reading the packed rows from `position_ids`."""
+    import deltatune.losses
+
+    torch.manual_seed(0)
+    model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, init_lora_weights=False)).eval()
+    features = prompt_completion_features(9, seed=1)
+    expected = float(model(**collate(features, PAD)).loss)
+    monkeypatch.setattr(deltatune.losses, "output_head", lambda model: None)
+    packed = float(causal_lm_batch_loss(model, collate_packed(features, PAD, 16)))
+    assert abs(packed - expected) <= 1e-5
+
+
 def test_rows_hold_every_example_once_as_few_and_as_even_as_their_capacity_allows() -> None:
     lengths = [7, 3, 12, 5, 5, 9, 1, 14, 4, 6]
     rows = rows_of(lengths, 24)

@@ -178,7 +178,9 @@ def causal_lm_loss(
 
     loss = labelled_rows_loss(model, forward, select, labels[:, 1:][targets_mask], chunk_rows)
     if loss is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_inputs).loss
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, **model_inputs
+        ).loss  # no cache: transformers reads packed rows from position_ids only without one
     return loss
 
 
