@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import platform
 import subprocess
@@ -77,7 +78,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     arguments.examples = arguments.examples or (50 if arguments.quick else FULL["examples"])
     arguments.eval_examples = arguments.eval_examples or (20 if arguments.quick else FULL["eval_examples"])
     arguments.memory_steps = arguments.memory_steps or (1 if arguments.quick else 2)
-    arguments.full = not arguments.quick and all(getattr(arguments, key) == value for key, value in FULL.items())
+    missing = [package for package in ("trl", "datasets") if importlib.util.find_spec(package) is None]
+    if "trl-packing" in arguments.systems and missing:
+        parser.error(
+            f"trl-packing needs {' and '.join(missing)}: pip install -e '.[bench]' (or make bench-whole-run), "
+            "or leave it out with --systems deltatune peft-trainer"
+        )
+    arguments.full = (
+        not arguments.quick
+        and not arguments.no_memory
+        and set(arguments.systems) == set(SYSTEMS)
+        and all(getattr(arguments, key) == value for key, value in FULL.items())
+    )
     return arguments
 
 
