@@ -67,7 +67,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--packed-rows", type=int, help="TRL rows per step (default: the tokens of a padded batch)")
-    parser.add_argument("--memory-batch", type=int, default=2, help="rows per step of the 1024 memory measure")
+    parser.add_argument("--memory-batch", type=int, default=1, help="rows per step of the 1024 memory measure")
     parser.add_argument("--memory-steps", type=int, help="steps of the 1024 memory measure (default 2; quick: 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the 1024 memory measure")
     parser.add_argument(
