@@ -7,7 +7,7 @@ VENV := .venv
 VENV_457 := .venv-transformers457
 PYTEST_FLAGS ?= -q -n 2
 
-.PHONY: test lint test-current test-457 demo bench bench-quick clean
+.PHONY: test lint test-current test-457 demo bench bench-quick bench-whole-run bench-whole-run-quick clean
 
 $(VENV)/.installed: pyproject.toml tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
@@ -47,11 +47,24 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/deltatune demo
 
-bench: $(VENV)/.demo-installed $(VENV_457)/.installed
+# The benchmarks' own packages (the `bench` extra: TRL and datasets), installed by the bench targets only.
+$(VENV)/.bench-installed: $(VENV)/.demo-installed
+	$(VENV)/bin/pip install --quiet -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench-installed $(VENV_457)/.installed
 	$(VENV)/bin/python bench/run.py
 
-bench-quick: $(VENV)/.installed $(VENV_457)/.installed
+bench-quick: $(VENV)/.bench-installed $(VENV_457)/.installed
 	$(VENV)/bin/python bench/run.py --quick --out bench/results-quick.json
+
+# deltatune train against peft + Trainer and TRL with packing, whole runs on E2E (bench/README.md); pass
+# extra `deltatune train` overrides as WHOLE_RUN_FLAGS="--deltatune packing=true --deltatune group_by_length=true".
+bench-whole-run: $(VENV)/.bench-installed
+	$(VENV)/bin/python bench/whole_run.py $(WHOLE_RUN_FLAGS)
+
+bench-whole-run-quick: $(VENV)/.bench-installed
+	$(VENV)/bin/python bench/whole_run.py --quick $(WHOLE_RUN_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_457) .pytest_cache
