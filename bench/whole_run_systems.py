@@ -51,6 +51,7 @@ def _deltatune_config(spec: RunSpec) -> dict[str, Any]:
         "seed": spec.seed,
         "bf16": False,
         "device": "cpu",
+        "threads": spec.threads,  # the spec's count, as the other systems get it (not the busy-machine choice)
     }
 
 
