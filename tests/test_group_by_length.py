@@ -5,28 +5,17 @@ of the micro-batches falls, every example is still read once per epoch, the orde
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from deltatune.train import distributed
-from deltatune.train.cli import main
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import Schedule
+from resume_checks import RESUME_SETTINGS as SHARED_RESUME_SETTINGS
+from resume_checks import assert_resume_equals_the_uninterrupted_run, assert_resume_with_a_switched_setting_is_refused
 from training_fixtures import WORDS, task_config, write_jsonl
 
-RESUME_SETTINGS = {
-    "adapter": {"method": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": 0.2},
-    "batch_size": 4,
-    "max_steps": 8,
-    "save_every": 3,
-    "scheduler": "linear",
-    "warmup_steps": 2,
-    "eval_file": None,
-    "group_by_length": True,
-}
+RESUME_SETTINGS = {**SHARED_RESUME_SETTINGS, "group_by_length": True}
 
 
 def skewed_lengths(count: int, seed: int = 0) -> list[int]:
@@ -86,10 +75,6 @@ def test_each_rank_reads_whole_length_groups_under_data_parallel() -> None:
         assert all(tuple(rows) in grouped_batches for rows in epoch_batches(plan, 0))
 
 
-def adapter_tensors(folder) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-
-
 def varied_records(count: int = 24, seed: int = 0) -> list[dict[str, str]]:
     """Prompts of 1 to 8 words, completions of 1 to 5: examples of 4 to 15 tokens."""
     rng = random.Random(seed)
@@ -105,25 +90,11 @@ def varied_records(count: int = 24, seed: int = 0) -> list[dict[str, str]]:
 def test_resume_of_a_length_grouped_run_equals_the_uninterrupted_run(tmp_path) -> None:
     data = write_jsonl(tmp_path / "varied.jsonl", varied_records())
     config = task_config(tmp_path, "causal-lm", train_file=data, **RESUME_SETTINGS)
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(["train", str(config), f"output_dir={whole}", "--quiet"]) == 0
-    assert main(["train", str(config), f"output_dir={cut}", "--quiet"]) == 0
-    for later in (cut / "checkpoints").glob("step-*"):
-        if later.name != "step-000003":
-            shutil.rmtree(later)
-    shutil.rmtree(cut / "adapter")
-    (cut / "metrics.json").unlink()
-    assert main(["train", str(config), f"output_dir={cut}", "--quiet", "--resume"]) == 0
-    expected, resumed = adapter_tensors(whole), adapter_tensors(cut)
-    assert expected.keys() == resumed.keys()
-    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    assert_resume_equals_the_uninterrupted_run(config, tmp_path)
 
 
 def test_resume_with_group_by_length_switched_is_refused_naming_it(tmp_path, capsys) -> None:
     config = task_config(tmp_path, "causal-lm", **RESUME_SETTINGS)
-    assert main(["train", str(config), "--quiet"]) == 0
-    shutil.rmtree(tmp_path / "out" / "adapter")
-    capsys.readouterr()
-    assert main(["train", str(config), "--quiet", "--resume", "group_by_length=false"]) == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("deltatune: --resume: ") and "group_by_length: true → false" in line, line
+    assert_resume_with_a_switched_setting_is_refused(
+        config, tmp_path, capsys, "group_by_length=false", "group_by_length: true → false"
+    )

@@ -20,20 +20,17 @@ from deltatune.train.cli import main
 from deltatune.train.config import ConfigError, TrainConfig
 from deltatune.train.encode import collate
 from deltatune.train.packing import PackingError, check_model_packs, collate_packed, rows_of
+from resume_checks import RESUME_SETTINGS as SHARED_RESUME_SETTINGS
+from resume_checks import (
+    adapter_tensors,
+    assert_resume_equals_the_uninterrupted_run,
+    assert_resume_with_a_switched_setting_is_refused,
+)
 from tiny_models import VOCAB, build
 from training_fixtures import task_config
 
 PAD = 0
-RESUME_SETTINGS = {
-    "adapter": {"method": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": 0.2},
-    "batch_size": 4,
-    "max_steps": 8,
-    "save_every": 3,
-    "scheduler": "linear",
-    "warmup_steps": 2,
-    "eval_file": None,
-    "packing": True,
-}
+RESUME_SETTINGS = {**SHARED_RESUME_SETTINGS, "packing": True}
 
 
 def prompt_completion_features(count: int, seed: int) -> list[dict]:
@@ -171,12 +168,6 @@ def test_packing_is_refused_with_the_config_where_it_cannot_work(task: str, meth
     assert str(error.value).endswith("set packing: false")
 
 
-def adapter_tensors(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-
-
 def test_a_packed_train_run_trains_the_adapter_the_padded_run_trains(tmp_path, monkeypatch) -> None:
     config = task_config(tmp_path, "causal-lm", batch_size=8, max_steps=4, eval_file=None, max_length=16)
     assert main(["train", str(config), f"output_dir={tmp_path / 'padded'}", "--quiet"]) == 0
@@ -203,28 +194,12 @@ def test_a_packed_train_run_trains_the_adapter_the_padded_run_trains(tmp_path, m
 
 def test_resume_of_a_packed_run_equals_the_uninterrupted_packed_run(tmp_path) -> None:
     config = task_config(tmp_path, "causal-lm", **RESUME_SETTINGS)
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(["train", str(config), f"output_dir={whole}", "--quiet"]) == 0
-    assert main(["train", str(config), f"output_dir={cut}", "--quiet"]) == 0
-    for later in (cut / "checkpoints").glob("step-*"):
-        if later.name != "step-000003":
-            shutil.rmtree(later)
-    shutil.rmtree(cut / "adapter")
-    (cut / "metrics.json").unlink()
-    assert main(["train", str(config), f"output_dir={cut}", "--quiet", "--resume"]) == 0
-    expected, resumed = adapter_tensors(whole), adapter_tensors(cut)
-    assert expected.keys() == resumed.keys()
-    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    assert_resume_equals_the_uninterrupted_run(config, tmp_path)
 
 
 def test_resume_with_packing_switched_is_refused_naming_it(tmp_path, capsys) -> None:
     config = task_config(tmp_path, "causal-lm", **RESUME_SETTINGS)
-    assert main(["train", str(config), "--quiet"]) == 0
-    shutil.rmtree(tmp_path / "out" / "adapter")
-    capsys.readouterr()
-    assert main(["train", str(config), "--quiet", "--resume", "packing=false"]) == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("deltatune: --resume: ") and "packing: true → false" in line, line
+    assert_resume_with_a_switched_setting_is_refused(config, tmp_path, capsys, "packing=false", "packing: true → false")
 
 
 def test_a_checkpoint_that_predates_packing_resumes_with_packing_and_grouping_off(tmp_path, capsys) -> None:

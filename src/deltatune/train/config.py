@@ -109,7 +109,7 @@ class TrainConfig:
     loss_chunk_rows: PositiveInt | None = DEFAULT_CHUNK_ROWS
     """Language-model tasks: compute the output head and cross-entropy this many labelled positions at a
     time, recomputed in backward, so the [positions, vocabulary] logits never exist at once; null: all at
-    once. Same loss and gradients up to float32 rounding, so part of the run identity."""
+    once. Same loss and gradients up to float32 rounding, so a `--resume` may change it (as `threads`)."""
     bf16: bool | Literal["auto"] = "auto"
     """bfloat16 autocast: true, false, or auto (on where a CUDA device supports it)."""
     eval_every: PositiveInt | None = None

@@ -45,13 +45,15 @@ KEEPS_THE_MATH = frozenset(
         "threads",
         "data_parallel",
         "gradient_checkpointing",
+        "loss_chunk_rows",
         "train_file",
     }
 )
 """Settings a resumed run may change: where and how often it writes and evaluates, the device, its
 thread count (the same math, up to float reduction order), the data-parallel engine (DDP or FSDP: the
-same steps), and activation recomputation (same gradients). `train_file` is compared by content
-(`training_data`)."""
+same steps), activation recomputation and the lean loss's chunk (the same gradients up to float
+rounding; a checkpoint written before the chunked loss existed resumes with it). `train_file` is
+compared by content (`training_data`)."""
 
 ADDED_LATER = {"packing": False, "group_by_length": False}
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
