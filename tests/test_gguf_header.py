@@ -5,6 +5,7 @@ tensors are views of the file's copy-on-write map (nothing copied in, nothing wr
 from __future__ import annotations
 
 import hashlib
+import struct
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,52 @@ def test_a_damaged_file_is_refused_in_one_line(llama_file: Path, tmp_path: Path,
     with pytest.raises(DeltaTuneError, match="truncated" if damage == "truncated" else "not a GGUF file") as error:
         load_gguf_model(path)
     assert "\n" not in str(error.value)
+
+
+def _text(value: str | bytes) -> bytes:
+    raw = value if isinstance(value, bytes) else value.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _gguf_bytes(metadata: list[bytes]) -> bytes:
+    """A GGUF v3 header with no tensors and these already encoded metadata entries."""
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(metadata)) + b"".join(metadata)
+
+
+UINT32, STRING_TYPE = 4, 8
+ARCHITECTURE = _text("general.architecture") + struct.pack("<I", STRING_TYPE) + _text("llama")
+MALFORMED_HEADERS = {
+    "empty": (b"", "holds 0 bytes"),
+    "string-past-the-end": (_gguf_bytes([struct.pack("<Q", 2**40) + b"general"]), "past its end"),
+    "key-not-utf8": (_gguf_bytes([_text(b"\xff\xfe") + struct.pack("<II", UINT32, 1)]), "not UTF-8"),
+    "alignment-zero": (
+        _gguf_bytes([ARCHITECTURE, _text("general.alignment") + struct.pack("<II", UINT32, 0)]),
+        "general.alignment 0",
+    ),
+    "alignment-text": (
+        _gguf_bytes([ARCHITECTURE, _text("general.alignment") + struct.pack("<I", STRING_TYPE) + _text("32")]),
+        "general.alignment '32'",
+    ),
+    "architecture-a-number": (
+        _gguf_bytes([_text("general.architecture") + struct.pack("<II", UINT32, 7)]),
+        "no general.architecture name",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", MALFORMED_HEADERS)
+def test_a_malformed_header_is_refused_in_one_line_saying_what_is_wrong(tmp_path: Path, damage: str) -> None:
+    data, said = MALFORMED_HEADERS[damage]
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(data)
+    with pytest.raises(DeltaTuneError) as error:
+        read_header(path)
+    assert said in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_float_tensor_of_another_shape_than_the_model_expects_is_refused(tmp_path: Path) -> None:
+    model = tiny_llama()
+    model.model.norm.weight = torch.nn.Parameter(torch.ones(1))  # 1 value where hidden_size are expected
+    path = write_gguf(tmp_path / "bad-norm.gguf", model)
+    with pytest.raises(DeltaTuneError, match=r"output_norm|model\.norm\.weight.*\(1,\).*\(64,\)"):
+        load_gguf_model(path)

@@ -62,26 +62,36 @@ class _Cursor:
     def __init__(self, buffer: memoryview, path: Path) -> None:
         self.buffer, self.position, self.path = buffer, 0, path
 
+    def damaged(self, what: str) -> DeltaTuneError:
+        return DeltaTuneError(f"{self.path.name} {what}; the file is truncated, damaged or not GGUF")
+
     def unpack(self, form: str) -> tuple[Any, ...]:
         try:
             values = struct.unpack_from("<" + form, self.buffer, self.position)
         except struct.error:
-            raise DeltaTuneError(
-                f"{self.path.name} ends inside its header; the file is truncated or not GGUF"
-            ) from None
+            raise self.damaged("ends inside its header") from None
         self.position += struct.calcsize("<" + form)
         return values
 
+    def skip(self, length: int) -> int:
+        """Move past `length` bytes that must lie inside the file; the position they started at."""
+        if length > len(self.buffer) - self.position:
+            raise self.damaged(f"declares a string of {length} bytes at byte {self.position}, past its end")
+        start, self.position = self.position, self.position + length
+        return start
+
     def string(self) -> str:
         (length,) = self.unpack("Q")
-        text = bytes(self.buffer[self.position : self.position + length]).decode("utf-8")
-        self.position += length
-        return text
+        start = self.skip(length)
+        try:
+            return bytes(self.buffer[start : start + length]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.damaged(f"holds a string at byte {start} that is not UTF-8") from None
 
     def skip_strings(self, count: int) -> None:
         for _ in range(count):
             (length,) = self.unpack("Q")
-            self.position += length
+            self.skip(length)
 
     def value(self, value_type: int) -> Any:
         if value_type in SCALAR_FORMATS:
@@ -98,6 +108,8 @@ class _Cursor:
 
 def read_header(path: Path) -> GGUFHeader:
     """The header of GGUF file `path` (see the module docstring); a file that is not GGUF v2 / v3 is refused."""
+    if path.stat().st_size < len(MAGIC):
+        raise DeltaTuneError(f"{path.name} is not a GGUF file: it holds {path.stat().st_size} bytes")
     data = np.memmap(path, dtype=np.uint8, mode="c")
     cursor = _Cursor(memoryview(data), path)
     if bytes(cursor.buffer[:4]) != MAGIC:
@@ -129,8 +141,10 @@ def read_header(path: Path) -> GGUFHeader:
         ggml_type, offset = cursor.unpack("IQ")
         entries.append((name, shape, ggml_type, offset))
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if type(alignment) is not int or alignment <= 0:
+        raise cursor.damaged(f"gives general.alignment {alignment!r}, not a positive whole number")
     data_start = -(-cursor.position // alignment) * alignment
     tensors = [TensorEntry(name, shape, kind, data_start + offset) for name, shape, kind, offset in entries]
-    if "general.architecture" not in metadata:
-        raise DeltaTuneError(f"{path.name} has no general.architecture in its metadata; it is not a model file")
+    if not isinstance(metadata.get("general.architecture"), str):
+        raise DeltaTuneError(f"{path.name} has no general.architecture name in its metadata; it is not a model file")
     return GGUFHeader(metadata, string_arrays, tensors, data)

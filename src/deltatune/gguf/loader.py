@@ -116,6 +116,11 @@ def _put_float(model: nn.Module, name: str, values: torch.Tensor) -> None:
     `GGUFLinear`'s bias stays frozen)."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
+    current = module._buffers.get(attribute, module._parameters.get(attribute))
+    if current is not None and tuple(current.shape) != tuple(values.shape):
+        raise DeltaTuneError(
+            f"tensor {name} holds {tuple(values.shape)} values where the model expects {tuple(current.shape)}"
+        )
     if attribute in module._buffers:
         module._buffers[attribute] = values
     else:

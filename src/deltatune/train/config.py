@@ -39,6 +39,10 @@ from ..field_check import (
     numbers_from_text,
 )
 
+MAX_THREADS = 4096
+"""The most CPU threads `threads` may ask for: more than the largest machines have cores (an absurd count
+would otherwise reach torch, which takes a 32-bit one)."""
+
 
 class ConfigError(DeltaTuneError):
     """A training config or override that cannot be read."""
@@ -124,7 +128,7 @@ class TrainConfig:
     """Language models: tokens generated per evaluation example."""
     eval_batch_size: PositiveInt = 16
     """Examples per evaluation forward (grouped by length, so a batch pads little)."""
-    threads: PositiveInt | None = None
+    threads: Annotated[int, Range(minimum=1, maximum=MAX_THREADS)] | None = None
     """CPU threads torch computes with. None: the cores this process may use less those the machine's
     load keeps busy, at least 1, with a one-line warning when the machine is busy (see
     `deltatune.train.threads`). Changes no result beyond float reduction order, so `--resume` may
