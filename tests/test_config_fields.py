@@ -62,6 +62,8 @@ TRAIN_FIELDS: dict[str, Case] = {
     "gradient_accumulation_steps": Case("a whole number ≥ 1", "1.5", ("0",)),
     "learning_rate": Case("a number > 0", "fast", (".inf", ".nan", "0", "-1e-3")),
     "weight_decay": Case("a number ≥ 0", "[0.1]", ("-0.1",)),
+    "loraplus_lr_ratio": Case("a number > 0 or null", "fast", ("0", "-16", ".nan")),
+    "loraplus_lr_embedding": Case("a number > 0", "[1e-6]", ("0", "-1e-6")),
     "warmup_steps": Case("a whole number ≥ 0", '"5"', ("-1",)),
     "scheduler": Case("a string", "5", ("warmup",), "unknown scheduler 'warmup'"),
     "max_grad_norm": Case("a number > 0 or null", "yes", ("-1", "0")),

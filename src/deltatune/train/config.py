@@ -102,6 +102,14 @@ class TrainConfig:
     """Forward passes per optimizer step."""
     learning_rate: PositiveFloat = 2e-4
     weight_decay: NonNegativeFloat = 0.0
+    loraplus_lr_ratio: PositiveFloat | None = None
+    """LoRA+ (Hayou et al. 2024; peft's name): LoRA's B factors, and every other 1-D trainable parameter,
+    learn at learning_rate × this ratio (peft's parameter groups; 16 is the paper's usual choice); a LoRA
+    on an embedding learns at loraplus_lr_embedding. LoRA methods only. None: one rate for all. See
+    `deltatune.train.optimizer`."""
+    loraplus_lr_embedding: PositiveFloat = 1e-6
+    """With loraplus_lr_ratio: the learning rate of both factors of a LoRA on an embedding (an absolute
+    rate, as peft's default 1e-6; the schedule scales it as the others)."""
     warmup_steps: NonNegativeInt = 0
     scheduler: str = "linear"
     """Learning rate after warm-up: linear (to zero), cosine (to zero) or constant."""
@@ -170,6 +178,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """The rules beyond each field's type and range; builds the adapter's config to check it too."""
+        from ..methods.lora import LoraConfig
         from .packing import packing_refusal
         from .quantize import QUANTIZE_OPTIONS
         from .tasks import get_task
@@ -195,6 +204,11 @@ class TrainConfig:
         if not DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be cpu, cuda, cuda:N (N a device number), mps or auto, got {self.device!r}")
         adapter_config = self.adapter_config()
+        if self.loraplus_lr_ratio is not None and not isinstance(adapter_config, LoraConfig):
+            raise ConfigError(
+                f"loraplus_lr_ratio scales the learning rate of LoRA's B factors, and method "
+                f"{self.adapter['method']!r} has none; remove loraplus_lr_ratio or use method lora"
+            )
         if self.packing and (refusal := packing_refusal(self.task, adapter_config)):
             raise ConfigError(refusal)
 

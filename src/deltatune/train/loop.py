@@ -52,6 +52,7 @@ from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
 from .length_groups import grouped_order
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
+from .optimizer import build_optimizer
 from .outputs import check_output_dir, clear_previous_run
 from .packing import packed_collate_for
 from .predict import EvalContext
@@ -248,7 +249,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     schedule = Schedule(config, [len(feature["input_ids"]) for feature in run.train_features], ranks)
     model = distributed.wrap(run.delta_model, ranks, run.device, config.data_parallel)  # FSDP replaces the parameters
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(run.delta_model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
     state = _starting_state(run, ranks, resume, optimizer, scheduler)
     pad_id = run.eval_context.pad_id

@@ -1,0 +1,77 @@
+"""The trainer's AdamW and its parameter groups, plain or LoRA+.
+
+Plain: one group, every trainable parameter at `learning_rate` with `weight_decay`.
+
+LoRA+ (Hayou et al. 2024, `loraplus_lr_ratio` = λ): B factors learn faster than A factors,
+η_B = λ·η_A, because at large width the two factors of BA need learning rates of different orders
+for feature learning to be efficient. The groups are peft's (`create_loraplus_optimizer`, with
+`loraplus_weight_decay` = `weight_decay`), always four and in this order, so a checkpoint's groups
+line up with the live ones:
+
+    A             every other trainable parameter (A factors, 2-D saved modules)  η,         weight_decay
+    embedding     both factors of a LoRA on an embedding                        η_emb,     weight_decay
+    B             `lora_B` and every other 1-D parameter                        λ·η,       weight_decay
+    B, no decay   those of B named `bias` or inside an nn.LayerNorm              λ·η,       0
+
+η_emb is `loraplus_lr_embedding`, an absolute rate as in peft (the scheduler scales it like the rest:
+`LambdaLR` multiplies every group's initial rate by the same factor).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..methods.lora import LoraEmbedding
+from .checkpoint import trainable_parameters
+from .config import TrainConfig
+
+LORAPLUS_GROUPS = ("A", "embedding", "B", "B, no decay")
+"""The LoRA+ parameter groups, in the optimizer's order."""
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `model`, grouped as the config asks (see the module)."""
+    return torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: {"params", "lr", "weight_decay"} each."""
+    named = trainable_parameters(model)
+    if config.loraplus_lr_ratio is None:
+        return [_group(named, config.learning_rate, config.weight_decay)]
+    owners = _owners(model)
+    members: dict[str, list[tuple[str, nn.Parameter]]] = {group: [] for group in LORAPLUS_GROUPS}
+    for name, parameter in named:
+        members[loraplus_group(name, parameter, owners[name])].append((name, parameter))
+    rate, decay = config.learning_rate, config.weight_decay
+    faster = rate * config.loraplus_lr_ratio
+    settings = {
+        "A": (rate, decay),
+        "embedding": (config.loraplus_lr_embedding, decay),
+        "B": (faster, decay),
+        "B, no decay": (faster, 0.0),
+    }
+    return [_group(members[group], *settings[group]) for group in LORAPLUS_GROUPS]
+
+
+def loraplus_group(name: str, parameter: nn.Parameter, owner: nn.Module) -> str:
+    """Which LoRA+ group the parameter `name` (held by module `owner`) belongs to."""
+    if isinstance(owner, LoraEmbedding):
+        return "embedding"
+    if name.rsplit(".", 1)[-1] == "lora_B" or parameter.ndim == 1:
+        return "B, no decay" if "bias" in name or isinstance(owner, nn.LayerNorm) else "B"
+    return "A"
+
+
+def _owners(model: nn.Module) -> dict[str, nn.Module]:
+    """{full parameter name: the module that holds it directly}."""
+    return {
+        f"{module_name}.{name}" if module_name else name: module
+        for module_name, module in model.named_modules()
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def _group(named: list[tuple[str, nn.Parameter]], rate: float, decay: float) -> dict:
+    return {"params": [parameter for _, parameter in named], "lr": rate, "weight_decay": decay}
