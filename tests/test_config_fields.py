@@ -64,6 +64,7 @@ TRAIN_FIELDS: dict[str, Case] = {
     "weight_decay": Case("a number ≥ 0", "[0.1]", ("-0.1",)),
     "loraplus_lr_ratio": Case("a number > 0 or null", "fast", ("0", "-16", ".nan")),
     "loraplus_lr_embedding": Case("a number > 0", "[1e-6]", ("0", "-1e-6")),
+    "freeze_lora_a": Case("true or false", '"false"'),
     "warmup_steps": Case("a whole number ≥ 0", '"5"', ("-1",)),
     "scheduler": Case("a string", "5", ("warmup",), "unknown scheduler 'warmup'"),
     "max_grad_norm": Case("a number > 0 or null", "yes", ("-1", "0")),

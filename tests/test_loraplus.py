@@ -1,6 +1,8 @@
 """LoRA+ in the trainer (`loraplus_lr_ratio`): the optimizer's parameter groups are peft's
 `create_loraplus_optimizer` groups, one training step equals a plain torch step with peft's optimizer
-on the same weights and batch, a YAML run trains, and resume keeps every group's state."""
+on the same weights and batch, a YAML run trains, and resume keeps every group's state. The frozen A
+of LoRA-FA (`freeze_lora_a`): the parameters peft's `create_lorafa_optimizer` freezes, A unchanged by
+training while B trains and the loss falls."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from peft.optimizers import create_loraplus_optimizer
+from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -21,7 +23,7 @@ from deltatune.train.cli import main
 from deltatune.train.config import TrainConfig
 from deltatune.train.encode import collate
 from deltatune.train.loop import prepare_run, train_run
-from deltatune.train.optimizer import build_optimizer
+from deltatune.train.optimizer import build_optimizer, freeze_lora_a
 from resume_checks import (
     RESUME_SETTINGS,
     assert_resume_equals_the_uninterrupted_run,
@@ -79,9 +81,9 @@ def groups_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     ]
 
 
-def test_loraplus_groups_equal_peft_create_loraplus_optimizer(tmp_path: Path) -> None:
-    """An embedding LoRA, linear LoRAs, a saved head (weight and bias) and a saved LayerNorm: every
-    group holds the same parameters with the same rate and weight decay as peft's."""
+def peft_and_ours(tmp_path: Path) -> tuple[peft.PeftModel, deltatune.DeltaModel]:
+    """The same adapter on a tiny BERT in peft and in deltatune: an embedding LoRA, linear LoRAs, a
+    saved head (weight and bias) and a saved LayerNorm."""
     base = build("bert")
     lora = peft.LoraConfig(
         r=4,
@@ -91,7 +93,16 @@ def test_loraplus_groups_equal_peft_create_loraplus_optimizer(tmp_path: Path) ->
     )
     theirs = peft.get_peft_model(copy.deepcopy(base), lora)
     theirs.save_pretrained(tmp_path)
-    ours = deltatune.load(copy.deepcopy(base), str(tmp_path), trainable=True)
+    return theirs, deltatune.load(copy.deepcopy(base), str(tmp_path), trainable=True)
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {canonical(name) for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def test_loraplus_groups_equal_peft_create_loraplus_optimizer(tmp_path: Path) -> None:
+    """Every group holds the same parameters with the same rate and weight decay as peft's."""
+    theirs, ours = peft_and_ours(tmp_path)
 
     expected = groups_by_name(theirs, peft_loraplus(theirs))
     actual = groups_by_name(ours, build_optimizer(ours, loraplus_config()))
@@ -166,15 +177,55 @@ def test_resume_with_another_loraplus_ratio_is_refused(tmp_path: Path, capsys: p
     )
 
 
+def test_freeze_lora_a_freezes_what_peft_create_lorafa_optimizer_freezes(tmp_path: Path) -> None:
+    theirs, ours = peft_and_ours(tmp_path)
+    before = trainable_names(ours)
+    create_lorafa_optimizer(theirs, r=4, lora_alpha=8, lr=RATE)
+    freeze_lora_a(ours, loraplus_config(loraplus_lr_ratio=None, freeze_lora_a=True))
+    assert trainable_names(ours) == trainable_names(theirs)
+    assert before - trainable_names(ours) == {name for name in before if name.endswith("query.lora_A")} | {
+        name for name in before if name.endswith("value.lora_A")
+    }
+
+
+def test_training_with_frozen_a_keeps_every_a_and_trains_every_b_and_the_loss_falls(tmp_path: Path) -> None:
+    config = TrainConfig.from_yaml(task_config(tmp_path, "causal-lm", freeze_lora_a=True, eval_file=None))
+    run = prepare_run(config, torch.device("cpu"))
+    initial = {name: parameter.detach().clone() for name, parameter in run.delta_model.named_parameters()}
+    factors = {name for name in initial if name.endswith(("lora_A", "lora_B"))}
+    result = train_run(run, progress=False)
+    trained = dict(run.delta_model.named_parameters())
+    assert factors and all(torch.equal(trained[name], initial[name]) == name.endswith("lora_A") for name in factors), (
+        "every A kept, every B changed"
+    )
+    losses = [entry["loss"] for entry in result.history if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_resume_with_frozen_a_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """The checkpoints hold B only; the resumed run rebuilds A from the seed, as the first run did."""
+    config = task_config(tmp_path, "causal-lm", **RESUME_SETTINGS, freeze_lora_a=True)
+    assert_resume_equals_the_uninterrupted_run(config, tmp_path)
+
+
+def test_resume_with_freeze_lora_a_switched_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = task_config(tmp_path, "causal-lm", max_steps=2, save_every=1, eval_file=None, freeze_lora_a=True)
+    assert_resume_with_a_switched_setting_is_refused(
+        config, tmp_path, capsys, "freeze_lora_a=false", "freeze_lora_a: true → false"
+    )
+
+
+@pytest.mark.parametrize("setting", [{"loraplus_lr_ratio": 16}, {"freeze_lora_a": True}])
 @pytest.mark.parametrize("method", [{"method": "bitfit"}, {"method": "prompt_tuning", "num_virtual_tokens": 2}])
-def test_loraplus_with_a_method_without_b_factors_is_a_one_line_error(
-    method: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+def test_a_lora_setting_with_a_method_without_lora_factors_is_a_one_line_error(
+    setting: dict, method: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    config = task_config(tmp_path, "causal-lm", method=method, loraplus_lr_ratio=16)
+    config = task_config(tmp_path, "causal-lm", method=method, **setting)
     capsys.readouterr()
     assert main(["train", str(config), "--quiet"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and method["method"] in error[0] and "remove loraplus_lr_ratio" in error[0], error
+    (name,) = setting
+    assert len(error) == 1 and method["method"] in error[0] and f"remove {name}" in error[0], error
     assert not (tmp_path / "out").exists()
 
 

@@ -110,6 +110,10 @@ class TrainConfig:
     loraplus_lr_embedding: PositiveFloat = 1e-6
     """With loraplus_lr_ratio: the learning rate of both factors of a LoRA on an embedding (an absolute
     rate, as peft's default 1e-6; the schedule scales it as the others)."""
+    freeze_lora_a: bool = False
+    """LoRA: keep every A factor (but an embedding's) at its initialisation and train only B, LoRA-FA's
+    frozen A (Zhang et al. 2023) as peft's create_lorafa_optimizer freezes it, without that optimizer's
+    projection of B's gradient. LoRA methods only. See `deltatune.train.optimizer`."""
     warmup_steps: NonNegativeInt = 0
     scheduler: str = "linear"
     """Learning rate after warm-up: linear (to zero), cosine (to zero) or constant."""
@@ -204,11 +208,12 @@ class TrainConfig:
         if not DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be cpu, cuda, cuda:N (N a device number), mps or auto, got {self.device!r}")
         adapter_config = self.adapter_config()
-        if self.loraplus_lr_ratio is not None and not isinstance(adapter_config, LoraConfig):
-            raise ConfigError(
-                f"loraplus_lr_ratio scales the learning rate of LoRA's B factors, and method "
-                f"{self.adapter['method']!r} has none; remove loraplus_lr_ratio or use method lora"
-            )
+        for name in LORA_ONLY:
+            if getattr(self, name) not in (None, False) and not isinstance(adapter_config, LoraConfig):
+                raise ConfigError(
+                    f"{name} acts on LoRA's A and B factors, and method {self.adapter['method']!r} has none; "
+                    f"remove {name} or use method lora"
+                )
         if self.packing and (refusal := packing_refusal(self.task, adapter_config)):
             raise ConfigError(refusal)
 
@@ -232,6 +237,8 @@ class TrainConfig:
 
 
 SCHEDULERS = ("linear", "cosine", "constant")
+LORA_ONLY = ("loraplus_lr_ratio", "freeze_lora_a")
+"""Settings that act on LoRA's factors: refused with other methods."""
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 

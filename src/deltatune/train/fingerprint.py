@@ -55,7 +55,13 @@ same steps), activation recomputation and the lean loss's chunk (the same gradie
 rounding; a checkpoint written before the chunked loss existed resumes with it). `train_file` is
 compared by content (`training_data`)."""
 
-ADDED_LATER = {"packing": False, "group_by_length": False, "loraplus_lr_ratio": None, "loraplus_lr_embedding": 1e-6}
+ADDED_LATER = {
+    "packing": False,
+    "group_by_length": False,
+    "loraplus_lr_ratio": None,
+    "loraplus_lr_embedding": 1e-6,
+    "freeze_lora_a": False,
+}
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade."""
 

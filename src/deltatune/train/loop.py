@@ -52,7 +52,7 @@ from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
 from .length_groups import grouped_order
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
-from .optimizer import build_optimizer
+from .optimizer import build_optimizer, freeze_lora_a
 from .outputs import check_output_dir, clear_previous_run
 from .packing import packed_collate_for
 from .predict import EvalContext
@@ -247,6 +247,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     if config.gradient_checkpointing:
         run.delta_model.gradient_checkpointing_enable()
     schedule = Schedule(config, [len(feature["input_ids"]) for feature in run.train_features], ranks)
+    freeze_lora_a(run.delta_model, config)
     model = distributed.wrap(run.delta_model, ranks, run.device, config.data_parallel)  # FSDP replaces the parameters
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
     optimizer = build_optimizer(run.delta_model, config)

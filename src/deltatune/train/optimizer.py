@@ -1,4 +1,4 @@
-"""The trainer's AdamW and its parameter groups, plain or LoRA+.
+"""The trainer's AdamW and its parameter groups, plain or LoRA+, and LoRA's A factors frozen.
 
 Plain: one group, every trainable parameter at `learning_rate` with `weight_decay`.
 
@@ -15,6 +15,12 @@ line up with the live ones:
 
 η_emb is `loraplus_lr_embedding`, an absolute rate as in peft (the scheduler scales it like the rest:
 `LambdaLR` multiplies every group's initial rate by the same factor).
+
+`freeze_lora_a`: the A factors keep their initialisation and only B (and any saved module) trains:
+the frozen A of LoRA-FA (Zhang et al. 2023), the same parameters peft's `create_lorafa_optimizer`
+freezes (every `lora_A`; an embedding's A, peft's `lora_embedding_A`, still trains). It is not LoRA-FA
+whole: peft's LoRA-FA optimizer also replaces B's gradient g by its projection (1/s²) g (A Aᵀ)⁻¹ and
+steps with its own AdamW; here B steps with torch's AdamW on its plain gradient.
 """
 
 from __future__ import annotations
@@ -62,6 +68,17 @@ def loraplus_group(name: str, parameter: nn.Parameter, owner: nn.Module) -> str:
     if name.rsplit(".", 1)[-1] == "lora_B" or parameter.ndim == 1:
         return "B, no decay" if "bias" in name or isinstance(owner, nn.LayerNorm) else "B"
     return "A"
+
+
+def freeze_lora_a(model: nn.Module, config: TrainConfig) -> None:
+    """With `freeze_lora_a`: stop training every LoRA A factor but an embedding's (see the module). Call
+    before the optimizer is built and the model wrapped for data parallelism."""
+    if not config.freeze_lora_a:
+        return
+    owners = _owners(model)
+    for name, parameter in trainable_parameters(model):
+        if name.rsplit(".", 1)[-1] == "lora_A" and not isinstance(owners[name], LoraEmbedding):
+            parameter.requires_grad_(False)
 
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
