@@ -8,10 +8,11 @@ for feature learning to be efficient. The groups are peft's (`create_loraplus_op
 `loraplus_weight_decay` = `weight_decay`), always four and in this order, so a checkpoint's groups
 line up with the live ones:
 
-    A             every other trainable parameter (A factors, 2-D saved modules)  η,         weight_decay
-    embedding     both factors of a LoRA on an embedding                        η_emb,     weight_decay
-    B             `lora_B` and every other 1-D parameter                        λ·η,       weight_decay
-    B, no decay   those of B named `bias` or inside an nn.LayerNorm              λ·η,       0
+    group         parameters                                           rate     weight decay
+    A             every one not below (A factors, 2-D saved weights)   η        weight_decay
+    embedding     both factors of a LoRA on an embedding               η_emb    weight_decay
+    B             `lora_B` and every other 1-D parameter               λ·η      weight_decay
+    B, no decay   those of B named `bias` or inside an nn.LayerNorm    λ·η      0
 
 η_emb is `loraplus_lr_embedding`, an absolute rate as in peft (the scheduler scales it like the rest:
 `LambdaLR` multiplies every group's initial rate by the same factor).
