@@ -165,6 +165,7 @@ def test_svd_clamp_and_reduced_matrices_equal_peft(tmp_path: Path) -> None:
         ({"combination_type": "ties", "density": 0.5, "majority_sign_method": "mean"}, "majority_sign_method"),
         ({"combination_type": "task_arithmetic"}, "combination_type"),
         ({"combination_type": "ties_svd", "density": 0.5, "svd_clamp": 2.0}, "svd_clamp"),
+        ({"combination_type": "svd", "svd_driver": "gesdd"}, "svd_driver"),
     ],
 )
 def test_bad_merge_options_are_refused_in_one_line(options: dict, message: str, tmp_path: Path) -> None:
@@ -172,6 +173,18 @@ def test_bad_merge_options_are_refused_in_one_line(options: dict, message: str, 
     with pytest.raises(DeltaTuneError, match=message) as refusal:
         ours.add_weighted_adapter(list(NAMES), WEIGHTS, "m", **options)
     assert "\n" not in str(refusal.value)
+    assert "m" not in ours.configs
+
+
+def test_svd_driver_is_refused_off_cuda(tmp_path: Path) -> None:
+    """torch takes a driver on CUDA only; elsewhere the choice is refused before any draw."""
+    _, _, ours = three_adapters(tmp_path)
+    state = torch.random.get_rng_state()
+    with pytest.raises(DeltaTuneError, match="svd_driver"):
+        ours.add_weighted_adapter(
+            list(NAMES), WEIGHTS, "m", combination_type="dare_ties_svd", density=0.5, svd_driver="gesvd"
+        )
+    assert torch.equal(torch.random.get_rng_state(), state)
     assert "m" not in ours.configs
 
 

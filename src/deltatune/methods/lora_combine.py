@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 FACTOR_MERGES = tuple(MERGES)
 SVD_MERGES = ("svd", *(f"{merge}_svd" for merge in PRUNING_MERGES))
 COMBINATIONS = ("cat", *FACTOR_MERGES, *SVD_MERGES)
+SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,9 @@ def add_weighted_adapter(
     if not all(isinstance(config, LoraConfig) for config in configs):
         raise DeltaTuneError("add_weighted_adapter combines LoRA adapters only; pass only LoRA adapters' names")
     per_module = _factors_per_module(delta_model, adapters)
+    on_cuda = all(layer.lora_A.is_cuda for pieces in per_module.values() for _, layer in pieces)
+    if svd.driver is not None and not on_cuda:
+        raise DeltaTuneError("svd_driver chooses a cuSOLVER method and works only on CUDA; leave it None here")
     peft_rank = _new_rank(kind, per_module, svd.rank)
     _draw_as_peft_builds_layers(per_module, peft_rank, configs[0].init_lora_weights)
     pruning = Pruning(density if density is not None else 1.0, majority_sign_method)
@@ -117,6 +121,8 @@ def _checked_kind(
     prunes = combination_type.removesuffix("_svd") in PRUNING_MERGES
     if prunes and (density is None or not 0 < density <= 1):
         raise DeltaTuneError(f"combination_type {combination_type!r} needs a density in (0, 1]; got {density!r}")
+    if svd.driver not in SVD_DRIVERS:
+        raise DeltaTuneError(f"unknown svd_driver {svd.driver!r}; use None, 'gesvd', 'gesvdj' or 'gesvda'")
     if svd.clamp is not None and not 0 <= svd.clamp <= 1:
         raise DeltaTuneError(f"svd_clamp is a quantile in [0, 1]; got {svd.clamp!r}")
     return "linear" if len(adapters) == 1 else combination_type
@@ -164,7 +170,8 @@ def _draw_as_peft_builds_layers(
         a_shape, b_shape = (rank, *layer.lora_A.shape[1:]), (layer.lora_B.shape[0], rank, *layer.lora_B.shape[2:])
         scratch_A, scratch_B = torch.empty(a_shape), torch.empty(b_shape)
         if isinstance(layer, LoraEmbedding):
-            scratch_A.normal_(), scratch_B.normal_()
+            scratch_A.normal_()
+            scratch_B.normal_()
             if init is not False:
                 scratch_B.normal_()
             continue
@@ -174,15 +181,14 @@ def _draw_as_peft_builds_layers(
             scratch_A.normal_()
         elif init is not False:
             nn.init.kaiming_uniform_(scratch_A, a=math.sqrt(5))
-        del scratch_A, scratch_B
 
 
 def _combine(
     pieces: list[tuple[int, LoraAdapter]], weights: list[float], kind: str, svd: SvdSettings, pruning: Pruning
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of the new adapter at one module."""
-    draw_dtype = pieces[0][1].lora_A.dtype
-    pruning = dataclasses.replace(pruning, draw_dtype=draw_dtype)
+    reference = pieces[0][1].lora_A
+    pruning = dataclasses.replace(pruning, draw_dtype=reference.dtype)
     scaled = [
         (weights[index] * layer.scaling, layer.lora_A.detach().float(), layer.lora_B.detach().float())
         for index, layer in pieces
@@ -192,16 +198,17 @@ def _combine(
     if kind in FACTOR_MERGES:
         merge = MERGES[kind]
         roots = [math.sqrt(abs(w)) for w, _, _ in scaled]
-        signed_roots = torch.tensor([math.copysign(root, w) for root, (w, _, _) in zip(roots, scaled)])
+        signs = [1.0 if w >= 0 else -1.0 for w, _, _ in scaled]
+        signed_roots = torch.tensor([sign * root for sign, root in zip(signs, roots)], device=reference.device)
         lora_A = merge([a for _, a, _ in scaled], signed_roots, pruning)
-        lora_B = merge([b for _, _, b in scaled], torch.tensor(roots), pruning)
+        lora_B = merge([b for _, _, b in scaled], torch.tensor(roots, device=reference.device), pruning)
         return lora_A, lora_B
     merge = MERGES[kind.removesuffix("_svd") if kind != "svd" else "linear"]
     a_shape, b_shape = scaled[0][1].shape[1:], scaled[0][2].shape
     # merged in the layout peft merges them in (W's stored layout), so that DARE's masks fall alike
     transposed = getattr(pieces[0][1], "transposed", False) or isinstance(pieces[0][1], LoraEmbedding)
     deltas = [layer.delta_matrix().t() if transposed else layer.delta_matrix() for _, layer in pieces]
-    delta = merge(deltas, torch.tensor([weights[index] for index, _ in pieces]), pruning)
+    delta = merge(deltas, torch.tensor([weights[index] for index, _ in pieces], device=reference.device), pruning)
     delta = delta.t() if transposed else delta
     return _truncated(delta, svd, max(a.shape[0] for _, a, _ in scaled), a_shape, b_shape)
 
