@@ -255,24 +255,19 @@ class DeltaModel(nn.Module):
         name: str,
         combination_type: str = "cat",
         svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
     ) -> DeltaModel:
-        """New LoRA adapter `name` whose update is Σ weights[i] · ΔW(adapters[i]); see `lora_combine`."""
-        from .methods.lora_combine import combine_lora
+        """New LoRA adapter `name` combining `adapters` with `weights` as peft's method of that name does
+        (cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune and their _svd forms); see
+        `lora_combine`."""
+        from .methods.lora_combine import SvdSettings, add_weighted_adapter
 
-        self.require(adapters)
-        config, tensors = combine_lora(self, adapters, weights, combination_type, svd_rank)
-        self.add(name, config, trainable=False, weights_from_file=True)
-        try:
-            for module_name, site in self.sites():
-                if module_name in tensors:
-                    adapter = site.adapters[name]
-                    current = adapter.file_state()
-                    adapter.load_file_state(
-                        {key: value.to(current[key].dtype) for key, value in tensors[module_name].items()}
-                    )
-        except BaseException:
-            self.delete(name)
-            raise
+        svd = SvdSettings(svd_rank, svd_clamp, svd_full_matrices, svd_driver)
+        add_weighted_adapter(self, adapters, weights, name, combination_type, svd, density, majority_sign_method)
         return self
 
     # ----------------------------------------------------------------------------- merging
