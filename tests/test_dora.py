@@ -207,3 +207,11 @@ def test_use_dora_on_an_unsupported_layer_type_is_refused_naming_it(targets) -> 
         deltatune.attach(base, our_lora(targets, use_dora=True))
     assert "\n" not in str(raised.value)
     assert not any("lora" in name for name, _ in base.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_at_the_default_init_equals_the_base_to_rounding(arch: str) -> None:
+    ours = deltatune.attach(
+        copy.deepcopy(build(arch)), deltatune.LoraConfig(target_modules="all-linear", use_dora=True)
+    )
+    torch.testing.assert_close(run(ours.eval(), arch), run(build(arch), arch), atol=1e-6, rtol=0)
