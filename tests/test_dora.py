@@ -19,6 +19,7 @@ import deltatune
 from deltatune.errors import UnsupportedModuleError
 from deltatune.methods.dora import DoraLinear
 from test_peft_crosscheck import assert_changed, assert_same, assert_same_parameter, our_lora, peft_lora
+from test_quantized import needs_bitsandbytes
 from tiny_models import build, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -215,3 +216,25 @@ def test_dora_at_the_default_init_equals_the_base_to_rounding(arch: str) -> None
         copy.deepcopy(build(arch)), deltatune.LoraConfig(target_modules="all-linear", use_dora=True)
     )
     torch.testing.assert_close(run(ours.eval(), arch), run(build(arch), arch), atol=1e-6, rtol=0)
+
+
+@needs_bitsandbytes
+def test_dora_on_an_nf4_base_matches_peft_outputs_gradients_and_dequantized_merge(tmp_path: Path) -> None:
+    """The norm reads the dequantized weight; a merge goes into the dequantized copy (`unload(dequantize=True)`)."""
+    theirs = peft.get_peft_model(build("llama-nf4"), peft_lora("all-linear", use_dora=True))
+    perturb_magnitudes(theirs)
+    theirs.eval()
+    expected = run(theirs, "llama-nf4")
+    assert_changed(expected, run(build("llama-nf4"), "llama-nf4"))
+    ours = ours_from_peft(theirs, "llama-nf4", tmp_path)
+    assert_same(run(ours, "llama-nf4"), expected)
+    theirs.train()
+    ours.train()
+    run(theirs, "llama-nf4").square().mean().backward()
+    run(ours, "llama-nf4").square().mean().backward()
+    for module_name, adapter in dora_adapters(ours).items():
+        for tensor_name, reference in peft_tensors(theirs, module_name).items():
+            assert_same_parameter(getattr(adapter, tensor_name).grad, reference.grad, f"{module_name}.{tensor_name}")
+    ours.eval()
+    plain = ours.unload(merge=True, dequantize=True)
+    assert_same(run(plain, "llama-nf4"), expected)

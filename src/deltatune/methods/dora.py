@@ -29,7 +29,7 @@ from ..errors import UnsupportedModuleError
 from ..quantized import quantized_linear
 from ..site import SiteAdapter
 from .base import lookup_type
-from .lora import LoraConfig, LoraLinear, add_low_rank
+from .lora import LoraConfig, LoraLinear, LoraQuantizedLinear, add_low_rank
 
 
 def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
@@ -91,7 +91,8 @@ class DoraLinear(LoraLinear):
         if self.training and self.dropout_probability > 0:
             dropped = F.dropout(x, self.dropout_probability, training=True)
             low_rank = F.linear(F.linear(dropped.to(self.lora_A.dtype), self.lora_A), self.lora_B).to(output.dtype)
-            base = F.linear(dropped.to(module.weight.dtype), self.base_weight(module)).to(output.dtype)
+            weight = self.base_weight(module)
+            base = F.linear(dropped.to(weight.dtype), weight).to(output.dtype)
             return output + (factor - 1) * base + factor * (self.scaling * low_rank)
         bias = getattr(module, "bias", None)
         hidden, scaling = self.project(x)
@@ -110,6 +111,15 @@ class DoraLinear(LoraLinear):
         return {"weight": delta.t() if self.transposed else delta}
 
 
+class DoraQuantizedLinear(DoraLinear, LoraQuantizedLinear):
+    """DoRA on a quantized linear (`deltatune.quantized`): the norm, and the base term under dropout, read
+    the dequantized weight (made on demand, as peft does; ‖W‖² is kept while the packed weight is unchanged)."""
+
+    def base_weight(self, module: nn.Module) -> torch.Tensor:
+        row = quantized_linear(module)  # None once a dequantizing merge made the layer a plain Linear
+        return super().base_weight(module) if row is None else row.dequantize(module).detach()
+
+
 def _dora_types() -> dict[type | str, type[DoraLinear]]:
     from transformers.pytorch_utils import Conv1D
 
@@ -120,11 +130,13 @@ DORA_TYPES = _dora_types()
 
 
 def build_dora(module: nn.Module, module_name: str, config: LoraConfig) -> DoraLinear:
-    """The DoRA adapter for one selected module; other layer types (and quantized bases) are refused."""
-    adapter_class = None if quantized_linear(module) is not None else lookup_type(DORA_TYPES, type(module), None)
+    """The DoRA adapter for one selected module; other layer types are refused."""
+    if quantized_linear(module) is not None:
+        return DoraQuantizedLinear(module, module_name, config)
+    adapter_class = lookup_type(DORA_TYPES, type(module), None)
     if adapter_class is None:
         raise UnsupportedModuleError(
-            f"use_dora is not supported on {type(module).__name__} layers ({module_name}): DoRA adapts plain "
-            "Linear and Conv1D layers only, so leave this layer out of target_modules or set use_dora=False"
+            f"use_dora is not supported on {type(module).__name__} layers ({module_name}): DoRA adapts Linear "
+            "(plain or quantized) and Conv1D layers only: leave this layer out of target_modules or set use_dora=False"
         )
     return adapter_class(module, module_name, config)
