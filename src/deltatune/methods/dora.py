@@ -46,7 +46,7 @@ class DoraLinear(LoraLinear):
         super().__init__(module, module_name, config)
         self._base_square: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._eval_norm: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(module).to(self.lora_A.dtype))
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(module).to(self.lora_A.dtype, copy=True))
 
     def base_weight(self, module: nn.Module) -> torch.Tensor:
         """The base weight in out × in layout (a view), detached."""
