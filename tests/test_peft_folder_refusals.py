@@ -135,7 +135,6 @@ def test_an_eva_adapter_loads_with_peft_outputs(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- keys
 REFUSED_VALUES = {
     "bias": "all",
-    "use_dora": True,
     "lora_bias": True,
     "layer_replication": [[0, 2], [1, 2]],
     "target_parameters": ["mlp.gate_proj.weight"],

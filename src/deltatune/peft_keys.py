@@ -46,6 +46,7 @@ LORA_READ = (
     "layers_to_transform",
     "layers_pattern",
     "modules_to_save",
+    "use_dora",
 )
 
 LORA_TOLERATED = {
@@ -61,7 +62,6 @@ LORA_TOLERATED = {
 
 LORA_REFUSED: dict[str, tuple[Any, str]] = {
     "bias": ("none", "trains the biases of the base model"),
-    "use_dora": (False, "DoRA: a learned magnitude per output feature"),
     "lora_bias": (False, "a bias on LoRA's B"),
     "layer_replication": (None, "repeats layers of the base model"),
     "target_parameters": (None, "LoRA on bare parameters such as mixture-of-experts weights"),

@@ -69,6 +69,9 @@ class LoraConfig(TargetedConfig):
     """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
     alpha_pattern: dict[Regex, float] = dataclasses.field(default_factory=dict)
     """{module name pattern: alpha} overriding `lora_alpha` for matching modules."""
+    use_dora: bool = False
+    """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
+    magnitude m per output feature; on Linear and Conv1D layers."""
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -275,6 +278,11 @@ class LoraPeft(PeftCodec):
     tensor_names = {
         LoraAdapter: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
         LoraEmbedding: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
+        "deltatune.methods.dora.DoraLinear": {
+            "lora_A": "lora_A.weight",
+            "lora_B": "lora_B.weight",
+            "lora_magnitude_vector": "lora_magnitude_vector",
+        },
     }
 
     def check_keys(self, data: dict[str, Any]) -> None:
@@ -293,7 +301,7 @@ class LoraPeft(PeftCodec):
                 re.escape(n): config.alpha_for(n) for n in targets if config.alpha_for(n) != config.lora_alpha
             },
             "bias": "none",
-            "use_dora": False,
+            "use_dora": config.use_dora,
         }
 
     def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
@@ -323,6 +331,13 @@ class Lora(ModuleMethod):
     config_class = LoraConfig
     adapter_types = _adapter_types()
     peft_codec = LoraPeft()
+
+    def build_adapter(self, module: nn.Module, module_name: str, config: LoraConfig) -> nn.Module:
+        if config.use_dora:
+            from .dora import build_dora  # dora builds on this module's classes
+
+            return build_dora(module, module_name, config)
+        return super().build_adapter(module, module_name, config)
 
     def default_targets(self, model: nn.Module) -> list[str] | str:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
