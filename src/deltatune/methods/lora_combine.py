@@ -69,6 +69,12 @@ def add_weighted_adapter(
     configs = [delta_model.configs[adapter] for adapter in adapters]
     if not all(isinstance(config, LoraConfig) for config in configs):
         raise DeltaTuneError("add_weighted_adapter combines LoRA adapters only; pass only LoRA adapters' names")
+    dora = [adapter for adapter, config in zip(adapters, configs) if config.use_dora]
+    if dora:
+        raise DeltaTuneError(
+            f"add_weighted_adapter cannot combine DoRA adapters ({', '.join(dora)}): their magnitudes do not "
+            "combine like LoRA factors; merge each into the weights (merge()) instead"
+        )
     per_module = _factors_per_module(delta_model, adapters)
     on_cuda = all(layer.lora_A.is_cuda for pieces in per_module.values() for _, layer in pieces)
     if svd.driver is not None and not on_cuda:
