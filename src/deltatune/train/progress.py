@@ -59,6 +59,7 @@ class TrainingBar:
                 yield
             finally:
                 self.bar.unpause()
+                self.bar.refresh()  # an evaluation bar closing redrew this one with the pause counted
 
     def close(self) -> None:
         self.bar.close()
