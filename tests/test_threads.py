@@ -51,6 +51,7 @@ def fake_machine(monkeypatch, usable: int, machine_cores: int, load: float, torc
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: machine_cores)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(threads, "_runnable_now", lambda: None)  # the load average alone
     monkeypatch.setattr(threads, "_torch_default", lambda: torch_default)
 
 
@@ -63,6 +64,20 @@ def test_automatic_threads_use_the_free_cores_and_warn_when_busy(monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger="deltatune"):
         assert threads.use_threads(None) == 1 and torch.get_num_threads() == 1
     assert [record.getMessage() for record in caplog.records] == [threads.busy_warning(4, 6.0, 1)]
+
+
+def test_a_job_that_just_ended_does_not_count_while_the_load_average_still_holds_it(monkeypatch) -> None:
+    fake_machine(monkeypatch, usable=2, machine_cores=2, load=2.2)
+    monkeypatch.setattr(threads, "_runnable_now", lambda: 0.0)  # nothing else runnable now
+    assert threads.use_threads(None) == 2
+    monkeypatch.setattr(threads, "_runnable_now", lambda: 1.0)  # another process running too
+    assert threads.use_threads(None) == 1
+
+
+def test_a_passing_burst_the_load_average_has_not_seen_does_not_count(monkeypatch) -> None:
+    fake_machine(monkeypatch, usable=2, machine_cores=2, load=0.4)
+    monkeypatch.setattr(threads, "_runnable_now", lambda: 3.0)
+    assert threads.use_threads(None) == 2
 
 
 def test_automatic_threads_never_exceed_torchs_own_default(monkeypatch) -> None:

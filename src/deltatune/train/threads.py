@@ -6,9 +6,14 @@ two threads of every matrix product wait on each other and steps ran up to 13× 
 the demo: 2.3 → 30 s/step). The automatic choice counts what is free when the run starts:
 
     usable = cores this process may run on         (os.sched_getaffinity)
-    busy   = round(load · usable / machine cores)   (os.getloadavg, 1 minute: the runnable processes,
-                                                     spread over the machine's cores)
+    busy   = round(load · usable / machine cores)   (load: the runnable processes, spread over the
+                                                     machine's cores)
     threads = clamp(usable − busy, 1, torch's own default)
+
+The load is the smaller of the 1-minute load average (os.getloadavg) and the most other processes
+found runnable in a few samples of /proc/loadavg over 0.1 s: the average alone lags by about a minute,
+so right after another job ended it still counted that job; a snapshot alone misses a busy process
+that happens to wait at that instant.
 
 and warns in one line when the machine is busy (load above its core count). An explicit `threads`
 is used as it is. The count changes no number a run computes beyond the order of float reductions
@@ -21,6 +26,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -54,11 +61,31 @@ def _usable_cores() -> int:
     return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
+LOAD_SAMPLES, SAMPLE_SECONDS = 5, 0.02
+
+
+def _runnable_now() -> float | None:
+    """The most processes other than this one runnable at once in `LOAD_SAMPLES` reads of
+    /proc/loadavg (its fourth field, running/total); None where the file does not exist (not Linux)."""
+    counts = []
+    for sample in range(LOAD_SAMPLES):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        except (OSError, IndexError):
+            return None
+        counts.append(int(running) - 1)  # this process is running while it reads
+        if sample < LOAD_SAMPLES - 1:
+            time.sleep(SAMPLE_SECONDS)
+    return float(max(0, max(counts)))
+
+
 def _load() -> float:
     try:
-        return os.getloadavg()[0]
+        average = os.getloadavg()[0]
     except (AttributeError, OSError):  # Windows has no load average
         return 0.0
+    now = _runnable_now()
+    return average if now is None else min(average, now)
 
 
 def use_threads(threads: int | None) -> int:
