@@ -10,7 +10,7 @@ import pytest
 
 from deltatune.train import distributed
 from deltatune.train.config import TrainConfig
-from deltatune.train.loop import Schedule
+from deltatune.train.schedule import Schedule
 from resume_checks import RESUME_SETTINGS as SHARED_RESUME_SETTINGS
 from resume_checks import assert_resume_equals_the_uninterrupted_run, assert_resume_with_a_switched_setting_is_refused
 from training_fixtures import WORDS, task_config, write_jsonl

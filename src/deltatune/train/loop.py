@@ -1,9 +1,8 @@
 """The training loop behind `deltatune train` and `deltatune.train.train(config)`.
 
-One optimizer step takes `batch_size × gradient_accumulation_steps × world_size` examples. The order
-of the examples in epoch e is a permutation drawn from a generator seeded with `seed + e`, so any step
-can be reproduced from (seed, step) alone: that, plus the optimizer, scheduler and random states in a
-checkpoint, is what makes `--resume` continue bit-exactly. AdamW updates the trainable parameters
+One optimizer step takes `batch_size × gradient_accumulation_steps × world_size` examples, in an order
+that is a pure function of (seed, step) (`schedule.py`): that, plus the optimizer, scheduler and
+random states in a checkpoint, is what makes `--resume` continue bit-exactly. AdamW updates the trainable parameters
 only (the adapter, and any `modules_to_save`); the learning rate warms up linearly for
 `warmup_steps`, then follows the schedule (linear or cosine to zero, or constant).
 
@@ -21,7 +20,6 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +48,6 @@ from .data import read_records
 from .encode import EncodeContext, collate, label_names
 from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
-from .length_groups import grouped_order
 from .models import attach_adapter, load_model, load_tokenizer, model_folder
 from .optimizer import build_optimizer, freeze_lora_a
 from .outputs import check_output_dir, clear_previous_run
@@ -59,6 +56,7 @@ from .predict import EvalContext
 from .progress import TrainingBar
 from .quantize import require_backend
 from .report import write_report
+from .schedule import Schedule, learning_rate_factor
 from .tasks import TaskType, get_task
 from .threads import use_threads
 
@@ -162,65 +160,11 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     return Run(config, task, tokenizer, delta_model.to(home), train_features, eval_features, device)
 
 
-DECAY: dict[str, Callable[[float], float]] = {
-    "linear": lambda progress: 1.0 - progress,
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
-    "constant": lambda progress: 1.0,
-}
-"""Learning-rate factor after warm-up, as a function of the share of those steps done (0 → 1)."""
-
-
-def learning_rate_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """The schedule as a function of the step: linear warm-up, then `DECAY[config.scheduler]`."""
-    decay = DECAY[config.scheduler]
-
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        return decay((step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-
-    return factor
-
-
 def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     wanted = config.bf16
     if wanted == "auto":
         wanted = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
-
-
-class Schedule:
-    """Which examples each rank reads at each micro-step: a pure function of (seed, step); with
-    `group_by_length`, of the examples' `lengths` too (`length_groups.py`)."""
-
-    def __init__(self, config: TrainConfig, lengths: list[int], ranks: distributed.Ranks) -> None:
-        self.batch, self.accumulation, self.ranks, self.count, self.seed = (
-            config.batch_size,
-            config.gradient_accumulation_steps,
-            ranks,
-            len(lengths),
-            config.seed,
-        )
-        self.lengths = lengths if config.group_by_length else None
-        self.per_step = self.batch * self.accumulation * ranks.world_size
-        self.steps_per_epoch = max(1, math.ceil(self.count / self.per_step))
-        self.total = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
-        self._order: tuple[int, torch.Tensor] | None = None
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.count, generator=generator)
-            if self.lengths is not None:
-                order = grouped_order(order, self.lengths, self.batch, generator)
-            self._order = (epoch, order)
-        first = within * self.per_step
-        indices = [int(self._order[1][(first + i) % self.count]) for i in range(self.per_step)]
-        size = self.batch
-        return [
-            indices[(k * self.ranks.world_size + self.ranks.rank) * size :][:size] for k in range(self.accumulation)
-        ]
 
 
 def train(config: TrainConfig, resume: str | Path | bool | None = None, progress: bool = True) -> TrainResult:

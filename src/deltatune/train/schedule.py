@@ -1,0 +1,67 @@
+"""When a run does what: which examples each rank reads at each micro-step (`Schedule`), and the
+learning rate at each step (`learning_rate_factor`). Both are pure functions of (seed, step), so any
+step can be reproduced from a checkpoint's step alone: that is what keeps `--resume` bit-exact."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from . import distributed
+from .config import TrainConfig
+from .length_groups import grouped_order
+
+DECAY: dict[str, Callable[[float], float]] = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "constant": lambda progress: 1.0,
+}
+"""Learning-rate factor after warm-up, as a function of the share of those steps done (0 → 1)."""
+
+
+def learning_rate_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """The schedule as a function of the step: linear warm-up, then `DECAY[config.scheduler]`."""
+    decay = DECAY[config.scheduler]
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        return decay((step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+
+    return factor
+
+
+class Schedule:
+    """Which examples each rank reads at each micro-step: a pure function of (seed, step); with
+    `group_by_length`, of the examples' `lengths` too (`length_groups.py`)."""
+
+    def __init__(self, config: TrainConfig, lengths: list[int], ranks: distributed.Ranks) -> None:
+        self.batch, self.accumulation, self.ranks, self.count, self.seed = (
+            config.batch_size,
+            config.gradient_accumulation_steps,
+            ranks,
+            len(lengths),
+            config.seed,
+        )
+        self.lengths = lengths if config.group_by_length else None
+        self.per_step = self.batch * self.accumulation * ranks.world_size
+        self.steps_per_epoch = max(1, math.ceil(self.count / self.per_step))
+        self.total = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.count, generator=generator)
+            if self.lengths is not None:
+                order = grouped_order(order, self.lengths, self.batch, generator)
+            self._order = (epoch, order)
+        first = within * self.per_step
+        indices = [int(self._order[1][(first + i) % self.count]) for i in range(self.per_step)]
+        size = self.batch
+        return [
+            indices[(k * self.ranks.world_size + self.ranks.rank) * size :][:size] for k in range(self.accumulation)
+        ]
