@@ -38,6 +38,7 @@ CASES = {
         zero_init=False,
     ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
+    "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),
         archs=("llama", "gpt2", "bert", "t5"),

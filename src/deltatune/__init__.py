@@ -38,6 +38,7 @@ from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.soft_prompt import collapse_soft_prompt
+from .methods.vera import VeraConfig
 from .model import DeltaModel
 from .peft_format import PeftCodec
 from .placement import Placement
@@ -110,6 +111,7 @@ __all__ = [
     "TrainableSummary",
     "UnknownMethodError",
     "UnsupportedModuleError",
+    "VeraConfig",
     "attach",
     "get_method",
     "load",

@@ -1,7 +1,7 @@
 """Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
-peft's `LoraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
+peft's `LoraConfig`, `VeraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -121,15 +121,20 @@ SOFT_PROMPT_TOLERATED = {
 def check_lora_keys(data: dict[str, Any]) -> None:
     """Refuse a peft LoRA config whose keys ask for math deltatune does not compute; warn about keys
     peft 0.21 does not have."""
-    for key, (default, meaning) in LORA_REFUSED.items():
+    _refuse_set_keys(data, LORA_REFUSED)
+    check_init(data.get("init_lora_weights"))
+    _warn_unknown(data, {*COMMON_TOLERATED, *LORA_READ, *LORA_TOLERATED, *LORA_REFUSED})
+
+
+def _refuse_set_keys(data: dict[str, Any], refused: dict[str, tuple[Any, str]]) -> None:
+    """Refuse the first key of `refused` (key → (default, meaning)) that `data` sets to another value."""
+    for key, (default, meaning) in refused.items():
         value = data.get(key)
         if not _is_unset(value, default):
             raise DeltaTuneError(
                 f"this peft adapter sets {key}={value!r} ({meaning}), which deltatune does not implement, "
                 "so it would load with other outputs; retrain it without that option, or run it with peft"
             )
-    check_init(data.get("init_lora_weights"))
-    _warn_unknown(data, {*COMMON_TOLERATED, *LORA_READ, *LORA_TOLERATED, *LORA_REFUSED})
 
 
 def check_soft_prompt_keys(data: dict[str, Any]) -> None:
@@ -186,3 +191,36 @@ def _warn_unknown(data: dict[str, Any], known: set[str]) -> None:
             UserWarning,
             stacklevel=4,
         )
+
+
+VERA_READ = (
+    "r",
+    "target_modules",
+    "projection_prng_key",
+    "save_projection",
+    "vera_dropout",
+    "d_initial",
+    "init_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+)
+
+VERA_TOLERATED = {
+    "fan_in_fan_out": "peft sets it from the layer type (False for Linear, True for GPT-2's Conv1D), as deltatune does",
+}
+
+VERA_REFUSED: dict[str, tuple[Any, str]] = {
+    "bias": ("none", "trains the biases of the base model"),
+}
+
+
+def check_vera_keys(data: dict[str, Any]) -> None:
+    """Refuse a peft VeRA config that trains biases; warn about keys peft 0.21 does not have."""
+    _refuse_set_keys(data, VERA_REFUSED)
+    _warn_unknown(data, {*COMMON_TOLERATED, *VERA_READ, *VERA_TOLERATED, *VERA_REFUSED})
+
+
+def vera_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of our `VeraConfig` that a peft VeRA config sets."""
+    return {key: data[key] for key in VERA_READ if data.get(key) is not None}
