@@ -141,7 +141,24 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "encoder_num_layers": Case("a whole number ≥ 1", "1.5", ("0",)),
     "encoder_dropout": Case("a number in [0, 1)", "[0]", ("1",)),
     "prefix_projection": Case("true or false", '"false"'),
+    # VeRA
+    "projection_prng_key": Case(
+        "a whole number in [-9223372036854775808, 18446744073709551615]", "1.5", ("18446744073709551616",)
+    ),
+    "save_projection": Case("true or false", '"false"'),
+    "vera_dropout": Case("a number in [0, 1)", "[0.1]", ("1", "-0.1")),
+    "d_initial": Case("a number", "small", (".nan",)),
 }
+
+METHOD_FIELDS: dict[str, dict[str, Case]] = {
+    "vera": {"init_weights": Case("true or false", '"false"')},
+}
+"""Cases of a method whose field has the name of another method's field but other values."""
+
+
+def adapter_fields(method: str) -> dict[str, Case]:
+    return {**ADAPTER_FIELDS, **METHOD_FIELDS.get(method, {})}
+
 
 METHOD_BASES: dict[str, str] = {
     "lora": "{method: lora, r: 4, target_modules: all-linear}",
@@ -152,6 +169,7 @@ METHOD_BASES: dict[str, str] = {
     "prompt_tuning": "{method: prompt_tuning}",
     "p_tuning": "{method: p_tuning}",
     "prefix_tuning": "{method: prefix_tuning}",
+    "vera": "{method: vera, r: 4, target_modules: all-linear}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
 
@@ -172,7 +190,7 @@ def cases() -> list:
             found.append(pytest.param([f"{name}={value}"], message, id=f"train-{name}-{kind}"))
     for method, base in METHOD_BASES.items():
         for name in field_names(get_method(method).config_class):
-            for kind, value, message in _bad_values(name, ADAPTER_FIELDS.get(name), "adapter: "):
+            for kind, value, message in _bad_values(name, adapter_fields(method).get(name), "adapter: "):
                 found.append(
                     pytest.param([f"adapter={base}", f"adapter.{name}={value}"], message, id=f"{method}-{name}-{kind}")
                 )
@@ -215,7 +233,7 @@ def test_every_config_field_has_a_case() -> None:
     assert sorted(built_in_methods()) == sorted(METHOD_BASES)
     classes = [
         (TrainConfig, TRAIN_FIELDS),
-        *((get_method(method).config_class, ADAPTER_FIELDS) for method in METHOD_BASES),
+        *((get_method(method).config_class, adapter_fields(method)) for method in METHOD_BASES),
     ]
     missing, unranged = [], []
     for config_class, table in classes:

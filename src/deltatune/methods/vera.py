@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig
-from ..errors import DeltaTuneError
-from ..field_check import DropoutRate, PositiveInt
+from ..field_check import DropoutRate, PositiveInt, Range
 from ..peft_format import PeftCodec
 from ..peft_keys import check_vera_keys, vera_fields
 from ..placement import Placement
@@ -47,7 +46,7 @@ from .base import ModuleMethod
 from .lora import DEFAULT_TARGETS
 
 PROJECTION_NAMES = ("vera_A", "vera_B")
-SEED_RANGE = (-(2**63), 2**64 - 1)
+GeneratorSeed = Annotated[int, Range(minimum=-(2**63), maximum=2**64 - 1)]
 """The seeds a `torch.Generator` accepts."""
 
 
@@ -58,7 +57,7 @@ class VeraConfig(TargetedConfig):
     r: PositiveInt = 256
     """Rows of A (columns of B): the rank of the random projections, and the length of λ_d. VeRA trains
     only λ_b and λ_d, so it takes far higher ranks than LoRA for the same parameter count."""
-    projection_prng_key: int = 0
+    projection_prng_key: GeneratorSeed = 0
     """Seed of the generator that draws A and B (the same key gives the same matrices as peft, bit for
     bit); also how a file saved without them gets them back."""
     save_projection: bool = True
@@ -71,14 +70,6 @@ class VeraConfig(TargetedConfig):
     init_weights: bool = True
     """True: λ_b = 0 and λ_d = d_initial (the model starts equal to the base); False: λ_b = 1 and
     λ_d ~ N(0, 1) (for tests: the adapter changes the output from the start)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if not SEED_RANGE[0] <= self.projection_prng_key <= SEED_RANGE[1]:
-            raise DeltaTuneError(
-                f"projection_prng_key={self.projection_prng_key} is outside the seeds torch's generator takes "
-                f"({SEED_RANGE[0]} to {SEED_RANGE[1]}); pick a key in that range"
-            )
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
