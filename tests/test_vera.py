@@ -22,7 +22,13 @@ import deltatune
 from deltatune.errors import DeltaTuneError, UnsupportedModuleError
 from deltatune.methods.vera import VeraLinear, VeraProjections
 from deltatune.train.cli import main
+from resume_checks import (
+    RESUME_SETTINGS,
+    assert_resume_equals_the_uninterrupted_run,
+    assert_resume_with_a_switched_setting_is_refused,
+)
 from test_peft_crosscheck import assert_changed, assert_same, assert_same_parameter
+from test_quantized import needs_bitsandbytes
 from tiny_models import build, run
 from training_fixtures import task_config
 
@@ -273,3 +279,39 @@ def test_vera_trains_through_the_command_and_its_loss_falls(tmp_path: Path) -> N
     assert len(losses) == 6 and losses[-1] < losses[0]
     data = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert data["method"] == "vera"
+
+
+@needs_bitsandbytes
+def test_a_peft_folder_made_on_a_4bit_base_loads_there_with_peft_outputs(tmp_path: Path) -> None:
+    config = peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    theirs = peft.get_peft_model(build("llama-nf4"), config)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = deltatune.load(build("llama-nf4"), tmp_path).eval()
+    expected = run(theirs.eval(), "llama-nf4")
+    assert_changed(expected, run(build("llama-nf4"), "llama-nf4"))
+    assert_same(run(ours, "llama-nf4"), expected)
+
+
+VERA_RESUME = {
+    **RESUME_SETTINGS,
+    "adapter": {
+        "method": "vera",
+        "r": 16,
+        "target_modules": "all-linear",
+        "vera_dropout": 0.2,
+        "save_projection": False,
+    },
+}
+"""The resume run with VeRA: dropout on, and the projections not in the checkpoints (drawn again from the key)."""
+
+
+def test_a_resumed_vera_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    assert_resume_equals_the_uninterrupted_run(task_config(tmp_path, "causal-lm", **VERA_RESUME), tmp_path)
+
+
+def test_a_resume_with_another_projection_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = task_config(tmp_path, "causal-lm", **VERA_RESUME)
+    assert_resume_with_a_switched_setting_is_refused(
+        config, tmp_path, capsys, "adapter.projection_prng_key=3", "adapter.projection_prng_key: 0 → 3"
+    )

@@ -22,7 +22,8 @@ and a load draws them again from the key.
 
 Each adapter has its own pair, drawn from its own config (key, r, targets). peft makes every VeRA
 adapter of one model share the first one's pair and requires one key for all of them; adapters that
-differ in key or r load there only one at a time. Layers: `nn.Linear` and GPT-2's `Conv1D` (weight in × out).
+differ in key or r load there only one at a time. Layers: `nn.Linear`, GPT-2's `Conv1D` (weight in × out)
+and the quantized linears of `deltatune.quantized` (float32 λ; a merge needs the weight dequantized).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..field_check import DropoutRate, PositiveInt, Range
 from ..peft_format import PeftCodec
 from ..peft_keys import check_vera_keys, vera_fields
 from ..placement import Placement
+from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
 from .base import ModuleMethod
@@ -90,7 +92,11 @@ class VeraProjections(nn.Module):
 
 
 def layer_widths(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of an `nn.Linear` (weight out × in) or a GPT-2 `Conv1D` (weight in × out)."""
+    """(in, out) of an `nn.Linear` (weight out × in), a GPT-2 `Conv1D` (weight in × out) or a quantized
+    linear (its logical widths: the packed weight's shape says nothing)."""
+    row = quantized_linear(module)
+    if row is not None:
+        return row.in_features(module), row.out_features(module)
     rows, columns = module.weight.shape
     return (columns, rows) if isinstance(module, nn.Linear) else (rows, columns)
 
@@ -104,7 +110,8 @@ class VeraLinear(SiteAdapter):
         super().__init__()
         self.transposed = not isinstance(module, nn.Linear)
         self.in_features, self.out_features = layer_widths(module)
-        factory = {"dtype": module.weight.dtype, "device": module.weight.device}
+        weight = module.weight
+        factory = {"dtype": weight.dtype if weight.is_floating_point() else torch.float32, "device": weight.device}
         self.vera_lambda_b = nn.Parameter(torch.empty(self.out_features, **factory))
         self.vera_lambda_d = nn.Parameter(torch.empty(config.r, **factory))
         self.dropout_probability = config.vera_dropout
@@ -218,7 +225,7 @@ class VeraPeft(PeftCodec):
 def _adapter_types() -> dict[type | str, type[VeraLinear]]:
     from transformers.pytorch_utils import Conv1D
 
-    return {nn.Linear: VeraLinear, Conv1D: VeraLinear}
+    return {**dict.fromkeys(QUANTIZED_LINEARS, VeraLinear), nn.Linear: VeraLinear, Conv1D: VeraLinear}
 
 
 @register("vera")
