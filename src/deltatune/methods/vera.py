@@ -16,7 +16,10 @@ the adapter at the first target only, so it is part of the model's module tree e
 and casts with the model (`.to`, `.half`, `keep_in_float32`), appears once in `state_dict`, and is
 dropped with the adapter. The other layers hold a plain reference to it (not a child) and slice it at
 forward time, so they always read its current tensors, wherever `.to` put them (a layer on another
-device copies its slice over, as peft does). Files store it once too: ours as `<first target>.vera_A`,
+device copies its slice over, as peft does). Not a child of every layer: `state_dict` would then list
+it once per layer (peft's does, and strips the copies when it saves). Not a buffer beside the model:
+a method only places adapters at modules (`Placement`), and a tensor outside the model's module tree
+would not follow `model.to(...)`. Files store it once too: ours as `<first target>.vera_A`,
 peft's as `base_model.vera_A` / `base_model.vera_B`; with `save_projection=False` neither is written
 and a load draws them again from the key.
 
