@@ -65,7 +65,8 @@ def our_vera(arch: str, name: str = "default", seed: int = 0, **options) -> delt
     return ours.eval()
 
 
-def projections_of(ours: deltatune.DeltaModel, name: str = "default") -> list[VeraProjections]:
+def projections_of(ours: deltatune.DeltaModel) -> list[VeraProjections]:
+    """Every pair the model holds, in module order."""
     return [module for module in ours.modules() if isinstance(module, VeraProjections)]
 
 
@@ -114,6 +115,9 @@ def test_the_projections_are_held_once_and_move_and_cast_with_the_model() -> Non
     assert len(adapters) == 6 and all(adapter.shared[0] is shared for adapter in adapters.values())
     assert sum(key.endswith(("vera_A", "vera_B")) for key in ours.state_dict()) == 2
     assert not any(buffer.requires_grad for buffer in shared.buffers())
+    copied = copy.deepcopy(ours)
+    [copied_shared] = projections_of(copied)
+    assert all(adapter.shared[0] is copied_shared for adapter in vera_adapters(copied).values())
     expected = run(ours, "llama").double()
     ours.double()
     assert all(adapter.shared[0].vera_A.dtype == torch.float64 for adapter in adapters.values())
@@ -151,6 +155,25 @@ def test_peft_folder_loads_with_peft_outputs(arch: str, save_projection: bool, t
     expected = run(theirs, arch)
     assert_changed(expected, run(build(arch), arch))
     assert_same(run(ours, arch), expected)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_a_peft_folder_on_chosen_layers_loads_with_peft_outputs(save_projection: bool, tmp_path: Path) -> None:
+    """peft's `layers_to_transform` picks the same layers here, and the pair is sized by the chosen layers
+    only (v_proj: 32 in, 16 out; the model's widest layer takes 64), as peft sizes it when it draws it again."""
+    theirs = peft_vera(
+        "llama",
+        target_modules=["v_proj"],
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        save_projection=save_projection,
+    )
+    theirs.save_pretrained(tmp_path)
+    ours = deltatune.load(build("llama"), tmp_path).eval()
+    assert ours.targets["default"] == ["model.layers.1.self_attn.v_proj"]
+    [shared] = projections_of(ours)
+    assert shared.vera_A.shape == (8, 32) and shared.vera_B.shape == (16, 8)
+    assert_same(run(ours, "llama"), run(theirs, "llama"))
 
 
 def test_peft_projections_in_the_file_are_the_ones_used(tmp_path: Path) -> None:
