@@ -144,6 +144,33 @@ def test_two_vera_adapters_keep_their_own_projections(tmp_path: Path) -> None:
     assert torch.equal(run(again, "llama"), expected)
 
 
+def test_two_adapters_with_one_key_and_rank_move_to_peft_and_back(tmp_path: Path) -> None:
+    """The case peft supports (one key, one rank): each adapter, saved here, gives our outputs in peft,
+    and peft's folders of both load here with peft's outputs."""
+    ours = our_vera("llama", name="a", projection_prng_key=4)
+    ours.add("b", deltatune.VeraConfig(r=8, target_modules=list(TARGETS["llama"]), projection_prng_key=4))
+    perturb(ours, seed=1)
+    expected = {}
+    for name in ("a", "b"):
+        ours.activate(name)
+        expected[name] = run(ours, "llama")
+    ours.save(tmp_path / "ours", format="peft")
+    theirs = peft.PeftModel.from_pretrained(
+        copy.deepcopy(build("llama")), str(tmp_path / "ours" / "a"), adapter_name="a"
+    )
+    theirs.load_adapter(str(tmp_path / "ours" / "b"), adapter_name="b")
+    theirs.eval()
+    for name in ("a", "b"):
+        theirs.set_adapter(name)
+        assert_same(run(theirs, "llama"), expected[name])
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    again = deltatune.load(build("llama"), tmp_path / "theirs").eval()
+    assert_changed(expected["a"], expected["b"])
+    for name in ("a", "b"):
+        again.activate(name)
+        assert_same(run(again, "llama"), expected[name])
+
+
 # ----------------------------------------------------------------------------- outputs and folders
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("save_projection", [True, False])
