@@ -1,7 +1,8 @@
 """Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
-peft's `LoraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
+peft's `LoraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` (and
+`AdaLoraConfig`) is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -78,6 +79,38 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
 }
 """Key → (its default, what it does that deltatune does not)."""
 
+ADALORA_READ = (
+    "target_r",
+    "init_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
+    "rank_pattern",
+    "lora_alpha",
+    "lora_dropout",
+    "init_lora_weights",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+)
+"""peft's `AdaLoraConfig` keys that deltatune's `AdaLoraConfig` reads (`init_lora_weights`: any true value
+is peft's one AdaLoRA init, which leaves the base alone)."""
+
+ADALORA_TOLERATED = {
+    **LORA_TOLERATED,
+    "r": "peft's AdaLoRA ignores it: init_r is the rank",
+    "use_rslora": "peft's AdaLoRA ignores it: the scale is lora_alpha / init_r",
+    "alpha_pattern": "peft's AdaLoRA ignores it: every module gets lora_alpha",
+}
+
+ADALORA_REFUSED = {**LORA_REFUSED, "use_dora": (False, "DoRA, which peft's AdaLoRA refuses too")}
+
 PLAIN_INITS = ("gaussian", "eva", "orthogonal")
 """Initialisations (besides True and False) that leave the base model alone and train A and B as plain
 LoRA does: the saved weights are the whole adapter."""
@@ -121,15 +154,16 @@ SOFT_PROMPT_TOLERATED = {
 def check_lora_keys(data: dict[str, Any]) -> None:
     """Refuse a peft LoRA config whose keys ask for math deltatune does not compute; warn about keys
     peft 0.21 does not have."""
-    for key, (default, meaning) in LORA_REFUSED.items():
-        value = data.get(key)
-        if not _is_unset(value, default):
-            raise DeltaTuneError(
-                f"this peft adapter sets {key}={value!r} ({meaning}), which deltatune does not implement, "
-                "so it would load with other outputs; retrain it without that option, or run it with peft"
-            )
+    _refuse_set(data, LORA_REFUSED)
     check_init(data.get("init_lora_weights"))
     _warn_unknown(data, {*COMMON_TOLERATED, *LORA_READ, *LORA_TOLERATED, *LORA_REFUSED})
+
+
+def check_adalora_keys(data: dict[str, Any]) -> None:
+    """Refuse a peft AdaLoRA config whose keys ask for math deltatune does not compute; warn about keys
+    peft 0.21 does not have."""
+    _refuse_set(data, ADALORA_REFUSED)
+    _warn_unknown(data, {*COMMON_TOLERATED, *ADALORA_READ, *ADALORA_TOLERATED, *ADALORA_REFUSED})
 
 
 def check_soft_prompt_keys(data: dict[str, Any]) -> None:
@@ -166,6 +200,17 @@ def check_init(value: Any) -> None:
         f"this peft adapter was made with init_lora_weights={value!r} ({reason}); deltatune does not "
         "implement it yet: train with the default init_lora_weights=True"
     )
+
+
+def _refuse_set(data: dict[str, Any], refused: dict[str, tuple[Any, str]]) -> None:
+    """Refuse the first key of `refused` that `data` sets away from its default."""
+    for key, (default, meaning) in refused.items():
+        value = data.get(key)
+        if not _is_unset(value, default):
+            raise DeltaTuneError(
+                f"this peft adapter sets {key}={value!r} ({meaning}), which deltatune does not implement, "
+                "so it would load with other outputs; retrain it without that option, or run it with peft"
+            )
 
 
 def _is_unset(value: Any, default: Any) -> bool:
