@@ -26,14 +26,14 @@ low-rank add, mixed batches, quantized shapes) is LoRA's own (`methods/lora.py`)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from ..config import TargetedConfig
 from ..errors import DeltaTuneError
-from ..field_check import DropoutRate, NonNegativeFloat, NonNegativeInt, PositiveInt
+from ..field_check import DropoutRate, NonNegativeFloat, NonNegativeInt, PositiveInt, Range
 from ..peft_format import PeftCodec
 from ..peft_keys import ADALORA_READ, check_adalora_keys
 from ..quantized import QUANTIZED_LINEARS
@@ -41,6 +41,8 @@ from ..registry import register
 from .base import ModuleMethod
 from .lora import LoraLinear, LoraQuantizedLinear
 
+EmaFactor = Annotated[float, Range(above=0, below=1)]
+"""An EMA factor: a number in (0, 1)."""
 QUERY_VALUE = ["q_proj", "v_proj"]
 ENCODER_DECODER = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 DEFAULT_TARGETS = {
@@ -83,9 +85,9 @@ class AdaLoraConfig(TargetedConfig):
     """Steps at the end that train the final ranks, with the mask fixed."""
     deltaT: PositiveInt = 1  # noqa: N815 (peft's name)
     """Steps between two budget allocations during the schedule."""
-    beta1: float = 0.85
+    beta1: EmaFactor = 0.85
     """EMA factor of the smoothed sensitivity |p · ∂L/∂p|, in (0, 1)."""
-    beta2: float = 0.85
+    beta2: EmaFactor = 0.85
     """EMA factor of the uncertainty |sensitivity − its EMA|, in (0, 1)."""
     orth_reg_weight: NonNegativeFloat = 0.5
     """Weight of the orthogonality regulariser added to the training loss: the mean over every A and B of
@@ -106,9 +108,6 @@ class AdaLoraConfig(TargetedConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
-            if not 0 < value < 1:
-                raise DeltaTuneError(f"{name} must be a number in (0, 1), got {value!r}")
         if self.target_r > self.init_r:
             raise DeltaTuneError(
                 f"target_r ({self.target_r}) is above init_r ({self.init_r}): the budget only falls; "
