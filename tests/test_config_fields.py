@@ -104,6 +104,16 @@ ADAPTER_FIELDS: dict[str, Case] = {
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')
     ),
     "alpha_pattern": Case("a mapping of regular expressions to numbers", "{q_proj: high}", ("{q_proj: .inf}",)),
+    # AdaLoRA
+    "target_r": Case("a whole number ≥ 1", "1.5", ("0",)),
+    "init_r": Case("a whole number ≥ 1", '"4"', ("0",)),
+    "tinit": Case("a whole number ≥ 0", "1.5", ("-1",)),
+    "tfinal": Case("a whole number ≥ 0", "[1]", ("-1",)),
+    "deltaT": Case("a whole number ≥ 1", "true", ("0",)),
+    "beta1": Case("a number in (0, 1)", "high", ("1", "0")),
+    "beta2": Case("a number in (0, 1)", "[0.8]", ("1.5",)),
+    "orth_reg_weight": Case("a number ≥ 0", "strong", ("-0.5",)),
+    "total_step": Case("a whole number ≥ 1 or null", '"10"', ("0",)),
     # BitFit
     "add_missing_bias": Case("true or false", '"false"'),
     # bottleneck adapters and Compacter
@@ -143,7 +153,16 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "prefix_projection": Case("true or false", '"false"'),
 }
 
+METHOD_FIELDS: dict[tuple[str, str], Case] = {
+    ("adalora", "rank_pattern"): Case(
+        "a mapping of strings to lists or null", "[q_proj]", ("{q_proj: [1, 0]}",), "rank_pattern must be a mapping"
+    ),
+    ("adalora", "init_lora_weights"): Case("true or false", '"gaussian"'),
+}
+"""Cases of a field whose meaning in one method differs from the field of that name in `ADAPTER_FIELDS`."""
+
 METHOD_BASES: dict[str, str] = {
+    "adalora": "{method: adalora, init_r: 4, target_r: 2}",
     "lora": "{method: lora, r: 4, target_modules: all-linear}",
     "bitfit": "{method: bitfit}",
     "bottleneck": "{method: bottleneck}",
@@ -172,7 +191,8 @@ def cases() -> list:
             found.append(pytest.param([f"{name}={value}"], message, id=f"train-{name}-{kind}"))
     for method, base in METHOD_BASES.items():
         for name in field_names(get_method(method).config_class):
-            for kind, value, message in _bad_values(name, ADAPTER_FIELDS.get(name), "adapter: "):
+            case = METHOD_FIELDS.get((method, name), ADAPTER_FIELDS.get(name))
+            for kind, value, message in _bad_values(name, case, "adapter: "):
                 found.append(
                     pytest.param([f"adapter={base}", f"adapter.{name}={value}"], message, id=f"{method}-{name}-{kind}")
                 )
@@ -215,7 +235,13 @@ def test_every_config_field_has_a_case() -> None:
     assert sorted(built_in_methods()) == sorted(METHOD_BASES)
     classes = [
         (TrainConfig, TRAIN_FIELDS),
-        *((get_method(method).config_class, ADAPTER_FIELDS) for method in METHOD_BASES),
+        *(
+            (
+                get_method(method).config_class,
+                {**ADAPTER_FIELDS, **{n: c for (m, n), c in METHOD_FIELDS.items() if m == method}},
+            )
+            for method in METHOD_BASES
+        ),
     ]
     missing, unranged = [], []
     for config_class, table in classes:

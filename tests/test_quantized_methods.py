@@ -1,5 +1,5 @@
 """The invariant table's checks (test_invariants.py) for the methods beside LoRA on a 4-bit base: a tiny
-Llama whose linear layers are bitsandbytes nf4 (`llama-nf4` in tiny_models.py). Bottleneck adapters
+Llama whose linear layers are bitsandbytes nf4 (`llama-nf4` in tiny_models.py). AdaLoRA, bottleneck adapters
 (Houlsby and Pfeiffer), Compacter, BitFit and the soft prompts (prompt tuning, P-tuning, prefix tuning)
 each train (the loss falls) with the base's stored tensors, packed 4-bit storage included,
 bit-identical; save → load gives equal outputs; the output equals the base at init where the method
@@ -27,6 +27,7 @@ pytestmark = [
 
 ARCH = "llama-nf4"
 METHODS: dict[str, Case] = {
+    "adalora": CASES["adalora"],
     "bottleneck-houlsby": CASES["bottleneck"],
     "bottleneck-pfeiffer": Case(
         lambda arch: deltatune.BottleneckConfig(preset="pfeiffer", init_weights="zero_up"), mergeable=False
