@@ -272,3 +272,18 @@ def test_resume_of_an_adalora_run_equals_the_uninterrupted_run(tmp_path: Path) -
     step_state = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000003" / "step_state.safetensors"))
     assert any(key.startswith("default.smoothed.") for key in step_state)
     assert any(key.startswith("default.kept.") for key in step_state)
+
+
+def test_an_allocator_on_a_pruned_adapter_is_refused(tmp_path: Path) -> None:
+    pattern = {"model.layers.0.self_attn.q_proj": [True, False, True, False]}
+    ours = deltatune.attach(build("llama"), our_config("llama", rank_pattern=pattern))
+    assert svd_layers(ours)["model.layers.0.self_attn.q_proj"].rank == 2
+    with pytest.raises(DeltaTuneError, match="pruned by an earlier budget"):
+        deltatune.RankAllocator(ours)
+
+
+def test_a_peft_save_without_total_step_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
+    ours = deltatune.attach(build("llama"), our_config("llama", total_step=None))
+    with pytest.raises(DeltaTuneError, match="needs total_step"):
+        ours.save(str(tmp_path / "adapter"), format="peft")
+    assert not (tmp_path / "adapter").exists()

@@ -71,6 +71,14 @@ class RankAllocator:
             for module_name, site in delta_model.sites()
             if name in site.adapters and isinstance(site.adapters[name], SvdLinear)
         }
+        pruned = [module_name for module_name, adapter in self.modules.items() if adapter.rank != self.config.init_r]
+        if pruned:
+            kept = self.modules[pruned[0]].rank
+            raise DeltaTuneError(
+                f"adapter {name!r} was pruned by an earlier budget ({pruned[0]} keeps {kept} of {self.config.init_r} "
+                "triplets); the schedule starts from init_r triplets per module: train it further without a "
+                "RankAllocator, or start a fresh adapter"
+            )
         self.initial_budget = sum(adapter.rank for adapter in self.modules.values())
         self.target_budget = self.config.target_r * len(self.modules)
         self.smoothed: dict[str, torch.Tensor] = {}

@@ -62,6 +62,11 @@ def hooks_state(hooks: dict[str, StepHook]) -> dict[str, torch.Tensor]:
 
 def load_hooks_state(hooks: dict[str, StepHook], tensors: dict[str, torch.Tensor]) -> None:
     """Give each hook its part of `tensors` (as `hooks_state` keyed them)."""
+    if hooks and not tensors:
+        raise DeltaTuneError(
+            f"the checkpoint holds no step state for adapter {next(iter(hooks))!r} (AdaLoRA's rank budget), so the "
+            "run cannot continue exactly; train afresh without --resume"
+        )
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in hooks}
     for key, value in tensors.items():
         name, _, rest = key.partition(".")
