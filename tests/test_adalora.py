@@ -24,8 +24,13 @@ from tiny_models import build, run, token_inputs
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning", "ignore::FutureWarning")
 
 ATOL = 1e-5
-ARCHS = ["llama", "gpt2", "bert"]
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
+ARCHS = ["llama", "gpt2", "bert", "t5"]
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_fc"],
+    "bert": ["query", "value"],
+    "t5": ["q", "v", "wi"],
+}
 SCHEDULE = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 2, "total_step": 12}
 """Warm-up to step 2, allocations at steps 4, 6, 8, the final one at 9, then the mask fixed to step 11."""
 STEPS = 12
@@ -47,6 +52,20 @@ def peft_model(arch: str, base: torch.nn.Module, **options) -> peft.PeftModel:
     return peft.get_peft_model(copy.deepcopy(base), peft_config(arch, **options))
 
 
+def shrink(parameters) -> None:
+    """Halve random N(0, 1) factors (`init_lora_weights=False`; ΔW, a product of three, by 8): T5's unscaled
+    attention otherwise turns float32 rounding into differences above the tolerance (3e-5 at outputs of 3.5)."""
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.mul_(0.5)
+
+
+def random_peft_model(arch: str, base: torch.nn.Module) -> peft.PeftModel:
+    theirs = peft_model(arch, base, init_lora_weights=False).eval()
+    shrink(p for n, p in theirs.named_parameters() if "lora_" in n)
+    return theirs
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
@@ -63,7 +82,7 @@ def svd_layers(delta_model: deltatune.DeltaModel, name: str = "default") -> dict
 @pytest.mark.parametrize("arch", ARCHS)
 def test_peft_folder_loads_with_peft_outputs(arch: str, tmp_path: Path) -> None:
     base = build(arch)
-    theirs = peft_model(arch, base, init_lora_weights=False).eval()
+    theirs = random_peft_model(arch, base)
     theirs.save_pretrained(str(tmp_path))
     expected = run(theirs, arch)
     ours = deltatune.load(copy.deepcopy(base), str(tmp_path)).eval()
@@ -75,6 +94,7 @@ def test_peft_folder_loads_with_peft_outputs(arch: str, tmp_path: Path) -> None:
 def test_our_peft_folder_loads_in_peft_with_our_outputs(arch: str, tmp_path: Path) -> None:
     base = build(arch)
     ours = deltatune.attach(copy.deepcopy(base), our_config(arch, init_lora_weights=False)).eval()
+    shrink(ours.adapter_parameters("default"))
     expected = run(ours, arch)
     ours.save(str(tmp_path), format="peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
@@ -85,7 +105,7 @@ def test_our_peft_folder_loads_in_peft_with_our_outputs(arch: str, tmp_path: Pat
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merged_weights_equal_peft_merged(arch: str, tmp_path: Path) -> None:
     base = build(arch)
-    theirs = peft_model(arch, base, init_lora_weights=False).eval()
+    theirs = random_peft_model(arch, base)
     theirs.save_pretrained(str(tmp_path))
     ours = deltatune.load(copy.deepcopy(base), str(tmp_path)).eval()
     expected = run(theirs.merge_and_unload(), arch)
