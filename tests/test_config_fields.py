@@ -104,6 +104,16 @@ ADAPTER_FIELDS: dict[str, Case] = {
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')
     ),
     "alpha_pattern": Case("a mapping of regular expressions to numbers", "{q_proj: high}", ("{q_proj: .inf}",)),
+    # AdaLoRA
+    "target_r": Case("a whole number ≥ 1", "1.5", ("0",)),
+    "init_r": Case("a whole number ≥ 1", '"4"', ("0",)),
+    "tinit": Case("a whole number ≥ 0", "1.5", ("-1",)),
+    "tfinal": Case("a whole number ≥ 0", "[1]", ("-1",)),
+    "deltaT": Case("a whole number ≥ 1", "true", ("0",)),
+    "beta1": Case("a number in (0, 1)", "high", ("1", "0")),
+    "beta2": Case("a number in (0, 1)", "[0.8]", ("1.5",)),
+    "orth_reg_weight": Case("a number ≥ 0", "strong", ("-0.5",)),
+    "total_step": Case("a whole number ≥ 1 or null", '"10"', ("0",)),
     # BitFit
     "add_missing_bias": Case("true or false", '"false"'),
     # bottleneck adapters and Compacter
@@ -152,6 +162,12 @@ ADAPTER_FIELDS: dict[str, Case] = {
 
 METHOD_FIELDS: dict[str, dict[str, Case]] = {
     "vera": {"init_weights": Case("true or false", '"false"')},
+    "adalora": {
+        "rank_pattern": Case(
+            "a mapping of strings to lists or null", "[q_proj]", ("{q_proj: [1, 0]}",), "rank_pattern must be a mapping"
+        ),
+        "init_lora_weights": Case("true or false", '"gaussian"'),
+    },
 }
 """Cases of a method whose field has the name of another method's field but other values."""
 
@@ -161,6 +177,7 @@ def adapter_fields(method: str) -> dict[str, Case]:
 
 
 METHOD_BASES: dict[str, str] = {
+    "adalora": "{method: adalora, init_r: 4, target_r: 2}",
     "lora": "{method: lora, r: 4, target_modules: all-linear}",
     "bitfit": "{method: bitfit}",
     "bottleneck": "{method: bottleneck}",

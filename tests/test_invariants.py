@@ -37,6 +37,10 @@ CASES = {
         lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, use_dora=True),
         zero_init=False,
     ),
+    # AdaLoRA starts at the base (E = 0, peft's init); the budget schedule needs a trainer: test_adalora.py.
+    "adalora": Case(
+        lambda arch: deltatune.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=ARCHS[arch].all_linear)
+    ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
     "bottleneck": Case(

@@ -1,8 +1,7 @@
 """The invariant table's checks (test_invariants.py) for the methods beside LoRA on a 4-bit base: a tiny
-Llama whose linear layers are bitsandbytes nf4 (`llama-nf4` in tiny_models.py). Bottleneck adapters
-(Houlsby and Pfeiffer), Compacter, BitFit, VeRA and the soft prompts (prompt tuning, P-tuning, prefix tuning)
-each train (the loss falls) with the base's stored tensors, packed 4-bit storage included,
-bit-identical; save → load gives equal outputs; the output equals the base at init where the method
+Llama whose linear layers are bitsandbytes nf4 (`llama-nf4` in tiny_models.py). Each method of
+`METHODS` below trains (the loss falls) with the base's stored tensors, packed 4-bit storage
+included, bit-identical; save → load gives equal outputs; the output equals the base at init where the method
 starts at zero, with the adapter disabled, and after unload; mixed batches equal separate runs."""
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ pytestmark = [
 
 ARCH = "llama-nf4"
 METHODS: dict[str, Case] = {
+    "adalora": CASES["adalora"],
     "bottleneck-houlsby": CASES["bottleneck"],
     "bottleneck-pfeiffer": Case(
         lambda arch: deltatune.BottleneckConfig(preset="pfeiffer", init_weights="zero_up"), mergeable=False

@@ -28,6 +28,8 @@ from .errors import (
 )
 from .io import load_adapters
 from .losses import causal_lm_loss
+from .methods.adalora import AdaLoraConfig
+from .methods.adalora_budget import RankAllocator
 from .methods.base import Method, ModuleMethod
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
@@ -84,6 +86,7 @@ def load(
 
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterFileError",
     "AdapterNameError",
     "AdapterShapeError",
@@ -103,6 +106,7 @@ __all__ = [
     "PeftCodec",
     "Placement",
     "PlacementError",
+    "RankAllocator",
     "SiteAdapter",
     "Stack",
     "TargetConflictError",

@@ -14,8 +14,9 @@ copy must equal the model's own weights (it is then dropped), since deltatune ne
 Which config keys are read, tolerated or refused: `peft_keys`.
 
 The codecs come from the registered methods (`codec_of_type`), so a method registered outside the library
-reads and writes peft's folders with no edit here. Built in: LoRA (`methods/lora.py`), prompt, P- and
-prefix tuning (their method files; the shared part in `methods/soft_prompt_peft.py`).
+reads and writes peft's folders with no edit here. Built in: LoRA (`methods/lora.py`), AdaLoRA
+(`methods/adalora.py`), prompt, P- and prefix tuning (their method files; the shared part in
+`methods/soft_prompt_peft.py`).
 """
 
 from __future__ import annotations

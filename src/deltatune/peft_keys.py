@@ -1,7 +1,8 @@
 """Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
-peft's `LoraConfig`, `VeraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
+peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and
+`PrefixTuningConfig` is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -78,6 +79,38 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
 }
 """Key → (its default, what it does that deltatune does not)."""
 
+ADALORA_READ = (
+    "target_r",
+    "init_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
+    "rank_pattern",
+    "lora_alpha",
+    "lora_dropout",
+    "init_lora_weights",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+)
+"""peft's `AdaLoraConfig` keys that deltatune's `AdaLoraConfig` reads (`init_lora_weights`: any true value
+is peft's one AdaLoRA init, which leaves the base alone)."""
+
+ADALORA_TOLERATED = {
+    **LORA_TOLERATED,
+    "r": "peft's AdaLoRA ignores it: init_r is the rank",
+    "use_rslora": "peft's AdaLoRA ignores it: the scale is lora_alpha / init_r",
+    "alpha_pattern": "peft's AdaLoRA ignores it: every module gets lora_alpha",
+}
+
+ADALORA_REFUSED = {**LORA_REFUSED, "use_dora": (False, "DoRA, which peft's AdaLoRA refuses too")}
+
 PLAIN_INITS = ("gaussian", "eva", "orthogonal")
 """Initialisations (besides True and False) that leave the base model alone and train A and B as plain
 LoRA does: the saved weights are the whole adapter."""
@@ -135,6 +168,13 @@ def _refuse_set_keys(data: dict[str, Any], refused: dict[str, tuple[Any, str]]) 
                 f"this peft adapter sets {key}={value!r} ({meaning}), which deltatune does not implement, "
                 "so it would load with other outputs; retrain it without that option, or run it with peft"
             )
+
+
+def check_adalora_keys(data: dict[str, Any]) -> None:
+    """Refuse a peft AdaLoRA config whose keys ask for math deltatune does not compute; warn about keys
+    peft 0.21 does not have."""
+    _refuse_set_keys(data, ADALORA_REFUSED)
+    _warn_unknown(data, {*COMMON_TOLERATED, *ADALORA_READ, *ADALORA_TOLERATED, *ADALORA_REFUSED})
 
 
 def check_soft_prompt_keys(data: dict[str, Any]) -> None:

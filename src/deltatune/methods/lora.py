@@ -121,11 +121,14 @@ class LoraAdapter(SiteAdapter):
             else:
                 nn.init.zeros_(self.lora_B)
 
+    def down_projection(self) -> torch.Tensor:
+        """The rank × in matrix the input meets first: A (AdaLoRA's SVD form: A with its rows scaled by E)."""
+        return self.lora_A
+
     def delta_matrix(self) -> torch.Tensor:
         """s · B A as an (out, in · kernel) float32 matrix."""
-        return torch.mm(self.lora_B.detach().float().flatten(1), self.lora_A.detach().float().flatten(1)).mul_(
-            self.scaling
-        )
+        down = self.down_projection().detach().float().flatten(1)
+        return torch.mm(self.lora_B.detach().float().flatten(1), down).mul_(self.scaling)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
@@ -175,11 +178,12 @@ class LoraLinear(LoraAdapter):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(dropout(x) Aᵀ, the scaling that goes with it); dropout only in training."""
         x = x.to(self.lora_A.dtype)
+        down = self.down_projection()
         if self.training and self.dropout_probability > 0:
             return DROPPED_PROJECTIONS.get(x.device.type, _fused_dropout_projection)(
-                x, self.lora_A, self.dropout_probability, self.scaling
+                x, down, self.dropout_probability, self.scaling
             )
-        return F.linear(x, self.lora_A), self.scaling
+        return F.linear(x, down), self.scaling
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         hidden, scaling = self.project(args[0])

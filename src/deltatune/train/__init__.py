@@ -3,7 +3,8 @@
 Files: `tasks.py` (one row per task type), `config.py` (the YAML config), `data.py` (reading records),
 `encode.py` (records → tokens), `models.py` / `smollm2.py` (loading, offline), `loop.py` (the loop),
 `schedule.py` (data order and learning rate per step), `packing.py` / `length_groups.py` (batch layout),
-`optimizer.py` (AdamW and LoRA+ groups), `sharding.py` (FSDP), `checkpoint.py` (`--resume`),
+`optimizer.py` (AdamW and LoRA+ groups), `step_hooks.py` (a method's per-step work: AdaLoRA's rank budget),
+`sharding.py` (FSDP), `checkpoint.py` (`--resume`),
 `distributed.py` (torchrun / accelerate), `predict.py` / `evaluate.py` /
 `metrics.py`, `progress.py` (the training bar, timed on training alone), `threads.py` (CPU threads),
 `report.py` (metrics.json and the plot), `tree.py` (the module tree of `deltatune inspect`), `demo.py`

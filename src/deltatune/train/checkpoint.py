@@ -6,6 +6,8 @@
   method, also those whose adapter files keep less than what trains, such as P-tuning's encoder);
 - `optimizer.safetensors`: every tensor of the optimizer state, keyed `state.<param index>.<name>`;
 - `random.safetensors`: the CPU (and CUDA) random generator states, of every rank in a launched run;
+- `step_state.safetensors`, for a method with a step hook (`step_hooks.py`; AdaLoRA's importance scores
+  and kept triplets): the hooks' state;
 - `trainer_state.json`: the step, the optimizer's parameter groups, the scheduler state, the
   loss / metric history so far, and the run it belongs to (`fingerprint.py`). Written last, so a
   checkpoint without it is incomplete and skipped. Strict JSON (a non-finite number is null). A
@@ -38,6 +40,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RANDOM_FILE = "random.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
+STEP_STATE_FILE = "step_state.safetensors"
 ADAPTER_FOLDER = "adapter"
 CHECKPOINTS_FOLDER = "checkpoints"
 RANK_PREFIX = "rank"
@@ -68,10 +71,11 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainerState,
     write: bool = True,
+    step_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write checkpoint `folder` if `write` (rank 0 of a launched run). Every rank calls it: under FSDP
     the shards of the adapter and of the optimizer state are gathered first, so the files hold whole
-    tensors, as a single-process run writes them."""
+    tensors, as a single-process run writes them. `step_state`: the step hooks' state, if any."""
     optimizer_state = optimizer.state_dict()
     tensors = {
         f"state.{index}.{name}": sharding.full(value)
@@ -81,7 +85,7 @@ def save_checkpoint(
     generators = _random_states()
     with sharding.whole_adapter(delta_model):
         if write:
-            _write_checkpoint(folder, delta_model, optimizer_state, tensors, generators, scheduler, state)
+            _write_checkpoint(folder, delta_model, optimizer_state, tensors, generators, scheduler, state, step_state)
 
 
 def _write_checkpoint(
@@ -92,6 +96,7 @@ def _write_checkpoint(
     generators: dict[str, torch.Tensor],
     scheduler: Any,
     state: TrainerState,
+    step_state: dict[str, torch.Tensor] | None,
 ) -> None:
     (folder / STATE_FILE).unlink(missing_ok=True)
     delta_model.save(str(folder / ADAPTER_FOLDER))
@@ -102,12 +107,14 @@ def _write_checkpoint(
         "scheduler": scheduler.state_dict(),
         "run": state.run,
     }
+    step_files = {STEP_STATE_FILE: safetensors_writer(step_state)} if step_state else {}
     write_files(
         folder,
         {
             TRAINABLE_FILE: safetensors_writer(dict(trainable_parameters(delta_model))),
             OPTIMIZER_FILE: safetensors_writer(tensors),
             RANDOM_FILE: safetensors_writer(generators),
+            **step_files,
             STATE_FILE: json_writer(finite_json(trainer_state)),
         },
     )
@@ -163,6 +170,12 @@ def load_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optim
     scheduler.load_state_dict(saved["scheduler"])
     _restore_random_states(load_file(str(folder / RANDOM_FILE)))
     return TrainerState(step=saved["step"], history=saved["history"])
+
+
+def read_step_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The step hooks' state saved in checkpoint `folder` (empty if it has none)."""
+    path = folder / STEP_STATE_FILE
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def _random_states() -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_step_state,
     save_checkpoint,
     trainable_parameters,
 )
@@ -57,6 +58,7 @@ from .progress import TrainingBar
 from .quantize import require_backend
 from .report import write_report
 from .schedule import Schedule, learning_rate_factor
+from .step_hooks import StepHook, after_step, extra_loss, hooks_state, load_hooks_state, step_hooks
 from .tasks import TaskType, get_task
 from .threads import use_threads
 
@@ -196,7 +198,8 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
     optimizer = build_optimizer(run.delta_model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
-    state = _starting_state(run, ranks, resume, optimizer, scheduler)
+    hooks = _step_hooks(run, ranks, schedule.total)
+    state = _starting_state(run, ranks, resume, optimizer, scheduler, hooks)
     pad_id = run.eval_context.pad_id
     build_batch = (
         packed_collate_for(run.delta_model, config.max_length, pad_id, run.device)
@@ -215,7 +218,8 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
             last = index == len(micro_batches) - 1
             with distributed.accumulate(model, ranks, config.data_parallel, last):
                 with _autocast(config, run.device), loss_chunk_rows(config.loss_chunk_rows):
-                    loss = run.task.loss(model, batch) / len(micro_batches)
+                    task_loss = run.task.loss(model, batch)
+                loss = (task_loss + extra_loss(hooks)) / len(micro_batches)
                 loss.backward()
             step_loss += loss.detach()
         if ranks.distributed:
@@ -225,6 +229,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         _check_step(config, state.step + 1, float(step_loss), float(gradient_norm))
         optimizer.step()
         scheduler.step()
+        after_step(hooks, state.step)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         bar.step(float(step_loss), tokens * ranks.world_size)
@@ -233,7 +238,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
             if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
                 _check_weights(config, parameters, state.step)
                 folder = checkpoint_folder(output_dir, state.step)
-                save_checkpoint(folder, run.delta_model, optimizer, scheduler, state, write=ranks.main)
+                save_checkpoint(folder, run.delta_model, optimizer, scheduler, state, ranks.main, hooks_state(hooks))
                 if ranks.main and config.save_total_limit:
                     prune_checkpoints(output_dir, config.save_total_limit)
                 distributed.barrier(ranks)
@@ -255,6 +260,7 @@ def _starting_state(
     resume: str | Path | bool | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    hooks: dict[str, StepHook],
 ) -> TrainerState:
     """Step 0 in an output folder cleared of earlier runs, or the checkpoint resumed (which must be
     this run's); either way the state records this run, for the checkpoints it writes."""
@@ -271,8 +277,21 @@ def _starting_state(
         )
     check_same_run(folder, record)
     state = load_checkpoint(folder, run.delta_model, optimizer, scheduler)
+    load_hooks_state(hooks, read_step_state(folder))
     state.run = record
     return state
+
+
+def _step_hooks(run: Run, ranks: distributed.Ranks, total_steps: int) -> dict[str, StepHook]:
+    """The methods' step hooks (`step_hooks.py`: AdaLoRA's rank budget), which read whole parameters and
+    gradients: not under FSDP, whose ranks hold shards."""
+    hooks = step_hooks(run.delta_model, total_steps)
+    if hooks and distributed.sharded(ranks, run.config.data_parallel):
+        raise DeltaTuneError(
+            f"adapter {next(iter(hooks))!r} needs whole gradients after each step (AdaLoRA's rank budget), which "
+            "FSDP shards; train it with data_parallel: ddp"
+        )
+    return hooks
 
 
 def _check_step(config: TrainConfig, step: int, loss: float, gradient_norm: float) -> None:
