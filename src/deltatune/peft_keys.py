@@ -47,6 +47,7 @@ LORA_READ = (
     "layers_pattern",
     "modules_to_save",
     "use_dora",
+    "target_parameters",
 )
 
 LORA_TOLERATED = {
@@ -64,7 +65,6 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
     "bias": ("none", "trains the biases of the base model"),
     "lora_bias": (False, "a bias on LoRA's B"),
     "layer_replication": (None, "repeats layers of the base model"),
-    "target_parameters": (None, "LoRA on bare parameters such as mixture-of-experts weights"),
     "trainable_token_indices": (None, "trains chosen rows of the embedding"),
     "megatron_config": (None, "LoRA on Megatron's parallel layers"),
     "use_qalora": (False, "QA-LoRA: pooled inputs for quantized layers"),

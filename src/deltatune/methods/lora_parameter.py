@@ -1,0 +1,166 @@
+"""LoRA on bare parameters (`target_parameters`, as peft's `ParamWrapper`): fused expert weights and
+other `nn.Parameter`s that a module uses directly instead of through a Linear.
+
+A parameter of shape out × in (2-D), or experts × d1 × d2 (3-D, transformers 5's fused mixture-of-experts
+weights), gets factors with peft's shapes and layout, r per expert:
+
+    2-D:  A: r × in,      B: out × r            ΔW = s · B A
+    3-D:  A: (r·E) × d2,  B: d1 × (r·E)         ΔW[e] = s · B_e A_e        A_e = A.view(E, r, d2)[e],
+                                                                           B_e = B.view(d1, r, E)[:, :, e]
+    3-D, the module's `is_transposed`:  A: (r·E) × d1, B: d2 × (r·E),  ΔW[e] = s · (B_e A_e)ᵀ
+
+For the length of each call of the module the parameter reads W + ΔW: the site's pre-hook puts that
+tensor in the parameter's place (the module's own code runs unchanged, autograd reaches A and B through
+it) and the call's end puts the parameter back, even when the call raised. Merging adds ΔW to W.
+Several parameters of one module are one adapter (a module holds one adapter of a name); in peft's
+files each is a wrapper around the previous in the module's parameter order, so the k-th of n is stored
+under `<module>` + `.base_layer` × (n − 1 − k) + `.lora_A.weight`. No dropout and no DoRA here (peft
+refuses both); mixed batches are refused (the parameter is one for the whole batch).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TargetNotFoundError, UnsupportedModuleError
+from ..placement import Placement
+from ..site import FLOAT32_UPCAST, CallNote, SiteAdapter
+from ..targeting import model_modules
+from .lora import LoraAdapter, LoraConfig
+
+
+class ParameterFactors(nn.Module):
+    """A and B of one parameter, in peft's layout (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, parameter_name: str, key: str, config: LoraConfig) -> None:
+        super().__init__()
+        weight = getattr(module, parameter_name)
+        if weight.dim() not in (2, 3):
+            raise UnsupportedModuleError(
+                f"target_parameters reaches {key}, a {weight.dim()}-D parameter; LoRA adapts 2-D (out × in) and 3-D "
+                "(experts × d1 × d2) parameters only: leave it out of target_parameters"
+            )
+        self.shape = tuple(weight.shape)
+        self.experts, first, second = (1, *self.shape) if weight.dim() == 2 else self.shape
+        self.transposed = weight.dim() == 3 and bool(getattr(module, "is_transposed", False))
+        in_features, out_features = (first, second) if self.transposed else (second, first)
+        self.rank = config.rank_for(key)
+        alpha = config.alpha_for(key)
+        self.scaling = alpha / self.rank**0.5 if config.use_rslora else alpha / self.rank
+        factory = {"dtype": weight.dtype if weight.is_floating_point() else torch.float32, "device": weight.device}
+        self.lora_A = nn.Parameter(torch.empty(self.rank * self.experts, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.rank * self.experts, **factory))
+        LoraAdapter.reset(self, config.init_lora_weights)
+
+    def products(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R), experts × d1 × r and experts × r × d2, with ΔW = s · L R (viewed in the parameter's shape)."""
+        experts, rank = self.experts, self.rank
+        if self.transposed:
+            return self.lora_A.view(experts, rank, -1).transpose(1, 2), self.lora_B.view(-1, rank, experts).permute(
+                2, 1, 0
+            )
+        return self.lora_B.view(-1, rank, experts).permute(2, 0, 1), self.lora_A.view(experts, rank, -1)
+
+    def adapted(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + ΔW, in W's dtype (half-precision weights are added to in float32, as peft does)."""
+        left, right = self.products()
+        work = weight.float() if weight.dtype in FLOAT32_UPCAST else weight
+        stacked = work.reshape(self.experts, *work.shape[-2:])
+        summed = torch.baddbmm(stacked, left.to(work.dtype), right.to(work.dtype), alpha=self.scaling)
+        return summed.view(self.shape).to(weight.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """ΔW in float32, in the parameter's shape."""
+        left, right = self.products()
+        return torch.bmm(left.detach().float(), right.detach().float()).mul_(self.scaling).view(self.shape)
+
+
+class LoraParameters(SiteAdapter):
+    """LoRA on chosen parameters of one module, by parameter name (in the module's parameter order)."""
+
+    delta_reads_module = False
+
+    def __init__(self, module: nn.Module, module_name: str, parameter_names: list[str], config: LoraConfig) -> None:
+        super().__init__()
+        if config.lora_dropout:
+            raise UnsupportedModuleError(
+                f"target_parameters does not work with lora_dropout={config.lora_dropout} (as in peft): the "
+                "parameter is one tensor for the whole batch; set lora_dropout=0"
+            )
+        if config.use_dora:
+            raise UnsupportedModuleError(
+                "target_parameters does not work with use_dora=True (as in peft): set use_dora=False or target "
+                "the modules instead"
+            )
+        self.factors = nn.ModuleDict(
+            {name: ParameterFactors(module, name, f"{module_name}.{name}", config) for name in parameter_names}
+        )
+        self._replaced: list[tuple[nn.Module, str, nn.Parameter]] = []
+        """The parameters this adapter put back after the call (those it found in place, not replaced)."""
+
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
+        for name, factors in self.factors.items():
+            current = module._parameters[name]
+            if isinstance(current, nn.Parameter):  # another adapter here may have replaced it already
+                self._replaced.append((module, name, current))
+            module._parameters[name] = factors.adapted(current)
+        return args, kwargs
+
+    def call_ended(self) -> None:
+        while self._replaced:
+            module, name, parameter = self._replaced.pop()
+            module._parameters[name] = parameter
+
+    def close(self) -> None:
+        self.call_ended()
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {name: factors.delta() for name, factors in self.factors.items()}
+
+    def extra_repr(self) -> str:
+        return f"parameters={list(self.factors)}"
+
+
+def select_parameters(model: nn.Module, patterns: list[str]) -> dict[str, list[str]]:
+    """{module name: its parameter names, in its order} for the parameters that `patterns` select
+    (peft's rule: the full name `<module>.<parameter>` equals an entry or ends with `.<entry>`); an entry
+    that selects nothing is an error."""
+    selected: dict[str, list[str]] = {}
+    used: set[str] = set()
+    for module_name, module in model_modules(model):
+        for parameter_name, _ in module.named_parameters(recurse=False):
+            key = f"{module_name}.{parameter_name}" if module_name else parameter_name
+            hits = [entry for entry in patterns if key == entry or key.endswith("." + entry)]
+            if hits:
+                selected.setdefault(module_name, []).append(parameter_name)
+                used.update(hits)
+    missing = [entry for entry in patterns if entry not in used]
+    if missing:
+        raise TargetNotFoundError(
+            f"target_parameters entries {missing} match no parameter of the model: give a parameter's full name "
+            "or its ending (`mlp.experts.gate_up_proj`)"
+        )
+    return selected
+
+
+def attach_parameters(placement: Placement, config: LoraConfig) -> None:
+    """Put one `LoraParameters` at each module that holds parameters `config.target_parameters` selects."""
+    model = placement.model
+    built = {
+        name: LoraParameters(model.get_submodule(name), name, parameters, config)
+        for name, parameters in select_parameters(model, config.target_parameters or []).items()
+    }
+    for name, adapter in built.items():
+        placement.put(name, adapter)
+
+
+def peft_targets(config: LoraConfig, targets: list[str], model: nn.Module) -> tuple[list[str], list[str] | None]:
+    """peft's `target_modules` and `target_parameters` for an adapter placed at `targets`: the modules
+    that hold adapted parameters are not module targets in peft; the parameters go by full name."""
+    hosts = select_parameters(model, config.target_parameters) if config.target_parameters else {}
+    keys = [f"{host}.{name}" if host else name for host, names in hosts.items() for name in names]
+    return [name for name in targets if name not in hosts], keys or None

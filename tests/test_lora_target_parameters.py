@@ -1,0 +1,136 @@
+"""LoRA on bare parameters (`target_parameters`) against peft's `ParamWrapper`: transformers 5's fused
+mixture-of-experts weights (a tiny Qwen3-MoE, whose experts hold 3-D `gate_up_proj` and `down_proj`),
+with the same weights both ways through peft folders; merging; the parameter is back after every call,
+one that raised included; training reaches A and B only."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import deltatune
+from deltatune.errors import DeltaTuneError, TargetNotFoundError, UnsupportedModuleError
+from test_peft_crosscheck import assert_changed, assert_same
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def tiny_moe() -> nn.Module:
+    if not hasattr(transformers, "Qwen3MoeConfig"):
+        pytest.skip("this transformers has no Qwen3-MoE")
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    experts = model.model.layers[0].mlp.experts
+    if not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter) or experts.gate_up_proj.dim() != 3:
+        pytest.skip("this transformers keeps Qwen3-MoE experts as separate Linear layers")
+    return model
+
+
+IDS = torch.tensor([[1, 5, 9, 13, 2, 7], [3, 3, 8, 60, 21, 4]])
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_peft_folder_with_fused_expert_parameters_loads_here_with_peft_outputs(tmp_path: Path) -> None:
+    base = tiny_moe()
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=TARGETS, init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = deltatune.load(copy.deepcopy(base), str(tmp_path)).eval()
+    expected = logits(theirs)
+    assert_changed(expected, logits(base))
+    assert_same(logits(ours), expected)
+
+
+def test_our_fused_expert_adapter_loads_in_peft_with_our_outputs_and_merges(tmp_path: Path) -> None:
+    base = tiny_moe()
+    config = deltatune.LoraConfig(r=2, lora_alpha=6, target_parameters=TARGETS, init_lora_weights=False)
+    ours = deltatune.attach(copy.deepcopy(base), config).eval()
+    ours.save(str(tmp_path), format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    expected = logits(ours)
+    assert_changed(expected, logits(base))
+    assert_same(logits(theirs), expected)
+    ours.merge()
+    assert_same(logits(ours), expected)
+    ours.unmerge()
+    for name, original in base.named_parameters():
+        assert_same(ours.base_model.get_parameter(name), original)
+
+
+def test_the_parameter_is_the_same_object_after_a_call_even_one_that_raised() -> None:
+    base = tiny_moe()
+    experts = base.model.layers[0].mlp.experts
+    parameter = experts.gate_up_proj
+    ours = deltatune.attach(base, deltatune.LoraConfig(r=2, target_parameters=TARGETS, init_lora_weights=False))
+    logits(ours)
+    assert experts.gate_up_proj is parameter
+    with pytest.raises(Exception):  # noqa: B017 (whatever the model raises on a token past its vocabulary)
+        ours(input_ids=torch.tensor([[1000]]))
+    assert experts.gate_up_proj is parameter and experts._parameters["gate_up_proj"] is parameter
+
+
+def test_training_changes_only_the_factors_and_lowers_the_loss() -> None:
+    base = tiny_moe()
+    ours = deltatune.attach(base, deltatune.LoraConfig(r=2, target_parameters=TARGETS)).train()
+    trainable = [parameter for parameter in ours.parameters() if parameter.requires_grad]
+    assert trainable and all(parameter.dim() == 2 for parameter in trainable)
+    frozen = {
+        name: parameter.detach().clone() for name, parameter in base.named_parameters() if "deltatune" not in name
+    }
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = ours(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(base.get_parameter(name), value) for name, value in frozen.items())
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"target_parameters": ["mlp.experts.no_such"]}, TargetNotFoundError, "match no parameter"),
+        ({"target_parameters": TARGETS, "lora_dropout": 0.1}, UnsupportedModuleError, "lora_dropout"),
+        ({"target_parameters": TARGETS, "use_dora": True}, UnsupportedModuleError, "use_dora"),
+        ({"target_parameters": ["model.norm.weight"]}, UnsupportedModuleError, "1-D parameter"),
+    ],
+)
+def test_target_parameters_that_cannot_be_adapted_are_refused_in_one_sentence(options, error, match) -> None:
+    base = tiny_moe()
+    with pytest.raises(error, match=match) as raised:
+        deltatune.attach(base, deltatune.LoraConfig(r=2, **options))
+    assert "\n" not in str(raised.value)
+    assert not any("deltatune" in name for name, _ in base.named_modules())
+
+
+def test_a_mixed_batch_over_adapted_parameters_is_refused() -> None:
+    ours = deltatune.attach(tiny_moe(), deltatune.LoraConfig(r=2, target_parameters=TARGETS), name="a")
+    with pytest.raises(DeltaTuneError, match="mixed batches"):
+        ours(input_ids=IDS, adapter_names=["a", None])
