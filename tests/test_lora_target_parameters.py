@@ -1,7 +1,8 @@
 """LoRA on bare parameters (`target_parameters`) against peft's `ParamWrapper`: transformers 5's fused
-mixture-of-experts weights (a tiny Qwen3-MoE, whose experts hold 3-D `gate_up_proj` and `down_proj`),
-with the same weights both ways through peft folders; merging; the parameter is back after every call,
-one that raised included; training reaches A and B only."""
+mixture-of-experts weights (a tiny Qwen3-MoE, whose experts hold 3-D `gate_up_proj` and `down_proj` as
+experts × out × in, and a tiny GPT-OSS, whose experts are `is_transposed`: experts × in × out), with
+the same weights both ways through peft folders; merging; the parameter is back after every call, one
+that raised included; training reaches A and B only."""
 
 from __future__ import annotations
 
@@ -23,7 +24,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def tiny_moe() -> nn.Module:
+def tiny_moe(kind: str = "qwen3_moe") -> nn.Module:
+    """A two-layer mixture-of-experts model of `kind` with four experts, built from a config."""
+    return MOE_BUILDERS[kind]()
+
+
+def _fused_experts(model: nn.Module) -> nn.Module:
+    experts = model.model.layers[0].mlp.experts
+    if not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter) or experts.gate_up_proj.dim() != 3:
+        pytest.skip(f"this transformers keeps {type(model).__name__}'s experts as separate Linear layers")
+    return model
+
+
+def _qwen3_moe() -> nn.Module:
     if not hasattr(transformers, "Qwen3MoeConfig"):
         pytest.skip("this transformers has no Qwen3-MoE")
     config = transformers.Qwen3MoeConfig(
@@ -39,11 +52,30 @@ def tiny_moe() -> nn.Module:
         num_experts_per_tok=2,
     )
     torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    experts = model.model.layers[0].mlp.experts
-    if not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter) or experts.gate_up_proj.dim() != 3:
-        pytest.skip("this transformers keeps Qwen3-MoE experts as separate Linear layers")
-    return model
+    return _fused_experts(transformers.Qwen3MoeForCausalLM(config).eval())
+
+
+def _gpt_oss() -> nn.Module:
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no GPT-OSS")
+    config = transformers.GptOssConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=4,
+    )
+    torch.manual_seed(0)
+    return _fused_experts(transformers.GptOssForCausalLM(config).eval())
+
+
+MOE_BUILDERS = {"qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss}
 
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 7], [3, 3, 8, 60, 21, 4]])
@@ -54,8 +86,9 @@ def logits(model: nn.Module) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-def test_peft_folder_with_fused_expert_parameters_loads_here_with_peft_outputs(tmp_path: Path) -> None:
-    base = tiny_moe()
+@pytest.mark.parametrize("kind", list(MOE_BUILDERS))
+def test_peft_folder_with_fused_expert_parameters_loads_here_with_peft_outputs(kind: str, tmp_path: Path) -> None:
+    base = tiny_moe(kind)
     config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=TARGETS, init_lora_weights=False)
     theirs = peft.get_peft_model(copy.deepcopy(base), config).eval()
     theirs.save_pretrained(tmp_path)
@@ -65,8 +98,9 @@ def test_peft_folder_with_fused_expert_parameters_loads_here_with_peft_outputs(t
     assert_same(logits(ours), expected)
 
 
-def test_our_fused_expert_adapter_loads_in_peft_with_our_outputs_and_merges(tmp_path: Path) -> None:
-    base = tiny_moe()
+@pytest.mark.parametrize("kind", list(MOE_BUILDERS))
+def test_our_fused_expert_adapter_loads_in_peft_with_our_outputs_and_merges(kind: str, tmp_path: Path) -> None:
+    base = tiny_moe(kind)
     config = deltatune.LoraConfig(r=2, lora_alpha=6, target_parameters=TARGETS, init_lora_weights=False)
     ours = deltatune.attach(copy.deepcopy(base), config).eval()
     ours.save(str(tmp_path), format="peft")
@@ -79,6 +113,23 @@ def test_our_fused_expert_adapter_loads_in_peft_with_our_outputs_and_merges(tmp_
     ours.unmerge()
     for name, original in base.named_parameters():
         assert_same(ours.base_model.get_parameter(name), original)
+
+
+def test_per_parameter_ranks_and_alphas_carry_over_to_peft(tmp_path: Path) -> None:
+    base = tiny_moe()
+    config = deltatune.LoraConfig(
+        r=2,
+        target_parameters=TARGETS,
+        rank_pattern={"down_proj": 3},
+        alpha_pattern={"layers.1.mlp.experts.gate_up_proj": 5},
+        init_lora_weights=False,
+    )
+    ours = deltatune.attach(copy.deepcopy(base), config).eval()
+    factors = dict(ours.sites())["model.layers.0.mlp.experts"].adapters["default"].factors
+    assert factors["down_proj"].lora_A.shape[0] == 3 * 4 and factors["gate_up_proj"].lora_A.shape[0] == 2 * 4
+    ours.save(str(tmp_path), format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert_same(logits(theirs), logits(ours))
 
 
 def test_the_parameter_is_the_same_object_after_a_call_even_one_that_raised() -> None:

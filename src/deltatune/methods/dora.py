@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedModuleError
 from ..quantized import quantized_linear
 from ..site import SiteAdapter
 from .base import lookup_type
@@ -231,7 +232,14 @@ DORA_TYPES = _dora_types()
 
 
 def build_dora(module: nn.Module, module_name: str, config: LoraConfig) -> DoraNorm:
-    """The DoRA adapter for one selected module (every layer type LoRA adapts has one)."""
+    """The DoRA adapter for one selected module; other layer types are refused (as in peft)."""
     if quantized_linear(module) is not None:
         return DoraQuantizedLinear(module, module_name, config)
-    return lookup_type(DORA_TYPES, type(module))(module, module_name, config)
+    adapter_class = lookup_type(DORA_TYPES, type(module), None)
+    if adapter_class is None:
+        raise UnsupportedModuleError(
+            f"use_dora is not supported on {type(module).__name__} layers ({module_name}): DoRA adapts Linear "
+            "(plain or quantized), Conv1D, Embedding and Conv layers only: leave this layer out of target_modules "
+            "or set use_dora=False"
+        )
+    return adapter_class(module, module_name, config)

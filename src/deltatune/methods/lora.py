@@ -36,7 +36,7 @@ from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
-from .base import ModuleMethod
+from .base import ModuleMethod, lookup_type
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 
 DEFAULT_TARGETS = {
@@ -321,6 +321,12 @@ class LoraPeft(PeftCodec):
             "lora_B": "lora_B.weight",
             "lora_magnitude_vector": "lora_magnitude_vector",
         },
+        "deltatune.methods.lora_mha.LoraMultiheadAttention": {
+            "factors.in_proj.lora_A": "lora_A.weight",
+            "factors.in_proj.lora_B": "lora_B.weight",
+            "factors.out_proj.lora_A": "base_layer.out_proj.lora_A.weight",
+            "factors.out_proj.lora_B": "base_layer.out_proj.lora_B.weight",
+        },
         "deltatune.methods.dora.DoraEmbedding": {
             "lora_A": "lora_embedding_A",
             "lora_B": "lora_embedding_B",
@@ -336,7 +342,7 @@ class LoraPeft(PeftCodec):
         so `<parameter>.lora_A` of the k-th of n is `<module>` + `.base_layer` × (n − 1 − k) + `.lora_A.weight`."""
         from .lora_parameter import LoraParameters  # it builds on this module's classes
 
-        if not isinstance(adapter, LoraParameters):
+        if not isinstance(adapter, LoraParameters) or tensor_name in lookup_type(self.tensor_names, type(adapter), {}):
             return super().tensor_key(module_name, adapter, tensor_name)
         parameter, factor = tensor_name.split(".")[-2:]  # "factors.<parameter>.lora_A"
         order = list(adapter.factors)
@@ -347,6 +353,7 @@ class LoraPeft(PeftCodec):
         from .lora_parameter import peft_targets
 
         target_modules, target_parameters = peft_targets(config, targets, model)
+        named = [*target_modules, *(target_parameters or [])]  # what peft matches its patterns against
         return {
             "r": config.r,
             "lora_alpha": config.lora_alpha,
@@ -355,9 +362,9 @@ class LoraPeft(PeftCodec):
             "init_lora_weights": config.init_lora_weights,
             "target_modules": target_modules,
             "target_parameters": target_parameters,
-            "rank_pattern": {re.escape(n): config.rank_for(n) for n in targets if config.rank_for(n) != config.r},
+            "rank_pattern": {re.escape(n): config.rank_for(n) for n in named if config.rank_for(n) != config.r},
             "alpha_pattern": {
-                re.escape(n): config.alpha_for(n) for n in targets if config.alpha_for(n) != config.lora_alpha
+                re.escape(n): config.alpha_for(n) for n in named if config.alpha_for(n) != config.lora_alpha
             },
             "bias": "none",
             "use_dora": config.use_dora,
@@ -370,8 +377,10 @@ class LoraPeft(PeftCodec):
         return LoraConfig(**fields)
 
 
-def _adapter_types() -> dict[type | str, type[LoraAdapter]]:
+def _adapter_types() -> dict[type | str, type[SiteAdapter]]:
     from transformers.pytorch_utils import Conv1D
+
+    from .lora_mha import LoraMultiheadAttention  # it builds on this module's classes
 
     return {
         **dict.fromkeys(QUANTIZED_LINEARS, LoraQuantizedLinear),
@@ -381,6 +390,7 @@ def _adapter_types() -> dict[type | str, type[LoraAdapter]]:
         nn.Conv1d: LoraConv,
         nn.Conv2d: LoraConv,
         nn.Conv3d: LoraConv,
+        nn.MultiheadAttention: LoraMultiheadAttention,
     }
 
 

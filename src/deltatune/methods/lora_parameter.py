@@ -34,6 +34,7 @@ class ParameterFactors(nn.Module):
     """A and B of one parameter, in peft's layout (see the module docstring)."""
 
     def __init__(self, module: nn.Module, parameter_name: str, key: str, config: LoraConfig) -> None:
+        """`key`: the name `rank_pattern` and `alpha_pattern` match, and errors give."""
         super().__init__()
         weight = getattr(module, parameter_name)
         if weight.dim() not in (2, 3):
@@ -77,40 +78,48 @@ class ParameterFactors(nn.Module):
 
 
 class LoraParameters(SiteAdapter):
-    """LoRA on chosen parameters of one module, by parameter name (in the module's parameter order)."""
+    """LoRA on chosen parameters of one module, by parameter name (in the module's parameter order).
+    `paths` maps each factors' key to the parameter's dotted path from the module (a key is the
+    parameter's name here; `lora_mha` adapts `in_proj_weight` and `out_proj.weight` of one module)."""
 
     delta_reads_module = False
+    rank_by_parameter = True
+    """Whether `rank_pattern` / `alpha_pattern` match `<module>.<parameter>` (peft's rule for
+    `target_parameters`) rather than the module's name."""
 
-    def __init__(self, module: nn.Module, module_name: str, parameter_names: list[str], config: LoraConfig) -> None:
+    def __init__(self, module: nn.Module, module_name: str, paths: dict[str, str], config: LoraConfig) -> None:
+        """Factors for each parameter of `paths` ({key: dotted path from `module`})."""
         super().__init__()
-        if config.lora_dropout:
-            raise UnsupportedModuleError(
-                f"target_parameters does not work with lora_dropout={config.lora_dropout} (as in peft): the "
-                "parameter is one tensor for the whole batch; set lora_dropout=0"
-            )
         if config.use_dora:
             raise UnsupportedModuleError(
-                "target_parameters does not work with use_dora=True (as in peft): set use_dora=False or target "
-                "the modules instead"
+                f"use_dora does not work on {module_name} (LoRA on its parameters {sorted(paths.values())}, as in "
+                "peft): set use_dora=False or leave it out of the targets"
             )
+        self.paths = paths
         self.factors = nn.ModuleDict(
-            {name: ParameterFactors(module, name, f"{module_name}.{name}", config) for name in parameter_names}
+            {
+                key: ParameterFactors(
+                    *_owner(module, path), f"{module_name}.{path}" if self.rank_by_parameter else module_name, config
+                )
+                for key, path in paths.items()
+            }
         )
         self._replaced: list[tuple[nn.Module, str, nn.Parameter]] = []
         """The parameters this adapter put back after the call (those it found in place, not replaced)."""
 
     def prepare(self, module: nn.Module, args: tuple, kwargs: dict, note: CallNote) -> tuple[tuple, dict]:
-        for name, factors in self.factors.items():
-            current = module._parameters[name]
+        for key, factors in self.factors.items():
+            owner, name = _owner(module, self.paths[key])
+            current = owner._parameters[name]
             if isinstance(current, nn.Parameter):  # another adapter here may have replaced it already
-                self._replaced.append((module, name, current))
-            module._parameters[name] = factors.adapted(current)
+                self._replaced.append((owner, name, current))
+            owner._parameters[name] = factors.adapted(current)
         return args, kwargs
 
     def call_ended(self) -> None:
         while self._replaced:
-            module, name, parameter = self._replaced.pop()
-            module._parameters[name] = parameter
+            owner, name, parameter = self._replaced.pop()
+            owner._parameters[name] = parameter
 
     def close(self) -> None:
         self.call_ended()
@@ -119,10 +128,16 @@ class LoraParameters(SiteAdapter):
         return output
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {name: factors.delta() for name, factors in self.factors.items()}
+        return {self.paths[key]: factors.delta() for key, factors in self.factors.items()}
 
     def extra_repr(self) -> str:
-        return f"parameters={list(self.factors)}"
+        return f"parameters={list(self.paths.values())}"
+
+
+def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the module that holds the parameter at dotted `path` from `module`, its own name for it)."""
+    owner_name, _, name = path.rpartition(".")
+    return (module.get_submodule(owner_name) if owner_name else module), name
 
 
 def select_parameters(model: nn.Module, patterns: list[str]) -> dict[str, list[str]]:
@@ -150,8 +165,15 @@ def select_parameters(model: nn.Module, patterns: list[str]) -> dict[str, list[s
 def attach_parameters(placement: Placement, config: LoraConfig) -> None:
     """Put one `LoraParameters` at each module that holds parameters `config.target_parameters` selects."""
     model = placement.model
+    if config.lora_dropout:
+        raise UnsupportedModuleError(
+            f"target_parameters does not work with lora_dropout={config.lora_dropout} (as in peft): the parameter is "
+            "one tensor for the whole batch; set lora_dropout=0"
+        )
     built = {
-        name: LoraParameters(model.get_submodule(name), name, parameters, config)
+        name: LoraParameters(
+            model.get_submodule(name), name, {parameter: parameter for parameter in parameters}, config
+        )
         for name, parameters in select_parameters(model, config.target_parameters or []).items()
     }
     for name, adapter in built.items():
