@@ -102,3 +102,17 @@ def test_a_mixed_batch_through_lora_mha_is_refused() -> None:
     _, ours = adapted()
     with pytest.raises(DeltaTuneError, match="mixed batches"):
         ours(torch.randn(2, 5, 16), adapter_names=["default", None])
+
+
+def test_lora_mha_saves_loads_disables_and_unloads_to_the_base(tmp_path) -> None:
+    base, ours = adapted()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = ours(x)
+        ours.save(str(tmp_path / "adapter"))
+        assert_same(deltatune.load(copy.deepcopy(base), str(tmp_path / "adapter")).eval()(x), expected)
+        with ours.disabled():
+            assert torch.equal(ours(x), base(x))
+        plain = ours.unload(merge=False)
+        assert torch.equal(plain(x), base(x))
+        assert plain.state_dict().keys() == base.state_dict().keys()
