@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import deltatune
-from deltatune.errors import MergeError, UnsupportedModuleError
+from deltatune.errors import DeltaTuneError, MergeError, UnsupportedModuleError
 from test_peft_crosscheck import assert_changed, assert_same
 
 LAYERS = {
@@ -63,3 +63,10 @@ def test_merging_lora_on_a_grouped_conv_is_refused_and_changes_nothing(use_dora:
         assert "\n" not in str(raised.value)
         assert torch.equal(base[0].weight, weight)
         assert torch.equal(ours(x), expected)
+
+
+def test_add_weighted_adapter_refuses_lora_on_a_grouped_conv_in_one_sentence() -> None:
+    ours = deltatune.attach(grouped_model(), deltatune.LoraConfig(r=4, target_modules=["0"]), name="a")
+    with pytest.raises(DeltaTuneError, match="cannot combine a: LoRA on bare parameters") as raised:
+        ours.add_weighted_adapter(["a"], [1.0], "combined")
+    assert "\n" not in str(raised.value) and "combined" not in ours.configs

@@ -193,3 +193,10 @@ def test_a_mixed_batch_over_adapted_parameters_is_refused() -> None:
     ours = deltatune.attach(tiny_moe(), deltatune.LoraConfig(r=2, target_parameters=TARGETS), name="a")
     with pytest.raises(DeltaTuneError, match="mixed batches"):
         ours(input_ids=IDS, adapter_names=["a", None])
+
+
+def test_add_weighted_adapter_refuses_lora_on_parameters_in_one_sentence() -> None:
+    ours = deltatune.attach(tiny_moe(), deltatune.LoraConfig(r=2, target_parameters=TARGETS), name="a")
+    with pytest.raises(DeltaTuneError, match="cannot combine a: LoRA on bare parameters") as raised:
+        ours.add_weighted_adapter(["a"], [1.0], "combined")
+    assert "\n" not in str(raised.value) and "combined" not in ours.configs
