@@ -17,6 +17,8 @@ from torch import nn
 import deltatune
 from deltatune.errors import DeltaTuneError, TargetNotFoundError, UnsupportedModuleError
 from test_peft_crosscheck import assert_changed, assert_same
+from test_quantized import needs_bitsandbytes
+from tiny_models import build
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -29,9 +31,9 @@ def tiny_moe(kind: str | None = None) -> nn.Module:
     a kind, the first of `MOE_BUILDERS` whose experts this transformers fuses."""
     if kind is not None:
         return MOE_BUILDERS[kind]()
-    for build in MOE_BUILDERS.values():
+    for builder in MOE_BUILDERS.values():
         try:
-            return build()
+            return builder()
         except pytest.skip.Exception:
             continue
     pytest.skip("this transformers fuses the experts of none of these models")
@@ -200,3 +202,11 @@ def test_add_weighted_adapter_refuses_lora_on_parameters_in_one_sentence() -> No
     with pytest.raises(DeltaTuneError, match="cannot combine a: LoRA on bare parameters") as raised:
         ours.add_weighted_adapter(["a"], [1.0], "combined")
     assert "\n" not in str(raised.value) and "combined" not in ours.configs
+
+
+@needs_bitsandbytes
+def test_target_parameters_on_a_quantized_weight_is_refused_naming_it() -> None:
+    base = build("llama-nf4")
+    with pytest.raises(UnsupportedModuleError, match=r"q_proj.weight, a quantized weight") as raised:
+        deltatune.attach(base, deltatune.LoraConfig(target_parameters=["layers.0.self_attn.q_proj.weight"]))
+    assert "\n" not in str(raised.value)

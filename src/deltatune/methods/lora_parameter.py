@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import TargetNotFoundError, UnsupportedModuleError
 from ..placement import Placement
+from ..quantized import quantized_linear
 from ..site import FLOAT32_UPCAST, CallNote, SiteAdapter
 from ..targeting import model_modules
 from .lora import LoraAdapter, LoraConfig
@@ -37,6 +38,11 @@ class ParameterFactors(nn.Module):
         """`key`: the name `rank_pattern` and `alpha_pattern` match, and errors give."""
         super().__init__()
         weight = getattr(module, parameter_name)
+        if quantized_linear(module) is not None or not weight.is_floating_point():
+            raise UnsupportedModuleError(
+                f"target_parameters reaches {key}, a quantized weight; LoRA on parameters needs plain float weights: "
+                "target the quantized layer itself in target_modules instead"
+            )
         if weight.dim() not in (2, 3):
             raise UnsupportedModuleError(
                 f"target_parameters reaches {key}, a {weight.dim()}-D parameter; LoRA adapts 2-D (out × in) and 3-D "
@@ -49,7 +55,7 @@ class ParameterFactors(nn.Module):
         self.rank = config.rank_for(key)
         alpha = config.alpha_for(key)
         self.scaling = alpha / self.rank**0.5 if config.use_rslora else alpha / self.rank
-        factory = {"dtype": weight.dtype if weight.is_floating_point() else torch.float32, "device": weight.device}
+        factory = {"dtype": weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(self.rank * self.experts, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, self.rank * self.experts, **factory))
         LoraAdapter.reset(self, config.init_lora_weights)
