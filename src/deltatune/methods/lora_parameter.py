@@ -53,8 +53,7 @@ class ParameterFactors(nn.Module):
         self.transposed = weight.dim() == 3 and bool(getattr(module, "is_transposed", False))
         in_features, out_features = (first, second) if self.transposed else (second, first)
         self.rank = config.rank_for(key)
-        alpha = config.alpha_for(key)
-        self.scaling = alpha / self.rank**0.5 if config.use_rslora else alpha / self.rank
+        self.scaling = config.scaling_for(key)
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(self.rank * self.experts, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, self.rank * self.experts, **factory))
@@ -62,12 +61,11 @@ class ParameterFactors(nn.Module):
 
     def products(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, R), experts × d1 × r and experts × r × d2, with ΔW = s · L R (viewed in the parameter's shape)."""
-        experts, rank = self.experts, self.rank
-        if self.transposed:
-            return self.lora_A.view(experts, rank, -1).transpose(1, 2), self.lora_B.view(-1, rank, experts).permute(
-                2, 1, 0
-            )
-        return self.lora_B.view(-1, rank, experts).permute(2, 0, 1), self.lora_A.view(experts, rank, -1)
+        per_expert_A = self.lora_A.view(self.experts, self.rank, -1)  # experts × r × in
+        per_expert_B = self.lora_B.view(-1, self.rank, self.experts).permute(2, 0, 1)  # experts × out × r
+        if self.transposed:  # ΔW[e] = (B_e A_e)ᵀ = A_eᵀ B_eᵀ
+            return per_expert_A.transpose(1, 2), per_expert_B.transpose(1, 2)
+        return per_expert_B, per_expert_A
 
     def adapted(self, weight: torch.Tensor) -> torch.Tensor:
         """W + ΔW, in W's dtype (half-precision weights are added to in float32, as peft does)."""
