@@ -99,6 +99,7 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "lora_dropout": Case("a number in [0, 1)", "[0.1]", ("1", "-0.1")),
     "use_rslora": Case("true or false", '"false"'),
     "use_dora": Case("true or false", '"false"'),
+    "target_parameters": Case("a list of strings or null", "lin0.weight"),
     "init_lora_weights": Case('true, false or "gaussian"', "1", ("pissa",)),
     "rank_pattern": Case(
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')

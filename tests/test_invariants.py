@@ -2,7 +2,8 @@
 
 A method added to the library without a case here fails `test_every_builtin_method_has_a_case`.
 Adapters are given random weights (`randomize`) wherever an invariant needs a non-trivial delta.
-A case named `method-variant` runs a variant of that method (`lora-dora`: LoRA with `use_dora`).
+A case named `method-variant` runs a variant of that method (`lora-dora`: LoRA with `use_dora`,
+`lora-parameters`: LoRA on bare parameters).
 A case says which invariants apply to its method (`mergeable`, `zero_init`) and on which
 architectures it runs; the tests of an invariant run over the cases it applies to.
 """
@@ -28,7 +29,16 @@ class Case:
     archs: tuple[str, ...] = tuple(ARCH_NAMES)
     mergeable: bool = True
     zero_init: bool = True
+    mixed_batch: bool = True
 
+
+PARAMETER_TARGETS = {
+    "llama": ["q_proj.weight", "v_proj.weight", "mlp.down_proj.weight"],
+    "gpt2": ["attn.c_attn.weight", "mlp.c_fc.weight"],
+    "bert": ["query.weight", "value.weight"],
+    "t5": ["SelfAttention.q.weight", "DenseReluDense.wo.weight"],
+    "mlp": ["net.0.weight", "net.2.weight"],
+}
 
 CASES = {
     "lora": Case(lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear)),
@@ -40,6 +50,12 @@ CASES = {
     # AdaLoRA starts at the base (E = 0, peft's init); the budget schedule needs a trainer: test_adalora.py.
     "adalora": Case(
         lambda arch: deltatune.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=ARCHS[arch].all_linear)
+    ),
+    # LoRA on the linears' weights as bare parameters (`target_parameters`): one tensor per call, so no
+    # mixed batches (as in peft).
+    "lora-parameters": Case(
+        lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_parameters=PARAMETER_TARGETS[arch]),
+        mixed_batch=False,
     ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
@@ -198,7 +214,7 @@ def test_disabled_equals_base(method: str, arch: str) -> None:
     assert not torch.equal(run(delta_model, arch), expected)
 
 
-@pytest.mark.parametrize("method,arch", GRID)
+@pytest.mark.parametrize("method,arch", grid(lambda case: case.mixed_batch))
 def test_mixed_batch_rows_equal_separate_runs(method: str, arch: str) -> None:
     delta_model = attached(method, arch, name="a", seed=1)
     delta_model.add("b", CASES[method].config(arch))

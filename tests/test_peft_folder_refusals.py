@@ -137,7 +137,6 @@ REFUSED_VALUES = {
     "bias": "all",
     "lora_bias": True,
     "layer_replication": [[0, 2], [1, 2]],
-    "target_parameters": ["mlp.gate_proj.weight"],
     "trainable_token_indices": [3, 4],
     "megatron_config": {"tensor_model_parallel_size": 1},
     "use_qalora": True,

@@ -48,6 +48,7 @@ LORA_READ = (
     "layers_pattern",
     "modules_to_save",
     "use_dora",
+    "target_parameters",
 )
 
 LORA_TOLERATED = {
@@ -65,7 +66,6 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
     "bias": ("none", "trains the biases of the base model"),
     "lora_bias": (False, "a bias on LoRA's B"),
     "layer_replication": (None, "repeats layers of the base model"),
-    "target_parameters": (None, "LoRA on bare parameters such as mixture-of-experts weights"),
     "trainable_token_indices": (None, "trains chosen rows of the embedding"),
     "megatron_config": (None, "LoRA on Megatron's parallel layers"),
     "use_qalora": (False, "QA-LoRA: pooled inputs for quantized layers"),
@@ -109,7 +109,11 @@ ADALORA_TOLERATED = {
     "alpha_pattern": "peft's AdaLoRA ignores it: every module gets lora_alpha",
 }
 
-ADALORA_REFUSED = {**LORA_REFUSED, "use_dora": (False, "DoRA, which peft's AdaLoRA refuses too")}
+ADALORA_REFUSED = {
+    **LORA_REFUSED,
+    "use_dora": (False, "DoRA, which peft's AdaLoRA refuses too"),
+    "target_parameters": (None, "AdaLoRA on bare parameters, which deltatune implements for LoRA only"),
+}
 
 PLAIN_INITS = ("gaussian", "eva", "orthogonal")
 """Initialisations (besides True and False) that leave the base model alone and train A and B as plain

@@ -1,4 +1,4 @@
-"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353), on LoRA's linears.
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353), on LoRA's layers.
 
 The adapted weight is split into a learned magnitude per output feature and a direction:
 
@@ -17,6 +17,11 @@ The norm never builds W + s·B A: row by row, ‖W + s·B A‖² = ‖W‖² + 2
 an out × rank product and a rank × rank Gram matrix; ‖W‖² is kept while W is unchanged. In eval mode the
 norm itself is kept until `train()` or until W, A or B change (their version counters).
 Merging folds W' in: ΔW = g ⊙ (W + s·B A) − W.
+
+Every layer is read as an out × in matrix (`DoraNorm`): a Linear as it is, GPT-2's Conv1D transposed, a
+Conv with its input channels and kernel flattened (one norm per output channel), and an Embedding as
+embedding_dim × num_embeddings, so its norm runs over the vocabulary, one per embedding dimension (peft's
+layouts; its files hold m in the same shapes).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from ..errors import UnsupportedModuleError
 from ..quantized import quantized_linear
 from ..site import SiteAdapter
 from .base import lookup_type
-from .lora import LoraConfig, LoraLinear, LoraQuantizedLinear, add_low_rank
+from .lora import LoraConfig, LoraConv, LoraEmbedding, LoraLinear, LoraQuantizedLinear, add_low_rank
 
 
 def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
@@ -37,8 +42,11 @@ def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(value for tensor in tensors for value in (tensor.data_ptr(), tensor._version))
 
 
-class DoraLinear(LoraLinear):
-    """DoRA on `nn.Linear` and GPT-2's `Conv1D`: LoRA's A and B plus the magnitude m."""
+class DoraNorm:
+    """What DoRA adds to a LoRA layer, whatever the layer: the magnitude m and the detached norm
+    ‖W + s·B A‖ per output feature. A layer gives W as an out × in matrix (`base_weight`), the factors
+    as out × rank and rank × in matrices (`factors`), m's shape in peft's files (`magnitude_shape`) and
+    how an out × in delta is laid out in its own weight (`module_layout`)."""
 
     delta_reads_module = True  # ΔW depends on W: unmerge subtracts the kept delta
 
@@ -46,12 +54,24 @@ class DoraLinear(LoraLinear):
         super().__init__(module, module_name, config)
         self._base_square: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._eval_norm: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(module).to(self.lora_A.dtype, copy=True))
+        norm = self.weight_norm(module).view(self.magnitude_shape(module))
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype, copy=True))
 
     def base_weight(self, module: nn.Module) -> torch.Tensor:
-        """The base weight in out × in layout (a view), detached."""
-        weight = module.weight.detach()
-        return weight.t() if self.transposed else weight
+        """The base weight as an out × in matrix (a view), detached."""
+        raise NotImplementedError
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B as out × rank, A as rank × in), float32, detached: ΔW = s·B A in `base_weight`'s layout."""
+        return self.lora_B.detach().float().flatten(1), self.lora_A.detach().float().flatten(1)
+
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        """m's shape: one value per output feature (peft's shape, so its files load as they are)."""
+        return (-1,)
+
+    def module_layout(self, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """An out × in delta in the layout of the module's weight."""
+        raise NotImplementedError
 
     def weight_norm(self, module: nn.Module) -> torch.Tensor:
         """‖W + s·B A‖ per output row, float32, detached; kept in eval mode while W, A and B are unchanged."""
@@ -60,14 +80,17 @@ class DoraLinear(LoraLinear):
         if not self.training and self._eval_norm is not None and self._eval_norm[0] == key:
             return self._eval_norm[1]
         with torch.no_grad():
-            base = self.base_weight(module).float()
-            lora_A, lora_B = self.lora_A.detach().float(), self.lora_B.detach().float()
-            cross = torch.mm(base, lora_A.t()).mul_(lora_B).sum(1)
-            quadratic = torch.mm(lora_B, torch.mm(lora_A, lora_A.t())).mul_(lora_B).sum(1)
-            square = self.base_square(module).add(cross, alpha=2 * self.scaling).add_(quadratic, alpha=self.scaling**2)
-            norm = square.clamp_min_(0).sqrt_()
+            norm = self.square_norm(module).clamp_min_(0).sqrt_()
         self._eval_norm = None if self.training else (key, norm)
         return norm
+
+    def square_norm(self, module: nn.Module) -> torch.Tensor:
+        """‖W + s·B A‖² per output row from an out × rank product and a rank × rank Gram matrix."""
+        base = self.base_weight(module).float()
+        lora_B, lora_A = self.factors()
+        cross = torch.mm(base, lora_A.t()).mul_(lora_B).sum(1)
+        quadratic = torch.mm(lora_B, torch.mm(lora_A, lora_A.t())).mul_(lora_B).sum(1)
+        return self.base_square(module).add(cross, alpha=2 * self.scaling).add_(quadratic, alpha=self.scaling**2)
 
     def base_square(self, module: nn.Module) -> torch.Tensor:
         """‖W‖² per output row, kept while W is unchanged (the base is frozen)."""
@@ -77,13 +100,32 @@ class DoraLinear(LoraLinear):
             self._base_square = (key, base.square().sum(1))
         return self._base_square[1]
 
-    def train(self, mode: bool = True) -> DoraLinear:
+    def train(self, mode: bool = True) -> DoraNorm:
         self._eval_norm = None
         return super().train(mode)
 
     def factor(self, module: nn.Module) -> torch.Tensor:
-        """g = m / ‖W + s·B A‖ (the gradient reaches m only)."""
-        return self.lora_magnitude_vector / self.weight_norm(module).to(self.lora_magnitude_vector.dtype)
+        """g = m / ‖W + s·B A‖ in m's shape (the gradient reaches m only)."""
+        magnitude = self.lora_magnitude_vector
+        return magnitude / self.weight_norm(module).to(magnitude.dtype).view(magnitude.shape)
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔW = g ⊙ (W + s·B A) − W (rows scaled by g), in the module's layout."""
+        base = self.base_weight(module).float()
+        factor = self.factor(module).detach().float().reshape(-1, 1)
+        delta = torch.addmm(base, *self.factors(), alpha=self.scaling).mul_(factor).sub_(base)
+        return {"weight": self.module_layout(delta, module)}
+
+
+class DoraLinear(DoraNorm, LoraLinear):
+    """DoRA on `nn.Linear` and GPT-2's `Conv1D`: LoRA's A and B plus the magnitude m."""
+
+    def base_weight(self, module: nn.Module) -> torch.Tensor:
+        weight = module.weight.detach()
+        return weight.t() if self.transposed else weight
+
+    def module_layout(self, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return delta.t() if self.transposed else delta
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -102,14 +144,6 @@ class DoraLinear(LoraLinear):
 
     forward_rows = SiteAdapter.forward_rows  # the rows' own base outputs: the generic slicing is exact
 
-    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """ΔW = g ⊙ (W + s·B A) − W (rows scaled by g), in the module's layout."""
-        base = self.base_weight(module).float()
-        factor = self.factor(module).detach().float().unsqueeze(1)
-        delta = torch.addmm(base, self.lora_B.detach().float(), self.lora_A.detach().float(), alpha=self.scaling)
-        delta = delta.mul_(factor).sub_(base)
-        return {"weight": delta.t() if self.transposed else delta}
-
 
 class DoraQuantizedLinear(DoraLinear, LoraQuantizedLinear):
     """DoRA on a quantized linear (`deltatune.quantized`): the norm, and the base term under dropout, read
@@ -120,23 +154,92 @@ class DoraQuantizedLinear(DoraLinear, LoraQuantizedLinear):
         return super().base_weight(module) if row is None else row.dequantize(module).detach()
 
 
-def _dora_types() -> dict[type | str, type[DoraLinear]]:
+class DoraEmbedding(DoraNorm, LoraEmbedding):
+    """DoRA on `nn.Embedding` (peft's rule): W is read as embedding_dim × num_embeddings, so m and the
+    norm go per embedding dimension, over the vocabulary: y' = g ⊙ (W[x] + s·A[:, x]ᵀ Bᵀ)."""
+
+    def base_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.detach().t()
+
+    def module_layout(self, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return delta.t()
+
+    def forward(self, module: nn.Embedding, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        factor = self.factor(module).to(output.dtype)
+        return factor * super().forward(module, args, kwargs, output)
+
+    forward_rows = SiteAdapter.forward_rows
+
+
+class DoraConv(DoraNorm, LoraConv):
+    """DoRA on `nn.Conv1d/2d/3d`: the norm over each output channel's in × kernel weights, m shaped
+    1 × out × 1… as in peft. y' = g ⊙ (y − b + s·B A x) + b; under dropout y + (g − 1) ⊙ (W ⋆ x̃) +
+    g ⊙ s·B A x̃. Grouped layers take peft's norm: B A read as an (out/groups) × rank by rank × (in·k)
+    product reshaped into W's shape (not the update the layer applies, which has no ΔW in W's shape;
+    so such a layer does not merge, as in peft)."""
+
+    def base_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.detach().flatten(1)
+
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (1, -1, *(1,) * (module.weight.dim() - 2))
+
+    def module_layout(self, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return delta.view(module.weight.shape)
+
+    def square_norm(self, module: nn.Module) -> torch.Tensor:
+        if self.groups == 1:
+            return super().square_norm(module)
+        lora_B, lora_A = self.lora_B.detach().float(), self.lora_A.detach().float()
+        product = torch.mm(lora_B.reshape(-1, self.rank), lora_A.reshape(self.rank, -1))
+        combined = self.base_weight(module).float() + self.scaling * product.reshape(module.weight.shape).flatten(1)
+        return combined.square().sum(1)
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        factor = self.factor(module).to(output.dtype)
+        if self.training and self.dropout_probability > 0:
+            dropped = self.dropout(x)
+            base = module._conv_forward(dropped.to(module.weight.dtype), module.weight, None).to(output.dtype)
+            low_rank = self.low_rank(module, dropped).to(output.dtype)
+            return output + (factor - 1) * base + factor * (self.scaling * low_rank)
+        bias = module.bias
+        shaped_bias = None if bias is None else bias.to(output.dtype).view(self.magnitude_shape(module))
+        unbiased = output if shaped_bias is None else output - shaped_bias
+        adapted = factor * (unbiased + self.scaling * self.low_rank(module, x).to(output.dtype))
+        return adapted if shaped_bias is None else adapted + shaped_bias
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        if self.groups != 1:
+            return LoraConv.delta_parameters(self, module)  # refuses, naming the groups
+        return super().delta_parameters(module)
+
+    forward_rows = SiteAdapter.forward_rows
+
+
+def _dora_types() -> dict[type | str, type[DoraNorm]]:
     from transformers.pytorch_utils import Conv1D
 
-    return {nn.Linear: DoraLinear, Conv1D: DoraLinear}
+    return {
+        nn.Linear: DoraLinear,
+        Conv1D: DoraLinear,
+        nn.Embedding: DoraEmbedding,
+        **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), DoraConv),
+    }
 
 
 DORA_TYPES = _dora_types()
 
 
-def build_dora(module: nn.Module, module_name: str, config: LoraConfig) -> DoraLinear:
-    """The DoRA adapter for one selected module; other layer types are refused."""
+def build_dora(module: nn.Module, module_name: str, config: LoraConfig) -> DoraNorm:
+    """The DoRA adapter for one selected module; other layer types are refused (as in peft)."""
     if quantized_linear(module) is not None:
         return DoraQuantizedLinear(module, module_name, config)
     adapter_class = lookup_type(DORA_TYPES, type(module), None)
     if adapter_class is None:
         raise UnsupportedModuleError(
             f"use_dora is not supported on {type(module).__name__} layers ({module_name}): DoRA adapts Linear "
-            "(plain or quantized) and Conv1D layers only: leave this layer out of target_modules or set use_dora=False"
+            "(plain or quantized), Conv1D, Embedding and Conv layers only: leave this layer out of target_modules "
+            "or set use_dora=False"
         )
     return adapter_class(module, module_name, config)

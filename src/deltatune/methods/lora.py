@@ -8,10 +8,11 @@
 ΔW = s · B A folds into W for merging. A starts Kaiming-uniform and B at zero, so the adapted model
 equals the base model until B trains (embeddings: A zero, B normal, as in the paper's code and peft).
 Layers: `nn.Linear`, transformers' `Conv1D` (GPT-2; weight stored in × out), `nn.Embedding`,
-`nn.Conv1d` / `nn.Conv2d` (A is a conv with the layer's kernel, B a 1×1 conv), and the quantized linears
-of `deltatune.quantized` (bitsandbytes 4-bit and 8-bit, optimum-quanto): shapes from the logical in/out
-features, float32 factors, the base's packed weight never read (torchao's weights are tensor subclasses on
-a plain `nn.Linear` that report the logical shape: `LoraLinear` serves them).
+`nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d`, grouped too (A is a conv with the layer's kernel, B a 1×1 conv),
+bare parameters (`target_parameters`, `lora_parameter`), and the quantized linears of `deltatune.quantized`
+(bitsandbytes 4-bit and 8-bit, optimum-quanto): shapes from the logical in/out features, float32 factors,
+the base's packed weight never read (torchao's weights are tensor subclasses on a plain `nn.Linear` that
+report the logical shape: `LoraLinear` serves them).
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig
-from ..errors import UnsupportedModuleError
+from ..errors import MergeError, UnsupportedModuleError
 from ..field_check import DropoutRate, PositiveInt, Regex
-from ..peft_format import PeftCodec
+from ..peft_format import BASE_LAYER, PeftCodec
 from ..peft_keys import LORA_READ, check_lora_keys
+from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
-from .base import ModuleMethod
+from .base import ModuleMethod, lookup_type
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 
 DEFAULT_TARGETS = {
@@ -69,9 +71,13 @@ class LoraConfig(TargetedConfig):
     """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
     alpha_pattern: dict[Regex, float] = dataclasses.field(default_factory=dict)
     """{module name pattern: alpha} overriding `lora_alpha` for matching modules."""
+    target_parameters: list[str] | None = None
+    """Parameters to adapt directly (`methods/lora_parameter.py`), peft's rule: a full parameter name or
+    its ending (`"mlp.experts.gate_up_proj"`); 2-D and 3-D (fused experts) parameters. With no
+    `target_modules`, only these are adapted."""
     use_dora: bool = False
     """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
-    magnitude m per output feature; on Linear and Conv1D layers."""
+    magnitude m per output feature; on Linear, Conv1D, Embedding and Conv layers."""
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -97,6 +103,7 @@ class LoraAdapter(SiteAdapter):
         module_name: str,
         config: LoraConfig,
         reference: torch.Tensor,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         self.rank = config.rank_for(module_name)
@@ -106,7 +113,7 @@ class LoraAdapter(SiteAdapter):
             "device": reference.device,
         }
         self.lora_A = nn.Parameter(torch.empty((self.rank, *a_shape), **factory))
-        self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank, *b_shape[1:]), **factory))
+        self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank // groups, *b_shape[1:]), **factory))
         self.dropout_probability = config.lora_dropout
         self.reset(config.init_lora_weights)
 
@@ -249,27 +256,58 @@ class LoraEmbedding(LoraAdapter):
         return {"weight": self.delta_matrix().t()}
 
 
-class LoraConv(LoraAdapter):
-    """LoRA on `nn.Conv1d` / `nn.Conv2d`: A is a conv with the layer's kernel, stride and padding;
-    B a 1×1 conv. ΔW[o, i, k] = s Σ_r B[o, r] A[r, i, k]."""
+CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+"""Spatial dimensions of a convolution → torch's functional convolution of that many."""
 
-    def __init__(self, module: nn.Conv1d | nn.Conv2d, module_name: str, config: LoraConfig) -> None:
-        if module.groups != 1:
+
+class LoraConv(LoraAdapter):
+    """LoRA on `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d`: A is an ungrouped conv with the layer's kernel,
+    stride, padding and dilation; B a 1×1 conv with the layer's groups (peft's shapes: A rank × in × k,
+    B out × rank/groups × 1). Without groups ΔW[o, i, k] = s Σ_r B[o, r] A[r, i, k]; with groups the
+    update reaches every input channel while W holds in/groups of them, so it has no ΔW to merge (as in peft)."""
+
+    def __init__(self, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, module_name: str, config: LoraConfig) -> None:
+        rank = config.rank_for(module_name)
+        if rank % module.groups:
             raise UnsupportedModuleError(
-                f"LoRA on grouped convolutions is not supported ({module_name} has groups={module.groups})"
+                f"LoRA on {module_name} (a convolution with groups={module.groups}) needs a rank divisible by "
+                f"{module.groups}, not {rank}: set r (or rank_pattern for this layer) to a multiple of {module.groups}"
             )
         ones = (1,) * len(module.kernel_size)
         super().__init__(
-            (module.in_channels, *module.kernel_size), (module.out_channels, *ones), module_name, config, module.weight
+            (module.in_channels, *module.kernel_size),
+            (module.out_channels, *ones),
+            module_name,
+            config,
+            module.weight,
+            groups=module.groups,
         )
+        self.groups = module.groups
         self.dropout = nn.Dropout(config.lora_dropout)
-        self.pointwise = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+        self.convolution = CONVOLUTIONS[len(module.kernel_size)]
+
+    def project(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A applied to x with the layer's geometry (and padding mode), over all input channels."""
+        x = x.to(self.lora_A.dtype)
+        padding = module.padding
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        return self.convolution(x, self.lora_A, None, module.stride, padding, module.dilation)
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        hidden = module._conv_forward(self.dropout(args[0].to(self.lora_A.dtype)), self.lora_A, None)
-        return output + self.scaling * self.pointwise(hidden, self.lora_B).to(output.dtype)
+        return output + self.scaling * self.low_rank(module, self.dropout(args[0])).to(output.dtype)
+
+    def low_rank(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """B A x, unscaled: the 1×1 grouped conv B over A's output."""
+        return self.convolution(self.project(module, x), self.lora_B, groups=self.groups)
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        if self.groups != 1:
+            raise MergeError(
+                f"LoRA on a grouped convolution (groups={self.groups}) has no weight delta to merge: its update "
+                "reads every input channel; keep it unmerged (unload(merge=False)) or leave the layer out"
+            )
         return {"weight": self.delta_matrix().view(module.weight.shape)}
 
 
@@ -282,9 +320,20 @@ class LoraPeft(PeftCodec):
     tensor_names = {
         LoraAdapter: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
         LoraEmbedding: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
-        "deltatune.methods.dora.DoraLinear": {
+        "deltatune.methods.dora.DoraNorm": {
             "lora_A": "lora_A.weight",
             "lora_B": "lora_B.weight",
+            "lora_magnitude_vector": "lora_magnitude_vector",
+        },
+        "deltatune.methods.lora_mha.LoraMultiheadAttention": {
+            "factors.in_proj.lora_A": "lora_A.weight",
+            "factors.in_proj.lora_B": "lora_B.weight",
+            "factors.out_proj.lora_A": "base_layer.out_proj.lora_A.weight",
+            "factors.out_proj.lora_B": "base_layer.out_proj.lora_B.weight",
+        },
+        "deltatune.methods.dora.DoraEmbedding": {
+            "lora_A": "lora_embedding_A",
+            "lora_B": "lora_embedding_B",
             "lora_magnitude_vector": "lora_magnitude_vector",
         },
     }
@@ -292,17 +341,34 @@ class LoraPeft(PeftCodec):
     def check_keys(self, data: dict[str, Any]) -> None:
         check_lora_keys(data)
 
+    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
+        """LoRA on parameters: peft nests one wrapper per parameter, the module's first parameter innermost,
+        so `<parameter>.lora_A` of the k-th of n is `<module>` + `.base_layer` × (n − 1 − k) + `.lora_A.weight`."""
+        from .lora_parameter import LoraParameters  # it builds on this module's classes
+
+        if not isinstance(adapter, LoraParameters) or tensor_name in lookup_type(self.tensor_names, type(adapter), {}):
+            return super().tensor_key(module_name, adapter, tensor_name)
+        parameter, factor = tensor_name.split(".")[-2:]  # "factors.<parameter>.lora_A"
+        order = list(adapter.factors)
+        depth = len(order) - 1 - order.index(parameter)
+        return f"{self.model_prefix}{module_name}{BASE_LAYER * depth}.{factor}.weight"
+
     def config_to_peft(self, config: LoraConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        from .lora_parameter import peft_targets
+
+        target_modules, target_parameters = peft_targets(config, targets, model)
+        named = [*target_modules, *(target_parameters or [])]  # what peft matches its patterns against
         return {
             "r": config.r,
             "lora_alpha": config.lora_alpha,
             "lora_dropout": config.lora_dropout,
             "use_rslora": config.use_rslora,
             "init_lora_weights": config.init_lora_weights,
-            "target_modules": targets,
-            "rank_pattern": {re.escape(n): config.rank_for(n) for n in targets if config.rank_for(n) != config.r},
+            "target_modules": target_modules,
+            "target_parameters": target_parameters,
+            "rank_pattern": {re.escape(n): config.rank_for(n) for n in named if config.rank_for(n) != config.r},
             "alpha_pattern": {
-                re.escape(n): config.alpha_for(n) for n in targets if config.alpha_for(n) != config.lora_alpha
+                re.escape(n): config.alpha_for(n) for n in named if config.alpha_for(n) != config.lora_alpha
             },
             "bias": "none",
             "use_dora": config.use_dora,
@@ -315,8 +381,10 @@ class LoraPeft(PeftCodec):
         return LoraConfig(**fields)
 
 
-def _adapter_types() -> dict[type | str, type[LoraAdapter]]:
+def _adapter_types() -> dict[type | str, type[SiteAdapter]]:
     from transformers.pytorch_utils import Conv1D
+
+    from .lora_mha import LoraMultiheadAttention  # it builds on this module's classes
 
     return {
         **dict.fromkeys(QUANTIZED_LINEARS, LoraQuantizedLinear),
@@ -325,6 +393,8 @@ def _adapter_types() -> dict[type | str, type[LoraAdapter]]:
         nn.Embedding: LoraEmbedding,
         nn.Conv1d: LoraConv,
         nn.Conv2d: LoraConv,
+        nn.Conv3d: LoraConv,
+        nn.MultiheadAttention: LoraMultiheadAttention,
     }
 
 
@@ -342,6 +412,16 @@ class Lora(ModuleMethod):
 
             return build_dora(module, module_name, config)
         return super().build_adapter(module, module_name, config)
+
+    def attach(self, placement: Placement, config: LoraConfig) -> None:
+        """The selected modules, then the selected parameters (`target_parameters`: one adapter per module
+        that holds them)."""
+        if config.target_modules or not config.target_parameters:
+            super().attach(placement, config)
+        if config.target_parameters:
+            from .lora_parameter import attach_parameters  # it builds on this module's classes
+
+            attach_parameters(placement, config)
 
     def default_targets(self, model: nn.Module) -> list[str] | str:
         model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
-from .lora import LoraAdapter, LoraConfig, LoraEmbedding
+from .lora import LoraAdapter, LoraConfig, LoraConv, LoraEmbedding
 from .lora_merge_methods import MERGES, PRUNING_MERGES, SIGN_METHODS, Pruning
 
 if TYPE_CHECKING:
@@ -74,6 +74,19 @@ def add_weighted_adapter(
         raise DeltaTuneError(
             f"add_weighted_adapter cannot combine DoRA adapters ({', '.join(dora)}): their magnitudes do not "
             "combine like LoRA factors; merge each into the weights (merge()) instead"
+        )
+    apart = sorted(
+        {
+            adapter
+            for _, site in delta_model.sites()
+            for adapter in adapters
+            if adapter in site.adapters and _apart(site.adapters[adapter])
+        }
+    )
+    if apart:
+        raise DeltaTuneError(
+            f"add_weighted_adapter cannot combine {', '.join(apart)}: LoRA on bare parameters, on MultiheadAttention "
+            "or on grouped convolutions is not a plain layer's A and B; combine adapters without such targets"
         )
     per_module = _factors_per_module(delta_model, adapters)
     on_cuda = all(layer.lora_A.is_cuda for pieces in per_module.values() for _, layer in pieces)
@@ -132,6 +145,13 @@ def _checked_kind(
     if svd.clamp is not None and not 0 <= svd.clamp <= 1:
         raise DeltaTuneError(f"svd_clamp is a quantile in [0, 1]; got {svd.clamp!r}")
     return "linear" if len(adapters) == 1 else combination_type
+
+
+def _apart(layer: nn.Module) -> bool:
+    """Whether `layer` is LoRA that the combinations cannot take in: on parameters, or a grouped conv."""
+    from .lora_parameter import LoraParameters  # it builds on lora, as this module does
+
+    return isinstance(layer, LoraParameters) or (isinstance(layer, LoraConv) and layer.groups != 1)
 
 
 def _factors_per_module(delta_model: DeltaModel, adapters: list[str]) -> dict[str, list[tuple[int, LoraAdapter]]]:
