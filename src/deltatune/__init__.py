@@ -38,6 +38,7 @@ from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.soft_prompt import collapse_soft_prompt
+from .methods.trainable_tokens import TrainableTokensConfig
 from .model import DeltaModel
 from .peft_format import PeftCodec
 from .placement import Placement
@@ -108,6 +109,7 @@ __all__ = [
     "TargetNotFoundError",
     "TargetedConfig",
     "TrainableSummary",
+    "TrainableTokensConfig",
     "UnknownMethodError",
     "UnsupportedModuleError",
     "attach",

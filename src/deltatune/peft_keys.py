@@ -1,7 +1,8 @@
 """Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
-peft's `LoraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
+peft's `LoraConfig`, `TrainableTokensConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and
+`PrefixTuningConfig` is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -47,6 +48,9 @@ LORA_READ = (
     "layers_pattern",
     "modules_to_save",
     "use_dora",
+    "lora_bias",
+    "bias",
+    "trainable_token_indices",
 )
 
 LORA_TOLERATED = {
@@ -61,11 +65,8 @@ LORA_TOLERATED = {
 }
 
 LORA_REFUSED: dict[str, tuple[Any, str]] = {
-    "bias": ("none", "trains the biases of the base model"),
-    "lora_bias": (False, "a bias on LoRA's B"),
     "layer_replication": (None, "repeats layers of the base model"),
     "target_parameters": (None, "LoRA on bare parameters such as mixture-of-experts weights"),
-    "trainable_token_indices": (None, "trains chosen rows of the embedding"),
     "megatron_config": (None, "LoRA on Megatron's parallel layers"),
     "use_qalora": (False, "QA-LoRA: pooled inputs for quantized layers"),
     "alora_invocation_tokens": (None, "Activated LoRA: the adapter acts only from its invocation tokens on"),
@@ -96,6 +97,8 @@ CONVERTIBLE = ("pissa", "olora", "corda", "lora_ga")
 """The base-rewriting inits whose adapters peft itself converts to plain LoRA."""
 
 OTHER_REFUSED_INITS = {"mica": "MiCA keeps B frozen and trains A only, deltatune would train both"}
+
+TRAINABLE_TOKENS_READ = ("token_indices", "target_modules", "init_weights")
 
 SOFT_PROMPT_READ = ("num_virtual_tokens", "num_transformer_submodules", "modules_to_save")
 
@@ -130,6 +133,11 @@ def check_lora_keys(data: dict[str, Any]) -> None:
             )
     check_init(data.get("init_lora_weights"))
     _warn_unknown(data, {*COMMON_TOLERATED, *LORA_READ, *LORA_TOLERATED, *LORA_REFUSED})
+
+
+def check_trainable_tokens_keys(data: dict[str, Any]) -> None:
+    """Warn about trainable-tokens config keys peft 0.21 does not have (none of its own keys is refused)."""
+    _warn_unknown(data, {*COMMON_TOLERATED, *TRAINABLE_TOKENS_READ})
 
 
 def check_soft_prompt_keys(data: dict[str, Any]) -> None:

@@ -27,15 +27,28 @@ from torch import nn
 
 from ..config import TargetedConfig
 from ..errors import UnsupportedModuleError
-from ..field_check import DropoutRate, PositiveInt, Regex
+from ..field_check import DropoutRate, NonNegativeInt, PositiveInt, Regex
 from ..peft_format import PeftCodec
 from ..peft_keys import LORA_READ, check_lora_keys
+from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
-from ..targeting import pattern_value
+from ..targeting import pattern_value, saved_module_names
 from .base import ModuleMethod
+from .lora_bias import (
+    TrainedBias,
+    adapter_state,
+    add_bias_terms,
+    bias_deltas,
+    check_bias_options,
+    output_bias,
+    stored_state,
+    trained_biases,
+)
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
+from .token_rows import TokenRows
+from .trainable_tokens import check_token_indices, token_rows_beside
 
 DEFAULT_TARGETS = {
     **dict.fromkeys(
@@ -72,6 +85,25 @@ class LoraConfig(TargetedConfig):
     use_dora: bool = False
     """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
     magnitude m per output feature; on Linear and Conv1D layers."""
+    lora_bias: bool = False
+    """B gets a trained bias b_B, scaled with B: y = W x + b + s·(B A x + b_B) (`methods/lora_bias.py`)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which of the base model's biases train as well: none, those of the LoRA layers, or all (every
+    module with a bias), each as a delta merged on `merge()`; files store the trained bias, as peft's."""
+    trainable_token_indices: list[NonNegativeInt] | dict[str, list[NonNegativeInt]] | None = None
+    """Token rows of embeddings that train too (`methods/trainable_tokens.py`): ids in the input
+    embedding, or {embedding name (suffix): ids}; only those rows are saved. A head tied to the input
+    embedding uses the trained rows."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_bias_options(self)
+        indices = self.trainable_token_indices
+        if isinstance(indices, dict):
+            for name, listed in indices.items():
+                check_token_indices(listed, f"trainable_token_indices[{name!r}]")
+        elif indices is not None:
+            check_token_indices(indices, "trainable_token_indices")
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -89,6 +121,7 @@ class LoraAdapter(SiteAdapter):
     """Shared state of every LoRA layer: `lora_A`, `lora_B`, scaling and dropout."""
 
     delta_reads_module = False
+    takes_lora_bias = True
 
     def __init__(
         self,
@@ -107,6 +140,9 @@ class LoraAdapter(SiteAdapter):
         }
         self.lora_A = nn.Parameter(torch.empty((self.rank, *a_shape), **factory))
         self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank, *b_shape[1:]), **factory))
+        self.register_parameter("lora_B_bias", None)  # lora_bias: b_B
+        self.register_parameter("bias_delta", None)  # bias other than "none": Δb of the layer's bias
+        self.has_output_bias = False
         self.dropout_probability = config.lora_dropout
         self.reset(config.init_lora_weights)
 
@@ -129,6 +165,12 @@ class LoraAdapter(SiteAdapter):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        return stored_state(self.state_dict(), getattr(self, "bias_original", None))
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(adapter_state(tensors, getattr(self, "bias_original", None)), strict=True)
 
 
 def add_low_rank(output: torch.Tensor, hidden: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -183,21 +225,25 @@ class LoraLinear(LoraAdapter):
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         hidden, scaling = self.project(args[0])
-        return add_low_rank(output, hidden, self.lora_B, scaling)
+        output = add_low_rank(output, hidden, self.lora_B, scaling)
+        return output + output_bias(self).to(output.dtype) if self.has_output_bias else output
 
     def forward_rows(
         self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
         """Mixed batch: only the LoRA term of the chosen rows is computed, then added into them."""
         hidden, scaling = self.project(args[0].index_select(0, rows))
-        delta = F.linear(hidden, self.lora_B).to(output.dtype)
+        delta = F.linear(hidden, self.lora_B)
+        if self.has_output_bias:
+            delta, scaling = delta * scaling + output_bias(self), 1.0
+        delta = delta.to(output.dtype)
         if torch.is_grad_enabled():
             return output.index_add(0, rows, delta, alpha=scaling)
         return output.index_add_(0, rows, delta, alpha=scaling)
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         delta = self.delta_matrix()
-        return {"weight": delta.t() if self.transposed else delta}
+        return {"weight": delta.t() if self.transposed else delta, **bias_deltas(self)}
 
 
 class LoraQuantizedLinear(LoraLinear):
@@ -217,6 +263,8 @@ class LoraQuantizedLinear(LoraLinear):
 
 class LoraEmbedding(LoraAdapter):
     """LoRA on `nn.Embedding`: the token's column of A (rank × num_embeddings), then B."""
+
+    takes_lora_bias = False  # as in peft
 
     def __init__(self, module: nn.Embedding, module_name: str, config: LoraConfig) -> None:
         super().__init__((module.num_embeddings,), (module.embedding_dim,), module_name, config, module.weight)
@@ -263,10 +311,13 @@ class LoraConv(LoraAdapter):
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         hidden = module._conv_forward(self.dropout(args[0].to(self.lora_A.dtype)), self.lora_A, None)
-        return output + self.scaling * self.pointwise(hidden, self.lora_B).to(output.dtype)
+        output = output + self.scaling * self.pointwise(hidden, self.lora_B).to(output.dtype)
+        if self.has_output_bias:
+            output = output + output_bias(self).to(output.dtype).view(-1, *[1] * (output.dim() - 2))
+        return output
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {"weight": self.delta_matrix().view(module.weight.shape)}
+        return {"weight": self.delta_matrix().view(module.weight.shape), **bias_deltas(self)}
 
 
 class LoraPeft(PeftCodec):
@@ -276,7 +327,14 @@ class LoraPeft(PeftCodec):
 
     peft_type = "LORA"
     tensor_names = {
-        LoraAdapter: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+        LoraAdapter: {
+            "lora_A": "lora_A.weight",
+            "lora_B": "lora_B.weight",
+            "lora_B_bias": "lora_B.bias",
+            "base_bias": "base_layer.bias",
+        },
+        TokenRows: {"rows": "token_adapter.trainable_tokens_delta"},
+        TrainedBias: {"bias": "bias"},
         LoraEmbedding: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
         "deltatune.methods.dora.DoraLinear": {
             "lora_A": "lora_A.weight",
@@ -300,7 +358,9 @@ class LoraPeft(PeftCodec):
             "alpha_pattern": {
                 re.escape(n): config.alpha_for(n) for n in targets if config.alpha_for(n) != config.lora_alpha
             },
-            "bias": "none",
+            "bias": config.bias,
+            "lora_bias": config.lora_bias,
+            "trainable_token_indices": config.trainable_token_indices,
             "use_dora": config.use_dora,
         }
 
@@ -337,7 +397,23 @@ class Lora(ModuleMethod):
             from .dora import build_dora  # dora builds on this module's classes
 
             return build_dora(module, module_name, config)
-        return super().build_adapter(module, module_name, config)
+        adapter = super().build_adapter(module, module_name, config)
+        add_bias_terms(adapter, module, module_name, config)
+        return adapter
+
+    def attach(self, placement: Placement, config: LoraConfig) -> None:
+        """LoRA's layers, then the token rows of `trainable_token_indices` and the biases of `bias="all"`."""
+        model = placement.model
+        built = {
+            name: self.build_adapter(model.get_submodule(name), name, config) for name in self.select(model, config)
+        }
+        saved = saved_module_names(model, config)
+        tokens = token_rows_beside(model, config.trainable_token_indices, set(built), saved)
+        biases = trained_biases(model, config, set(built) | set(tokens), saved)
+        for name, adapter in built.items():
+            placement.put(name, adapter)
+        for name, adapter in {**tokens, **biases}.items():
+            placement.put(name, adapter, target=False)
 
     def default_targets(self, model: nn.Module) -> list[str] | str:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
