@@ -20,6 +20,8 @@ import deltatune
 from tiny_models import ARCHS, build, run
 
 ARCH_NAMES = ["llama", "gpt2", "bert", "t5", "mlp"]
+TOKENS = list(range(10, 60))
+"""Token ids whose rows train in the trainable-token cases."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,26 @@ CASES = {
     # DoRA starts at the base only to rounding: the bias is taken out of the output and put back.
     "lora-dora": Case(
         lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, use_dora=True),
+        zero_init=False,
+    ),
+    # B's bias and every base bias train (as deltas); at init both are zero.
+    "lora-bias": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, lora_bias=True, bias="all"
+        )
+    ),
+    # Rows of many tokens, so that every input row holds some. A tied head recomputes the logits of those
+    # tokens, equal to the base's at init only to rounding.
+    "lora-tokens": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, trainable_token_indices=TOKENS
+        ),
+        archs=("llama", "gpt2", "bert", "t5"),
+        zero_init=False,
+    ),
+    "trainable_tokens": Case(
+        lambda arch: deltatune.TrainableTokensConfig(token_indices=TOKENS),
+        archs=("llama", "gpt2", "bert", "t5"),
         zero_init=False,
     ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),

@@ -36,16 +36,7 @@ from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value, saved_module_names
 from .base import ModuleMethod
-from .lora_bias import (
-    TrainedBias,
-    adapter_state,
-    add_bias_terms,
-    bias_deltas,
-    check_bias_options,
-    output_bias,
-    stored_state,
-    trained_biases,
-)
+from .lora_bias import TrainedBias, add_bias_terms, bias_deltas, check_bias_options, output_bias, trained_biases
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 from .token_rows import TokenRows
 from .trainable_tokens import check_token_indices, token_rows_beside
@@ -141,7 +132,7 @@ class LoraAdapter(SiteAdapter):
         self.lora_A = nn.Parameter(torch.empty((self.rank, *a_shape), **factory))
         self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank, *b_shape[1:]), **factory))
         self.register_parameter("lora_B_bias", None)  # lora_bias: b_B
-        self.register_parameter("bias_delta", None)  # bias other than "none": Δb of the layer's bias
+        self.register_parameter("trained_bias", None)  # bias other than "none": the layer's trained bias
         self.has_output_bias = False
         self.dropout_probability = config.lora_dropout
         self.reset(config.init_lora_weights)
@@ -165,12 +156,6 @@ class LoraAdapter(SiteAdapter):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
-
-    def file_state(self) -> dict[str, torch.Tensor]:
-        return stored_state(self.state_dict(), getattr(self, "bias_original", None))
-
-    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict(adapter_state(tensors, getattr(self, "bias_original", None)), strict=True)
 
 
 def add_low_rank(output: torch.Tensor, hidden: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -331,7 +316,7 @@ class LoraPeft(PeftCodec):
             "lora_A": "lora_A.weight",
             "lora_B": "lora_B.weight",
             "lora_B_bias": "lora_B.bias",
-            "base_bias": "base_layer.bias",
+            "trained_bias": "base_layer.bias",
         },
         TokenRows: {"rows": "token_adapter.trainable_tokens_delta"},
         TrainedBias: {"bias": "bias"},

@@ -7,11 +7,11 @@ the biases of the LoRA-adapted layers train; `bias="all"`: every bias of the mod
 peft's. Merging adds s·b_B + Δb into the layer's bias (a layer without one gets one, as BitFit's
 `add_missing_bias` merges).
 
-deltatune never rewrites the base: a trained bias is b + Δb, with Δb (zero at start) held by the
-adapter, so `disabled()` gives the base model back (peft's disabled adapter keeps its trained biases)
-and several adapters keep their own. Files store what peft stores, the trained bias b + Δb (peft's
-`<layer>.base_layer.bias` at a LoRA layer, `<module>.bias` elsewhere), and loading takes Δb = stored − b
-with the b of the model it loads onto: the adapter then has the stored bias on any base, as in peft.
+deltatune never rewrites the base: the adapter holds the trained bias b' (a copy of b at start) and
+adds Δb = b' − b to the layer's output, so `disabled()` gives the base model back (peft's disabled
+adapter keeps its trained biases) and several adapters keep their own. Files store b' as peft stores it
+(`<layer>.base_layer.bias` at a LoRA layer, `<module>.bias` elsewhere); b is the bias of the model the
+adapter is on, so a loaded adapter has the stored bias on any base, as in peft.
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ from .bitfit import FEATURE_AXIS, BiasDelta
 if TYPE_CHECKING:
     from .lora import LoraAdapter, LoraConfig
 
-TRAINED_BIAS = "base_bias"
-"""The name, in a LoRA adapter's `file_state()`, of the trained bias b + Δb."""
-
 
 def check_bias_options(config: LoraConfig) -> None:
     """peft's rules for `lora_bias`, and DoRA, whose adapters do not take these terms here."""
@@ -48,7 +45,7 @@ def check_bias_options(config: LoraConfig) -> None:
 
 
 def add_bias_terms(adapter: LoraAdapter, module: nn.Module, module_name: str, config: LoraConfig) -> None:
-    """Give a LoRA adapter b_B (`lora_bias`) and Δb (`bias` other than "none", where the layer has a bias)."""
+    """Give a LoRA adapter b_B (`lora_bias`) and b' (`bias` other than "none", where the layer has a bias)."""
     factory = {"dtype": adapter.lora_B.dtype, "device": adapter.lora_B.device}
     features = adapter.lora_B.shape[0]
     if config.lora_bias:
@@ -64,58 +61,43 @@ def add_bias_terms(adapter: LoraAdapter, module: nn.Module, module_name: str, co
         adapter.lora_B_bias = nn.Parameter(bias)
     base_bias = getattr(module, "bias", None)
     if config.bias != "none" and isinstance(base_bias, nn.Parameter):
-        adapter.bias_delta = nn.Parameter(torch.zeros(features, **factory))
-        adapter.register_buffer("bias_original", base_bias.detach().clone(), persistent=False)
-    adapter.has_output_bias = adapter.lora_B_bias is not None or adapter.bias_delta is not None
+        adapter.trained_bias = nn.Parameter(base_bias.detach().to(**factory, copy=True))
+        adapter.register_buffer("base_bias", base_bias.detach().clone(), persistent=False)
+    adapter.has_output_bias = adapter.lora_B_bias is not None or adapter.trained_bias is not None
 
 
 def output_bias(adapter: LoraAdapter) -> torch.Tensor:
-    """s·b_B + Δb, the vector the adapter adds along the layer's output features."""
+    """s·b_B + b' − b, the vector the adapter adds along the layer's output features."""
     terms = []
     if adapter.lora_B_bias is not None:
         terms.append(adapter.lora_B_bias * adapter.scaling)
-    if adapter.bias_delta is not None:
-        terms.append(adapter.bias_delta)
+    if adapter.trained_bias is not None:
+        terms.append(adapter.trained_bias - adapter.base_bias.to(adapter.trained_bias.dtype))
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 def bias_deltas(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    """{"bias": s·b_B + Δb} for merging, or nothing."""
+    """{"bias": s·b_B + b' − b} for merging, or nothing."""
     return {"bias": output_bias(adapter).detach().float()} if adapter.has_output_bias else {}
 
 
-def stored_state(state: dict[str, torch.Tensor], original: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """A state with Δb (`bias_delta`) replaced by the trained bias b + Δb (`TRAINED_BIAS`) for files."""
-    if "bias_delta" not in state:
-        return state
-    state = dict(state)
-    state[TRAINED_BIAS] = original.to(state["bias_delta"].dtype) + state.pop("bias_delta").detach()
-    return state
-
-
-def adapter_state(tensors: dict[str, torch.Tensor], original: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The inverse of `stored_state`: Δb = stored − b."""
-    if TRAINED_BIAS not in tensors:
-        return tensors
-    tensors = dict(tensors)
-    stored = tensors.pop(TRAINED_BIAS)
-    tensors["bias_delta"] = stored - original.to(stored.dtype)
-    return tensors
-
-
 class TrainedBias(BiasDelta):
-    """`bias="all"`: the trained bias of a module LoRA does not adapt; Δb in memory, b + Δb in files."""
+    """`bias="all"`: the trained bias b' (`bias`) of a module LoRA does not adapt, added as b' − b."""
 
     def __init__(self, module: nn.Module, module_name: str) -> None:
         super().__init__(module, module_name, None)
-        self.register_buffer("original", module.bias.detach().clone(), persistent=False)
-
-    def file_state(self) -> dict[str, torch.Tensor]:
-        return {"bias": self.original.to(self.bias.dtype) + self.bias.detach()}
-
-    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            self.bias.copy_(tensors["bias"] - self.original.to(tensors["bias"].dtype))
+            self.bias.copy_(module.bias)
+        self.register_buffer("base_bias", module.bias.detach().clone(), persistent=False)
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        delta = (self.bias - self.base_bias.to(self.bias.dtype)).to(output.dtype)
+        if self.feature_axis == 1:
+            delta = delta.view(-1, *([1] * (output.dim() - 2)))
+        return output + delta
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"bias": self.bias.detach().float() - self.base_bias.float()}
 
 
 def trained_biases(model: nn.Module, config: LoraConfig, taken: set[str], saved: list[str]) -> dict[str, TrainedBias]:
