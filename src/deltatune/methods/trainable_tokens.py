@@ -1,6 +1,7 @@
 """Trainable tokens: train only chosen rows of the embedding (peft's `TrainableTokensConfig`, peft type
 TRAINABLE_TOKENS), for new special tokens or a chat template's tokens, and save only those rows: k × d
-numbers instead of a whole vocabulary × d embedding (SmolLM2: 2 tokens are 4.5 KB, its embedding 113 MB).
+numbers instead of a whole vocabulary × d embedding (SmolLM2: an adapter for 2 new tokens is a 9.9 KB
+folder, the rows twice over with the tied head's copy, where its embedding is 113 MB).
 
 The rows and their math are in `token_rows`. This file holds the method, its config and its peft codec,
 and `token_rows_at`, which LoRA's `trainable_token_indices` uses too: the adapters for {module: indices},
