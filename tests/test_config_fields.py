@@ -104,6 +104,14 @@ ADAPTER_FIELDS: dict[str, Case] = {
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')
     ),
     "alpha_pattern": Case("a mapping of regular expressions to numbers", "{q_proj: high}", ("{q_proj: .inf}",)),
+    "lora_bias": Case("true or false", '"false"'),
+    "bias": Case('"none", "all" or "lora_only"', "5", ("some",)),
+    "trainable_token_indices": Case(
+        "a list of whole numbers ≥ 0, a mapping of strings to lists or null", "5", ("[-1]", "{embed_tokens: [-1]}")
+    ),
+    # trainable tokens (`method.field`: where a field of that name in another method takes other values)
+    "token_indices": Case("a list of whole numbers ≥ 0", "5", ("[-1]",)),
+    "trainable_tokens.init_weights": Case("true or false", '"yes"'),
     # BitFit
     "add_missing_bias": Case("true or false", '"false"'),
     # bottleneck adapters and Compacter
@@ -152,8 +160,14 @@ METHOD_BASES: dict[str, str] = {
     "prompt_tuning": "{method: prompt_tuning}",
     "p_tuning": "{method: p_tuning}",
     "prefix_tuning": "{method: prefix_tuning}",
+    "trainable_tokens": "{method: trainable_tokens, token_indices: [3, 4]}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
+
+
+def adapter_case(method: str, name: str) -> Case | None:
+    """The case of field `name` of `method`'s config: its own (`method.name`) where it has one."""
+    return ADAPTER_FIELDS.get(f"{method}.{name}", ADAPTER_FIELDS.get(name))
 
 
 def built_in_methods() -> list[str]:
@@ -172,7 +186,7 @@ def cases() -> list:
             found.append(pytest.param([f"{name}={value}"], message, id=f"train-{name}-{kind}"))
     for method, base in METHOD_BASES.items():
         for name in field_names(get_method(method).config_class):
-            for kind, value, message in _bad_values(name, ADAPTER_FIELDS.get(name), "adapter: "):
+            for kind, value, message in _bad_values(name, adapter_case(method, name), "adapter: "):
                 found.append(
                     pytest.param([f"adapter={base}", f"adapter.{name}={value}"], message, id=f"{method}-{name}-{kind}")
                 )
@@ -214,15 +228,18 @@ def test_every_config_field_has_a_case() -> None:
 
     assert sorted(built_in_methods()) == sorted(METHOD_BASES)
     classes = [
-        (TrainConfig, TRAIN_FIELDS),
-        *((get_method(method).config_class, ADAPTER_FIELDS) for method in METHOD_BASES),
+        (TrainConfig, TRAIN_FIELDS.get),
+        *(
+            (get_method(method).config_class, lambda name, method=method: adapter_case(method, name))
+            for method in METHOD_BASES
+        ),
     ]
     missing, unranged = [], []
-    for config_class, table in classes:
+    for config_class, case_of in classes:
         for name, annotation in field_types(config_class).items():
-            if name not in table:
+            if case_of(name) is None:
                 missing.append(f"{config_class.__name__}.{name}")
-            elif _declares_range(annotation, Range) and not table[name].out_of_range:
+            elif _declares_range(annotation, Range) and not case_of(name).out_of_range:
                 unranged.append(f"{config_class.__name__}.{name}")
     assert not missing, f"fields without a case in the table: {missing}"
     assert not unranged, f"fields with a range but no out-of-range case: {unranged}"

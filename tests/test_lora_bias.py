@@ -7,6 +7,7 @@ biases), GPT-2, BERT and a convolution.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import peft
@@ -16,7 +17,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune
+from deltatune.train.cli import main
 from tiny_models import build, run
+from training_fixtures import task_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -185,3 +188,21 @@ def test_bias_all_refuses_a_bias_it_cannot_train_as_a_delta() -> None:
 def test_bias_must_be_one_of_peft_values() -> None:
     with pytest.raises(deltatune.DeltaTuneError, match="bias"):
         deltatune.LoraConfig(bias="some")
+
+
+@pytest.mark.parametrize("options", [{"lora_bias": True}, {"bias": "all"}, {"trainable_token_indices": [3, 4]}])
+def test_add_weighted_adapter_refuses_adapters_with_biases_or_token_rows(options: dict) -> None:
+    model = deltatune.attach(build("gpt2"), deltatune.LoraConfig(r=4, **options), name="a")
+    model.add("b", deltatune.LoraConfig(r=4))
+    with pytest.raises(deltatune.DeltaTuneError, match=r"and a also train biases or token rows"):
+        model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix", combination_type="linear")
+    assert "mix" not in model.configs
+
+
+def test_training_from_yaml_with_lora_bias_and_all_biases_loss_falls(tmp_path: Path) -> None:
+    adapter = {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_bias": True}
+    config = task_config(tmp_path, "seq-cls", method={**adapter, "bias": "all"}, eval_file=None)
+    assert main(["train", str(config), "--quiet"]) == 0
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0]

@@ -7,6 +7,7 @@ head's rows with them). Tiny Llama with a tied head (as SmolLM2), GPT-2 (tied) a
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import peft
@@ -17,7 +18,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune
+from deltatune.train.checkpoint import ADAPTER_FOLDER
+from deltatune.train.cli import main
 from tiny_models import VOCAB, build, token_inputs
+from training_fixtures import SPECIALS, VOCAB_SIZE, task_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -27,6 +31,8 @@ TOKENS = list(range(10, 60))
 ARCHS = ["llama-tied", "gpt2", "bert"]
 EMBEDDING = {"llama-tied": "model.embed_tokens", "gpt2": "transformer.wte", "bert": "bert.embeddings.word_embeddings"}
 KINDS = ["trainable_tokens", "lora"]
+WORD_IDS = list(range(len(SPECIALS), VOCAB_SIZE))
+"""The ids of the training fixtures' words (their tokenizer's vocabulary after the special tokens)."""
 
 
 def tied_llama() -> nn.Module:
@@ -302,3 +308,29 @@ def test_saving_modules_to_save_in_peft_trainable_tokens_format_is_refused(tmp_p
     with pytest.raises(deltatune.DeltaTuneError, match="no modules_to_save"):
         ours.save(str(tmp_path), format="peft")
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {"method": "trainable_tokens", "token_indices": WORD_IDS},
+        {
+            "method": "lora",
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": "all-linear",
+            "trainable_token_indices": WORD_IDS,
+        },
+    ],
+    ids=["trainable_tokens", "lora-trainable_token_indices"],
+)
+def test_training_from_yaml_loss_falls_and_saves_only_the_rows(adapter: dict, tmp_path: Path) -> None:
+    config = task_config(tmp_path, "causal-lm", method=adapter, eval_file=None)
+    assert main(["train", str(config), "--quiet"]) == 0
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    saved = load_file(str(tmp_path / "out" / ADAPTER_FOLDER / "adapter_model.safetensors"))
+    rows = [tensor for key, tensor in saved.items() if key.endswith("embed_tokens.rows")]
+    assert [tuple(tensor.shape) for tensor in rows] == [(len(WORD_IDS), 32)]
