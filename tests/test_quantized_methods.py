@@ -1,9 +1,10 @@
 """The invariant table's checks (test_invariants.py) for the methods beside LoRA on a 4-bit base: a tiny
 Llama whose linear layers are bitsandbytes nf4 (`llama-nf4` in tiny_models.py). Bottleneck adapters
-(Houlsby and Pfeiffer), Compacter, BitFit and the soft prompts (prompt tuning, P-tuning, prefix tuning)
-each train (the loss falls) with the base's stored tensors, packed 4-bit storage included,
-bit-identical; save → load gives equal outputs; the output equals the base at init where the method
-starts at zero, with the adapter disabled, and after unload; mixed batches equal separate runs."""
+(Houlsby and Pfeiffer), Compacter, BitFit, the soft prompts (prompt tuning, P-tuning, prefix tuning),
+trainable tokens and LoRA with its bias terms and token rows each train (the loss falls) with the
+base's stored tensors, packed 4-bit storage included, bit-identical; save → load gives equal outputs;
+the output equals the base at init where the method starts at zero, with the adapter disabled, and
+after unload; mixed batches equal separate runs."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": CASES["prompt_tuning"],
     "p_tuning": CASES["p_tuning"],
     "prefix_tuning": CASES["prefix_tuning"],
+    "trainable_tokens": CASES["trainable_tokens"],
+    "lora-bias-tokens": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, target_modules="all-linear", lora_bias=True, bias="all", trainable_token_indices=invariants.TOKENS
+        ),
+        mergeable=False,
+        zero_init=False,
+    ),
 }
 ZERO_INIT = [method for method, case in METHODS.items() if case.zero_init]
 

@@ -218,17 +218,22 @@ class LoraLinear(LoraAdapter):
     ) -> torch.Tensor:
         """Mixed batch: only the LoRA term of the chosen rows is computed, then added into them."""
         hidden, scaling = self.project(args[0].index_select(0, rows))
-        delta = F.linear(hidden, self.lora_B)
-        if self.has_output_bias:
-            delta, scaling = delta * scaling + output_bias(self), 1.0
-        delta = delta.to(output.dtype)
-        if torch.is_grad_enabled():
-            return output.index_add(0, rows, delta, alpha=scaling)
-        return output.index_add_(0, rows, delta, alpha=scaling)
+        delta = F.linear(hidden, self.lora_B).to(output.dtype)
+        output = _added_rows(output, rows, delta, scaling)
+        if self.has_output_bias:  # after the low-rank term, in the output's dtype, as `forward` adds it
+            return _added_rows(output, rows, output_bias(self).to(output.dtype).expand(len(rows), *output.shape[1:]))
+        return output
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         delta = self.delta_matrix()
         return {"weight": delta.t() if self.transposed else delta, **bias_deltas(self)}
+
+
+def _added_rows(output: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """output with scale · values added into its `rows` (in place when no gradient is recorded)."""
+    if torch.is_grad_enabled():
+        return output.index_add(0, rows, values, alpha=scale)
+    return output.index_add_(0, rows, values, alpha=scale)
 
 
 class LoraQuantizedLinear(LoraLinear):
