@@ -20,6 +20,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import deltatune
 from deltatune.train.checkpoint import ADAPTER_FOLDER
 from deltatune.train.cli import main
+from resume_checks import (
+    RESUME_SETTINGS,
+    assert_resume_equals_the_uninterrupted_run,
+    assert_resume_with_a_switched_setting_is_refused,
+)
 from tiny_models import VOCAB, build, token_inputs
 from training_fixtures import SPECIALS, VOCAB_SIZE, task_config
 
@@ -334,3 +339,17 @@ def test_training_from_yaml_loss_falls_and_saves_only_the_rows(adapter: dict, tm
     saved = load_file(str(tmp_path / "out" / ADAPTER_FOLDER / "adapter_model.safetensors"))
     rows = [tensor for key, tensor in saved.items() if key.endswith("embed_tokens.rows")]
     assert [tuple(tensor.shape) for tensor in rows] == [(len(WORD_IDS), 32)]
+
+
+def test_resume_of_a_run_with_token_rows_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    adapter = {**RESUME_SETTINGS["adapter"], "trainable_token_indices": WORD_IDS}
+    config = task_config(tmp_path, "causal-lm", **{**RESUME_SETTINGS, "adapter": adapter})
+    assert_resume_equals_the_uninterrupted_run(config, tmp_path)
+
+
+def test_resume_with_other_token_indices_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    method = {"method": "trainable_tokens", "token_indices": WORD_IDS}
+    config = task_config(tmp_path, "causal-lm", method=method, max_steps=2, save_every=1, eval_file=None)
+    assert_resume_with_a_switched_setting_is_refused(
+        config, tmp_path, capsys, "adapter.token_indices=[9,11]", "adapter.token_indices"
+    )
