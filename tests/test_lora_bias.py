@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import peft
@@ -18,6 +19,7 @@ from torch import nn
 
 import deltatune
 from deltatune.train.cli import main
+from resume_checks import RESUME_SETTINGS
 from tiny_models import build, run
 from training_fixtures import task_config
 
@@ -206,3 +208,18 @@ def test_training_from_yaml_with_lora_bias_and_all_biases_loss_falls(tmp_path: P
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_a_lora_checkpoint_that_predates_these_fields_resumes_with_them_off(tmp_path: Path, capsys) -> None:
+    config = task_config(tmp_path, "causal-lm", **RESUME_SETTINGS)
+    assert main(["train", str(config), "--quiet"]) == 0
+    shutil.rmtree(tmp_path / "out" / "adapter")
+    state_file = tmp_path / "out" / "checkpoints" / "step-000006" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("adapter.lora_bias", "adapter.bias", "adapter.trainable_token_indices"):
+        del state["run"]["fingerprint"][name]  # as a checkpoint written before these fields existed
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", str(config), "--quiet", "--resume", "adapter.lora_bias=true"]) == 2
+    assert "adapter.lora_bias: false → true" in capsys.readouterr().err
+    assert main(["train", str(config), "--quiet", "--resume"]) == 0
