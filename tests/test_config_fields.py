@@ -115,6 +115,19 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "beta2": Case("a number in (0, 1)", "[0.8]", ("1.5",)),
     "orth_reg_weight": Case("a number ≥ 0", "strong", ("-0.5",)),
     "total_step": Case("a whole number ≥ 1 or null", '"10"', ("0",)),
+    "lora_bias": Case("true or false", '"false"'),
+    "bias": Case('"none", "all" or "lora_only"', "5", ("some",)),
+    "trainable_token_indices": Case(
+        "a list of whole numbers ≥ 0, a mapping of strings to lists or null", "5", ("[-1]", "{embed_tokens: [-1]}")
+    ),
+    # trainable tokens (`method.field`: where a field of that name in another method takes other values)
+    "token_indices": Case("a list of whole numbers ≥ 0", "5", ("[-1]",)),
+    "trainable_tokens.init_weights": Case("true or false", '"yes"'),
+    "vera.init_weights": Case("true or false", '"false"'),
+    "adalora.rank_pattern": Case(
+        "a mapping of strings to lists or null", "[q_proj]", ("{q_proj: [1, 0]}",), "rank_pattern must be a mapping"
+    ),
+    "adalora.init_lora_weights": Case("true or false", '"gaussian"'),
     # BitFit
     "add_missing_bias": Case("true or false", '"false"'),
     # bottleneck adapters and Compacter
@@ -161,22 +174,6 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "d_initial": Case("a number", "small", (".nan",)),
 }
 
-METHOD_FIELDS: dict[str, dict[str, Case]] = {
-    "vera": {"init_weights": Case("true or false", '"false"')},
-    "adalora": {
-        "rank_pattern": Case(
-            "a mapping of strings to lists or null", "[q_proj]", ("{q_proj: [1, 0]}",), "rank_pattern must be a mapping"
-        ),
-        "init_lora_weights": Case("true or false", '"gaussian"'),
-    },
-}
-"""Cases of a method whose field has the name of another method's field but other values."""
-
-
-def adapter_fields(method: str) -> dict[str, Case]:
-    return {**ADAPTER_FIELDS, **METHOD_FIELDS.get(method, {})}
-
-
 METHOD_BASES: dict[str, str] = {
     "adalora": "{method: adalora, init_r: 4, target_r: 2}",
     "lora": "{method: lora, r: 4, target_modules: all-linear}",
@@ -188,8 +185,14 @@ METHOD_BASES: dict[str, str] = {
     "p_tuning": "{method: p_tuning}",
     "prefix_tuning": "{method: prefix_tuning}",
     "vera": "{method: vera, r: 4, target_modules: all-linear}",
+    "trainable_tokens": "{method: trainable_tokens, token_indices: [3, 4]}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
+
+
+def adapter_case(method: str, name: str) -> Case | None:
+    """The case of field `name` of `method`'s config: its own (`method.name`) where it has one."""
+    return ADAPTER_FIELDS.get(f"{method}.{name}", ADAPTER_FIELDS.get(name))
 
 
 def built_in_methods() -> list[str]:
@@ -208,7 +211,7 @@ def cases() -> list:
             found.append(pytest.param([f"{name}={value}"], message, id=f"train-{name}-{kind}"))
     for method, base in METHOD_BASES.items():
         for name in field_names(get_method(method).config_class):
-            for kind, value, message in _bad_values(name, adapter_fields(method).get(name), "adapter: "):
+            for kind, value, message in _bad_values(name, adapter_case(method, name), "adapter: "):
                 found.append(
                     pytest.param([f"adapter={base}", f"adapter.{name}={value}"], message, id=f"{method}-{name}-{kind}")
                 )
@@ -250,15 +253,18 @@ def test_every_config_field_has_a_case() -> None:
 
     assert sorted(built_in_methods()) == sorted(METHOD_BASES)
     classes = [
-        (TrainConfig, TRAIN_FIELDS),
-        *((get_method(method).config_class, adapter_fields(method)) for method in METHOD_BASES),
+        (TrainConfig, TRAIN_FIELDS.get),
+        *(
+            (get_method(method).config_class, lambda name, method=method: adapter_case(method, name))
+            for method in METHOD_BASES
+        ),
     ]
     missing, unranged = [], []
-    for config_class, table in classes:
+    for config_class, case_of in classes:
         for name, annotation in field_types(config_class).items():
-            if name not in table:
+            if case_of(name) is None:
                 missing.append(f"{config_class.__name__}.{name}")
-            elif _declares_range(annotation, Range) and not table[name].out_of_range:
+            elif _declares_range(annotation, Range) and not case_of(name).out_of_range:
                 unranged.append(f"{config_class.__name__}.{name}")
     assert not missing, f"fields without a case in the table: {missing}"
     assert not unranged, f"fields with a range but no out-of-range case: {unranged}"

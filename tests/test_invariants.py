@@ -21,6 +21,8 @@ import deltatune
 from tiny_models import ARCHS, build, run
 
 ARCH_NAMES = ["llama", "gpt2", "bert", "t5", "mlp"]
+TOKENS = list(range(10, 60))
+"""Token ids whose rows train in the trainable-token cases."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,26 @@ CASES = {
     "lora-parameters": Case(
         lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_parameters=PARAMETER_TARGETS[arch]),
         mixed_batch=False,
+    ),
+    # B's bias and every base bias train (as deltas); at init both are zero.
+    "lora-bias": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, lora_bias=True, bias="all"
+        )
+    ),
+    # Rows of many tokens, so that every input row holds some. A tied head recomputes the logits of those
+    # tokens, equal to the base's at init only to rounding.
+    "lora-tokens": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, trainable_token_indices=TOKENS
+        ),
+        archs=("llama", "gpt2", "bert", "t5"),
+        zero_init=False,
+    ),
+    "trainable_tokens": Case(
+        lambda arch: deltatune.TrainableTokensConfig(token_indices=TOKENS),
+        archs=("llama", "gpt2", "bert", "t5"),
+        zero_init=False,
     ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
@@ -128,11 +150,9 @@ def frozen(arch: str) -> torch.nn.Module:
 
 
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's own tensors (without deltatune's sites), cloned."""
-    sites = {name for name, _ in model.named_modules() if name.endswith("deltatune") or ".deltatune." in name}
-    return {
-        k: v.detach().clone() for k, v in model.state_dict().items() if not any(k.startswith(s + ".") for s in sites)
-    }
+    """The base model's own tensors (without deltatune's sites, under every name of a shared module:
+    transformers 4's T5 encoder embedding is its `shared`), cloned."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "deltatune" not in k.split(".")}
 
 
 def test_every_builtin_method_has_a_case() -> None:

@@ -71,6 +71,14 @@ def test_every_peft_lora_key_is_read_tolerated_or_refused() -> None:
     assert sum(map(len, classes)) == len(set().union(*classes)), "a key is in two classes"
 
 
+def test_every_peft_trainable_tokens_key_is_read_or_tolerated() -> None:
+    from deltatune import peft_keys
+
+    known = {*peft_keys.COMMON_TOLERATED, *peft_keys.TRAINABLE_TOKENS_READ}
+    unclassified = {field.name for field in dataclasses.fields(peft.TrainableTokensConfig)} - known
+    assert not unclassified, f"classify these peft keys in deltatune.peft_keys: {sorted(unclassified)}"
+
+
 @pytest.mark.parametrize(
     "config_class",
     [peft.PromptTuningConfig, peft.PromptEncoderConfig, peft.PrefixTuningConfig],
@@ -134,10 +142,7 @@ def test_an_eva_adapter_loads_with_peft_outputs(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- keys
 REFUSED_VALUES = {
-    "bias": "all",
-    "lora_bias": True,
     "layer_replication": [[0, 2], [1, 2]],
-    "trainable_token_indices": [3, 4],
     "megatron_config": {"tensor_model_parallel_size": 1},
     "use_qalora": True,
     "alora_invocation_tokens": [5, 6],
@@ -162,6 +167,17 @@ def test_a_key_that_changes_the_math_is_refused_by_name(key: str, tmp_path: Path
     folder = with_config_keys(tmp_path, **{key: REFUSED_VALUES[key]})
     with pytest.raises(deltatune.DeltaTuneError, match=rf"sets {key}=.*deltatune does not implement"):
         deltatune.load(copy.deepcopy(base), str(folder))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"bias": "lora_only"}, {"bias": "all"}, {"lora_bias": True}, {"trainable_token_indices": [3, 4]}],
+    ids=lambda options: "-".join(f"{key}={value}" for key, value in options.items()),
+)
+def test_a_key_deltatune_now_computes_loads_with_peft_outputs(options: dict, tmp_path: Path) -> None:
+    """Once refused, these load (their cross-checks: test_lora_bias.py, test_trainable_tokens.py)."""
+    base, expected = peft_folder(tmp_path, **options)
+    assert_loads_with_peft_outputs(base, tmp_path, expected)
 
 
 def test_keys_that_do_not_change_the_math_stay_accepted(tmp_path: Path) -> None:

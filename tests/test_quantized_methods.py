@@ -37,6 +37,14 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": CASES["prompt_tuning"],
     "p_tuning": CASES["p_tuning"],
     "prefix_tuning": CASES["prefix_tuning"],
+    "trainable_tokens": CASES["trainable_tokens"],
+    "lora-bias-tokens": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, target_modules="all-linear", lora_bias=True, bias="all", trainable_token_indices=invariants.TOKENS
+        ),
+        mergeable=False,
+        zero_init=False,
+    ),
 }
 ZERO_INIT = [method for method, case in METHODS.items() if case.zero_init]
 

@@ -40,6 +40,7 @@ from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.soft_prompt import collapse_soft_prompt
+from .methods.trainable_tokens import TrainableTokensConfig
 from .methods.vera import VeraConfig
 from .model import DeltaModel
 from .peft_format import PeftCodec
@@ -113,6 +114,7 @@ __all__ = [
     "TargetNotFoundError",
     "TargetedConfig",
     "TrainableSummary",
+    "TrainableTokensConfig",
     "UnknownMethodError",
     "UnsupportedModuleError",
     "VeraConfig",

@@ -3,8 +3,9 @@
 W ← W + ΔW is computed in float32 (float64 weights: in float64), rounded to W's dtype, and checked for
 non-finite values there: a float16 weight that ΔW pushes past 65504 is refused although the float32 sum
 is finite. A tensor shared by two modules (tied input/output embeddings) is refused: merging would
-change both. Shared means the same storage, parameter or buffer: a GGUF head tied to its embedding is a
-`GGUFLinear` whose weight buffer is the embedding's blocks.
+change both, unless the adapter says its delta is meant for all of them (`merges_tied_weights`). Shared
+means the same storage, parameter or buffer: a GGUF head tied to its embedding is a `GGUFLinear` whose
+weight buffer is the embedding's blocks.
 
 All or nothing, without a copy of the model: a merge makes two passes over the adapted modules.
 1. Check, writing nothing: per module, every new value is computed into a temporary (one module's
@@ -117,7 +118,8 @@ def _check(step: Step, merging: bool, tied: dict[str, str]) -> None:
         reads = step.site.adapters[name].delta_reads_module
         with _showing(step.module, values) if reads else contextlib.nullcontext():
             deltas = _deltas(step, name, merging)
-        _refuse_tied(step.module_name, deltas, tied)
+        if not step.site.adapters[name].merges_tied_weights:
+            _refuse_tied(step.module_name, deltas, tied)
         if quantized is not None and merging:
             _refuse_quantized(step, name, deltas, quantized)
         for parameter_name, delta in deltas.items():

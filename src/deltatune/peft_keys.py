@@ -1,8 +1,8 @@
 """Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
-peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and
-`PrefixTuningConfig` is:
+peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `TrainableTokensConfig`, `PromptTuningConfig`,
+`PromptEncoderConfig` and `PrefixTuningConfig` is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -49,6 +49,9 @@ LORA_READ = (
     "modules_to_save",
     "use_dora",
     "target_parameters",
+    "lora_bias",
+    "bias",
+    "trainable_token_indices",
 )
 
 LORA_TOLERATED = {
@@ -63,10 +66,7 @@ LORA_TOLERATED = {
 }
 
 LORA_REFUSED: dict[str, tuple[Any, str]] = {
-    "bias": ("none", "trains the biases of the base model"),
-    "lora_bias": (False, "a bias on LoRA's B"),
     "layer_replication": (None, "repeats layers of the base model"),
-    "trainable_token_indices": (None, "trains chosen rows of the embedding"),
     "megatron_config": (None, "LoRA on Megatron's parallel layers"),
     "use_qalora": (False, "QA-LoRA: pooled inputs for quantized layers"),
     "alora_invocation_tokens": (None, "Activated LoRA: the adapter acts only from its invocation tokens on"),
@@ -113,6 +113,9 @@ ADALORA_REFUSED = {
     **LORA_REFUSED,
     "use_dora": (False, "DoRA, which peft's AdaLoRA refuses too"),
     "target_parameters": (None, "AdaLoRA on bare parameters, which deltatune implements for LoRA only"),
+    "bias": ("none", "trains the biases of the base model, which deltatune implements for LoRA only"),
+    "lora_bias": (False, "a bias on B, which deltatune implements for LoRA only"),
+    "trainable_token_indices": (None, "trains rows of the embedding, which deltatune implements for LoRA only"),
 }
 
 PLAIN_INITS = ("gaussian", "eva", "orthogonal")
@@ -133,6 +136,8 @@ CONVERTIBLE = ("pissa", "olora", "corda", "lora_ga")
 """The base-rewriting inits whose adapters peft itself converts to plain LoRA."""
 
 OTHER_REFUSED_INITS = {"mica": "MiCA keeps B frozen and trains A only, deltatune would train both"}
+
+TRAINABLE_TOKENS_READ = ("token_indices", "target_modules", "init_weights")
 
 SOFT_PROMPT_READ = ("num_virtual_tokens", "num_transformer_submodules", "modules_to_save")
 
@@ -179,6 +184,11 @@ def check_adalora_keys(data: dict[str, Any]) -> None:
     peft 0.21 does not have."""
     _refuse_set_keys(data, ADALORA_REFUSED)
     _warn_unknown(data, {*COMMON_TOLERATED, *ADALORA_READ, *ADALORA_TOLERATED, *ADALORA_REFUSED})
+
+
+def check_trainable_tokens_keys(data: dict[str, Any]) -> None:
+    """Warn about trainable-tokens config keys peft 0.21 does not have (none of its own keys is refused)."""
+    _warn_unknown(data, {*COMMON_TOLERATED, *TRAINABLE_TOKENS_READ})
 
 
 def check_soft_prompt_keys(data: dict[str, Any]) -> None:

@@ -57,6 +57,9 @@ class SiteAdapter(nn.Module):
     delta_reads_module: bool = True
     """Whether `delta_parameters` depends on the module's weights. Then merge keeps the deltas it
     added so that unmerge can subtract exactly those; LoRA and BitFit set False and keep nothing."""
+    merges_tied_weights: bool = False
+    """Whether the deltas are meant for every module that shares the parameter (trainable tokens of an
+    embedding whose tied head holds the same rows): then merge writes a tied weight instead of refusing."""
     keeps_module_dtype: bool = False
     """Whether the parameters stay in the module's dtype where adapters are kept in float32
     (`keep_in_float32`): a `modules_to_save` copy runs in the module's place, as in peft."""

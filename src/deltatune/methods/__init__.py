@@ -1,3 +1,29 @@
-"""Built-in methods. Importing this package registers them."""
+"""Built-in methods. Importing this package registers them: each module registers its method on import."""
 
-from . import adalora, bitfit, bottleneck, compacter, fusion, lora, p_tuning, prefix_tuning, prompt_tuning, vera  # noqa: F401  (registration happens on import)
+from . import (
+    adalora,
+    bitfit,
+    bottleneck,
+    compacter,
+    fusion,
+    lora,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    trainable_tokens,
+    vera,
+)
+
+__all__ = [
+    "adalora",
+    "bitfit",
+    "bottleneck",
+    "compacter",
+    "fusion",
+    "lora",
+    "p_tuning",
+    "prefix_tuning",
+    "prompt_tuning",
+    "trainable_tokens",
+    "vera",
+]

@@ -28,16 +28,19 @@ from torch import nn
 
 from ..config import TargetedConfig
 from ..errors import MergeError, UnsupportedModuleError
-from ..field_check import DropoutRate, PositiveInt, Regex
+from ..field_check import DropoutRate, NonNegativeInt, PositiveInt, Regex
 from ..peft_format import BASE_LAYER, PeftCodec
 from ..peft_keys import LORA_READ, check_lora_keys
 from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
-from ..targeting import pattern_value
+from ..targeting import pattern_value, saved_module_names
 from .base import ModuleMethod, lookup_type
+from .lora_bias import TrainedBias, add_bias_terms, bias_deltas, check_bias_options, output_bias, trained_biases
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
+from .token_rows import TokenRows
+from .trainable_tokens import check_token_indices, token_rows_beside
 
 DEFAULT_TARGETS = {
     **dict.fromkeys(
@@ -78,6 +81,25 @@ class LoraConfig(TargetedConfig):
     use_dora: bool = False
     """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
     magnitude m per output feature; on Linear, Conv1D, Embedding and Conv layers."""
+    lora_bias: bool = False
+    """B gets a trained bias b_B, scaled with B: y = W x + b + s·(B A x + b_B) (`methods/lora_bias.py`)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which of the base model's biases train as well: none, those of the LoRA layers, or all (every
+    module with a bias), each as a delta merged on `merge()`; files store the trained bias, as peft's."""
+    trainable_token_indices: list[NonNegativeInt] | dict[str, list[NonNegativeInt]] | None = None
+    """Token rows of embeddings that train too (`methods/trainable_tokens.py`): ids in the input
+    embedding, or {embedding name (suffix): ids}; only those rows are saved. A head tied to the input
+    embedding uses the trained rows."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_bias_options(self)
+        indices = self.trainable_token_indices
+        if isinstance(indices, dict):
+            for name, listed in indices.items():
+                check_token_indices(listed, f"trainable_token_indices[{name!r}]")
+        elif indices is not None:
+            check_token_indices(indices, "trainable_token_indices")
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -95,6 +117,7 @@ class LoraAdapter(SiteAdapter):
     """Shared state of every LoRA layer: `lora_A`, `lora_B`, scaling and dropout."""
 
     delta_reads_module = False
+    takes_lora_bias = True
 
     def __init__(
         self,
@@ -114,6 +137,9 @@ class LoraAdapter(SiteAdapter):
         }
         self.lora_A = nn.Parameter(torch.empty((self.rank, *a_shape), **factory))
         self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank // groups, *b_shape[1:]), **factory))
+        self.register_parameter("lora_B_bias", None)  # lora_bias: b_B
+        self.register_parameter("trained_bias", None)  # bias other than "none": the layer's trained bias
+        self.has_output_bias = False
         self.dropout_probability = config.lora_dropout
         self.reset(config.init_lora_weights)
 
@@ -194,7 +220,8 @@ class LoraLinear(LoraAdapter):
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         hidden, scaling = self.project(args[0])
-        return add_low_rank(output, hidden, self.lora_B, scaling)
+        output = add_low_rank(output, hidden, self.lora_B, scaling)
+        return output + output_bias(self).to(output.dtype) if self.has_output_bias else output
 
     def forward_rows(
         self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
@@ -202,13 +229,21 @@ class LoraLinear(LoraAdapter):
         """Mixed batch: only the LoRA term of the chosen rows is computed, then added into them."""
         hidden, scaling = self.project(args[0].index_select(0, rows))
         delta = F.linear(hidden, self.lora_B).to(output.dtype)
-        if torch.is_grad_enabled():
-            return output.index_add(0, rows, delta, alpha=scaling)
-        return output.index_add_(0, rows, delta, alpha=scaling)
+        output = _added_rows(output, rows, delta, scaling)
+        if self.has_output_bias:  # after the low-rank term, in the output's dtype, as `forward` adds it
+            return _added_rows(output, rows, output_bias(self).to(output.dtype).expand(len(rows), *output.shape[1:]))
+        return output
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         delta = self.delta_matrix()
-        return {"weight": delta.t() if self.transposed else delta}
+        return {"weight": delta.t() if self.transposed else delta, **bias_deltas(self)}
+
+
+def _added_rows(output: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """output with scale · values added into its `rows` (in place when no gradient is recorded)."""
+    if torch.is_grad_enabled():
+        return output.index_add(0, rows, values, alpha=scale)
+    return output.index_add_(0, rows, values, alpha=scale)
 
 
 class LoraQuantizedLinear(LoraLinear):
@@ -228,6 +263,8 @@ class LoraQuantizedLinear(LoraLinear):
 
 class LoraEmbedding(LoraAdapter):
     """LoRA on `nn.Embedding`: the token's column of A (rank × num_embeddings), then B."""
+
+    takes_lora_bias = False  # as in peft
 
     def __init__(self, module: nn.Embedding, module_name: str, config: LoraConfig) -> None:
         super().__init__((module.num_embeddings,), (module.embedding_dim,), module_name, config, module.weight)
@@ -296,7 +333,10 @@ class LoraConv(LoraAdapter):
         return self.convolution(x, self.lora_A, None, module.stride, padding, module.dilation)
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        return output + self.scaling * self.low_rank(module, self.dropout(args[0])).to(output.dtype)
+        output = output + self.scaling * self.low_rank(module, self.dropout(args[0])).to(output.dtype)
+        if self.has_output_bias:
+            output = output + output_bias(self).to(output.dtype).view(-1, *[1] * (output.dim() - 2))
+        return output
 
     def low_rank(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """B A x, unscaled: the 1×1 grouped conv B over A's output."""
@@ -308,7 +348,7 @@ class LoraConv(LoraAdapter):
                 f"LoRA on a grouped convolution (groups={self.groups}) has no weight delta to merge: its update "
                 "reads every input channel; keep it unmerged (unload(merge=False)) or leave the layer out"
             )
-        return {"weight": self.delta_matrix().view(module.weight.shape)}
+        return {"weight": self.delta_matrix().view(module.weight.shape), **bias_deltas(self)}
 
 
 class LoraPeft(PeftCodec):
@@ -318,7 +358,14 @@ class LoraPeft(PeftCodec):
 
     peft_type = "LORA"
     tensor_names = {
-        LoraAdapter: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+        LoraAdapter: {
+            "lora_A": "lora_A.weight",
+            "lora_B": "lora_B.weight",
+            "lora_B_bias": "lora_B.bias",
+            "trained_bias": "base_layer.bias",
+        },
+        TokenRows: {"rows": "token_adapter.trainable_tokens_delta"},
+        TrainedBias: {"bias": "bias"},
         LoraEmbedding: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
         "deltatune.methods.dora.DoraNorm": {
             "lora_A": "lora_A.weight",
@@ -370,7 +417,9 @@ class LoraPeft(PeftCodec):
             "alpha_pattern": {
                 re.escape(n): config.alpha_for(n) for n in named if config.alpha_for(n) != config.lora_alpha
             },
-            "bias": "none",
+            "bias": config.bias,
+            "lora_bias": config.lora_bias,
+            "trainable_token_indices": config.trainable_token_indices,
             "use_dora": config.use_dora,
         }
 
@@ -411,17 +460,28 @@ class Lora(ModuleMethod):
             from .dora import build_dora  # dora builds on this module's classes
 
             return build_dora(module, module_name, config)
-        return super().build_adapter(module, module_name, config)
+        adapter = super().build_adapter(module, module_name, config)
+        add_bias_terms(adapter, module, module_name, config)
+        return adapter
 
     def attach(self, placement: Placement, config: LoraConfig) -> None:
-        """The selected modules, then the selected parameters (`target_parameters`: one adapter per module
-        that holds them)."""
-        if config.target_modules or not config.target_parameters:
-            super().attach(placement, config)
+        """LoRA's layers: the selected modules and the selected parameters (`target_parameters`: one adapter
+        per module that holds them), then the token rows of `trainable_token_indices` and the biases of
+        `bias="all"`."""
+        model = placement.model
+        modules = self.select(model, config) if config.target_modules or not config.target_parameters else []
+        built = {name: self.build_adapter(model.get_submodule(name), name, config) for name in modules}
+        saved = saved_module_names(model, config)
+        tokens = token_rows_beside(model, config.trainable_token_indices, set(built), saved)
+        biases = trained_biases(model, config, set(built) | set(tokens), saved)
+        for name, adapter in built.items():
+            placement.put(name, adapter)
         if config.target_parameters:
             from .lora_parameter import attach_parameters  # it builds on this module's classes
 
             attach_parameters(placement, config)
+        for name, adapter in {**tokens, **biases}.items():
+            placement.put(name, adapter, target=False)
 
     def default_targets(self, model: nn.Module) -> list[str] | str:
         model_type = getattr(getattr(model, "config", None), "model_type", None)

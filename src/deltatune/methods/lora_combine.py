@@ -88,6 +88,14 @@ def add_weighted_adapter(
             f"add_weighted_adapter cannot combine {', '.join(apart)}: LoRA on bare parameters, on MultiheadAttention "
             "or on grouped convolutions is not a plain layer's A and B; combine adapters without such targets"
         )
+    extras = [
+        adapter for adapter, c in zip(adapters, configs) if c.lora_bias or c.bias != "none" or c.trainable_token_indices
+    ]
+    if extras:
+        raise DeltaTuneError(
+            f"add_weighted_adapter combines LoRA's A and B only, and {', '.join(extras)} also train biases or token "
+            "rows, which the combination would drop; merge each into the weights (merge()) instead"
+        )
     per_module = _factors_per_module(delta_model, adapters)
     on_cuda = all(layer.lora_A.is_cuda for pieces in per_module.values() for _, layer in pieces)
     if svd.driver is not None and not on_cuda:

@@ -61,9 +61,13 @@ ADDED_LATER = {
     "loraplus_lr_ratio": None,
     "loraplus_lr_embedding": 1e-6,
     "freeze_lora_a": False,
+    "adapter.lora_bias": False,
+    "adapter.bias": "none",
+    "adapter.trainable_token_indices": None,
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
-checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade."""
+checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade. An
+adapter field counts only for the methods that have it (the run's own fingerprint holds it)."""
 
 DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""
@@ -107,7 +111,8 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
         raise CheckpointMismatchError(
             f"--resume: {folder} does not record which run wrote it (an older deltatune wrote it); {again}"
         )
-    before, now = {**ADDED_LATER, **saved["fingerprint"]}, record["fingerprint"]
+    now = record["fingerprint"]
+    before = {**{name: value for name, value in ADDED_LATER.items() if name in now}, **saved["fingerprint"]}
     differ = [name for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
     if differ:
         described = ", ".join(_difference(name, before.get(name), now.get(name)) for name in differ)
