@@ -38,6 +38,19 @@ CASES = {
         zero_init=False,
     ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
+    # peft's default targets per model type; the MLP scales its first layer's output and its second's input.
+    "ia3": Case(
+        lambda arch: (
+            deltatune.IA3Config(target_modules=["net.0", "net.2"], feedforward_modules=["net.2"])
+            if arch == "mlp"
+            else deltatune.IA3Config()
+        )
+    ),
+    # peft's default norm layers (BERT has none in peft's table: its LayerNorms); the MLP has no norm layer.
+    "ln_tuning": Case(
+        lambda arch: deltatune.LNTuningConfig(target_modules=["LayerNorm"] if arch == "bert" else None),
+        archs=("llama", "gpt2", "bert", "t5"),
+    ),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),
         archs=("llama", "gpt2", "bert", "t5"),
