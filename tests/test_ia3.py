@@ -20,7 +20,7 @@ import deltatune
 from deltatune.errors import DeltaTuneError, TargetNotFoundError
 from deltatune.methods.ia3 import IA3InputScale, IA3OutputScale, IA3Scale
 from deltatune.train.cli import main
-from test_peft_crosscheck import assert_same, assert_same_parameter, our_lora, peft_lora
+from test_peft_crosscheck import assert_same, assert_same_parameter, our_lora
 from test_quantized import needs_bitsandbytes
 from tiny_models import build, run
 from training_fixtures import task_config

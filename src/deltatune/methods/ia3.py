@@ -35,8 +35,8 @@ from ..config import TargetedConfig, _as_name_list
 from ..errors import DeltaTuneError, TargetNotFoundError
 from ..field_check import Regex
 from ..peft_format import PeftCodec
-from ..placement import Placement
 from ..peft_keys import IA3_READ, IA3_TOLERATED, check_method_keys
+from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import CallNote, RoutingState, SiteAdapter, put_rows
