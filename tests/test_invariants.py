@@ -28,6 +28,9 @@ class Case:
     archs: tuple[str, ...] = tuple(ARCH_NAMES)
     mergeable: bool = True
     zero_init: bool = True
+    keeps_model_dtype: bool = False
+    """The parameters stay in the model's dtype, as peft's do (a copy run in the layer's place: LN tuning);
+    test_adapter_dtype's float32 checks leave the case out."""
 
 
 CASES = {
@@ -50,6 +53,7 @@ CASES = {
     "ln_tuning": Case(
         lambda arch: deltatune.LNTuningConfig(target_modules=["LayerNorm"] if arch == "bert" else None),
         archs=("llama", "gpt2", "bert", "t5"),
+        keeps_model_dtype=True,
     ),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),

@@ -142,3 +142,25 @@ def test_mixed_batch_of_ln_tuning_and_lora_rows_equals_separate_runs(arch: str) 
 def test_a_model_without_peft_defaults_needs_target_modules() -> None:
     with pytest.raises(deltatune.TargetNotFoundError, match="LNTuningConfig needs target_modules"):
         deltatune.attach(build("bert"), deltatune.LNTuningConfig())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_on_a_bfloat16_model_the_copies_keep_its_dtype_as_peft_s_and_mixed_rows_equal_separate_runs(
+    arch: str, tmp_path: Path
+) -> None:
+    """peft does not upcast LN tuning's copies (they run in the layer's place: a float32 norm would hand
+    the next bfloat16 layer float32 activations); neither does deltatune."""
+    theirs = peft.get_peft_model(copy.deepcopy(build(arch)).to(torch.bfloat16), peft.LNTuningConfig())
+    perturb(theirs, "ln_tuning_layers")
+    theirs.eval().save_pretrained(tmp_path)
+    ours = deltatune.load(build(arch).to(torch.bfloat16), str(tmp_path), name="a").eval()
+    ours.add("b", deltatune.LNTuningConfig())
+    assert {parameter.dtype for name in ("a", "b") for parameter in ours.adapter_parameters(name)} == {torch.bfloat16}
+    expected = run(theirs, arch)
+    ours.activate("a")
+    assert_same(run(ours, arch), expected)
+    base = run(build(arch).to(torch.bfloat16), arch)
+    mixed = run(ours, arch, adapter_names=["a", None, "b"])
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed[0], expected[0], atol=0.05, rtol=0.02)
+    torch.testing.assert_close(mixed[1], base[1], atol=0.05, rtol=0.02)
