@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import deltatune
-from deltatune.errors import DeltaTuneError, TargetNotFoundError
+from deltatune.errors import DeltaTuneError, TargetNotFoundError, UnsupportedModuleError
 from deltatune.methods.ia3 import IA3InputScale, IA3OutputScale, IA3Scale
 from deltatune.train.cli import main
 from test_peft_crosscheck import assert_same, assert_same_parameter, our_lora
@@ -210,6 +210,23 @@ def test_ia3_on_an_nf4_base_matches_peft_and_merges_into_the_dequantized_weights
     assert_same(run(ours, "llama-nf4"), expected)
     plain = ours.unload(merge=True, dequantize=True)
     assert_same(run(plain, "llama-nf4"), expected)
+
+
+def test_a_peft_folder_with_regular_expressions_for_targets_and_feedforward_layers_loads_with_peft_outputs(
+    tmp_path: Path,
+) -> None:
+    theirs = peft_ia3("llama", target_modules=r".*\.(k_proj|v_proj|down_proj)", feedforward_modules=r".*\.down_proj")
+    ours = ours_from_peft(theirs, "llama", tmp_path)
+    assert sum(isinstance(scale, IA3InputScale) for scale in scales(ours).values()) == 2
+    assert_same(run(ours, "llama"), run(theirs, "llama"))
+
+
+def test_ia3_on_a_layer_type_peft_does_not_adapt_is_refused_naming_it() -> None:
+    base = build("llama")
+    with pytest.raises(UnsupportedModuleError, match=r"cannot adapt 'model.embed_tokens' \(Embedding\)") as raised:
+        deltatune.attach(base, deltatune.IA3Config(target_modules=["embed_tokens"], feedforward_modules=[]))
+    assert "\n" not in str(raised.value)
+    assert not [name for name, _ in base.named_modules() if name.endswith("deltatune")]
 
 
 def test_a_feedforward_layer_outside_the_targets_is_refused() -> None:

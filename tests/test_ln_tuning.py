@@ -1,5 +1,6 @@
 """LayerNorm tuning against peft 0.21's LN_TUNING with the same weights: default targets, outputs,
-gradients, folders both ways (tensor keys and shapes exactly peft's), merges and mixed batches with LoRA.
+gradients, folders both ways (tensor keys and shapes exactly peft's), merges, mixed batches with LoRA,
+bfloat16 models and training through `deltatune train`.
 
 The norm copies are perturbed on whichever side builds the adapter: a fresh copy equals the layer and
 would prove nothing.
@@ -8,6 +9,7 @@ would prove nothing.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import peft
@@ -18,9 +20,11 @@ from torch import nn
 
 import deltatune
 from deltatune.methods.ln_tuning import NormCopy
+from deltatune.train.cli import main
 from test_ia3 import assert_changed
 from test_peft_crosscheck import assert_same, assert_same_parameter, our_lora
 from tiny_models import build, run
+from training_fixtures import task_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -164,3 +168,10 @@ def test_on_a_bfloat16_model_the_copies_keep_its_dtype_as_peft_s_and_mixed_rows_
     assert mixed.dtype == torch.bfloat16
     torch.testing.assert_close(mixed[0], expected[0], atol=0.05, rtol=0.02)
     torch.testing.assert_close(mixed[1], base[1], atol=0.05, rtol=0.02)
+
+
+def test_ln_tuning_trains_through_the_command_and_its_loss_falls(tmp_path: Path) -> None:
+    assert main(["train", str(task_config(tmp_path, "causal-lm", method={"method": "ln_tuning"})), "--quiet"]) == 0
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    trained = [entry["loss"] for entry in history if "loss" in entry]
+    assert trained[-1] < trained[0]
