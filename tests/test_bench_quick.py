@@ -57,3 +57,16 @@ def test_quick_benchmark_runs_every_workload_starting_workers_only_for_other_env
     # Each worker process imports torch, transformers and peft; on a loaded 2-core machine ~20 of
     # them took minutes. Quick mode starts one only where another environment is needed.
     assert all(command[0] != sys.executable for command in started), [command[:3] for command in started]
+
+
+def test_quick_method_step_measures_every_method_beside_peft_and_the_floor(tmp_path: Path) -> None:
+    import method_step
+
+    out = tmp_path / "methods.json"
+    report = method_step.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["methods"]) == set(method_step.METHODS)
+    for row in report["methods"].values():
+        assert row["logits_max_difference"] <= 1e-3
+        assert all(row["training_step"][library]["seconds"] > 0 for library in ("peft", "deltatune", "floor"))
+        assert row["ratio"] > 0 and row["floor_ratio"] > 0

@@ -130,6 +130,9 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "adalora.init_lora_weights": Case("true or false", '"gaussian"'),
     # BitFit
     "add_missing_bias": Case("true or false", '"false"'),
+    # IA3
+    "feedforward_modules": Case("a list of strings, a regular expression or null", "5", ('"(["',)),
+    "init_ia3_weights": Case("true or false", '"false"'),
     # bottleneck adapters and Compacter
     "preset": Case("a string", "5", ("big",), "unknown bottleneck preset 'big'"),
     "attention_adapter": Case("true, false or null", '"false"'),
@@ -178,6 +181,8 @@ METHOD_BASES: dict[str, str] = {
     "adalora": "{method: adalora, init_r: 4, target_r: 2}",
     "lora": "{method: lora, r: 4, target_modules: all-linear}",
     "bitfit": "{method: bitfit}",
+    "ia3": "{method: ia3}",
+    "ln_tuning": "{method: ln_tuning}",
     "bottleneck": "{method: bottleneck}",
     "compacter": "{method: compacter}",
     "fusion": "{method: fusion, adapters: [a, b]}",

@@ -32,6 +32,9 @@ class Case:
     mergeable: bool = True
     zero_init: bool = True
     mixed_batch: bool = True
+    keeps_model_dtype: bool = False
+    """The parameters stay in the model's dtype, as peft's do (a copy run in the layer's place: LN tuning);
+    test_adapter_dtype's float32 checks leave the case out."""
 
 
 PARAMETER_TARGETS = {
@@ -81,6 +84,20 @@ CASES = {
     ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
+    # peft's default targets per model type; the MLP scales its first layer's output and its second's input.
+    "ia3": Case(
+        lambda arch: (
+            deltatune.IA3Config(target_modules=["net.0", "net.2"], feedforward_modules=["net.2"])
+            if arch == "mlp"
+            else deltatune.IA3Config()
+        )
+    ),
+    # peft's default norm layers (BERT has none in peft's table: its LayerNorms); the MLP has no norm layer.
+    "ln_tuning": Case(
+        lambda arch: deltatune.LNTuningConfig(target_modules=["LayerNorm"] if arch == "bert" else None),
+        archs=("llama", "gpt2", "bert", "t5"),
+        keeps_model_dtype=True,
+    ),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),
         archs=("llama", "gpt2", "bert", "t5"),

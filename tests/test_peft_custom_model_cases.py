@@ -230,11 +230,14 @@ CASES: dict[str, Row] = {
     "Conv3d 1 LoRA with DoRA": Row("Conv3d", {"target_modules": ["conv3d"], "use_dora": True}),
     "Conv3d 2 LoRA with DoRA": Row("Conv3d", {"target_modules": ["conv3d", "lin0"], "use_dora": True}),
     "Vanilla MLP 1 LoRA with lora_b bias": Row(
-        "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}),
+        "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}
+    ),
     "Conv2d 1 LoRA with lora_b bias": Row(
-        "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
+        "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}
+    ),
     "Conv3d 1 LoRA with lora_b bias": Row(
-        "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
+        "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}
+    ),
     "MHA 1 LoRA": Row("MHA", {"target_modules": ["mha"]}),
     "MHA 2 LoRA": Row("MHA", {"target_modules": ["mha", "lin0"]}),
     "MLP 1 using nn.Parameter LoRA": Row("MlpUsingParameters", {"target_parameters": ["lin0.weight"]}),

@@ -92,6 +92,15 @@ def test_every_peft_soft_prompt_key_is_read_or_tolerated(config_class) -> None:
     assert not unclassified, f"classify these peft keys in deltatune.peft_keys: {sorted(unclassified)}"
 
 
+@pytest.mark.parametrize("config_class", [peft.IA3Config, peft.LNTuningConfig], ids=lambda c: c.__name__)
+def test_every_peft_ia3_and_ln_tuning_key_is_read_or_tolerated(config_class) -> None:
+    from deltatune import peft_keys
+
+    known = {*peft_keys.COMMON_TOLERATED, *peft_keys.IA3_READ, *peft_keys.IA3_TOLERATED, *peft_keys.LN_TUNING_READ}
+    unclassified = {field.name for field in dataclasses.fields(config_class)} - known
+    assert not unclassified, f"classify these peft keys in deltatune.peft_keys: {sorted(unclassified)}"
+
+
 # ----------------------------------------------------------------------------- initialisations
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
 def test_an_adapter_whose_init_rewrote_the_base_is_refused_by_name(init: str, tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ METHODS: dict[str, Case] = {
     "compacter": CASES["compacter"],
     "bitfit": CASES["bitfit"],
     "vera": CASES["vera"],
+    "ia3": CASES["ia3"],
+    "ln_tuning": CASES["ln_tuning"],
     "prompt_tuning": CASES["prompt_tuning"],
     "p_tuning": CASES["p_tuning"],
     "prefix_tuning": CASES["prefix_tuning"],

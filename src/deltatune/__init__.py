@@ -35,6 +35,8 @@ from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
+from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
 from .methods.lora import LoraConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -99,6 +101,8 @@ __all__ = [
     "DeltaTuneError",
     "Fuse",
     "FusionConfig",
+    "IA3Config",
+    "LNTuningConfig",
     "LoraConfig",
     "MergeError",
     "Method",

@@ -14,8 +14,8 @@ copy must equal the model's own weights (it is then dropped), since deltatune ne
 Which config keys are read, tolerated or refused: `peft_keys`.
 
 The codecs come from the registered methods (`codec_of_type`), so a method registered outside the library
-reads and writes peft's folders with no edit here. Built in: LoRA (`methods/lora.py`), AdaLoRA
-(`methods/adalora.py`), prompt, P- and prefix tuning (their method files; the shared part in
+reads and writes peft's folders with no edit here. Built in, each in its method's file: LoRA, AdaLoRA, VeRA,
+IA3, LN tuning, trainable tokens, prompt, P- and prefix tuning (the soft prompts' shared part in
 `methods/soft_prompt_peft.py`).
 """
 
@@ -117,12 +117,16 @@ class PeftLayout:
     codec: PeftCodec
 
     def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
-        if isinstance(adapter, ModuleCopy):
+        if self._saved_copy(adapter):
             return f"{self.codec.model_prefix}{module_name}.{tensor_name}"
         return self.codec.tensor_key(module_name, adapter, tensor_name)
 
     def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
-        return adapter.file_state() if isinstance(adapter, ModuleCopy) else self.codec.file_state(adapter)
+        return adapter.file_state() if self._saved_copy(adapter) else self.codec.file_state(adapter)
+
+    def _saved_copy(self, adapter: SiteAdapter) -> bool:
+        """A `modules_to_save` copy; a method's own kind of copy (LN tuning's) is named by its codec."""
+        return isinstance(adapter, ModuleCopy) and lookup_type(self.codec.tensor_names, type(adapter), None) is None
 
 
 def is_peft_config(data: dict[str, Any]) -> bool:

@@ -1,8 +1,8 @@
 """Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
-peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `TrainableTokensConfig`, `PromptTuningConfig`,
-`PromptEncoderConfig` and `PrefixTuningConfig` is:
+peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `IA3Config`, `LNTuningConfig`, `TrainableTokensConfig`,
+`PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -278,3 +278,23 @@ def check_vera_keys(data: dict[str, Any]) -> None:
 def vera_fields(data: dict[str, Any]) -> dict[str, Any]:
     """The fields of our `VeraConfig` that a peft VeRA config sets."""
     return {key: data[key] for key in VERA_READ if data.get(key) is not None}
+
+
+IA3_READ = (
+    "target_modules",
+    "exclude_modules",
+    "feedforward_modules",
+    "init_ia3_weights",
+    "modules_to_save",
+)
+IA3_TOLERATED = {
+    "fan_in_fan_out": "peft sets it from the layer type (False for Linear, True for GPT-2's Conv1D), as deltatune does"
+}
+
+LN_TUNING_READ = ("target_modules", "exclude_modules", "modules_to_save")
+
+
+def check_method_keys(data: dict[str, Any], read: tuple[str, ...], tolerated: dict[str, str] | None = None) -> None:
+    """Warn about config keys of a method none of whose own keys is refused (IA3, LN tuning) that peft 0.21
+    does not have."""
+    _warn_unknown(data, {*COMMON_TOLERATED, *read, *(tolerated or {})})
