@@ -142,7 +142,11 @@ def test_bitfit_on_llama_without_biases_mentions_add_missing_bias() -> None:
         ),
         ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\), got 1\.5"),
         ({"lora_dropout": -0.1}, r"lora_dropout must be a number in \[0, 1\)"),
-        ({"init_lora_weights": "pissa"}, r"init_lora_weights must be true, false or \"gaussian\""),
+        (
+            {"init_lora_weights": "pissa_niter_x"},
+            r'init_lora_weights must be true, false, "gaussian", "orthogonal", "pissa", "olora" or '
+            r'"pissa_niter_<iterations>", got',
+        ),
     ],
 )
 def test_lora_config_values_are_checked_when_the_config_is_made(changes: dict, message: str) -> None:

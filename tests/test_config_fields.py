@@ -99,7 +99,9 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "lora_dropout": Case("a number in [0, 1)", "[0.1]", ("1", "-0.1")),
     "use_rslora": Case("true or false", '"false"'),
     "use_dora": Case("true or false", '"false"'),
-    "init_lora_weights": Case('true, false or "gaussian"', "1", ("pissa",)),
+    "init_lora_weights": Case(
+        'true, false, "gaussian", "orthogonal", "pissa", "olora" or "pissa_niter_<iterations>"', "1", ("loftq",)
+    ),
     "rank_pattern": Case(
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')
     ),

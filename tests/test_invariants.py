@@ -37,6 +37,29 @@ CASES = {
         lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, use_dora=True),
         zero_init=False,
     ),
+    # PiSSA and OLoRA start at the base only to rounding: s·B₀A₀ is added and taken out again; the
+    # orthogonal init's B A is zero only to rounding. OLoRA runs on nn.Linear only (not GPT-2's Conv1D).
+    # r=2: the rank is at most min(out, in) of every layer (BERT's classifier has 3 outputs).
+    "lora-pissa": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="pissa"),
+        zero_init=False,
+    ),
+    "lora-pissa_niter": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="pissa_niter_2"
+        ),
+        archs=("llama", "mlp"),
+        zero_init=False,
+    ),
+    "lora-olora": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="olora"),
+        archs=("llama", "bert", "t5", "mlp"),
+        zero_init=False,
+    ),
+    "lora-orthogonal": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="orthogonal"),
+        zero_init=False,
+    ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),

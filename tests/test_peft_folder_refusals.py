@@ -85,12 +85,22 @@ def test_every_peft_soft_prompt_key_is_read_or_tolerated(config_class) -> None:
 
 
 # ----------------------------------------------------------------------------- initialisations
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
-def test_an_adapter_whose_init_rewrote_the_base_is_refused_by_name(init: str, tmp_path: Path) -> None:
-    base, _ = peft_folder(tmp_path, init_lora_weights=init)
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_adapter_whose_init_is_recomputed_from_the_base_loads_with_peft_outputs(
+    init: str, tmp_path: Path
+) -> None:
+    """peft recomputes PiSSA's (full SVD) and OLoRA's (QR) residual base from the original base when it
+    loads such a folder; deltatune recomputes the same initial term (trained folders: test_lora_inits)."""
+    base, expected = peft_folder(tmp_path, init_lora_weights=init)
+    assert_loads_with_peft_outputs(base, tmp_path, expected)
+
+
+def test_an_adapter_whose_base_was_rewritten_by_a_random_draw_is_refused_by_name(tmp_path: Path) -> None:
+    base, _ = peft_folder(tmp_path, init_lora_weights="pissa_niter_4")
     with pytest.raises(
         deltatune.DeltaTuneError,
-        match=rf"init_lora_weights='{init}'.*rewrites the base.*path_initial_model_for_weight_conversion",
+        match=r"init_lora_weights='pissa_niter_4'.*rewrites the base.*randomized SVD.*"
+        r"path_initial_model_for_weight_conversion",
     ):
         deltatune.load(copy.deepcopy(base), str(tmp_path))
 

@@ -34,6 +34,7 @@ from .methods.bottleneck import BottleneckConfig
 from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
 from .methods.lora import LoraConfig
+from .methods.lora_convert import to_plain_lora
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
@@ -122,4 +123,5 @@ __all__ = [
     "PromptTuningConfig",
     "collapse_soft_prompt",
     "causal_lm_loss",
+    "to_plain_lora",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,9 @@ from torch import nn
 
 from ..config import TargetedConfig
 from ..errors import UnsupportedModuleError
-from ..field_check import DropoutRate, PositiveInt, Regex
+from ..field_check import DropoutRate, FullMatch, PositiveInt, Regex, accepts, field_types
 from ..peft_format import PeftCodec
-from ..peft_keys import LORA_READ, check_lora_keys
+from ..peft_keys import LORA_READ, check_init_writable, check_lora_keys
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
@@ -48,6 +48,8 @@ DEFAULT_TARGETS = {
     "distilbert": ["q_lin", "v_lin"],
 }
 
+PissaIterations = Annotated[str, FullMatch(r"pissa_niter_\d+", '"pissa_niter_<iterations>"')]
+
 
 @dataclasses.dataclass
 class LoraConfig(TargetedConfig):
@@ -62,9 +64,12 @@ class LoraConfig(TargetedConfig):
     p costs little on CPU (only the dropped positions are drawn, see `lora_dropout`)."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | Literal["gaussian", "orthogonal", "pissa", "olora"] | PissaIterations = True
     """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
-    False: random A and B (for tests: the adapter changes the output from the start)."""
+    False: random A and B (for tests: the adapter changes the output from the start). From the layer's
+    weight (Linear; Conv1D but for OLoRA), `methods/lora_init.py`: "pissa" (the top-r singular part of W),
+    "pissa_niter_<K>" (the same by a randomized SVD), "olora" (W's QR), each with its initial term taken
+    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero)."""
     rank_pattern: dict[Regex, PositiveInt] = dataclasses.field(default_factory=dict)
     """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
     alpha_pattern: dict[Regex, float] = dataclasses.field(default_factory=dict)
@@ -289,6 +294,7 @@ class LoraPeft(PeftCodec):
         check_lora_keys(data)
 
     def config_to_peft(self, config: LoraConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        check_init_writable(config.init_lora_weights)
         return {
             "r": config.r,
             "lora_alpha": config.lora_alpha,
@@ -306,8 +312,8 @@ class LoraPeft(PeftCodec):
 
     def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
         fields = {key: data[key] for key in LORA_READ if data.get(key) is not None}
-        if fields.get("init_lora_weights") not in (True, False, "gaussian", None):
-            fields["init_lora_weights"] = True  # a plain init ("eva", "orthogonal"): the weights come from the file
+        if not accepts(field_types(LoraConfig)["init_lora_weights"], fields.get("init_lora_weights", True)):
+            fields["init_lora_weights"] = True  # a plain init ("eva"): the weights come from the file
         return LoraConfig(**fields)
 
 
@@ -333,6 +339,10 @@ class Lora(ModuleMethod):
     peft_codec = LoraPeft()
 
     def build_adapter(self, module: nn.Module, module_name: str, config: LoraConfig) -> nn.Module:
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
+            from .lora_init import build_initialised  # lora_init builds on this module's classes
+
+            return build_initialised(module, module_name, config)
         if config.use_dora:
             from .dora import build_dora  # dora builds on this module's classes
 
