@@ -60,6 +60,16 @@ CASES = {
         lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="orthogonal"),
         zero_init=False,
     ),
+    # EVA's adapter is a plain LoRA (B = 0) until `initialize_from_data` sets A from data (test_lora_eva.py).
+    "lora-eva": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="eva"),
+        archs=("llama", "mlp"),
+    ),
+    # CorDA's factors are zero until data sets them (test_lora_corda.py): the model starts at the base.
+    "lora-corda": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="corda"),
+        archs=("llama", "gpt2", "mlp"),
+    ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),

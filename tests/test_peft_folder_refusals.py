@@ -95,17 +95,25 @@ def test_an_unconverted_adapter_whose_init_is_recomputed_from_the_base_loads_wit
     assert_loads_with_peft_outputs(base, tmp_path, expected)
 
 
-def test_an_adapter_whose_base_was_rewritten_by_a_random_draw_is_refused_by_name(tmp_path: Path) -> None:
-    base, _ = peft_folder(tmp_path, init_lora_weights="pissa_niter_4")
+@pytest.mark.parametrize(("init", "why"), [("pissa_niter_4", "randomized SVD"), ("corda", "from data")])
+def test_an_adapter_whose_base_was_rewritten_by_a_draw_or_from_data_is_refused_by_name(
+    init: str, why: str, tmp_path: Path
+) -> None:
+    """Their residual base is no function of the original base alone (CorDA needs data to set up: its
+    folder differs from a plain one only by the key)."""
+    if init == "corda":
+        base, _ = peft_folder(tmp_path)
+        with_config_keys(tmp_path, init_lora_weights=init)
+    else:
+        base, _ = peft_folder(tmp_path, init_lora_weights=init)
     with pytest.raises(
         deltatune.DeltaTuneError,
-        match=r"init_lora_weights='pissa_niter_4'.*rewrites the base.*randomized SVD.*"
-        r"path_initial_model_for_weight_conversion",
+        match=rf"init_lora_weights='{init}'.*rewrites the base.*{why}.*path_initial_model_for_weight_conversion",
     ):
         deltatune.load(copy.deepcopy(base), str(tmp_path))
 
 
-@pytest.mark.parametrize("init", ["corda", "lora_ga", "loftq", "mica", "some_future_init"])
+@pytest.mark.parametrize("init", ["lora_ga", "loftq", "mica", "some_future_init"])
 def test_an_init_deltatune_cannot_reproduce_is_refused_by_name(init: str, tmp_path: Path) -> None:
     """Inits that need data or quantization to set up: their folders differ from a plain one only by the key."""
     base, _ = peft_folder(tmp_path)

@@ -35,6 +35,9 @@ from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
 from .methods.lora import LoraConfig
 from .methods.lora_convert import to_plain_lora
+from .methods.lora_corda import CordaConfig
+from .methods.lora_data_init import initialize_from_data
+from .methods.lora_eva import EvaConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
@@ -124,4 +127,7 @@ __all__ = [
     "collapse_soft_prompt",
     "causal_lm_loss",
     "to_plain_lora",
+    "CordaConfig",
+    "EvaConfig",
+    "initialize_from_data",
 ]

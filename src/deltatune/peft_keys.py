@@ -13,7 +13,7 @@ peft's `LoraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuni
 ("pissa") and OLoRA ("olora") load: peft itself recomputes their residual base from the original one
 when it loads such a folder, and deltatune recomputes the same initial term (`methods/lora_init.py`).
 The others are refused by name: the saved A and B only reproduce peft's outputs on the rewritten base
-("pissa_niter_K" made it by a random draw). A key that peft 0.21 does not have (a newer peft) is
+("pissa_niter_K" made it by a random draw, "corda" from data). A key that peft 0.21 does not have (a newer peft) is
 tolerated with a warning naming it.
 """
 
@@ -102,6 +102,10 @@ subtract the initial s·B·A from (or quantize) the base weights."""
 CONVERTIBLE = ("pissa", "olora", "corda", "lora_ga")
 """The base-rewriting inits whose adapters peft itself converts to plain LoRA."""
 
+IMPLEMENTED_INITS = ("pissa", "corda")
+"""Base-rewriting families deltatune trains, whose unconverted peft folders it still cannot load
+("pissa_niter_K", "corda": their residual base is not a function of the original base alone)."""
+
 OTHER_REFUSED_INITS = {"mica": "MiCA keeps B frozen and trains A only, deltatune would train both"}
 
 SOFT_PROMPT_READ = ("num_virtual_tokens", "num_transformer_submodules", "modules_to_save")
@@ -164,7 +168,7 @@ def check_init(value: Any) -> None:
         raise DeltaTuneError(
             f"this peft adapter was made with init_lora_weights={value!r} ({method}), which also rewrites the "
             f"base model's weights{_randomized_note(name)}, so on the original base it gives other outputs; "
-            f"{'' if family == 'pissa' else f'deltatune does not implement {method} yet: '}{remedy}"
+            f"{'' if family in IMPLEMENTED_INITS else f'deltatune does not implement {method} yet: '}{remedy}"
         )
     reason = OTHER_REFUSED_INITS.get(
         name, "an initialisation deltatune does not know, which may rewrite the base model"
@@ -175,19 +179,31 @@ def check_init(value: Any) -> None:
     )
 
 
+UNWRITABLE_INITS = {
+    "pissa_niter_": "peft redraws its randomized SVD on load",
+    "corda": "peft needs the data again to rebuild the residual base on load",
+}
+"""Prefix of an `init_lora_weights` value → why a peft folder of such an adapter, unconverted, would load
+in peft with other outputs."""
+
+
 def check_init_writable(value: Any) -> None:
-    """Refuse to write a peft folder that peft would load with other outputs: for "pissa_niter_K" peft
-    redraws the randomized SVD on load, so the saved factors would meet another residual base."""
-    if isinstance(value, str) and value.startswith("pissa_niter_"):
+    """Refuse to write a peft folder that peft would load with other outputs: the saved factors would
+    meet another residual base (`UNWRITABLE_INITS`)."""
+    reason = next((why for prefix, why in UNWRITABLE_INITS.items() if str(value).startswith(prefix)), None)
+    if isinstance(value, str) and reason is not None:
         raise DeltaTuneError(
-            f"a peft folder of an init_lora_weights={value!r} adapter would load in peft with other outputs (peft "
-            "redraws its randomized SVD on load); convert it first (deltatune.to_plain_lora) and save that, or "
-            "save it with format='deltatune'"
+            f"a peft folder of an init_lora_weights={value!r} adapter would load in peft with other outputs "
+            f"({reason}); convert it first (deltatune.to_plain_lora) and save that, or save it with "
+            "format='deltatune'"
         )
 
 
 def _randomized_note(name: str) -> str:
-    return " from a randomized SVD that cannot be redrawn" if name.startswith("pissa_niter_") else ""
+    """Why the residual base cannot be rebuilt from the original one."""
+    if name.startswith("pissa_niter_"):
+        return " from a randomized SVD that cannot be redrawn"
+    return " from data the folder does not hold" if name == "corda" else ""
 
 
 def _is_unset(value: Any, default: Any) -> bool:

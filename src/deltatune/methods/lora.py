@@ -35,7 +35,9 @@ from ..registry import register
 from ..site import SiteAdapter
 from ..targeting import pattern_value
 from .base import ModuleMethod
+from .lora_corda import CordaConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
+from .lora_eva import EvaConfig, eva_config_for_peft
 
 DEFAULT_TARGETS = {
     **dict.fromkeys(
@@ -64,19 +66,34 @@ class LoraConfig(TargetedConfig):
     p costs little on CPU (only the dropped positions are drawn, see `lora_dropout`)."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
-    init_lora_weights: bool | Literal["gaussian", "orthogonal", "pissa", "olora"] | PissaIterations = True
+    init_lora_weights: bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda"] | PissaIterations = (
+        True
+    )
     """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
     False: random A and B (for tests: the adapter changes the output from the start). From the layer's
     weight (Linear; Conv1D but for OLoRA), `methods/lora_init.py`: "pissa" (the top-r singular part of W),
     "pissa_niter_<K>" (the same by a randomized SVD), "olora" (W's QR), each with its initial term taken
-    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero)."""
+    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero). From data
+    (`deltatune.initialize_from_data`, run by `deltatune train` on its first batches): "eva" (A from the
+    inputs' principal directions), "corda" (W's decomposition by the inputs' covariance)."""
     rank_pattern: dict[Regex, PositiveInt] = dataclasses.field(default_factory=dict)
     """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
     alpha_pattern: dict[Regex, float] = dataclasses.field(default_factory=dict)
     """{module name pattern: alpha} overriding `lora_alpha` for matching modules."""
+    eva_config: EvaConfig | dict[str, Any] | None = None
+    """EVA's settings (`methods/lora_eva.py`), with init_lora_weights="eva"; a mapping is read as one."""
+    corda_config: CordaConfig | dict[str, Any] | None = None
+    """CorDA's settings (`methods/lora_corda.py`), with init_lora_weights="corda"; a mapping is read as one."""
     use_dora: bool = False
     """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
     magnitude m per output feature; on Linear and Conv1D layers."""
+
+    def normalise(self) -> None:
+        super().normalise()
+        if isinstance(self.eva_config, dict):
+            self.eva_config = EvaConfig.from_dict(self.eva_config)
+        if isinstance(self.corda_config, dict):
+            self.corda_config = CordaConfig.from_dict(self.corda_config)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -308,6 +325,7 @@ class LoraPeft(PeftCodec):
             },
             "bias": "none",
             "use_dora": config.use_dora,
+            "eva_config": eva_config_for_peft(config),
         }
 
     def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
@@ -339,7 +357,7 @@ class Lora(ModuleMethod):
     peft_codec = LoraPeft()
 
     def build_adapter(self, module: nn.Module, module_name: str, config: LoraConfig) -> nn.Module:
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva"):
             from .lora_init import build_initialised  # lora_init builds on this module's classes
 
             return build_initialised(module, module_name, config)

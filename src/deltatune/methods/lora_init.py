@@ -73,10 +73,21 @@ def olora_factors(weight: torch.Tensor, rank: int, scaling: float, init: str) ->
     return triangular[:rank], orthonormal[:, :rank]
 
 
-INITIAL_FACTORS = {"pissa": pissa_factors, "olora": olora_factors}
+def data_placeholder(weight: torch.Tensor, rank: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero factors (the model equals the base) until data sets them: CorDA (`lora_corda`)."""
+    return weight.new_zeros(rank, weight.shape[1]), weight.new_zeros(weight.shape[0], rank)
+
+
+INITIAL_FACTORS = {"pissa": pissa_factors, "olora": olora_factors, "corda": data_placeholder}
 """Family of a base-rewriting init → its (A₀, B₀) from the layer's weight."""
 
-FAMILY_LAYERS = {"pissa": (nn.Linear, Conv1D), "olora": (nn.Linear,), "orthogonal": (nn.Linear, Conv1D)}
+FAMILY_LAYERS = {
+    "pissa": (nn.Linear, Conv1D),
+    "olora": (nn.Linear,),
+    "orthogonal": (nn.Linear, Conv1D),
+    "eva": (nn.Linear, Conv1D),
+    "corda": (nn.Linear, Conv1D),
+}
 """The layers each init runs on in peft (Linear only: peft's OLoRA takes the QR of the stored weight,
 which fails on GPT-2's transposed Conv1D)."""
 
@@ -85,8 +96,9 @@ def family_of(init: str) -> str:
     return "pissa" if init.startswith("pissa") else init
 
 
-def is_randomized(init: str) -> bool:
-    return re.fullmatch(PISSA_ITERATIONS, init) is not None
+def keeps_initial_factors(init: str) -> bool:
+    """Whether A₀, B₀ are saved: they cannot be recomputed from the base (a random draw, or data)."""
+    return re.fullmatch(PISSA_ITERATIONS, init) is not None or init == "corda"
 
 
 def draw_as_peft_builds_layer(rank: int, in_features: int, out_features: int) -> None:
@@ -113,12 +125,17 @@ class LoraResidualLinear(LoraLinear):
             )
         draw_as_peft_builds_layer(self.rank, matrix.shape[1], matrix.shape[0])
         lora_A, lora_B = INITIAL_FACTORS[family_of(init)](matrix, self.rank, self.scaling, init)
-        with torch.no_grad():
-            self.lora_A.copy_(lora_A)
-            self.lora_B.copy_(lora_B)
-        saved = is_randomized(init)
-        self.register_buffer("lora_A0", self.lora_A.detach().clone(), persistent=saved)
-        self.register_buffer("lora_B0", self.lora_B.detach().clone(), persistent=saved)
+        saved = keeps_initial_factors(init)
+        self.register_buffer("lora_A0", torch.empty_like(self.lora_A), persistent=saved)
+        self.register_buffer("lora_B0", torch.empty_like(self.lora_B), persistent=saved)
+        self.set_initial(lora_A, lora_B)
+
+    @torch.no_grad()
+    def set_initial(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Start A, B (and the frozen A₀, B₀) at these factors."""
+        for parameter, initial, value in ((self.lora_A, self.lora_A0, lora_A), (self.lora_B, self.lora_B0, lora_B)):
+            parameter.copy_(value)
+            initial.copy_(parameter)
 
     def reset(self, init: bool | str) -> None:
         """Nothing: the factors come from the weight, once the shapes are known."""
@@ -162,7 +179,12 @@ class LoraOrthogonalLinear(LoraLinear):
             self.lora_B.copy_(lora_B)
 
 
-FAMILY_ADAPTERS = {"pissa": LoraResidualLinear, "olora": LoraResidualLinear, "orthogonal": LoraOrthogonalLinear}
+FAMILY_ADAPTERS = {
+    "pissa": LoraResidualLinear,
+    "olora": LoraResidualLinear,
+    "corda": LoraResidualLinear,
+    "orthogonal": LoraOrthogonalLinear,
+}
 
 
 def build_initialised(module: nn.Module, module_name: str, config: LoraConfig) -> LoraLinear:
