@@ -38,6 +38,7 @@ from .methods.lora_convert import to_plain_lora
 from .methods.lora_corda import CordaConfig
 from .methods.lora_data_init import initialize_from_data
 from .methods.lora_eva import EvaConfig
+from .methods.lora_loftq import replace_lora_weights_loftq
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
@@ -130,4 +131,5 @@ __all__ = [
     "CordaConfig",
     "EvaConfig",
     "initialize_from_data",
+    "replace_lora_weights_loftq",
 ]

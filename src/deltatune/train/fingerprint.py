@@ -62,6 +62,7 @@ ADDED_LATER = {
     "loraplus_lr_embedding": 1e-6,
     "freeze_lora_a": False,
     "adapter.eva_config": None,
+    "adapter.corda_config": None,
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade."""
