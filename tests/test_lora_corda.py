@@ -141,3 +141,14 @@ def test_deltatune_train_starts_corda_from_its_first_batches_and_the_loss_falls(
     assert trained[-1] < trained[0]
     initial = [site.adapters["default"].lora_B0 for _, site in result.run.delta_model.sites()]
     assert initial and all(tensor.abs().max() > 0 for tensor in initial)
+
+
+def test_a_corda_run_resumes_bit_exactly(tmp_path: Path) -> None:
+    """The resumed run starts CorDA again on the same first batches, then takes the checkpoint's tensors
+    (the initial factors among them)."""
+    from resume_checks import RESUME_SETTINGS, assert_resume_equals_the_uninterrupted_run
+    from training_fixtures import task_config
+
+    adapter = {**RESUME_SETTINGS["adapter"], "init_lora_weights": "corda", "corda_config": {"batches": 2}}
+    settings = {**RESUME_SETTINGS, "adapter": adapter}
+    assert_resume_equals_the_uninterrupted_run(task_config(tmp_path, "causal-lm", **settings), tmp_path)

@@ -331,7 +331,7 @@ class LoraPeft(PeftCodec):
     def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
         fields = {key: data[key] for key in LORA_READ if data.get(key) is not None}
         if not accepts(field_types(LoraConfig)["init_lora_weights"], fields.get("init_lora_weights", True)):
-            fields["init_lora_weights"] = True  # a plain init ("eva"): the weights come from the file
+            fields["init_lora_weights"] = True  # another spelling peft takes ("Gaussian"): the weights are in the file
         return LoraConfig(**fields)
 
 

@@ -1,4 +1,5 @@
-"""LoRA initialisations from the base weight: PiSSA, OLoRA and orthogonal (peft's `init_lora_weights`).
+"""LoRA initialisations from the base weight: PiSSA, OLoRA and orthogonal (peft's `init_lora_weights`);
+the residual adapter CorDA shares (its factors come from data: `lora_corda`).
 
 PiSSA (Meng et al. 2024, arXiv:2404.02948): W = U Σ Vᵀ; the r largest singular triplets start the
 adapter, B₀ = U_r √(Σ_r/s), A₀ = √(Σ_r/s) V_rᵀ, so that s B₀A₀ = U_r Σ_r V_rᵀ, the best rank-r part of W.
