@@ -118,9 +118,16 @@ def test_a_trained_corda_adapter_converts_as_peft_does_and_saves_only_converted_
     assert [(config["r"], config["lora_alpha"]) for config in configs] == [(8, 16), (8, 16)]
 
 
-def test_a_bad_corda_setting_is_refused_in_one_line() -> None:
-    with pytest.raises(deltatune.DeltaTuneError, match=r"corda_config has no cache_file"):
-        deltatune.LoraConfig(init_lora_weights="corda", corda_config={"cache_file": "x.pt"})
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cache_file": "x.pt"}, r"corda_config has no cache_file"),
+        ({"corda_method": "svd"}, r'corda_config\.corda_method must be "ipm" or "kpm", got \'svd\''),
+    ],
+)
+def test_a_bad_corda_setting_is_refused_in_one_line(settings: dict, message: str) -> None:
+    with pytest.raises(deltatune.DeltaTuneError, match=message):
+        deltatune.LoraConfig(init_lora_weights="corda", corda_config=settings)
 
 
 def test_deltatune_train_starts_corda_from_its_first_batches_and_the_loss_falls(tmp_path: Path) -> None:

@@ -156,6 +156,7 @@ def test_an_eva_adapter_saved_for_peft_loads_there_with_our_outputs(tmp_path: Pa
     [
         ({"eva_config": {"tau": 0.9}}, r"eva_config has no tau"),
         ({"eva_config": {"rho": 0.5}}, r"eva_config needs rho ≥ 1"),
+        ({"eva_config": {"batches": 0}}, r"eva_config\.batches must be a whole number ≥ 1, got 0"),
     ],
 )
 def test_bad_eva_settings_are_refused_in_one_line(options: dict, message: str) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ..field_check import check_fields
+from ..field_check import PositiveInt, check_fields
 from .lora_data_init import DEFAULT_BATCHES, Forward, gather_layer_inputs, settings_from_dict, token_mask
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class CordaConfig:
 
     corda_method: Literal["ipm", "kpm"] = "ipm"
     """"ipm": the adapter starts from the r components the data excites most; "kpm": the r least."""
-    batches: int = DEFAULT_BATCHES
+    batches: PositiveInt = DEFAULT_BATCHES
     """How many batches of the training data `deltatune train` feeds CorDA (the API takes what it is given)."""
 
     @classmethod

@@ -33,12 +33,16 @@ class LayerStatistics(Protocol):
 
 
 def settings_from_dict(settings_class: type, data: dict[str, Any], field: str, note: str) -> Any:
-    """`settings_class(**data)`, refusing keys it lacks in one line that names them."""
+    """`settings_class(**data)`, refusing keys it lacks, and bad values, in one line that names them."""
     known = [item.name for item in dataclasses.fields(settings_class)]
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise DeltaTuneError(f"{field} has no {', '.join(unknown)}; it takes {', '.join(known)} ({note})")
-    return settings_class(**data)
+    try:
+        return settings_class(**data)
+    except DeltaTuneError as error:  # name the setting as the config holds it: eva_config.batches
+        message = str(error)
+        raise DeltaTuneError(message if message.startswith(field) else f"{field}.{message}") from None
 
 
 def token_mask(batch: Mapping[str, Any], label_mask_value: int | None = None) -> torch.Tensor | None:

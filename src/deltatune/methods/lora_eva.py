@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import DeltaTuneError
-from ..field_check import check_fields
+from ..field_check import PositiveInt, check_fields
 from .lora_data_init import DEFAULT_BATCHES, Forward, gather_layer_inputs, settings_from_dict, token_mask
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class EvaConfig:
     """The label of the positions `use_label_mask` leaves out."""
     adjust_scaling_factors: bool = True
     """Scale lora_alpha with the redistributed rank, so every layer's update keeps its scale."""
-    batches: int = DEFAULT_BATCHES
+    batches: PositiveInt = DEFAULT_BATCHES
     """How many batches of the training data `deltatune train` feeds EVA (the API takes what it is given)."""
 
     @classmethod
@@ -59,10 +59,8 @@ class EvaConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.rho < 1 or self.batches < 1:
-            raise DeltaTuneError(
-                f"eva_config needs rho ≥ 1 and batches ≥ 1, got rho={self.rho}, batches={self.batches}"
-            )
+        if self.rho < 1:
+            raise DeltaTuneError(f"eva_config needs rho ≥ 1 (1: no redistribution), got rho={self.rho}")
 
 
 def eva_config_for_peft(config: Any) -> dict[str, Any] | None:
