@@ -151,6 +151,25 @@ def test_an_eva_adapter_saved_for_peft_loads_there_with_our_outputs(tmp_path: Pa
     torch.testing.assert_close(run(theirs, "llama"), run(delta_model.eval(), "llama"), atol=1e-5, rtol=0)
 
 
+def test_a_peft_eva_adapter_with_redistributed_ranks_loads_with_peft_outputs(tmp_path: Path) -> None:
+    base = build("llama")
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva", eva_config=peft.EvaConfig()
+        ),
+    )
+    initialize_lora_eva_weights(theirs, token_batches(), show_progress_bar=False)
+    assert theirs.peft_config["default"].rank_pattern, "peft redistributed the ranks"
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    theirs.save_pretrained(str(tmp_path))
+    loaded = deltatune.load(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(run(loaded, "llama"), run(theirs.eval(), "llama"), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
