@@ -144,8 +144,8 @@ def test_bitfit_on_llama_without_biases_mentions_add_missing_bias() -> None:
         ({"lora_dropout": -0.1}, r"lora_dropout must be a number in \[0, 1\)"),
         (
             {"init_lora_weights": "pissa_niter_x"},
-            r'init_lora_weights must be true, false, "gaussian", "orthogonal", "pissa", "olora", "eva", "corda" or '
-            r'"pissa_niter_<iterations>", got',
+            r'init_lora_weights must be true, false, "gaussian", "orthogonal", "pissa", "olora", "eva", "corda", '
+            r'"loftq" or "pissa_niter_<iterations>", got',
         ),
     ],
 )

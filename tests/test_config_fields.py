@@ -100,9 +100,10 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "use_rslora": Case("true or false", '"false"'),
     "use_dora": Case("true or false", '"false"'),
     "init_lora_weights": Case(
-        'true, false, "gaussian", "orthogonal", "pissa", "olora", "eva", "corda" or "pissa_niter_<iterations>"',
+        'true, false, "gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq" or '
+        '"pissa_niter_<iterations>"',
         "1",
-        ("loftq",),
+        ("mica",),
     ),
     "corda_config": Case(
         "a CordaConfig, a mapping or null", "5", ("{cache_file: x.pt}", "{corda_method: svd}"), "corda_"

@@ -6,6 +6,8 @@ model moves toward the float model, the packed base stays bit-identical; equal t
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +96,55 @@ def test_the_factors_equal_peft_on_cuda_with_unit_scale() -> None:
         )
         torch.testing.assert_close(adapter.lora_B @ adapter.lora_A, theirs_delta, atol=1e-4, rtol=0)
     torch.testing.assert_close(run(ours, "llama"), run(theirs, "llama"), atol=1e-4, rtol=0)
+
+
+def test_deltatune_train_starts_loftq_on_its_quantized_base_and_the_loss_falls(tmp_path) -> None:
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.loop import prepare_run, train
+    from training_fixtures import task_config
+
+    adapter = {"method": "lora", "r": 4, "lora_alpha": 4, "target_modules": "all-linear", "init_lora_weights": "loftq"}
+    settings = {"arch": "llama-64", "batch_size": 8, "max_steps": 6, "learning_rate": 0.01, "quantize": "nf4"}
+    config = TrainConfig.from_yaml(task_config(tmp_path, "causal-lm", method=adapter, **settings))
+    started = prepare_run(config).delta_model
+    folder = Path(config.model)
+    weights = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    for module_name, site in started.sites():
+        module, layer = started.base_model.get_submodule(module_name), site.adapters["default"]
+        error = weights[f"{module_name}.weight"] - quantized_linear(module).dequantize(module)
+        fitted = layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+        torch.testing.assert_close(
+            torch.linalg.matrix_norm(error - fitted),
+            torch.linalg.svdvals(error)[4:].square().sum().sqrt(),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    train(config, progress=False)
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    trained = [entry["loss"] for entry in history if "loss" in entry]
+    assert trained[-1] < trained[0]
+
+
+def test_loftq_in_deltatune_train_needs_quantize(tmp_path) -> None:
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.loop import prepare_run
+    from training_fixtures import task_config
+
+    adapter = {"method": "lora", "r": 4, "target_modules": "all-linear", "init_lora_weights": "loftq"}
+    config = TrainConfig.from_yaml(task_config(tmp_path, "causal-lm", method=adapter))
+    with pytest.raises(deltatune.DeltaTuneError, match=r"init_lora_weights: loftq .*set quantize"):
+        prepare_run(config)
+
+
+def test_a_loftq_adapter_saved_for_peft_loads_there_on_the_same_quantized_base(tmp_path) -> None:
+    """peft's own "loftq" init would quantize the base again on load: the folder says True, the factors
+    are in the file."""
+    import peft
+
+    config = deltatune.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="loftq")
+    delta_model = deltatune.attach(build("llama-nf4"), config)
+    deltatune.replace_lora_weights_loftq(delta_model, _saved_llama_64())
+    delta_model.save(str(tmp_path), format="peft")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] is True
+    theirs = peft.PeftModel.from_pretrained(build("llama-nf4"), str(tmp_path)).eval()
+    torch.testing.assert_close(run(theirs, "llama"), run(delta_model.eval(), "llama"), atol=1e-5, rtol=0)

@@ -52,6 +52,9 @@ DEFAULT_TARGETS = {
 
 PissaIterations = Annotated[str, FullMatch(r"pissa_niter_\d+", '"pissa_niter_<iterations>"')]
 
+PLAIN_STARTS = ("gaussian", "eva", "loftq")
+"""String inits whose adapter is built as plain LoRA's (EVA and LoftQ set its factors afterwards)."""
+
 
 @dataclasses.dataclass
 class LoraConfig(TargetedConfig):
@@ -66,16 +69,18 @@ class LoraConfig(TargetedConfig):
     p costs little on CPU (only the dropped positions are drawn, see `lora_dropout`)."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
-    init_lora_weights: bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda"] | PissaIterations = (
-        True
-    )
+    init_lora_weights: (
+        bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq"] | PissaIterations
+    ) = True
     """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
     False: random A and B (for tests: the adapter changes the output from the start). From the layer's
     weight (Linear; Conv1D but for OLoRA), `methods/lora_init.py`: "pissa" (the top-r singular part of W),
     "pissa_niter_<K>" (the same by a randomized SVD), "olora" (W's QR), each with its initial term taken
     out again so the model starts at the base; "orthogonal" (B A = 0, neither zero). From data
     (`deltatune.initialize_from_data`, run by `deltatune train` on its first batches): "eva" (A from the
-    inputs' principal directions), "corda" (W's decomposition by the inputs' covariance)."""
+    inputs' principal directions), "corda" (W's decomposition by the inputs' covariance). On a quantized
+    base, "loftq": the rank-r fit of the quantization error (`deltatune.replace_lora_weights_loftq`, run
+    by `deltatune train` with `quantize`; peft's "loftq" would re-quantize the base instead)."""
     rank_pattern: dict[Regex, PositiveInt] = dataclasses.field(default_factory=dict)
     """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
     alpha_pattern: dict[Regex, float] = dataclasses.field(default_factory=dict)
@@ -317,7 +322,7 @@ class LoraPeft(PeftCodec):
             "lora_alpha": config.lora_alpha,
             "lora_dropout": config.lora_dropout,
             "use_rslora": config.use_rslora,
-            "init_lora_weights": config.init_lora_weights,
+            "init_lora_weights": True if config.init_lora_weights == "loftq" else config.init_lora_weights,
             "target_modules": targets,
             "rank_pattern": {re.escape(n): config.rank_for(n) for n in targets if config.rank_for(n) != config.r},
             "alpha_pattern": {
@@ -357,7 +362,7 @@ class Lora(ModuleMethod):
     peft_codec = LoraPeft()
 
     def build_adapter(self, module: nn.Module, module_name: str, config: LoraConfig) -> nn.Module:
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva"):
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in PLAIN_STARTS:
             from .lora_init import build_initialised  # lora_init builds on this module's classes
 
             return build_initialised(module, module_name, config)

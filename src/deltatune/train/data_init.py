@@ -1,9 +1,10 @@
-"""Data-driven adapter initialisation in `deltatune train`: an adapter whose config asks for it (LoRA
-with init_lora_weights "eva" or "corda") starts from the layer inputs of the first batches of the
-training data (`eva_config.batches` / `corda_config.batches` of them, `batch_size` examples each, in
-file order), before the first step. A resumed run does the same on the same data (the result is a
-deterministic function of it), so the adapter has the shapes its checkpoint was saved with; the
-checkpoint's weights then replace it."""
+"""Adapter starts in `deltatune train` that need the run, before the first step. From data (LoRA with
+init_lora_weights "eva" or "corda"): the layer inputs of the first batches of the training data
+(`eva_config.batches` / `corda_config.batches` of them, `batch_size` examples each, in file order).
+From the float weights ("loftq", with `quantize`): the rank-r fit of the quantization error, the float
+weights read from the model folder. A resumed run does the same again (a deterministic function of the
+data and weights), so the adapter has the shapes its checkpoint was saved with; the checkpoint's
+weights then replace it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from typing import Any
 import torch
 
 from ..methods.lora_data_init import data_batch_count, initialize_from_data, needs_data
+from ..methods.lora_loftq import replace_lora_weights_loftq
 from ..model import DeltaModel
+from .config import ConfigError, TrainConfig
 from .encode import collate
+from .models import model_folder
 
 
 def start_from_data(
@@ -32,3 +36,15 @@ def start_from_data(
     )
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         initialize_from_data(delta_model, batches, name)
+
+
+def start_from_weights(delta_model: DeltaModel, config: TrainConfig, name: str = "default") -> None:
+    """LoftQ's start on the quantized base (init_lora_weights "loftq"); nothing for other inits."""
+    if getattr(delta_model.configs[name], "init_lora_weights", None) != "loftq":
+        return
+    if config.quantize is None:
+        raise ConfigError(
+            "init_lora_weights: loftq fits the adapter to the quantization error of a quantized base; set quantize "
+            "(nf4, int8, ...), or use another init on a full-precision base"
+        )
+    replace_lora_weights_loftq(delta_model, model_folder(config.model), name)
