@@ -100,7 +100,16 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "use_rslora": Case("true or false", '"false"'),
     "use_dora": Case("true or false", '"false"'),
     "target_parameters": Case("a list of strings or null", "lin0.weight"),
-    "init_lora_weights": Case('true, false or "gaussian"', "1", ("pissa",)),
+    "init_lora_weights": Case(
+        'true, false, "gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq" or '
+        '"pissa_niter_<iterations>"',
+        "1",
+        ("mica",),
+    ),
+    "corda_config": Case(
+        "a CordaConfig, a mapping or null", "5", ("{cache_file: x.pt}", "{corda_method: svd}"), "corda_"
+    ),
+    "eva_config": Case("a EvaConfig, a mapping or null", "5", ("{tau: 0.9}", "{rho: 0.5}"), "eva_config "),
     "rank_pattern": Case(
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')
     ),

@@ -82,6 +82,39 @@ CASES = {
         archs=("llama", "gpt2", "bert", "t5"),
         zero_init=False,
     ),
+    # PiSSA and OLoRA start at the base only to rounding: s·B₀A₀ is added and taken out again; the
+    # orthogonal init's B A is zero only to rounding. OLoRA runs on nn.Linear only (not GPT-2's Conv1D).
+    # r=2: the rank is at most min(out, in) of every layer (BERT's classifier has 3 outputs).
+    "lora-pissa": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="pissa"),
+        zero_init=False,
+    ),
+    "lora-pissa_niter": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="pissa_niter_2"
+        ),
+        archs=("llama", "mlp"),
+        zero_init=False,
+    ),
+    "lora-olora": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="olora"),
+        archs=("llama", "bert", "t5", "mlp"),
+        zero_init=False,
+    ),
+    "lora-orthogonal": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="orthogonal"),
+        zero_init=False,
+    ),
+    # EVA's adapter is a plain LoRA (B = 0) until `initialize_from_data` sets A from data (test_lora_eva.py).
+    "lora-eva": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="eva"),
+        archs=("llama", "mlp"),
+    ),
+    # CorDA's factors are zero until data sets them (test_lora_corda.py): the model starts at the base.
+    "lora-corda": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="corda"),
+        archs=("llama", "gpt2", "mlp"),
+    ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
     # peft's default targets per model type; the MLP scales its first layer's output and its second's input.

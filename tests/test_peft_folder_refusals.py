@@ -102,17 +102,35 @@ def test_every_peft_ia3_and_ln_tuning_key_is_read_or_tolerated(config_class) -> 
 
 
 # ----------------------------------------------------------------------------- initialisations
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
-def test_an_adapter_whose_init_rewrote_the_base_is_refused_by_name(init: str, tmp_path: Path) -> None:
-    base, _ = peft_folder(tmp_path, init_lora_weights=init)
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_adapter_whose_init_is_recomputed_from_the_base_loads_with_peft_outputs(
+    init: str, tmp_path: Path
+) -> None:
+    """peft recomputes PiSSA's (full SVD) and OLoRA's (QR) residual base from the original base when it
+    loads such a folder; deltatune recomputes the same initial term (trained folders: test_lora_inits)."""
+    base, expected = peft_folder(tmp_path, init_lora_weights=init)
+    assert_loads_with_peft_outputs(base, tmp_path, expected)
+
+
+@pytest.mark.parametrize(("init", "why"), [("pissa_niter_4", "randomized SVD"), ("corda", "from data")])
+def test_an_adapter_whose_base_was_rewritten_by_a_draw_or_from_data_is_refused_by_name(
+    init: str, why: str, tmp_path: Path
+) -> None:
+    """Their residual base is no function of the original base alone (CorDA needs data to set up: its
+    folder differs from a plain one only by the key)."""
+    if init == "corda":
+        base, _ = peft_folder(tmp_path)
+        with_config_keys(tmp_path, init_lora_weights=init)
+    else:
+        base, _ = peft_folder(tmp_path, init_lora_weights=init)
     with pytest.raises(
         deltatune.DeltaTuneError,
-        match=rf"init_lora_weights='{init}'.*rewrites the base.*path_initial_model_for_weight_conversion",
+        match=rf"init_lora_weights='{init}'.*rewrites the base.*{why}.*path_initial_model_for_weight_conversion",
     ):
         deltatune.load(copy.deepcopy(base), str(tmp_path))
 
 
-@pytest.mark.parametrize("init", ["corda", "lora_ga", "loftq", "mica", "some_future_init"])
+@pytest.mark.parametrize("init", ["lora_ga", "loftq", "mica", "some_future_init"])
 def test_an_init_deltatune_cannot_reproduce_is_refused_by_name(init: str, tmp_path: Path) -> None:
     """Inits that need data or quantization to set up: their folders differ from a plain one only by the key."""
     base, _ = peft_folder(tmp_path)

@@ -38,6 +38,11 @@ from .methods.fusion import FusionConfig
 from .methods.ia3 import IA3Config
 from .methods.ln_tuning import LNTuningConfig
 from .methods.lora import LoraConfig
+from .methods.lora_convert import to_plain_lora
+from .methods.lora_corda import CordaConfig
+from .methods.lora_data_init import initialize_from_data
+from .methods.lora_eva import EvaConfig
+from .methods.lora_loftq import replace_lora_weights_loftq
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
@@ -134,4 +139,9 @@ __all__ = [
     "PromptTuningConfig",
     "collapse_soft_prompt",
     "causal_lm_loss",
+    "to_plain_lora",
+    "CordaConfig",
+    "EvaConfig",
+    "initialize_from_data",
+    "replace_lora_weights_loftq",
 ]

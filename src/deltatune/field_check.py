@@ -84,6 +84,20 @@ class RegularExpression:
         return "regular expressions" if base == "strings" else "a regular expression"
 
 
+@dataclasses.dataclass(frozen=True)
+class FullMatch:
+    """A string that the regular expression `pattern` matches whole; `shown` is how a message names it."""
+
+    pattern: str
+    shown: str
+
+    def allows(self, text: str) -> bool:
+        return re.fullmatch(self.pattern, text) is not None
+
+    def describe(self, base: str) -> str:
+        return self.shown
+
+
 PositiveInt = Annotated[int, Range(minimum=1)]
 NonNegativeInt = Annotated[int, Range(minimum=0)]
 PositiveFloat = Annotated[float, Range(above=0)]

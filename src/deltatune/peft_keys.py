@@ -10,9 +10,12 @@ peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `IA3Config`, `LNTuningConfig
 - refused: unless it holds its default, it changes the math in a way deltatune does not implement,
   and loading without it would give other outputs without a word.
 
-`init_lora_weights` is read, but the initialisations that also rewrite the base model's weights are
-refused by name: the saved A and B only reproduce peft's outputs on the rewritten base. A key that
-peft 0.21 does not have (a newer peft) is tolerated with a warning naming it.
+`init_lora_weights` is read. Of the initialisations that also rewrite the base model's weights, PiSSA
+("pissa") and OLoRA ("olora") load: peft itself recomputes their residual base from the original one
+when it loads such a folder, and deltatune recomputes the same initial term (`methods/lora_init.py`).
+The others are refused by name: the saved A and B only reproduce peft's outputs on the rewritten base
+("pissa_niter_K" made it by a random draw, "corda" from data). A key that peft 0.21 does not have (a newer peft) is
+tolerated with a warning naming it.
 """
 
 from __future__ import annotations
@@ -122,6 +125,10 @@ PLAIN_INITS = ("gaussian", "eva", "orthogonal")
 """Initialisations (besides True and False) that leave the base model alone and train A and B as plain
 LoRA does: the saved weights are the whole adapter."""
 
+RECOMPUTED_INITS = ("pissa", "olora")
+"""Base-rewriting inits whose initial term s·B₀A₀ is a deterministic function of the original base
+(full SVD, QR): peft and deltatune both recompute it when they load the folder."""
+
 BASE_REWRITING_INITS = {
     "pissa": "PiSSA",
     "olora": "OLoRA",
@@ -134,6 +141,10 @@ subtract the initial s·B·A from (or quantize) the base weights."""
 
 CONVERTIBLE = ("pissa", "olora", "corda", "lora_ga")
 """The base-rewriting inits whose adapters peft itself converts to plain LoRA."""
+
+IMPLEMENTED_INITS = ("pissa", "corda")
+"""Base-rewriting families deltatune trains, whose unconverted peft folders it still cannot load
+("pissa_niter_K", "corda": their residual base is not a function of the original base alone)."""
 
 OTHER_REFUSED_INITS = {"mica": "MiCA keeps B frozen and trains A only, deltatune would train both"}
 
@@ -201,7 +212,7 @@ def check_init(value: Any) -> None:
     if value is None or isinstance(value, bool):
         return
     name = str(value).lower()
-    if name in PLAIN_INITS:
+    if name in PLAIN_INITS or name in RECOMPUTED_INITS:
         return
     family = next((key for key in BASE_REWRITING_INITS if name.startswith(key)), None)
     if family is not None:
@@ -215,8 +226,8 @@ def check_init(value: Any) -> None:
         )
         raise DeltaTuneError(
             f"this peft adapter was made with init_lora_weights={value!r} ({method}), which also rewrites the "
-            f"base model's weights, so on the original base it gives other outputs; deltatune does not "
-            f"implement {method} yet: {remedy}"
+            f"base model's weights{_randomized_note(name)}, so on the original base it gives other outputs; "
+            f"{'' if family in IMPLEMENTED_INITS else f'deltatune does not implement {method} yet: '}{remedy}"
         )
     reason = OTHER_REFUSED_INITS.get(
         name, "an initialisation deltatune does not know, which may rewrite the base model"
@@ -225,6 +236,33 @@ def check_init(value: Any) -> None:
         f"this peft adapter was made with init_lora_weights={value!r} ({reason}); deltatune does not "
         "implement it yet: train with the default init_lora_weights=True"
     )
+
+
+UNWRITABLE_INITS = {
+    "pissa_niter_": "peft redraws its randomized SVD on load",
+    "corda": "peft needs the data again to rebuild the residual base on load",
+}
+"""Prefix of an `init_lora_weights` value → why a peft folder of such an adapter, unconverted, would load
+in peft with other outputs."""
+
+
+def check_init_writable(value: Any) -> None:
+    """Refuse to write a peft folder that peft would load with other outputs: the saved factors would
+    meet another residual base (`UNWRITABLE_INITS`)."""
+    reason = next((why for prefix, why in UNWRITABLE_INITS.items() if str(value).startswith(prefix)), None)
+    if isinstance(value, str) and reason is not None:
+        raise DeltaTuneError(
+            f"a peft folder of an init_lora_weights={value!r} adapter would load in peft with other outputs "
+            f"({reason}); convert it first (deltatune.to_plain_lora) and save that, or save it with "
+            "format='deltatune'"
+        )
+
+
+def _randomized_note(name: str) -> str:
+    """Why the residual base cannot be rebuilt from the original one."""
+    if name.startswith("pissa_niter_"):
+        return " from a randomized SVD that cannot be redrawn"
+    return " from data the folder does not hold" if name == "corda" else ""
 
 
 def _is_unset(value: Any, default: Any) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,9 @@ from torch import nn
 
 from ..config import TargetedConfig
 from ..errors import MergeError, UnsupportedModuleError
-from ..field_check import DropoutRate, NonNegativeInt, PositiveInt, Regex
+from ..field_check import DropoutRate, FullMatch, NonNegativeInt, PositiveInt, Regex, accepts, field_types
 from ..peft_format import BASE_LAYER, PeftCodec
-from ..peft_keys import LORA_READ, check_lora_keys
+from ..peft_keys import LORA_READ, check_init_writable, check_lora_keys
 from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
@@ -38,7 +38,9 @@ from ..site import SiteAdapter
 from ..targeting import pattern_value, saved_module_names
 from .base import ModuleMethod, lookup_type
 from .lora_bias import TrainedBias, add_bias_terms, bias_deltas, check_bias_options, output_bias, trained_biases
+from .lora_corda import CordaConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
+from .lora_eva import EvaConfig, eva_config_for_peft
 from .token_rows import TokenRows
 from .trainable_tokens import check_token_indices, token_rows_beside
 
@@ -52,6 +54,11 @@ DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],
     "distilbert": ["q_lin", "v_lin"],
 }
+
+PissaIterations = Annotated[str, FullMatch(r"pissa_niter_\d+", '"pissa_niter_<iterations>"')]
+
+PLAIN_STARTS = ("gaussian", "eva", "loftq")
+"""String inits whose adapter is built as plain LoRA's (EVA and LoftQ set its factors afterwards)."""
 
 
 @dataclasses.dataclass
@@ -67,9 +74,18 @@ class LoraConfig(TargetedConfig):
     p costs little on CPU (only the dropped positions are drawn, see `lora_dropout`)."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: (
+        bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq"] | PissaIterations
+    ) = True
     """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
-    False: random A and B (for tests: the adapter changes the output from the start)."""
+    False: random A and B (for tests: the adapter changes the output from the start). From the layer's
+    weight (Linear; Conv1D but for OLoRA), `methods/lora_init.py`: "pissa" (the top-r singular part of W),
+    "pissa_niter_<K>" (the same by a randomized SVD), "olora" (W's QR), each with its initial term taken
+    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero). From data
+    (`deltatune.initialize_from_data`, run by `deltatune train` on its first batches): "eva" (A from the
+    inputs' principal directions), "corda" (W's decomposition by the inputs' covariance). On a quantized
+    base, "loftq": the rank-r fit of the quantization error (`deltatune.replace_lora_weights_loftq`, run
+    by `deltatune train` with `quantize`; peft's "loftq" would re-quantize the base instead)."""
     rank_pattern: dict[Regex, PositiveInt] = dataclasses.field(default_factory=dict)
     """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
     alpha_pattern: dict[Regex, float] = dataclasses.field(default_factory=dict)
@@ -78,6 +94,10 @@ class LoraConfig(TargetedConfig):
     """Parameters to adapt directly (`methods/lora_parameter.py`), peft's rule: a full parameter name or
     its ending (`"mlp.experts.gate_up_proj"`); 2-D and 3-D (fused experts) parameters. With no
     `target_modules`, only these are adapted."""
+    eva_config: EvaConfig | dict[str, Any] | None = None
+    """EVA's settings (`methods/lora_eva.py`), with init_lora_weights="eva"; a mapping is read as one."""
+    corda_config: CordaConfig | dict[str, Any] | None = None
+    """CorDA's settings (`methods/lora_corda.py`), with init_lora_weights="corda"; a mapping is read as one."""
     use_dora: bool = False
     """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
     magnitude m per output feature; on Linear, Conv1D, Embedding and Conv layers."""
@@ -100,6 +120,13 @@ class LoraConfig(TargetedConfig):
                 check_token_indices(listed, f"trainable_token_indices[{name!r}]")
         elif indices is not None:
             check_token_indices(indices, "trainable_token_indices")
+
+    def normalise(self) -> None:
+        super().normalise()
+        if isinstance(self.eva_config, dict):
+            self.eva_config = EvaConfig.from_dict(self.eva_config)
+        if isinstance(self.corda_config, dict):
+            self.corda_config = CordaConfig.from_dict(self.corda_config)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -405,12 +432,13 @@ class LoraPeft(PeftCodec):
 
         target_modules, target_parameters = peft_targets(config, targets, model)
         named = [*target_modules, *(target_parameters or [])]  # what peft matches its patterns against
+        check_init_writable(config.init_lora_weights)
         return {
             "r": config.r,
             "lora_alpha": config.lora_alpha,
             "lora_dropout": config.lora_dropout,
             "use_rslora": config.use_rslora,
-            "init_lora_weights": config.init_lora_weights,
+            "init_lora_weights": True if config.init_lora_weights == "loftq" else config.init_lora_weights,
             "target_modules": target_modules,
             "target_parameters": target_parameters,
             "rank_pattern": {re.escape(n): config.rank_for(n) for n in named if config.rank_for(n) != config.r},
@@ -421,12 +449,13 @@ class LoraPeft(PeftCodec):
             "lora_bias": config.lora_bias,
             "trainable_token_indices": config.trainable_token_indices,
             "use_dora": config.use_dora,
+            "eva_config": eva_config_for_peft(config),
         }
 
     def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
         fields = {key: data[key] for key in LORA_READ if data.get(key) is not None}
-        if fields.get("init_lora_weights") not in (True, False, "gaussian", None):
-            fields["init_lora_weights"] = True  # a plain init ("eva", "orthogonal"): the weights come from the file
+        if not accepts(field_types(LoraConfig)["init_lora_weights"], fields.get("init_lora_weights", True)):
+            fields["init_lora_weights"] = True  # another spelling peft takes ("Gaussian"): the weights are in the file
         return LoraConfig(**fields)
 
 
@@ -456,11 +485,16 @@ class Lora(ModuleMethod):
     peft_codec = LoraPeft()
 
     def build_adapter(self, module: nn.Module, module_name: str, config: LoraConfig) -> nn.Module:
-        if config.use_dora:
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in PLAIN_STARTS:
+            from .lora_init import build_initialised  # lora_init builds on this module's classes (and refuses DoRA)
+
+            adapter = build_initialised(module, module_name, config)
+        elif config.use_dora:  # its bias terms are refused (check_bias_options)
             from .dora import build_dora  # dora builds on this module's classes
 
             return build_dora(module, module_name, config)
-        adapter = super().build_adapter(module, module_name, config)
+        else:
+            adapter = super().build_adapter(module, module_name, config)
         add_bias_terms(adapter, module, module_name, config)
         return adapter
 

@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import read_records
+from .data_init import start_from_data, start_from_weights
 from .encode import EncodeContext, collate, label_names
 from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
@@ -155,6 +156,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     prepare_quantized_base(model, config.gradient_checkpointing)  # nothing on a base without quantized layers
     if adapter is None:
         delta_model = attach_adapter(model, adapter_config, task)
+        start_from_data(delta_model, train_features, config.batch_size, getattr(tokenizer, "pad_token_id", None) or 0)
+        start_from_weights(delta_model, config)
     else:
         from .. import load
 
