@@ -33,6 +33,8 @@ from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -94,6 +96,8 @@ __all__ = [
     "DeltaTuneError",
     "Fuse",
     "FusionConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MergeError",
     "Method",

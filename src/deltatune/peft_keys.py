@@ -1,7 +1,8 @@
 """Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
-peft's `LoraConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
+peft's `LoraConfig`, `PromptTuningConfig`, `PromptEncoderConfig`, `PrefixTuningConfig`, `LoHaConfig` and
+`LoKrConfig` is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -116,6 +117,32 @@ SOFT_PROMPT_TOLERATED = {
     "prefix_projection": "the saved table is the projection's output",
     "init_weights": "how the prefix started",
 }
+
+
+LYCORIS_READ = (
+    "r",
+    "alpha",
+    "rank_dropout",
+    "module_dropout",
+    "use_effective_conv2d",
+    "init_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+)
+"""peft's `LoHaConfig` keys: deltatune computes every one of them (`methods/loha.py`)."""
+
+LOKR_READ = (*LYCORIS_READ, "decompose_both", "decompose_factor", "rank_dropout_scale")
+"""peft's `LoKrConfig` keys: LoHa's and the Kronecker factorisation's (`methods/lokr.py`)."""
+
+
+def check_read_keys(data: dict[str, Any], read: tuple[str, ...]) -> None:
+    """Warn about keys peft 0.21 does not have, for a method that reads every key peft 0.21 has."""
+    _warn_unknown(data, {*COMMON_TOLERATED, *read})
 
 
 def check_lora_keys(data: dict[str, Any]) -> None:
