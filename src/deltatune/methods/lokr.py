@@ -34,6 +34,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeltaTuneError
@@ -77,6 +78,17 @@ def kronecker_factors(dimension: int, factor: int = -1) -> tuple[int, int]:
             break
         smaller, larger = divisor, dimension // divisor
     return min(smaller, larger), max(smaller, larger)
+
+
+def kronecker(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """`torch.kron(left, right)` (`left` padded in front with unit dims up to `right`'s), as one broadcast
+    product: out[i·R + j] = left[i] · right[j] along every dim. (torch 2's `kron` fails on the core form's
+    einsum output for a Conv1d, whose unit kernel dim has a stride other than 1: peft 0.21 cannot run
+    LoKr with `use_effective_conv2d` on a Conv1d; here it runs.)"""
+    left = left.reshape((1,) * (right.dim() - left.dim()) + tuple(left.shape))
+    spread_left = left.reshape([size for dim in left.shape for size in (dim, 1)])
+    spread_right = right.reshape([size for dim in right.shape for size in (1, dim)])
+    return (spread_left * spread_right).reshape([a * b for a, b in zip(left.shape, right.shape, strict=True)])
 
 
 class LoKrAdapter(LycorisAdapter):
@@ -133,13 +145,16 @@ class LoKrAdapter(LycorisAdapter):
         w1, w2 = self._w1(), self._w2()
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return (torch.kron(w1, w2) * self.scaling).reshape(self.shape.weight_shape)
+        return (kronecker(w1, w2) * self.scaling).reshape(self.shape.weight_shape)
 
     def factored_output(self, x: torch.Tensor) -> torch.Tensor:
-        grid = x.reshape(*x.shape[:-1], self.in_m, self.in_n)
-        half = grid @ self._w2().t()  # ... × in_m × out_k: every token's rows times W2ᵀ in one matmul
-        out = torch.einsum("pi,...ik->...pk", self._w1() * self.scaling, half)
-        return out.reshape(*x.shape[:-1], self.shape.out_features)
+        """vec(W1 X W2ᵀ) per token as two plain matrix products over all tokens (each the same kernel
+        whether or not the factors need gradients, so results do not depend on it)."""
+        tokens = x.numel() // self.shape.in_features
+        half = F.linear(x.reshape(tokens * self.in_m, self.in_n), self._w2())  # rows of X times W2ᵀ
+        half = half.view(tokens, self.in_m, self.out_k).transpose(1, 2).reshape(tokens * self.out_k, self.in_m)
+        out = F.linear(half, self._w1() * self.scaling)  # (token, q) rows times W1ᵀ: Y[q, p] = (W1 X W2ᵀ)[p, q]
+        return out.view(tokens, self.out_k, self.out_l).transpose(1, 2).reshape(*x.shape[:-1], -1)
 
 
 class LoKrPeft(LycorisPeft):

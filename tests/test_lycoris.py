@@ -1,0 +1,421 @@
+"""deltatune's LoHa and LoKr against peft 0.21's: with the same weights, the same outputs (atol 1e-5).
+
+Each test runs over both methods and over option sets that reach every shape peft can give: LoHa's
+factored (rank-r²) and materialised products, LoKr's decomposed and full W1 / W2, `decompose_factor`,
+and on convolutions the flattened and the core-tensor (`use_effective_conv2d`) forms. Adapters start
+random (`init_weights=False`), move to the other side through a folder, and the two models' outputs are
+compared on the same inputs. peft does not adapt GPT-2's Conv1D layers: its reference for GPT-2 is the
+same model with each Conv1D made an `nn.Linear` of the transposed weight (the same function).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from peft.tuners.lokr.layer import factorization
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune
+from deltatune import peft_keys
+from deltatune.methods.lokr import kronecker_factors
+from tiny_models import build, run
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+ATOL = 1e-5
+CONFIGS = {"loha": (peft.LoHaConfig, deltatune.LoHaConfig), "lokr": (peft.LoKrConfig, deltatune.LoKrConfig)}
+
+# At hidden 32, LoHa with r = 2 takes the factored product on every linear layer, r = 6 makes ΔW.
+LINEAR_OPTIONS = [
+    ("loha", {"r": 2}),
+    ("loha", {"r": 6, "alpha": 5}),
+    ("lokr", {"r": 2}),
+    ("lokr", {"r": 1, "decompose_both": True}),
+    ("lokr", {"r": 3, "decompose_factor": 4}),
+    ("lokr", {"r": 8}),
+]
+CONV_OPTIONS = [
+    ("loha", {"r": 2}),
+    ("loha", {"r": 2, "use_effective_conv2d": True}),
+    ("lokr", {"r": 1}),
+    ("lokr", {"r": 1, "use_effective_conv2d": True}),
+    ("lokr", {"r": 2}),  # full W2 everywhere, the 3-d one of the Conv1d too
+    ("lokr", {"r": 1, "decompose_both": True, "use_effective_conv2d": True}),
+]
+ARCHS = ["llama", "gpt2", "bert"]
+
+
+def options_id(value: object) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{key}={option}" for key, option in value.items())
+    return str(value)
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+
+
+def assert_changed(actual: torch.Tensor, reference: torch.Tensor) -> None:
+    """The adapter must really change the output, or an equality check proves nothing."""
+    assert (actual - reference).abs().max().item() > 1e-3
+
+
+def peft_config(method: str, targets, **options) -> peft.PeftConfig:
+    options = {"alpha": 3, "init_weights": False, **copy.deepcopy(options)}
+    return CONFIGS[method][0](target_modules=copy.deepcopy(targets), **options)
+
+
+def our_config(method: str, targets, **options) -> deltatune.DeltaConfig:
+    options = {"alpha": 3, "init_weights": False, **copy.deepcopy(options)}
+    return CONFIGS[method][1](target_modules=copy.deepcopy(targets), **options)
+
+
+def with_linear_layers(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every transformers Conv1D replaced by the `nn.Linear` it computes."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape
+            linear = nn.Linear(in_features, out_features)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def peft_model(base: nn.Module, config: peft.PeftConfig) -> peft.PeftModel:
+    """peft's model on a copy of `base` (GPT-2 with Linear layers in place of its Conv1D ones)."""
+    return peft.get_peft_model(with_linear_layers(base), config).eval()
+
+
+# ----------------------------------------------------------------------------- transformers models
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method,options", LINEAR_OPTIONS, ids=options_id)
+def test_peft_folder_loads_with_peft_outputs(method: str, options: dict, arch: str, tmp_path: Path) -> None:
+    base = build(arch)
+    theirs = peft_model(base, peft_config(method, "all-linear", **options))
+    expected = run(theirs, arch)
+    assert_changed(expected, run(base, arch))
+    theirs.save_pretrained(str(tmp_path))
+
+    ours = deltatune.load(copy.deepcopy(base), str(tmp_path)).eval()
+    assert sorted(ours.targets["default"]) == sorted(theirs.targeted_module_names)
+    assert_same(run(ours, arch), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("method,options", LINEAR_OPTIONS, ids=options_id)
+def test_our_peft_format_loads_in_peft_with_our_outputs(method: str, options: dict, arch: str, tmp_path: Path) -> None:
+    base = build(arch)
+    ours = deltatune.attach(copy.deepcopy(base), our_config(method, "all-linear", **options)).eval()
+    expected = run(ours, arch)
+    assert_changed(expected, run(base, arch))
+    ours.save(str(tmp_path), format="peft")
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert sorted(theirs.targeted_module_names) == sorted(ours.targets["default"])
+    assert_same(run(theirs, arch), expected)
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_gpt2_conv1d_adapters_match_peft_on_the_linear_form_and_refuse_peft_files(method: str, tmp_path: Path) -> None:
+    """Ours on GPT-2's Conv1D layers equal peft's on the same layers as Linear ones; peft could not load
+    them, so saving them in peft's format is refused and writes nothing."""
+    base = build("gpt2")
+    ours = deltatune.attach(copy.deepcopy(base), our_config(method, ["c_attn", "c_fc"], r=2)).eval()
+    expected = run(ours, "gpt2")
+    ours.save(str(tmp_path / "ours"))
+    theirs = peft_model(base, peft_config(method, ["c_attn", "c_fc"], r=2))
+    for name, site in ours.sites():
+        adapter = site.adapters["default"]
+        layer = theirs.base_model.model.get_submodule(name)
+        for tensor_name, tensor in adapter.file_state().items():
+            getattr(layer, tensor_name)["default"].data.copy_(tensor)
+    assert_same(run(theirs, "gpt2"), expected)
+    with pytest.raises(deltatune.DeltaTuneError, match="Conv1D.*format='deltatune'"):
+        ours.save(str(tmp_path / "peft"), format="peft")
+    assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("method,options", LINEAR_OPTIONS, ids=options_id)
+def test_merge_matches_peft_merge_and_unload_and_unmerge_restores(
+    method: str, options: dict, arch: str, tmp_path: Path
+) -> None:
+    base = build(arch)
+    theirs = peft_model(base, peft_config(method, "all-linear", **options))
+    unmerged = run(theirs, arch)
+    theirs.save_pretrained(str(tmp_path))
+    merged_theirs = theirs.merge_and_unload()
+
+    ours = deltatune.load(copy.deepcopy(base), str(tmp_path)).eval()
+    ours.merge()
+    assert_same(run(ours, arch), unmerged)
+    for name, parameter in merged_theirs.named_parameters():
+        torch.testing.assert_close(ours.base_model.get_parameter(name), parameter, atol=ATOL, rtol=0, msg=name)
+    ours.unmerge()
+    assert_same(run(ours, arch), unmerged)
+    for name, parameter in base.named_parameters():
+        torch.testing.assert_close(ours.base_model.get_parameter(name), parameter, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method,options", LINEAR_OPTIONS[:4], ids=options_id)
+def test_mixed_batch_with_a_lora_adapter_matches_peft_run_separately(
+    method: str, options: dict, tmp_path: Path
+) -> None:
+    base = build("llama")
+    theirs = peft_model(base, peft_config(method, "all-linear", **options))
+    theirs.save_pretrained(str(tmp_path / "a"))
+    lora = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
+    ).eval()
+    lora.save_pretrained(str(tmp_path / "b"))
+
+    ours = deltatune.load(copy.deepcopy(base), str(tmp_path / "a"), name="a")
+    ours = deltatune.load(ours, str(tmp_path / "b"), name="b").eval()
+    mixed = run(ours, "llama", adapter_names=["a", "b", None])
+    assert_same(mixed[0], run(theirs, "llama")[0])
+    assert_same(mixed[1], run(lora, "llama")[1])
+    assert_same(mixed[2], run(base, "llama")[2])
+    assert_changed(mixed[0], mixed[2])
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_rank_and_alpha_patterns_round_trip_through_peft(method: str, tmp_path: Path) -> None:
+    base = build("llama")
+    patterns = {"rank_pattern": {"q_proj": 3, "layers.1.mlp.down_proj": 1}, "alpha_pattern": {"v_proj": 5}}
+    theirs = peft_model(base, peft_config(method, "all-linear", r=2, **patterns))
+    expected = run(theirs, "llama")
+    theirs.save_pretrained(str(tmp_path / "peft"))
+
+    ours = deltatune.load(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    adapters = {name: site.adapters["default"] for name, site in ours.sites()}
+    probes = {
+        "model.layers.0.self_attn.q_proj": (3, 3),
+        "model.layers.1.mlp.down_proj": (1, 3),
+        "model.layers.0.mlp.down_proj": (2, 3),
+        "model.layers.1.self_attn.v_proj": (2, 5),
+    }
+    assert {name: (adapters[name].rank, adapters[name].alpha) for name in probes} == probes
+    for name, adapter in adapters.items():
+        layer = theirs.base_model.model.get_submodule(name)
+        assert (adapter.rank, adapter.alpha, adapter.scaling) == (
+            layer.r["default"],
+            layer.alpha["default"],
+            layer.scaling["default"],
+        )
+    assert_same(run(ours, "llama"), expected)
+
+    ours.save(str(tmp_path / "back"), format="peft")
+    saved = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"]["model\\.layers\\.1\\.mlp\\.down_proj"] == 1
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "back")).eval()
+    assert_same(run(again, "llama"), expected)
+
+
+# ----------------------------------------------------------------------------- convolutions
+class ConvNet(nn.Module):
+    """Conv2d 3x3 -> ReLU -> Conv2d 1x1 -> flatten the image -> strided Conv1d; a strided Conv2d; and a
+    Linear head with a prime output size (LoKr's factored product does not pay there: ΔW is made)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.seq = nn.Conv1d(8, 6, 3, padding=1, stride=2)
+        self.down = nn.Conv2d(3, 4, 3, stride=2)
+        self.head = nn.Linear(124, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = self.conv2(self.act(self.conv1(x)))
+        features = torch.cat([self.seq(image.flatten(2)).flatten(1), self.down(x).flatten(1)], dim=1)
+        return self.head(features)
+
+
+CONV_TARGETS = ["conv1", "conv2", "seq", "down", "head"]
+
+
+def conv_base() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+def conv_inputs() -> torch.Tensor:
+    return torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+
+
+def peft_runs(method: str, options: dict) -> list[str]:
+    """The conv targets peft 0.21 can run: not LoKr's core form on the Conv1d (see the test below)."""
+    core_lokr = method == "lokr" and options.get("use_effective_conv2d")
+    return [target for target in CONV_TARGETS if not (core_lokr and target == "seq")]
+
+
+def test_lokr_core_form_on_a_conv1d_equals_torch_kron_where_peft_fails() -> None:
+    """peft 0.21 raises in torch.kron on this layer (its einsum output's unit kernel dim has stride ≠ 1);
+    ours equals the Conv1d run with W + s · kron(W1 ⊗ W2) formed by torch.kron on contiguous factors."""
+    base, x = conv_base(), conv_inputs()
+    image = base.conv2(base.act(base.conv1(x))).flatten(2).detach()
+    theirs = peft_model(base, peft_config("lokr", ["seq"], r=1, use_effective_conv2d=True))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        theirs(x)
+    ours = deltatune.attach(copy.deepcopy(base), our_config("lokr", ["seq"], r=1, use_effective_conv2d=True))
+    adapter = dict(ours.sites())["seq"].adapters["default"]
+    w2 = torch.einsum("abkl,ao,bc->ockl", adapter.lokr_t2, adapter.lokr_w2_a, adapter.lokr_w2_b)
+    kron = torch.kron(adapter.lokr_w1[:, :, None, None], w2.clone(memory_format=torch.contiguous_format))
+    weight = base.seq.weight + adapter.scaling * kron.reshape(base.seq.weight.shape)
+    expected = torch.nn.functional.conv1d(image, weight, base.seq.bias, stride=2, padding=1)
+    assert_changed(expected, base.seq(image))
+    assert_same(ours.base_model.seq(image), expected)
+
+
+@pytest.mark.parametrize("method,options", CONV_OPTIONS, ids=options_id)
+def test_conv_adapters_match_peft_both_ways_and_merge_as_peft_merges(
+    method: str, options: dict, tmp_path: Path
+) -> None:
+    base, x = conv_base(), conv_inputs()
+    targets = peft_runs(method, options)
+    theirs = peft_model(base, peft_config(method, targets, **options))
+    expected = theirs(x)
+    assert_changed(expected, base(x))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+
+    ours = deltatune.load(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    assert_same(ours(x), expected)
+    ours.save(str(tmp_path / "back"), format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "back")).eval()
+    assert_same(again(x), expected)
+
+    merged_theirs = theirs.merge_and_unload()
+    ours.merge()
+    assert_same(ours(x), expected)
+    for name, parameter in merged_theirs.named_parameters():
+        torch.testing.assert_close(ours.base_model.get_parameter(name), parameter, atol=ATOL, rtol=0, msg=name)
+    ours.unmerge()
+    assert_same(ours(x), expected)
+
+
+# ----------------------------------------------------------------------------- shapes, names, init
+SHAPE_CASES = [("llama", *case) for case in LINEAR_OPTIONS] + [("conv", *case) for case in CONV_OPTIONS]
+
+
+@pytest.mark.parametrize("init", [True, False, "lycoris"])
+@pytest.mark.parametrize("model_kind,method,options", SHAPE_CASES, ids=options_id)
+def test_tensor_names_shapes_and_zero_factors_match_peft(model_kind: str, method: str, options: dict, init) -> None:
+    """Every init peft has gives the same tensors (names, shapes) as here, and zeros the same ones."""
+    if init == "lycoris" and method == "loha":
+        pytest.skip("init_weights='lycoris' is LoKr's only")
+    model, targets = (conv_base(), CONV_TARGETS) if model_kind == "conv" else (build("llama"), "all-linear")
+    options = {**options, "init_weights": init}
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft_config(method, targets, **options))
+    ours = deltatune.attach(copy.deepcopy(model), our_config(method, targets, **options))
+    prefix = "base_model.model."
+    peft_tensors = {key[len(prefix) :]: tensor for key, tensor in peft.get_peft_model_state_dict(theirs).items()}
+    our_tensors = {
+        f"{name}.{tensor_name}": tensor
+        for name, site in ours.sites()
+        for tensor_name, tensor in site.adapters["default"].file_state().items()
+    }
+    assert {key: tuple(t.shape) for key, t in our_tensors.items()} == {
+        key: tuple(t.shape) for key, t in peft_tensors.items()
+    }
+    assert {key for key, t in our_tensors.items() if not t.any()} == {
+        key for key, t in peft_tensors.items() if not t.any()
+    }
+
+
+@pytest.mark.parametrize("factor", [-1, 1, 2, 3, 4, 5, 8, 16])
+def test_kronecker_factors_match_peft_factorization(factor: int) -> None:
+    assert [kronecker_factors(dimension, factor) for dimension in range(1, 300)] == [
+        factorization(dimension, factor) for dimension in range(1, 300)
+    ]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mlp"])
+def test_loha_takes_the_factored_product_exactly_where_it_costs_less(arch: str) -> None:
+    """r² (in + out) < in · out: at hidden 32 r = 4 is exactly even (no), the MLP's 32 → 32 too."""
+    for rank, expected in [(2, True), (4, False), (6, False)]:
+        model = deltatune.attach(
+            build(arch), deltatune.LoHaConfig(r=rank, target_modules=["q_proj"] if arch == "llama" else ["net.2"])
+        )
+        assert [site.adapters["default"].factored for _, site in model.sites()] and all(
+            site.adapters["default"].factored == expected for _, site in model.sites()
+        )
+
+
+# ----------------------------------------------------------------------------- training
+def test_rank_dropout_drops_the_rows_peft_drops_for_the_same_draws() -> None:
+    """With the same generator state, peft's ΔW with rank dropout and ours drop the same output features
+    and rescale them the same way (LoHa always, LoKr with rank_dropout_scale)."""
+    for method, options in [("loha", {}), ("lokr", {"rank_dropout_scale": True}), ("lokr", {})]:
+        base = build("llama")
+        theirs = peft_model(base, peft_config(method, ["q_proj"], r=2, rank_dropout=0.5, **options))
+        ours = deltatune.attach(copy.deepcopy(base), our_config(method, ["q_proj"], r=2, rank_dropout=0.5, **options))
+        name = "model.layers.0.self_attn.q_proj"
+        layer, adapter = theirs.base_model.model.get_submodule(name), dict(ours.sites())[name].adapters["default"]
+        for tensor_name, tensor in adapter.file_state().items():
+            getattr(layer, tensor_name)["default"].data.copy_(tensor)
+        x = torch.randn(3, 5, 32)
+        adapter.train()
+        for seed in range(4):
+            torch.manual_seed(seed)
+            expected = torch.nn.functional.linear(x, layer.get_delta_weight("default", apply_rank_dropout=True))
+            torch.manual_seed(seed)
+            assert_same(adapter.delta_output(ours.base_model.get_submodule(name), x), expected)
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_module_dropout_skips_whole_calls_in_training_only(method: str) -> None:
+    model = deltatune.attach(build("llama"), our_config(method, ["q_proj"], r=2, module_dropout=0.5))
+    layer = model.base_model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(2, 32)
+    plain = torch.nn.functional.linear(x, layer.weight)  # Llama's projections have no bias
+    model.eval()
+    adapted = layer(x)
+    assert_changed(adapted, plain)
+    assert all(torch.equal(layer(x), adapted) for _ in range(10))
+    model.train()
+    torch.manual_seed(0)
+    outputs = [layer(x) for _ in range(40)]
+    skipped = sum(torch.equal(output, plain) for output in outputs)
+    kept = sum(torch.equal(output, adapted) for output in outputs)
+    assert skipped + kept == 40 and 5 < skipped < 35
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_training_through_the_command_lowers_the_loss(method: str, tmp_path: Path) -> None:
+    from deltatune.train.cli import main
+    from training_fixtures import task_config
+
+    adapter = {"method": method, "r": 2, "alpha": 4, "target_modules": "all-linear"}
+    assert main(["train", str(task_config(tmp_path, "causal-lm", method=adapter)), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    trained = [entry["loss"] for entry in metrics["history"] if "loss" in entry]
+    assert trained[-1] < trained[0]
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert saved["method"] == method
+
+
+# ----------------------------------------------------------------------------- config keys
+@pytest.mark.parametrize(
+    "config_class,read", [(peft.LoHaConfig, peft_keys.LYCORIS_READ), (peft.LoKrConfig, peft_keys.LOKR_READ)]
+)
+def test_every_peft_key_is_read(config_class, read) -> None:
+    unclassified = {field.name for field in dataclasses.fields(config_class)} - {*peft_keys.COMMON_TOLERATED, *read}
+    assert not unclassified, f"classify these peft keys in deltatune.peft_keys: {sorted(unclassified)}"
+    ours = CONFIGS["loha" if config_class is peft.LoHaConfig else "lokr"][1]
+    assert set(read) <= {field.name for field in dataclasses.fields(ours)}
+
+
+def test_a_decompose_factor_peft_would_misread_is_refused() -> None:
+    with pytest.raises(deltatune.DeltaTuneError, match="decompose_factor must be -1 or a whole number"):
+        deltatune.LoKrConfig(decompose_factor=0)
