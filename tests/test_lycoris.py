@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -305,15 +306,18 @@ def test_conv_adapters_match_peft_both_ways_and_merge_as_peft_merges(
 
 
 # ----------------------------------------------------------------------------- shapes, names, init
-SHAPE_CASES = [("llama", *case) for case in LINEAR_OPTIONS] + [("conv", *case) for case in CONV_OPTIONS]
+SHAPE_CASES = [
+    pytest.param(model_kind, method, options, init, id=f"{model_kind}-{method}-{options_id(options)}-init={init}")
+    for model_kind, cases in (("llama", LINEAR_OPTIONS), ("conv", CONV_OPTIONS))
+    for method, options in cases
+    for init in (True, False, "lycoris")
+    if not (init == "lycoris" and method == "loha")  # LoKr's only
+]
 
 
-@pytest.mark.parametrize("init", [True, False, "lycoris"])
-@pytest.mark.parametrize("model_kind,method,options", SHAPE_CASES, ids=options_id)
+@pytest.mark.parametrize("model_kind,method,options,init", SHAPE_CASES)
 def test_tensor_names_shapes_and_zero_factors_match_peft(model_kind: str, method: str, options: dict, init) -> None:
     """Every init peft has gives the same tensors (names, shapes) as here, and zeros the same ones."""
-    if init == "lycoris" and method == "loha":
-        pytest.skip("init_weights='lycoris' is LoKr's only")
     model, targets = (conv_base(), CONV_TARGETS) if model_kind == "conv" else (build("llama"), "all-linear")
     options = {**options, "init_weights": init}
     theirs = peft.get_peft_model(copy.deepcopy(model), peft_config(method, targets, **options))
@@ -340,16 +344,55 @@ def test_kronecker_factors_match_peft_factorization(factor: int) -> None:
     ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mlp"])
-def test_loha_takes_the_factored_product_exactly_where_it_costs_less(arch: str) -> None:
-    """r² (in + out) < in · out: at hidden 32 r = 4 is exactly even (no), the MLP's 32 → 32 too."""
-    for rank, expected in [(2, True), (4, False), (6, False)]:
-        model = deltatune.attach(
-            build(arch), deltatune.LoHaConfig(r=rank, target_modules=["q_proj"] if arch == "llama" else ["net.2"])
-        )
-        assert [site.adapters["default"].factored for _, site in model.sites()] and all(
-            site.adapters["default"].factored == expected for _, site in model.sites()
-        )
+@pytest.mark.parametrize(
+    "method,rank,model_kind,target,factored",
+    [
+        ("loha", 2, "llama", "model.layers.0.self_attn.q_proj", True),  # r² (in + out) = 256 < in · out = 1024
+        ("loha", 4, "llama", "model.layers.0.self_attn.q_proj", False),  # 1024: exactly even
+        ("loha", 2, "mlp", "net.0", True),  # 16 → 32: 192 < 512
+        ("lokr", 2, "llama", "model.layers.0.self_attn.q_proj", True),  # out_k (in + out_l in_m) = 8 · 48 < 1024
+        ("lokr", 2, "conv", "head", False),  # prime out: 7 · (124 + 4) = 896 > 868
+        ("loha", 2, "conv", "conv2", False),  # convolutions make ΔW
+    ],
+)
+def test_the_factored_product_is_taken_exactly_where_it_costs_less(
+    method: str, rank: int, model_kind: str, target: str, factored: bool
+) -> None:
+    model = conv_base() if model_kind == "conv" else build(model_kind)
+    ours = deltatune.attach(model, our_config(method, [target], r=rank))
+    assert dict(ours.sites())[target].adapters["default"].factored is factored
+
+
+# ----------------------------------------------------------------------------- quantized base
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+@pytest.mark.parametrize("method", CONFIGS)
+def test_on_a_4bit_base_outputs_match_peft_on_the_dequantized_base_and_the_packed_weights_stay(
+    method: str, tmp_path: Path
+) -> None:
+    """Shapes come from the logical in/out features; peft, given the same factors on the base with each
+    nf4 layer dequantized to a float Linear, computes the same outputs. Training leaves the packed
+    storage bit-identical."""
+    from deltatune.quantized import dequantized_linear, is_quantized
+
+    ours = deltatune.attach(build("llama-nf4"), our_config(method, "all-linear", r=2))
+    packed = {
+        name: module.weight.data.clone() for name, module in ours.base_model.named_modules() if is_quantized(module)
+    }
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    run(ours, "llama-nf4").float().pow(2).mean().backward()
+    optimizer.step()
+    assert all(torch.equal(ours.base_model.get_submodule(name).weight.data, data) for name, data in packed.items())
+    expected = run(ours.eval(), "llama-nf4")
+    with ours.disabled():
+        assert_changed(expected, run(ours, "llama-nf4"))
+    ours.save(str(tmp_path), format="peft")
+
+    dequantized = build("llama-nf4")  # the same weights, packed the same way
+    for name in packed:
+        parent, _, child = name.rpartition(".")
+        setattr(dequantized.get_submodule(parent), child, dequantized_linear(dequantized.get_submodule(name)))
+    theirs = peft.PeftModel.from_pretrained(dequantized, str(tmp_path)).eval()
+    assert_same(run(theirs, "llama-nf4"), expected)
 
 
 # ----------------------------------------------------------------------------- training
