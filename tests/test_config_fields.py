@@ -126,6 +126,14 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "phm_dim": Case("a whole number ≥ 1", "1.5", ("0",)),
     "phm_rank": Case("a whole number ≥ 1", '"1"', ("0",)),
     "phm_init_range": Case("a number ≥ 0", "[1]", ("-1",)),
+    # LoHa and LoKr
+    "alpha": Case("a number", "sixteen", (".nan", ".inf")),
+    "rank_dropout": Case("a number in [0, 1)", "[0.1]", ("1", "-0.1")),
+    "module_dropout": Case("a number in [0, 1)", "high", ("1.5", "-0.5")),
+    "use_effective_conv2d": Case("true or false", '"false"'),
+    "decompose_both": Case("true or false", '"false"'),
+    "decompose_factor": Case("a whole number", "1.5", ("0", "-2"), "decompose_factor must be -1 or a whole number ≥ 1"),
+    "rank_dropout_scale": Case("true or false", '"false"'),
     # fusion
     "adapters": Case("a list of strings", "a", ("[a]", "[a, a]"), "a fusion needs two or more distinct adapter names"),
     # soft prompts
@@ -152,8 +160,20 @@ METHOD_BASES: dict[str, str] = {
     "prompt_tuning": "{method: prompt_tuning}",
     "p_tuning": "{method: p_tuning}",
     "prefix_tuning": "{method: prefix_tuning}",
+    "loha": "{method: loha, target_modules: all-linear}",
+    "lokr": "{method: lokr, target_modules: all-linear}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
+
+METHOD_FIELDS: dict[str, dict[str, Case]] = {
+    "loha": {"init_weights": Case("true or false", '"yes"')},
+    "lokr": {"init_weights": Case('true, false or "lycoris"', "1", ('"kaiming"',))},
+}
+"""Cases of a method whose field shares its name with another method's field of another type."""
+
+
+def field_cases(method: str) -> dict[str, Case]:
+    return {**ADAPTER_FIELDS, **METHOD_FIELDS.get(method, {})}
 
 
 def built_in_methods() -> list[str]:
@@ -172,7 +192,7 @@ def cases() -> list:
             found.append(pytest.param([f"{name}={value}"], message, id=f"train-{name}-{kind}"))
     for method, base in METHOD_BASES.items():
         for name in field_names(get_method(method).config_class):
-            for kind, value, message in _bad_values(name, ADAPTER_FIELDS.get(name), "adapter: "):
+            for kind, value, message in _bad_values(name, field_cases(method).get(name), "adapter: "):
                 found.append(
                     pytest.param([f"adapter={base}", f"adapter.{name}={value}"], message, id=f"{method}-{name}-{kind}")
                 )
@@ -215,7 +235,7 @@ def test_every_config_field_has_a_case() -> None:
     assert sorted(built_in_methods()) == sorted(METHOD_BASES)
     classes = [
         (TrainConfig, TRAIN_FIELDS),
-        *((get_method(method).config_class, ADAPTER_FIELDS) for method in METHOD_BASES),
+        *((get_method(method).config_class, field_cases(method)) for method in METHOD_BASES),
     ]
     missing, unranged = [], []
     for config_class, table in classes:
