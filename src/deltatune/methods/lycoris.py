@@ -171,7 +171,7 @@ class LycorisAdapter(SiteAdapter):
         self.rank_dropout = config.rank_dropout
         self.module_dropout = config.module_dropout
         weight = module.weight
-        self._factory = {
+        self._factory = {  # for the factors made at construction; they move and cast with the module later
             "dtype": weight.dtype if weight.is_floating_point() else torch.float32,
             "device": weight.device,
         }
@@ -191,13 +191,12 @@ class LycorisAdapter(SiteAdapter):
         """s · ΔW x for a linear layer, from the factors (only where `factored`)."""
         raise NotImplementedError
 
-    def kept_features(self) -> torch.Tensor | None:
-        """Rank dropout: this call's mask over ΔW's output features, rescaled where the method
-        rescales; None when nothing drops (evaluation, or `rank_dropout` 0)."""
+    def kept_features(self, like: torch.Tensor) -> torch.Tensor | None:
+        """Rank dropout: this call's mask over ΔW's output features (dtype and device of `like`), rescaled
+        where the method rescales; None when nothing drops (evaluation, or `rank_dropout` 0)."""
         if not (self.training and self.rank_dropout > 0):
             return None
-        device = self._factory["device"]
-        kept = (torch.rand(self.shape.out_features, device=device) > self.rank_dropout).to(self._factory["dtype"])
+        kept = (torch.rand(self.shape.out_features, device=like.device) > self.rank_dropout).to(like.dtype)
         if self.rescales_rank_dropout:
             kept = kept / kept.mean().clamp_min(1 / self.shape.out_features)
         return kept
@@ -208,8 +207,8 @@ class LycorisAdapter(SiteAdapter):
 
     def delta_output(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """s · (ΔW, rank-dropped) applied to x."""
-        x = x.to(self._factory["dtype"])
-        kept = self.kept_features()
+        x = x.to(next(iter(self._parameters.values())).dtype)
+        kept = self.kept_features(x)
         if self.factored:
             delta = self.factored_output(x)
             return delta if kept is None else delta * kept
