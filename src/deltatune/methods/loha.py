@@ -14,16 +14,16 @@ Init (peft's): Kaiming-uniform for every factor and core, W2b zero (`init_weight
 `init_weights=False` draws W2b too. Tensors: `hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`, and
 `hada_t1`, `hada_t2` in the core form, with peft's names and shapes, so peft's folders load as they are.
 
-The forward on linear layers (`factored`): with a = W1b ⊙_rows W2b (the r² rows W1b[i] ⊙ W2b[j]) and
-b = W1a ⊙_cols W2a (the r² columns W1a[:, i] ⊙ W2a[:, j]), ΔW = b a exactly, so s·ΔW x = s · b (a x): a
-rank-r² LoRA product, r²·(in + out) multiplications per token instead of in · out for peft's
-`F.linear(x, ΔW)`, and no out × in matrix (nor its gradient) made at each step. It is used where it costs
-less, r² (in + out) < in · out (SmolLM2's q_proj at r = 8: 64 · 1152 against 576²); elsewhere (and on
-convolutions) ΔW is made and applied as a second weight, as peft does. Measured (noisy: 2 shared CPU
-cores under load 7-11; quick local runs, bench/ has the benchmark): one adapted layer's forward + backward over 1,024
-tokens, the adapter's part of the time is 0.01-0.86 of peft's on SmolLM2's four shapes; a whole training
-step of a 4-layer model of SmolLM2's widths (batch 4 × 256, r = 8, one thread, steps alternating), 0.57 of
-peft's for all-linear (1.04 with ΔW made instead) and 0.89 for q_proj, v_proj.
+The forward on linear layers (`factored`): with a = W1b ⊙_rows W2b (the r² rows W1b[i] ⊙ W2b[j]) and b = W1a
+⊙_cols W2a (the r² columns W1a[:, i] ⊙ W2a[:, j]), ΔW = b a exactly, so s·ΔW x = s · b (a x): a rank-r² LoRA
+product, r²·(in + out) multiplications per token instead of in · out for peft's `F.linear(x, ΔW)`, and no
+out × in matrix (nor its gradient) made at each step. It is used where it costs less, r² (in + out) < in ·
+out (SmolLM2's q_proj at r = 8: 64 · 1152 against 576²); elsewhere (and on convolutions) ΔW is made and
+applied as a second weight, as peft does. Measured (noisy: 2 shared CPU cores under load 7-11; quick local
+runs, bench/ has the benchmark): one adapted layer's forward + backward over 1,024 tokens, the adapter's
+part of the time is 0.01-0.86 of peft's on SmolLM2's four shapes; a whole training step of a 4-layer model
+of SmolLM2's widths (batch 4 × 256, r = 8, one thread, steps alternating), 0.57 of peft's for all-linear
+(1.04 with ΔW made instead) and 0.89 for q_proj, v_proj.
 """
 
 from __future__ import annotations

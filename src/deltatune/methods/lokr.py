@@ -18,16 +18,15 @@ Init (peft's): `init_weights=True`: W1 (or W1a) zero, the rest Kaiming-uniform, 
 `"lycoris"`: LyCORIS's own, W2 (or W2b) zero instead; False: all random. Tensors `lokr_w1`, `lokr_w1_a`,
 `lokr_w1_b`, `lokr_w2`, `lokr_w2_a`, `lokr_w2_b`, `lokr_t2`, with peft's names and shapes.
 
-The forward on linear layers (`factored`) never makes ΔW: with x viewed as an in_m × in_n matrix X,
-(W1 ⊗ W2) x = vec(W1 X W2ᵀ): one matmul by W2ᵀ over all tokens at once, then one by W1, about
-out_k · (in + out_l · in_m) multiplications per token instead of in · out (SmolLM2's 576 × 576 q_proj:
-24 · 1,152 against 331,776), and no out × in matrix nor its gradient at each step. Used where it costs
-less than in · out: everywhere but where out_l = 1 (a prime output dimension) and on some tiny layers.
-Measured (noisy: 2 shared CPU cores under load 7-11; quick local runs, bench/ has the benchmark): one adapted layer's
-forward + backward over 1,024 tokens, the adapter's part of the time is 0.20-0.56 of peft's on SmolLM2's
-four shapes; a whole training step of a 4-layer model of SmolLM2's widths (batch 4 × 256, r = 8, one
-thread, steps alternating), 0.65 of peft's for all-linear (0.99 with ΔW made instead) and 0.94 for
-q_proj, v_proj.
+The forward on linear layers (`factored`) never makes ΔW: with x viewed as an in_m × in_n matrix X, (W1 ⊗
+W2) x = vec(W1 X W2ᵀ): one matmul by W2ᵀ over all tokens at once, then one by W1, about out_k · (in + out_l
+· in_m) multiplications per token instead of in · out (SmolLM2's 576 × 576 q_proj: 24 · 1,152 against
+331,776), and no out × in matrix nor its gradient at each step. Used where it costs less than in · out:
+everywhere but where out_l = 1 (a prime output dimension) and on some tiny layers. Measured (noisy: 2 shared
+CPU cores under load 7-11; quick local runs, bench/ has the benchmark): one adapted layer's forward +
+backward over 1,024 tokens, the adapter's part of the time is 0.20-0.56 of peft's on SmolLM2's four shapes;
+a whole training step of a 4-layer model of SmolLM2's widths (batch 4 × 256, r = 8, one thread, steps
+alternating), 0.65 of peft's for all-linear (0.99 with ΔW made instead) and 0.94 for q_proj, v_proj.
 """
 
 from __future__ import annotations
