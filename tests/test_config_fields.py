@@ -133,6 +133,8 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "token_indices": Case("a list of whole numbers ≥ 0", "5", ("[-1]",)),
     "trainable_tokens.init_weights": Case("true or false", '"yes"'),
     "vera.init_weights": Case("true or false", '"false"'),
+    "loha.init_weights": Case("true or false", '"yes"'),
+    "lokr.init_weights": Case('true, false or "lycoris"', "1", ('"kaiming"',)),
     "adalora.rank_pattern": Case(
         "a mapping of strings to lists or null", "[q_proj]", ("{q_proj: [1, 0]}",), "rank_pattern must be a mapping"
     ),
@@ -162,6 +164,14 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "phm_dim": Case("a whole number ≥ 1", "1.5", ("0",)),
     "phm_rank": Case("a whole number ≥ 1", '"1"', ("0",)),
     "phm_init_range": Case("a number ≥ 0", "[1]", ("-1",)),
+    # LoHa and LoKr
+    "alpha": Case("a number", "sixteen", (".nan", ".inf")),
+    "rank_dropout": Case("a number in [0, 1)", "[0.1]", ("1", "-0.1")),
+    "module_dropout": Case("a number in [0, 1)", "high", ("1.5", "-0.5")),
+    "use_effective_conv2d": Case("true or false", '"false"'),
+    "decompose_both": Case("true or false", '"false"'),
+    "decompose_factor": Case("a whole number", "1.5", ("0", "-2"), "decompose_factor must be -1 or a whole number ≥ 1"),
+    "rank_dropout_scale": Case("true or false", '"false"'),
     # fusion
     "adapters": Case("a list of strings", "a", ("[a]", "[a, a]"), "a fusion needs two or more distinct adapter names"),
     # soft prompts
@@ -200,6 +210,8 @@ METHOD_BASES: dict[str, str] = {
     "prefix_tuning": "{method: prefix_tuning}",
     "vera": "{method: vera, r: 4, target_modules: all-linear}",
     "trainable_tokens": "{method: trainable_tokens, token_indices: [3, 4]}",
+    "loha": "{method: loha, target_modules: all-linear}",
+    "lokr": "{method: lokr, target_modules: all-linear}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
 

@@ -131,6 +131,8 @@ CASES = {
         archs=("llama", "gpt2", "bert", "t5"),
         keeps_model_dtype=True,
     ),
+    "loha": Case(lambda arch: deltatune.LoHaConfig(r=2, alpha=4, target_modules=ARCHS[arch].all_linear)),
+    "lokr": Case(lambda arch: deltatune.LoKrConfig(r=2, alpha=4, target_modules=ARCHS[arch].all_linear)),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),
         archs=("llama", "gpt2", "bert", "t5"),

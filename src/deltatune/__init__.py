@@ -37,6 +37,8 @@ from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
 from .methods.ia3 import IA3Config
 from .methods.ln_tuning import LNTuningConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
 from .methods.lora_convert import to_plain_lora
 from .methods.lora_corda import CordaConfig
@@ -108,6 +110,8 @@ __all__ = [
     "FusionConfig",
     "IA3Config",
     "LNTuningConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MergeError",
     "Method",

@@ -1,8 +1,8 @@
 """Every key of peft's `adapter_config.json` (peft 0.21), sorted by what deltatune does with it.
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
-peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `IA3Config`, `LNTuningConfig`, `TrainableTokensConfig`,
-`PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
+peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `IA3Config`, `LNTuningConfig`, `LoHaConfig`, `LoKrConfig`,
+`TrainableTokensConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -171,12 +171,33 @@ SOFT_PROMPT_TOLERATED = {
 }
 
 
+LYCORIS_READ = (
+    "r",
+    "alpha",
+    "rank_dropout",
+    "module_dropout",
+    "use_effective_conv2d",
+    "init_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+)
+"""peft's `LoHaConfig` keys: deltatune computes every one of them (`methods/loha.py`)."""
+
+LOKR_READ = (*LYCORIS_READ, "decompose_both", "decompose_factor", "rank_dropout_scale")
+"""peft's `LoKrConfig` keys: LoHa's and the Kronecker factorisation's (`methods/lokr.py`)."""
+
+
 def check_lora_keys(data: dict[str, Any]) -> None:
     """Refuse a peft LoRA config whose keys ask for math deltatune does not compute; warn about keys
     peft 0.21 does not have."""
-    _refuse_set_keys(data, LORA_REFUSED)
+    _refuse_set_keys(data, LORA_REFUSED)  # before the init: a refused key names the first problem
     check_init(data.get("init_lora_weights"))
-    _warn_unknown(data, {*COMMON_TOLERATED, *LORA_READ, *LORA_TOLERATED, *LORA_REFUSED})
+    check_method_keys(data, LORA_READ, LORA_TOLERATED, LORA_REFUSED)
 
 
 def _refuse_set_keys(data: dict[str, Any], refused: dict[str, tuple[Any, str]]) -> None:
@@ -188,23 +209,6 @@ def _refuse_set_keys(data: dict[str, Any], refused: dict[str, tuple[Any, str]]) 
                 f"this peft adapter sets {key}={value!r} ({meaning}), which deltatune does not implement, "
                 "so it would load with other outputs; retrain it without that option, or run it with peft"
             )
-
-
-def check_adalora_keys(data: dict[str, Any]) -> None:
-    """Refuse a peft AdaLoRA config whose keys ask for math deltatune does not compute; warn about keys
-    peft 0.21 does not have."""
-    _refuse_set_keys(data, ADALORA_REFUSED)
-    _warn_unknown(data, {*COMMON_TOLERATED, *ADALORA_READ, *ADALORA_TOLERATED, *ADALORA_REFUSED})
-
-
-def check_trainable_tokens_keys(data: dict[str, Any]) -> None:
-    """Warn about trainable-tokens config keys peft 0.21 does not have (none of its own keys is refused)."""
-    _warn_unknown(data, {*COMMON_TOLERATED, *TRAINABLE_TOKENS_READ})
-
-
-def check_soft_prompt_keys(data: dict[str, Any]) -> None:
-    """Warn about soft-prompt config keys peft 0.21 does not have (none of its own keys is refused)."""
-    _warn_unknown(data, {*COMMON_TOLERATED, *SOFT_PROMPT_READ, *SOFT_PROMPT_TOLERATED})
 
 
 def check_init(value: Any) -> None:
@@ -307,12 +311,6 @@ VERA_REFUSED: dict[str, tuple[Any, str]] = {
 }
 
 
-def check_vera_keys(data: dict[str, Any]) -> None:
-    """Refuse a peft VeRA config that trains biases; warn about keys peft 0.21 does not have."""
-    _refuse_set_keys(data, VERA_REFUSED)
-    _warn_unknown(data, {*COMMON_TOLERATED, *VERA_READ, *VERA_TOLERATED, *VERA_REFUSED})
-
-
 def vera_fields(data: dict[str, Any]) -> dict[str, Any]:
     """The fields of our `VeraConfig` that a peft VeRA config sets."""
     return {key: data[key] for key in VERA_READ if data.get(key) is not None}
@@ -332,7 +330,14 @@ IA3_TOLERATED = {
 LN_TUNING_READ = ("target_modules", "exclude_modules", "modules_to_save")
 
 
-def check_method_keys(data: dict[str, Any], read: tuple[str, ...], tolerated: dict[str, str] | None = None) -> None:
-    """Warn about config keys of a method none of whose own keys is refused (IA3, LN tuning) that peft 0.21
-    does not have."""
-    _warn_unknown(data, {*COMMON_TOLERATED, *read, *(tolerated or {})})
+def check_method_keys(
+    data: dict[str, Any],
+    read: tuple[str, ...],
+    tolerated: dict[str, str] | None = None,
+    refused: dict[str, tuple[Any, str]] | None = None,
+) -> None:
+    """Refuse a peft config that sets a key of `refused` (key → (default, meaning)) away from its default,
+    as that asks for math deltatune does not compute; warn about keys that are none of `read`, `tolerated`
+    and `refused` (keys peft 0.21 does not have)."""
+    _refuse_set_keys(data, refused or {})
+    _warn_unknown(data, {*COMMON_TOLERATED, *read, *(tolerated or {}), *(refused or {})})

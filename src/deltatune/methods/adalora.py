@@ -35,7 +35,7 @@ from ..config import TargetedConfig
 from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, NonNegativeFloat, NonNegativeInt, PositiveInt, Range
 from ..peft_format import PeftCodec
-from ..peft_keys import ADALORA_READ, check_adalora_keys
+from ..peft_keys import ADALORA_READ, ADALORA_REFUSED, ADALORA_TOLERATED, check_method_keys
 from ..quantized import QUANTIZED_LINEARS
 from ..registry import register
 from .base import ModuleMethod
@@ -207,7 +207,7 @@ class AdaLoraPeft(PeftCodec):
     tensor_names = {SvdLinear: {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}}
 
     def check_keys(self, data: dict[str, Any]) -> None:
-        check_adalora_keys(data)
+        check_method_keys(data, ADALORA_READ, ADALORA_TOLERATED, ADALORA_REFUSED)
 
     def config_to_peft(self, config: AdaLoraConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
         if config.total_step is None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..peft_format import PeftCodec, task_type_of
-from ..peft_keys import check_soft_prompt_keys
+from ..peft_keys import SOFT_PROMPT_READ, SOFT_PROMPT_TOLERATED, check_method_keys
 from ..site import SiteAdapter
 from .prompt_input import PromptInput
 from .soft_prompt import SoftPromptConfig, embedding_width
@@ -33,7 +33,7 @@ class SoftPromptPeft(PeftCodec):
     """The adapter type whose `source()` gives the table."""
 
     def check_keys(self, data: dict[str, Any]) -> None:
-        check_soft_prompt_keys(data)
+        check_method_keys(data, SOFT_PROMPT_READ, SOFT_PROMPT_TOLERATED)
 
     def task_type(self, config: SoftPromptConfig, model: nn.Module) -> str | None:
         return task_type_of(model)

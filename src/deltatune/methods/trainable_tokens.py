@@ -31,7 +31,7 @@ from ..config import TargetedConfig
 from ..errors import DeltaTuneError, TargetConflictError, TargetNotFoundError
 from ..field_check import NonNegativeInt
 from ..peft_format import PeftCodec
-from ..peft_keys import TRAINABLE_TOKENS_READ, check_trainable_tokens_keys
+from ..peft_keys import TRAINABLE_TOKENS_READ, check_method_keys
 from ..placement import Placement
 from ..registry import register
 from ..targeting import model_modules, resolve_names
@@ -144,7 +144,7 @@ class TrainableTokensPeft(PeftCodec):
     tensor_names = {TokenRows: {"rows": "trainable_tokens_delta"}}
 
     def check_keys(self, data: dict[str, Any]) -> None:
-        check_trainable_tokens_keys(data)
+        check_method_keys(data, TRAINABLE_TOKENS_READ)
 
     def task_type(self, config: TrainableTokensConfig, model: nn.Module) -> str | None:
         return None

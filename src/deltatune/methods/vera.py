@@ -42,7 +42,7 @@ from torch import nn
 from ..config import TargetedConfig
 from ..field_check import DropoutRate, PositiveInt, Range
 from ..peft_format import PeftCodec
-from ..peft_keys import check_vera_keys, vera_fields
+from ..peft_keys import VERA_READ, VERA_REFUSED, VERA_TOLERATED, check_method_keys, vera_fields
 from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
@@ -193,7 +193,7 @@ class VeraPeft(PeftCodec):
     tensor_names = {VeraLinear: {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}}
 
     def check_keys(self, data: dict[str, Any]) -> None:
-        check_vera_keys(data)
+        check_method_keys(data, VERA_READ, VERA_TOLERATED, VERA_REFUSED)
 
     def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
         if tensor_name in PROJECTION_NAMES:
