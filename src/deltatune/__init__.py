@@ -34,6 +34,7 @@ from .methods.bottleneck import BottleneckConfig
 from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
 from .methods.lora import LoraConfig
+from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
@@ -95,6 +96,7 @@ __all__ = [
     "Fuse",
     "FusionConfig",
     "LoraConfig",
+    "OFTConfig",
     "MergeError",
     "Method",
     "MethodNameError",

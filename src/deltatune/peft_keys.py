@@ -186,3 +186,47 @@ def _warn_unknown(data: dict[str, Any], known: set[str]) -> None:
             UserWarning,
             stacklevel=4,
         )
+
+
+OFT_READ = (
+    "r",
+    "oft_block_size",
+    "init_weights",
+    "coft",
+    "eps",
+    "block_share",
+    "use_cayley_neumann",
+    "num_cayley_neumann_terms",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+)
+
+OFT_TOLERATED = {
+    "fan_in_fan_out": "peft's OFT resets it to False on its only linear layer type, nn.Linear",
+    "module_dropout": "peft 0.21 builds this dropout but never applies it, so the saved rotation is the whole adapter",
+}
+
+OFT_REFUSED: dict[str, tuple[Any, str]] = {
+    "bias": ("none", "trains the biases of the base model"),
+}
+
+
+def check_oft_keys(data: dict[str, Any]) -> None:
+    """Refuse a peft OFT config that asks for math deltatune does not compute (or that peft itself no longer
+    reads: OFT before peft 0.14 had no `oft_block_size`); warn about keys peft 0.21 does not have."""
+    if "oft_block_size" not in data:
+        raise DeltaTuneError(
+            "this peft OFT adapter has no oft_block_size: it was saved by peft before 0.14, whose OFT is another "
+            "parametrisation that neither peft 0.21 nor deltatune reads; retrain it with a newer peft"
+        )
+    for key, (default, meaning) in OFT_REFUSED.items():
+        value = data.get(key)
+        if not _is_unset(value, default):
+            raise DeltaTuneError(
+                f"this peft adapter sets {key}={value!r} ({meaning}), which deltatune does not implement, "
+                "so it would load with other outputs; retrain it without that option, or run it with peft"
+            )
+    _warn_unknown(data, {*COMMON_TOLERATED, *OFT_READ, *OFT_TOLERATED, *OFT_REFUSED})
