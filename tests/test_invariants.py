@@ -38,6 +38,8 @@ CASES = {
         zero_init=False,
     ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
+    # OFT rotates each adapted layer's input by a block-diagonal orthogonal R (identity at init).
+    "oft": Case(lambda arch: deltatune.OFTConfig(oft_block_size=8, target_modules=ARCHS[arch].all_linear)),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),
         archs=("llama", "gpt2", "bert", "t5"),
