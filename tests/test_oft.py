@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,6 +24,9 @@ from deltatune.errors import DeltaTuneError, MergeError, UnsupportedModuleError
 from deltatune.methods.oft import OftAdapter
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import train
+from test_quantized import case, saved  # noqa: F401  (saved: a fixture)
+from test_quantized import load as quantized_load
+from test_quantized import run as quantized_run
 from tiny_models import build, run
 from training_fixtures import task_config
 
@@ -284,7 +286,10 @@ def test_mixed_batch_with_lora_equals_separate_runs() -> None:
     ours = our_oft(base, "all-linear", **options("neumann")).eval()
     ours.add("lora", deltatune.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     ours.add(
-        "second", deltatune.OFTConfig(target_modules=["q_proj", "down_proj"], oft_block_size=16, init_weights=False)
+        "second",
+        deltatune.OFTConfig(
+            target_modules=["q_proj", "down_proj", "embed_tokens"], oft_block_size=16, init_weights=False
+        ),
     )
     separate = {}
     for name in ("default", "lora", "second"):
@@ -320,28 +325,24 @@ def test_a_conv1d_adapter_refuses_peft_format_by_name(tmp_path: Path) -> None:
     assert not (tmp_path / "adapter_config.json").exists()
 
 
-# ----------------------------------------------------------------------------- quantized base
-needs_bitsandbytes = pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed"
-)
-
-
-@needs_bitsandbytes
-def test_a_4bit_base_matches_peft_and_merges_only_dequantized(tmp_path: Path) -> None:
-    from tiny_models import llama_nf4
-
+# ----------------------------------------------------------------------------- quantized bases
+@pytest.mark.parametrize("arch,kind", [case("llama", kind) for kind in ("nf4", "int8", "quanto-int8", "torchao-int8")])
+def test_a_quantized_base_matches_peft_and_merges_only_dequantized(arch: str, kind: str, saved, tmp_path: Path) -> None:  # noqa: F811
+    """peft's OFT on the same quantized layers, read here; the packed weights are never merged into. The models
+    stay in training mode (no dropout in them), where bitsandbytes computes from its dequantized weight in
+    float32, as the dequantized merge does (tests/test_quantized.py)."""
     theirs = peft.get_peft_model(
-        llama_nf4(), peft.OFTConfig(target_modules="all-linear", oft_block_size=8, init_weights=False)
-    ).eval()
-    expected = run(theirs, "llama-nf4")
+        quantized_load(saved, arch, kind),
+        peft.OFTConfig(target_modules="all-linear", oft_block_size=8, init_weights=False),
+    )
+    expected = quantized_run(theirs)
     theirs.save_pretrained(str(tmp_path))
-    ours = deltatune.load(llama_nf4(), str(tmp_path)).eval()
-    assert_same(run(ours, "llama-nf4"), expected)
+    ours = deltatune.load(quantized_load(saved, arch, kind), str(tmp_path)).train()
+    assert_same(quantized_run(ours), expected)
     with pytest.raises(MergeError, match="dequantize=True"):
         ours.merge()
-    assert_same(run(ours, "llama-nf4"), expected)
-    merged = ours.unload(merge=True, dequantize=True)
-    assert_same(run(merged, "llama-nf4"), expected)
+    assert_same(quantized_run(ours), expected)
+    assert_same(quantized_run(ours.unload(merge=True, dequantize=True)), expected)
 
 
 # ----------------------------------------------------------------------------- config and folders
@@ -403,6 +404,14 @@ def test_a_folder_of_peft_before_0_14_is_refused_by_name(tmp_path: Path) -> None
     config.write_text(json.dumps(data))
     with pytest.raises(DeltaTuneError, match="before 0.14"):
         deltatune.load(copy.deepcopy(base), str(tmp_path))
+
+
+@pytest.mark.parametrize("version", [None, "0.17.1"])
+def test_a_neumann_folder_of_peft_before_0_18_warns(version: str | None, tmp_path: Path) -> None:
+    base, expected = peft_folder(tmp_path, peft_version=version)
+    with pytest.warns(UserWarning, match="before 0.18"):
+        ours = deltatune.load(copy.deepcopy(base), str(tmp_path)).eval()
+    assert_same(run(ours, "llama"), expected)
 
 
 def test_module_dropout_in_a_peft_folder_loads_with_peft_outputs(tmp_path: Path) -> None:

@@ -229,4 +229,18 @@ def check_oft_keys(data: dict[str, Any]) -> None:
                 f"this peft adapter sets {key}={value!r} ({meaning}), which deltatune does not implement, "
                 "so it would load with other outputs; retrain it without that option, or run it with peft"
             )
+    if data.get("use_cayley_neumann") and _release(data.get("peft_version")) < (0, 18):
+        warnings.warn(
+            "this peft OFT adapter uses the Cayley-Neumann series and was saved by peft before 0.18, whose series "
+            "differed; it loads with peft 0.21's series (as peft 0.21 loads it), so check its outputs or retrain it",
+            UserWarning,
+            stacklevel=4,
+        )
     _warn_unknown(data, {*COMMON_TOLERATED, *OFT_READ, *OFT_TOLERATED, *OFT_REFUSED})
+
+
+def _release(version: Any) -> tuple[int, ...]:
+    """(major, minor) of a peft version string ("0.21.2", "0.18.0.dev0@abc"); (0, 0) when there is none (the
+    key `peft_version` came with peft 0.18)."""
+    parts = str(version or "0.0").partition("@")[0].split(".")[:2]
+    return tuple(int(part) if part.isdigit() else 0 for part in parts)

@@ -159,6 +159,12 @@ class OftAdapter(SiteAdapter):
         raise NotImplementedError
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔW = W' − W in float32; refused on quantized weights (torchao's too), which it would have to read."""
+        if quantized_linear(module) is not None:
+            raise MergeError(
+                "an OFT adapter cannot merge into quantized weights; use unload(merge=True, dequantize=True) for "
+                "dequantized float32 Linears with the adapter merged, or keep the adapter unmerged"
+            )
         weight = module.weight.detach().float()
         return {"weight": self.rotated_weight(weight, self.rotation_matrix()) - weight}
 
@@ -229,14 +235,6 @@ class OftQuantizedLinear(OftLinear):
         reference = torch.empty(0, dtype=torch.float32, device=module.weight.device)
         OftInput.__init__(self, quantized_linear(module).in_features(module), module_name, config, reference)
 
-    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        if quantized_linear(module) is not None:
-            raise MergeError(
-                "an OFT adapter cannot merge into quantized weights; use unload(merge=True, dequantize=True) for "
-                "dequantized float32 Linears with the adapter merged, or keep the adapter unmerged"
-            )
-        return super().delta_parameters(module)
-
 
 class OftConv2d(OftInput):
     """OFT on a 1×1 `nn.Conv2d`: the input channels rotate; W' = W Rᵀ on the (out, in) filter matrix."""
@@ -269,6 +267,10 @@ class OftEmbedding(OftAdapter):
         return weight @ rotation
 
 
+RESOLVED_IN_TARGETS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
+"""Fields a peft folder gets as the resolved full names of the targets (`modules_to_save`: peft's general rule)."""
+
+
 class OftPeft(PeftCodec):
     """OFT in peft's files: the config fields under the same names, the targets as full module names,
     and one tensor per layer, `oft_R.weight` (embeddings: `oft_embedding_R.weight`)."""
@@ -292,7 +294,7 @@ class OftPeft(PeftCodec):
                 "adapter; save it with format='deltatune'"
             )
         return {
-            **{key: getattr(config, key) for key in OFT_READ if key not in ("target_modules", "modules_to_save")},
+            **{key: getattr(config, key) for key in OFT_READ if key not in RESOLVED_IN_TARGETS},
             "target_modules": targets,
             "fan_in_fan_out": False,
             "bias": "none",
