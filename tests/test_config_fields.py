@@ -141,7 +141,23 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "encoder_num_layers": Case("a whole number ≥ 1", "1.5", ("0",)),
     "encoder_dropout": Case("a number in [0, 1)", "[0]", ("1",)),
     "prefix_projection": Case("true or false", '"false"'),
+    # OFT
+    "oft_block_size": Case("a whole number ≥ 0", "1.5", ("-1",)),
+    "module_dropout": Case("a number in [0, 1)", "[0]", ("1",)),
+    "coft": Case("true or false", '"false"'),
+    "eps": Case("a number > 0", "[1]", ("0",)),
+    "block_share": Case("true or false", "1"),
+    "use_cayley_neumann": Case("true or false", '"yes"'),
+    "num_cayley_neumann_terms": Case("a whole number ≥ 1", "1.5", ("0",)),
 }
+
+METHOD_FIELDS: dict[str, dict[str, Case]] = {
+    "oft": {
+        "r": Case("a whole number ≥ 0", "1.5", ("-1",)),
+        "init_weights": Case("true or false", '"true"'),
+    },
+}
+"""Cases of a method whose field has the name of another method's field but takes other values."""
 
 METHOD_BASES: dict[str, str] = {
     "lora": "{method: lora, r: 4, target_modules: all-linear}",
@@ -152,8 +168,13 @@ METHOD_BASES: dict[str, str] = {
     "prompt_tuning": "{method: prompt_tuning}",
     "p_tuning": "{method: p_tuning}",
     "prefix_tuning": "{method: prefix_tuning}",
+    "oft": "{method: oft, oft_block_size: 8, target_modules: all-linear}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
+
+
+def adapter_fields(method: str) -> dict[str, Case]:
+    return {**ADAPTER_FIELDS, **METHOD_FIELDS.get(method, {})}
 
 
 def built_in_methods() -> list[str]:
@@ -172,7 +193,7 @@ def cases() -> list:
             found.append(pytest.param([f"{name}={value}"], message, id=f"train-{name}-{kind}"))
     for method, base in METHOD_BASES.items():
         for name in field_names(get_method(method).config_class):
-            for kind, value, message in _bad_values(name, ADAPTER_FIELDS.get(name), "adapter: "):
+            for kind, value, message in _bad_values(name, adapter_fields(method).get(name), "adapter: "):
                 found.append(
                     pytest.param([f"adapter={base}", f"adapter.{name}={value}"], message, id=f"{method}-{name}-{kind}")
                 )
@@ -215,7 +236,7 @@ def test_every_config_field_has_a_case() -> None:
     assert sorted(built_in_methods()) == sorted(METHOD_BASES)
     classes = [
         (TrainConfig, TRAIN_FIELDS),
-        *((get_method(method).config_class, ADAPTER_FIELDS) for method in METHOD_BASES),
+        *((get_method(method).config_class, adapter_fields(method)) for method in METHOD_BASES),
     ]
     missing, unranged = [], []
     for config_class, table in classes:
