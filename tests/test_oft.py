@@ -149,6 +149,23 @@ def test_the_neumann_series_is_orthogonal_to_its_truncation() -> None:
         torch.testing.assert_close(rotation.t() @ rotation, torch.eye(rotation.shape[0]), atol=1e-5, rtol=0)
 
 
+def test_eval_mode_keeps_the_rotation_until_its_parameters_change() -> None:
+    delta_model = our_oft(build("llama"), ["q_proj"], **options("neumann")).eval()
+    adapter = next(iter(oft_adapters(delta_model).values()))
+    with torch.no_grad():
+        first = adapter.blocks()
+        assert adapter.blocks() is first
+        adapter.oft_R.mul_(2.0)
+        changed = adapter.blocks()
+    assert changed is not first
+    torch.testing.assert_close(changed, adapter.computed_blocks().detach(), atol=0, rtol=0)
+    reference = peft_rotation(adapter).get_weight().detach()
+    torch.testing.assert_close(adapter.rotation_matrix(), reference, atol=1e-6, rtol=0)
+    delta_model.train()
+    assert adapter.blocks() is not adapter.blocks()
+    assert adapter.blocks().requires_grad
+
+
 def test_output_equals_base_at_init_with_peft_defaults() -> None:
     base = build("llama")
     delta_model = deltatune.attach(copy.deepcopy(base), deltatune.OFTConfig())

@@ -134,12 +134,33 @@ class OftAdapter(SiteAdapter):
         if not config.init_weights:
             with torch.no_grad():
                 nn.init.normal_(self.oft_R, mean=0.0, std=0.1)
+        self.kept_blocks: tuple[tuple, torch.Tensor] | None = None
+        """(the version of `oft_R` they come from, R's blocks), kept in eval mode (`blocks`)."""
 
     def extra_repr(self) -> str:
         return f"blocks={self.block_count}, block_size={self.block_size}, shared={self.oft_R.shape[0] == 1}"
 
     def blocks(self) -> torch.Tensor:
-        """The orthogonal blocks R_i, (k, b, b) (k = 1 shared); COFT first projects `oft_R` in place."""
+        """The orthogonal blocks R_i, (k, b, b) (k = 1 shared). In eval mode without a graph to record they
+        are kept until `oft_R` changes (its storage or version counter: a write through `.data` bypasses it,
+        so call `train()` or write the parameter itself), so generation computes R once, not per token."""
+        if self.training or (torch.is_grad_enabled() and self.oft_R.requires_grad):
+            return self.computed_blocks()
+        kept = self.kept_blocks
+        if kept is None or kept[0] != self.parameter_version():
+            blocks = self.computed_blocks()
+            self.kept_blocks = kept = (self.parameter_version(), blocks)
+        return kept[1]
+
+    def parameter_version(self) -> tuple:
+        return (self.oft_R.data_ptr(), self.oft_R._version, self.oft_R.dtype, self.oft_R.device)
+
+    def train(self, mode: bool = True) -> OftAdapter:
+        self.kept_blocks = None
+        return super().train(mode)
+
+    def computed_blocks(self) -> torch.Tensor:
+        """R from `oft_R` (COFT first projects `oft_R` in place; a second projection would change nothing)."""
         if self.coft_eps is not None:
             with torch.no_grad():
                 self.oft_R.copy_(constrained(self.oft_R, self.block_size, self.coft_eps))
