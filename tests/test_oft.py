@@ -161,6 +161,10 @@ def test_eval_mode_keeps_the_rotation_until_its_parameters_change() -> None:
     torch.testing.assert_close(changed, adapter.computed_blocks().detach(), atol=0, rtol=0)
     reference = peft_rotation(adapter).get_weight().detach()
     torch.testing.assert_close(adapter.rotation_matrix(), reference, atol=1e-6, rtol=0)
+    with torch.inference_mode():
+        assert adapter.blocks() is not first and adapter.blocks().is_inference()
+    with torch.no_grad():
+        assert not adapter.blocks().is_inference()
     delta_model.train()
     assert adapter.blocks() is not adapter.blocks()
     assert adapter.blocks().requires_grad

@@ -153,7 +153,9 @@ class OftAdapter(SiteAdapter):
         return kept[1]
 
     def parameter_version(self) -> tuple:
-        return (self.oft_R.data_ptr(), self.oft_R._version, self.oft_R.dtype, self.oft_R.device)
+        """What the kept blocks depend on; inference mode too (its tensors cannot serve autograd outside it)."""
+        parameter = self.oft_R
+        return (parameter.data_ptr(), parameter._version, parameter.dtype, torch.is_inference_mode_enabled())
 
     def train(self, mode: bool = True) -> OftAdapter:
         self.kept_blocks = None
