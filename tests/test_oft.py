@@ -226,6 +226,8 @@ def test_two_active_adapters_rotate_in_order_as_in_peft(tmp_path: Path) -> None:
     deltatune.load(ours, str(tmp_path), name="default")
     ours.activate("default", "second")
     assert_same(run(ours.eval(), "llama"), expected)
+    ours.merge(["second", "default"])  # x R_a R_b through W is W (R_a R_b)ᵀ = (W R_bᵀ) R_aᵀ
+    assert_same(run(ours, "llama"), expected)
 
 
 def test_the_embedding_rotates_its_output_as_in_peft(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ A frozen layer keeps its weight W and sees its input rotated by a learned block-
 (as rows: x ↦ x R, then the layer), each R_i a Cayley transform of a skew-symmetric matrix
 (`oft_rotation`): (k, b(b−1)/2) parameters `oft_R`, zero at init, so R = I and the model starts as the
 base. Rotating the input preserves the angles between the rows of W (the paper's hyperspherical energy).
-Only R is computed per call, block by block (O(n·b) per token); the n × n matrix is built only to merge:
+R acts block by block (O(n·b) per token), computed per call in training and kept in eval mode until its
+parameters change (generation computes it once, peft per token); the n × n matrix is built only to merge:
 
     Linear (out × in):  W' = W Rᵀ          GPT-2 Conv1D (in × out): W' = R W
     Conv2d 1×1:         W' = W Rᵀ on the (out, in) filter matrix
