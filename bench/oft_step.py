@@ -1,6 +1,6 @@
 """OFT side by side with peft's: how the rotation is applied, then a training step and a forward on SmolLM2.
 
-    python bench/oft_step.py [--quick] [--batch 2] [--length 128] [--repeats 5] [--out results.json]
+    python bench/oft_step.py [--quick] [--rotation-only] [--batch 2] [--length 128] [--repeats 5] [--out results.json]
 
 1. Rotation: x R for x of (batch · length) tokens × n features and R block-diagonal (n / 32 blocks of
    32), forward + backward (gradients of x and of the blocks), three ways: deltatune's batched matmul
@@ -11,7 +11,8 @@
    adapter is saved and loaded into deltatune); a training step (forward + backward of the causal-LM
    loss, no optimizer) and an unmerged forward without autograd.
 Calls alternate (`measure.time_interleaved`); each figure is the median of `--repeats`. CPU, 2 threads
-unless `--threads`. `--quick`: a tiny model (a smoke run of the script, not a measurement).
+unless `--threads`. `--quick`: a tiny model (a smoke run of the script, not a measurement);
+`--rotation-only`: part 1 alone.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rotation-only", action="store_true")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
@@ -110,6 +112,11 @@ def main() -> None:
     repeats = 1 if options.quick else options.repeats
     widths = (64, 128) if options.quick else (576, 1536)
     rotations = {str(width): rotation_times(options.batch * options.length, width, repeats * 3) for width in widths}
+    if options.rotation_only:
+        report(
+            {"settings": {**vars(options), "out": str(options.out)}, "rotation_forward_backward": rotations}, options
+        )
+        return
     with tempfile.TemporaryDirectory() as folder:
         theirs, ours = models(options.quick, Path(folder))
     input_ids = token_batch(ours, options.batch, options.length)
@@ -139,6 +146,10 @@ def main() -> None:
             "unmerged_forward": forwards["deltatune"]["seconds"] / forwards["peft"]["seconds"],
         },
     }
+    report(results, options)
+
+
+def report(results: dict, options: argparse.Namespace) -> None:
     text = json.dumps(results, indent=2)
     print(text)
     if options.out is not None:

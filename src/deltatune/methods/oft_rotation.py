@@ -7,7 +7,7 @@ order of `torch.triu_indices(b, b, 1)`, peft 0.21's layout); Q_i = U_i − U_i�
     Cayley-Neumann: R_i = I + 2Q + 2Q² + … + 2Q^(n−2) + Q^(n−1)    (n = num_cayley_neumann_terms)
 
 The series is peft 0.21's (the truncated Neumann series of (I + Q)(I − Q)⁻¹, the last term halved):
-n = 1 gives I, n = 2 gives I + 2Q, n = 3 adds the same terms as n = 4. Note that the exact form is the
+n = 1 gives I, n = 2 gives I + 2Q, n = 3 gives the same series as n = 4. Note that the exact form is the
 transpose (= inverse) of the matrix the series approximates, as in peft; both are orthogonal, and the
 cross-checks pin each to peft's. Zero parameters give R = I.
 
@@ -15,10 +15,12 @@ COFT (constrained OFT) keeps every Q_i within a Frobenius ball: ‖Q_i‖ ≤ ε
 Q_i is scaled back onto the ball, in place of the parameter, before each use (as peft does).
 
 R acts on the feature axis of an input split into k blocks, x ↦ x R (each block as a row vector times its
-R_i): one batched matmul over the blocks costs O(n·b) per token for n features. That is faster than
-peft's einsum of the same product and much faster than the dense n×n block-diagonal matrix (nice'd,
-noisy 2-core CPU, `bench/oft_rotation.py`: forward + backward at n = 1536, b = 32, 1024 tokens 6.6 ms
-batched, 10.3 ms einsum, 101 ms dense). With `block_share` one R_0 serves every block: one plain matmul.
+R_i): one batched matmul over the blocks, O(n·b) per token for n features, never the dense n × n matrix.
+`bench/oft_step.py --rotation-only --batch 8` (forward + backward, 1024 tokens, b = 32, 2 threads, on a
+shared and loaded machine, so noisy; `bench/results-oft-rotation.json`): fastest of 15 calls 23 ms batched,
+21 ms with peft's einsum of the same product, 89 ms dense at n = 576; 54, 60 and 435 ms at n = 1536. The
+batched matmul and the einsum are equal within that noise; the dense matrix is 4-8x slower. With
+`block_share` one R_0 serves every block: one plain matmul.
 """
 
 from __future__ import annotations
