@@ -1,6 +1,6 @@
 """The invariant table's checks (test_invariants.py) for the methods beside LoRA on a 4-bit base: a tiny
 Llama whose linear layers are bitsandbytes nf4 (`llama-nf4` in tiny_models.py). Bottleneck adapters
-(Houlsby and Pfeiffer), Compacter, BitFit and the soft prompts (prompt tuning, P-tuning, prefix tuning)
+(Houlsby and Pfeiffer), Compacter, BitFit, OFT and the soft prompts (prompt tuning, P-tuning, prefix tuning)
 each train (the loss falls) with the base's stored tensors, packed 4-bit storage included,
 bit-identical; save → load gives equal outputs; the output equals the base at init where the method
 starts at zero, with the adapter disabled, and after unload; mixed batches equal separate runs."""
@@ -33,6 +33,7 @@ METHODS: dict[str, Case] = {
     ),
     "compacter": CASES["compacter"],
     "bitfit": CASES["bitfit"],
+    "oft": CASES["oft"],
     "prompt_tuning": CASES["prompt_tuning"],
     "p_tuning": CASES["p_tuning"],
     "prefix_tuning": CASES["prefix_tuning"],
