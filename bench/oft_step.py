@@ -9,7 +9,9 @@
 2. Model: OFT on every linear layer of SmolLM2-135M (peft's defaults: blocks of 32, Cayley-Neumann with
    5 terms; random parameters of a trained adapter's size), the same weights in both libraries (peft's
    adapter is saved and loaded into deltatune); a training step (forward + backward of the causal-LM
-   loss, no optimizer) and an unmerged forward without autograd.
+   loss, no optimizer), an unmerged forward without autograd, and a one-token forward (the shape of a
+   decoding step: there the rotation's own cost shows, which deltatune keeps in eval mode and peft
+   recomputes per call; 10 calls per timing).
 Calls alternate (`measure.time_interleaved`); each figure is the median of `--repeats`. CPU, 2 threads
 unless `--threads`. `--quick`: a tiny model (a smoke run of the script, not a measurement);
 `--rotation-only`: part 1 alone.
@@ -135,15 +137,23 @@ def main() -> None:
         warmup=1,
         repeats=repeats,
     )
+    one_token = input_ids[:1, :1]
+
+    def decode(model: torch.nn.Module) -> Callable[[], None]:
+        return lambda: [forward(model, one_token) for _ in range(10)]
+
+    decoding = time_interleaved({"peft": decode(theirs), "deltatune": decode(ours)}, warmup=1, repeats=repeats)
     results = {
         "settings": {**vars(options), "out": str(options.out)},
         "rotation_forward_backward": rotations,
         "logits_max_difference": difference.item(),
         "training_step": steps,
         "unmerged_forward": forwards,
+        "one_token_forward_x10": decoding,
         "ratios": {
             "training_step": steps["deltatune"]["seconds"] / steps["peft"]["seconds"],
             "unmerged_forward": forwards["deltatune"]["seconds"] / forwards["peft"]["seconds"],
+            "one_token_forward": decoding["deltatune"]["seconds"] / decoding["peft"]["seconds"],
         },
     }
     report(results, options)
