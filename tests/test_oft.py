@@ -154,6 +154,7 @@ def test_eval_mode_keeps_the_rotation_until_its_parameters_change() -> None:
     adapter = next(iter(oft_adapters(delta_model).values()))
     with torch.no_grad():
         first = adapter.blocks()
+        delta_model.eval()
         assert adapter.blocks() is first
         adapter.oft_R.mul_(2.0)
         changed = adapter.blocks()

@@ -159,7 +159,9 @@ class OftAdapter(SiteAdapter):
         return (parameter.data_ptr(), parameter._version, parameter.dtype, torch.is_inference_mode_enabled())
 
     def train(self, mode: bool = True) -> OftAdapter:
-        self.kept_blocks = None
+        """Training drops the kept blocks; `eval()` keeps them (a loop may call it before every forward)."""
+        if mode:
+            self.kept_blocks = None
         return super().train(mode)
 
     def computed_blocks(self) -> torch.Tensor:

@@ -16,10 +16,10 @@ Q_i is scaled back onto the ball, in place of the parameter, before each use (as
 
 R acts on the feature axis of an input split into k blocks, x ↦ x R (each block as a row vector times its
 R_i): one batched matmul over the blocks, O(n·b) per token for n features, never the dense n × n matrix.
-`bench/oft_step.py --rotation-only --batch 8` (forward + backward, 1024 tokens, b = 32, 2 threads, on a
-shared and loaded machine, so noisy; `bench/results-oft-rotation.json`): fastest of 15 calls 23 ms batched,
-21 ms with peft's einsum of the same product, 89 ms dense at n = 576; 54, 60 and 435 ms at n = 1536. The
-batched matmul and the einsum are equal within that noise; the dense matrix is 4-8x slower. With
+`bench/oft_step.py --batch 2` (forward + backward, 256 tokens, b = 32, 2 threads, a shared machine at load
+~1.6; `bench/results-oft-step.json`), medians: 1.02 ms batched, 1.19 ms with peft's einsum of the same
+product, 3.4 ms dense at n = 576; 2.34, 2.68 and 19.1 ms at n = 1536. At load 6 and 1024 tokens
+(`results-oft-rotation.json`) the batched matmul and the einsum were equal within the noise. With
 `block_share` one R_0 serves every block: one plain matmul.
 """
 
