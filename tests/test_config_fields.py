@@ -134,6 +134,8 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "trainable_tokens.init_weights": Case("true or false", '"yes"'),
     "vera.init_weights": Case("true or false", '"false"'),
     "loha.init_weights": Case("true or false", '"yes"'),
+    "oft.r": Case("a whole number ≥ 0", "1.5", ("-1",)),
+    "oft.init_weights": Case("true or false", '"true"'),
     "lokr.init_weights": Case('true, false or "lycoris"', "1", ('"kaiming"',)),
     "adalora.rank_pattern": Case(
         "a mapping of strings to lists or null", "[q_proj]", ("{q_proj: [1, 0]}",), "rank_pattern must be a mapping"
@@ -194,7 +196,15 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "save_projection": Case("true or false", '"false"'),
     "vera_dropout": Case("a number in [0, 1)", "[0.1]", ("1", "-0.1")),
     "d_initial": Case("a number", "small", (".nan",)),
+    # OFT
+    "oft_block_size": Case("a whole number ≥ 0", "1.5", ("-1",)),
+    "coft": Case("true or false", '"false"'),
+    "eps": Case("a number > 0", "[1]", ("0",)),
+    "block_share": Case("true or false", "1"),
+    "use_cayley_neumann": Case("true or false", '"yes"'),
+    "num_cayley_neumann_terms": Case("a whole number ≥ 1", "1.5", ("0",)),
 }
+
 
 METHOD_BASES: dict[str, str] = {
     "adalora": "{method: adalora, init_r: 4, target_r: 2}",
@@ -212,6 +222,7 @@ METHOD_BASES: dict[str, str] = {
     "trainable_tokens": "{method: trainable_tokens, token_indices: [3, 4]}",
     "loha": "{method: loha, target_modules: all-linear}",
     "lokr": "{method: lokr, target_modules: all-linear}",
+    "oft": "{method: oft, oft_block_size: 8, target_modules: all-linear}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
 

@@ -133,6 +133,8 @@ CASES = {
     ),
     "loha": Case(lambda arch: deltatune.LoHaConfig(r=2, alpha=4, target_modules=ARCHS[arch].all_linear)),
     "lokr": Case(lambda arch: deltatune.LoKrConfig(r=2, alpha=4, target_modules=ARCHS[arch].all_linear)),
+    # OFT rotates each adapted layer's input by a block-diagonal orthogonal R (identity at init).
+    "oft": Case(lambda arch: deltatune.OFTConfig(oft_block_size=8, target_modules=ARCHS[arch].all_linear)),
     "bottleneck": Case(
         lambda arch: deltatune.BottleneckConfig(preset="houlsby", init_weights="zero_up"),
         archs=("llama", "gpt2", "bert", "t5"),

@@ -36,6 +36,7 @@ METHODS: dict[str, Case] = {
     "vera": CASES["vera"],
     "ia3": CASES["ia3"],
     "ln_tuning": CASES["ln_tuning"],
+    "oft": CASES["oft"],
     "prompt_tuning": CASES["prompt_tuning"],
     "p_tuning": CASES["p_tuning"],
     "prefix_tuning": CASES["prefix_tuning"],

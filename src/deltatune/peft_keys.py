@@ -2,7 +2,7 @@
 
 A peft folder loads here only if deltatune computes what peft would compute with it. So each key of
 peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `IA3Config`, `LNTuningConfig`, `LoHaConfig`, `LoKrConfig`,
-`TrainableTokensConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
+`OFTConfig`, `TrainableTokensConfig`, `PromptTuningConfig`, `PromptEncoderConfig` and `PrefixTuningConfig` is:
 
 - read: deltatune implements it (it becomes a field of our config, or shapes the loaded tensors);
 - tolerated: it does not change what the adapter computes (bookkeeping, or how the weights were
@@ -341,3 +341,55 @@ def check_method_keys(
     and `refused` (keys peft 0.21 does not have)."""
     _refuse_set_keys(data, refused or {})
     _warn_unknown(data, {*COMMON_TOLERATED, *read, *(tolerated or {}), *(refused or {})})
+
+
+OFT_READ = (
+    "r",
+    "oft_block_size",
+    "init_weights",
+    "coft",
+    "eps",
+    "block_share",
+    "use_cayley_neumann",
+    "num_cayley_neumann_terms",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+)
+
+OFT_TOLERATED = {
+    "fan_in_fan_out": "peft's OFT resets it to False on its only linear layer type, nn.Linear",
+    "module_dropout": "peft 0.21 builds this dropout but never applies it, so the saved rotation is the whole adapter",
+}
+
+OFT_REFUSED: dict[str, tuple[Any, str]] = {
+    "bias": ("none", "trains the biases of the base model"),
+}
+
+
+def check_oft_keys(data: dict[str, Any]) -> None:
+    """Refuse a peft OFT config that asks for math deltatune does not compute (or that peft itself no longer
+    reads: OFT before peft 0.14 had no `oft_block_size`); warn about keys peft 0.21 does not have."""
+    if "oft_block_size" not in data:
+        raise DeltaTuneError(
+            "this peft OFT adapter has no oft_block_size: it was saved by peft before 0.14, whose OFT is another "
+            "parametrisation that neither peft 0.21 nor deltatune reads; retrain it with a newer peft"
+        )
+    _refuse_set_keys(data, OFT_REFUSED)
+    if data.get("use_cayley_neumann") and _release(data.get("peft_version")) < (0, 18):
+        warnings.warn(
+            "this peft OFT adapter uses the Cayley-Neumann series and was saved by peft before 0.18, whose series "
+            "differed; it loads with peft 0.21's series (as peft 0.21 loads it), so check its outputs or retrain it",
+            UserWarning,
+            stacklevel=4,
+        )
+    check_method_keys(data, OFT_READ, OFT_TOLERATED, OFT_REFUSED)
+
+
+def _release(version: Any) -> tuple[int, ...]:
+    """(major, minor) of a peft version string ("0.21.2", "0.18.0.dev0@abc"); (0, 0) when there is none (the
+    key `peft_version` came with peft 0.18)."""
+    parts = str(version or "0.0").partition("@")[0].split(".")[:2]
+    return tuple(int(part) if part.isdigit() else 0 for part in parts)
