@@ -48,6 +48,18 @@ METHODS: dict[str, tuple[Callable[[], peft.PeftConfig], Callable[[], deltatune.D
         lambda: peft.IA3Config(target_modules=list(IA3_TARGETS), feedforward_modules=["down_proj"]),
         lambda: deltatune.IA3Config(target_modules=list(IA3_TARGETS), feedforward_modules=["down_proj"]),
     ),
+    "loha": (
+        lambda: peft.LoHaConfig(r=8, alpha=8, target_modules=["q_proj", "v_proj"]),
+        lambda: deltatune.LoHaConfig(r=8, alpha=8, target_modules=["q_proj", "v_proj"]),
+    ),
+    "loha-all-linear": (
+        lambda: peft.LoHaConfig(r=8, alpha=8, target_modules="all-linear"),
+        lambda: deltatune.LoHaConfig(r=8, alpha=8, target_modules="all-linear"),
+    ),
+    "lokr-all-linear": (
+        lambda: peft.LoKrConfig(r=8, alpha=8, target_modules="all-linear"),
+        lambda: deltatune.LoKrConfig(r=8, alpha=8, target_modules="all-linear"),
+    ),
 }
 
 
