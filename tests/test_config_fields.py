@@ -109,6 +109,9 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "corda_config": Case(
         "a CordaConfig, a mapping or null", "5", ("{cache_file: x.pt}", "{corda_method: svd}"), "corda_"
     ),
+    "use_bdlora": Case(
+        "a BdLoraConfig, a mapping or null", "5", ("{nblocks: 0}", "{blocks: 2}", "{nblocks: two}"), "use_bdlora"
+    ),
     "eva_config": Case("a EvaConfig, a mapping or null", "5", ("{tau: 0.9}", "{rho: 0.5}"), "eva_config "),
     "rank_pattern": Case(
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')

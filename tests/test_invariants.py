@@ -45,12 +45,31 @@ PARAMETER_TARGETS = {
     "mlp": ["net.0.weight", "net.2.weight"],
 }
 
+BLOCK_DIAGONAL = {
+    "llama": {"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "v_proj", "up_proj"]},
+    "bert": {"target_modules_bd_a": ["output.dense"], "target_modules_bd_b": ["query", "key", "intermediate.dense"]},
+    "t5": {"target_modules_bd_a": [".o", ".wo"], "target_modules_bd_b": [".q", ".v", ".wi"]},
+    "mlp": {"target_modules_bd_a": ["net.2"], "target_modules_bd_b": ["net.0"]},
+}
+"""BD-LoRA's patterns per architecture (substrings of module names): which layers get a block-diagonal A or B."""
+
 CASES = {
     "lora": Case(lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear)),
     # DoRA starts at the base only to rounding: the bias is taken out of the output and put back.
     "lora-dora": Case(
         lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, use_dora=True),
         zero_init=False,
+    ),
+    # BD-LoRA: block-diagonal B on the layers serving shards by output, A on those it shards by input; other
+    # linears (heads) plain. Linear layers only, as in peft (not GPT-2's Conv1D).
+    "lora-bdlora": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=ARCHS[arch].all_linear,
+            use_bdlora={**BLOCK_DIAGONAL[arch], "nblocks": 2, "match_strict": False},
+        ),
+        archs=("llama", "bert", "t5", "mlp"),
     ),
     # AdaLoRA starts at the base (E = 0, peft's init); the budget schedule needs a trainer: test_adalora.py.
     "adalora": Case(

@@ -10,7 +10,7 @@ one side, moves it to the other through a peft folder, and checks:
   (grouped convolutions) deltatune refuses too.
 
 Rows for peft's LoRA variants outside the LoRA family of peft 0.21's config (KaSA, MiCA, VeLoRA,
-MonteCLoRA, BD-LoRA) are strict xfails that name the variant: they fail today because deltatune refuses
+MonteCLoRA) are strict xfails that name the variant: they fail today because deltatune refuses
 the config or the folder, and flip once the variant lands.
 """
 
@@ -171,10 +171,6 @@ def _velora(init_type: str) -> Callable[[], dict[str, Any]]:
     return lambda: {"velora_config": peft.tuners.lora.config.VeloraConfig(num_groups=2, init_type=init_type)}
 
 
-def _bdlora(**options: Any) -> Callable[[], dict[str, Any]]:
-    return lambda: {"use_bdlora": peft.tuners.lora.config.BdLoraConfig(**options)}
-
-
 OTHER = "a peft LoRA variant outside the LoRA family work of issue 13"
 
 CASES: dict[str, Row] = {
@@ -250,21 +246,21 @@ CASES: dict[str, Row] = {
     ),
     "BD-LoRA A only": Row(
         "MLP",
-        {"target_modules": ["lin0", "lin1"]},
-        f"BD-LoRA ({OTHER})",
-        _bdlora(target_modules_bd_a=["lin0"], match_strict=False),
+        {"target_modules": ["lin0", "lin1"], "use_bdlora": {"target_modules_bd_a": ["lin0"], "match_strict": False}},
     ),
     "BD-LoRA B only": Row(
         "MLP",
-        {"target_modules": ["lin0", "lin1"]},
-        f"BD-LoRA ({OTHER})",
-        _bdlora(target_modules_bd_b=["lin1"], nblocks=2, match_strict=False),
+        {
+            "target_modules": ["lin0", "lin1"],
+            "use_bdlora": {"target_modules_bd_b": ["lin1"], "nblocks": 2, "match_strict": False},
+        },
     ),
     "BD-LoRA both A and B": Row(
         "MLP",
-        {"target_modules": ["lin0", "lin1"]},
-        f"BD-LoRA ({OTHER})",
-        _bdlora(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2),
+        {
+            "target_modules": ["lin0", "lin1"],
+            "use_bdlora": {"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2},
+        },
     ),
 }
 

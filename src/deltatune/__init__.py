@@ -40,6 +40,7 @@ from .methods.ln_tuning import LNTuningConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
+from .methods.lora_block_diagonal import BdLoraConfig
 from .methods.lora_convert import to_plain_lora
 from .methods.lora_corda import CordaConfig
 from .methods.lora_data_init import initialize_from_data
@@ -150,4 +151,5 @@ __all__ = [
     "EvaConfig",
     "initialize_from_data",
     "replace_lora_weights_loftq",
+    "BdLoraConfig",
 ]

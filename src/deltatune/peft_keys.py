@@ -55,6 +55,7 @@ LORA_READ = (
     "lora_bias",
     "bias",
     "trainable_token_indices",
+    "use_bdlora",
 )
 
 LORA_TOLERATED = {
@@ -75,7 +76,6 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
     "alora_invocation_tokens": (None, "Activated LoRA: the adapter acts only from its invocation tokens on"),
     "velora_config": (None, "VeLoRA: compressed activations in the backward pass and extra buffers"),
     "monteclora_config": (None, "MonteCLoRA: sampled adapter weights"),
-    "use_bdlora": (None, "BD-LoRA: block-diagonal A or B"),
     "arrow_config": (None, "Arrow: routing between several LoRA experts"),
     "kasa_config": (None, "KaSA: a truncated base weight and learned singular values"),
     "ensure_weight_tying": (False, "the adapter of a tied embedding also acts at the output head"),
@@ -119,6 +119,7 @@ ADALORA_REFUSED = {
     "bias": ("none", "trains the biases of the base model, which deltatune implements for LoRA only"),
     "lora_bias": (False, "a bias on B, which deltatune implements for LoRA only"),
     "trainable_token_indices": (None, "trains rows of the embedding, which deltatune implements for LoRA only"),
+    "use_bdlora": (None, "BD-LoRA's block-diagonal A or B, which deltatune implements for LoRA only"),
 }
 
 PLAIN_INITS = ("gaussian", "eva", "orthogonal")

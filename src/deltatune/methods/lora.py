@@ -38,6 +38,7 @@ from ..site import SiteAdapter
 from ..targeting import pattern_value, saved_module_names
 from .base import ModuleMethod, lookup_type
 from .lora_bias import TrainedBias, add_bias_terms, bias_deltas, check_bias_options, output_bias, trained_biases
+from .lora_block_diagonal import BdLoraConfig, check_block_diagonal_options
 from .lora_corda import CordaConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 from .lora_eva import EvaConfig, eva_config_for_peft
@@ -98,6 +99,9 @@ class LoraConfig(TargetedConfig):
     """EVA's settings (`methods/lora_eva.py`), with init_lora_weights="eva"; a mapping is read as one."""
     corda_config: CordaConfig | dict[str, Any] | None = None
     """CorDA's settings (`methods/lora_corda.py`), with init_lora_weights="corda"; a mapping is read as one."""
+    use_bdlora: BdLoraConfig | dict[str, Any] | None = None
+    """BD-LoRA (`methods/lora_block_diagonal.py`): a block-diagonal A or B on the Linear layers its
+    patterns name; a mapping is read as a `BdLoraConfig`."""
     use_dora: bool = False
     """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
     magnitude m per output feature; on Linear, Conv1D, Embedding and Conv layers."""
@@ -114,6 +118,7 @@ class LoraConfig(TargetedConfig):
     def validate(self) -> None:
         super().validate()
         check_bias_options(self)
+        check_block_diagonal_options(self)
         indices = self.trainable_token_indices
         if isinstance(indices, dict):
             for name, listed in indices.items():
@@ -127,6 +132,8 @@ class LoraConfig(TargetedConfig):
             self.eva_config = EvaConfig.from_dict(self.eva_config)
         if isinstance(self.corda_config, dict):
             self.corda_config = CordaConfig.from_dict(self.corda_config)
+        if isinstance(self.use_bdlora, dict):
+            self.use_bdlora = BdLoraConfig.from_dict(self.use_bdlora)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -185,10 +192,14 @@ class LoraAdapter(SiteAdapter):
         """The rank × in matrix the input meets first: A (AdaLoRA's SVD form: A with its rows scaled by E)."""
         return self.lora_A
 
+    def up_projection(self) -> torch.Tensor:
+        """The out × rank matrix that the rank-r term meets last: B (BD-LoRA: block-diagonal)."""
+        return self.lora_B
+
     def delta_matrix(self) -> torch.Tensor:
         """s · B A as an (out, in · kernel) float32 matrix."""
         down = self.down_projection().detach().float().flatten(1)
-        return torch.mm(self.lora_B.detach().float().flatten(1), down).mul_(self.scaling)
+        return torch.mm(self.up_projection().detach().float().flatten(1), down).mul_(self.scaling)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
@@ -247,7 +258,7 @@ class LoraLinear(LoraAdapter):
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         hidden, scaling = self.project(args[0])
-        output = add_low_rank(output, hidden, self.lora_B, scaling)
+        output = add_low_rank(output, hidden, self.up_projection(), scaling)
         return output + output_bias(self).to(output.dtype) if self.has_output_bias else output
 
     def forward_rows(
@@ -255,7 +266,7 @@ class LoraLinear(LoraAdapter):
     ) -> torch.Tensor:
         """Mixed batch: only the LoRA term of the chosen rows is computed, then added into them."""
         hidden, scaling = self.project(args[0].index_select(0, rows))
-        delta = F.linear(hidden, self.lora_B).to(output.dtype)
+        delta = F.linear(hidden, self.up_projection()).to(output.dtype)
         output = _added_rows(output, rows, delta, scaling)
         if self.has_output_bias:  # after the low-rank term, in the output's dtype, as `forward` adds it
             return _added_rows(output, rows, output_bias(self).to(output.dtype).expand(len(rows), *output.shape[1:]))
@@ -449,6 +460,7 @@ class LoraPeft(PeftCodec):
             "lora_bias": config.lora_bias,
             "trainable_token_indices": config.trainable_token_indices,
             "use_dora": config.use_dora,
+            "use_bdlora": None if config.use_bdlora is None else dataclasses.asdict(config.use_bdlora),
             "eva_config": eva_config_for_peft(config),
         }
 
@@ -493,6 +505,10 @@ class Lora(ModuleMethod):
             from .dora import build_dora  # dora builds on this module's classes
 
             return build_dora(module, module_name, config)
+        elif config.use_bdlora is not None:
+            from .lora_block_diagonal_layers import build_block_diagonal  # it builds on this module's classes
+
+            adapter = build_block_diagonal(module, module_name, config)
         else:
             adapter = super().build_adapter(module, module_name, config)
         add_bias_terms(adapter, module, module_name, config)

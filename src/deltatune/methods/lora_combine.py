@@ -88,6 +88,12 @@ def add_weighted_adapter(
             f"add_weighted_adapter cannot combine {', '.join(apart)}: LoRA on bare parameters, on MultiheadAttention "
             "or on grouped convolutions is not a plain layer's A and B; combine adapters without such targets"
         )
+    block_diagonal = [adapter for adapter, c in zip(adapters, configs) if c.use_bdlora is not None]
+    if block_diagonal:
+        raise DeltaTuneError(
+            f"add_weighted_adapter cannot combine {', '.join(block_diagonal)}: a block-diagonal factor (use_bdlora) "
+            "would lose its blocks in the combination; merge each into the weights (merge()) instead"
+        )
     extras = [
         adapter for adapter, c in zip(adapters, configs) if c.lora_bias or c.bias != "none" or c.trainable_token_indices
     ]
