@@ -99,6 +99,24 @@ def test_bdlora_merge_equals_peft_merge_and_unload(tmp_path: Path) -> None:
     assert_same(run(ours.unload(merge=True), "llama"), run(merged_theirs, "llama"))
 
 
+def test_bdlora_gradients_of_the_blocks_equal_peft(tmp_path: Path) -> None:
+    """Training mode without dropout: the same loss gives the same gradient on every block of A and B."""
+    base, theirs = peft_folder(tmp_path)
+    ours = deltatune.load(copy.deepcopy(base), str(tmp_path), trainable=True)
+    for model in (ours, theirs):
+        model.train()
+        run(model, "llama").float().pow(2).mean().backward()
+    checked = 0
+    for module_name, site in ours.sites():
+        peft_layer = theirs.base_model.model.get_submodule(module_name)
+        for factor in ("lora_A", "lora_B"):
+            ours_grad = getattr(site.adapters["default"], factor).grad
+            peft_grad = getattr(peft_layer, factor)["default"].weight.grad
+            assert_same_parameter(ours_grad, peft_grad, f"{module_name}.{factor}")
+            checked += 1
+    assert checked == 2 * 2 * len(TARGETS)
+
+
 def test_bdlora_mixed_batch_rows_equal_each_adapter_run_alone_in_peft(tmp_path: Path) -> None:
     base = build("llama")
     theirs = perturbed(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**options(2)), adapter_name="a"))
