@@ -256,17 +256,22 @@ class LoraLinear(LoraAdapter):
             )
         return F.linear(x, down), self.scaling
 
+    def low_rank_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(hidden, up, scaling) with the LoRA term = scaling · hidden upᵀ: hidden = dropout(x) Aᵀ, up = B."""
+        hidden, scaling = self.project(x)
+        return hidden, self.up_projection(), scaling
+
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        hidden, scaling = self.project(args[0])
-        output = add_low_rank(output, hidden, self.up_projection(), scaling)
+        hidden, up, scaling = self.low_rank_terms(args[0])
+        output = add_low_rank(output, hidden, up, scaling)
         return output + output_bias(self).to(output.dtype) if self.has_output_bias else output
 
     def forward_rows(
         self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
         """Mixed batch: only the LoRA term of the chosen rows is computed, then added into them."""
-        hidden, scaling = self.project(args[0].index_select(0, rows))
-        delta = F.linear(hidden, self.up_projection()).to(output.dtype)
+        hidden, up, scaling = self.low_rank_terms(args[0].index_select(0, rows))
+        delta = F.linear(hidden, up).to(output.dtype)
         output = _added_rows(output, rows, delta, scaling)
         if self.has_output_bias:  # after the low-rank term, in the output's dtype, as `forward` adds it
             return _added_rows(output, rows, output_bias(self).to(output.dtype).expand(len(rows), *output.shape[1:]))

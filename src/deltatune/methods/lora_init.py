@@ -49,7 +49,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import DeltaTuneError, UnsupportedModuleError
-from .lora import LoraConfig, LoraLinear, add_low_rank
+from .lora import LoraConfig, LoraLinear
 
 PISSA_ITERATIONS = r"pissa_niter_(\d+)"
 """The randomized PiSSA's name: "pissa_niter_4" runs `svd_lowrank` with 4 subspace iterations."""
@@ -144,16 +144,13 @@ class LoraResidualLinear(LoraLinear):
     def initial_projection(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(self.lora_A0.dtype), self.lora_A0)
 
-    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        output = add_low_rank(output, self.initial_projection(args[0]), self.lora_B0, -self.scaling)
-        return super().forward(module, args, kwargs, output)
-
-    def forward_rows(
-        self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
-        initial = torch.nn.functional.linear(self.initial_projection(args[0].index_select(0, rows)), self.lora_B0)
-        output = output.index_add(0, rows, initial.to(output.dtype), alpha=-self.scaling)
-        return super().forward_rows(module, args, kwargs, output, rows)
+    def low_rank_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """s·B A dropout(x) − s·B₀A₀ x as one product of rank 2r, [dropout(x) Aᵀ, x A₀ᵀ] [s_d B, −s B₀]ᵀ (s_d:
+        the scaling dropout leaves), so the two terms, which nearly cancel at the start, meet inside one
+        matmul and the output is rounded once (a bfloat16 model's output would round each)."""
+        hidden, up, scaling = super().low_rank_terms(x)
+        both = torch.cat([hidden, self.initial_projection(x).to(hidden.dtype)], dim=-1)
+        return both, torch.cat([up * scaling, self.lora_B0.to(up.dtype) * -self.scaling], dim=1), 1.0
 
     def delta_matrix(self) -> torch.Tensor:
         """s · (B A − B₀ A₀): the change from W (peft's W_res + s B A − W)."""
