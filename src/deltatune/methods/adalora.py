@@ -255,12 +255,7 @@ class AdaLora(ModuleMethod):
     config_class = AdaLoraConfig
     adapter_types = _adapter_types()
     peft_codec = AdaLoraPeft()
-
-    def default_targets(self, model: nn.Module) -> list[str] | str:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in DEFAULT_TARGETS:
-            return DEFAULT_TARGETS[model_type]
-        return super().default_targets(model)
+    targets_by_model_type = DEFAULT_TARGETS
 
     def training_hook(self, delta_model: Any, name: str, total_steps: int) -> Any:
         """The trainer's per-step work for adapter `name`: the rank allocator (see `adalora_budget`)."""

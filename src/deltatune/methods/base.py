@@ -18,8 +18,8 @@ A method whose training needs work at every step (AdaLoRA's rank budget) also de
 of the method (`deltatune.train.step_hooks` says what the hook it returns does).
 
 `ModuleMethod` is the base for methods that put one adapter module on each selected module. A subclass
-gives `config_class`, a dispatch table `adapter_types` ({layer type: adapter class}) and, if it wants
-one, `default_targets(model)`.
+gives `config_class`, a dispatch table `adapter_types` ({layer type: adapter class}) and, if it has
+defaults, a table `targets_by_model_type` ({model type: target names}) or its own `default_targets(model)`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,14 @@ class ModuleMethod:
     config_class: type[TargetedConfig] = TargetedConfig
     adapter_types: dict[type | str, type[nn.Module]] = {}
 
+    targets_by_model_type: dict[str, list[str]] = {}
+    """The default `target_modules` per `config.model_type` (peft's table for the method); a model type
+    not in it needs `target_modules`."""
+
     def default_targets(self, model: nn.Module) -> list[str] | str:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type in self.targets_by_model_type:
+            return self.targets_by_model_type[model_type]
         raise TargetNotFoundError(
             f"{self.config_class.__name__} needs target_modules for this model "
             f"({getattr(getattr(model, 'config', None), 'model_type', type(model).__name__)}): "

@@ -301,6 +301,7 @@ class IA3(ModuleMethod):
     config_class = IA3Config
     adapter_types = dict.fromkeys(LAYER_KINDS, IA3OutputScale)
     peft_codec = IA3Peft()
+    targets_by_model_type = DEFAULT_TARGETS
 
     def attach(self, placement: Placement, config: IA3Config) -> None:
         """An input scale at each target the feed-forward spec names, an output scale at the others."""
@@ -314,9 +315,3 @@ class IA3(ModuleMethod):
         }
         for target, adapter in built.items():
             placement.put(target, adapter)
-
-    def default_targets(self, model: nn.Module) -> list[str] | str:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in DEFAULT_TARGETS:
-            return DEFAULT_TARGETS[model_type]
-        return super().default_targets(model)

@@ -75,9 +75,4 @@ class LNTuning(ModuleMethod):
     config_class = LNTuningConfig
     adapter_types = {nn.Module: NormCopy}
     peft_codec = LNTuningPeft()
-
-    def default_targets(self, model: nn.Module) -> list[str] | str:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in DEFAULT_TARGETS:
-            return DEFAULT_TARGETS[model_type]
-        return super().default_targets(model)
+    targets_by_model_type = DEFAULT_TARGETS

@@ -500,6 +500,7 @@ class Lora(ModuleMethod):
     config_class = LoraConfig
     adapter_types = _adapter_types()
     peft_codec = LoraPeft()
+    targets_by_model_type = DEFAULT_TARGETS
 
     def build_adapter(self, module: nn.Module, module_name: str, config: LoraConfig) -> nn.Module:
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in PLAIN_STARTS:
@@ -537,9 +538,3 @@ class Lora(ModuleMethod):
             attach_parameters(placement, config)
         for name, adapter in {**tokens, **biases}.items():
             placement.put(name, adapter, target=False)
-
-    def default_targets(self, model: nn.Module) -> list[str] | str:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in DEFAULT_TARGETS:
-            return DEFAULT_TARGETS[model_type]
-        return super().default_targets(model)

@@ -44,6 +44,7 @@ from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..site import SiteAdapter
 from ..targeting import pattern_value
 from .base import ModuleMethod, lookup_type
+from .lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
 
 
 @dataclasses.dataclass
@@ -246,14 +247,7 @@ class LycorisMethod(ModuleMethod):
     """LoHa or LoKr on the selected Linear, Conv1D, Conv1d and Conv2d layers; peft's default targets."""
 
     config_class: type[LycorisConfig] = LycorisConfig
-
-    def default_targets(self, model: nn.Module) -> list[str] | str:
-        from .lora import DEFAULT_TARGETS  # peft maps the LyCORIS methods' defaults to LoRA's
-
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in DEFAULT_TARGETS:
-            return DEFAULT_TARGETS[model_type]
-        return super().default_targets(model)
+    targets_by_model_type = LORA_DEFAULT_TARGETS  # peft maps the LyCORIS methods' defaults to LoRA's
 
 
 class LycorisPeft(PeftCodec):

@@ -349,10 +349,4 @@ class Oft(ModuleMethod):
     config_class = OFTConfig
     adapter_types = _adapter_types()
     peft_codec = OftPeft()
-
-    def default_targets(self, model: nn.Module) -> list[str] | str:
-        """peft's OFT defaults are its LoRA defaults."""
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in DEFAULT_TARGETS:
-            return DEFAULT_TARGETS[model_type]
-        return super().default_targets(model)
+    targets_by_model_type = DEFAULT_TARGETS

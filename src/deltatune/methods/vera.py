@@ -238,6 +238,7 @@ class Vera(ModuleMethod):
     config_class = VeraConfig
     adapter_types = _adapter_types()
     peft_codec = VeraPeft()
+    targets_by_model_type = DEFAULT_TARGETS
 
     def attach(self, placement: Placement, config: VeraConfig) -> None:
         model = placement.model
@@ -257,8 +258,3 @@ class Vera(ModuleMethod):
         }
         for target, adapter in built.items():
             placement.put(target, adapter)
-
-    def default_targets(self, model: nn.Module) -> list[str] | str:
-        """peft's VeRA defaults, which are its LoRA defaults."""
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        return DEFAULT_TARGETS.get(model_type) or super().default_targets(model)
