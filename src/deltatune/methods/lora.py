@@ -41,6 +41,7 @@ from .lora_bias import TrainedBias, add_bias_terms, bias_deltas, check_bias_opti
 from .lora_corda import CordaConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 from .lora_eva import EvaConfig, eva_config_for_peft
+from .lora_kasa import KasaConfig, check_kasa_options
 from .token_rows import TokenRows
 from .trainable_tokens import check_token_indices, token_rows_beside
 
@@ -75,13 +76,14 @@ class LoraConfig(TargetedConfig):
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
     init_lora_weights: (
-        bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq"] | PissaIterations
+        bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq", "mica"] | PissaIterations
     ) = True
     """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
     False: random A and B (for tests: the adapter changes the output from the start). From the layer's
     weight (Linear; Conv1D but for OLoRA), `methods/lora_init.py`: "pissa" (the top-r singular part of W),
     "pissa_niter_<K>" (the same by a randomized SVD), "olora" (W's QR), each with its initial term taken
-    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero). From data
+    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero); "mica" (B frozen at W's
+    r minor left singular vectors, A = 0 and trained: `methods/lora_mica.py`; Embedding too). From data
     (`deltatune.initialize_from_data`, run by `deltatune train` on its first batches): "eva" (A from the
     inputs' principal directions), "corda" (W's decomposition by the inputs' covariance). On a quantized
     base, "loftq": the rank-r fit of the quantization error (`deltatune.replace_lora_weights_loftq`, run
@@ -98,6 +100,9 @@ class LoraConfig(TargetedConfig):
     """EVA's settings (`methods/lora_eva.py`), with init_lora_weights="eva"; a mapping is read as one."""
     corda_config: CordaConfig | dict[str, Any] | None = None
     """CorDA's settings (`methods/lora_corda.py`), with init_lora_weights="corda"; a mapping is read as one."""
+    kasa_config: KasaConfig | dict[str, Any] | None = None
+    """KaSA (`methods/lora_kasa.py`; nn.Linear): W's r smallest singular components dropped, a trained
+    diagonal between A and B: y = (W − D) x + s·B diag(ΔΣ) A x; its β, γ weigh `deltatune.kasa_loss`."""
     use_dora: bool = False
     """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
     magnitude m per output feature; on Linear, Conv1D, Embedding and Conv layers."""
@@ -114,6 +119,7 @@ class LoraConfig(TargetedConfig):
     def validate(self) -> None:
         super().validate()
         check_bias_options(self)
+        check_kasa_options(self)
         indices = self.trainable_token_indices
         if isinstance(indices, dict):
             for name, listed in indices.items():
@@ -127,6 +133,8 @@ class LoraConfig(TargetedConfig):
             self.eva_config = EvaConfig.from_dict(self.eva_config)
         if isinstance(self.corda_config, dict):
             self.corda_config = CordaConfig.from_dict(self.corda_config)
+        if isinstance(self.kasa_config, dict):
+            self.kasa_config = KasaConfig.from_dict(self.kasa_config)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -399,6 +407,13 @@ class LoraPeft(PeftCodec):
             "lora_B": "lora_B.weight",
             "lora_magnitude_vector": "lora_magnitude_vector",
         },
+        "deltatune.methods.lora_kasa_layer.KasaLinear": {
+            "lora_A": "lora_A.weight",
+            "lora_B": "lora_B.weight",
+            "lora_diag": "lora_diag",
+            "lora_B_bias": "lora_B.bias",
+            "trained_bias": "base_layer.bias",
+        },
         "deltatune.methods.lora_mha.LoraMultiheadAttention": {
             "factors.in_proj.lora_A": "lora_A.weight",
             "factors.in_proj.lora_B": "lora_B.weight",
@@ -449,6 +464,7 @@ class LoraPeft(PeftCodec):
             "lora_bias": config.lora_bias,
             "trainable_token_indices": config.trainable_token_indices,
             "use_dora": config.use_dora,
+            "kasa_config": None if config.kasa_config is None else dataclasses.asdict(config.kasa_config),
             "eva_config": eva_config_for_peft(config),
         }
 
@@ -485,7 +501,11 @@ class Lora(ModuleMethod):
     peft_codec = LoraPeft()
 
     def build_adapter(self, module: nn.Module, module_name: str, config: LoraConfig) -> nn.Module:
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in PLAIN_STARTS:
+        if config.kasa_config is not None:  # its other options are refused (check_kasa_options)
+            from .lora_kasa_layer import build_kasa  # it builds on this module's classes
+
+            adapter = build_kasa(module, module_name, config)
+        elif isinstance(config.init_lora_weights, str) and config.init_lora_weights not in PLAIN_STARTS:
             from .lora_init import build_initialised  # lora_init builds on this module's classes (and refuses DoRA)
 
             adapter = build_initialised(module, module_name, config)

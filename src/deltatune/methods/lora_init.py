@@ -49,7 +49,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import DeltaTuneError, UnsupportedModuleError
-from .lora import LoraConfig, LoraLinear, add_low_rank
+from .lora import LoraAdapter, LoraConfig, LoraLinear, add_low_rank
+from .lora_mica import build_mica
 
 PISSA_ITERATIONS = r"pissa_niter_(\d+)"
 """The randomized PiSSA's name: "pissa_niter_4" runs `svd_lowrank` with 4 subspace iterations."""
@@ -88,6 +89,7 @@ FAMILY_LAYERS = {
     "orthogonal": (nn.Linear, Conv1D),
     "eva": (nn.Linear, Conv1D),
     "corda": (nn.Linear, Conv1D),
+    "mica": (nn.Linear, Conv1D, nn.Embedding),
 }
 """The layers each init runs on in peft (Linear only: peft's OLoRA takes the QR of the stored weight,
 which fails on GPT-2's transposed Conv1D)."""
@@ -144,20 +146,24 @@ class LoraResidualLinear(LoraLinear):
     def initial_projection(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(self.lora_A0.dtype), self.lora_A0)
 
+    def initial_scale(self) -> float:
+        """The frozen term's factor: s (it is s B₀A₀)."""
+        return self.scaling
+
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        output = add_low_rank(output, self.initial_projection(args[0]), self.lora_B0, -self.scaling)
+        output = add_low_rank(output, self.initial_projection(args[0]), self.lora_B0, -self.initial_scale())
         return super().forward(module, args, kwargs, output)
 
     def forward_rows(
         self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
         initial = torch.nn.functional.linear(self.initial_projection(args[0].index_select(0, rows)), self.lora_B0)
-        output = output.index_add(0, rows, initial.to(output.dtype), alpha=-self.scaling)
+        output = output.index_add(0, rows, initial.to(output.dtype), alpha=-self.initial_scale())
         return super().forward_rows(module, args, kwargs, output, rows)
 
     def delta_matrix(self) -> torch.Tensor:
         """s · (B A − B₀ A₀): the change from W (peft's W_res + s B A − W)."""
-        initial = torch.mm(self.lora_B0.float(), self.lora_A0.float()).mul_(self.scaling)
+        initial = torch.mm(self.lora_B0.float(), self.lora_A0.float()).mul_(self.initial_scale())
         return super().delta_matrix().sub_(initial)
 
 
@@ -185,10 +191,11 @@ FAMILY_ADAPTERS = {
     "olora": LoraResidualLinear,
     "corda": LoraResidualLinear,
     "orthogonal": LoraOrthogonalLinear,
+    "mica": build_mica,
 }
 
 
-def build_initialised(module: nn.Module, module_name: str, config: LoraConfig) -> LoraLinear:
+def build_initialised(module: nn.Module, module_name: str, config: LoraConfig) -> LoraAdapter:
     """The adapter for an init that reads the layer (`config.init_lora_weights` a string other than
     "gaussian"), on the layers peft runs it on."""
     family = family_of(str(config.init_lora_weights))
