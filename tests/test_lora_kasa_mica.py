@@ -10,6 +10,7 @@ peft refuses it); MiCA runs on Conv1D and embeddings too.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -214,3 +215,18 @@ def test_mica_b_is_frozen_minor_directions_and_a_starts_at_zero() -> None:
         left, _, _ = torch.linalg.svd(weight.detach(), full_matrices=False)
         assert torch.equal(adapter.lora_B, left[:, -4:])
         assert "lora_B" not in dict(adapter.named_parameters()) and not adapter.lora_A.any()
+
+
+def test_kasa_converts_to_a_plain_lora_that_peft_loads_on_the_original_base(tmp_path: Path) -> None:
+    """A' = [diag(ΔΣ) A; A₀], B' = [B, −B₀/s]: a plain rank-2r LoRA, the same function (peft has no such conversion)."""
+    base = build("llama")
+    ours = our_model("kasa", "llama", base)
+    with torch.no_grad():
+        expected = run(ours, "llama")
+    deltatune.to_plain_lora(ours, "default", "plain")
+    ours.save(str(tmp_path), ["plain"], format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["kasa_config"] is None and config["r"] == 8
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert_same(run(theirs, "llama"), expected)

@@ -121,6 +121,7 @@ ADALORA_REFUSED = {
     "bias": ("none", "trains the biases of the base model, which deltatune implements for LoRA only"),
     "lora_bias": (False, "a bias on B, which deltatune implements for LoRA only"),
     "trainable_token_indices": (None, "trains rows of the embedding, which deltatune implements for LoRA only"),
+    "kasa_config": (None, "KaSA's truncated base and singular values, which deltatune implements for LoRA only"),
 }
 
 PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
