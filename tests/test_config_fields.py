@@ -101,11 +101,12 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "use_dora": Case("true or false", '"false"'),
     "target_parameters": Case("a list of strings or null", "lin0.weight"),
     "init_lora_weights": Case(
-        'true, false, "gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq" or '
+        'true, false, "gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq", "mica" or '
         '"pissa_niter_<iterations>"',
         "1",
-        ("mica",),
+        ("lora_ga",),
     ),
+    "kasa_config": Case("a KasaConfig, a mapping or null", "5", ("{beta: -1}", "{delta: 1}"), "kasa_config"),
     "corda_config": Case(
         "a CordaConfig, a mapping or null", "5", ("{cache_file: x.pt}", "{corda_method: svd}"), "corda_"
     ),

@@ -124,6 +124,16 @@ CASES = {
         lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="orthogonal"),
         zero_init=False,
     ),
+    # KaSA drops W's r smallest singular components from the start (nn.Linear only, as in peft).
+    "lora-kasa": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, kasa_config={}),
+        archs=("llama", "bert", "t5", "mlp"),
+        zero_init=False,
+    ),
+    # MiCA: B frozen at W's minor directions, A = 0 (the only trained factor).
+    "lora-mica": Case(
+        lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="mica")
+    ),
     # EVA's adapter is a plain LoRA (B = 0) until `initialize_from_data` sets A from data (test_lora_eva.py).
     "lora-eva": Case(
         lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="eva"),

@@ -196,11 +196,12 @@ def test_equal_rank_types_refuse_unequal_ranks(tmp_path: Path) -> None:
     assert "m" in ours.configs
 
 
-def test_dora_adapters_are_refused_before_anything_changes() -> None:
-    model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, use_dora=True), name="a")
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"kasa_config": {}}], ids=["dora", "kasa"])
+def test_dora_and_kasa_adapters_are_refused_before_anything_changes(variant: dict) -> None:
+    model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, **variant), name="a")
     model.add("b", deltatune.LoraConfig(r=4))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with pytest.raises(DeltaTuneError, match=r"cannot combine DoRA adapters \(a\)") as error:
+    with pytest.raises(DeltaTuneError, match=r"cannot combine DoRA or KaSA adapters \(a\)") as error:
         model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix", combination_type="linear")
     assert "\n" not in str(error.value) and "mix" not in model.configs
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())

@@ -45,6 +45,7 @@ from .methods.lora_convert import to_plain_lora
 from .methods.lora_corda import CordaConfig
 from .methods.lora_data_init import initialize_from_data
 from .methods.lora_eva import EvaConfig
+from .methods.lora_kasa import KasaConfig, kasa_loss
 from .methods.lora_loftq import replace_lora_weights_loftq
 from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
@@ -152,4 +153,6 @@ __all__ = [
     "initialize_from_data",
     "replace_lora_weights_loftq",
     "BdLoraConfig",
+    "KasaConfig",
+    "kasa_loss",
 ]

@@ -12,7 +12,9 @@ peft's `LoraConfig`, `AdaLoraConfig`, `VeraConfig`, `IA3Config`, `LNTuningConfig
 
 `init_lora_weights` is read. Of the initialisations that also rewrite the base model's weights, PiSSA
 ("pissa") and OLoRA ("olora") load: peft itself recomputes their residual base from the original one
-when it loads such a folder, and deltatune recomputes the same initial term (`methods/lora_init.py`).
+when it loads such a folder, and deltatune recomputes the same initial term (`methods/lora_init.py`);
+so does KaSA's `kasa_config`, whose dropped singular components peft and deltatune recompute from the original
+base (`methods/lora_kasa.py`).
 The others are refused by name: the saved A and B only reproduce peft's outputs on the rewritten base
 ("pissa_niter_K" made it by a random draw, "corda" from data). A key that peft 0.21 does not have (a newer peft) is
 tolerated with a warning naming it.
@@ -56,6 +58,7 @@ LORA_READ = (
     "bias",
     "trainable_token_indices",
     "use_bdlora",
+    "kasa_config",
 )
 
 LORA_TOLERATED = {
@@ -77,7 +80,6 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
     "velora_config": (None, "VeLoRA: compressed activations in the backward pass and extra buffers"),
     "monteclora_config": (None, "MonteCLoRA: sampled adapter weights"),
     "arrow_config": (None, "Arrow: routing between several LoRA experts"),
-    "kasa_config": (None, "KaSA: a truncated base weight and learned singular values"),
     "ensure_weight_tying": (False, "the adapter of a tied embedding also acts at the output head"),
 }
 """Key → (its default, what it does that deltatune does not)."""
@@ -120,11 +122,12 @@ ADALORA_REFUSED = {
     "lora_bias": (False, "a bias on B, which deltatune implements for LoRA only"),
     "trainable_token_indices": (None, "trains rows of the embedding, which deltatune implements for LoRA only"),
     "use_bdlora": (None, "BD-LoRA's block-diagonal A or B, which deltatune implements for LoRA only"),
+    "kasa_config": (None, "KaSA's truncated base and singular values, which deltatune implements for LoRA only"),
 }
 
-PLAIN_INITS = ("gaussian", "eva", "orthogonal")
-"""Initialisations (besides True and False) that leave the base model alone and train A and B as plain
-LoRA does: the saved weights are the whole adapter."""
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+"""Initialisations (besides True and False) that leave the base model alone: the saved weights are the
+whole adapter (MiCA's frozen B is saved with A)."""
 
 RECOMPUTED_INITS = ("pissa", "olora")
 """Base-rewriting inits whose initial term s·B₀A₀ is a deterministic function of the original base
@@ -146,8 +149,6 @@ CONVERTIBLE = ("pissa", "olora", "corda", "lora_ga")
 IMPLEMENTED_INITS = ("pissa", "corda")
 """Base-rewriting families deltatune trains, whose unconverted peft folders it still cannot load
 ("pissa_niter_K", "corda": their residual base is not a function of the original base alone)."""
-
-OTHER_REFUSED_INITS = {"mica": "MiCA keeps B frozen and trains A only, deltatune would train both"}
 
 TRAINABLE_TOKENS_READ = ("token_indices", "target_modules", "init_weights")
 
@@ -234,11 +235,9 @@ def check_init(value: Any) -> None:
             f"base model's weights{_randomized_note(name)}, so on the original base it gives other outputs; "
             f"{'' if family in IMPLEMENTED_INITS else f'deltatune does not implement {method} yet: '}{remedy}"
         )
-    reason = OTHER_REFUSED_INITS.get(
-        name, "an initialisation deltatune does not know, which may rewrite the base model"
-    )
     raise DeltaTuneError(
-        f"this peft adapter was made with init_lora_weights={value!r} ({reason}); deltatune does not "
+        f"this peft adapter was made with init_lora_weights={value!r} (an initialisation deltatune does not "
+        "know, which may rewrite the base model); deltatune does not "
         "implement it yet: train with the default init_lora_weights=True"
     )
 

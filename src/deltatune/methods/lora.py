@@ -42,6 +42,7 @@ from .lora_block_diagonal import BdLoraConfig, check_block_diagonal_options
 from .lora_corda import CordaConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 from .lora_eva import EvaConfig, eva_config_for_peft
+from .lora_kasa import KasaConfig, check_kasa_options
 from .token_rows import TokenRows
 from .trainable_tokens import check_token_indices, token_rows_beside
 
@@ -76,13 +77,14 @@ class LoraConfig(TargetedConfig):
     use_rslora: bool = False
     """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
     init_lora_weights: (
-        bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq"] | PissaIterations
+        bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq", "mica"] | PissaIterations
     ) = True
     """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
     False: random A and B (for tests: the adapter changes the output from the start). From the layer's
     weight (Linear; Conv1D but for OLoRA), `methods/lora_init.py`: "pissa" (the top-r singular part of W),
     "pissa_niter_<K>" (the same by a randomized SVD), "olora" (W's QR), each with its initial term taken
-    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero). From data
+    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero); "mica" (B frozen at W's
+    r minor left singular vectors, A = 0 and trained: `methods/lora_mica.py`; Embedding too). From data
     (`deltatune.initialize_from_data`, run by `deltatune train` on its first batches): "eva" (A from the
     inputs' principal directions), "corda" (W's decomposition by the inputs' covariance). On a quantized
     base, "loftq": the rank-r fit of the quantization error (`deltatune.replace_lora_weights_loftq`, run
@@ -102,6 +104,9 @@ class LoraConfig(TargetedConfig):
     use_bdlora: BdLoraConfig | dict[str, Any] | None = None
     """BD-LoRA (`methods/lora_block_diagonal.py`): a block-diagonal A or B on the Linear layers its
     patterns name; a mapping is read as a `BdLoraConfig`."""
+    kasa_config: KasaConfig | dict[str, Any] | None = None
+    """KaSA (`methods/lora_kasa.py`; nn.Linear): W's r smallest singular components dropped, a trained
+    diagonal between A and B: y = (W − D) x + s·B diag(ΔΣ) A x; its β, γ weigh `deltatune.kasa_loss`."""
     use_dora: bool = False
     """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
     magnitude m per output feature; on Linear, Conv1D, Embedding and Conv layers."""
@@ -119,6 +124,7 @@ class LoraConfig(TargetedConfig):
         super().validate()
         check_bias_options(self)
         check_block_diagonal_options(self)
+        check_kasa_options(self)
         indices = self.trainable_token_indices
         if isinstance(indices, dict):
             for name, listed in indices.items():
@@ -134,6 +140,8 @@ class LoraConfig(TargetedConfig):
             self.corda_config = CordaConfig.from_dict(self.corda_config)
         if isinstance(self.use_bdlora, dict):
             self.use_bdlora = BdLoraConfig.from_dict(self.use_bdlora)
+        if isinstance(self.kasa_config, dict):
+            self.kasa_config = KasaConfig.from_dict(self.kasa_config)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -266,27 +274,9 @@ class LoraLinear(LoraAdapter):
         output = add_low_rank(output, hidden, up, scaling)
         return output + output_bias(self).to(output.dtype) if self.has_output_bias else output
 
-    def forward_rows(
-        self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Mixed batch: only the LoRA term of the chosen rows is computed, then added into them."""
-        hidden, up, scaling = self.low_rank_terms(args[0].index_select(0, rows))
-        delta = F.linear(hidden, up).to(output.dtype)
-        output = _added_rows(output, rows, delta, scaling)
-        if self.has_output_bias:  # after the low-rank term, in the output's dtype, as `forward` adds it
-            return _added_rows(output, rows, output_bias(self).to(output.dtype).expand(len(rows), *output.shape[1:]))
-        return output
-
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         delta = self.delta_matrix()
         return {"weight": delta.t() if self.transposed else delta, **bias_deltas(self)}
-
-
-def _added_rows(output: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """output with scale · values added into its `rows` (in place when no gradient is recorded)."""
-    if torch.is_grad_enabled():
-        return output.index_add(0, rows, values, alpha=scale)
-    return output.index_add_(0, rows, values, alpha=scale)
 
 
 class LoraQuantizedLinear(LoraLinear):
@@ -415,6 +405,13 @@ class LoraPeft(PeftCodec):
             "lora_B": "lora_B.weight",
             "lora_magnitude_vector": "lora_magnitude_vector",
         },
+        "deltatune.methods.lora_kasa_layer.KasaLinear": {
+            "lora_A": "lora_A.weight",
+            "lora_B": "lora_B.weight",
+            "lora_diag": "lora_diag",
+            "lora_B_bias": "lora_B.bias",
+            "trained_bias": "base_layer.bias",
+        },
         "deltatune.methods.lora_mha.LoraMultiheadAttention": {
             "factors.in_proj.lora_A": "lora_A.weight",
             "factors.in_proj.lora_B": "lora_B.weight",
@@ -466,6 +463,7 @@ class LoraPeft(PeftCodec):
             "trainable_token_indices": config.trainable_token_indices,
             "use_dora": config.use_dora,
             "use_bdlora": None if config.use_bdlora is None else dataclasses.asdict(config.use_bdlora),
+            "kasa_config": None if config.kasa_config is None else dataclasses.asdict(config.kasa_config),
             "eva_config": eva_config_for_peft(config),
         }
 
@@ -503,7 +501,11 @@ class Lora(ModuleMethod):
     targets_by_model_type = DEFAULT_TARGETS
 
     def build_adapter(self, module: nn.Module, module_name: str, config: LoraConfig) -> nn.Module:
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in PLAIN_STARTS:
+        if config.kasa_config is not None:  # its other options are refused (check_kasa_options)
+            from .lora_kasa_layer import build_kasa  # it builds on this module's classes
+
+            adapter = build_kasa(module, module_name, config)
+        elif isinstance(config.init_lora_weights, str) and config.init_lora_weights not in PLAIN_STARTS:
             from .lora_init import build_initialised  # lora_init builds on this module's classes (and refuses DoRA)
 
             adapter = build_initialised(module, module_name, config)

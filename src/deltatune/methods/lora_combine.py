@@ -69,11 +69,12 @@ def add_weighted_adapter(
     configs = [delta_model.configs[adapter] for adapter in adapters]
     if not all(isinstance(config, LoraConfig) for config in configs):
         raise DeltaTuneError("add_weighted_adapter combines LoRA adapters only; pass only LoRA adapters' names")
-    dora = [adapter for adapter, config in zip(adapters, configs) if config.use_dora]
+    dora = [adapter for adapter, config in zip(adapters, configs) if config.use_dora or config.kasa_config]
     if dora:
         raise DeltaTuneError(
-            f"add_weighted_adapter cannot combine DoRA adapters ({', '.join(dora)}): their magnitudes do not "
-            "combine like LoRA factors; merge each into the weights (merge()) instead"
+            f"add_weighted_adapter cannot combine DoRA or KaSA adapters ({', '.join(dora)}): their magnitudes, "
+            "singular values and truncated bases do not combine like LoRA factors; merge each into the weights "
+            "(merge()) instead"
         )
     apart = sorted(
         {

@@ -8,6 +8,9 @@ since s = α/√r), and every `rank_pattern` / `alpha_pattern` value likewise. T
 and config; peft refuses rsLoRA with patterns, where the rule above still keeps each module's scale.
 Here the result is a new adapter of the model: it saves in either format, loads on the original base
 (no recomputation), merges and serves mixed batches like any LoRA.
+
+KaSA (`lora_kasa`) converts the same way, which peft does not offer: ΔW = s B diag(ΔΣ) A − D with
+D = B₀A₀, so A' = [diag(ΔΣ) A; A₀], B' = [B, −B₀/s].
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ def plain_lora_config(config: LoraConfig) -> LoraConfig:
         rank_pattern={pattern: 2 * rank for pattern, rank in config.rank_pattern.items()},
         alpha_pattern={pattern: alpha_factor * alpha for pattern, alpha in config.alpha_pattern.items()},
         init_lora_weights=True,
+        kasa_config=None,
     )
 
 
 def to_plain_lora(delta_model: DeltaModel, name: str, new_name: str, trainable: bool = False) -> None:
-    """Add `new_name`: adapter `name` (made with a base-rewriting init, "pissa" or "olora") as the plain
+    """Add `new_name`: adapter `name` (made with a base-rewriting init, "pissa" or "olora", or KaSA) as the plain
     LoRA of rank 2r that is the same function on the original base (see the module docstring)."""
     delta_model.require([name])
     config = delta_model.configs[name]
@@ -48,7 +52,7 @@ def to_plain_lora(delta_model: DeltaModel, name: str, new_name: str, trainable: 
     ):
         raise DeltaTuneError(
             f"to_plain_lora converts LoRA adapters made with init_lora_weights 'pissa', 'pissa_niter_<K>' or "
-            f"'olora'; {name!r} is already a plain adapter, save it as it is"
+            f"'olora', or with kasa_config; {name!r} is already a plain adapter, save it as it is"
         )
     devices = sorted({p.device.index or 0 for p in delta_model.base_model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):  # the new adapter's own init is overwritten: it draws nothing
@@ -57,8 +61,9 @@ def to_plain_lora(delta_model: DeltaModel, name: str, new_name: str, trainable: 
         for module_name, site in delta_model.sites():
             if module_name in layers:
                 layer, current = layers[module_name], site.adapters[new_name].file_state()
-                lora_A = torch.cat([layer.lora_A.detach(), layer.lora_A0], dim=0)
-                lora_B = torch.cat([layer.lora_B.detach(), -layer.lora_B0], dim=1)
+                lora_A = torch.cat([layer.down_projection().detach(), layer.lora_A0], dim=0)
+                initial_B = layer.lora_B0 * (layer.initial_scale() / layer.scaling)  # s B'A' = s B A − initial term
+                lora_B = torch.cat([layer.lora_B.detach(), -initial_B], dim=1)
                 site.adapters[new_name].load_file_state(
                     {"lora_A": lora_A.to(current["lora_A"].dtype), "lora_B": lora_B.to(current["lora_B"].dtype)}
                 )

@@ -49,7 +49,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import DeltaTuneError, UnsupportedModuleError
-from .lora import LoraConfig, LoraLinear
+from .lora import LoraAdapter, LoraConfig, LoraLinear
+from .lora_mica import build_mica
 
 PISSA_ITERATIONS = r"pissa_niter_(\d+)"
 """The randomized PiSSA's name: "pissa_niter_4" runs `svd_lowrank` with 4 subspace iterations."""
@@ -88,6 +89,7 @@ FAMILY_LAYERS = {
     "orthogonal": (nn.Linear, Conv1D),
     "eva": (nn.Linear, Conv1D),
     "corda": (nn.Linear, Conv1D),
+    "mica": (nn.Linear, Conv1D, nn.Embedding),
 }
 """The layers each init runs on in peft (Linear only: peft's OLoRA takes the QR of the stored weight,
 which fails on GPT-2's transposed Conv1D)."""
@@ -144,17 +146,21 @@ class LoraResidualLinear(LoraLinear):
     def initial_projection(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(self.lora_A0.dtype), self.lora_A0)
 
+    def initial_scale(self) -> float:
+        """The frozen term's factor: s (it is s B₀A₀)."""
+        return self.scaling
+
     def low_rank_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """s·B A dropout(x) − s·B₀A₀ x as one product of rank 2r, [dropout(x) Aᵀ, x A₀ᵀ] [s_d B, −s B₀]ᵀ (s_d:
-        the scaling dropout leaves), so the two terms, which nearly cancel at the start, meet inside one
-        matmul and the output is rounded once (a bfloat16 model's output would round each)."""
+        """s·B A dropout(x) − s₀·B₀A₀ x (s₀: `initial_scale`) as one product of rank 2r, [dropout(x) Aᵀ, x A₀ᵀ]
+        [s_d B, −s₀ B₀]ᵀ (s_d: the scaling dropout leaves), so the two terms, which nearly cancel at the start,
+        meet inside one matmul and the output is rounded once (a bfloat16 model's output would round each)."""
         hidden, up, scaling = super().low_rank_terms(x)
         both = torch.cat([hidden, self.initial_projection(x).to(hidden.dtype)], dim=-1)
-        return both, torch.cat([up * scaling, self.lora_B0.to(up.dtype) * -self.scaling], dim=1), 1.0
+        return both, torch.cat([up * scaling, self.lora_B0.to(up.dtype) * -self.initial_scale()], dim=1), 1.0
 
     def delta_matrix(self) -> torch.Tensor:
         """s · (B A − B₀ A₀): the change from W (peft's W_res + s B A − W)."""
-        initial = torch.mm(self.lora_B0.float(), self.lora_A0.float()).mul_(self.scaling)
+        initial = torch.mm(self.lora_B0.float(), self.lora_A0.float()).mul_(self.initial_scale())
         return super().delta_matrix().sub_(initial)
 
 
@@ -182,10 +188,11 @@ FAMILY_ADAPTERS = {
     "olora": LoraResidualLinear,
     "corda": LoraResidualLinear,
     "orthogonal": LoraOrthogonalLinear,
+    "mica": build_mica,
 }
 
 
-def build_initialised(module: nn.Module, module_name: str, config: LoraConfig) -> LoraLinear:
+def build_initialised(module: nn.Module, module_name: str, config: LoraConfig) -> LoraAdapter:
     """The adapter for an init that reads the layer (`config.init_lora_weights` a string other than
     "gaussian"), on the layers peft runs it on."""
     family = family_of(str(config.init_lora_weights))
