@@ -45,6 +45,7 @@ from .methods.lora_corda import CordaConfig
 from .methods.lora_data_init import initialize_from_data
 from .methods.lora_eva import EvaConfig
 from .methods.lora_loftq import replace_lora_weights_loftq
+from .methods.lora_velora import VeloraConfig
 from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -150,4 +151,5 @@ __all__ = [
     "EvaConfig",
     "initialize_from_data",
     "replace_lora_weights_loftq",
+    "VeloraConfig",
 ]

@@ -55,6 +55,7 @@ LORA_READ = (
     "lora_bias",
     "bias",
     "trainable_token_indices",
+    "velora_config",
 )
 
 LORA_TOLERATED = {
@@ -73,7 +74,6 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
     "megatron_config": (None, "LoRA on Megatron's parallel layers"),
     "use_qalora": (False, "QA-LoRA: pooled inputs for quantized layers"),
     "alora_invocation_tokens": (None, "Activated LoRA: the adapter acts only from its invocation tokens on"),
-    "velora_config": (None, "VeLoRA: compressed activations in the backward pass and extra buffers"),
     "monteclora_config": (None, "MonteCLoRA: sampled adapter weights"),
     "use_bdlora": (None, "BD-LoRA: block-diagonal A or B"),
     "arrow_config": (None, "Arrow: routing between several LoRA experts"),
@@ -119,6 +119,7 @@ ADALORA_REFUSED = {
     "bias": ("none", "trains the biases of the base model, which deltatune implements for LoRA only"),
     "lora_bias": (False, "a bias on B, which deltatune implements for LoRA only"),
     "trainable_token_indices": (None, "trains rows of the embedding, which deltatune implements for LoRA only"),
+    "velora_config": (None, "VeLoRA's compressed backward pass, which deltatune implements for LoRA only"),
 }
 
 PLAIN_INITS = ("gaussian", "eva", "orthogonal")

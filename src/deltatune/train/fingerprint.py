@@ -66,6 +66,7 @@ ADDED_LATER = {
     "adapter.trainable_token_indices": None,
     "adapter.eva_config": None,
     "adapter.corda_config": None,
+    "adapter.velora_config": None,
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade. An
