@@ -125,7 +125,7 @@ def saved_bytes(run: callable, excluded: list[torch.Tensor]) -> tuple[int, set[i
 @pytest.mark.parametrize("x_needs_grad", [False, True], ids=["input-frozen", "input-needs-grad"])
 def test_velora_backward_keeps_the_sub_token_coefficients_not_the_input(x_needs_grad: bool) -> None:
     """A Linear 96 → 40, rank 4, 3 groups of 32 features, 50 tokens: plain LoRA keeps x (50 × 96 floats) and
-    x Aᵀ (50 × 4); VeLoRA keeps x Aᵀ, the coefficients (50 × 3) and v (32): 4 times less than x here."""
+    x Aᵀ (50 × 4); VeLoRA keeps x Aᵀ, the coefficients (50 × 3) and v (32): 182 numbers in x's place of 4,800."""
     tokens, in_features, rank, groups = 50, 96, 4, 3
     kept = {}
     for name, settings in {"plain": None, "velora": velora("batch_average", num_groups=groups)}.items():
