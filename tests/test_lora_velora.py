@@ -32,10 +32,10 @@ def velora(init_type: str, num_groups: int = 3, scale: float = 1.0) -> dict:
     return {"num_groups": num_groups, "init_type": init_type, "scale": scale}
 
 
-def same_adapters(tmp_path: Path, init_type: str) -> tuple[peft.PeftModel, deltatune.DeltaModel]:
+def same_adapters(tmp_path: Path, init_type: str, dropout: float = 0.0) -> tuple[peft.PeftModel, deltatune.DeltaModel]:
     """A peft VeLoRA adapter with random A and B on a tiny Llama, and the same one loaded here, both training."""
     base = build("llama")
-    options = {"init_lora_weights": False, "velora_config": velora(init_type, scale=0.5)}
+    options = {"init_lora_weights": False, "lora_dropout": dropout, "velora_config": velora(init_type, scale=0.5)}
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=TARGETS, **options))
     theirs.save_pretrained(tmp_path)
     ours = deltatune.load(copy.deepcopy(base), str(tmp_path), trainable=True)
@@ -85,6 +85,18 @@ def test_velora_loss_gradients_and_projection_equal_peft_over_two_steps(init_typ
         torch.testing.assert_close(training_loss(ours, seed), training_loss(theirs, seed), atol=ATOL, rtol=0)
         assert_all_close(gradients(ours), gradients(theirs))
         assert_all_close(projections(ours), projections(theirs))
+
+
+def test_velora_with_dropout_draws_peft_masks_and_equals_peft(tmp_path: Path) -> None:
+    """With dropout both libraries drop A's input with `F.dropout` in module order, so under one seed the
+    masks, the projection vectors (taken from the dropped input) and the gradients agree."""
+    theirs, ours = same_adapters(tmp_path, "batch_average", dropout=0.3)
+    torch.manual_seed(5)
+    expected = training_loss(theirs, 1)
+    torch.manual_seed(5)
+    torch.testing.assert_close(training_loss(ours, 1), expected, atol=ATOL, rtol=0)
+    assert_all_close(gradients(ours), gradients(theirs))
+    assert_all_close(projections(ours), projections(theirs))
 
 
 def test_velora_gradient_of_a_is_an_approximation_and_that_of_b_is_exact(tmp_path: Path) -> None:
