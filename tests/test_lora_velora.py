@@ -99,6 +99,16 @@ def test_velora_with_dropout_draws_peft_masks_and_equals_peft(tmp_path: Path) ->
     assert_all_close(projections(ours), projections(theirs))
 
 
+def test_a_zero_batch_gives_peft_fallback_projection() -> None:
+    """An all-zero batch has no mean direction: v is then the normalised ones vector, as in peft."""
+    from peft.tuners.lora.velora import _normalize_projection
+
+    from deltatune.methods.lora_velora import unit_vector
+
+    for vector in (torch.zeros(5), torch.tensor([3.0, -4.0])):
+        torch.testing.assert_close(unit_vector(vector), _normalize_projection(vector), atol=0, rtol=0)
+
+
 def test_velora_gradient_of_a_is_an_approximation_and_that_of_b_is_exact(tmp_path: Path) -> None:
     """Against plain LoRA with the same weights: A's gradient differs (the compression is in effect), B's
     and the loss do not."""

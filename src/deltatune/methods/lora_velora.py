@@ -105,12 +105,12 @@ def sub_tokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 
 def unit_vector(vector: torch.Tensor) -> torch.Tensor:
-    """vector / ‖vector‖ in float32; the zero vector becomes the normalised ones vector (as peft)."""
+    """vector / ‖vector‖ in float32; the zero vector becomes the normalised ones vector (as peft). Chosen on
+    the device, with no host synchronisation (a "batch_average" adapter computes it every training call)."""
     vector = vector.float()
     norm = torch.linalg.vector_norm(vector)
-    if norm == 0:
-        return torch.full_like(vector, 1 / math.sqrt(vector.numel()))
-    return vector / norm
+    ones = torch.full_like(vector, 1 / math.sqrt(vector.numel()))
+    return torch.where(norm > 0, vector / norm.clamp_min(torch.finfo(torch.float32).tiny), ones)
 
 
 class VeloraProjection(nn.Module):
