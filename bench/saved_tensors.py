@@ -1,11 +1,12 @@
 """What autograd keeps for backward in one LoRA training step's forward, per library:
 
-    python bench/saved_tensors.py [--quick] [--quantize nf4|none] [--dropout 0.05]
+    python bench/saved_tensors.py [--quick] [--quantize nf4|none] [--dropout 0.05] [--velora-groups 64]
 
 The forward (and loss) runs under `torch.autograd.graph.saved_tensors_hooks`, which sees every tensor
 an autograd node saves. Tensors sharing storage are counted once (a layer's input saved by three
 projections is one tensor), parameters are left out (they are resident anyway), and the rest is
 grouped by shape: the memory a training step holds between forward and backward besides the model.
+`--velora-groups G`: the LoRA adapters are VeLoRA's (`velora_config`, G sub-tokens per token).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ def storage_pointer(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def saved_by_shape(library: str, quick: bool, quantize: str | None, dropout: float) -> tuple[Counter, Counter]:
+def saved_by_shape(
+    library: str, quick: bool, quantize: str | None, dropout: float, **options: object
+) -> tuple[Counter, Counter]:
     """({(shape, dtype): bytes}, {(shape, dtype): count}) of the distinct non-parameter storages saved
     for backward by one forward."""
     model = checkpoint_causal_lm(quick, quantize).train()
-    wrapped = lora_model(library, model, dropout)
+    wrapped = lora_model(library, model, dropout, **options)
     parameters = {storage_pointer(parameter) for parameter in wrapped.parameters()} - {None}
     input_ids = token_batch(model, BATCH, LENGTH)
     labels = labels_for(input_ids, None)
@@ -68,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", default="nf4", help="a deltatune.train.quantize name, or none")
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--velora-groups", type=int, default=0, help="VeLoRA's num_groups (0: plain LoRA)")
     arguments = parser.parse_args(argv)
     torch.set_num_threads(2)
     quantize = None if arguments.quantize == "none" else arguments.quantize
     for library in ("deltatune", "peft"):
-        sizes, counts = saved_by_shape(library, arguments.quick, quantize, arguments.dropout)
+        groups = arguments.velora_groups
+        options = {"velora_config": {"num_groups": groups}} if groups else {}
+        sizes, counts = saved_by_shape(library, arguments.quick, quantize, arguments.dropout, **options)
         print(f"{library}: {sum(sizes.values()) / 2**20:.1f} MiB saved for backward in {sum(counts.values())} tensors")
         for key, size in sizes.most_common(arguments.top):
             print(f"  {size / 2**20:8.1f} MiB  {counts[key]:>4} × {key[1]:<8} {key[0]}")

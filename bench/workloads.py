@@ -39,16 +39,27 @@ Calls = dict[str, Callable[[], object]]
 
 
 def lora_model(
-    library: str, model: torch.nn.Module, dropout: float, names: list[str] = ("default",), rank: int = 16
+    library: str,
+    model: torch.nn.Module,
+    dropout: float,
+    names: list[str] = ("default",),
+    rank: int = 16,
+    **options: object,
 ) -> torch.nn.Module:
-    """The model with one LoRA adapter per name on all seven linear layers, the first one active."""
+    """The model with one LoRA adapter per name on all seven linear layers, the first one active; `options`:
+    more config keywords both libraries take (`velora_config`)."""
     if library == "deltatune":
         import deltatune
 
         delta_model = None
         for name in names:
             config = deltatune.LoraConfig(
-                r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LINEAR_LAYERS, init_lora_weights=False
+                r=rank,
+                lora_alpha=2 * rank,
+                lora_dropout=dropout,
+                target_modules=LINEAR_LAYERS,
+                init_lora_weights=False,
+                **options,
             )
             delta_model = (
                 deltatune.attach(model, config, name) if delta_model is None else delta_model.add(name, config)
@@ -59,7 +70,12 @@ def lora_model(
     peft_model = None
     for name in names:
         config = peft.LoraConfig(
-            r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LINEAR_LAYERS, init_lora_weights=False
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=dropout,
+            target_modules=LINEAR_LAYERS,
+            init_lora_weights=False,
+            **options,
         )
         if peft_model is None:
             peft_model = peft.get_peft_model(model, config, adapter_name=name)

@@ -114,6 +114,12 @@ ADAPTER_FIELDS: dict[str, Case] = {
         "a BdLoraConfig, a mapping or null", "5", ("{nblocks: 0}", "{blocks: 2}", "{nblocks: two}"), "use_bdlora"
     ),
     "eva_config": Case("a EvaConfig, a mapping or null", "5", ("{tau: 0.9}", "{rho: 0.5}"), "eva_config "),
+    "velora_config": Case(
+        "a VeloraConfig, a mapping or null",
+        "5",
+        ("{num_groups: 0}", "{init_type: mean}", "{groups: 2}"),
+        "velora_config",
+    ),
     "rank_pattern": Case(
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')
     ),

@@ -144,6 +144,12 @@ CASES = {
         lambda arch: deltatune.LoraConfig(r=2, target_modules=ARCHS[arch].all_linear, init_lora_weights="corda"),
         archs=("llama", "gpt2", "mlp"),
     ),
+    # VeLoRA changes only A's gradient in training (a rank-1 projection of 4 sub-tokens per input row).
+    "lora-velora": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, velora_config={"num_groups": 4}
+        )
+    ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
     # peft's default targets per model type; the MLP scales its first layer's output and its second's input.

@@ -59,6 +59,7 @@ LORA_READ = (
     "trainable_token_indices",
     "use_bdlora",
     "kasa_config",
+    "velora_config",
 )
 
 LORA_TOLERATED = {
@@ -77,7 +78,6 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
     "megatron_config": (None, "LoRA on Megatron's parallel layers"),
     "use_qalora": (False, "QA-LoRA: pooled inputs for quantized layers"),
     "alora_invocation_tokens": (None, "Activated LoRA: the adapter acts only from its invocation tokens on"),
-    "velora_config": (None, "VeLoRA: compressed activations in the backward pass and extra buffers"),
     "monteclora_config": (None, "MonteCLoRA: sampled adapter weights"),
     "arrow_config": (None, "Arrow: routing between several LoRA experts"),
     "ensure_weight_tying": (False, "the adapter of a tied embedding also acts at the output head"),
@@ -123,6 +123,7 @@ ADALORA_REFUSED = {
     "trainable_token_indices": (None, "trains rows of the embedding, which deltatune implements for LoRA only"),
     "use_bdlora": (None, "BD-LoRA's block-diagonal A or B, which deltatune implements for LoRA only"),
     "kasa_config": (None, "KaSA's truncated base and singular values, which deltatune implements for LoRA only"),
+    "velora_config": (None, "VeLoRA's compressed backward pass, which deltatune implements for LoRA only"),
 }
 
 PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")

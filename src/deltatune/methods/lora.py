@@ -43,6 +43,7 @@ from .lora_corda import CordaConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
 from .lora_eva import EvaConfig, eva_config_for_peft
 from .lora_kasa import KasaConfig, check_kasa_options
+from .lora_velora import VeloraConfig, add_velora, check_velora_options, velora_config_for_peft
 from .token_rows import TokenRows
 from .trainable_tokens import check_token_indices, token_rows_beside
 
@@ -119,12 +120,16 @@ class LoraConfig(TargetedConfig):
     """Token rows of embeddings that train too (`methods/trainable_tokens.py`): ids in the input
     embedding, or {embedding name (suffix): ids}; only those rows are saved. A head tied to the input
     embedding uses the trained rows."""
+    velora_config: VeloraConfig | dict[str, Any] | None = None
+    """VeLoRA (`methods/lora_velora.py`): in training, A's gradient from a rank-1 projection of sub-tokens of
+    its input, which is all the backward pass keeps of it (linear layers); a mapping is read as one."""
 
     def validate(self) -> None:
         super().validate()
         check_bias_options(self)
         check_block_diagonal_options(self)
         check_kasa_options(self)
+        check_velora_options(self)
         indices = self.trainable_token_indices
         if isinstance(indices, dict):
             for name, listed in indices.items():
@@ -142,6 +147,8 @@ class LoraConfig(TargetedConfig):
             self.use_bdlora = BdLoraConfig.from_dict(self.use_bdlora)
         if isinstance(self.kasa_config, dict):
             self.kasa_config = KasaConfig.from_dict(self.kasa_config)
+        if isinstance(self.velora_config, dict):
+            self.velora_config = VeloraConfig.from_dict(self.velora_config)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -183,6 +190,7 @@ class LoraAdapter(SiteAdapter):
         self.register_parameter("trained_bias", None)  # bias other than "none": the layer's trained bias
         self.has_output_bias = False
         self.dropout_probability = config.lora_dropout
+        self.velora: nn.Module | None = None  # velora_config: the input's compression for backward (LoraLinear)
         self.reset(config.init_lora_weights)
 
     def reset(self, init: bool | str) -> None:
@@ -258,6 +266,8 @@ class LoraLinear(LoraAdapter):
         """(dropout(x) Aᵀ, the scaling that goes with it); dropout only in training."""
         x = x.to(self.lora_A.dtype)
         down = self.down_projection()
+        if self.velora is not None and self.training and torch.is_grad_enabled():
+            return self.velora(x, down, self.dropout_probability), self.scaling
         if self.training and self.dropout_probability > 0:
             return DROPPED_PROJECTIONS.get(x.device.type, _fused_dropout_projection)(
                 x, down, self.dropout_probability, self.scaling
@@ -396,6 +406,7 @@ class LoraPeft(PeftCodec):
             "lora_B": "lora_B.weight",
             "lora_B_bias": "lora_B.bias",
             "trained_bias": "base_layer.bias",
+            "velora.projection": "lora_velora_embed",
         },
         TokenRows: {"rows": "token_adapter.trainable_tokens_delta"},
         TrainedBias: {"bias": "bias"},
@@ -465,6 +476,7 @@ class LoraPeft(PeftCodec):
             "use_bdlora": None if config.use_bdlora is None else dataclasses.asdict(config.use_bdlora),
             "kasa_config": None if config.kasa_config is None else dataclasses.asdict(config.kasa_config),
             "eva_config": eva_config_for_peft(config),
+            "velora_config": velora_config_for_peft(config),
         }
 
     def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
@@ -519,6 +531,7 @@ class Lora(ModuleMethod):
             adapter = build_block_diagonal(module, module_name, config)
         else:
             adapter = super().build_adapter(module, module_name, config)
+        add_velora(adapter, module, module_name, config)
         add_bias_terms(adapter, module, module_name, config)
         return adapter
 

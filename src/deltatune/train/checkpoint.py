@@ -6,6 +6,8 @@
   method, also those whose adapter files keep less than what trains, such as P-tuning's encoder);
 - `optimizer.safetensors`: every tensor of the optimizer state, keyed `state.<param index>.<name>`;
 - `random.safetensors`: the CPU (and CUDA) random generator states, of every rank in a launched run;
+- `adapter_buffers.safetensors`, where adapters hold persistent buffers (VeLoRA's projection vector, set
+  from the first batch): those buffers by their full names; a checkpoint without it keeps the rebuilt ones;
 - `step_state.safetensors`, for a method with a step hook (`step_hooks.py`; AdaLoRA's importance scores
   and kept triplets): the hooks' state;
 - `trainer_state.json`: the step, the optimizer's parameter groups, the scheduler state, the
@@ -41,6 +43,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RANDOM_FILE = "random.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
 STEP_STATE_FILE = "step_state.safetensors"
+BUFFERS_FILE = "adapter_buffers.safetensors"
 ADAPTER_FOLDER = "adapter"
 CHECKPOINTS_FOLDER = "checkpoints"
 RANK_PREFIX = "rank"
@@ -108,6 +111,8 @@ def _write_checkpoint(
         "run": state.run,
     }
     step_files = {STEP_STATE_FILE: safetensors_writer(step_state)} if step_state else {}
+    buffers = dict(adapter_buffers(delta_model))
+    step_files |= {BUFFERS_FILE: safetensors_writer(buffers)} if buffers else {}
     write_files(
         folder,
         {
@@ -157,6 +162,8 @@ def load_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optim
     rank calls it, and takes its shards of the whole tensors)."""
     saved = read_trainer_state(folder)
     _load_trainable(delta_model, load_file(str(folder / TRAINABLE_FILE)))
+    if (folder / BUFFERS_FILE).is_file():
+        _load_buffers(delta_model, load_file(str(folder / BUFFERS_FILE)))
     tensors = load_file(str(folder / OPTIMIZER_FILE))
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -214,6 +221,32 @@ def _rank_prefix(rank: int) -> str:
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """(full name, parameter) of every parameter that trains, in model order."""
     return [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def adapter_buffers(delta_model: Any) -> list[tuple[str, torch.Tensor]]:
+    """(full name, buffer) of the persistent buffers of every adapter: what training may change besides
+    the parameters (VeLoRA's projection vector)."""
+    held = {
+        id(tensor)
+        for _, site in delta_model.sites()
+        for adapter in site.adapters.values()
+        for tensor in adapter.state_dict(keep_vars=True).values()
+        if not isinstance(tensor, torch.nn.Parameter)
+    }
+    return [(name, buffer) for name, buffer in delta_model.named_buffers() if id(buffer) in held]
+
+
+def _load_buffers(delta_model: Any, saved: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter buffers into the live ones of the same names."""
+    live = dict(adapter_buffers(delta_model))
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if name not in live:
+                raise DeltaTuneError(
+                    f"the checkpoint holds adapter buffer {name!r}, which this run lacks; resume with the config it "
+                    "was written with"
+                )
+            live[name].copy_(tensor)
 
 
 def _load_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
