@@ -12,154 +12,31 @@ Layers: `nn.Linear`, transformers' `Conv1D` (GPT-2; weight stored in × out), `n
 bare parameters (`target_parameters`, `lora_parameter`), and the quantized linears of `deltatune.quantized`
 (bitsandbytes 4-bit and 8-bit, optimum-quanto): shapes from the logical in/out features, float32 factors,
 the base's packed weight never read (torchao's weights are tensor subclasses on a plain `nn.Linear` that
-report the logical shape: `LoraLinear` serves them).
+report the logical shape: `LoraLinear` serves them). The settings are in `lora_config.py`, peft's file
+format in `lora_peft.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
-from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TargetedConfig
 from ..errors import MergeError, UnsupportedModuleError
-from ..field_check import DropoutRate, FullMatch, NonNegativeInt, PositiveInt, Regex, accepts, field_types
-from ..peft_format import BASE_LAYER, PeftCodec
-from ..peft_keys import LORA_READ, check_init_writable, check_lora_keys
 from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
 from ..site import SiteAdapter
-from ..targeting import pattern_value, saved_module_names
-from .base import ModuleMethod, lookup_type
-from .lora_bias import TrainedBias, add_bias_terms, bias_deltas, check_bias_options, output_bias, trained_biases
-from .lora_block_diagonal import BdLoraConfig, check_block_diagonal_options
-from .lora_corda import CordaConfig
+from ..targeting import saved_module_names
+from .base import ModuleMethod
+from .lora_bias import add_bias_terms, bias_deltas, output_bias, trained_biases
+from .lora_config import DEFAULT_TARGETS, PLAIN_STARTS, LoraConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
-from .lora_eva import EvaConfig, eva_config_for_peft
-from .lora_kasa import KasaConfig, check_kasa_options
-from .lora_velora import VeloraConfig, add_velora, check_velora_options, velora_config_for_peft
-from .token_rows import TokenRows
-from .trainable_tokens import check_token_indices, token_rows_beside
-
-DEFAULT_TARGETS = {
-    **dict.fromkeys(
-        ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "phi", "mbart"], ["q_proj", "v_proj"]
-    ),
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "deberta-v2"], ["query", "value"]),
-    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
-    **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ["query_key_value"]),
-    "gpt2": ["c_attn"],
-    "distilbert": ["q_lin", "v_lin"],
-}
-
-PissaIterations = Annotated[str, FullMatch(r"pissa_niter_\d+", '"pissa_niter_<iterations>"')]
-
-PLAIN_STARTS = ("gaussian", "eva", "loftq")
-"""String inits whose adapter is built as plain LoRA's (EVA and LoftQ set its factors afterwards)."""
-
-
-@dataclasses.dataclass
-class LoraConfig(TargetedConfig):
-    """LoRA settings; names and defaults follow peft's `LoraConfig`."""
-
-    r: PositiveInt = 8
-    """Rank of the update B A."""
-    lora_alpha: float = 8
-    """Scale numerator: s = lora_alpha / r (or / √r with `use_rslora`)."""
-    lora_dropout: DropoutRate = 0.0
-    """Dropout on the LoRA input path, an independent mask per adapted module. 0 costs nothing; small
-    p costs little on CPU (only the dropped positions are drawn, see `lora_dropout`)."""
-    use_rslora: bool = False
-    """Scale by lora_alpha / √r, which keeps learning stable at high ranks."""
-    init_lora_weights: (
-        bool | Literal["gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq", "mica"] | PissaIterations
-    ) = True
-    """True: B = 0 (the model starts equal to the base); "gaussian": A ~ N(0, 1/r), B = 0;
-    False: random A and B (for tests: the adapter changes the output from the start). From the layer's
-    weight (Linear; Conv1D but for OLoRA), `methods/lora_init.py`: "pissa" (the top-r singular part of W),
-    "pissa_niter_<K>" (the same by a randomized SVD), "olora" (W's QR), each with its initial term taken
-    out again so the model starts at the base; "orthogonal" (B A = 0, neither zero); "mica" (B frozen at W's
-    r minor left singular vectors, A = 0 and trained: `methods/lora_mica.py`; Embedding too). From data
-    (`deltatune.initialize_from_data`, run by `deltatune train` on its first batches): "eva" (A from the
-    inputs' principal directions), "corda" (W's decomposition by the inputs' covariance). On a quantized
-    base, "loftq": the rank-r fit of the quantization error (`deltatune.replace_lora_weights_loftq`, run
-    by `deltatune train` with `quantize`; peft's "loftq" would re-quantize the base instead)."""
-    rank_pattern: dict[Regex, PositiveInt] = dataclasses.field(default_factory=dict)
-    """{module name pattern: rank} overriding `r` for matching modules (peft's matching rule)."""
-    alpha_pattern: dict[Regex, float] = dataclasses.field(default_factory=dict)
-    """{module name pattern: alpha} overriding `lora_alpha` for matching modules."""
-    target_parameters: list[str] | None = None
-    """Parameters to adapt directly (`methods/lora_parameter.py`), peft's rule: a full parameter name or
-    its ending (`"mlp.experts.gate_up_proj"`); 2-D and 3-D (fused experts) parameters. With no
-    `target_modules`, only these are adapted."""
-    eva_config: EvaConfig | dict[str, Any] | None = None
-    """EVA's settings (`methods/lora_eva.py`), with init_lora_weights="eva"; a mapping is read as one."""
-    corda_config: CordaConfig | dict[str, Any] | None = None
-    """CorDA's settings (`methods/lora_corda.py`), with init_lora_weights="corda"; a mapping is read as one."""
-    use_bdlora: BdLoraConfig | dict[str, Any] | None = None
-    """BD-LoRA (`methods/lora_block_diagonal.py`): a block-diagonal A or B on the Linear layers its
-    patterns name; a mapping is read as a `BdLoraConfig`."""
-    kasa_config: KasaConfig | dict[str, Any] | None = None
-    """KaSA (`methods/lora_kasa.py`; nn.Linear): W's r smallest singular components dropped, a trained
-    diagonal between A and B: y = (W − D) x + s·B diag(ΔΣ) A x; its β, γ weigh `deltatune.kasa_loss`."""
-    use_dora: bool = False
-    """DoRA (`methods/dora.py`): W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ per output row, with a trained
-    magnitude m per output feature; on Linear, Conv1D, Embedding and Conv layers."""
-    lora_bias: bool = False
-    """B gets a trained bias b_B, scaled with B: y = W x + b + s·(B A x + b_B) (`methods/lora_bias.py`)."""
-    bias: Literal["none", "all", "lora_only"] = "none"
-    """Which of the base model's biases train as well: none, those of the LoRA layers, or all (every
-    module with a bias), each as a delta merged on `merge()`; files store the trained bias, as peft's."""
-    trainable_token_indices: list[NonNegativeInt] | dict[str, list[NonNegativeInt]] | None = None
-    """Token rows of embeddings that train too (`methods/trainable_tokens.py`): ids in the input
-    embedding, or {embedding name (suffix): ids}; only those rows are saved. A head tied to the input
-    embedding uses the trained rows."""
-    velora_config: VeloraConfig | dict[str, Any] | None = None
-    """VeLoRA (`methods/lora_velora.py`): in training, A's gradient from a rank-1 projection of sub-tokens of
-    its input, which is all the backward pass keeps of it (linear layers); a mapping is read as one."""
-
-    def validate(self) -> None:
-        super().validate()
-        check_bias_options(self)
-        check_block_diagonal_options(self)
-        check_kasa_options(self)
-        check_velora_options(self)
-        indices = self.trainable_token_indices
-        if isinstance(indices, dict):
-            for name, listed in indices.items():
-                check_token_indices(listed, f"trainable_token_indices[{name!r}]")
-        elif indices is not None:
-            check_token_indices(indices, "trainable_token_indices")
-
-    def normalise(self) -> None:
-        super().normalise()
-        if isinstance(self.eva_config, dict):
-            self.eva_config = EvaConfig.from_dict(self.eva_config)
-        if isinstance(self.corda_config, dict):
-            self.corda_config = CordaConfig.from_dict(self.corda_config)
-        if isinstance(self.use_bdlora, dict):
-            self.use_bdlora = BdLoraConfig.from_dict(self.use_bdlora)
-        if isinstance(self.kasa_config, dict):
-            self.kasa_config = KasaConfig.from_dict(self.kasa_config)
-        if isinstance(self.velora_config, dict):
-            self.velora_config = VeloraConfig.from_dict(self.velora_config)
-
-    def rank_for(self, module_name: str) -> int:
-        return pattern_value(self.rank_pattern, module_name, self.r)
-
-    def alpha_for(self, module_name: str) -> float:
-        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
-
-    def scaling_for(self, module_name: str) -> float:
-        rank = self.rank_for(module_name)
-        alpha = self.alpha_for(module_name)
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+from .lora_peft import LoraPeft
+from .lora_velora import add_velora
+from .trainable_tokens import token_rows_beside
 
 
 class LoraAdapter(SiteAdapter):
@@ -392,98 +269,6 @@ class LoraConv(LoraAdapter):
                 "reads every input channel; keep it unmerged (unload(merge=False)) or leave the layer out"
             )
         return {"weight": self.delta_matrix().view(module.weight.shape), **bias_deltas(self)}
-
-
-class LoraPeft(PeftCodec):
-    """LoRA in peft's files: the config fields under the same names (targets, ranks and alphas as the
-    resolved full module names, so peft adapts exactly these modules with the same shapes) and the
-    tensors `lora_A.weight` / `lora_B.weight` (embeddings: `lora_embedding_A` / `lora_embedding_B`)."""
-
-    peft_type = "LORA"
-    tensor_names = {
-        LoraAdapter: {
-            "lora_A": "lora_A.weight",
-            "lora_B": "lora_B.weight",
-            "lora_B_bias": "lora_B.bias",
-            "trained_bias": "base_layer.bias",
-            "velora.projection": "lora_velora_embed",
-        },
-        TokenRows: {"rows": "token_adapter.trainable_tokens_delta"},
-        TrainedBias: {"bias": "bias"},
-        LoraEmbedding: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
-        "deltatune.methods.dora.DoraNorm": {
-            "lora_A": "lora_A.weight",
-            "lora_B": "lora_B.weight",
-            "lora_magnitude_vector": "lora_magnitude_vector",
-        },
-        "deltatune.methods.lora_kasa_layer.KasaLinear": {
-            "lora_A": "lora_A.weight",
-            "lora_B": "lora_B.weight",
-            "lora_diag": "lora_diag",
-            "lora_B_bias": "lora_B.bias",
-            "trained_bias": "base_layer.bias",
-        },
-        "deltatune.methods.lora_mha.LoraMultiheadAttention": {
-            "factors.in_proj.lora_A": "lora_A.weight",
-            "factors.in_proj.lora_B": "lora_B.weight",
-            "factors.out_proj.lora_A": "base_layer.out_proj.lora_A.weight",
-            "factors.out_proj.lora_B": "base_layer.out_proj.lora_B.weight",
-        },
-        "deltatune.methods.dora.DoraEmbedding": {
-            "lora_A": "lora_embedding_A",
-            "lora_B": "lora_embedding_B",
-            "lora_magnitude_vector": "lora_magnitude_vector",
-        },
-    }
-
-    def check_keys(self, data: dict[str, Any]) -> None:
-        check_lora_keys(data)
-
-    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
-        """LoRA on parameters: peft nests one wrapper per parameter, the module's first parameter innermost,
-        so `<parameter>.lora_A` of the k-th of n is `<module>` + `.base_layer` × (n − 1 − k) + `.lora_A.weight`."""
-        from .lora_parameter import LoraParameters  # it builds on this module's classes
-
-        if not isinstance(adapter, LoraParameters) or tensor_name in lookup_type(self.tensor_names, type(adapter), {}):
-            return super().tensor_key(module_name, adapter, tensor_name)
-        parameter, factor = tensor_name.split(".")[-2:]  # "factors.<parameter>.lora_A"
-        order = list(adapter.factors)
-        depth = len(order) - 1 - order.index(parameter)
-        return f"{self.model_prefix}{module_name}{BASE_LAYER * depth}.{factor}.weight"
-
-    def config_to_peft(self, config: LoraConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
-        from .lora_parameter import peft_targets
-
-        target_modules, target_parameters = peft_targets(config, targets, model)
-        named = [*target_modules, *(target_parameters or [])]  # what peft matches its patterns against
-        check_init_writable(config.init_lora_weights)
-        return {
-            "r": config.r,
-            "lora_alpha": config.lora_alpha,
-            "lora_dropout": config.lora_dropout,
-            "use_rslora": config.use_rslora,
-            "init_lora_weights": True if config.init_lora_weights == "loftq" else config.init_lora_weights,
-            "target_modules": target_modules,
-            "target_parameters": target_parameters,
-            "rank_pattern": {re.escape(n): config.rank_for(n) for n in named if config.rank_for(n) != config.r},
-            "alpha_pattern": {
-                re.escape(n): config.alpha_for(n) for n in named if config.alpha_for(n) != config.lora_alpha
-            },
-            "bias": config.bias,
-            "lora_bias": config.lora_bias,
-            "trainable_token_indices": config.trainable_token_indices,
-            "use_dora": config.use_dora,
-            "use_bdlora": None if config.use_bdlora is None else dataclasses.asdict(config.use_bdlora),
-            "kasa_config": None if config.kasa_config is None else dataclasses.asdict(config.kasa_config),
-            "eva_config": eva_config_for_peft(config),
-            "velora_config": velora_config_for_peft(config),
-        }
-
-    def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
-        fields = {key: data[key] for key in LORA_READ if data.get(key) is not None}
-        if not accepts(field_types(LoraConfig)["init_lora_weights"], fields.get("init_lora_weights", True)):
-            fields["init_lora_weights"] = True  # another spelling peft takes ("Gaussian"): the weights are in the file
-        return LoraConfig(**fields)
 
 
 def _adapter_types() -> dict[type | str, type[SiteAdapter]]:
