@@ -29,7 +29,7 @@ import peft  # noqa: E402
 
 import deltatune  # noqa: E402
 from measure import time_interleaved  # noqa: E402
-from models import causal_lm, labels_for, token_batch  # noqa: E402
+from models import causal_lm, eval_forward, labels_for, token_batch, training_step  # noqa: E402
 
 
 def models(quick: bool, folder: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -44,18 +44,6 @@ def models(quick: bool, folder: Path) -> tuple[torch.nn.Module, torch.nn.Module]
     theirs.save_pretrained(folder)
     ours = deltatune.load(base, str(folder), trainable=True)
     return theirs, ours
-
-
-def step(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
-    model.train()
-    model(input_ids=input_ids, labels=labels).loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
-def forward(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=input_ids)
 
 
 def main() -> None:
@@ -78,12 +66,15 @@ def main() -> None:
         raise SystemExit(f"the two models disagree by {difference:.3g} in their logits: nothing to compare")
     repeats = 1 if options.quick else options.repeats
     steps = time_interleaved(
-        {"peft": lambda: step(theirs, input_ids, labels), "deltatune": lambda: step(ours, input_ids, labels)},
+        {
+            "peft": lambda: training_step(theirs, input_ids, labels),
+            "deltatune": lambda: training_step(ours, input_ids, labels),
+        },
         warmup=1,
         repeats=repeats,
     )
     forwards = time_interleaved(
-        {"peft": lambda: forward(theirs, input_ids), "deltatune": lambda: forward(ours, input_ids)},
+        {"peft": lambda: eval_forward(theirs, input_ids), "deltatune": lambda: eval_forward(ours, input_ids)},
         warmup=1,
         repeats=repeats,
     )

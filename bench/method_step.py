@@ -37,7 +37,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import deltatune  # noqa: E402
 from measure import time_interleaved  # noqa: E402
-from models import causal_lm, labels_for, token_batch  # noqa: E402
+from models import causal_lm, labels_for, token_batch, training_step  # noqa: E402
 from workloads import floor  # noqa: E402
 
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
@@ -80,12 +80,6 @@ def models(name: str, quick: bool, folder: Path) -> tuple[torch.nn.Module, torch
     return theirs, ours
 
 
-def step(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
-    model.train()
-    model(input_ids=input_ids, labels=labels).loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
 def measure(name: str, options: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         theirs, ours = models(name, options.quick, Path(folder))
@@ -98,9 +92,9 @@ def measure(name: str, options: argparse.Namespace) -> dict:
         raise SystemExit(f"{name}: the two models disagree by {difference:.3g} in their logits: nothing to compare")
     steps = time_interleaved(
         {
-            "peft": lambda: step(theirs, input_ids, labels),
-            "deltatune": lambda: step(ours, input_ids, labels),
-            "floor": lambda: step(least, input_ids, labels),
+            "peft": lambda: training_step(theirs, input_ids, labels),
+            "deltatune": lambda: training_step(ours, input_ids, labels),
+            "floor": lambda: training_step(least, input_ids, labels),
         },
         warmup=1,
         repeats=1 if options.quick else options.repeats,

@@ -139,3 +139,17 @@ def labels_for(input_ids: torch.Tensor, labelled_tail: int | None) -> torch.Tens
     if labelled_tail is not None:
         labels[:, : input_ids.shape[1] - labelled_tail] = -100
     return labels
+
+
+def training_step(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    """Forward and backward of the causal-LM loss in training mode; the gradients are dropped (no optimizer)."""
+    model.train()
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def eval_forward(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+    """A forward in eval mode without autograd."""
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=input_ids)

@@ -37,7 +37,7 @@ import peft  # noqa: E402
 import deltatune  # noqa: E402
 from deltatune.methods.oft_rotation import block_diagonal, rotate_features  # noqa: E402
 from measure import time_interleaved  # noqa: E402
-from models import causal_lm, labels_for, token_batch  # noqa: E402
+from models import causal_lm, eval_forward, labels_for, token_batch, training_step  # noqa: E402
 
 
 def einsum_rotation(x: torch.Tensor, blocks: torch.Tensor, features: int) -> torch.Tensor:
@@ -88,18 +88,6 @@ def models(quick: bool, folder: Path) -> tuple[torch.nn.Module, torch.nn.Module]
     return theirs, ours
 
 
-def step(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
-    model.train()
-    model(input_ids=input_ids, labels=labels).loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
-def forward(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=input_ids)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -128,19 +116,22 @@ def main() -> None:
     if difference > 1e-3:
         raise SystemExit(f"the two models disagree by {difference:.3g} in their logits: nothing to compare")
     steps = time_interleaved(
-        {"peft": lambda: step(theirs, input_ids, labels), "deltatune": lambda: step(ours, input_ids, labels)},
+        {
+            "peft": lambda: training_step(theirs, input_ids, labels),
+            "deltatune": lambda: training_step(ours, input_ids, labels),
+        },
         warmup=1,
         repeats=repeats,
     )
     forwards = time_interleaved(
-        {"peft": lambda: forward(theirs, input_ids), "deltatune": lambda: forward(ours, input_ids)},
+        {"peft": lambda: eval_forward(theirs, input_ids), "deltatune": lambda: eval_forward(ours, input_ids)},
         warmup=1,
         repeats=repeats,
     )
     one_token = input_ids[:1, :1]
 
     def decode(model: torch.nn.Module) -> Callable[[], None]:
-        return lambda: [forward(model, one_token) for _ in range(10)]
+        return lambda: [eval_forward(model, one_token) for _ in range(10)]
 
     decoding = time_interleaved({"peft": decode(theirs), "deltatune": decode(ours)}, warmup=1, repeats=repeats)
     results = {
