@@ -145,7 +145,7 @@ def test_bitfit_on_llama_without_biases_mentions_add_missing_bias() -> None:
         (
             {"init_lora_weights": "pissa_niter_x"},
             r'init_lora_weights must be true, false, "gaussian", "orthogonal", "pissa", "olora", "eva", "corda", '
-            r'"loftq" or "pissa_niter_<iterations>", got',
+            r'"loftq", "mica" or "pissa_niter_<iterations>", got',
         ),
     ],
 )

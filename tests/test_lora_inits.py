@@ -248,3 +248,22 @@ def test_a_randomized_pissa_run_resumes_bit_exactly(tmp_path: Path) -> None:
 
     settings = {**RESUME_SETTINGS, "adapter": {**PISSA_ADAPTER, "init_lora_weights": "pissa_niter_2"}}
     assert_resume_equals_the_uninterrupted_run(task_config(tmp_path, "causal-lm", **settings), tmp_path)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_combining_an_adapter_started_from_the_base_is_refused_and_its_plain_form_combines_exactly(init: str) -> None:
+    """Its delta is s·(BA − B₀A₀): combining A and B alone would drop the frozen start (0.2 off in the logits)."""
+    delta_model = deltatune.attach(
+        build("llama"), deltatune.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    )
+    with torch.no_grad():
+        for parameter in delta_model.adapter_parameters("default"):
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    expected = run(delta_model.eval(), "llama")
+    with pytest.raises(deltatune.DeltaTuneError, match="to_plain_lora"):
+        delta_model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="cat")
+    assert "combined" not in delta_model.configs
+    deltatune.to_plain_lora(delta_model, "default", "plain")
+    delta_model.add_weighted_adapter(["plain"], [1.0], "combined", combination_type="cat")
+    delta_model.activate("combined")
+    torch.testing.assert_close(run(delta_model, "llama"), expected, atol=1e-5, rtol=0)

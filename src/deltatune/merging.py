@@ -58,7 +58,7 @@ def merge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]], nam
     """Fold adapters `names` into the weights of `model` at every site that holds them."""
     steps = []
     for module_name, site in list(sites):
-        todo = [name for name in names if name in site.adapters and name not in site.merged]
+        todo = composition_order(site, [name for name in names if name in site.adapters and name not in site.merged])
         if todo:
             steps.append(Step(module_name, model.get_submodule(module_name), site, todo))
     _run(steps, merging=True, tied=_tied_parameters(model))
@@ -73,7 +73,7 @@ def merge_dequantized(
     are not written."""
     steps, plain = [], {}
     for module_name, site in list(sites):
-        todo = [name for name in names if name in site.adapters and name not in site.merged]
+        todo = composition_order(site, [name for name in names if name in site.adapters and name not in site.merged])
         if not todo:
             continue
         module = model.get_submodule(module_name)
@@ -82,6 +82,20 @@ def merge_dequantized(
         steps.append(Step(module_name, module, site, todo))
     _run(steps, merging=True, tied=_tied_parameters(model))
     return plain
+
+
+def composition_order(site: DeltaSite, names: list[str]) -> list[str]:
+    """`names` in the order their deltas fold into the weights so that the merged layer computes what the
+    forward does: the forward rewrites the input with every `prepare` adapter in activation order
+    (x → P₂ P₁ x), then the layer and the output-side adapters read that input. So the output-side deltas
+    go first, in the order given, then the input rewriters, the last to run first: ((W + ΔW_out) P₂) P₁.
+    (Rewriters not active now are taken to run in the order given, after the active ones.)"""
+    running = [id(adapter) for adapter in site.active]
+    rewriters = sorted(
+        (name for name in names if name in site.preparing),
+        key=lambda name: running.index(id(site.adapters[name])) if id(site.adapters[name]) in running else len(running),
+    )
+    return [name for name in names if name not in site.preparing] + rewriters[::-1]
 
 
 def unmerge_adapters(model: nn.Module, sites: Iterable[tuple[str, DeltaSite]]) -> None:

@@ -89,6 +89,21 @@ def add_weighted_adapter(
             f"add_weighted_adapter cannot combine {', '.join(apart)}: LoRA on bare parameters, on MultiheadAttention "
             "or on grouped convolutions is not a plain layer's A and B; combine adapters without such targets"
         )
+    started = sorted(
+        {
+            adapter
+            for _, site in delta_model.sites()
+            for adapter in adapters
+            if adapter in site.adapters and hasattr(site.adapters[adapter], "lora_B0")
+        }
+    )
+    if started:
+        raise DeltaTuneError(
+            f"add_weighted_adapter cannot combine {', '.join(started)} as they are: an adapter started from the "
+            "base's decomposition (PiSSA, OLoRA, CorDA) also subtracts its frozen start s·B₀A₀, which the "
+            "factors alone leave out; convert each with deltatune.to_plain_lora(model, name, new_name) and "
+            "combine the converted adapters"
+        )
     block_diagonal = [adapter for adapter, c in zip(adapters, configs) if c.use_bdlora is not None]
     if block_diagonal:
         raise DeltaTuneError(
