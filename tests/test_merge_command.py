@@ -98,3 +98,27 @@ def test_a_merge_that_fails_while_writing_leaves_no_output_folder(
     assert "No space left on device" in capsys.readouterr().err
     assert not out.exists()
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        deltatune.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False),
+        deltatune.BitFitConfig(target_modules=["q_proj"], add_missing_bias=True),
+    ],
+    ids=["lora_bias", "add_missing_bias"],
+)
+def test_a_merge_that_adds_a_bias_the_architecture_cannot_load_is_refused_and_writes_nothing(
+    config, tmp_path, capsys
+) -> None:
+    """Merged into a bias-free Llama layer, a trained bias becomes a new parameter: `save_pretrained`
+    writes it and `from_pretrained` drops it, so the folder would reload with other outputs."""
+    model = model_folder(tmp_path, "causal-lm")
+    delta_model = deltatune.attach(transformers.AutoModelForCausalLM.from_pretrained(model), config)
+    for parameter in delta_model.adapter_parameters("default"):
+        parameter.data.normal_()
+    delta_model.save(str(tmp_path / "adapter"))
+    out = tmp_path / "merged"
+    assert main(["merge", str(model), str(tmp_path / "adapter"), str(out)]) == 2
+    assert "q_proj.bias" in capsys.readouterr().err
+    assert not out.exists()

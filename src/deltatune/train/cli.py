@@ -111,7 +111,17 @@ def _merge(arguments: argparse.Namespace) -> None:
         tokenizer = None
         print(f"note: no tokenizer in {folder}; the merged folder holds the model only")
     dtype = getattr(torch, arguments.dtype or "float32")
+    own_parameters = {name for name, _ in model.named_parameters()}
     merged = load(model, arguments.adapter).unload(merge=True, dequantize=dequantize, dtype=dtype)
+    added = sorted({name for name, _ in merged.named_parameters()} - own_parameters)
+    if added:
+        raise MergeError(
+            f"merging {arguments.adapter} gives the model parameters it did not have ({', '.join(added[:3])}"
+            f"{', ...' if len(added) > 3 else ''}: a trained bias on a bias-free layer, from lora_bias or "
+            "add_missing_bias), which its architecture cannot load back, so the merged folder would give other "
+            "outputs: keep the adapter unmerged (deltatune.load it onto the base), or train it without that "
+            "option; nothing was written"
+        )
     if arguments.dtype:
         merged.to(dtype)
     with replaced_folder(out) as staging:
