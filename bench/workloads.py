@@ -356,15 +356,16 @@ def run(workload: str, libraries: list[str], options: dict[str, Any]) -> dict[st
         calls = TIMED[workload](libraries[0], options)
         load_peak = peak_memory_bytes()
         gc.collect()
-        loaded = current_memory_bytes() - before_load
+        loaded = max(current_memory_bytes() - before_load, 0)
         timings = {name: time_calls(call, options["warmup"], options["repeats"]) for name, call in calls.items()}
         calls_peak = peak_memory_bytes()  # the high-water mark since the calls began, the model resident
         return {
             **timings["seconds"],
             **{name: timing["seconds"] for name, timing in timings.items() if name != "seconds"},
-            "peak_with_load_bytes": max(load_peak, calls_peak) - before_load,
+            # Linux batches resident-page counts per thread: a reading may lag the last by a few pages.
+            "peak_with_load_bytes": max(load_peak, calls_peak, before_load) - before_load,
             "resident_after_load_bytes": loaded,
-            "step_peak_with_weights_bytes": calls_peak - before_load,
+            "step_peak_with_weights_bytes": max(calls_peak - before_load, 0),
         }
     prepared = {library: TIMED[workload](library, options) for library in libraries}
     flat = {(library, name): call for library, calls in prepared.items() for name, call in calls.items()}

@@ -70,3 +70,20 @@ def test_quick_method_step_measures_every_method_beside_peft_and_the_floor(tmp_p
         assert row["logits_max_difference"] <= 1e-3
         assert all(row["training_step"][library]["seconds"] > 0 for library in ("peft", "deltatune", "floor"))
         assert row["ratio"] > 0 and row["floor_ratio"] > 0
+
+
+def test_a_worker_reports_no_negative_peak_when_the_resident_counters_lag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux batches resident-page counts per thread, so the high-water mark read after a reset can sit a
+    few pages below the resident size read just before: a peak added is never less than nothing."""
+    import workloads
+
+    readings = iter([1_000_000, 999_000, 998_000, 997_000])
+    monkeypatch.setattr(workloads, "memory_after_imports", lambda: 1_000_000)
+    monkeypatch.setattr(workloads, "peak_memory_bytes", lambda: next(readings))
+    monkeypatch.setattr(workloads, "current_memory_bytes", lambda: 996_000)
+    monkeypatch.setattr(workloads, "time_calls", lambda call, warmup, repeats: {"seconds": 1.0})
+    monkeypatch.setitem(workloads.TIMED, "forward", lambda library, options: {"seconds": lambda: None})
+    result = workloads.run("forward", ["deltatune"], {"warmup": 0, "repeats": 1})
+    assert result["peak_with_load_bytes"] == 0
+    assert result["step_peak_with_weights_bytes"] == 0
+    assert result["resident_after_load_bytes"] == 0
