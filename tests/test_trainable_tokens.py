@@ -353,3 +353,30 @@ def test_resume_with_other_token_indices_is_refused(tmp_path: Path, capsys: pyte
     assert_resume_with_a_switched_setting_is_refused(
         config, tmp_path, capsys, "adapter.token_indices=[9,11]", "adapter.token_indices"
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmerge_restores_the_embedding_rows_bit_exactly_and_merge_keeps_only_those_rows(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """Trained rows replace the weight's rows, so unmerge puts the overwritten rows back (peft restores
+    its saved copy) instead of subtracting R − E[i] again, which rounds in bf16; and what merge keeps
+    for that is k × d, not a vocabulary-sized delta."""
+    peft_model("trainable_tokens", "llama-tied").save_pretrained(str(tmp_path))
+    model = base("llama-tied").to(dtype)
+    original = model.get_submodule(EMBEDDING["llama-tied"]).weight.detach().clone()
+    ours = deltatune.load(model, str(tmp_path))
+    ours.merge()
+    merged = model.get_submodule(EMBEDDING["llama-tied"]).weight.detach()
+    assert not torch.equal(merged, original)
+    kept = [
+        tensor
+        for _, site in ours.sites()
+        for deltas in site.merges.values()
+        if deltas
+        for delta in deltas.values()
+        for tensor in (delta if isinstance(delta, tuple) else [delta])
+    ]
+    assert kept and max(tensor.numel() for tensor in kept) <= len(TOKENS) * original.shape[1]
+    ours.unmerge()
+    assert torch.equal(model.get_submodule(EMBEDDING["llama-tied"]).weight, original)

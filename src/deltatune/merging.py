@@ -22,7 +22,9 @@ Unmerge subtracts the same deltas, in the same two passes: recomputed for adapte
 read the module's weights (LoRA, BitFit: no copies kept), kept from merge time for the others. After a
 successful merge, W + ΔW − ΔW gives W back to within a rounding step of W's dtype per adapter (float32:
 about 1e-7 relative), not bit-exactly: that would need the copy of every weight that the two passes
-avoid. A bias that a BitFit adapter gave a bias-free module is created on merge and removed on unmerge.
+avoid. A delta that sets rows (`RowValues`: trained embedding rows) instead keeps the rows it overwrote,
+and unmerge puts them back bit-exactly. A bias that a BitFit adapter gave a bias-free module is created on
+merge and removed on unmerge.
 
 Quantized layers (`deltatune.quantized`): a delta into packed storage (a 4-bit or 8-bit weight) is refused
 in pass 1, naming the way out; a delta into a float parameter of such a layer (its bias) merges as usual.
@@ -41,7 +43,7 @@ from torch import nn
 
 from .errors import MergeError
 from .quantized import dequantized_linear, quantized_linear
-from .site import DeltaSite
+from .site import DeltaSite, RowValues
 
 
 class Step(NamedTuple):
@@ -141,7 +143,7 @@ def _check(step: Step, merging: bool, tied: dict[str, str]) -> None:
             if current is None:
                 current = _parameter(step.module, parameter_name)
             current = current.detach() if current is not None else _zeros_for(step.module, delta)
-            values[parameter_name] = _added(current, delta, 1.0 if merging else -1.0)
+            values[parameter_name] = _applied(current, delta, merging)
             if not _all_finite(values[parameter_name]):
                 verb = "merging" if merging else "unmerging"
                 dtype = str(current.dtype).removeprefix("torch.")
@@ -156,15 +158,17 @@ def _write(step: Step, name: str, merging: bool) -> None:
     """Add (merging) or subtract adapter `name`'s deltas in place at one module, and record it there."""
     site = step.site
     deltas = _deltas(step, name, merging)
+    kept = {}
     for parameter_name, delta in deltas.items():
         target = _parameter(step.module, parameter_name)
         if target is None:
             target = nn.Parameter(_zeros_for(step.module, delta), requires_grad=False)
             setattr(step.module, parameter_name, target)
             site.created_parameters.add(parameter_name)
-        _added(target.detach(), delta, 1.0 if merging else -1.0, out=target.detach())
+        kept[parameter_name] = _overwritten(target.detach(), delta)
+        _applied(target.detach(), delta, merging, out=target.detach())
     if merging:
-        site.merges[name] = deltas if site.adapters[name].delta_reads_module else None
+        site.merges[name] = kept if site.adapters[name].delta_reads_module else None
         return
     del site.merges[name]
     if not site.merges:
@@ -176,6 +180,24 @@ def _write(step: Step, name: str, merging: bool) -> None:
 def _deltas(step: Step, name: str, merging: bool) -> dict[str, torch.Tensor]:
     kept = None if merging else step.site.merges.get(name)
     return kept if kept is not None else step.site.adapters[name].delta_parameters(step.module)
+
+
+def _applied(
+    weight: torch.Tensor, delta: torch.Tensor | RowValues, merging: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`weight` with `delta` added (merging) or subtracted, or with its rows set (`RowValues`: merge sets
+    the trained rows, unmerge the rows that merge kept); written into `out` if given."""
+    if isinstance(delta, RowValues):
+        value = out if out is not None else weight.clone()
+        return value.index_copy_(0, delta.indices.to(value.device), delta.values.to(value.device, value.dtype))
+    return _added(weight, delta, 1.0 if merging else -1.0, out)
+
+
+def _overwritten(weight: torch.Tensor, delta: torch.Tensor | RowValues) -> torch.Tensor | RowValues:
+    """What unmerge needs to undo `delta` at `weight`: the delta itself, or the rows it is about to set."""
+    if isinstance(delta, RowValues):
+        return RowValues(delta.indices, weight.index_select(0, delta.indices.to(weight.device)))
+    return delta
 
 
 def _added(weight: torch.Tensor, delta: torch.Tensor, sign: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import get_ident
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -46,12 +46,21 @@ FLOAT32_UPCAST = frozenset(
 """Parameter dtypes that adapters keep in float32 instead (the set peft's `autocast_adapter_dtype` upcasts)."""
 
 
+class RowValues(NamedTuple):
+    """A merge delta that sets rows `indices` (dim 0) of a parameter to `values` instead of adding to
+    them (trained embedding rows). Merge keeps the rows it overwrote, so unmerge puts them back bit-exactly
+    and keeps k × d numbers, not a vocabulary-sized delta."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+
+
 class SiteAdapter(nn.Module):
     """Base of the modules a site holds: one adapter of one method at one module.
 
     `forward(module, args, kwargs, output)` returns the module's new output. A mergeable adapter
-    overrides `delta_parameters`. How its tensors are named in peft's files is its method's codec's
-    business (`peft_format.PeftCodec`), not the adapter's.
+    overrides `delta_parameters` (per parameter, a tensor to add or `RowValues` to set). How its tensors
+    are named in peft's files is its method's codec's business (`peft_format.PeftCodec`), not the adapter's.
     """
 
     delta_reads_module: bool = True

@@ -11,9 +11,10 @@ the embedding's weight (tied), the logits of the chosen tokens are recomputed wi
 head's adapter holds the embedding's R itself (the same parameter), so both see the same trained rows.
 Nothing of size vocabulary × d is built in a forward call (peft copies the whole weight per call).
 
-Merging writes R into the weight rows (Δ = R − E[i], zero elsewhere; it reads the weight, so unmerge
-subtracts the kept Δ); with tied weights that also changes the head, which is then what the head's
-adapter computed. Two active adapters that share an index: the later one in activation order sets it.
+Merging writes R into the weight rows (`RowValues`: merge keeps the k rows it overwrote and unmerge puts
+them back, bit-exactly, as peft restores its saved rows); with tied weights that also changes the head,
+which is then what the head's adapter computed. Two active adapters that share an index: the later one in
+activation order sets it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from ..site import SiteAdapter, put_rows
+from ..site import RowValues, SiteAdapter, put_rows
 from .base import lookup_type
 
 
@@ -75,15 +76,12 @@ class TokenRows(SiteAdapter):
     def extra_repr(self) -> str:
         return f"tokens={self.token_indices.numel()}, shared={self.is_shared}"
 
-    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Δ = R − W[i] at the chosen rows, zero elsewhere; nothing for an adapter sharing another's rows
+    def delta_parameters(self, module: nn.Module) -> dict[str, RowValues]:
+        """Rows `token_indices` of the weight set to R; nothing for an adapter sharing another's rows
         (that adapter's delta writes the shared weight)."""
         if self.is_shared:
             return {}
-        weight = module.weight.detach()
-        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        delta[self.token_indices] = self.rows.detach().float() - weight[self.token_indices].float()
-        return {"weight": delta}
+        return {"weight": RowValues(self.token_indices, self.rows.detach())}
 
     def file_state(self) -> dict[str, torch.Tensor]:
         return {} if self.is_shared and not self.saves_shared else {"rows": self.rows}
