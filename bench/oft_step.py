@@ -19,9 +19,6 @@ unless `--threads`. `--quick`: a tiny model (a smoke run of the script, not a me
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
 import sys
 import tempfile
 from collections.abc import Callable
@@ -34,10 +31,10 @@ sys.path.insert(0, str(REPOSITORY / "src"))
 
 import peft  # noqa: E402
 
-import deltatune  # noqa: E402
 from deltatune.methods.oft_rotation import block_diagonal, rotate_features  # noqa: E402
 from measure import time_interleaved  # noqa: E402
-from models import causal_lm, eval_forward, labels_for, token_batch, training_step  # noqa: E402
+from models import causal_lm, eval_forward, labels_for, token_batch  # noqa: E402
+from side_by_side import logits_difference, peft_adapter_in_both, step_parser, steps_and_forwards, write_report  # noqa: E402
 
 
 def einsum_rotation(x: torch.Tensor, blocks: torch.Tensor, features: int) -> torch.Tensor:
@@ -75,59 +72,30 @@ def rotation_times(tokens: int, features: int, repeats: int) -> dict[str, dict]:
 
 def models(quick: bool, folder: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(peft's OFT model, deltatune's) with the same weights."""
-    base = causal_lm(quick)
-    block_size = 8 if quick else 32
-    config = peft.OFTConfig(target_modules="all-linear", oft_block_size=block_size, init_weights=False)
-    theirs = peft.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, parameter in theirs.named_parameters():
-            if "oft_R" in name:
-                parameter.mul_(0.1)
-    theirs.save_pretrained(folder)
-    ours = deltatune.load(base, str(folder), trainable=True)
-    return theirs, ours
+    config = peft.OFTConfig(target_modules="all-linear", oft_block_size=8 if quick else 32, init_weights=False)
+    return peft_adapter_in_both(causal_lm(quick), config, "oft_R", 0.1, folder)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--rotation-only", action="store_true")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     repeats = 1 if options.quick else options.repeats
     widths = (64, 128) if options.quick else (576, 1536)
     rotations = {str(width): rotation_times(options.batch * options.length, width, repeats * 3) for width in widths}
     if options.rotation_only:
-        report(
-            {"settings": {**vars(options), "out": str(options.out)}, "rotation_forward_backward": rotations}, options
+        write_report(
+            {"settings": {**vars(options), "out": str(options.out)}, "rotation_forward_backward": rotations},
+            options.out,
         )
         return
     with tempfile.TemporaryDirectory() as folder:
         theirs, ours = models(options.quick, Path(folder))
     input_ids = token_batch(ours, options.batch, options.length)
     labels = labels_for(input_ids, None)
-    with torch.no_grad():
-        difference = (theirs.eval()(input_ids=input_ids).logits - ours.eval()(input_ids=input_ids).logits).abs().max()
-    if difference > 1e-3:
-        raise SystemExit(f"the two models disagree by {difference:.3g} in their logits: nothing to compare")
-    steps = time_interleaved(
-        {
-            "peft": lambda: training_step(theirs, input_ids, labels),
-            "deltatune": lambda: training_step(ours, input_ids, labels),
-        },
-        warmup=1,
-        repeats=repeats,
-    )
-    forwards = time_interleaved(
-        {"peft": lambda: eval_forward(theirs, input_ids), "deltatune": lambda: eval_forward(ours, input_ids)},
-        warmup=1,
-        repeats=repeats,
-    )
+    difference = logits_difference(theirs, ours, input_ids, "OFT")
+    steps, forwards = steps_and_forwards({"peft": theirs, "deltatune": ours}, input_ids, labels, repeats)
     one_token = input_ids[:1, :1]
 
     def decode(model: torch.nn.Module) -> Callable[[], None]:
@@ -137,7 +105,7 @@ def main() -> None:
     results = {
         "settings": {**vars(options), "out": str(options.out)},
         "rotation_forward_backward": rotations,
-        "logits_max_difference": difference.item(),
+        "logits_max_difference": difference,
         "training_step": steps,
         "unmerged_forward": forwards,
         "one_token_forward_x10": decoding,
@@ -147,14 +115,7 @@ def main() -> None:
             "one_token_forward": decoding["deltatune"]["seconds"] / decoding["peft"]["seconds"],
         },
     }
-    report(results, options)
-
-
-def report(results: dict, options: argparse.Namespace) -> None:
-    text = json.dumps(results, indent=2)
-    print(text)
-    if options.out is not None:
-        options.out.write_text(text + "\n")
+    write_report(results, options.out)
 
 
 if __name__ == "__main__":
