@@ -200,6 +200,15 @@ def test_monteclora_noise_comes_from_the_seeded_default_generator(tmp_path: Path
     assert_changed(outputs[2], outputs[0])
 
 
+def test_a_monteclora_model_deep_copies_after_a_training_call(tmp_path: Path) -> None:
+    """The latest call's draws (held for the regulariser, with their graph) stay with the original."""
+    _, ours = same_adapters(tmp_path)
+    ours.train()(**token_inputs(1))
+    copied = copy.deepcopy(ours)
+    assert deltatune.monteclora_loss(ours) > 0
+    torch.testing.assert_close(copied.eval()(**token_inputs(2)).logits, ours.eval()(**token_inputs(2)).logits)
+
+
 def test_monteclora_merges_plain_lora_even_in_training_mode(tmp_path: Path) -> None:
     """ΔW = s·B A without noise: the merged weights equal peft's `merge_and_unload`."""
     theirs, ours = same_adapters(tmp_path)

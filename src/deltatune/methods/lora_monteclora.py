@@ -1,6 +1,6 @@
-"""MonteCLoRA: LoRA whose A is a Monte Carlo mixture in training (Sengupta et al., "Robust and Efficient
-Fine-tuning of LLMs with Bayesian Reparameterization of Low-Rank Adaptation", arXiv:2411.04358; peft's
-`monteclora_config`).
+"""MonteCLoRA: LoRA whose A is a Monte Carlo mixture in training (Seth, Pathak, Sengupta et al. 2024, "Robust
+and Efficient Fine-tuning of LLMs with Bayesian Reparameterization of Low-Rank Adaptation", arXiv:2411.04358;
+peft's `monteclora_config`).
 
 In training, each forward pass of a layer uses, instead of A (rank r × in), the mixture of K noisy copies
 
@@ -205,6 +205,11 @@ class MontecloraSampler(nn.Module):
         gaussian = 0.5 * self.num_samples * (variance - variance.log() - 1).sum()
         loss = self.kl_loss_weight * (dirichlet + wishart + gaussian)
         return loss + weights.square().sum() if self.use_entropy else loss
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (`copy.deepcopy`, pickling) leaves the latest call's σ² and w behind: they belong to that
+        call's graph, which torch cannot copy."""
+        return {**super().__getstate__(), "latest": None}
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, sample_scaler={self.sample_scaler:g}"
