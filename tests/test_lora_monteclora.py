@@ -200,6 +200,21 @@ def test_monteclora_noise_comes_from_the_seeded_default_generator(tmp_path: Path
     assert_changed(outputs[2], outputs[0])
 
 
+def test_monteclora_under_gradient_checkpointing_recomputes_the_same_draws(tmp_path: Path) -> None:
+    """Backward recomputes each layer's forward: the noise must be drawn again as it was (the checkpoint keeps the
+    generator's state), so the gradients and the regulariser equal those of a run that keeps its activations."""
+    _, kept = same_adapters(tmp_path)
+    recomputed = copy.deepcopy(kept)
+    recomputed.gradient_checkpointing_enable()
+    results = []
+    for model in (kept, recomputed):
+        torch.manual_seed(7)
+        loss, _ = training_loss(model.train(), lambda model=model: deltatune.monteclora_loss(model), 1)
+        results.append((loss, gradients(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=ATOL, rtol=0)
+    assert_all_close(results[1][1], results[0][1])
+
+
 def test_a_monteclora_model_deep_copies_after_a_training_call(tmp_path: Path) -> None:
     """The latest call's draws (held for the regulariser, with their graph) stay with the original."""
     _, ours = same_adapters(tmp_path)
