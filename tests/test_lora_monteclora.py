@@ -237,6 +237,22 @@ def test_monteclora_merges_plain_lora_even_in_training_mode(tmp_path: Path) -> N
         torch.testing.assert_close(merged[name], parameter, atol=ATOL, rtol=0)
 
 
+def test_a_pissa_monteclora_adapter_converts_to_the_plain_lora_of_its_eval_function() -> None:
+    """`to_plain_lora` serves the adapter as it computes outside training: a plain rank-2r LoRA, no sampler."""
+    ours = deltatune.attach(
+        build("llama"),
+        deltatune.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights="pissa", monteclora_config=SETTINGS),
+    )
+    with torch.no_grad():
+        for parameter in ours.adapter_parameters("default"):
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    expected = ours.eval()(**token_inputs(1)).logits
+    deltatune.to_plain_lora(ours, "default", "plain")
+    ours.activate("plain")
+    assert ours.configs["plain"].monteclora_config is None
+    torch.testing.assert_close(ours(**token_inputs(1)).logits, expected, atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------- deltatune train
 MONTECLORA = {"num_samples": 2, "sample_scaler": 0.01, "kl_loss_weight": 0.001}
 
