@@ -1,12 +1,14 @@
 """What autograd keeps for backward in one LoRA training step's forward, per library:
 
     python bench/saved_tensors.py [--quick] [--quantize nf4|none] [--dropout 0.05] [--velora-groups 64]
+                                  [--monteclora-samples 8]
 
 The forward (and loss) runs under `torch.autograd.graph.saved_tensors_hooks`, which sees every tensor
 an autograd node saves. Tensors sharing storage are counted once (a layer's input saved by three
 projections is one tensor), parameters are left out (they are resident anyway), and the rest is
 grouped by shape: the memory a training step holds between forward and backward besides the model.
 `--velora-groups G`: the LoRA adapters are VeLoRA's (`velora_config`, G sub-tokens per token).
+`--monteclora-samples K`: they are MonteCLoRA's (`monteclora_config`, K noisy copies of A per call).
 """
 
 from __future__ import annotations
@@ -72,12 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--velora-groups", type=int, default=0, help="VeLoRA's num_groups (0: plain LoRA)")
+    parser.add_argument("--monteclora-samples", type=int, default=0, help="MonteCLoRA's num_samples (0: plain LoRA)")
     arguments = parser.parse_args(argv)
     torch.set_num_threads(2)
     quantize = None if arguments.quantize == "none" else arguments.quantize
     for library in ("deltatune", "peft"):
-        groups = arguments.velora_groups
+        groups, samples = arguments.velora_groups, arguments.monteclora_samples
         options = {"velora_config": {"num_groups": groups}} if groups else {}
+        if samples:
+            options["monteclora_config"] = {"num_samples": samples}
         sizes, counts = saved_by_shape(library, arguments.quick, quantize, arguments.dropout, **options)
         print(f"{library}: {sum(sizes.values()) / 2**20:.1f} MiB saved for backward in {sum(counts.values())} tensors")
         for key, size in sizes.most_common(arguments.top):

@@ -120,6 +120,12 @@ ADAPTER_FIELDS: dict[str, Case] = {
         ("{num_groups: 0}", "{init_type: mean}", "{groups: 2}"),
         "velora_config",
     ),
+    "monteclora_config": Case(
+        "a MontecloraConfig, a mapping or null",
+        "5",
+        ("{num_samples: 0}", "{dirichlet_prior: 0}", "{samples: 2}"),
+        "monteclora_config",
+    ),
     "rank_pattern": Case(
         "a mapping of regular expressions to whole numbers ≥ 1", "[q_proj]", ("{q_proj: 0}", '{"(": 2}')
     ),

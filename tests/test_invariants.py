@@ -150,6 +150,13 @@ CASES = {
             r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, velora_config={"num_groups": 4}
         )
     ),
+    # MonteCLoRA mixes noisy copies of A in training mode only; the table runs in eval mode, where it is plain
+    # LoRA with its sampler's priors saved beside A and B (training: test_lora_monteclora.py).
+    "lora-monteclora": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, monteclora_config={"num_samples": 2}
+        )
+    ),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
     # peft's default targets per model type; the MLP scales its first layer's output and its second's input.

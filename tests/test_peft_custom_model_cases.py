@@ -10,8 +10,8 @@ one side, moves it to the other through a peft folder, and checks:
 - merged equals unmerged, in both libraries, and unmerge restores the base; where peft refuses to merge
   (grouped convolutions) deltatune refuses too.
 
-Rows for peft's LoRA variants that deltatune lacks (MonteCLoRA) are strict xfails that name the variant:
-they fail today because deltatune refuses the config or the folder, and flip once the variant lands.
+Every case runs: MonteCLoRA, the last of peft's LoRA variants to land, compares in eval mode, where it is
+plain LoRA (its training-mode noise and regulariser are cross-checked in test_lora_monteclora.py).
 """
 
 from __future__ import annotations
@@ -161,18 +161,12 @@ MODELS = {
 class Row:
     model: str
     options: dict[str, Any]
-    needs: str | None = None
-    """The feature deltatune lacks for this row (then a strict xfail), or None."""
-    peft_only: Callable[[], dict[str, Any]] = dict
-    """Keywords only peft's config takes (the variants deltatune lacks, some as objects of peft's classes)."""
 
 
 def _velora(init_type: str) -> dict[str, Any]:
     """peft's VeLoRA keywords as both libraries read them (a mapping becomes each one's VeloraConfig)."""
     return {"velora_config": {"num_groups": 2, "init_type": init_type}}
 
-
-OTHER = "a peft LoRA variant outside the LoRA family work of issue 13"
 
 CASES: dict[str, Row] = {
     "Vanilla MLP 1 LoRA": Row("MLP", {"target_modules": "lin0"}),
@@ -231,10 +225,7 @@ CASES: dict[str, Row] = {
     "MLP 1 using nn.Parameter LoRA": Row("MlpUsingParameters", {"target_parameters": ["lin0.weight"]}),
     "MLP 2 using nn.Parameter LoRA": Row("MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
     "Vanilla MLP 1 LoRA with Monteclora": Row(
-        "MLP",
-        {"target_modules": ["lin0"]},
-        f"MonteCLoRA ({OTHER})",
-        lambda: {"monteclora_config": peft.tuners.lora.config.MontecloraConfig(num_samples=2)},
+        "MLP", {"target_modules": ["lin0"], "monteclora_config": {"num_samples": 2}}
     ),
     "BD-LoRA A only": Row(
         "MLP",
@@ -257,16 +248,9 @@ CASES: dict[str, Row] = {
 }
 
 
-def cases(needs_merge: bool = False) -> list:
-    """The rows as parameters, each named after peft's case; rows that need a missing feature xfail."""
-    return [
-        pytest.param(
-            name,
-            id=name,
-            marks=[pytest.mark.xfail(strict=True, reason=f"needs {row.needs}")] if row.needs else [],
-        )
-        for name, row in CASES.items()
-    ]
+def cases() -> list:
+    """The rows as parameters, each named after peft's case."""
+    return [pytest.param(name, id=name) for name in CASES]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -291,9 +275,8 @@ def perturb_magnitudes(model: nn.Module) -> None:
 
 
 def options_of(row: Row) -> dict[str, Any]:
-    """The row's config keywords for either library, with random A and B (the peft-only ones too: a
-    deltatune config refuses them, which is what makes such a row fail)."""
-    return {"init_lora_weights": False, **copy.deepcopy(row.options), **row.peft_only()}
+    """The row's config keywords for either library, with random A and B."""
+    return {"init_lora_weights": False, **copy.deepcopy(row.options)}
 
 
 def peft_model(row: Row, base: nn.Module) -> peft.PeftModel:

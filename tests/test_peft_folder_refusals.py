@@ -173,7 +173,6 @@ REFUSED_VALUES = {
     "megatron_config": {"tensor_model_parallel_size": 1},
     "use_qalora": True,
     "alora_invocation_tokens": [5, 6],
-    "monteclora_config": {"n_samples": 2},
     "arrow_config": {"top_k": 2},
     "ensure_weight_tying": True,
 }
@@ -202,12 +201,13 @@ def test_a_key_that_changes_the_math_is_refused_by_name(key: str, tmp_path: Path
         {"trainable_token_indices": [3, 4]},
         {"use_bdlora": {"target_modules_bd_a": ["v_proj"], "target_modules_bd_b": ["q_proj"], "nblocks": 2}},
         {"velora_config": {"num_groups": 2, "init_type": "random"}},
+        {"monteclora_config": {"num_samples": 2}},
     ],
     ids=lambda options: "-".join(f"{key}={value}" for key, value in options.items()),
 )
 def test_a_key_deltatune_now_computes_loads_with_peft_outputs(options: dict, tmp_path: Path) -> None:
     """Once refused, these load (their cross-checks: test_lora_bias.py, test_trainable_tokens.py,
-    test_lora_bdlora.py, test_lora_velora.py)."""
+    test_lora_bdlora.py, test_lora_velora.py, test_lora_monteclora.py)."""
     base, expected = peft_folder(tmp_path, **options)
     assert_loads_with_peft_outputs(base, tmp_path, expected)
 

@@ -34,6 +34,7 @@ METHODS: dict[str, Case] = {
     "compacter": CASES["compacter"],
     "bitfit": CASES["bitfit"],
     "vera": CASES["vera"],
+    "lora-monteclora": CASES["lora-monteclora"],
     "ia3": CASES["ia3"],
     "ln_tuning": CASES["ln_tuning"],
     "oft": CASES["oft"],

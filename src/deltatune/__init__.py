@@ -47,6 +47,7 @@ from .methods.lora_data_init import initialize_from_data
 from .methods.lora_eva import EvaConfig
 from .methods.lora_kasa import KasaConfig, kasa_loss
 from .methods.lora_loftq import replace_lora_weights_loftq
+from .methods.lora_monteclora import MontecloraConfig, monteclora_loss
 from .methods.lora_velora import VeloraConfig
 from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
@@ -157,4 +158,6 @@ __all__ = [
     "KasaConfig",
     "kasa_loss",
     "VeloraConfig",
+    "MontecloraConfig",
+    "monteclora_loss",
 ]

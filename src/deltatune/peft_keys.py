@@ -60,6 +60,7 @@ LORA_READ = (
     "use_bdlora",
     "kasa_config",
     "velora_config",
+    "monteclora_config",
 )
 
 LORA_TOLERATED = {
@@ -78,7 +79,6 @@ LORA_REFUSED: dict[str, tuple[Any, str]] = {
     "megatron_config": (None, "LoRA on Megatron's parallel layers"),
     "use_qalora": (False, "QA-LoRA: pooled inputs for quantized layers"),
     "alora_invocation_tokens": (None, "Activated LoRA: the adapter acts only from its invocation tokens on"),
-    "monteclora_config": (None, "MonteCLoRA: sampled adapter weights"),
     "arrow_config": (None, "Arrow: routing between several LoRA experts"),
     "ensure_weight_tying": (False, "the adapter of a tied embedding also acts at the output head"),
 }
@@ -124,6 +124,7 @@ ADALORA_REFUSED = {
     "use_bdlora": (None, "BD-LoRA's block-diagonal A or B, which deltatune implements for LoRA only"),
     "kasa_config": (None, "KaSA's truncated base and singular values, which deltatune implements for LoRA only"),
     "velora_config": (None, "VeLoRA's compressed backward pass, which deltatune implements for LoRA only"),
+    "monteclora_config": (None, "MonteCLoRA's sampled A, which deltatune implements for LoRA only"),
 }
 
 PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")

@@ -13,8 +13,8 @@ adapter's `SiteAdapter.close()` runs as it leaves its site), activation, and mer
 that can be folded into the weights has `delta_parameters(module) -> {"weight": ΔW, ...}` (float32, in
 the layout of the module's own parameters), and `DeltaModel.merge()` adds those deltas.
 
-A method whose training needs work at every step (AdaLoRA's rank budget) also defines
-`training_hook(delta_model, name, total_steps)`, which `deltatune train` calls for each trainable adapter
+A method whose training needs work at every step (AdaLoRA's rank budget, MonteCLoRA's regulariser) also
+defines `training_hook(delta_model, name, total_steps)`, which `deltatune train` calls for each trainable adapter
 of the method (`deltatune.train.step_hooks` says what the hook it returns does).
 
 `ModuleMethod` is the base for methods that put one adapter module on each selected module. A subclass

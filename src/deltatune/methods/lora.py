@@ -19,6 +19,7 @@ format in `lora_peft.py`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from .base import ModuleMethod
 from .lora_bias import add_bias_terms, bias_deltas, output_bias, trained_biases
 from .lora_config import DEFAULT_TARGETS, PLAIN_STARTS, LoraConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
+from .lora_monteclora import MontecloraLossHook, add_monteclora
 from .lora_peft import LoraPeft
 from .lora_velora import add_velora
 from .trainable_tokens import token_rows_beside
@@ -68,6 +70,7 @@ class LoraAdapter(SiteAdapter):
         self.has_output_bias = False
         self.dropout_probability = config.lora_dropout
         self.velora: nn.Module | None = None  # velora_config: the input's compression for backward (LoraLinear)
+        self.monteclora: nn.Module | None = None  # monteclora_config: A's noise in training (LoraLinear)
         self.reset(config.init_lora_weights)
 
     def reset(self, init: bool | str) -> None:
@@ -140,9 +143,11 @@ class LoraLinear(LoraAdapter):
         super().__init__((in_features,), (out_features,), module_name, config, weight)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(dropout(x) Aᵀ, the scaling that goes with it); dropout only in training."""
+        """(dropout(x) Aᵀ, the scaling that goes with it); dropout (and MonteCLoRA's noise on A) only in training."""
         x = x.to(self.lora_A.dtype)
         down = self.down_projection()
+        if self.monteclora is not None and self.training:
+            down = self.monteclora.perturbed(down)
         if self.velora is not None and self.training and torch.is_grad_enabled():
             return self.velora(x, down, self.dropout_probability), self.scaling
         if self.training and self.dropout_probability > 0:
@@ -317,8 +322,13 @@ class Lora(ModuleMethod):
         else:
             adapter = super().build_adapter(module, module_name, config)
         add_velora(adapter, module, module_name, config)
+        add_monteclora(adapter, module, module_name, config)
         add_bias_terms(adapter, module, module_name, config)
         return adapter
+
+    def training_hook(self, delta_model: Any, name: str, total_steps: int) -> MontecloraLossHook | None:
+        """`deltatune train` adds a MonteCLoRA adapter's regulariser to its loss; other LoRA adapters need no hook."""
+        return MontecloraLossHook(delta_model, name) if delta_model.configs[name].monteclora_config else None
 
     def attach(self, placement: Placement, config: LoraConfig) -> None:
         """LoRA's layers: the selected modules and the selected parameters (`target_parameters`: one adapter

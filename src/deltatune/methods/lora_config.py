@@ -15,6 +15,7 @@ from .lora_block_diagonal import BdLoraConfig, check_block_diagonal_options
 from .lora_corda import CordaConfig
 from .lora_eva import EvaConfig
 from .lora_kasa import KasaConfig, check_kasa_options
+from .lora_monteclora import MontecloraConfig, check_monteclora_options
 from .lora_velora import VeloraConfig, check_velora_options
 from .trainable_tokens import check_token_indices
 
@@ -94,6 +95,10 @@ class LoraConfig(TargetedConfig):
     velora_config: VeloraConfig | dict[str, Any] | None = None
     """VeLoRA (`methods/lora_velora.py`): in training, A's gradient from a rank-1 projection of sub-tokens of
     its input, which is all the backward pass keeps of it (linear layers); a mapping is read as one."""
+    monteclora_config: MontecloraConfig | dict[str, Any] | None = None
+    """MonteCLoRA (`methods/lora_monteclora.py`): in training, A is a learned mixture of noisy copies of itself,
+    with a regulariser to add to the loss (`deltatune.monteclora_loss`; `deltatune train` adds it); plain
+    LoRA outside training and in merges (linear layers); a mapping is read as one."""
 
     def validate(self) -> None:
         super().validate()
@@ -101,6 +106,7 @@ class LoraConfig(TargetedConfig):
         check_block_diagonal_options(self)
         check_kasa_options(self)
         check_velora_options(self)
+        check_monteclora_options(self)
         indices = self.trainable_token_indices
         if isinstance(indices, dict):
             for name, listed in indices.items():
@@ -120,6 +126,8 @@ class LoraConfig(TargetedConfig):
             self.kasa_config = KasaConfig.from_dict(self.kasa_config)
         if isinstance(self.velora_config, dict):
             self.velora_config = VeloraConfig.from_dict(self.velora_config)
+        if isinstance(self.monteclora_config, dict):
+            self.monteclora_config = MontecloraConfig.from_dict(self.monteclora_config)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)

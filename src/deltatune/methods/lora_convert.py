@@ -38,6 +38,7 @@ def plain_lora_config(config: LoraConfig) -> LoraConfig:
         alpha_pattern={pattern: alpha_factor * alpha for pattern, alpha in config.alpha_pattern.items()},
         init_lora_weights=True,
         kasa_config=None,
+        monteclora_config=None,  # the same function outside training; a sampler of rank r has no rank-2r form
     )
 
 

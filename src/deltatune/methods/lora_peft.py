@@ -16,7 +16,11 @@ from ..site import SiteAdapter
 from .base import lookup_type
 from .lora_config import LoraConfig
 from .lora_eva import eva_config_for_peft
+from .lora_monteclora import monteclora_config_for_peft
 from .lora_velora import velora_config_for_peft
+
+MONTECLORA_TENSORS = ("std_prior", "expert_weights_prior", "gaussian_var_prior", "expert_weights")
+"""A MonteCLoRA sampler's tensors, under the same names in both libraries."""
 
 
 class LoraPeft(PeftCodec):
@@ -32,6 +36,7 @@ class LoraPeft(PeftCodec):
             "lora_B_bias": "lora_B.bias",
             "trained_bias": "base_layer.bias",
             "velora.projection": "lora_velora_embed",
+            **{f"monteclora.{name}": f"lora_monteclora_sampler.{name}" for name in MONTECLORA_TENSORS},
         },
         "deltatune.methods.token_rows.TokenRows": {"rows": "token_adapter.trainable_tokens_delta"},
         "deltatune.methods.lora_bias.TrainedBias": {"bias": "bias"},
@@ -102,6 +107,7 @@ class LoraPeft(PeftCodec):
             "kasa_config": None if config.kasa_config is None else dataclasses.asdict(config.kasa_config),
             "eva_config": eva_config_for_peft(config),
             "velora_config": velora_config_for_peft(config),
+            "monteclora_config": monteclora_config_for_peft(config),
         }
 
     def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:

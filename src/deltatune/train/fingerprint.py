@@ -69,6 +69,7 @@ ADDED_LATER = {
     "adapter.use_bdlora": None,
     "adapter.kasa_config": None,
     "adapter.velora_config": None,
+    "adapter.monteclora_config": None,
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade. An

@@ -291,8 +291,8 @@ def _step_hooks(run: Run, ranks: distributed.Ranks, total_steps: int) -> dict[st
     hooks = step_hooks(run.delta_model, total_steps)
     if hooks and distributed.sharded(ranks, run.config.data_parallel):
         raise DeltaTuneError(
-            f"adapter {next(iter(hooks))!r} needs whole gradients after each step (AdaLoRA's rank budget), which "
-            "FSDP shards; train it with data_parallel: ddp"
+            f"adapter {next(iter(hooks))!r} needs whole parameters and gradients outside the forward pass (AdaLoRA's "
+            "rank budget, MonteCLoRA's regulariser), which FSDP shards; train it with data_parallel: ddp"
         )
     return hooks
 

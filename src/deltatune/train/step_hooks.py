@@ -1,11 +1,12 @@
 """Per-step work a method asks of the trainer: a term added to the loss, and work after each optimizer step.
 
-A method class may define `training_hook(delta_model, adapter_name, total_steps) -> StepHook`; the
-trainer then builds one for each trainable adapter of that method (AdaLoRA: its `RankAllocator`). Each
-micro-batch's loss gets `hook.loss()` added (before the division by the accumulation count, so a step
-adds it once); after `optimizer.step()` and before the gradients are zeroed the trainer calls
-`hook.after_step(global_step)` with the index of that step, from 0. A hook's `state_dict()` (tensors
-only) goes into the checkpoint and back through `load_state_dict`, so `--resume` stays bit-exact.
+A method class may define `training_hook(delta_model, adapter_name, total_steps) -> StepHook | None`; the
+trainer then builds one for each trainable adapter of that method (AdaLoRA: its `RankAllocator`; LoRA:
+MonteCLoRA's regulariser, None for other LoRA adapters). Each micro-batch's loss gets `hook.loss()` added
+(before the division by the accumulation count, so a step adds it once); after `optimizer.step()` and
+before the gradients are zeroed the trainer calls `hook.after_step(global_step)` with the index of that
+step, from 0. A hook's `state_dict()` (tensors only) goes into the checkpoint and back through
+`load_state_dict`, so `--resume` stays bit-exact.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def step_hooks(delta_model: DeltaModel, total_steps: int) -> dict[str, StepHook]
     for name, config in delta_model.configs.items():
         build = getattr(method_for(config), "training_hook", None)
         if build is not None and any(parameter.requires_grad for parameter in delta_model.adapter_parameters(name)):
-            hooks[name] = build(delta_model, name, total_steps)
+            hook = build(delta_model, name, total_steps)
+            if hook is not None:  # the method needs no hook for this adapter's settings
+                hooks[name] = hook
     return hooks
 
 
@@ -62,7 +65,7 @@ def hooks_state(hooks: dict[str, StepHook]) -> dict[str, torch.Tensor]:
 
 def load_hooks_state(hooks: dict[str, StepHook], tensors: dict[str, torch.Tensor]) -> None:
     """Give each hook its part of `tensors` (as `hooks_state` keyed them)."""
-    if hooks and not tensors:
+    if not tensors and any(hook.state_dict() for hook in hooks.values()):
         raise DeltaTuneError(
             f"the checkpoint holds no step state for adapter {next(iter(hooks))!r} (AdaLoRA's rank budget), so the "
             "run cannot continue exactly; train afresh without --resume"
