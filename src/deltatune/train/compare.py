@@ -1,0 +1,110 @@
+"""`deltatune compare`: which method for my task, and how close to full fine-tuning does it get?
+
+    deltatune compare run.yaml --methods lora,bottleneck,bitfit,prompt_tuning,full
+        [--max-steps N | --epochs E | --time-budget SECONDS] [--set lora.learning_rate=1e-3 ...]
+        [--overwrite] [--quiet] [key=value ...]
+
+Every method trains on the same data, with the same budget and seed (`compare_plan`: how each
+method's config is made and what is refused before anything trains), through `deltatune train`'s own
+run (`loop.train`: the same loop, metrics and files, each method from a freshly loaded base), one after
+the other in this process: a bar over the methods stands above each run's own bars. Each method's run
+stays in `OUTPUT_DIR/<method>/` (its adapter, metrics.json, plot); its peak memory is measured around
+its run (`compare_memory`). Then the results table is printed and written with the plot
+(`compare_report`: compare.md, compare.json, compare.png).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .checkpoint import ADAPTER_FOLDER
+from .compare_memory import measure_peak
+from .compare_plan import Budget, CompareError, MethodPlan, check_methods_fit, plan_comparison
+from .compare_report import table, write_results
+from .distributed import ranks_from_environment
+from .loop import choose_device, train
+from .report import METRICS_FILE
+from .tasks import get_task
+
+
+@dataclasses.dataclass
+class CompareOptions:
+    """A comparison as `deltatune compare` takes it."""
+
+    config: str | Path
+    """The YAML training config every method starts from."""
+    methods: list[str]
+    """Registered method names, in the order they run and are listed."""
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    """`key=value` overrides for every method."""
+    method_overrides: list[str] = dataclasses.field(default_factory=list)
+    """`METHOD.KEY=VALUE` overrides, each for one method."""
+    budget: Budget = dataclasses.field(default_factory=Budget)
+    overwrite: bool = False
+    """Replace an earlier run in the output folder."""
+    progress: bool = True
+
+
+def compare(options: CompareOptions) -> dict[str, Any]:
+    """Run the comparison; returns what compare.json holds (and prints the table)."""
+    if ranks_from_environment().distributed:
+        raise CompareError("deltatune compare runs in one process; start it without torchrun")
+    base, plans = plan_comparison(
+        options.config, options.methods, options.overrides, options.method_overrides, options.budget, options.overwrite
+    )
+    check_methods_fit(base, plans)
+    bar = tqdm(total=len(plans), unit="method", disable=not options.progress, dynamic_ncols=True)
+    rows = []
+    for plan in plans:
+        bar.set_description(f"compare: {plan.method}")
+        rows.append(run_method(plan, options.budget, options.progress))
+        bar.update(1)
+    bar.close()
+    task = get_task(base.task)
+    summary = {
+        "config": str(options.config),
+        "task": base.task,
+        "metric": task.main_metric,
+        "eval_file": str(base.eval_file),
+        "budget": options.budget.describe(plans[0].config),
+        "seed": base.seed,
+        "device": str(choose_device(base.device, ranks_from_environment())),
+        "memory": rows[0]["memory_kind"],
+        "methods": rows,
+    }
+    write_results(Path(base.output_dir), summary)
+    print(table(summary))
+    print(f"results in {Path(base.output_dir)}: compare.md, compare.json, compare.png; each method's run in its folder")
+    return summary
+
+
+def run_method(plan: MethodPlan, budget: Budget, progress: bool) -> dict[str, Any]:
+    """Train one method (`loop.train`) and read its row from its own metrics.json and adapter folder."""
+    device = choose_device(plan.config.device, ranks_from_environment())
+    with measure_peak(device) as peak:
+        output_dir = train(plan.config, progress=progress, time_budget=budget.seconds).output_dir
+    metrics = json.loads((output_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    adapter = output_dir / ADAPTER_FOLDER
+    main_metric = get_task(plan.config.task).main_metric
+    return {
+        "method": plan.method,
+        "adapter": plan.config.adapter_config().to_dict(),
+        "overrides": list(plan.overrides),
+        "output_dir": str(output_dir),
+        "metric": metrics["eval"].get(main_metric),
+        "eval": metrics["eval"],
+        "trainable_parameters": metrics["trainable_parameters"],
+        "total_parameters": metrics["total_parameters"],
+        "trainable_percent": 100.0 * metrics["trainable_parameters"] / metrics["total_parameters"],
+        "steps": metrics["steps"],
+        "wall_seconds": metrics["seconds"],
+        "train_seconds": metrics["train_seconds"],
+        "peak_memory_bytes": peak.bytes,
+        "memory_kind": peak.kind,
+        "adapter_bytes": sum(path.stat().st_size for path in adapter.rglob("*") if path.is_file()),
+    }
