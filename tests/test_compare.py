@@ -19,9 +19,11 @@ from deltatune.train.progress import TrainingClock
 from deltatune.train.time_budget import StopRule
 from training_fixtures import task_config
 
-METHODS = ["lora", "bitfit", "bottleneck", "full"]
+METHODS = ["lora", "bitfit", "houlsby", "full"]
+"""The rows; `houlsby` is `houlsby=bottleneck` with its preset set."""
 STEPS = 3
 ROW_FIELDS = {
+    "label",
     "method",
     "adapter",
     "overrides",
@@ -51,8 +53,16 @@ def compared(tmp_path_factory) -> tuple[Path, Path, str]:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(
-            ["compare", str(config), "--methods", ",".join(METHODS), "--max-steps", str(STEPS), "--quiet"]
-            + ["--set", "lora.adapter.r=2", "--set", "full.learning_rate=1e-3"]
+            ["compare", str(config), "--methods", "lora,bitfit,houlsby=bottleneck,full", "--max-steps", str(STEPS)]
+            + [
+                "--set",
+                "lora.adapter.r=2",
+                "--set",
+                "full.learning_rate=1e-3",
+                "--set",
+                "houlsby.adapter.preset=houlsby",
+            ]
+            + ["--quiet"]
         )
     assert code == 0
     return config, root / "out", printed.getvalue()
@@ -79,10 +89,11 @@ def test_every_json_row_agrees_with_the_methods_own_metrics_and_files(compared) 
     summary = json.loads((out / "compare.json").read_text())
     assert summary["task"] == "seq-cls" and summary["metric"] == "accuracy" and summary["seed"] == 0
     assert summary["budget"] == f"{STEPS} optimizer steps each"
-    assert [row["method"] for row in summary["methods"]] == METHODS
+    assert [row["label"] for row in summary["methods"]] == METHODS
+    assert [row["method"] for row in summary["methods"]] == ["lora", "bitfit", "bottleneck", "full"]
     for row in summary["methods"]:
         assert set(row) == ROW_FIELDS
-        folder = out / row["method"]
+        folder = out / row["label"]
         assert Path(row["output_dir"]) == folder
         metrics = json.loads((folder / "metrics.json").read_text())
         assert row["metric"] == metrics["eval"]["accuracy"] and row["eval"] == metrics["eval"]
@@ -101,8 +112,9 @@ def test_every_json_row_agrees_with_the_methods_own_metrics_and_files(compared) 
         assert row["adapter_bytes"] == sum(path.stat().st_size for path in adapter_files) > 0
         assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] > 0
         assert row["adapter"]["method"] == row["method"]
-    by_method = {row["method"]: row for row in summary["methods"]}
+    by_method = {row["label"]: row for row in summary["methods"]}
     assert by_method["lora"]["adapter"]["r"] == 2 and by_method["lora"]["overrides"] == ["adapter.r=2"]
+    assert by_method["houlsby"]["adapter"]["preset"] == "houlsby"
     assert by_method["full"]["trainable_percent"] == 100.0
     assert by_method["full"]["adapter_bytes"] > 4 * by_method["full"]["total_parameters"]  # every float32 weight
 
@@ -111,8 +123,8 @@ def test_each_row_metric_is_its_saved_adapter_evaluated_again(compared) -> None:
     """Independent of metrics.json: each method's kept adapter, loaded onto a fresh base and evaluated."""
     config, out, _ = compared
     for row in rows(out):
-        run = prepare_run(TrainConfig.from_yaml(config), adapter=str(out / row["method"] / "adapter"))
-        assert run.evaluate(progress=False).metrics["accuracy"] == row["metric"], row["method"]
+        run = prepare_run(TrainConfig.from_yaml(config), adapter=str(out / row["label"] / "adapter"))
+        assert run.evaluate(progress=False).metrics["accuracy"] == row["metric"], row["label"]
         counted = sum(p.numel() for p in run.delta_model.adapter_parameters("default"))
         if row["method"] == "full":
             base = sum(p.numel() for p in run.delta_model.base_model.parameters())
@@ -146,11 +158,21 @@ def test_the_plot_is_a_real_image(compared) -> None:
         (["--methods", "lora,bitfit", "--max-steps", "0"], "--max-steps must be positive, got 0"),
         (["--methods", "lora,bitfit", "--time-budget", "-5"], "--time-budget must be positive, got -5"),
         (["--methods", "lora,lora"], "names lora more than once"),
+        (["--methods", "a.b=lora"], "label 'a.b' contains '.'"),
         (["--methods", "lora,bitfit", "--set", "lora.task=causal-lm"], "task is the same for every method"),
         (["--methods", "lora", "--set", "bitfit.learning_rate=1"], "for method 'bitfit', which --methods does not"),
         (["--methods", "lora,bitfit"], "already holds a run .*compare.md.*--overwrite"),
     ],
-    ids=["unknown-method", "zero-steps", "negative-time", "repeated", "tasks-differ", "set-other", "output-taken"],
+    ids=[
+        "unknown-method",
+        "zero-steps",
+        "negative-time",
+        "repeated",
+        "bad-label",
+        "tasks-differ",
+        "set-other",
+        "taken",
+    ],
 )
 def test_bad_input_gets_one_line(compared, capsys, arguments: list[str], message: str) -> None:
     config, _, _ = compared

@@ -121,3 +121,10 @@ def test_the_trainer_trains_the_head_in_place_and_the_folder_loads_back(tmp_path
     batch = {"input_ids": torch.tensor([[1, 12, 13, 14, 15]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, trained(**batch).logits)
+
+
+def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    from resume_checks import RESUME_SETTINGS, assert_resume_equals_the_uninterrupted_run
+
+    config = task_config(tmp_path, "causal-lm", **{**RESUME_SETTINGS, "adapter": {"method": "full"}})
+    assert_resume_equals_the_uninterrupted_run(config, tmp_path)

@@ -39,7 +39,7 @@ class CompareOptions:
     config: str | Path
     """The YAML training config every method starts from."""
     methods: list[str]
-    """Registered method names, in the order they run and are listed."""
+    """Registered method names (or `LABEL=METHOD`), in the order they run and are listed."""
     overrides: list[str] = dataclasses.field(default_factory=list)
     """`key=value` overrides for every method."""
     method_overrides: list[str] = dataclasses.field(default_factory=list)
@@ -61,7 +61,7 @@ def compare(options: CompareOptions) -> dict[str, Any]:
     bar = tqdm(total=len(plans), unit="method", disable=not options.progress, dynamic_ncols=True)
     rows = []
     for plan in plans:
-        bar.set_description(f"compare: {plan.method}")
+        bar.set_description(f"compare: {plan.label}")
         rows.append(run_method(plan, options.budget, options.progress))
         bar.update(1)
     bar.close()
@@ -92,6 +92,7 @@ def run_method(plan: MethodPlan, budget: Budget, progress: bool) -> dict[str, An
     adapter = output_dir / ADAPTER_FOLDER
     main_metric = get_task(plan.config.task).main_metric
     return {
+        "label": plan.label,
         "method": plan.method,
         "adapter": plan.config.adapter_config().to_dict(),
         "overrides": list(plan.overrides),

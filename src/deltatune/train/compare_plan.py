@@ -1,15 +1,18 @@
 """What `deltatune compare` runs: one training config per method, every one checked before any trains.
 
-Each method's config is the comparison's config (with its `key=value` overrides) and:
+A `--methods` entry is a registered method name, or `LABEL=METHOD` to compare one method in several
+settings (`houlsby=bottleneck,pfeiffer=bottleneck` with `--set houlsby.adapter.preset=houlsby`): the
+label names the method's row, folder and `--set` prefix. Each method's config is the comparison's
+config (with its `key=value` overrides) and:
 - `adapter`: the config's own `adapter` section for the method it names, `{method: NAME}` (the method's
   defaults) for every other;
 - the budget, the same for all: `--max-steps`, `--epochs`, or the config's own steps; with
   `--time-budget` the same training time instead (`time_budget.py`);
-- `output_dir`: `OUTPUT_DIR/<method>/` (its adapter, metrics.json and plot, as `deltatune train` leaves);
-- then its own overrides, `--set METHOD.KEY=VALUE` (any `deltatune train` override: `lora.learning_rate=1e-3`,
+- `output_dir`: `OUTPUT_DIR/<label>/` (its adapter, metrics.json and plot, as `deltatune train` leaves);
+- then its own overrides, `--set LABEL.KEY=VALUE` (any `deltatune train` override: `lora.learning_rate=1e-3`,
   `lora.adapter.r=16`), which may not touch what the comparison holds equal (`SHARED_KEYS`).
 
-Refused in one line, before any model trains: an unknown method, a method named twice, a budget that
+Refused in one line, before any model trains: an unknown method, a label named twice, a budget that
 is not positive, a `--set` for a method not compared or of a shared key, a method whose config does not
 validate or that cannot attach to the config's model for its task (every method is attached once to the
 loaded base, and taken off again), and an output folder that holds another run (unless `--overwrite`).
@@ -21,6 +24,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import DeltaTuneError
+from ..names import name_problem
 from ..registry import get_method
 from .config import TrainConfig, apply_overrides
 from .outputs import previous_run
@@ -87,8 +91,9 @@ class Budget:
 
 @dataclasses.dataclass(frozen=True)
 class MethodPlan:
-    """One method of a comparison: its training config and the `--set` overrides that made it."""
+    """One method of a comparison: its label, its training config and the `--set` overrides that made it."""
 
+    label: str
     method: str
     config: TrainConfig
     overrides: tuple[str, ...]
@@ -102,41 +107,53 @@ def plan_comparison(
     budget: Budget,
     overwrite: bool,
 ) -> tuple[TrainConfig, list[MethodPlan]]:
-    """The comparison's own config and one plan per method (see the module docstring)."""
-    if not methods:
-        raise CompareError("--methods names no method; give a comma-separated list such as lora,bitfit,full")
-    repeated = sorted({method for method in methods if methods.count(method) > 1})
-    if repeated:
-        raise CompareError(f"--methods names {', '.join(repeated)} more than once; name each method once")
-    for method in methods:
-        get_method(method)  # an unknown name: the error lists the registered methods
+    """The comparison's own config and one plan per `--methods` entry (see the module docstring)."""
+    labelled = _labelled_methods(methods)
     base = TrainConfig.from_yaml(config_path, overrides)
     if not base.eval_file:
         raise CompareError("a comparison scores every method on eval_file, and the config has none; add eval_file")
-    per_method = _method_overrides(method_overrides, methods)
+    per_label = _method_overrides(method_overrides, list(labelled))
     root = Path(base.output_dir)
-    _check_output_dir(root, methods, overwrite)
+    _check_output_dir(root, list(labelled), overwrite)
     plans = []
-    for method in methods:
+    for label, method in labelled.items():
         adapter = base.adapter if base.adapter.get("method") == method else {"method": method}
         data = {
             **base.to_dict(),
             "adapter": dict(adapter),
             **budget.settings(),
-            "output_dir": str(root / method),
+            "output_dir": str(root / label),
             "overwrite_output_dir": overwrite,
         }
         try:
-            config = TrainConfig.from_dict(apply_overrides(data, per_method[method]))
+            config = TrainConfig.from_dict(apply_overrides(data, per_label[label]))
         except DeltaTuneError as error:
-            raise CompareError(f"method {method!r} cannot run in this comparison: {error}") from None
-        plans.append(MethodPlan(method, config, tuple(per_method[method])))
+            raise CompareError(f"method {label!r} cannot run in this comparison: {error}") from None
+        plans.append(MethodPlan(label, method, config, tuple(per_label[label])))
     return base, plans
 
 
-def _method_overrides(method_overrides: list[str], methods: list[str]) -> dict[str, list[str]]:
-    """{method: its `KEY=VALUE` overrides} from the `METHOD.KEY=VALUE` items of `--set`."""
-    found: dict[str, list[str]] = {method: [] for method in methods}
+def _labelled_methods(entries: list[str]) -> dict[str, str]:
+    """{label: registered method} of the `--methods` entries (`METHOD` or `LABEL=METHOD`), checked."""
+    if not entries:
+        raise CompareError("--methods names no method; give a comma-separated list such as lora,bitfit,full")
+    labelled: dict[str, str] = {}
+    for entry in entries:
+        label, _, method = entry.rpartition("=")
+        label = label or method
+        problem = name_problem(label)  # it names a folder and prefixes --set items
+        if problem is not None:
+            raise CompareError(f"--methods label {label!r} {problem}; give a label without '.', '/' or ':'")
+        if label in labelled:
+            raise CompareError(f"--methods names {label} more than once; name each method once (or label each: a=lora)")
+        get_method(method)  # an unknown name: the error lists the registered methods
+        labelled[label] = method
+    return labelled
+
+
+def _method_overrides(method_overrides: list[str], labels: list[str]) -> dict[str, list[str]]:
+    """{label: its `KEY=VALUE` overrides} from the `LABEL.KEY=VALUE` items of `--set`."""
+    found: dict[str, list[str]] = {label: [] for label in labels}
     for item in method_overrides:
         method, dot, override = item.partition(".")
         key = override.partition("=")[0].strip().split(".")[0]
@@ -153,10 +170,10 @@ def _method_overrides(method_overrides: list[str], methods: list[str]) -> dict[s
     return found
 
 
-def _check_output_dir(root: Path, methods: list[str], overwrite: bool) -> None:
+def _check_output_dir(root: Path, labels: list[str], overwrite: bool) -> None:
     """Refuse a folder that holds another run (a comparison, a training run, a method's run) unless `overwrite`."""
     found = [name for name in COMPARE_FILES if (root / name).exists()] + previous_run(root)
-    found += [f"{method}/" for method in methods if previous_run(root / method)]
+    found += [f"{label}/" for label in labels if previous_run(root / label)]
     if found and not overwrite:
         raise CompareError(
             f"output_dir {root} already holds a run ({', '.join(found)}); pass --overwrite to replace it, or give "
@@ -182,7 +199,7 @@ def check_methods_fit(base: TrainConfig, plans: list[MethodPlan]) -> None:
             delta_model: DeltaModel = attach_adapter(model, plan.config.adapter_config(), task)
         except DeltaTuneError as error:
             raise CompareError(
-                f"method {plan.method!r} cannot run this comparison's {base.task} task on {type(model).__name__}: "
+                f"method {plan.label!r} cannot run this comparison's {base.task} task on {type(model).__name__}: "
                 f"{error}"
             ) from None
         delta_model.delete("default")

@@ -1,13 +1,15 @@
 """What `deltatune compare` leaves besides each method's own run: `compare.md`, `compare.json`, `compare.png`.
 
-`compare.json`: {"config", "task", "metric", "budget", "seed", "device", "memory", "methods": [row, ...]},
-one row per method in the order compared, its figures read from the method's own `metrics.json` (the
-metric, steps, seconds, parameter counts) and measured around its run (peak memory, adapter bytes):
+`compare.json`: {"config", "task", "metric", "eval_file", "budget", "seed", "device", "memory",
+"methods": [row, ...]}, one row per method in the order compared, its figures read from the method's
+own `metrics.json` (the metric, steps, seconds, parameter counts) and measured around its run (peak
+memory, adapter bytes):
 
-    method, adapter (its config), overrides (its --set items), output_dir, metric (the task's main eval
-    metric), eval (every eval metric), trainable_parameters, total_parameters, trainable_percent, steps,
-    wall_seconds (training and final evaluation, metrics.json's seconds), train_seconds (training alone),
-    peak_memory_bytes (null where not measured, `compare_memory`), adapter_bytes (the adapter folder's files)
+    label (the row's name: its --methods label, else the method), method, adapter (its config),
+    overrides (its --set items), output_dir, metric (the task's main eval metric), eval (every eval
+    metric), trainable_parameters, total_parameters, trainable_percent, steps, wall_seconds (training
+    and final evaluation: metrics.json's seconds), train_seconds (training alone), peak_memory_bytes
+    (null where not measured) and memory_kind (`compare_memory`), adapter_bytes (the adapter folder's files)
 
 `compare.md` holds the same table as the one printed. `compare.png` (matplotlib; skipped with a note
 without it) plots the metric against the trainable share of parameters on a log axis, each method's
@@ -25,7 +27,7 @@ from ..atomic import json_writer, write_files
 from .report import finite_json
 
 COLUMNS = (
-    ("method", "method", "{}"),
+    ("label", "method", "{}"),
     ("metric", "{metric}", "{:.4f}"),
     ("trainable_parameters", "trainable", "{:,}"),
     ("trainable_percent", "trainable %", "{:.4g}"),
@@ -93,7 +95,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         area = 40 + 460 * row["wall_seconds"] / slowest
         axis.scatter(row["trainable_percent"], row["metric"], s=area, alpha=0.6)
         axis.annotate(
-            f"{row['method']} ({row['wall_seconds']:.3g} s)",
+            f"{row['label']} ({row['wall_seconds']:.3g} s)",
             (row["trainable_percent"], row["metric"]),
             textcoords="offset points",
             xytext=(6, 6),
