@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import ADAPTER_FOLDER
 from .compare_memory import measure_peak
 from .compare_plan import Budget, CompareError, MethodPlan, check_methods_fit, plan_comparison
-from .compare_report import table, write_results
+from .compare_report import import_plotting, table, write_results
 from .distributed import ranks_from_environment
 from .loop import choose_device, train
 from .report import METRICS_FILE
@@ -58,6 +58,7 @@ def compare(options: CompareOptions) -> dict[str, Any]:
         options.config, options.methods, options.overrides, options.method_overrides, options.budget, options.overwrite
     )
     check_methods_fit(base, plans)
+    import_plotting()
     bar = tqdm(total=len(plans), unit="method", disable=not options.progress, dynamic_ncols=True)
     rows = []
     for plan in plans:

@@ -9,7 +9,11 @@
 - Elsewhere (no /proc, another C library): None. A figure not measured is reported as missing, never
   as the process's lifetime peak, which would credit every method with the largest run before it.
 
-Both count the model's load too: the peak of the whole run (load, training, final evaluation).
+Both count the model's load too: the peak of the whole run (load, training, final evaluation). On the
+CPU the first method also carries what the process keeps after its first training run (libraries
+loaded on first use, thread pools): 24 MiB on a tiny BERT (measured: the same method run first and
+again read 24 and 3 MiB), small beside a real model's weights and optimizer state, but read the first
+row of a small model with that in mind.
 """
 
 from __future__ import annotations
