@@ -39,6 +39,7 @@ ROW_FIELDS = {
     "peak_memory_bytes",
     "memory_kind",
     "adapter_bytes",
+    "error",
 }
 
 
@@ -111,7 +112,7 @@ def test_every_json_row_agrees_with_the_methods_own_metrics_and_files(compared) 
         adapter_files = [path for path in (folder / "adapter").iterdir() if path.is_file()]
         assert row["adapter_bytes"] == sum(path.stat().st_size for path in adapter_files) > 0
         assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] > 0
-        assert row["adapter"]["method"] == row["method"]
+        assert row["adapter"]["method"] == row["method"] and row["error"] is None
     by_method = {row["label"]: row for row in summary["methods"]}
     assert by_method["lora"]["adapter"]["r"] == 2 and by_method["lora"]["overrides"] == ["adapter.r=2"]
     assert by_method["houlsby"]["adapter"]["preset"] == "houlsby"
@@ -190,6 +191,17 @@ def test_a_method_that_cannot_run_the_task_is_refused_before_any_trains(tmp_path
     error = capsys.readouterr().err
     assert "method 'prompt_tuning' cannot run in this comparison" in error and error.count("\n") == 1
     assert not (tmp_path / "out" / "lora").exists()
+
+
+def test_a_diverging_method_is_a_row_with_its_error_and_the_next_method_runs(tmp_path: Path, capsys) -> None:
+    config = task_config(tmp_path, "seq-cls", arch="bert")
+    arguments = ["--max-steps", "2", "--set", "full.learning_rate=1e30", "--set", "full.max_grad_norm=null", "--quiet"]
+    assert main(["compare", str(config), "--methods", "full,bitfit", *arguments]) == 0
+    diverged, trained = rows(tmp_path / "out")
+    assert diverged["error"].startswith("training diverged at step") and diverged["metric"] is None
+    assert all(diverged[key] is None for key in ("trainable_parameters", "wall_seconds", "adapter_bytes"))
+    assert trained["error"] is None and trained["steps"] == 2 and trained["metric"] is not None
+    assert "| full | n/a |" in capsys.readouterr().out
 
 
 def test_a_time_budget_stops_on_training_time_and_decays_over_it(tmp_path: Path) -> None:

@@ -106,7 +106,10 @@ def test_a_quantized_base_is_refused() -> None:
 
 
 def test_the_trainer_trains_the_head_in_place_and_the_folder_loads_back(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
     from deltatune.train import train
+    from deltatune.train.cli import main
     from deltatune.train.config import TrainConfig
     from deltatune.train.loop import prepare_run
 
@@ -121,6 +124,11 @@ def test_the_trainer_trains_the_head_in_place_and_the_folder_loads_back(tmp_path
     batch = {"input_ids": torch.tensor([[1, 12, 13, 14, 15]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, trained(**batch).logits)
+    # merged: a plain transformers folder of the tuned model
+    assert main(["merge", config.model, str(result.output_dir / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, trained(**batch).logits, atol=1e-6, rtol=0)
 
 
 def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tmp_path: Path) -> None:

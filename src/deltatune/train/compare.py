@@ -8,9 +8,11 @@ Every method trains on the same data, with the same budget and seed (`compare_pl
 method's config is made and what is refused before anything trains), through `deltatune train`'s own
 run (`loop.train`: the same loop, metrics and files, each method from a freshly loaded base), one after
 the other in this process: a bar over the methods stands above each run's own bars. Each method's run
-stays in `OUTPUT_DIR/<method>/` (its adapter, metrics.json, plot); its peak memory is measured around
-its run (`compare_memory`). Then the results table is printed and written with the plot
-(`compare_report`: compare.md, compare.json, compare.png).
+stays in `OUTPUT_DIR/<label>/` (its adapter, metrics.json, plot); its peak memory is measured around
+its run (`compare_memory`). A method whose training diverges (`TrainingDivergedError`: its learning rate
+too high, say) is a result, not the end of the comparison: its row keeps the error and no figures, and
+the next method runs. Then the results table is printed and written with the plot (`compare_report`:
+compare.md, compare.json, compare.png).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..errors import TrainingDivergedError
 from .checkpoint import ADAPTER_FOLDER
 from .compare_memory import measure_peak
 from .compare_plan import Budget, CompareError, MethodPlan, check_methods_fit, plan_comparison
@@ -75,7 +78,7 @@ def compare(options: CompareOptions) -> dict[str, Any]:
         "budget": options.budget.describe(plans[0].config),
         "seed": base.seed,
         "device": str(choose_device(base.device, ranks_from_environment())),
-        "memory": rows[0]["memory_kind"],
+        "memory": next((row["memory_kind"] for row in rows if row["memory_kind"]), "not measured"),
         "methods": rows,
     }
     write_results(Path(base.output_dir), summary)
@@ -84,20 +87,45 @@ def compare(options: CompareOptions) -> dict[str, Any]:
     return summary
 
 
+FIGURES = (
+    "metric",
+    "trainable_parameters",
+    "total_parameters",
+    "trainable_percent",
+    "steps",
+    "wall_seconds",
+    "train_seconds",
+    "peak_memory_bytes",
+    "memory_kind",
+    "adapter_bytes",
+)
+"""The figures of a row, none of which a diverged run has."""
+
+
 def run_method(plan: MethodPlan, budget: Budget, progress: bool) -> dict[str, Any]:
-    """Train one method (`loop.train`) and read its row from its own metrics.json and adapter folder."""
+    """Train one method (`loop.train`) and read its row from its own metrics.json and adapter folder; a
+    run that diverged gives a row with its error and no figures."""
     device = choose_device(plan.config.device, ranks_from_environment())
-    with measure_peak(device) as peak:
-        output_dir = train(plan.config, progress=progress, time_budget=budget.seconds).output_dir
-    metrics = json.loads((output_dir / METRICS_FILE).read_text(encoding="utf-8"))
-    adapter = output_dir / ADAPTER_FOLDER
-    main_metric = get_task(plan.config.task).main_metric
-    return {
+    row = {
         "label": plan.label,
         "method": plan.method,
         "adapter": plan.config.adapter_config().to_dict(),
         "overrides": list(plan.overrides),
-        "output_dir": str(output_dir),
+        "output_dir": plan.config.output_dir,
+        "error": None,
+    }
+    try:
+        with measure_peak(device) as peak:
+            train(plan.config, progress=progress, time_budget=budget.seconds)
+    except TrainingDivergedError as error:
+        tqdm.write(f"{plan.label}: {error}")
+        return {**row, **dict.fromkeys(FIGURES), "eval": {}, "error": str(error)}
+    output_dir = Path(plan.config.output_dir)
+    metrics = json.loads((output_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    adapter = output_dir / ADAPTER_FOLDER
+    main_metric = get_task(plan.config.task).main_metric
+    return {
+        **row,
         "metric": metrics["eval"].get(main_metric),
         "eval": metrics["eval"],
         "trainable_parameters": metrics["trainable_parameters"],
