@@ -160,6 +160,10 @@ def test_the_plot_is_a_real_image(compared) -> None:
         (["--methods", "lora,bitfit", "--time-budget", "-5"], "--time-budget must be positive, got -5"),
         (["--methods", "lora,lora"], "names lora more than once"),
         (["--methods", "a.b=lora"], "label 'a.b' contains '.'"),
+        (
+            ["--methods", "lora", "--metric", "bleu", "output_dir=never-written"],
+            "--metric 'bleu' is not computed for seq-cls; use one of loss, acc",
+        ),
         (["--methods", "lora,bitfit", "--set", "lora.task=causal-lm"], "task is the same for every method"),
         (["--methods", "lora", "--set", "bitfit.learning_rate=1"], "for method 'bitfit', which --methods does not"),
         (["--methods", "lora,bitfit"], "already holds a run .*compare.md.*--overwrite"),
@@ -170,6 +174,7 @@ def test_the_plot_is_a_real_image(compared) -> None:
         "negative-time",
         "repeated",
         "bad-label",
+        "unknown-metric",
         "tasks-differ",
         "set-other",
         "taken",

@@ -4,7 +4,7 @@
     deltatune train CONFIG.yaml [key=value ...] [--resume [CHECKPOINT]]
     deltatune eval CONFIG.yaml [key=value ...] [--adapter DIR | --base]
     deltatune compare CONFIG.yaml --methods lora,bitfit,full [--max-steps N | --epochs E | --time-budget S]
-        [--set METHOD.KEY=VALUE ...] [--overwrite] [key=value ...]   the same data, budget and seed for each
+        [--set LABEL.KEY=VALUE ...] [--metric M] [--overwrite] [key=value ...]   same data, budget, seed for each
     deltatune merge MODEL ADAPTER OUT [--overwrite]   a full model folder with the adapter merged in
         [--quantize NAME --dequantize [--dtype D] [--requantize NAME]]   ... from a quantized base
     deltatune inspect MODEL|CONFIG.yaml [--adapter DIR]   the module tree, parameters counted

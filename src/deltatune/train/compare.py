@@ -48,6 +48,9 @@ class CompareOptions:
     method_overrides: list[str] = dataclasses.field(default_factory=list)
     """`METHOD.KEY=VALUE` overrides, each for one method."""
     budget: Budget = dataclasses.field(default_factory=Budget)
+    metric: str | None = None
+    """The eval metric the table and the plot show (every metric is in compare.json): one of the task's
+    metrics or "loss"; None: the task's main metric (accuracy, exact_match, ...)."""
     overwrite: bool = False
     """Replace an earlier run in the output folder."""
     progress: bool = True
@@ -60,20 +63,20 @@ def compare(options: CompareOptions) -> dict[str, Any]:
     base, plans = plan_comparison(
         options.config, options.methods, options.overrides, options.method_overrides, options.budget, options.overwrite
     )
+    metric = chosen_metric(base.task, options.metric)
     check_methods_fit(base, plans)
     import_plotting()
     bar = tqdm(total=len(plans), unit="method", disable=not options.progress, dynamic_ncols=True)
     rows = []
     for plan in plans:
         bar.set_description(f"compare: {plan.label}")
-        rows.append(run_method(plan, options.budget, options.progress))
+        rows.append(run_method(plan, options.budget, metric, options.progress))
         bar.update(1)
     bar.close()
-    task = get_task(base.task)
     summary = {
         "config": str(options.config),
         "task": base.task,
-        "metric": task.main_metric,
+        "metric": metric,
         "eval_file": str(base.eval_file),
         "budget": options.budget.describe(plans[0].config),
         "seed": base.seed,
@@ -102,7 +105,18 @@ FIGURES = (
 """The figures of a row, none of which a diverged run has."""
 
 
-def run_method(plan: MethodPlan, budget: Budget, progress: bool) -> dict[str, Any]:
+def chosen_metric(task_name: str, metric: str | None) -> str:
+    """`metric` if the task computes it ("loss" or one of its metrics), the task's main metric for None."""
+    task = get_task(task_name)
+    if metric is None:
+        return task.main_metric
+    known = ["loss", *task.metrics]
+    if metric not in known:
+        raise CompareError(f"--metric {metric!r} is not computed for {task_name}; use one of {', '.join(known)}")
+    return metric
+
+
+def run_method(plan: MethodPlan, budget: Budget, metric: str, progress: bool) -> dict[str, Any]:
     """Train one method (`loop.train`) and read its row from its own metrics.json and adapter folder; a
     run that diverged gives a row with its error and no figures."""
     device = choose_device(plan.config.device, ranks_from_environment())
@@ -123,10 +137,9 @@ def run_method(plan: MethodPlan, budget: Budget, progress: bool) -> dict[str, An
     output_dir = Path(plan.config.output_dir)
     metrics = json.loads((output_dir / METRICS_FILE).read_text(encoding="utf-8"))
     adapter = output_dir / ADAPTER_FOLDER
-    main_metric = get_task(plan.config.task).main_metric
     return {
         **row,
-        "metric": metrics["eval"].get(main_metric),
+        "metric": metrics["eval"].get(metric),
         "eval": metrics["eval"],
         "trainable_parameters": metrics["trainable_parameters"],
         "total_parameters": metrics["total_parameters"],

@@ -19,6 +19,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     comparing.add_argument(
         "--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="an override for one method"
     )
+    comparing.add_argument("--metric", help="the eval metric of the table and plot (default: the task's main one)")
     comparing.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     comparing.add_argument("--quiet", action="store_true", help="no progress bars")
     comparing.set_defaults(run=run)
@@ -35,6 +36,7 @@ def run(arguments: argparse.Namespace) -> None:
             overrides=arguments.overrides,
             method_overrides=arguments.set,
             budget=Budget(arguments.max_steps, arguments.epochs, arguments.time_budget),
+            metric=arguments.metric,
             overwrite=arguments.overwrite,
             progress=not arguments.quiet,
         )

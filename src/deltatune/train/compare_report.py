@@ -6,7 +6,7 @@ own `metrics.json` (the metric, steps, seconds, parameter counts) and measured a
 memory, adapter bytes):
 
     label (the row's name: its --methods label, else the method), method, adapter (its config),
-    overrides (its --set items), output_dir, metric (the task's main eval metric), eval (every eval
+    overrides (its --set items), output_dir, metric (the --metric, else the task's main one), eval (every eval
     metric), trainable_parameters, total_parameters, trainable_percent, steps, wall_seconds (training
     and final evaluation: metrics.json's seconds), train_seconds (training alone), peak_memory_bytes
     (null where not measured) and memory_kind (`compare_memory`), adapter_bytes (the adapter folder's files),
