@@ -112,7 +112,7 @@ class Full:
         seen: set[int] = set()
         owned: list[tuple[str, nn.Module, list[str]]] = []
         for module_name, module in model_modules(model):
-            refuse_untrainable(module_name, module)
+            refuse_quantized(module_name, module)
             names = [
                 name
                 for name, parameter in module._parameters.items()
@@ -134,7 +134,7 @@ class Full:
             placement.put(module_name, ModuleWeights(module, names))
 
 
-def refuse_untrainable(module_name: str, module: nn.Module) -> None:
+def refuse_quantized(module_name: str, module: nn.Module) -> None:
     """Refuse a module whose weights cannot train: a quantized layer (packed weights, or GGUF blocks that
     are buffers) or a parameter that is not floating point."""
     row = quantized_linear(module)
