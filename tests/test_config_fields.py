@@ -239,6 +239,7 @@ METHOD_BASES: dict[str, str] = {
     "loha": "{method: loha, target_modules: all-linear}",
     "lokr": "{method: lokr, target_modules: all-linear}",
     "oft": "{method: oft, oft_block_size: 8, target_modules: all-linear}",
+    "full": "{method: full}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
 

@@ -35,6 +35,9 @@ class Case:
     keeps_model_dtype: bool = False
     """The parameters stay in the model's dtype, as peft's do (a copy run in the layer's place: LN tuning);
     test_adapter_dtype's float32 checks leave the case out."""
+    keeps_base: bool = True
+    """The base stays bit-identical under the adapter; False for full fine-tuning, which trains the base's own
+    weights: no base to give back (unload, disabled()) and one such adapter per model (tests/test_full.py)."""
 
 
 PARAMETER_TARGETS = {
@@ -157,6 +160,9 @@ CASES = {
             r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear, monteclora_config={"num_samples": 2}
         )
     ),
+    # Full fine-tuning trains the base's weights in place; merging is the identity. Mixed batches, disabled() and
+    # unload(merge=False) need the base it does not keep, and are refused (tests/test_full.py).
+    "full": Case(lambda arch: deltatune.FullConfig(), mixed_batch=False, keeps_model_dtype=True, keeps_base=False),
     "bitfit": Case(lambda arch: deltatune.BitFitConfig(add_missing_bias=True)),
     "vera": Case(lambda arch: deltatune.VeraConfig(r=8, target_modules=ARCHS[arch].all_linear)),
     # peft's default targets per model type; the MLP scales its first layer's output and its second's input.
@@ -223,6 +229,7 @@ def grid(applies: Callable[[Case], bool] = lambda case: True) -> list:
 
 
 GRID = grid()
+KEEPS_BASE = grid(lambda case: case.keeps_base)
 
 
 def randomize(delta_model: deltatune.DeltaModel, name: str, seed: int = 0) -> None:
@@ -262,12 +269,13 @@ def test_every_builtin_method_has_a_case() -> None:
 
 @pytest.mark.parametrize("method,arch", grid(lambda case: case.zero_init))
 def test_output_equals_base_at_init(method: str, arch: str) -> None:
-    expected = run(frozen(arch), arch)
+    # Under full fine-tuning the base's own parameters train (T5's kernels differ by a few ulp with grads).
+    expected = run(frozen(arch) if CASES[method].keeps_base else build(arch), arch)
     delta_model = deltatune.attach(build(arch), CASES[method].config(arch))
     assert torch.equal(run(delta_model, arch), expected)
 
 
-@pytest.mark.parametrize("method,arch", GRID)
+@pytest.mark.parametrize("method,arch", KEEPS_BASE)
 def test_only_adapter_parameters_train_and_base_stays_bit_identical(method: str, arch: str) -> None:
     delta_model = attached(method, arch)
     adapter_ids = {id(p) for p in delta_model.adapter_parameters("default")}
@@ -290,6 +298,7 @@ def test_only_adapter_parameters_train_and_base_stays_bit_identical(method: str,
 @pytest.mark.parametrize("method,arch", GRID)
 def test_save_then_load_gives_equal_outputs(method: str, arch: str, tmp_path) -> None:
     delta_model = attached(method, arch)
+    delta_model.set_trainable("default", False)  # as loaded (full fine-tuning: T5's kernels differ with grads)
     expected = run(delta_model, arch)
     delta_model.save(tmp_path / "adapter")
     loaded = deltatune.load(build(arch), tmp_path / "adapter")
@@ -309,7 +318,7 @@ def test_merge_matches_unmerged(method: str, arch: str) -> None:
     torch.testing.assert_close(run(merged_plain, arch), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method,arch", GRID)
+@pytest.mark.parametrize("method,arch", KEEPS_BASE)
 def test_unload_restores_the_base_exactly(method: str, arch: str) -> None:
     reference = build(arch)
     expected, expected_state = run(reference, arch), base_state(reference)
@@ -321,7 +330,7 @@ def test_unload_restores_the_base_exactly(method: str, arch: str) -> None:
     assert not [n for n, _ in plain.named_modules() if n.endswith("deltatune")]
 
 
-@pytest.mark.parametrize("method,arch", GRID)
+@pytest.mark.parametrize("method,arch", KEEPS_BASE)
 def test_disabled_equals_base(method: str, arch: str) -> None:
     expected = run(frozen(arch), arch)
     delta_model = attached(method, arch)
@@ -348,7 +357,7 @@ def test_mixed_batch_rows_equal_separate_runs(method: str, arch: str) -> None:
     torch.testing.assert_close(mixed[2], base_output[2], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method,arch", GRID)
+@pytest.mark.parametrize("method,arch", KEEPS_BASE)
 def test_two_active_adapters_add_their_deltas(method: str, arch: str) -> None:
     """For additive methods, running a and b together equals base + Δa + Δb to first order; here we
     check the exact statement that matters: activating both differs from either alone, and

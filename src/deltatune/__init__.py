@@ -34,6 +34,7 @@ from .methods.base import Method, ModuleMethod
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.compacter import CompacterConfig
+from .methods.full import FullConfig
 from .methods.fusion import FusionConfig
 from .methods.ia3 import IA3Config
 from .methods.ln_tuning import LNTuningConfig
@@ -112,6 +113,7 @@ __all__ = [
     "DeltaModel",
     "DeltaTuneError",
     "Fuse",
+    "FullConfig",
     "FusionConfig",
     "IA3Config",
     "LNTuningConfig",

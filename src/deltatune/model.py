@@ -189,6 +189,7 @@ class DeltaModel(nn.Module):
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Inside the block the model computes as the base model (unmerged adapters are skipped)."""
+        self._refuse_without_base("disabled()")
         if any(site.merged for _, site in self.sites()):
             raise DeltaTuneError("adapters are merged into the weights: call unmerge() before disabling them")
         previous, self.routing.disabled = self.routing.disabled, True
@@ -290,6 +291,8 @@ class DeltaModel(nn.Module):
         A merge cannot go into quantized weights: `dequantize=True` makes each adapted quantized layer a
         plain `nn.Linear` holding its dequantized weight plus ΔW (added in float32), then dequantizes the
         rest (`requantize.dequantize_model`), all in `dtype`: a plain full-precision checkpoint."""
+        if not merge:
+            self._refuse_without_base("unload(merge=False)", "use unload() for the tuned model")
         plain: dict[str, nn.Linear] = {}
         if merge and self.active_adapters:
             if dequantize:
@@ -363,6 +366,7 @@ class DeltaModel(nn.Module):
                 f"{adapter_names!r}"
             )
         self.require([name for name in adapter_names if name is not None])
+        self._refuse_without_base("a mixed batch (adapter_names)", "run the tuned model on the whole batch")
         rows = _batch_size(args, kwargs)
         if rows is not None and len(adapter_names) != rows:
             raise DeltaTuneError(
@@ -383,6 +387,16 @@ class DeltaModel(nn.Module):
     def trainable_summary(self) -> TrainableSummary:
         """Trainable and total parameter counts, overall and per adapter."""
         return TrainableSummary.of(self)
+
+    def _refuse_without_base(self, what: str, instead: str = "load the base model afresh to run it") -> None:
+        """Refuse `what`, which needs the untouched base, on a model one of whose adapters trains the
+        base's own weights (a method with `trains_base`: full fine-tuning), so that no base is kept."""
+        name = next((n for n, r in self.records.items() if getattr(method_for(r.config), "trains_base", False)), None)
+        if name is not None:
+            raise DeltaTuneError(
+                f"{what} needs the base model, and adapter {name!r} ({self.records[name].config.method}) trains the "
+                f"base's own weights, so none is kept; {instead}"
+            )
 
     def require(self, names: Iterable[str]) -> None:
         """Raise `AdapterNameError` unless this model has an adapter of each of `names`."""

@@ -17,6 +17,10 @@ A method whose training needs work at every step (AdaLoRA's rank budget, MonteCL
 defines `training_hook(delta_model, name, total_steps)`, which `deltatune train` calls for each trainable adapter
 of the method (`deltatune.train.step_hooks` says what the hook it returns does).
 
+A method that trains the base's own weights rather than a delta (full fine-tuning) sets
+`trains_base = True`: `DeltaModel` then refuses what needs the untouched base (`disabled()`, mixed
+batches, `unload(merge=False)`).
+
 `ModuleMethod` is the base for methods that put one adapter module on each selected module. A subclass
 gives `config_class`, a dispatch table `adapter_types` ({layer type: adapter class}) and, if it has
 defaults, a table `targets_by_model_type` ({model type: target names}) or its own `default_targets(model)`.

@@ -3,6 +3,8 @@
     deltatune demo [--out DIR] [key=value ...]   the main job: fine-tune SmolLM2 on a generated task (quantize=nf4)
     deltatune train CONFIG.yaml [key=value ...] [--resume [CHECKPOINT]]
     deltatune eval CONFIG.yaml [key=value ...] [--adapter DIR | --base]
+    deltatune compare CONFIG.yaml --methods lora,bitfit,full [--max-steps N | --epochs E | --time-budget S]
+        [--set LABEL.KEY=VALUE ...] [--metric M] [--overwrite] [key=value ...]   same data, budget, seed for each
     deltatune merge MODEL ADAPTER OUT [--overwrite]   a full model folder with the adapter merged in
         [--quantize NAME --dequantize [--dtype D] [--requantize NAME]]   ... from a quantized base
     deltatune inspect MODEL|CONFIG.yaml [--adapter DIR]   the module tree, parameters counted
@@ -26,6 +28,7 @@ from .. import registered_methods
 from ..errors import DeltaTuneError, MergeError
 from ..io import describe_folder
 from ..version import __version__
+from . import compare_cli
 from .quantize import QUANTIZE_OPTIONS
 
 
@@ -207,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="adapter folder (default: OUTPUT_DIR/adapter)")
     evaluate.add_argument("--base", action="store_true", help="evaluate the base model (adapter disabled)")
     evaluate.set_defaults(run=_eval)
+
+    compare_cli.add_command(commands)
 
     merge = commands.add_parser("merge", help="write a full model folder with an adapter merged in")
     merge.add_argument("model", help="model folder, or a packaged model name (smollm2)")

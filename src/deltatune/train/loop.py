@@ -55,13 +55,14 @@ from .optimizer import build_optimizer, freeze_lora_a
 from .outputs import check_output_dir, clear_previous_run
 from .packing import packed_collate_for
 from .predict import EvalContext
-from .progress import TrainingBar
+from .progress import TrainingBar, TrainingClock
 from .quantize import require_backend
 from .report import write_report
 from .schedule import Schedule, learning_rate_factor
 from .step_hooks import StepHook, after_step, extra_loss, hooks_state, load_hooks_state, step_hooks
 from .tasks import TaskType, get_task
 from .threads import use_threads
+from .time_budget import StopRule
 
 
 @dataclass
@@ -118,6 +119,10 @@ class TrainResult:
     final: Evaluation | None
     output_dir: Path
     seconds: float
+    steps: int = 0
+    """The optimizer steps taken (a time budget decides them as the run goes)."""
+    train_seconds: float = 0.0
+    """The training time alone (`TrainingClock`: evaluations and saves left out)."""
 
 
 def choose_device(name: str, ranks: distributed.Ranks) -> torch.device:
@@ -172,25 +177,35 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
 
 
-def train(config: TrainConfig, resume: str | Path | bool | None = None, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig,
+    resume: str | Path | bool | None = None,
+    progress: bool = True,
+    time_budget: float | None = None,
+) -> TrainResult:
     """Train the adapter the config describes; returns the trained model and what was measured.
-    `resume=True` continues from the latest checkpoint in `output_dir`, a path from that checkpoint."""
+    `resume=True` continues from the latest checkpoint in `output_dir`, a path from that checkpoint.
+    `time_budget`: train for this many seconds instead of the config's steps (`time_budget.py`)."""
     ranks = distributed.ranks_from_environment()
     check_output_dir(config, resume)
     device = choose_device(config.device, ranks)
     joined = distributed.start(ranks, device)
     try:
-        return train_run(prepare_run(config, device), resume, progress)
+        return train_run(prepare_run(config, device), resume, progress, time_budget)
     finally:
         if joined:
             distributed.stop(ranks)
 
 
-def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool = True) -> TrainResult:
+def train_run(
+    run: Run, resume: str | Path | bool | None = None, progress: bool = True, time_budget: float | None = None
+) -> TrainResult:
     """Train a prepared run (see `train`); under a launcher the process group must be joined."""
     ranks = distributed.ranks_from_environment()
     config, output_dir = run.config, Path(run.config.output_dir)
     check_output_dir(config, resume)
+    if time_budget is not None and (resume or ranks.distributed):
+        raise DeltaTuneError("a time budget runs in one process and from the start: leave out --resume and torchrun")
     if not run.train_features:
         raise DeltaTuneError(f"{config.train_file} holds no training examples")
     if config.gradient_checkpointing:
@@ -200,7 +215,10 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     model = distributed.wrap(run.delta_model, ranks, run.device, config.data_parallel)  # FSDP replaces the parameters
     parameters = [parameter for _, parameter in trainable_parameters(run.delta_model)]
     optimizer = build_optimizer(run.delta_model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
+    clock = TrainingClock()
+    stop = StopRule(schedule.total, time_budget, clock)
+    factor = learning_rate_factor(config, schedule.total, stop.share_spent if time_budget is not None else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     hooks = _step_hooks(run, ranks, schedule.total)
     state = _starting_state(run, ranks, resume, optimizer, scheduler, hooks)
     pad_id = run.eval_context.pad_id
@@ -209,10 +227,10 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         if config.packing
         else functools.partial(collate, pad_id=pad_id)
     )
-    bar = TrainingBar(schedule.total, state.step, enabled=progress and ranks.main)
+    bar = TrainingBar(stop.known_steps, state.step, enabled=progress and ranks.main, clock=clock)
     started, tokens = time.perf_counter(), 0
     model.train()
-    while state.step < schedule.total:
+    while not stop.finished(state.step):
         micro_batches = schedule.micro_batches(state.step)
         step_loss = torch.zeros((), device=run.device)
         for index, rows in enumerate(micro_batches):
@@ -235,10 +253,11 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         after_step(hooks, state.step)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        last = stop.finished(state.step)
         bar.step(float(step_loss), tokens * ranks.world_size)
         with bar.paused():
-            _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0], progress)
-            if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
+            _record(run, ranks, state, last, float(step_loss), scheduler.get_last_lr()[0], progress)
+            if config.save_every and state.step % config.save_every == 0 and not last:
                 _check_weights(config, parameters, state.step)
                 folder = checkpoint_folder(output_dir, state.step)
                 save_checkpoint(folder, run.delta_model, optimizer, scheduler, state, ranks.main, hooks_state(hooks))
@@ -246,15 +265,16 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
                     prune_checkpoints(output_dir, config.save_total_limit)
                 distributed.barrier(ranks)
     bar.close()
+    train_seconds = clock.seconds()
     _check_weights(config, parameters, state.step)
     final = _evaluate_into(run, ranks, state, progress) if run.eval_features else None
     seconds = time.perf_counter() - started
     with sharding.whole_adapter(run.delta_model):
         if ranks.main:
             run.delta_model.save(str(output_dir / ADAPTER_FOLDER))
-            run.write_report(output_dir, state.history, final, seconds)
+            run.write_report(output_dir, state.history, final, seconds, {"train_seconds": round(train_seconds, 2)})
     distributed.barrier(ranks)
-    return TrainResult(run, state.history, final, output_dir, seconds)
+    return TrainResult(run, state.history, final, output_dir, seconds, state.step, train_seconds)
 
 
 def _starting_state(
@@ -342,15 +362,15 @@ def _record(
     run: Run,
     ranks: distributed.Ranks,
     state: TrainerState,
-    schedule: Schedule,
+    last: bool,
     loss: float,
     learning_rate: float,
     progress: bool,
 ) -> None:
     config = run.config
-    if state.step % config.log_every == 0 or state.step == schedule.total:
+    if state.step % config.log_every == 0 or last:
         state.history.append({"step": state.step, "loss": loss, "learning_rate": learning_rate})
-    if run.eval_features and config.eval_every and state.step % config.eval_every == 0 and state.step < schedule.total:
+    if run.eval_features and config.eval_every and state.step % config.eval_every == 0 and not last:
         _evaluate_into(run, ranks, state, progress)
 
 

@@ -182,8 +182,11 @@ def _causal_lm() -> Any:
 
 
 def attach_adapter(model: nn.Module, adapter_config: Any, task: TaskType) -> DeltaModel:
-    """`model` with the adapter `default` built from `adapter_config`; new task heads train fully."""
-    if task.trains_head:
+    """`model` with the adapter `default` built from `adapter_config`; new task heads train fully (in
+    place under a method that trains the base itself, `trains_base`: full fine-tuning)."""
+    from ..registry import method_for
+
+    if task.trains_head and not getattr(method_for(adapter_config), "trains_base", False):
         listed = list(adapter_config.modules_to_save or [])
         heads = [head for head in trained_heads(model) if head not in listed]
         if heads:

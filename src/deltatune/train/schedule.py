@@ -21,13 +21,18 @@ DECAY: dict[str, Callable[[float], float]] = {
 """Learning-rate factor after warm-up, as a function of the share of those steps done (0 → 1)."""
 
 
-def learning_rate_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """The schedule as a function of the step: linear warm-up, then `DECAY[config.scheduler]`."""
+def learning_rate_factor(
+    config: TrainConfig, total_steps: int, decay_progress: Callable[[int], float] | None = None
+) -> Callable[[int], float]:
+    """The schedule as a function of the step: linear warm-up, then `DECAY[config.scheduler]` of the share
+    of the steps after warm-up done, or of `decay_progress(step)` where given (a time budget's share spent)."""
     decay = DECAY[config.scheduler]
 
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / (config.warmup_steps + 1)
+        if decay_progress is not None:
+            return decay(decay_progress(step))
         return decay((step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
 
     return factor

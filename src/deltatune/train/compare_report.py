@@ -1,0 +1,127 @@
+"""What `deltatune compare` leaves besides each method's own run: `compare.md`, `compare.json`, `compare.png`.
+
+`compare.json`: {"config", "task", "metric", "eval_file", "budget", "seed", "device", "memory",
+"methods": [row, ...]}, one row per method in the order compared, its figures read from the method's
+own `metrics.json` (the metric, steps, seconds, parameter counts) and measured around its run (peak
+memory, adapter bytes):
+
+    label (the row's name: its --methods label, else the method), method, adapter (its config),
+    overrides (its --set items), output_dir, metric (the --metric, else the task's main one), eval (every eval
+    metric), trainable_parameters, total_parameters, trainable_percent, steps, wall_seconds (training
+    and final evaluation: metrics.json's seconds), train_seconds (training alone), peak_memory_bytes
+    (null where not measured) and memory_kind (`compare_memory`), adapter_bytes (the adapter folder's files),
+    error (null, or why the run diverged: then every figure is null)
+
+`compare.md` holds the same table as the one printed. `compare.png` (matplotlib; skipped with a note
+without it) plots the metric against the trainable share of parameters on a log axis, each method's
+marker area in proportion to its wall time and labelled with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+from ..atomic import json_writer, write_files
+from .report import finite_json
+
+COLUMNS = (
+    ("label", "method", "{}"),
+    ("metric", "{metric}", "{:.4f}"),
+    ("trainable_parameters", "trainable", "{:,}"),
+    ("trainable_percent", "trainable %", "{:.4g}"),
+    ("steps", "steps", "{}"),
+    ("wall_seconds", "wall s", "{:.1f}"),
+    ("peak_memory_bytes", "peak MiB", "mib"),
+    ("adapter_bytes", "adapter bytes", "{:,}"),
+)
+"""(row key, column title, format) of the results table; "mib": bytes shown in MiB."""
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The results table, as Markdown (it reads as plain text too)."""
+    titles = [title.format(metric=summary["metric"]) for _, title, _ in COLUMNS]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in titles) + "|"]
+    for row in summary["methods"]:
+        lines.append("| " + " | ".join(_cell(row[key], shape) for key, _, shape in COLUMNS) + " |")
+    lines += [f"\n{row['label']}: {row['error']}" for row in summary["methods"] if row["error"]]
+    return "\n".join(lines)
+
+
+def _cell(value: Any, shape: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if shape == "mib":
+        return f"{value / 2**20:.0f}"
+    return shape.format(value)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """`compare.md`: what was compared, under which budget, and the table."""
+    return (
+        f"# deltatune compare: {summary['task']}, {summary['metric']} on {summary['eval_file']}\n\n"
+        f"Config `{summary['config']}`; budget {summary['budget']}; seed {summary['seed']}; device "
+        f"{summary['device']} (peak memory: {summary['memory']}).\n\n{table(summary)}\n"
+    )
+
+
+def write_results(root: Path, summary: dict[str, Any]) -> None:
+    """Write compare.json and compare.md (atomically, together), then compare.png, into `root`."""
+    text = markdown(summary)
+    write_files(
+        root,
+        {
+            "compare.md": lambda path: Path(path).write_text(text, encoding="utf-8"),
+            "compare.json": json_writer(finite_json(summary)),
+        },
+    )
+    plot(summary, root / "compare.png")
+
+
+def import_plotting() -> None:
+    """Import matplotlib (if installed) before the methods run: each run's own plot imports it, and the ~25 MiB
+    its import keeps resident would otherwise count in the first method's peak memory."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot  # noqa: F401
+
+
+def plot(summary: dict[str, Any], path: Path) -> bool:
+    """The metric against the trainable % (log axis), marker area ∝ wall time. False without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"matplotlib is not installed: no plot written ({path.name}); pip install matplotlib")
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    rows = [row for row in summary["methods"] if row["metric"] is not None and row["trainable_percent"] > 0]
+    slowest = max((row["wall_seconds"] for row in rows), default=1.0) or 1.0
+    figure, axis = pyplot.subplots(figsize=(7, 4.5), dpi=100)
+    for row in rows:
+        area = 40 + 460 * row["wall_seconds"] / slowest
+        axis.scatter(row["trainable_percent"], row["metric"], s=area, alpha=0.6)
+        axis.annotate(
+            f"{row['label']} ({row['wall_seconds']:.3g} s)",
+            (row["trainable_percent"], row["metric"]),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=8,
+        )
+    axis.set_xscale("log")
+    shares = [row["trainable_percent"] for row in rows]
+    if shares:  # room for the labels right of the markers
+        axis.set_xlim(min(shares) / 2, max(shares) * 4)
+    axis.set_xlabel("trainable parameters (% of the model, log scale)")
+    axis.set_ylabel(f"eval {summary['metric']}")
+    axis.set_title(f"{summary['task']}: {summary['budget']} (marker area: wall time)", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    pyplot.close(figure)
+    return True

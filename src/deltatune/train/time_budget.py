@@ -1,0 +1,44 @@
+"""A run's budget in training time: `deltatune compare --time-budget SECONDS` (`train_run(time_budget=...)`).
+
+A step budget (`max_steps`, `epochs`) fixes the number of optimizer steps, so methods of different speed
+get different wall time. A time budget fixes the wall time instead: the run takes steps until
+`seconds` of training time have passed (the `TrainingClock`: evaluations and checkpoint saves left out),
+however many steps that is, and the learning rate, after the config's warm-up steps, decays over the
+share of that time spent (linear: to zero at the end of the budget), so every method gets its whole
+schedule. The data order is the config's (seed, step) order, cycling over epochs. The learning rate
+then depends on the machine's speed, so such a run is not resumable bit-exactly: `--resume` is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import DeltaTuneError
+from .progress import TrainingClock
+
+
+@dataclass
+class StopRule:
+    """When the loop stops: after `steps` optimizer steps, or with `seconds` once that much training time
+    (on `clock`) has passed."""
+
+    steps: int
+    seconds: float | None
+    clock: TrainingClock
+
+    def __post_init__(self) -> None:
+        if self.seconds is not None and not self.seconds > 0:
+            raise DeltaTuneError(f"the time budget must be a positive number of seconds, got {self.seconds:g}")
+
+    def finished(self, step: int) -> bool:
+        """Whether the run stops after `step` steps."""
+        return self.clock.seconds() >= self.seconds if self.seconds is not None else step >= self.steps
+
+    def share_spent(self, step: int) -> float:
+        """The share of the time budget spent (0 → 1), for the learning-rate decay."""
+        return min(1.0, self.clock.seconds() / self.seconds)
+
+    @property
+    def known_steps(self) -> int | None:
+        """The number of steps the run takes, where it is known in advance (for the progress bar)."""
+        return None if self.seconds is not None else self.steps

@@ -1,0 +1,225 @@
+"""`deltatune compare`: several methods, full fine-tuning included, on the same data, budget and seed
+(a tiny BERT classifier, a few steps); the table, compare.json (each row checked against the method's
+own metrics.json and, independently, against its saved adapter evaluated again and its files), the
+plot, the time budget, and the one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune
+from deltatune.train.cli import main
+from deltatune.train.config import TrainConfig
+from deltatune.train.loop import prepare_run
+from deltatune.train.progress import TrainingClock
+from deltatune.train.time_budget import StopRule
+from training_fixtures import task_config
+
+METHODS = ["lora", "bitfit", "houlsby", "full"]
+"""The rows; `houlsby` is `houlsby=bottleneck` with its preset set."""
+STEPS = 3
+ROW_FIELDS = {
+    "label",
+    "method",
+    "adapter",
+    "overrides",
+    "output_dir",
+    "metric",
+    "eval",
+    "trainable_parameters",
+    "total_parameters",
+    "trainable_percent",
+    "steps",
+    "wall_seconds",
+    "train_seconds",
+    "peak_memory_bytes",
+    "memory_kind",
+    "adapter_bytes",
+    "error",
+}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> tuple[Path, Path, str]:
+    """One comparison run through the command line: (its config, its output folder, what it printed)."""
+    root = tmp_path_factory.mktemp("compare")
+    config = task_config(root, "seq-cls", arch="bert", output_dir=root / "out", eval_batch_size=8)
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            ["compare", str(config), "--methods", "lora,bitfit,houlsby=bottleneck,full", "--max-steps", str(STEPS)]
+            + [
+                "--set",
+                "lora.adapter.r=2",
+                "--set",
+                "full.learning_rate=1e-3",
+                "--set",
+                "houlsby.adapter.preset=houlsby",
+            ]
+            + ["--quiet"]
+        )
+    assert code == 0
+    return config, root / "out", printed.getvalue()
+
+
+def rows(out: Path) -> list[dict]:
+    return json.loads((out / "compare.json").read_text())["methods"]
+
+
+def test_the_table_is_printed_and_written_with_a_row_per_method(compared) -> None:
+    _, out, printed = compared
+    written = (out / "compare.md").read_text()
+    header = "| method | accuracy | trainable | trainable % | steps | wall s | peak MiB | adapter bytes |"
+    for text in (printed, written):
+        lines = [line for line in text.splitlines() if line.startswith("|")]
+        assert lines[0] == header and len(lines) == 2 + len(METHODS)
+        assert [line.split("|")[1].strip() for line in lines[2:]] == METHODS
+    full = next(line for line in written.splitlines() if line.startswith("| full |")).split("|")
+    assert full[4].strip() == "100" and full[5].strip() == str(STEPS)
+
+
+def test_every_json_row_agrees_with_the_methods_own_metrics_and_files(compared) -> None:
+    _, out, _ = compared
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["task"] == "seq-cls" and summary["metric"] == "accuracy" and summary["seed"] == 0
+    assert summary["budget"] == f"{STEPS} optimizer steps each"
+    assert [row["label"] for row in summary["methods"]] == METHODS
+    assert [row["method"] for row in summary["methods"]] == ["lora", "bitfit", "bottleneck", "full"]
+    for row in summary["methods"]:
+        assert set(row) == ROW_FIELDS
+        folder = out / row["label"]
+        assert Path(row["output_dir"]) == folder
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert row["metric"] == metrics["eval"]["accuracy"] and row["eval"] == metrics["eval"]
+        assert (row["steps"], row["wall_seconds"], row["train_seconds"]) == (
+            metrics["steps"],
+            metrics["seconds"],
+            metrics["train_seconds"],
+        )
+        assert row["steps"] == STEPS and 0 < row["train_seconds"] <= row["wall_seconds"]
+        assert (row["trainable_parameters"], row["total_parameters"]) == (
+            metrics["trainable_parameters"],
+            metrics["total_parameters"],
+        )
+        assert row["trainable_percent"] == pytest.approx(100 * row["trainable_parameters"] / row["total_parameters"])
+        adapter_files = [path for path in (folder / "adapter").iterdir() if path.is_file()]
+        assert row["adapter_bytes"] == sum(path.stat().st_size for path in adapter_files) > 0
+        assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] > 0
+        assert row["adapter"]["method"] == row["method"] and row["error"] is None
+    by_method = {row["label"]: row for row in summary["methods"]}
+    assert by_method["lora"]["adapter"]["r"] == 2 and by_method["lora"]["overrides"] == ["adapter.r=2"]
+    assert by_method["houlsby"]["adapter"]["preset"] == "houlsby"
+    assert by_method["full"]["trainable_percent"] == 100.0
+    assert by_method["full"]["adapter_bytes"] > 4 * by_method["full"]["total_parameters"]  # every float32 weight
+
+
+def test_each_row_metric_is_its_saved_adapter_evaluated_again(compared) -> None:
+    """Independent of metrics.json: each method's kept adapter, loaded onto a fresh base and evaluated."""
+    config, out, _ = compared
+    for row in rows(out):
+        run = prepare_run(TrainConfig.from_yaml(config), adapter=str(out / row["label"] / "adapter"))
+        assert run.evaluate(progress=False).metrics["accuracy"] == row["metric"], row["label"]
+        counted = sum(p.numel() for p in run.delta_model.adapter_parameters("default"))
+        if row["method"] == "full":
+            base = sum(p.numel() for p in run.delta_model.base_model.parameters())
+            assert row["trainable_parameters"] == counted == base
+        else:  # the adapter's parameters, and the classifier head's trained copy
+            assert row["trainable_parameters"] == counted
+
+
+def test_every_method_trained_on_the_same_examples_with_the_same_seed(compared) -> None:
+    _, out, _ = compared
+    steps = [
+        [entry["step"] for entry in json.loads((out / m / "metrics.json").read_text())["history"]] for m in METHODS
+    ]
+    assert all(history == steps[0] for history in steps)
+    assert all((out / method / "adapter" / "adapter_model.safetensors").is_file() for method in METHODS)
+
+
+def test_the_plot_is_a_real_image(compared) -> None:
+    from matplotlib import image
+
+    _, out, _ = compared
+    pixels = image.imread(out / "compare.png")
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300
+    assert float(pixels[..., :3].std()) > 0.01  # not a blank canvas
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--methods", "lora,lorra"], "unknown method 'lorra'.* Known methods: .*bitfit.*full"),
+        (["--methods", "lora,bitfit", "--max-steps", "0"], "--max-steps must be positive, got 0"),
+        (["--methods", "lora,bitfit", "--time-budget", "-5"], "--time-budget must be positive, got -5"),
+        (["--methods", "lora,lora"], "names lora more than once"),
+        (["--methods", "a.b=lora"], "label 'a.b' contains '.'"),
+        (
+            ["--methods", "lora", "--metric", "bleu", "output_dir=never-written"],
+            "--metric 'bleu' is not computed for seq-cls; use one of loss, acc",
+        ),
+        (["--methods", "lora,bitfit", "--set", "lora.task=causal-lm"], "task is the same for every method"),
+        (["--methods", "lora", "--set", "bitfit.learning_rate=1"], "for method 'bitfit', which --methods does not"),
+        (["--methods", "lora,bitfit"], "already holds a run .*compare.md.*--overwrite"),
+    ],
+    ids=[
+        "unknown-method",
+        "zero-steps",
+        "negative-time",
+        "repeated",
+        "bad-label",
+        "unknown-metric",
+        "tasks-differ",
+        "set-other",
+        "taken",
+    ],
+)
+def test_bad_input_gets_one_line(compared, capsys, arguments: list[str], message: str) -> None:
+    config, _, _ = compared
+    capsys.readouterr()
+    assert main(["compare", str(config), *arguments, "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("deltatune: ")
+    assert __import__("re").search(message, error), error
+
+
+def test_a_method_that_cannot_run_the_task_is_refused_before_any_trains(tmp_path: Path, capsys) -> None:
+    config = task_config(tmp_path, "causal-lm", packing=True)
+    capsys.readouterr()
+    assert main(["compare", str(config), "--methods", "lora,prompt_tuning", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "method 'prompt_tuning' cannot run in this comparison" in error and error.count("\n") == 1
+    assert not (tmp_path / "out" / "lora").exists()
+
+
+def test_a_diverging_method_is_a_row_with_its_error_and_the_next_method_runs(tmp_path: Path, capsys) -> None:
+    config = task_config(tmp_path, "seq-cls", arch="bert")
+    arguments = ["--max-steps", "2", "--set", "full.learning_rate=1e30", "--set", "full.max_grad_norm=null", "--quiet"]
+    assert main(["compare", str(config), "--methods", "full,bitfit", *arguments]) == 0
+    diverged, trained = rows(tmp_path / "out")
+    assert diverged["error"].startswith("training diverged at step") and diverged["metric"] is None
+    assert all(diverged[key] is None for key in ("trainable_parameters", "wall_seconds", "adapter_bytes"))
+    assert trained["error"] is None and trained["steps"] == 2 and trained["metric"] is not None
+    assert "| full | n/a |" in capsys.readouterr().out
+
+
+def test_a_time_budget_stops_on_training_time_and_decays_over_it(tmp_path: Path) -> None:
+    now = [0.0]
+    rule = StopRule(steps=5, seconds=10.0, clock=TrainingClock(now=lambda: now[0]))
+    now[0] = 4.0
+    assert not rule.finished(step=99) and rule.share_spent(0) == pytest.approx(0.4) and rule.known_steps is None
+    now[0] = 10.0
+    assert rule.finished(step=1) and rule.share_spent(0) == 1.0
+    config = TrainConfig.from_yaml(task_config(tmp_path, "seq-cls", arch="bert", max_steps=1, scheduler="linear"))
+    result = deltatune.train.train(config, progress=False, time_budget=0.5)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert result.train_seconds >= 0.5 and metrics["steps"] == result.steps > 1  # past the config's max_steps
+    rates = [entry["learning_rate"] for entry in metrics["history"] if "learning_rate" in entry]
+    assert rates == sorted(rates, reverse=True) and rates[-1] < rates[0]
+    assert torch.isfinite(torch.tensor(rates)).all()

@@ -1,0 +1,138 @@
+"""Full fine-tuning (`method: full`): every base parameter trains in place, as plain PyTorch full
+fine-tuning does (the reference below: the same AdamW steps on the bare model); the folder holds the
+whole model's weights under their own names; merging is the identity; what needs the untouched base
+is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune
+from deltatune.errors import DeltaTuneError
+from deltatune.site import site_of
+from tiny_models import build, run
+from training_fixtures import task_config
+
+
+def _steps(model: torch.nn.Module, arch: str, parameters: list[torch.nn.Parameter], count: int = 3) -> None:
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
+    for step in range(count):
+        run(model, arch, seed=10 + step).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5", "mlp"])
+def test_training_equals_plain_full_fine_tuning_of_the_bare_model(arch: str) -> None:
+    reference = build(arch)
+    tuned = deltatune.attach(copy.deepcopy(reference), deltatune.FullConfig())
+    _steps(reference, arch, list(reference.parameters()))
+    _steps(tuned, arch, [p for p in tuned.parameters() if p.requires_grad])
+    expected = dict(reference.named_parameters())
+    assert {n: p for n, p in tuned.base_model.named_parameters()}.keys() == expected.keys()
+    for name, parameter in tuned.base_model.named_parameters():
+        assert torch.equal(parameter, expected[name]), name
+    assert torch.equal(run(tuned, arch), run(reference, arch))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_every_base_parameter_trains_and_is_saved_once_under_its_own_name(arch: str, tmp_path: Path) -> None:
+    model = build(arch)
+    own = dict(model.named_parameters())  # each tensor once: a head tied to the embedding under its first name
+    delta_model = deltatune.attach(model, deltatune.FullConfig())
+    assert {id(p) for p in delta_model.adapter_parameters("default")} == {id(p) for p in own.values()}
+    assert all(p.requires_grad for p in own.values())
+    summary = delta_model.trainable_summary()
+    assert summary.trainable == summary.total == sum(p.numel() for p in own.values())
+    assert "deltatune" not in " ".join(delta_model.base_model.state_dict())  # no tensor registered twice
+    delta_model.save(tmp_path / "full")
+    saved = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    assert saved.keys() == own.keys()
+    assert all(torch.equal(saved[name], parameter.detach()) for name, parameter in own.items())
+
+
+def test_merge_is_the_identity_and_unload_gives_the_tuned_model() -> None:
+    delta_model = deltatune.attach(build("llama"), deltatune.FullConfig())
+    _steps(delta_model, "llama", [p for p in delta_model.parameters() if p.requires_grad], count=1)
+    weights = {n: p.detach().clone() for n, p in delta_model.base_model.named_parameters()}
+    expected = run(delta_model, "llama").detach()
+    delta_model.merge()
+    assert all(torch.equal(p, weights[n]) for n, p in delta_model.base_model.named_parameters())
+    delta_model.unmerge()
+    plain = delta_model.unload()
+    assert all(torch.equal(p, weights[n]) for n, p in plain.named_parameters())
+    assert all(p.requires_grad for p in plain.parameters())  # the flags a fresh model had before attach
+    assert torch.equal(run(plain, "llama"), expected)
+
+
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        (lambda model: model.disabled().__enter__(), "disabled() needs the base model"),
+        (lambda model: run(model, "llama", adapter_names=["default", None, None]), "a mixed batch"),
+        (lambda model: model.unload(merge=False), "unload(merge=False) needs the base model"),
+        (lambda model: model.add("again", deltatune.FullConfig()), "one full fine-tuning adapter"),
+        (lambda model: model.save("unused", format="peft"), "peft has no 'full' method"),
+    ],
+    ids=["disabled", "mixed-batch", "unload-unmerged", "second-full", "peft-format"],
+)
+def test_what_needs_the_untouched_base_is_refused_in_one_line(action, message: str) -> None:
+    delta_model = deltatune.attach(build("llama"), deltatune.FullConfig())
+    with pytest.raises(DeltaTuneError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
+        action(delta_model)
+    assert "\n" not in str(caught.value)
+    assert list(delta_model.configs) == ["default"]
+
+
+def test_modules_to_save_is_refused() -> None:
+    with pytest.raises(DeltaTuneError, match="trains every module in place"):
+        deltatune.FullConfig(modules_to_save=["classifier"])
+
+
+def test_a_quantized_base_is_refused() -> None:
+    pytest.importorskip("bitsandbytes", reason="the quantized base needs bitsandbytes")
+    from tiny_models import llama_nf4
+
+    model = llama_nf4()
+    with pytest.raises(DeltaTuneError, match="full fine-tuning cannot train .* quantized layer"):
+        deltatune.attach(model, deltatune.FullConfig())
+    assert site_of(model.model.layers[0].self_attn.q_proj) is None
+
+
+def test_the_trainer_trains_the_head_in_place_and_the_folder_loads_back(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.train import train
+    from deltatune.train.cli import main
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.loop import prepare_run
+
+    config = TrainConfig.from_yaml(task_config(tmp_path, "seq-cls", {"method": "full"}, max_steps=3))
+    result = train(config, progress=False)
+    trained = result.run.delta_model.eval()
+    head = trained.base_model.score
+    assert head.weight.requires_grad and list(site_of(head).adapters) == ["default"]  # no modules_to_save copy
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    loaded = prepare_run(config, adapter=str(result.output_dir / "adapter")).delta_model.eval()
+    batch = {"input_ids": torch.tensor([[1, 12, 13, 14, 15]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, trained(**batch).logits)
+    # merged: a plain transformers folder of the tuned model
+    assert main(["merge", config.model, str(result.output_dir / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, trained(**batch).logits, atol=1e-6, rtol=0)
+
+
+def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    from resume_checks import RESUME_SETTINGS, assert_resume_equals_the_uninterrupted_run
+
+    config = task_config(tmp_path, "causal-lm", **{**RESUME_SETTINGS, "adapter": {"method": "full"}})
+    assert_resume_equals_the_uninterrupted_run(config, tmp_path)
