@@ -230,3 +230,18 @@ def test_kasa_converts_to_a_plain_lora_that_peft_loads_on_the_original_base(tmp_
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     with torch.no_grad():
         assert_same(run(theirs, "llama"), expected)
+
+
+def test_deltatune_train_adds_kasa_regularizer_as_the_paper_trains() -> None:
+    """peft leaves `_get_kasa_loss` to the user's loop; the paper trains with it, so `deltatune train` adds it
+    (a step hook) for KaSA adapters, with each adapter's own β and γ, and for no other LoRA adapter."""
+    from deltatune.train.step_hooks import extra_loss, step_hooks
+
+    ours = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, target_modules=["q_proj"], **VARIANTS["kasa"]))
+    ours.add("plain", deltatune.LoraConfig(r=4, target_modules=["v_proj"]))
+    trained(ours)
+    hooks = step_hooks(ours, total_steps=4)
+    assert list(hooks) == ["default"]
+    expected = deltatune.kasa_loss(ours, "default")
+    assert expected > 1e-3
+    assert torch.equal(extra_loss(hooks), expected)

@@ -35,9 +35,11 @@ from .base import ModuleMethod
 from .lora_bias import add_bias_terms, bias_deltas, output_bias, trained_biases
 from .lora_config import DEFAULT_TARGETS, PLAIN_STARTS, LoraConfig
 from .lora_dropout import POSITIONS_LIMIT, DroppedProjection
-from .lora_monteclora import MontecloraLossHook, add_monteclora
+from .lora_kasa import kasa_loss
+from .lora_monteclora import add_monteclora, monteclora_loss
 from .lora_peft import LoraPeft
 from .lora_velora import add_velora
+from .regularizer_hook import LossTerm, RegularizerHook
 from .trainable_tokens import token_rows_beside
 
 
@@ -293,6 +295,11 @@ def _adapter_types() -> dict[type | str, type[SiteAdapter]]:
     }
 
 
+REGULARIZERS: dict[str, LossTerm] = {"kasa_config": kasa_loss, "monteclora_config": monteclora_loss}
+"""LoRA variants whose paper trains with a term added to the task loss: the config field that turns the
+variant on → the term, which `deltatune train` adds (peft leaves both to the user's loop)."""
+
+
 @register("lora")
 class Lora(ModuleMethod):
     """LoRA on the selected Linear, Conv1D, Embedding and Conv layers."""
@@ -326,9 +333,12 @@ class Lora(ModuleMethod):
         add_bias_terms(adapter, module, module_name, config)
         return adapter
 
-    def training_hook(self, delta_model: Any, name: str, total_steps: int) -> MontecloraLossHook | None:
-        """`deltatune train` adds a MonteCLoRA adapter's regulariser to its loss; other LoRA adapters need no hook."""
-        return MontecloraLossHook(delta_model, name) if delta_model.configs[name].monteclora_config else None
+    def training_hook(self, delta_model: Any, name: str, total_steps: int) -> RegularizerHook | None:
+        """`deltatune train` adds the loss terms of the adapter's variants (`REGULARIZERS`); other LoRA
+        adapters need no hook."""
+        config = delta_model.configs[name]
+        terms = [term for field, term in REGULARIZERS.items() if getattr(config, field) is not None]
+        return RegularizerHook(delta_model, name, terms) if terms else None
 
     def attach(self, placement: Placement, config: LoraConfig) -> None:
         """LoRA's layers: the selected modules and the selected parameters (`target_parameters`: one adapter

@@ -12,7 +12,8 @@ and learns the update in SVD form with a trained diagonal ΔΣ (`lora_diag`, r v
 peft overwrites W by W_kept; deltatune keeps W and subtracts D x in the forward (its factors are frozen
 buffers, recomputed from W when a folder loads, as peft recomputes W_kept), so disabling or unloading the
 adapter gives the original base back. Training: the paper adds β‖ΔΣ‖² + γ(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F)
-to the task loss (`kasa_loss`, peft's `_get_kasa_loss`), which keeps B and A near semi-orthogonal.
+to the task loss (`kasa_loss`, peft's `_get_kasa_loss`), which keeps B and A near semi-orthogonal;
+`deltatune train` adds it (a step hook, `regularizer_hook`), a user's own loop adds it by hand.
 """
 
 from __future__ import annotations

@@ -233,24 +233,3 @@ def monteclora_loss(delta_model: DeltaModel, name: str | None = None) -> torch.T
         and (sampler := getattr(site.adapters[adapter_name], "monteclora", None)) is not None
     ]
     return torch.stack(terms).mean() if terms else torch.zeros(())
-
-
-class MontecloraLossHook:
-    """`deltatune train`'s step hook for a MonteCLoRA adapter (`train/step_hooks.py`): its regulariser is
-    added to each micro-batch's loss; it keeps no state (the noise comes from the checkpointed generator)."""
-
-    def __init__(self, delta_model: DeltaModel, name: str) -> None:
-        self.delta_model = delta_model
-        self.name = name
-
-    def loss(self) -> torch.Tensor:
-        return monteclora_loss(self.delta_model, self.name)
-
-    def after_step(self, global_step: int) -> None:
-        """Nothing after the optimizer step."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Nothing to restore."""

@@ -2,11 +2,11 @@
 
 A method class may define `training_hook(delta_model, adapter_name, total_steps) -> StepHook | None`; the
 trainer then builds one for each trainable adapter of that method (AdaLoRA: its `RankAllocator`; LoRA:
-MonteCLoRA's regulariser, None for other LoRA adapters). Each micro-batch's loss gets `hook.loss()` added
-(before the division by the accumulation count, so a step adds it once); after `optimizer.step()` and
-before the gradients are zeroed the trainer calls `hook.after_step(global_step)` with the index of that
-step, from 0. A hook's `state_dict()` (tensors only) goes into the checkpoint and back through
-`load_state_dict`, so `--resume` stays bit-exact.
+the regularisers of KaSA and MonteCLoRA adapters, None for other LoRA adapters). Each micro-batch's
+loss gets `hook.loss()` added (before the division by the accumulation count, so a step adds it once);
+after `optimizer.step()` and before the gradients are zeroed the trainer calls
+`hook.after_step(global_step)` with the index of that step, from 0. A hook's `state_dict()` (tensors
+only) goes into the checkpoint and back through `load_state_dict`, so `--resume` stays bit-exact.
 """
 
 from __future__ import annotations
