@@ -137,17 +137,23 @@ def test_dpo_reference_is_the_base_model_with_adapters_off(tmp_path: Path) -> No
     _check_saved(trainer, delta_model, folder, tmp_path / "adapter", peft=False)
 
 
-def test_transformers_trainer_saves_the_adapter_folder(tmp_path: Path) -> None:
+def test_transformers_trainer_saves_the_adapter_folder_and_checkpoints(tmp_path: Path) -> None:
     folder = model_folder(tmp_path, "causal-lm")
     delta_model = deltatune.attach(AutoModelForCausalLM.from_pretrained(folder), LORA)
     before = _snapshot(delta_model)
     trainer = deltatune.adapter_trainer(Trainer, format="peft")(
         model=delta_model,
-        args=TrainingArguments(output_dir=str(tmp_path / "run"), remove_unused_columns=False, **COMMON),
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            remove_unused_columns=False,
+            **{**COMMON, "save_strategy": "steps", "save_steps": STEPS},
+        ),
         train_dataset=_tokenized_rows(),
     )
     trainer.train()
     _check_trained(trainer, delta_model, before)
+    checkpoint = tmp_path / "run" / f"checkpoint-{STEPS}"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     _check_saved(trainer, delta_model, folder, tmp_path / "adapter", peft=True)
 
 
