@@ -60,13 +60,15 @@ def _preference_rows() -> list[dict[str, str]]:
     return rows
 
 
-def _tokenized_rows() -> list[dict[str, torch.Tensor]]:
+def _tokenized_rows() -> Dataset:
+    """Token ids and labels, plus a text column the model does not take (`remove_unused_columns` drops it)."""
     tokenizer = word_tokenizer(pair_template=False)
     rows = []
     for record in records("causal-lm"):
-        ids = tokenizer(f"{record['prompt']} {record['completion']}")["input_ids"] + [tokenizer.eos_token_id]
-        rows.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)})
-    return rows
+        text = f"{record['prompt']} {record['completion']}"
+        ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append({"input_ids": ids, "labels": ids, "text": text})
+    return Dataset.from_list(rows)
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -145,7 +147,6 @@ def test_transformers_trainer_saves_the_adapter_folder_and_checkpoints(tmp_path:
         model=delta_model,
         args=TrainingArguments(
             output_dir=str(tmp_path / "run"),
-            remove_unused_columns=False,
             **{**COMMON, "save_strategy": "steps", "save_steps": STEPS},
         ),
         train_dataset=_tokenized_rows(),
@@ -180,12 +181,57 @@ def test_other_models_train_as_with_the_stock_class(tmp_path: Path) -> None:
     )
     trainer = deltatune.adapter_trainer(Trainer)(
         model=peft_model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path / "run"), remove_unused_columns=False, **{**COMMON, "max_steps": 1}
-        ),
+        args=TrainingArguments(output_dir=str(tmp_path / "run"), **{**COMMON, "max_steps": 1}),
         train_dataset=_tokenized_rows(),
     )
     trainer.train()
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(tmp_path / "adapter"))
+
+
+def test_resuming_from_an_adapter_checkpoint_is_bit_exact(tmp_path: Path) -> None:
+    """Six steps straight, and three steps then a resume from the adapter checkpoint at step 3 (into a freshly
+    attached model), end with bit-identical adapter weights."""
+    folder = model_folder(tmp_path, "causal-lm")
+    finals = []
+    for run, resume in (("straight", None), ("resumed", tmp_path / "straight" / "checkpoint-3")):
+        delta_model = deltatune.attach(AutoModelForCausalLM.from_pretrained(folder), LORA)
+        trainer = deltatune.adapter_trainer(Trainer)(
+            model=delta_model,
+            args=TrainingArguments(
+                output_dir=str(tmp_path / run),
+                **{**COMMON, "save_strategy": "steps", "save_steps": 3},
+            ),
+            train_dataset=_tokenized_rows(),
+        )
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+        finals.append({name: p.detach().clone() for name, p in delta_model.named_parameters() if p.requires_grad})
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][name], finals[1][name]) for name in finals[0])
+
+
+def test_load_best_model_at_end_restores_the_best_adapter(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path, "causal-lm")
+    delta_model = deltatune.attach(AutoModelForCausalLM.from_pretrained(folder), LORA)
+    trainer = deltatune.adapter_trainer(Trainer)(
+        model=delta_model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            eval_strategy="steps",
+            eval_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="loss",
+            greater_is_better=True,  # "best" is the highest eval loss: an early checkpoint, so a load is seen
+            **{**COMMON, "save_strategy": "steps", "save_steps": 2},
+        ),
+        train_dataset=_tokenized_rows(),
+        eval_dataset=_tokenized_rows().select(range(4)),
+    )
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name != f"checkpoint-{STEPS}"
+    expected = deltatune.load(AutoModelForCausalLM.from_pretrained(folder), str(best))
+    trained = {name: p for name, p in delta_model.named_parameters() if p.requires_grad}
+    assert trained.keys() == {name for name, _ in expected.named_parameters() if ".deltatune." in name}
+    assert all(torch.equal(p, expected.get_parameter(name)) for name, p in trained.items())

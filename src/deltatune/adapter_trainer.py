@@ -9,6 +9,11 @@ treatment; the subclass adds those branches for a `DeltaModel` and changes nothi
   trainer writes a non-`PreTrainedModel`'s whole state dict to `model.safetensors`.
 - DPO's reference model (`ref_model=None`, the trainer taking one): the same model with its adapters off
   (`AdaptersOff`, sharing every weight). The stock trainer loads a second full base from `config._name_or_path`.
+- resuming (`train(resume_from_checkpoint=...)`) and `load_best_model_at_end`: the adapter weights come back from
+  the checkpoint's adapter folder, in place. The stock trainer looks for a full model's weights file.
+- reading the model (label names, whether it returns a loss, the data columns its forward takes): off the base
+  model, as off a peft model's `get_base_model()`. The stock trainer reads the `DeltaModel`'s `**kwargs` forward,
+  finds no labels (no eval loss) and, with `remove_unused_columns`, drops every data column.
 - TRL SFT's `loss_type="chunked_nll"` (its default): the chunked loss goes on the base model's forward, as TRL puts
   it for a peft model, so the `DeltaModel`'s own forward still runs around it. The stock trainer replaces the
   wrapper's forward and calls `base_model` as if it were the transformers backbone (the crash of issue 16).
@@ -88,6 +93,26 @@ class AdapterTrainerMixin:
         super().__init__(**arguments)
         if getattr(self.args, "loss_type", None) == "chunked_nll" and not forward_replaced_before:
             _chunked_loss_on_base(model, is_vlm=getattr(self, "_is_vlm", False))
+        from transformers.utils import can_return_loss, find_labels
+
+        base_class = type(model.base_model)  # what the trainer reads off a peft model's `get_base_model()`
+        if self.args.label_names is None:
+            self.label_names = find_labels(base_class)
+        self.can_return_loss = can_return_loss(base_class)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The data columns to keep: transformers' `Trainer` reads them off the model's forward, and for a
+        `DeltaModel` (whose forward takes `**kwargs`) off its base model's, as it does for a peft model. A
+        trainer that names its columns itself (TRL's) is left to do so."""
+        from transformers import Trainer
+
+        model = self.accelerator.unwrap_model(self.model)
+        next_method = super()._set_signature_columns_if_needed
+        if self._signature_columns is None and _is_delta_model(model):
+            if next_method.__func__ is Trainer._set_signature_columns_if_needed:
+                columns = list(inspect.signature(model.base_model.forward).parameters)
+                self._signature_columns = columns + sorted({"label", "label_ids", *self.label_names} - set(columns))
+        next_method()
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The adapter folder of a `DeltaModel` (the stock `_save` for any other model), the tokenizer and the
@@ -109,6 +134,27 @@ class AdapterTrainerMixin:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(folder)
             torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """`resume_from_checkpoint`: a `DeltaModel`'s adapter weights come back from the checkpoint's adapter
+        folder, in place (the stock method for any other model)."""
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not _is_delta_model(target):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        from .io import restore_weights
+
+        restore_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: a `DeltaModel`'s adapter weights come back from the best checkpoint."""
+        target = self.accelerator.unwrap_model(self.model)
+        if not _is_delta_model(target):
+            super()._load_best_model()
+            return
+        from .io import restore_weights
+
+        restore_weights(target, self.state.best_model_checkpoint)
 
 
 def _is_delta_model(model: object) -> bool:
