@@ -334,12 +334,6 @@ class DeltaModel(TrainerFacing, nn.Module):
         with self._call(adapter_names, args, kwargs):
             return self.base_model.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' gradient checkpointing, non-reentrant by default (frozen inputs still pass gradients)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        base = self.base_model  # transformers 5 renamed the method; both take the kwargs first
-        (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)(kwargs)
-
     @contextlib.contextmanager
     def _call(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:
         """One forward or generate call: row i of its input goes to `adapter_names[i]`, or every row to

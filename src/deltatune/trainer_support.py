@@ -6,6 +6,8 @@ not pretend to be. Where they or their users duck-type, a `DeltaModel` answers a
 - `get_base_model()`: the wrapped model, its adapters inside (peft: the transformers model under the tuner).
 - `disable_adapter()`: a block in which the model computes as its base model, adapters off (TRL takes DPO's
   reference log-probabilities this way: the base is the reference, without a second copy of it).
+- `gradient_checkpointing_enable()`: non-reentrant by default; reentrant with the embeddings' output requiring
+  gradients, as peft arranges, so the adapters inside checkpointed blocks still get theirs.
 - `save_pretrained(path)`: the adapter folder (deltatune's format, or `format="peft"`), never the full model:
   transformers' own `save_pretrained`, reached through attribute forwarding, wrote a `model.safetensors` whose
   adapter keys `from_pretrained` drops.
@@ -40,6 +42,17 @@ class TrainerFacing:
         """peft's name for `disabled()`: inside the block the model computes as the base model."""
         with self.disabled():  # type: ignore[attr-defined]
             yield
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' gradient checkpointing, non-reentrant by default (frozen inputs still pass gradients).
+        With `use_reentrant=True` a checkpointed block passes gradients only if its input needs them, and the
+        frozen embeddings' output does not: their output is made to require gradients (peft's
+        `enable_input_require_grads`), or the adapters inside the blocks would get none."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        base = self.base_model  # transformers 5 renamed the method; both take the kwargs first
+        (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)(kwargs)
+        if kwargs["use_reentrant"]:
+            base.enable_input_require_grads()
 
     def save_pretrained(
         self,
