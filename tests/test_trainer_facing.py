@@ -85,3 +85,11 @@ def test_gradient_checkpointing_keeps_the_adapter_gradients(use_reentrant: bool)
     assert len(actual) == len(expected) == 28 and all(gradient is not None for gradient in actual)
     for gradient, reference in zip(actual, expected):
         torch.testing.assert_close(gradient, reference, atol=1e-6, rtol=0)
+
+
+def test_adapter_trainer_refuses_an_unknown_format() -> None:
+    from transformers import Trainer
+
+    with pytest.raises(deltatune.DeltaTuneError, match="unknown adapter format 'safetensors'"):
+        deltatune.adapter_trainer(Trainer, format="safetensors")
+    assert deltatune.adapter_trainer(Trainer, format="peft").adapter_format == "peft"
