@@ -6,7 +6,8 @@ The base model stays what it was: its modules and code are untouched; each adapt
 `get_input_embeddings`, ...) go to the base model, so transformers code keeps working. On a float16 /
 bfloat16 model, adapters keep float32 weights (`add(..., autocast_adapter_dtype=True)`, peft's default);
 `autocast_adapter_dtype=False` keeps them in the model's dtype. What transformers' and TRL's trainers ask of a
-model (`get_base_model`, `disable_adapter`, `save_pretrained` writing the adapter folder) is in `trainer_support`.
+model (`get_base_model`, `disable_adapter`, gradient checkpointing, `save_pretrained` writing the adapter folder)
+is in `trainer_support`.
 """
 
 from __future__ import annotations

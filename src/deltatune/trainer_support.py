@@ -4,8 +4,8 @@ Those trainers recognise a peft model by `isinstance(model, PeftModel)`; a `Delt
 not pretend to be. Where they or their users duck-type, a `DeltaModel` answers as a `PeftModel` would:
 
 - `get_base_model()`: the wrapped model, its adapters inside (peft: the transformers model under the tuner).
-- `disable_adapter()`: a block in which the model computes as its base model, adapters off (TRL takes DPO's
-  reference log-probabilities this way: the base is the reference, without a second copy of it).
+- `disable_adapter()`: a block in which the model computes as its base model, adapters off (DPO's reference, as
+  TRL takes it from a peft model and `adapter_trainer` from a `DeltaModel`, without a second copy of the base).
 - `gradient_checkpointing_enable()`: non-reentrant by default; reentrant with the embeddings' output requiring
   gradients, as peft arranges, so the adapters inside checkpointed blocks still get theirs.
 - `save_pretrained(path)`: the adapter folder (deltatune's format, or `format="peft"`), never the full model:
