@@ -93,3 +93,23 @@ def test_adapter_trainer_refuses_an_unknown_format() -> None:
     with pytest.raises(deltatune.DeltaTuneError, match="unknown adapter format 'safetensors'"):
         deltatune.adapter_trainer(Trainer, format="safetensors")
     assert deltatune.adapter_trainer(Trainer, format="peft").adapter_format == "peft"
+
+
+def test_restore_weights_copies_saved_adapters_back_in_place(tmp_path: Path) -> None:
+    """What a resumed trainer does: the saved weights come back into the same parameter objects."""
+    from deltatune.io import restore_weights
+
+    delta_model = _trained_lora()
+    delta_model.add("other", deltatune.LoraConfig(r=2, target_modules=["q_proj"]))
+    delta_model.save_pretrained(tmp_path / "both")
+    delta_model.save_pretrained(tmp_path / "peft-one", selected_adapters=["default"], format="peft")
+    saved = {name: p.detach().clone() for name, p in delta_model.named_parameters() if p.requires_grad}
+    parameters = {name: p for name, p in delta_model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for parameter in parameters.values():
+            parameter.add_(1.0)
+    restore_weights(delta_model, tmp_path / "both")
+    assert all(torch.equal(p, saved[name]) for name, p in delta_model.named_parameters() if p.requires_grad)
+    assert all(p is parameters[name] for name, p in delta_model.named_parameters() if p.requires_grad)
+    with pytest.raises(deltatune.AdapterFileError, match="does not record its name"):  # peft's folder names none
+        restore_weights(delta_model, tmp_path / "peft-one")
