@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .adapter_trainer import adapter_trainer
 from .composition import Fuse, Stack
 from .config import DeltaConfig, TargetedConfig
 from .errors import (
@@ -162,4 +163,5 @@ __all__ = [
     "VeloraConfig",
     "MontecloraConfig",
     "monteclora_loss",
+    "adapter_trainer",
 ]

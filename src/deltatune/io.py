@@ -304,8 +304,39 @@ def _needs_other_adapters(folder: Path) -> bool:
     return method in registered_methods() and getattr(get_method(method), "needs_other_adapters", False)
 
 
+def restore_weights(delta_model: DeltaModel, path: str | Path) -> None:
+    """Copy the weights in the adapter folder `path` (as `save` wrote it) into the model's adapters of the same
+    names, in place: the parameters stay the objects an optimizer holds (a trainer resuming from a checkpoint).
+    A folder holding one adapter fills the model's only adapter, or the one it records. Every adapter's keys and
+    shapes are checked before anything is copied."""
+    plans = []
+    for name, folder in _adapter_folders(Path(path), None):
+        read = READERS[folder_kind(folder)](folder, delta_model.base_model)
+        only = next(iter(delta_model.records)) if len(delta_model.records) == 1 else None
+        adapter_name = name or read.recorded_name or only
+        if adapter_name is None:
+            raise AdapterFileError(
+                f"{folder} holds one adapter and does not record its name, but this model has "
+                f"{sorted(delta_model.records)}: load it with deltatune.load(model, path, name=...) instead"
+            )
+        delta_model.require([adapter_name])
+        plans.append(_copy_plan(delta_model, adapter_name, read))
+    for plan in plans:
+        for adapter, loaded in plan:
+            adapter.load_file_state(loaded)
+
+
 def _copy_into(delta_model: DeltaModel, name: str, read: ReadAdapter) -> None:
     """Check that the file holds exactly the adapter's tensors with the right shapes, then copy."""
+    for adapter, loaded in _copy_plan(delta_model, name, read):
+        adapter.load_file_state(loaded)
+
+
+def _copy_plan(
+    delta_model: DeltaModel, name: str, read: ReadAdapter
+) -> list[tuple[SiteAdapter, dict[str, torch.Tensor]]]:
+    """(adapter part, its tensors from the file) for every part of adapter `name`, once the file is checked to
+    hold exactly the adapter's tensors with the right shapes."""
     plan: list[tuple[SiteAdapter, dict[str, torch.Tensor]]] = []
     used: set[str] = set()
     for module_name, site in delta_model.sites():
@@ -335,8 +366,7 @@ def _copy_into(delta_model: DeltaModel, name: str, read: ReadAdapter) -> None:
             f"{read.source} holds {len(extra)} tensor(s) this model has no place for, first {extra[0]!r}; the "
             "adapter was made for another model"
         )
-    for adapter, loaded in plan:
-        adapter.load_file_state(loaded)
+    return plan
 
 
 def _is_adapter_folder(folder: Path) -> bool:

@@ -5,7 +5,9 @@ The base model stays what it was: its modules and code are untouched; each adapt
 `requires_grad` restored by `unload()`. Attribute look-ups the wrapper does not answer (`config`,
 `get_input_embeddings`, ...) go to the base model, so transformers code keeps working. On a float16 /
 bfloat16 model, adapters keep float32 weights (`add(..., autocast_adapter_dtype=True)`, peft's default);
-`autocast_adapter_dtype=False` keeps them in the model's dtype.
+`autocast_adapter_dtype=False` keeps them in the model's dtype. What transformers' and TRL's trainers ask of a
+model (`get_base_model`, `disable_adapter`, gradient checkpointing, `save_pretrained` writing the adapter folder)
+is in `trainer_support`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .requantize import dequantize_model
 from .site import DeltaSite, RoutingState, SiteAdapter, keep_in_float32, remove_adapter, site_of
 from .summary import TrainableSummary
 from .targeting import model_modules, saved_module_names
+from .trainer_support import TrainerFacing
 
 
 @dataclasses.dataclass
@@ -44,7 +47,7 @@ class AdapterRecord:
     placed: list[str]
 
 
-class DeltaModel(nn.Module):
+class DeltaModel(TrainerFacing, nn.Module):
     """A base model plus named adapters. Create it with `deltatune.attach` or `deltatune.load`."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -334,12 +337,6 @@ class DeltaModel(nn.Module):
         prompt (the beams and return sequences of a prompt run its adapter)."""
         with self._call(adapter_names, args, kwargs):
             return self.base_model.generate(*args, **kwargs)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' gradient checkpointing, non-reentrant by default (frozen inputs still pass gradients)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        base = self.base_model  # transformers 5 renamed the method; both take the kwargs first
-        (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)(kwargs)
 
     @contextlib.contextmanager
     def _call(self, adapter_names: list[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:

@@ -1,0 +1,115 @@
+"""The peft-named methods trainers call on a `DeltaModel` mean what peft's do: `save_pretrained` writes the
+adapter folder (never the full model), `disable_adapter` computes as the base model, `get_base_model` is the
+wrapped model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune
+from tiny_models import build, run
+
+
+def _trained_lora() -> deltatune.DeltaModel:
+    delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for parameter in delta_model.adapter_parameters("default"):
+            parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(parameter.numel()))
+    return delta_model
+
+
+@pytest.mark.parametrize("format", ["deltatune", "peft"])
+def test_save_pretrained_writes_the_adapter_folder_not_the_model(tmp_path: Path, format: str) -> None:
+    delta_model = _trained_lora()
+    delta_model.save_pretrained(tmp_path / "adapter", format=format)
+    assert sorted(entry.name for entry in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    loaded = deltatune.load(build("llama"), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded, "llama"), run(delta_model, "llama"), atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_in_peft_format_loads_in_peft(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    delta_model = _trained_lora()
+    delta_model.save_pretrained(tmp_path / "adapter", format="peft")
+    peft_model = PeftModel.from_pretrained(build("llama"), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(run(peft_model, "llama"), run(delta_model, "llama"), atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_selected_adapters_and_non_writing_rank(tmp_path: Path) -> None:
+    delta_model = _trained_lora()
+    delta_model.add("other", deltatune.LoraConfig(r=2, target_modules=["q_proj"]))
+    delta_model.save_pretrained(tmp_path / "nothing", is_main_process=False)
+    assert not (tmp_path / "nothing").exists()
+    delta_model.save_pretrained(tmp_path / "both")
+    assert sorted(entry.name for entry in (tmp_path / "both").iterdir()) == ["default", "other"]
+    delta_model.save_pretrained(tmp_path / "one", selected_adapters=["other"])
+    loaded = deltatune.load(build("llama"), str(tmp_path / "one"))
+    assert [config.r for config in loaded.configs.values()] == [2]
+
+
+def test_disable_adapter_computes_as_the_base_model() -> None:
+    delta_model = _trained_lora()
+    assert delta_model.get_base_model() is delta_model.base_model
+    with torch.no_grad():
+        base = run(build("llama"), "llama")
+        assert not torch.allclose(run(delta_model, "llama"), base)
+        with delta_model.disable_adapter():
+            torch.testing.assert_close(run(delta_model, "llama"), base, atol=0, rtol=0)
+        assert not torch.allclose(run(delta_model, "llama"), base)
+
+
+def _adapter_gradients(checkpointing: dict | None) -> list[torch.Tensor]:
+    delta_model = _trained_lora().train()
+    if checkpointing is not None:
+        delta_model.gradient_checkpointing_enable(checkpointing)
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    delta_model(input_ids=ids, labels=ids).loss.backward()
+    return [parameter.grad for parameter in delta_model.adapter_parameters("default")]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_keeps_the_adapter_gradients(use_reentrant: bool) -> None:
+    """Frozen embeddings: reentrant checkpointing passes gradients only because their output is made to
+    require them (on transformers 4.57 the backward raised without it)."""
+    expected = _adapter_gradients(None)
+    actual = _adapter_gradients({"use_reentrant": use_reentrant})
+    assert len(actual) == len(expected) == 28 and all(gradient is not None for gradient in actual)
+    for gradient, reference in zip(actual, expected):
+        torch.testing.assert_close(gradient, reference, atol=1e-6, rtol=0)
+
+
+def test_adapter_trainer_refuses_an_unknown_format() -> None:
+    from transformers import Trainer
+
+    with pytest.raises(deltatune.DeltaTuneError, match="unknown adapter format 'safetensors'"):
+        deltatune.adapter_trainer(Trainer, format="safetensors")
+    assert deltatune.adapter_trainer(Trainer, format="peft").adapter_format == "peft"
+
+
+def test_restore_weights_copies_saved_adapters_back_in_place(tmp_path: Path) -> None:
+    """What a resumed trainer does: the saved weights come back into the same parameter objects."""
+    from deltatune.io import restore_weights
+
+    delta_model = _trained_lora()
+    delta_model.add("other", deltatune.LoraConfig(r=2, target_modules=["q_proj"]))
+    delta_model.save_pretrained(tmp_path / "both")
+    delta_model.save_pretrained(tmp_path / "peft-one", selected_adapters=["default"], format="peft")
+    saved = {name: p.detach().clone() for name, p in delta_model.named_parameters() if p.requires_grad}
+    parameters = {name: p for name, p in delta_model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for parameter in parameters.values():
+            parameter.add_(1.0)
+    restore_weights(delta_model, tmp_path / "both")
+    assert all(torch.equal(p, saved[name]) for name, p in delta_model.named_parameters() if p.requires_grad)
+    assert all(p is parameters[name] for name, p in delta_model.named_parameters() if p.requires_grad)
+    with pytest.raises(deltatune.AdapterFileError, match="does not record its name"):  # peft's folder names none
+        restore_weights(delta_model, tmp_path / "peft-one")
