@@ -19,6 +19,7 @@ checks every name, key and shape before it copies anything.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,9 +37,10 @@ from .atomic import (
     replace_folder,
     safetensors_writer,
 )
+from .base_fingerprint import check_same_base
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
-from .files import read_json, read_tensors, tensor_count
+from .files import read_json, read_metadata, read_tensors, tensor_count
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
 from .site import SiteAdapter
@@ -51,6 +53,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE)
 LOAD_ATTEMPTS = 5
+FINGERPRINT_KEY = "base_fingerprint"
+"""Where a folder records the base it was trained on: a key of our config, of peft's weights metadata."""
 
 
 class FileLayout(Protocol):
@@ -87,6 +91,10 @@ class ReadAdapter:
     """The name the folder records (AdapterHub's and ours), if any."""
     source: Path
     """Where the tensors come from, for errors."""
+    base_fingerprint: dict[str, Any] | None = None
+    """The print of the base it was trained on (`base_fingerprint`), where the folder records one."""
+    base_model: str | None = None
+    """The folder's `base_model_name_or_path`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +123,7 @@ def _our_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], File
         "method": config.method,
         "config": config.to_dict(),
         "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
+        FINGERPRINT_KEY: delta_model.records[name].base_fingerprint,
     }
     return data, OURS
 
@@ -154,7 +163,10 @@ def _adapter_writers(delta_model: DeltaModel, name: str, format: str) -> dict[st
             adapter = site.adapters[name]
             for tensor_name, tensor in layout.file_state(adapter).items():
                 tensors[layout.tensor_key(module_name, adapter, tensor_name)] = tensor
-    return {WEIGHTS_FILE: safetensors_writer(tensors, metadata={"format": "pt"}), CONFIG_FILE: json_writer(config)}
+    metadata = {"format": "pt"}
+    if format == "peft":  # peft's config reader warns of keys it lacks; every reader of the weights skips metadata
+        metadata[FINGERPRINT_KEY] = json.dumps(delta_model.records[name].base_fingerprint, sort_keys=True)
+    return {WEIGHTS_FILE: safetensors_writer(tensors, metadata=metadata), CONFIG_FILE: json_writer(config)}
 
 
 def _written_by_saves(entry: Path) -> bool:
@@ -163,15 +175,21 @@ def _written_by_saves(entry: Path) -> bool:
 
 
 def load_adapters(
-    delta_model: DeltaModel, path: str | Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool = True
+    delta_model: DeltaModel,
+    path: str | Path,
+    name: str | None,
+    trainable: bool,
+    autocast_adapter_dtype: bool = True,
+    strict: bool = False,
 ) -> None:
     """Add the adapter(s) in `path` to `delta_model`; on an error none of them is added. A save that
-    replaces the folder meanwhile makes it read again, so the adapters come from one save."""
+    replaces the folder meanwhile makes it read again, so the adapters come from one save. An adapter
+    recorded for other base weights warns, or with `strict` is refused."""
     root = Path(path)
     if name is not None:
         check_name(name)
     for _ in range(LOAD_ATTEMPTS):
-        if _load_folder(delta_model, root, name, trainable, autocast_adapter_dtype):
+        if _load_folder(delta_model, root, name, trainable, autocast_adapter_dtype, strict):
             return
     raise AdapterFileError(
         f"{root} was replaced by a save on every one of {LOAD_ATTEMPTS} attempts to read it; load it when the saves "
@@ -180,7 +198,7 @@ def load_adapters(
 
 
 def _load_folder(
-    delta_model: DeltaModel, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool
+    delta_model: DeltaModel, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool, strict: bool
 ) -> bool:
     """Load every adapter in `root`; False (with nothing added) if a save replaced it meanwhile."""
     version = folder_version(root)
@@ -188,7 +206,7 @@ def _load_folder(
     try:
         folders = sorted(_adapter_folders(root, name), key=lambda item: _needs_other_adapters(item[1]))
         for adapter_name, folder in folders:
-            added.append(_load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype))
+            added.append(_load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype, strict))
     except BaseException as error:
         _delete(delta_model, added)
         if not isinstance(error, Exception) or folder_version(root) == version:
@@ -252,8 +270,23 @@ def _read_adapterhub(folder: Path, model: nn.Module) -> ReadAdapter:
 
 
 def _read_peft(folder: Path, model: nn.Module) -> ReadAdapter:
-    config, tensors, layout = peft_format.read_adapter(read_json(folder / CONFIG_FILE), folder / WEIGHTS_FILE, model)
-    return ReadAdapter(config, tensors, layout, None, folder / WEIGHTS_FILE)
+    data = read_json(folder / CONFIG_FILE)
+    config, tensors, layout = peft_format.read_adapter(data, folder / WEIGHTS_FILE, model)
+    recorded = read_metadata(folder / WEIGHTS_FILE).get(FINGERPRINT_KEY)
+    fingerprint = _json_object(recorded, folder / WEIGHTS_FILE) if recorded else None
+    return ReadAdapter(
+        config, tensors, layout, None, folder / WEIGHTS_FILE, fingerprint, data.get("base_model_name_or_path")
+    )
+
+
+def _json_object(text: str, source: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{source} records a broken {FINGERPRINT_KEY}; save the adapter again")
+    return value
 
 
 def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
@@ -263,7 +296,15 @@ def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
     recorded = data.get("name")
     if recorded is not None:
         check_name(recorded, f"{folder / CONFIG_FILE}", AdapterFileError)
-    return ReadAdapter(config, tensors, OURS, recorded, folder / WEIGHTS_FILE)
+    return ReadAdapter(
+        config,
+        tensors,
+        OURS,
+        recorded,
+        folder / WEIGHTS_FILE,
+        data.get(FINGERPRINT_KEY),
+        data.get("base_model_name_or_path"),
+    )
 
 
 READERS: dict[str, Callable[[Path, nn.Module], ReadAdapter]] = {
@@ -275,9 +316,15 @@ READERS: dict[str, Callable[[Path, nn.Module], ReadAdapter]] = {
 
 
 def _load_one(
-    delta_model: DeltaModel, folder: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool
+    delta_model: DeltaModel,
+    folder: Path,
+    name: str | None,
+    trainable: bool,
+    autocast_adapter_dtype: bool,
+    strict: bool = False,
 ) -> str:
-    """Load the adapter in `folder` (under `name`, else the name it records); returns its name."""
+    """Load the adapter in `folder` (under `name`, else the name it records); returns its name. One
+    recorded for another base warns, or with `strict` is refused (`base_fingerprint.check_same_base`)."""
     read = READERS[folder_kind(folder)](folder, delta_model.base_model)
     adapter_name = name or read.recorded_name or "default"
     delta_model.add(
@@ -289,6 +336,10 @@ def _load_one(
     )
     try:
         _copy_into(delta_model, adapter_name, read)
+        record = delta_model.records[adapter_name]
+        check_same_base(read.base_fingerprint, record.base_fingerprint, adapter_name, folder, read.base_model, strict)
+        if read.base_fingerprint:
+            record.base_fingerprint = read.base_fingerprint
     except BaseException:
         delta_model.delete(adapter_name)
         raise

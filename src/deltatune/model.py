@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_fingerprint import fingerprint
 from .composition import ActivePlan, Fuse, Setup, site_names
 from .config import DeltaConfig
 from .errors import AdapterNameError, DeltaTuneError
@@ -42,6 +43,9 @@ class AdapterRecord:
     config: DeltaConfig
     targets: list[str]
     placed: list[str]
+    base_fingerprint: dict[str, Any]
+    """The print of the base weights at its targets (`base_fingerprint`): taken when it was added, or read
+    from the folder it was loaded from, so a save records the base it was trained on."""
 
 
 class DeltaModel(nn.Module):
@@ -112,7 +116,10 @@ class DeltaModel(nn.Module):
             if autocast_adapter_dtype:  # float16 / bfloat16 adapter weights in float32, as peft does
                 for module_name in placement.placed:
                     keep_in_float32(site_of(self.base_model.get_submodule(module_name)).adapters[name])
-            self.records[name] = AdapterRecord(config, list(placement.targets), list(placement.placed))
+            targets = list(placement.targets)
+            self.records[name] = AdapterRecord(
+                config, targets, list(placement.placed), fingerprint(self.base_model, targets)
+            )
             self.set_trainable(name, trainable)
             self._reactivate(previous or (name,))
         except BaseException:
