@@ -2,16 +2,18 @@
 every write atomic.
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
-"base_model_name_or_path"} and `adapter_model.safetensors` whose keys are `<module path>.<tensor>`
-(no adapter name, so a file loads under any name). peft's folder: see `peft_format`; AdapterHub's (read
-only): see `adapterhub_format`. A format decides the config file, the tensor keys and what is stored of
-each adapter (a `FileLayout`).
+"base_model_name_or_path", "base_fingerprint"} and `adapter_model.safetensors` whose keys are
+`<module path>.<tensor>` (no adapter name, so a file loads under any name). peft's folder: see
+`peft_format` (the fingerprint is in its weights' metadata); AdapterHub's (read only): see
+`adapterhub_format`. A format decides the config file, the tensor keys and what is stored of each
+adapter (a `FileLayout`). Every saved adapter folder also gets a model card, `README.md` (`model_card`).
 
 A save replaces the whole save folder in one step (`atomic`): an interrupted save leaves the old
 adapter as it was, and afterwards the folder holds exactly the adapters saved. The adapter entries of
 the old folder go: `adapter_config.json`, `adapter_fusion_config.json` and `adapter_model.safetensors`
-at its top, and every subfolder that holds an adapter (ours, peft's or AdapterHub's: what `load` would
-read). Everything else in it (a README, a model, hidden files) stays. Loading reads the folder again if
+at its top, a model card a save wrote there, and every subfolder that holds an adapter (ours, peft's or
+AdapterHub's: what `load` would read). Everything else in it (the user's README, a model, hidden files)
+stays. Loading reads the folder again if
 a save replaced it meanwhile, skips hidden subfolders (a valid adapter name never starts with '.'), and
 checks every name, key and shape before it copies anything.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +43,7 @@ from .base_fingerprint import check_same_base
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
 from .files import read_json, read_metadata, read_tensors, tensor_count
+from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
 from .site import SiteAdapter
@@ -135,8 +138,15 @@ FORMATS: dict[str, Callable[[DeltaModel, str], tuple[dict[str, Any], FileLayout]
 """Format name → (the config file's data, the weights file's layout) of one adapter."""
 
 
-def save_adapters(delta_model: DeltaModel, path: str | Path, names: list[str], format: str) -> None:
-    """One adapter: into `path`; several: into `path/<name>/` each."""
+def save_adapters(
+    delta_model: DeltaModel,
+    path: str | Path,
+    names: list[str],
+    format: str,
+    metrics: Mapping[str, float] | None = None,
+) -> None:
+    """One adapter: into `path`; several: into `path/<name>/` each; each with its model card (`metrics`:
+    the run's final metrics, for the card), except where the folder holds a `README.md` of the user's."""
     if format not in FORMATS:
         raise DeltaTuneError(f"unknown format {format!r}; use one of {tuple(FORMATS)}")
     delta_model.require(names)
@@ -145,17 +155,26 @@ def save_adapters(delta_model: DeltaModel, path: str | Path, names: list[str], f
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise DeltaTuneError(f"names lists {', '.join(map(repr, repeated))} more than once; name each adapter once")
-    folders = {name: _adapter_writers(delta_model, check_name(name), format) for name in names}
-    if len(names) == 1:
-        replace_folder(Path(path), folders[names[0]], replaced=_written_by_saves)
+    root, several = Path(path), len(names) > 1
+    folders = {
+        name: _adapter_writers(delta_model, check_name(name), format, root / name if several else root, metrics)
+        for name in names
+    }
+    if len(names) == 1:  # its card writer keeps a README of the user's there
+        replace_folder(
+            root, folders[names[0]], replaced=lambda entry: entry.name == CARD_FILE or _written_by_saves(entry)
+        )
     else:
         replace_folder(
             Path(path), {name: folder_writer(writers) for name, writers in folders.items()}, replaced=_written_by_saves
         )
 
 
-def _adapter_writers(delta_model: DeltaModel, name: str, format: str) -> dict[str, Writer]:
-    """The writers of adapter `name`'s two files."""
+def _adapter_writers(
+    delta_model: DeltaModel, name: str, format: str, folder: Path, metrics: Mapping[str, float] | None
+) -> dict[str, Writer]:
+    """The writers of adapter `name`'s files in `folder`: config, weights and model card (a `README.md`
+    of the user's in `folder` is copied as it is instead, `model_card.card_writer`)."""
     config, layout = FORMATS[format](delta_model, name)
     tensors = {}
     for module_name, site in delta_model.sites():
@@ -166,12 +185,19 @@ def _adapter_writers(delta_model: DeltaModel, name: str, format: str) -> dict[st
     metadata = {"format": "pt"}
     if format == "peft":  # peft's config reader warns of keys it lacks; every reader of the weights skips metadata
         metadata[FINGERPRINT_KEY] = json.dumps(delta_model.records[name].base_fingerprint, sort_keys=True)
-    return {WEIGHTS_FILE: safetensors_writer(tensors, metadata=metadata), CONFIG_FILE: json_writer(config)}
+    writers = {WEIGHTS_FILE: safetensors_writer(tensors, metadata=metadata), CONFIG_FILE: json_writer(config)}
+    facts = card_facts(delta_model, name, format, folder, metrics)
+    writers[CARD_FILE] = card_writer(facts, list(writers), folder / CARD_FILE)
+    return writers
 
 
 def _written_by_saves(entry: Path) -> bool:
     """The entries of an old save folder that a new save replaces (see the module docstring)."""
-    return entry.name in TOP_LEVEL_ADAPTER_FILES or _is_adapter_folder(entry)
+    return (
+        entry.name in TOP_LEVEL_ADAPTER_FILES
+        or (entry.name == CARD_FILE and is_ours(entry))
+        or _is_adapter_folder(entry)
+    )
 
 
 def load_adapters(

@@ -378,14 +378,21 @@ class DeltaModel(nn.Module):
             )
 
     # ----------------------------------------------------------------------------- files
-    def save(self, path: str, names: list[str] | None = None, format: str = "deltatune") -> None:
+    def save(
+        self,
+        path: str,
+        names: list[str] | None = None,
+        format: str = "deltatune",
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
         """Write adapters to the folder `path` (one adapter: the folder itself; several: one
-        subfolder each). `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads.
-        The folder is replaced in one step and then holds exactly these adapters: adapter files and
-        subfolders of earlier saves go, other files (a README) stay."""
+        subfolder each), each with a model card (`README.md`; `metrics`: final metrics it lists).
+        `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads.
+        The folder is replaced in one step and then holds exactly these adapters: adapter files, cards
+        and subfolders of earlier saves go, other files (a README of the user's) stay."""
         from .io import save_adapters
 
-        save_adapters(self, path, list(self.records) if names is None else list(names), format)
+        save_adapters(self, path, list(self.records) if names is None else list(names), format, metrics)
 
     def trainable_summary(self) -> TrainableSummary:
         """Trainable and total parameter counts, overall and per adapter."""

@@ -251,7 +251,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     seconds = time.perf_counter() - started
     with sharding.whole_adapter(run.delta_model):
         if ranks.main:
-            run.delta_model.save(str(output_dir / ADAPTER_FOLDER))
+            run.delta_model.save(str(output_dir / ADAPTER_FOLDER), metrics=final.metrics if final else None)
             run.write_report(output_dir, state.history, final, seconds)
     distributed.barrier(ranks)
     return TrainResult(run, state.history, final, output_dir, seconds)
