@@ -42,11 +42,13 @@ from .atomic import (
 from .base_fingerprint import check_same_base
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
-from .files import read_json, read_metadata, read_tensors, tensor_count
+from .files import read_json, read_tensors, tensor_count
+from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, peft_records
 from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
 from .site import SiteAdapter
+from .task_record import fit_heads
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -56,8 +58,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE)
 LOAD_ATTEMPTS = 5
-FINGERPRINT_KEY = "base_fingerprint"
-"""Where a folder records the base it was trained on: a key of our config, of peft's weights metadata."""
 
 
 class FileLayout(Protocol):
@@ -98,6 +98,8 @@ class ReadAdapter:
     """The print of the base it was trained on (`base_fingerprint`), where the folder records one."""
     base_model: str | None = None
     """The folder's `base_model_name_or_path`."""
+    task: dict[str, Any] | None = None
+    """Its task, labels and head shapes (`task_record`), where the folder records them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +128,7 @@ def _our_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], File
         "method": config.method,
         "config": config.to_dict(),
         "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
-        FINGERPRINT_KEY: delta_model.records[name].base_fingerprint,
+        **adapter_records(delta_model, name),
     }
     return data, OURS
 
@@ -184,7 +186,9 @@ def _adapter_writers(
                 tensors[layout.tensor_key(module_name, adapter, tensor_name)] = tensor
     metadata = {"format": "pt"}
     if format == "peft":  # peft's config reader warns of keys it lacks; every reader of the weights skips metadata
-        metadata[FINGERPRINT_KEY] = json.dumps(delta_model.records[name].base_fingerprint, sort_keys=True)
+        metadata |= {
+            key: json.dumps(value, sort_keys=True) for key, value in adapter_records(delta_model, name).items()
+        }
     writers = {WEIGHTS_FILE: safetensors_writer(tensors, metadata=metadata), CONFIG_FILE: json_writer(config)}
     facts = card_facts(delta_model, name, format, folder, metrics)
     writers[CARD_FILE] = card_writer(facts, list(writers), folder / CARD_FILE)
@@ -298,21 +302,17 @@ def _read_adapterhub(folder: Path, model: nn.Module) -> ReadAdapter:
 def _read_peft(folder: Path, model: nn.Module) -> ReadAdapter:
     data = read_json(folder / CONFIG_FILE)
     config, tensors, layout = peft_format.read_adapter(data, folder / WEIGHTS_FILE, model)
-    recorded = read_metadata(folder / WEIGHTS_FILE).get(FINGERPRINT_KEY)
-    fingerprint = _json_object(recorded, folder / WEIGHTS_FILE) if recorded else None
+    recorded = peft_records(folder / WEIGHTS_FILE)
     return ReadAdapter(
-        config, tensors, layout, None, folder / WEIGHTS_FILE, fingerprint, data.get("base_model_name_or_path")
+        config,
+        tensors,
+        layout,
+        None,
+        folder / WEIGHTS_FILE,
+        recorded.get(FINGERPRINT_KEY),
+        data.get("base_model_name_or_path"),
+        recorded.get(TASK_KEY),
     )
-
-
-def _json_object(text: str, source: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise AdapterFileError(f"{source} records a broken {FINGERPRINT_KEY}; save the adapter again")
-    return value
 
 
 def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
@@ -330,6 +330,7 @@ def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
         folder / WEIGHTS_FILE,
         data.get(FINGERPRINT_KEY),
         data.get("base_model_name_or_path"),
+        data.get(TASK_KEY),
     )
 
 
@@ -353,13 +354,18 @@ def _load_one(
     recorded for another base warns, or with `strict` is refused (`base_fingerprint.check_same_base`)."""
     read = READERS[folder_kind(folder)](folder, delta_model.base_model)
     adapter_name = name or read.recorded_name or "default"
-    delta_model.add(
-        adapter_name,
-        read.config,
-        trainable=trainable,
-        autocast_adapter_dtype=autocast_adapter_dtype,
-        weights_from_file=True,
-    )
+    restore_heads = fit_heads(delta_model.base_model, read.task, folder)
+    try:
+        delta_model.add(
+            adapter_name,
+            read.config,
+            trainable=trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            weights_from_file=True,
+        )
+    except BaseException:
+        restore_heads()
+        raise
     try:
         _copy_into(delta_model, adapter_name, read)
         record = delta_model.records[adapter_name]
@@ -368,6 +374,7 @@ def _load_one(
             record.base_fingerprint = read.base_fingerprint
     except BaseException:
         delta_model.delete(adapter_name)
+        restore_heads()
         raise
     return adapter_name
 

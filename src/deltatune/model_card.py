@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import Writer
+from .task_record import task_record
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -52,6 +53,8 @@ class CardFacts:
     trainable: int
     total: int
     metrics: Mapping[str, float] | None
+    task: Mapping[str, Any] | None = None
+    """The task record (`task_record`): task, label names, heads."""
 
 
 def is_ours(path: Path) -> bool:
@@ -80,6 +83,7 @@ def card_facts(
         trainable=summary.per_adapter[name],
         total=summary.base,
         metrics=metrics,
+        task=task_record(delta_model, name),
     )
 
 
@@ -118,6 +122,7 @@ def card_text(facts: CardFacts, sizes: Mapping[str, int]) -> str:
         f"- **Base model:** `{base}`" + (f" (`{facts.model_class}`)" if facts.model_class else ""),
         f"- **Method:** `{facts.method}`, saved in {facts.format} format",
         f"- **Trainable parameters:** {facts.trainable:,} ({share:.4f}% of the base's {facts.total:,})",
+        *_task_lines(facts.task),
         "",
         "## Config",
         "",
@@ -134,6 +139,18 @@ def card_text(facts: CardFacts, sizes: Mapping[str, int]) -> str:
     lines += [f"| `{name}` | {roles.get(name, '')} | {_size(size)} |" for name, size in sizes.items()]
     lines += [f"| `{CARD_FILE}` | this card | |", ""]
     return "\n".join(lines + _how_to_load(facts))
+
+
+def _task_lines(task: Mapping[str, Any] | None) -> list[str]:
+    if not task:
+        return []
+    lines = [f"- **Task:** `{task['task']}`"]
+    if task.get("id2label"):
+        lines.append("- **Labels:** " + ", ".join(f"{index} = `{label}`" for index, label in task["id2label"].items()))
+    for head, shapes in (task.get("heads") or {}).items():
+        shown = ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items())
+        lines.append(f"- **Head** `{head}` (trained fully, saved with the adapter): {shown}")
+    return lines
 
 
 def _how_to_load(facts: CardFacts) -> list[str]:

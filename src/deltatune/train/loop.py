@@ -50,7 +50,7 @@ from .data_init import start_from_data, start_from_weights
 from .encode import EncodeContext, collate, label_names
 from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
-from .models import attach_adapter, load_model, load_tokenizer, model_folder
+from .models import adapter_task, attach_adapter, load_model, load_tokenizer, model_folder
 from .optimizer import build_optimizer, freeze_lora_a
 from .outputs import check_output_dir, clear_previous_run
 from .packing import packed_collate_for
@@ -147,6 +147,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
     tokenizer = load_tokenizer(config.tokenizer or str(model_folder(config.model)))
     labels = label_names(task.label_field, train_records)
+    if adapter is not None:  # the label ids of the adapter's head, as its folder records them
+        labels = adapter_task(adapter)[1] or labels
     context = EncodeContext(
         tokenizer, config.max_length, config.chat_template, config.system_prompt, {n: i for i, n in enumerate(labels)}
     )
