@@ -221,7 +221,7 @@ def test_save_then_load_into_a_fresh_model_gives_equal_outputs(tmp_path: Path) -
     expected = run(delta_model, "llama").detach()
     folder = tmp_path / "scaled"
     delta_model.save(str(folder))
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
     loaded = deltatune.load(build("llama"), str(folder))
     assert isinstance(loaded.configs["default"], ScaledOutputConfig)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import deltatune
+from deltatune.base_fingerprint import differing_modules
 from deltatune.train import loop, quantize
 from deltatune.train.cli import main
 from test_quantized import PACKAGES, installed
@@ -114,7 +115,10 @@ def test_an_adapter_trained_on_nf4_is_the_same_files_and_loads_on_the_float32_ba
         key: (t.shape, t.dtype) for key, t in from_fp32.items()
     }
     saved = json.loads((nf4 / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
-    assert saved == json.loads((fp32 / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    saved_fp32 = json.loads((fp32 / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    # the base's print: names and shapes only on the 4-bit layers, which match the float base's
+    assert differing_modules(saved.pop("base_fingerprint"), saved_fp32.pop("base_fingerprint")) == []
+    assert saved == saved_fp32
 
     folder = tmp_path / "tiny-causal-lm-llama-64"
     batch = {"input_ids": torch.tensor([[1, 20, 30, 40, 50]])}

@@ -123,7 +123,7 @@ def test_a_single_adapter_save_over_a_multi_adapter_folder_removes_the_old_subfo
     delta_model(["a", "b"], seed=1).save(str(folder))
     second = delta_model(["default"], seed=2)
     second.save(str(folder))
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert same(loaded_outputs(folder), outputs(second))
 
 

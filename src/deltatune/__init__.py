@@ -18,6 +18,8 @@ from .errors import (
     AdapterFileError,
     AdapterNameError,
     AdapterShapeError,
+    BaseWeightsError,
+    BaseWeightsWarning,
     DeltaTuneError,
     MergeError,
     MethodNameError,
@@ -84,17 +86,23 @@ def attach(
 
 
 def load(
-    model: nn.Module, path: str, name: str | None = None, trainable: bool = False, autocast_adapter_dtype: bool = True
+    model: nn.Module,
+    path: str,
+    name: str | None = None,
+    trainable: bool = False,
+    autocast_adapter_dtype: bool = True,
+    strict: bool = False,
 ) -> DeltaModel:
     """Load an adapter folder (deltatune's or peft's, told apart by its config) onto `model`, a plain
     model or a `DeltaModel`. A folder of subfolders loads each. `trainable=True` to train it further.
-    `autocast_adapter_dtype`: as in `attach` (float32 adapter weights on a half-precision model). On an
-    error nothing is added: a plain `model` is left as it was."""
+    `autocast_adapter_dtype`: as in `attach` (float32 adapter weights on a half-precision model). A
+    folder that records other base weights than `model`'s (`base_fingerprint`) warns; `strict=True`
+    refuses it. On an error nothing is added: a plain `model` is left as it was."""
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
     if trainable:
         keep_trainable_layout(delta_model.base_model)
     try:
-        load_adapters(delta_model, path, name, trainable, autocast_adapter_dtype)
+        load_adapters(delta_model, path, name, trainable, autocast_adapter_dtype, strict)
     except BaseException:
         if delta_model is not model:
             delta_model.unload(merge=False)
@@ -164,4 +172,6 @@ __all__ = [
     "MontecloraConfig",
     "monteclora_loss",
     "adapter_trainer",
+    "BaseWeightsError",
+    "BaseWeightsWarning",
 ]

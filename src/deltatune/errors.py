@@ -58,3 +58,11 @@ class TrainingDivergedError(DeltaTuneError):
 
 class CheckpointMismatchError(DeltaTuneError):
     """A checkpoint written by a run with other settings (or other data) than the run resuming it."""
+
+
+class BaseWeightsError(AdapterShapeError):
+    """An adapter loaded with `strict=True` onto a base whose weights are not those it was trained on."""
+
+
+class BaseWeightsWarning(UserWarning):
+    """An adapter was loaded onto a base whose weights are not those it was trained on (`strict=True` refuses)."""

@@ -30,6 +30,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return _read_safetensors(path, lambda file: {key: file.get_tensor(key) for key in file.keys()})
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of the safetensors file `path` (none: `{}`)."""
+    return _read_safetensors(path, lambda file: dict(file.metadata() or {}))
+
+
 def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a `torch.save` file, read with `weights_only=True` (anything but tensors is refused)."""
     try:

@@ -2,16 +2,18 @@
 every write atomic.
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
-"base_model_name_or_path"} and `adapter_model.safetensors` whose keys are `<module path>.<tensor>`
-(no adapter name, so a file loads under any name). peft's folder: see `peft_format`; AdapterHub's (read
-only): see `adapterhub_format`. A format decides the config file, the tensor keys and what is stored of
-each adapter (a `FileLayout`).
+"base_model_name_or_path", "base_fingerprint"} and `adapter_model.safetensors` whose keys are
+`<module path>.<tensor>` (no adapter name, so a file loads under any name). peft's folder: see
+`peft_format` (the fingerprint is in its weights' metadata); AdapterHub's (read only): see
+`adapterhub_format`. A format decides the config file, the tensor keys and what is stored of each
+adapter (a `FileLayout`). Every saved adapter folder also gets a model card, `README.md` (`model_card`).
 
 A save replaces the whole save folder in one step (`atomic`): an interrupted save leaves the old
 adapter as it was, and afterwards the folder holds exactly the adapters saved. The adapter entries of
 the old folder go: `adapter_config.json`, `adapter_fusion_config.json` and `adapter_model.safetensors`
-at its top, and every subfolder that holds an adapter (ours, peft's or AdapterHub's: what `load` would
-read). Everything else in it (a README, a model, hidden files) stays. Loading reads the folder again if
+at its top, a model card a save wrote there, and every subfolder that holds an adapter (ours, peft's or
+AdapterHub's: what `load` would read). Everything else in it (the user's README, a model, hidden files)
+stays. Loading reads the folder again if
 a save replaced it meanwhile, skips hidden subfolders (a valid adapter name never starts with '.'), and
 checks every name, key and shape before it copies anything.
 """
@@ -19,7 +21,8 @@ checks every name, key and shape before it copies anything.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,12 +39,16 @@ from .atomic import (
     replace_folder,
     safetensors_writer,
 )
+from .base_fingerprint import check_same_base
 from .config import DeltaConfig
 from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
 from .files import read_json, read_tensors, tensor_count
+from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, peft_records
+from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
 from .site import SiteAdapter
+from .task_record import fit_heads
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -87,6 +94,12 @@ class ReadAdapter:
     """The name the folder records (AdapterHub's and ours), if any."""
     source: Path
     """Where the tensors come from, for errors."""
+    base_fingerprint: dict[str, Any] | None = None
+    """The print of the base it was trained on (`base_fingerprint`), where the folder records one."""
+    base_model: str | None = None
+    """The folder's `base_model_name_or_path`."""
+    task: dict[str, Any] | None = None
+    """Its task, labels and head shapes (`task_record`), where the folder records them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +128,7 @@ def _our_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], File
         "method": config.method,
         "config": config.to_dict(),
         "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
+        **adapter_records(delta_model, name),
     }
     return data, OURS
 
@@ -126,8 +140,15 @@ FORMATS: dict[str, Callable[[DeltaModel, str], tuple[dict[str, Any], FileLayout]
 """Format name → (the config file's data, the weights file's layout) of one adapter."""
 
 
-def save_adapters(delta_model: DeltaModel, path: str | Path, names: list[str], format: str) -> None:
-    """One adapter: into `path`; several: into `path/<name>/` each."""
+def save_adapters(
+    delta_model: DeltaModel,
+    path: str | Path,
+    names: list[str],
+    format: str,
+    metrics: Mapping[str, float] | None = None,
+) -> None:
+    """One adapter: into `path`; several: into `path/<name>/` each; each with its model card (`metrics`:
+    the run's final metrics, for the card), except where the folder holds a `README.md` of the user's."""
     if format not in FORMATS:
         raise DeltaTuneError(f"unknown format {format!r}; use one of {tuple(FORMATS)}")
     delta_model.require(names)
@@ -136,17 +157,26 @@ def save_adapters(delta_model: DeltaModel, path: str | Path, names: list[str], f
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise DeltaTuneError(f"names lists {', '.join(map(repr, repeated))} more than once; name each adapter once")
-    folders = {name: _adapter_writers(delta_model, check_name(name), format) for name in names}
-    if len(names) == 1:
-        replace_folder(Path(path), folders[names[0]], replaced=_written_by_saves)
+    root, several = Path(path), len(names) > 1
+    folders = {
+        name: _adapter_writers(delta_model, check_name(name), format, root / name if several else root, metrics)
+        for name in names
+    }
+    if len(names) == 1:  # its card writer keeps a README of the user's there
+        replace_folder(
+            root, folders[names[0]], replaced=lambda entry: entry.name == CARD_FILE or _written_by_saves(entry)
+        )
     else:
         replace_folder(
             Path(path), {name: folder_writer(writers) for name, writers in folders.items()}, replaced=_written_by_saves
         )
 
 
-def _adapter_writers(delta_model: DeltaModel, name: str, format: str) -> dict[str, Writer]:
-    """The writers of adapter `name`'s two files."""
+def _adapter_writers(
+    delta_model: DeltaModel, name: str, format: str, folder: Path, metrics: Mapping[str, float] | None
+) -> dict[str, Writer]:
+    """The writers of adapter `name`'s files in `folder`: config, weights and model card (a `README.md`
+    of the user's in `folder` is copied as it is instead, `model_card.card_writer`)."""
     config, layout = FORMATS[format](delta_model, name)
     tensors = {}
     for module_name, site in delta_model.sites():
@@ -154,24 +184,42 @@ def _adapter_writers(delta_model: DeltaModel, name: str, format: str) -> dict[st
             adapter = site.adapters[name]
             for tensor_name, tensor in layout.file_state(adapter).items():
                 tensors[layout.tensor_key(module_name, adapter, tensor_name)] = tensor
-    return {WEIGHTS_FILE: safetensors_writer(tensors, metadata={"format": "pt"}), CONFIG_FILE: json_writer(config)}
+    metadata = {"format": "pt"}
+    if format == "peft":  # peft's config reader warns of keys it lacks; every reader of the weights skips metadata
+        metadata |= {
+            key: json.dumps(value, sort_keys=True) for key, value in adapter_records(delta_model, name).items()
+        }
+    writers = {WEIGHTS_FILE: safetensors_writer(tensors, metadata=metadata), CONFIG_FILE: json_writer(config)}
+    facts = card_facts(delta_model, name, format, folder, metrics)
+    writers[CARD_FILE] = card_writer(facts, list(writers), folder / CARD_FILE)
+    return writers
 
 
 def _written_by_saves(entry: Path) -> bool:
     """The entries of an old save folder that a new save replaces (see the module docstring)."""
-    return entry.name in TOP_LEVEL_ADAPTER_FILES or _is_adapter_folder(entry)
+    return (
+        entry.name in TOP_LEVEL_ADAPTER_FILES
+        or (entry.name == CARD_FILE and is_ours(entry))
+        or _is_adapter_folder(entry)
+    )
 
 
 def load_adapters(
-    delta_model: DeltaModel, path: str | Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool = True
+    delta_model: DeltaModel,
+    path: str | Path,
+    name: str | None,
+    trainable: bool,
+    autocast_adapter_dtype: bool = True,
+    strict: bool = False,
 ) -> None:
     """Add the adapter(s) in `path` to `delta_model`; on an error none of them is added. A save that
-    replaces the folder meanwhile makes it read again, so the adapters come from one save."""
+    replaces the folder meanwhile makes it read again, so the adapters come from one save. An adapter
+    recorded for other base weights warns, or with `strict` is refused."""
     root = Path(path)
     if name is not None:
         check_name(name)
     for _ in range(LOAD_ATTEMPTS):
-        if _load_folder(delta_model, root, name, trainable, autocast_adapter_dtype):
+        if _load_folder(delta_model, root, name, trainable, autocast_adapter_dtype, strict):
             return
     raise AdapterFileError(
         f"{root} was replaced by a save on every one of {LOAD_ATTEMPTS} attempts to read it; load it when the saves "
@@ -180,7 +228,7 @@ def load_adapters(
 
 
 def _load_folder(
-    delta_model: DeltaModel, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool
+    delta_model: DeltaModel, root: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool, strict: bool
 ) -> bool:
     """Load every adapter in `root`; False (with nothing added) if a save replaced it meanwhile."""
     version = folder_version(root)
@@ -188,7 +236,7 @@ def _load_folder(
     try:
         folders = sorted(_adapter_folders(root, name), key=lambda item: _needs_other_adapters(item[1]))
         for adapter_name, folder in folders:
-            added.append(_load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype))
+            added.append(_load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype, strict))
     except BaseException as error:
         _delete(delta_model, added)
         if not isinstance(error, Exception) or folder_version(root) == version:
@@ -252,8 +300,19 @@ def _read_adapterhub(folder: Path, model: nn.Module) -> ReadAdapter:
 
 
 def _read_peft(folder: Path, model: nn.Module) -> ReadAdapter:
-    config, tensors, layout = peft_format.read_adapter(read_json(folder / CONFIG_FILE), folder / WEIGHTS_FILE, model)
-    return ReadAdapter(config, tensors, layout, None, folder / WEIGHTS_FILE)
+    data = read_json(folder / CONFIG_FILE)
+    config, tensors, layout = peft_format.read_adapter(data, folder / WEIGHTS_FILE, model)
+    recorded = peft_records(folder / WEIGHTS_FILE)
+    return ReadAdapter(
+        config,
+        tensors,
+        layout,
+        None,
+        folder / WEIGHTS_FILE,
+        recorded.get(FINGERPRINT_KEY),
+        data.get("base_model_name_or_path"),
+        recorded.get(TASK_KEY),
+    )
 
 
 def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
@@ -263,7 +322,16 @@ def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
     recorded = data.get("name")
     if recorded is not None:
         check_name(recorded, f"{folder / CONFIG_FILE}", AdapterFileError)
-    return ReadAdapter(config, tensors, OURS, recorded, folder / WEIGHTS_FILE)
+    return ReadAdapter(
+        config,
+        tensors,
+        OURS,
+        recorded,
+        folder / WEIGHTS_FILE,
+        data.get(FINGERPRINT_KEY),
+        data.get("base_model_name_or_path"),
+        data.get(TASK_KEY),
+    )
 
 
 READERS: dict[str, Callable[[Path, nn.Module], ReadAdapter]] = {
@@ -275,22 +343,38 @@ READERS: dict[str, Callable[[Path, nn.Module], ReadAdapter]] = {
 
 
 def _load_one(
-    delta_model: DeltaModel, folder: Path, name: str | None, trainable: bool, autocast_adapter_dtype: bool
+    delta_model: DeltaModel,
+    folder: Path,
+    name: str | None,
+    trainable: bool,
+    autocast_adapter_dtype: bool,
+    strict: bool = False,
 ) -> str:
-    """Load the adapter in `folder` (under `name`, else the name it records); returns its name."""
+    """Load the adapter in `folder` (under `name`, else the name it records); returns its name. One
+    recorded for another base warns, or with `strict` is refused (`base_fingerprint.check_same_base`)."""
     read = READERS[folder_kind(folder)](folder, delta_model.base_model)
     adapter_name = name or read.recorded_name or "default"
-    delta_model.add(
-        adapter_name,
-        read.config,
-        trainable=trainable,
-        autocast_adapter_dtype=autocast_adapter_dtype,
-        weights_from_file=True,
-    )
+    restore_heads = fit_heads(delta_model.base_model, read.task, folder)
+    try:
+        delta_model.add(
+            adapter_name,
+            read.config,
+            trainable=trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            weights_from_file=True,
+        )
+    except BaseException:
+        restore_heads()
+        raise
     try:
         _copy_into(delta_model, adapter_name, read)
+        record = delta_model.records[adapter_name]
+        check_same_base(read.base_fingerprint, record.base_fingerprint, adapter_name, folder, read.base_model, strict)
+        if read.base_fingerprint:
+            record.base_fingerprint = read.base_fingerprint
     except BaseException:
         delta_model.delete(adapter_name)
+        restore_heads()
         raise
     return adapter_name
 

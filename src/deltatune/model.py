@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_fingerprint import fingerprint
 from .composition import ActivePlan, Fuse, Setup, site_names
 from .config import DeltaConfig
 from .errors import AdapterNameError, DeltaTuneError
@@ -45,6 +46,9 @@ class AdapterRecord:
     config: DeltaConfig
     targets: list[str]
     placed: list[str]
+    base_fingerprint: dict[str, Any]
+    """The print of the base weights at its targets (`base_fingerprint`): taken when it was added, or read
+    from the folder it was loaded from, so a save records the base it was trained on."""
 
 
 class DeltaModel(TrainerFacing, nn.Module):
@@ -115,7 +119,10 @@ class DeltaModel(TrainerFacing, nn.Module):
             if autocast_adapter_dtype:  # float16 / bfloat16 adapter weights in float32, as peft does
                 for module_name in placement.placed:
                     keep_in_float32(site_of(self.base_model.get_submodule(module_name)).adapters[name])
-            self.records[name] = AdapterRecord(config, list(placement.targets), list(placement.placed))
+            targets = list(placement.targets)
+            self.records[name] = AdapterRecord(
+                config, targets, list(placement.placed), fingerprint(self.base_model, targets)
+            )
             self.set_trainable(name, trainable)
             self._reactivate(previous or (name,))
         except BaseException:
@@ -372,14 +379,21 @@ class DeltaModel(TrainerFacing, nn.Module):
             )
 
     # ----------------------------------------------------------------------------- files
-    def save(self, path: str, names: list[str] | None = None, format: str = "deltatune") -> None:
+    def save(
+        self,
+        path: str,
+        names: list[str] | None = None,
+        format: str = "deltatune",
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
         """Write adapters to the folder `path` (one adapter: the folder itself; several: one
-        subfolder each). `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads.
-        The folder is replaced in one step and then holds exactly these adapters: adapter files and
-        subfolders of earlier saves go, other files (a README) stay."""
+        subfolder each), each with a model card (`README.md`; `metrics`: final metrics it lists).
+        `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads.
+        The folder is replaced in one step and then holds exactly these adapters: adapter files, cards
+        and subfolders of earlier saves go, other files (a README of the user's) stay."""
         from .io import save_adapters
 
-        save_adapters(self, path, list(self.records) if names is None else list(names), format)
+        save_adapters(self, path, list(self.records) if names is None else list(names), format, metrics)
 
     def trainable_summary(self) -> TrainableSummary:
         """Trainable and total parameter counts, overall and per adapter."""

@@ -93,7 +93,7 @@ def _merge(arguments: argparse.Namespace) -> None:
     from .. import load
     from ..quantized import quantized_linear
     from ..requantize import save_requantized
-    from .models import load_model, model_folder
+    from .models import adapter_task, load_model, model_folder
     from .outputs import check_merge_output, replaced_folder
     from .quantize import quantization_config, require_backend
 
@@ -104,7 +104,8 @@ def _merge(arguments: argparse.Namespace) -> None:
         _refuse_packed_merge(f"--quantize {arguments.quantize} loads the base quantized")
     if arguments.requantize:
         require_backend(arguments.requantize)
-    model = load_model(arguments.model, quantize=arguments.quantize)
+    task, labels = adapter_task(arguments.adapter)  # a classifier's head and labels, from the adapter folder
+    model = load_model(arguments.model, task, label_names=labels, quantize=arguments.quantize)
     quantized = next((module for module in model.modules() if quantized_linear(module) is not None), None)
     if quantized is not None and not dequantize:
         _refuse_packed_merge(f"{folder} holds a quantized model ({quantized_linear(quantized).describe(quantized)})")

@@ -50,7 +50,7 @@ from .data_init import start_from_data, start_from_weights
 from .encode import EncodeContext, collate, label_names
 from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
-from .models import attach_adapter, load_model, load_tokenizer, model_folder
+from .models import adapter_task, attach_adapter, load_model, load_tokenizer, model_folder
 from .optimizer import build_optimizer, freeze_lora_a
 from .outputs import check_output_dir, clear_previous_run
 from .packing import packed_collate_for
@@ -152,6 +152,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
     tokenizer = load_tokenizer(config.tokenizer or str(model_folder(config.model)))
     labels = label_names(task.label_field, train_records)
+    if adapter is not None:  # the label ids of the adapter's head, as its folder records them
+        labels = adapter_task(adapter)[1] or labels
     context = EncodeContext(
         tokenizer, config.max_length, config.chat_template, config.system_prompt, {n: i for i, n in enumerate(labels)}
     )
@@ -271,7 +273,7 @@ def train_run(
     seconds = time.perf_counter() - started
     with sharding.whole_adapter(run.delta_model):
         if ranks.main:
-            run.delta_model.save(str(output_dir / ADAPTER_FOLDER))
+            run.delta_model.save(str(output_dir / ADAPTER_FOLDER), metrics=final.metrics if final else None)
             run.write_report(output_dir, state.history, final, seconds, {"train_seconds": round(train_seconds, 2)})
     distributed.barrier(ranks)
     return TrainResult(run, state.history, final, output_dir, seconds, state.step, train_seconds)

@@ -149,6 +149,18 @@ def load_model(
     return model
 
 
+def adapter_task(adapter: str | Path) -> tuple[TaskType | None, list[str]]:
+    """The task and label names the adapter folder records (`deltatune.task_record`), where its task
+    model has a head of its own (classification, QA); else (None, [])."""
+    from ..folder_records import recorded_task
+    from ..task_record import label_names
+    from .tasks import TASKS
+
+    record = recorded_task(adapter)
+    task = TASKS.get((record or {}).get("task"))
+    return (task, label_names(record)) if task is not None and task.trains_head else (None, [])
+
+
 def _load_pretrained(
     name: str, task: TaskType | None, labels: dict[str, Any], quantize: str | None, device: str
 ) -> nn.Module:

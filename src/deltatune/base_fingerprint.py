@@ -1,0 +1,167 @@
+"""The fingerprint of the base weights an adapter was trained on, so that loading it onto another base is seen.
+
+An adapter is recorded with the base it was added to (`DeltaModel.add`), one entry per adapted module
+(the method's targets; `modules_to_save` copies are not the base's weights, a new task head starts
+random): `"<shape digest> <signs>"`.
+
+- shape digest: the first 8 hex digits of SHA-256 over the module's parameters, each `name=d0xd1...` in
+  sorted order, joined by `;`. The parameters are the module's own and its children's, deltatune's
+  adapters left out; a quantized layer counts with its logical weight shape (out × in) and its bias, so
+  a 4-bit layer and the full-precision layer it came from give one digest.
+- signs: the sample. The module's parameters, sorted by name, each flattened row-major, are read as
+  one vector v of N values; the sample is v[⌊(2k + 1)·N / 2S⌋] for k = 0..S−1, S = min(32, N), and each
+  value is written as its sign: `+`, `-` or `0`. The positions depend on the shapes alone.
+
+Why signs, and not a hash of the values: rounding a float to another float dtype is monotone and keeps
+zero, so it never turns a positive value negative. A float32 base saved in bfloat16 or float16 and
+loaded back (on any device) keeps every sign, except that float16 rounds |x| < 2⁻²⁵ to zero. So two
+prints differ at a module only where a sampled value is positive in one and negative in the other; a
+zero matches either sign. A hash of the values, even rounded, would change under such round trips, and
+one of the signs would hide which modules differ. A model with other weights (another checkpoint of the
+architecture, a fresh init) conflicts at about half of the 32 signs of each module; a fine-tuned copy of
+the base only where a sampled weight changed sign, so a small fine-tune may go unseen.
+
+A module holding a quantized layer has no signs (`shape digest` alone): its packed storage is not the
+float base's values, and a QLoRA adapter must load onto its full-precision base silently. So on a
+quantized base (bitsandbytes, quanto, torchao, GGUF blocks) the fingerprint checks module names and
+shapes only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BaseWeightsError, BaseWeightsWarning
+from .quantized import quantized_linear
+from .targeting import model_modules
+
+SAMPLE_SIZE = 32
+SCHEME = "deltatune-signs-32"
+"""Names this way of taking the print; a folder with another scheme is not compared."""
+SIGNS = {1: "+", -1: "-", 0: "0"}
+
+
+def fingerprint(model: nn.Module, module_names: list[str]) -> dict[str, object]:
+    """The fingerprint of `model`'s modules `module_names`: `{"scheme": SCHEME, "modules": {name: entry}}`."""
+    shapes: dict[str, str] = {}
+    samples: dict[str, torch.Tensor] = {}
+    for module_name in dict.fromkeys(module_names):
+        parameters, unreadable = _parameters(model.get_submodule(module_name))
+        shapes[module_name] = _shape_digest(parameters)
+        if not unreadable:
+            samples[module_name] = _sample_signs([tensor for _, tensor in parameters])
+    signs = _to_host(samples)
+    return {
+        "scheme": SCHEME,
+        "modules": {name: f"{digest} {signs[name]}" if name in signs else digest for name, digest in shapes.items()},
+    }
+
+
+def differing_modules(recorded: Mapping[str, object], current: Mapping[str, object]) -> list[str] | None:
+    """The modules at which two fingerprints differ (in `recorded`'s order, then those only `current` has);
+    None when they cannot be compared (another scheme)."""
+    if recorded.get("scheme") != SCHEME or current.get("scheme") != SCHEME:
+        return None
+    old, new = dict(recorded.get("modules", {})), dict(current.get("modules", {}))
+    differ = [name for name, entry in old.items() if name not in new or not _same_module(entry, new[name])]
+    return differ + [name for name in new if name not in old]
+
+
+def _same_module(recorded: str, current: str) -> bool:
+    """Same shapes, and no sampled value positive in one and negative in the other (signs, where both have them)."""
+    old_digest, _, old_signs = recorded.partition(" ")
+    new_digest, _, new_signs = current.partition(" ")
+    if old_digest != new_digest:
+        return False
+    if not old_signs or not new_signs:
+        return True
+    return len(old_signs) == len(new_signs) and not any({a, b} == {"+", "-"} for a, b in zip(old_signs, new_signs))
+
+
+def _parameters(module: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], bool]:
+    """(the parameters of `module` and its children, by sorted name, without deltatune's adapters; whether
+    their values cannot be sampled: a quantized layer, or weights not materialised). A quantized layer's
+    packed weight (a parameter, or GGUF's buffer) is listed as a meta tensor of its logical shape."""
+    found: dict[str, torch.Tensor] = {}
+    unreadable = False
+    for prefix, child in model_modules(module):
+        own = dict(child.named_parameters(recurse=False))
+        row = quantized_linear(child)
+        if row is not None:
+            unreadable = True
+            for name in row.quantized_parameters:
+                own[name] = torch.empty(row.out_features(child), row.in_features(child), device="meta")
+        for name, tensor in own.items():
+            unreadable = unreadable or tensor.is_meta
+            found[f"{prefix}.{name}" if prefix else name] = tensor
+    return sorted(found.items()), unreadable
+
+
+def _shape_digest(parameters: list[tuple[str, torch.Tensor]]) -> str:
+    text = ";".join(f"{name}={'x'.join(map(str, tensor.shape))}" for name, tensor in parameters)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _sample_signs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The signs (int8, on the tensors' device) of the sample of the tensors read as one flat vector."""
+    total = sum(tensor.numel() for tensor in tensors)
+    size = min(SAMPLE_SIZE, total)
+    positions = [(2 * k + 1) * total // (2 * size) for k in range(size)]
+    picked, start = [], 0
+    for tensor in tensors:
+        inside = [position - start for position in positions if start <= position < start + tensor.numel()]
+        if inside:
+            flat = tensor.detach().reshape(-1)
+            picked.append(torch.sign(flat[torch.tensor(inside, device=flat.device)].float()).to(torch.int8))
+        start += tensor.numel()
+    if not picked:
+        return torch.zeros(0, dtype=torch.int8)
+    device = picked[0].device
+    return torch.cat([values.to(device) for values in picked])
+
+
+def _to_host(samples: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The sampled signs as strings of `+`, `-` and `0`, read from the devices in one copy per device."""
+    by_device: dict[torch.device, list[str]] = {}
+    for name, values in samples.items():
+        by_device.setdefault(values.device, []).append(name)
+    signs: dict[str, str] = {}
+    for names in by_device.values():
+        flat = torch.cat([samples[name] for name in names]).cpu().tolist()
+        start = 0
+        for name in names:
+            count = samples[name].numel()
+            signs[name] = "".join(SIGNS[value] for value in flat[start : start + count])
+            start += count
+    return signs
+
+
+def check_same_base(
+    recorded: Mapping[str, object] | None,
+    current: Mapping[str, object],
+    adapter: str,
+    source: Path,
+    base_model: str | None,
+    strict: bool,
+) -> None:
+    """Warn (raise `BaseWeightsError` if `strict`) when the fingerprint a folder records differs from the
+    base's; silent for a folder that records none (older saves) or the same base."""
+    differ = differing_modules(recorded, current) if recorded else None
+    if not differ:
+        return
+    shown = ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else "")
+    trained_on = f" ({base_model})" if base_model else ""
+    message = (
+        f"adapter {adapter!r} from {source} was trained on other base weights than this model's: "
+        f"{len(differ)} of its {len(recorded.get('modules', {}))} adapted modules differ ({shown}); load it onto "
+        f"the model it was trained on{trained_on}, or train it again on this one"
+    )
+    if strict:
+        raise BaseWeightsError(message + "; nothing was loaded")
+    warnings.warn(message + " (strict=True refuses such a load)", BaseWeightsWarning, stacklevel=6)

@@ -1,0 +1,182 @@
+"""What an adapter folder records of the task its model was built for, so that the head can be rebuilt.
+
+A classification or QA model gets a new head (`classifier`, `score`, `qa_outputs`) that trains fully, as
+one of the adapter's `modules_to_save`. Its saved weights fit only a head of their shape, and the label
+ids they predict mean only what the training run's label names said. So a folder records:
+
+    {"task": "seq-cls", "id2label": {"0": "negative", "1": "positive"},
+     "heads": {"classifier": {"weight": [2, 32], "bias": [2]}}}
+
+`task` is the trainer's task name of the model's transformers class (`...ForSequenceClassification` →
+`seq-cls`); `id2label` is the model config's, for the labelled tasks (seq-cls, token-cls); `heads` are
+the adapter's `modules_to_save` that are children of the model, with their parameter shapes. A model
+that is not a transformers task model records nothing.
+
+`fit_heads` rebuilds a head whose shape differs (a model loaded with another `num_labels`): each
+`nn.Linear` inside it whose weight shape differs becomes a fresh one of the recorded shape, and the
+config's labels become the recorded ones, so the saved head weights load and a merged model predicts
+with the label names. `deltatune merge` and `deltatune eval` load the model with the task's class and
+the recorded labels (`recorded_task`), which is how a seq-cls adapter trained from a plain encoder
+folder (no classifier in it) merges into a model that `AutoModelForSequenceClassification` loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .errors import AdapterShapeError
+from .site import site_of
+from .targeting import model_modules
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+TASK_KEY = "task"
+TASK_OF_CLASS = {
+    "ForSequenceClassification": "seq-cls",
+    "ForTokenClassification": "token-cls",
+    "ForQuestionAnswering": "qa",
+    "ForCausalLM": "causal-lm",
+    "ForConditionalGeneration": "seq2seq-lm",
+    "ForSeq2SeqLM": "seq2seq-lm",
+}
+"""transformers class name suffix → the trainer's task name."""
+LABELLED_TASKS = ("seq-cls", "token-cls")
+AUTO_CLASSES = {
+    "seq-cls": "AutoModelForSequenceClassification",
+    "token-cls": "AutoModelForTokenClassification",
+    "qa": "AutoModelForQuestionAnswering",
+}
+"""Task → the transformers auto class that builds its head (named in errors)."""
+
+
+def task_of(model: nn.Module) -> str | None:
+    """The trainer's task name of `model`'s transformers class, None for other models."""
+    class_name = type(model).__name__
+    return next((task for suffix, task in TASK_OF_CLASS.items() if class_name.endswith(suffix)), None)
+
+
+def task_record(delta_model: DeltaModel, name: str) -> dict[str, Any] | None:
+    """What adapter `name`'s folder records of its task (see the module docstring), or None."""
+    model = delta_model.base_model
+    task = task_of(model)
+    if task is None:
+        return None
+    record: dict[str, Any] = {"task": task}
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if task in LABELLED_TASKS and id2label:
+        record["id2label"] = {str(index): str(label) for index, label in sorted(id2label.items())}
+    targets = set(delta_model.targets[name])
+    placed = delta_model.records[name].placed
+    heads = [module_name for module_name in placed if module_name not in targets and "." not in module_name]
+    if heads:
+        record["heads"] = {head: _shapes(model.get_submodule(head)) for head in heads}
+    return record
+
+
+def label_names(record: dict[str, Any] | None) -> list[str]:
+    """The recorded label names in id order; none where the record has none."""
+    id2label = (record or {}).get("id2label") or {}
+    return [id2label[key] for key in sorted(id2label, key=int)]
+
+
+def fit_heads(model: nn.Module, record: dict[str, Any] | None, source: object) -> Callable[[], None]:
+    """Rebuild the heads of `model` whose shapes differ from `record`'s and take its labels; returns the
+    undo (the old heads and labels back). A head the model lacks is an error naming the class to load."""
+    if not record or not record.get("heads"):
+        return lambda: None
+    changes: list[Callable[[], None]] = []
+    try:
+        for head, shapes in record["heads"].items():
+            changes += _fit_head(model, head, shapes, record, source)
+        if changes:
+            changes.append(_set_labels(model, label_names(record)))
+    except BaseException:
+        _undo(changes)
+        raise
+    return lambda: _undo(changes)
+
+
+def _fit_head(
+    model: nn.Module, head: str, shapes: dict[str, list[int]], record: dict[str, Any], source: object
+) -> list[Callable[[], None]]:
+    try:
+        module = model.get_submodule(head)
+    except AttributeError:
+        task = record.get("task")
+        raise AdapterShapeError(
+            f"{source} was trained for {task} with a head {head!r}, which this {type(model).__name__} lacks; load "
+            f"the base with {AUTO_CLASSES.get(task, 'the task class')} (deltatune merge and eval do)"
+        ) from None
+    changes = []
+    for parameter_name, shape in shapes.items():
+        current = _current_parameters(module).get(parameter_name)
+        if current is not None and list(current.shape) == shape:
+            continue
+        if any(site_of(child) is not None for child in module.modules()):
+            raise AdapterShapeError(
+                f"{source} holds a head {head!r} of another shape than this model's, which holds another adapter's "
+                "part there, so it cannot be rebuilt; load this adapter onto a model of its own"
+            )
+        owner_name = parameter_name.rpartition(".")[0]
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if not isinstance(owner, nn.Linear) or len(shapes.get(_weight_of(owner_name), [])) != 2:
+            raise AdapterShapeError(
+                f"{source} holds a head {head!r} whose {parameter_name} has shape {tuple(shape)}, this model's is "
+                f"{tuple(current.shape) if current is not None else 'absent'}; load the base with that head's shape "
+                "(num_labels)"
+            )
+        changes.append(_replace_linear(model, f"{head}.{owner_name}" if owner_name else head, shapes, owner_name))
+    return changes
+
+
+def _current_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """`module`'s own parameters and its children's, by name, deltatune's adapters left out."""
+    return {
+        f"{prefix}.{name}" if prefix else name: parameter
+        for prefix, child in model_modules(module)
+        for name, parameter in child.named_parameters(recurse=False)
+    }
+
+
+def _weight_of(owner_name: str) -> str:
+    return f"{owner_name}.weight" if owner_name else "weight"
+
+
+def _replace_linear(model: nn.Module, full_name: str, shapes: dict[str, list[int]], owner_name: str) -> Callable:
+    """Put a fresh `nn.Linear` of the recorded shape at `full_name` (in the old one's dtype and device)."""
+    old = model.get_submodule(full_name)
+    out_features, in_features = shapes[_weight_of(owner_name)]
+    has_bias = f"{owner_name}.bias" in shapes if owner_name else "bias" in shapes
+    new = nn.Linear(in_features, out_features, bias=has_bias, device=old.weight.device, dtype=old.weight.dtype)
+    new.requires_grad_(old.weight.requires_grad)
+    parent_name, _, leaf = full_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent.register_module(leaf, new)
+    return lambda: parent.register_module(leaf, old)
+
+
+def _set_labels(model: nn.Module, labels: list[str]) -> Callable[[], None]:
+    config = getattr(model, "config", None)
+    if config is None or not labels:
+        return lambda: None
+    before = (config.id2label, config.label2id)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: index for index, label in enumerate(labels)}
+
+    def undo() -> None:
+        config.id2label, config.label2id = before
+
+    return undo
+
+
+def _undo(changes: list[Callable[[], None]]) -> None:
+    for undo in reversed(changes):
+        undo()
+
+
+def _shapes(module: nn.Module) -> dict[str, list[int]]:
+    return {name: list(parameter.shape) for name, parameter in _current_parameters(module).items()}
