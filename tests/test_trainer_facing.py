@@ -26,6 +26,7 @@ def test_save_pretrained_writes_the_adapter_folder_not_the_model(tmp_path: Path,
     delta_model = _trained_lora()
     delta_model.save_pretrained(tmp_path / "adapter", format=format)
     assert sorted(entry.name for entry in (tmp_path / "adapter").iterdir()) == [
+        "README.md",  # the model card every save writes
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
