@@ -7,7 +7,7 @@ The base model stays what it was: its modules and code are untouched; each adapt
 bfloat16 model, adapters keep float32 weights (`add(..., autocast_adapter_dtype=True)`, peft's default);
 `autocast_adapter_dtype=False` keeps them in the model's dtype. What transformers' and TRL's trainers ask of a
 model (`get_base_model`, `disable_adapter`, gradient checkpointing, `save_pretrained` writing the adapter folder)
-is in `trainer_support`.
+is in `trainer_support`; merging, unloading and combining adapters in `model_merging`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ from .base_fingerprint import fingerprint
 from .composition import ActivePlan, Fuse, Setup, site_names
 from .config import DeltaConfig
 from .errors import AdapterNameError, DeltaTuneError
-from .merging import merge_adapters, merge_dequantized, unmerge_adapters
 from .methods.module_copy import ModuleCopy
+from .model_merging import Merging
 from .names import check_name
 from .placement import Placement
-from .quantized import is_quantized
 from .registry import method_for
-from .requantize import dequantize_model
 from .site import DeltaSite, RoutingState, SiteAdapter, keep_in_float32, remove_adapter, site_of
 from .summary import TrainableSummary
 from .targeting import model_modules, saved_module_names
@@ -51,7 +49,7 @@ class AdapterRecord:
     from the folder it was loaded from, so a save records the base it was trained on."""
 
 
-class DeltaModel(TrainerFacing, nn.Module):
+class DeltaModel(Merging, TrainerFacing, nn.Module):
     """A base model plus named adapters. Create it with `deltatune.attach` or `deltatune.load`."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -258,78 +256,6 @@ class DeltaModel(TrainerFacing, nn.Module):
             site = site_of(module)
             if site is not None:
                 yield module_name, site
-
-    def add_weighted_adapter(
-        self,
-        adapters: list[str],
-        weights: list[float],
-        name: str,
-        combination_type: str = "cat",
-        svd_rank: int | None = None,
-        svd_clamp: float | None = None,
-        svd_full_matrices: bool = True,
-        svd_driver: str | None = None,
-        density: float | None = None,
-        majority_sign_method: str = "total",
-    ) -> DeltaModel:
-        """New LoRA adapter `name` combining `adapters` with `weights` as peft's method of that name does
-        (cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune and their _svd forms); see
-        `lora_combine`."""
-        from .methods.lora_combine import SvdSettings, add_weighted_adapter
-
-        svd = SvdSettings(svd_rank, svd_clamp, svd_full_matrices, svd_driver)
-        add_weighted_adapter(self, adapters, weights, name, combination_type, svd, density, majority_sign_method)
-        return self
-
-    # ----------------------------------------------------------------------------- merging
-    def merge(self, names: list[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights, in float32."""
-        names = list(self.active_adapters if names is None else names)
-        self.require(names)
-        merge_adapters(self.base_model, self.sites(), names)
-        self._reactivate(self.active_adapters)
-
-    def unmerge(self) -> None:
-        """Take every merged adapter back out of the base weights."""
-        unmerge_adapters(self.base_model, self.sites())
-        self._reactivate(self.active_adapters)
-
-    def unload(self, merge: bool = True, dequantize: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """Remove all adapters and return the plain base model (with the active adapters merged in if
-        `merge`). `requires_grad` flags are restored as they were before attach.
-
-        A merge cannot go into quantized weights: `dequantize=True` makes each adapted quantized layer a
-        plain `nn.Linear` holding its dequantized weight plus ΔW (added in float32), then dequantizes the
-        rest (`requantize.dequantize_model`), all in `dtype`: a plain full-precision checkpoint."""
-        if not merge:
-            self._refuse_without_base("unload(merge=False)", "use unload() for the tuned model")
-        plain: dict[str, nn.Linear] = {}
-        if merge and self.active_adapters:
-            if dequantize:
-                plain = merge_dequantized(self.base_model, self.sites(), list(self.active_adapters))
-            else:
-                merge_adapters(self.base_model, self.sites(), list(self.active_adapters))
-        else:
-            unmerge_adapters(self.base_model, self.sites())
-        failure: DeltaTuneError | None = None
-        for name in list(self.records):
-            try:
-                self._remove(name)
-            except DeltaTuneError as error:
-                failure = failure or error
-        for module_name, module in plain.items():
-            parent_name, _, leaf = module_name.rpartition(".")
-            self.base_model.get_submodule(parent_name).register_module(leaf, module.to(dtype))
-        self.active_adapters = ()
-        self.plan = ActivePlan((), [])
-        self._call_enders = []
-        for parameter_name, parameter in self.base_model.named_parameters():
-            parameter.requires_grad_(self._base_requires_grad.get(parameter_name, False))
-        if failure is not None:
-            raise failure
-        if dequantize and any(is_quantized(module) for module in self.base_model.modules()):
-            dequantize_model(self.base_model, dtype)
-        return self.base_model
 
     # ----------------------------------------------------------------------------- running
     def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
