@@ -203,6 +203,16 @@ CASES = {
         mergeable=False,
         zero_init=False,
     ),
+    # MAM: prefix tuning + a parallel adapter (AdapterHub's form); T5's decoder takes no position_ids, so its
+    # prefix shifts positions (peft's form).
+    "mam": Case(
+        lambda arch: deltatune.MAMConfig(
+            prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 8, "shift_positions": arch == "t5"}
+        ),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+    ),
 }
 
 

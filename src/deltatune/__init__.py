@@ -48,6 +48,7 @@ from .methods.lora_eva import EvaConfig
 from .methods.lora_kasa import KasaConfig, kasa_loss
 from .methods.lora_loftq import replace_lora_weights_loftq
 from .methods.lora_velora import VeloraConfig
+from .methods.mam import MAMConfig
 from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -157,4 +158,5 @@ __all__ = [
     "KasaConfig",
     "kasa_loss",
     "VeloraConfig",
+    "MAMConfig",
 ]

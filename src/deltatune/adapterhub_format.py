@@ -8,8 +8,10 @@ location in it (`LOCATIONS`), the adapter and the tensor. A fusion folder holds
 `adapter_fusion_config.json` ({"adapter_names", "config", "name"}) and `model_adapter_fusion.safetensors`
 or `pytorch_model_adapter_fusion.bin` with keys `<block>.<location>.adapter_fusion_layer.NAME.query.weight`.
 
-Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`phm_layer`) and dynamic
-fusion configs translate to ours; options we do not implement (new layer norms, gating, invertible
+Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`phm_layer`), dynamic
+fusion configs and the union of a prefix tuning and a bottleneck config (`MAMConfig`: one
+`adapter_config.json` whose config is {"architecture": "union", "configs": [...]}, see `adapterhub_prefix`)
+translate to ours; options we do not implement (new layer norms, gating, invertible
 adapters, learned scaling, ...) are refused with the option's name, never silently dropped. Prediction
 heads saved beside the adapter (`head_config.json`) are not read. Every name a folder records (the
 adapter's, a fusion's and the fused adapters') must follow the rule of `names`.
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapterhub_prefix import is_prefix_key, prefix_config_from_adapterhub, prefix_tensors
 from .architectures import sublayer_sites
 from .config import DeltaConfig
 from .errors import AdapterFileError
@@ -30,6 +33,7 @@ from .files import read_json, read_pickled_tensors, read_tensors
 from .methods.bottleneck import BottleneckConfig, placed_sites
 from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
+from .methods.mam import MAMConfig
 from .names import check_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -102,7 +106,8 @@ def describe(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
             _weights_file(folder, FUSION_WEIGHTS),
         )
     options = read_json(folder / ADAPTER_CONFIG)["config"]
-    method = "compacter" if options.get("phm_layer") else options.get("architecture") or "bottleneck"
+    method = {"union": "mam"}.get(options.get("architecture"), options.get("architecture")) or "bottleneck"
+    method = "compacter" if options.get("phm_layer") else method
     return method, options, _weights_file(folder, ADAPTER_WEIGHTS)
 
 
@@ -111,10 +116,39 @@ def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, 
     if is_fusion_folder(folder):
         return _read_fusion(folder, model)
     data = read_json(folder / ADAPTER_CONFIG)
-    config = config_from_adapterhub(data["config"], folder)
     name = check_name(data.get("name") or folder.name, f"{folder / ADAPTER_CONFIG}", AdapterFileError)
     tensors = _read_weights(folder, ADAPTER_WEIGHTS)
-    sites = placed_sites(model, config)
+    if data["config"].get("architecture") == "union":
+        config = mam_config_from_union(data["config"], folder)
+        prefix = prefix_tensors(tensors, name, model, config.prefix_tuning, folder)
+        rest = {key: tensor for key, tensor in tensors.items() if not is_prefix_key(key, name)}
+        return config, {**prefix, **bottleneck_tensors(rest, name, placed_sites(model, config.adapter), folder)}, name
+    config = config_from_adapterhub(data["config"], folder)
+    return config, bottleneck_tensors(tensors, name, placed_sites(model, config), folder), name
+
+
+def mam_config_from_union(options: dict[str, Any], folder: Path) -> MAMConfig:
+    """Our `MAMConfig` for AdapterHub's union of one prefix tuning and one bottleneck config."""
+    parts = {part.get("architecture") or "bottleneck": part for part in options.get("configs", [])}
+    if (
+        sorted(parts) != ["bottleneck", "prefix_tuning"]
+        or len(options["configs"]) != 2
+        or parts["bottleneck"].get("phm_layer")
+    ):
+        raise AdapterFileError(
+            f"{folder}: AdapterHub union of {[part.get('architecture') for part in options.get('configs', [])]}; "
+            "deltatune reads the union of prefix tuning and a bottleneck adapter (MAM)"
+        )
+    return MAMConfig(
+        prefix_tuning=prefix_config_from_adapterhub(parts["prefix_tuning"], folder),
+        adapter=config_from_adapterhub(parts["bottleneck"], folder),
+    )
+
+
+def bottleneck_tensors(
+    tensors: dict[str, torch.Tensor], name: str, sites: list[Any], folder: Path
+) -> dict[str, torch.Tensor]:
+    """Our file keys for the bottleneck (or Compacter) tensors of adapter `name` in AdapterHub's weights."""
     ours: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if f"shared_parameters.{name}." in key:
@@ -127,7 +161,7 @@ def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, 
             )
         prefix, tensor_name = key.split(marker)
         ours[f"{_site_output(prefix, sites, folder)}.{_our_tensor_name(tensor_name)}"] = tensor
-    return config, ours, name
+    return ours
 
 
 def config_from_adapterhub(options: dict[str, Any], folder: Path) -> BottleneckConfig:

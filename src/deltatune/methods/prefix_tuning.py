@@ -12,6 +12,9 @@ chunks 2l (keys) and 2l+1 (values); encoder-decoders use peft's seq2seq layout, 
     T = W₂ tanh(W₁ E + b₁) + b₂,    E = Embedding(n, d), W₁: d→h, W₂: h→2L·d,   d = kv_heads·head_dim
 
 and `collapse_soft_prompt` folds it back into the plain table afterwards (peft's files hold only T).
+AdapterHub's form (its `PrefixTuningConfig`, used by MAM and UniPELT) is the same MLP with d = the
+model's hidden size (`embedding_dim="hidden_size"`), and real tokens keep the positions they have
+without a prefix (`shift_positions=False`; peft moves them up by n).
 
 The prefix reaches attention through the model's own cache object (`DynamicCache`; an
 `EncoderDecoderCache` whose self-attention part holds it for encoder-decoders), built per call in front
@@ -30,13 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
-from ..errors import UnsupportedModuleError
+from ..errors import DeltaTuneError, UnsupportedModuleError
 from ..field_check import PositiveInt
 from ..placement import Placement
 from ..registry import register
@@ -72,6 +75,12 @@ class PrefixTuningConfig(SoftPromptConfig):
     encoder_hidden_size: PositiveInt | None = None
     """h, the MLP's hidden size; None: d = kv_heads · head_dim, as in peft (the model's hidden size
     unless it uses grouped-query attention)."""
+    embedding_dim: PositiveInt | Literal["hidden_size"] | None = None
+    """d, the width of the MLP's learned vectors E; None: kv_heads · head_dim (peft's `token_dim`);
+    "hidden_size": the model's hidden size (AdapterHub's)."""
+    shift_positions: bool = True
+    """Real tokens take positions n, n+1, ... behind the prefix, as in peft; False: they keep the positions
+    they have without it, as in AdapterHub (the stack must take `position_ids`)."""
 
     def collapsed(self) -> PrefixTuningConfig:
         return self.replace(prefix_projection=False)
@@ -174,6 +183,7 @@ class PrefixCache(SiteAdapter):
         num_virtual_tokens: int,
         model_config: Any,
         embedding: nn.Module,
+        shift_positions: bool = True,
     ) -> None:
         super().__init__()
         self.source = source
@@ -187,6 +197,12 @@ class PrefixCache(SiteAdapter):
         self.names = parameter_names(stack)
         self.cache_key = cache_argument(stack)
         self.accepts_positions = "position_ids" in self.names
+        self.shifts_positions = shift_positions
+        if not (shift_positions or self.accepts_positions):
+            raise UnsupportedModuleError(
+                f"{type(stack).__name__} takes no position_ids, so its tokens cannot keep their positions behind a "
+                "prefix; set shift_positions=True"
+            )
         self.held: dict[int, Any] = {}
         """The cache of the running call per batch size, for `PrefixReinsert` (shared with it); see
         `call_ended` for how long it stays."""
@@ -242,18 +258,31 @@ class PrefixCache(SiteAdapter):
         call = CallShape(self.names, args, kwargs, self.cache_key)
         n = self.num_virtual_tokens
         so_far = prefix_length_so_far(call.cache)
+        real_past = call.cached - _PREFIX_LENGTHS.get(call.cache, 0) if call.cache is not None else 0
         if so_far is not None:
             call.check_length(n + so_far, self.stacks.max_positions)
             self.fill(module, call, self.prefix(call.batch), n, note)
         call.extend_mask("attention_mask", None, n, call.length)
-        call.shift_positions(n, None, False, self.accepts_positions)
+        self.place_positions(call, n, None, real_past)
         return (), call.keywords
+
+    def place_positions(self, call: CallShape, width: int, layout: RowLayout | None, real_past: int) -> None:
+        """Real positions behind the prefix (`shift_positions`), or as without it."""
+        if self.shifts_positions:
+            call.shift_positions(width, layout, False, self.accepts_positions, real_past)
+        else:
+            call.keep_positions(real_past)
 
     def prepare_rows(
         self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote
     ) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=False)
+        if len({adapter.shifts_positions for adapter, _ in layout.groups}) > 1:
+            raise DeltaTuneError(
+                "a mixed batch cannot combine prefixes that shift positions (peft's form) with prefixes that keep "
+                "them (AdapterHub's); run them in separate batches"
+            )
         first = call.cached == 0
         if first:
             call.check_length(layout.width, self.stacks.max_positions)
@@ -269,7 +298,7 @@ class PrefixCache(SiteAdapter):
                 adapter.held[call.batch] = call.keywords[self.cache_key]
         real_past = call.cached - (0 if first else layout.width)
         call.extend_mask("attention_mask", layout, layout.width, real_past + call.length)
-        call.shift_positions(layout.width, layout, False, self.accepts_positions, real_past)
+        self.place_positions(call, layout.width, layout, real_past)
         return (), call.keywords
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -342,6 +371,11 @@ class PrefixTuningPeft(SoftPromptPeft):
     prompt_holder = PrefixCache
 
     def config_to_peft(self, config: PrefixTuningConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        if not config.shift_positions:
+            raise DeltaTuneError(
+                "peft's prefix tuning moves real positions behind the prefix; this adapter keeps them "
+                "(shift_positions=False), so save it in deltatune's format"
+            )
         layout = prefix_layout(model, find_stacks(model, config))
         return {
             **super().config_to_peft(config, targets, model),
@@ -371,13 +405,21 @@ class PrefixTuning(SoftPromptMethod):
         reference = embedding.weight
         count = config.num_virtual_tokens
         if config.prefix_projection:
-            dim = layout.kv_heads * layout.head_dim  # peft's token_dim: its MLP has the same shapes
+            dim = projection_input_width(model, layout, config)
             source: nn.Module = PrefixProjection(count, dim, config.encoder_hidden_size or dim, layout.width, reference)
         else:
             source = PromptTable(torch.randn(count, layout.width, device=reference.device).to(reference.dtype))
         stack = model.get_submodule(stacks.cache_stack)
         model_config = stack.config if hasattr(stack, "config") else model.config
-        owner = PrefixCache(source, stack, stacks, layout, count, model_config, embedding)
+        owner = PrefixCache(source, stack, stacks, layout, count, model_config, embedding, config.shift_positions)
         built: dict[str, SiteAdapter] = {stacks.cache_stack: owner}
         built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
         return built
+
+
+def projection_input_width(model: nn.Module, layout: PrefixLayout, config: PrefixTuningConfig) -> int:
+    """d of the MLP's learned vectors: `embedding_dim`, kv_heads · head_dim by default (peft's MLP has these
+    shapes), the model's hidden size for "hidden_size" (AdapterHub's)."""
+    if config.embedding_dim == "hidden_size":
+        return model.config.hidden_size
+    return config.embedding_dim or layout.kv_heads * layout.head_dim
