@@ -79,3 +79,39 @@ def test_adapterhub_mam_folder_loads_with_its_outputs(variant: str, arch: str, t
     torch.testing.assert_close(outputs(loaded, arch), expected, atol=ATOL, rtol=0)
     with loaded.disabled():
         assert not torch.allclose(outputs(loaded, arch), expected, atol=1e-3)
+
+
+OUR_CONFIGS = {
+    "mlp-prefix": lambda: deltatune.MAMConfig(prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 16}),
+    "flat-prefix": lambda: deltatune.MAMConfig(prefix_tuning={"num_virtual_tokens": 4, "prefix_projection": False}),
+    "houlsby": lambda: deltatune.BottleneckConfig(preset="houlsby", reduction_factor=4),
+}
+
+
+@pytest.mark.parametrize("variant", list(OUR_CONFIGS))
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "llama"])
+def test_our_adapterhub_folder_loads_in_adapterhub_with_our_outputs(variant: str, arch: str, tmp_path) -> None:
+    ours = deltatune.attach(eager(arch), OUR_CONFIGS[variant](), name="task")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in ours.adapter_parameters("task"):
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    expected = outputs(ours, arch)
+    ours.save(tmp_path / "task", format="adapterhub")
+
+    reference = copy.deepcopy(eager(arch))
+    adapters.init(reference)
+    assert reference.load_adapter(str(tmp_path / "task"), use_safetensors=True) == "task"
+    reference.set_active_adapters("task")
+    torch.testing.assert_close(outputs(reference.eval(), arch), expected, atol=ATOL, rtol=0)
+    assert not torch.allclose(outputs(eager(arch), arch), expected, atol=1e-3)
+
+
+def test_adapterhub_unipelt_folder_is_refused_naming_its_parts(tmp_path) -> None:
+    """UniPELT's gated parts are not built: its folder is refused with one message, nothing added."""
+    reference = adapterhub_mam("bert", adapters.UniPELTConfig())
+    reference.save_adapter(str(tmp_path / "task"), "task")
+    model = eager("bert")
+    with pytest.raises(deltatune.AdapterFileError, match="union of \\['prefix_tuning', None, 'lora'\\]"):
+        deltatune.load(model, tmp_path / "task")
+    assert not [name for name, _ in model.named_modules() if name.endswith("deltatune")]

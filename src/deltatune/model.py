@@ -373,7 +373,8 @@ class DeltaModel(nn.Module):
     # ----------------------------------------------------------------------------- files
     def save(self, path: str, names: list[str] | None = None, format: str = "deltatune") -> None:
         """Write adapters to the folder `path` (one adapter: the folder itself; several: one
-        subfolder each). `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads.
+        subfolder each). `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads,
+        `format="adapterhub"` (bottleneck and MAM) what AdapterHub's `load_adapter(path, use_safetensors=True)` reads.
         The folder is replaced in one step and then holds exactly these adapters: adapter files and
         subfolders of earlier saves go, other files (a README) stay."""
         from .io import save_adapters
