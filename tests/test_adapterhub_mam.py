@@ -107,11 +107,12 @@ def test_our_adapterhub_folder_loads_in_adapterhub_with_our_outputs(variant: str
     assert not torch.allclose(outputs(eager(arch), arch), expected, atol=1e-3)
 
 
-def test_adapterhub_unipelt_folder_is_refused_naming_its_parts(tmp_path) -> None:
-    """UniPELT's gated parts are not built: its folder is refused with one message, nothing added."""
-    reference = adapterhub_mam("bert", adapters.UniPELTConfig())
+def test_an_adapterhub_union_of_other_parts_is_refused_naming_them(tmp_path) -> None:
+    """A union deltatune does not compose (prefix tuning + LoRA alone) is refused with one message, nothing added."""
+    union = adapters.ConfigUnion(adapters.PrefixTuningConfig(prefix_length=3), adapters.LoRAConfig(r=2))
+    reference = adapterhub_mam("bert", union)
     reference.save_adapter(str(tmp_path / "task"), "task")
     model = eager("bert")
-    with pytest.raises(deltatune.AdapterFileError, match="union of \\['prefix_tuning', None, 'lora'\\]"):
+    with pytest.raises(deltatune.AdapterFileError, match="union of \\['prefix_tuning', 'lora'\\]"):
         deltatune.load(model, tmp_path / "task")
     assert not [name for name, _ in model.named_modules() if name.endswith("deltatune")]

@@ -68,6 +68,31 @@ def test_mam_trains_through_the_command_and_its_loss_falls(tmp_path) -> None:
     assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["method"] == "mam"
 
 
+def test_unipelt_trains_through_the_command_and_its_loss_falls(tmp_path) -> None:
+    method = {"method": "unipelt", "prefix_tuning": PREFIX, "adapter": {"reduction_factor": 4}, "lora": {"r": 2}}
+    assert main(["train", str(task_config(tmp_path, "causal-lm", method=method)), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    losses = [entry["loss"] for entry in metrics["history"] if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_unipelt_defaults_are_adapterhubs() -> None:
+    config = deltatune.UniPELTConfig()
+    prefix, adapter, lora = config.prefix_tuning, config.adapter, config.lora
+    assert (prefix.num_virtual_tokens, prefix.encoder_hidden_size, prefix.use_gating) == (10, 512, True)
+    assert (adapter.preset, adapter.reduction_factor, adapter.use_gating) == ("pfeiffer", 16, True)
+    assert (lora.r, lora.lora_alpha, lora.use_gating) == (8, 2, True)
+    assert deltatune.UniPELTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_a_gated_lora_refuses_to_merge_and_other_layer_forms() -> None:
+    delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=2, use_gating=True))
+    with pytest.raises(DeltaTuneError, match="cannot be merged"):
+        delta_model.merge()
+    with pytest.raises(DeltaTuneError, match="use_gating"):
+        deltatune.LoraConfig(r=2, use_gating=True, use_dora=True)
+
+
 def test_a_prefix_that_keeps_positions_is_refused_in_peft_format(tmp_path) -> None:
     delta_model = deltatune.attach(build("llama"), deltatune.MAMConfig(prefix_tuning=PREFIX).prefix_tuning)
     with pytest.raises(DeltaTuneError, match="shift_positions=False"):
@@ -96,3 +121,18 @@ def test_a_compacter_or_lora_adapter_is_refused_in_adapterhub_format(tmp_path) -
         with pytest.raises(deltatune.DeltaTuneError, match="format='deltatune'"):
             delta_model.save(tmp_path / "task", format="adapterhub")
         assert not (tmp_path / "task").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mam_generate_with_its_cache_equals_full_forward_calls(arch: str) -> None:
+    """Decoding steps keep the real positions behind the prefix: greedy `generate` (cached) picks the
+    tokens that full forward calls over the whole sequence pick."""
+    delta_model = randomized(deltatune.attach(build(arch), deltatune.MAMConfig(prefix_tuning=PREFIX)), "default")
+    prompt = torch.tensor([[5, 9, 13, 17]])
+    with torch.no_grad():
+        generated = delta_model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        sequence = prompt
+        for _ in range(5):
+            following = delta_model(input_ids=sequence).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, following], dim=1)
+    assert torch.equal(generated, sequence)

@@ -55,6 +55,7 @@ from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.soft_prompt import collapse_soft_prompt
 from .methods.trainable_tokens import TrainableTokensConfig
+from .methods.unipelt import UniPELTConfig
 from .methods.vera import VeraConfig
 from .model import DeltaModel
 from .peft_format import PeftCodec
@@ -159,4 +160,5 @@ __all__ = [
     "kasa_loss",
     "VeloraConfig",
     "MAMConfig",
+    "UniPELTConfig",
 ]

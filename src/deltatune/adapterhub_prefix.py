@@ -6,7 +6,9 @@ AdapterHub keeps one prefix module per adapter in a pool on the base model and s
 layer that references it, `<layer>.prefix_tuning.pool.prefix_tunings...`: the same tensors). Its MLP
 (`flat=False`) is `wte` (Embedding(n, hidden)) → `control_trans.0` → tanh → `control_trans.2`, ours
 `source.embedding` → `source.mlp.0` → tanh → `source.mlp.2`; a flat prefix is one vector `control_trans`
-of n × (layers · 2 · kv_heads · head_dim), row by row our table `source.weight`.
+of n × (layers · 2 · kv_heads · head_dim), row by row our table `source.weight`. A gated prefix
+(`use_gating`) has a gate per attention layer, `<layer>.prefix_tuning.prefix_gates.NAME.weight` / `.bias`:
+ours is `<layer>.gate`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapterhub_options import refuse_other_options
 from .errors import AdapterFileError
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.soft_prompt import find_stacks
@@ -26,6 +29,7 @@ LOCATION = "self_prefix"
 POOL_MARKER = ".prefix_tuning.prefix_tunings."
 """In the keys of the pool's own copy of a prefix (a layer's copy has `.prefix_tuning.pool.prefix_tunings.`)."""
 LAYER_COPY_MARKER = ".prefix_tuning.pool.prefix_tunings."
+GATE_MARKER = ".prefix_tuning.prefix_gates."
 TENSOR_NAMES = {
     "wte.weight": "source.embedding.weight",
     "control_trans.0.weight": "source.mlp.0.weight",
@@ -36,19 +40,13 @@ TENSOR_NAMES = {
 }
 """AdapterHub's prefix tensor → ours."""
 
-FIXED_OPTIONS = {"non_linearity": "tanh", "dropout": 0.0, "leave_out": [], "use_gating": False}
+FIXED_OPTIONS = {"non_linearity": "tanh", "dropout": 0.0, "leave_out": []}
 """AdapterHub prefix option: the value our prefix tuning implements (anything else is refused)."""
 
 
 def prefix_config_from_adapterhub(options: dict[str, Any], folder: Path) -> PrefixTuningConfig:
     """Our `PrefixTuningConfig` in AdapterHub's form for its prefix-tuning config dict."""
-    for option, value in FIXED_OPTIONS.items():
-        given = options.get(option, value)
-        if (list(given or []) if option == "leave_out" else given) != value:
-            raise AdapterFileError(
-                f"{folder}: AdapterHub prefix option {option}={options[option]!r} is not supported (deltatune "
-                f"implements {option}={value!r})"
-            )
+    refuse_other_options(options, FIXED_OPTIONS, folder, "prefix")
     flat = bool(options.get("flat", False))
     return PrefixTuningConfig(
         num_virtual_tokens=options.get("prefix_length", 30),
@@ -56,6 +54,8 @@ def prefix_config_from_adapterhub(options: dict[str, Any], folder: Path) -> Pref
         encoder_hidden_size=None if flat else options.get("bottleneck_size", 512),
         embedding_dim=None if flat else "hidden_size",
         shift_positions=False,
+        use_gating=bool(options.get("use_gating", False)),
+        shared_gating=bool(options.get("shared_gating", True)),
     )
 
 
@@ -75,7 +75,8 @@ def prefix_config_to_adapterhub(config: PrefixTuningConfig) -> dict[str, Any]:
         "prefix_length": config.num_virtual_tokens,
         "bottleneck_size": config.encoder_hidden_size or 512,
         "init_weights_seed": None,
-        "shared_gating": True,
+        "use_gating": config.use_gating,
+        "shared_gating": config.shared_gating,
         **FIXED_OPTIONS,
     }
 
@@ -92,6 +93,10 @@ def prefix_tensors(
     stack = find_stacks(model, config).cache_stack
     ours = {}
     for key, tensor in tensors.items():
+        if GATE_MARKER + name + "." in key:
+            layer, tensor_name = key.split(GATE_MARKER + name + ".")
+            ours[f"{layer}.gate.{tensor_name}"] = tensor
+            continue
         if POOL_MARKER + name + "." not in key:
             continue
         location, tensor_name = key.split(POOL_MARKER + name + ".", 1)[1].split(".", 1)
@@ -105,7 +110,12 @@ def prefix_tensors(
 
 def is_prefix_key(key: str, name: str) -> bool:
     """Whether `key` holds a part of adapter `name`'s prefix (the pool's copy or a layer's)."""
-    return any(marker + name + "." in key for marker in (POOL_MARKER, LAYER_COPY_MARKER))
+    return any(marker + name + "." in key for marker in (POOL_MARKER, LAYER_COPY_MARKER, GATE_MARKER))
+
+
+def gate_key(layer: str, tensor_name: str, name: str) -> str:
+    """AdapterHub's key of our prefix gate's tensor `tensor_name` ("gate.weight") at attention layer `layer`."""
+    return f"{layer}{GATE_MARKER}{name}.{tensor_name.removeprefix('gate.')}"
 
 
 def prefix_key(stack: str, tensor_name: str, name: str) -> str | None:

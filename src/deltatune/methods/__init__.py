@@ -17,6 +17,7 @@ from . import (
     prefix_tuning,
     prompt_tuning,
     trainable_tokens,
+    unipelt,
     vera,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "prefix_tuning",
     "prompt_tuning",
     "trainable_tokens",
+    "unipelt",
     "vera",
 ]

@@ -94,6 +94,9 @@ class LoraConfig(TargetedConfig):
     velora_config: VeloraConfig | dict[str, Any] | None = None
     """VeLoRA (`methods/lora_velora.py`): in training, A's gradient from a rank-1 projection of sub-tokens of
     its input, which is all the backward pass keeps of it (linear layers); a mapping is read as one."""
+    use_gating: bool = False
+    """A learned gate of the layer's input takes the place of s (UniPELT; AdapterHub's `use_gating`,
+    `methods/lora_gating.py`): y = W x + b + g · B A dropout(x); Linear and Conv1D layers, not mergeable."""
 
     def validate(self) -> None:
         super().validate()
@@ -101,6 +104,10 @@ class LoraConfig(TargetedConfig):
         check_block_diagonal_options(self)
         check_kasa_options(self)
         check_velora_options(self)
+        if self.use_gating:
+            from .lora_gating import check_gating_options  # it builds on the LoRA layers
+
+            check_gating_options(self)
         indices = self.trainable_token_indices
         if isinstance(indices, dict):
             for name, listed in indices.items():

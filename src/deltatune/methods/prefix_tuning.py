@@ -26,7 +26,8 @@ prefixes are not built).
 Training runs on a `ReadOnlyPrefixCache`, whose `update` returns [prefix ; new] and stores nothing, so a
 layer run twice (gradient checkpointing recomputes it in the backward pass) sees the same keys both
 times. transformers drops the cache of a checkpointed layer; an adapter on every self-attention module
-hands it back (`PrefixReinsert`).
+hands it back (`PrefixReinsert`; with `use_gating`, `prefix_gating`'s gated form). The table's layout,
+its MLP and the training cache are in `prefix_layout`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ from ..field_check import PositiveInt
 from ..placement import Placement
 from ..registry import register
 from ..site import CallNote, RoutingState, SiteAdapter
+from .prefix_layout import (
+    PrefixLayout,
+    PrefixProjection,
+    ReadOnlyPrefixCache,
+    prefix_layout,
+    projection_input_width,
+    self_attention_part,
+)
 from .soft_prompt import (
-    CACHE_ARGUMENTS,
     CallShape,
     PromptTable,
     RowLayout,
@@ -58,12 +66,11 @@ from .soft_prompt import (
 )
 from .soft_prompt_peft import SoftPromptPeft
 
-CROSS_ATTENTION_NAMES = ("EncDecAttention", "crossattention", "encoder_attn")
-"""Last name parts of cross-attention modules, which get no prefix."""
-
 _PREFIX_LENGTHS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 """For caches that hold only prefixes so far: how many positions. A second active prefix adapter adds
 its prefix to such a cache; a cache that has seen tokens gets no prefix again."""
+_PREFIX_STARTS: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
+"""For caches with prefixes: where each prefix holder's (by `id`) prefix starts (gated prefixes rewrite it)."""
 
 
 @dataclasses.dataclass
@@ -81,86 +88,14 @@ class PrefixTuningConfig(SoftPromptConfig):
     shift_positions: bool = True
     """Real tokens take positions n, n+1, ... behind the prefix, as in peft; False: they keep the positions
     they have without it, as in AdapterHub (the stack must take `position_ids`)."""
+    use_gating: bool = False
+    """Scale each layer's prefix by a learned gate of the layer's input (UniPELT; AdapterHub's
+    `use_gating`, `methods/prefix_gating.py`); no mixed batches then."""
+    shared_gating: bool = True
+    """With `use_gating`: one gate for keys and values (else one each)."""
 
     def collapsed(self) -> PrefixTuningConfig:
         return self.replace(prefix_projection=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefixLayout:
-    """The shape of one model's prefix table: which attention modules, which chunk feeds which layer."""
-
-    attention: dict[str, int]
-    """Full name of each cached self-attention module → its layer index."""
-    kv_heads: int
-    head_dim: int
-    encoder_decoder: bool
-
-    @property
-    def layers(self) -> int:
-        return len(self.attention)
-
-    @property
-    def width(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim
-
-    def chunks(self, layer: int) -> tuple[int, int]:
-        """The table chunks (keys, values) of layer `layer`."""
-        if self.encoder_decoder:
-            return (4 * layer) % (2 * self.layers), (4 * layer + 1) % (2 * self.layers)
-        return 2 * layer, 2 * layer + 1
-
-
-def prefix_layout(model: nn.Module, stacks: Stacks) -> PrefixLayout:
-    config = model.config
-    stack = stacks.cache_stack
-    attention = {}
-    for name, module in model.named_modules():
-        if (
-            not name.startswith(stack + ".")
-            or not hasattr(module, "layer_idx")
-            or name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES
-        ):
-            continue
-        if any(argument in parameter_names(module) for argument in CACHE_ARGUMENTS):
-            attention = {kept: index for kept, index in attention.items() if not name.startswith(kept + ".")}
-            attention[name] = module.layer_idx
-    if sorted(attention.values()) != list(range(len(attention))) or not attention:
-        raise UnsupportedModuleError(
-            f"cannot find one cached self-attention module per layer in {type(model).__name__} "
-            f"(found {sorted(attention)}); prefix tuning needs attention modules that read the model's cache"
-        )
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
-    return PrefixLayout(attention, kv_heads, head_dim, stacks.decoder is not None)
-
-
-class PrefixProjection(nn.Module):
-    """T = W₂ tanh(W₁ E + b₁) + b₂ over n learned vectors E; `forward()` gives T (n × width)."""
-
-    def __init__(self, count: int, dim: int, hidden: int, width: int, reference: torch.Tensor) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(count, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
-        self.to(device=reference.device, dtype=reference.dtype)
-
-    def forward(self) -> torch.Tensor:
-        return self.mlp(self.embedding.weight)
-
-
-class ReadOnlyPrefixCache(DynamicCache):
-    """A cache holding only a prefix: `update` returns [prefix ; new keys] and stores nothing."""
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.layers[layer_idx]
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-
-
-def self_attention_part(cache: Any) -> DynamicCache:
-    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
 
 def prefix_length_so_far(cache: Any) -> int | None:
@@ -245,6 +180,7 @@ class PrefixCache(SiteAdapter):
         part = self_attention_part(cache)
         for layer, (keys, values) in enumerate(per_layer):
             DynamicCache.update(part, keys, values, layer)
+        _PREFIX_STARTS.setdefault(cache, {})[id(self)] = _PREFIX_LENGTHS.get(cache, 0)
         _PREFIX_LENGTHS[cache] = _PREFIX_LENGTHS.get(cache, 0) + added
         call.keywords[self.cache_key] = cache
         self.held[call.batch] = cache
@@ -371,10 +307,10 @@ class PrefixTuningPeft(SoftPromptPeft):
     prompt_holder = PrefixCache
 
     def config_to_peft(self, config: PrefixTuningConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
-        if not config.shift_positions:
+        if not config.shift_positions or config.use_gating:
             raise DeltaTuneError(
-                "peft's prefix tuning moves real positions behind the prefix; this adapter keeps them "
-                "(shift_positions=False), so save it in deltatune's format"
+                "peft's prefix tuning moves real positions behind the prefix and has no gate; this adapter keeps "
+                "them (shift_positions=False) or is gated (use_gating): save it in deltatune's format"
             )
         layout = prefix_layout(model, find_stacks(model, config))
         return {
@@ -413,13 +349,10 @@ class PrefixTuning(SoftPromptMethod):
         model_config = stack.config if hasattr(stack, "config") else model.config
         owner = PrefixCache(source, stack, stacks, layout, count, model_config, embedding, config.shift_positions)
         built: dict[str, SiteAdapter] = {stacks.cache_stack: owner}
-        built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
+        if config.use_gating:
+            from .prefix_gating import gated_reinserts  # it builds on this module's classes
+
+            built.update(gated_reinserts(model, owner, config))
+        else:
+            built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
         return built
-
-
-def projection_input_width(model: nn.Module, layout: PrefixLayout, config: PrefixTuningConfig) -> int:
-    """d of the MLP's learned vectors: `embedding_dim`, kv_heads · head_dim by default (peft's MLP has these
-    shapes), the model's hidden size for "hidden_size" (AdapterHub's)."""
-    if config.embedding_dim == "hidden_size":
-        return model.config.hidden_size
-    return config.embedding_dim or layout.kv_heads * layout.head_dim
