@@ -205,6 +205,17 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "encoder_num_layers": Case("a whole number ≥ 1", "1.5", ("0",)),
     "encoder_dropout": Case("a number in [0, 1)", "[0]", ("1",)),
     "prefix_projection": Case("true or false", '"false"'),
+    "embedding_dim": Case('a whole number ≥ 1, "hidden_size" or null', "big", ("0",)),
+    "shift_positions": Case("true or false", '"false"'),
+    # MAM: its parts, each a config or a mapping of changes to AdapterHub's MAM defaults
+    "mam.prefix_tuning": Case("a PrefixTuningConfig, a mapping or null", "5"),
+    "mam.adapter": Case("a BottleneckConfig, a mapping or null", "5"),
+    # UniPELT: its parts as MAM's, and LoRA; the gates of each part
+    "unipelt.prefix_tuning": Case("a PrefixTuningConfig, a mapping or null", "5"),
+    "unipelt.adapter": Case("a BottleneckConfig, a mapping or null", "5"),
+    "unipelt.lora": Case("a LoraConfig, a mapping or null", "5"),
+    "use_gating": Case("true or false", '"true"'),
+    "shared_gating": Case("true or false", '"true"'),
     # VeRA
     "projection_prng_key": Case(
         "a whole number in [-9223372036854775808, 18446744073709551615]", "1.5", ("18446744073709551616",)
@@ -234,6 +245,8 @@ METHOD_BASES: dict[str, str] = {
     "prompt_tuning": "{method: prompt_tuning}",
     "p_tuning": "{method: p_tuning}",
     "prefix_tuning": "{method: prefix_tuning}",
+    "mam": "{method: mam}",
+    "unipelt": "{method: unipelt}",
     "vera": "{method: vera, r: 4, target_modules: all-linear}",
     "trainable_tokens": "{method: trainable_tokens, token_indices: [3, 4]}",
     "loha": "{method: loha, target_modules: all-linear}",

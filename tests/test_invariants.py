@@ -216,6 +216,48 @@ CASES = {
         mergeable=False,
         zero_init=False,
     ),
+    # MAM: prefix tuning + a parallel adapter (AdapterHub's form); T5's decoder takes no position_ids, so its
+    # prefix shifts positions (peft's form).
+    "mam": Case(
+        lambda arch: deltatune.MAMConfig(
+            prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 8, "shift_positions": arch == "t5"}
+        ),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+    ),
+    # UniPELT: MAM's prefix and a Pfeiffer adapter and LoRA, each gated; the prefix's gate rules out mixed batches.
+    "unipelt": Case(
+        lambda arch: deltatune.UniPELTConfig(
+            prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 8, "shift_positions": arch == "t5"},
+            adapter={"reduction_factor": 4},
+            lora={"r": 2},
+        ),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+        mixed_batch=False,
+    ),
+    # The gates alone (UniPELT's `use_gating`): a gated LoRA starts at the base (B = 0) but does not merge.
+    "lora-gating": Case(
+        lambda arch: deltatune.LoraConfig(r=4, target_modules=ARCHS[arch].all_linear, use_gating=True),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+    ),
+    "bottleneck-gating": Case(
+        lambda arch: deltatune.BottleneckConfig(preset="pfeiffer", init_weights="zero_up", use_gating=True),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+    ),
+    "prefix_tuning-gating": Case(
+        lambda arch: deltatune.PrefixTuningConfig(
+            num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8, use_gating=True, shared_gating=False
+        ),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+        mixed_batch=False,
+    ),
 }
 
 

@@ -53,12 +53,14 @@ from .methods.lora_kasa import KasaConfig, kasa_loss
 from .methods.lora_loftq import replace_lora_weights_loftq
 from .methods.lora_monteclora import MontecloraConfig, monteclora_loss
 from .methods.lora_velora import VeloraConfig
+from .methods.mam import MAMConfig
 from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.soft_prompt import collapse_soft_prompt
 from .methods.trainable_tokens import TrainableTokensConfig
+from .methods.unipelt import UniPELTConfig
 from .methods.vera import VeraConfig
 from .model import DeltaModel
 from .peft_format import PeftCodec
@@ -174,4 +176,6 @@ __all__ = [
     "adapter_trainer",
     "BaseWeightsError",
     "BaseWeightsWarning",
+    "MAMConfig",
+    "UniPELTConfig",
 ]

@@ -8,8 +8,10 @@ location in it (`LOCATIONS`), the adapter and the tensor. A fusion folder holds
 `adapter_fusion_config.json` ({"adapter_names", "config", "name"}) and `model_adapter_fusion.safetensors`
 or `pytorch_model_adapter_fusion.bin` with keys `<block>.<location>.adapter_fusion_layer.NAME.query.weight`.
 
-Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`phm_layer`) and dynamic
-fusion configs translate to ours; options we do not implement (new layer norms, gating, invertible
+Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`phm_layer`), dynamic
+fusion configs and the union of a prefix tuning and a bottleneck config (`MAMConfig`: one
+`adapter_config.json` whose config is {"architecture": "union", "configs": [...]}, see `adapterhub_prefix`)
+translate to ours; options we do not implement (new layer norms, invertible
 adapters, learned scaling, ...) are refused with the option's name, never silently dropped. Prediction
 heads saved beside the adapter (`head_config.json`) are not read. Every name a folder records (the
 adapter's, a fusion's and the fused adapters') must follow the rule of `names`.
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapterhub_lora import is_lora_key, lora_config_from_adapterhub, lora_tensors
+from .adapterhub_prefix import is_prefix_key, prefix_config_from_adapterhub, prefix_tensors
 from .architectures import sublayer_sites
 from .config import DeltaConfig
 from .errors import AdapterFileError
@@ -30,6 +34,8 @@ from .files import read_json, read_pickled_tensors, read_tensors
 from .methods.bottleneck import BottleneckConfig, placed_sites
 from .methods.compacter import CompacterConfig
 from .methods.fusion import FusionConfig
+from .methods.mam import MAMConfig
+from .methods.unipelt import UniPELTConfig
 from .names import check_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,7 +55,6 @@ TENSOR_NAMES = {"adapter_down.0.": "down.", "adapter_up.": "up."}
 FIXED_OPTIONS = {
     "ln_before": False,
     "ln_after": False,
-    "use_gating": False,
     "residual_before_ln": True,
     "original_ln_after": True,
     "inv_adapter": None,
@@ -102,7 +107,10 @@ def describe(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
             _weights_file(folder, FUSION_WEIGHTS),
         )
     options = read_json(folder / ADAPTER_CONFIG)["config"]
-    method = "compacter" if options.get("phm_layer") else options.get("architecture") or "bottleneck"
+    method = options.get("architecture") or "bottleneck"
+    if method == "union":
+        method = "mam" if len(options.get("configs", [])) == 2 else "unipelt"
+    method = "compacter" if options.get("phm_layer") else method
     return method, options, _weights_file(folder, ADAPTER_WEIGHTS)
 
 
@@ -111,10 +119,67 @@ def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, 
     if is_fusion_folder(folder):
         return _read_fusion(folder, model)
     data = read_json(folder / ADAPTER_CONFIG)
-    config = config_from_adapterhub(data["config"], folder)
     name = check_name(data.get("name") or folder.name, f"{folder / ADAPTER_CONFIG}", AdapterFileError)
     tensors = _read_weights(folder, ADAPTER_WEIGHTS)
-    sites = placed_sites(model, config)
+    reader = READERS.get(data["config"].get("architecture"), _read_bottleneck)
+    config, ours = reader(data["config"], tensors, name, model, folder)
+    return config, ours, name
+
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _read_bottleneck(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
+    config = config_from_adapterhub(options, folder)
+    return config, bottleneck_tensors(tensors, name, placed_sites(model, config), folder)
+
+
+def _read_lora(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
+    return lora_config_from_adapterhub(options, model, folder), lora_tensors(tensors, name)
+
+
+def _read_prefix(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
+    config = prefix_config_from_adapterhub(options, folder)
+    return config, prefix_tensors(tensors, name, model, config, folder)
+
+
+def _read_union(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
+    """MAM (prefix tuning + a bottleneck) or UniPELT (the two + LoRA): each part read by its own reader,
+    the bottleneck from the tensors that are neither the prefix's nor LoRA's."""
+    parts = {part.get("architecture") or "bottleneck": part for part in options.get("configs", [])}
+    composed = UNIONS.get(tuple(sorted(parts)))
+    if composed is None or len(options["configs"]) != len(parts) or parts["bottleneck"].get("phm_layer"):
+        raise AdapterFileError(
+            f"{folder}: AdapterHub union of {[part.get('architecture') for part in options.get('configs', [])]}; "
+            "deltatune reads the unions of prefix tuning and a bottleneck adapter (MAM), and of those and LoRA "
+            "(UniPELT)"
+        )
+    config_class, fields = composed
+    rest = {key: tensor for key, tensor in tensors.items() if not (is_prefix_key(key, name) or is_lora_key(key, name))}
+    configs, ours = {}, {}
+    for architecture, field in fields.items():
+        part_tensors = rest if architecture == "bottleneck" else tensors
+        configs[field], read = READERS[architecture](parts[architecture], part_tensors, name, model, folder)
+        ours.update(read)
+    return config_class(**configs), ours
+
+
+READERS = {"bottleneck": _read_bottleneck, "lora": _read_lora, "prefix_tuning": _read_prefix, "union": _read_union}
+"""AdapterHub's `architecture` → (our config, our tensors) of such an adapter (none: a bottleneck adapter)."""
+UNIONS = {
+    ("bottleneck", "prefix_tuning"): (MAMConfig, {"prefix_tuning": "prefix_tuning", "bottleneck": "adapter"}),
+    ("bottleneck", "lora", "prefix_tuning"): (
+        UniPELTConfig,
+        {"prefix_tuning": "prefix_tuning", "bottleneck": "adapter", "lora": "lora"},
+    ),
+}
+"""The parts of a union AdapterHub folder (sorted) → our composed config and its field of each part."""
+
+
+def bottleneck_tensors(
+    tensors: dict[str, torch.Tensor], name: str, sites: list[Any], folder: Path
+) -> dict[str, torch.Tensor]:
+    """Our file keys for the bottleneck (or Compacter) tensors of adapter `name` in AdapterHub's weights."""
     ours: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if f"shared_parameters.{name}." in key:
@@ -127,7 +192,7 @@ def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, 
             )
         prefix, tensor_name = key.split(marker)
         ours[f"{_site_output(prefix, sites, folder)}.{_our_tensor_name(tensor_name)}"] = tensor
-    return config, ours, name
+    return ours
 
 
 def config_from_adapterhub(options: dict[str, Any], folder: Path) -> BottleneckConfig:
@@ -161,6 +226,7 @@ def config_from_adapterhub(options: dict[str, Any], folder: Path) -> BottleneckC
         init_weights=INITS.get(options.get("init_weights", "bert"), "bert"),
         dropout=options.get("dropout", 0.0),
         leave_out=list(options.get("leave_out") or []),
+        use_gating=bool(options.get("use_gating", False)),
     )
     if options.get("phm_layer"):
         return CompacterConfig(

@@ -1,19 +1,20 @@
-"""Adapter folders on disk: ours and peft's (read and written, safetensors only), AdapterHub's (read);
-every write atomic.
+"""Adapter folders on disk: ours and peft's (read and written, safetensors only), AdapterHub's (read;
+bottleneck and MAM adapters written); every write atomic.
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
 "base_model_name_or_path", "base_fingerprint"} and `adapter_model.safetensors` whose keys are
 `<module path>.<tensor>` (no adapter name, so a file loads under any name). peft's folder: see
-`peft_format` (the fingerprint is in its weights' metadata); AdapterHub's (read only): see
-`adapterhub_format`. A format decides the config file, the tensor keys and what is stored of each
-adapter (a `FileLayout`). Every saved adapter folder also gets a model card, `README.md` (`model_card`).
+`peft_format` (the fingerprint is in its weights' metadata); AdapterHub's: see `adapterhub_format`
+(read) and `adapterhub_writer` (written). A format decides the config file, the tensor keys and what is
+stored of each adapter (a `FileLayout`). Every saved adapter folder also gets a model card, `README.md`
+(`model_card`).
 
 A save replaces the whole save folder in one step (`atomic`): an interrupted save leaves the old
 adapter as it was, and afterwards the folder holds exactly the adapters saved. The adapter entries of
-the old folder go: `adapter_config.json`, `adapter_fusion_config.json` and `adapter_model.safetensors`
-at its top, a model card a save wrote there, and every subfolder that holds an adapter (ours, peft's or
-AdapterHub's: what `load` would read). Everything else in it (the user's README, a model, hidden files)
-stays. Loading reads the folder again if
+the old folder go: `adapter_config.json`, `adapter_fusion_config.json`, `adapter_model.safetensors` and
+`adapter.safetensors` at its top, a model card a save wrote there, and every subfolder that holds an
+adapter (ours, peft's or AdapterHub's: what `load` would read). Everything else in it (the user's README,
+a model, hidden files) stays. Loading reads the folder again if
 a save replaced it meanwhile, skips hidden subfolders (a valid adapter name never starts with '.'), and
 checks every name, key and shape before it copies anything.
 """
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from . import adapterhub_format, peft_format
+from . import adapterhub_format, adapterhub_writer, peft_format
 from .atomic import (
     Writer,
     folder_version,
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE)
+TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE, adapterhub_writer.WEIGHTS_FILE)
 LOAD_ATTEMPTS = 5
 
 
@@ -136,6 +137,7 @@ def _our_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], File
 FORMATS: dict[str, Callable[[DeltaModel, str], tuple[dict[str, Any], FileLayout]]] = {
     "deltatune": _our_files,
     "peft": peft_format.adapter_files,
+    "adapterhub": adapterhub_writer.adapter_files,
 }
 """Format name → (the config file's data, the weights file's layout) of one adapter."""
 
@@ -189,7 +191,8 @@ def _adapter_writers(
         metadata |= {
             key: json.dumps(value, sort_keys=True) for key, value in adapter_records(delta_model, name).items()
         }
-    writers = {WEIGHTS_FILE: safetensors_writer(tensors, metadata=metadata), CONFIG_FILE: json_writer(config)}
+    weights_file = getattr(layout, "weights_file", WEIGHTS_FILE)  # AdapterHub's folders name it otherwise
+    writers = {weights_file: safetensors_writer(tensors, metadata=metadata), CONFIG_FILE: json_writer(config)}
     facts = card_facts(delta_model, name, format, folder, metrics)
     writers[CARD_FILE] = card_writer(facts, list(writers), folder / CARD_FILE)
     return writers

@@ -314,7 +314,8 @@ class DeltaModel(Merging, TrainerFacing, nn.Module):
     ) -> None:
         """Write adapters to the folder `path` (one adapter: the folder itself; several: one
         subfolder each), each with a model card (`README.md`; `metrics`: final metrics it lists).
-        `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads.
+        `format="peft"` writes files that `peft.PeftModel.from_pretrained` reads, `format="adapterhub"`
+        (bottleneck, MAM and ReFT adapters) what AdapterHub's `load_adapter(path, use_safetensors=True)` reads.
         The folder is replaced in one step and then holds exactly these adapters: adapter files, cards
         and subfolders of earlier saves go, other files (a README of the user's) stay."""
         from .io import save_adapters

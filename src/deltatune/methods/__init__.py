@@ -12,11 +12,13 @@ from . import (
     loha,
     lokr,
     lora,
+    mam,
     oft,
     p_tuning,
     prefix_tuning,
     prompt_tuning,
     trainable_tokens,
+    unipelt,
     vera,
 )
 
@@ -32,10 +34,12 @@ __all__ = [
     "loha",
     "lokr",
     "lora",
+    "mam",
     "oft",
     "p_tuning",
     "prefix_tuning",
     "prompt_tuning",
     "trainable_tokens",
+    "unipelt",
     "vera",
 ]

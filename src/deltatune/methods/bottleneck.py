@@ -16,7 +16,8 @@ then computes LN(A(LN(h + x)) + h + x), the pretrained norm twice, exactly as Ad
 pre-LN model (no norm after the sublayer) z = h + x. The hook sits on the sublayer's output module
 (`architectures`); x comes from an `InputTap` at the module that receives the residual stream (it shares
 that site's one forward pre-hook with every other adapter there).
-Not mergeable (f is non-linear). Compacter (`compacter.py`) is this adapter with other linears.
+`use_gating` multiplies u by a learned gate g = mean_t σ(W_g z_t + b_g) per example (UniPELT's,
+`gating`). Not mergeable (f is non-linear). Compacter (`compacter.py`) is this adapter with other linears.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveIn
 from ..placement import Placement
 from ..registry import register
 from ..site import SiteAdapter
+from .gating import gate_value, make_gate
 
 PRESETS: dict[str, dict[str, Any]] = {
     "houlsby": dict(
@@ -98,6 +100,8 @@ class BottleneckConfig(DeltaConfig):
     Kaiming-uniform, W_up and b_up zero (the model starts equal to the base)."""
     dropout: DropoutRate = 0.0
     """Dropout on the adapter's output u."""
+    use_gating: bool = False
+    """Multiply u by a learned gate of the adapter's input (UniPELT; AdapterHub's `use_gating`)."""
     leave_out: list[NonNegativeInt] = dataclasses.field(default_factory=list)
     """Layer indices (0-based, in model order; T5/BART decoders after the encoder) without adapters."""
     architecture: dict[str, str] | None = None
@@ -238,6 +242,7 @@ class BottleneckAdapter(SiteAdapter):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.parallel = config.parallel
         self.original_ln_before = config.original_ln_before
+        self.gate = make_gate(hidden, 1, next(up.parameters())) if config.use_gating else None
         self.__dict__["tap"] = tap  # plain attributes: not parameters of the adapter
         self.__dict__["layer_norm"] = layer_norm
 
@@ -258,13 +263,18 @@ class BottleneckAdapter(SiteAdapter):
         dtype = next(self.up.parameters()).dtype
         return self.up(self.activation(self.down(z.to(dtype)))).to(z.dtype)
 
+    def gated(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """u · g(z) with `use_gating`, else u."""
+        return u if self.gate is None else u * gate_value(self.gate, z)
+
     def up_output(self, z: torch.Tensor) -> torch.Tensor:
-        """u = s · up(f(down(z))), in z's dtype."""
-        return self.scaling * self.bottleneck(z)
+        """u = s · up(f(down(z))) (· g when gated), in z's dtype."""
+        return self.gated(self.scaling * self.bottleneck(z), z)
 
     def adapt(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """h + dropout(u), with s applied by the addition (dropout commutes with it): one pass over h."""
-        return torch.add(h, self.dropout(self.bottleneck(self.adapter_input(h, rows))), alpha=self.scaling)
+        """h + dropout(u) (· g when gated), with s applied by the addition (dropout commutes with it)."""
+        z = self.adapter_input(h, rows)
+        return torch.add(h, self.dropout(self.gated(self.bottleneck(z), z)), alpha=self.scaling)
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         return self.adapt(output)

@@ -322,6 +322,10 @@ class Lora(ModuleMethod):
             from .dora import build_dora  # dora builds on this module's classes
 
             return build_dora(module, module_name, config)
+        elif config.use_gating:  # its other layer forms are refused (check_gating_options)
+            from .lora_gating import build_gated  # it builds on this module's classes
+
+            return build_gated(module, module_name, config)
         elif config.use_bdlora is not None:
             from .lora_block_diagonal_layers import build_block_diagonal  # it builds on this module's classes
 

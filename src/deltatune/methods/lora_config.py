@@ -99,6 +99,9 @@ class LoraConfig(TargetedConfig):
     """MonteCLoRA (`methods/lora_monteclora.py`): in training, A is a learned mixture of noisy copies of itself,
     with a regulariser to add to the loss (`deltatune.monteclora_loss`; `deltatune train` adds it); plain
     LoRA outside training and in merges (linear layers); a mapping is read as one."""
+    use_gating: bool = False
+    """A learned gate of the layer's input takes the place of s (UniPELT; AdapterHub's `use_gating`,
+    `methods/lora_gating.py`): y = W x + b + g · B A dropout(x); Linear and Conv1D layers, not mergeable."""
 
     def validate(self) -> None:
         super().validate()
@@ -107,6 +110,10 @@ class LoraConfig(TargetedConfig):
         check_kasa_options(self)
         check_velora_options(self)
         check_monteclora_options(self)
+        if self.use_gating:
+            from .lora_gating import check_gating_options  # it builds on the LoRA layers
+
+            check_gating_options(self)
         indices = self.trainable_token_indices
         if isinstance(indices, dict):
             for name, listed in indices.items():

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import DeltaTuneError
 from ..field_check import accepts, field_types
 from ..peft_format import BASE_LAYER, PeftCodec
 from ..peft_keys import LORA_READ, check_init_writable, check_lora_keys
@@ -87,6 +88,8 @@ class LoraPeft(PeftCodec):
         target_modules, target_parameters = peft_targets(config, targets, model)
         named = [*target_modules, *(target_parameters or [])]  # what peft matches its patterns against
         check_init_writable(config.init_lora_weights)
+        if config.use_gating:
+            raise DeltaTuneError("peft's LoRA has no gate (use_gating); save this adapter in deltatune's format")
         return {
             "r": config.r,
             "lora_alpha": config.lora_alpha,

@@ -12,6 +12,9 @@ chunks 2l (keys) and 2l+1 (values); encoder-decoders use peft's seq2seq layout, 
     T = W₂ tanh(W₁ E + b₁) + b₂,    E = Embedding(n, d), W₁: d→h, W₂: h→2L·d,   d = kv_heads·head_dim
 
 and `collapse_soft_prompt` folds it back into the plain table afterwards (peft's files hold only T).
+AdapterHub's form (its `PrefixTuningConfig`, used by MAM and UniPELT) is the same MLP with d = the
+model's hidden size (`embedding_dim="hidden_size"`), and real tokens keep the positions they have
+without a prefix (`shift_positions=False`; peft moves them up by n).
 
 The prefix reaches attention through the model's own cache object (`DynamicCache`; an
 `EncoderDecoderCache` whose self-attention part holds it for encoder-decoders), built per call in front
@@ -23,26 +26,34 @@ prefixes are not built).
 Training runs on a `ReadOnlyPrefixCache`, whose `update` returns [prefix ; new] and stores nothing, so a
 layer run twice (gradient checkpointing recomputes it in the backward pass) sees the same keys both
 times. transformers drops the cache of a checkpointed layer; an adapter on every self-attention module
-hands it back (`PrefixReinsert`).
+hands it back (`PrefixReinsert`; with `use_gating`, `prefix_gating`'s gated form). The table's layout,
+its MLP and the training cache are in `prefix_layout`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
-from ..errors import UnsupportedModuleError
+from ..errors import DeltaTuneError, UnsupportedModuleError
 from ..field_check import PositiveInt
 from ..placement import Placement
 from ..registry import register
 from ..site import CallNote, RoutingState, SiteAdapter
+from .prefix_layout import (
+    PrefixLayout,
+    PrefixProjection,
+    ReadOnlyPrefixCache,
+    prefix_layout,
+    projection_input_width,
+    self_attention_part,
+)
 from .soft_prompt import (
-    CACHE_ARGUMENTS,
     CallShape,
     PromptTable,
     RowLayout,
@@ -55,12 +66,11 @@ from .soft_prompt import (
 )
 from .soft_prompt_peft import SoftPromptPeft
 
-CROSS_ATTENTION_NAMES = ("EncDecAttention", "crossattention", "encoder_attn")
-"""Last name parts of cross-attention modules, which get no prefix."""
-
 _PREFIX_LENGTHS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 """For caches that hold only prefixes so far: how many positions. A second active prefix adapter adds
 its prefix to such a cache; a cache that has seen tokens gets no prefix again."""
+_PREFIX_STARTS: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
+"""For caches with prefixes: where each prefix holder's (by `id`) prefix starts (gated prefixes rewrite it)."""
 
 
 @dataclasses.dataclass
@@ -72,86 +82,20 @@ class PrefixTuningConfig(SoftPromptConfig):
     encoder_hidden_size: PositiveInt | None = None
     """h, the MLP's hidden size; None: d = kv_heads · head_dim, as in peft (the model's hidden size
     unless it uses grouped-query attention)."""
+    embedding_dim: PositiveInt | Literal["hidden_size"] | None = None
+    """d, the width of the MLP's learned vectors E; None: kv_heads · head_dim (peft's `token_dim`);
+    "hidden_size": the model's hidden size (AdapterHub's)."""
+    shift_positions: bool = True
+    """Real tokens take positions n, n+1, ... behind the prefix, as in peft; False: they keep the positions
+    they have without it, as in AdapterHub (the stack must take `position_ids`)."""
+    use_gating: bool = False
+    """Scale each layer's prefix by a learned gate of the layer's input (UniPELT; AdapterHub's
+    `use_gating`, `methods/prefix_gating.py`); no mixed batches then."""
+    shared_gating: bool = True
+    """With `use_gating`: one gate for keys and values (else one each)."""
 
     def collapsed(self) -> PrefixTuningConfig:
         return self.replace(prefix_projection=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefixLayout:
-    """The shape of one model's prefix table: which attention modules, which chunk feeds which layer."""
-
-    attention: dict[str, int]
-    """Full name of each cached self-attention module → its layer index."""
-    kv_heads: int
-    head_dim: int
-    encoder_decoder: bool
-
-    @property
-    def layers(self) -> int:
-        return len(self.attention)
-
-    @property
-    def width(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim
-
-    def chunks(self, layer: int) -> tuple[int, int]:
-        """The table chunks (keys, values) of layer `layer`."""
-        if self.encoder_decoder:
-            return (4 * layer) % (2 * self.layers), (4 * layer + 1) % (2 * self.layers)
-        return 2 * layer, 2 * layer + 1
-
-
-def prefix_layout(model: nn.Module, stacks: Stacks) -> PrefixLayout:
-    config = model.config
-    stack = stacks.cache_stack
-    attention = {}
-    for name, module in model.named_modules():
-        if (
-            not name.startswith(stack + ".")
-            or not hasattr(module, "layer_idx")
-            or name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES
-        ):
-            continue
-        if any(argument in parameter_names(module) for argument in CACHE_ARGUMENTS):
-            attention = {kept: index for kept, index in attention.items() if not name.startswith(kept + ".")}
-            attention[name] = module.layer_idx
-    if sorted(attention.values()) != list(range(len(attention))) or not attention:
-        raise UnsupportedModuleError(
-            f"cannot find one cached self-attention module per layer in {type(model).__name__} "
-            f"(found {sorted(attention)}); prefix tuning needs attention modules that read the model's cache"
-        )
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
-    return PrefixLayout(attention, kv_heads, head_dim, stacks.decoder is not None)
-
-
-class PrefixProjection(nn.Module):
-    """T = W₂ tanh(W₁ E + b₁) + b₂ over n learned vectors E; `forward()` gives T (n × width)."""
-
-    def __init__(self, count: int, dim: int, hidden: int, width: int, reference: torch.Tensor) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(count, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
-        self.to(device=reference.device, dtype=reference.dtype)
-
-    def forward(self) -> torch.Tensor:
-        return self.mlp(self.embedding.weight)
-
-
-class ReadOnlyPrefixCache(DynamicCache):
-    """A cache holding only a prefix: `update` returns [prefix ; new keys] and stores nothing."""
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.layers[layer_idx]
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-
-
-def self_attention_part(cache: Any) -> DynamicCache:
-    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
 
 def prefix_length_so_far(cache: Any) -> int | None:
@@ -174,6 +118,7 @@ class PrefixCache(SiteAdapter):
         num_virtual_tokens: int,
         model_config: Any,
         embedding: nn.Module,
+        shift_positions: bool = True,
     ) -> None:
         super().__init__()
         self.source = source
@@ -187,6 +132,12 @@ class PrefixCache(SiteAdapter):
         self.names = parameter_names(stack)
         self.cache_key = cache_argument(stack)
         self.accepts_positions = "position_ids" in self.names
+        self.shifts_positions = shift_positions
+        if not (shift_positions or self.accepts_positions):
+            raise UnsupportedModuleError(
+                f"{type(stack).__name__} takes no position_ids, so its tokens cannot keep their positions behind a "
+                "prefix; set shift_positions=True"
+            )
         self.held: dict[int, Any] = {}
         """The cache of the running call per batch size, for `PrefixReinsert` (shared with it); see
         `call_ended` for how long it stays."""
@@ -229,6 +180,7 @@ class PrefixCache(SiteAdapter):
         part = self_attention_part(cache)
         for layer, (keys, values) in enumerate(per_layer):
             DynamicCache.update(part, keys, values, layer)
+        _PREFIX_STARTS.setdefault(cache, {})[id(self)] = _PREFIX_LENGTHS.get(cache, 0)
         _PREFIX_LENGTHS[cache] = _PREFIX_LENGTHS.get(cache, 0) + added
         call.keywords[self.cache_key] = cache
         self.held[call.batch] = cache
@@ -242,18 +194,31 @@ class PrefixCache(SiteAdapter):
         call = CallShape(self.names, args, kwargs, self.cache_key)
         n = self.num_virtual_tokens
         so_far = prefix_length_so_far(call.cache)
+        real_past = call.cached - _PREFIX_LENGTHS.get(call.cache, 0) if call.cache is not None else 0
         if so_far is not None:
             call.check_length(n + so_far, self.stacks.max_positions)
             self.fill(module, call, self.prefix(call.batch), n, note)
         call.extend_mask("attention_mask", None, n, call.length)
-        call.shift_positions(n, None, False, self.accepts_positions)
+        self.place_positions(call, n, None, real_past)
         return (), call.keywords
+
+    def place_positions(self, call: CallShape, width: int, layout: RowLayout | None, real_past: int) -> None:
+        """Real positions behind the prefix (`shift_positions`), or as without it."""
+        if self.shifts_positions:
+            call.shift_positions(width, layout, False, self.accepts_positions, real_past)
+        else:
+            call.keep_positions(real_past)
 
     def prepare_rows(
         self, module: nn.Module, args: tuple, kwargs: dict, groups: list, state: RoutingState, note: CallNote
     ) -> tuple[tuple, dict]:
         call = CallShape(self.names, args, kwargs, self.cache_key)
         layout = RowLayout.of(groups, state, call.batch, call.device, rolled=False)
+        if len({adapter.shifts_positions for adapter, _ in layout.groups}) > 1:
+            raise DeltaTuneError(
+                "a mixed batch cannot combine prefixes that shift positions (peft's form) with prefixes that keep "
+                "them (AdapterHub's); run them in separate batches"
+            )
         first = call.cached == 0
         if first:
             call.check_length(layout.width, self.stacks.max_positions)
@@ -269,7 +234,7 @@ class PrefixCache(SiteAdapter):
                 adapter.held[call.batch] = call.keywords[self.cache_key]
         real_past = call.cached - (0 if first else layout.width)
         call.extend_mask("attention_mask", layout, layout.width, real_past + call.length)
-        call.shift_positions(layout.width, layout, False, self.accepts_positions, real_past)
+        self.place_positions(call, layout.width, layout, real_past)
         return (), call.keywords
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -342,6 +307,11 @@ class PrefixTuningPeft(SoftPromptPeft):
     prompt_holder = PrefixCache
 
     def config_to_peft(self, config: PrefixTuningConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        if not config.shift_positions or config.use_gating:
+            raise DeltaTuneError(
+                "peft's prefix tuning moves real positions behind the prefix and has no gate; this adapter keeps "
+                "them (shift_positions=False) or is gated (use_gating): save it in deltatune's format"
+            )
         layout = prefix_layout(model, find_stacks(model, config))
         return {
             **super().config_to_peft(config, targets, model),
@@ -371,13 +341,18 @@ class PrefixTuning(SoftPromptMethod):
         reference = embedding.weight
         count = config.num_virtual_tokens
         if config.prefix_projection:
-            dim = layout.kv_heads * layout.head_dim  # peft's token_dim: its MLP has the same shapes
+            dim = projection_input_width(model, layout, config)
             source: nn.Module = PrefixProjection(count, dim, config.encoder_hidden_size or dim, layout.width, reference)
         else:
             source = PromptTable(torch.randn(count, layout.width, device=reference.device).to(reference.dtype))
         stack = model.get_submodule(stacks.cache_stack)
         model_config = stack.config if hasattr(stack, "config") else model.config
-        owner = PrefixCache(source, stack, stacks, layout, count, model_config, embedding)
+        owner = PrefixCache(source, stack, stacks, layout, count, model_config, embedding, config.shift_positions)
         built: dict[str, SiteAdapter] = {stacks.cache_stack: owner}
-        built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
+        if config.use_gating:
+            from .prefix_gating import gated_reinserts  # it builds on this module's classes
+
+            built.update(gated_reinserts(model, owner, config))
+        else:
+            built.update({name: PrefixReinsert(model.get_submodule(name), owner.held) for name in layout.attention})
         return built

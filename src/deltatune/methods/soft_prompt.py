@@ -187,6 +187,15 @@ class CallShape:
             shifted = layout.combine(layout.columns().clamp(min=0), shifted)
         self.keywords["position_ids"] = shifted
 
+    def keep_positions(self, real_past: int) -> None:
+        """Real tokens keep the positions they have without virtual tokens: the caller's `position_ids`, else
+        explicit ones counted from `real_past` (cached real tokens), since the model would count the virtual
+        ones too. `cache_position` is dropped, as in `shift_positions`."""
+        self.keywords.pop("cache_position", None)
+        if self.keywords.get("position_ids") is None:
+            positions = torch.arange(real_past, real_past + self.length, device=self.device)
+            self.keywords["position_ids"] = positions[None].expand(self.batch, -1)
+
 
 @dataclasses.dataclass
 class RowLayout:

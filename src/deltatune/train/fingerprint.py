@@ -70,6 +70,10 @@ ADDED_LATER = {
     "adapter.kasa_config": None,
     "adapter.velora_config": None,
     "adapter.monteclora_config": None,
+    "adapter.use_gating": False,
+    "adapter.shared_gating": True,
+    "adapter.embedding_dim": None,
+    "adapter.shift_positions": True,
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade. An

@@ -1,0 +1,124 @@
+"""AdapterHub's prefix tuning in its files: the config fields and tensor names of a `PrefixTuningConfig`
+part (MAM's), both ways.
+
+AdapterHub keeps one prefix module per adapter in a pool on the base model and saves it under
+`<base>.prefix_tuning.prefix_tunings.NAME.self_prefix.<tensor>` (and once more under every attention
+layer that references it, `<layer>.prefix_tuning.pool.prefix_tunings...`: the same tensors). Its MLP
+(`flat=False`) is `wte` (Embedding(n, hidden)) → `control_trans.0` → tanh → `control_trans.2`, ours
+`source.embedding` → `source.mlp.0` → tanh → `source.mlp.2`; a flat prefix is one vector `control_trans`
+of n × (layers · 2 · kv_heads · head_dim), row by row our table `source.weight`. A gated prefix
+(`use_gating`) has a gate per attention layer, `<layer>.prefix_tuning.prefix_gates.NAME.weight` / `.bias`:
+ours is `<layer>.gate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapterhub_options import refuse_other_options
+from .errors import AdapterFileError
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.soft_prompt import find_stacks
+
+LOCATION = "self_prefix"
+"""AdapterHub's location key of self-attention prefixes (decoder-only and encoder models)."""
+POOL_MARKER = ".prefix_tuning.prefix_tunings."
+"""In the keys of the pool's own copy of a prefix (a layer's copy has `.prefix_tuning.pool.prefix_tunings.`)."""
+LAYER_COPY_MARKER = ".prefix_tuning.pool.prefix_tunings."
+GATE_MARKER = ".prefix_tuning.prefix_gates."
+TENSOR_NAMES = {
+    "wte.weight": "source.embedding.weight",
+    "control_trans.0.weight": "source.mlp.0.weight",
+    "control_trans.0.bias": "source.mlp.0.bias",
+    "control_trans.2.weight": "source.mlp.2.weight",
+    "control_trans.2.bias": "source.mlp.2.bias",
+    "control_trans": "source.weight",
+}
+"""AdapterHub's prefix tensor → ours."""
+
+FIXED_OPTIONS = {"non_linearity": "tanh", "dropout": 0.0, "leave_out": []}
+"""AdapterHub prefix option: the value our prefix tuning implements (anything else is refused)."""
+
+
+def prefix_config_from_adapterhub(options: dict[str, Any], folder: Path) -> PrefixTuningConfig:
+    """Our `PrefixTuningConfig` in AdapterHub's form for its prefix-tuning config dict."""
+    refuse_other_options(options, FIXED_OPTIONS, folder, "prefix")
+    flat = bool(options.get("flat", False))
+    return PrefixTuningConfig(
+        num_virtual_tokens=options.get("prefix_length", 30),
+        prefix_projection=not flat,
+        encoder_hidden_size=None if flat else options.get("bottleneck_size", 512),
+        embedding_dim=None if flat else "hidden_size",
+        shift_positions=False,
+        use_gating=bool(options.get("use_gating", False)),
+        shared_gating=bool(options.get("shared_gating", True)),
+    )
+
+
+def prefix_config_to_adapterhub(config: PrefixTuningConfig) -> dict[str, Any]:
+    """AdapterHub's prefix-tuning config dict for ours; refused where AdapterHub computes another prefix."""
+    if config.shift_positions or (config.prefix_projection and config.embedding_dim != "hidden_size"):
+        raise AdapterFileError(
+            "AdapterHub's prefix tuning keeps real positions and reads the model's hidden size; this prefix has "
+            f"shift_positions={config.shift_positions}, embedding_dim={config.embedding_dim!r}: save it in "
+            "deltatune's format"
+        )
+    return {
+        "architecture": "prefix_tuning",
+        "encoder_prefix": True,
+        "cross_prefix": True,
+        "flat": not config.prefix_projection,
+        "prefix_length": config.num_virtual_tokens,
+        "bottleneck_size": config.encoder_hidden_size or 512,
+        "init_weights_seed": None,
+        "use_gating": config.use_gating,
+        "shared_gating": config.shared_gating,
+        **FIXED_OPTIONS,
+    }
+
+
+def prefix_tensors(
+    tensors: dict[str, torch.Tensor], name: str, model: nn.Module, config: PrefixTuningConfig, folder: Path
+) -> dict[str, torch.Tensor]:
+    """Our file keys for the prefix tensors of adapter `name` in an AdapterHub weights dict."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise AdapterFileError(
+            f"{folder}: AdapterHub puts prefixes into an encoder-decoder's encoder and cross-attention too; "
+            "deltatune reads AdapterHub prefixes for decoder-only and encoder models"
+        )
+    stack = find_stacks(model, config).cache_stack
+    ours = {}
+    for key, tensor in tensors.items():
+        if GATE_MARKER + name + "." in key:
+            layer, tensor_name = key.split(GATE_MARKER + name + ".")
+            ours[f"{layer}.gate.{tensor_name}"] = tensor
+            continue
+        if POOL_MARKER + name + "." not in key:
+            continue
+        location, tensor_name = key.split(POOL_MARKER + name + ".", 1)[1].split(".", 1)
+        if location != LOCATION or tensor_name not in TENSOR_NAMES:
+            raise AdapterFileError(f"{folder}: prefix tensor {key!r} is not one deltatune can load")
+        if tensor_name == "control_trans":
+            tensor = tensor.reshape(config.num_virtual_tokens, -1)
+        ours[f"{stack}.{TENSOR_NAMES[tensor_name]}"] = tensor
+    return ours
+
+
+def is_prefix_key(key: str, name: str) -> bool:
+    """Whether `key` holds a part of adapter `name`'s prefix (the pool's copy or a layer's)."""
+    return any(marker + name + "." in key for marker in (POOL_MARKER, LAYER_COPY_MARKER, GATE_MARKER))
+
+
+def gate_key(layer: str, tensor_name: str, name: str) -> str:
+    """AdapterHub's key of our prefix gate's tensor `tensor_name` ("gate.weight") at attention layer `layer`."""
+    return f"{layer}{GATE_MARKER}{name}.{tensor_name.removeprefix('gate.')}"
+
+
+def prefix_key(stack: str, tensor_name: str, name: str) -> str | None:
+    """AdapterHub's key of our prefix tensor `tensor_name` held at `stack`; None for none of its tensors."""
+    theirs = {ours: theirs for theirs, ours in TENSOR_NAMES.items()}.get(tensor_name)
+    return None if theirs is None else f"{stack}{POOL_MARKER}{name}.{LOCATION}.{theirs}"

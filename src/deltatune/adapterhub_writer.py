@@ -1,0 +1,209 @@
+"""Writing AdapterHub adapter folders: `save(path, format="adapterhub")` for bottleneck, LoRA (on
+self-attention matrices), prefix-tuning (AdapterHub's form), MAM and UniPELT adapters.
+
+The folder is what AdapterHub's `save_adapter(..., use_safetensors=True)` writes and its
+`load_adapter(path, use_safetensors=True)` reads: `adapter_config.json` ({"config", "name", "model_type",
+"model_class", "hidden_size", ...}; a composed adapter's config is a union {"architecture": "union",
+"configs": [...]}: MAM's prefix tuning and bottleneck, UniPELT's and LoRA) and `adapter.safetensors` under
+AdapterHub's keys, the inverse of `adapterhub_format`'s reading. A prefix is written once, as its pool's
+copy; AdapterHub's layers reference that module, so it does not need the per-layer copies its own saves
+repeat. Other methods (and Compacter, whose PHM layers AdapterHub names otherwise) are refused: save them
+in deltatune's format.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .adapterhub_format import FIXED_OPTIONS, INITS
+from .adapterhub_lora import ATTENTION_MATRICES
+from .adapterhub_lora import FIXED_OPTIONS as FIXED_LORA_OPTIONS
+from .adapterhub_lora import MARKER as LORA_MARKER
+from .adapterhub_prefix import gate_key, prefix_config_to_adapterhub, prefix_key
+from .architectures import sublayer_output_width
+from .errors import DeltaTuneError
+from .methods.bottleneck import BottleneckAdapter, BottleneckConfig, placed_sites
+from .methods.lora import LoraLinear
+from .methods.lora_config import LoraConfig
+from .methods.mam import MAMConfig
+from .methods.prefix_gating import GatedPrefixReinsert
+from .methods.prefix_tuning import PrefixCache, PrefixTuningConfig
+from .methods.soft_prompt import PromptTable
+from .methods.unipelt import UniPELTConfig
+from .site import SiteAdapter
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+WEIGHTS_FILE = "adapter.safetensors"
+LOCATIONS = {"attention": ("attention.output", "attention_adapters"), "ffn": ("output", "output_adapters")}
+"""A sublayer kind → AdapterHub's location in the block: the sublayer's own output module (BERT's
+`output`, `attention.output`), or the module AdapterHub adds to the block."""
+
+
+class AdapterHubLayout:
+    """AdapterHub's keys for the tensors of one adapter named `name`."""
+
+    weights_file = WEIGHTS_FILE
+
+    def __init__(self, name: str, locations: dict[str, str]) -> None:
+        self.name = name
+        self.locations = locations
+        """Our output module of each bottleneck site → AdapterHub's module path of its adapters."""
+
+    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
+        if isinstance(adapter, PrefixCache):
+            return prefix_key(
+                module_name, "source.weight" if tensor_name == "control_trans" else tensor_name, self.name
+            )
+        if isinstance(adapter, GatedPrefixReinsert):
+            return gate_key(module_name, tensor_name, self.name)
+        if isinstance(adapter, LoraLinear):
+            return f"{module_name}{LORA_MARKER}{self.name}.{tensor_name}"
+        role, rest = tensor_name.split(".", 1)
+        theirs = {"down": "adapter_down.0", "up": "adapter_up"}.get(role, role)  # and the gate's own name
+        return f"{self.locations[module_name]}.adapters.{self.name}.{theirs}.{rest}"
+
+    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
+        state = adapter.file_state()
+        if isinstance(adapter, PrefixCache) and isinstance(adapter.source, PromptTable):
+            return {"control_trans": state["source.weight"].reshape(-1)}
+        return state
+
+
+def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], AdapterHubLayout]:
+    """AdapterHub's `adapter_config.json` data for adapter `name`, and the layout of its weights file."""
+    config = delta_model.configs[name]
+    model = delta_model.base_model
+    fields = PARTS.get(type(config))
+    if fields is None:
+        raise DeltaTuneError(
+            f"deltatune writes AdapterHub folders for bottleneck, LoRA, prefix-tuning, MAM and UniPELT adapters; "
+            f"{name!r} is a {config.method} adapter: save it with format='deltatune'"
+        )
+    if config.modules_to_save:
+        raise DeltaTuneError(
+            f"AdapterHub's adapter folders hold no modules_to_save ({config.modules_to_save}); save {name!r} with "
+            "format='deltatune'"
+        )
+    locations: dict[str, str] = {}
+    parts = [config if field is None else getattr(config, field) for field in fields]
+    options = [PART_WRITERS[type(part)](part, delta_model, name, locations) for part in parts]
+    _check_adapters_written(delta_model, name)
+    model_config = model.config
+    data = {
+        "config": options[0] if len(options) == 1 else {"architecture": "union", "configs": options},
+        "hidden_size": model_config.hidden_size,
+        "model_class": type(model).__name__,
+        "model_name": getattr(model_config, "name_or_path", "") or "",
+        "model_type": model_config.model_type,
+        "name": name,
+        "version": f"deltatune.{__version__}",
+    }
+    return data, AdapterHubLayout(name, locations)
+
+
+def _bottleneck_part(config: BottleneckConfig, delta_model: DeltaModel, name: str, locations: dict) -> dict:
+    model = delta_model.base_model
+    sites = placed_sites(model, config)
+    locations.update({site.output: _location(site, model) for site in sites})
+    return bottleneck_config_to_adapterhub(config, sublayer_output_width(model, model.get_submodule(sites[0].output)))
+
+
+def _prefix_part(config: PrefixTuningConfig, delta_model: DeltaModel, name: str, locations: dict) -> dict:
+    return prefix_config_to_adapterhub(config)
+
+
+def _lora_part(config: LoraConfig, delta_model: DeltaModel, name: str, locations: dict) -> dict:
+    """AdapterHub's `LoRAConfig` dict: the attention matrices our LoRA layers of `name` sit on."""
+    model_type = delta_model.base_model.config.model_type
+    letters = {module: letter for letter, module in ATTENTION_MATRICES.get(model_type, {}).items()}
+    placed = [
+        module_name.rsplit(".", 1)[-1]
+        for module_name, site in delta_model.sites()
+        if isinstance(site.adapters[name] if name in site.adapters else None, LoraLinear)
+    ]
+    other_forms = config.rank_pattern or config.alpha_pattern or config.lora_bias or config.bias != "none"
+    if not placed or any(module not in letters for module in placed) or other_forms or config.use_dora:
+        raise DeltaTuneError(
+            f"AdapterHub's LoRA adapts self-attention matrices ({sorted(letters) or 'none for ' + model_type}) "
+            f"with one rank; {name!r} adapts {sorted(set(placed))}: save it with format='deltatune'"
+        )
+    return {
+        **FIXED_LORA_OPTIONS,
+        "architecture": "lora",
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "attn_matrices": [letter for letter in "qkv" if letter in {letters[module] for module in placed}],
+        "init_weights": "lora",
+        "init_weights_seed": None,
+        "use_gating": config.use_gating,
+        "dtype": None,
+    }
+
+
+PARTS: dict[type, tuple[str | None, ...]] = {
+    BottleneckConfig: (None,),
+    LoraConfig: (None,),
+    PrefixTuningConfig: (None,),
+    MAMConfig: ("prefix_tuning", "adapter"),
+    UniPELTConfig: ("prefix_tuning", "adapter", "lora"),
+}
+"""Our config → the fields holding its parts, in AdapterHub's order (None: the config is the one part)."""
+PART_WRITERS = {BottleneckConfig: _bottleneck_part, LoraConfig: _lora_part, PrefixTuningConfig: _prefix_part}
+"""A part's config type → its AdapterHub config dict (Compacter's subclass is not one of them)."""
+
+
+def bottleneck_config_to_adapterhub(config: BottleneckConfig, hidden: int) -> dict[str, Any]:
+    """AdapterHub's `BnConfig` dict for our bottleneck config (`hidden`: the sublayers' width)."""
+    size = config.size_for(hidden)
+    if hidden % size:
+        raise DeltaTuneError(
+            f"AdapterHub sizes a bottleneck as hidden // reduction_factor; {size} does not divide the hidden size "
+            f"{hidden}: choose a bottleneck_size that does, or save in deltatune's format"
+        )
+    return {
+        **FIXED_OPTIONS,
+        "mh_adapter": config.attention_adapter,
+        "output_adapter": config.ffn_adapter,
+        "is_parallel": config.parallel,
+        "original_ln_before": config.original_ln_before,
+        "reduction_factor": hidden // size,
+        "non_linearity": config.non_linearity,
+        "scaling": config.scaling,
+        "init_weights": {ours: theirs for theirs, ours in INITS.items()}[config.init_weights],
+        "dropout": config.dropout,
+        "leave_out": list(config.leave_out),
+        "use_gating": config.use_gating,
+        "adapter_residual_before_ln": False,
+        "phm_layer": False,
+    }
+
+
+def _location(site: Any, model: torch.nn.Module) -> str:
+    own, added = LOCATIONS[site.kind]
+    block = model.get_submodule(site.block)
+    try:
+        block.get_submodule(own)
+    except AttributeError:
+        return f"{site.block}.{added}"
+    return f"{site.block}.{own}"
+
+
+WRITTEN = (BottleneckAdapter, PrefixCache, GatedPrefixReinsert, LoraLinear)
+"""The site adapters with tensors that AdapterHub's format names."""
+
+
+def _check_adapters_written(delta_model: DeltaModel, name: str) -> None:
+    """Every site adapter with tensors is one this writer names (a bottleneck or a prefix holder)."""
+    for module_name, site in delta_model.sites():
+        adapter = site.adapters[name] if name in site.adapters else None
+        if adapter is not None and adapter.file_state() and not isinstance(adapter, WRITTEN):
+            raise DeltaTuneError(
+                f"{module_name} holds a {type(adapter).__name__} that AdapterHub's format has no place for; save "
+                "with format='deltatune'"
+            )
