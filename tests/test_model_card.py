@@ -136,3 +136,13 @@ def test_the_trainers_adapter_folder_card_lists_the_final_metrics(tmp_path: Path
     assert "## Final metrics" in card
     for name, value in final.items():
         assert f"| {name} | {value:.4g} |" in card
+
+
+def test_the_card_of_an_adapter_that_cannot_merge_shows_no_merge_command(tmp_path: Path) -> None:
+    """A bottleneck adapter changes the model's function in a way no weight holds: the card says to load it
+    with deltatune instead of printing a `deltatune merge` that would fail."""
+    delta_model = deltatune.attach(_named_base(tmp_path), deltatune.BottleneckConfig(preset="pfeiffer"))
+    delta_model.save(str(tmp_path / "adapter"))
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert _code_blocks(card, "bash") == []
+    assert "cannot be merged" in card

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import Writer
+from .site import SiteAdapter
 from .task_record import task_record
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class CardFacts:
     metrics: Mapping[str, float] | None
     task: Mapping[str, Any] | None = None
     """The task record (`task_record`): task, label names, heads."""
+    merges: bool = True
+    """Whether every part of the adapter folds into weights (`delta_parameters`), so `deltatune merge` works."""
 
 
 def is_ours(path: Path) -> bool:
@@ -84,6 +87,11 @@ def card_facts(
         total=summary.base,
         metrics=metrics,
         task=task_record(delta_model, name),
+        merges=all(
+            type(site.adapters[name]).delta_parameters is not SiteAdapter.delta_parameters
+            for _, site in delta_model.sites()
+            if name in site.adapters
+        ),
     )
 
 
@@ -166,7 +174,7 @@ def _how_to_load(facts: CardFacts) -> list[str]:
         lines += load_base + [f"model = PeftModel.from_pretrained(base, {folder})", "```", ""]
         lines += ["transformers (with peft installed):", "", "```python"]
         lines += load_base + [f"base.load_adapter({folder})", "```", ""]
-    else:
+    elif facts.merges:
         lines += [
             "transformers: merge the adapter into a full model folder, which transformers loads by itself",
             '(or save the adapter with `format="peft"`, which peft and transformers\' `load_adapter` read):',
@@ -174,6 +182,12 @@ def _how_to_load(facts: CardFacts) -> list[str]:
             "```bash",
             f"deltatune merge {facts.base_model or 'BASE_MODEL'} {facts.folder_name} merged-model",
             "```",
+            "",
+        ]
+    else:
+        lines += [
+            f"transformers alone cannot run it: a {facts.method} adapter cannot be merged into the base's weights",
+            "(it adds computation no weight holds), so load it with deltatune as above.",
             "",
         ]
     return lines
