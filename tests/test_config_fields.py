@@ -76,6 +76,7 @@ TRAIN_FIELDS: dict[str, Case] = {
     "save_every": Case("a whole number ≥ 1 or null", '"10"', ("-1",)),
     "save_total_limit": Case("a whole number ≥ 1 or null", '"2"', ("0",)),
     "log_every": Case("a whole number ≥ 1", "[1]", ("0",)),
+    "report_to": Case("a string or a list of strings", "5", ("[wandb, tensorbord]",), "unknown report_to 'tensorbord'"),
     "max_new_tokens": Case("a whole number ≥ 1", "1.5", ("-1",)),
     "eval_batch_size": Case("a whole number ≥ 1", "true", ("0",)),
     "threads": Case("a whole number in [1, 4096] or null", '"2"', ("0", "4097")),

@@ -136,6 +136,11 @@ class TrainConfig:
     """Keep only this many checkpoints, the newest (a positive whole number); none: keep all."""
     log_every: PositiveInt = 1
     """Record the training loss every this many steps (for the plot and metrics.json)."""
+    report_to: str | list[str] = "none"
+    """Experiment trackers that receive every metrics.json row (loss, learning rate, tokens per second,
+    eval metrics) and the config: tensorboard, wandb, mlflow (one name or a list), or none. W&B runs
+    offline unless WANDB_MODE says otherwise; MLflow writes to OUTPUT_DIR/mlruns unless
+    MLFLOW_TRACKING_URI is set. Needs `pip install 'deltatune[tracking]'`; see `deltatune.train.tracking`."""
     max_new_tokens: PositiveInt = 64
     """Language models: tokens generated per evaluation example."""
     eval_batch_size: PositiveInt = 16
@@ -186,12 +191,15 @@ class TrainConfig:
         from .packing import packing_refusal
         from .quantize import QUANTIZE_OPTIONS
         from .tasks import get_task
+        from .tracking import NO_TRACKER, TRACKERS, tracker_names
 
         get_task(self.task)
         if not self.model:
             raise ConfigError("the config needs `model`: a local model folder or a packaged model name")
         if not self.train_file:
-            raise ConfigError("the config needs `train_file`: a .jsonl, .csv or .tsv file of training records")
+            raise ConfigError(
+                "the config needs `train_file`: a .jsonl, .csv or .tsv file of training records"
+            )
         if "method" not in self.adapter:
             raise ConfigError(
                 "`adapter` must be a mapping with a `method` key (lora, bitfit, ...) and that method's fields"
@@ -216,6 +224,9 @@ class TrainConfig:
                 )
         if self.packing and (refusal := packing_refusal(self.task, adapter_config)):
             raise ConfigError(refusal)
+        for name in tracker_names(self.report_to):
+            if name not in TRACKERS:
+                raise ConfigError(f"unknown report_to {name!r}{_suggest(name, [*TRACKERS, NO_TRACKER])}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

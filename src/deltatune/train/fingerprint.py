@@ -38,6 +38,7 @@ KEEPS_THE_MATH = frozenset(
         "save_total_limit",
         "eval_every",
         "log_every",
+        "report_to",
         "eval_file",
         "eval_batch_size",
         "max_new_tokens",

@@ -62,6 +62,7 @@ from .schedule import Schedule, learning_rate_factor
 from .step_hooks import StepHook, after_step, extra_loss, hooks_state, load_hooks_state, step_hooks
 from .tasks import TaskType, get_task
 from .threads import use_threads
+from .tracking import Trackers, reporting, require_trackers, tracker_names
 
 
 @dataclass
@@ -177,6 +178,7 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, progress
     `resume=True` continues from the latest checkpoint in `output_dir`, a path from that checkpoint."""
     ranks = distributed.ranks_from_environment()
     check_output_dir(config, resume)
+    require_trackers(tracker_names(config.report_to))
     device = choose_device(config.device, ranks)
     joined = distributed.start(ranks, device)
     try:
@@ -187,7 +189,13 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, progress
 
 
 def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool = True) -> TrainResult:
-    """Train a prepared run (see `train`); under a launcher the process group must be joined."""
+    """Train a prepared run (see `train`); under a launcher the process group must be joined. The main
+    process reports to the trackers of `report_to` (`deltatune.train.tracking`), closed as failed if training fails."""
+    with reporting(run.config.report_to, Path(run.config.output_dir)) as trackers:
+        return _train_run(run, resume, progress, trackers)
+
+
+def _train_run(run: Run, resume: str | Path | bool | None, progress: bool, trackers: Trackers) -> TrainResult:
     ranks = distributed.ranks_from_environment()
     config, output_dir = run.config, Path(run.config.output_dir)
     check_output_dir(config, resume)
@@ -203,6 +211,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, schedule.total))
     hooks = _step_hooks(run, ranks, schedule.total)
     state = _starting_state(run, ranks, resume, optimizer, scheduler, hooks)
+    trackers.start(state.run["config"], enabled=ranks.main)
     pad_id = run.eval_context.pad_id
     build_batch = (
         packed_collate_for(run.delta_model, config.max_length, pad_id, run.device)
@@ -237,7 +246,9 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
         state.step += 1
         bar.step(float(step_loss), tokens * ranks.world_size)
         with bar.paused():
-            _record(run, ranks, state, schedule, float(step_loss), scheduler.get_last_lr()[0], progress)
+            row = {"step": state.step, "loss": float(step_loss), "learning_rate": scheduler.get_last_lr()[0]}
+            throughput = bar.tokens_per_second(tokens * ranks.world_size)
+            _record(run, ranks, state, schedule, row, throughput, trackers, progress)
             if config.save_every and state.step % config.save_every == 0 and state.step < schedule.total:
                 _check_weights(config, parameters, state.step)
                 folder = checkpoint_folder(output_dir, state.step)
@@ -247,7 +258,7 @@ def train_run(run: Run, resume: str | Path | bool | None = None, progress: bool 
                 distributed.barrier(ranks)
     bar.close()
     _check_weights(config, parameters, state.step)
-    final = _evaluate_into(run, ranks, state, progress) if run.eval_features else None
+    final = _evaluate_into(run, ranks, state, progress, trackers) if run.eval_features else None
     seconds = time.perf_counter() - started
     with sharding.whole_adapter(run.delta_model):
         if ranks.main:
@@ -343,18 +354,24 @@ def _record(
     ranks: distributed.Ranks,
     state: TrainerState,
     schedule: Schedule,
-    loss: float,
-    learning_rate: float,
+    row: dict[str, float],
+    tokens_per_second: float,
+    trackers: Trackers,
     progress: bool,
 ) -> None:
+    """After step `row["step"]`: its row (loss, learning rate) into the history and, with the throughput,
+    to the trackers, every `log_every` steps and at the last; an evaluation every `eval_every` steps."""
     config = run.config
     if state.step % config.log_every == 0 or state.step == schedule.total:
-        state.history.append({"step": state.step, "loss": loss, "learning_rate": learning_rate})
+        state.history.append(row)
+        trackers.log({**row, "tokens_per_second": tokens_per_second})
     if run.eval_features and config.eval_every and state.step % config.eval_every == 0 and state.step < schedule.total:
-        _evaluate_into(run, ranks, state, progress)
+        _evaluate_into(run, ranks, state, progress, trackers)
 
 
-def _evaluate_into(run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool) -> Evaluation | None:
+def _evaluate_into(
+    run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool, trackers: Trackers
+) -> Evaluation | None:
     """Evaluate on rank 0 (its own progress bar if `progress`) and add `eval_<metric>` to the history;
     the other ranks wait, or, holding shards of the model (FSDP), run the same evaluation alongside (a
     forward pass needs every rank)."""
@@ -363,6 +380,7 @@ def _evaluate_into(run: Run, ranks: distributed.Ranks, state: TrainerState, prog
         result = run.evaluate(progress=progress and ranks.main)
     if ranks.main:
         state.history.append({"step": state.step, **{f"eval_{name}": value for name, value in result.metrics.items()}})
+        trackers.log(state.history[-1])
         tqdm.write("step {}: {}".format(state.step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())))
     distributed.barrier(ranks)
     return result
