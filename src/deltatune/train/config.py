@@ -57,8 +57,9 @@ class TrainConfig:
     task: str = "causal-lm"
     """causal-lm, seq2seq-lm, seq-cls, token-cls, qa or feature-extraction."""
     train_file: str | Path | Iterable[dict[str, Any]] = ""
-    """Training records: a .jsonl, .csv or .tsv path (see `deltatune.train.data` for the fields); from
-    Python also any iterable of dicts, such as a `datasets.Dataset`."""
+    """Training records: a .jsonl, .csv, .tsv, .parquet or .arrow file, or a folder saved by datasets'
+    `save_to_disk` (see `deltatune.train.data` for the fields); from Python also any iterable of dicts,
+    such as a `datasets.Dataset`."""
     eval_file: str | Path | Iterable[dict[str, Any]] | None = None
     """Records for periodic evaluation, as `train_file`; none: no evaluation."""
     columns: dict[str, str] | None = None
@@ -198,7 +199,7 @@ class TrainConfig:
             raise ConfigError("the config needs `model`: a local model folder or a packaged model name")
         if not self.train_file:
             raise ConfigError(
-                "the config needs `train_file`: a .jsonl, .csv or .tsv file of training records"
+                "the config needs `train_file`: a file of training records (.jsonl, .csv, .tsv, .parquet)"
             )
         if "method" not in self.adapter:
             raise ConfigError(

@@ -1,7 +1,14 @@
-"""Reading training data: JSON Lines, CSV/TSV files, or Hugging Face `datasets` objects.
+"""Reading training data: JSON Lines, CSV/TSV, parquet and Arrow files, folders saved by `datasets`'
+`save_to_disk`, or any iterable of dicts (a `datasets.Dataset`) from Python.
 
-Every record keeps where it came from (`train.jsonl line 12`), so that an error about a malformed
-record names the file, the line and the field. Fields each task reads (see `encode`):
+Parquet and Arrow files are read with pyarrow and saved folders with `datasets` (which brings
+pyarrow): `pip install 'deltatune[data]'`; without them such a path is refused in one line naming
+the extra. An Arrow file is the IPC stream that `datasets` writes (its cache files, the shards of a
+saved folder) or the IPC file format (Feather v2).
+
+Every record keeps where it came from (`train.jsonl line 12`, `train.parquet row 0`: rows counted
+from 0, as `dataset[i]`), so that an error about a malformed record names the file, the line and the
+field. Fields each task reads (see `encode`):
 
 | task               | fields                                                          |
 |--------------------|-----------------------------------------------------------------|
@@ -16,6 +23,7 @@ record names the file, the line and the field. Fields each task reads (see `enco
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -83,11 +91,67 @@ def _read_delimited(delimiter: str) -> Callable[[Path], list[Record]]:
     return read
 
 
+def _require(module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise DataError(f"{what} needs the {module} package: pip install 'deltatune[data]'")
+
+
+def _rows(path: Path, rows: list[dict[str, Any]]) -> list[Record]:
+    return [Record(fields, f"{path.name} row {index}") for index, fields in enumerate(rows)]
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    _require("pyarrow", f"{path}: reading a parquet file")
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except pyarrow.ArrowException as error:
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    return _rows(path, table.to_pylist())
+
+
+def _read_arrow(path: Path) -> list[Record]:
+    _require("pyarrow", f"{path}: reading an Arrow file")
+    import pyarrow
+    import pyarrow.ipc
+
+    for open_reader in (pyarrow.ipc.open_stream, pyarrow.ipc.open_file):
+        try:
+            with pyarrow.memory_map(str(path)) as source:
+                return _rows(path, open_reader(source).read_all().to_pylist())
+        except pyarrow.ArrowInvalid:
+            continue
+    raise DataError(f"{path}: not an Arrow IPC stream or file; write it with datasets or pyarrow.ipc")
+
+
+def _read_saved_dataset(path: Path) -> list[Record]:
+    """A folder written by `Dataset.save_to_disk` (one split; a `DatasetDict` folder names its splits)."""
+    _require("datasets", f"{path}: reading a folder saved by datasets")
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} is a folder but not one saved by datasets' save_to_disk; give a data file or such a folder"
+        ) from None
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset)
+        raise DataError(
+            f"{path} holds the splits {', '.join(splits)}; give one split's folder, e.g. {path / splits[0]}"
+        )
+    return _rows(path, dataset.to_list())
+
+
 READERS: dict[str, Callable[[Path], list[Record]]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_jsonl,
     ".csv": _read_delimited(","),
     ".tsv": _read_delimited("\t"),
+    ".parquet": _read_parquet,
+    ".arrow": _read_arrow,
 }
 
 
@@ -107,10 +171,13 @@ def _read(source: str | Path | Iterable[dict[str, Any]]) -> list[Record]:
     if not isinstance(source, (str, Path)):
         return [Record(dict(fields), f"record {index}") for index, fields in enumerate(source)]
     path = Path(source)
-    reader = READERS.get(path.suffix.lower())
+    reader = _read_saved_dataset if path.is_dir() else READERS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{path}: unknown data file type {path.suffix!r}; use one of {', '.join(READERS)}")
-    if not path.is_file():
+        raise DataError(
+            f"{path}: unknown data file type {path.suffix!r}; use one of {', '.join(READERS)}, or a folder "
+            "saved by datasets' save_to_disk"
+        )
+    if not path.exists():
         raise DataError(f"data file {path} does not exist; check the path (relative paths start at the current folder)")
     try:
         records = reader(path)
