@@ -64,6 +64,17 @@ class TrainConfig:
     """Records for periodic evaluation, as `train_file`; none: no evaluation."""
     columns: dict[str, str] | None = None
     """Rename fields of the records, {name in the file: name the task reads}, e.g. {sentence: text}."""
+    header: bool = True
+    """CSV/TSV files: the first line names the columns. False: every line is a record, its columns named
+    by `column_names` (a header whose column is named like a number is refused as a likely record)."""
+    column_names: list[str] | None = None
+    """CSV/TSV files without a header row (header: false): a name for each column, in order, e.g.
+    [label, text]; then `columns` may rename them further."""
+    max_train_examples: PositiveInt | None = None
+    """Train on this many records of train_file, drawn at random with `seed` and kept in file order (so
+    a file sorted by label still gives every label); null: all of them. Part of the run's identity."""
+    max_eval_examples: PositiveInt | None = None
+    """Evaluate on this many records of eval_file, drawn as max_train_examples; null: all of them."""
     adapter: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "lora"})
     """`method` (a registered method name) and that method's config fields."""
     tokenizer: str | None = None
@@ -225,6 +236,13 @@ class TrainConfig:
                 )
         if self.packing and (refusal := packing_refusal(self.task, adapter_config)):
             raise ConfigError(refusal)
+        if self.header == (self.column_names is not None):
+            raise ConfigError(
+                "column_names names the columns of a CSV/TSV file without a header row: give it with header: false "
+                "(and header: false needs it); to rename a header's columns use `columns`"
+            )
+        if self.column_names is not None and len(set(self.column_names)) < len(self.column_names):
+            raise ConfigError(f"column_names must not repeat a name, got {self.column_names}")
         for name in tracker_names(self.report_to):
             if name not in TRACKERS:
                 raise ConfigError(f"unknown report_to {name!r}{_suggest(name, [*TRACKERS, NO_TRACKER])}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class Record:
         return value
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path, layout: TableLayout) -> list[Record]:
     records = []
     with path.open(encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
@@ -74,21 +75,50 @@ def _read_jsonl(path: Path) -> list[Record]:
     return records
 
 
-def _read_delimited(delimiter: str) -> Callable[[Path], list[Record]]:
-    def read(path: Path) -> list[Record]:
+@dataclass(frozen=True)
+class TableLayout:
+    """How a CSV/TSV file names its columns: by its first line (`header`), or by `column_names` when it
+    has no header row. Other file types name their fields themselves."""
+
+    header: bool = True
+    column_names: tuple[str, ...] | None = None
+
+
+def _read_delimited(delimiter: str) -> Callable[[Path, TableLayout], list[Record]]:
+    def read(path: Path, layout: TableLayout) -> list[Record]:
         with path.open(encoding="utf-8", newline="") as file:
-            reader = csv.DictReader(file, delimiter=delimiter)
+            names = None if layout.header else list(layout.column_names or ())
+            reader = csv.DictReader(file, fieldnames=names, delimiter=delimiter)
+            if layout.header:
+                _check_header(path, reader.fieldnames or [])
+            named_by = f"the header {reader.fieldnames}" if layout.header else f"column_names {names}"
             records = []
             for row in reader:
                 where = f"{path.name} line {reader.line_num}"
                 if None in row or None in row.values():
-                    raise DataError(
-                        f"{where}: the row has a different number of columns than the header {reader.fieldnames}"
-                    )
+                    raise DataError(f"{where}: the row has a different number of columns than {named_by}")
                 records.append(Record(dict(row), where))
         return records
 
     return read
+
+
+def _check_header(path: Path, names: list[str]) -> None:
+    """Refuse a header with a column named like a number: the first line was most likely a record."""
+    numeric = next((name for name in names if _is_number(name)), None)
+    if numeric is not None:
+        raise DataError(
+            f"{path.name} line 1 was taken as the header, but its column {numeric!r} is named like a number, so "
+            "the file likely has no header row: set header: false and column_names: [...] (a name per column)"
+        )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _require(module: str, what: str) -> None:
@@ -100,7 +130,7 @@ def _rows(path: Path, rows: list[dict[str, Any]]) -> list[Record]:
     return [Record(fields, f"{path.name} row {index}") for index, fields in enumerate(rows)]
 
 
-def _read_parquet(path: Path) -> list[Record]:
+def _read_parquet(path: Path, layout: TableLayout) -> list[Record]:
     _require("pyarrow", f"{path}: reading a parquet file")
     import pyarrow
     import pyarrow.parquet
@@ -112,7 +142,7 @@ def _read_parquet(path: Path) -> list[Record]:
     return _rows(path, table.to_pylist())
 
 
-def _read_arrow(path: Path) -> list[Record]:
+def _read_arrow(path: Path, layout: TableLayout) -> list[Record]:
     _require("pyarrow", f"{path}: reading an Arrow file")
     import pyarrow
     import pyarrow.ipc
@@ -126,7 +156,7 @@ def _read_arrow(path: Path) -> list[Record]:
     raise DataError(f"{path}: not an Arrow IPC stream or file; write it with datasets or pyarrow.ipc")
 
 
-def _read_saved_dataset(path: Path) -> list[Record]:
+def _read_saved_dataset(path: Path, layout: TableLayout) -> list[Record]:
     """A folder written by `Dataset.save_to_disk` (one split; a `DatasetDict` folder names its splits)."""
     _require("datasets", f"{path}: reading a folder saved by datasets")
     import datasets
@@ -145,7 +175,7 @@ def _read_saved_dataset(path: Path) -> list[Record]:
     return _rows(path, dataset.to_list())
 
 
-READERS: dict[str, Callable[[Path], list[Record]]] = {
+READERS: dict[str, Callable[[Path, TableLayout], list[Record]]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_jsonl,
     ".csv": _read_delimited(","),
@@ -153,12 +183,18 @@ READERS: dict[str, Callable[[Path], list[Record]]] = {
     ".parquet": _read_parquet,
     ".arrow": _read_arrow,
 }
+"""File suffix → reader of (path, layout); the layout matters to CSV/TSV only."""
 
 
-def read_records(source: str | Path | Iterable[dict[str, Any]], columns: dict[str, str] | None = None) -> list[Record]:
-    """Records from a file path (by its suffix) or from any iterable of dicts (a `datasets.Dataset`).
-    `columns` renames fields, {name in the data: name the task reads} (GLUE's `sentence` → `text`)."""
-    records = _read(source)
+def read_records(
+    source: str | Path | Iterable[dict[str, Any]],
+    columns: dict[str, str] | None = None,
+    layout: TableLayout = TableLayout(),
+) -> list[Record]:
+    """Records from a file path (by its suffix), a folder saved by `datasets`, or any iterable of dicts
+    (a `datasets.Dataset`). `columns` renames fields, {name in the data: name the task reads} (GLUE's
+    `sentence` → `text`); `layout`: how a CSV/TSV file names its columns."""
+    records = _read(source, layout)
     if not columns:
         return records
     return [
@@ -167,7 +203,7 @@ def read_records(source: str | Path | Iterable[dict[str, Any]], columns: dict[st
     ]
 
 
-def _read(source: str | Path | Iterable[dict[str, Any]]) -> list[Record]:
+def _read(source: str | Path | Iterable[dict[str, Any]], layout: TableLayout) -> list[Record]:
     if not isinstance(source, (str, Path)):
         return [Record(dict(fields), f"record {index}") for index, fields in enumerate(source)]
     path = Path(source)
@@ -180,9 +216,18 @@ def _read(source: str | Path | Iterable[dict[str, Any]]) -> list[Record]:
     if not path.exists():
         raise DataError(f"data file {path} does not exist; check the path (relative paths start at the current folder)")
     try:
-        records = reader(path)
+        records = reader(path, layout)
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not records:
         raise DataError(f"{path} holds no records")
     return records
+
+
+def subsample(records: list[Record], count: int | None, seed: int) -> list[Record]:
+    """`count` of `records` drawn at random with `seed`, kept in their order (a file sorted by label
+    still gives every label); all of them when `count` is None or not below their number."""
+    if count is None or count >= len(records):
+        return records
+    chosen = sorted(random.Random(seed).sample(range(len(records)), count))
+    return [records[index] for index in chosen]

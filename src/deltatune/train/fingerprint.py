@@ -39,6 +39,7 @@ KEEPS_THE_MATH = frozenset(
         "eval_every",
         "log_every",
         "report_to",
+        "max_eval_examples",
         "eval_file",
         "eval_batch_size",
         "max_new_tokens",
@@ -70,6 +71,9 @@ ADDED_LATER = {
     "adapter.use_bdlora": None,
     "adapter.kasa_config": None,
     "adapter.velora_config": None,
+    "header": True,
+    "column_names": None,
+    "max_train_examples": None,
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade. An

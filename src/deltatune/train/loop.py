@@ -45,7 +45,7 @@ from .checkpoint import (
     trainable_parameters,
 )
 from .config import TrainConfig
-from .data import read_records
+from .data import TableLayout, read_records, subsample
 from .data_init import start_from_data, start_from_weights
 from .encode import EncodeContext, collate, label_names
 from .evaluate import Evaluation, evaluate
@@ -144,8 +144,12 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     home = torch.device("cpu") if distributed.sharded(ranks, config.data_parallel) else device
     use_threads(config.threads)
     adapter_config = config.adapter_config() if adapter is None else None
-    train_records = read_records(config.train_file, config.columns)
-    eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
+    layout = TableLayout(config.header, tuple(config.column_names) if config.column_names else None)
+    train_records = subsample(
+        read_records(config.train_file, config.columns, layout), config.max_train_examples, config.seed
+    )
+    eval_records = read_records(config.eval_file, config.columns, layout) if config.eval_file else []
+    eval_records = subsample(eval_records, config.max_eval_examples, config.seed)
     tokenizer = load_tokenizer(config.tokenizer or str(model_folder(config.model)))
     labels = label_names(task.label_field, train_records)
     context = EncodeContext(
