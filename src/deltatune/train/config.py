@@ -113,7 +113,9 @@ class TrainConfig:
     gradient_accumulation_steps: PositiveInt = 1
     """Forward passes per optimizer step."""
     learning_rate: PositiveFloat = 2e-4
+    """AdamW's peak learning rate (after warm-up; the schedule scales it)."""
     weight_decay: NonNegativeFloat = 0.0
+    """AdamW's decoupled weight decay of the trainable parameters."""
     loraplus_lr_ratio: PositiveFloat | None = None
     """LoRA+ (Hayou et al. 2024; peft's name): LoRA's B factors, and every other 1-D trainable parameter,
     learn at learning_rate × this ratio (peft's parameter groups; 16 is the paper's usual choice); a LoRA
@@ -127,11 +129,13 @@ class TrainConfig:
     frozen A (Zhang et al. 2023) as peft's create_lorafa_optimizer freezes it, without that optimizer's
     projection of B's gradient. LoRA methods only. See `deltatune.train.optimizer`."""
     warmup_steps: NonNegativeInt = 0
+    """Steps over which the learning rate rises linearly from zero to learning_rate."""
     scheduler: str = "linear"
     """Learning rate after warm-up: linear (to zero), cosine (to zero) or constant."""
     max_grad_norm: PositiveFloat | None = 1.0
     """Clip the gradient norm; none: no clipping."""
     seed: Annotated[int, Range(minimum=0, maximum=2**32 - 1)] = 0
+    """Seeds the adapter's initialisation, the data order and the max_*_examples samples."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time)."""
     loss_chunk_rows: PositiveInt | None = DEFAULT_CHUNK_ROWS

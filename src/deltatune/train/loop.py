@@ -59,6 +59,7 @@ from .progress import TrainingBar
 from .quantize import require_backend
 from .report import write_report
 from .schedule import Schedule, learning_rate_factor
+from .start_line import start_line
 from .step_hooks import StepHook, after_step, extra_loss, hooks_state, load_hooks_state, step_hooks
 from .tasks import TaskType, get_task
 from .threads import use_threads
@@ -216,6 +217,8 @@ def _train_run(run: Run, resume: str | Path | bool | None, progress: bool, track
     hooks = _step_hooks(run, ranks, schedule.total)
     state = _starting_state(run, ranks, resume, optimizer, scheduler, hooks)
     trackers.start(state.run["config"], enabled=ranks.main)
+    if progress and ranks.main:
+        print(start_line(run, schedule.total, state.step), flush=True)
     pad_id = run.eval_context.pad_id
     build_batch = (
         packed_collate_for(run.delta_model, config.max_length, pad_id, run.device)
