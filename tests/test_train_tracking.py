@@ -190,3 +190,41 @@ def test_a_failed_run_ends_its_mlflow_run_as_failed(tmp_path, monkeypatch) -> No
     client = MlflowClient(tracking_uri=(tmp_path / "out" / "mlruns").resolve().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("deltatune").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_mlflow_follows_mlflow_tracking_uri_when_the_environment_sets_it(tmp_path, monkeypatch) -> None:
+    needs("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    elsewhere = (tmp_path / "server-store").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
+    with tracking.reporting("mlflow", tmp_path / "out") as trackers:
+        trackers.start({"adapter": {"r": 4}})
+        trackers.log({"step": 1, "loss": 0.5})
+    client = MlflowClient(tracking_uri=elsewhere)
+    (run,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    assert [(entry.step, entry.value) for entry in client.get_metric_history(run.info.run_id, "train/loss")] == [
+        (1, 0.5)
+    ]
+    assert not (tmp_path / "out" / "mlruns").exists()
+
+
+def test_wandb_follows_wandb_mode_when_the_environment_sets_it(tmp_path, monkeypatch) -> None:
+    needs("wandb")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with tracking.reporting("wandb", tmp_path / "out") as trackers:
+        trackers.start({"adapter": {"r": 4}})
+        trackers.log({"step": 1, "loss": 0.5})
+    assert not list((tmp_path / "out").glob("wandb/offline-run-*"))
+
+
+def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path, monkeypatch) -> None:
+    needs("wandb")
+    monkeypatch.setenv("WANDB_MODE", "sideways")
+    with pytest.raises(tracking.TrackerStartError, match=r"^report_to wandb: wandb could not start a run \(") as error:
+        with tracking.reporting("wandb", tmp_path) as trackers:
+            trackers.start({})
+    assert "\n" not in str(error.value)

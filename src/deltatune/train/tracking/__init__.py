@@ -32,6 +32,10 @@ class TrackerMissingError(DeltaTuneError):
     """`report_to` names a tracker whose package is not installed."""
 
 
+class TrackerStartError(DeltaTuneError):
+    """A tracker's package refused to start a run (a bad setting in its environment variables, say)."""
+
+
 class Tracker(Protocol):
     """One experiment tracker's run."""
 
@@ -97,7 +101,14 @@ class Trackers:
         hyperparameters = dotted_settings(settings)
         for name in self.names:
             module = importlib.import_module(f"{__name__}.{TRACKERS[name].module}")
-            self.trackers.append(module.open_tracker(self.output_dir, self.output_dir.resolve().name, hyperparameters))
+            try:
+                tracker = module.open_tracker(self.output_dir, self.output_dir.resolve().name, hyperparameters)
+            except Exception as error:  # the tracker package's own errors, whatever their class
+                raise TrackerStartError(
+                    f"report_to {name}: {TRACKERS[name].package} could not start a run ({_one_line(error)}); "
+                    "check its settings in the environment, or remove it from report_to"
+                ) from error
+            self.trackers.append(tracker)
 
     def log(self, row: dict[str, float]) -> None:
         """Send one metrics.json row ({"step": ..., name: value, ...}) to every tracker."""
@@ -135,3 +146,12 @@ def scalar_settings(hyperparameters: dict[str, Any]) -> dict[str, bool | int | f
         name: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
         for name, value in hyperparameters.items()
     }
+
+
+SHOWN_ERROR_LENGTH = 240
+"""A tracker package's error is shown on one line, cut to this many characters."""
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= SHOWN_ERROR_LENGTH else text[: SHOWN_ERROR_LENGTH - 3] + "..."

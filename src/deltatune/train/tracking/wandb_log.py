@@ -20,7 +20,7 @@ class WandbTracker:
             project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
             name=run_name,
             dir=os.environ.get("WANDB_DIR") or str(output_dir),
-            mode=None if os.environ.get("WANDB_MODE") else "offline",
+            mode=os.environ.get("WANDB_MODE") or "offline",  # read at each run: wandb reads it once a process
             config=hyperparameters,
             reinit="create_new",
         )
