@@ -18,6 +18,7 @@ from deltatune.registry import get_method
 from deltatune.train.cli import main
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import train
+from deltatune.train.start_line import start_line
 from training_fixtures import task_config
 
 
@@ -99,3 +100,4 @@ def test_a_run_starts_with_one_line_naming_model_task_labels_method_parameters_s
         f"{parameters.trainable:,} trainable parameters of {parameters.total:,} "
         f"({100 * parameters.trainable / parameters.total:.4f}%), 6 steps, device cpu"
     )
+    assert start_line(result.run, 6, 3).endswith(", steps 4 to 6 (resumed), device cpu")

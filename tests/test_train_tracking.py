@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from deltatune.train import tracking
+from deltatune.train.checkpoint import checkpoint_folder
 from deltatune.train.cli import main
 from deltatune.train.config import ConfigError, TrainConfig
 from deltatune.train.fingerprint import run_record
@@ -228,3 +229,21 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path, monkeypatch
         with tracking.reporting("wandb", tmp_path) as trackers:
             trackers.start({})
     assert "\n" not in str(error.value)
+
+
+def test_a_resume_may_add_a_tracker_which_then_holds_the_resumed_steps(tmp_path) -> None:
+    needs("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = task_config(tmp_path, "seq-cls", save_every=3, eval_file=None)
+    assert main(["train", str(config), "--quiet"]) == 0 and not (tmp_path / "out" / "runs").exists()
+    step_3 = checkpoint_folder(tmp_path / "out", 3)
+    assert main(["train", str(config), "--quiet", "--resume", str(step_3), "report_to=tensorboard"]) == 0
+    (run_folder,) = (tmp_path / "out" / "runs").iterdir()
+    events = EventAccumulator(str(run_folder))
+    events.Reload()
+    resumed = [
+        (row["step"], as_float32(row["loss"]))
+        for row in json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    ]
+    assert [(event.step, event.value) for event in events.Scalars("train/loss")] == resumed[3:]
