@@ -56,8 +56,8 @@ def test_a_csv_row_with_extra_columns_names_the_line(tmp_path) -> None:
 
 
 def test_unknown_suffix_and_missing_file_are_clear(tmp_path) -> None:
-    with pytest.raises(DataError, match="unknown data file type '.parquet'"):
-        read_records(tmp_path / "a.parquet")
+    with pytest.raises(DataError, match="unknown data file type '.xlsx'"):
+        read_records(tmp_path / "a.xlsx")
     with pytest.raises(DataError, match="does not exist"):
         read_records(tmp_path / "a.jsonl")
 

@@ -8,7 +8,7 @@
     deltatune merge MODEL ADAPTER OUT [--overwrite]   a full model folder with the adapter merged in
         [--quantize NAME --dequantize [--dtype D] [--requantize NAME]]   ... from a quantized base
     deltatune inspect MODEL|CONFIG.yaml [--adapter DIR]   the module tree, parameters counted
-    deltatune methods                            the registered methods
+    deltatune methods [NAME]                     the registered methods, or NAME's config fields documented
     deltatune show ADAPTER                       describe an adapter folder
 
 `train` and `eval` compute with the CPU threads the config's `threads` names (`threads=2` on the command
@@ -33,6 +33,11 @@ from .quantize import QUANTIZE_OPTIONS
 
 
 def _methods(arguments: argparse.Namespace) -> None:
+    if arguments.name:
+        from .field_help import method_help
+
+        print(method_help(arguments.name))
+        return
     for name in registered_methods():
         print(name)
 
@@ -186,12 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("methods", help="list the registered methods").set_defaults(run=_methods)
+    methods = commands.add_parser("methods", help="list the registered methods, or one method's config fields")
+    methods.add_argument("name", nargs="?", help="a method: print its config fields with their documents and defaults")
+    methods.set_defaults(run=_methods)
     show = commands.add_parser("show", help="describe an adapter folder (deltatune or peft)")
     show.add_argument("path")
     show.set_defaults(run=_show)
 
-    train = commands.add_parser("train", help="train an adapter from a YAML config")
+    from .field_help import train_epilog
+
+    train = commands.add_parser(
+        "train",
+        help="train an adapter from a YAML config",
+        epilog=train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("config", help="the YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. adapter.r=16")
     train.add_argument(

@@ -57,12 +57,24 @@ class TrainConfig:
     task: str = "causal-lm"
     """causal-lm, seq2seq-lm, seq-cls, token-cls, qa or feature-extraction."""
     train_file: str | Path | Iterable[dict[str, Any]] = ""
-    """Training records: a .jsonl, .csv or .tsv path (see `deltatune.train.data` for the fields); from
-    Python also any iterable of dicts, such as a `datasets.Dataset`."""
+    """Training records: a .jsonl, .csv, .tsv, .parquet or .arrow file, or a folder saved by datasets'
+    `save_to_disk` (see `deltatune.train.data` for the fields); from Python also any iterable of dicts,
+    such as a `datasets.Dataset`."""
     eval_file: str | Path | Iterable[dict[str, Any]] | None = None
     """Records for periodic evaluation, as `train_file`; none: no evaluation."""
     columns: dict[str, str] | None = None
     """Rename fields of the records, {name in the file: name the task reads}, e.g. {sentence: text}."""
+    header: bool = True
+    """CSV/TSV files: the first line names the columns. False: every line is a record, its columns named
+    by `column_names` (a header whose column is named like a number is refused as a likely record)."""
+    column_names: list[str] | None = None
+    """CSV/TSV files without a header row (header: false): a name for each column, in order, e.g.
+    [label, text]; then `columns` may rename them further."""
+    max_train_examples: PositiveInt | None = None
+    """Train on this many records of train_file, drawn at random with `seed` and kept in file order (so
+    a file sorted by label still gives every label); null: all of them. Part of the run's identity."""
+    max_eval_examples: PositiveInt | None = None
+    """Evaluate on this many records of eval_file, drawn as max_train_examples; null: all of them."""
     adapter: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "lora"})
     """`method` (a registered method name) and that method's config fields."""
     tokenizer: str | None = None
@@ -101,7 +113,9 @@ class TrainConfig:
     gradient_accumulation_steps: PositiveInt = 1
     """Forward passes per optimizer step."""
     learning_rate: PositiveFloat = 2e-4
+    """AdamW's peak learning rate (after warm-up; the schedule scales it)."""
     weight_decay: NonNegativeFloat = 0.0
+    """AdamW's decoupled weight decay of the trainable parameters."""
     loraplus_lr_ratio: PositiveFloat | None = None
     """LoRA+ (Hayou et al. 2024; peft's name): LoRA's B factors, and every other 1-D trainable parameter,
     learn at learning_rate × this ratio (peft's parameter groups; 16 is the paper's usual choice); a LoRA
@@ -115,11 +129,13 @@ class TrainConfig:
     frozen A (Zhang et al. 2023) as peft's create_lorafa_optimizer freezes it, without that optimizer's
     projection of B's gradient. LoRA methods only. See `deltatune.train.optimizer`."""
     warmup_steps: NonNegativeInt = 0
+    """Steps over which the learning rate rises linearly from zero to learning_rate."""
     scheduler: str = "linear"
     """Learning rate after warm-up: linear (to zero), cosine (to zero) or constant."""
     max_grad_norm: PositiveFloat | None = 1.0
     """Clip the gradient norm; none: no clipping."""
     seed: Annotated[int, Range(minimum=0, maximum=2**32 - 1)] = 0
+    """Seeds the adapter's initialisation, the data order and the max_*_examples samples."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time)."""
     loss_chunk_rows: PositiveInt | None = DEFAULT_CHUNK_ROWS
@@ -136,6 +152,11 @@ class TrainConfig:
     """Keep only this many checkpoints, the newest (a positive whole number); none: keep all."""
     log_every: PositiveInt = 1
     """Record the training loss every this many steps (for the plot and metrics.json)."""
+    report_to: str | list[str] = "none"
+    """Experiment trackers that receive every metrics.json row (loss, learning rate, tokens per second,
+    eval metrics) and the config: tensorboard, wandb, mlflow (one name or a list), or none. W&B runs
+    offline unless WANDB_MODE says otherwise; MLflow writes to OUTPUT_DIR/mlruns unless
+    MLFLOW_TRACKING_URI is set. Needs `pip install 'deltatune[tracking]'`; see `deltatune.train.tracking`."""
     max_new_tokens: PositiveInt = 64
     """Language models: tokens generated per evaluation example."""
     eval_batch_size: PositiveInt = 16
@@ -186,12 +207,15 @@ class TrainConfig:
         from .packing import packing_refusal
         from .quantize import QUANTIZE_OPTIONS
         from .tasks import get_task
+        from .tracking import NO_TRACKER, TRACKERS, tracker_names
 
         get_task(self.task)
         if not self.model:
             raise ConfigError("the config needs `model`: a local model folder or a packaged model name")
         if not self.train_file:
-            raise ConfigError("the config needs `train_file`: a .jsonl, .csv or .tsv file of training records")
+            raise ConfigError(
+                "the config needs `train_file`: a file of training records (.jsonl, .csv, .tsv, .parquet)"
+            )
         if "method" not in self.adapter:
             raise ConfigError(
                 "`adapter` must be a mapping with a `method` key (lora, bitfit, ...) and that method's fields"
@@ -216,6 +240,16 @@ class TrainConfig:
                 )
         if self.packing and (refusal := packing_refusal(self.task, adapter_config)):
             raise ConfigError(refusal)
+        if self.header == (self.column_names is not None):
+            raise ConfigError(
+                "column_names names the columns of a CSV/TSV file without a header row: give it with header: false "
+                "(and header: false needs it); to rename a header's columns use `columns`"
+            )
+        if self.column_names is not None and len(set(self.column_names)) < len(self.column_names):
+            raise ConfigError(f"column_names must not repeat a name, got {self.column_names}")
+        for name in tracker_names(self.report_to):
+            if name not in TRACKERS:
+                raise ConfigError(f"unknown report_to {name!r}{_suggest(name, [*TRACKERS, NO_TRACKER])}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,14 @@
-"""Reading training data: JSON Lines, CSV/TSV files, or Hugging Face `datasets` objects.
+"""Reading training data: JSON Lines, CSV/TSV, parquet and Arrow files, folders saved by `datasets`'
+`save_to_disk`, or any iterable of dicts (a `datasets.Dataset`) from Python.
 
-Every record keeps where it came from (`train.jsonl line 12`), so that an error about a malformed
-record names the file, the line and the field. Fields each task reads (see `encode`):
+Parquet and Arrow files are read with pyarrow and saved folders with `datasets` (which brings
+pyarrow): `pip install 'deltatune[data]'`; without them such a path is refused in one line naming
+the extra. An Arrow file is the IPC stream that `datasets` writes (its cache files, the shards of a
+saved folder) or the IPC file format (Feather v2).
+
+Every record keeps where it came from (`train.jsonl line 12`, `train.parquet row 0`: rows counted
+from 0, as `dataset[i]`), so that an error about a malformed record names the file, the line and the
+field. Fields each task reads (see `encode`):
 
 | task               | fields                                                          |
 |--------------------|-----------------------------------------------------------------|
@@ -16,7 +23,9 @@ record names the file, the line and the field. Fields each task reads (see `enco
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +56,7 @@ class Record:
         return value
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path, layout: TableLayout) -> list[Record]:
     records = []
     with path.open(encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
@@ -66,35 +75,126 @@ def _read_jsonl(path: Path) -> list[Record]:
     return records
 
 
-def _read_delimited(delimiter: str) -> Callable[[Path], list[Record]]:
-    def read(path: Path) -> list[Record]:
+@dataclass(frozen=True)
+class TableLayout:
+    """How a CSV/TSV file names its columns: by its first line (`header`), or by `column_names` when it
+    has no header row. Other file types name their fields themselves."""
+
+    header: bool = True
+    column_names: tuple[str, ...] | None = None
+
+
+def _read_delimited(delimiter: str) -> Callable[[Path, TableLayout], list[Record]]:
+    def read(path: Path, layout: TableLayout) -> list[Record]:
         with path.open(encoding="utf-8", newline="") as file:
-            reader = csv.DictReader(file, delimiter=delimiter)
+            names = None if layout.header else list(layout.column_names or ())
+            reader = csv.DictReader(file, fieldnames=names, delimiter=delimiter)
+            if layout.header:
+                _check_header(path, reader.fieldnames or [])
+            named_by = f"the header {reader.fieldnames}" if layout.header else f"column_names {names}"
             records = []
             for row in reader:
                 where = f"{path.name} line {reader.line_num}"
                 if None in row or None in row.values():
-                    raise DataError(
-                        f"{where}: the row has a different number of columns than the header {reader.fieldnames}"
-                    )
+                    raise DataError(f"{where}: the row has a different number of columns than {named_by}")
                 records.append(Record(dict(row), where))
         return records
 
     return read
 
 
-READERS: dict[str, Callable[[Path], list[Record]]] = {
+def _check_header(path: Path, names: list[str]) -> None:
+    """Refuse a header with a column named like a number: the first line was most likely a record."""
+    numeric = next((name for name in names if _is_number(name)), None)
+    if numeric is not None:
+        raise DataError(
+            f"{path.name} line 1 was taken as the header, but its column {numeric!r} is named like a number, so "
+            "the file likely has no header row: set header: false and column_names: [...] (a name per column)"
+        )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _require(module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise DataError(f"{what} needs the {module} package: pip install 'deltatune[data]'")
+
+
+def _rows(path: Path, rows: list[dict[str, Any]]) -> list[Record]:
+    return [Record(fields, f"{path.name} row {index}") for index, fields in enumerate(rows)]
+
+
+def _read_parquet(path: Path, layout: TableLayout) -> list[Record]:
+    _require("pyarrow", f"{path}: reading a parquet file")
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except pyarrow.ArrowException as error:
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    return _rows(path, table.to_pylist())
+
+
+def _read_arrow(path: Path, layout: TableLayout) -> list[Record]:
+    _require("pyarrow", f"{path}: reading an Arrow file")
+    import pyarrow
+    import pyarrow.ipc
+
+    for open_reader in (pyarrow.ipc.open_stream, pyarrow.ipc.open_file):
+        try:
+            with pyarrow.memory_map(str(path)) as source:
+                return _rows(path, open_reader(source).read_all().to_pylist())
+        except pyarrow.ArrowInvalid:
+            continue
+    raise DataError(f"{path}: not an Arrow IPC stream or file; write it with datasets or pyarrow.ipc")
+
+
+def _read_saved_dataset(path: Path, layout: TableLayout) -> list[Record]:
+    """A folder written by `Dataset.save_to_disk` (one split; a `DatasetDict` folder names its splits)."""
+    _require("datasets", f"{path}: reading a folder saved by datasets")
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} is a folder but not one saved by datasets' save_to_disk; give a data file or such a folder"
+        ) from None
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset)
+        raise DataError(
+            f"{path} holds the splits {', '.join(splits)}; give one split's folder, e.g. {path / splits[0]}"
+        )
+    return _rows(path, dataset.to_list())
+
+
+READERS: dict[str, Callable[[Path, TableLayout], list[Record]]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_jsonl,
     ".csv": _read_delimited(","),
     ".tsv": _read_delimited("\t"),
+    ".parquet": _read_parquet,
+    ".arrow": _read_arrow,
 }
+"""File suffix → reader of (path, layout); the layout matters to CSV/TSV only."""
 
 
-def read_records(source: str | Path | Iterable[dict[str, Any]], columns: dict[str, str] | None = None) -> list[Record]:
-    """Records from a file path (by its suffix) or from any iterable of dicts (a `datasets.Dataset`).
-    `columns` renames fields, {name in the data: name the task reads} (GLUE's `sentence` → `text`)."""
-    records = _read(source)
+def read_records(
+    source: str | Path | Iterable[dict[str, Any]],
+    columns: dict[str, str] | None = None,
+    layout: TableLayout = TableLayout(),
+) -> list[Record]:
+    """Records from a file path (by its suffix), a folder saved by `datasets`, or any iterable of dicts
+    (a `datasets.Dataset`). `columns` renames fields, {name in the data: name the task reads} (GLUE's
+    `sentence` → `text`); `layout`: how a CSV/TSV file names its columns."""
+    records = _read(source, layout)
     if not columns:
         return records
     return [
@@ -103,19 +203,31 @@ def read_records(source: str | Path | Iterable[dict[str, Any]], columns: dict[st
     ]
 
 
-def _read(source: str | Path | Iterable[dict[str, Any]]) -> list[Record]:
+def _read(source: str | Path | Iterable[dict[str, Any]], layout: TableLayout) -> list[Record]:
     if not isinstance(source, (str, Path)):
         return [Record(dict(fields), f"record {index}") for index, fields in enumerate(source)]
     path = Path(source)
-    reader = READERS.get(path.suffix.lower())
+    reader = _read_saved_dataset if path.is_dir() else READERS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{path}: unknown data file type {path.suffix!r}; use one of {', '.join(READERS)}")
-    if not path.is_file():
+        raise DataError(
+            f"{path}: unknown data file type {path.suffix!r}; use one of {', '.join(READERS)}, or a folder "
+            "saved by datasets' save_to_disk"
+        )
+    if not path.exists():
         raise DataError(f"data file {path} does not exist; check the path (relative paths start at the current folder)")
     try:
-        records = reader(path)
+        records = reader(path, layout)
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not records:
         raise DataError(f"{path} holds no records")
     return records
+
+
+def subsample(records: list[Record], count: int | None, seed: int) -> list[Record]:
+    """`count` of `records` drawn at random with `seed`, kept in their order (a file sorted by label
+    still gives every label); all of them when `count` is None or not below their number."""
+    if count is None or count >= len(records):
+        return records
+    chosen = sorted(random.Random(seed).sample(range(len(records)), count))
+    return [records[index] for index in chosen]

@@ -38,6 +38,8 @@ KEEPS_THE_MATH = frozenset(
         "save_total_limit",
         "eval_every",
         "log_every",
+        "report_to",
+        "max_eval_examples",
         "eval_file",
         "eval_batch_size",
         "max_new_tokens",
@@ -74,6 +76,9 @@ ADDED_LATER = {
     "adapter.shared_gating": True,
     "adapter.embedding_dim": None,
     "adapter.shift_positions": True,
+    "header": True,
+    "column_names": None,
+    "max_train_examples": None,
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade. An

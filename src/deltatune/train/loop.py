@@ -45,7 +45,7 @@ from .checkpoint import (
     trainable_parameters,
 )
 from .config import TrainConfig
-from .data import read_records
+from .data import TableLayout, read_records, subsample
 from .data_init import start_from_data, start_from_weights
 from .encode import EncodeContext, collate, label_names
 from .evaluate import Evaluation, evaluate
@@ -59,10 +59,12 @@ from .progress import TrainingBar, TrainingClock
 from .quantize import require_backend
 from .report import write_report
 from .schedule import Schedule, learning_rate_factor
+from .start_line import start_line
 from .step_hooks import StepHook, after_step, extra_loss, hooks_state, load_hooks_state, step_hooks
 from .tasks import TaskType, get_task
 from .threads import use_threads
 from .time_budget import StopRule
+from .tracking import Trackers, reporting, require_trackers, tracker_names
 
 
 @dataclass
@@ -148,8 +150,12 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     home = torch.device("cpu") if distributed.sharded(ranks, config.data_parallel) else device
     use_threads(config.threads)
     adapter_config = config.adapter_config() if adapter is None else None
-    train_records = read_records(config.train_file, config.columns)
-    eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
+    layout = TableLayout(config.header, tuple(config.column_names) if config.column_names else None)
+    train_records = subsample(
+        read_records(config.train_file, config.columns, layout), config.max_train_examples, config.seed
+    )
+    eval_records = read_records(config.eval_file, config.columns, layout) if config.eval_file else []
+    eval_records = subsample(eval_records, config.max_eval_examples, config.seed)
     tokenizer = load_tokenizer(config.tokenizer or str(model_folder(config.model)))
     labels = label_names(task.label_field, train_records)
     if adapter is not None:  # the label ids of the adapter's head, as its folder records them
@@ -190,6 +196,7 @@ def train(
     `time_budget`: train for this many seconds instead of the config's steps (`time_budget.py`)."""
     ranks = distributed.ranks_from_environment()
     check_output_dir(config, resume)
+    require_trackers(tracker_names(config.report_to))
     device = choose_device(config.device, ranks)
     joined = distributed.start(ranks, device)
     try:
@@ -202,7 +209,16 @@ def train(
 def train_run(
     run: Run, resume: str | Path | bool | None = None, progress: bool = True, time_budget: float | None = None
 ) -> TrainResult:
-    """Train a prepared run (see `train`); under a launcher the process group must be joined."""
+    """Train a prepared run (see `train`); under a launcher the process group must be joined. The main
+    process reports to the trackers of `report_to` (`deltatune.train.tracking`), closed as failed if training
+    fails."""
+    with reporting(run.config.report_to, Path(run.config.output_dir)) as trackers:
+        return _train_run(run, resume, progress, time_budget, trackers)
+
+
+def _train_run(
+    run: Run, resume: str | Path | bool | None, progress: bool, time_budget: float | None, trackers: Trackers
+) -> TrainResult:
     ranks = distributed.ranks_from_environment()
     config, output_dir = run.config, Path(run.config.output_dir)
     check_output_dir(config, resume)
@@ -223,6 +239,9 @@ def train_run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     hooks = _step_hooks(run, ranks, schedule.total)
     state = _starting_state(run, ranks, resume, optimizer, scheduler, hooks)
+    trackers.start(state.run["config"], enabled=ranks.main)
+    if progress and ranks.main:
+        print(start_line(run, schedule.total, state.step), flush=True)
     pad_id = run.eval_context.pad_id
     build_batch = (
         packed_collate_for(run.delta_model, config.max_length, pad_id, run.device)
@@ -258,7 +277,9 @@ def train_run(
         last = stop.finished(state.step)
         bar.step(float(step_loss), tokens * ranks.world_size)
         with bar.paused():
-            _record(run, ranks, state, last, float(step_loss), scheduler.get_last_lr()[0], progress)
+            row = {"step": state.step, "loss": float(step_loss), "learning_rate": scheduler.get_last_lr()[0]}
+            throughput = bar.tokens_per_second(tokens * ranks.world_size)
+            _record(run, ranks, state, last, row, throughput, trackers, progress)
             if config.save_every and state.step % config.save_every == 0 and not last:
                 _check_weights(config, parameters, state.step)
                 folder = checkpoint_folder(output_dir, state.step)
@@ -269,7 +290,7 @@ def train_run(
     bar.close()
     train_seconds = clock.seconds()
     _check_weights(config, parameters, state.step)
-    final = _evaluate_into(run, ranks, state, progress) if run.eval_features else None
+    final = _evaluate_into(run, ranks, state, progress, trackers) if run.eval_features else None
     seconds = time.perf_counter() - started
     with sharding.whole_adapter(run.delta_model):
         if ranks.main:
@@ -365,18 +386,24 @@ def _record(
     ranks: distributed.Ranks,
     state: TrainerState,
     last: bool,
-    loss: float,
-    learning_rate: float,
+    row: dict[str, float],
+    tokens_per_second: float,
+    trackers: Trackers,
     progress: bool,
 ) -> None:
+    """After step `row["step"]`: its row (loss, learning rate) into the history and, with the throughput,
+    to the trackers, every `log_every` steps and at the last; an evaluation every `eval_every` steps."""
     config = run.config
     if state.step % config.log_every == 0 or last:
-        state.history.append({"step": state.step, "loss": loss, "learning_rate": learning_rate})
+        state.history.append(row)
+        trackers.log({**row, "tokens_per_second": tokens_per_second})
     if run.eval_features and config.eval_every and state.step % config.eval_every == 0 and not last:
-        _evaluate_into(run, ranks, state, progress)
+        _evaluate_into(run, ranks, state, progress, trackers)
 
 
-def _evaluate_into(run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool) -> Evaluation | None:
+def _evaluate_into(
+    run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool, trackers: Trackers
+) -> Evaluation | None:
     """Evaluate on rank 0 (its own progress bar if `progress`) and add `eval_<metric>` to the history;
     the other ranks wait, or, holding shards of the model (FSDP), run the same evaluation alongside (a
     forward pass needs every rank)."""
@@ -385,6 +412,7 @@ def _evaluate_into(run: Run, ranks: distributed.Ranks, state: TrainerState, prog
         result = run.evaluate(progress=progress and ranks.main)
     if ranks.main:
         state.history.append({"step": state.step, **{f"eval_{name}": value for name, value in result.metrics.items()}})
+        trackers.log(state.history[-1])
         tqdm.write("step {}: {}".format(state.step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())))
     distributed.barrier(ranks)
     return result

@@ -47,9 +47,12 @@ class TrainingBar:
 
     def step(self, loss: float, tokens: int) -> None:
         """One optimizer step done; `tokens`: all tokens trained on so far (every process's)."""
-        rate = tokens / max(self.clock.seconds(), 1e-9)
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_second(tokens):.0f}", refresh=False)
         self.bar.update(1)
+
+    def tokens_per_second(self, tokens: int) -> float:
+        """Training throughput: `tokens` (all trained on so far) over the training time so far."""
+        return tokens / max(self.clock.seconds(), 1e-9)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
