@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DeltaTuneError, TrainingDivergedError
+from ..errors import DeltaTuneError
 from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
@@ -47,6 +47,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import TableLayout, read_records, subsample
 from .data_init import start_from_data, start_from_weights
+from .divergence import check_step, check_weights
 from .encode import EncodeContext, collate, label_names
 from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
@@ -268,7 +269,7 @@ def _train_run(
             torch.distributed.all_reduce(step_loss)
             step_loss /= ranks.world_size
         gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
-        _check_step(config, state.step + 1, float(step_loss), float(gradient_norm))
+        check_step(config, state.step + 1, float(step_loss), float(gradient_norm))
         optimizer.step()
         scheduler.step()
         after_step(hooks, state.step)
@@ -281,7 +282,7 @@ def _train_run(
             throughput = bar.tokens_per_second(tokens * ranks.world_size)
             _record(run, ranks, state, last, row, throughput, trackers, progress)
             if config.save_every and state.step % config.save_every == 0 and not last:
-                _check_weights(config, parameters, state.step)
+                check_weights(config, parameters, state.step)
                 folder = checkpoint_folder(output_dir, state.step)
                 save_checkpoint(folder, run.delta_model, optimizer, scheduler, state, ranks.main, hooks_state(hooks))
                 if ranks.main and config.save_total_limit:
@@ -289,7 +290,7 @@ def _train_run(
                 distributed.barrier(ranks)
     bar.close()
     train_seconds = clock.seconds()
-    _check_weights(config, parameters, state.step)
+    check_weights(config, parameters, state.step)
     final = _evaluate_into(run, ranks, state, progress, trackers) if run.eval_features else None
     seconds = time.perf_counter() - started
     with sharding.whole_adapter(run.delta_model):
@@ -338,47 +339,6 @@ def _step_hooks(run: Run, ranks: distributed.Ranks, total_steps: int) -> dict[st
             "rank budget, MonteCLoRA's regulariser), which FSDP shards; train it with data_parallel: ddp"
         )
     return hooks
-
-
-def _check_step(config: TrainConfig, step: int, loss: float, gradient_norm: float) -> None:
-    """Stop at a step whose loss or gradient norm is non-finite, or whose gradient is exactly zero
-    while the loss is not: a saturated (or disconnected) adapter that no further step can move."""
-    if not math.isfinite(loss + gradient_norm):
-        raise _diverged(
-            config,
-            step,
-            f"the loss is {loss:.4g} and the gradient norm {gradient_norm:.4g}",
-            before_any_update=step == 1,
-        )
-    if gradient_norm == 0.0 and loss > 0.0:
-        if step == 1:
-            raise TrainingDivergedError(
-                f"step 1: the gradient is exactly zero at loss {loss:.4g}: the adapter does not reach the loss; "
-                "check target_modules (and that the task's labels are not all ignored)"
-            )
-        raise _diverged(
-            config,
-            step,
-            f"the gradient is exactly zero at loss {loss:.4g}, so no step can move the adapter",
-            before_any_update=False,
-        )
-
-
-def _check_weights(config: TrainConfig, parameters: list[torch.nn.Parameter], step: int) -> None:
-    """Stop before a save if an update has left a trainable weight non-finite."""
-    if not sharding.all_finite(parameters):
-        raise _diverged(config, step, "the adapter's weights are non-finite after its update", before_any_update=False)
-
-
-def _diverged(config: TrainConfig, step: int, what: str, before_any_update: bool) -> TrainingDivergedError:
-    """The one-line error for a non-finite step: what was seen, the likely cause, what is kept."""
-    if before_any_update:
-        cause = " before any update: the model's weights or the adapter config give non-finite values, check them"
-    else:
-        cause = f"; the learning rate ({config.learning_rate:g}) is likely too high, lower it"
-    kept = latest_checkpoint(Path(config.output_dir))
-    saved = f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written"
-    return TrainingDivergedError(f"training diverged at step {step}: {what}{cause}; no adapter was saved and {saved}")
 
 
 def _record(
