@@ -8,10 +8,11 @@ location in it (`LOCATIONS`), the adapter and the tensor. A fusion folder holds
 `adapter_fusion_config.json` ({"adapter_names", "config", "name"}) and `model_adapter_fusion.safetensors`
 or `pytorch_model_adapter_fusion.bin` with keys `<block>.<location>.adapter_fusion_layer.NAME.query.weight`.
 
-Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`phm_layer`) and dynamic
-fusion configs translate to ours; options we do not implement (new layer norms, gating, invertible
-adapters, learned scaling, ...) are refused with the option's name, never silently dropped. Prediction
-heads saved beside the adapter (`head_config.json`) are not read. Every name a folder records (the
+Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`phm_layer`), ReFT
+(`adapterhub_reft`, which also writes them) and dynamic fusion configs translate to ours; options we do
+not implement (new layer norms, gating, invertible adapters, learned scaling, ...) are refused with the
+option's name, never silently dropped. Prediction heads saved beside the adapter (`head_config.json`)
+are not read. Every name a folder records (the
 adapter's, a fusion's and the fused adapters') must follow the rule of `names`.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import adapterhub_reft
 from .architectures import sublayer_sites
 from .config import DeltaConfig
 from .errors import AdapterFileError
@@ -111,9 +113,12 @@ def read_folder(folder: Path, model: nn.Module) -> tuple[DeltaConfig, dict[str, 
     if is_fusion_folder(folder):
         return _read_fusion(folder, model)
     data = read_json(folder / ADAPTER_CONFIG)
-    config = config_from_adapterhub(data["config"], folder)
     name = check_name(data.get("name") or folder.name, f"{folder / ADAPTER_CONFIG}", AdapterFileError)
     tensors = _read_weights(folder, ADAPTER_WEIGHTS)
+    if data["config"].get("architecture") == "reft":
+        reft_config = adapterhub_reft.config_from_adapterhub(data["config"], folder)
+        return reft_config, adapterhub_reft.read_tensors(tensors, name, model, folder), name
+    config = config_from_adapterhub(data["config"], folder)
     sites = placed_sites(model, config)
     ours: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():

@@ -1,11 +1,11 @@
-"""Adapter folders on disk: ours and peft's (read and written, safetensors only), AdapterHub's (read);
-every write atomic.
+"""Adapter folders on disk: ours and peft's (read and written, safetensors only), AdapterHub's (read;
+ReFT written too); every write atomic.
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
 "base_model_name_or_path"} and `adapter_model.safetensors` whose keys are `<module path>.<tensor>`
-(no adapter name, so a file loads under any name). peft's folder: see `peft_format`; AdapterHub's (read
-only): see `adapterhub_format`. A format decides the config file, the tensor keys and what is stored of
-each adapter (a `FileLayout`).
+(no adapter name, so a file loads under any name). peft's folder: see `peft_format`; AdapterHub's: see
+`adapterhub_format` and `adapterhub_reft`. A format decides the config file, the tensor keys and what is
+stored of each adapter (a `FileLayout`).
 
 A save replaces the whole save folder in one step (`atomic`): an interrupted save leaves the old
 adapter as it was, and afterwards the folder holds exactly the adapters saved. The adapter entries of
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from . import adapterhub_format, peft_format
+from . import adapterhub_format, adapterhub_reft, peft_format
 from .atomic import (
     Writer,
     folder_version,
@@ -49,7 +49,12 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE)
+TOP_LEVEL_ADAPTER_FILES = (
+    CONFIG_FILE,
+    adapterhub_format.FUSION_CONFIG,
+    WEIGHTS_FILE,
+    *adapterhub_format.ADAPTER_WEIGHTS,
+)
 LOAD_ATTEMPTS = 5
 
 
@@ -122,8 +127,10 @@ def _our_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], File
 FORMATS: dict[str, Callable[[DeltaModel, str], tuple[dict[str, Any], FileLayout]]] = {
     "deltatune": _our_files,
     "peft": peft_format.adapter_files,
+    "adapterhub": adapterhub_reft.adapter_files,
 }
-"""Format name → (the config file's data, the weights file's layout) of one adapter."""
+"""Format name → (the config file's data, the weights file's layout) of one adapter. A layout with a
+`weights_file` names its weights file (AdapterHub's `adapter.safetensors`); else `WEIGHTS_FILE`."""
 
 
 def save_adapters(delta_model: DeltaModel, path: str | Path, names: list[str], format: str) -> None:
@@ -154,7 +161,8 @@ def _adapter_writers(delta_model: DeltaModel, name: str, format: str) -> dict[st
             adapter = site.adapters[name]
             for tensor_name, tensor in layout.file_state(adapter).items():
                 tensors[layout.tensor_key(module_name, adapter, tensor_name)] = tensor
-    return {WEIGHTS_FILE: safetensors_writer(tensors, metadata={"format": "pt"}), CONFIG_FILE: json_writer(config)}
+    weights = getattr(layout, "weights_file", WEIGHTS_FILE)
+    return {weights: safetensors_writer(tensors, metadata={"format": "pt"}), CONFIG_FILE: json_writer(config)}
 
 
 def _written_by_saves(entry: Path) -> bool:

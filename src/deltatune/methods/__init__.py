@@ -15,6 +15,7 @@ from . import (
     p_tuning,
     prefix_tuning,
     prompt_tuning,
+    reft,
     trainable_tokens,
     vera,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "p_tuning",
     "prefix_tuning",
     "prompt_tuning",
+    "reft",
     "trainable_tokens",
     "vera",
 ]
