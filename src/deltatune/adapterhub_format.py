@@ -12,8 +12,8 @@ Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`p
 (`adapterhub_reft`, which also writes them) and dynamic fusion configs translate to ours; options we do
 not implement (new layer norms, gating, invertible adapters, learned scaling, ...) are refused with the
 option's name, never silently dropped. Prediction heads saved beside the adapter (`head_config.json`)
-are not read. Every name a folder records (the
-adapter's, a fusion's and the fused adapters') must follow the rule of `names`.
+are not read. Every name a folder records (the adapter's, a fusion's and the fused adapters') must
+follow the rule of `names`.
 """
 
 from __future__ import annotations

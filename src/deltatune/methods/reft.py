@@ -229,6 +229,7 @@ class Reft:
 
     def attach(self, placement: Placement, config: ReftConfig) -> None:
         model = placement.model
+        stack_names = stacks(model)
         blocks = block_names(model)
         chosen = range(len(blocks)) if config.layers == "all" else config.layers
         missing = [layer for layer in chosen if layer >= len(blocks)]
@@ -237,7 +238,7 @@ class Reft:
         hidden = _hidden_size(model)
         if config.r > hidden:
             raise DeltaTuneError(f"r={config.r} exceeds the hidden size {hidden}; pick r ≤ {hidden}")
-        taps = {stack: StackPositions(stack, model.get_submodule(stack)) for stack in stacks(model)}
+        taps = {stack: StackPositions(stack, model.get_submodule(stack)) for stack in stack_names}
         reference = weight_reference(model.get_submodule(blocks[0]))
         for stack, positions in taps.items():
             placement.put(stack, PositionTap(positions), target=False)

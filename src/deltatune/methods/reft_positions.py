@@ -15,9 +15,10 @@ all real. AdapterHub reads offsets and lengths the same way (`argmax` and the su
 row shorter than p it also edits padding positions after the row, which here stay untouched.
 
 What the tap records belongs to the call: it goes when the stack's call ends, even one that raised.
-A block run outside the stack's call (gradient checkpointing recomputes blocks during backward) finds
-nothing and is refused by name. Packed rows (several sequences in a row, restarted `position_ids`,
-no mask) are refused too: their positions would be those of the packed row.
+A block run outside the stack's call finds nothing and is refused by name: one called on its own, or
+one that gradient checkpointing recomputes in backward (transformers 4.57 reruns the block's hooks there;
+transformers 5 does not, and its gradients are those of a plain run). Packed rows (several sequences in a
+row, restarted `position_ids`, no mask) are refused too: their positions would be those of the packed row.
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ class StackPositions:
         mixed batch), computed once per call and kept for the other blocks."""
         if self.layout is None:
             raise DeltaTuneError(
-                "ReFT found no positions for this call: a block ran outside its model's forward call (gradient "
-                "checkpointing recomputes blocks in backward, which ReFT does not support: turn it off)"
+                "ReFT found no positions for this call: a block ran outside its model's forward call (called on "
+                "its own, or recomputed in backward by gradient checkpointing, which ReFT does not support here: "
+                "turn it off); call the model, whose attention mask gives the positions"
             )
         key = (prefix, suffix, hidden.shape[1])
         if key not in self._chosen:
