@@ -40,6 +40,7 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": CASES["prompt_tuning"],
     "p_tuning": CASES["p_tuning"],
     "prefix_tuning": CASES["prefix_tuning"],
+    "reft": CASES["reft"],
     "trainable_tokens": CASES["trainable_tokens"],
     "lora-bias-tokens": Case(
         lambda arch: deltatune.LoraConfig(

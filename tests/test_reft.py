@@ -69,6 +69,22 @@ def test_random_reflectors_keep_r_orthonormal_and_nonzero() -> None:
     torch.testing.assert_close(projection.weight @ projection.weight.mT, torch.eye(4), atol=1e-6, rtol=0)
 
 
+def test_weight_decay_leaves_r_orthonormal_where_torchs_diagonal_would_truncate_it_to_zero() -> None:
+    """torch reads the signs off `original`'s diagonal with `int()`: decayed from −1 it gives R = 0. Ours
+    keeps the signs apart."""
+    delta_model = randomized(deltatune.attach(build("llama"), deltatune.LoReftConfig(r=2)))
+    optimizer = torch.optim.AdamW(list(delta_model.adapter_parameters("default")), lr=1e-3, weight_decay=0.01)
+    delta_model(**ARCHS["llama"].inputs(1)).logits.pow(2).mean().backward()
+    optimizer.step()
+    for intervention in interventions(delta_model).values():
+        rows = intervention.units[0].projection.weight
+        torch.testing.assert_close(rows @ rows.mT, torch.eye(2), atol=1e-6, rtol=0)
+    reference = nn.utils.parametrizations.orthogonal(nn.Linear(8, 2, bias=False))
+    with torch.no_grad():
+        reference.parametrizations.weight.original.diagonal().mul_(0.99999)
+    assert torch.count_nonzero(reference.weight) == 0
+
+
 def papers_output(arch: str, delta_model: deltatune.DeltaModel, inputs: dict, prefix: int) -> torch.Tensor:
     """The base model with plain hooks computing h + Rᵀ(W h + b − R h) at the first `prefix` positions."""
     model = build(arch)
