@@ -191,28 +191,26 @@ class ReftIntervention(SiteAdapter):
         return f"prefix={self.prefix_positions}, suffix={self.suffix_positions}, tied={self.tied_weights}"
 
     def intervene(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """h with Φ applied at this call's chosen positions (of the batch rows `rows`, or all)."""
+        """h with Φ applied at this call's chosen positions (of the batch rows `rows`, or all): only those
+        positions are gathered and run through their unit; h + (Φ(g) − g) is added back."""
         prefix, suffix = self.positions.chosen(self.prefix_positions, self.suffix_positions, hidden, rows)
         dtype = self.units[0].learned_source.weight.dtype
-        states = hidden.to(dtype)
-        if self.tied_weights:
-            changed = torch.where((prefix | suffix).unsqueeze(-1), self.units[0](states), states)
-        else:
-            changed = states
-            for unit, chosen, count in ((self.units[0], prefix, self.prefix_positions),) + (
-                (self.units[1], suffix, self.suffix_positions),
-            ):
-                if count:
-                    changed = torch.where(chosen.unsqueeze(-1), unit(states), changed)
-        return changed.to(hidden.dtype)
+        changed = hidden
+        for unit, picked in ((self.units[0], prefix), (self.units[-1], suffix)):
+            if picked.index.shape[1] == 0:
+                continue
+            index = picked.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            states = hidden.gather(1, index).to(dtype)
+            delta = (unit(states) - states) * picked.valid.unsqueeze(-1)
+            changed = changed.scatter_add(1, index, delta.to(hidden.dtype))
+        return changed
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return with_first(output, self.intervene(first_tensor(output), None))
 
     def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
         hidden = first_tensor(output)
-        changed = self.intervene(hidden.index_select(0, rows), rows)
-        return with_first(output, hidden.index_copy(0, rows, changed.to(hidden.dtype)))
+        return with_first(output, hidden.index_copy(0, rows, self.intervene(hidden.index_select(0, rows), rows)))
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         raise MergeError(

@@ -23,7 +23,7 @@ row, restarted `position_ids`, no mask) are refused too: their positions would b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -90,11 +90,9 @@ class StackPositions:
         self.layout = None
         self._chosen.clear()
 
-    def chosen(
-        self, prefix: int, suffix: int, hidden: torch.Tensor, rows: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boolean (B, L) masks of the prefix and suffix positions among `hidden`'s (of `rows` only, in a
-        mixed batch), computed once per call and kept for the other blocks."""
+    def chosen(self, prefix: int, suffix: int, hidden: torch.Tensor, rows: torch.Tensor | None) -> list[Picked]:
+        """The prefix and suffix positions among `hidden`'s (of `rows` only, in a mixed batch), computed
+        once per call and kept for the other blocks."""
         if self.layout is None:
             raise DeltaTuneError(
                 "ReFT found no positions for this call: a block ran outside its model's forward call (called on "
@@ -104,19 +102,39 @@ class StackPositions:
         key = (prefix, suffix, hidden.shape[1])
         if key not in self._chosen:
             self._chosen[key] = self._compute(prefix, suffix, hidden.shape[1], hidden.device)
-        prefix_mask, suffix_mask = self._chosen[key]
-        if rows is not None:
-            return prefix_mask.index_select(0, rows), suffix_mask.index_select(0, rows)
-        return prefix_mask, suffix_mask
+        picked = self._chosen[key]
+        if rows is None:
+            return picked
+        return [Picked(item.index.index_select(0, rows), item.valid.index_select(0, rows)) for item in picked]
 
-    def _compute(self, prefix: int, suffix: int, length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def _compute(self, prefix: int, suffix: int, length: int, device: torch.device) -> list[Picked]:
+        """[prefix, suffix]: up to p (s) positions per row, as indices into the call's L positions; a
+        prefix position that is also a suffix one is left to the suffix (its value wins)."""
         offsets, lengths, cached = self.layout
         offsets, lengths = offsets.to(device)[:, None], lengths.to(device)[:, None]
-        position = cached + torch.arange(length, device=device)[None, :]
-        ends = offsets + lengths
-        prefix_mask = (position >= offsets) & (position < offsets + lengths.clamp(max=prefix))
-        suffix_mask = (position >= ends - lengths.clamp(max=suffix)) & (position < ends)
-        return prefix_mask, suffix_mask
+        suffix_start = offsets + lengths - lengths.clamp(max=suffix)
+        prefix_steps, suffix_steps = torch.arange(prefix, device=device), torch.arange(suffix, device=device)
+        prefix_positions = offsets + prefix_steps
+        prefix_real = (prefix_steps < lengths) & (prefix_positions < suffix_start)
+        suffix_positions = suffix_start + suffix_steps
+        suffix_real = suffix_steps < lengths.clamp(max=suffix)
+        return [
+            _in_window(prefix_positions - cached, prefix_real, length),
+            _in_window(suffix_positions - cached, suffix_real, length),
+        ]
+
+
+class Picked(NamedTuple):
+    """Chosen positions of each row: `index` (B, n) into the call's positions, `valid` (B, n) whether the
+    entry is one (rows with fewer chosen positions, or some outside this call, fill with invalid ones)."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+def _in_window(local: torch.Tensor, real: torch.Tensor, length: int) -> Picked:
+    valid = real & (local >= 0) & (local < length)
+    return Picked(local.clamp(0, max(length - 1, 0)), valid)
 
 
 def _refuse_packed_rows(position_ids: torch.Tensor | None) -> None:
