@@ -17,6 +17,7 @@ import deltatune
 from deltatune.errors import AdapterFileError, DeltaTuneError, MergeError, UnsupportedModuleError
 from deltatune.methods.reft import OrthogonalProjection, ReftIntervention
 from deltatune.train.cli import main
+from deltatune.train.config import ConfigError, TrainConfig
 from tiny_models import ARCHS, build
 from training_fixtures import task_config
 
@@ -227,6 +228,11 @@ def test_packed_rows_are_refused_by_name() -> None:
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]] * 3)
     with pytest.raises(DeltaTuneError, match="packed rows"):
         delta_model(**ARCHS["llama"].inputs(1), position_ids=positions)
+
+
+def test_a_packed_training_run_is_refused_with_the_config() -> None:
+    with pytest.raises(ConfigError, match="packing cannot be used with reft.*set packing: false$"):
+        TrainConfig(model="m", task="causal-lm", train_file="t.jsonl", adapter={"method": "reft"}, packing=True)
 
 
 @pytest.mark.parametrize(
