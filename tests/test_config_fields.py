@@ -235,6 +235,14 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "block_share": Case("true or false", "1"),
     "use_cayley_neumann": Case("true or false", '"yes"'),
     "num_cayley_neumann_terms": Case("a whole number ≥ 1", "1.5", ("0",)),
+    # ReFT
+    "layers": Case('"all" or a list of whole numbers ≥ 0', "5", ("[-1]", '"some"')),
+    "prefix_positions": Case("a whole number ≥ 0", "1.5", ("-1",)),
+    "suffix_positions": Case("a whole number ≥ 0", '"2"', ("-3",)),
+    "orthogonality": Case("true or false", '"yes"'),
+    "tied_weights": Case("true or false", "1"),
+    "subtract_projection": Case("true or false", '"no"'),
+    "init_weights_seed": Case("a whole number or null", "1.5"),
 }
 
 
@@ -258,6 +266,7 @@ METHOD_BASES: dict[str, str] = {
     "lokr": "{method: lokr, target_modules: all-linear}",
     "oft": "{method: oft, oft_block_size: 8, target_modules: all-linear}",
     "full": "{method: full}",
+    "reft": "{method: reft}",
 }
 """A valid `adapter` section per built-in method, which the cases then spoil one field at a time."""
 

@@ -193,6 +193,21 @@ CASES = {
         archs=("llama", "gpt2", "bert", "t5"),
         mergeable=False,
     ),
+    # ReFT edits each row's first and last real positions, found from the attention mask at the model's stack:
+    # a plain model (mlp) has neither. Not mergeable (it acts on activations); away from the base at init.
+    # BERT's classifier reads the first position only, which the last block's suffix unit never reaches: tied.
+    "reft": Case(
+        lambda arch: deltatune.LoReftConfig(prefix_positions=2, suffix_positions=2, r=2, tied_weights=arch == "bert"),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+    ),
+    "reft-direft": Case(
+        lambda arch: deltatune.DiReftConfig(prefix_positions=3, r=2, tied_weights=True, non_linearity="gelu"),
+        archs=("llama", "gpt2", "bert", "t5"),
+        mergeable=False,
+        zero_init=False,
+    ),
     # A fusion needs trained adapters to fuse, so the table cannot attach it alone: its invariants
     # (only fusion weights train, save/load, mixed batches) are in test_adapters.py.
     "fusion": Case(lambda arch: deltatune.FusionConfig(adapters=["a", "b"]), archs=()),

@@ -42,6 +42,7 @@ METHODS: dict[str, Case] = {
     "p_tuning": CASES["p_tuning"],
     "prefix_tuning": CASES["prefix_tuning"],
     "mam": CASES["mam"],
+    "reft": CASES["reft"],
     "trainable_tokens": CASES["trainable_tokens"],
     "lora-bias-tokens": Case(
         lambda arch: deltatune.LoraConfig(

@@ -58,6 +58,7 @@ from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .methods.reft import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
 from .methods.soft_prompt import collapse_soft_prompt
 from .methods.trainable_tokens import TrainableTokensConfig
 from .methods.unipelt import UniPELTConfig
@@ -150,6 +151,10 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedModuleError",
     "VeraConfig",
+    "ReftConfig",
+    "LoReftConfig",
+    "NoReftConfig",
+    "DiReftConfig",
     "attach",
     "get_method",
     "load",

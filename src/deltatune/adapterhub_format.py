@@ -9,9 +9,9 @@ location in it (`LOCATIONS`), the adapter and the tensor. A fusion folder holds
 or `pytorch_model_adapter_fusion.bin` with keys `<block>.<location>.adapter_fusion_layer.NAME.query.weight`.
 
 Bottleneck (`double_seq_bn`, `seq_bn`, `par_bn` and their fields), Compacter (`phm_layer`), dynamic
-fusion configs and the union of a prefix tuning and a bottleneck config (`MAMConfig`: one
-`adapter_config.json` whose config is {"architecture": "union", "configs": [...]}, see `adapterhub_prefix`)
-translate to ours; options we do not implement (new layer norms, invertible
+fusion configs, ReFT (`adapterhub_reft`) and the union of a prefix tuning and a bottleneck config
+(`MAMConfig`: one `adapter_config.json` whose config is {"architecture": "union", "configs": [...]}, see
+`adapterhub_prefix`) translate to ours; options we do not implement (new layer norms, invertible
 adapters, learned scaling, ...) are refused with the option's name, never silently dropped. Prediction
 heads saved beside the adapter (`head_config.json`) are not read. Every name a folder records (the
 adapter's, a fusion's and the fused adapters') must follow the rule of `names`.
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import adapterhub_reft
 from .adapterhub_lora import is_lora_key, lora_config_from_adapterhub, lora_tensors
 from .adapterhub_prefix import is_prefix_key, prefix_config_from_adapterhub, prefix_tensors
 from .architectures import sublayer_sites
@@ -143,6 +144,12 @@ def _read_prefix(options: dict, tensors: Tensors, name: str, model: nn.Module, f
     return config, prefix_tensors(tensors, name, model, config, folder)
 
 
+def _read_reft(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
+    return adapterhub_reft.config_from_adapterhub(options, folder), adapterhub_reft.read_tensors(
+        tensors, name, model, folder
+    )
+
+
 def _read_union(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
     """MAM (prefix tuning + a bottleneck) or UniPELT (the two + LoRA): each part read by its own reader,
     the bottleneck from the tensors that are neither the prefix's nor LoRA's."""
@@ -164,7 +171,13 @@ def _read_union(options: dict, tensors: Tensors, name: str, model: nn.Module, fo
     return config_class(**configs), ours
 
 
-READERS = {"bottleneck": _read_bottleneck, "lora": _read_lora, "prefix_tuning": _read_prefix, "union": _read_union}
+READERS = {
+    "bottleneck": _read_bottleneck,
+    "lora": _read_lora,
+    "prefix_tuning": _read_prefix,
+    "reft": _read_reft,
+    "union": _read_union,
+}
 """AdapterHub's `architecture` → (our config, our tensors) of such an adapter (none: a bottleneck adapter)."""
 UNIONS = {
     ("bottleneck", "prefix_tuning"): (MAMConfig, {"prefix_tuning": "prefix_tuning", "bottleneck": "adapter"}),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import adapterhub_reft
 from .adapterhub_format import FIXED_OPTIONS, INITS
 from .adapterhub_lora import ATTENTION_MATRICES
 from .adapterhub_lora import FIXED_OPTIONS as FIXED_LORA_OPTIONS
@@ -74,14 +75,21 @@ class AdapterHubLayout:
         return state
 
 
-def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], AdapterHubLayout]:
-    """AdapterHub's `adapter_config.json` data for adapter `name`, and the layout of its weights file."""
+OTHER_WRITERS = {"reft": adapterhub_reft.adapter_files}
+"""Methods whose AdapterHub folders another module writes: method name → its `adapter_files`."""
+
+
+def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], Any]:
+    """AdapterHub's `adapter_config.json` data for adapter `name`, and the layout of its weights file
+    (a ReFT adapter's from `adapterhub_reft`, whose folders AdapterHub lays out apart)."""
     config = delta_model.configs[name]
+    if config.method in OTHER_WRITERS:
+        return OTHER_WRITERS[config.method](delta_model, name)
     model = delta_model.base_model
     fields = PARTS.get(type(config))
     if fields is None:
         raise DeltaTuneError(
-            f"deltatune writes AdapterHub folders for bottleneck, LoRA, prefix-tuning, MAM and UniPELT adapters; "
+            "deltatune writes AdapterHub folders for bottleneck, LoRA, prefix-tuning, MAM, UniPELT and ReFT adapters; "
             f"{name!r} is a {config.method} adapter: save it with format='deltatune'"
         )
     if config.modules_to_save:

@@ -1,5 +1,5 @@
 """Adapter folders on disk: ours and peft's (read and written, safetensors only), AdapterHub's (read;
-bottleneck and MAM adapters written); every write atomic.
+bottleneck, LoRA, prefix, MAM, UniPELT and ReFT adapters written); every write atomic.
 
 Our folder: `adapter_config.json` = {"format": "deltatune", "version", "method", "config",
 "base_model_name_or_path", "base_fingerprint"} and `adapter_model.safetensors` whose keys are
@@ -57,7 +57,12 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE, adapterhub_writer.WEIGHTS_FILE)
+TOP_LEVEL_ADAPTER_FILES = (
+    CONFIG_FILE,
+    adapterhub_format.FUSION_CONFIG,
+    WEIGHTS_FILE,
+    *adapterhub_format.ADAPTER_WEIGHTS,
+)
 LOAD_ATTEMPTS = 5
 
 
@@ -139,7 +144,8 @@ FORMATS: dict[str, Callable[[DeltaModel, str], tuple[dict[str, Any], FileLayout]
     "peft": peft_format.adapter_files,
     "adapterhub": adapterhub_writer.adapter_files,
 }
-"""Format name → (the config file's data, the weights file's layout) of one adapter."""
+"""Format name → (the config file's data, the weights file's layout) of one adapter. A layout with a
+`weights_file` names its weights file (AdapterHub's `adapter.safetensors`); else `WEIGHTS_FILE`."""
 
 
 def save_adapters(

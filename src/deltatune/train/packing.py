@@ -168,6 +168,13 @@ def packing_refusal(task: str, adapter_config: Any) -> str | None:
         )
     if task != "causal-lm":
         return f"packing applies to causal-lm only, not {task}; set packing: false"
+    from ..methods.reft import ReftConfig
+
+    if isinstance(adapter_config, ReftConfig):
+        return (
+            "packing cannot be used with reft: its interventions sit at each row's first and last real tokens, so "
+            "a packed row would get them once for all its examples; set packing: false"
+        )
     if isinstance(adapter_config, SoftPromptConfig):
         return (
             f"packing cannot be used with {adapter_config.method}: its virtual tokens go in front of every "
