@@ -146,3 +146,23 @@ def test_the_card_of_an_adapter_that_cannot_merge_shows_no_merge_command(tmp_pat
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert _code_blocks(card, "bash") == []
     assert "cannot be merged" in card
+
+
+def test_the_card_of_an_adapterhub_folder_loads_it_in_adapterhub_with_its_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("adapters", reason="AdapterHub runs in the transformers 4.57 environment")
+    delta_model = deltatune.attach(_named_base(tmp_path), deltatune.BottleneckConfig(preset="pfeiffer"))
+    with torch.no_grad():
+        for parameter in delta_model.adapter_parameters("default"):
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        expected = run(delta_model.eval(), "llama")
+    delta_model.save(str(tmp_path / "adapter"), format="adapterhub")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "`adapter.safetensors` | the adapter's weights under AdapterHub's names" in card
+    snippets = _code_blocks(card, "python")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(snippets[-1], namespace)
+    with torch.no_grad():
+        assert torch.allclose(run(namespace["base"].eval(), "llama"), expected, atol=1e-5)

@@ -262,7 +262,11 @@ def test_a_folder_in_adapterhub_layout_loads_back_with_the_same_outputs(arch: st
     with torch.no_grad():
         expected = delta_model(**inputs).logits
     delta_model.save(tmp_path / "task", format="adapterhub")
-    assert sorted(path.name for path in (tmp_path / "task").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(path.name for path in (tmp_path / "task").iterdir()) == [
+        "README.md",
+        "adapter.safetensors",
+        "adapter_config.json",
+    ]
     loaded = deltatune.load(build(arch), tmp_path / "task")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, expected, atol=0, rtol=0)

@@ -35,6 +35,10 @@ FILE_ROLES = {
         "adapter_config.json": "peft's config: the method, its settings and the base model",
         "adapter_model.safetensors": "the adapter's weights; its metadata, the fingerprint of the base's weights",
     },
+    "adapterhub": {
+        "adapter_config.json": "AdapterHub's config: the adapter's name, its architecture and settings, the base model",
+        "adapter.safetensors": "the adapter's weights under AdapterHub's names",
+    },
 }
 """Format → what each file of a saved adapter holds (the card's table of files)."""
 
@@ -174,6 +178,14 @@ def _how_to_load(facts: CardFacts) -> list[str]:
         lines += load_base + [f"model = PeftModel.from_pretrained(base, {folder})", "```", ""]
         lines += ["transformers (with peft installed):", "", "```python"]
         lines += load_base + [f"base.load_adapter({folder})", "```", ""]
+    elif facts.format == "adapterhub":
+        lines += ["AdapterHub (`pip install adapters`):", "", "```python", "import adapters"]
+        lines += load_base + [
+            "adapters.init(base)",
+            f"base.load_adapter({folder}, use_safetensors=True, set_active=True)",
+            "```",
+            "",
+        ]
     elif facts.merges:
         lines += [
             "transformers: merge the adapter into a full model folder, which transformers loads by itself",
