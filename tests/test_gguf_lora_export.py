@@ -18,9 +18,10 @@ import deltatune
 
 gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install deltatune[quantized])")
 
+from deltatune.gguf import load_gguf_model  # noqa: E402
 from deltatune.gguf.lora_export import GGUFExportError, export_lora_gguf  # noqa: E402
 from deltatune.train.cli import main  # noqa: E402
-from test_gguf_base import _llama_cpp_rows, gguf_writer, tiny_llama  # noqa: E402
+from test_gguf_base import _llama_cpp_rows, gguf_writer, tiny_llama, write_gguf  # noqa: E402
 from training_fixtures import model_folder  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -209,3 +210,17 @@ def test_modelfile_names_the_packaged_gguf_of_a_packaged_base():
     from deltatune.train.export import modelfile_text
 
     assert modelfile_text("smollm2", "a.gguf") == f"FROM {path.resolve()}\nADAPTER ./a.gguf\n"
+
+
+def test_adapter_on_a_gguf_base_exports_against_that_file(tmp_path):
+    base_file = write_gguf(tmp_path / "base.gguf", tiny_llama(seed=0, tied=True))
+    delta_model = deltatune.attach(
+        load_gguf_model(base_file), deltatune.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+    )
+    delta_model.save(str(tmp_path / "adapter"))
+    out = tmp_path / "export" / "a.gguf"
+    assert main(["export", str(tmp_path / "adapter"), "--gguf", str(out), "--base", str(base_file)]) == 0
+    base_names = {tensor.name for tensor in gguf.GGUFReader(str(base_file)).tensors}
+    written = {name.rsplit(".", 1)[0] for name in read(out)[1]}
+    assert len(written) == 2 * len(SUBLAYERS) and written <= base_names
+    assert (out.parent / "Modelfile").read_text() == f"FROM {base_file.resolve()}\nADAPTER ./a.gguf\n"

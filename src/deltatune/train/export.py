@@ -18,11 +18,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..atomic import write_files
 from ..errors import DeltaTuneError, OutputFolderError
 from ..io import CONFIG_FILE, describe_folder
 from .models import GGUF_SUFFIX, PACKAGED_GGUF, PACKAGED_MODELS
+
+if TYPE_CHECKING:
+    from ..model import DeltaModel
 
 MODELFILE = "Modelfile"
 
@@ -74,12 +78,24 @@ def _load_base(base: str):
     return load_model(base)
 
 
+def write_gguf_adapter(delta_model: DeltaModel, name: str, out: Path, base: str, dtype: str = "f32") -> ExportedAdapter:
+    """Write adapter `name` of `delta_model` (on `base`) as llama.cpp LoRA file `out`, and a Modelfile beside it."""
+    from ..gguf.lora_export import gguf_writer, lora_tensors
+
+    content = lora_tensors(delta_model, name, dtype)
+    modelfile = modelfile_text(base, out.name)
+    write_files(
+        out.parent,
+        {out.name: gguf_writer(content, out.stem), MODELFILE: lambda path: Path(path).write_text(modelfile)},
+    )
+    return ExportedAdapter(out, out.parent / MODELFILE, base, len(content.tensors))
+
+
 def export_adapter(
     adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "f32", overwrite: bool = False
 ) -> ExportedAdapter:
     """Write the adapter folder `adapter` as llama.cpp LoRA file `out` and a Modelfile beside it."""
     from .. import load
-    from ..gguf.lora_export import gguf_writer, lora_tensors
 
     out = Path(out)
     if out.suffix != GGUF_SUFFIX:
@@ -91,10 +107,4 @@ def export_adapter(
     names = list(delta_model.configs)
     if len(names) != 1:
         raise DeltaTuneError(f"{adapter} holds {len(names)} adapters ({', '.join(names)}); export one folder at a time")
-    content = lora_tensors(delta_model, names[0], dtype)
-    modelfile = modelfile_text(base, out.name)
-    write_files(
-        out.parent,
-        {out.name: gguf_writer(content, Path(adapter).name), MODELFILE: lambda path: Path(path).write_text(modelfile)},
-    )
-    return ExportedAdapter(out, out.parent / MODELFILE, base, len(content.tensors))
+    return write_gguf_adapter(delta_model, names[0], out, base, dtype)
