@@ -7,6 +7,7 @@
         [--quantize NAME --dequantize [--dtype D] [--requantize NAME]]   ... from a quantized base
     deltatune inspect MODEL|CONFIG.yaml [--adapter DIR]   the module tree, parameters counted
     deltatune export ADAPTER --gguf OUT.gguf [--base MODEL]   a llama.cpp LoRA file and an Ollama Modelfile
+        [--merged --base FILE.gguf --dtype f16|q8_0]   ... or that GGUF base with the adapter merged in
     deltatune methods                            the registered methods
     deltatune show ADAPTER                       describe an adapter folder
 
@@ -162,9 +163,14 @@ def _inspect(arguments: argparse.Namespace) -> None:
 
 
 def _export(arguments: argparse.Namespace) -> None:
-    from .export import export_adapter
+    from .export import export_adapter, export_merged
 
-    done = export_adapter(arguments.adapter, arguments.gguf, arguments.base, arguments.dtype, arguments.overwrite)
+    given = (arguments.adapter, arguments.gguf, arguments.base)
+    if arguments.merged:
+        path = export_merged(*given, arguments.dtype or "f16", arguments.overwrite)
+        print(f"merged llama.cpp model written to {path}")
+        return
+    done = export_adapter(*given, arguments.dtype or "f32", arguments.overwrite)
     print(f"llama.cpp LoRA ({done.tensors} tensors) written to {done.path}; Ollama Modelfile: {done.modelfile}")
 
 
@@ -254,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("adapter", help="adapter folder (deltatune or peft)")
     export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the llama.cpp LoRA file to write")
     export.add_argument("--base", help="base model folder, packaged name or .gguf (default: the adapter's own)")
-    export.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="type of the factors (default f32)")
+    export.add_argument("--merged", action="store_true", help="write the GGUF base with the adapter merged in")
+    export.add_argument(
+        "--dtype", choices=["f32", "f16", "q8_0"], help="adapter: f32 (default) or f16; --merged: f16 (default) or q8_0"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
     export.set_defaults(run=_export)
 

@@ -91,6 +91,25 @@ def write_gguf_adapter(delta_model: DeltaModel, name: str, out: Path, base: str,
     return ExportedAdapter(out, out.parent / MODELFILE, base, len(content.tensors))
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.suffix != GGUF_SUFFIX:
+        raise OutputFolderError(f"--gguf {out} should name a .gguf file")
+    if out.exists() and not overwrite:
+        raise OutputFolderError(f"{out} exists; pass --overwrite to replace it, or give another file name")
+
+
+def export_merged(
+    adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "f16", overwrite: bool = False
+) -> Path:
+    """Write the GGUF base (`base`, else the adapter's own) with adapter folder `adapter` merged in to `out`."""
+    from ..gguf.merged_export import export_merged_gguf
+
+    out = Path(out)
+    _check_output(out, overwrite)
+    base = base or recorded_base(adapter)
+    return export_merged_gguf(base_gguf_file(base) or base, adapter, out, dtype)
+
+
 def export_adapter(
     adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "f32", overwrite: bool = False
 ) -> ExportedAdapter:
@@ -98,10 +117,7 @@ def export_adapter(
     from .. import load
 
     out = Path(out)
-    if out.suffix != GGUF_SUFFIX:
-        raise OutputFolderError(f"--gguf {out} should name a .gguf file")
-    if out.exists() and not overwrite:
-        raise OutputFolderError(f"{out} exists; pass --overwrite to replace it, or give another file name")
+    _check_output(out, overwrite)
     base = base or recorded_base(adapter)
     delta_model = load(_load_base(base), str(adapter))
     names = list(delta_model.configs)
