@@ -224,3 +224,23 @@ def test_adapter_on_a_gguf_base_exports_against_that_file(tmp_path):
     written = {name.rsplit(".", 1)[0] for name in read(out)[1]}
     assert len(written) == 2 * len(SUBLAYERS) and written <= base_names
     assert (out.parent / "Modelfile").read_text() == f"FROM {base_file.resolve()}\nADAPTER ./a.gguf\n"
+
+
+def test_qwen2_and_mistral_take_llamacpps_architecture_names_and_row_order(tmp_path):
+    """llama.cpp's converter writes a Mistral as a llama (q, k rows permuted) and a Qwen2 as a qwen2 (rows as
+    transformers holds them: its rotary layout is already llama.cpp's NeoX one)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    sizes = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    models = {"qwen2": Qwen2ForCausalLM(Qwen2Config(**sizes)), "llama": MistralForCausalLM(MistralConfig(**sizes))}
+    for architecture, model in models.items():
+        delta_model = deltatune.attach(
+            model, deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+        )
+        export_lora_gguf(delta_model, "default", tmp_path / f"{architecture}.gguf")
+        fields, tensors = read(tmp_path / f"{architecture}.gguf")
+        up = dict(delta_model.sites())["model.layers.0.self_attn.q_proj"].adapters["default"].lora_B.detach().numpy()
+        assert fields["general.architecture"] == architecture
+        np.testing.assert_array_equal(
+            tensors["blk.0.attn_q.weight.lora_b"], _llama_cpp_rows(up, 4) if architecture == "llama" else up
+        )
