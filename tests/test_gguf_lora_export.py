@@ -183,7 +183,11 @@ def test_other_architectures_are_refused_by_name(tmp_path):
     _refused(tmp_path, deltatune.attach(model, deltatune.LoraConfig(r=2, target_modules=["c_attn"])), "gpt2")
 
 
-def test_export_command_writes_the_file_and_a_modelfile(tmp_path, capsys):
+def test_export_command_writes_the_file_and_a_modelfile(tmp_path, capsys, monkeypatch):
+    import deltatune.train.smollm2 as smollm2
+
+    monkeypatch.setattr(smollm2, "PACKAGE", "no_such_package_here")  # a plain base never needs the packaged model
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
     folder = model_folder(tmp_path, "causal-lm")
     delta_model = deltatune.attach(
         AutoModelForCausalLM.from_pretrained(folder),

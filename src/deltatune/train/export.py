@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ..atomic import write_files
 from ..errors import DeltaTuneError, OutputFolderError
 from ..io import CONFIG_FILE, describe_folder
-from .models import GGUF_SUFFIX, PACKAGED_GGUF, PACKAGED_MODELS
+from .models import GGUF_SUFFIX, PACKAGED_GGUF
 
 if TYPE_CHECKING:
     from ..model import DeltaModel
@@ -50,15 +50,22 @@ def recorded_base(adapter: str | Path) -> str:
     return str(base)
 
 
+def _packaged_name(base: str) -> str | None:
+    """The packaged model `base` names, or whose converted folder it is (found without converting anything)."""
+    from .smollm2 import FOLDER_NAME, cache_root
+
+    if base in PACKAGED_GGUF:
+        return base
+    return "smollm2" if Path(base).resolve() == (cache_root() / FOLDER_NAME).resolve() else None
+
+
 def base_gguf_file(base: str) -> Path | None:
     """The GGUF file of base `base`: itself if it is one, a packaged model's file (named, or its converted
     folder), else None."""
     if base.endswith(GGUF_SUFFIX):
         return Path(base).resolve()
-    for name, folder in PACKAGED_MODELS.items():
-        if base == name or (name in PACKAGED_GGUF and Path(base).resolve() == folder().resolve()):
-            return PACKAGED_GGUF[name]().resolve() if name in PACKAGED_GGUF else None
-    return None
+    name = _packaged_name(base)
+    return PACKAGED_GGUF[name]().resolve() if name is not None else None
 
 
 def modelfile_text(base: str, adapter_file: str) -> str:
