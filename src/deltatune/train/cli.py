@@ -8,6 +8,8 @@
     deltatune merge MODEL ADAPTER OUT [--overwrite]   a full model folder with the adapter merged in
         [--quantize NAME --dequantize [--dtype D] [--requantize NAME]]   ... from a quantized base
     deltatune inspect MODEL|CONFIG.yaml [--adapter DIR]   the module tree, parameters counted
+    deltatune export ADAPTER --gguf OUT.gguf [--base MODEL]   a llama.cpp LoRA file and an Ollama Modelfile
+        [--merged --base FILE.gguf --dtype f16|q8_0]   ... or that GGUF base with the adapter merged in
     deltatune methods [NAME]                     the registered methods, or NAME's config fields documented
     deltatune show ADAPTER                       describe an adapter folder
 
@@ -169,6 +171,18 @@ def _inspect(arguments: argparse.Namespace) -> None:
     print(describe_tree(model, arguments.depth))
 
 
+def _export(arguments: argparse.Namespace) -> None:
+    from .export import export_adapter, export_merged
+
+    given = (arguments.adapter, arguments.gguf, arguments.base)
+    if arguments.merged:
+        path = export_merged(*given, arguments.dtype or "f16", arguments.overwrite)
+        print(f"merged llama.cpp model written to {path}")
+        return
+    done = export_adapter(*given, arguments.dtype or "f32", arguments.overwrite)
+    print(f"llama.cpp LoRA ({done.tensors} tensors) written to {done.path}; Ollama Modelfile: {done.modelfile}")
+
+
 def _demo(arguments: argparse.Namespace) -> None:
     from .demo import DemoOptions, run_demo
 
@@ -261,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--adapter", help="an adapter folder to load onto the model")
     inspect.add_argument("--depth", type=int, default=6, help="deepest level shown (default 6)")
     inspect.set_defaults(run=_inspect)
+
+    export = commands.add_parser("export", help="write a LoRA adapter as a llama.cpp GGUF file (and a Modelfile)")
+    export.add_argument("adapter", help="adapter folder (deltatune or peft)")
+    export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the llama.cpp LoRA file to write")
+    export.add_argument("--base", help="base model folder, packaged name or .gguf (default: the adapter's own)")
+    export.add_argument("--merged", action="store_true", help="write the GGUF base with the adapter merged in")
+    export.add_argument(
+        "--dtype", choices=["f32", "f16", "q8_0"], help="adapter: f32 (default) or f16; --merged: f16 (default) or q8_0"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser(
         "demo", help="the main job: fine-tune SmolLM2-135M-Instruct on a generated task, offline"

@@ -12,6 +12,8 @@
 4. Print a before/after table and a few answers; write the adapter, `metrics.json` (with "before" and
    "after": exact match in [0, 1], and `quantize`) and `training.png` into the output folder, replacing
    those of an earlier demo run there.
+5. Write the adapter as a llama.cpp LoRA file, `adapter.gguf`, with an Ollama `Modelfile` beside it
+   (`deltatune export`; LoRA on a Llama-family model only: otherwise a note says why not).
 
 `deltatune demo quantize=nf4` runs the same on a 4-bit base (QLoRA), and any other `quantize:` name.
 
@@ -52,6 +54,7 @@ PATTERNS = [
 ]
 SYSTEM_PROMPT = "Turn the sentence into a JSON record with the keys name, city, item and count."
 TRAIN_EXAMPLES, EVAL_EXAMPLES, SEED = 320, 64, 1234
+GGUF_ADAPTER = "adapter.gguf"
 
 
 def generate_records(count: int, seed: int) -> list[dict[str, str]]:
@@ -211,4 +214,17 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     for prompt, was, now in list(zip(prompts, before.predictions, after.predictions))[:3]:
         print(f"\n  input:  {prompt}\n  before: {was[:100]!r}\n  after:  {now!r}")
     print(f"\nadapter, metrics.json and training.png are in {out}/")
+    _write_gguf(run, options.model, out / GGUF_ADAPTER)
     return report
+
+
+def _write_gguf(run: Any, model: str, path: Path) -> None:
+    """The demo's adapter as a llama.cpp LoRA file and its Modelfile, or a note saying why there is none."""
+    from .export import write_gguf_adapter
+
+    try:
+        written = write_gguf_adapter(run.delta_model, "default", path, model)
+    except DeltaTuneError as error:
+        print(f"no llama.cpp adapter written: {error}")
+        return
+    print(f"llama.cpp LoRA adapter: {written.path} (Ollama: ollama create demo -f {written.modelfile})")

@@ -1,0 +1,109 @@
+"""A GGUF base with an adapter merged in, as a new llama.cpp model file at f16 or q8_0.
+
+The base file's metadata (architecture, sizes, tokenizer, chat template) is copied as it is, but for
+`general.file_type`. The weights come from deltatune's own merge: the base is loaded from the file with
+its blocks kept (`load_gguf_model`), the adapter merged with `unload(merge=True, dequantize=True)`
+(every layer dequantized, W + ΔW added in float32), and each of the file's tensors is written again from
+the merged model's tensor of the same name (`names.gguf_tensor_names`), a Llama's q and k rows put back in
+llama.cpp's order (`lora_export.permute_rows`). Matrices are written in the asked type (q8_0 where the row
+length is a multiple of its 32-value blocks, else f16), vectors (norms) in F32; a tensor the model does
+not hold (llama.cpp's `rope_freqs`) is copied with its bytes.
+
+A merged model needs no adapter support in the runtime; what the adapter may be is what `deltatune merge`
+takes (any mergeable method). A non-GGUF base has no tokenizer metadata to copy and is refused: merge it
+with `deltatune merge` and convert that folder with llama.cpp's `convert_hf_to_gguf.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import write_files
+from .loader import ROW_PERMUTED, load_gguf_model, require_gguf
+from .lora_export import GGUFExportError, permute_rows
+from .names import gguf_tensor_names
+
+MERGED_TYPES = ("f16", "q8_0")
+"""`--dtype` names of a merged file."""
+
+
+def _file_type(dtype: str) -> int:
+    import gguf
+
+    return {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+
+
+def _copy_metadata(reader: Any, writer: Any, dtype: str) -> None:
+    import gguf
+
+    writer.add_file_type(_file_type(dtype))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE):
+            continue  # the header's own fields, and what is written above or by the writer itself
+        element = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=element)
+
+
+def _encoded(values: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(array to write, its raw ggml type or None) for a float32 tensor in the asked type."""
+    import gguf
+
+    if values.ndim < 2:
+        return values.astype(np.float32), None
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    if dtype == "q8_0" and values.shape[-1] % block == 0:
+        return gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return values.astype(np.float16), None
+
+
+def merged_writer(base_file: Path, merged: torch.nn.Module, dtype: str):
+    """A writer (path → None) of GGUF file `base_file` with its weights taken from the merged model `merged`."""
+    require_gguf()
+    import gguf
+
+    if dtype not in MERGED_TYPES:
+        raise GGUFExportError(f"a merged GGUF is written as {' or '.join(MERGED_TYPES)}, not {dtype!r}")
+    reader = gguf.GGUFReader(str(base_file))
+    architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    names = gguf_tensor_names(merged, architecture)
+    state = merged.state_dict()
+    permuted = ROW_PERMUTED.get(architecture, {})
+
+    def write(path: str) -> None:
+        writer = gguf.GGUFWriter(path, architecture)
+        _copy_metadata(reader, writer, dtype)
+        for tensor in reader.tensors:
+            if tensor.name not in names:
+                writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+                continue
+            values = state[names[tensor.name]].detach().float()
+            heads = [field for part, field in permuted.items() if part in f".{tensor.name}"]
+            if heads:
+                values = permute_rows(values, getattr(merged.config, heads[0]))
+            array, raw_type = _encoded(values.contiguous().numpy(), dtype)
+            writer.add_tensor(tensor.name, array, raw_dtype=raw_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    return write
+
+
+def export_merged_gguf(base_file: str | Path, adapter: str | Path, out: str | Path, dtype: str = "q8_0") -> Path:
+    """Write GGUF base `base_file` with the adapter folder `adapter` merged in to `out` (whole or not at all)."""
+    from .. import load
+
+    base_file, out = Path(base_file), Path(out)
+    if base_file.suffix != ".gguf":
+        raise GGUFExportError(
+            f"--merged --gguf copies the tokenizer and settings of a GGUF base, and {base_file} is none: pass --base "
+            "FILE.gguf, or merge with deltatune merge and convert that folder with llama.cpp's convert_hf_to_gguf.py"
+        )
+    merged = load(load_gguf_model(base_file), str(adapter)).unload(merge=True, dequantize=True)
+    write_files(out.parent, {out.name: merged_writer(base_file, merged, dtype)})
+    return out

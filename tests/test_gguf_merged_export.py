@@ -1,0 +1,68 @@
+"""A GGUF base with an adapter merged in, written as a new GGUF file (`deltatune export --merged --gguf`).
+
+The reference is transformers' own GGUF loader reading the written file: it must give the adapted model's
+outputs (the adapter on the same GGUF base, unmerged) to the rounding of the file's type, and keep the
+base file's metadata."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import deltatune
+
+gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install deltatune[quantized])")
+
+from deltatune.gguf import load_gguf_model  # noqa: E402
+from deltatune.gguf.lora_export import GGUFExportError  # noqa: E402
+from deltatune.gguf.merged_export import export_merged_gguf  # noqa: E402
+from deltatune.train.cli import main  # noqa: E402
+from test_gguf_base import tiny_llama, write_gguf  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+TOLERANCE = {"f16": 2e-3, "q8_0": 3e-2}
+"""Largest logit difference allowed, against an adapter effect of ~1 (f16 and q8_0 rounding of W + ΔW)."""
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("merged")
+    base_file = write_gguf(folder / "base.gguf", tiny_llama(seed=0, tied=True), metadata=lambda w: w.add_name("tiny"))
+    torch.manual_seed(1)
+    delta_model = deltatune.attach(
+        load_gguf_model(base_file),
+        deltatune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    delta_model.save(str(folder / "adapter"))
+    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapted = delta_model(input_ids=tokens).logits
+        with delta_model.disabled():
+            base = delta_model(input_ids=tokens).logits
+    return base_file, folder / "adapter", tokens, adapted, base
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_merged_file_loads_in_transformers_with_the_adapted_outputs(tmp_path, base_and_adapter, dtype):
+    base_file, adapter, tokens, adapted, base = base_and_adapter
+    out = export_merged_gguf(base_file, adapter, tmp_path / "merged.gguf", dtype)
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        found = reference(input_ids=tokens).logits
+    assert (adapted - base).abs().max() > 0.5  # the adapter matters
+    assert (found - adapted).abs().max() < TOLERANCE[dtype]
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["general.name"].contents() == "tiny"
+    assert fields["general.file_type"].contents() == {"f16": 1, "q8_0": 7}[dtype]
+
+
+def test_merged_export_command_needs_a_gguf_base(tmp_path, base_and_adapter, capsys):
+    _, adapter, *_ = base_and_adapter
+    with pytest.raises(GGUFExportError, match="convert_hf_to_gguf"):
+        export_merged_gguf(tmp_path / "folder", adapter, tmp_path / "m.gguf")
+    base_file = base_and_adapter[0]
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(adapter), "--merged", "--gguf", str(out), "--base", str(base_file)]) == 0
+    assert out.is_file() and "merged llama.cpp model written" in capsys.readouterr().out
