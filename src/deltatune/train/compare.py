@@ -46,7 +46,7 @@ class CompareOptions:
     overrides: list[str] = dataclasses.field(default_factory=list)
     """`key=value` overrides for every method."""
     method_overrides: list[str] = dataclasses.field(default_factory=list)
-    """`METHOD.KEY=VALUE` overrides, each for one method."""
+    """`LABEL.KEY=VALUE` overrides, each for one compared method (its label in --methods)."""
     budget: Budget = dataclasses.field(default_factory=Budget)
     metric: str | None = None
     """The eval metric the table and the plot show (every metric is in compare.json): one of the task's

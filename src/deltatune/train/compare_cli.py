@@ -17,7 +17,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     budget.add_argument("--epochs", type=float, help="epochs for every method")
     budget.add_argument("--time-budget", type=float, metavar="SECONDS", help="seconds of training time per method")
     comparing.add_argument(
-        "--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="an override for one method"
+        "--set",
+        action="append",
+        default=[],
+        metavar="LABEL.KEY=VALUE",
+        help="an override for one compared method (LABEL: its label in --methods)",
     )
     comparing.add_argument("--metric", help="the eval metric of the table and plot (default: the task's main one)")
     comparing.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
