@@ -369,10 +369,11 @@ def _load_one(
     except BaseException:
         restore_heads()
         raise
-    try:
-        _copy_into(delta_model, adapter_name, read)
+    try:  # every check before the first copy: a `full` adapter's weights are the base's own
+        plan = _copy_plan(delta_model, adapter_name, read)
         record = delta_model.records[adapter_name]
         check_same_base(read.base_fingerprint, record.base_fingerprint, adapter_name, folder, read.base_model, strict)
+        _copy(plan)
         if read.base_fingerprint:
             record.base_fingerprint = read.base_fingerprint
     except BaseException:
@@ -409,13 +410,12 @@ def restore_weights(delta_model: DeltaModel, path: str | Path) -> None:
         delta_model.require([adapter_name])
         plans.append(_copy_plan(delta_model, adapter_name, read))
     for plan in plans:
-        for adapter, loaded in plan:
-            adapter.load_file_state(loaded)
+        _copy(plan)
 
 
-def _copy_into(delta_model: DeltaModel, name: str, read: ReadAdapter) -> None:
-    """Check that the file holds exactly the adapter's tensors with the right shapes, then copy."""
-    for adapter, loaded in _copy_plan(delta_model, name, read):
+def _copy(plan: list[tuple[SiteAdapter, dict[str, torch.Tensor]]]) -> None:
+    """Copy the checked tensors of a `_copy_plan` into their adapter parts."""
+    for adapter, loaded in plan:
         adapter.load_file_state(loaded)
 
 
