@@ -142,3 +142,22 @@ def test_a_head_that_holds_another_adapter_is_not_rebuilt(tmp_path: Path) -> Non
     with pytest.raises(deltatune.AdapterShapeError, match="another adapter's part"):
         deltatune.load(other, str(folder), name="second")
     assert list(other.configs) == ["default"] and other.classifier.out_features == 2
+
+
+def test_a_full_folder_records_its_head_and_loads_onto_a_model_with_another_num_labels(tmp_path: Path) -> None:
+    """`full` trains the head in place (no modules_to_save), and records its shape all the same, so the
+    load rebuilds a head of the model's other num_labels and predicts as the trained model did."""
+    torch.manual_seed(0)
+    BertModel(BertForSequenceClassification.config_class(**_bert_settings())).save_pretrained(tmp_path / "encoder")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=3, id2label=LABELS)
+    trained = deltatune.attach(model, deltatune.FullConfig()).eval()
+    trained.save(str(tmp_path / "adapter"))
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task"]
+    assert recorded["heads"] == {"classifier": {"weight": [3, 32], "bias": [3]}}
+    inputs = torch.randint(6, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    two_labels = BertForSequenceClassification.from_pretrained(tmp_path / "encoder")
+    loaded = deltatune.load(two_labels, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=inputs).logits, trained(input_ids=inputs).logits)
+    assert loaded.config.id2label == LABELS
+
