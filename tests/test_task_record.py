@@ -161,3 +161,21 @@ def test_a_full_folder_records_its_head_and_loads_onto_a_model_with_another_num_
         assert torch.equal(loaded(input_ids=inputs).logits, trained(input_ids=inputs).logits)
     assert loaded.config.id2label == LABELS
 
+
+def test_load_takes_the_recorded_label_names_for_a_head_of_the_same_shape(tmp_path: Path) -> None:
+    """The label ids the saved head predicts mean the recorded names, whatever names the model was
+    loaded with; a load that fails leaves the model's names as they were."""
+    folder, _, _ = _classifier_adapter(tmp_path, "deltatune")
+    reversed_labels = {index: LABELS[2 - index] for index in LABELS}
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "encoder", id2label=reversed_labels)
+    loaded = deltatune.load(model, str(folder))
+    assert loaded.config.id2label == LABELS
+    assert loaded.config.label2id == {label: index for index, label in LABELS.items()}
+    config_file = folder / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data["config"]["r"] = 8  # the file's LoRA tensors no longer fit: the load fails after the labels were set
+    config_file.write_text(json.dumps(data))
+    other = BertForSequenceClassification.from_pretrained(tmp_path / "encoder", id2label=reversed_labels)
+    with pytest.raises(deltatune.AdapterShapeError):
+        deltatune.load(other, str(folder))
+    assert other.config.id2label == reversed_labels

@@ -14,11 +14,13 @@ in place (`trains_base`: full fine-tuning) the model's task heads (`task_heads`)
 shapes. A model that is not a transformers task model records nothing.
 
 `fit_heads` rebuilds a head whose shape differs (a model loaded with another `num_labels`): each
-`nn.Linear` inside it whose weight shape differs becomes a fresh one of the recorded shape, and the
-config's labels become the recorded ones, so the saved head weights load and a merged model predicts
-with the label names. `deltatune merge` and `deltatune eval` load the model with the task's class and
-the recorded labels (`recorded_task`), which is how a seq-cls adapter trained from a plain encoder
-folder (no classifier in it) merges into a model that `AutoModelForSequenceClassification` loads.
+`nn.Linear` inside it whose weight shape differs becomes a fresh one of the recorded shape; and the
+config's labels become the recorded ones wherever they differ (a head of the same shape too: a saved
+head's label ids mean the names it was trained with), so the saved head weights load and the model and
+a merged one predict with the adapter's label names. `deltatune merge` and `deltatune eval` load the
+model with the task's class and the recorded labels (`recorded_task`), which is how a seq-cls adapter
+trained from a plain encoder folder (no classifier in it) merges into a model that
+`AutoModelForSequenceClassification` loads.
 """
 
 from __future__ import annotations
@@ -107,16 +109,16 @@ def label_names(record: dict[str, Any] | None) -> list[str]:
 
 
 def fit_heads(model: nn.Module, record: dict[str, Any] | None, source: object) -> Callable[[], None]:
-    """Rebuild the heads of `model` whose shapes differ from `record`'s and take its labels; returns the
-    undo (the old heads and labels back). A head the model lacks is an error naming the class to load."""
+    """Rebuild the heads of `model` whose shapes differ from `record`'s and take its label names where they
+    differ from the config's (even for heads of the same shape); returns the undo (the old heads and labels
+    back). A head the model lacks is an error naming the class to load."""
     if not record or not record.get("heads"):
         return lambda: None
     changes: list[Callable[[], None]] = []
     try:
         for head, shapes in record["heads"].items():
             changes += _fit_head(model, head, shapes, record, source)
-        if changes:
-            changes.append(_set_labels(model, label_names(record)))
+        changes.append(_set_labels(model, label_names(record)))  # the ids the saved head predicts mean these names
     except BaseException:
         _undo(changes)
         raise
@@ -183,11 +185,13 @@ def _replace_linear(model: nn.Module, full_name: str, shapes: dict[str, list[int
 
 
 def _set_labels(model: nn.Module, labels: list[str]) -> Callable[[], None]:
+    """Give the model config the recorded label names where they differ from its own; returns the undo."""
     config = getattr(model, "config", None)
-    if config is None or not labels:
+    id2label = dict(enumerate(labels))
+    if config is None or not labels or getattr(config, "id2label", None) == id2label:
         return lambda: None
     before = (config.id2label, config.label2id)
-    config.id2label = dict(enumerate(labels))
+    config.id2label = id2label
     config.label2id = {label: index for index, label in enumerate(labels)}
 
     def undo() -> None:
