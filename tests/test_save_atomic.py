@@ -289,3 +289,19 @@ def test_writing_files_into_a_folder_keeps_its_other_entries_and_removes_staging
     assert (folder / "adapter" / "kept.txt").read_text() == "kept"
     assert (folder / "metrics.json").read_text() == '{\n  "loss": 1.0\n}\n'
     assert leftovers(folder) == []
+
+
+def test_a_save_keeps_a_subfolder_holding_files_no_save_writes(tmp_path: Path) -> None:
+    """A trainer's `checkpoint-N/` holds an adapter and its optimizer and trainer state: a later save into
+    the parent folder (`trainer.save_model()` into `output_dir`) keeps it whole."""
+    folder = tmp_path / "run"
+    delta_model(["default"], seed=1).save(str(folder / "checkpoint-3"))
+    state = {"optimizer.pt": b"optimizer state", "trainer_state.json": b"{}", "rng_state.pth": b"rng"}
+    for name, content in state.items():
+        (folder / "checkpoint-3" / name).write_bytes(content)
+    kept = {path.name: path.read_bytes() for path in (folder / "checkpoint-3").iterdir()}
+    final = delta_model(["default"], seed=2)
+    final.save(str(folder))
+    assert {path.name: path.read_bytes() for path in (folder / "checkpoint-3").iterdir()} == kept
+    assert same(loaded_outputs(folder), outputs(final))
+

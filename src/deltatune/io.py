@@ -10,13 +10,17 @@ stored of each adapter (a `FileLayout`). Every saved adapter folder also gets a 
 (`model_card`).
 
 A save replaces the whole save folder in one step (`atomic`): an interrupted save leaves the old
-adapter as it was, and afterwards the folder holds exactly the adapters saved. The adapter entries of
-the old folder go: `adapter_config.json`, `adapter_fusion_config.json`, `adapter_model.safetensors` and
-`adapter.safetensors` at its top, a model card a save wrote there, and every subfolder that holds an
-adapter (ours, peft's or AdapterHub's: what `load` would read). Everything else in it (the user's README,
-a model, hidden files) stays. Loading reads the folder again if
-a save replaced it meanwhile, skips hidden subfolders (a valid adapter name never starts with '.'), and
-checks every name, key and shape before it copies anything.
+adapter as it was, and afterwards the folder holds the adapters saved (and the subfolders kept, below).
+The adapter entries of the old folder go: `adapter_config.json`, `adapter_fusion_config.json`,
+`adapter_model.safetensors` and `adapter.safetensors` at its top, a model card a save wrote there, and
+every subfolder that holds an adapter (ours, peft's or AdapterHub's: what `load` would read) and nothing
+but those files and a card a save wrote. Everything else stays: the user's README, a model, hidden
+files, and whole, every adapter subfolder holding anything else (a trainer's `checkpoint-N/` with its
+optimizer and trainer state, an adapter with a README of the user's), so a save never loses a user's
+file. A multi save that rewrites such a subfolder keeps a README of the user's in it as its card, and
+refuses, naming the subfolder, one holding other files. Loading reads the folder again if a save
+replaced it meanwhile, skips hidden subfolders (a valid adapter name never starts with '.'), and checks
+every name, key and shape before it copies anything.
 """
 
 from __future__ import annotations
@@ -169,9 +173,12 @@ def save_adapters(
             root, folders[names[0]], replaced=lambda entry: entry.name == CARD_FILE or _written_by_saves(entry)
         )
     else:
-        replace_folder(
-            Path(path), {name: folder_writer(writers) for name, writers in folders.items()}, replaced=_written_by_saves
-        )
+        subfolders = {name: folder_writer(writers) for name, writers in folders.items()}
+
+        def replaced(entry: Path) -> bool:
+            return _written_by_saves(entry, rewritten=entry.name in subfolders)
+
+        replace_folder(root, subfolders, replaced=replaced)
 
 
 def _adapter_writers(
@@ -198,13 +205,22 @@ def _adapter_writers(
     return writers
 
 
-def _written_by_saves(entry: Path) -> bool:
-    """The entries of an old save folder that a new save replaces (see the module docstring)."""
-    return (
-        entry.name in TOP_LEVEL_ADAPTER_FILES
-        or (entry.name == CARD_FILE and is_ours(entry))
-        or _is_adapter_folder(entry)
+def _written_by_saves(entry: Path, rewritten: bool = False) -> bool:
+    """The entries of an old save folder that a new save replaces (see the module docstring): adapter files,
+    a card a save wrote, and adapter subfolders holding nothing else. A subfolder this save `rewritten`
+    may hold a README of the user's too: the new folder's card writer keeps it."""
+    return _save_file(entry, card_kept=False) or (
+        entry.is_dir()
+        and not entry.is_symlink()
+        and _is_adapter_folder(entry)
+        and all(child.is_file() and _save_file(child, card_kept=rewritten) for child in entry.iterdir())
     )
+
+
+def _save_file(entry: Path, card_kept: bool) -> bool:
+    """Whether `entry` is a file a save writes: adapter files, and a model card a save wrote (any README
+    where `card_kept`: the save writes it back as it is)."""
+    return entry.name in TOP_LEVEL_ADAPTER_FILES or (entry.name == CARD_FILE and (card_kept or is_ours(entry)))
 
 
 def load_adapters(
