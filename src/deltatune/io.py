@@ -25,16 +25,15 @@ every name, key and shape before it copies anything.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from . import adapterhub_format, adapterhub_writer, peft_format
+from .adapter_tensors import OURS, FileLayout, ReadAdapter, copy_plan, copy_tensors
 from .atomic import (
     Writer,
     folder_version,
@@ -45,14 +44,12 @@ from .atomic import (
     safetensors_writer,
 )
 from .base_fingerprint import check_same_base
-from .config import DeltaConfig
-from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
-from .files import read_json, read_tensors, tensor_count
+from .errors import AdapterFileError, DeltaTuneError
+from .files import read_json, read_tensors
 from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, peft_records
 from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
-from .site import SiteAdapter
 from .task_record import fit_heads
 from .version import __version__
 
@@ -63,64 +60,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TOP_LEVEL_ADAPTER_FILES = (CONFIG_FILE, adapterhub_format.FUSION_CONFIG, WEIGHTS_FILE, adapterhub_writer.WEIGHTS_FILE)
 LOAD_ATTEMPTS = 5
-
-
-class FileLayout(Protocol):
-    """How a format names and stores one adapter's tensors in its weights file."""
-
-    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
-        """The key of tensor `tensor_name` (a key of `adapter.file_state()`) of `adapter` at `module_name`."""
-
-    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
-        """The tensors the format stores of `adapter`, by their names in `adapter.file_state()`."""
-
-
-class OurLayout:
-    """Our weights file: every tensor of `file_state()` under `<module path>.<tensor name>`."""
-
-    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
-        return f"{module_name}.{tensor_name}"
-
-    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
-        return adapter.file_state()
-
-
-OURS = OurLayout()
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadAdapter:
-    """One adapter as a folder holds it, read and checked, before anything is added to a model."""
-
-    config: DeltaConfig
-    tensors: dict[str, torch.Tensor]
-    layout: FileLayout
-    recorded_name: str | None
-    """The name the folder records (AdapterHub's and ours), if any."""
-    source: Path
-    """Where the tensors come from, for errors."""
-    base_fingerprint: dict[str, Any] | None = None
-    """The print of the base it was trained on (`base_fingerprint`), where the folder records one."""
-    base_model: str | None = None
-    """The folder's `base_model_name_or_path`."""
-    task: dict[str, Any] | None = None
-    """Its task, labels and head shapes (`task_record`), where the folder records them."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FolderSummary:
-    """What `describe_folder` tells of an adapter folder, without a model."""
-
-    kind: str
-    """Who wrote it: "deltatune", "peft" or "adapterhub"."""
-    method: str
-    config: dict[str, Any]
-    weights: Path | None
-    """Its weights file, if it has one."""
-
-    def tensor_count(self) -> tuple[int, int]:
-        """(tensors, parameters) in the weights file; (0, 0) without one."""
-        return tensor_count(self.weights) if self.weights is not None else (0, 0)
 
 
 def _our_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], FileLayout]:
@@ -284,35 +223,6 @@ def folder_kind(folder: Path) -> str:
     return "deltatune"
 
 
-def describe_folder(path: str | Path) -> FolderSummary:
-    """Kind, method, config and weights file of the adapter folder `path` (for `deltatune show`)."""
-    folder = Path(path)
-    kind = folder_kind(folder)
-    return FolderSummary(kind, *DESCRIBERS[kind](folder))
-
-
-def _describe_peft(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
-    data = read_json(folder / CONFIG_FILE)
-    return data["peft_type"], data, _weights_file(folder)
-
-
-def _describe_ours(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
-    data = read_json(folder / CONFIG_FILE)
-    return data.get("method", ""), data["config"], _weights_file(folder)
-
-
-def _weights_file(folder: Path) -> Path | None:
-    return folder / WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else None
-
-
-DESCRIBERS: dict[str, Callable[[Path], tuple[str, dict[str, Any], Path | None]]] = {
-    "adapterhub": adapterhub_format.describe,
-    "peft": _describe_peft,
-    "deltatune": _describe_ours,
-}
-"""`folder_kind` → (method, config, weights file) of such a folder."""
-
-
 def _read_adapterhub(folder: Path, model: nn.Module) -> ReadAdapter:
     config, tensors, name = adapterhub_format.read_folder(folder, model)
     return ReadAdapter(config, tensors, OURS, name, folder)
@@ -386,10 +296,10 @@ def _load_one(
         restore_heads()
         raise
     try:  # every check before the first copy: a `full` adapter's weights are the base's own
-        plan = _copy_plan(delta_model, adapter_name, read)
+        plan = copy_plan(delta_model, adapter_name, read)
         record = delta_model.records[adapter_name]
         check_same_base(read.base_fingerprint, record.base_fingerprint, adapter_name, folder, read.base_model, strict)
-        _copy(plan)
+        copy_tensors(plan)
         if read.base_fingerprint:
             record.base_fingerprint = read.base_fingerprint
     except BaseException:
@@ -424,52 +334,9 @@ def restore_weights(delta_model: DeltaModel, path: str | Path) -> None:
                 f"{sorted(delta_model.records)}: load it with deltatune.load(model, path, name=...) instead"
             )
         delta_model.require([adapter_name])
-        plans.append(_copy_plan(delta_model, adapter_name, read))
+        plans.append(copy_plan(delta_model, adapter_name, read))
     for plan in plans:
-        _copy(plan)
-
-
-def _copy(plan: list[tuple[SiteAdapter, dict[str, torch.Tensor]]]) -> None:
-    """Copy the checked tensors of a `_copy_plan` into their adapter parts."""
-    for adapter, loaded in plan:
-        adapter.load_file_state(loaded)
-
-
-def _copy_plan(
-    delta_model: DeltaModel, name: str, read: ReadAdapter
-) -> list[tuple[SiteAdapter, dict[str, torch.Tensor]]]:
-    """(adapter part, its tensors from the file) for every part of adapter `name`, once the file is checked to
-    hold exactly the adapter's tensors with the right shapes."""
-    plan: list[tuple[SiteAdapter, dict[str, torch.Tensor]]] = []
-    used: set[str] = set()
-    for module_name, site in delta_model.sites():
-        if name not in site.adapters:
-            continue
-        adapter = site.adapters[name]
-        loaded = {}
-        for tensor_name, current in adapter.file_state().items():
-            file_key = read.layout.tensor_key(module_name, adapter, tensor_name)
-            if file_key not in read.tensors:
-                raise AdapterShapeError(
-                    f"{read.source} has no tensor {file_key!r} that this model needs; the adapter was made for "
-                    "another model (or with another config)"
-                )
-            stored = read.tensors[file_key]
-            if stored.shape != current.shape:
-                raise AdapterShapeError(
-                    f"{file_key}: the file holds shape {tuple(stored.shape)}, the model needs "
-                    f"{tuple(current.shape)}; the adapter was made for a model of another shape"
-                )
-            loaded[tensor_name] = stored.to(dtype=current.dtype, device=current.device)
-            used.add(file_key)
-        plan.append((adapter, loaded))
-    extra = sorted(set(read.tensors) - used)
-    if extra:
-        raise AdapterShapeError(
-            f"{read.source} holds {len(extra)} tensor(s) this model has no place for, first {extra[0]!r}; the "
-            "adapter was made for another model"
-        )
-    return plan
+        copy_tensors(plan)
 
 
 def _is_adapter_folder(folder: Path) -> bool:
