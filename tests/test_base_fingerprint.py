@@ -145,3 +145,29 @@ def test_qlora_adapter_loads_silently_onto_its_full_precision_base(tmp_path: Pat
         warnings.simplefilter("error", deltatune.BaseWeightsWarning)
         with pytest.raises(deltatune.AdapterShapeError):
             deltatune.load(build("llama"), str(folder))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [deltatune.FullConfig(), deltatune.LoraConfig(r=2, target_modules=["query", "classifier"])],
+    ids=["full", "lora-on-the-head"],
+)
+def test_a_fresh_task_head_is_not_part_of_the_fingerprint(config: deltatune.DeltaConfig, tmp_path: Path) -> None:
+    """A task model loaded from a plain encoder gets a random head on every load: the same base loads
+    silently, and the print names the encoder's modules only."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    settings = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    BertModel(settings).save_pretrained(tmp_path / "encoder")
+
+    def task_model(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return BertForSequenceClassification.from_pretrained(tmp_path / "encoder").eval()
+
+    delta_model = deltatune.attach(task_model(1), config)
+    delta_model.save(str(tmp_path / "adapter"))
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_fingerprint"]["modules"]
+    assert recorded and not [name for name in recorded if name.split(".")[0] == "classifier"]
+    _silent_load(task_model(2), tmp_path / "adapter", strict=True)

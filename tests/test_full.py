@@ -136,3 +136,19 @@ def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tmp_path: 
 
     config = task_config(tmp_path, "causal-lm", **{**RESUME_SETTINGS, "adapter": {"method": "full"}})
     assert_resume_equals_the_uninterrupted_run(config, tmp_path)
+
+
+def test_a_strict_load_refused_for_another_base_leaves_every_base_weight_as_it_was(tmp_path: Path) -> None:
+    """The base fingerprint is checked before any weight is copied: a `full` adapter's weights are the
+    base's own, and deleting the refused adapter could not bring the old ones back."""
+    trained = deltatune.attach(build("llama"), deltatune.FullConfig())
+    with torch.no_grad():
+        for parameter in trained.adapter_parameters("default"):
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    trained.save(str(tmp_path / "full"))
+    other = build("llama", seed=1)
+    before = {name: parameter.detach().clone() for name, parameter in other.named_parameters()}
+    with pytest.raises(deltatune.BaseWeightsError, match="nothing was loaded"):
+        deltatune.load(other, str(tmp_path / "full"), strict=True)
+    changed = [name for name, parameter in other.named_parameters() if not torch.equal(parameter, before[name])]
+    assert changed == []

@@ -289,3 +289,40 @@ def test_writing_files_into_a_folder_keeps_its_other_entries_and_removes_staging
     assert (folder / "adapter" / "kept.txt").read_text() == "kept"
     assert (folder / "metrics.json").read_text() == '{\n  "loss": 1.0\n}\n'
     assert leftovers(folder) == []
+
+
+def test_a_save_keeps_a_subfolder_holding_files_no_save_writes(tmp_path: Path) -> None:
+    """A trainer's `checkpoint-N/` holds an adapter and its optimizer and trainer state: a later save into
+    the parent folder (`trainer.save_model()` into `output_dir`) keeps it whole."""
+    folder = tmp_path / "run"
+    delta_model(["default"], seed=1).save(str(folder / "checkpoint-3"))
+    state = {"optimizer.pt": b"optimizer state", "trainer_state.json": b"{}", "rng_state.pth": b"rng"}
+    for name, content in state.items():
+        (folder / "checkpoint-3" / name).write_bytes(content)
+    kept = {path.name: path.read_bytes() for path in (folder / "checkpoint-3").iterdir()}
+    final = delta_model(["default"], seed=2)
+    final.save(str(folder))
+    assert {path.name: path.read_bytes() for path in (folder / "checkpoint-3").iterdir()} == kept
+    assert same(loaded_outputs(folder), outputs(final))
+
+
+def test_a_users_readme_in_an_adapter_subfolder_survives_every_later_save(tmp_path: Path) -> None:
+    folder = tmp_path / "adapters"
+    delta_model(["a", "b"], seed=1).save(str(folder))
+    (folder / "a" / "README.md").write_text("# my notes on adapter a\n")
+    delta_model(["a", "b"], seed=2).save(str(folder))  # rewrites a/, keeping its README as the card
+    assert (folder / "a" / "README.md").read_text() == "# my notes on adapter a\n"
+    delta_model(["b", "c"], seed=3).save(str(folder))  # no longer names a
+    assert (folder / "a" / "README.md").read_text() == "# my notes on adapter a\n"
+    delta_model(["default"], seed=4).save(str(folder))  # one adapter into the parent
+    assert (folder / "a" / "README.md").read_text() == "# my notes on adapter a\n"
+    assert not (folder / "b").exists() and not (folder / "c").exists()  # saves' own subfolders still go
+
+
+def test_a_multi_save_refuses_to_rewrite_a_subfolder_holding_a_users_file(tmp_path: Path) -> None:
+    folder = tmp_path / "adapters"
+    delta_model(["a", "b"], seed=1).save(str(folder))
+    (folder / "a" / "notes.txt").write_text("train longer\n")
+    with pytest.raises(deltatune.AdapterFileError, match=r"notes\.txt|adapters/a"):
+        delta_model(["a", "b"], seed=2).save(str(folder))
+    assert (folder / "a" / "notes.txt").read_text() == "train longer\n"

@@ -142,3 +142,40 @@ def test_a_head_that_holds_another_adapter_is_not_rebuilt(tmp_path: Path) -> Non
     with pytest.raises(deltatune.AdapterShapeError, match="another adapter's part"):
         deltatune.load(other, str(folder), name="second")
     assert list(other.configs) == ["default"] and other.classifier.out_features == 2
+
+
+def test_a_full_folder_records_its_head_and_loads_onto_a_model_with_another_num_labels(tmp_path: Path) -> None:
+    """`full` trains the head in place (no modules_to_save), and records its shape all the same, so the
+    load rebuilds a head of the model's other num_labels and predicts as the trained model did."""
+    torch.manual_seed(0)
+    BertModel(BertForSequenceClassification.config_class(**_bert_settings())).save_pretrained(tmp_path / "encoder")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=3, id2label=LABELS)
+    trained = deltatune.attach(model, deltatune.FullConfig()).eval()
+    trained.save(str(tmp_path / "adapter"))
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task"]
+    assert recorded["heads"] == {"classifier": {"weight": [3, 32], "bias": [3]}}
+    inputs = torch.randint(6, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    two_labels = BertForSequenceClassification.from_pretrained(tmp_path / "encoder")
+    loaded = deltatune.load(two_labels, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=inputs).logits, trained(input_ids=inputs).logits)
+    assert loaded.config.id2label == LABELS
+
+
+def test_load_takes_the_recorded_label_names_for_a_head_of_the_same_shape(tmp_path: Path) -> None:
+    """The label ids the saved head predicts mean the recorded names, whatever names the model was
+    loaded with; a load that fails leaves the model's names as they were."""
+    folder, _, _ = _classifier_adapter(tmp_path, "deltatune")
+    reversed_labels = {index: LABELS[2 - index] for index in LABELS}
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "encoder", id2label=reversed_labels)
+    loaded = deltatune.load(model, str(folder))
+    assert loaded.config.id2label == LABELS
+    assert loaded.config.label2id == {label: index for index, label in LABELS.items()}
+    config_file = folder / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data["config"]["r"] = 8  # the file's LoRA tensors no longer fit: the load fails after the labels were set
+    config_file.write_text(json.dumps(data))
+    other = BertForSequenceClassification.from_pretrained(tmp_path / "encoder", id2label=reversed_labels)
+    with pytest.raises(deltatune.AdapterShapeError):
+        deltatune.load(other, str(folder))
+    assert other.config.id2label == reversed_labels

@@ -235,3 +235,19 @@ def test_load_best_model_at_end_restores_the_best_adapter(tmp_path: Path) -> Non
     trained = {name: p for name, p in delta_model.named_parameters() if p.requires_grad}
     assert trained.keys() == {name for name, _ in expected.named_parameters() if ".deltatune." in name}
     assert all(torch.equal(p, expected.get_parameter(name)) for name, p in trained.items())
+
+
+def test_save_model_into_output_dir_keeps_every_checkpoint_whole(tmp_path: Path) -> None:
+    """`trainer.save_model()` (into `args.output_dir`, the usual last line of a script) saves the adapter
+    beside the `checkpoint-N/` folders, each kept with its optimizer, scheduler, RNG and trainer state."""
+    folder = model_folder(tmp_path, "causal-lm")
+    delta_model = deltatune.attach(AutoModelForCausalLM.from_pretrained(folder), LORA)
+    run = tmp_path / "run"
+    args = TrainingArguments(output_dir=str(run), **{**COMMON, "save_strategy": "steps", "save_steps": 1})
+    trainer = deltatune.adapter_trainer(Trainer)(model=delta_model, args=args, train_dataset=_tokenized_rows())
+    trainer.train()
+    checkpoints = {path: path.read_bytes() for path in run.glob("checkpoint-*/*") if path.is_file()}
+    assert any(path.name == "trainer_state.json" for path in checkpoints)
+    trainer.save_model()
+    assert {path: path.read_bytes() for path in run.glob("checkpoint-*/*") if path.is_file()} == checkpoints
+    assert (run / "adapter_model.safetensors").is_file()

@@ -1,8 +1,9 @@
 """The fingerprint of the base weights an adapter was trained on, so that loading it onto another base is seen.
 
 An adapter is recorded with the base it was added to (`DeltaModel.add`), one entry per adapted module
-(the method's targets; `modules_to_save` copies are not the base's weights, a new task head starts
-random): `"<shape digest> <signs>"`.
+(the method's targets; `modules_to_save` copies are not the base's weights), except those inside a
+classification or QA model's task head (`task_record.task_heads`: new, so random in each model loaded from
+a plain encoder): `"<shape digest> <signs>"`.
 
 - shape digest: the first 8 hex digits of SHA-256 over the module's parameters, each `name=d0xd1...` in
   sorted order, joined by `;`. The parameters are the module's own and its children's, deltatune's
@@ -40,6 +41,7 @@ from torch import nn
 from .errors import BaseWeightsError, BaseWeightsWarning
 from .quantized import quantized_linear
 from .targeting import model_modules
+from .task_record import task_heads
 
 SAMPLE_SIZE = 32
 SCHEME = "deltatune-signs-32"
@@ -48,10 +50,14 @@ SIGNS = {1: "+", -1: "-", 0: "0"}
 
 
 def fingerprint(model: nn.Module, module_names: list[str]) -> dict[str, object]:
-    """The fingerprint of `model`'s modules `module_names`: `{"scheme": SCHEME, "modules": {name: entry}}`."""
+    """The fingerprint of `model`'s modules `module_names`, its task heads' left out: `{"scheme": SCHEME,
+    "modules": {name: entry}}`."""
     shapes: dict[str, str] = {}
     samples: dict[str, torch.Tensor] = {}
+    heads = set(task_heads(model))
     for module_name in dict.fromkeys(module_names):
+        if module_name.partition(".")[0] in heads:
+            continue
         parameters, unreadable = _parameters(model.get_submodule(module_name))
         shapes[module_name] = _shape_digest(parameters)
         if not unreadable:

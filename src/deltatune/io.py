@@ -10,27 +10,30 @@ stored of each adapter (a `FileLayout`). Every saved adapter folder also gets a 
 (`model_card`).
 
 A save replaces the whole save folder in one step (`atomic`): an interrupted save leaves the old
-adapter as it was, and afterwards the folder holds exactly the adapters saved. The adapter entries of
-the old folder go: `adapter_config.json`, `adapter_fusion_config.json`, `adapter_model.safetensors` and
-`adapter.safetensors` at its top, a model card a save wrote there, and every subfolder that holds an
-adapter (ours, peft's or AdapterHub's: what `load` would read). Everything else in it (the user's README,
-a model, hidden files) stays. Loading reads the folder again if
-a save replaced it meanwhile, skips hidden subfolders (a valid adapter name never starts with '.'), and
-checks every name, key and shape before it copies anything.
+adapter as it was, and afterwards the folder holds the adapters saved (and the subfolders kept, below).
+The adapter entries of the old folder go: `adapter_config.json`, `adapter_fusion_config.json`,
+`adapter_model.safetensors` and `adapter.safetensors` at its top, a model card a save wrote there, and
+every subfolder that holds an adapter (ours, peft's or AdapterHub's: what `load` would read) and nothing
+but those files and a card a save wrote. Everything else stays: the user's README, a model, hidden
+files, and whole, every adapter subfolder holding anything else (a trainer's `checkpoint-N/` with its
+optimizer and trainer state, an adapter with a README of the user's), so a save never loses a user's
+file. A multi save that rewrites such a subfolder keeps a README of the user's in it as its card, and
+refuses, naming the subfolder, one holding other files. Loading reads the folder again if a save
+replaced it meanwhile, skips hidden subfolders (a valid adapter name never starts with '.'), and checks
+every name, key and shape before it copies anything.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from . import adapterhub_format, adapterhub_writer, peft_format
+from .adapter_tensors import OURS, FileLayout, ReadAdapter, copy_plan, copy_tensors
 from .atomic import (
     Writer,
     folder_version,
@@ -41,14 +44,12 @@ from .atomic import (
     safetensors_writer,
 )
 from .base_fingerprint import check_same_base
-from .config import DeltaConfig
-from .errors import AdapterFileError, AdapterShapeError, DeltaTuneError
-from .files import read_json, read_tensors, tensor_count
+from .errors import AdapterFileError, DeltaTuneError
+from .files import read_json, read_tensors
 from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, peft_records
 from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
-from .site import SiteAdapter
 from .task_record import fit_heads
 from .version import __version__
 
@@ -64,64 +65,6 @@ TOP_LEVEL_ADAPTER_FILES = (
     *adapterhub_format.ADAPTER_WEIGHTS,
 )
 LOAD_ATTEMPTS = 5
-
-
-class FileLayout(Protocol):
-    """How a format names and stores one adapter's tensors in its weights file."""
-
-    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
-        """The key of tensor `tensor_name` (a key of `adapter.file_state()`) of `adapter` at `module_name`."""
-
-    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
-        """The tensors the format stores of `adapter`, by their names in `adapter.file_state()`."""
-
-
-class OurLayout:
-    """Our weights file: every tensor of `file_state()` under `<module path>.<tensor name>`."""
-
-    def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
-        return f"{module_name}.{tensor_name}"
-
-    def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
-        return adapter.file_state()
-
-
-OURS = OurLayout()
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadAdapter:
-    """One adapter as a folder holds it, read and checked, before anything is added to a model."""
-
-    config: DeltaConfig
-    tensors: dict[str, torch.Tensor]
-    layout: FileLayout
-    recorded_name: str | None
-    """The name the folder records (AdapterHub's and ours), if any."""
-    source: Path
-    """Where the tensors come from, for errors."""
-    base_fingerprint: dict[str, Any] | None = None
-    """The print of the base it was trained on (`base_fingerprint`), where the folder records one."""
-    base_model: str | None = None
-    """The folder's `base_model_name_or_path`."""
-    task: dict[str, Any] | None = None
-    """Its task, labels and head shapes (`task_record`), where the folder records them."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FolderSummary:
-    """What `describe_folder` tells of an adapter folder, without a model."""
-
-    kind: str
-    """Who wrote it: "deltatune", "peft" or "adapterhub"."""
-    method: str
-    config: dict[str, Any]
-    weights: Path | None
-    """Its weights file, if it has one."""
-
-    def tensor_count(self) -> tuple[int, int]:
-        """(tensors, parameters) in the weights file; (0, 0) without one."""
-        return tensor_count(self.weights) if self.weights is not None else (0, 0)
 
 
 def _our_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], FileLayout]:
@@ -175,9 +118,12 @@ def save_adapters(
             root, folders[names[0]], replaced=lambda entry: entry.name == CARD_FILE or _written_by_saves(entry)
         )
     else:
-        replace_folder(
-            Path(path), {name: folder_writer(writers) for name, writers in folders.items()}, replaced=_written_by_saves
-        )
+        subfolders = {name: folder_writer(writers) for name, writers in folders.items()}
+
+        def replaced(entry: Path) -> bool:
+            return _written_by_saves(entry, rewritten=entry.name in subfolders)
+
+        replace_folder(root, subfolders, replaced=replaced)
 
 
 def _adapter_writers(
@@ -204,13 +150,22 @@ def _adapter_writers(
     return writers
 
 
-def _written_by_saves(entry: Path) -> bool:
-    """The entries of an old save folder that a new save replaces (see the module docstring)."""
-    return (
-        entry.name in TOP_LEVEL_ADAPTER_FILES
-        or (entry.name == CARD_FILE and is_ours(entry))
-        or _is_adapter_folder(entry)
+def _written_by_saves(entry: Path, rewritten: bool = False) -> bool:
+    """The entries of an old save folder that a new save replaces (see the module docstring): adapter files,
+    a card a save wrote, and adapter subfolders holding nothing else. A subfolder this save `rewritten`
+    may hold a README of the user's too: the new folder's card writer keeps it."""
+    return _save_file(entry, card_kept=False) or (
+        entry.is_dir()
+        and not entry.is_symlink()
+        and _is_adapter_folder(entry)
+        and all(child.is_file() and _save_file(child, card_kept=rewritten) for child in entry.iterdir())
     )
+
+
+def _save_file(entry: Path, card_kept: bool) -> bool:
+    """Whether `entry` is a file a save writes: adapter files, and a model card a save wrote (any README
+    where `card_kept`: the save writes it back as it is)."""
+    return entry.name in TOP_LEVEL_ADAPTER_FILES or (entry.name == CARD_FILE and (card_kept or is_ours(entry)))
 
 
 def load_adapters(
@@ -272,35 +227,6 @@ def folder_kind(folder: Path) -> str:
     if data.get("format") != "deltatune" or "config" not in data:
         raise AdapterFileError(f"{folder / CONFIG_FILE} is neither a deltatune nor a peft adapter config")
     return "deltatune"
-
-
-def describe_folder(path: str | Path) -> FolderSummary:
-    """Kind, method, config and weights file of the adapter folder `path` (for `deltatune show`)."""
-    folder = Path(path)
-    kind = folder_kind(folder)
-    return FolderSummary(kind, *DESCRIBERS[kind](folder))
-
-
-def _describe_peft(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
-    data = read_json(folder / CONFIG_FILE)
-    return data["peft_type"], data, _weights_file(folder)
-
-
-def _describe_ours(folder: Path) -> tuple[str, dict[str, Any], Path | None]:
-    data = read_json(folder / CONFIG_FILE)
-    return data.get("method", ""), data["config"], _weights_file(folder)
-
-
-def _weights_file(folder: Path) -> Path | None:
-    return folder / WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else None
-
-
-DESCRIBERS: dict[str, Callable[[Path], tuple[str, dict[str, Any], Path | None]]] = {
-    "adapterhub": adapterhub_format.describe,
-    "peft": _describe_peft,
-    "deltatune": _describe_ours,
-}
-"""`folder_kind` → (method, config, weights file) of such a folder."""
 
 
 def _read_adapterhub(folder: Path, model: nn.Module) -> ReadAdapter:
@@ -375,10 +301,11 @@ def _load_one(
     except BaseException:
         restore_heads()
         raise
-    try:
-        _copy_into(delta_model, adapter_name, read)
+    try:  # every check before the first copy: a `full` adapter's weights are the base's own
+        plan = copy_plan(delta_model, adapter_name, read)
         record = delta_model.records[adapter_name]
         check_same_base(read.base_fingerprint, record.base_fingerprint, adapter_name, folder, read.base_model, strict)
+        copy_tensors(plan)
         if read.base_fingerprint:
             record.base_fingerprint = read.base_fingerprint
     except BaseException:
@@ -413,53 +340,9 @@ def restore_weights(delta_model: DeltaModel, path: str | Path) -> None:
                 f"{sorted(delta_model.records)}: load it with deltatune.load(model, path, name=...) instead"
             )
         delta_model.require([adapter_name])
-        plans.append(_copy_plan(delta_model, adapter_name, read))
+        plans.append(copy_plan(delta_model, adapter_name, read))
     for plan in plans:
-        for adapter, loaded in plan:
-            adapter.load_file_state(loaded)
-
-
-def _copy_into(delta_model: DeltaModel, name: str, read: ReadAdapter) -> None:
-    """Check that the file holds exactly the adapter's tensors with the right shapes, then copy."""
-    for adapter, loaded in _copy_plan(delta_model, name, read):
-        adapter.load_file_state(loaded)
-
-
-def _copy_plan(
-    delta_model: DeltaModel, name: str, read: ReadAdapter
-) -> list[tuple[SiteAdapter, dict[str, torch.Tensor]]]:
-    """(adapter part, its tensors from the file) for every part of adapter `name`, once the file is checked to
-    hold exactly the adapter's tensors with the right shapes."""
-    plan: list[tuple[SiteAdapter, dict[str, torch.Tensor]]] = []
-    used: set[str] = set()
-    for module_name, site in delta_model.sites():
-        if name not in site.adapters:
-            continue
-        adapter = site.adapters[name]
-        loaded = {}
-        for tensor_name, current in adapter.file_state().items():
-            file_key = read.layout.tensor_key(module_name, adapter, tensor_name)
-            if file_key not in read.tensors:
-                raise AdapterShapeError(
-                    f"{read.source} has no tensor {file_key!r} that this model needs; the adapter was made for "
-                    "another model (or with another config)"
-                )
-            stored = read.tensors[file_key]
-            if stored.shape != current.shape:
-                raise AdapterShapeError(
-                    f"{file_key}: the file holds shape {tuple(stored.shape)}, the model needs "
-                    f"{tuple(current.shape)}; the adapter was made for a model of another shape"
-                )
-            loaded[tensor_name] = stored.to(dtype=current.dtype, device=current.device)
-            used.add(file_key)
-        plan.append((adapter, loaded))
-    extra = sorted(set(read.tensors) - used)
-    if extra:
-        raise AdapterShapeError(
-            f"{read.source} holds {len(extra)} tensor(s) this model has no place for, first {extra[0]!r}; the "
-            "adapter was made for another model"
-        )
-    return plan
+        copy_tensors(plan)
 
 
 def _is_adapter_folder(folder: Path) -> bool:

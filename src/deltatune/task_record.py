@@ -9,15 +9,18 @@ ids they predict mean only what the training run's label names said. So a folder
 
 `task` is the trainer's task name of the model's transformers class (`...ForSequenceClassification` →
 `seq-cls`); `id2label` is the model config's, for the labelled tasks (seq-cls, token-cls); `heads` are
-the adapter's `modules_to_save` that are children of the model, with their parameter shapes. A model
-that is not a transformers task model records nothing.
+the adapter's `modules_to_save` that are children of the model, and under a method that trains the base
+in place (`trains_base`: full fine-tuning) the model's task heads (`task_heads`), with their parameter
+shapes. A model that is not a transformers task model records nothing.
 
 `fit_heads` rebuilds a head whose shape differs (a model loaded with another `num_labels`): each
-`nn.Linear` inside it whose weight shape differs becomes a fresh one of the recorded shape, and the
-config's labels become the recorded ones, so the saved head weights load and a merged model predicts
-with the label names. `deltatune merge` and `deltatune eval` load the model with the task's class and
-the recorded labels (`recorded_task`), which is how a seq-cls adapter trained from a plain encoder
-folder (no classifier in it) merges into a model that `AutoModelForSequenceClassification` loads.
+`nn.Linear` inside it whose weight shape differs becomes a fresh one of the recorded shape; and the
+config's labels become the recorded ones wherever they differ (a head of the same shape too: a saved
+head's label ids mean the names it was trained with), so the saved head weights load and the model and
+a merged one predict with the adapter's label names. `deltatune merge` and `deltatune eval` load the
+model with the task's class and the recorded labels (`recorded_task`), which is how a seq-cls adapter
+trained from a plain encoder folder (no classifier in it) merges into a model that
+`AutoModelForSequenceClassification` loads.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .errors import AdapterShapeError
+from .registry import method_for
 from .site import site_of
 from .targeting import model_modules
 
@@ -53,6 +57,21 @@ AUTO_CLASSES = {
 """Task → the transformers auto class that builds its head (named in errors)."""
 
 
+def head_children(model: nn.Module) -> list[str]:
+    """The children of `model` with parameters other than its backbone (`base_model_prefix`): a task
+    model's heads (`classifier`, `score`, `qa_outputs`)."""
+    backbone = getattr(model, "base_model_prefix", "")
+    return [
+        name for name, child in model.named_children() if name != backbone and any(True for _ in child.parameters())
+    ]
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """The heads a classification or QA model adds on its backbone (`head_children`): new, so random in each
+    model loaded from a plain encoder; none for other models (a language model's head is pretrained)."""
+    return head_children(model) if task_of(model) in AUTO_CLASSES else []
+
+
 def task_of(model: nn.Module) -> str | None:
     """The trainer's task name of `model`'s transformers class, None for other models."""
     class_name = type(model).__name__
@@ -72,9 +91,15 @@ def task_record(delta_model: DeltaModel, name: str) -> dict[str, Any] | None:
     targets = set(delta_model.targets[name])
     placed = delta_model.records[name].placed
     heads = [module_name for module_name in placed if module_name not in targets and "." not in module_name]
+    if getattr(method_for(delta_model.configs[name]), "trains_base", False):  # its heads train in place
+        heads += [head for head in task_heads(model) if head not in heads and _holds_any(head, placed)]
     if heads:
         record["heads"] = {head: _shapes(model.get_submodule(head)) for head in heads}
     return record
+
+
+def _holds_any(head: str, module_names: list[str]) -> bool:
+    return any(module_name == head or module_name.startswith(f"{head}.") for module_name in module_names)
 
 
 def label_names(record: dict[str, Any] | None) -> list[str]:
@@ -84,16 +109,16 @@ def label_names(record: dict[str, Any] | None) -> list[str]:
 
 
 def fit_heads(model: nn.Module, record: dict[str, Any] | None, source: object) -> Callable[[], None]:
-    """Rebuild the heads of `model` whose shapes differ from `record`'s and take its labels; returns the
-    undo (the old heads and labels back). A head the model lacks is an error naming the class to load."""
+    """Rebuild the heads of `model` whose shapes differ from `record`'s and take its label names where they
+    differ from the config's (even for heads of the same shape); returns the undo (the old heads and labels
+    back). A head the model lacks is an error naming the class to load."""
     if not record or not record.get("heads"):
         return lambda: None
     changes: list[Callable[[], None]] = []
     try:
         for head, shapes in record["heads"].items():
             changes += _fit_head(model, head, shapes, record, source)
-        if changes:
-            changes.append(_set_labels(model, label_names(record)))
+        changes.append(_set_labels(model, label_names(record)))  # the ids the saved head predicts mean these names
     except BaseException:
         _undo(changes)
         raise
@@ -160,11 +185,13 @@ def _replace_linear(model: nn.Module, full_name: str, shapes: dict[str, list[int
 
 
 def _set_labels(model: nn.Module, labels: list[str]) -> Callable[[], None]:
+    """Give the model config the recorded label names where they differ from its own; returns the undo."""
     config = getattr(model, "config", None)
-    if config is None or not labels:
+    id2label = dict(enumerate(labels))
+    if config is None or not labels or getattr(config, "id2label", None) == id2label:
         return lambda: None
     before = (config.id2label, config.label2id)
-    config.id2label = dict(enumerate(labels))
+    config.id2label = id2label
     config.label2id = {label: index for index, label in enumerate(labels)}
 
     def undo() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .. import registered_methods
 from ..errors import DeltaTuneError, MergeError
-from ..io import describe_folder
+from ..folder_summary import describe_folder
 from ..version import __version__
 from . import compare_cli
 from .quantize import QUANTIZE_OPTIONS

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import DeltaTuneError
 from ..losses import causal_lm_batch_loss, contrastive_loss, model_loss, seq2seq_lm_loss, unwrap
+from ..task_record import head_children
 from . import encode, metrics, predict
 from .data import Record
 
@@ -85,11 +86,7 @@ def trained_heads(model: nn.Module) -> list[str]:
     """The head modules a task model adds on top of its backbone (`classifier`, `score`,
     `qa_outputs`): children with parameters other than the backbone. They start untrained, so they
     train fully (`modules_to_save`)."""
-    model = unwrap(model)
-    backbone = getattr(model, "base_model_prefix", "")
-    return [
-        name for name, child in model.named_children() if name != backbone and any(True for _ in child.parameters())
-    ]
+    return head_children(unwrap(model))
 
 
 TEXT_METRICS = {"exact_match": metrics.exact_match, "bleu": metrics.bleu, "rouge_l": metrics.rouge_l}
