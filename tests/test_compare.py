@@ -166,6 +166,7 @@ def test_the_plot_is_a_real_image(compared) -> None:
         ),
         (["--methods", "lora,bitfit", "--set", "lora.task=causal-lm"], "task is the same for every method"),
         (["--methods", "lora", "--set", "bitfit.learning_rate=1"], "for method 'bitfit', which --methods does not"),
+        (["--methods", "lora,bitfit", "--set", "bitfit.adapter.method=lora"], "write LABEL=METHOD in --methods"),
         (["--methods", "lora,bitfit"], "already holds a run .*compare.md.*--overwrite"),
     ],
     ids=[
@@ -177,6 +178,7 @@ def test_the_plot_is_a_real_image(compared) -> None:
         "unknown-metric",
         "tasks-differ",
         "set-other",
+        "set-method-under-another-label",
         "taken",
     ],
 )
