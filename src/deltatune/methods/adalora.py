@@ -262,3 +262,7 @@ class AdaLora(ModuleMethod):
         from .adalora_budget import RankAllocator
 
         return RankAllocator(delta_model, name, default_total_step=total_steps)
+
+    def trainer_loss_terms(self, config: AdaLoraConfig) -> list[str]:
+        """The term the rank allocator adds to the loss (`orthogonal_loss`), for the run identity."""
+        return ["orth_reg_weight"]
