@@ -256,6 +256,8 @@ class AdaLora(ModuleMethod):
     adapter_types = _adapter_types()
     peft_codec = AdaLoraPeft()
     targets_by_model_type = DEFAULT_TARGETS
+    schedule_counts_steps = True
+    """Its rank budget (`RankAllocator`) runs over the total step count: no time budget (`train/time_budget.py`)."""
 
     def training_hook(self, delta_model: Any, name: str, total_steps: int) -> Any:
         """The trainer's per-step work for adapter `name`: the rank allocator (see `adalora_budget`)."""

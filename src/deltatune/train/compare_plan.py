@@ -16,7 +16,8 @@ Refused in one line, before any model trains: an unknown method, a label named t
 is not positive, a `--set` for a method not compared, of a shared key or of `adapter.method` (a label's
 method is the one `--methods` names), a method whose config does not validate or that cannot attach to
 the config's model for its task (every method is attached once to the loaded base, and taken off again),
-and an output folder that holds another run (unless `--overwrite`).
+a `--time-budget` for a method that schedules over the step count (AdaLoRA), and an output folder that
+holds another run (unless `--overwrite`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..names import name_problem
 from ..registry import get_method
 from .config import TrainConfig, apply_overrides
 from .outputs import previous_run
+from .time_budget import refuse_step_schedules
 
 COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
 SHARED_KEYS = (
@@ -110,6 +112,8 @@ def plan_comparison(
 ) -> tuple[TrainConfig, list[MethodPlan]]:
     """The comparison's own config and one plan per `--methods` entry (see the module docstring)."""
     labelled = _labelled_methods(methods)
+    for method in labelled.values() if budget.seconds is not None else []:
+        refuse_step_schedules(method)
     base = TrainConfig.from_yaml(config_path, overrides)
     if not base.eval_file:
         raise CompareError("a comparison scores every method on eval_file, and the config has none; add eval_file")

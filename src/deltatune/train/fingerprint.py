@@ -99,8 +99,11 @@ WEIGHTS_SUFFIXES = (".safetensors", ".bin")
 """The files of a transformers model folder that hold its weights (also sharded ones)."""
 
 
-def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
-    """What a checkpoint stores about its run: {"fingerprint": ..., "config": every setting}."""
+def run_record(
+    config: TrainConfig, train_features: list[dict[str, Any]], world_size: int, time_budget: float | None = None
+) -> dict[str, Any]:
+    """What a checkpoint stores about its run: {"fingerprint": ..., "config": every setting}; a run with a
+    time budget records it (`time_budget.py`), and its checkpoints never resume."""
     settings = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
     settings.update({name: _data_source(settings[name]) for name in DATA_FIELDS})
     compared = {name: value for name, value in settings.items() if name not in KEEPS_THE_MATH}
@@ -112,6 +115,7 @@ def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_
         "training_data": hashlib.sha256(examples).hexdigest(),
         "base_model_weights": weights_identity(weights_source(config.model, config.quantize)),
         **_loss_added_by_trainer(config),
+        **({"time_budget": time_budget} if time_budget is not None else {}),
     }
     return {"fingerprint": _dotted(_as_json(fingerprint)), "config": _as_json(settings)}
 
@@ -143,6 +147,11 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
     if saved is None:
         raise CheckpointMismatchError(
             f"--resume: {folder} does not record which run wrote it (an older deltatune wrote it); {again}"
+        )
+    if saved["fingerprint"].get("time_budget") is not None:
+        raise CheckpointMismatchError(
+            f"--resume: {folder} was written by a run with a time budget, whose learning rate followed the clock, "
+            "so no run can continue it exactly; train afresh without --resume"
         )
     now = record["fingerprint"]
     before = {**{name: value for name, value in ADDED_LATER.items() if name in now}, **saved["fingerprint"]}
