@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import deltatune
+from deltatune.errors import DeltaTuneError
 from deltatune.train.cli import main
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import prepare_run
@@ -166,6 +167,8 @@ def test_the_plot_is_a_real_image(compared) -> None:
         ),
         (["--methods", "lora,bitfit", "--set", "lora.task=causal-lm"], "task is the same for every method"),
         (["--methods", "lora", "--set", "bitfit.learning_rate=1"], "for method 'bitfit', which --methods does not"),
+        (["--methods", "lora,bitfit", "--set", "bitfit.adapter.method=lora"], "write LABEL=METHOD in --methods"),
+        (["--methods", "lora,adalora", "--time-budget", "1"], "'adalora' .*step count.*--max-steps or --epochs"),
         (["--methods", "lora,bitfit"], "already holds a run .*compare.md.*--overwrite"),
     ],
     ids=[
@@ -177,6 +180,8 @@ def test_the_plot_is_a_real_image(compared) -> None:
         "unknown-metric",
         "tasks-differ",
         "set-other",
+        "set-method-under-another-label",
+        "time-budget-for-a-step-schedule",
         "taken",
     ],
 )
@@ -223,3 +228,23 @@ def test_a_time_budget_stops_on_training_time_and_decays_over_it(tmp_path: Path)
     rates = [entry["learning_rate"] for entry in metrics["history"] if "learning_rate" in entry]
     assert rates == sorted(rates, reverse=True) and rates[-1] < rates[0]
     assert torch.isfinite(torch.tensor(rates)).all()
+
+
+def test_a_time_budget_is_refused_before_training_for_a_method_whose_schedule_counts_steps(tmp_path: Path) -> None:
+    """AdaLoRA's rank budget runs over the config's step count, which a time budget does not fix."""
+    adapter = {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "target_modules": ["query"]}
+    config = TrainConfig.from_yaml(task_config(tmp_path, "seq-cls", method=adapter, arch="bert", max_steps=50))
+    with pytest.raises(DeltaTuneError, match="adalora.*--max-steps or --epochs"):
+        deltatune.train.train(config, progress=False, time_budget=0.5)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_checkpoint_of_a_time_budgeted_run_does_not_resume(tmp_path: Path, capsys) -> None:
+    """Its learning rate followed the clock, so no resume can continue it exactly."""
+    path = task_config(tmp_path, "seq-cls", arch="bert", max_steps=2, save_every=1, scheduler="linear")
+    deltatune.train.train(TrainConfig.from_yaml(path), progress=False, time_budget=0.5)
+    assert list((tmp_path / "out" / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert main(["train", str(path), "--quiet", "--resume"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("deltatune: --resume:") and "time budget" in error, error

@@ -320,3 +320,35 @@ def test_monteclora_refuses_what_it_does_not_compute_in_one_line(options: dict, 
     config = {"monteclora_config": {"num_samples": 2}, **options}
     with pytest.raises(deltatune.DeltaTuneError, match=message):
         deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, **config))
+
+
+class TwoExperts(nn.Module):
+    """Two linears, the second of which a call may skip (an MoE expert no token is routed to)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, inputs: torch.Tensor, use_second: bool = True) -> torch.Tensor:
+        out = self.first(inputs)
+        return out + self.second(inputs) if use_second else out
+
+
+def test_the_monteclora_regulariser_of_a_layer_a_step_did_not_reach_is_its_last_call_value_without_a_graph() -> None:
+    """A step whose forward skips a layer backpropagates (no graph of an earlier, freed forward is reused);
+    the skipped layer still counts with its last call's σ² and w, as peft's stale values, and the layers
+    the step did reach get their gradients."""
+    torch.manual_seed(0)
+    config = deltatune.LoraConfig(r=2, target_modules=["first", "second"], monteclora_config=SETTINGS)
+    model = deltatune.attach(TwoExperts(), config).train()
+    samplers = {name: site.adapters["default"].monteclora for name, site in model.sites()}
+    skipped = next(sampler for name, sampler in samplers.items() if name.endswith("second"))
+    (model(torch.randn(4, 8)).pow(2).mean() + deltatune.monteclora_loss(model)).backward()
+    before = float(skipped.regularizer())  # its buffers: the first call's σ² and w (no parameter changed since)
+    model.zero_grad()
+    out = model(torch.randn(4, 8), use_second=False)
+    terms = {name: sampler.regularizer() for name, sampler in samplers.items()}
+    (out.pow(2).mean() + torch.stack(list(terms.values())).mean()).backward()
+    assert float(next(term for name, term in terms.items() if name.endswith("second"))) == pytest.approx(before)
+    reached = next(sampler for name, sampler in samplers.items() if name.endswith("first"))
+    assert reached.std_prior.grad is not None and reached.expert_weights_prior.grad.abs().sum() > 0

@@ -256,9 +256,15 @@ class AdaLora(ModuleMethod):
     adapter_types = _adapter_types()
     peft_codec = AdaLoraPeft()
     targets_by_model_type = DEFAULT_TARGETS
+    schedule_counts_steps = True
+    """Its rank budget (`RankAllocator`) runs over the total step count: no time budget (`train/time_budget.py`)."""
 
     def training_hook(self, delta_model: Any, name: str, total_steps: int) -> Any:
         """The trainer's per-step work for adapter `name`: the rank allocator (see `adalora_budget`)."""
         from .adalora_budget import RankAllocator
 
         return RankAllocator(delta_model, name, default_total_step=total_steps)
+
+    def trainer_loss_terms(self, config: AdaLoraConfig) -> list[str]:
+        """The term the rank allocator adds to the loss (`orthogonal_loss`), for the run identity."""
+        return ["orth_reg_weight"]

@@ -341,8 +341,12 @@ class Lora(ModuleMethod):
         """`deltatune train` adds the loss terms of the adapter's variants (`REGULARIZERS`); other LoRA
         adapters need no hook."""
         config = delta_model.configs[name]
-        terms = [term for field, term in REGULARIZERS.items() if getattr(config, field) is not None]
+        terms = [REGULARIZERS[field] for field in self.trainer_loss_terms(config)]
         return RegularizerHook(delta_model, name, terms) if terms else None
+
+    def trainer_loss_terms(self, config: LoraConfig) -> list[str]:
+        """The `REGULARIZERS` fields the adapter turns on: the terms `deltatune train` adds (run identity)."""
+        return [field for field in REGULARIZERS if getattr(config, field) is not None]
 
     def attach(self, placement: Placement, config: LoraConfig) -> None:
         """LoRA's layers: the selected modules and the selected parameters (`target_parameters`: one adapter

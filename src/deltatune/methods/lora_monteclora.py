@@ -26,7 +26,10 @@ layer, λ (KL_dir + KL_wish + KL_mvn) + [Σ w_n² if `use_entropy`], averaged ov
 written as peft computes it (KL_dir's Σ lgΓ terms carry the sign peft gives them; the textbook Dirichlet KL
 has the opposite one), with lgΓ computed directly where peft takes log(exp(lgΓ)), which overflows once Σα
 passes ~35 in float32. w and σ² of the latest training call are kept for it, as peft keeps them, and copied
-into the buffers `expert_weights` and `gaussian_var_prior` (diag(σ²)) that peft's files hold.
+into the buffers `expert_weights` and `gaussian_var_prior` (diag(σ²)) that peft's files hold. The regulariser
+takes them with their graph once; a later step whose forward does not reach the layer (an MoE expert no
+token went to) takes the buffers' detached copies: the value peft computes from its stale σ² and w, without
+reaching into a freed graph (the layer still counts in the average, as in peft).
 
 Outside training the layer is plain LoRA, and merging folds ΔW = s·B A. The noise is drawn at each
 training call from torch's default generator (so a seeded run repeats, and a checkpoint's random state
@@ -159,7 +162,8 @@ class MontecloraSampler(nn.Module):
         self.register_buffer("gaussian_var_prior", torch.eye(rank, **factory))
         self.register_buffer("expert_weights", torch.full((settings.num_samples,), 1 / settings.num_samples, **factory))
         self.latest: tuple[torch.Tensor, torch.Tensor] | None = None
-        """(σ², w) of the latest training call, with their graph, for the regulariser (None: no call yet)."""
+        """(σ², w) of the latest training call, with their graph, until the regulariser reads them (None: read,
+        or no call yet; the regulariser then takes the buffers' detached copies)."""
 
     def draw(self, lora_A: torch.Tensor) -> Draws:
         """This call's draws from torch's default generator, in A's dtype and on its device."""
@@ -206,6 +210,7 @@ class MontecloraSampler(nn.Module):
         std_variance = (2 * self.std_prior).exp()
         wishart = 0.5 * rank * (std_variance - 2 * self.std_prior).sum() - 0.5 * rank**2
         variance, weights = self.latest or (self.gaussian_var_prior.diagonal(), self.expert_weights)
+        self.latest = None  # their graph belongs to one forward: a step that skips this layer takes the buffers
         variance = variance.clamp_min(KL_VARIANCE_FLOOR)
         gaussian = 0.5 * self.num_samples * (variance - variance.log() - 1).sum()
         loss = self.kl_loss_weight * (dirichlet + wishart + gaussian)

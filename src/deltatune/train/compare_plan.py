@@ -13,9 +13,11 @@ config (with its `key=value` overrides) and:
   `lora.adapter.r=16`), which may not touch what the comparison holds equal (`SHARED_KEYS`).
 
 Refused in one line, before any model trains: an unknown method, a label named twice, a budget that
-is not positive, a `--set` for a method not compared or of a shared key, a method whose config does not
-validate or that cannot attach to the config's model for its task (every method is attached once to the
-loaded base, and taken off again), and an output folder that holds another run (unless `--overwrite`).
+is not positive, a `--set` for a method not compared, of a shared key or of `adapter.method` (a label's
+method is the one `--methods` names), a method whose config does not validate or that cannot attach to
+the config's model for its task (every method is attached once to the loaded base, and taken off again),
+a `--time-budget` for a method that schedules over the step count (AdaLoRA), and an output folder that
+holds another run (unless `--overwrite`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..names import name_problem
 from ..registry import get_method
 from .config import TrainConfig, apply_overrides
 from .outputs import previous_run
+from .time_budget import refuse_step_schedules
 
 COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
 SHARED_KEYS = (
@@ -109,6 +112,8 @@ def plan_comparison(
 ) -> tuple[TrainConfig, list[MethodPlan]]:
     """The comparison's own config and one plan per `--methods` entry (see the module docstring)."""
     labelled = _labelled_methods(methods)
+    for method in labelled.values() if budget.seconds is not None else []:
+        refuse_step_schedules(method)
     base = TrainConfig.from_yaml(config_path, overrides)
     if not base.eval_file:
         raise CompareError("a comparison scores every method on eval_file, and the config has none; add eval_file")
@@ -161,6 +166,11 @@ def _method_overrides(method_overrides: list[str], labels: list[str]) -> dict[st
             raise CompareError(f"bad --set {item!r}: write METHOD.KEY=VALUE, for example lora.learning_rate=1e-3")
         if method not in found:
             raise CompareError(f"--set {item!r} is for method {method!r}, which --methods does not name")
+        if override.partition("=")[0].strip() == "adapter.method":
+            raise CompareError(
+                f"--set {item!r}: a row's method is the one --methods gives its label; write LABEL=METHOD in "
+                f"--methods (for example {method}=METHOD) instead"
+            )
         if key in SHARED_KEYS:
             raise CompareError(
                 f"--set {item!r}: {key} is the same for every method of a comparison; set it in the config or as a "

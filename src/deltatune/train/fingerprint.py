@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointMismatchError
+from ..registry import method_for
 from .checkpoint import read_trainer_state
 from .config import TrainConfig
 from .models import weights_source
@@ -79,10 +80,16 @@ ADDED_LATER = {
     "header": True,
     "column_names": None,
     "max_train_examples": None,
+    "loss_added_by_trainer.monteclora_config": True,
+    "loss_added_by_trainer.orth_reg_weight": True,
+    "loss_added_by_trainer.kasa_config": False,
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade. An
-adapter field counts only for the methods that have it (the run's own fingerprint holds it)."""
+adapter field counts only for the methods that have it (the run's own fingerprint holds it). The loss
+terms the trainer adds (`loss_added_by_trainer.<term>`): MonteCLoRA's regulariser and AdaLoRA's
+orthogonality term were always added; KaSA's was not (before it, a KaSA run trained on the task loss
+alone), so an older KaSA checkpoint is refused."""
 
 DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""
@@ -92,8 +99,11 @@ WEIGHTS_SUFFIXES = (".safetensors", ".bin")
 """The files of a transformers model folder that hold its weights (also sharded ones)."""
 
 
-def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
-    """What a checkpoint stores about its run: {"fingerprint": ..., "config": every setting}."""
+def run_record(
+    config: TrainConfig, train_features: list[dict[str, Any]], world_size: int, time_budget: float | None = None
+) -> dict[str, Any]:
+    """What a checkpoint stores about its run: {"fingerprint": ..., "config": every setting}; a run with a
+    time budget records it (`time_budget.py`), and its checkpoints never resume."""
     settings = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
     settings.update({name: _data_source(settings[name]) for name in DATA_FIELDS})
     compared = {name: value for name, value in settings.items() if name not in KEEPS_THE_MATH}
@@ -104,8 +114,20 @@ def run_record(config: TrainConfig, train_features: list[dict[str, Any]], world_
         "world_size": world_size,
         "training_data": hashlib.sha256(examples).hexdigest(),
         "base_model_weights": weights_identity(weights_source(config.model, config.quantize)),
+        **_loss_added_by_trainer(config),
+        **({"time_budget": time_budget} if time_budget is not None else {}),
     }
     return {"fingerprint": _dotted(_as_json(fingerprint)), "config": _as_json(settings)}
+
+
+def _loss_added_by_trainer(config: TrainConfig) -> dict[str, Any]:
+    """{"loss_added_by_trainer": {term: True}} for the terms the adapter's step hook adds to the task loss
+    (the method's `trainer_loss_terms`), nothing without one: a run whose trainer adds another term trains
+    on another loss."""
+    adapter_config = config.adapter_config()
+    terms = getattr(method_for(adapter_config), "trainer_loss_terms", None)
+    added = terms(adapter_config) if terms is not None else []
+    return {"loss_added_by_trainer": dict.fromkeys(added, True)} if added else {}
 
 
 def weights_identity(folder: Path) -> str:
@@ -125,6 +147,11 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
     if saved is None:
         raise CheckpointMismatchError(
             f"--resume: {folder} does not record which run wrote it (an older deltatune wrote it); {again}"
+        )
+    if saved["fingerprint"].get("time_budget") is not None:
+        raise CheckpointMismatchError(
+            f"--resume: {folder} was written by a run with a time budget, whose learning rate followed the clock, "
+            "so no run can continue it exactly; train afresh without --resume"
         )
     now = record["fingerprint"]
     before = {**{name: value for name, value in ADDED_LATER.items() if name in now}, **saved["fingerprint"]}

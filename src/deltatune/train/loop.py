@@ -64,7 +64,7 @@ from .start_line import start_line
 from .step_hooks import StepHook, after_step, extra_loss, hooks_state, load_hooks_state, step_hooks
 from .tasks import TaskType, get_task
 from .threads import use_threads
-from .time_budget import StopRule
+from .time_budget import StopRule, refuse_step_schedules
 from .tracking import Trackers, reporting, require_trackers, tracker_names
 
 
@@ -225,6 +225,8 @@ def _train_run(
     check_output_dir(config, resume)
     if time_budget is not None and (resume or ranks.distributed):
         raise DeltaTuneError("a time budget runs in one process and from the start: leave out --resume and torchrun")
+    if time_budget is not None:
+        refuse_step_schedules(config.adapter["method"])
     if not run.train_features:
         raise DeltaTuneError(f"{config.train_file} holds no training examples")
     if config.gradient_checkpointing:
@@ -239,7 +241,7 @@ def _train_run(
     factor = learning_rate_factor(config, schedule.total, stop.share_spent if time_budget is not None else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     hooks = _step_hooks(run, ranks, schedule.total)
-    state = _starting_state(run, ranks, resume, optimizer, scheduler, hooks)
+    state = _starting_state(run, ranks, resume, optimizer, scheduler, hooks, time_budget)
     trackers.start(state.run["config"], enabled=ranks.main)
     if progress and ranks.main:
         print(start_line(run, schedule.total, state.step), flush=True)
@@ -308,11 +310,12 @@ def _starting_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     hooks: dict[str, StepHook],
+    time_budget: float | None,
 ) -> TrainerState:
     """Step 0 in an output folder cleared of earlier runs, or the checkpoint resumed (which must be
     this run's); either way the state records this run, for the checkpoints it writes."""
     output_dir = Path(run.config.output_dir)
-    record = run_record(run.config, run.train_features, ranks.world_size)
+    record = run_record(run.config, run.train_features, ranks.world_size, time_budget)
     if not resume:
         if ranks.main:
             clear_previous_run(output_dir)

@@ -6,7 +6,10 @@ get different wall time. A time budget fixes the wall time instead: the run take
 however many steps that is, and the learning rate, after the config's warm-up steps, decays over the
 share of that time spent (linear: to zero at the end of the budget), so every method gets its whole
 schedule. The data order is the config's (seed, step) order, cycling over epochs. The learning rate
-then depends on the machine's speed, so such a run is not resumable bit-exactly: `--resume` is refused.
+then depends on the machine's speed, so such a run is not resumable bit-exactly: `--resume` is refused,
+both with a time budget and, for a checkpoint a time-budgeted run wrote, without one (its run identity
+records the budget). A method whose step hook runs a schedule over the total step count (AdaLoRA's rank
+budget: its class sets `schedule_counts_steps`) is refused a time budget, since the count is not known.
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import DeltaTuneError
+from ..registry import get_method
 from .progress import TrainingClock
+
+
+def refuse_step_schedules(method: str) -> None:
+    """Refuse a time budget for `method` if its step hook schedules over the run's total step count."""
+    if getattr(get_method(method), "schedule_counts_steps", False):
+        raise DeltaTuneError(
+            f"method {method!r} schedules its training over the run's step count, which a time budget leaves "
+            "unknown; give the budget as --max-steps or --epochs"
+        )
 
 
 @dataclass
