@@ -89,7 +89,13 @@ def train(library: str, options: dict[str, Any]) -> Calls:
     """One LoRA training step: forward, loss, backward, AdamW step. With a `quantize` option the model
     is loaded from its checkpoint as a user loads it: quantized (`quantize` names the method, e.g.
     nf4) or, for `quantize: null`, in float32. With `checkpointing`, each library recomputes the
-    activations in backward as its users turn it on (`gradient_checkpointing_on`)."""
+    activations in backward as its users turn it on (`gradient_checkpointing_on`). With
+    `release_freed_memory`, the process first takes the C heap policy `deltatune train` applies
+    (`deltatune.train.allocator`), whichever library it measures: it is the process's, not a library's."""
+    if options.get("release_freed_memory"):
+        from deltatune.train.allocator import release_freed_memory
+
+        release_freed_memory()
     model = (
         checkpoint_causal_lm(options["quick"], options["quantize"])
         if "quantize" in options

@@ -32,6 +32,7 @@ from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
 from . import distributed, sharding
+from .allocator import release_freed_memory
 from .checkpoint import (
     ADAPTER_FOLDER,
     CHECKPOINTS_FOLDER,
@@ -147,6 +148,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     device = device or choose_device(config.device, ranks)
     home = torch.device("cpu") if distributed.sharded(ranks, config.data_parallel) else device
     use_threads(config.threads)
+    if config.release_freed_memory:
+        release_freed_memory()
     adapter_config = config.adapter_config() if adapter is None else None
     train_records = read_records(config.train_file, config.columns)
     eval_records = read_records(config.eval_file, config.columns) if config.eval_file else []
