@@ -15,6 +15,11 @@ The policy, through `mallopt` (glibc only; a no-op elsewhere, where the C librar
     M_TRIM_THRESHOLD = 0       free heap pages at the top of a heap are returned at once
     M_ARENA_MAX      = 1       one heap for all threads (torch's worker threads allocate too)
 
+and once the model is loaded, `return_free_heap_pages` (`malloc_trim`) gives back the free pages inside
+the heaps that the policy cannot: quantizing a checkpoint while it loads interleaves the packed weights
+(each under 1 MiB, so in the heap) with the freed float32 temporaries of their quantization (17 MiB of
+SmolLM2's nf4 load).
+
 It changes where memory comes from, never a number a run computes, so it is not part of the run
 identity. Its price is a page fault per page of every large tensor made (the kernel zero-fills the new
 mapping), a small share of a step's time; `release_freed_memory: false` keeps glibc's defaults.
@@ -49,3 +54,13 @@ def release_freed_memory() -> bool:
     if library is None:
         return False
     return all(library.mallopt(parameter, value) == 1 for parameter, value in POLICY.items())
+
+
+def return_free_heap_pages() -> bool:
+    """Give the free pages inside the C heaps back to the system (glibc's `malloc_trim(0)`); True where
+    it applies (glibc)."""
+    library = _glibc()
+    if library is None:
+        return False
+    library.malloc_trim(0)
+    return True
