@@ -61,9 +61,16 @@ SUITE = [
     Measurement("add_and_merge", "add_and_merge", {"adapters": 100}, paired=False),
     Measurement("houlsby", "houlsby", libraries=("deltatune", "adapterhub", "floor"), environment="adapterhub"),
     Measurement("prefix", "prefix", libraries=("deltatune", "peft", "floor")),
-    Measurement("train_nf4", "train", {"dropout": 0.05, "quantize": "nf4", "checkpointing": True}),
     Measurement(
-        "train_fp32_checkpoint", "train", {"dropout": 0.05, "quantize": None, "checkpointing": True}, paired=False
+        "train_nf4",
+        "train",
+        {"dropout": 0.05, "quantize": "nf4", "checkpointing": True, "release_freed_memory": True},
+    ),
+    Measurement(
+        "train_fp32_checkpoint",
+        "train",
+        {"dropout": 0.05, "quantize": None, "checkpointing": True, "release_freed_memory": True},
+        paired=False,
     ),
 ]
 

@@ -89,12 +89,23 @@ def train(library: str, options: dict[str, Any]) -> Calls:
     """One LoRA training step: forward, loss, backward, AdamW step. With a `quantize` option the model
     is loaded from its checkpoint as a user loads it: quantized (`quantize` names the method, e.g.
     nf4) or, for `quantize: null`, in float32. With `checkpointing`, each library recomputes the
-    activations in backward as its users turn it on (`gradient_checkpointing_on`)."""
+    activations in backward as its users turn it on (`gradient_checkpointing_on`). With
+    `release_freed_memory`, the process takes the C heap policy `deltatune train` applies
+    (`deltatune.train.allocator`: before the load, and a trim after it), whichever library it measures:
+    it is the process's, not a library's."""
+    if options.get("release_freed_memory"):
+        from deltatune.train.allocator import release_freed_memory
+
+        release_freed_memory()
     model = (
         checkpoint_causal_lm(options["quick"], options["quantize"])
         if "quantize" in options
         else causal_lm(options["quick"])
     ).train()
+    if options.get("release_freed_memory"):
+        from deltatune.train.allocator import return_free_heap_pages
+
+        return_free_heap_pages()  # as the trainer does once its model is loaded
     input_ids = token_batch(model, BATCH, LENGTH)
     labels = labels_for(input_ids, options.get("labelled_tail"))
     step = lora_step(library, model, options["dropout"], input_ids, labels, options.get("checkpointing", False))

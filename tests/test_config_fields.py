@@ -84,6 +84,7 @@ TRAIN_FIELDS: dict[str, Case] = {
     "max_new_tokens": Case("a whole number ≥ 1", "1.5", ("-1",)),
     "eval_batch_size": Case("a whole number ≥ 1", "true", ("0",)),
     "threads": Case("a whole number in [1, 4096] or null", '"2"', ("0", "4097")),
+    "release_freed_memory": Case("true or false", '"true"'),
     "device": Case(
         "a string", "0", ("gpu", "cuda:x"), "device must be cpu, cuda, cuda:N (N a device number), mps or auto"
     ),

@@ -7,8 +7,9 @@ N × V logits never exist at once, in forward or in backward.
 `g` is what the model does to the head's output before it returns logits (identity for most models;
 `LOGIT_TRANSFORMS` lists those known from their config). Each chunk's sum runs under non-reentrant
 `torch.utils.checkpoint`: forward keeps only the chunk's input rows and its scalar; backward recomputes
-the chunk's logits (c × V), takes their gradient and frees them before the next chunk, since autograd
-runs the chunks' subgraphs one after the other (latest first). The cost is one more head forward over
+the chunk's logits (c × V), takes their gradient (one more c × V tensor, `SummedCrossEntropy`) and
+frees both before the next chunk, since autograd runs the chunks' subgraphs one after the other
+(latest first). The cost is one more head forward over
 the rows. Any head works: a plain or tied linear, one with adapters (hooks on the module), a trained
 copy, a quantized or GGUF layer; gradients reach its trainable parameters and the rows as in the
 plain loss.
@@ -23,13 +24,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_ROWS = 64
 """Rows per chunk by default: 64 × 49,152 float32 logits (SmolLM2's vocabulary) are 12 MiB, of which
-backward holds about four copies (logits, log-softmax, their gradients); still a large matmul."""
+backward holds two (the logits and their gradient); still a large matmul."""
 
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -96,4 +96,26 @@ def chunked_cross_entropy(
 
 def _summed_loss(head: nn.Module, transform: LogitTransform, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = transform(head(rows.unsqueeze(0)))  # 1 × c × V, the shape the model gives its head
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum")
+    return SummedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets)
+
+
+class SummedCrossEntropy(torch.autograd.Function):
+    """Σ_i −log softmax(z_i)[y_i] over the rows of logits z (c × V), in float32, with one c × V tensor
+    made in backward: ∂/∂z_i = softmax(z_i) − e_{y_i} = exp(z_i − lse_i) − e_{y_i}, written in place in
+    one buffer. It keeps z and lse (c numbers): two c × V tensors at most. torch's cross-entropy keeps
+    log-softmax(z) instead of z and makes three c × V tensors in backward (torch 2.13: the gradient
+    of its log-probabilities, a temporary, the gradient of z)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        wide = logits.float()
+        log_normaliser = torch.logsumexp(wide, dim=-1)
+        ctx.save_for_backward(logits, targets, log_normaliser)
+        return (log_normaliser - wide.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, log_normaliser = ctx.saved_tensors
+        gradient = torch.sub(logits.float(), log_normaliser.unsqueeze(1)).exp_()
+        gradient[torch.arange(len(targets), device=targets.device), targets] -= 1
+        return gradient.mul_(grad).to(logits.dtype), None

@@ -166,6 +166,10 @@ class TrainConfig:
     load keeps busy, at least 1, with a one-line warning when the machine is busy (see
     `deltatune.train.threads`). Changes no result beyond float reduction order, so `--resume` may
     change it."""
+    release_freed_memory: bool = True
+    """Return freed tensor memory to the system at once (glibc's heap policy, `deltatune.train.allocator`):
+    a lower resident peak for a few page faults per large tensor; false: the C library's defaults. Changes
+    no number a run computes, so `--resume` may change it."""
     device: str = "auto"
     """cpu, cuda, cuda:1, mps, or auto (the local CUDA device if any)."""
     data_parallel: Literal["ddp", "fsdp"] = "ddp"

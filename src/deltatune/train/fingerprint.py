@@ -46,6 +46,7 @@ KEEPS_THE_MATH = frozenset(
         "max_new_tokens",
         "device",
         "threads",
+        "release_freed_memory",
         "data_parallel",
         "gradient_checkpointing",
         "loss_chunk_rows",
@@ -53,10 +54,10 @@ KEEPS_THE_MATH = frozenset(
     }
 )
 """Settings a resumed run may change: where and how often it writes and evaluates, the device, its
-thread count (the same math, up to float reduction order), the data-parallel engine (DDP or FSDP: the
-same steps), activation recomputation and the lean loss's chunk (the same gradients up to float
-rounding; a checkpoint written before the chunked loss existed resumes with it). `train_file` is
-compared by content (`training_data`)."""
+thread count (the same math, up to float reduction order), the C heap policy (where memory comes from),
+the data-parallel engine (DDP or FSDP: the same steps), activation recomputation and the lean loss's
+chunk (the same gradients up to float rounding; a checkpoint written before the chunked loss existed
+resumes with it). `train_file` is compared by content (`training_data`)."""
 
 ADDED_LATER = {
     "packing": False,

@@ -32,6 +32,7 @@ from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
 from . import distributed, sharding
+from .allocator import release_freed_memory, return_free_heap_pages
 from .checkpoint import (
     ADAPTER_FOLDER,
     CHECKPOINTS_FOLDER,
@@ -150,6 +151,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     device = device or choose_device(config.device, ranks)
     home = torch.device("cpu") if distributed.sharded(ranks, config.data_parallel) else device
     use_threads(config.threads)
+    if config.release_freed_memory:
+        release_freed_memory()
     adapter_config = config.adapter_config() if adapter is None else None
     layout = TableLayout(config.header, tuple(config.column_names) if config.column_names else None)
     train_records = subsample(
@@ -168,6 +171,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     torch.manual_seed(config.seed)
     model = load_model(config.model, task, tokenizer, labels, config.quantize, str(home))
     prepare_quantized_base(model, config.gradient_checkpointing)  # nothing on a base without quantized layers
+    if config.release_freed_memory:
+        return_free_heap_pages()  # what the load freed inside the heaps (`allocator`)
     if adapter is None:
         delta_model = attach_adapter(model, adapter_config, task)
         start_from_data(delta_model, train_features, config.batch_size, getattr(tokenizer, "pad_token_id", None) or 0)
