@@ -215,12 +215,17 @@ def test_yaml_without_the_fields_reads_like_one_that_sets_the_recommended_values
     assert left.to_dict() == given.to_dict()
 
 
+def built_in_methods() -> list[str]:
+    """The registered methods deltatune ships (other tests register methods of their own)."""
+    return [name for name in registered_methods() if type(get_method(name)).__module__.startswith("deltatune.")]
+
+
 def test_the_docs_table_is_the_module_table() -> None:
-    """docs/defaults.md lists every registered method with the rates `defaults_for` gives it."""
+    """docs/defaults.md lists every built-in method with the rates `defaults_for` gives it."""
     page = (Path(__file__).parent.parent / "docs" / "defaults.md").read_text(encoding="utf-8")
     rows = [line.split(" | ") for line in page.splitlines() if line.startswith("| ") and "---" not in line][1:]
     listed = {cells[0].removeprefix("| ").removesuffix(" (fallback)"): cells for cells in rows}
-    assert sorted(listed) == registered_methods()
+    assert sorted(listed) == built_in_methods()
     for method, cells in listed.items():
         row = defaults_for(method)
         assert (float(cells[1]), float(cells[2]), cells[3]) == (
