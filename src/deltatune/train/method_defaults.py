@@ -7,9 +7,9 @@ is never replaced. The resolved values are the config's own from then on: what t
 metrics.json and its checkpoints' run identity (`fingerprint.py`), so a `--resume` after this table
 changes is refused rather than continued with other numbers.
 
-Learning rates are AdamW's (the trainer's optimizer) for short runs of a few hundred steps; the
-sources give the published recipe each starts from and the measurement that chose it (SST-2 on
-all-MiniLM-L6-v2, docs/defaults.md). `head_learning_rate` is the rate of the new task head that trains
+Learning rates are AdamW's (the trainer's optimizer) for short runs of a few hundred steps; each
+source gives the published recipe the row starts from, and why it departs from it. The SST-2 checks
+on all-MiniLM-L6-v2 are in docs/defaults.md. `head_learning_rate` is the rate of the new task head that trains
 fully beside the adapter (`optimizer.py`).
 """
 
