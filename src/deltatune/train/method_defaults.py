@@ -22,7 +22,8 @@ from typing import Any
 WARMUP_RATIO = 0.06
 """Warm-up as a share of the run's steps: RoBERTa's GLUE recipe (Liu et al. 2019), kept by the LoRA paper."""
 HEAD_LEARNING_RATE = 2e-3
-"""The new head's rate unless a method's row says otherwise (measured: docs/defaults.md)."""
+"""The new head's rate unless a method's row says otherwise: LoRA's rate, and on SST-2 (docs/defaults.md)
+the head rate at which full fine-tuning and LoRA at 5e-4 left ln 2 within 40 steps."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,8 @@ LORA_FAMILY_SOURCE = "no recipe of its own measured here: LoRA's rate (low-rank 
 DEFAULTS: dict[str, MethodDefaults] = {
     "full": MethodDefaults(
         5e-5,
-        "BERT/RoBERTa fine-tuning (Devlin et al. 2019: 2e-5..5e-5; the top of the range for one short epoch)",
-        head_learning_rate=5e-5,
+        "BERT/RoBERTa fine-tuning (Devlin et al. 2019: 2e-5..5e-5; the top of the range for one short epoch); "
+        "its new head at 2e-3 (SST-2, 40 steps: 68.1 % against 50.9 % with the head at 5e-5)",
     ),
     "lora": MethodDefaults(
         2e-3,
