@@ -5,7 +5,8 @@ settings (`houlsby=bottleneck,pfeiffer=bottleneck` with `--set houlsby.adapter.p
 label names the method's row, folder and `--set` prefix. Each method's config is the comparison's
 config (with its `key=value` overrides) and:
 - `adapter`: the config's own `adapter` section for the method it names, `{method: NAME}` (the method's
-  defaults) for every other;
+  defaults) for every other; the settings the config leaves out take each method's own recommended
+  values (`method_defaults`), not those of the config's method;
 - the budget, the same for all: `--max-steps`, `--epochs`, or the config's own steps; with
   `--time-budget` the same training time instead (`time_budget.py`);
 - `output_dir`: `OUTPUT_DIR/<label>/` (its adapter, metrics.json and plot, as `deltatune train` leaves);
@@ -22,6 +23,7 @@ holds another run (unless `--overwrite`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -114,7 +116,8 @@ def plan_comparison(
     labelled = _labelled_methods(methods)
     for method in labelled.values() if budget.seconds is not None else []:
         refuse_step_schedules(method)
-    base = TrainConfig.from_yaml(config_path, overrides)
+    settings = TrainConfig.settings_from_yaml(config_path, overrides)  # as given: each method fills its defaults
+    base = TrainConfig.from_dict(settings)
     if not base.eval_file:
         raise CompareError("a comparison scores every method on eval_file, and the config has none; add eval_file")
     per_label = _method_overrides(method_overrides, list(labelled))
@@ -124,7 +127,7 @@ def plan_comparison(
     for label, method in labelled.items():
         adapter = base.adapter if base.adapter.get("method") == method else {"method": method}
         data = {
-            **base.to_dict(),
+            **copy.deepcopy(settings),
             "adapter": dict(adapter),
             **budget.settings(),
             "output_dir": str(root / label),

@@ -112,8 +112,13 @@ class TrainConfig:
     """Examples per forward pass (per process under torchrun)."""
     gradient_accumulation_steps: PositiveInt = 1
     """Forward passes per optimizer step."""
-    learning_rate: PositiveFloat = 2e-4
-    """AdamW's peak learning rate (after warm-up; the schedule scales it)."""
+    learning_rate: PositiveFloat | None = None
+    """Peak learning rate of the adapter's parameters. None: the method's recommended rate
+    (`deltatune.train.method_defaults`, docs/defaults.md)."""
+    head_learning_rate: PositiveFloat | None = None
+    """Learning rate of the new task head that trains fully beside the adapter (a classifier's
+    modules_to_save copy; under `full`, the head's own parameters); the schedule scales it as the rest.
+    None: the method's recommended head rate (`deltatune.train.method_defaults`)."""
     weight_decay: NonNegativeFloat = 0.0
     """AdamW's decoupled weight decay of the trainable parameters."""
     loraplus_lr_ratio: PositiveFloat | None = None
@@ -128,10 +133,14 @@ class TrainConfig:
     """LoRA: keep every A factor (but an embedding's) at its initialisation and train only B, LoRA-FA's
     frozen A (Zhang et al. 2023) as peft's create_lorafa_optimizer freezes it, without that optimizer's
     projection of B's gradient. LoRA methods only. See `deltatune.train.optimizer`."""
-    warmup_steps: NonNegativeInt = 0
-    """Steps over which the learning rate rises linearly from zero to learning_rate."""
-    scheduler: str = "linear"
-    """Learning rate after warm-up: linear (to zero), cosine (to zero) or constant."""
+    warmup_steps: NonNegativeInt | None = None
+    """Steps of linear warm-up. None: `warmup_ratio` of the run's steps."""
+    warmup_ratio: Annotated[float, Range(minimum=0.0, maximum=1.0)] | None = None
+    """Without warmup_steps: warm up for this share of the run's steps (rounded down). None: the
+    method's recommended share (`deltatune.train.method_defaults`)."""
+    scheduler: str | None = None
+    """Learning rate after warm-up: linear (to zero), cosine (to zero) or constant. None: the method's
+    recommended schedule (`deltatune.train.method_defaults`)."""
     max_grad_norm: PositiveFloat | None = 1.0
     """Clip the gradient norm; none: no clipping."""
     seed: Annotated[int, Range(minimum=0, maximum=2**32 - 1)] = 0
@@ -179,11 +188,24 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, ConfigError)
+        self.fill_method_defaults()
         self.validate()
+
+    def fill_method_defaults(self) -> None:
+        """Set every field left out that has a method-recommended value (`method_defaults`)."""
+        from .method_defaults import fill_defaults
+
+        if isinstance(self.adapter, dict) and "method" in self.adapter:  # else validate() says what is missing
+            fill_defaults(self)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         """Read a YAML config file and apply `key=value` overrides."""
+        return cls.from_dict(cls.settings_from_yaml(path, overrides))
+
+    @staticmethod
+    def settings_from_yaml(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+        """The settings of a YAML config file with `key=value` overrides applied, not yet checked."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
@@ -195,7 +217,7 @@ class TrainConfig:
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        return cls.from_dict(apply_overrides(data, overrides))
+        return apply_overrides(data, overrides)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

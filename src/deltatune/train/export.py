@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 from ..atomic import write_files
 from ..errors import DeltaTuneError, OutputFolderError
-from ..io import CONFIG_FILE, describe_folder
+from ..folder_summary import describe_folder
+from ..io import CONFIG_FILE
 from .models import GGUF_SUFFIX, PACKAGED_GGUF
 
 if TYPE_CHECKING:

@@ -65,6 +65,7 @@ ADDED_LATER = {
     "loraplus_lr_ratio": None,
     "loraplus_lr_embedding": 1e-6,
     "freeze_lora_a": False,
+    "warmup_ratio": None,
     "adapter.lora_bias": False,
     "adapter.bias": "none",
     "adapter.trainable_token_indices": None,

@@ -303,7 +303,8 @@ def _train_run(
     with sharding.whole_adapter(run.delta_model):
         if ranks.main:
             run.delta_model.save(str(output_dir / ADAPTER_FOLDER), metrics=final.metrics if final else None)
-            run.write_report(output_dir, state.history, final, seconds, {"train_seconds": round(train_seconds, 2)})
+            extra = {"train_seconds": round(train_seconds, 2), "config": state.run["config"]}  # settings as resolved
+            run.write_report(output_dir, state.history, final, seconds, extra)
     distributed.barrier(ranks)
     return TrainResult(run, state.history, final, output_dir, seconds, state.step, train_seconds)
 

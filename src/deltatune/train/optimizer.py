@@ -2,6 +2,12 @@
 
 Plain: one group, every trainable parameter at `learning_rate` with `weight_decay`.
 
+A task whose new head trains fully beside the adapter (seq-cls, token-cls, qa: `TaskType.trains_head`)
+adds one last group, "head": the head's trainable parameters (its modules_to_save copy; under `full`
+the head's own parameters) at `head_learning_rate` with `weight_decay`, taken out of the groups above.
+A freshly initialised head at a small adapter or full fine-tuning rate leaves the loss near ln(classes)
+for much of a short run.
+
 LoRA+ (Hayou et al. 2024, `loraplus_lr_ratio` = λ): B factors learn faster than A factors,
 η_B = λ·η_A, because at large width the two factors of BA need learning rates of different orders
 for feature learning to be efficient. The groups are peft's (`create_loraplus_optimizer`, with
@@ -29,9 +35,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..losses import unwrap
 from ..methods.lora import LoraEmbedding
 from .checkpoint import trainable_parameters
 from .config import TrainConfig
+from .tasks import get_task, trained_heads
 
 LORAPLUS_GROUPS = ("A", "embedding", "B", "B, no decay")
 """The LoRA+ parameter groups, in the optimizer's order."""
@@ -43,8 +51,25 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """The optimizer's parameter groups: {"params", "lr", "weight_decay"} each."""
+    """The optimizer's parameter groups: {"params", "lr", "weight_decay"} each; the head's group last
+    for a task that trains a head (see the module)."""
     named = trainable_parameters(model)
+    if not get_task(config.task).trains_head:
+        return adapter_groups(model, named, config)
+    heads = head_parameter_ids(model)
+    rest = [(name, parameter) for name, parameter in named if id(parameter) not in heads]
+    head = [(name, parameter) for name, parameter in named if id(parameter) in heads]
+    return [*adapter_groups(model, rest, config), _group(head, config.head_learning_rate, config.weight_decay)]
+
+
+def head_parameter_ids(model: nn.Module) -> set[int]:
+    """The ids of the parameters of the task head modules (`tasks.trained_heads`) of `model`."""
+    base = unwrap(model)
+    return {id(parameter) for head in trained_heads(base) for parameter in base.get_submodule(head).parameters()}
+
+
+def adapter_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], config: TrainConfig) -> list[dict]:
+    """The groups of the parameters `named` (all but the head's), plain or LoRA+."""
     if config.loraplus_lr_ratio is None:
         return [_group(named, config.learning_rate, config.weight_decay)]
     owners = _owners(model)

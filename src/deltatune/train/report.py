@@ -3,7 +3,8 @@
 `metrics.json`: {"task", "method", "steps", "seconds", "trainable_parameters", "total_parameters",
 "eval": final eval metrics, "history": [{"step", "loss", "learning_rate"} | {"step", "eval_<metric>"}]}
 plus whatever the caller adds (the trainer adds "train_seconds", its training time alone, evaluations and saves
-left out; the demo adds "before" and "after"); strict JSON, a non-finite number
+left out, and "config", every setting as the run resolved it, the method's defaults filled in; the demo adds
+"before" and "after"); strict JSON, a non-finite number
 (NaN, ±inf) written as null. The plot shows the training loss by step and, on a second axis, the
 task's main eval metric. It needs matplotlib; without it the plot is skipped with a note.
 """

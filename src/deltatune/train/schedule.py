@@ -27,15 +27,24 @@ def learning_rate_factor(
     """The schedule as a function of the step: linear warm-up, then `DECAY[config.scheduler]` of the share
     of the steps after warm-up done, or of `decay_progress(step)` where given (a time budget's share spent)."""
     decay = DECAY[config.scheduler]
+    warmup = warmup_steps(config, total_steps)
 
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
         if decay_progress is not None:
             return decay(decay_progress(step))
-        return decay((step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+        return decay((step - warmup) / max(1, total_steps - warmup))
 
     return factor
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """The run's warm-up steps: `warmup_steps` where set, else ⌊warmup_ratio × total_steps⌋ (with a time
+    budget, `total_steps` is the steps of the config's own epochs or max_steps)."""
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    return math.floor((config.warmup_ratio or 0.0) * total_steps)
 
 
 class Schedule:
