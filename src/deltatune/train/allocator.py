@@ -15,14 +15,16 @@ The policy, through `mallopt` (glibc only; a no-op elsewhere, where the C librar
     M_TRIM_THRESHOLD = 0       free heap pages at the top of a heap are returned at once
     M_ARENA_MAX      = 1       one heap for all threads (torch's worker threads allocate too)
 
-and once the model is loaded, `return_free_heap_pages` (`malloc_trim`) gives back the free pages inside
-the heaps that the policy cannot: quantizing a checkpoint while it loads interleaves the packed weights
-(each under 1 MiB, so in the heap) with the freed float32 temporaries of their quantization (17 MiB of
-SmolLM2's nf4 load).
+and, once the model is loaded (on any setting), `return_free_heap_pages` (`malloc_trim`) gives back
+the free pages inside the heaps that the policy cannot: quantizing a checkpoint while it loads
+interleaves the packed weights (each under 1 MiB, so in the heap) with the freed float32 temporaries of
+their quantization (17 MiB of SmolLM2's nf4 load).
 
 It changes where memory comes from, never a number a run computes, so it is not part of the run
 identity. Its price is a page fault per page of every large tensor made (the kernel zero-fills the new
-mapping), a small share of a step's time; `release_freed_memory: false` keeps glibc's defaults.
+mapping): on SmolLM2-135M's LoRA step (batch 8 x 64, checkpointing, 2 threads) 2.3-2.8 s became 3.7-4.4 s
+per step, so it is opt-in (`release_freed_memory: true`). The trim after the load costs one call, and the
+trainer always makes it.
 """
 
 from __future__ import annotations

@@ -19,8 +19,6 @@ row of a small model with that in mind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import resource
 from collections.abc import Iterator
@@ -28,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .allocator import return_free_heap_pages
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -46,7 +46,7 @@ class PeakMemory:
 def measure_peak(device: torch.device) -> Iterator[PeakMemory]:
     """Measure the peak memory the block adds on `device` (see the module docstring)."""
     peak = PeakMemory()
-    release_freed_memory()
+    _collect_freed_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -60,16 +60,12 @@ def measure_peak(device: torch.device) -> Iterator[PeakMemory]:
         peak.bytes, peak.kind = max(high_water - before, 0), "cpu resident"
 
 
-def release_freed_memory() -> None:
+def _collect_freed_memory() -> None:
     """Collect unreachable objects and hand the C heap's free pages back to the system (glibc)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+    return_free_heap_pages()
 
 
 def _reset_high_water_mark() -> bool:

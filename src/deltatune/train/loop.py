@@ -171,8 +171,7 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     torch.manual_seed(config.seed)
     model = load_model(config.model, task, tokenizer, labels, config.quantize, str(home))
     prepare_quantized_base(model, config.gradient_checkpointing)  # nothing on a base without quantized layers
-    if config.release_freed_memory:
-        return_free_heap_pages()  # what the load freed inside the heaps (`allocator`)
+    return_free_heap_pages()  # what the load freed inside the heaps (`allocator`): one call, on any setting
     if adapter is None:
         delta_model = attach_adapter(model, adapter_config, task)
         start_from_data(delta_model, train_features, config.batch_size, getattr(tokenizer, "pad_token_id", None) or 0)
