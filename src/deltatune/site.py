@@ -127,6 +127,29 @@ class SiteAdapter(nn.Module):
         self.load_state_dict(tensors, strict=True)
 
 
+class ObservingAdapter(SiteAdapter):
+    """A site adapter that only watches its module's calls (`observe`: a tap that another adapter reads):
+    the output passes unchanged, nothing merges, nothing is saved."""
+
+    delta_reads_module = False
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return output
+
+    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
+        return output
+
+    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Nothing to fold in: whether the method merges is for the adapters that read the tap to say."""
+        return {}
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Nothing saved, nothing to load."""
+
+
 def put_rows(full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """`full` with its `rows` along `dim` replaced by `part` (in place when no gradient is recorded)."""
     part = part.to(full.dtype)

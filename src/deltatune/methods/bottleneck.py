@@ -36,7 +36,7 @@ from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveInt
 from ..placement import Placement
 from ..registry import register
-from ..site import SiteAdapter
+from ..site import ObservingAdapter, SiteAdapter
 from .gating import gate_value, make_gate
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -190,7 +190,7 @@ class TappedInput:
         return self.value if rows is None else self.value.index_select(0, rows)
 
 
-class InputTap(SiteAdapter):
+class InputTap(ObservingAdapter):
     """At the module that receives the residual stream: record x (its input `argument`) on every call,
     whichever adapters are active, for the bottleneck adapter at the sublayer's output."""
 
@@ -201,24 +201,6 @@ class InputTap(SiteAdapter):
 
     def observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.tapped.value = input_of(args, kwargs, self.argument)
-
-    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        return output
-
-    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
-        return output
-
-    delta_reads_module = False
-
-    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Nothing to fold in: whether the adapter merges is for the one that reads x to say."""
-        return {}
-
-    def file_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
 
 
 class BottleneckAdapter(SiteAdapter):

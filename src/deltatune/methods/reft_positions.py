@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError, UnsupportedModuleError
-from ..site import SiteAdapter
+from ..site import ObservingAdapter
 from .soft_prompt import CACHE_ARGUMENTS, CallShape, parameter_names
 
 
@@ -146,11 +146,9 @@ def _refuse_packed_rows(position_ids: torch.Tensor | None) -> None:
             )
 
 
-class PositionTap(SiteAdapter):
+class PositionTap(ObservingAdapter):
     """At a stack: record the call's row layout (`StackPositions.record`) for the interventions on its
     blocks, whichever adapters are active; it changes nothing and saves nothing."""
-
-    delta_reads_module = False
 
     def __init__(self, positions: StackPositions) -> None:
         super().__init__()
@@ -161,19 +159,3 @@ class PositionTap(SiteAdapter):
 
     def call_ended(self) -> None:
         self.positions.clear()
-
-    def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        return output
-
-    def forward_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
-        return output
-
-    def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Nothing to fold in: the interventions refuse merging themselves."""
-        return {}
-
-    def file_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
