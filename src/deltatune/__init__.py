@@ -68,7 +68,7 @@ from .peft_format import PeftCodec
 from .placement import Placement
 from .qlora import keep_trainable_layout, prepare_quantized_base
 from .registry import get_method, register, registered_methods
-from .site import SiteAdapter
+from .site_adapter import SiteAdapter
 from .summary import TrainableSummary
 from .targeting import model_modules
 from .version import __version__ as __version__

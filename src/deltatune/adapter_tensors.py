@@ -13,7 +13,7 @@ import torch
 
 from .config import DeltaConfig
 from .errors import AdapterShapeError
-from .site import SiteAdapter
+from .site_adapter import SiteAdapter
 
 if TYPE_CHECKING:
     from .model import DeltaModel

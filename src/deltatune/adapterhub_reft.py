@@ -27,7 +27,7 @@ from torch import nn
 from .architectures import block_names
 from .errors import AdapterFileError, DeltaTuneError
 from .methods.reft import ReftConfig, ReftIntervention
-from .site import SiteAdapter
+from .site_adapter import SiteAdapter
 from .version import __version__
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from .methods.prefix_gating import GatedPrefixReinsert
 from .methods.prefix_tuning import PrefixCache, PrefixTuningConfig
 from .methods.soft_prompt import PromptTable
 from .methods.unipelt import UniPELTConfig
-from .site import SiteAdapter
+from .site_adapter import SiteAdapter
 from .version import __version__
 
 if TYPE_CHECKING:

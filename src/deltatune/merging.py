@@ -43,7 +43,8 @@ from torch import nn
 
 from .errors import MergeError
 from .quantized import dequantized_linear, quantized_linear
-from .site import DeltaSite, RowValues
+from .site import DeltaSite
+from .site_adapter import RowValues
 
 
 class Step(NamedTuple):

@@ -30,7 +30,8 @@ from .model_merging import Merging
 from .names import check_name
 from .placement import Placement
 from .registry import method_for
-from .site import DeltaSite, RoutingState, SiteAdapter, keep_in_float32, remove_adapter, site_of
+from .site import DeltaSite, RoutingState, remove_adapter, site_of
+from .site_adapter import SiteAdapter, keep_in_float32
 from .summary import TrainableSummary
 from .targeting import model_modules, saved_module_names
 from .trainer_support import TrainerFacing

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import Writer
-from .site import SiteAdapter
+from .site_adapter import SiteAdapter
 from .task_record import task_record
 
 if TYPE_CHECKING:

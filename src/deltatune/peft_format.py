@@ -35,7 +35,7 @@ from .files import read_tensors
 from .methods.base import lookup_type
 from .methods.module_copy import ModuleCopy
 from .registry import get_method, registered_methods
-from .site import SiteAdapter
+from .site_adapter import SiteAdapter
 from .targeting import matches
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Mapping
 from torch import nn
 
 from .errors import PlacementError
-from .site import RoutingState, SiteAdapter, open_site, remove_adapter, site_of
+from .site import RoutingState, open_site, remove_adapter, site_of
+from .site_adapter import SiteAdapter
 from .targeting import model_modules
 
 

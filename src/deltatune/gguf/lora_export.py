@@ -40,7 +40,7 @@ from .names import gguf_tensor_names
 
 if TYPE_CHECKING:
     from ..model import DeltaModel
-    from ..site import SiteAdapter
+    from ..site_adapter import SiteAdapter
 
 LLAMACPP_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 """transformers `model_type` → the GGUF architecture llama.cpp's converter writes for it (SmolLM2 is a

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import TargetedConfig
 from ..errors import TargetNotFoundError
 from ..registry import register
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from ..targeting import linear_types, model_modules
 from .base import ModuleMethod, lookup_type
 

@@ -36,7 +36,7 @@ from ..errors import DeltaTuneError
 from ..field_check import DropoutRate, NonNegativeInt, PositiveFloat, PositiveInt
 from ..placement import Placement
 from ..registry import register
-from ..site import ObservingAdapter, SiteAdapter
+from ..site_adapter import ObservingAdapter, SiteAdapter
 from .gating import gate_value, make_gate
 
 PRESETS: dict[str, dict[str, Any]] = {

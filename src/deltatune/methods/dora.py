@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from ..quantized import quantized_linear
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from .base import lookup_type
 from .lora import LoraConfig, LoraConv, LoraEmbedding, LoraLinear, LoraQuantizedLinear, add_low_rank
 

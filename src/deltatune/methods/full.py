@@ -35,7 +35,7 @@ from ..errors import DeltaTuneError
 from ..placement import Placement
 from ..quantized import quantized_linear
 from ..registry import register
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from ..targeting import model_modules
 
 

@@ -27,7 +27,7 @@ from ..errors import AdapterNameError, DeltaTuneError
 from ..field_check import DropoutRate
 from ..placement import Placement
 from ..registry import register
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from .bottleneck import BottleneckAdapter
 
 

@@ -39,7 +39,8 @@ from ..peft_keys import IA3_READ, IA3_TOLERATED, check_method_keys
 from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
-from ..site import CallNote, RoutingState, SiteAdapter, put_rows
+from ..site import CallNote, RoutingState
+from ..site_adapter import SiteAdapter, put_rows
 from .base import ModuleMethod, lookup_type
 
 DEFAULT_TARGETS = {

@@ -29,7 +29,7 @@ from ..errors import MergeError, UnsupportedModuleError
 from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from ..targeting import saved_module_names
 from .base import ModuleMethod
 from .lora_bias import add_bias_terms, bias_deltas, output_bias, trained_biases

@@ -26,7 +26,8 @@ from torch import nn
 from ..errors import TargetNotFoundError, UnsupportedModuleError
 from ..placement import Placement
 from ..quantized import quantized_linear
-from ..site import FLOAT32_UPCAST, CallNote, SiteAdapter
+from ..site import CallNote
+from ..site_adapter import FLOAT32_UPCAST, SiteAdapter
 from ..targeting import model_modules
 from .lora import LoraAdapter, LoraConfig
 

@@ -13,7 +13,7 @@ from ..errors import DeltaTuneError
 from ..field_check import accepts, field_types
 from ..peft_format import BASE_LAYER, PeftCodec
 from ..peft_keys import LORA_READ, check_init_writable, check_lora_keys
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from .base import lookup_type
 from .lora_config import LoraConfig
 from .lora_eva import eva_config_for_peft

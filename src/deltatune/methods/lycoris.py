@@ -41,7 +41,7 @@ from ..field_check import DropoutRate, PositiveInt, Regex
 from ..peft_format import PeftCodec
 from ..peft_keys import check_method_keys
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from ..targeting import pattern_value
 from .base import ModuleMethod, lookup_type
 from .lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..errors import DeltaTuneError
 from ..quantized import quantized_linear
-from ..site import SITE_ATTRIBUTE, SiteAdapter, put_rows, site_of
+from ..site import SITE_ATTRIBUTE, site_of
+from ..site_adapter import SiteAdapter, put_rows
 
 HiddenState = torch.Tensor | tuple[torch.Tensor, ...] | None
 """A recurrent layer's h (RNN, GRU) or (h, c) (LSTM)."""

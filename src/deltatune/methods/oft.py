@@ -41,7 +41,8 @@ from ..peft_format import PeftCodec
 from ..peft_keys import OFT_READ, check_oft_keys
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
-from ..site import CallNote, RoutingState, SiteAdapter
+from ..site import CallNote, RoutingState
+from ..site_adapter import SiteAdapter
 from .base import ModuleMethod
 from .lora import DEFAULT_TARGETS
 from .oft_rotation import block_diagonal, cayley, constrained, rotate_features, skew_symmetric

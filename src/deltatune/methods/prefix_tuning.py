@@ -44,7 +44,8 @@ from ..errors import DeltaTuneError, UnsupportedModuleError
 from ..field_check import PositiveInt
 from ..placement import Placement
 from ..registry import register
-from ..site import CallNote, RoutingState, SiteAdapter
+from ..site import CallNote, RoutingState
+from ..site_adapter import SiteAdapter
 from .prefix_layout import (
     PrefixLayout,
     PrefixProjection,

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..placement import Placement
-from ..site import CallNote, RoutingState, SiteAdapter
+from ..site import CallNote, RoutingState
+from ..site_adapter import SiteAdapter
 from .soft_prompt import (
     CACHE_ARGUMENTS,
     CallShape,

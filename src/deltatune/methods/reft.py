@@ -42,7 +42,7 @@ from ..errors import DeltaTuneError, MergeError
 from ..field_check import DropoutRate, NonNegativeInt, PositiveInt
 from ..placement import Placement
 from ..registry import register
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from .bottleneck import activation, weight_reference
 from .reft_positions import PositionTap, StackPositions, stack_of_block, stacks
 

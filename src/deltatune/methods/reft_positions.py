@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError, UnsupportedModuleError
-from ..site import ObservingAdapter
+from ..site_adapter import ObservingAdapter
 from .soft_prompt import CACHE_ARGUMENTS, CallShape, parameter_names
 
 

@@ -41,7 +41,8 @@ from ..config import DeltaConfig
 from ..errors import DeltaTuneError, UnsupportedModuleError
 from ..field_check import PositiveInt
 from ..placement import Placement
-from ..site import RoutingState, SiteAdapter
+from ..site import RoutingState
+from ..site_adapter import SiteAdapter
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 """The keyword a stack takes its key/value cache by: transformers 5 says `cache`, 4.57 `past_key_values`."""

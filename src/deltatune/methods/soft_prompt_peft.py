@@ -16,7 +16,7 @@ from torch import nn
 
 from ..peft_format import PeftCodec, task_type_of
 from ..peft_keys import SOFT_PROMPT_READ, SOFT_PROMPT_TOLERATED, check_method_keys
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from .prompt_input import PromptInput
 from .soft_prompt import SoftPromptConfig, embedding_width
 

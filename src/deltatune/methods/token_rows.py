@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from ..site import RowValues, SiteAdapter, put_rows
+from ..site_adapter import RowValues, SiteAdapter, put_rows
 from .base import lookup_type
 
 

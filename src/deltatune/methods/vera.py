@@ -46,7 +46,7 @@ from ..peft_keys import VERA_READ, VERA_REFUSED, VERA_TOLERATED, check_method_ke
 from ..placement import Placement
 from ..quantized import QUANTIZED_LINEARS, quantized_linear
 from ..registry import register
-from ..site import SiteAdapter
+from ..site_adapter import SiteAdapter
 from .base import ModuleMethod
 from .lora import DEFAULT_TARGETS
 
