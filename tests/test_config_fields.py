@@ -48,6 +48,7 @@ TRAIN_FIELDS: dict[str, Case] = {
     "columns": Case("a mapping of strings to strings or null", "{sentence: 1}"),
     "header": Case("true or false", '"false"'),
     "column_names": Case("a list of strings or null", "[1, 2]", ("[text, label]",), "column_names names the columns"),
+    "separator": Case("a non-empty string without line breaks or null", "5", ('""',)),
     "max_train_examples": Case("a whole number ≥ 1 or null", '"10"', ("0",)),
     "max_eval_examples": Case("a whole number ≥ 1 or null", "[5]", ("-1",)),
     "adapter": Case("a mapping", "lora", ("{r: 4}",), "`adapter` must be a mapping with a `method` key"),

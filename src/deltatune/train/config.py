@@ -30,6 +30,7 @@ import yaml
 from ..chunked_loss import DEFAULT_CHUNK_ROWS
 from ..errors import DeltaTuneError
 from ..field_check import (
+    FullMatch,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -38,6 +39,9 @@ from ..field_check import (
     check_fields,
     numbers_from_text,
 )
+
+Separator = Annotated[str, FullMatch(r"[^\r\n]+", "a non-empty string without line breaks")]
+"""What splits a `.txt` data file's lines into columns."""
 
 MAX_THREADS = 4096
 """The most CPU threads `threads` may ask for: more than the largest machines have cores (an absurd count
@@ -57,19 +61,25 @@ class TrainConfig:
     task: str = "causal-lm"
     """causal-lm, seq2seq-lm, seq-cls, token-cls, qa or feature-extraction."""
     train_file: str | Path | Iterable[dict[str, Any]] = ""
-    """Training records: a .jsonl, .csv, .tsv, .parquet or .arrow file, or a folder saved by datasets'
-    `save_to_disk` (see `deltatune.train.data` for the fields); from Python also any iterable of dicts,
-    such as a `datasets.Dataset`."""
+    """Training records: a .jsonl, .csv, .tsv, .parquet, .arrow or .txt (with `separator`) file, or a
+    folder saved by datasets' `save_to_disk` (see `deltatune.train.data` for the fields); from Python
+    also any iterable of dicts, such as a `datasets.Dataset`."""
     eval_file: str | Path | Iterable[dict[str, Any]] | None = None
     """Records for periodic evaluation, as `train_file`; none: no evaluation."""
     columns: dict[str, str] | None = None
     """Rename fields of the records, {name in the file: name the task reads}, e.g. {sentence: text}."""
     header: bool = True
-    """CSV/TSV files: the first line names the columns. False: every line is a record, its columns named
-    by `column_names` (a header whose column is named like a number is refused as a likely record)."""
+    """CSV/TSV and .txt files: the first line names the columns. False: every line is a record, its
+    columns named by `column_names` (a header whose column is named like a number is refused as a likely
+    record)."""
     column_names: list[str] | None = None
-    """CSV/TSV files without a header row (header: false): a name for each column, in order, e.g.
-    [label, text]; then `columns` may rename them further."""
+    """CSV/TSV and .txt files without a header row (header: false): a name for each column, in order,
+    e.g. [label, text]; then `columns` may rename them further."""
+    separator: Separator | None = None
+    """`.txt` data files: what splits a line into its columns, e.g. "||" for E2E NLG's `meaning
+    representation||reference` lines (with header: false and column_names: [prompt, completion]); no
+    quoting, each value's surrounding spaces removed. None: a .txt file is refused. See
+    `deltatune.train.data`."""
     max_train_examples: PositiveInt | None = None
     """Train on this many records of train_file, drawn at random with `seed` and kept in file order (so
     a file sorted by label still gives every label); null: all of them. Part of the run's identity."""
@@ -269,8 +279,8 @@ class TrainConfig:
             raise ConfigError(refusal)
         if self.header == (self.column_names is not None):
             raise ConfigError(
-                "column_names names the columns of a CSV/TSV file without a header row: give it with header: false "
-                "(and header: false needs it); to rename a header's columns use `columns`"
+                "column_names names the columns of a CSV/TSV/.txt file without a header row: give it with header: "
+                "false (and header: false needs it); to rename a header's columns use `columns`"
             )
         if self.column_names is not None and len(set(self.column_names)) < len(self.column_names):
             raise ConfigError(f"column_names must not repeat a name, got {self.column_names}")

@@ -1,5 +1,11 @@
-"""Reading training data: JSON Lines, CSV/TSV, parquet and Arrow files, folders saved by `datasets`'
-`save_to_disk`, or any iterable of dicts (a `datasets.Dataset`) from Python.
+"""Reading training data: JSON Lines, CSV/TSV, parquet and Arrow files, text files of columns split
+at a separator (`.txt`), folders saved by `datasets`' `save_to_disk`, or any iterable of dicts (a
+`datasets.Dataset`) from Python.
+
+A `.txt` file holds a record a line, its columns split at every occurrence of `separator` (E2E NLG's
+`meaning representation||reference`: `separator: "||"`), with no quoting: a line must hold exactly
+one value per column, and each value loses its surrounding spaces. Its columns are named as a CSV's
+are: by its first line, or by `column_names` with `header: false`. Blank lines are skipped.
 
 Parquet and Arrow files are read with pyarrow and saved folders with `datasets` (which brings
 pyarrow): `pip install 'deltatune[data]'`; without them such a path is refused in one line naming
@@ -77,11 +83,13 @@ def _read_jsonl(path: Path, layout: TableLayout) -> list[Record]:
 
 @dataclass(frozen=True)
 class TableLayout:
-    """How a CSV/TSV file names its columns: by its first line (`header`), or by `column_names` when it
-    has no header row. Other file types name their fields themselves."""
+    """How a CSV/TSV or `.txt` file names its columns: by its first line (`header`), or by `column_names`
+    when it has no header row; and what splits a `.txt` file's columns (`separator`). Other file types
+    name their fields themselves."""
 
     header: bool = True
     column_names: tuple[str, ...] | None = None
+    separator: str | None = None
 
 
 def _read_delimited(delimiter: str) -> Callable[[Path, TableLayout], list[Record]]:
@@ -101,6 +109,33 @@ def _read_delimited(delimiter: str) -> Callable[[Path, TableLayout], list[Record
         return records
 
     return read
+
+
+def _read_separated(path: Path, layout: TableLayout) -> list[Record]:
+    """A `.txt` file of columns split at `layout.separator` (see the module docstring)."""
+    separator = layout.separator
+    if separator is None:
+        raise DataError(
+            f"{path.name}: a .txt file is read as lines of columns split at a separator; set separator (e.g. "
+            'separator: "||") and name the columns (header: false and column_names: [prompt, completion])'
+        )
+    with path.open(encoding="utf-8") as file:
+        lines = [(number, line) for number, line in enumerate(file, start=1) if line.strip()]
+    split = [(number, [value.strip() for value in line.split(separator)]) for number, line in lines]
+    if layout.header and split:
+        names, named_by = split.pop(0)[1], "the header"
+        _check_header(path, names)
+    else:
+        names, named_by = list(layout.column_names or ()), "column_names"
+    records = []
+    for number, values in split:
+        if len(values) != len(names):
+            raise DataError(
+                f"{path.name} line {number}: {len(values)} value(s) split at {separator!r}, but {named_by} "
+                f"{names} name {len(names)}; each line must hold one value per column, split at the separator"
+            )
+        records.append(Record(dict(zip(names, values)), f"{path.name} line {number}"))
+    return records
 
 
 def _check_header(path: Path, names: list[str]) -> None:
@@ -180,10 +215,11 @@ READERS: dict[str, Callable[[Path, TableLayout], list[Record]]] = {
     ".json": _read_jsonl,
     ".csv": _read_delimited(","),
     ".tsv": _read_delimited("\t"),
+    ".txt": _read_separated,
     ".parquet": _read_parquet,
     ".arrow": _read_arrow,
 }
-"""File suffix → reader of (path, layout); the layout matters to CSV/TSV only."""
+"""File suffix → reader of (path, layout); the layout matters to CSV/TSV and `.txt` files only."""
 
 
 def read_records(
@@ -193,7 +229,7 @@ def read_records(
 ) -> list[Record]:
     """Records from a file path (by its suffix), a folder saved by `datasets`, or any iterable of dicts
     (a `datasets.Dataset`). `columns` renames fields, {name in the data: name the task reads} (GLUE's
-    `sentence` → `text`); `layout`: how a CSV/TSV file names its columns."""
+    `sentence` → `text`); `layout`: how a CSV/TSV or `.txt` file names (and splits) its columns."""
     records = _read(source, layout)
     if not columns:
         return records

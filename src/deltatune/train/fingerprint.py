@@ -81,6 +81,7 @@ ADDED_LATER = {
     "adapter.shift_positions": True,
     "header": True,
     "column_names": None,
+    "separator": None,
     "max_train_examples": None,
     "loss_added_by_trainer.monteclora_config": True,
     "loss_added_by_trainer.orth_reg_weight": True,

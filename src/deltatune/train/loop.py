@@ -154,7 +154,7 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     if config.release_freed_memory:
         release_freed_memory()
     adapter_config = config.adapter_config() if adapter is None else None
-    layout = TableLayout(config.header, tuple(config.column_names) if config.column_names else None)
+    layout = TableLayout(config.header, tuple(config.column_names) if config.column_names else None, config.separator)
     train_records = subsample(
         read_records(config.train_file, config.columns, layout), config.max_train_examples, config.seed
     )
