@@ -5,8 +5,8 @@ What it costs, per task (each example is read once per pass, in batches grouped 
 - seq-cls, token-cls, qa, feature-extraction: one pass. The forward that answers an example also
   gives its loss (`predict.py`).
 - causal-lm, seq2seq-lm: one teacher-forced loss pass (the task's `loss`, on prompt and reference),
-  then the generation from each prompt: a language model's loss and its answer come from different
-  inputs. With `with_loss=False` the loss pass is skipped.
+  then the generation, once per distinct prompt: a language model's loss and its answer come from
+  different inputs. With `with_loss=False` the loss pass is skipped.
 
 Both passes advance one progress bar (unit: examples; shown when `progress`, on stderr, cleared at the
 end). The eval loss is the mean over its terms in the whole eval set: per labelled token for the
@@ -14,8 +14,9 @@ token-level losses (causal-lm, seq2seq-lm, token-cls), per example for seq-cls a
 mean is weighted by its number of terms (`predict.LossSum`), so the value does not depend on
 `eval_batch_size` or on how the examples were grouped. Feature extraction's loss is the contrastive
 loss over the whole set (see `predict.py`). The task's predictor answers every example; each metric the
-row names compares those answers with the references. A metric whose optional package is missing
-(BLEU, ROUGE-L) is left out.
+row names compares those answers with the references, a generated text with every reference of its
+prompt (`prompt_groups.py`, which also says when `references_per_prompt` is reported). A metric whose
+optional package is missing (BLEU, ROUGE-L) is left out.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import metrics, prompt_groups
 from .predict import Bar, EvalContext, LossSum, length_batches
 from .tasks import TaskType
 
@@ -79,9 +80,11 @@ def evaluate(
             loss = answers.loss
         result = Evaluation({"loss": loss.mean()} if with_loss and loss is not None else {})
         result.predictions, result.references = answers.predictions, answers.references
+        predictions, references = prompt_groups.scored(answers)
         for name, metric in task.metrics.items():
             if metrics.available(name):
-                result.metrics[name] = metric(result.predictions, result.references)
+                result.metrics[name] = metric(predictions, references)
+        result.metrics.update(prompt_groups.grouping_report(answers))
         return result
     finally:
         bar.close()

@@ -13,8 +13,9 @@ answers are put back in the order of `features`, and `bar` advances by the examp
   contrastive loss against those same candidates: `CE(scale · cos(a_i, p_j) over all j, i)`, the
   in-batch loss of training with the whole set as the batch, so it does not depend on the batching.
 - Language models generate greedily from each prompt (left-padded batches, up to `max_new_tokens`) and
-  the decoded text is compared with the reference. Their loss needs teacher forcing, a forward of its
-  own (`evaluate.teacher_forced_loss`); these predictors give none.
+  the decoded text is compared with the reference; their task rows run them once per distinct prompt
+  (`prompt_groups.py`). Their loss needs teacher forcing, a forward of its own
+  (`evaluate.teacher_forced_loss`); these predictors give none.
 """
 
 from __future__ import annotations
@@ -74,12 +75,15 @@ class LossSum:
 
 @dataclass
 class Answers:
-    """Predictions and references in the order of the features, and the eval loss if the predictor's
-    forward gave it."""
+    """Predictions and references in the order of the features, the eval loss if the predictor's
+    forward gave it, and the prompt groups if it answered once per prompt."""
 
     predictions: list
     references: list
     loss: LossSum | None = None
+    groups: list[list[int]] | None = None
+    """Generation answered once per prompt: the indices of each distinct prompt's examples, whose one
+    prediction the metrics score against all their references (`prompt_groups.scored`)."""
 
 
 Predictor = Callable[[nn.Module, list[dict[str, Any]], EvalContext, Bar], Answers]

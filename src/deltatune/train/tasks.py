@@ -9,15 +9,16 @@
 | qa                 | …QuestionAnswering      | qa_outputs   | the model's own      | exact_match, token f1      |
 | feature-extraction | AutoModel               | none         | contrastive_loss     | accuracy                   |
 
-Language models are judged on their generations, classifiers on the arg-max label (tag), QA on
+Language models are judged on their generations (one per distinct prompt, against all of its
+references: `prompt_groups.py`), classifiers on the arg-max label (tag), QA on
 the best span, embeddings on whether each text's nearest positive is its own. Evaluation reads the
 eval set once for the last four rows (one forward gives the loss and the answer) and twice for
 language models (a teacher-forced loss pass, then the generation; `loss_terms`).
 
 The rows live in `train/` because they hold the trainer's encoders and predictors by direct
 reference; the losses they name are the core library's (`deltatune.losses`, used without the trainer
-too). So the import runs one way: `train.tasks` imports `losses`, `encode`, `predict` and `metrics`,
-none of which imports it back, and `import deltatune` never imports `train/`. A task is one row
+too). So the import runs one way: `train.tasks` imports `losses`, `encode`, `predict`, `prompt_groups`
+and `metrics`, none of which imports it back, and `import deltatune` never imports `train/`. A task is one row
 here and nothing else; a name with no row is an error that lists the known ones.
 """
 
@@ -34,7 +35,7 @@ from torch import nn
 from ..errors import DeltaTuneError
 from ..losses import causal_lm_batch_loss, contrastive_loss, model_loss, seq2seq_lm_loss, unwrap
 from ..task_record import head_children
-from . import encode, metrics, predict
+from . import encode, metrics, predict, prompt_groups
 from .data import Record
 
 Loss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -89,7 +90,8 @@ def trained_heads(model: nn.Module) -> list[str]:
     return head_children(unwrap(model))
 
 
-TEXT_METRICS = {"exact_match": metrics.exact_match, "bleu": metrics.bleu, "rouge_l": metrics.rouge_l}
+TEXT_METRICS = {"exact_match": metrics.exact_match_any, "bleu": metrics.bleu, "rouge_l": metrics.rouge_l}
+"""Generation metrics: each prediction against the list of its prompt's references."""
 LABEL_METRICS = {"accuracy": metrics.accuracy, "f1": metrics.macro_f1}
 
 TASKS: dict[str, TaskType] = {
@@ -100,7 +102,7 @@ TASKS: dict[str, TaskType] = {
             "AutoModelForCausalLM",
             causal_lm_batch_loss,
             encode.encode_causal,
-            predict.predict_causal,
+            prompt_groups.once_per_prompt(predict.predict_causal, prompt_groups.causal_prompt),
             TEXT_METRICS,
             loss_terms=predict.next_token_targets,
         ),
@@ -109,7 +111,7 @@ TASKS: dict[str, TaskType] = {
             "AutoModelForSeq2SeqLM",
             seq2seq_lm_loss,
             encode.encode_seq2seq,
-            predict.predict_seq2seq,
+            prompt_groups.once_per_prompt(predict.predict_seq2seq, prompt_groups.encoder_input),
             TEXT_METRICS,
             loss_terms=predict.labelled_tokens,
         ),
