@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM, BertForPreTraining
 
@@ -109,6 +110,19 @@ def test_a_missing_encoder_weight_still_warns_naming_it(
     with pytest.warns(RandomWeightsWarning, match=r"lacks 1 weight .*encoder\.layer\.1\.output\.dense\.weight"):
         load_model(str(encoder), get_task("seq-cls"), label_names=["no", "yes"])
     assert capsys.readouterr().out.startswith("new head: classifier (32 → 2 labels: no, yes)")
+
+
+def test_an_unused_weight_inside_the_encoder_warns_naming_it(tmp_path: Path) -> None:
+    """A weight the checkpoint holds under a module the model has, but no place for (the reference: transformers
+    reports it as unexpected), is a config that does not fit the weights: said by name."""
+    encoder = _encoder(tmp_path)
+    weights = load_file(encoder / "model.safetensors")
+    owner = next(key for key in weights if key.endswith("encoder.layer.0.output.dense.weight")).rpartition(".")[0]
+    save_file({**weights, f"{owner}.scale": torch.ones(32)}, encoder / "model.safetensors")
+    _, info = AutoModelForSequenceClassification.from_pretrained(encoder, output_loading_info=True)
+    assert [key.endswith("output.dense.scale") for key in info["unexpected_keys"]] == [True]
+    with pytest.warns(RandomWeightsWarning, match=r"holds 1 weight .*encoder\.layer\.0\.output\.dense\.scale"):
+        load_model(str(encoder), get_task("seq-cls"), label_names=["no", "yes"])
 
 
 def test_an_mlm_checkpoint_without_a_pooler_warns_that_the_pooler_starts_at_random(tmp_path: Path) -> None:

@@ -181,10 +181,15 @@ def _under(key: str, modules: Collection[str]) -> bool:
 
 
 def _owner_in(model: nn.Module, key: str) -> bool:
-    """Whether the module that weight `key` belongs to is one of `model`'s."""
-    owner = key.rpartition(".")[0]
+    """Whether the module that weight `key` belongs to is one of `model`'s, or of its backbone (transformers
+    5.x names the unused weights of a backbone checkpoint as they are in it: `pooler.dense.weight`)."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return any(_holds_module(root, key.rpartition(".")[0]) for root in (model, backbone) if isinstance(root, nn.Module))
+
+
+def _holds_module(root: nn.Module, name: str) -> bool:
     try:
-        model.get_submodule(owner)
+        root.get_submodule(name)
     except AttributeError:
         return False
     return True
