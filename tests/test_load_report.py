@@ -1,8 +1,8 @@
 """A task model loaded from a plain encoder folder says its new head in one plain line instead of
 transformers' load report (`deltatune.train.load_report`), on both transformers lines; weights missing
 outside the head still warn by name; a folder that holds its head, `--quiet`, and an adapter that holds
-the head print nothing. What transformers itself reports (a plain `from_pretrained`) is the reference
-each test starts from."""
+the head print nothing. Where a test relies on what transformers itself reports, a plain `from_pretrained`
+of the same folder is its reference."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _report_text(caplog: pytest.LogCaptureFixture) -> str:
 
 def _transformers_reports_a_new_classifier(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The reference: a plain `from_pretrained` of `folder` for seq-cls logs transformers' report naming
-    `classifier` (so the tests below see its absence, not a logger that logs nothing)."""
+    `classifier` (so the test sees its absence, not a logger that logs nothing)."""
     AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
     report = _report_text(caplog)
     assert "classifier.weight" in report and any(word in report for word in REPORT_WORDS)
