@@ -66,3 +66,8 @@ class BaseWeightsError(AdapterShapeError):
 
 class BaseWeightsWarning(UserWarning):
     """An adapter was loaded onto a base whose weights are not those it was trained on (`strict=True` refuses)."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """Weights of a loaded model start at random where a file should have given them: the checkpoint lacks
+    weights outside the task head it adds, or an adapter loaded next holds no weights for that new head."""

@@ -112,7 +112,9 @@ def _merge(arguments: argparse.Namespace) -> None:
     if arguments.requantize:
         require_backend(arguments.requantize)
     task, labels = adapter_task(arguments.adapter)  # a classifier's head and labels, from the adapter folder
-    model = load_model(arguments.model, task, label_names=labels, quantize=arguments.quantize)
+    model = load_model(
+        arguments.model, task, label_names=labels, quantize=arguments.quantize, adapter=arguments.adapter
+    )
     quantized = next((module for module in model.modules() if quantized_linear(module) is not None), None)
     if quantized is not None and not dequantize:
         _refuse_packed_merge(f"{folder} holds a quantized model ({quantized_linear(quantized).describe(quantized)})")
@@ -165,7 +167,7 @@ def _inspect(arguments: argparse.Namespace) -> None:
         from .. import load
         from .models import load_model
 
-        model = load_model(arguments.target)
+        model = load_model(arguments.target, adapter=arguments.adapter)
         if arguments.adapter:
             model = load(model, arguments.adapter)
     print(describe_tree(model, arguments.depth))
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue from the latest checkpoint in output_dir, or from CHECKPOINT",
     )
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true", help="no progress bar, start line or new-head line")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained adapter on the config's eval_file")

@@ -206,7 +206,7 @@ def check_methods_fit(base: TrainConfig, plans: list[MethodPlan]) -> None:
     task = get_task(base.task)
     tokenizer = load_tokenizer(base.tokenizer or str(model_folder(base.model)))
     labels = label_names(task.label_field, read_records(base.train_file, base.columns))
-    model = load_model(base.model, task, tokenizer, labels, base.quantize)
+    model = load_model(base.model, task, tokenizer, labels, base.quantize, quiet=True)  # each method's run says it
     for plan in plans:
         try:
             delta_model: DeltaModel = attach_adapter(model, plan.config.adapter_config(), task)

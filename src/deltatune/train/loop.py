@@ -135,7 +135,9 @@ def choose_device(name: str, ranks: distributed.Ranks) -> torch.device:
     return torch.device(f"cuda:{ranks.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter: str | None = None) -> Run:
+def prepare_run(
+    config: TrainConfig, device: torch.device | None = None, adapter: str | None = None, quiet: bool = False
+) -> Run:
     """Read and encode the data, load the model and attach the adapter from the config (or load the
     saved adapter folder `adapter`). Data and config errors, and a missing `quantize` backend, come
     before the data is read and the model loaded. A base loaded with `quantize` is loaded onto the
@@ -143,7 +145,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     (`deltatune.prepare_quantized_base`); the move to the device after it is
     `nn.Module.to` of the DeltaModel, never transformers' `to` (which refuses dtype casts of
     bitsandbytes models), and a no-op for a base already there. Under FSDP the model stays on the CPU:
-    sharding moves each rank's shards to the device, a block at a time."""
+    sharding moves each rank's shards to the device, a block at a time. A new task head is said in one line
+    (`load_report`) by the main process, unless `quiet`."""
     task = get_task(config.task)
     if config.quantize is not None:
         require_backend(config.quantize)
@@ -169,7 +172,8 @@ def prepare_run(config: TrainConfig, device: torch.device | None = None, adapter
     )
     train_features, eval_features = task.encode(train_records, context), task.encode(eval_records, context)
     torch.manual_seed(config.seed)
-    model = load_model(config.model, task, tokenizer, labels, config.quantize, str(home))
+    quiet = quiet or not ranks.main
+    model = load_model(config.model, task, tokenizer, labels, config.quantize, str(home), quiet=quiet, adapter=adapter)
     prepare_quantized_base(model, config.gradient_checkpointing)  # nothing on a base without quantized layers
     return_free_heap_pages()  # what the load freed inside the heaps (`allocator`): one call, on any setting
     if adapter is None:
@@ -205,7 +209,7 @@ def train(
     device = choose_device(config.device, ranks)
     joined = distributed.start(ranks, device)
     try:
-        return train_run(prepare_run(config, device), resume, progress, time_budget)
+        return train_run(prepare_run(config, device, quiet=not progress), resume, progress, time_budget)
     finally:
         if joined:
             distributed.stop(ranks)

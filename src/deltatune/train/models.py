@@ -7,7 +7,8 @@ float32, or with `quantize: gguf` deltatune keeps its blocks, `deltatune.gguf`) 
 loads run with `local_files_only=True`. Task heads that start untrained (a classifier)
 are always added to the adapter's `modules_to_save`, after the modules the config lists (as peft
 does), even where the config lists none (`[]`): a freshly initialised head that stays frozen would
-leave the model predicting from random weights.
+leave the model predicting from random weights. Such a new head is said in one plain line instead of
+transformers' load report, and weights missing elsewhere are warned of by name (`load_report`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..errors import DeltaTuneError
 from ..model import DeltaModel
+from .load_report import held_load_report, report_load
 from .tasks import TaskType, trained_heads
 
 
@@ -118,12 +120,17 @@ def load_model(
     label_names: Sequence[str] = (),
     quantize: str | None = None,
     device: str = "cpu",
+    *,
+    quiet: bool = False,
+    adapter: str | Path | None = None,
 ) -> nn.Module:
     """The model in folder, GGUF file or packaged name `name`: loaded with `task`'s auto class (labels set
     for classification), or without a task with the class its config names. A tokenizer's pad id fills
     in a config that has none. `quantize` (a name of `quantize.QUANTIZE_OPTIONS`) loads the linear
     layers quantized, onto `device`, computing in float32; its backend is checked before anything loads.
-    `quantize: gguf` builds the model of `gguf_file(name)` with its blocks kept (`deltatune.gguf`)."""
+    `quantize: gguf` builds the model of `gguf_file(name)` with its blocks kept (`deltatune.gguf`).
+    transformers' load report is said plainly (`load_report.report_load`): a new head in one line unless
+    `quiet`, or nothing where `adapter` (the folder loaded onto the model next) holds that head."""
     labels: dict[str, Any] = {}
     if label_names:
         labels = {
@@ -139,7 +146,8 @@ def load_model(
         model_class = task.auto_class() if task is not None else None
         model = load_gguf_model(gguf_file(name), model_class, **labels).to(device)
     else:
-        model = _load_pretrained(name, task, labels, quantize, device)
+        model, info = _load_pretrained(name, task, labels, quantize, device)
+        report_load(model, info, name, quiet, adapter)
     if (
         tokenizer is not None
         and getattr(model.config, "pad_token_id", None) is None
@@ -163,7 +171,8 @@ def adapter_task(adapter: str | Path) -> tuple[TaskType | None, list[str]]:
 
 def _load_pretrained(
     name: str, task: TaskType | None, labels: dict[str, Any], quantize: str | None, device: str
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and transformers' loading info (its load report held back: `load_report`)."""
     extra: dict[str, Any] = dict(labels)
     if quantize is not None:
         from .quantize import quantization_config
@@ -179,12 +188,13 @@ def _load_pretrained(
         model_class = task.auto_class() if task is not None else _causal_lm()
     else:
         model_class = task.auto_class() if task is not None else saved_model_class(folder)
-    model = model_class.from_pretrained(str(folder), local_files_only=True, **extra)
+    with held_load_report():
+        model, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **extra)
     if quantize is not None:
         from .quantize import own_unquantized_tensors
 
         own_unquantized_tensors(model)
-    return model
+    return model, info
 
 
 def _causal_lm() -> Any:

@@ -34,5 +34,9 @@ def start_line(run: Run, total_steps: int, first_step: int) -> str:
 
 
 def _labels(names: list[str]) -> str:
-    shown = ", ".join(map(str, names[:SHOWN_LABELS])) + (", ..." if len(names) > SHOWN_LABELS else "")
-    return f"{len(names)} label{'s' if len(names) != 1 else ''} ({shown})"
+    return f"{len(names)} label{'s' if len(names) != 1 else ''} ({shown_labels(names)})"
+
+
+def shown_labels(names: list[str]) -> str:
+    """The first `SHOWN_LABELS` label names, comma-separated, `...` for the rest."""
+    return ", ".join(map(str, names[:SHOWN_LABELS])) + (", ..." if len(names) > SHOWN_LABELS else "")
