@@ -66,3 +66,8 @@ class BaseWeightsError(AdapterShapeError):
 
 class BaseWeightsWarning(UserWarning):
     """An adapter was loaded onto a base whose weights are not those it was trained on (`strict=True` refuses)."""
+
+
+class UnsupportedFormatError(DeltaTuneError):
+    """An adapter that the file format asked for (peft's, AdapterHub's) cannot express: another library
+    would load its folder as another model."""
