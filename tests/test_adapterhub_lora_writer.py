@@ -17,7 +17,7 @@ from tiny_models import ARCHS, build
 
 PLAIN = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
-INEXPRESSIBLE = {
+UNRECORDED = {
     "rslora": {"use_rslora": True},
     "pissa": {"init_lora_weights": "pissa"},
     "pissa-niter": {"init_lora_weights": "pissa_niter_2"},
@@ -33,13 +33,17 @@ INEXPRESSIBLE = {
     "alpha-pattern": {"alpha_pattern": {"q_proj": 2.0}},
     "lora-bias": {"lora_bias": True},
     "trained-biases": {"bias": "all"},
+}
+"""LoRA settings AdapterHub's LoRA config has no word for (other scales, starts that rewrite W or freeze a
+factor, extra tensors, trained biases): each would load, in AdapterHub or here, as another model."""
+
+LAYERS_LEFT_OUT = {
     "one-layer": {"layers_to_transform": [0]},
     "one-layer-by-pattern": {"layers_to_transform": [1], "layers_pattern": "layers"},
     "excluded-module": {"exclude_modules": ["layers.1.self_attn.v_proj"]},
     "regex-subset": {"target_modules": r".*\.0\.self_attn\.(q|v)_proj"},
 }
-"""LoRA settings AdapterHub's LoRA config has no word for (other scales, starts that rewrite W, extra
-tensors, trained biases, layers left out): each would load, in AdapterHub or here, as another model."""
+"""LoRA placements that leave out lettered matrices of some layers, which AdapterHub's LoRA adapts in all."""
 
 EXPRESSIBLE = {
     "random-start": {"init_lora_weights": False},
@@ -64,14 +68,24 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(**ARCHS["llama"].inputs(1)).logits
 
 
-@pytest.mark.parametrize("case", list(INEXPRESSIBLE))
-def test_adapterhub_save_refuses_lora_it_cannot_express_and_writes_nothing(case: str, tmp_path: Path) -> None:
-    delta_model = deltatune.attach(
-        build("llama"), deltatune.LoraConfig(**{**PLAIN, **INEXPRESSIBLE[case]}), name="task"
-    )
-    with pytest.raises(UnsupportedFormatError, match="format='deltatune'"):
-        delta_model.save(tmp_path / "task", format="adapterhub")
-    assert not (tmp_path / "task").exists()
+def refused_save(settings: dict, folder: Path) -> str:
+    """The message of the refused AdapterHub save of a LoRA with `settings`; nothing may be written."""
+    delta_model = deltatune.attach(build("llama"), deltatune.LoraConfig(**{**PLAIN, **settings}), name="task")
+    with pytest.raises(UnsupportedFormatError, match="format='deltatune'") as refusal:
+        delta_model.save(folder, format="adapterhub")
+    assert not folder.exists()
+    return str(refusal.value)
+
+
+@pytest.mark.parametrize("case", list(UNRECORDED))
+def test_adapterhub_save_refuses_lora_options_it_cannot_record_and_writes_nothing(case: str, tmp_path: Path) -> None:
+    settings = UNRECORDED[case]
+    assert next(iter(settings)) in refused_save(settings, tmp_path / "task")
+
+
+@pytest.mark.parametrize("case", list(LAYERS_LEFT_OUT))
+def test_adapterhub_save_refuses_lora_that_leaves_out_layers_and_writes_nothing(case: str, tmp_path: Path) -> None:
+    assert "leaves out model.layers." in refused_save(LAYERS_LEFT_OUT[case], tmp_path / "task")
 
 
 @pytest.mark.parametrize("case", list(EXPRESSIBLE))
