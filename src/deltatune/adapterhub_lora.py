@@ -1,22 +1,35 @@
-"""AdapterHub's LoRA in its files (a `LoRAConfig`, alone or as UniPELT's part), read into our `LoraConfig`.
+"""AdapterHub's LoRA in its files (a `LoRAConfig`, alone or as UniPELT's part), read into our `LoraConfig`
+and written from it.
 
 AdapterHub adapts the self-attention matrices its `attn_matrices` letters name ("q", "k", "v") and keeps
 each layer's factors under `<layer>.loras.NAME.lora_A` (r × in), `lora_B` (out × r) and, with
 `use_gating`, `gate.weight` / `gate.bias`: our `lora_A`, `lora_B` and `gate` at the same layer. Its merged
 attention projections (GPT-2's `c_attn`, one LoRA split over q, k and v) have no counterpart here.
+
+Its config records r, α, dropout, the gate and the letters, and nothing else: every layer's matrices, one
+scale α/r, y = W x + (α/r) B A x. A LoRA of ours is written only when that is what it computes and all it
+holds (`lora_config_to_adapterhub`); rsLoRA's α/√r, a start that rewrites W (PiSSA, OLoRA, CorDA, KaSA),
+extra tensors or frozen factors (MonteCLoRA, VeLoRA, BD-LoRA, MiCA) and layers left out would each load,
+in AdapterHub or here, as another model, so they are refused and nothing is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .adapterhub_options import refuse_other_options
-from .errors import AdapterFileError
+from .errors import AdapterFileError, UnsupportedFormatError
+from .methods.lora import LoraAdapter
 from .methods.lora_config import LoraConfig
+from .registry import method_for
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
 
 ATTENTION_MATRICES = {
     "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj"},
@@ -37,6 +50,16 @@ FIXED_OPTIONS = {
 }
 """AdapterHub LoRA option: the value deltatune reads (anything else is refused)."""
 MARKER = ".loras."
+WRITTEN_FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_gating": "use_gating"}
+"""Our `LoraConfig` field → the AdapterHub LoRA option that records it."""
+PLACEMENT_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+"""Fields that pick the layers: judged by the layers they picked, which must be all AdapterHub's letters
+name (`_check_every_layer`)."""
+START_FIELDS = ("init_lora_weights", "eva_config")
+"""Fields that choose only where the factors start (the saved factors have overtaken it), for `STARTS`."""
+STARTS = ("gaussian", "orthogonal", "eva", "loftq")
+"""`init_lora_weights` strings that start plain factors, as True and False do; the other strings rewrite W
+(PiSSA, OLoRA, CorDA) or freeze a factor (MiCA)."""
 
 
 def lora_config_from_adapterhub(options: dict[str, Any], model: nn.Module, folder: Path) -> LoraConfig:
@@ -67,3 +90,66 @@ def lora_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch
     """Our file keys (`<layer>.<tensor>`) for the LoRA tensors of adapter `name` in AdapterHub's weights."""
     marker = f"{MARKER}{name}."
     return {key.replace(marker, "."): tensor for key, tensor in tensors.items() if marker in key}
+
+
+def lora_config_to_adapterhub(config: LoraConfig, delta_model: DeltaModel, name: str) -> dict[str, Any]:
+    """AdapterHub's `LoRAConfig` dict for our LoRA adapter `name` (alone or UniPELT's part); a LoRA it
+    cannot express is refused (see the module docstring)."""
+    model = delta_model.base_model
+    model_type = model.config.model_type
+    letters = {module: letter for letter, module in ATTENTION_MATRICES.get(model_type, {}).items()}
+    placed = {
+        module_name
+        for module_name, site in delta_model.sites()
+        if isinstance(site.adapters[name] if name in site.adapters else None, LoraAdapter)
+    }
+    suffixes = sorted({module_name.rsplit(".", 1)[-1] for module_name in placed})
+    if not placed or any(suffix not in letters for suffix in suffixes):
+        raise UnsupportedFormatError(
+            f"AdapterHub's LoRA adapts self-attention matrices ({sorted(letters) or 'none for ' + model_type}); "
+            f"{name!r} adapts {suffixes}: save it with format='deltatune'"
+        )
+    unrecorded = unrecorded_options(config)
+    if unrecorded:
+        raise UnsupportedFormatError(
+            f"AdapterHub's LoRA config has no word for {', '.join(unrecorded)} (set in {name!r}), so the folder "
+            "would load as another model: save it with format='deltatune'"
+        )
+    _check_every_layer(delta_model, name, placed, suffixes)
+    return {
+        **FIXED_OPTIONS,
+        "architecture": "lora",
+        **{theirs: getattr(config, ours) for ours, theirs in WRITTEN_FIELDS.items()},
+        "attn_matrices": [letter for letter in "qkv" if letter in {letters[suffix] for suffix in suffixes}],
+        "init_weights": "lora",
+        "init_weights_seed": None,
+        "dtype": None,
+    }
+
+
+def unrecorded_options(config: LoraConfig) -> list[str]:
+    """The name of each option of `config` that AdapterHub's LoRA config does not record and that is not
+    LoRA's default, and `init_lora_weights=<value>` for a start that rewrites W or freezes a factor."""
+    defaults = LoraConfig()
+    kept = {*WRITTEN_FIELDS, *PLACEMENT_FIELDS, *START_FIELDS}
+    options = [
+        field.name
+        for field in dataclasses.fields(config)
+        if field.name not in kept and getattr(config, field.name) != getattr(defaults, field.name)
+    ]
+    if not (isinstance(config.init_lora_weights, bool) or config.init_lora_weights in STARTS):
+        options.append(f"init_lora_weights={config.init_lora_weights!r}")
+    return options
+
+
+def _check_every_layer(delta_model: DeltaModel, name: str, placed: set[str], suffixes: list[str]) -> None:
+    """AdapterHub puts LoRA on the lettered matrices of every layer: `name` must sit on all of them."""
+    read_back = LoraConfig(target_modules=suffixes)
+    expected = set(method_for(read_back).select(delta_model.base_model, read_back))
+    missing = sorted(expected - placed)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UnsupportedFormatError(
+            f"AdapterHub's LoRA adapts {suffixes} in every layer, but {name!r} leaves out "
+            f"{shown}: save it with format='deltatune'"
+        )

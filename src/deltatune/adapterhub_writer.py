@@ -1,5 +1,6 @@
-"""Writing AdapterHub adapter folders: `save(path, format="adapterhub")` for bottleneck, LoRA (on
-self-attention matrices), prefix-tuning (AdapterHub's form), MAM and UniPELT adapters.
+"""Writing AdapterHub adapter folders: `save(path, format="adapterhub")` for bottleneck, LoRA (plain LoRA
+on the self-attention matrices of every layer, `adapterhub_lora`), prefix-tuning (AdapterHub's form), MAM
+and UniPELT adapters.
 
 The folder is what AdapterHub's `save_adapter(..., use_safetensors=True)` writes and its
 `load_adapter(path, use_safetensors=True)` reads: `adapter_config.json` ({"config", "name", "model_type",
@@ -19,15 +20,16 @@ import torch
 
 from . import adapterhub_reft
 from .adapterhub_format import FIXED_OPTIONS, INITS
-from .adapterhub_lora import ATTENTION_MATRICES
-from .adapterhub_lora import FIXED_OPTIONS as FIXED_LORA_OPTIONS
 from .adapterhub_lora import MARKER as LORA_MARKER
+from .adapterhub_lora import lora_config_to_adapterhub
 from .adapterhub_prefix import gate_key, prefix_config_to_adapterhub, prefix_key
 from .architectures import sublayer_output_width
-from .errors import DeltaTuneError
+from .errors import UnsupportedFormatError
 from .methods.bottleneck import BottleneckAdapter, BottleneckConfig, placed_sites
-from .methods.lora import LoraLinear
+from .methods.lora import LoraLinear, LoraQuantizedLinear
 from .methods.lora_config import LoraConfig
+from .methods.lora_gating import GatedLoraLinear
+from .methods.lora_init import LoraOrthogonalLinear
 from .methods.mam import MAMConfig
 from .methods.prefix_gating import GatedPrefixReinsert
 from .methods.prefix_tuning import PrefixCache, PrefixTuningConfig
@@ -88,12 +90,12 @@ def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], A
     model = delta_model.base_model
     fields = PARTS.get(type(config))
     if fields is None:
-        raise DeltaTuneError(
+        raise UnsupportedFormatError(
             "deltatune writes AdapterHub folders for bottleneck, LoRA, prefix-tuning, MAM, UniPELT and ReFT adapters; "
             f"{name!r} is a {config.method} adapter: save it with format='deltatune'"
         )
     if config.modules_to_save:
-        raise DeltaTuneError(
+        raise UnsupportedFormatError(
             f"AdapterHub's adapter folders hold no modules_to_save ({config.modules_to_save}); save {name!r} with "
             "format='deltatune'"
         )
@@ -126,32 +128,7 @@ def _prefix_part(config: PrefixTuningConfig, delta_model: DeltaModel, name: str,
 
 
 def _lora_part(config: LoraConfig, delta_model: DeltaModel, name: str, locations: dict) -> dict:
-    """AdapterHub's `LoRAConfig` dict: the attention matrices our LoRA layers of `name` sit on."""
-    model_type = delta_model.base_model.config.model_type
-    letters = {module: letter for letter, module in ATTENTION_MATRICES.get(model_type, {}).items()}
-    placed = [
-        module_name.rsplit(".", 1)[-1]
-        for module_name, site in delta_model.sites()
-        if isinstance(site.adapters[name] if name in site.adapters else None, LoraLinear)
-    ]
-    other_forms = config.rank_pattern or config.alpha_pattern or config.lora_bias or config.bias != "none"
-    if not placed or any(module not in letters for module in placed) or other_forms or config.use_dora:
-        raise DeltaTuneError(
-            f"AdapterHub's LoRA adapts self-attention matrices ({sorted(letters) or 'none for ' + model_type}) "
-            f"with one rank; {name!r} adapts {sorted(set(placed))}: save it with format='deltatune'"
-        )
-    return {
-        **FIXED_LORA_OPTIONS,
-        "architecture": "lora",
-        "r": config.r,
-        "alpha": config.lora_alpha,
-        "dropout": config.lora_dropout,
-        "attn_matrices": [letter for letter in "qkv" if letter in {letters[module] for module in placed}],
-        "init_weights": "lora",
-        "init_weights_seed": None,
-        "use_gating": config.use_gating,
-        "dtype": None,
-    }
+    return lora_config_to_adapterhub(config, delta_model, name)
 
 
 PARTS: dict[type, tuple[str | None, ...]] = {
@@ -170,7 +147,7 @@ def bottleneck_config_to_adapterhub(config: BottleneckConfig, hidden: int) -> di
     """AdapterHub's `BnConfig` dict for our bottleneck config (`hidden`: the sublayers' width)."""
     size = config.size_for(hidden)
     if hidden % size:
-        raise DeltaTuneError(
+        raise UnsupportedFormatError(
             f"AdapterHub sizes a bottleneck as hidden // reduction_factor; {size} does not divide the hidden size "
             f"{hidden}: choose a bottleneck_size that does, or save in deltatune's format"
         )
@@ -202,16 +179,25 @@ def _location(site: Any, model: torch.nn.Module) -> str:
     return f"{site.block}.{own}"
 
 
-WRITTEN = (BottleneckAdapter, PrefixCache, GatedPrefixReinsert, LoraLinear)
-"""The site adapters with tensors that AdapterHub's format names."""
+WRITTEN = {
+    BottleneckAdapter,
+    PrefixCache,
+    GatedPrefixReinsert,
+    LoraLinear,
+    LoraQuantizedLinear,
+    LoraOrthogonalLinear,
+    GatedLoraLinear,
+}
+"""The site adapters with tensors that AdapterHub's format names, by exact type: a subclass computes
+something else (PiSSA's residual, KaSA, BD-LoRA, MiCA) and must be named here to be written."""
 
 
 def _check_adapters_written(delta_model: DeltaModel, name: str) -> None:
-    """Every site adapter with tensors is one this writer names (a bottleneck or a prefix holder)."""
+    """Every site adapter with tensors is one this writer names (a bottleneck, a prefix holder, a LoRA layer)."""
     for module_name, site in delta_model.sites():
         adapter = site.adapters[name] if name in site.adapters else None
-        if adapter is not None and adapter.file_state() and not isinstance(adapter, WRITTEN):
-            raise DeltaTuneError(
+        if adapter is not None and adapter.file_state() and type(adapter) not in WRITTEN:
+            raise UnsupportedFormatError(
                 f"{module_name} holds a {type(adapter).__name__} that AdapterHub's format has no place for; save "
                 "with format='deltatune'"
             )

@@ -71,3 +71,8 @@ class BaseWeightsWarning(UserWarning):
 class RandomWeightsWarning(UserWarning):
     """Weights of a loaded model start at random where a file should have given them: the checkpoint lacks
     weights outside the task head it adds, or an adapter loaded next holds no weights for that new head."""
+
+
+class UnsupportedFormatError(DeltaTuneError):
+    """An adapter that the file format asked for (peft's, AdapterHub's) cannot express: another library
+    would load its folder as another model."""
