@@ -24,7 +24,7 @@ with `deltatune merge` and convert that folder with llama.cpp's `convert_hf_to_g
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ def _without_a_place(state: dict[str, torch.Tensor], written: set[str]) -> list[
     return [name for name, tensor in state.items() if name not in written and tensor.data_ptr() not in held]
 
 
-def _refuse_lost(base_file: Path, lost: list[str], names: dict[str, str]) -> None:
+def _refuse_lost(base_file: Path, lost: list[str], names: dict[str, str]) -> NoReturn:
     """Refuse a merge whose tensors `lost` (state-dict names) would be left out of a copy of `base_file`."""
     gguf_names = {state_name: gguf_name for gguf_name, state_name in names.items()}
     shown = ", ".join(f"{name} ({gguf_names[name]})" if name in gguf_names else name for name in lost[:3])
