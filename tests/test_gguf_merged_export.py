@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import deltatune
 
@@ -18,7 +18,7 @@ from deltatune.gguf import load_gguf_model  # noqa: E402
 from deltatune.gguf.lora_export import GGUFExportError  # noqa: E402
 from deltatune.gguf.merged_export import export_merged_gguf  # noqa: E402
 from deltatune.train.cli import main  # noqa: E402
-from test_gguf_base import tiny_llama, write_gguf  # noqa: E402
+from test_gguf_base import tiny_llama, write_gguf, write_qwen2_gguf  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -66,3 +66,54 @@ def test_merged_export_command_needs_a_gguf_base(tmp_path, base_and_adapter, cap
     out = tmp_path / "m.gguf"
     assert main(["export", str(adapter), "--merged", "--gguf", str(out), "--base", str(base_file)]) == 0
     assert out.is_file() and "merged llama.cpp model written" in capsys.readouterr().out
+
+
+def _trained(base_file, config) -> deltatune.DeltaModel:
+    """`config` on the GGUF base `base_file`, its parameters moved away from their start so that each one counts."""
+    delta_model = deltatune.attach(load_gguf_model(base_file), config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in delta_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return delta_model
+
+
+BIAS_WITHOUT_A_TENSOR = {
+    "lora_bias": lambda: deltatune.LoraConfig(r=4, target_modules=["o_proj"], lora_bias=True, init_lora_weights=False),
+    "bitfit_add_missing_bias": lambda: deltatune.BitFitConfig(target_modules=["o_proj"], add_missing_bias=True),
+}
+
+
+@pytest.mark.parametrize("case", list(BIAS_WITHOUT_A_TENSOR))
+def test_merged_export_refuses_a_trained_tensor_the_base_file_has_no_place_for(tmp_path, case):
+    """A Llama file has no `attn_output.bias`: the merged bias would be left out and the file would compute
+    the base model (BitFit) or a part of the adapter (lora_bias), so nothing is written."""
+    base_file = write_gguf(tmp_path / "base.gguf", tiny_llama(seed=0, tied=False))
+    _trained(base_file, BIAS_WITHOUT_A_TENSOR[case]()).save(str(tmp_path / "adapter"))
+    with pytest.raises(GGUFExportError, match=r"blk\.0\.attn_output\.bias"):
+        export_merged_gguf(base_file, tmp_path / "adapter", tmp_path / "merged.gguf", "f16")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "base.gguf"]
+
+
+def test_trained_biases_the_base_file_holds_are_written_with_the_adapted_outputs(tmp_path):
+    """A Qwen2 file holds q, k and v biases: BitFit's trained ones take their place, and transformers' GGUF
+    loader reads back the adapted model."""
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    source = Qwen2ForCausalLM(Qwen2Config(**sizes, num_key_value_heads=2, tie_word_embeddings=True))
+    base_file = write_qwen2_gguf(tmp_path / "qwen2.gguf", source, bias_first=True)
+    delta_model = _trained(base_file, deltatune.BitFitConfig(target_modules=["q_proj", "k_proj", "v_proj"]))
+    delta_model.save(str(tmp_path / "adapter"))
+    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapted = delta_model(input_ids=tokens).logits
+        with delta_model.disabled():
+            base = delta_model(input_ids=tokens).logits
+    (tmp_path / "out").mkdir()
+    out = export_merged_gguf(base_file, tmp_path / "adapter", tmp_path / "out" / "merged.gguf", "f16")
+    reference = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        found = reference(input_ids=tokens).logits
+    assert (adapted - base).abs().max() > 0.5  # the adapter matters
+    assert (found - adapted).abs().max() < TOLERANCE["f16"]

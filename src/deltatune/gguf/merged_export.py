@@ -9,6 +9,13 @@ llama.cpp's order (`lora_export.permute_rows`). Matrices are written in the aske
 length is a multiple of its 32-value blocks, else f16), vectors (norms) in F32; a tensor the model does
 not hold (llama.cpp's `rope_freqs`) is copied with its bytes.
 
+The file keeps the base file's tensor list, so a tensor the merge gives the model that the base file has
+no tensor for is refused by name, with nothing written, rather than left out: a trained bias on a
+bias-free Llama layer (LoRA's `lora_bias`, BitFit's `add_missing_bias`) or a task head. It is not added
+either: transformers builds a GGUF Llama from the file's metadata, which has no bias flag, and would drop
+it, so the file would compute one model in llama.cpp and another in transformers. A tied head is held by
+the embedding's tensor.
+
 A merged model needs no adapter support in the runtime; what the adapter may be is what `deltatune merge`
 takes (any mergeable method). A non-GGUF base has no tokenizer metadata to copy and is refused: merge it
 with `deltatune merge` and convert that folder with llama.cpp's `convert_hf_to_gguf.py`.
@@ -17,7 +24,7 @@ with `deltatune merge` and convert that folder with llama.cpp's `convert_hf_to_g
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -60,6 +67,24 @@ def _encoded(values: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
     return values.astype(np.float16), None
 
 
+def _without_a_place(state: dict[str, torch.Tensor], written: set[str]) -> list[str]:
+    """The entries of `state` that no written entry holds (a tied head shares its embedding's storage)."""
+    held = {state[name].data_ptr() for name in written}
+    return [name for name, tensor in state.items() if name not in written and tensor.data_ptr() not in held]
+
+
+def _refuse_lost(base_file: Path, lost: list[str], names: dict[str, str]) -> NoReturn:
+    """Refuse a merge whose tensors `lost` (state-dict names) would be left out of a copy of `base_file`."""
+    gguf_names = {state_name: gguf_name for gguf_name, state_name in names.items()}
+    shown = ", ".join(f"{name} ({gguf_names[name]})" if name in gguf_names else name for name in lost[:3])
+    raise GGUFExportError(
+        f"{base_file} has no tensor for {shown}{', ...' if len(lost) > 3 else ''}, which merging the adapter gives "
+        "the model (a trained bias on a bias-free layer, from lora_bias or add_missing_bias, or a task head), so "
+        "the merged file would compute another model: use the adapter unmerged (deltatune.load it onto the base), "
+        "or train it without that part; nothing was written"
+    )
+
+
 def merged_writer(base_file: Path, merged: torch.nn.Module, dtype: str):
     """A writer (path → None) of GGUF file `base_file` with its weights taken from the merged model `merged`."""
     require_gguf()
@@ -71,6 +96,9 @@ def merged_writer(base_file: Path, merged: torch.nn.Module, dtype: str):
     architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     names = gguf_tensor_names(merged, architecture)
     state = merged.state_dict()
+    lost = _without_a_place(state, {names[tensor.name] for tensor in reader.tensors if tensor.name in names})
+    if lost:
+        _refuse_lost(base_file, lost, names)
     permuted = ROW_PERMUTED.get(architecture, {})
 
     def write(path: str) -> None:

@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--dtype", choices=["f32", "f16", "q8_0"], help="adapter: f32 (default) or f16; --merged: f16 (default) or q8_0"
     )
-    export.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT.gguf (and its Modelfile) if they exist")
     export.set_defaults(run=_export)
 
     demo = commands.add_parser(

@@ -10,7 +10,10 @@ known (a .gguf base, or a packaged model's GGUF file), else the base folder, whi
     ADAPTER ./OUT.gguf
 
 `ollama create NAME -f Modelfile` then builds the adapted model. The GGUF file and the Modelfile are
-written together or not at all; an existing OUT is kept unless `--overwrite`.
+written together or not at all; an existing OUT or Modelfile (a user's own) is kept unless `--overwrite`.
+An export never writes into its inputs, whatever `--overwrite` says: OUT (and its Modelfile) must not be
+the base's GGUF file, nor lie inside the adapter folder or a base folder (compared after resolving links,
+as `deltatune merge` compares its OUT, `outputs.RELATIONS`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..errors import DeltaTuneError, OutputFolderError
 from ..folder_summary import describe_folder
 from ..io import CONFIG_FILE
 from .models import GGUF_SUFFIX, PACKAGED_GGUF
+from .outputs import RELATIONS
 
 if TYPE_CHECKING:
     from ..model import DeltaModel
@@ -99,11 +103,37 @@ def write_gguf_adapter(delta_model: DeltaModel, name: str, out: Path, base: str,
     return ExportedAdapter(out, out.parent / MODELFILE, base, len(content.tensors))
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
+def _inputs(adapter: str | Path, base: str) -> dict[str, Path]:
+    """{role: path} of what an export reads: the adapter folder, the base's GGUF file and a base folder."""
+    inputs = {"adapter folder": Path(adapter)}
+    gguf_base = base_gguf_file(base)
+    if gguf_base is not None:
+        inputs["base file"] = gguf_base
+    if Path(base).is_dir():
+        inputs["base folder"] = Path(base)
+    return inputs
+
+
+def _check_outputs(outputs: list[Path], inputs: dict[str, Path], overwrite: bool) -> None:
+    """Refuse outputs (OUT.gguf first) that meet an input (whatever `overwrite` says), that are folders, or
+    that exist without `overwrite`."""
+    out = outputs[0]
     if out.suffix != GGUF_SUFFIX:
         raise OutputFolderError(f"--gguf {out} should name a .gguf file")
-    if out.exists() and not overwrite:
-        raise OutputFolderError(f"{out} exists; pass --overwrite to replace it, or give another file name")
+    for path in outputs:
+        target = path.resolve()
+        for role, source in inputs.items():
+            relation = next((words for words, holds in RELATIONS.items() if holds(target, source.resolve())), None)
+            if relation:
+                raise OutputFolderError(
+                    f"export never writes over its inputs: {path} {relation} the {role} {source}; give --gguf a "
+                    "file outside them"
+                )
+        other = "file name" if path == out else "folder"
+        if path.is_dir():
+            raise OutputFolderError(f"{path} is a folder, which export never replaces; give --gguf another {other}")
+        if path.exists() and not overwrite:
+            raise OutputFolderError(f"{path} exists; pass --overwrite to replace it, or give --gguf another {other}")
 
 
 def export_merged(
@@ -112,9 +142,8 @@ def export_merged(
     """Write the GGUF base (`base`, else the adapter's own) with adapter folder `adapter` merged in to `out`."""
     from ..gguf.merged_export import export_merged_gguf
 
-    out = Path(out)
-    _check_output(out, overwrite)
-    base = base or recorded_base(adapter)
+    out, base = Path(out), base or recorded_base(adapter)
+    _check_outputs([out], _inputs(adapter, base), overwrite)
     return export_merged_gguf(base_gguf_file(base) or base, adapter, out, dtype)
 
 
@@ -124,9 +153,8 @@ def export_adapter(
     """Write the adapter folder `adapter` as llama.cpp LoRA file `out` and a Modelfile beside it."""
     from .. import load
 
-    out = Path(out)
-    _check_output(out, overwrite)
-    base = base or recorded_base(adapter)
+    out, base = Path(out), base or recorded_base(adapter)
+    _check_outputs([out, out.parent / MODELFILE], _inputs(adapter, base), overwrite)
     delta_model = load(_load_base(base), str(adapter))
     names = list(delta_model.configs)
     if len(names) != 1:
