@@ -174,14 +174,17 @@ raise on a value they do not know, and a base-rewriting one (PiSSA, OLoRA) must 
 
 
 def _init_release(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
     name = str(value).lower()
-    return None if isinstance(value, bool) else next((r for n, r in INIT_RELEASES.items() if name.startswith(n)), None)
+    return next((release for prefix, release in INIT_RELEASES.items() if name.startswith(prefix)), None)
 
 
 def _full_name_patterns(value: Any) -> str | None:
     """deltatune writes `rank_pattern` / `alpha_pattern` keys as escaped full module names; peft matches a key
     as `(.*\\.)?key$` from 0.15 on, and before as `.*\\.key$`, which needs a dot in front of the key: a full
-    name never matched (a rank pattern then fails to load, an alpha pattern is ignored without a word)."""
+    name never matched (a rank pattern then fails to load, an alpha pattern is ignored without a word). For
+    a pattern that names a suffix ("q_proj", as peft users write them) this is later than needed, never earlier."""
     return "0.15.0" if value else None
 
 
