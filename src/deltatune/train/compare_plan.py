@@ -198,14 +198,15 @@ def check_methods_fit(base: TrainConfig, plans: list[MethodPlan]) -> None:
     """Attach every method to the config's base model once (and take it off again), so that a method that
     cannot run the config's model or task is refused before any method trains."""
     from ..model import DeltaModel
-    from .data import read_records
+    from .data import read_records, subsample
     from .encode import label_names
     from .models import attach_adapter, load_model, load_tokenizer, model_folder
     from .tasks import get_task
 
     task = get_task(base.task)
     tokenizer = load_tokenizer(base.tokenizer or str(model_folder(base.model)))
-    labels = label_names(task.label_field, read_records(base.train_file, base.columns))
+    records = read_records(base.train_file, base.columns, base.table_layout())  # as training reads it
+    labels = label_names(task.label_field, subsample(records, base.max_train_examples, base.seed))
     model = load_model(base.model, task, tokenizer, labels, base.quantize)
     for plan in plans:
         try:

@@ -38,6 +38,7 @@ from ..field_check import (
     check_fields,
     numbers_from_text,
 )
+from .data import TableLayout
 
 MAX_THREADS = 4096
 """The most CPU threads `threads` may ask for: more than the largest machines have cores (an absurd count
@@ -295,6 +296,11 @@ class TrainConfig:
             return method.config_class(**numbers_from_text(method.config_class, fields))
         except (TypeError, DeltaTuneError) as error:
             raise ConfigError(f"adapter: {error}") from None
+
+    def table_layout(self) -> TableLayout:
+        """How its CSV/TSV files name their columns (`header`, `column_names`), as every reader of `train_file`
+        and `eval_file` takes it (training, `deltatune compare`'s pre-check)."""
+        return TableLayout(self.header, tuple(self.column_names) if self.column_names else None)
 
 
 SCHEDULERS = ("linear", "cosine", "constant")
