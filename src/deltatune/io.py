@@ -46,7 +46,7 @@ from .atomic import (
 from .base_fingerprint import check_same_base
 from .errors import AdapterFileError, DeltaTuneError
 from .files import read_json, read_tensors
-from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, peft_records
+from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, checked_records, peft_records
 from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
@@ -257,15 +257,16 @@ def _read_ours(folder: Path, model: nn.Module) -> ReadAdapter:
     recorded = data.get("name")
     if recorded is not None:
         check_name(recorded, f"{folder / CONFIG_FILE}", AdapterFileError)
+    records = checked_records(data, folder / CONFIG_FILE)
     return ReadAdapter(
         config,
         tensors,
         OURS,
         recorded,
         folder / WEIGHTS_FILE,
-        data.get(FINGERPRINT_KEY),
+        records.get(FINGERPRINT_KEY),
         data.get("base_model_name_or_path"),
-        data.get(TASK_KEY),
+        records.get(TASK_KEY),
     )
 
 

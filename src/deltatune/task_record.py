@@ -21,16 +21,21 @@ a merged one predict with the adapter's label names. `deltatune merge` and `delt
 model with the task's class and the recorded labels (`recorded_task`), which is how a seq-cls adapter
 trained from a plain encoder folder (no classifier in it) merges into a model that
 `AutoModelForSequenceClassification` loads.
+
+A record read from a folder is checked first (`task_problem`): `task` a string, `id2label` the ids 0..N-1
+(as text) to strings, `heads` child module names (no '.') to {parameter name: shape}; one of another form
+is refused where the folder is read (`folder_records`), before any head is touched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from torch import nn
 
 from .errors import AdapterShapeError
+from .field_check import FullMatch, NonNegativeInt, mapping_problem
 from .registry import method_for
 from .site import site_of
 from .targeting import model_modules
@@ -55,6 +60,12 @@ AUTO_CLASSES = {
     "qa": "AutoModelForQuestionAnswering",
 }
 """Task → the transformers auto class that builds its head (named in errors)."""
+RECORD_FIELDS = {
+    "task": str,
+    "id2label": dict[Annotated[str, FullMatch(r"0|[1-9][0-9]*", "label ids written as whole numbers")], str],
+    "heads": dict[Annotated[str, FullMatch(r"[^.]+", "child module names (no '.')")], dict[str, list[NonNegativeInt]]],
+}
+"""The form of each key of a read task record (`task_problem`)."""
 
 
 def head_children(model: nn.Module) -> list[str]:
@@ -100,6 +111,16 @@ def task_record(delta_model: DeltaModel, name: str) -> dict[str, Any] | None:
 
 def _holds_any(head: str, module_names: list[str]) -> bool:
     return any(module_name == head or module_name.startswith(f"{head}.") for module_name in module_names)
+
+
+def task_problem(record: Any) -> str | None:
+    """What is wrong with a task record read from a folder, None when nothing is: its keys of the form
+    `RECORD_FIELDS` gives, and label ids 0..N-1 (a head's rows)."""
+    problem = mapping_problem(record, RECORD_FIELDS, required=("task",))
+    if problem is not None:
+        return problem
+    ids = sorted(int(key) for key in record.get("id2label", {}))
+    return None if ids == list(range(len(ids))) else f"its id2label ids must be 0 to N-1, got {ids}"
 
 
 def label_names(record: dict[str, Any] | None) -> list[str]:

@@ -12,7 +12,9 @@ stays in `OUTPUT_DIR/<label>/` (its adapter, metrics.json, plot); its peak memor
 its run (`compare_memory`). A method whose training diverges (`TrainingDivergedError`: its learning rate
 too high, say) is a result, not the end of the comparison: its row keeps the error and no figures, and
 the next method runs. Then the results table is printed and written with the plot (`compare_report`:
-compare.md, compare.json, compare.png).
+compare.md, compare.json, compare.png). When every method diverged, nothing was compared: the results
+are still written, and then the comparison fails with `TrainingDivergedError` (exit status 2, as
+`deltatune train` on a divergence).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class CompareOptions:
 
 
 def compare(options: CompareOptions) -> dict[str, Any]:
-    """Run the comparison; returns what compare.json holds (and prints the table)."""
+    """Run the comparison; returns what compare.json holds (and prints the table). Raises
+    `TrainingDivergedError` once the results are written if every method diverged."""
     if ranks_from_environment().distributed:
         raise CompareError("deltatune compare runs in one process; start it without torchrun")
     base, plans = plan_comparison(
@@ -87,6 +90,11 @@ def compare(options: CompareOptions) -> dict[str, Any]:
     write_results(Path(base.output_dir), summary)
     print(table(summary))
     print(f"results in {Path(base.output_dir)}: compare.md, compare.json, compare.png; each method's run in its folder")
+    if all(row["error"] for row in rows):
+        raise TrainingDivergedError(
+            f"every compared method diverged ({', '.join(row['label'] for row in rows)}), so nothing was compared; "
+            f"their errors are in {Path(base.output_dir) / 'compare.md'}: lower the learning rate and run it again"
+        )
     return summary
 
 

@@ -14,7 +14,7 @@ config (with its `key=value` overrides) and:
   `lora.adapter.r=16`), which may not touch what the comparison holds equal (`SHARED_KEYS`).
 
 Refused in one line, before any model trains: an unknown method, a label named twice, a budget that
-is not positive, a `--set` for a method not compared, of a shared key or of `adapter.method` (a label's
+is not finite and positive, a `--set` for a method not compared, of a shared key or of `adapter.method` (a label's
 method is the one `--methods` names), a method whose config does not validate or that cannot attach to
 the config's model for its task (every method is attached once to the loaded base, and taken off again),
 a `--time-budget` for a method that schedules over the step count (AdaLoRA), and an output folder that
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 
 from ..errors import DeltaTuneError
@@ -75,8 +76,10 @@ class Budget:
         if len(chosen) > 1:
             raise CompareError(f"give one budget, not {' and '.join(chosen)}")
         for flag, value in given.items():
-            if value is not None and not value > 0:
-                raise CompareError(f"{flag} must be positive, got {value:g}; give the budget every method trains for")
+            if value is not None and not (math.isfinite(value) and value > 0):  # inf: a run that never ends
+                raise CompareError(
+                    f"{flag} must be finite and positive, got {value:g}; give the budget every method trains for"
+                )
 
     def settings(self) -> dict[str, int | float | None]:
         """The config keys the budget sets."""
@@ -198,14 +201,15 @@ def check_methods_fit(base: TrainConfig, plans: list[MethodPlan]) -> None:
     """Attach every method to the config's base model once (and take it off again), so that a method that
     cannot run the config's model or task is refused before any method trains."""
     from ..model import DeltaModel
-    from .data import read_records
+    from .data import read_records, subsample
     from .encode import label_names
     from .models import attach_adapter, load_model, load_tokenizer, model_folder
     from .tasks import get_task
 
     task = get_task(base.task)
     tokenizer = load_tokenizer(base.tokenizer or str(model_folder(base.model)))
-    labels = label_names(task.label_field, read_records(base.train_file, base.columns))
+    records = read_records(base.train_file, base.columns, base.table_layout())  # as training reads it
+    labels = label_names(task.label_field, subsample(records, base.max_train_examples, base.seed))
     model = load_model(base.model, task, tokenizer, labels, base.quantize, quiet=True)  # each method's run says it
     for plan in plans:
         try:

@@ -39,6 +39,7 @@ from ..field_check import (
     check_fields,
     numbers_from_text,
 )
+from .data import TableLayout
 
 Separator = Annotated[str, FullMatch(r"[^\r\n]+", "a non-empty string without line breaks")]
 """What splits a `.txt` data file's lines into columns."""
@@ -305,6 +306,12 @@ class TrainConfig:
             return method.config_class(**numbers_from_text(method.config_class, fields))
         except (TypeError, DeltaTuneError) as error:
             raise ConfigError(f"adapter: {error}") from None
+
+    def table_layout(self) -> TableLayout:
+        """How its CSV/TSV and separated .txt files name and split their columns (`header`, `column_names`,
+        `separator`), as every reader of `train_file` and `eval_file` takes it (training, `deltatune compare`'s
+        pre-check)."""
+        return TableLayout(self.header, tuple(self.column_names) if self.column_names else None, self.separator)
 
 
 SCHEDULERS = ("linear", "cosine", "constant")

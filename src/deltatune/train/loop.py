@@ -46,7 +46,7 @@ from .checkpoint import (
     trainable_parameters,
 )
 from .config import TrainConfig
-from .data import TableLayout, read_records, subsample
+from .data import read_records, subsample
 from .data_init import start_from_data, start_from_weights
 from .divergence import check_step, check_weights
 from .encode import EncodeContext, collate, label_names
@@ -157,7 +157,7 @@ def prepare_run(
     if config.release_freed_memory:
         release_freed_memory()
     adapter_config = config.adapter_config() if adapter is None else None
-    layout = TableLayout(config.header, tuple(config.column_names) if config.column_names else None, config.separator)
+    layout = config.table_layout()
     train_records = subsample(
         read_records(config.train_file, config.columns, layout), config.max_train_examples, config.seed
     )

@@ -5,7 +5,8 @@ get different wall time. A time budget fixes the wall time instead: the run take
 `seconds` of training time have passed (the `TrainingClock`: evaluations and checkpoint saves left out),
 however many steps that is, and the learning rate, after the config's warm-up steps, decays over the
 share of that time spent (linear: to zero at the end of the budget), so every method gets its whole
-schedule. The data order is the config's (seed, step) order, cycling over epochs. The learning rate
+schedule. The budget must be finite: an infinite one would never stop, and its learning rate
+never decay. The data order is the config's (seed, step) order, cycling over epochs. The learning rate
 then depends on the machine's speed, so such a run is not resumable bit-exactly: `--resume` is refused,
 both with a time budget and, for a checkpoint a time-budgeted run wrote, without one (its run identity
 records the budget). A method whose step hook runs a schedule over the total step count (AdaLoRA's rank
@@ -14,6 +15,7 @@ budget: its class sets `schedule_counts_steps`) is refused a time budget, since 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import DeltaTuneError
@@ -40,8 +42,11 @@ class StopRule:
     clock: TrainingClock
 
     def __post_init__(self) -> None:
-        if self.seconds is not None and not self.seconds > 0:
-            raise DeltaTuneError(f"the time budget must be a positive number of seconds, got {self.seconds:g}")
+        if self.seconds is not None and not (math.isfinite(self.seconds) and self.seconds > 0):
+            raise DeltaTuneError(
+                f"the time budget must be finite and positive, got {self.seconds:g} seconds; give the seconds of "
+                "training time the run takes"
+            )
 
     def finished(self, step: int) -> bool:
         """Whether the run stops after `step` steps."""
