@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import deltatune
+from deltatune.errors import CheckpointMismatchError
 from tiny_models import build, run
 
 
@@ -114,3 +115,85 @@ def test_restore_weights_copies_saved_adapters_back_in_place(tmp_path: Path) -> 
     assert all(p is parameters[name] for name, p in delta_model.named_parameters() if p.requires_grad)
     with pytest.raises(deltatune.AdapterFileError, match="does not record its name"):  # peft's folder names none
         restore_weights(delta_model, tmp_path / "peft-one")
+
+
+CHECKPOINT_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+"""A LoRA every checkpoint format writes (AdapterHub's adapts the attention matrices only)."""
+
+
+def _lora_checkpoint(tmp_path: Path, format: str, seed: int = 0, **settings) -> tuple[deltatune.DeltaModel, Path]:
+    """A LoRA on the tiny Llama of `seed`, its weights moved off their start, saved as `format` (a trainer's
+    checkpoint folder)."""
+    config = deltatune.LoraConfig(**{**CHECKPOINT_LORA, **settings})
+    delta_model = deltatune.attach(build("llama", seed), config)
+    with torch.no_grad():
+        for parameter in delta_model.adapter_parameters("default"):
+            parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(parameter.numel()))
+    delta_model.save_pretrained(tmp_path / "checkpoint-2", format=format)
+    return delta_model, tmp_path / "checkpoint-2"
+
+
+OTHER_SETTINGS = {
+    "lora_alpha": ({"lora_alpha": 64}, "lora_alpha: 8 → 64"),
+    "use_rslora": ({"use_rslora": True}, "use_rslora: false → true"),
+    "lora_dropout": ({"lora_dropout": 0.1}, "lora_dropout: 0.0 → 0.1"),
+}
+"""Settings that leave every tensor name and shape alone but change what training computes."""
+
+
+@pytest.mark.parametrize("format", ["deltatune", "peft", "adapterhub"])
+@pytest.mark.parametrize("changed", list(OTHER_SETTINGS))
+def test_restoring_a_checkpoint_refuses_an_adapter_of_other_settings_and_copies_nothing(
+    tmp_path: Path, format: str, changed: str
+) -> None:
+    """A trainer resuming from a checkpoint with another adapter config would continue another run."""
+    from deltatune.io import restore_weights
+
+    if format == "adapterhub" and changed == "use_rslora":
+        pytest.skip("AdapterHub's LoRA folders have no rsLoRA scaling to record")
+    _, checkpoint = _lora_checkpoint(tmp_path, format)
+    settings, described = OTHER_SETTINGS[changed]
+    resuming = deltatune.attach(build("llama"), deltatune.LoraConfig(**{**CHECKPOINT_LORA, **settings}))
+    before = {name: p.detach().clone() for name, p in resuming.named_parameters()}
+    with pytest.raises(CheckpointMismatchError, match="other settings") as error:
+        restore_weights(resuming, checkpoint)
+    assert described in str(error.value) and str(checkpoint) in str(error.value) and "\n" not in str(error.value)
+    assert all(torch.equal(p, before[name]) for name, p in resuming.named_parameters())
+
+
+@pytest.mark.parametrize("format", ["deltatune", "peft", "adapterhub"])
+def test_restoring_a_checkpoint_into_the_adapter_that_wrote_it_is_accepted_in_every_format(
+    tmp_path: Path, format: str
+) -> None:
+    """The settings are compared as the format records them: peft's folder lists the modules `all-linear`
+    matched, not the pattern, and the run's own adapter must still resume from it."""
+    from deltatune.io import restore_weights
+
+    targets = "all-linear" if format != "adapterhub" else CHECKPOINT_LORA["target_modules"]
+    trained, checkpoint = _lora_checkpoint(tmp_path, format, target_modules=targets, lora_dropout=0.05)
+    resuming = deltatune.attach(
+        build("llama"), deltatune.LoraConfig(**{**CHECKPOINT_LORA, "target_modules": targets, "lora_dropout": 0.05})
+    )
+    restore_weights(resuming, checkpoint)
+    expected = {name: p for name, p in trained.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p, expected[name]) for name, p in resuming.named_parameters() if p.requires_grad)
+
+
+def test_restoring_a_checkpoint_refuses_one_trained_on_other_base_weights(tmp_path: Path) -> None:
+    from deltatune.io import restore_weights
+
+    _, checkpoint = _lora_checkpoint(tmp_path, "deltatune", seed=0)
+    resuming = deltatune.attach(build("llama", seed=1), deltatune.LoraConfig(**CHECKPOINT_LORA))
+    before = {name: p.detach().clone() for name, p in resuming.named_parameters()}
+    with pytest.raises(deltatune.BaseWeightsError, match="trained on other base weights"):
+        restore_weights(resuming, checkpoint)
+    assert all(torch.equal(p, before[name]) for name, p in resuming.named_parameters())
+
+
+def test_restoring_a_checkpoint_refuses_an_adapter_of_another_method(tmp_path: Path) -> None:
+    from deltatune.io import restore_weights
+
+    _, checkpoint = _lora_checkpoint(tmp_path, "deltatune")
+    resuming = deltatune.attach(build("llama"), deltatune.IA3Config(target_modules=CHECKPOINT_LORA["target_modules"]))
+    with pytest.raises(CheckpointMismatchError, match='method: "lora" → "ia3"'):
+        restore_weights(resuming, checkpoint)
