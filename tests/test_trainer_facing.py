@@ -11,6 +11,7 @@ import torch
 
 import deltatune
 from deltatune.errors import CheckpointMismatchError
+from test_invariants import CASES, attached
 from tiny_models import build, run
 
 
@@ -200,3 +201,41 @@ def test_restoring_a_checkpoint_refuses_an_adapter_of_another_method(tmp_path: P
     resuming = deltatune.attach(build("llama"), deltatune.IA3Config(target_modules=CHECKPOINT_LORA["target_modules"]))
     with pytest.raises(CheckpointMismatchError, match='method: "lora" → "ia3"'):
         restore_weights(resuming, checkpoint)
+
+
+def _every_method_in(formats: tuple[str, ...]) -> list:
+    """(invariant case, format) for every format that case's method is written in."""
+    from deltatune.peft_format import codec_of_method
+
+    return [
+        pytest.param(case, format, id=f"{case}-{format}")
+        for case in CASES
+        if CASES[case].archs  # fusion has its own tests, on adapters of others
+        for format in formats
+        if format != "peft" or codec_of_method(CASES[case].config(CASES[case].archs[0]).method) is not None
+    ]
+
+
+NOT_RESUMABLE = {("p_tuning", "peft"), ("prefix_tuning", "peft")}
+"""Folders training cannot resume from: peft keeps the prompt a prompt encoder computes, not the encoder."""
+
+
+@pytest.mark.parametrize("method,format", _every_method_in(("deltatune", "peft")))
+def test_every_method_restores_the_checkpoint_its_own_run_wrote(tmp_path: Path, method: str, format: str) -> None:
+    """No method's settings read back otherwise than they were written (the check must not refuse a true resume)."""
+    from deltatune.io import restore_weights
+
+    arch = CASES[method].archs[0]
+    trained = attached(method, arch)
+    try:
+        trained.save_pretrained(tmp_path / "checkpoint-2", format=format)
+    except deltatune.DeltaTuneError as error:  # this case's settings have no such folder, so no such checkpoint
+        pytest.skip(f"not written as {format}: {error}")
+    resuming = deltatune.attach(build(arch), CASES[method].config(arch))
+    if (method, format) in NOT_RESUMABLE:
+        with pytest.raises(deltatune.DeltaTuneError):
+            restore_weights(resuming, tmp_path / "checkpoint-2")
+        return
+    restore_weights(resuming, tmp_path / "checkpoint-2")
+    expected = dict(trained.named_parameters())
+    assert all(torch.equal(p, expected[name]) for name, p in resuming.named_parameters() if p.requires_grad)
