@@ -9,6 +9,8 @@ a run that names a missing one stops before the data is read, in one line that n
 Names as trackers show them: a training row's `loss`, `learning_rate` and `tokens_per_second` become
 `train/loss`, `train/learning_rate` and `train/tokens_per_second`; an evaluation's `eval_<metric>`
 becomes `eval/<metric>` (so each tracker groups them in two sections). Only the main process reports.
+A tracker that fails mid-run (its server down, its disk full) is warned of in one line and dropped; the run
+goes on and saves, and metrics.json holds every row.
 """
 
 from __future__ import annotations
