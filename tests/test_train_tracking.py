@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import struct
 from pathlib import Path
 
@@ -247,3 +248,90 @@ def test_a_resume_may_add_a_tracker_which_then_holds_the_resumed_steps(tmp_path)
         for row in json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     ]
     assert [(event.step, event.value) for event in events.Scalars("train/loss")] == resumed[3:]
+
+
+def _mlflow_store(tmp_path: Path, monkeypatch) -> None:
+    needs("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
+def tracker_warnings(caplog) -> list[str]:
+    """The warnings about trackers (a busy machine's thread warning may come too)."""
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith("report_to ")]
+
+
+def _the_mlflow_run(output_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(output_dir / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("deltatune").experiment_id])
+    return client, run
+
+
+def test_a_tracker_failing_mid_run_is_dropped_with_one_warning_and_the_run_finishes_and_saves(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """A tracker only mirrors metrics.json: its server failing at the third row (a 503, a full disk) costs that
+    tracker, never the run."""
+    _mlflow_store(tmp_path, monkeypatch)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    real = MlflowClient.log_batch
+    metric_calls = []
+
+    def failing_third(self, run_id, metrics=(), **kwargs):
+        if metrics:
+            metric_calls.append(len(metrics))
+            if len(metric_calls) == 3:
+                raise mlflow.exceptions.MlflowException("tracking server returned 503")
+        return real(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", failing_third)
+    config = task_config(tmp_path, "seq-cls", report_to="mlflow", eval_file=None)
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        assert main(["train", str(config), "--quiet"]) == 0
+    output_dir = tmp_path / "out"
+    assert (output_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert [step for step, _ in history(output_dir, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert len(metric_calls) == 3  # nothing more was sent to the tracker that failed
+    (warning,) = tracker_warnings(caplog)
+    assert warning.startswith("report_to mlflow: mlflow could not record step 3 (tracking server returned 503)")
+    assert "metrics.json" in warning and "\n" not in warning
+    client, run = _the_mlflow_run(output_dir)
+    assert [entry.step for entry in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert run.info.status == "FAILED"  # it holds part of the run
+
+
+def test_a_tracker_that_cannot_close_leaves_a_finished_run_finished(tmp_path, monkeypatch, caplog) -> None:
+    _mlflow_store(tmp_path, monkeypatch)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    def refuse(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("tracking server returned 503")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", refuse)
+    config = task_config(tmp_path, "seq-cls", report_to="mlflow", eval_file=None)
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        assert main(["train", str(config), "--quiet"]) == 0
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    (warning,) = tracker_warnings(caplog)
+    assert warning.startswith("report_to mlflow: ") and "tracking server returned 503" in warning
+
+
+def test_a_tracker_that_cannot_close_after_a_failed_run_leaves_the_run_error_to_be_seen(tmp_path, monkeypatch) -> None:
+    _mlflow_store(tmp_path, monkeypatch)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from deltatune.errors import TrainingDivergedError
+
+    def refuse(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("tracking server returned 503")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", refuse)
+    config = TrainConfig.from_yaml(task_config(tmp_path, "seq-cls", report_to="mlflow", learning_rate=1e30))
+    with pytest.raises(TrainingDivergedError):
+        train(config, progress=False)

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import deltatune
+from deltatune.errors import CheckpointMismatchError
+from test_invariants import CASES, attached
 from tiny_models import build, run
 
 
@@ -114,3 +116,126 @@ def test_restore_weights_copies_saved_adapters_back_in_place(tmp_path: Path) -> 
     assert all(p is parameters[name] for name, p in delta_model.named_parameters() if p.requires_grad)
     with pytest.raises(deltatune.AdapterFileError, match="does not record its name"):  # peft's folder names none
         restore_weights(delta_model, tmp_path / "peft-one")
+
+
+CHECKPOINT_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+"""A LoRA every checkpoint format writes (AdapterHub's adapts the attention matrices only)."""
+
+
+def _lora_checkpoint(tmp_path: Path, format: str, seed: int = 0, **settings) -> tuple[deltatune.DeltaModel, Path]:
+    """A LoRA on the tiny Llama of `seed`, its weights moved off their start, saved as `format` (a trainer's
+    checkpoint folder)."""
+    config = deltatune.LoraConfig(**{**CHECKPOINT_LORA, **settings})
+    delta_model = deltatune.attach(build("llama", seed), config)
+    with torch.no_grad():
+        for parameter in delta_model.adapter_parameters("default"):
+            parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(parameter.numel()))
+    delta_model.save_pretrained(tmp_path / "checkpoint-2", format=format)
+    return delta_model, tmp_path / "checkpoint-2"
+
+
+OTHER_SETTINGS = {
+    "lora_alpha": ({"lora_alpha": 64}, "lora_alpha: 8 → 64", "alpha: 8 → 64"),
+    "use_rslora": ({"use_rslora": True}, "use_rslora: false → true", None),
+    "lora_dropout": ({"lora_dropout": 0.1}, "lora_dropout: 0.0 → 0.1", "dropout: 0.0 → 0.1"),
+}
+"""Settings that leave every tensor name and shape alone but change what training computes: (the change, how
+the refusal names it, how it names it in AdapterHub's terms, which its folder records; None: not recorded)."""
+
+
+@pytest.mark.parametrize("format", ["deltatune", "peft", "adapterhub"])
+@pytest.mark.parametrize("changed", list(OTHER_SETTINGS))
+def test_restoring_a_checkpoint_refuses_an_adapter_of_other_settings_and_copies_nothing(
+    tmp_path: Path, format: str, changed: str
+) -> None:
+    """A trainer resuming from a checkpoint with another adapter config would continue another run."""
+    from deltatune.io import restore_weights
+
+    settings, described, adapterhub_described = OTHER_SETTINGS[changed]
+    if format == "adapterhub":
+        if adapterhub_described is None:
+            pytest.skip("AdapterHub's LoRA folders have no rsLoRA scaling to record")
+        described = adapterhub_described
+    _, checkpoint = _lora_checkpoint(tmp_path, format)
+    resuming = deltatune.attach(build("llama"), deltatune.LoraConfig(**{**CHECKPOINT_LORA, **settings}))
+    before = {name: p.detach().clone() for name, p in resuming.named_parameters()}
+    with pytest.raises(CheckpointMismatchError, match="other settings") as error:
+        restore_weights(resuming, checkpoint)
+    assert described in str(error.value) and str(checkpoint) in str(error.value) and "\n" not in str(error.value)
+    assert all(torch.equal(p, before[name]) for name, p in resuming.named_parameters())
+
+
+@pytest.mark.parametrize("format", ["deltatune", "peft", "adapterhub"])
+def test_restoring_a_checkpoint_into_the_adapter_that_wrote_it_is_accepted_in_every_format(
+    tmp_path: Path, format: str
+) -> None:
+    """The settings are compared as the format records them: peft's folder lists the modules `all-linear`
+    matched, not the pattern, and the run's own adapter must still resume from it."""
+    from deltatune.io import restore_weights
+
+    targets = "all-linear" if format != "adapterhub" else CHECKPOINT_LORA["target_modules"]
+    trained, checkpoint = _lora_checkpoint(tmp_path, format, target_modules=targets, lora_dropout=0.05)
+    resuming = deltatune.attach(
+        build("llama"), deltatune.LoraConfig(**{**CHECKPOINT_LORA, "target_modules": targets, "lora_dropout": 0.05})
+    )
+    restore_weights(resuming, checkpoint)
+    expected = {name: p for name, p in trained.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p, expected[name]) for name, p in resuming.named_parameters() if p.requires_grad)
+
+
+def test_restoring_a_checkpoint_refuses_one_trained_on_other_base_weights(tmp_path: Path) -> None:
+    from deltatune.io import restore_weights
+
+    _, checkpoint = _lora_checkpoint(tmp_path, "deltatune", seed=0)
+    resuming = deltatune.attach(build("llama", seed=1), deltatune.LoraConfig(**CHECKPOINT_LORA))
+    before = {name: p.detach().clone() for name, p in resuming.named_parameters()}
+    with pytest.raises(deltatune.BaseWeightsError, match="trained on other base weights"):
+        restore_weights(resuming, checkpoint)
+    assert all(torch.equal(p, before[name]) for name, p in resuming.named_parameters())
+
+
+def test_restoring_a_checkpoint_refuses_an_adapter_of_another_method(tmp_path: Path) -> None:
+    from deltatune.io import restore_weights
+
+    _, checkpoint = _lora_checkpoint(tmp_path, "deltatune")
+    resuming = deltatune.attach(build("llama"), deltatune.IA3Config(target_modules=CHECKPOINT_LORA["target_modules"]))
+    with pytest.raises(CheckpointMismatchError, match='method: "lora" → "ia3"'):
+        restore_weights(resuming, checkpoint)
+
+
+def _every_method_in(formats: tuple[str, ...]) -> list:
+    """(invariant case, format) for every format that case's method is written in."""
+    from deltatune.peft_format import codec_of_method
+
+    return [
+        pytest.param(case, format, id=f"{case}-{format}")
+        for case in CASES
+        if CASES[case].archs  # fusion has its own tests, on adapters of others
+        for format in formats
+        if format != "peft" or codec_of_method(CASES[case].config(CASES[case].archs[0]).method) is not None
+    ]
+
+
+NOT_RESUMABLE = {("p_tuning", "peft"), ("prefix_tuning", "peft")}
+"""Folders training cannot resume from: peft keeps the prompt a prompt encoder computes, not the encoder."""
+
+
+@pytest.mark.parametrize("method,format", _every_method_in(("deltatune", "peft")))
+def test_every_method_restores_the_checkpoint_its_own_run_wrote(tmp_path: Path, method: str, format: str) -> None:
+    """No method's settings read back otherwise than they were written (the check must not refuse a true resume)."""
+    from deltatune.io import restore_weights
+
+    arch = CASES[method].archs[0]
+    trained = attached(method, arch)
+    try:
+        trained.save_pretrained(tmp_path / "checkpoint-2", format=format)
+    except deltatune.DeltaTuneError as error:  # this case's settings have no such folder, so no such checkpoint
+        pytest.skip(f"not written as {format}: {error}")
+    resuming = deltatune.attach(build(arch), CASES[method].config(arch))
+    if (method, format) in NOT_RESUMABLE:
+        with pytest.raises(deltatune.DeltaTuneError):
+            restore_weights(resuming, tmp_path / "checkpoint-2")
+        return
+    restore_weights(resuming, tmp_path / "checkpoint-2")
+    expected = dict(trained.named_parameters())
+    assert all(torch.equal(p, expected[name]) for name, p in resuming.named_parameters() if p.requires_grad)

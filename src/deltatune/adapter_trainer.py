@@ -10,7 +10,9 @@ treatment; the subclass adds those branches for a `DeltaModel` and changes nothi
 - DPO's reference model (`ref_model=None`, the trainer taking one): the same model with its adapters off
   (`AdaptersOff`, sharing every weight). The stock trainer loads a second full base from `config._name_or_path`.
 - resuming (`train(resume_from_checkpoint=...)`) and `load_best_model_at_end`: the adapter weights come back from
-  the checkpoint's adapter folder, in place. The stock trainer looks for a full model's weights file.
+  the checkpoint's adapter folder, in place, once it is checked to hold this adapter: a checkpoint of another
+  method or other settings (`lora_alpha`, `use_rslora`, ...), or trained on other base weights, is refused before a
+  weight is copied (`io.restore_weights`). The stock trainer looks for a full model's weights file.
 - reading the model (label names, whether it returns a loss, the data columns its forward takes): off the base
   model, as off a peft model's `get_base_model()`. The stock trainer reads the `DeltaModel`'s `**kwargs` forward,
   finds no labels (no eval loss) and, with `remove_unused_columns`, drops every data column.
@@ -137,7 +139,7 @@ class AdapterTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """`resume_from_checkpoint`: a `DeltaModel`'s adapter weights come back from the checkpoint's adapter
-        folder, in place (the stock method for any other model)."""
+        folder, in place, if it holds this adapter (the stock method for any other model)."""
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         if not _is_delta_model(target):
             super()._load_from_checkpoint(resume_from_checkpoint, model)

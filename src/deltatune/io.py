@@ -44,12 +44,13 @@ from .atomic import (
     safetensors_writer,
 )
 from .base_fingerprint import check_same_base
-from .errors import AdapterFileError, DeltaTuneError
+from .errors import AdapterFileError, CheckpointMismatchError, DeltaTuneError
 from .files import read_json, read_tensors
 from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, checked_records, peft_records
 from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
+from .same_adapter import check_same_settings
 from .task_record import fit_heads
 from .version import __version__
 
@@ -328,11 +329,13 @@ def _needs_other_adapters(folder: Path) -> bool:
 def restore_weights(delta_model: DeltaModel, path: str | Path) -> None:
     """Copy the weights in the adapter folder `path` (as `save` wrote it) into the model's adapters of the same
     names, in place: the parameters stay the objects an optimizer holds (a trainer resuming from a checkpoint).
-    A folder holding one adapter fills the model's only adapter, or the one it records. Every adapter's keys and
-    shapes are checked before anything is copied."""
+    A folder holding one adapter fills the model's only adapter, or the one it records. Before anything is
+    copied, every adapter is checked to be the one the folder holds: its method and settings
+    (`same_adapter`), the base weights it was trained on (strictly), its keys and shapes."""
     plans = []
     for name, folder in _adapter_folders(Path(path), None):
-        read = READERS[folder_kind(folder)](folder, delta_model.base_model)
+        kind = folder_kind(folder)
+        read = READERS[kind](folder, delta_model.base_model)
         only = next(iter(delta_model.records)) if len(delta_model.records) == 1 else None
         adapter_name = name or read.recorded_name or only
         if adapter_name is None:
@@ -341,9 +344,25 @@ def restore_weights(delta_model: DeltaModel, path: str | Path) -> None:
                 f"{sorted(delta_model.records)}: load it with deltatune.load(model, path, name=...) instead"
             )
         delta_model.require([adapter_name])
+        _check_same_adapter(delta_model, adapter_name, kind, folder, read)
         plans.append(copy_plan(delta_model, adapter_name, read))
     for plan in plans:
         copy_tensors(plan)
+
+
+def _check_same_adapter(delta_model: DeltaModel, name: str, kind: str, folder: Path, read: ReadAdapter) -> None:
+    """Refuse a `kind` folder whose adapter has other settings or base weights than adapter `name` of the model."""
+    try:
+        written = FORMATS[kind](delta_model, name)[0]
+    except DeltaTuneError as error:
+        raise CheckpointMismatchError(
+            f"{folder} is a {kind} adapter folder, but this model's adapter {name!r} "
+            f"({delta_model.configs[name].method}) cannot be written as one, so the folder is not its checkpoint: "
+            "resume from a checkpoint its own run wrote"
+        ) from error
+    check_same_settings(kind, read_json(folder / CONFIG_FILE), written, name, folder)
+    record = delta_model.records[name]
+    check_same_base(read.base_fingerprint, record.base_fingerprint, name, folder, read.base_model, strict=True)
 
 
 def _is_adapter_folder(folder: Path) -> bool:

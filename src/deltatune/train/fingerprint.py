@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import CheckpointMismatchError
 from ..registry import method_for
+from ..same_adapter import differences
 from .checkpoint import read_trainer_state
 from .config import TrainConfig
 from .models import weights_source
@@ -96,8 +97,6 @@ alone), so an older KaSA checkpoint is refused."""
 
 DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""
-SHOWN_VALUE_LENGTH = 40
-"""Differing values up to this many characters are shown in the error, longer ones only named."""
 WEIGHTS_SUFFIXES = (".safetensors", ".bin")
 """The files of a transformers model folder that hold its weights (also sharded ones)."""
 
@@ -158,17 +157,11 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
         )
     now = record["fingerprint"]
     before = {**{name: value for name, value in ADDED_LATER.items() if name in now}, **saved["fingerprint"]}
-    differ = [name for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
+    differ = differences(before, now)
     if differ:
-        described = ", ".join(_difference(name, before.get(name), now.get(name)) for name in differ)
         raise CheckpointMismatchError(
-            f"--resume: {folder} was written by a run with other settings ({described}); {again}"
+            f"--resume: {folder} was written by a run with other settings ({', '.join(differ)}); {again}"
         )
-
-
-def _difference(name: str, before: Any, now: Any) -> str:
-    shown = json.dumps(before), json.dumps(now)
-    return name if max(map(len, shown)) > SHOWN_VALUE_LENGTH else f"{name}: {shown[0]} → {shown[1]}"
 
 
 def _data_source(value: Any) -> Any:

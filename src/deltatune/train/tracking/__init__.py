@@ -9,6 +9,8 @@ a run that names a missing one stops before the data is read, in one line that n
 Names as trackers show them: a training row's `loss`, `learning_rate` and `tokens_per_second` become
 `train/loss`, `train/learning_rate` and `train/tokens_per_second`; an evaluation's `eval_<metric>`
 becomes `eval/<metric>` (so each tracker groups them in two sections). Only the main process reports.
+A tracker that fails mid-run (its server down, its disk full) is warned of in one line and dropped; the run
+goes on and saves, and metrics.json holds every row.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from ...errors import DeltaTuneError
+
+logger = logging.getLogger("deltatune")
 
 NO_TRACKER = "none"
 EVAL_PREFIX = "eval_"
@@ -85,11 +90,15 @@ def tracked_name(key: str) -> str:
 
 
 class Trackers:
-    """The trackers a run reports to, opened by `start`; before it, or with none, every call does nothing."""
+    """The trackers a run reports to, opened by `start`; before it, or with none, every call does nothing.
+
+    A tracker only mirrors metrics.json, so its failure never costs the run: one that fails to record a row
+    (its server down, its disk full) is warned of in one line, ended as failed and sent nothing more; one
+    that fails to end its run is warned of, and the run's own result (or error) stands."""
 
     def __init__(self, names: list[str], output_dir: Path) -> None:
         self.names, self.output_dir = names, output_dir
-        self.trackers: list[Tracker] = []
+        self.trackers: dict[str, Tracker] = {}
 
     def start(self, settings: dict[str, Any], enabled: bool = True) -> None:
         """Open every tracker with the run's `settings` as hyperparameters (nested mappings under dotted
@@ -108,20 +117,37 @@ class Trackers:
                     f"report_to {name}: {TRACKERS[name].package} could not start a run ({_one_line(error)}); "
                     "check its settings in the environment, or remove it from report_to"
                 ) from error
-            self.trackers.append(tracker)
+            self.trackers[name] = tracker
 
     def log(self, row: dict[str, float]) -> None:
-        """Send one metrics.json row ({"step": ..., name: value, ...}) to every tracker."""
+        """Send one metrics.json row ({"step": ..., name: value, ...}) to every tracker; drop one that fails."""
         if not self.trackers:
             return
         values = {tracked_name(key): float(value) for key, value in row.items() if key != "step"}
-        for tracker in self.trackers:
-            tracker.log(values, int(row["step"]))
+        step = int(row["step"])
+        for name, tracker in list(self.trackers.items()):
+            try:
+                tracker.log(values, step)
+            except Exception as error:  # the tracker package's own errors, whatever their class
+                del self.trackers[name]
+                logger.warning(
+                    f"report_to {name}: {TRACKERS[name].package} could not record step {step} ({_one_line(error)}); "
+                    "it is sent nothing more this run, and metrics.json keeps every row"
+                )
+                with contextlib.suppress(Exception):  # ended as failed where it still can be; warned of above
+                    tracker.close(False)
 
     def close(self, finished: bool) -> None:
-        for tracker in self.trackers:
-            tracker.close(finished)
-        self.trackers = []
+        """End every tracker's run (`finished` false when training stopped on an error)."""
+        trackers, self.trackers = self.trackers, {}
+        for name, tracker in trackers.items():
+            try:
+                tracker.close(finished)
+            except Exception as error:  # the tracker package's own errors, whatever their class
+                logger.warning(
+                    f"report_to {name}: {TRACKERS[name].package} could not end its run ({_one_line(error)}); "
+                    "metrics.json keeps every row"
+                )
 
 
 @contextlib.contextmanager
