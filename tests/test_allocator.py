@@ -73,7 +73,9 @@ def test_trimming_returns_the_free_pages_inside_the_heap():
 def test_the_trainer_applies_the_policy_only_when_asked_and_always_trims_after_loading(tmp_path, monkeypatch):
     applied = []
     monkeypatch.setattr(deltatune.train.loop, "release_freed_memory", lambda: applied.append("policy"))
-    monkeypatch.setattr(deltatune.train.loop, "load_model", lambda *args: applied.append("load") or original(*args))
+    monkeypatch.setattr(
+        deltatune.train.loop, "load_model", lambda *args, **kwargs: applied.append("load") or original(*args, **kwargs)
+    )
     monkeypatch.setattr(deltatune.train.loop, "return_free_heap_pages", lambda: applied.append("trim"))
     original = deltatune.train.models.load_model
     config = task_config(tmp_path, "causal-lm")
