@@ -26,6 +26,16 @@ TOLERANCE = {"f16": 2e-3, "q8_0": 3e-2}
 """Largest logit difference allowed, against an adapter effect of ~1 (f16 and q8_0 rounding of W + ΔW)."""
 
 
+def adapted_and_base_logits(delta_model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed token ids, and the logits of `delta_model` on them with its adapter on and off."""
+    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapted = delta_model(input_ids=tokens).logits
+        with delta_model.disabled():
+            base = delta_model(input_ids=tokens).logits
+    return tokens, adapted, base
+
+
 @pytest.fixture(scope="module")
 def base_and_adapter(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("merged")
@@ -36,11 +46,7 @@ def base_and_adapter(tmp_path_factory: pytest.TempPathFactory):
         deltatune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
     )
     delta_model.save(str(folder / "adapter"))
-    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        adapted = delta_model(input_ids=tokens).logits
-        with delta_model.disabled():
-            base = delta_model(input_ids=tokens).logits
+    tokens, adapted, base = adapted_and_base_logits(delta_model)
     return base_file, folder / "adapter", tokens, adapted, base
 
 
@@ -105,11 +111,7 @@ def test_trained_biases_the_base_file_holds_are_written_with_the_adapted_outputs
     base_file = write_qwen2_gguf(tmp_path / "qwen2.gguf", source, bias_first=True)
     delta_model = _trained(base_file, deltatune.BitFitConfig(target_modules=["q_proj", "k_proj", "v_proj"]))
     delta_model.save(str(tmp_path / "adapter"))
-    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        adapted = delta_model(input_ids=tokens).logits
-        with delta_model.disabled():
-            base = delta_model(input_ids=tokens).logits
+    tokens, adapted, base = adapted_and_base_logits(delta_model)
     (tmp_path / "out").mkdir()
     out = export_merged_gguf(base_file, tmp_path / "adapter", tmp_path / "out" / "merged.gguf", "f16")
     reference = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
