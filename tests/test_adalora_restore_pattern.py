@@ -105,3 +105,60 @@ def test_an_adapter_built_pruned_refuses_a_checkpoint_of_another_pattern(tmp_pat
     with pytest.raises(CheckpointMismatchError, match="rank_pattern"):
         restore_weights(pruned, tmp_path / "checkpoint-2")
     assert pruned.configs["default"].rank_pattern is not None
+
+
+def test_the_trainer_loads_a_best_checkpoint_saved_before_the_ranks_were_fixed(tmp_path) -> None:
+    """transformers' Trainer with the budget run at every optimizer step and the highest eval loss counted best
+    (an early checkpoint): the model ends with that checkpoint's weights, as deltatune.load gives them."""
+    pytest.importorskip("datasets", reason="the Trainer's data here is a datasets.Dataset (pip install datasets)")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from training_fixtures import model_folder, records, word_tokenizer
+
+    tokenizer = word_tokenizer(pair_template=False)
+    rows = []
+    for record in records("causal-lm"):
+        ids = tokenizer(f"{record['prompt']} {record['completion']}")["input_ids"] + [tokenizer.eos_token_id]
+        rows.append({"input_ids": ids, "labels": ids})
+    folder = model_folder(tmp_path, "causal-lm")
+    config = deltatune.AdaLoraConfig(
+        init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=6, target_modules="all-linear"
+    )
+    delta_model = deltatune.attach(AutoModelForCausalLM.from_pretrained(folder), config)
+    allocator = deltatune.RankAllocator(delta_model, "default")
+    patterns = []
+
+    class Budget(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+            allocator.update_and_allocate(state.global_step)
+            patterns.append(allocator.config.rank_pattern)
+
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    data = Dataset.from_list(rows)
+    trainer = deltatune.adapter_trainer(Trainer)(
+        model=delta_model, args=arguments, train_dataset=data, eval_dataset=data.select(range(4)), callbacks=[Budget()]
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    expected = deltatune.load(AutoModelForCausalLM.from_pretrained(folder), best)
+    assert expected.configs["default"].rank_pattern != patterns[-1]  # the best is from before the ranks were fixed
+    assert delta_model.configs["default"].rank_pattern == expected.configs["default"].rank_pattern
+    inputs = {"input_ids": torch.tensor([rows[0]["input_ids"]])}
+    with torch.no_grad():
+        torch.testing.assert_close(delta_model(**inputs).logits, expected(**inputs).logits, rtol=0, atol=0)
