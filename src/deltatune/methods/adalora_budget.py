@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import DeltaTuneError
+from ..errors import CheckpointMismatchError, DeltaTuneError
 from .adalora import AdaLoraConfig, SvdLinear, check_schedule
 
 if TYPE_CHECKING:
@@ -66,11 +66,7 @@ class RankAllocator:
             delta_model.replace_config(name, config.replace(total_step=default_total_step))
         self.delta_model = delta_model
         self.name = name
-        self.modules: dict[str, SvdLinear] = {
-            module_name: site.adapters[name]
-            for module_name, site in delta_model.sites()
-            if name in site.adapters and isinstance(site.adapters[name], SvdLinear)
-        }
+        self.modules = svd_modules(delta_model, name)
         pruned = [module_name for module_name, adapter in self.modules.items() if adapter.rank != self.config.init_r]
         if pruned:
             kept = self.modules[pruned[0]].rank
@@ -170,9 +166,7 @@ class RankAllocator:
 
     def record(self, pattern: dict[str, list[bool]]) -> None:
         """Make `pattern` the adapter's `rank_pattern` (its config, and the triplets its saves keep)."""
-        for module_name, kept in pattern.items():
-            self.modules[module_name].kept = list(kept)
-        self.delta_model.replace_config(self.name, self.config.replace(rank_pattern=pattern))
+        record_rank_pattern(self.delta_model, self.name, pattern)
 
     def apply_pattern(self) -> None:
         """Zero the E of the triplets the fixed pattern masks (every step after the last allocation)."""
@@ -224,3 +218,30 @@ class RankAllocator:
         self.uncertainty = {key: value.to(device) for key, value in tables["uncertainty"].items()}
         if tables["kept"]:
             self.record({module_name: value.tolist() for module_name, value in tables["kept"].items()})
+
+
+def record_rank_pattern(delta_model: DeltaModel, name: str, pattern: dict[str, list[bool]] | None) -> None:
+    """Make `pattern` (None: every triplet) the `rank_pattern` of AdaLoRA adapter `name`, whose modules hold
+    init_r triplets: its config, and the triplets its saves keep. A resume takes a checkpoint's pattern so."""
+    config = delta_model.configs[name]
+    modules = svd_modules(delta_model, name)
+    pruned = next((module_name for module_name, adapter in modules.items() if adapter.rank != config.init_r), None)
+    if pruned is not None:
+        raise CheckpointMismatchError(
+            f"adapter {name!r} was built pruned to its rank_pattern ({pruned} keeps {modules[pruned].rank} of "
+            f"{config.init_r} triplets), so it cannot take another pattern: attach it afresh from a config "
+            "without rank_pattern, or load the folder with deltatune.load"
+        )
+    for module_name, adapter in modules.items():
+        kept = None if pattern is None else pattern.get(module_name)
+        adapter.kept = None if kept is None else list(kept)
+    delta_model.replace_config(name, config.replace(rank_pattern=pattern))
+
+
+def svd_modules(delta_model: DeltaModel, name: str) -> dict[str, SvdLinear]:
+    """The AdaLoRA layers of adapter `name`, by module name."""
+    return {
+        module_name: site.adapters[name]
+        for module_name, site in delta_model.sites()
+        if name in site.adapters and isinstance(site.adapters[name], SvdLinear)
+    }

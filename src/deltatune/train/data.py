@@ -39,6 +39,10 @@ from typing import Any
 
 from ..errors import DeltaTuneError
 
+TEXT_ENCODING = "utf-8-sig"
+"""How JSON Lines, CSV/TSV and `.txt` files are read: UTF-8, a leading byte-order mark (Notepad's "UTF-8 with
+BOM", Excel's "CSV UTF-8") dropped, so that it is no part of the first value or column name."""
+
 
 class DataError(DeltaTuneError):
     """A data file that is missing, unreadable, or holds a malformed record."""
@@ -64,7 +68,7 @@ class Record:
 
 def _read_jsonl(path: Path, layout: TableLayout) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8") as file:
+    with path.open(encoding=TEXT_ENCODING) as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
@@ -94,7 +98,7 @@ class TableLayout:
 
 def _read_delimited(delimiter: str) -> Callable[[Path, TableLayout], list[Record]]:
     def read(path: Path, layout: TableLayout) -> list[Record]:
-        with path.open(encoding="utf-8", newline="") as file:
+        with path.open(encoding=TEXT_ENCODING, newline="") as file:
             names = None if layout.header else list(layout.column_names or ())
             reader = csv.DictReader(file, fieldnames=names, delimiter=delimiter)
             if layout.header:
@@ -119,7 +123,7 @@ def _read_separated(path: Path, layout: TableLayout) -> list[Record]:
             f"{path.name}: a .txt file is read as lines of columns split at a separator; set separator (e.g. "
             'separator: "||") and name the columns (header: false and column_names: [prompt, completion])'
         )
-    with path.open(encoding="utf-8") as file:
+    with path.open(encoding=TEXT_ENCODING) as file:
         lines = [(number, line) for number, line in enumerate(file, start=1) if line.strip()]
     split = [(number, [value.strip() for value in line.split(separator)]) for number, line in lines]
     if layout.header and split:
