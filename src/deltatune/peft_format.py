@@ -231,7 +231,7 @@ def _auto_class_tasks() -> dict[str, str]:
     """Class name → peft task type, for every class that transformers' auto classes of `AUTO_CLASS_TASKS` list."""
     tasks: dict[str, str] = {}
     for table_name, task in AUTO_CLASS_TASKS.items():
-        for names in getattr(modeling_auto, table_name, {}).values():
+        for names in getattr(modeling_auto, table_name).values():
             for name in (names,) if isinstance(names, str) else names:
                 tasks.setdefault(name, task)
     return tasks
