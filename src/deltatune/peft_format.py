@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.models.auto import modeling_auto
 
 from .config import DeltaConfig
 from .errors import AdapterShapeError, DeltaTuneError
@@ -46,8 +48,19 @@ PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 BASE_LAYER = ".base_layer"
 
+AUTO_CLASS_TASKS = {
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "CAUSAL_LM",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES": "SEQ_2_SEQ_LM",
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": "SEQ_CLS",
+    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": "TOKEN_CLS",
+    "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": "QUESTION_ANS",
+}
+"""transformers' table of the classes of one auto class (`AutoModelForCausalLM`: model type → class name)
+→ peft's task type for those classes; the first table listing a class decides."""
+
 TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
     "ForConditionalGeneration": "SEQ_2_SEQ_LM",
     "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
     "ForSequenceClassification": "SEQ_CLS",
@@ -206,9 +219,22 @@ def task_type_with_saved_heads(model: nn.Module, saved: list[str]) -> str | None
 
 
 def task_type_of(model: nn.Module) -> str | None:
-    """peft's task type from the transformers class name (`LlamaForCausalLM` -> "CAUSAL_LM")."""
+    """peft's task type for the model's class: that of the transformers auto class listing it
+    (`GPT2LMHeadModel` → "CAUSAL_LM"), else by its name's suffix (a class of remote code: `...ForCausalLM`)."""
     class_name = type(model).__name__
-    return next((task for suffix, task in TASK_TYPES.items() if class_name.endswith(suffix)), None)
+    listed = _auto_class_tasks().get(class_name)
+    return listed or next((task for suffix, task in TASK_TYPES.items() if class_name.endswith(suffix)), None)
+
+
+@functools.cache
+def _auto_class_tasks() -> dict[str, str]:
+    """Class name → peft task type, for every class that transformers' auto classes of `AUTO_CLASS_TASKS` list."""
+    tasks: dict[str, str] = {}
+    for table_name, task in AUTO_CLASS_TASKS.items():
+        for names in getattr(modeling_auto, table_name).values():
+            for name in (names,) if isinstance(names, str) else names:
+                tasks.setdefault(name, task)
+    return tasks
 
 
 def _keep_saved_modules(

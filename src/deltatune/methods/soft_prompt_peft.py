@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import UnsupportedFormatError
 from ..peft_format import PeftCodec, task_type_of
 from ..peft_keys import SOFT_PROMPT_READ, SOFT_PROMPT_TOLERATED, check_method_keys
 from ..site_adapter import SiteAdapter
@@ -35,8 +36,16 @@ class SoftPromptPeft(PeftCodec):
     def check_keys(self, data: dict[str, Any]) -> None:
         check_method_keys(data, SOFT_PROMPT_READ, SOFT_PROMPT_TOLERATED)
 
-    def task_type(self, config: SoftPromptConfig, model: nn.Module) -> str | None:
-        return task_type_of(model)
+    def task_type(self, config: SoftPromptConfig, model: nn.Module) -> str:
+        """The model's task type; refused where peft has none, since its plain `PeftModel` ignores a prompt."""
+        task_type = task_type_of(model)
+        if task_type is None:
+            raise UnsupportedFormatError(
+                f"peft has no task type for {type(model).__name__}, and without one it loads a soft prompt that "
+                "does nothing; save this adapter with format='deltatune', or attach it to a causal LM, seq2seq "
+                "LM or classification model"
+            )
+        return task_type
 
     def config_to_peft(self, config: SoftPromptConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
         return {
