@@ -89,6 +89,40 @@ def test_a_saved_peft_folder_needs_the_release_of_the_newest_option_it_uses(tmp_
     ] == []
 
 
+LAYER_CASES = {
+    "lokr_alpha_is_r": ("llama", lambda: deltatune.LoKrConfig(r=2, alpha=2, target_modules=["q_proj"]), "0.6.0"),
+    "lokr_scaled": ("llama", lambda: deltatune.LoKrConfig(r=2, alpha=8, target_modules=["q_proj"]), "0.14.0"),
+    "lokr_alpha_pattern": (
+        "llama",
+        lambda: deltatune.LoKrConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], alpha_pattern={"q_proj": 4}),
+        "0.14.0",
+    ),
+    "vera_one_shape": ("llama", lambda: deltatune.VeraConfig(r=4, target_modules=["q_proj", "o_proj"]), "0.12.0"),
+    "vera_two_shapes": ("llama", lambda: deltatune.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]), "0.12.0"),
+    "dora_linear": ("llama", lambda: deltatune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "0.9.0"),
+    "dora_embedding": (
+        "llama",
+        lambda: deltatune.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True),
+        "0.13.0",
+    ),
+    "dora_gpt2_conv1d": ("gpt2", lambda: deltatune.LoraConfig(r=4, target_modules=["c_attn"], use_dora=True), "0.11.0"),
+    "lora_embedding": ("llama", lambda: deltatune.LoraConfig(r=4, target_modules=["embed_tokens"]), "0.4.0"),
+}
+"""Folders whose release depends on more than their keys: LoKr's scale alpha / r (peft 0.6 to 0.13 leave it out of
+ΔW, a silently other model), VeRA over layers of several shapes (0.11 refuses them) and the layer kinds DoRA
+wraps (peft 0.9 and 0.10 crash on GPT-2's Conv1D, 0.9 to 0.12 refuse an Embedding)."""
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_a_folder_needs_the_release_that_computes_its_scale_and_wraps_its_layer_kinds(
+    tmp_path: Path, case: str
+) -> None:
+    architecture, make_config, release = LAYER_CASES[case]
+    delta_model = deltatune.attach(build(architecture), make_config())
+    delta_model.save(str(tmp_path / case), format="peft")
+    assert minimum_peft_version(tmp_path / case) == release
+
+
 @pytest.mark.parametrize("case", list(SAVED))
 def test_peft_version_is_written_only_where_the_folder_needs_peft_0_18_anyway(tmp_path: Path, case: str) -> None:
     data, _ = saved_config(tmp_path, case)
