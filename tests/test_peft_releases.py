@@ -156,7 +156,7 @@ def test_the_folders_of_an_unlisted_peft_type_keep_every_key_and_need_no_known_r
     from deltatune.peft_releases import lean_config, required_release
 
     data = {"peft_type": "OUTPUT_GAIN", "peft_version": PEFT_VERSION, "init_gain": 0.0, "modules_to_save": None}
-    assert lean_config(data) == data and required_release(data) is None
+    assert lean_config(data) == data and required_release(data, {}) is None
 
 
 def test_show_says_which_peft_release_a_peft_folder_needs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
