@@ -152,6 +152,14 @@ def test_a_folder_without_a_peft_config_is_refused_by_name(tmp_path: Path) -> No
         minimum_peft_version(tmp_path)
 
 
+def test_a_peft_folder_without_weights_is_refused_by_name(tmp_path: Path) -> None:
+    folder = saved_config(tmp_path, "lora")[1]
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterFileError, match="holds no adapter_model.safetensors or adapter_model.bin"):
+        minimum_peft_version(folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "adapter_config.json"]
+
+
 def test_the_folders_of_an_unlisted_peft_type_keep_every_key_and_need_no_known_release() -> None:
     from deltatune.peft_releases import lean_config, required_release
 
