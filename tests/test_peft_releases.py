@@ -123,6 +123,28 @@ def test_a_folder_needs_the_release_that_computes_its_scale_and_wraps_its_layer_
     assert minimum_peft_version(tmp_path / case) == release
 
 
+CONV_CASES = {
+    ("Conv2d", False): "0.4.0",
+    ("Conv3d", False): "0.14.0",
+    ("Conv1d", False): "0.15.0",
+    ("Conv2d", True): "0.10.0",
+    ("Conv3d", True): "0.14.0",
+    ("Conv1d", True): "0.16.0",
+}
+"""(convolution, use_dora) → the first release whose LoRA (DoRA) wraps it (read in peft's sources)."""
+
+
+@pytest.mark.parametrize(("kind", "use_dora"), list(CONV_CASES))
+def test_a_lora_on_a_convolution_needs_the_release_that_wraps_its_kind(
+    tmp_path: Path, kind: str, use_dora: bool
+) -> None:
+    from test_peft_custom_model_cases import MODELS
+
+    config = deltatune.LoraConfig(r=2, target_modules=[kind.lower()], use_dora=use_dora)
+    deltatune.attach(MODELS[kind].build(), config).save(str(tmp_path / kind), format="peft")
+    assert minimum_peft_version(tmp_path / kind) == CONV_CASES[kind, use_dora]
+
+
 @pytest.mark.parametrize("case", list(SAVED))
 def test_peft_version_is_written_only_where_the_folder_needs_peft_0_18_anyway(tmp_path: Path, case: str) -> None:
     data, _ = saved_config(tmp_path, case)
