@@ -154,6 +154,15 @@ def test_peft_version_is_written_only_where_the_folder_needs_peft_0_18_anyway(tm
         assert "peft_version" not in data
 
 
+def test_no_layer_kind_needs_the_release_that_reads_peft_version() -> None:
+    """`lean_config` judges `peft_version` from the config alone: that holds while no layer kind (nor LoKr's scale,
+    0.14) needs 0.18."""
+    from deltatune.peft_releases import DORA_LAYER_RELEASES, LORA_LAYER_RELEASES
+
+    newest = max([*DORA_LAYER_RELEASES.values(), *LORA_LAYER_RELEASES.values()], key=release_of)
+    assert release_of(newest) < release_of(LATER_KEYS["LORA"]["peft_version"].release)
+
+
 def test_a_plain_lora_file_holds_only_keys_of_peft_0_4(tmp_path: Path) -> None:
     data, _ = saved_config(tmp_path, "lora")
     assert set(data) <= set(FIRST_KEYS["LORA"])
