@@ -6,7 +6,8 @@ there. The old release lives in a folder of its own, installed without dependenc
 0.9.0 into `.venv-transformers457/peft-old`; `DELTATUNE_OLD_PEFT` names another folder): one subprocess
 with only that folder on PYTHONPATH loads the tiny Llama from a saved folder and each adapter with
 `PeftModel.from_pretrained`, and writes its logits beside the adapter. A case whose folder needs a newer
-release than the one installed (`peft_releases.minimum_peft_version`: DoRA needs 0.9) is skipped.
+release than the one installed (`peft_releases.minimum_peft_version`: DoRA needs 0.9) is skipped; one dated
+exactly there (`DATED_EXACTLY`) is refused by the older release or loaded as another model.
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ CASES = {
         r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, use_dora=True
     ),
     "prompt_tuning": lambda: deltatune.PromptTuningConfig(num_virtual_tokens=3),
+    "lokr_scale_1": lambda: deltatune.LoKrConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"]),
+    "lokr_scaled": lambda: deltatune.LoKrConfig(r=2, alpha=8, target_modules=["q_proj", "v_proj"]),
+    "dora_embedding": lambda: deltatune.LoraConfig(
+        r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False, use_dora=True
+    ),
 }
+DATED_EXACTLY = ["lokr_scaled", "dora_embedding"]
+"""Cases whose release the table gives exactly (the one before it loads them otherwise or refuses them)."""
 
 LOADER = """
 import dataclasses, json, sys, traceback
@@ -117,6 +125,18 @@ def test_an_old_peft_release_loads_the_saved_folder_with_the_same_outputs(
     assert expected.shape[1] == LENGTH
     assert (expected - run(build("llama"), "llama")).abs().max() > 1e-3  # the adapter changes the outputs
     torch.testing.assert_close(torch.load(folder / "old-peft-logits.pt"), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", DATED_EXACTLY)
+def test_an_old_release_older_than_a_folders_minimum_refuses_it_or_computes_another_model(
+    loaded_by_old_peft: dict[str, tuple[torch.Tensor, Path]], case: str
+) -> None:
+    expected, folder = loaded_by_old_peft[case]
+    needed = minimum_peft_version(folder)
+    if release_of(needed) <= release_of(OLD_RELEASE):
+        pytest.skip(f"the {case} folder needs peft {needed}; the old release at {OLD_PEFT} is {OLD_RELEASE}")
+    if not (folder / "old-peft-error.txt").exists():
+        assert (torch.load(folder / "old-peft-logits.pt") - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("peft_type", list(FIRST_READERS))

@@ -89,6 +89,62 @@ def test_a_saved_peft_folder_needs_the_release_of_the_newest_option_it_uses(tmp_
     ] == []
 
 
+LAYER_CASES = {
+    "lokr_alpha_is_r": ("llama", lambda: deltatune.LoKrConfig(r=2, alpha=2, target_modules=["q_proj"]), "0.6.0"),
+    "lokr_scaled": ("llama", lambda: deltatune.LoKrConfig(r=2, alpha=8, target_modules=["q_proj"]), "0.14.0"),
+    "lokr_alpha_pattern": (
+        "llama",
+        lambda: deltatune.LoKrConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], alpha_pattern={"q_proj": 4}),
+        "0.14.0",
+    ),
+    "vera_one_shape": ("llama", lambda: deltatune.VeraConfig(r=4, target_modules=["q_proj", "o_proj"]), "0.12.0"),
+    "vera_two_shapes": ("llama", lambda: deltatune.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]), "0.12.0"),
+    "dora_linear": ("llama", lambda: deltatune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "0.9.0"),
+    "dora_embedding": (
+        "llama",
+        lambda: deltatune.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True),
+        "0.13.0",
+    ),
+    "dora_gpt2_conv1d": ("gpt2", lambda: deltatune.LoraConfig(r=4, target_modules=["c_attn"], use_dora=True), "0.11.0"),
+    "lora_embedding": ("llama", lambda: deltatune.LoraConfig(r=4, target_modules=["embed_tokens"]), "0.4.0"),
+}
+"""Folders whose release depends on more than their keys: LoKr's scale alpha / r (peft 0.6 to 0.13 leave it out of
+ΔW, a silently other model), VeRA over layers of several shapes (0.11 refuses them) and the layer kinds DoRA
+wraps (peft 0.9 and 0.10 crash on GPT-2's Conv1D, 0.9 to 0.12 refuse an Embedding)."""
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_a_folder_needs_the_release_that_computes_its_scale_and_wraps_its_layer_kinds(
+    tmp_path: Path, case: str
+) -> None:
+    architecture, make_config, release = LAYER_CASES[case]
+    delta_model = deltatune.attach(build(architecture), make_config())
+    delta_model.save(str(tmp_path / case), format="peft")
+    assert minimum_peft_version(tmp_path / case) == release
+
+
+CONV_CASES = {
+    ("Conv2d", False): "0.4.0",
+    ("Conv3d", False): "0.14.0",
+    ("Conv1d", False): "0.15.0",
+    ("Conv2d", True): "0.10.0",
+    ("Conv3d", True): "0.14.0",
+    ("Conv1d", True): "0.16.0",
+}
+"""(convolution, use_dora) → the first release whose LoRA (DoRA) wraps it (read in peft's sources)."""
+
+
+@pytest.mark.parametrize(("kind", "use_dora"), list(CONV_CASES))
+def test_a_lora_on_a_convolution_needs_the_release_that_wraps_its_kind(
+    tmp_path: Path, kind: str, use_dora: bool
+) -> None:
+    from test_peft_custom_model_cases import MODELS
+
+    config = deltatune.LoraConfig(r=2, target_modules=[kind.lower()], use_dora=use_dora)
+    deltatune.attach(MODELS[kind].build(), config).save(str(tmp_path / kind), format="peft")
+    assert minimum_peft_version(tmp_path / kind) == CONV_CASES[kind, use_dora]
+
+
 @pytest.mark.parametrize("case", list(SAVED))
 def test_peft_version_is_written_only_where_the_folder_needs_peft_0_18_anyway(tmp_path: Path, case: str) -> None:
     data, _ = saved_config(tmp_path, case)
@@ -96,6 +152,15 @@ def test_peft_version_is_written_only_where_the_folder_needs_peft_0_18_anyway(tm
         assert data["peft_version"] == PEFT_VERSION
     else:
         assert "peft_version" not in data
+
+
+def test_no_layer_kind_needs_the_release_that_reads_peft_version() -> None:
+    """`lean_config` judges `peft_version` from the config alone: that holds while no layer kind (nor LoKr's scale,
+    0.14) needs 0.18."""
+    from deltatune.peft_releases import DORA_LAYER_RELEASES, LORA_LAYER_RELEASES
+
+    newest = max([*DORA_LAYER_RELEASES.values(), *LORA_LAYER_RELEASES.values()], key=release_of)
+    assert release_of(newest) < release_of(LATER_KEYS["LORA"]["peft_version"].release)
 
 
 def test_a_plain_lora_file_holds_only_keys_of_peft_0_4(tmp_path: Path) -> None:
@@ -118,11 +183,19 @@ def test_a_folder_without_a_peft_config_is_refused_by_name(tmp_path: Path) -> No
         minimum_peft_version(tmp_path)
 
 
+def test_a_peft_folder_without_weights_is_refused_by_name(tmp_path: Path) -> None:
+    folder = saved_config(tmp_path, "lora")[1]
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterFileError, match="holds no adapter_model.safetensors or adapter_model.bin"):
+        minimum_peft_version(folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "adapter_config.json"]
+
+
 def test_the_folders_of_an_unlisted_peft_type_keep_every_key_and_need_no_known_release() -> None:
     from deltatune.peft_releases import lean_config, required_release
 
     data = {"peft_type": "OUTPUT_GAIN", "peft_version": PEFT_VERSION, "init_gain": 0.0, "modules_to_save": None}
-    assert lean_config(data) == data and required_release(data) is None
+    assert lean_config(data) == data and required_release(data, {}) is None
 
 
 def test_show_says_which_peft_release_a_peft_folder_needs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

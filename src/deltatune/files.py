@@ -43,12 +43,16 @@ def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"cannot read {path} as plain tensors ({type(error).__name__}: {error})") from None
 
 
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name → shape in a weights file; a safetensors file is read from its header alone."""
+    if path.suffix != ".safetensors":
+        return {name: list(tensor.shape) for name, tensor in read_pickled_tensors(path).items()}
+    return _read_safetensors(path, lambda file: {key: file.get_slice(key).get_shape() for key in file.keys()})
+
+
 def tensor_count(path: Path) -> tuple[int, int]:
     """(tensors, parameters) in a weights file; a safetensors file is counted from its header alone."""
-    if path.suffix != ".safetensors":
-        tensors = read_pickled_tensors(path)
-        return len(tensors), sum(tensor.numel() for tensor in tensors.values())
-    shapes = _read_safetensors(path, lambda file: [file.get_slice(key).get_shape() for key in file.keys()])
+    shapes = tensor_shapes(path).values()
     return len(shapes), sum(math.prod(shape) for shape in shapes)
 
 

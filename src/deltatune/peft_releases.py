@@ -4,7 +4,8 @@ release than their key), so that `format="peft"` files hold only what their olde
 How the table was obtained: peft 0.3.0, 0.4.0, ... 0.21.0 (the first release of every minor line) were each
 installed apart beside transformers 4.57 and the fields of their config classes listed with
 `dataclasses.fields()`; a key's release is the first of those that has the field (a key that came in a
-patch release is given the next minor one: late, never early). The settings (`SETTING_RELEASES`) were read
+patch release is given the next minor one: late, never early). The settings (`SETTING_RELEASES`) and what
+config and weights need together (`FOLDER_RULES`: LoKr's scale, the layer kinds LoRA and DoRA wrap) were read
 in the same releases' sources. Adapters of every listed type load only from peft 0.4.0 on: 0.3 reads
 `adapter_model.bin` alone. Checked by loading (a tiny Llama, transformers 4.57): LoRA and prompt tuning in
 0.4.0, 0.6.0, 0.11.0, 0.13.2 and 0.19.0 to 0.21.0, DoRA from 0.9.0, with deltatune's outputs
@@ -28,11 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import AdapterFileError
+from .files import tensor_shapes
+
+Shapes = Mapping[str, Sequence[int]]
+"""Tensor name → shape of a peft folder's weights (`adapter_model.safetensors` keys)."""
 
 ALWAYS_WRITTEN = object()
 """`Key.absent_reads` of a key whose absence no one value describes: it is never left out."""
@@ -59,13 +64,15 @@ FIRST_READERS = {
     "IA3": "0.4.0",
     "LOHA": "0.6.0",
     "LOKR": "0.6.0",
-    "VERA": "0.11.0",
+    "VERA": "0.12.0",
     "LN_TUNING": "0.11.0",
     "OFT": "0.14.0",
     "TRAINABLE_TOKENS": "0.15.0",
 }
 """peft type → the first release that reads its folders (0.4.0: the first to read `adapter_model.safetensors`;
-OFT: 0.14.0, whose block-size parametrisation replaced the one before, which peft 0.21 refuses too)."""
+OFT: 0.14.0, whose block-size parametrisation replaced the one before, which peft 0.21 refuses too; VeRA: 0.12.0,
+since 0.11 refuses layers of several shapes and the weights cannot prove one: λ_b gives a layer's output size only,
+the shared A its largest input size)."""
 
 _BASE = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
 _LORA = (
@@ -216,6 +223,38 @@ SETTING_RELEASES: dict[str, dict[str, Callable[[Any], str | None]]] = {
 }
 """peft type → {key: the release a value of it needs (None: no more than the key's)}."""
 
+LORA_LAYER_RELEASES = {"linear": "0.4.0", "transposed": "0.4.0", "embedding": "0.4.0", "conv2d": "0.4.0"}
+LORA_LAYER_RELEASES |= {"conv3d": "0.14.0", "conv1d": "0.15.0"}
+DORA_LAYER_RELEASES = {"linear": "0.9.0", "conv2d": "0.10.0", "transposed": "0.11.0", "embedding": "0.13.0"}
+DORA_LAYER_RELEASES |= {"conv3d": "0.14.0", "conv1d": "0.16.0"}
+"""Layer kind → the first release whose LoRA (DoRA) wraps it: before, it refuses the layer (DoRA on an Embedding
+in 0.9 to 0.12) or crashes on it (DoRA on GPT-2's in × out Conv1D, "transposed", in 0.9 and 0.10)."""
+
+_A_WEIGHT_KINDS = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
+"""Dimensions of a layer's `lora_A.weight` → its kind (a conv's A has the layer's kernel)."""
+
+
+def _lora_layers(data: dict[str, Any], shapes: Shapes) -> str | None:
+    """The release whose LoRA, or DoRA with `use_dora`, wraps every layer kind the weights hold."""
+    kinds = {"embedding" for name in shapes if name.endswith("lora_embedding_A")}
+    for name, shape in shapes.items():
+        if name.endswith("lora_A.weight"):
+            kind = _A_WEIGHT_KINDS.get(len(shape), "unknown")
+            kinds.add("transposed" if kind == "linear" and data.get("fan_in_fan_out") else kind)
+    releases = DORA_LAYER_RELEASES if data.get("use_dora") else LORA_LAYER_RELEASES
+    return max((releases.get(kind, NEWEST_LISTED) for kind in kinds), key=release_of, default=None)
+
+
+def _lokr_scale(data: dict[str, Any], shapes: Shapes) -> str | None:
+    """ΔW = (alpha / r) · W1 ⊗ W2 from 0.14 on; 0.6 to 0.13 compute W1 ⊗ W2 alone and so load a folder whose scale
+    is not 1 as another model, without a word. Any alpha or rank pattern counts as a scale (late, never early)."""
+    scaled = data.get("alpha") != data.get("r") or data.get("alpha_pattern") or data.get("rank_pattern")
+    return "0.14.0" if scaled else None
+
+
+FOLDER_RULES: dict[str, Callable[[dict[str, Any], Shapes], str | None]] = {"LORA": _lora_layers, "LOKR": _lokr_scale}
+"""peft type → the release its config and weights together need (None: no more than the keys')."""
+
 
 def release_of(version: Any) -> tuple[int, ...]:
     """(major, minor) of a peft version string ("0.21.2", "0.18.0.dev0@abc"); (0, 0) when there is none."""
@@ -223,9 +262,10 @@ def release_of(version: Any) -> tuple[int, ...]:
     return tuple(int(part) if part.isdigit() else 0 for part in parts)
 
 
-def required_release(data: dict[str, Any]) -> str | None:
-    """The oldest peft release that reads `adapter_config.json` data `data` as written: one that knows its peft
-    type, each of its keys and each setting; None for a peft type the table does not list."""
+def required_release(data: dict[str, Any], shapes: Shapes) -> str | None:
+    """The oldest peft release that reads `adapter_config.json` data `data` with weights of `shapes` as written:
+    one that knows its peft type, each of its keys and each setting, computes its scale and wraps its layer
+    kinds; None for a peft type the table does not list."""
     peft_type = data.get("peft_type")
     if peft_type not in FIRST_READERS:
         return None
@@ -238,6 +278,8 @@ def required_release(data: dict[str, Any]) -> str | None:
             needed.append(NEWEST_LISTED)
         if key in settings and (release := settings[key](value)) is not None:
             needed.append(release)
+    if peft_type in FOLDER_RULES and (release := FOLDER_RULES[peft_type](data, shapes)) is not None:
+        needed.append(release)
     return max(needed, key=release_of)
 
 
@@ -249,7 +291,8 @@ def lean_config(data: dict[str, Any]) -> dict[str, Any]:
         return data
     kept = {key: value for key, value in data.items() if key == "peft_version" or not _unused(peft_type, key, value)}
     without_version = {key: value for key, value in kept.items() if key != "peft_version"}
-    if release_of(required_release(without_version)) < release_of(LATER_KEYS[peft_type]["peft_version"].release):
+    # without weights: no layer kind or scale needs 0.18 (FOLDER_RULES stop at 0.16)
+    if release_of(required_release(without_version, {})) < release_of(LATER_KEYS[peft_type]["peft_version"].release):
         return without_version
     return kept
 
@@ -265,10 +308,15 @@ def _unused(peft_type: str, key: str, value: Any) -> bool:
     return absent is not ALWAYS_WRITTEN and type(value) is type(absent) and value == absent
 
 
+PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+"""The weights files of a peft folder, in the order peft looks for them."""
+
+
 def minimum_peft_version(folder: str | Path) -> str | None:
     """The oldest peft release that loads the peft adapter folder `folder` as it is (None: a peft type this
-    table does not list). Releases before 0.14 refuse (0.6 to 0.13) or silently drop (0.3 to 0.5) keys they
-    do not know; 0.14 on drop them with a warning, which can change what the adapter computes."""
+        table does not list). Releases before 0.14 refuse (0.6 to 0.13) or silently drop (0.3 to 0.5) keys they
+        do not know; 0.14 on drop them with a warning, which can change what the adapter computes. The weights'
+    names and shapes, read from the file's header, tell the layer kinds (`FOLDER_RULES`)."""
     config_file = Path(folder) / "adapter_config.json"
     try:
         data = json.loads(config_file.read_text())
@@ -278,4 +326,9 @@ def minimum_peft_version(folder: str | Path) -> str | None:
         ) from error
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterFileError(f"{config_file} is not a peft adapter config (it has no peft_type); pass a peft folder")
-    return required_release(data)
+    weights = next((path for path in map(Path(folder).joinpath, PEFT_WEIGHT_FILES) if path.is_file()), None)
+    if weights is None:
+        raise AdapterFileError(
+            f"{folder} holds no {' or '.join(PEFT_WEIGHT_FILES)}; pass a complete peft adapter folder"
+        )
+    return required_release(data, tensor_shapes(weights))

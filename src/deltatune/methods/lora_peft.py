@@ -83,8 +83,12 @@ class LoraPeft(PeftCodec):
         return f"{self.model_prefix}{module_name}{BASE_LAYER * depth}.{factor}.weight"
 
     def config_to_peft(self, config: LoraConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        from transformers.pytorch_utils import Conv1D
+
         from .lora_parameter import peft_targets
 
+        wanted = set(targets)
+        transposed = any(isinstance(module, Conv1D) for name, module in model.named_modules() if name in wanted)
         target_modules, target_parameters = peft_targets(config, targets, model)
         named = [*target_modules, *(target_parameters or [])]  # what peft matches its patterns against
         check_init_writable(config.init_lora_weights)
@@ -98,6 +102,7 @@ class LoraPeft(PeftCodec):
             "init_lora_weights": True if config.init_lora_weights == "loftq" else config.init_lora_weights,
             "target_modules": target_modules,
             "target_parameters": target_parameters,
+            **({"fan_in_fan_out": True} if transposed else {}),  # as peft records it once it wraps GPT-2's Conv1D
             "rank_pattern": {re.escape(n): config.rank_for(n) for n in named if config.rank_for(n) != config.r},
             "alpha_pattern": {
                 re.escape(n): config.alpha_for(n) for n in named if config.alpha_for(n) != config.lora_alpha

@@ -29,7 +29,7 @@ from pathlib import Path
 from .. import registered_methods
 from ..errors import DeltaTuneError, MergeError
 from ..folder_summary import describe_folder
-from ..peft_releases import required_release
+from ..peft_releases import minimum_peft_version
 from ..version import __version__
 from . import compare_cli
 from .quantize import QUANTIZE_OPTIONS
@@ -51,8 +51,10 @@ def _show(arguments: argparse.Namespace) -> None:
     if summary.weights is not None:
         tensors, count = summary.tensor_count()
         print(f"  {tensors} tensors, {count:,} parameters, {summary.weights.stat().st_size / 1e6:.2f} MB")
-    if summary.kind == "peft" and (release := required_release(summary.config)) is not None:
-        print(f"  loads in peft {release} or later (the first release that knows every key and setting it holds)")
+    if summary.kind == "peft" and (release := minimum_peft_version(arguments.path)) is not None:
+        print(
+            f"  loads in peft {release} or later (the first release that reads every key, setting and layer it holds)"
+        )
     print(json.dumps(summary.config, indent=2, sort_keys=True))
 
 
