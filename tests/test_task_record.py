@@ -179,3 +179,16 @@ def test_load_takes_the_recorded_label_names_for_a_head_of_the_same_shape(tmp_pa
     with pytest.raises(deltatune.AdapterShapeError):
         deltatune.load(other, str(folder))
     assert other.config.id2label == reversed_labels
+
+
+def test_a_method_placed_on_the_backbone_records_only_the_task_head(tmp_path: Path) -> None:
+    """ReFT watches the backbone module (`bert`) for token positions: the backbone is no head, so the task
+    record names the classifier alone (not every backbone shape, which a load onto another base would try
+    to rebuild as a head)."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertForSequenceClassification.config_class(**_bert_settings(), num_labels=3))
+    config = deltatune.LoReftConfig(r=1, modules_to_save=["classifier"])
+    delta_model = deltatune.attach(model, config)
+    delta_model.save(str(tmp_path / "adapter"))
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task"]
+    assert list(recorded["heads"]) == ["classifier"]
