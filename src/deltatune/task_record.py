@@ -101,7 +101,8 @@ def task_record(delta_model: DeltaModel, name: str) -> dict[str, Any] | None:
         record["id2label"] = {str(index): str(label) for index, label in sorted(id2label.items())}
     targets = set(delta_model.targets[name])
     placed = delta_model.records[name].placed
-    heads = [module_name for module_name in placed if module_name not in targets and "." not in module_name]
+    children = head_children(model)  # not the backbone, which a method may watch (ReFT's position tap)
+    heads = [module_name for module_name in placed if module_name not in targets and module_name in children]
     if getattr(method_for(delta_model.configs[name]), "trains_base", False):  # its heads train in place
         heads += [head for head in task_heads(model) if head not in heads and _holds_any(head, placed)]
     if heads:
