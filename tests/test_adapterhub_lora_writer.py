@@ -13,6 +13,7 @@ import torch
 
 import deltatune
 from deltatune.errors import UnsupportedFormatError
+from test_invariants import randomize
 from tiny_models import ARCHS, build
 
 PLAIN = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -56,10 +57,7 @@ EXPRESSIBLE = {
 
 
 def randomized(delta_model: deltatune.DeltaModel) -> deltatune.DeltaModel:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in delta_model.adapter_parameters("task"):
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    randomize(delta_model, "task")
     return delta_model.eval()
 
 
