@@ -115,7 +115,8 @@ def test_every_json_row_agrees_with_the_methods_own_metrics_and_files(compared) 
         assert row["trainable_percent"] == pytest.approx(100 * row["trainable_parameters"] / row["total_parameters"])
         adapter_files = [path for path in (folder / "adapter").iterdir() if path.is_file()]
         assert row["adapter_bytes"] == sum(path.stat().st_size for path in adapter_files) > 0
-        assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] > 0
+        # a tiny model may run in pages the process already holds, so its resident peak above the start can be 0
+        assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] >= 0
         assert row["adapter"]["method"] == row["method"] and row["error"] is None
     by_method = {row["label"]: row for row in summary["methods"]}
     assert by_method["lora"]["adapter"]["r"] == 2 and by_method["lora"]["overrides"] == ["adapter.r=2"]
