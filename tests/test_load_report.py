@@ -30,11 +30,16 @@ REPORT_WORDS = ("LOAD REPORT", "MISSING", "were not initialized", "TRAIN this mo
 
 @pytest.fixture
 def transformers_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog that also sees transformers' records (its library logger does not propagate to the root)."""
+    """caplog that sees transformers' records once: its library logger does not propagate to the root, unless
+    a library loaded earlier in the process turned propagation on (then caplog's root handler would get each
+    record a second time), so propagation is off for the test and restored after."""
     library = logging.getLogger("transformers")
+    propagate = library.propagate
+    library.propagate = False
     library.addHandler(caplog.handler)
     yield caplog
     library.removeHandler(caplog.handler)
+    library.propagate = propagate
 
 
 def _encoder(tmp_path: Path) -> Path:
