@@ -32,6 +32,7 @@ from ..folder_summary import describe_folder
 from ..peft_releases import minimum_peft_version
 from ..version import __version__
 from . import compare_cli
+from .import_notes import quiet_import_notes
 from .quantize import QUANTIZE_OPTIONS
 
 
@@ -330,6 +331,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_import_notes()
     arguments = parse(argv)
     try:
         arguments.run(arguments)
