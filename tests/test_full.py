@@ -79,15 +79,30 @@ def test_merge_is_the_identity_and_unload_gives_the_tuned_model() -> None:
         (lambda model: model.unload(merge=False), "unload(merge=False) needs the base model"),
         (lambda model: model.add("again", deltatune.FullConfig()), "one full fine-tuning adapter"),
         (lambda model: model.save("unused", format="peft"), "peft has no 'full' method"),
+        (lambda model: model.delete("default"), "delete('default') needs the base model"),
+        (
+            lambda model: model.add("lora", deltatune.LoraConfig(r=2, target_modules=["q_proj"])).activate("lora"),
+            "activating adapters without 'default' needs the base model",
+        ),
     ],
-    ids=["disabled", "mixed-batch", "unload-unmerged", "second-full", "peft-format"],
+    ids=["disabled", "mixed-batch", "unload-unmerged", "second-full", "peft-format", "delete", "activate-without"],
 )
 def test_what_needs_the_untouched_base_is_refused_in_one_line(action, message: str) -> None:
     delta_model = deltatune.attach(build("llama"), deltatune.FullConfig())
     with pytest.raises(DeltaTuneError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
         action(delta_model)
     assert "\n" not in str(caught.value)
-    assert list(delta_model.configs) == ["default"]
+    assert list(delta_model.configs)[0] == "default" and delta_model.active_adapters == ("default",)
+
+
+def test_another_adapter_trains_on_top_of_the_tuned_weights_beside_full() -> None:
+    """The tuned weights are the base of anything added after: both active compute as the LoRA alone
+    on the tuned model."""
+    delta_model = deltatune.attach(build("llama"), deltatune.FullConfig())
+    _steps(delta_model, "llama", [p for p in delta_model.parameters() if p.requires_grad], count=1)
+    expected = run(delta_model, "llama").detach()
+    delta_model.add("lora", deltatune.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert torch.equal(run(delta_model.activate("default", "lora"), "llama").detach(), expected)
 
 
 def test_modules_to_save_is_refused() -> None:
