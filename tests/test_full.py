@@ -167,3 +167,24 @@ def test_a_strict_load_refused_for_another_base_leaves_every_base_weight_as_it_w
         deltatune.load(other, str(tmp_path / "full"), strict=True)
     changed = [name for name, parameter in other.named_parameters() if not torch.equal(parameter, before[name])]
     assert changed == []
+
+
+def test_a_folder_whose_other_adapter_fails_to_load_leaves_every_base_weight_as_it_was(tmp_path: Path) -> None:
+    """A full fine-tuning adapter loads after the folder's other adapters, so one of them failing comes
+    before the tuned weights are copied into the base (which no removal could take back)."""
+    from safetensors.torch import save_file
+
+    trained = deltatune.attach(build("llama"), deltatune.FullConfig(), name="a_full")
+    with torch.no_grad():
+        for parameter in trained.adapter_parameters("a_full"):
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    trained.add("b_lora", deltatune.LoraConfig(r=2, target_modules=["q_proj"]))
+    trained.save(str(tmp_path / "both"))
+    (weights_file,) = (tmp_path / "both" / "b_lora").glob("*.safetensors")
+    save_file({key: tensor[..., :1].contiguous() for key, tensor in load_file(weights_file).items()}, weights_file)
+    other = build("llama")
+    before = {name: parameter.detach().clone() for name, parameter in other.named_parameters()}
+    with pytest.raises(deltatune.errors.AdapterShapeError, match="lora_A: the file holds shape"):
+        deltatune.load(other, str(tmp_path / "both"))
+    changed = [name for name, parameter in other.named_parameters() if not torch.equal(parameter, before[name])]
+    assert changed == []

@@ -199,7 +199,7 @@ def _load_folder(
     version = folder_version(root)
     added: list[str] = []
     try:
-        folders = sorted(_adapter_folders(root, name), key=lambda item: _needs_other_adapters(item[1]))
+        folders = sorted(_adapter_folders(root, name), key=lambda item: _load_order(item[1]))
         for adapter_name, folder in folders:
             added.append(_load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype, strict))
     except BaseException as error:
@@ -209,13 +209,22 @@ def _load_folder(
         return False
     if folder_version(root) == version:
         return True
+    trained_base = [adapter for adapter in added if adapter in delta_model._base_trainers()]
+    if trained_base:
+        raise AdapterFileError(
+            f"{root} was replaced by a save while it loaded, after adapter {trained_base[0]!r} (which trains the "
+            "base's own weights) had copied its weights into the model; load it again, when the saves are done, "
+            "onto a freshly loaded base"
+        )
     _delete(delta_model, added)
     return False
 
 
 def _delete(delta_model: DeltaModel, names: list[str]) -> None:
+    """Take back the adapters a failed load added. A full fine-tuning adapter loads last (`_load_order`),
+    so none of them has copied weights into the base here."""
     for name in names:
-        delta_model.delete(name)
+        delta_model._withdraw(name)
 
 
 def folder_kind(folder: Path) -> str:
@@ -311,19 +320,26 @@ def _load_one(
         if read.base_fingerprint:
             record.base_fingerprint = read.base_fingerprint
     except BaseException:
-        delta_model.delete(adapter_name)
+        delta_model._withdraw(adapter_name)
         restore_heads()
         raise
     return adapter_name
 
 
-def _needs_other_adapters(folder: Path) -> bool:
-    """Whether the folder holds an adapter built on others (a fusion), which loads after them."""
+def _load_order(folder: Path) -> tuple[bool, bool]:
+    """Sort key of a folder's adapters: an adapter whose method trains the base's own weights (full
+    fine-tuning) last, so that any other adapter's failure comes before those weights are copied; an
+    adapter built on others (a fusion) after them."""
     if adapterhub_format.is_fusion_folder(folder):
-        return True
+        return False, True
+    return _method_says(folder, "trains_base"), _method_says(folder, "needs_other_adapters")
+
+
+def _method_says(folder: Path, flag: str) -> bool:
+    """Whether the method of the deltatune-format adapter in `folder` sets `flag`."""
     data = read_json(folder / CONFIG_FILE)
     method = data.get("method") if data.get("format") == "deltatune" else None
-    return method in registered_methods() and getattr(get_method(method), "needs_other_adapters", False)
+    return method in registered_methods() and getattr(get_method(method), flag, False)
 
 
 def restore_weights(delta_model: DeltaModel, path: str | Path) -> None:

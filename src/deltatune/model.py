@@ -146,6 +146,13 @@ class DeltaModel(Merging, TrainerFacing, nn.Module):
         training, also skip the adapters of a random number (0..k) of lowest blocks on each call."""
         names = site_names(setup, self._fusion_name)
         self.require(names)
+        for name in self._base_trainers():
+            if name not in names:
+                raise DeltaTuneError(
+                    f"activating adapters without {name!r} needs the base model, and {name!r} "
+                    f"({self.records[name].config.method}) trains the base's own weights, so none is kept; activate "
+                    f"{name!r} with the others, or load the base model afresh"
+                )
         if any(site.merged for _, site in self.sites()) and set(names) != set(self.active_adapters):
             raise DeltaTuneError(
                 "adapters are merged into the weights: call unmerge() before changing the active adapters"
@@ -208,7 +215,19 @@ class DeltaModel(Merging, TrainerFacing, nn.Module):
             self.routing.disabled = previous
 
     def delete(self, name: str) -> None:
-        """Remove adapter `name` everywhere (it is unmerged first if merged)."""
+        """Remove adapter `name` everywhere (it is unmerged first if merged). An adapter that trains the
+        base's own weights (full fine-tuning) is refused: its weights would stay, as the base."""
+        self.require([name])
+        if name in self._base_trainers():
+            self._refuse_without_base(
+                f"delete({name!r})", "unload() gives the tuned model; load the base afresh for the base"
+            )
+        self._withdraw(name)
+
+    def _withdraw(self, name: str) -> None:
+        """Remove adapter `name` as `delete` does, for every method: only for an adapter whose weights
+        nothing has changed since `add` (a load refused before its first copy), so that a full
+        fine-tuning adapter's weights are still the base's."""
         self.require([name])
         if any(name in site.merged for _, site in self.sites()):
             self.unmerge()
@@ -330,12 +349,18 @@ class DeltaModel(Merging, TrainerFacing, nn.Module):
     def _refuse_without_base(self, what: str, instead: str = "load the base model afresh to run it") -> None:
         """Refuse `what`, which needs the untouched base, on a model one of whose adapters trains the
         base's own weights (a method with `trains_base`: full fine-tuning), so that no base is kept."""
-        name = next((n for n, r in self.records.items() if getattr(method_for(r.config), "trains_base", False)), None)
+        name = next(iter(self._base_trainers()), None)
         if name is not None:
             raise DeltaTuneError(
                 f"{what} needs the base model, and adapter {name!r} ({self.records[name].config.method}) trains the "
                 f"base's own weights, so none is kept; {instead}"
             )
+
+    def _base_trainers(self) -> list[str]:
+        """The adapters whose method trains the base's own weights (`trains_base`: full fine-tuning)."""
+        return [
+            name for name, record in self.records.items() if getattr(method_for(record.config), "trains_base", False)
+        ]
 
     def require(self, names: Iterable[str]) -> None:
         """Raise `AdapterNameError` unless this model has an adapter of each of `names`."""

@@ -219,5 +219,5 @@ def check_methods_fit(base: TrainConfig, plans: list[MethodPlan]) -> None:
                 f"method {plan.label!r} cannot run this comparison's {base.task} task on {type(model).__name__}: "
                 f"{error}"
             ) from None
-        delta_model.delete("default")
+        delta_model._withdraw("default")  # never trained: a full fine-tuning adapter's weights are still the base's
         delta_model.unload(merge=False)
