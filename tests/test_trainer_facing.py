@@ -100,7 +100,7 @@ def test_adapter_trainer_refuses_an_unknown_format() -> None:
 
 def test_restore_weights_copies_saved_adapters_back_in_place(tmp_path: Path) -> None:
     """What a resumed trainer does: the saved weights come back into the same parameter objects."""
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     delta_model = _trained_lora()
     delta_model.add("other", deltatune.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -149,7 +149,7 @@ def test_restoring_a_checkpoint_refuses_an_adapter_of_other_settings_and_copies_
     tmp_path: Path, format: str, changed: str
 ) -> None:
     """A trainer resuming from a checkpoint with another adapter config would continue another run."""
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     settings, described, adapterhub_described = OTHER_SETTINGS[changed]
     if format == "adapterhub":
@@ -171,7 +171,7 @@ def test_restoring_a_checkpoint_into_the_adapter_that_wrote_it_is_accepted_in_ev
 ) -> None:
     """The settings are compared as the format records them: peft's folder lists the modules `all-linear`
     matched, not the pattern, and the run's own adapter must still resume from it."""
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     targets = "all-linear" if format != "adapterhub" else CHECKPOINT_LORA["target_modules"]
     trained, checkpoint = _lora_checkpoint(tmp_path, format, target_modules=targets, lora_dropout=0.05)
@@ -184,7 +184,7 @@ def test_restoring_a_checkpoint_into_the_adapter_that_wrote_it_is_accepted_in_ev
 
 
 def test_restoring_a_checkpoint_refuses_one_trained_on_other_base_weights(tmp_path: Path) -> None:
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     _, checkpoint = _lora_checkpoint(tmp_path, "deltatune", seed=0)
     resuming = deltatune.attach(build("llama", seed=1), deltatune.LoraConfig(**CHECKPOINT_LORA))
@@ -195,7 +195,7 @@ def test_restoring_a_checkpoint_refuses_one_trained_on_other_base_weights(tmp_pa
 
 
 def test_restoring_a_checkpoint_refuses_an_adapter_of_another_method(tmp_path: Path) -> None:
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     _, checkpoint = _lora_checkpoint(tmp_path, "deltatune")
     resuming = deltatune.attach(build("llama"), deltatune.IA3Config(target_modules=CHECKPOINT_LORA["target_modules"]))
@@ -223,7 +223,7 @@ NOT_RESUMABLE = {("p_tuning", "peft"), ("prefix_tuning", "peft")}
 @pytest.mark.parametrize("method,format", _every_method_in(("deltatune", "peft")))
 def test_every_method_restores_the_checkpoint_its_own_run_wrote(tmp_path: Path, method: str, format: str) -> None:
     """No method's settings read back otherwise than they were written (the check must not refuse a true resume)."""
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     arch = CASES[method].archs[0]
     trained = attached(method, arch)

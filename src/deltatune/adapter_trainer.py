@@ -12,7 +12,7 @@ treatment; the subclass adds those branches for a `DeltaModel` and changes nothi
 - resuming (`train(resume_from_checkpoint=...)`) and `load_best_model_at_end`: the adapter weights come back from
   the checkpoint's adapter folder, in place, once it is checked to hold this adapter: a checkpoint of another
   method or other settings (`lora_alpha`, `use_rslora`, ...), or trained on other base weights, is refused before a
-  weight is copied (`io.restore_weights`). The stock trainer looks for a full model's weights file.
+  weight is copied (`restore.restore_weights`). The stock trainer looks for a full model's weights file.
 - reading the model (label names, whether it returns a loss, the data columns its forward takes): off the base
   model, as off a peft model's `get_base_model()`. The stock trainer reads the `DeltaModel`'s `**kwargs` forward,
   finds no labels (no eval loss) and, with `remove_unused_columns`, drops every data column.
@@ -144,7 +144,7 @@ class AdapterTrainerMixin:
         if not _is_delta_model(target):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        from .io import restore_weights
+        from .restore import restore_weights
 
         restore_weights(target, resume_from_checkpoint)
 
@@ -154,7 +154,7 @@ class AdapterTrainerMixin:
         if not _is_delta_model(target):
             super()._load_best_model()
             return
-        from .io import restore_weights
+        from .restore import restore_weights
 
         restore_weights(target, self.state.best_model_checkpoint)
 
