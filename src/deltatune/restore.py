@@ -4,6 +4,11 @@ back into the model's adapters of the same names, in place, so the parameters st
 Nothing is copied before every adapter of the folder is known to be the model's: the same method and settings as
 the folder's format records them (`same_adapter`), the same base weights (`base_fingerprint`, strictly), the same
 keys and shapes (`adapter_tensors.copy_plan`). The folder is read as `load` reads it (`io.READERS`).
+
+A checkpoint must also keep the adapter whole: every tensor of its `file_state()` as it is (`lost_tensors`). A
+format may store less: peft's keeps the prompt a P-tuning encoder or a prefix-tuning MLP computes, not the
+encoder, and training cannot continue from that output. A restore from such a folder is refused, naming what it
+lacks; a trainer writes its checkpoints of such an adapter in deltatune's format (`lost_in`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapter_tensors import ReadAdapter, copy_plan, copy_tensors
+import torch
+
+from .adapter_tensors import FileLayout, ReadAdapter, copy_plan, copy_tensors
 from .base_fingerprint import check_same_base
 from .errors import AdapterFileError, CheckpointMismatchError, DeltaTuneError
 from .files import read_json
@@ -59,7 +66,7 @@ def _check_same_adapter(
     """Refuse a `kind` folder whose adapter has other settings or base weights than adapter `name` of the model;
     the folder's values of the settings that differ only because the run writes them (`same_adapter`)."""
     try:
-        written = FORMATS[kind](delta_model, name)[0]
+        written, layout = FORMATS[kind](delta_model, name)
     except DeltaTuneError as error:
         raise CheckpointMismatchError(
             f"{folder} is a {kind} adapter folder, but this model's adapter {name!r} "
@@ -70,4 +77,37 @@ def _check_same_adapter(
     taken = check_same_settings(kind, read_json(folder / CONFIG_FILE), written, name, folder, method)
     record = delta_model.records[name]
     check_same_base(read.base_fingerprint, record.base_fingerprint, name, folder, read.base_model, strict=True)
+    lost = lost_tensors(delta_model, name, layout)
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        raise CheckpointMismatchError(
+            f"{folder} is a {kind} folder, which keeps less of adapter {name!r} ({method}) than training changes "
+            f"(not {lost[0]!r}{more}: what it stores is computed from them), so training cannot continue from it: "
+            "resume from a checkpoint in deltatune's format (a trainer writes those for such an adapter), or load the "
+            "folder with deltatune.load to use the adapter as saved"
+        )
     return taken
+
+
+def lost_tensors(delta_model: DeltaModel, name: str, layout: FileLayout) -> list[str]:
+    """The tensors of adapter `name`, as `<module path>.<tensor name>`, that a weights file of `layout` does not
+    store as they are (of the same name, shape and values): those a restore from it could not give back."""
+    lost = []
+    for module_name, site in delta_model.sites():
+        if name in site.adapters:
+            adapter = site.adapters[name]
+            stored = layout.file_state(adapter)
+            for tensor_name, tensor in adapter.file_state().items():
+                kept = stored.get(tensor_name)
+                if kept is None or kept.shape != tensor.shape or not torch.equal(kept, tensor):
+                    lost.append(f"{module_name}.{tensor_name}")
+    return lost
+
+
+def lost_in(delta_model: DeltaModel, format: str) -> dict[str, list[str]]:
+    """Adapter name → its `lost_tensors` in a `format` folder, for each adapter of `delta_model` that such a
+    folder does not keep whole (empty: the format keeps every adapter, so a checkpoint may be written in it)."""
+    found = {
+        name: lost_tensors(delta_model, name, FORMATS[format](delta_model, name)[1]) for name in delta_model.records
+    }
+    return {name: lost for name, lost in found.items() if lost}
