@@ -216,14 +216,22 @@ def _every_method_in(formats: tuple[str, ...]) -> list:
     ]
 
 
-NOT_RESUMABLE = {("p_tuning", "peft"), ("prefix_tuning", "peft")}
-"""Folders training cannot resume from: peft keeps the prompt a prompt encoder computes (P-tuning's encoder, the
-invariant table's prefix-tuning MLP), not the encoder. A trainer writes such checkpoints in deltatune's format."""
+NOT_RESUMABLE = {
+    ("p_tuning", "peft"): "source.embedding.weight",
+    ("prefix_tuning", "peft"): "source.embedding.weight",
+    ("reft", "adapterhub"): "projection.signs",
+}
+"""Folders training cannot resume from, and the first tensor each lacks: peft keeps the prompt a prompt encoder
+computes (P-tuning's encoder, the invariant table's prefix-tuning MLP), not the encoder; AdapterHub's ReFT folder
+writes the signs over the diagonal of the reflectors' matrix. A trainer writes such checkpoints in deltatune's
+format."""
+FORMATS = ("deltatune", "peft", "adapterhub")
 
 
-@pytest.mark.parametrize("method,format", _every_method_in(("deltatune", "peft")))
+@pytest.mark.parametrize("method,format", _every_method_in(FORMATS))
 def test_every_method_restores_the_checkpoint_its_own_run_wrote(tmp_path: Path, method: str, format: str) -> None:
-    """No method's settings read back otherwise than they were written (the check must not refuse a true resume)."""
+    """No method's settings read back otherwise than they were written (the check must not refuse a true resume);
+    a folder that keeps less than training changes is refused, naming what it lacks, and changes nothing."""
     from deltatune.restore import restore_weights
 
     arch = CASES[method].archs[0]
@@ -238,9 +246,25 @@ def test_every_method_restores_the_checkpoint_its_own_run_wrote(tmp_path: Path, 
         with pytest.raises(CheckpointMismatchError, match="keeps less of adapter 'default'") as error:
             restore_weights(resuming, tmp_path / "checkpoint-2")
         said = str(error.value)
-        assert "source.embedding.weight" in said and "deltatune's format" in said and "\n" not in said, said
+        assert NOT_RESUMABLE[method, format] in said and "deltatune's format" in said and "\n" not in said, said
         assert all(torch.equal(p, before[name]) for name, p in resuming.named_parameters())
         return
     restore_weights(resuming, tmp_path / "checkpoint-2")
     expected = dict(trained.named_parameters())
     assert all(torch.equal(p, expected[name]) for name, p in resuming.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method,format", _every_method_in(FORMATS))
+def test_a_trainer_checkpoint_keeps_its_format_exactly_where_that_format_keeps_the_adapter_whole(
+    method: str, format: str
+) -> None:
+    """What a trainer's checkpoint is written in (`restore.lost_in`): the trainer's format for every adapter it
+    keeps whole, deltatune's for the folders a restore refuses."""
+    from deltatune.restore import lost_in
+
+    trained = attached(method, CASES[method].archs[0])
+    try:
+        lost = lost_in(trained, format)
+    except deltatune.DeltaTuneError as error:
+        pytest.skip(f"not written as {format}: {error}")
+    assert bool(lost) == ((method, format) in NOT_RESUMABLE), lost

@@ -81,8 +81,8 @@ def _check_same_adapter(
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
         raise CheckpointMismatchError(
-            f"{folder} is a {kind} folder, which keeps less of adapter {name!r} ({method}) than training changes "
-            f"(not {lost[0]!r}{more}: what it stores is computed from them), so training cannot continue from it: "
+            f"{folder} keeps less of adapter {name!r} ({method}) than training changes: {kind}'s format does not "
+            f"store {lost[0]!r}{more} as it is (it stores what they compute), so training cannot continue from it; "
             "resume from a checkpoint in deltatune's format (a trainer writes those for such an adapter), or load the "
             "folder with deltatune.load to use the adapter as saved"
         )
