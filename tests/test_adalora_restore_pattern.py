@@ -1,4 +1,4 @@
-"""A trainer's resume or best-model load (`io.restore_weights`) of an AdaLoRA checkpoint whose `rank_pattern`
+"""A trainer's resume or best-model load (`restore.restore_weights`) of an AdaLoRA checkpoint whose `rank_pattern`
 differs from the model's only because the run's rank budget wrote it (before the ranks were fixed, or in
 another process): the model takes the checkpoint's pattern and weights, and computes what it computed when the
 checkpoint was saved (the reference). Another setting that differs is still refused, and a refused restore
@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import deltatune
 from deltatune.errors import CheckpointMismatchError, DeltaTuneError
-from deltatune.io import restore_weights
+from deltatune.restore import restore_weights
 from tiny_models import build, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")

@@ -7,6 +7,7 @@ of the same folder is its reference."""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,6 +192,48 @@ def test_an_adapter_without_the_new_head_warns_that_predictions_are_random(tmp_p
     deltatune.attach(model, deltatune.LoraConfig(r=2, target_modules=["query"])).save(str(tmp_path / "adapter"))
     with pytest.warns(RandomWeightsWarning, match=r"classifier .* holds no weights for it"):
         load_model(str(encoder), get_task("seq-cls"), label_names=["no", "yes"], adapter=tmp_path / "adapter")
+
+
+def _tiny_gguf(tmp_path: Path) -> Path:
+    """A tiny Llama written as a llama.cpp GGUF file (quantized linears, tied Q8_0 embedding; no task head)."""
+    pytest.importorskip("gguf", reason="gguf is not installed (pip install deltatune[quantized])")
+    from test_gguf_base import tiny_llama, write_gguf
+
+    return write_gguf(tmp_path / "tiny-llama.gguf", tiny_llama())
+
+
+def test_a_gguf_kept_base_says_its_new_head_as_the_dequantized_load_of_the_file_says_it(
+    tmp_path: Path, transformers_log: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """`quantize: gguf` builds the model itself, with no load report from transformers; its new `score` head is
+    said in the same line as transformers' own (dequantizing) load of the file gets, and nothing else."""
+    path = _tiny_gguf(tmp_path)
+    lines = {}
+    for quantize in (None, "gguf"):
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_model(str(path), get_task("seq-cls"), label_names=["no", "yes"], quantize=quantize)
+        lines[quantize] = capsys.readouterr().out.splitlines()
+        assert not [warning for warning in caught if issubclass(warning.category, RandomWeightsWarning)]
+    assert lines[None] == [
+        "new head: score (64 → 2 labels: no, yes), not in the checkpoint, so initialised at random; it trains with "
+        "the adapter"
+    ]
+    assert lines["gguf"] == lines[None]
+    assert not any(word in _report_text(transformers_log) for word in REPORT_WORDS)
+
+
+def test_a_gguf_kept_base_warns_when_the_adapter_loaded_onto_it_holds_no_head(tmp_path: Path) -> None:
+    from deltatune.gguf import load_gguf_model
+
+    path = _tiny_gguf(tmp_path)
+    model = load_gguf_model(path, AutoModelForSequenceClassification, num_labels=2)
+    deltatune.attach(model, deltatune.LoraConfig(r=2, target_modules=["q_proj"])).save(str(tmp_path / "adapter"))
+    with pytest.warns(RandomWeightsWarning, match=r"score .* holds no weights for it"):
+        load_model(
+            str(path), get_task("seq-cls"), label_names=["no", "yes"], quantize="gguf", adapter=tmp_path / "adapter"
+        )
 
 
 def log_state_dict_report(logger: logging.Logger) -> None:

@@ -100,7 +100,7 @@ def test_adapter_trainer_refuses_an_unknown_format() -> None:
 
 def test_restore_weights_copies_saved_adapters_back_in_place(tmp_path: Path) -> None:
     """What a resumed trainer does: the saved weights come back into the same parameter objects."""
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     delta_model = _trained_lora()
     delta_model.add("other", deltatune.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -149,7 +149,7 @@ def test_restoring_a_checkpoint_refuses_an_adapter_of_other_settings_and_copies_
     tmp_path: Path, format: str, changed: str
 ) -> None:
     """A trainer resuming from a checkpoint with another adapter config would continue another run."""
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     settings, described, adapterhub_described = OTHER_SETTINGS[changed]
     if format == "adapterhub":
@@ -171,7 +171,7 @@ def test_restoring_a_checkpoint_into_the_adapter_that_wrote_it_is_accepted_in_ev
 ) -> None:
     """The settings are compared as the format records them: peft's folder lists the modules `all-linear`
     matched, not the pattern, and the run's own adapter must still resume from it."""
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     targets = "all-linear" if format != "adapterhub" else CHECKPOINT_LORA["target_modules"]
     trained, checkpoint = _lora_checkpoint(tmp_path, format, target_modules=targets, lora_dropout=0.05)
@@ -184,7 +184,7 @@ def test_restoring_a_checkpoint_into_the_adapter_that_wrote_it_is_accepted_in_ev
 
 
 def test_restoring_a_checkpoint_refuses_one_trained_on_other_base_weights(tmp_path: Path) -> None:
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     _, checkpoint = _lora_checkpoint(tmp_path, "deltatune", seed=0)
     resuming = deltatune.attach(build("llama", seed=1), deltatune.LoraConfig(**CHECKPOINT_LORA))
@@ -195,7 +195,7 @@ def test_restoring_a_checkpoint_refuses_one_trained_on_other_base_weights(tmp_pa
 
 
 def test_restoring_a_checkpoint_refuses_an_adapter_of_another_method(tmp_path: Path) -> None:
-    from deltatune.io import restore_weights
+    from deltatune.restore import restore_weights
 
     _, checkpoint = _lora_checkpoint(tmp_path, "deltatune")
     resuming = deltatune.attach(build("llama"), deltatune.IA3Config(target_modules=CHECKPOINT_LORA["target_modules"]))
@@ -216,14 +216,23 @@ def _every_method_in(formats: tuple[str, ...]) -> list:
     ]
 
 
-NOT_RESUMABLE = {("p_tuning", "peft"), ("prefix_tuning", "peft")}
-"""Folders training cannot resume from: peft keeps the prompt a prompt encoder computes, not the encoder."""
+NOT_RESUMABLE = {
+    ("p_tuning", "peft"): "source.embedding.weight",
+    ("prefix_tuning", "peft"): "source.embedding.weight",
+    ("reft", "adapterhub"): "projection.signs",
+}
+"""Folders training cannot resume from, and the first tensor each lacks: peft keeps the prompt a prompt encoder
+computes (P-tuning's encoder, the invariant table's prefix-tuning MLP), not the encoder; AdapterHub's ReFT folder
+writes the signs over the diagonal of the reflectors' matrix. A trainer writes such checkpoints in deltatune's
+format."""
+FORMATS = ("deltatune", "peft", "adapterhub")
 
 
-@pytest.mark.parametrize("method,format", _every_method_in(("deltatune", "peft")))
+@pytest.mark.parametrize("method,format", _every_method_in(FORMATS))
 def test_every_method_restores_the_checkpoint_its_own_run_wrote(tmp_path: Path, method: str, format: str) -> None:
-    """No method's settings read back otherwise than they were written (the check must not refuse a true resume)."""
-    from deltatune.io import restore_weights
+    """No method's settings read back otherwise than they were written (the check must not refuse a true resume);
+    a folder that keeps less than training changes is refused, naming what it lacks, and changes nothing."""
+    from deltatune.restore import restore_weights
 
     arch = CASES[method].archs[0]
     trained = attached(method, arch)
@@ -233,9 +242,29 @@ def test_every_method_restores_the_checkpoint_its_own_run_wrote(tmp_path: Path, 
         pytest.skip(f"not written as {format}: {error}")
     resuming = deltatune.attach(build(arch), CASES[method].config(arch))
     if (method, format) in NOT_RESUMABLE:
-        with pytest.raises(deltatune.DeltaTuneError):
+        before = {name: p.detach().clone() for name, p in resuming.named_parameters()}
+        with pytest.raises(CheckpointMismatchError, match="keeps less of adapter 'default'") as error:
             restore_weights(resuming, tmp_path / "checkpoint-2")
+        said = str(error.value)
+        assert NOT_RESUMABLE[method, format] in said and "deltatune's format" in said and "\n" not in said, said
+        assert all(torch.equal(p, before[name]) for name, p in resuming.named_parameters())
         return
     restore_weights(resuming, tmp_path / "checkpoint-2")
     expected = dict(trained.named_parameters())
     assert all(torch.equal(p, expected[name]) for name, p in resuming.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method,format", _every_method_in(FORMATS))
+def test_a_trainer_checkpoint_keeps_its_format_exactly_where_that_format_keeps_the_adapter_whole(
+    method: str, format: str
+) -> None:
+    """What a trainer's checkpoint is written in (`restore.lost_in`): the trainer's format for every adapter it
+    keeps whole, deltatune's for the folders a restore refuses."""
+    from deltatune.restore import lost_in
+
+    trained = attached(method, CASES[method].archs[0])
+    try:
+        lost = lost_in(trained, format)
+    except deltatune.DeltaTuneError as error:
+        pytest.skip(f"not written as {format}: {error}")
+    assert bool(lost) == ((method, format) in NOT_RESUMABLE), lost

@@ -6,13 +6,15 @@ treatment; the subclass adds those branches for a `DeltaModel` and changes nothi
 
 - saving (`Trainer._save`, behind `save_model()` and every checkpoint): the adapter folder, through
   `DeltaModel.save_pretrained`, with the tokenizer and the training arguments beside it as usual. The stock
-  trainer writes a non-`PreTrainedModel`'s whole state dict to `model.safetensors`.
+  trainer writes a non-`PreTrainedModel`'s whole state dict to `model.safetensors`. A checkpoint's folder is in
+  the trainer's format where that keeps every adapter whole, else in deltatune's (`restore.lost_in`: peft's
+  keeps a P-tuning encoder's output, not the encoder), so a resume always continues the run.
 - DPO's reference model (`ref_model=None`, the trainer taking one): the same model with its adapters off
   (`AdaptersOff`, sharing every weight). The stock trainer loads a second full base from `config._name_or_path`.
 - resuming (`train(resume_from_checkpoint=...)`) and `load_best_model_at_end`: the adapter weights come back from
   the checkpoint's adapter folder, in place, once it is checked to hold this adapter: a checkpoint of another
   method or other settings (`lora_alpha`, `use_rslora`, ...), or trained on other base weights, is refused before a
-  weight is copied (`io.restore_weights`). The stock trainer looks for a full model's weights file.
+  weight is copied (`restore.restore_weights`). The stock trainer looks for a full model's weights file.
 - reading the model (label names, whether it returns a loss, the data columns its forward takes): off the base
   model, as off a peft model's `get_base_model()`. The stock trainer reads the `DeltaModel`'s `**kwargs` forward,
   finds no labels (no eval loss) and, with `remove_unused_columns`, drops every data column.
@@ -30,6 +32,7 @@ import functools
 import importlib
 import inspect
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -81,6 +84,10 @@ class AdapterTrainerMixin:
 
     adapter_format: str = "deltatune"
     """The format of the adapter folders `save_model()` writes: "deltatune" or "peft"."""
+    _saving_checkpoint: bool = False
+    """Whether `_save` writes a checkpoint (`_save_checkpoint`), whose folder must keep the adapters whole."""
+    _said_checkpoint_format: bool = False
+    """Whether the warning that checkpoints are in deltatune's format was given (once per trainer)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         signature = inspect.signature(super().__init__)
@@ -131,11 +138,38 @@ class AdapterTrainerMixin:
         from transformers.trainer import TRAINING_ARGS_NAME
 
         folder = output_dir if output_dir is not None else self.args.output_dir
-        model.save_pretrained(folder, format=self.adapter_format, is_main_process=self.args.should_save)
+        format = self._checkpoint_format(model) if self._saving_checkpoint else self.adapter_format
+        model.save_pretrained(folder, format=format, is_main_process=self.args.should_save)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(folder)
             torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """A checkpoint, its adapter folder kept whole (`_checkpoint_format`)."""
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _checkpoint_format(self, model: DeltaModel) -> str:
+        """`adapter_format` where its folders keep every adapter whole, else "deltatune", said once."""
+        from .restore import lost_in
+
+        lost = lost_in(model, self.adapter_format)
+        if not lost:
+            return self.adapter_format
+        if not self._said_checkpoint_format:
+            name, tensors = next(iter(lost.items()))
+            warnings.warn(
+                f"checkpoints are saved in deltatune's format: a {self.adapter_format} folder keeps less of adapter "
+                f"{name!r} ({model.configs[name].method}) than training changes (not {tensors[0]!r}), so a resume "
+                f"could not continue from it; save_model() still writes the {self.adapter_format} folder",
+                stacklevel=2,
+            )
+            self._said_checkpoint_format = True
+        return "deltatune"
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """`resume_from_checkpoint`: a `DeltaModel`'s adapter weights come back from the checkpoint's adapter
@@ -144,7 +178,7 @@ class AdapterTrainerMixin:
         if not _is_delta_model(target):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        from .io import restore_weights
+        from .restore import restore_weights
 
         restore_weights(target, resume_from_checkpoint)
 
@@ -154,7 +188,7 @@ class AdapterTrainerMixin:
         if not _is_delta_model(target):
             super()._load_best_model()
             return
-        from .io import restore_weights
+        from .restore import restore_weights
 
         restore_weights(target, self.state.best_model_checkpoint)
 

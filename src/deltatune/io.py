@@ -44,13 +44,12 @@ from .atomic import (
     safetensors_writer,
 )
 from .base_fingerprint import check_same_base
-from .errors import AdapterFileError, CheckpointMismatchError, DeltaTuneError
+from .errors import AdapterFileError, DeltaTuneError
 from .files import read_json, read_tensors
 from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, checked_records, peft_records
 from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
-from .same_adapter import check_same_settings, take_settings
 from .task_record import fit_heads
 from .version import __version__
 
@@ -199,7 +198,7 @@ def _load_folder(
     version = folder_version(root)
     added: list[str] = []
     try:
-        folders = sorted(_adapter_folders(root, name), key=lambda item: _load_order(item[1]))
+        folders = sorted(adapter_folders(root, name), key=lambda item: _load_order(item[1]))
         for adapter_name, folder in folders:
             added.append(_load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype, strict))
     except BaseException as error:
@@ -342,62 +341,11 @@ def _method_says(folder: Path, flag: str) -> bool:
     return method in registered_methods() and getattr(get_method(method), flag, False)
 
 
-def restore_weights(delta_model: DeltaModel, path: str | Path) -> None:
-    """Copy the weights in the adapter folder `path` (as `save` wrote it) into the model's adapters of the same
-    names, in place: the parameters stay the objects an optimizer holds (a trainer resuming from a checkpoint).
-    A folder holding one adapter fills the model's only adapter, or the one it records. Before anything is
-    copied, every adapter is checked to be the one the folder holds: its method and settings
-    (`same_adapter`; a setting the run writes is taken from the folder), the base weights it was trained on
-    (strictly), its keys and shapes. A refused restore leaves the model as it was."""
-    plans, undo = [], []
-    try:
-        for name, folder in _adapter_folders(Path(path), None):
-            kind = folder_kind(folder)
-            read = READERS[kind](folder, delta_model.base_model)
-            only = next(iter(delta_model.records)) if len(delta_model.records) == 1 else None
-            adapter_name = name or read.recorded_name or only
-            if adapter_name is None:
-                raise AdapterFileError(
-                    f"{folder} holds one adapter and does not record its name, but this model has "
-                    f"{sorted(delta_model.records)}: load it with deltatune.load(model, path, name=...) instead"
-                )
-            delta_model.require([adapter_name])
-            taken = _check_same_adapter(delta_model, adapter_name, kind, folder, read)
-            undo.append(take_settings(delta_model, adapter_name, taken))
-            plans.append(copy_plan(delta_model, adapter_name, read))
-    except DeltaTuneError:
-        for give_back in reversed(undo):
-            give_back()
-        raise
-    for plan in plans:
-        copy_tensors(plan)
-
-
-def _check_same_adapter(
-    delta_model: DeltaModel, name: str, kind: str, folder: Path, read: ReadAdapter
-) -> dict[str, Any]:
-    """Refuse a `kind` folder whose adapter has other settings or base weights than adapter `name` of the model;
-    the folder's values of the settings that differ only because the run writes them (`same_adapter`)."""
-    try:
-        written = FORMATS[kind](delta_model, name)[0]
-    except DeltaTuneError as error:
-        raise CheckpointMismatchError(
-            f"{folder} is a {kind} adapter folder, but this model's adapter {name!r} "
-            f"({delta_model.configs[name].method}) cannot be written as one, so the folder is not its checkpoint: "
-            "resume from a checkpoint its own run wrote"
-        ) from error
-    method = delta_model.configs[name].method
-    taken = check_same_settings(kind, read_json(folder / CONFIG_FILE), written, name, folder, method)
-    record = delta_model.records[name]
-    check_same_base(read.base_fingerprint, record.base_fingerprint, name, folder, read.base_model, strict=True)
-    return taken
-
-
 def _is_adapter_folder(folder: Path) -> bool:
     return (folder / CONFIG_FILE).is_file() or adapterhub_format.is_fusion_folder(folder)
 
 
-def _adapter_folders(root: Path, name: str | None) -> list[tuple[str | None, Path]]:
+def adapter_folders(root: Path, name: str | None) -> list[tuple[str | None, Path]]:
     """(name, folder) of the adapter at `root`, or of each adapter subfolder (hidden ones skipped:
     staging of saves and other tools' files, never a valid adapter name)."""
     if _is_adapter_folder(root):

@@ -1,5 +1,5 @@
 """Whether a checkpoint's adapter folder holds the adapter a model has, before a trainer resuming from it copies
-its weights in (`io.restore_weights`): the same method and settings, so that training continues the same run.
+its weights in (`restore.restore_weights`): the same method and settings, so that training continues the same run.
 
 The settings are compared as the checkpoint's format records them. The model's adapter is written by the
 writer that wrote the checkpoint (`io.FORMATS`), and both config files are read by that format's config

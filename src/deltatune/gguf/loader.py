@@ -168,11 +168,18 @@ def _float_values(raw: torch.Tensor, tensor: TensorEntry, dtype: torch.dtype) ->
 
 
 def load_gguf_model(
-    path: str | Path, model_class: Any = None, dtype: torch.dtype = torch.float32, **config_settings: Any
-) -> nn.Module:
+    path: str | Path,
+    model_class: Any = None,
+    dtype: torch.dtype = torch.float32,
+    output_loading_info: bool = False,
+    **config_settings: Any,
+) -> nn.Module | tuple[nn.Module, dict[str, list[str]]]:
     """The model in GGUF file `path`, built with `model_class` (default `AutoModelForCausalLM`) from the
     file's config updated with `config_settings` (`num_labels`...): quantized tensors kept as blocks
-    (`GGUFLinear`, `GGUFEmbedding`), float ones as `dtype` parameters; eval mode."""
+    (`GGUFLinear`, `GGUFEmbedding`), float ones as `dtype` parameters; eval mode. With `output_loading_info`,
+    also transformers' loading info for it (`from_pretrained(..., output_loading_info=True)`): `missing_keys`,
+    the tensors no GGUF file holds and that start freshly initialised (a new task head); `unexpected_keys`
+    empty (file tensors outside the model are skipped, as transformers' GGUF loader skips them)."""
     require_gguf()
     from transformers import AutoModelForCausalLM
 
@@ -202,6 +209,9 @@ def load_gguf_model(
         skeleton = model.get_submodule(module_name)
         model.set_submodule(module_name, _quantized_module(skeleton, values, tensor.ggml_type, name))
     _tie_head(model)
-    _initialise_new(model, meta_tensors(model), path, set(names.values()))
+    missing = meta_tensors(model)
+    _initialise_new(model, missing, path, set(names.values()))
     model.config._name_or_path = str(path)
+    if output_loading_info:
+        return model.eval(), {"missing_keys": missing, "unexpected_keys": []}
     return model.eval()

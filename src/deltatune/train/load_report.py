@@ -6,7 +6,9 @@ A classification, token-classification or QA model loaded from a plain encoder f
 You should probably TRAIN this model" on 4.x, which a newcomer reads as an error. For that load only,
 `held_load_report` holds back the records of the functions that log the report (one filter on their
 logger, removed after: the logger's level and handlers are never touched, every other record passes), and
-`report_load` says what the loading info (`output_loading_info=True`) holds:
+`report_load` says what the loading info (`output_loading_info=True`) holds. A GGUF-kept base (`quantize:
+gguf`) is built by `deltatune.gguf.load_gguf_model`, with no report from transformers; its loading info, given
+in transformers' form, is said the same way:
 
 - a head none of whose parameters the checkpoint holds: one line, unless `quiet`,
 

@@ -129,7 +129,8 @@ def load_model(
     in a config that has none. `quantize` (a name of `quantize.QUANTIZE_OPTIONS`) loads the linear
     layers quantized, onto `device`, computing in float32; its backend is checked before anything loads.
     `quantize: gguf` builds the model of `gguf_file(name)` with its blocks kept (`deltatune.gguf`).
-    transformers' load report is said plainly (`load_report.report_load`): a new head in one line unless
+    transformers' load report (for a GGUF-kept base, which transformers does not load, the same loading info
+    from `load_gguf_model`) is said plainly (`load_report.report_load`): a new head in one line unless
     `quiet`, or nothing where `adapter` (the folder loaded onto the model next) holds that head."""
     labels: dict[str, Any] = {}
     if label_names:
@@ -144,10 +145,11 @@ def load_model(
 
         require_backend(quantize)
         model_class = task.auto_class() if task is not None else None
-        model = load_gguf_model(gguf_file(name), model_class, **labels).to(device)
+        model, info = load_gguf_model(gguf_file(name), model_class, output_loading_info=True, **labels)
+        model = model.to(device)
     else:
         model, info = _load_pretrained(name, task, labels, quantize, device)
-        report_load(model, info, name, quiet, adapter)
+    report_load(model, info, name, quiet, adapter)
     if (
         tokenizer is not None
         and getattr(model.config, "pad_token_id", None) is None
