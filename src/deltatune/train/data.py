@@ -68,7 +68,7 @@ class Record:
             raise DataError(f"{self.where}: field {field!r} is missing{hint}; the record has {sorted(self.fields)}")
         value = self.fields[field]
         if value is None:
-            raise DataError(f"{self.where}: field {field!r} is null{hint}; give it a value in every record")
+            raise DataError(f"{self.where}: field {field!r} is null{hint}; give it a value")
         if not isinstance(value, kind):
             raise DataError(f"{self.where}: field {field!r} must be {_kind_names(kind)}, got {_shown(value)}")
         return value
