@@ -2,7 +2,8 @@
 null word or tag inside a token-cls list, a null or empty label, and a chat message without a string
 role or content are refused in one line naming the record, the field and the position, never read as
 the text 'None' (a label class, a word) or as an empty class. A null optional field (`text_pair`,
-`answer_start`) means the field is left out: the reference is the same record without it."""
+`answer_start`) means the field is left out: the reference is the same record without it. An empty
+answer is SQuAD 2.0's question without an answer: its span is the first token."""
 
 from __future__ import annotations
 
@@ -136,6 +137,13 @@ def test_an_answer_start_as_text_or_whole_float_is_read_as_its_number(value) -> 
     row = {"question": "where", "context": "in rome", "answer": "rome"}
     expected = encode("qa", read_records([{**row, "answer_start": 3}]))
     assert encode("qa", read_records([{**row, "answer_start": value}])) == expected
+
+
+def test_an_empty_answer_targets_the_first_token_as_squad_2_marks_no_answer() -> None:
+    row = {"question": "where is the cat", "context": "the cat is in rome", "answer": ""}
+    [feature] = encode("qa", read_records([row]))
+    assert (feature["start_positions"], feature["end_positions"]) == (0, 0)
+    assert feature["input_ids"][0] == context("qa").tokenizer.cls_token_id
 
 
 def test_deltatune_train_refuses_a_null_tag_in_one_line_and_saves_nothing(tmp_path, capsys) -> None:
