@@ -182,8 +182,8 @@ def encode_sequence_classification(record: Record, context: EncodeContext) -> di
     text = record.get("text", hint=hint)
     pair = record.get("text_pair") if record.fields.get("text_pair") is not None else None  # null: no pair
     encoded = context.tokenizer(text, pair, truncation=True, max_length=context.max_length)
-    [key] = _label_keys(record, SEQUENCE_LABEL)
-    label = _label_id(record, context, key)
+    [label_name] = _label_keys(record, SEQUENCE_LABEL)
+    label = _label_id(record, context, label_name)
     return {**{key: list(value) for key, value in encoded.items()}, "labels": label}
 
 
@@ -207,7 +207,7 @@ WHOLE_NUMBERS: dict[type, Callable[[Any], int | None]] = {
     str: lambda value: int(value) if value.strip().lstrip("-").isdecimal() else None,
 }
 """Type → reader of a whole number from a value of it (None: not a whole number): `answer_start` as
-JSON, Arrow (a float column where a null was once NaN) or CSV text writes it."""
+JSON writes it, Arrow (a float column, as pandas stores integers beside a missing value) or CSV text."""
 
 
 def _answer_start(record: Record, passage: str, answer: str) -> int:
