@@ -118,10 +118,10 @@ class _RepeatedName(ValueError):
 def _object_naming_each_field_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object as a dict, refused (`_RepeatedName`) where it names a field twice: `json` would keep
     the last value and drop the other without a word."""
-    repeated = _first_repeat(name for name, _ in pairs)
-    if repeated is not None:
-        raise _RepeatedName(repeated)
-    return dict(pairs)
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        raise _RepeatedName(_first_repeat(name for name, _ in pairs))
+    return fields
 
 
 def _check_columns_once_each(names: Iterable[str], named_by: str) -> None:
