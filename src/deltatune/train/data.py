@@ -12,6 +12,12 @@ pyarrow): `pip install 'deltatune[data]'`; without them such a path is refused i
 the extra. An Arrow file is the IPC stream that `datasets` writes (its cache files, the shards of a
 saved folder) or the IPC file format (Feather v2).
 
+A field has one value: a header, `column_names`, a JSON object or an Arrow table that names a column
+twice is refused, as are `columns` that would put two values under one name (a rename onto a field the
+record keeps under its name, two renames onto one name), since a reader would keep one of them,
+chosen by column order. A rename onto a name that is itself renamed away (`{label_text: label, label:
+label_id}`) keeps both.
+
 Every record keeps where it came from (`train.jsonl line 12`, `train.parquet row 0`: rows counted
 from 0, as `dataset[i]`), so that an error about a malformed record names the file, the line and the
 field. Fields each task reads (see `encode`):
@@ -32,7 +38,7 @@ import csv
 import importlib.util
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,14 +62,73 @@ class Record:
     where: str
 
     def get(self, field: str, kind: type | tuple[type, ...] = str, hint: str = "") -> Any:
-        """The value of `field`, checked to be of `kind`; a clear error naming the record otherwise."""
-        if field not in self.fields or self.fields[field] is None:
+        """The value of `field`, checked to be of `kind`; a clear error naming the record otherwise
+        (a null is no value: refused as a missing field is)."""
+        if field not in self.fields:
             raise DataError(f"{self.where}: field {field!r} is missing{hint}; the record has {sorted(self.fields)}")
         value = self.fields[field]
+        if value is None:
+            raise DataError(f"{self.where}: field {field!r} is null{hint}; give it a value")
         if not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise DataError(f"{self.where}: field {field!r} must be {names}, got {type(value).__name__} {value!r}")
+            raise DataError(f"{self.where}: field {field!r} must be {_kind_names(kind)}, got {_shown(value)}")
         return value
+
+    def get_items(self, field: str, kind: type | tuple[type, ...] = str) -> list[Any]:
+        """The list in `field`, each item checked to be of `kind`: a null item (a word or tag
+        without a value) is refused naming its position, never read as the text 'None'."""
+        items = self.get(field, list)
+        for position, item in enumerate(items):
+            if item is None:
+                raise DataError(
+                    f"{self.where}: field {field!r} holds a null at position {position}; give every item a value"
+                )
+            if not isinstance(item, kind):
+                raise DataError(
+                    f"{self.where}: field {field!r} must hold {_kind_names(kind)} items, got {_shown(item)} at "
+                    f"position {position}"
+                )
+        return items
+
+
+def _kind_names(kind: type | tuple[type, ...]) -> str:
+    return kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+ONE_NAME_EACH = "give each its own name (only one of the values would be read)"
+
+
+def _first_repeat(names: Iterable[str]) -> str | None:
+    """The first name given twice, if any."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+class _RepeatedName(ValueError):
+    """A JSON object names a field twice (its args: the name)."""
+
+
+def _object_naming_each_field_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refused (`_RepeatedName`) where it names a field twice: `json` would keep
+    the last value and drop the other without a word."""
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        raise _RepeatedName(_first_repeat(name for name, _ in pairs))
+    return fields
+
+
+def _check_columns_once_each(names: Iterable[str], named_by: str) -> None:
+    """Refuse column names that repeat a name (`named_by`: who named them, for the message)."""
+    repeated = _first_repeat(names)
+    if repeated is not None:
+        raise DataError(f"{named_by} names the column {repeated!r} twice; {ONE_NAME_EACH}")
 
 
 def _read_jsonl(path: Path, layout: TableLayout) -> list[Record]:
@@ -74,10 +139,14 @@ def _read_jsonl(path: Path, layout: TableLayout) -> list[Record]:
                 continue
             where = f"{path.name} line {number}"
             try:
-                fields = json.loads(line)
+                fields = json.loads(line, object_pairs_hook=_object_naming_each_field_once)
             except json.JSONDecodeError as error:
                 raise DataError(
                     f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be one JSON object"
+                ) from None
+            except _RepeatedName as repeated:
+                raise DataError(
+                    f"{where}: a JSON object names the field {repeated.args[0]!r} twice; {ONE_NAME_EACH}"
                 ) from None
             if not isinstance(fields, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(fields).__name__}")
@@ -101,8 +170,7 @@ def _read_delimited(delimiter: str) -> Callable[[Path, TableLayout], list[Record
         with path.open(encoding=TEXT_ENCODING, newline="") as file:
             names = None if layout.header else list(layout.column_names or ())
             reader = csv.DictReader(file, fieldnames=names, delimiter=delimiter)
-            if layout.header:
-                _check_header(path, reader.fieldnames or [])
+            _check_column_names(path, list(reader.fieldnames or []), layout.header)
             named_by = f"the header {reader.fieldnames}" if layout.header else f"column_names {names}"
             records = []
             for row in reader:
@@ -128,9 +196,9 @@ def _read_separated(path: Path, layout: TableLayout) -> list[Record]:
     split = [(number, [value.strip() for value in line.split(separator)]) for number, line in lines]
     if layout.header and split:
         names, named_by = split.pop(0)[1], "the header"
-        _check_header(path, names)
     else:
         names, named_by = list(layout.column_names or ()), "column_names"
+    _check_column_names(path, names, layout.header)
     records = []
     for number, values in split:
         if len(values) != len(names):
@@ -142,14 +210,16 @@ def _read_separated(path: Path, layout: TableLayout) -> list[Record]:
     return records
 
 
-def _check_header(path: Path, names: list[str]) -> None:
-    """Refuse a header with a column named like a number: the first line was most likely a record."""
-    numeric = next((name for name in names if _is_number(name)), None)
+def _check_column_names(path: Path, names: list[str], from_header: bool) -> None:
+    """Refuse a header with a column named like a number (the first line was most likely a record), and
+    names, from the header or `column_names`, that repeat a name (a reader keeps one of the columns)."""
+    numeric = next((name for name in names if _is_number(name)), None) if from_header else None
     if numeric is not None:
         raise DataError(
             f"{path.name} line 1 was taken as the header, but its column {numeric!r} is named like a number, so "
             "the file likely has no header row: set header: false and column_names: [...] (a name per column)"
         )
+    _check_columns_once_each(names, f"{path.name} line 1 (the header)" if from_header else f"{path.name}: column_names")
 
 
 def _is_number(text: str) -> bool:
@@ -169,16 +239,25 @@ def _rows(path: Path, rows: list[dict[str, Any]]) -> list[Record]:
     return [Record(fields, f"{path.name} row {index}") for index, fields in enumerate(rows)]
 
 
+def _table_rows(path: Path, table: Any) -> list[Record]:
+    """The records of a pyarrow table, refused where it names a column twice (its rows as dicts would
+    keep the last)."""
+    _check_columns_once_each(table.schema.names, f"{path.name}: the table")
+    return _rows(path, table.to_pylist())
+
+
 def _read_parquet(path: Path, layout: TableLayout) -> list[Record]:
     _require("pyarrow", f"{path}: reading a parquet file")
     import pyarrow
     import pyarrow.parquet
 
     try:
-        table = pyarrow.parquet.read_table(path)
+        parquet = pyarrow.parquet.ParquetFile(path)
+        _check_columns_once_each(parquet.schema_arrow.names, f"{path.name}: the table")
+        table = parquet.read()
     except pyarrow.ArrowException as error:
         raise DataError(f"{path}: not a readable parquet file ({error})") from None
-    return _rows(path, table.to_pylist())
+    return _table_rows(path, table)
 
 
 def _read_arrow(path: Path, layout: TableLayout) -> list[Record]:
@@ -189,7 +268,7 @@ def _read_arrow(path: Path, layout: TableLayout) -> list[Record]:
     for open_reader in (pyarrow.ipc.open_stream, pyarrow.ipc.open_file):
         try:
             with pyarrow.memory_map(str(path)) as source:
-                return _rows(path, open_reader(source).read_all().to_pylist())
+                return _table_rows(path, open_reader(source).read_all())
         except pyarrow.ArrowInvalid:
             continue
     raise DataError(f"{path}: not an Arrow IPC stream or file; write it with datasets or pyarrow.ipc")
@@ -234,18 +313,41 @@ def read_records(
     """Records from a file path (by its suffix), a folder saved by `datasets`, or any iterable of dicts
     (a `datasets.Dataset`). `columns` renames fields, {name in the data: name the task reads} (GLUE's
     `sentence` → `text`); `layout`: how a CSV/TSV or `.txt` file names (and splits) its columns."""
+    _check_renames_distinct(columns or {})
     records = _read(source, layout)
     if not columns:
         return records
-    return [
-        Record({columns.get(key, key): value for key, value in record.fields.items()}, record.where)
-        for record in records
-    ]
+    return [_renamed(record, columns) for record in records]
+
+
+def _check_renames_distinct(columns: dict[str, str]) -> None:
+    """Refuse `columns` that rename two fields onto one name: one of their values would be lost."""
+    sources_of: dict[str, str] = {}
+    for source, target in columns.items():
+        if target in sources_of:
+            raise DataError(
+                f"columns renames both {sources_of[target]!r} and {source!r} to {target!r}; rename each to a name "
+                "of its own (only one of the values would be read)"
+            )
+        sources_of[target] = source
+
+
+def _renamed(record: Record, columns: dict[str, str]) -> Record:
+    """`record` with its fields renamed by `columns`; a rename onto a field that the record already has
+    and that keeps its name is refused, since one of the two values would be lost, chosen by column order."""
+    for source, target in columns.items():
+        if source in record.fields and target in record.fields and target not in columns:
+            raise DataError(
+                f"{record.where}: columns renames {source!r} to {target!r}, but the record already has a field "
+                f"{target!r}; rename that one too (columns: {{{source}: {target}, {target}: another_name}}) or "
+                f"rename {source!r} to another name"
+            )
+    return Record({columns.get(key, key): value for key, value in record.fields.items()}, record.where)
 
 
 def _read(source: str | Path | Iterable[dict[str, Any]], layout: TableLayout) -> list[Record]:
     if not isinstance(source, (str, Path)):
-        return [Record(dict(fields), f"record {index}") for index, fields in enumerate(source)]
+        return [_python_record(fields, f"record {index}") for index, fields in enumerate(source)]
     path = Path(source)
     reader = _read_saved_dataset if path.is_dir() else READERS.get(path.suffix.lower())
     if reader is None:
@@ -262,6 +364,13 @@ def _read(source: str | Path | Iterable[dict[str, Any]], layout: TableLayout) ->
     if not records:
         raise DataError(f"{path} holds no records")
     return records
+
+
+def _python_record(fields: Any, where: str) -> Record:
+    """A record from Python: a mapping of field names (a mapping names each field once)."""
+    if not isinstance(fields, Mapping):
+        raise DataError(f"{where}: expected a dict of fields, got {type(fields).__name__}; give one dict per record")
+    return Record(dict(fields), where)
 
 
 def subsample(records: list[Record], count: int | None, seed: int) -> list[Record]:

@@ -7,10 +7,17 @@ whole and the last (assistant) message is learned. Without a template the comple
 as it is (put a leading space in it if your tokenizer needs one) and ends with EOS.
 Classification labels are mapped to ids in sorted order of the training labels (`label_names`); the
 training data must hold at least two (with one, transformers would train a regression).
+
+A null is no value: a null required field, a null word or tag inside `tokens` / `tags`, a null or empty
+label, and a chat message without a string `role` and `content` are refused naming the record (and the
+position), never read as the text 'None' or as a class ''. A null optional field is the field left
+out: `text_pair` null is no pair, `answer_start` null (or an empty cell) the answer's first occurrence
+in the context. Texts are taken as they are: an empty CSV cell is the empty text.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +45,14 @@ class LabelField:
 
     name: str
     per_word: bool = False
+
+
+SEQUENCE_LABEL = LabelField("label")
+"""seq-cls: one label a record."""
+WORD_TAGS = LabelField("tags", per_word=True)
+"""token-cls: a tag a word."""
+LABEL_KINDS = (str, int)
+"""What a label or tag may be: a name, or a class number (a data set's ClassLabel ids)."""
 
 
 def prompt_text(context: EncodeContext, prompt: str) -> str:
@@ -68,13 +83,15 @@ def _lm_texts(record: Record, context: EncodeContext) -> tuple[str, str, str]:
     """(prompt text, completion text as trained, reference answer) of a causal-LM record."""
     if "messages" in record.fields:
         messages = record.get("messages", list)
-        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        for index, message in enumerate(messages):
+            _check_message(record, index, message)
+        if not messages or messages[-1]["role"] != "assistant":
             raise DataError(
                 f"{record.where}: field 'messages' must end with an assistant message (the answer that is learned)"
             )
         prompt = render_chat(context, messages[:-1], add_generation_prompt=True)
         full = render_chat(context, messages, add_generation_prompt=False)
-        reference = str(messages[-1].get("content", ""))
+        reference = messages[-1]["content"]
     else:
         hint = " (causal-lm records need 'prompt' and 'completion', or 'messages')"
         user, reference = record.get("prompt", hint=hint), record.get("completion", hint=hint)
@@ -88,6 +105,16 @@ def _lm_texts(record: Record, context: EncodeContext) -> tuple[str, str, str]:
             "prompt/completion without chat_template"
         )
     return prompt, full[len(prompt) :], reference
+
+
+def _check_message(record: Record, index: int, message: Any) -> None:
+    """Refuse a chat message that is not an object with a string `role` and `content` (a null content
+    would be rendered as the text 'None')."""
+    where = f"{record.where} message {index}"
+    if not isinstance(message, dict):
+        raise DataError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
+    for key in ("role", "content"):
+        Record(message, where).get(key)
 
 
 def _ids(context: EncodeContext, text: str, special: bool) -> list[int]:
@@ -127,36 +154,76 @@ def encode_seq2seq(record: Record, context: EncodeContext) -> dict[str, Any]:
     }
 
 
-def _label_id(record: Record, context: EncodeContext, value: Any) -> int:
-    key = str(value)
+def _label_keys(record: Record, label_field: LabelField) -> list[str]:
+    """The label names `record` holds under `label_field` (its label, or its tags a word), as text. A
+    null or empty one is refused: it is no label (a null tag, an empty CSV cell), not a class of its own."""
+    if label_field.per_word:
+        keys = [str(tag) for tag in record.get_items(label_field.name, LABEL_KINDS)]
+    else:
+        keys = [str(record.get(label_field.name, LABEL_KINDS))]
+    blank = next((position for position, key in enumerate(keys) if not key.strip()), None)
+    if blank is not None:
+        at, what = (f" at position {blank}", "word") if label_field.per_word else ("", "record")
+        raise DataError(
+            f"{record.where}: field {label_field.name!r} holds an empty label{at}; give every {what} its label "
+            "(an empty value is no label)"
+        )
+    return keys
+
+
+def _label_id(record: Record, context: EncodeContext, key: str) -> int:
     if key not in context.label_ids:
-        raise DataError(f"{record.where}: label {value!r} is not among the training labels {sorted(context.label_ids)}")
+        raise DataError(f"{record.where}: label {key!r} is not among the training labels {sorted(context.label_ids)}")
     return context.label_ids[key]
 
 
 def encode_sequence_classification(record: Record, context: EncodeContext) -> dict[str, Any]:
     hint = " (seq-cls records need 'text' and 'label')"
     text = record.get("text", hint=hint)
-    pair = record.get("text_pair") if "text_pair" in record.fields else None
+    pair = record.get("text_pair") if record.fields.get("text_pair") is not None else None  # null: no pair
     encoded = context.tokenizer(text, pair, truncation=True, max_length=context.max_length)
-    label = _label_id(record, context, record.get("label", (str, int), hint))
+    [label_name] = _label_keys(record, SEQUENCE_LABEL)
+    label = _label_id(record, context, label_name)
     return {**{key: list(value) for key, value in encoded.items()}, "labels": label}
 
 
 def encode_token_classification(record: Record, context: EncodeContext) -> dict[str, Any]:
-    words, tags = record.get("tokens", list), record.get("tags", list)
+    words, tags = record.get_items("tokens", str), _label_keys(record, WORD_TAGS)
     if len(words) != len(tags):
         raise DataError(
             f"{record.where}: 'tokens' has {len(words)} words but 'tags' {len(tags)}; give one tag per word"
         )
-    encoded = context.tokenizer(
-        [str(word) for word in words], is_split_into_words=True, truncation=True, max_length=context.max_length
-    )
+    encoded = context.tokenizer(words, is_split_into_words=True, truncation=True, max_length=context.max_length)
     labels, previous = [], None
     for word in encoded.word_ids():
         labels.append(IGNORE_INDEX if word is None or word == previous else _label_id(record, context, tags[word]))
         previous = word
     return {**{key: list(value) for key, value in encoded.items()}, "labels": labels}
+
+
+WHOLE_NUMBERS: dict[type, Callable[[Any], int | None]] = {
+    int: lambda value: value,
+    float: lambda value: int(value) if value.is_integer() else None,
+    str: lambda value: int(value) if value.strip().lstrip("-").isdecimal() else None,
+}
+"""Type → reader of a whole number from a value of it (None: not a whole number): `answer_start` as
+JSON writes it, Arrow (a float column, as pandas stores integers beside a missing value) or CSV text."""
+
+
+def _answer_start(record: Record, passage: str, answer: str) -> int:
+    """Where the answer starts in the context: `answer_start`; where the record leaves it out (absent,
+    null, or an empty cell), the answer's first occurrence."""
+    value = record.fields.get("answer_start")
+    if value is None or value == "":
+        return passage.find(answer)
+    reader = WHOLE_NUMBERS.get(type(value))
+    start = reader(value) if reader is not None else None
+    if start is None:
+        raise DataError(
+            f"{record.where}: field 'answer_start' must be a whole number (the answer's first character in the "
+            f"context), got {type(value).__name__} {value!r}"
+        )
+    return start
 
 
 def encode_question_answering(record: Record, context: EncodeContext) -> dict[str, Any]:
@@ -166,7 +233,7 @@ def encode_question_answering(record: Record, context: EncodeContext) -> dict[st
         record.get("context", hint=hint),
         record.get("answer", hint=hint),
     )
-    start_char = int(record.fields.get("answer_start", passage.find(answer)))
+    start_char = _answer_start(record, passage, answer)
     if start_char < 0 or passage[start_char : start_char + len(answer)] != answer:
         raise DataError(f"{record.where}: the answer {answer!r} is not in the context (at answer_start={start_char})")
     end_char = start_char + len(answer)
@@ -211,8 +278,7 @@ def label_names(label_field: LabelField | None, records: list[Record]) -> list[s
         return []
     found: set[str] = set()
     for record in records:
-        value = record.get(label_field.name, list if label_field.per_word else (str, int))
-        found.update(map(str, value) if label_field.per_word else [str(value)])
+        found.update(_label_keys(record, label_field))
     if len(found) == 1:
         raise DataError(
             f"the training data holds only one label, {found.pop()!r} (field {label_field.name!r}); classification "

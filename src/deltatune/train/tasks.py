@@ -122,7 +122,7 @@ TASKS: dict[str, TaskType] = {
             encode.encode_sequence_classification,
             predict.predict_labels,
             LABEL_METRICS,
-            label_field=encode.LabelField("label"),
+            label_field=encode.SEQUENCE_LABEL,
             trains_head=True,
         ),
         TaskType(
@@ -132,7 +132,7 @@ TASKS: dict[str, TaskType] = {
             encode.encode_token_classification,
             predict.predict_labels,
             LABEL_METRICS,
-            label_field=encode.LabelField("tags", per_word=True),
+            label_field=encode.WORD_TAGS,
             trains_head=True,
         ),
         TaskType(
