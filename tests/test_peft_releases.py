@@ -147,8 +147,8 @@ def test_a_lora_on_a_convolution_needs_the_release_that_wraps_its_kind(
 
 MHA_CASES = {("mha",): "0.15.0", ("mha", "lin0"): "0.15.0", ("lin0",): "0.4.0"}
 """target_modules of the tiny MultiheadAttention model → the first release that loads its LoRA: peft 0.13.2 and 0.14.0
-refuse the MultiheadAttention as a target ("is not supported"), 0.15.0 loads it with our outputs (run once against those
-releases); its in-projection's `lora_A` is 2-D like a Linear's, so only the keys tell it apart."""
+refuse the MultiheadAttention as a target ("is not supported"), 0.15.0 loads it with our outputs (each run once, in
+transformers 4.57); its in-projection's `lora_A` is 2-D like a Linear's, so only the keys tell it apart."""
 
 
 @pytest.mark.parametrize("targets", list(MHA_CASES))
