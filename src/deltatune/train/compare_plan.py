@@ -37,24 +37,16 @@ from .time_budget import refuse_step_schedules
 
 COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
 SHARED_KEYS = (
-    "model",
-    "task",
-    "train_file",
-    "eval_file",
-    "columns",
-    "tokenizer",
-    "quantize",
-    "seed",
-    "max_steps",
-    "epochs",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    "output_dir",
-    "overwrite_output_dir",
+    *("model", "task", "tokenizer", "quantize", "seed"),
+    *("train_file", "eval_file", "columns", "header", "column_names", "separator"),
+    *("max_train_examples", "max_eval_examples", "max_length", "chat_template", "system_prompt", "max_new_tokens"),
+    *("max_steps", "epochs", "batch_size", "gradient_accumulation_steps"),
+    *("output_dir", "overwrite_output_dir"),
 )
-"""Config keys every method of a comparison shares (the data, the task, the budget, the seed, the
-folder): a `--set` of one of them is refused."""
+"""Config keys every method of a comparison shares, so that every row is trained and scored on the same thing: the
+base and task, the seed, the records (the files, how they are read, the subsets drawn), the text the model sees
+(cut at max_length, rendered with the chat template and system prompt), what is generated to be scored, the budget
+and the folder. A `--set` of one of them is refused."""
 
 
 class CompareError(DeltaTuneError):
