@@ -85,7 +85,7 @@ def test_overwrite_replaces_a_runs_own_outputs_and_keeps_the_rest(tmp_path: Path
 def test_compare_overwrite_refuses_a_method_folder_holding_entries_no_run_wrote(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    config = task_config(tmp_path, "seq-cls", arch="bert", **SETTINGS)
+    config = task_config(tmp_path, "seq-cls", arch="bert", max_steps=2)
     out = tmp_path / "out"
     users_entries(out / "bitfit")
     before = tree(out)
