@@ -94,3 +94,18 @@ def test_compare_overwrite_refuses_a_method_folder_holding_entries_no_run_wrote(
     error = refusal(capsys)
     assert "bitfit" in error and "checkpoints/" in error and "no deltatune run wrote" in error, error
     assert tree(out) == before  # refused before any method trained: no lora/ folder, no compare.md
+
+
+@pytest.mark.parametrize("record", ["{", '{"written_by": "other", "entries": ["checkpoints"]}'], ids=["torn", "other"])
+def test_a_run_record_that_is_not_a_runs_claims_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, record: str
+) -> None:
+    config = task_config(tmp_path, "seq-cls", **SETTINGS)
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--quiet"]) == 0
+    (out / ".deltatune-run.json").write_text(record, encoding="utf-8")
+    before = tree(out)
+    capsys.readouterr()
+    assert main(["train", str(config), "--quiet", "overwrite_output_dir=true"]) == 2
+    assert "checkpoints/" in refusal(capsys)
+    assert tree(out) == before
