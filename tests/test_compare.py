@@ -204,6 +204,41 @@ def test_bad_input_gets_one_line(compared, capsys, arguments: list[str], message
     assert __import__("re").search(message, error), error
 
 
+SCORING_SETS = [
+    "max_train_examples=3",
+    "max_eval_examples=2",
+    "max_new_tokens=1",
+    "chat_template=true",
+    "system_prompt=Answer briefly.",
+    "header=false",
+    "column_names=[text, label]",
+    "separator=|",
+]
+"""`--set` values that would train or score one row on other records, other prompts or other generated lengths than the
+rest, so its metric would not compare with theirs."""
+
+
+@pytest.mark.parametrize("override", SCORING_SETS)
+def test_a_set_that_changes_what_a_row_is_trained_or_scored_on_is_refused(
+    tmp_path: Path, capsys, override: str
+) -> None:
+    config = task_config(tmp_path, "seq-cls", arch="bert", output_dir=tmp_path / "out")
+    capsys.readouterr()
+    assert main(["compare", str(config), "--methods", "lora,bitfit", "--set", f"lora.{override}", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    key = override.partition("=")[0]
+    assert error.count("\n") == 1 and f"{key} is the same for every method of a comparison" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_guide_names_every_key_a_comparison_holds_equal() -> None:
+    from deltatune.train.compare_plan import SHARED_KEYS
+
+    guide = (Path(__file__).parents[1] / "docs" / "training-data.md").read_text(encoding="utf-8")
+    section = guide.partition("## Comparing methods")[2].partition("\n## ")[0]
+    assert [key for key in SHARED_KEYS if f"`{key}`" not in section] == []
+
+
 def test_a_method_that_cannot_run_the_task_is_refused_before_any_trains(tmp_path: Path, capsys) -> None:
     config = task_config(tmp_path, "causal-lm", packing=True)
     capsys.readouterr()

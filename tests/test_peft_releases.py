@@ -145,6 +145,21 @@ def test_a_lora_on_a_convolution_needs_the_release_that_wraps_its_kind(
     assert minimum_peft_version(tmp_path / kind) == CONV_CASES[kind, use_dora]
 
 
+MHA_CASES = {("mha",): "0.15.0", ("mha", "lin0"): "0.15.0", ("lin0",): "0.4.0"}
+"""target_modules of the tiny MultiheadAttention model → the first release that loads its LoRA: peft 0.13.2 and 0.14.0
+refuse the MultiheadAttention as a target ("is not supported"), 0.15.0 loads it with our outputs (each run once, in
+transformers 4.57); its in-projection's `lora_A` is 2-D like a Linear's, so only the keys tell it apart."""
+
+
+@pytest.mark.parametrize("targets", list(MHA_CASES))
+def test_a_lora_on_a_multihead_attention_needs_the_release_that_wraps_it(tmp_path: Path, targets: tuple) -> None:
+    from test_peft_custom_model_cases import MODELS
+
+    config = deltatune.LoraConfig(r=2, target_modules=list(targets))
+    deltatune.attach(MODELS["MHA"].build(), config).save(str(tmp_path / "mha"), format="peft")
+    assert minimum_peft_version(tmp_path / "mha") == MHA_CASES[targets]
+
+
 @pytest.mark.parametrize("case", list(SAVED))
 def test_peft_version_is_written_only_where_the_folder_needs_peft_0_18_anyway(tmp_path: Path, case: str) -> None:
     data, _ = saved_config(tmp_path, case)

@@ -224,22 +224,33 @@ SETTING_RELEASES: dict[str, dict[str, Callable[[Any], str | None]]] = {
 """peft type → {key: the release a value of it needs (None: no more than the key's)}."""
 
 LORA_LAYER_RELEASES = {"linear": "0.4.0", "transposed": "0.4.0", "embedding": "0.4.0", "conv2d": "0.4.0"}
-LORA_LAYER_RELEASES |= {"conv3d": "0.14.0", "conv1d": "0.15.0"}
+LORA_LAYER_RELEASES |= {"conv3d": "0.14.0", "conv1d": "0.15.0", "multihead_attention": "0.15.0"}
 DORA_LAYER_RELEASES = {"linear": "0.9.0", "conv2d": "0.10.0", "transposed": "0.11.0", "embedding": "0.13.0"}
 DORA_LAYER_RELEASES |= {"conv3d": "0.14.0", "conv1d": "0.16.0"}
 """Layer kind → the first release whose LoRA (DoRA) wraps it: before, it refuses the layer (DoRA on an Embedding
-in 0.9 to 0.12) or crashes on it (DoRA on GPT-2's in × out Conv1D, "transposed", in 0.9 and 0.10)."""
+in 0.9 to 0.12, LoRA on an nn.MultiheadAttention in 0.13 and 0.14, checked by loading) or crashes on it (DoRA on
+GPT-2's in × out Conv1D, "transposed", in 0.9 and 0.10). No release's DoRA wraps a MultiheadAttention."""
 
 _A_WEIGHT_KINDS = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 """Dimensions of a layer's `lora_A.weight` → its kind (a conv's A has the layer's kernel)."""
 
 
+MHA_OUT_PROJ_A = ".base_layer.out_proj.lora_A.weight"
+"""The end of the key of an nn.MultiheadAttention's output-projection factor, beside the in-projection's own
+`<mha>.lora_A.weight` (peft's LoRA wraps the attention module and, inside it, its `out_proj` Linear)."""
+
+
 def _lora_layers(data: dict[str, Any], shapes: Shapes) -> str | None:
-    """The release whose LoRA, or DoRA with `use_dora`, wraps every layer kind the weights hold."""
+    """The release whose LoRA, or DoRA with `use_dora`, wraps every layer kind the weights hold. A
+    MultiheadAttention's 2-D factors look like a Linear's; its keys tell it: `<mha>.lora_A.weight` beside
+    `<mha>.base_layer.out_proj.lora_A.weight`."""
     kinds = {"embedding" for name in shapes if name.endswith("lora_embedding_A")}
+    attention = {name.removesuffix(MHA_OUT_PROJ_A) for name in shapes if name.endswith(MHA_OUT_PROJ_A)}
     for name, shape in shapes.items():
         if name.endswith("lora_A.weight"):
             kind = _A_WEIGHT_KINDS.get(len(shape), "unknown")
+            if name.removesuffix(".lora_A.weight").removesuffix(".base_layer.out_proj") in attention:
+                kind = "multihead_attention"
             kinds.add("transposed" if kind == "linear" and data.get("fan_in_fan_out") else kind)
     releases = DORA_LAYER_RELEASES if data.get("use_dora") else LORA_LAYER_RELEASES
     return max((releases.get(kind, NEWEST_LISTED) for kind in kinds), key=release_of, default=None)

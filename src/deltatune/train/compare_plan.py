@@ -18,7 +18,7 @@ is not finite and positive, a `--set` for a method not compared, of a shared key
 method is the one `--methods` names), a method whose config does not validate or that cannot attach to
 the config's model for its task (every method is attached once to the loaded base, and taken off again),
 a `--time-budget` for a method that schedules over the step count (AdaLoRA), and an output folder that
-holds another run (unless `--overwrite`).
+holds another run (unless `--overwrite`, which still refuses a method folder's entries that no run wrote).
 """
 
 from __future__ import annotations
@@ -32,29 +32,21 @@ from ..errors import DeltaTuneError
 from ..names import name_problem
 from ..registry import get_method
 from .config import TrainConfig, apply_overrides
-from .outputs import previous_run
+from .outputs import check_replaceable, previous_run
 from .time_budget import refuse_step_schedules
 
 COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
 SHARED_KEYS = (
-    "model",
-    "task",
-    "train_file",
-    "eval_file",
-    "columns",
-    "tokenizer",
-    "quantize",
-    "seed",
-    "max_steps",
-    "epochs",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    "output_dir",
-    "overwrite_output_dir",
+    *("model", "task", "tokenizer", "quantize", "seed"),
+    *("train_file", "eval_file", "columns", "header", "column_names", "separator"),
+    *("max_train_examples", "max_eval_examples", "max_length", "chat_template", "system_prompt", "max_new_tokens"),
+    *("max_steps", "epochs", "batch_size", "gradient_accumulation_steps"),
+    *("output_dir", "overwrite_output_dir"),
 )
-"""Config keys every method of a comparison shares (the data, the task, the budget, the seed, the
-folder): a `--set` of one of them is refused."""
+"""Config keys every method of a comparison shares, so that every row is trained and scored on the same thing: the
+base and task, the seed, the records (the files, how they are read, the subsets drawn), the text the model sees
+(cut at max_length, rendered with the chat template and system prompt), what is generated to be scored, the budget
+and the folder. A `--set` of one of them is refused."""
 
 
 class CompareError(DeltaTuneError):
@@ -187,7 +179,8 @@ def _method_overrides(method_overrides: list[str], labels: list[str]) -> dict[st
 
 
 def _check_output_dir(root: Path, labels: list[str], overwrite: bool) -> None:
-    """Refuse a folder that holds another run (a comparison, a training run, a method's run) unless `overwrite`."""
+    """Refuse a folder that holds another run (a comparison, a training run, a method's run) unless `overwrite`,
+    and a method's folder whose run-named entries no run wrote even then (`outputs.check_replaceable`)."""
     found = [name for name in COMPARE_FILES if (root / name).exists()] + previous_run(root)
     found += [f"{label}/" for label in labels if previous_run(root / label)]
     if found and not overwrite:
@@ -195,6 +188,8 @@ def _check_output_dir(root: Path, labels: list[str], overwrite: bool) -> None:
             f"output_dir {root} already holds a run ({', '.join(found)}); pass --overwrite to replace it, or give "
             "another output_dir"
         )
+    for label in labels:
+        check_replaceable(root / label)
 
 
 def check_methods_fit(base: TrainConfig, plans: list[MethodPlan]) -> None:

@@ -5,6 +5,13 @@ probe file written and removed), and it must not hold another run's work (`RUN_E
 run continues that work (`--resume`, which checks it is the same run) or replaces it
 (`overwrite_output_dir`: those entries, and nothing else, are removed when training starts).
 
+A run never removes what it did not write. When it starts afresh it writes `RUN_RECORD` into output_dir,
+naming the entries it writes there; an overwrite removes an entry only where a record names it and it
+holds only what a run writes there (`RUN_CONTENT`: checkpoint folders `step-N` of checkpoint files and an
+adapter folder, an adapter folder of a save's files, a metrics file, a plot). Any other entry of those
+names (a user's own `checkpoints/`, a note put into the adapter folder, a folder a deltatune release before
+the record wrote) is refused in one line naming it, before the model loads, and nothing is removed.
+
 Merging (`deltatune merge MODEL ADAPTER OUT`): OUT must not be, lie inside or contain an input folder
 (compared after resolving links), and must be absent or empty unless `overwrite`. The merged folder
 is written into a staging folder beside OUT, which then takes OUT's place: a failure leaves OUT as
@@ -14,19 +21,75 @@ it was and no staging behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..atomic import is_helper
 from ..errors import OutputFolderError
-from .checkpoint import ADAPTER_FOLDER, CHECKPOINTS_FOLDER
+from ..io import _written_by_saves
+from .checkpoint import (
+    ADAPTER_FOLDER,
+    BUFFERS_FILE,
+    CHECKPOINTS_FOLDER,
+    OPTIMIZER_FILE,
+    RANDOM_FILE,
+    STATE_FILE,
+    STEP_STATE_FILE,
+    TRAINABLE_FILE,
+)
 from .config import TrainConfig
 from .report import METRICS_FILE, PLOT_FILE
 
 RUN_ENTRIES = (ADAPTER_FOLDER, CHECKPOINTS_FOLDER, METRICS_FILE, PLOT_FILE)
 """What a training run writes into its output_dir."""
+
+RUN_RECORD = ".deltatune-run.json"
+"""The record a run starting afresh writes into its output_dir, `{"written_by": "deltatune", "entries": [...]}`:
+the entries of `RUN_ENTRIES` it writes there, the only ones a later overwrite may remove."""
+
+CHECKPOINT_FILES = {TRAINABLE_FILE, OPTIMIZER_FILE, RANDOM_FILE, STEP_STATE_FILE, BUFFERS_FILE, STATE_FILE}
+"""The files of a checkpoint folder besides its adapter folder (`checkpoint.py`)."""
+
+
+def _foreign_in_adapter(path: Path) -> list[Path]:
+    """`path` itself unless it is an adapter folder holding only what a save writes (`io`)."""
+    return [] if _written_by_saves(path) else [path]
+
+
+def _foreign_in_checkpoint(path: Path) -> list[Path]:
+    """`path` itself unless it is a checkpoint folder `step-N` holding only checkpoint files, its adapter
+    folder and a save's helper entries."""
+    if path.is_symlink() or not path.is_dir() or not path.name.removeprefix("step-").isdigit():
+        return [path]
+    for child in path.iterdir():
+        ours = child.name in CHECKPOINT_FILES and child.is_file() and not child.is_symlink()
+        if not (ours or is_helper(child.name) or (child.name == ADAPTER_FOLDER and not _foreign_in_adapter(child))):
+            return [path]
+    return []
+
+
+def _foreign_in_checkpoints(path: Path) -> list[Path]:
+    """What in a `checkpoints` folder no run wrote (the folder itself, if it is none)."""
+    if path.is_symlink() or not path.is_dir():
+        return [path]
+    return [found for child in path.iterdir() if not is_helper(child.name) for found in _foreign_in_checkpoint(child)]
+
+
+def _foreign_file(path: Path) -> list[Path]:
+    return [] if path.is_file() else [path]
+
+
+RUN_CONTENT: dict[str, Callable[[Path], list[Path]]] = {
+    ADAPTER_FOLDER: _foreign_in_adapter,
+    CHECKPOINTS_FOLDER: _foreign_in_checkpoints,
+    METRICS_FILE: _foreign_file,
+    PLOT_FILE: _foreign_file,
+}
+"""Entry of `RUN_ENTRIES` → what in it a run did not write (nothing: the entry holds only a run's work)."""
 
 
 def check_output_dir(config: TrainConfig, resume: str | Path | bool | None) -> None:
@@ -39,6 +102,42 @@ def check_output_dir(config: TrainConfig, resume: str | Path | bool | None) -> N
             f"output_dir {folder} already holds a run ({', '.join(found)}); continue it with --resume, "
             "replace it with overwrite_output_dir=true, or give another output_dir"
         )
+    if not resume:
+        check_replaceable(folder)
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse, naming them, the entries of `RUN_ENTRIES` in `folder` that a run starting there may not remove:
+    those no record names, and what a run does not write inside those it names."""
+    recorded = _recorded_entries(folder)
+    foreign = [
+        _shown(path, folder)
+        for name in previous_run(folder)
+        for path in ([folder / name] if name not in recorded else RUN_CONTENT[name](folder / name))
+    ]
+    if foreign:
+        raise OutputFolderError(
+            f"output_dir {folder} holds what no deltatune run wrote there: {', '.join(foreign)} (a new run removes "
+            f"only what a run's {RUN_RECORD} and its file layout show it wrote); move it out of the folder, or give "
+            "another output_dir"
+        )
+
+
+def _shown(path: Path, folder: Path) -> str:
+    name = path.relative_to(folder).as_posix()
+    return f"{name}/" if path.is_dir() and not path.is_symlink() else name
+
+
+def _recorded_entries(folder: Path) -> set[str]:
+    """The entries `folder`'s run record names (none where there is no readable record)."""
+    try:
+        record = json.loads((folder / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(record, dict) or record.get("written_by") != "deltatune":
+        return set()
+    entries = record.get("entries")
+    return {name for name in entries if name in RUN_ENTRIES} if isinstance(entries, list) else set()
 
 
 def _check_writable(folder: Path) -> None:
@@ -61,13 +160,24 @@ def previous_run(folder: Path) -> list[str]:
 
 
 def clear_previous_run(folder: Path) -> None:
-    """Remove what an earlier run left in `folder` (its adapter, checkpoints, metrics and plot)."""
+    """Remove what an earlier run left in `folder` (its adapter, checkpoints, metrics and plot), after
+    `check_replaceable` found only a run's work there, and record the entries this run writes."""
+    check_replaceable(folder)
     for name in previous_run(folder):
         path = folder / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
+    # a plain write (no fsync, which costs ~20 ms, all of it in the run's training clock): a record lost or torn
+    # by a crash reads as none, so a later overwrite refuses, never removes more
+    record = {"written_by": "deltatune", "entries": list(RUN_ENTRIES)}
+    try:
+        (folder / RUN_RECORD).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise OutputFolderError(
+            f"cannot write {folder / RUN_RECORD} ({error.strerror or error}); give an output_dir you can write to"
+        ) from None
 
 
 RELATIONS: dict[str, Callable[[Path, Path], bool]] = {
