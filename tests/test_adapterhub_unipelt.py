@@ -10,6 +10,7 @@ import torch
 adapters = pytest.importorskip("adapters")
 
 import deltatune  # noqa: E402
+from deltatune.errors import UnsupportedFormatError  # noqa: E402
 from test_adapterhub_mam import ATOL, adapterhub_mam, eager, outputs  # noqa: E402
 
 GATED_BOTTLENECKS = {
@@ -114,7 +115,7 @@ def test_adapterhub_lora_on_gpt2_adapts_the_parts_of_c_attn_its_letters_name(
 def test_a_lora_on_all_of_gpt2s_c_attn_is_refused_in_adapterhub_format(tmp_path) -> None:
     """One rank-r pair over q, k and v together is not AdapterHub's three pairs: refused, nothing written."""
     ours = deltatune.attach(eager("gpt2"), deltatune.LoraConfig(r=4, target_modules=["c_attn"]), name="task")
-    with pytest.raises(deltatune.UnsupportedFormatError, match="fused_slices"):
+    with pytest.raises(UnsupportedFormatError, match="fused_slices"):
         ours.save(tmp_path / "task", format="adapterhub")
     assert not (tmp_path / "task").exists()
 

@@ -72,7 +72,7 @@ def test_fused_slice_lora_merges_into_the_enabled_parts_only() -> None:
     delta_model = randomized(deltatune.LoraConfig(r=2, fused_slices=QUERY_AND_VALUE))
     weight = delta_model.base_model.get_submodule("transformer.h.0.attn.c_attn").weight
     before = weight.detach().clone()
-    delta_model.merge("task")
+    delta_model.merge(["task"])
     key_columns = slice(32, 64)  # Conv1D keeps in × out: the key part is the middle third of the columns
     assert torch.equal(weight[:, key_columns], before[:, key_columns])
     assert not torch.allclose(weight[:, :32], before[:, :32]) and not torch.allclose(weight[:, 64:], before[:, 64:])

@@ -28,6 +28,7 @@ from .errors import UnsupportedFormatError
 from .methods.bottleneck import BottleneckAdapter, BottleneckConfig, placed_sites
 from .methods.lora import LoraLinear, LoraQuantizedLinear
 from .methods.lora_config import LoraConfig
+from .methods.lora_fused import FusedSliceLora, GatedFusedSliceLora
 from .methods.lora_gating import GatedLoraLinear
 from .methods.lora_init import LoraOrthogonalLinear
 from .methods.mam import MAMConfig
@@ -187,6 +188,8 @@ WRITTEN = {
     LoraQuantizedLinear,
     LoraOrthogonalLinear,
     GatedLoraLinear,
+    FusedSliceLora,
+    GatedFusedSliceLora,
 }
 """The site adapters with tensors that AdapterHub's format names, by exact type: a subclass computes
 something else (PiSSA's residual, KaSA, BD-LoRA, MiCA) and must be named here to be written."""
