@@ -1,7 +1,8 @@
 """AdapterHub's LoRA in its files (a `LoRAConfig`, alone or as UniPELT's part), read into our `LoraConfig`
 and written from it.
 
-AdapterHub adapts the self-attention matrices its `attn_matrices` letters name ("q", "k", "v") and keeps
+AdapterHub adapts the attention matrices its `attn_matrices` letters name ("q", "k", "v"; on T5 those of
+the cross-attention too, which our suffixes "q", "k", "v" match as well) and keeps
 each layer's factors under `<layer>.loras.NAME.lora_A` (r × in), `lora_B` (out × r) and, with
 `use_gating`, `gate.weight` / `gate.bias`: our `lora_A`, `lora_B` and `gate` at the same layer. On a model
 whose q, k and v are thirds of one fused projection (GPT-2's `c_attn`, AdapterHub's merged linear) the letters
@@ -38,6 +39,7 @@ ATTENTION_MATRICES = {
     "mistral": {"q": "q_proj", "k": "k_proj", "v": "v_proj"},
     "bert": {"q": "query", "k": "key", "v": "value"},
     "roberta": {"q": "query", "k": "key", "v": "value"},
+    **dict.fromkeys(("t5", "mt5"), {"q": "q", "k": "k", "v": "v"}),  # self- and cross-attention alike
 }
 """Model type → AdapterHub's attention-matrix letters → our module names (suffixes)."""
 FUSED_ATTENTION = {"gpt2": "c_attn"}
