@@ -53,7 +53,8 @@ class UniPELTConfig(DeltaConfig):
     adapter: BottleneckConfig | dict[str, Any] | None = None
     """The adapter part; None: the "pfeiffer" preset, reduction factor 16, gated."""
     lora: LoraConfig | dict[str, Any] | None = None
-    """The LoRA part; None: r = 8, lora_alpha = 2 on the default (query and value) targets, gated."""
+    """The LoRA part; None: r = 8, lora_alpha = 2 on the default (query and value) targets (GPT-2: the q and v
+    thirds of its fused c_attn), gated."""
 
     def normalise(self) -> None:
         self.prefix_tuning = part_config(self.prefix_tuning, PrefixTuningConfig, PREFIX_DEFAULTS, "prefix_tuning")
