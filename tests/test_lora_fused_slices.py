@@ -14,8 +14,8 @@ from tiny_models import ARCHS, build
 QUERY_AND_VALUE = {"c_attn": [True, False, True]}
 
 
-def randomized(config: deltatune.LoraConfig) -> deltatune.DeltaModel:
-    delta_model = deltatune.attach(build("gpt2"), config, name="task")
+def randomized(config: deltatune.LoraConfig, arch: str = "gpt2") -> deltatune.DeltaModel:
+    delta_model = deltatune.attach(build(arch), config, name="task")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in delta_model.adapter_parameters("task"):
@@ -35,17 +35,19 @@ def plain_terms(x: torch.Tensor, layer, enabled: list[bool], out_features: int) 
     return terms
 
 
-def reference_logits(delta_model: deltatune.DeltaModel, term) -> torch.Tensor:
-    """The base model's logits with `term(name, x)` added to every c_attn output by a hook of the test's own."""
-    base = build("gpt2")
+def reference_logits(
+    delta_model: deltatune.DeltaModel, term, arch: str = "gpt2", layer: str = "c_attn"
+) -> torch.Tensor:
+    """The base model's logits with `term(name, x)` added to every `layer` output by a hook of the test's own."""
+    base = build(arch)
     handles = [
         module.register_forward_hook(lambda _module, args, output, name=name: output + term(name, args[0]))
         for name, module in base.named_modules()
-        if name.endswith("c_attn")
+        if name.endswith(layer)
     ]
     try:
         with torch.no_grad():
-            return base(**ARCHS["gpt2"].inputs(1)).logits
+            return base(**ARCHS[arch].inputs(1)).logits
     finally:
         for handle in handles:
             handle.remove()
@@ -94,6 +96,22 @@ def test_gated_fused_slice_lora_gates_each_part_with_its_own_head() -> None:
     expected = reference_logits(delta_model, gated)
     with torch.no_grad():
         torch.testing.assert_close(delta_model(**ARCHS["gpt2"].inputs(1)).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_fused_slice_lora_on_a_quantized_base_adds_its_part_to_the_layer_output() -> None:
+    """nf4 q_proj layers (bitsandbytes): float32 factors from the logical shape, the second half adapted."""
+    pytest.importorskip("bitsandbytes")
+    config = deltatune.LoraConfig(r=2, target_modules=["q_proj"], fused_slices={"q_proj": [False, True]})
+    delta_model = randomized(config, "llama-nf4")
+    layers = adapters_by_module(delta_model)
+    assert all(layer.lora_A.dtype == torch.float32 and layer.lora_B.shape == (32, 2) for layer in layers.values())
+
+    expected = reference_logits(
+        delta_model, lambda name, x: 4.0 * plain_terms(x, layers[name], [False, True], 64), "llama-nf4", "q_proj"
+    )
+    with torch.no_grad():
+        actual = delta_model(**ARCHS["llama-nf4"].inputs(1)).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ pair (A_g: r × in, B_g: d × r), stacked as AdapterHub saves them:
 so ΔW is s · diag(B_1, …, B_n) A with its rows laid on the enabled parts' features and zero elsewhere (the
 up projection `up_projection` builds), and LoRA's own forward, mixed batches and merge run on it. Gated
 (`use_gating`, UniPELT), the gate has one head per enabled part and part g's term is multiplied by its head
-g_g = mean_t σ(W_g[g] x_t + b_g[g]) instead of s. On `nn.Linear` and GPT-2's `Conv1D`.
+g_g = mean_t σ(W_g[g] x_t + b_g[g]) instead of s. On `nn.Linear`, GPT-2's `Conv1D` and the quantized linears
+of `deltatune.quantized` (float32 factors from the logical shape, as `LoraQuantizedLinear`'s).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError, UnsupportedModuleError
+from ..quantized import quantized_linear
 from .base import lookup_type
 from .gating import make_gate
-from .lora import Lora, LoraAdapter, LoraLinear
+from .lora import Lora, LoraAdapter, LoraLinear, LoraQuantizedLinear
 from .lora_block_diagonal_layers import block_diagonal
 from .lora_config import PLAIN_STARTS, LoraConfig
 from .lora_gating import GatedLoraLinear
@@ -63,12 +65,31 @@ def check_slice_options(config: LoraConfig) -> None:
         )
 
 
+def weight_geometry(module: nn.Module) -> tuple[int, int, bool, torch.Tensor]:
+    """(in, out, whether the weight is stored in × out, the tensor the factors take dtype and device from) of
+    an `nn.Linear` or a `Conv1D`."""
+    transposed = not isinstance(module, nn.Linear)
+    in_features, out_features = module.weight.shape if transposed else module.weight.shape[::-1]
+    return in_features, out_features, transposed, module.weight
+
+
+def quantized_geometry(module: nn.Module) -> tuple[int, int, bool, torch.Tensor]:
+    """The same for a quantized linear: its logical shape, float32 factors (its packed weight is not a float)."""
+    row = quantized_linear(module)
+    reference = torch.empty(0, dtype=torch.float32, device=module.weight.device)
+    return row.in_features(module), row.out_features(module), False, reference
+
+
+GEOMETRIES = {LoraLinear: weight_geometry, LoraQuantizedLinear: quantized_geometry}
+"""Plain LoRA's layer for the module's type → how a fused-parts LoRA reads that module's shape."""
+
+
 class FusedSliceLora(LoraLinear):
     """`LoraLinear` over the enabled parts of the layer's output: a rank-r pair per part (module docstring)."""
 
     def __init__(self, module: nn.Module, module_name: str, config: LoraConfig) -> None:
-        self.transposed = not isinstance(module, nn.Linear)
-        in_features, out_features = module.weight.shape if self.transposed else module.weight.shape[::-1]
+        geometry = GEOMETRIES[lookup_type(Lora.adapter_types, type(module))]
+        in_features, out_features, self.transposed, reference = geometry(module)
         enabled = config.slices_for(module_name)
         if out_features % len(enabled):
             raise UnsupportedModuleError(
@@ -83,7 +104,7 @@ class FusedSliceLora(LoraLinear):
             (part * self.parts,),
             module_name,
             config,
-            module.weight,
+            reference,
             groups=self.parts,
             parts=self.parts,
         )
@@ -126,9 +147,9 @@ FUSED_LAYERS = {False: FusedSliceLora, True: GatedFusedSliceLora}
 
 
 def build_fused_slices(module: nn.Module, module_name: str, config: LoraConfig) -> FusedSliceLora:
-    if lookup_type(Lora.adapter_types, type(module), None) is not LoraLinear:
+    if lookup_type(Lora.adapter_types, type(module), None) not in GEOMETRIES:
         raise UnsupportedModuleError(
-            f"{module_name}: LoRA on parts of a fused output (fused_slices) runs on nn.Linear and Conv1D layers, "
-            f"not on a {type(module).__name__}; leave it out of fused_slices"
+            f"{module_name}: LoRA on parts of a fused output (fused_slices) runs on nn.Linear, Conv1D and quantized "
+            f"linear layers, not on a {type(module).__name__}; leave it out of fused_slices"
         )
     return FUSED_LAYERS[config.use_gating](module, module_name, config)
