@@ -3,7 +3,8 @@
 AdapterHub keeps T5's bottleneck adapters in the sublayer modules themselves (`encoder.block.0.layer.1`, the
 encoder's feed-forward; `decoder.block.0.layer.2`, the decoder's), in both stacks, and its LoRA on the q and v
 of every attention, self- and cross-attention alike. Its folders load here with its outputs on batches whose
-encoder rows are padded, and ours load there with ours.
+encoder rows are padded, and ours load there with ours. Its Compacter folders on T5 leave out the shared PHM
+rule, so they are refused, naming it.
 
 Its prefix tuning on T5 (and so MAM and UniPELT) puts three prefixes, each through its own MLP, into the
 encoder's self-attention, the decoder's self-attention and the decoder's cross-attention; deltatune's prefix
@@ -91,3 +92,15 @@ def test_our_mam_on_t5_is_not_written_in_adapterhub_format(tmp_path) -> None:
     with pytest.raises(deltatune.DeltaTuneError, match="shift_positions=True"):
         ours.save(tmp_path / "task", format="adapterhub")
     assert not (tmp_path / "task").exists()
+
+
+def test_adapterhub_compacter_folder_on_t5_is_refused_for_the_shared_rule_it_leaves_out(tmp_path) -> None:
+    """AdapterHub keeps Compacter's shared PHM rule on T5 at `shared_parameters.NAME.phm_rule` of the top model and
+    leaves it out of the folder (a trained rule would be lost); the load names the missing tensor, nothing added."""
+    reference = adapterhub_mam("t5", adapters.CompacterConfig(reduction_factor=4))
+    reference.save_adapter(str(tmp_path / "task"), "task")
+    assert any(name.startswith("shared_parameters.task.") for name, _ in reference.named_parameters())
+    model = eager("t5")
+    with pytest.raises(deltatune.DeltaTuneError, match="phm_rule"):
+        deltatune.load(model, tmp_path / "task")
+    assert not [name for name, _ in model.named_modules() if name.endswith("deltatune")]
