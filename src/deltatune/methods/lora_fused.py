@@ -108,12 +108,14 @@ class FusedSliceLora(LoraLinear):
             groups=self.parts,
             parts=self.parts,
         )
+        chosen = torch.tensor(enabled)
         features = torch.arange(out_features).view(len(enabled), part)
-        self.register_buffer("feature_rows", features[torch.tensor(enabled)].reshape(-1), persistent=False)
+        rows = features[chosen].reshape(-1)
+        self.register_buffer("feature_rows", rows.to(reference.device), persistent=False)
         """The output features of the enabled parts, in order: where B's rows land."""
         owners = torch.zeros(len(enabled), dtype=torch.long)
-        owners[torch.tensor(enabled)] = torch.arange(self.parts)
-        self.register_buffer("feature_parts", owners.repeat_interleave(part), persistent=False)
+        owners[chosen] = torch.arange(self.parts)
+        self.register_buffer("feature_parts", owners.repeat_interleave(part).to(reference.device), persistent=False)
         """For every output feature, the enabled part whose values it takes (0 for a disabled part's feature,
         whose term is zero)."""
         self.out_features = out_features
