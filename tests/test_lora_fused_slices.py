@@ -142,3 +142,12 @@ def test_a_fused_slice_lora_is_refused_in_peft_format(tmp_path) -> None:
     with pytest.raises(deltatune.DeltaTuneError, match="fused_slices"):
         delta_model.save(tmp_path / "task", format="peft")
     assert not (tmp_path / "task").exists()
+
+
+def test_add_weighted_adapter_refuses_a_fused_slice_lora_and_adds_nothing() -> None:
+    """Its stacked factors are not one layer's A and B, so peft's combinations would mix the parts up."""
+    delta_model = randomized(deltatune.LoraConfig(r=2, fused_slices=QUERY_AND_VALUE))
+    delta_model.add("other", deltatune.LoraConfig(r=2, fused_slices=QUERY_AND_VALUE))
+    with pytest.raises(deltatune.DeltaTuneError, match="fused_slices"):
+        delta_model.add_weighted_adapter(["task", "other"], [0.5, 0.5], "combined")
+    assert "combined" not in delta_model.configs
