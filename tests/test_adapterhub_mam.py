@@ -34,11 +34,14 @@ def padded_inputs(arch: str) -> dict[str, torch.Tensor]:
 
 
 def outputs(model: torch.nn.Module, arch: str) -> torch.Tensor:
-    """Logits of the real (unpadded) positions, or BERT's classification logits."""
+    """Logits of the real (unpadded) positions, BERT's classification logits, or T5's decoder logits (its
+    padding is the encoder's)."""
     inputs = padded_inputs(arch)
     with torch.no_grad():
         logits = model(**inputs).logits
-    return logits if logits.dim() == 2 else logits[inputs["attention_mask"].bool()]
+    if logits.dim() == 2 or "decoder_input_ids" in inputs:
+        return logits
+    return logits[inputs["attention_mask"].bool()]
 
 
 def eager(arch: str) -> torch.nn.Module:

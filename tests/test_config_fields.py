@@ -224,6 +224,9 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "unipelt.adapter": Case("a BottleneckConfig, a mapping or null", "5"),
     "unipelt.lora": Case("a LoraConfig, a mapping or null", "5"),
     "use_gating": Case("true or false", '"true"'),
+    "fused_slices": Case(
+        "a mapping of regular expressions to lists", "[c_attn]", ("{c_attn: [false, false]}",), "enables no part"
+    ),
     "shared_gating": Case("true or false", '"true"'),
     # VeRA
     "projection_prng_key": Case(

@@ -56,6 +56,15 @@ BLOCK_DIAGONAL = {
 }
 """BD-LoRA's patterns per architecture (substrings of module names): which layers get a block-diagonal A or B."""
 
+FUSED_SLICES = {
+    "llama": {"q_proj": [False, True]},
+    "gpt2": {"c_attn": [True, False, True]},
+    "bert": {"query": [True, False]},
+    "t5": {"q": [True, False]},
+    "mlp": {"net.0": [False, True]},
+}
+"""`fused_slices` per architecture: GPT-2's q and v thirds of its fused c_attn, elsewhere a half of one layer."""
+
 CASES = {
     "lora": Case(lambda arch: deltatune.LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS[arch].all_linear)),
     # DoRA starts at the base only to rounding: the bias is taken out of the output and put back.
@@ -73,6 +82,12 @@ CASES = {
             use_bdlora={**BLOCK_DIAGONAL[arch], "nblocks": 2, "match_strict": False},
         ),
         archs=("llama", "bert", "t5", "mlp"),
+    ),
+    # LoRA on parts of a layer's output (`fused_slices`), a rank-r pair per part, the other parts left as they are.
+    "lora-fused": Case(
+        lambda arch: deltatune.LoraConfig(
+            r=4, lora_alpha=8, target_modules=list(FUSED_SLICES[arch]), fused_slices=FUSED_SLICES[arch]
+        )
     ),
     # AdaLoRA starts at the base (E = 0, peft's init); the budget schedule needs a trainer: test_adalora.py.
     "adalora": Case(

@@ -3,8 +3,10 @@
 AdapterHub's interventions get random weights (an orthogonal R keeps its ±1 diagonal, which torch's
 parametrization reads as signs, and random reflectors below it), its folder is loaded here, and ours is
 loaded there: outputs agree to 1e-5 on tiny Llama, GPT-2, BERT and T5, on batches padded left and right.
-T5 runs without padding: AdapterHub reads the positions of every stack from the encoder's attention mask,
-so its decoder interventions on a padded batch sit at the encoder's positions (or fail).
+On T5 AdapterHub reads the positions of every stack from the encoder's attention mask, so its decoder
+interventions on a padded batch sit at the encoder's positions: where those are positions the decoder has too
+(a prefix of right-padded rows, or interventions in the encoder only) both libraries agree; where they fall
+past the decoder's tokens AdapterHub's forward raises (`ADAPTERHUB_T5_FAILURES`), and those cases skip.
 """
 
 from __future__ import annotations
@@ -83,13 +85,36 @@ CONFIGS = {
 SETTINGS = [
     pytest.param(arch, side, id=f"{arch}-{side or 'unpadded'}")
     for arch in ("llama", "gpt2", "bert", "t5")
-    for side in ((None,) if arch == "t5" else (None, "left", "right"))
+    for side in (None, "left", "right")
 ]
+ADAPTERHUB_T5_FAILURES = {("loreft", "left"), ("loreft", "right"), ("noreft-relu", "left"), ("noreft-relu", "right")}
+ADAPTERHUB_T5_FAILURES.add(("loreft-tied-prefix", "left"))
+"""(config, side) whose padded T5 batch AdapterHub cannot run: its decoder's suffix positions (left padded, its
+prefix positions too), read from the encoder's mask, fall past the decoder's 5 tokens (an index out of bounds)."""
+
+
+def skip_where_adapterhub_fails(config_name: str, arch: str, side: str | None) -> None:
+    if arch == "t5" and (config_name, side) in ADAPTERHUB_T5_FAILURES:
+        pytest.skip(
+            "AdapterHub takes T5's decoder positions from the encoder's attention mask; here they fall past "
+            "the decoder's tokens and its forward raises (index out of bounds)"
+        )
+
+
+@pytest.mark.parametrize("config_name,side", sorted(ADAPTERHUB_T5_FAILURES))
+def test_adapterhub_fails_the_padded_t5_batches_the_cross_checks_skip(config_name: str, side: str) -> None:
+    """The skips hold only while AdapterHub raises on them; once it runs them, they are to be cross-checked."""
+    reference = adapterhub_model("t5")
+    reference.add_adapter("task", config=adapters.LoReftConfig(**CONFIGS[config_name]()))
+    reference.set_active_adapters("task")
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        outputs(reference.eval(), padded_inputs("t5", side))
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("arch,side", SETTINGS)
 def test_adapterhub_reft_folder_gives_the_same_outputs(config_name: str, arch: str, side: str | None, tmp_path) -> None:
+    skip_where_adapterhub_fails(config_name, arch, side)
     reference = adapterhub_model(arch)
     reference.add_adapter("task", config=adapters.LoReftConfig(**CONFIGS[config_name]()))
     randomize_adapterhub_reft(reference)
@@ -111,6 +136,7 @@ def test_adapterhub_reft_folder_gives_the_same_outputs(config_name: str, arch: s
 def test_our_reft_folder_loads_in_adapterhub_with_our_outputs(
     config_name: str, arch: str, side: str | None, tmp_path: Path
 ) -> None:
+    skip_where_adapterhub_fails(config_name, arch, side)
     ours = deltatune.attach(build(arch), deltatune.LoReftConfig(**CONFIGS[config_name]()))
     randomize_ours(ours)
     inputs = padded_inputs(arch, side)

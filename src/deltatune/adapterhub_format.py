@@ -4,7 +4,8 @@ An adapter folder holds `adapter_config.json` ({"config": {...}, "name", "model_
 "version"}) and `adapter.safetensors` or `pytorch_adapter.bin` (read with `torch.load(weights_only=True)`,
 which refuses anything but tensors). Keys look like
 `bert.encoder.layer.0.attention.output.adapters.NAME.adapter_down.0.weight`: the block, AdapterHub's
-location in it (`LOCATIONS`), the adapter and the tensor. A fusion folder holds
+location in it (`LOCATIONS`; on T5, whose sublayers are modules of their own, that sublayer:
+`encoder.block.0.layer.1`, the encoder's feed-forward), the adapter and the tensor. A fusion folder holds
 `adapter_fusion_config.json` ({"adapter_names", "config", "name"}) and `model_adapter_fusion.safetensors`
 or `pytorch_model_adapter_fusion.bin` with keys `<block>.<location>.adapter_fusion_layer.NAME.query.weight`.
 
@@ -279,15 +280,24 @@ def _refuse_other_values(options: dict[str, Any], fixed: dict[str, Any], folder:
             )
 
 
+def sublayer_module(site: Any) -> str:
+    """The module, relative to its block, that holds a site's output module: where AdapterHub keeps the
+    adapters of a model whose sublayers are modules of their own (T5's `layer.1` for `layer.1.dropout`)."""
+    return site.output[len(site.block) + 1 :].rpartition(".")[0]
+
+
 def _site_output(prefix: str, sites: list[Any], folder: Path) -> str:
     """Our output module for an AdapterHub module path: the same block (its name, or the end of it)
-    and a location of the same kind."""
+    and a location of the same kind, or the sublayer module holding our output (`sublayer_module`)."""
     best: tuple[int, str] | None = None
     for site in sites:
         parts = site.block.split(".")
         for start in range(len(parts)):
             block = ".".join(parts[start:])
-            if prefix.startswith(block + ".") and LOCATIONS.get(prefix[len(block) + 1 :]) == site.kind:
+            location = prefix[len(block) + 1 :]
+            if prefix.startswith(block + ".") and (
+                LOCATIONS.get(location) == site.kind or location == sublayer_module(site)
+            ):
                 if best is None or len(block) > best[0]:
                     best = (len(block), site.output)
                 break

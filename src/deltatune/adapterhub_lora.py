@@ -1,10 +1,13 @@
 """AdapterHub's LoRA in its files (a `LoRAConfig`, alone or as UniPELT's part), read into our `LoraConfig`
 and written from it.
 
-AdapterHub adapts the self-attention matrices its `attn_matrices` letters name ("q", "k", "v") and keeps
+AdapterHub adapts the attention matrices its `attn_matrices` letters name ("q", "k", "v"; on T5 those of
+the cross-attention too, which our suffixes "q", "k", "v" match as well) and keeps
 each layer's factors under `<layer>.loras.NAME.lora_A` (r × in), `lora_B` (out × r) and, with
-`use_gating`, `gate.weight` / `gate.bias`: our `lora_A`, `lora_B` and `gate` at the same layer. Its merged
-attention projections (GPT-2's `c_attn`, one LoRA split over q, k and v) have no counterpart here.
+`use_gating`, `gate.weight` / `gate.bias`: our `lora_A`, `lora_B` and `gate` at the same layer. On a model
+whose q, k and v are thirds of one fused projection (GPT-2's `c_attn`, AdapterHub's merged linear) the letters
+pick the thirds, each with its own rank-r pair and gate head: our LoRA with `fused_slices` on that layer
+(`methods/lora_fused.py`), whose stacked factors are AdapterHub's tensors as they are.
 
 Its config records r, α, dropout, the gate and the letters, and nothing else: every layer's matrices, one
 scale α/r, y = W x + (α/r) B A x. A LoRA of ours is written only when that is what it computes and all it
@@ -36,8 +39,12 @@ ATTENTION_MATRICES = {
     "mistral": {"q": "q_proj", "k": "k_proj", "v": "v_proj"},
     "bert": {"q": "query", "k": "key", "v": "value"},
     "roberta": {"q": "query", "k": "key", "v": "value"},
+    **dict.fromkeys(("t5", "mt5"), {"q": "q", "k": "k", "v": "v"}),  # self- and cross-attention alike
 }
 """Model type → AdapterHub's attention-matrix letters → our module names (suffixes)."""
+FUSED_ATTENTION = {"gpt2": "c_attn"}
+"""Model type → its fused projection whose output holds q, k and v as thirds, in that order (a suffix)."""
+LETTERS = "qkv"
 FIXED_OPTIONS = {
     "selfattn_lora": True,
     "intermediate_lora": False,
@@ -52,7 +59,7 @@ FIXED_OPTIONS = {
 MARKER = ".loras."
 WRITTEN_FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_gating": "use_gating"}
 """Our `LoraConfig` field → the AdapterHub LoRA option that records it."""
-PLACEMENT_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+PLACEMENT_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "fused_slices")
 """Fields that pick the layers: judged by the layers they picked, which must be all AdapterHub's letters
 name (`_check_every_layer`)."""
 START_FIELDS = ("init_lora_weights", "eva_config")
@@ -66,19 +73,25 @@ def lora_config_from_adapterhub(options: dict[str, Any], model: nn.Module, folde
     """Our `LoraConfig` for AdapterHub's LoRA config dict on `model`."""
     refuse_other_options(options, FIXED_OPTIONS, folder, "LoRA")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ATTENTION_MATRICES:
+    if model_type not in ATTENTION_MATRICES and model_type not in FUSED_ATTENTION:
         raise AdapterFileError(
-            f"{folder}: deltatune reads AdapterHub LoRA on {sorted(ATTENTION_MATRICES)} models, not on {model_type!r}"
+            f"{folder}: deltatune reads AdapterHub LoRA on {sorted({*ATTENTION_MATRICES, *FUSED_ATTENTION})} models, "
+            f"not on {model_type!r}"
         )
     letters = list(options.get("attn_matrices", ["q", "v"]))
-    if not letters or set(letters) - set(ATTENTION_MATRICES[model_type]):
+    if not letters or set(letters) - set(LETTERS):
         raise AdapterFileError(f"{folder}: AdapterHub LoRA attn_matrices {letters} must be among 'q', 'k', 'v'")
+    if model_type in FUSED_ATTENTION:
+        fused = FUSED_ATTENTION[model_type]
+        placement = {"target_modules": [fused], "fused_slices": {fused: [letter in letters for letter in LETTERS]}}
+    else:
+        placement = {"target_modules": [ATTENTION_MATRICES[model_type][letter] for letter in letters]}
     return LoraConfig(
         r=options.get("r", 8),
         lora_alpha=options.get("alpha", 8),
         lora_dropout=options.get("dropout", 0.0),
-        target_modules=[ATTENTION_MATRICES[model_type][letter] for letter in letters],
         use_gating=bool(options.get("use_gating", False)),
+        **placement,
     )
 
 
@@ -97,18 +110,21 @@ def lora_config_to_adapterhub(config: LoraConfig, delta_model: DeltaModel, name:
     cannot express is refused (see the module docstring)."""
     model = delta_model.base_model
     model_type = model.config.model_type
-    letters = {module: letter for letter, module in ATTENTION_MATRICES.get(model_type, {}).items()}
     placed = {
         module_name
         for module_name, site in delta_model.sites()
         if isinstance(site.adapters[name] if name in site.adapters else None, LoraAdapter)
     }
     suffixes = sorted({module_name.rsplit(".", 1)[-1] for module_name in placed})
-    if not placed or any(suffix not in letters for suffix in suffixes):
-        raise UnsupportedFormatError(
-            f"AdapterHub's LoRA adapts self-attention matrices ({sorted(letters) or 'none for ' + model_type}); "
-            f"{name!r} adapts {suffixes}: save it with format='deltatune'"
-        )
+    chosen = _fused_letters(config, model_type, placed, suffixes, name)
+    if chosen is None:
+        letters = {module: letter for letter, module in ATTENTION_MATRICES.get(model_type, {}).items()}
+        if not placed or any(suffix not in letters or config.slices_for(suffix) for suffix in suffixes):
+            raise UnsupportedFormatError(
+                f"AdapterHub's LoRA adapts self-attention matrices ({sorted(letters) or 'none for ' + model_type}); "
+                f"{name!r} adapts {suffixes}: save it with format='deltatune'"
+            )
+        chosen = {letters[suffix] for suffix in suffixes}
     unrecorded = unrecorded_options(config)
     if unrecorded:
         raise UnsupportedFormatError(
@@ -120,11 +136,29 @@ def lora_config_to_adapterhub(config: LoraConfig, delta_model: DeltaModel, name:
         **FIXED_OPTIONS,
         "architecture": "lora",
         **{theirs: getattr(config, ours) for ours, theirs in WRITTEN_FIELDS.items()},
-        "attn_matrices": [letter for letter in "qkv" if letter in {letters[suffix] for suffix in suffixes}],
+        "attn_matrices": [letter for letter in LETTERS if letter in chosen],
         "init_weights": "lora",
         "init_weights_seed": None,
         "dtype": None,
     }
+
+
+def _fused_letters(
+    config: LoraConfig, model_type: str, placed: set[str], suffixes: list[str], name: str
+) -> set[str] | None:
+    """The letters of the thirds a LoRA on the model's fused q/k/v projection adapts (`FUSED_ATTENTION`), or
+    None on a model without one. Only LoRA on thirds of that projection is AdapterHub's there."""
+    fused = FUSED_ATTENTION.get(model_type)
+    if fused is None:
+        return None
+    slices = {tuple(config.slices_for(module_name) or ()) for module_name in placed}
+    if suffixes != [fused] or len(slices) != 1 or len(next(iter(slices))) != len(LETTERS):
+        raise UnsupportedFormatError(
+            f"AdapterHub's LoRA on {model_type} adapts thirds (q, k, v) of {fused}, each with its own factors; "
+            f"{name!r} adapts {suffixes}: use fused_slices={{{fused!r}: [q, k, v as True or False]}} on {fused} "
+            "alone, or save it with format='deltatune'"
+        )
+    return {letter for letter, enabled in zip(LETTERS, next(iter(slices))) if enabled}
 
 
 def unrecorded_options(config: LoraConfig) -> list[str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import adapterhub_reft
-from .adapterhub_format import FIXED_OPTIONS, INITS
+from .adapterhub_format import FIXED_OPTIONS, INITS, sublayer_module
 from .adapterhub_lora import MARKER as LORA_MARKER
 from .adapterhub_lora import lora_config_to_adapterhub
 from .adapterhub_prefix import gate_key, prefix_config_to_adapterhub, prefix_key
@@ -28,6 +28,7 @@ from .errors import UnsupportedFormatError
 from .methods.bottleneck import BottleneckAdapter, BottleneckConfig, placed_sites
 from .methods.lora import LoraLinear, LoraQuantizedLinear
 from .methods.lora_config import LoraConfig
+from .methods.lora_fused import FusedSliceLora, GatedFusedSliceLora
 from .methods.lora_gating import GatedLoraLinear
 from .methods.lora_init import LoraOrthogonalLinear
 from .methods.mam import MAMConfig
@@ -45,6 +46,8 @@ WEIGHTS_FILE = "adapter.safetensors"
 LOCATIONS = {"attention": ("attention.output", "attention_adapters"), "ffn": ("output", "output_adapters")}
 """A sublayer kind → AdapterHub's location in the block: the sublayer's own output module (BERT's
 `output`, `attention.output`), or the module AdapterHub adds to the block."""
+SUBLAYER_MODULES = frozenset({"t5", "mt5"})
+"""Model types whose sublayers are modules of their own that AdapterHub's adapters sit in (T5's `layer.N`)."""
 
 
 class AdapterHubLayout:
@@ -170,6 +173,8 @@ def bottleneck_config_to_adapterhub(config: BottleneckConfig, hidden: int) -> di
 
 
 def _location(site: Any, model: torch.nn.Module) -> str:
+    if getattr(model.config, "model_type", None) in SUBLAYER_MODULES:
+        return f"{site.block}.{sublayer_module(site)}"
     own, added = LOCATIONS[site.kind]
     block = model.get_submodule(site.block)
     try:
@@ -187,6 +192,8 @@ WRITTEN = {
     LoraQuantizedLinear,
     LoraOrthogonalLinear,
     GatedLoraLinear,
+    FusedSliceLora,
+    GatedFusedSliceLora,
 }
 """The site adapters with tensors that AdapterHub's format names, by exact type: a subclass computes
 something else (PiSSA's residual, KaSA, BD-LoRA, MiCA) and must be named here to be written."""

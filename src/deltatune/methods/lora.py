@@ -57,7 +57,10 @@ class LoraAdapter(SiteAdapter):
         config: LoraConfig,
         reference: torch.Tensor,
         groups: int = 1,
+        parts: int = 1,
     ) -> None:
+        """`parts`: rank-r pairs stacked in A's rows (a fused projection's parts, `lora_fused`): A holds
+        parts · rank rows, B (with `groups` = parts) rank columns per part."""
         super().__init__()
         self.rank = config.rank_for(module_name)
         self.scaling = config.scaling_for(module_name)
@@ -65,8 +68,9 @@ class LoraAdapter(SiteAdapter):
             "dtype": reference.dtype if reference.is_floating_point() else torch.float32,
             "device": reference.device,
         }
-        self.lora_A = nn.Parameter(torch.empty((self.rank, *a_shape), **factory))
-        self.lora_B = nn.Parameter(torch.empty((b_shape[0], self.rank // groups, *b_shape[1:]), **factory))
+        rows = self.rank * parts
+        self.lora_A = nn.Parameter(torch.empty((rows, *a_shape), **factory))
+        self.lora_B = nn.Parameter(torch.empty((b_shape[0], rows // groups, *b_shape[1:]), **factory))
         self.register_parameter("lora_B_bias", None)  # lora_bias: b_B
         self.register_parameter("trained_bias", None)  # bias other than "none": the layer's trained bias
         self.has_output_bias = False
@@ -322,6 +326,10 @@ class Lora(ModuleMethod):
             from .dora import build_dora  # dora builds on this module's classes
 
             return build_dora(module, module_name, config)
+        elif config.slices_for(module_name) is not None:  # its other layer forms are refused (check_slice_options)
+            from .lora_fused import build_fused_slices  # it builds on this module's classes
+
+            return build_fused_slices(module, module_name, config)
         elif config.use_gating:  # its other layer forms are refused (check_gating_options)
             from .lora_gating import build_gated  # it builds on this module's classes
 

@@ -86,8 +86,9 @@ def add_weighted_adapter(
     )
     if apart:
         raise DeltaTuneError(
-            f"add_weighted_adapter cannot combine {', '.join(apart)}: LoRA on bare parameters, on MultiheadAttention "
-            "or on grouped convolutions is not a plain layer's A and B; combine adapters without such targets"
+            f"add_weighted_adapter cannot combine {', '.join(apart)}: LoRA on bare parameters, on MultiheadAttention, "
+            "on grouped convolutions or on parts of a fused output (fused_slices) is not a plain layer's A and B; "
+            "combine adapters without such targets"
         )
     started = sorted(
         {
@@ -178,10 +179,12 @@ def _checked_kind(
 
 
 def _apart(layer: nn.Module) -> bool:
-    """Whether `layer` is LoRA that the combinations cannot take in: on parameters, or a grouped conv."""
-    from .lora_parameter import LoraParameters  # it builds on lora, as this module does
+    """Whether `layer` is LoRA that the combinations cannot take in: on parameters, a grouped conv, or parts
+    of a fused output (its stacked factors are one pair per part)."""
+    from .lora_fused import FusedSliceLora  # they build on lora, as this module does
+    from .lora_parameter import LoraParameters
 
-    return isinstance(layer, LoraParameters) or (isinstance(layer, LoraConv) and layer.groups != 1)
+    return isinstance(layer, (LoraParameters, FusedSliceLora)) or (isinstance(layer, LoraConv) and layer.groups != 1)
 
 
 def _factors_per_module(delta_model: DeltaModel, adapters: list[str]) -> dict[str, list[tuple[int, LoraAdapter]]]:

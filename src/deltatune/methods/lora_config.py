@@ -102,6 +102,10 @@ class LoraConfig(TargetedConfig):
     use_gating: bool = False
     """A learned gate of the layer's input takes the place of s (UniPELT; AdapterHub's `use_gating`,
     `methods/lora_gating.py`): y = W x + b + g · B A dropout(x); Linear and Conv1D layers, not mergeable."""
+    fused_slices: dict[Regex, list[bool]] = dataclasses.field(default_factory=dict)
+    """{module name pattern: which equal parts of the module's output LoRA adapts} for a fused projection
+    (`methods/lora_fused.py`; loralib's and AdapterHub's merged linear): {"c_attn": [True, False, True]} adapts
+    the q and v thirds of GPT-2's c_attn, each with its own rank-r pair (and gate), and leaves k as it is."""
 
     def validate(self) -> None:
         super().validate()
@@ -114,6 +118,10 @@ class LoraConfig(TargetedConfig):
             from .lora_gating import check_gating_options  # it builds on the LoRA layers
 
             check_gating_options(self)
+        if self.fused_slices:
+            from .lora_fused import check_slice_options  # it builds on the LoRA layers
+
+            check_slice_options(self)
         indices = self.trainable_token_indices
         if isinstance(indices, dict):
             for name, listed in indices.items():
@@ -141,6 +149,10 @@ class LoraConfig(TargetedConfig):
 
     def alpha_for(self, module_name: str) -> float:
         return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def slices_for(self, module_name: str) -> list[bool] | None:
+        """The enabled parts of the module's output (`fused_slices`), or None for a plain LoRA there."""
+        return pattern_value(self.fused_slices, module_name, None)
 
     def scaling_for(self, module_name: str) -> float:
         rank = self.rank_for(module_name)

@@ -43,8 +43,13 @@ class GatedLoraLinear(LoraLinear):
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         hidden, up, scaling = self.low_rank_terms(args[0])
-        term = torch.matmul(hidden, up.t()) * (scaling * gate_value(self.gate, args[0].to(hidden.dtype)))
+        gate = self.per_output_feature(gate_value(self.gate, args[0].to(hidden.dtype)))
+        term = torch.matmul(hidden, up.t()) * (scaling * gate)
         return output + term.to(output.dtype)
+
+    def per_output_feature(self, values: torch.Tensor) -> torch.Tensor:
+        """The gate's values for the output features: one head, the same for all (`lora_fused`: a head per part)."""
+        return values
 
     def delta_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         raise MergeError("a gated LoRA's delta depends on its input (its gate); it cannot be merged into the weights")

@@ -94,6 +94,11 @@ class LoraPeft(PeftCodec):
         check_init_writable(config.init_lora_weights)
         if config.use_gating:
             raise DeltaTuneError("peft's LoRA has no gate (use_gating); save this adapter in deltatune's format")
+        if any(config.slices_for(name) is not None for name in targets):
+            raise DeltaTuneError(
+                "peft's LoRA adapts a layer's whole output, not parts of it (fused_slices); save this adapter in "
+                "deltatune's format"
+            )
         return {
             "r": config.r,
             "lora_alpha": config.lora_alpha,

@@ -7,6 +7,8 @@ arXiv:2110.07577), composed as AdapterHub's `UniPELTConfig` composes it: prefix 
     h ← h + g_A · W_up relu(W_down LN(h + x))                   adapter: size = hidden / 16
     y = W x + g_L · B A x                                       LoRA: r = 8, on q and v (the gate replaces α/r)
 
+(GPT-2 computes q, k and v in one fused `c_attn`: its LoRA adapts the q and v thirds, `methods/lora_fused.py`.)
+
 Data over the three methods, as MAM is over two (`methods/mam.py`): each part's own attach on one
 placement. Not mergeable (the gates depend on the input); no mixed batches (the prefix's gate).
 """
@@ -36,8 +38,9 @@ PREFIX_DEFAULTS: dict[str, Any] = dict(
 """AdapterHub's UniPELT prefix: `PrefixTuningConfig(prefix_length=10)` (bottleneck 512), gated."""
 ADAPTER_DEFAULTS: dict[str, Any] = dict(preset="pfeiffer", reduction_factor=16, use_gating=True)
 """AdapterHub's UniPELT adapter: `SeqBnConfig(reduction_factor=16)`, gated."""
-LORA_DEFAULTS: dict[str, Any] = dict(r=8, lora_alpha=2, use_gating=True)
-"""AdapterHub's UniPELT LoRA: `LoRAConfig(r=8, alpha=2)` on q and v (LoRA's default targets), gated."""
+LORA_DEFAULTS: dict[str, Any] = dict(r=8, lora_alpha=2, use_gating=True, fused_slices={"c_attn": [True, False, True]})
+"""AdapterHub's UniPELT LoRA: `LoRAConfig(r=8, alpha=2)` on q and v (LoRA's default targets; on GPT-2 the q
+and v thirds of its fused `c_attn`), gated."""
 
 
 @dataclasses.dataclass
@@ -50,7 +53,8 @@ class UniPELTConfig(DeltaConfig):
     adapter: BottleneckConfig | dict[str, Any] | None = None
     """The adapter part; None: the "pfeiffer" preset, reduction factor 16, gated."""
     lora: LoraConfig | dict[str, Any] | None = None
-    """The LoRA part; None: r = 8, lora_alpha = 2 on the default (query and value) targets, gated."""
+    """The LoRA part; None: r = 8, lora_alpha = 2 on the default (query and value) targets (GPT-2: the q and v
+    thirds of its fused c_attn), gated."""
 
     def normalise(self) -> None:
         self.prefix_tuning = part_config(self.prefix_tuning, PrefixTuningConfig, PREFIX_DEFAULTS, "prefix_tuning")
