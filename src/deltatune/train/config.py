@@ -97,9 +97,10 @@ class TrainConfig:
     output_dir: str = "deltatune-output"
     """Where the adapter, checkpoints, metrics.json and the plot go."""
     overwrite_output_dir: bool = False
-    """Start afresh in an output_dir that holds another run's adapter, checkpoints or metrics: they are
-    removed when training starts. Without it such a run stops before the model loads (`--resume`
-    continues the run that is there)."""
+    """Start afresh in an output_dir that holds another run's adapter, checkpoints or metrics: the entries
+    that run recorded as its own (`.deltatune-run.json`) are removed when training starts; anything else in
+    their place is refused by name, never removed. Without it such a run stops before the model loads
+    (`--resume` continues the run that is there)."""
     max_length: PositiveInt = 256
     """Longest example in tokens (longer ones are cut)."""
     packing: bool = False
