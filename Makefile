@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_457 := .venv-transformers457
-PYTEST_FLAGS ?= -q -n 2
+# --durations: every run's log lists its slowest tests, against the suite's 15-minute budget on 2 cores.
+PYTEST_FLAGS ?= -q -n 2 --durations=15
 
 .PHONY: test lint test-current test-457 demo bench bench-quick bench-whole-run bench-whole-run-quick clean
 

@@ -8,7 +8,8 @@ ratios deltatune / reference beside the targets and writes bench/results.json.
 `--quick` uses a tiny model and few repeats: a smoke test of the whole suite, not a measurement. It
 runs the workloads of this environment inside this process (starting ~20 worker processes, each
 importing torch, transformers and peft, was what made the smoke test slow on a loaded machine); only
-the AdapterHub workload still goes through a worker, since it needs the other environment.
+the AdapterHub workload still goes through a worker, since it needs the other environment: one worker
+for all its runs.
 """
 
 from __future__ import annotations
@@ -205,23 +206,33 @@ TARGETS = [
 ]
 
 
-def run_worker(
-    python: str, measurement: Measurement, libraries: tuple[str, ...], options: dict[str, Any]
-) -> dict[str, Any]:
+def run_workers(
+    python: str, measurement: Measurement, runs: list[tuple[tuple[str, ...], dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """The results of `runs` (libraries, options), in order: in this process where quick mode allows it;
+    else each in a fresh worker, or in quick mode all in one worker (each start imports torch,
+    transformers and peft: ~10 s of CPU, a smoke test's main cost)."""
+    options = runs[0][1]
     if options.get("in_process") and python == sys.executable:
-        return _run_here(measurement, libraries, options)
-    command = [
-        python,
-        str(HERE / "workloads.py"),
-        measurement.workload,
-        ",".join(libraries),
-        json.dumps({**options, **measurement.options}),
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(options["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+        return [_run_here(measurement, libraries, run_options) for libraries, run_options in runs]
+    if options.get("quick"):
+        return _run_worker(python, measurement, runs)
+    return [result for run in runs for result in _run_worker(python, measurement, [run])]
+
+
+def _run_worker(
+    python: str, measurement: Measurement, runs: list[tuple[tuple[str, ...], dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """One worker process running `runs` one after the other (workloads.py prints a JSON line each)."""
+    command = [python, str(HERE / "workloads.py"), measurement.workload]
+    for libraries, options in runs:
+        command += [",".join(libraries), json.dumps({**options, **measurement.options})]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(runs[0][1]["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     finished = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=environment)
     if finished.returncode != 0:
-        raise RuntimeError(f"{measurement.name} / {','.join(libraries)} failed:\n{finished.stderr[-3000:]}")
-    return json.loads(finished.stdout.strip().splitlines()[-1])
+        names = " / ".join(",".join(libraries) for libraries, _ in runs)
+        raise RuntimeError(f"{measurement.name} / {names} failed:\n{finished.stderr[-3000:]}")
+    return [json.loads(line) for line in finished.stdout.strip().splitlines()[-len(runs) :]]
 
 
 def _run_here(measurement: Measurement, libraries: tuple[str, ...], options: dict[str, Any]) -> dict[str, Any]:
@@ -236,14 +247,16 @@ def _run_here(measurement: Measurement, libraries: tuple[str, ...], options: dic
 
 
 def measure(measurement: Measurement, python: str, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per library: peak memory and standalone time from its own worker; with `paired`, the time from
-    the shared worker replaces "seconds" (the standalone one stays as "alone_seconds")."""
-    alone = {
-        library: run_worker(python, measurement, (library,), options["alone"]) for library in measurement.libraries
-    }
+    """Per library: peak memory and standalone time from its own run; with `paired`, the time from
+    the shared run replaces "seconds" (the standalone one stays as "alone_seconds")."""
+    runs = [((library,), options["alone"]) for library in measurement.libraries]
+    if measurement.paired:
+        runs.append((measurement.libraries, options["paired"]))
+    results = run_workers(python, measurement, runs)
+    alone = dict(zip(measurement.libraries, results))
     if not measurement.paired:
         return alone
-    paired = run_worker(python, measurement, measurement.libraries, options["paired"])
+    paired = results[-1]
     return {
         library: {**alone[library], "alone_seconds": alone[library]["seconds"], **paired[library]}
         for library in measurement.libraries

@@ -2,6 +2,7 @@
 
     python bench/workloads.py WORKLOAD LIBRARY '{"quick": false, ...}'        → one JSON line on stdout
     python bench/workloads.py WORKLOAD LIB1,LIB2 '{"quick": false, ...}'      (paired timing)
+    python bench/workloads.py WORKLOAD LIB '{...}' LIB1,LIB2 '{...}' ...     (several runs, a line each: quick mode)
 
 With one library the worker times it and measures the peak memory its calls add, so that memory and
 allocator state never leak from one library into the other. With several, each library gets its own
@@ -339,8 +340,9 @@ def memory_after_imports() -> int:
     import importlib
     import importlib.util
 
-    for name in LIBRARY_MODULES:
-        if importlib.util.find_spec(name.split(".")[0]) is not None:
+    for name in LIBRARY_MODULES:  # a module imported before may have no spec (adapters' lazy module)
+        top = name.split(".")[0]
+        if top in sys.modules or importlib.util.find_spec(top) is not None:
             importlib.import_module(name)
     gc.collect()
     reset_peak_memory()
@@ -393,7 +395,8 @@ def run(workload: str, libraries: list[str], options: dict[str, Any]) -> dict[st
 
 
 if __name__ == "__main__":
-    workload, libraries, options = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3])
-    torch.set_num_threads(options["threads"])
-    torch.manual_seed(0)
-    print(json.dumps(run(workload, libraries, options)))
+    workload, pairs = sys.argv[1], sys.argv[2:]
+    for libraries, options in zip(pairs[::2], map(json.loads, pairs[1::2])):
+        torch.set_num_threads(options["threads"])
+        torch.manual_seed(0)
+        print(json.dumps(run(workload, libraries.split(","), options)), flush=True)

@@ -1,5 +1,6 @@
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -9,7 +10,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
 
+SLOWEST_FIRST = ("test_gguf_llamacpp.py", "test_bench_quick.py")
+"""Modules whose tests take the longest (SmolLM2 trained then run in llama.cpp; the whole quick benchmark),
+run first: under `pytest -n 2` a long test that starts late leaves the other core idle while it ends."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other test keeps its place
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Each test starts on torch's one thread: a training run sets its config's `threads` for the process,
+    and two xdist workers on two threads each would share two cores."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPOSITORY / "bench"))
 @pytest.mark.skipif(
     int(transformers.__version__.split(".")[0]) < 5, reason="runs once, in the transformers 5 environment"
 )
-def test_quick_benchmark_runs_every_workload_starting_workers_only_for_other_environments(
+def test_quick_benchmark_runs_every_workload_starting_one_worker_only_for_the_other_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import run as bench
@@ -48,16 +48,21 @@ def test_quick_benchmark_runs_every_workload_starting_workers_only_for_other_env
         "train_nf4",
         "train_fp32_checkpoint",
     } <= measured
-    if (REPOSITORY / ".venv-transformers457" / "bin" / "python").exists():
+    other_environment = REPOSITORY / ".venv-transformers457" / "bin" / "python"
+    if other_environment.exists():
         assert "houlsby" in report["results"], report["skipped"]
+        assert set(report["results"]["houlsby"]) == {"deltatune", "adapterhub", "floor"}
     # Quick mode measures memory inside this process, where a tiny model may fit in pages it already holds.
     assert all(row["value"] >= 0 for row in report["targets"])
     timings = [row for row in report["targets"] if "memory" not in row["label"] and "peak" not in row["label"]]
     assert timings and all(row["value"] > 0 for row in timings)
     assert "measure" in capsys.readouterr().out
-    # Each worker process imports torch, transformers and peft; on a loaded 2-core machine ~20 of
-    # them took minutes. Quick mode starts one only where another environment is needed.
+    # Each worker process imports torch, transformers and peft (~10 s of CPU); on a loaded 2-core machine
+    # ~20 of them took minutes. Quick mode starts one only where another environment is needed: one for
+    # all the runs of a measurement there (each library alone, then side by side).
     assert all(command[0] != sys.executable for command in started), [command[:3] for command in started]
+    workers = [command for command in started if len(command) > 1 and Path(command[1]).name == "workloads.py"]
+    assert len(workers) == (1 if other_environment.exists() else 0), [command[:3] for command in workers]
 
 
 def test_quick_method_step_measures_every_method_beside_peft_and_the_floor(tmp_path: Path) -> None:
