@@ -18,6 +18,7 @@ import deltatune
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adalora import SvdLinear
 from deltatune.train.cli import main
+from deltatune.train.method_defaults import DEFAULTS
 from resume_checks import assert_resume_equals_the_uninterrupted_run
 from tiny_models import build, run, token_inputs
 
@@ -292,6 +293,23 @@ def test_resume_of_an_adalora_run_equals_the_uninterrupted_run(tmp_path: Path) -
     step_state = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000003" / "step_state.safetensors"))
     assert any(key.startswith("default.smoothed.") for key in step_state)
     assert any(key.startswith("default.kept.") for key in step_state)
+
+
+def test_a_resume_after_adaloras_recommended_adapter_settings_changed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from training_fixtures import task_config
+
+    row = DEFAULTS["adalora"]
+    field = next(iter(row.adapter))  # the row's first adapter setting, which ADAPTER leaves to it
+    config = task_config(tmp_path, "causal-lm", ADAPTER, max_steps=8, save_every=3, eval_file=None)
+    assert main(["train", str(config), "--quiet"]) == 0
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["config"]
+    assert saved[field] == row.adapter[field]
+    monkeypatch.setitem(DEFAULTS, "adalora", dataclasses.replace(row, adapter={field: row.adapter[field] * 2 + 1}))
+    assert main(["train", str(config), "--quiet", "--resume"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("deltatune: --resume: ") and field in line, line
 
 
 def test_an_allocator_on_a_pruned_adapter_is_refused(tmp_path: Path) -> None:

@@ -73,7 +73,9 @@ PEFT_RANK_SUFFIX = ".lora_E"
 class AdaLoraConfig(TargetedConfig):
     """AdaLoRA settings; names and defaults follow peft's `AdaLoraConfig`. Training has three phases:
     `tinit` steps at the full budget, the budget falling from init_r to target_r per module (cubic, every
-    `deltaT` steps) until step `total_step - tfinal`, then `tfinal` steps with the final ranks fixed."""
+    `deltaT` steps) until step `total_step - tfinal`, then `tfinal` steps with the final ranks fixed.
+    A `deltatune train` config that leaves lora_alpha or orth_reg_weight out takes the recommended values for
+    short runs instead (`train/method_defaults.py`; on peft's, a one-epoch adapter barely moves)."""
 
     target_r: PositiveInt = 8
     """The average rank per module at the end of the budget schedule."""
