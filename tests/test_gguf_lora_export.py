@@ -143,6 +143,19 @@ def test_float16_file_holds_the_factors_rounded_once(tmp_path):
     np.testing.assert_array_equal(tensors["blk.0.attn_v.weight.lora_a"], factors.lora_A.detach().half().numpy())
 
 
+def test_float16_file_refuses_a_factor_beyond_its_range_and_writes_nothing(tmp_path):
+    """A finite float32 factor past float16's largest value (65504) would be written as inf: refused, f32 named."""
+    delta_model = adapted(deltatune.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    factors = dict(delta_model.sites())["model.layers.0.self_attn.v_proj"].adapters["default"]
+    with torch.no_grad():
+        factors.lora_B[0, 0] = 1e5
+    with pytest.raises(GGUFExportError, match="f32"):
+        export_lora_gguf(delta_model, "default", tmp_path / "a.gguf", dtype="f16")
+    assert not (tmp_path / "a.gguf").exists()
+    export_lora_gguf(delta_model, "default", tmp_path / "a.gguf", dtype="f32")
+    assert read(tmp_path / "a.gguf")[1]["blk.0.attn_v.weight.lora_b"].max() == 1e5
+
+
 def _refused(tmp_path: Path, delta_model: deltatune.DeltaModel, match: str) -> None:
     with pytest.raises(GGUFExportError, match=match):
         export_lora_gguf(delta_model, "default", tmp_path / "refused.gguf")
