@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import deltatune
@@ -142,6 +143,19 @@ def test_float16_file_holds_the_factors_rounded_once(tmp_path):
     np.testing.assert_array_equal(tensors["blk.0.attn_v.weight.lora_a"], factors.lora_A.detach().half().numpy())
 
 
+def test_float16_file_refuses_a_factor_beyond_its_range_and_writes_nothing(tmp_path):
+    """A finite float32 factor past float16's largest value (65504) would be written as inf: refused, f32 named."""
+    delta_model = adapted(deltatune.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    factors = dict(delta_model.sites())["model.layers.0.self_attn.v_proj"].adapters["default"]
+    with torch.no_grad():
+        factors.lora_B[0, 0] = 1e5
+    with pytest.raises(GGUFExportError, match="f32"):
+        export_lora_gguf(delta_model, "default", tmp_path / "a.gguf", dtype="f16")
+    assert not (tmp_path / "a.gguf").exists()
+    export_lora_gguf(delta_model, "default", tmp_path / "a.gguf", dtype="f32")
+    assert read(tmp_path / "a.gguf")[1]["blk.0.attn_v.weight.lora_b"].max() == 1e5
+
+
 def _refused(tmp_path: Path, delta_model: deltatune.DeltaModel, match: str) -> None:
     with pytest.raises(GGUFExportError, match=match):
         export_lora_gguf(delta_model, "default", tmp_path / "refused.gguf")
@@ -248,3 +262,29 @@ def test_qwen2_and_mistral_take_llamacpps_architecture_names_and_row_order(tmp_p
         np.testing.assert_array_equal(
             tensors["blk.0.attn_q.weight.lora_b"], _llama_cpp_rows(up, 4) if architecture == "llama" else up
         )
+
+
+@pytest.mark.parametrize("part", ["lora_A", "lora_B"])
+def test_export_refuses_a_non_finite_adapter_by_name_and_writes_nothing(tmp_path, capsys, part):
+    """An adapter holding NaN gives no GGUF file, and the command no file and no Modelfile and fails: from the API
+    (an adapter trained in a user's own loop, which no trainer divergence check guards) and from a folder."""
+    base_file = write_gguf(tmp_path / "base.gguf", tiny_llama(seed=0, tied=True))
+    delta_model = deltatune.attach(
+        load_gguf_model(base_file), deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    delta_model.save(str(tmp_path / "adapter"))
+    parameter = next(value for name, value in delta_model.named_parameters() if part in name)
+    with torch.no_grad():
+        parameter[0, 0] = float("nan")
+    with pytest.raises(GGUFExportError, match="non-finite") as refusal:
+        export_lora_gguf(delta_model, "default", tmp_path / "api.gguf")
+    assert "q_proj" in str(refusal.value) and "\n" not in str(refusal.value)
+    assert not (tmp_path / "api.gguf").exists()
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(key for key in tensors if part in key)
+    save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, weights)
+    out = tmp_path / "export" / "a.gguf"
+    assert main(["export", str(tmp_path / "adapter"), "--gguf", str(out), "--base", str(base_file)]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists() or not any((tmp_path / "export").iterdir())

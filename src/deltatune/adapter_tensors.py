@@ -1,7 +1,7 @@
 """One adapter's tensors as a folder holds them (`ReadAdapter`, keyed as its format's `FileLayout` says)
 and their copy into a model's adapter parts: `copy_plan` checks that the file holds exactly the adapter's
-tensors with the right shapes, before `copy_tensors` copies any (a load or a checkpoint restore changes
-nothing on a bad file)."""
+tensors with the right shapes, each finite and of the model part's kind (float or not), before `copy_tensors`
+copies any (a load or a checkpoint restore changes nothing on a bad file)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .config import DeltaConfig
-from .errors import AdapterShapeError
+from .errors import AdapterFileError, AdapterShapeError
+from .merging import _all_finite
 from .site_adapter import SiteAdapter
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def copy_plan(
     delta_model: DeltaModel, name: str, read: ReadAdapter
 ) -> list[tuple[SiteAdapter, dict[str, torch.Tensor]]]:
     """(adapter part, its tensors from the file) for every part of adapter `name`, once the file is checked to
-    hold exactly the adapter's tensors with the right shapes."""
+    hold exactly the adapter's tensors with the right shapes, finite and of the right kind."""
     plan: list[tuple[SiteAdapter, dict[str, torch.Tensor]]] = []
     used: set[str] = set()
     for module_name, site in delta_model.sites():
@@ -92,6 +93,7 @@ def copy_plan(
                     f"{file_key}: the file holds shape {tuple(stored.shape)}, the model needs "
                     f"{tuple(current.shape)}; the adapter was made for a model of another shape"
                 )
+            _check_values(read.source, file_key, stored, current)
             loaded[tensor_name] = stored.to(dtype=current.dtype, device=current.device)
             used.add(file_key)
         plan.append((adapter, loaded))
@@ -102,3 +104,24 @@ def copy_plan(
             "adapter was made for another model"
         )
     return plan
+
+
+def non_finite(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a float tensor holding NaN or ±inf (one read of it)."""
+    return tensor.is_floating_point() and not _all_finite(tensor)
+
+
+def _check_values(source: Path, file_key: str, stored: torch.Tensor, current: torch.Tensor) -> None:
+    """Refuse a stored tensor that is not of the model part's kind (an int64 or bool tensor where the part is
+    float, or the reverse: a cast would invent values) or that holds NaN or ±inf."""
+    if stored.is_floating_point() != current.is_floating_point():
+        raise AdapterFileError(
+            f"{source}: tensor {file_key!r} is {str(stored.dtype).removeprefix('torch.')} and the model's part is "
+            f"{str(current.dtype).removeprefix('torch.')}; the file is damaged or was not written for this adapter, "
+            "so nothing was loaded"
+        )
+    if non_finite(stored):
+        raise AdapterFileError(
+            f"{source}: tensor {file_key!r} holds non-finite values (NaN or inf), so nothing was loaded; the run that "
+            "trained it likely diverged (or the file is damaged): train it again with a lower learning rate"
+        )

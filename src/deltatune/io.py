@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from . import adapterhub_format, adapterhub_writer, peft_format
-from .adapter_tensors import OURS, FileLayout, ReadAdapter, copy_plan, copy_tensors
+from .adapter_tensors import OURS, FileLayout, ReadAdapter, copy_plan, copy_tensors, non_finite
 from .atomic import (
     Writer,
     folder_version,
@@ -44,7 +44,7 @@ from .atomic import (
     safetensors_writer,
 )
 from .base_fingerprint import check_same_base
-from .errors import AdapterFileError, DeltaTuneError
+from .errors import AdapterFileError, DeltaTuneError, TrainingDivergedError
 from .files import read_json, read_tensors
 from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, checked_records, peft_records
 from .model_card import CARD_FILE, card_facts, card_writer, is_ours
@@ -130,13 +130,20 @@ def _adapter_writers(
     delta_model: DeltaModel, name: str, format: str, folder: Path, metrics: Mapping[str, float] | None
 ) -> dict[str, Writer]:
     """The writers of adapter `name`'s files in `folder`: config, weights and model card (a `README.md`
-    of the user's in `folder` is copied as it is instead, `model_card.card_writer`)."""
+    of the user's in `folder` is copied as it is instead, `model_card.card_writer`). An adapter holding NaN
+    or ±inf is refused, before anything is written: `load` would refuse the folder."""
     config, layout = FORMATS[format](delta_model, name)
     tensors = {}
     for module_name, site in delta_model.sites():
         if name in site.adapters:
             adapter = site.adapters[name]
             for tensor_name, tensor in layout.file_state(adapter).items():
+                if non_finite(tensor):
+                    raise TrainingDivergedError(
+                        f"adapter {name!r}: {module_name}.{tensor_name} holds non-finite values (NaN or inf), so "
+                        "nothing was saved; the run that trained it likely diverged: lower the learning rate and train "
+                        "again"
+                    )
                 tensors[layout.tensor_key(module_name, adapter, tensor_name)] = tensor
     metadata = {"format": "pt"}
     if format == "peft":  # peft's config reader warns of keys it lacks; every reader of the weights skips metadata

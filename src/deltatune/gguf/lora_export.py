@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..adapter_tensors import non_finite
 from ..atomic import write_files
 from ..errors import DeltaTuneError
 from ..methods.lora_config import LoraConfig
@@ -167,17 +168,33 @@ def lora_tensors(delta_model: DeltaModel, name: str, dtype: str = "f32") -> Lora
             )
         down = adapter.down_projection().detach().float().cpu()
         up = adapter.up_projection().detach().float().cpu()
+        if non_finite(down) or non_finite(up):
+            raise GGUFExportError(
+                f"{module_name}: adapter {name!r} holds non-finite values (NaN or inf), so nothing was written; the "
+                "run that trained it likely diverged: lower the learning rate and train again"
+            )
         factor = adapter.scaling * down.shape[0] / alpha
         if factor != 1.0:
             up = up * factor
         heads = [field for part, field in permuted.items() if part in f".{base_name}"]
         if heads:
             up = permute_rows(up, getattr(model.config, heads[0]))
-        tensors[f"{base_name}.lora_a"] = down.numpy().astype(GGUF_DTYPES[dtype])
-        tensors[f"{base_name}.lora_b"] = up.contiguous().numpy().astype(GGUF_DTYPES[dtype])
+        tensors[f"{base_name}.lora_a"] = _file_array(f"{module_name} lora_A", down, dtype)
+        tensors[f"{base_name}.lora_b"] = _file_array(f"{module_name} lora_B", up, dtype)
     if not tensors:
         raise GGUFExportError(f"adapter {name!r} adapts no layer; nothing to export")
     return LoraTensors(architecture, alpha, tensors)
+
+
+def _file_array(label: str, values: torch.Tensor, dtype: str) -> np.ndarray:
+    """`values` (finite) as the file's array; refuses values that `dtype` cannot hold (float16: |x| > 65504)."""
+    array = values.contiguous().numpy().astype(GGUF_DTYPES[dtype])
+    if not np.isfinite(array).all():
+        raise GGUFExportError(
+            f"{label} holds values up to {values.abs().max().item():.4g}, beyond {dtype}'s range, so nothing was "
+            "written; export with --dtype f32"
+        )
+    return array
 
 
 def gguf_writer(content: LoraTensors, title: str):
