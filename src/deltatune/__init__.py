@@ -26,6 +26,7 @@ from .errors import (
     PlacementError,
     TargetConflictError,
     TargetNotFoundError,
+    TrainingDivergedError,
     UnknownMethodError,
     UnsupportedModuleError,
 )
@@ -146,6 +147,7 @@ __all__ = [
     "Stack",
     "TargetConflictError",
     "TargetNotFoundError",
+    "TrainingDivergedError",
     "TargetedConfig",
     "TrainableSummary",
     "TrainableTokensConfig",
