@@ -51,7 +51,8 @@ DEFAULTS: dict[str, MethodDefaults] = {
     "lora": MethodDefaults(
         2e-3,
         "LoRA (Hu et al. 2021, Table 9: r 8 on query/value, 5e-4 over 60 epochs); 2e-3 for one epoch (issue 15: "
-        "0.6 points from full fine-tuning, where 5e-4 trailed by 3.4)",
+        "0.6 points from full fine-tuning, where 5e-4 trailed by 3.4; SST-2 held-out phrases, one epoch: 87.5 %, "
+        "1e-3 86.9 %, within noise)",
         adapter={"r": 8, "lora_alpha": 16},
     ),
     "bottleneck": MethodDefaults(
@@ -62,7 +63,9 @@ DEFAULTS: dict[str, MethodDefaults] = {
     ),
     "compacter": MethodDefaults(3e-3, "Compacter (Mahabadi et al. 2021: 3e-3, PHM dimension 4, rank 1)"),
     "bitfit": MethodDefaults(
-        5e-3, "BitFit (Ben Zaken et al. 2022: 1e-4..1e-3 over many epochs); 5e-3 for one epoch, as few parameters train"
+        5e-3,
+        "BitFit (Ben Zaken et al. 2022: 1e-4..1e-3 over many epochs); 5e-3 for one epoch, as few parameters train "
+        "(SST-2 held-out phrases, one epoch: 85.0 %, 1e-2 84.3 %, 2e-2 one class)",
     ),
     "ia3": MethodDefaults(3e-3, "IA3 (Liu et al. 2022, T-Few: 3e-3)"),
     "prompt_tuning": MethodDefaults(
