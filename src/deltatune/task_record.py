@@ -131,15 +131,21 @@ def file_problem(record: dict[str, Any], model: nn.Module, shapes: Mapping[str, 
     """What in the task `record` of a folder contradicts its weights file (tensor key → shape: `shapes`, a head's
     parameter under `<prefix><head>.<parameter>`) or `model`, None when nothing does: a head that is not one of
     the model's heads (`head_children`: a rebuilt layer inside the backbone would stay random), a head parameter
-    the file lacks or holds in another shape (nothing would fill the rebuilt head), a label name given twice, or
-    label names of another count than a head's output rows (the rows of its last 2-D weight). Checked before
-    anything is built, so a recorded shape is never allocated before it is compared with the file's."""
+    `fit_heads` would rebuild (its shape differs from the model's) that the file lacks or holds in another shape
+    (nothing would fill the rebuilt layer), a label name given twice, or label names of another count than a
+    head's output rows (the rows of its last 2-D weight). Checked before anything is built, so a recorded shape is
+    never allocated before it is compared with the file's."""
     heads = record.get("heads") or {}
     children, present = head_children(model), dict(model.named_children())
     for head, parameters in heads.items():
-        if head in present and head not in children:  # one the model lacks is `fit_heads`' error (the class to load)
+        if head not in present:  # `fit_heads` names the class to load
+            continue
+        if head not in children:
             return f"head {head!r}, which is not one of this model's heads ({children})"
+        current = _current_parameters(present[head])
         for parameter, shape in parameters.items():
+            if parameter in current and list(current[parameter].shape) == shape:
+                continue  # kept as it is: a head the adapter does not store (a position tap's module) is fine
             key = f"{prefix}{head}.{parameter}"
             if key not in shapes:
                 return f"head parameter {key!r} of shape {shape}, for which the weights file holds no tensor"
