@@ -135,3 +135,100 @@ def test_a_null_record_is_one_the_folder_does_not_keep(saved: Path, tmp_path: Pa
     write({FINGERPRINT_KEY: None, TASK_KEY: None})
     assert recorded_task(folder) is None
     assert "default" in deltatune.load(_classifier(), str(folder)).records
+
+
+CONTRADICTING: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "head-rows-other-than-the-files": (
+        lambda r: r[TASK_KEY]["heads"].update(classifier={"weight": [5, 32], "bias": [5]}),
+        "classifier.weight.* shape \\[5, 32\\].* the weights file holds \\[2, 32\\]",
+    ),
+    "head-too-large-to-build": (
+        lambda r: r[TASK_KEY]["heads"].update(classifier={"weight": [10**12, 32], "bias": [10**12]}),
+        "classifier.weight.* shape \\[1000000000000, 32\\].* the weights file holds \\[2, 32\\]",
+    ),
+    "head-inside-the-backbone": (
+        lambda r: r[TASK_KEY]["heads"].update(bert={"pooler.dense.weight": [32, 32], "pooler.dense.bias": [31]}),
+        "head 'bert'.* not one of this model's heads \\(\\['classifier'\\]\\)",
+    ),
+    "fewer-label-names-than-head-rows": (
+        lambda r: r[TASK_KEY].update(id2label={"0": "neg"}),
+        "id2label holds 1 name.* head 'classifier' has 2 rows",
+    ),
+    "more-label-names-than-head-rows": (
+        lambda r: r[TASK_KEY].update(id2label={"0": "neg", "1": "pos", "2": "neutral"}),
+        "id2label holds 3 names.* head 'classifier' has 2 rows",
+    ),
+    "a-label-name-twice": (
+        lambda r: r[TASK_KEY].update(id2label={"0": "pos", "1": "pos"}),
+        "id2label names 'pos' twice",
+    ),
+}
+"""{case: (an edit that makes the task record contradict the weights file or the model, the refusal's words)}."""
+
+
+def _unchanged(model: BertForSequenceClassification) -> Callable[[], None]:
+    """A check that `model` is as it was now: the same head object, no adapter part, the same weights and labels."""
+    classifier, labels = model.classifier, dict(model.config.id2label)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    def check() -> None:
+        assert model.classifier is classifier and not any(site_of(module) for module in model.modules())
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+        assert model.config.id2label == labels
+
+    return check
+
+
+@pytest.mark.parametrize("case", list(CONTRADICTING))
+def test_a_task_record_that_contradicts_the_weights_file_is_refused_before_any_head_is_rebuilt(
+    saved: Path, tmp_path: Path, case: str
+) -> None:
+    edit, words = CONTRADICTING[case]
+    folder = tmp_path / "edited"
+    shutil.copytree(saved, folder)
+    records, write = _records(folder)
+    edit(records)
+    write(records)
+    model = _classifier()
+    unchanged = _unchanged(model)
+    with pytest.raises(AdapterFileError, match=f"{folder}.* records a task .*{words}"):
+        deltatune.load(model, str(folder))
+    unchanged()
+
+
+def test_a_recorded_head_whose_weights_the_file_lacks_is_refused_before_it_is_rebuilt(tmp_path: Path) -> None:
+    """A LoRA saved without its classifier (no modules_to_save) and a record naming a 5-row classifier: nothing
+    in the file would fill the rebuilt head, so it would stay random."""
+    folder = tmp_path / "adapter"
+    deltatune.attach(_classifier(), deltatune.LoraConfig(r=2, target_modules=["query"])).save(str(folder))
+    records, write = _records(folder)
+    records[TASK_KEY]["heads"] = {"classifier": {"weight": [5, 32], "bias": [5]}}
+    write(records)
+    model = _classifier()
+    unchanged = _unchanged(model)
+    with pytest.raises(AdapterFileError, match=f"{folder}.* records a task .*'classifier.weight'.* file holds no"):
+        deltatune.load(model, str(folder))
+    unchanged()
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_a_config_rank_beyond_every_dimension_of_the_file_is_refused_before_the_adapter_is_built(
+    format: str, tmp_path: Path
+) -> None:
+    """r = 10**9 would allocate 10**9 x 32 floats (128 GB) before the file's shapes were compared; the file's
+    lora_A is 2 x 32 and the model's widest weight has 512 rows (its position embeddings), so no adapter of that
+    rank can be the one the file holds."""
+    folder = tmp_path / "adapter"
+    deltatune.attach(_classifier(), deltatune.LoraConfig(r=2, target_modules=["query"])).save(
+        str(folder), format=format
+    )
+    config_file = folder / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    (data["config"] if format == "deltatune" else data)["r"] = 10**9
+    config_file.write_text(json.dumps(data))
+    model = _classifier()
+    unchanged = _unchanged(model)
+    with pytest.raises(AdapterFileError, match=f"{folder}.* r=1000000000 .* largest dimension .* is 512"):
+        deltatune.load(model, str(folder))
+    unchanged()

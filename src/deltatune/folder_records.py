@@ -7,7 +7,8 @@ transformers' `load_adapter`) skips the metadata.
 Both are checked where a folder is read (`checked_records`): a record of another form than its module
 writes (`base_fingerprint.fingerprint_problem`, `task_record.task_problem`), hand-edited or written by
 something else, is an `AdapterFileError` naming the file and the record, before anything is loaded; a
-null record is one the folder does not keep (as an older save's)."""
+null record is one the folder does not keep (as an older save's). A task record is then checked against the
+folder's weights file and the model it loads onto (`folder_checks`), before any head is rebuilt."""
 
 from __future__ import annotations
 

@@ -46,7 +46,14 @@ from .atomic import (
 from .base_fingerprint import check_same_base
 from .errors import AdapterFileError, DeltaTuneError, TrainingDivergedError
 from .files import read_json, read_tensors
-from .folder_records import FINGERPRINT_KEY, TASK_KEY, adapter_records, checked_records, peft_records
+from .folder_checks import check_ranks, check_task_against_file
+from .folder_records import (
+    FINGERPRINT_KEY,
+    TASK_KEY,
+    adapter_records,
+    checked_records,
+    peft_records,
+)
 from .model_card import CARD_FILE, card_facts, card_writer, is_ours
 from .names import check_name
 from .registry import config_from_dict, get_method, registered_methods
@@ -306,6 +313,8 @@ def _load_one(
     recorded for another base warns, or with `strict` is refused (`base_fingerprint.check_same_base`)."""
     read = READERS[folder_kind(folder)](folder, delta_model.base_model)
     adapter_name = name or read.recorded_name or "default"
+    check_task_against_file(read, delta_model.base_model, folder)  # before a recorded head shape is built
+    check_ranks(read, delta_model.base_model, folder)  # before a configured rank is allocated
     restore_heads = fit_heads(delta_model.base_model, read.task, folder)
     try:
         delta_model.add(

@@ -2,8 +2,9 @@
 back into the model's adapters of the same names, in place, so the parameters stay the objects an optimizer holds.
 
 Nothing is copied before every adapter of the folder is known to be the model's: the same method and settings as
-the folder's format records them (`same_adapter`), the same base weights (`base_fingerprint`, strictly), the same
-keys and shapes (`adapter_tensors.copy_plan`). The folder is read as `load` reads it (`io.READERS`).
+the folder's format records them (`same_adapter`), the same task, label names in id order and head shapes
+(`task_record`), the same base weights (`base_fingerprint`, strictly), the same keys and shapes
+(`adapter_tensors.copy_plan`). The folder is read as `load` reads it (`io.READERS`).
 
 A checkpoint must also keep the adapter whole: every tensor of its `file_state()` as it is (`lost_tensors`). A
 format may store less: peft's keeps the prompt a P-tuning encoder or a prefix-tuning MLP computes, not the
@@ -23,7 +24,8 @@ from .base_fingerprint import check_same_base
 from .errors import AdapterFileError, CheckpointMismatchError, DeltaTuneError
 from .files import read_json
 from .io import CONFIG_FILE, FORMATS, READERS, adapter_folders, folder_kind
-from .same_adapter import check_same_settings, take_settings
+from .same_adapter import check_same_settings, differences, take_settings
+from .task_record import label_names, task_record
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -75,6 +77,7 @@ def _check_same_adapter(
         ) from error
     method = delta_model.configs[name].method
     taken = check_same_settings(kind, read_json(folder / CONFIG_FILE), written, name, folder, method)
+    _check_same_task(delta_model, name, folder, read)
     record = delta_model.records[name]
     check_same_base(read.base_fingerprint, record.base_fingerprint, name, folder, read.base_model, strict=True)
     lost = lost_tensors(delta_model, name, layout)
@@ -87,6 +90,25 @@ def _check_same_adapter(
             "folder with deltatune.load to use the adapter as saved"
         )
     return taken
+
+
+def _check_same_task(delta_model: DeltaModel, name: str, folder: Path, read: ReadAdapter) -> None:
+    """Refuse a checkpoint whose task record (task, label names in id order, head shapes) differs from the one
+    adapter `name` of the model gives: its head's rows would be copied under other label names, and the resumed
+    run would train them against other targets. A folder that records no task (an older save) is not compared."""
+    now = task_record(delta_model, name)
+    if read.task is None or read.task == now:
+        return
+    before_labels, now_labels = label_names(read.task), label_names(now)
+    if before_labels != now_labels:
+        described = f"labels {before_labels} in id order, this model's are {now_labels}"
+    else:
+        described = ", ".join(differences(read.task, now or {}))
+    raise CheckpointMismatchError(
+        f"{folder} holds adapter {name!r} trained for another task record ({described}), so resuming from it would "
+        "continue another run with its head under other labels: build the model with the checkpoint's labels "
+        "(id2label), or train afresh without resume_from_checkpoint"
+    )
 
 
 def lost_tensors(delta_model: DeltaModel, name: str, layout: FileLayout) -> list[str]:

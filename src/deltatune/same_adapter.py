@@ -6,7 +6,7 @@ writer that wrote the checkpoint (`io.FORMATS`), and both config files are read 
 reader. What a format cannot tell apart is then alike on both sides (peft's folder records the modules
 `target_modules="all-linear"` matched, not the pattern), and a setting a later deltatune added reads as its
 default. What a folder records besides the adapter (deltatune's version, the base model's path, the base
-fingerprint, the task) is not a setting; the base fingerprint is checked on its own (`base_fingerprint`).
+fingerprint, the task) is not a setting; the base fingerprint and the task are checked on their own (`restore`).
 
 A setting the run itself writes into the config as it trains (`RUN_WRITTEN`: AdaLoRA's `rank_pattern`, which the
 rank budget records at each allocation) is no sign of another run: the model takes the checkpoint's value, so a

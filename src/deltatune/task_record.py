@@ -24,12 +24,15 @@ trained from a plain encoder folder (no classifier in it) merges into a model th
 
 A record read from a folder is checked first (`task_problem`): `task` a string, `id2label` the ids 0..N-1
 (as text) to strings, `heads` child module names (no '.') to {parameter name: shape}; one of another form
-is refused where the folder is read (`folder_records`), before any head is touched.
+is refused where the folder is read (`folder_records`), before any head is touched. Then against the folder's
+weights file and the model (`file_problem`): each head one of the model's heads, with its parameters in the
+file in the recorded shapes, and as many distinct label names as the head has rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 from torch import nn
@@ -122,6 +125,44 @@ def task_problem(record: Any) -> str | None:
         return problem
     ids = sorted(int(key) for key in record.get("id2label", {}))
     return None if ids == list(range(len(ids))) else f"its id2label ids must be 0 to N-1, got {ids}"
+
+
+def file_problem(record: dict[str, Any], model: nn.Module, shapes: Mapping[str, list[int]], prefix: str) -> str | None:
+    """What in the task `record` of a folder contradicts its weights file (tensor key → shape: `shapes`, a head's
+    parameter under `<prefix><head>.<parameter>`) or `model`, None when nothing does: a head that is not one of
+    the model's heads (`head_children`: a rebuilt layer inside the backbone would stay random), a head parameter
+    `fit_heads` would rebuild (its shape differs from the model's) that the file lacks or holds in another shape
+    (nothing would fill the rebuilt layer), a label name given twice, or label names of another count than a
+    head's output rows (the rows of its last 2-D weight). Checked before anything is built, so a recorded shape is
+    never allocated before it is compared with the file's."""
+    heads = record.get("heads") or {}
+    children, present = head_children(model), dict(model.named_children())
+    for head, parameters in heads.items():
+        if head not in present:  # `fit_heads` names the class to load
+            continue
+        if head not in children:
+            return f"head {head!r}, which is not one of this model's heads ({children})"
+        current = _current_parameters(present[head])
+        for parameter, shape in parameters.items():
+            if parameter in current and list(current[parameter].shape) == shape:
+                continue  # kept as it is: a head the adapter does not store (a position tap's module) is fine
+            key = f"{prefix}{head}.{parameter}"
+            if key not in shapes:
+                return f"head parameter {key!r} of shape {shape}, for which the weights file holds no tensor"
+            if list(shapes[key]) != shape:
+                return f"head parameter {key!r} of shape {shape}, while the weights file holds {list(shapes[key])}"
+    labels = label_names(record)
+    repeated = [label for label, count in Counter(labels).items() if count > 1]
+    if repeated:
+        return f"id2label names {repeated[0]!r} twice"
+    for head, parameters in heads.items():
+        rows = [shape[0] for shape in parameters.values() if len(shape) == 2]
+        if labels and rows and rows[-1] != len(labels):
+            return (
+                f"id2label holds {len(labels)} name{'s' if len(labels) > 1 else ''}, while head {head!r} has "
+                f"{rows[-1]} rows"
+            )
+    return None
 
 
 def label_names(record: dict[str, Any] | None) -> list[str]:
