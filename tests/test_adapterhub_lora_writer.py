@@ -14,7 +14,7 @@ import torch
 import deltatune
 from deltatune.errors import UnsupportedFormatError
 from test_invariants import randomize
-from tiny_models import ARCHS, build
+from tiny_models import ARCHS, build, mlp
 
 PLAIN = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
@@ -96,3 +96,11 @@ def test_an_adapterhub_lora_folder_reads_back_as_the_adapted_model(case: str, tm
     delta_model.save(tmp_path / "task", format="adapterhub")
     loaded = deltatune.load(build("llama"), tmp_path / "task").eval()
     torch.testing.assert_close(logits(loaded), expected, atol=1e-6, rtol=0)
+
+
+def test_adapterhub_save_of_a_model_without_a_transformers_config_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    delta_model = deltatune.attach(mlp(), deltatune.LoraConfig(r=2, target_modules=["net.0"]))
+    with pytest.raises(UnsupportedFormatError, match="transformers") as refusal:
+        delta_model.save(tmp_path / "task", format="adapterhub")
+    assert "\n" not in str(refusal.value) and "format='deltatune'" in str(refusal.value)
+    assert not (tmp_path / "task").exists()

@@ -78,3 +78,30 @@ def test_two_processes_train_one_adapter_and_agree(launcher: str, tmp_path) -> N
     assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
     losses = [entry["loss"] for entry in json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_a_short_last_step_over_two_processes_equals_one_process_reading_the_same_examples(tmp_path) -> None:
+    """16 examples, 7 a rank: each epoch's second step has 2 examples, both on rank 0, so rank 1 runs a
+    stand-in that counts zero; the adapter equals one process's reading 14 a step (the same examples,
+    each step's gradient the mean over them; seq-cls, a loss that is a mean over examples)."""
+    trained = {}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RANK": "0"}
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT, encoding="utf-8")
+    for processes, batch_size in ((2, 7), (1, 14)):
+        folder = tmp_path / f"processes{processes}"
+        folder.mkdir()
+        config = task_config(folder, "seq-cls", batch_size=batch_size, max_steps=4, eval_file=None)
+        launcher = LAUNCHERS["torchrun"][:-1] + [str(processes)]
+        done = subprocess.run(
+            [*launcher, str(script), str(config), str(folder)],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        trained[processes] = load_file(str(folder / "rank0.safetensors"))
+    assert trained[1].keys() == trained[2].keys() and trained[1]
+    for name in trained[1]:
+        torch.testing.assert_close(trained[2][name], trained[1][name], rtol=1e-4, atol=1e-5)

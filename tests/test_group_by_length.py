@@ -53,10 +53,7 @@ def test_every_example_is_read_once_per_epoch(count: int) -> None:
     plan = schedule(lengths, grouped=True)
     for epoch in range(2):
         read = [index for rows in epoch_batches(plan, epoch) for index in rows]
-        assert sorted(set(read)) == list(range(count))
-        assert len(read) == plan.steps_per_epoch * plan.per_step  # the last step tops up from the epoch's start
-        if count % plan.per_step == 0:
-            assert sorted(read) == list(range(count))
+        assert sorted(read) == list(range(count))  # a short last step, no example read twice
 
 
 def test_the_grouped_order_is_a_function_of_seed_and_epoch_and_changes_with_the_epoch() -> None:
@@ -67,12 +64,13 @@ def test_the_grouped_order_is_a_function_of_seed_and_epoch_and_changes_with_the_
     assert epoch_batches(once, 0) != epoch_batches(once, 1)
 
 
-def test_each_rank_reads_whole_length_groups_under_data_parallel() -> None:
-    lengths = skewed_lengths(800)
+@pytest.mark.parametrize("count", [800, 803], ids=["whole-batches", "a-short-last-batch"])
+def test_each_rank_reads_whole_length_groups_under_data_parallel(count: int) -> None:
+    lengths = skewed_lengths(count)
     grouped_batches = {tuple(rows) for rows in epoch_batches(schedule(lengths, grouped=True), 0)}
     for rank in range(2):
         plan = schedule(lengths, grouped=True, rank=rank, world_size=2)
-        assert all(tuple(rows) in grouped_batches for rows in epoch_batches(plan, 0))
+        assert all(tuple(rows) in grouped_batches for rows in epoch_batches(plan, 0) if rows)  # none: a stand-in
 
 
 def varied_records(count: int = 24, seed: int = 0) -> list[dict[str, str]]:

@@ -109,7 +109,12 @@ def lora_config_to_adapterhub(config: LoraConfig, delta_model: DeltaModel, name:
     """AdapterHub's `LoRAConfig` dict for our LoRA adapter `name` (alone or UniPELT's part); a LoRA it
     cannot express is refused (see the module docstring)."""
     model = delta_model.base_model
-    model_type = model.config.model_type
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise UnsupportedFormatError(
+            f"AdapterHub's folders are for transformers models (they record the model's config), and "
+            f"{type(model).__name__} has no transformers config: save {name!r} with format='deltatune'"
+        )
     placed = {
         module_name
         for module_name, site in delta_model.sites()

@@ -87,13 +87,16 @@ ADDED_LATER = {
     "loss_added_by_trainer.monteclora_config": True,
     "loss_added_by_trainer.orth_reg_weight": True,
     "loss_added_by_trainer.kasa_config": False,
+    "last_step_of_epoch": "tops up from the epoch's first examples",
 }
 """Settings added after checkpoints began recording their run, with the value every earlier run had: a
 checkpoint whose fingerprint lacks one was written with that value, so it resumes after an upgrade. An
 adapter field counts only for the methods that have it (the run's own fingerprint holds it). The loss
 terms the trainer adds (`loss_added_by_trainer.<term>`): MonteCLoRA's regulariser and AdaLoRA's
 orthogonality term were always added; KaSA's was not (before it, a KaSA run trained on the task loss
-alone), so an older KaSA checkpoint is refused."""
+alone), so an older KaSA checkpoint is refused. Where the step does not divide the example count, an
+epoch's last step once topped up from the epoch's first examples (reading them twice) and is now short
+(`last_step_of_epoch`), so such a checkpoint is refused."""
 
 DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""
@@ -117,6 +120,7 @@ def run_record(
         "training_data": hashlib.sha256(examples).hexdigest(),
         "base_model_weights": weights_identity(weights_source(config.model, config.quantize)),
         **_loss_added_by_trainer(config),
+        **_last_step_of_epoch(config, len(train_features), world_size),
         **({"time_budget": time_budget} if time_budget is not None else {}),
     }
     return {"fingerprint": _dotted(_as_json(fingerprint)), "config": _as_json(settings)}
@@ -130,6 +134,13 @@ def _loss_added_by_trainer(config: TrainConfig) -> dict[str, Any]:
     terms = getattr(method_for(adapter_config), "trainer_loss_terms", None)
     added = terms(adapter_config) if terms is not None else []
     return {"loss_added_by_trainer": dict.fromkeys(added, True)} if added else {}
+
+
+def _last_step_of_epoch(config: TrainConfig, count: int, world_size: int) -> dict[str, str]:
+    """{"last_step_of_epoch": "short"} where a step's examples (`Schedule.per_step`) do not divide `count`:
+    the last step of an epoch then reads only the examples left; nothing where every step is whole."""
+    per_step = config.batch_size * config.gradient_accumulation_steps * world_size
+    return {"last_step_of_epoch": "short"} if count % per_step else {}
 
 
 def weights_identity(folder: Path) -> str:

@@ -1,9 +1,10 @@
 """The training loop behind `deltatune train` and `deltatune.train.train(config)`.
 
-One optimizer step takes `batch_size × gradient_accumulation_steps × world_size` examples, in an order
-that is a pure function of (seed, step) (`schedule.py`): that, plus the optimizer, scheduler and
-random states in a checkpoint, is what makes `--resume` continue bit-exactly. AdamW updates the trainable parameters
-only (the adapter, and any `modules_to_save`); the learning rate warms up linearly for
+One optimizer step takes `batch_size × gradient_accumulation_steps × world_size` examples (an epoch's
+last step those left, so each is read once an epoch), in an order that is a pure function of (seed,
+step) (`schedule.py`): that, plus the optimizer, scheduler and random states in a checkpoint, is what
+makes `--resume` continue bit-exactly. AdamW updates the trainable parameters only (the adapter, and
+any `modules_to_save`); the learning rate warms up linearly for
 `warmup_steps`, then follows the schedule (linear or cosine to zero, or constant).
 
 Nothing goes wrong silently. The output folder is checked before the model loads (`outputs.py`);
@@ -263,16 +264,16 @@ def _train_run(
     started, tokens = time.perf_counter(), 0
     model.train()
     while not stop.finished(state.step):
-        micro_batches = schedule.micro_batches(state.step)
+        micro_steps = schedule.micro_steps(state.step)
         step_loss = torch.zeros((), device=run.device)
-        for index, rows in enumerate(micro_batches):
-            batch = {k: v.to(run.device) for k, v in build_batch([run.train_features[i] for i in rows]).items()}
-            tokens += sum(len(run.train_features[i]["input_ids"]) for i in rows)
-            last = index == len(micro_batches) - 1
+        for index, micro in enumerate(micro_steps):
+            batch = {k: v.to(run.device) for k, v in build_batch([run.train_features[i] for i in micro.rows]).items()}
+            tokens += sum(len(run.train_features[i]["input_ids"]) for i in micro.rows) if micro.counted else 0
+            last = index == len(micro_steps) - 1
             with distributed.accumulate(model, ranks, config.data_parallel, last):
                 with _autocast(config, run.device), loss_chunk_rows(config.loss_chunk_rows):
                     task_loss = run.task.loss(model, batch)
-                loss = (task_loss + extra_loss(hooks)) / len(micro_batches)
+                loss = (task_loss + extra_loss(hooks)) / micro.divisor  # the step's mean over its examples
                 loss.backward()
             step_loss += loss.detach()
         if ranks.distributed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -47,9 +48,32 @@ def warmup_steps(config: TrainConfig, total_steps: int) -> int:
     return math.floor((config.warmup_ratio or 0.0) * total_steps)
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward and backward of a step on this rank."""
+
+    rows: list[int]
+    """The examples it reads; where this rank has none left in an epoch's short last step, the step's first
+    as a stand-in that counts zero (every rank runs every micro-step: the last one's backward is a collective)."""
+    divisor: float
+    """What its mean loss is divided by: (the step's examples) / (world_size × its examples), so that the
+    gradient, summed over the micro-steps and averaged over the ranks, is the mean over the step's examples
+    (gradient_accumulation_steps in a whole step); infinite for a stand-in."""
+
+    @property
+    def counted(self) -> bool:
+        """Whether its examples count (it is no stand-in)."""
+        return math.isfinite(self.divisor)
+
+
 class Schedule:
     """Which examples each rank reads at each micro-step: a pure function of (seed, step); with
-    `group_by_length`, of the examples' `lengths` too (`length_groups.py`)."""
+    `group_by_length`, of the examples' `lengths` too (`length_groups.py`).
+
+    Epoch e is steps [e·S, (e+1)·S), S = ⌈count / per_step⌉, reading the epoch's order once: each step the
+    next per_step examples, cut into runs of batch_size, run j going to micro-step ⌊j / world_size⌋ of rank
+    j mod world_size. The last step is short when per_step does not divide the count: it has the runs left,
+    so fewer micro-steps (and on some ranks an empty last one) and a last run shorter than batch_size."""
 
     def __init__(self, config: TrainConfig, lengths: list[int], ranks: distributed.Ranks) -> None:
         self.batch, self.accumulation, self.ranks, self.count, self.seed = (
@@ -66,6 +90,22 @@ class Schedule:
         self._order: tuple[int, torch.Tensor] | None = None
 
     def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's examples at each micro-step of `step` (an empty list where it has none left)."""
+        return self._layout(self._step_examples(step))
+
+    def micro_steps(self, step: int) -> list[MicroBatch]:
+        """`micro_batches(step)` with the divisor of each one's loss; the step's first example stands in
+        where this rank has none."""
+        examples = self._step_examples(step)
+        return [
+            MicroBatch(rows, len(examples) / (self.ranks.world_size * len(rows)))
+            if rows
+            else MicroBatch(examples[:1], math.inf)
+            for rows in self._layout(examples)
+        ]
+
+    def _step_examples(self, step: int) -> list[int]:
+        """The examples `step` reads over all ranks: the next per_step of its epoch's order, or those left."""
         epoch, within = divmod(step, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -73,9 +113,11 @@ class Schedule:
             if self.lengths is not None:
                 order = grouped_order(order, self.lengths, self.batch, generator)
             self._order = (epoch, order)
-        first = within * self.per_step
-        indices = [int(self._order[1][(first + i) % self.count]) for i in range(self.per_step)]
-        size = self.batch
-        return [
-            indices[(k * self.ranks.world_size + self.ranks.rank) * size :][:size] for k in range(self.accumulation)
-        ]
+        return self._order[1][within * self.per_step :][: self.per_step].tolist()
+
+    def _layout(self, examples: list[int]) -> list[list[int]]:
+        """This rank's share of a step's `examples`: run j of batch_size at micro-step ⌊j / world_size⌋ of
+        rank j mod world_size."""
+        world_size, size = self.ranks.world_size, self.batch
+        micro_steps = math.ceil(math.ceil(len(examples) / size) / world_size)
+        return [examples[(k * world_size + self.ranks.rank) * size :][:size] for k in range(micro_steps)]
