@@ -42,6 +42,16 @@ def saved(request, tmp_path_factory) -> Path:
     return folder
 
 
+def _edited_copy(saved: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the saved folder whose records `edit` changed."""
+    folder = tmp_path / "edited"
+    shutil.copytree(saved, folder)
+    records, write = _records(folder)
+    edit(records)
+    write(records)
+    return folder
+
+
 def _records(folder: Path) -> tuple[dict[str, Any], Callable[[dict[str, Any]], None]]:
     """(the folder's records, a writer of edited ones back where the folder's format keeps them)."""
     config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -103,11 +113,7 @@ def test_a_malformed_record_is_refused_naming_the_file_and_the_record_before_any
     saved: Path, tmp_path: Path, case: str
 ) -> None:
     key, edit = MALFORMED[case]
-    folder = tmp_path / "edited"
-    shutil.copytree(saved, folder)
-    records, write = _records(folder)
-    edit(records)
-    write(records)
+    folder = _edited_copy(saved, tmp_path, edit)
     model = _classifier()
     classifier, before = model.classifier, {name: p.clone() for name, p in model.state_dict().items()}
     with pytest.raises(AdapterFileError, match=f"{folder}.* records a malformed {key}.*save the adapter again"):
@@ -185,11 +191,7 @@ def test_a_task_record_that_contradicts_the_weights_file_is_refused_before_any_h
     saved: Path, tmp_path: Path, case: str
 ) -> None:
     edit, words = CONTRADICTING[case]
-    folder = tmp_path / "edited"
-    shutil.copytree(saved, folder)
-    records, write = _records(folder)
-    edit(records)
-    write(records)
+    folder = _edited_copy(saved, tmp_path, edit)
     model = _classifier()
     unchanged = _unchanged(model)
     with pytest.raises(AdapterFileError, match=f"{folder}.* records a task .*{words}"):

@@ -48,6 +48,14 @@ def label_names(task: str, rows) -> list[str]:
     return encoding.label_names(get_task(task).label_field, rows)
 
 
+def _refused_when_labels_are_gathered_and_when_encoded(task: str, read_back: list, message: str) -> None:
+    """Training data meets the check when its labels are gathered, eval data when it is encoded."""
+    with pytest.raises(DataError, match=message):
+        label_names(task, read_back)
+    with pytest.raises(DataError, match=message):
+        encode(task, read_back)
+
+
 @pytest.mark.parametrize("task,field", [(task, field) for task, fields in REQUIRED.items() for field in fields])
 @pytest.mark.parametrize("form", TYPED_FORMS)
 def test_a_null_required_field_is_refused_naming_the_record_and_field(tmp_path, form: str, task: str, field: str):
@@ -80,10 +88,7 @@ def test_an_empty_label_is_refused_not_made_a_class(tmp_path, form: str, blank: 
     rows[2]["label"] = blank
     read_back = read(form, tmp_path, rows)
     message = rf"^{re.escape(read_back[2].where)}: field 'label' holds an empty label"
-    with pytest.raises(DataError, match=message):
-        label_names("seq-cls", read_back)
-    with pytest.raises(DataError, match=message):
-        encode("seq-cls", read_back)
+    _refused_when_labels_are_gathered_and_when_encoded("seq-cls", read_back, message)
 
 
 @pytest.mark.parametrize("form", TYPED_FORMS)
@@ -92,10 +97,7 @@ def test_an_empty_tag_is_refused_naming_its_position(tmp_path, form: str) -> Non
     rows[1]["tags"] = ["O", "", *rows[1]["tags"][2:]]
     read_back = read(form, tmp_path, rows)
     message = rf"^{re.escape(read_back[1].where)}: field 'tags' holds an empty label at position 1"
-    with pytest.raises(DataError, match=message):
-        label_names("token-cls", read_back)
-    with pytest.raises(DataError, match=message):
-        encode("token-cls", read_back)
+    _refused_when_labels_are_gathered_and_when_encoded("token-cls", read_back, message)
 
 
 @pytest.mark.parametrize(
