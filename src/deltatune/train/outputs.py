@@ -12,6 +12,11 @@ adapter folder, an adapter folder of a save's files, a metrics file, a plot). An
 names (a user's own `checkpoints/`, a note put into the adapter folder, a folder a deltatune release before
 the record wrote) is refused in one line naming it, before the model loads, and nothing is removed.
 
+A run writes only inside output_dir and never through a link: a run entry, anything inside one, or the record
+that is a symlink (dangling or not) is refused in one line naming it, before the model loads, on a resume too.
+Every file a run writes there is a new file that takes its name, so the other name of a hard link keeps its
+contents.
+
 Merging (`deltatune merge MODEL ADAPTER OUT`): OUT must not be, lie inside or contain an input folder
 (compared after resolving links), and must be absent or empty unless `overwrite`. The merged folder
 is written into a staging folder beside OUT, which then takes OUT's place: a failure leaves OUT as
@@ -155,8 +160,30 @@ def _check_writable(folder: Path) -> None:
 
 
 def previous_run(folder: Path) -> list[str]:
-    """The entries of `RUN_ENTRIES` that are in `folder`."""
-    return [name for name in RUN_ENTRIES if (folder / name).exists()]
+    """The entries of `RUN_ENTRIES` that are in `folder` (a dangling link counts), once `check_no_links` found
+    no link among them."""
+    check_no_links(folder)
+    return [name for name in RUN_ENTRIES if os.path.lexists(folder / name)]
+
+
+def check_no_links(folder: Path) -> None:
+    """Refuse, naming it, a symlink (dangling or not) among what a run writes in `folder`: a run entry, anything
+    inside one, the run record. A run writes only inside its output_dir, and never through a link."""
+    link = next((path for name in (*RUN_ENTRIES, RUN_RECORD) for path in _links(folder / name)), None)
+    if link is not None:
+        raise OutputFolderError(
+            f"{link} is a link (to {os.readlink(link)}): a run writes only inside output_dir and never through a "
+            "link; put what it points to in its place, or remove it, or give another output_dir"
+        )
+
+
+def _links(path: Path) -> Iterator[Path]:
+    """The symlinks at `path` and under it (none is followed)."""
+    if path.is_symlink():
+        yield path
+        return
+    for parent, folders, files in os.walk(path):
+        yield from (Path(parent, name) for name in sorted(folders + files) if os.path.islink(Path(parent, name)))
 
 
 def clear_previous_run(folder: Path) -> None:
@@ -170,10 +197,13 @@ def clear_previous_run(folder: Path) -> None:
         else:
             path.unlink()
     # a plain write (no fsync, which costs ~20 ms, all of it in the run's training clock): a record lost or torn
-    # by a crash reads as none, so a later overwrite refuses, never removes more
+    # by a crash reads as none, so a later overwrite refuses, never removes more. A new file at the name, never
+    # written into an old one ("x"): a hard link's other name keeps its contents
     record = {"written_by": "deltatune", "entries": list(RUN_ENTRIES)}
     try:
-        (folder / RUN_RECORD).write_text(json.dumps(record) + "\n", encoding="utf-8")
+        (folder / RUN_RECORD).unlink(missing_ok=True)
+        with open(folder / RUN_RECORD, "x", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
     except OSError as error:
         raise OutputFolderError(
             f"cannot write {folder / RUN_RECORD} ({error.strerror or error}); give an output_dir you can write to"

@@ -79,9 +79,8 @@ def plot_history(history: list[dict[str, float]], metric: str, path: Path) -> bo
         metric_axis.plot(*zip(*scores), "o-", color="tab:orange", label=metric)
         metric_axis.set_ylabel(f"eval {metric}", color="tab:orange")
         metric_axis.set_ylim(-0.02, 1.02)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    figure.tight_layout()  # written to a new file that takes the name: never into a file (or link) there
+    write_files(path.parent, {path.name: lambda staged: figure.savefig(staged, format="png")})
     pyplot.close(figure)
     return True
 
