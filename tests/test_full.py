@@ -188,3 +188,58 @@ def test_a_folder_whose_other_adapter_fails_to_load_leaves_every_base_weight_as_
         deltatune.load(other, str(tmp_path / "both"))
     changed = [name for name, parameter in other.named_parameters() if not torch.equal(parameter, before[name])]
     assert changed == []
+
+
+def _two_full_adapters(folder: Path) -> None:
+    """A folder of two full fine-tuning adapters, a/ and b/, each with tuned weights."""
+    for name in ("a", "b"):
+        trained = deltatune.attach(build("llama"), deltatune.FullConfig(), name=name)
+        with torch.no_grad():
+            for parameter in trained.adapter_parameters(name):
+                parameter.add_(0.5 * torch.randn_like(parameter))
+        trained.save(str(folder / name))
+
+
+def _every_tensor(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer of `model`, under each of their names."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: tensor.detach().clone() for name, tensor in tensors}
+
+
+ONTO = {
+    "plain-model": lambda model: model,
+    "model-with-a-lora": lambda model: deltatune.attach(model, deltatune.LoraConfig(r=2, target_modules=["q_proj"])),
+}
+"""What the folder of two full adapters is loaded onto, built from the plain model."""
+
+
+@pytest.mark.parametrize("onto", list(ONTO))
+def test_a_refused_load_of_two_full_adapters_leaves_every_parameter_and_buffer_bit_identical(
+    tmp_path: Path, onto: str
+) -> None:
+    """Each full adapter copies its weights into the base, which no removal can take back: a folder that would
+    give the model a second one is refused before the first is copied."""
+    _two_full_adapters(tmp_path / "two")
+    model = build("llama")
+    target = ONTO[onto](model)
+    adapters = list(getattr(target, "configs", {}))
+    before = _every_tensor(model)
+    with pytest.raises(DeltaTuneError, match="second full fine-tuning adapter") as caught:
+        deltatune.load(target, str(tmp_path / "two"))
+    assert "\n" not in str(caught.value) and "nothing was loaded" in str(caught.value)
+    assert f"{tmp_path / 'two' / 'a'}, {tmp_path / 'two' / 'b'}" in str(caught.value)
+    after = _every_tensor(model)
+    assert after.keys() == before.keys()
+    assert [name for name in before if not torch.equal(after[name], before[name])] == []
+    assert list(getattr(target, "configs", {})) == adapters
+
+
+def test_a_full_adapter_loaded_onto_a_model_holding_one_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    _two_full_adapters(tmp_path / "two")
+    delta_model = deltatune.load(build("llama"), str(tmp_path / "two" / "a"))
+    before = _every_tensor(delta_model.base_model)
+    with pytest.raises(DeltaTuneError, match="second full fine-tuning adapter.*'a' on the model"):
+        deltatune.load(delta_model, str(tmp_path / "two" / "b"), name="b")
+    after = _every_tensor(delta_model.base_model)
+    assert [name for name in before if not torch.equal(after[name], before[name])] == []
+    assert list(delta_model.configs) == ["a"]

@@ -213,6 +213,7 @@ def _load_folder(
     added: list[str] = []
     try:
         folders = sorted(adapter_folders(root, name), key=lambda item: _load_order(item[1]))
+        _refuse_second_full(delta_model, root, [folder for _, folder in folders])
         for adapter_name, folder in folders:
             added.append(_load_one(delta_model, folder, adapter_name, trainable, autocast_adapter_dtype, strict))
     except BaseException as error:
@@ -234,10 +235,23 @@ def _load_folder(
 
 
 def _delete(delta_model: DeltaModel, names: list[str]) -> None:
-    """Take back the adapters a failed load added. A full fine-tuning adapter loads last (`_load_order`),
-    so none of them has copied weights into the base here."""
+    """Take back the adapters a failed load added. A full fine-tuning adapter loads last (`_load_order`) and
+    alone (`_refuse_second_full`), so none of them has copied weights into the base here."""
     for name in names:
         delta_model._withdraw(name)
+
+
+def _refuse_second_full(delta_model: DeltaModel, root: Path, folders: list[Path]) -> None:
+    """Refuse, before anything loads, a load that would give the model a second adapter that trains the base's
+    own weights (full fine-tuning): the first would have copied its weights into the base, which no removal
+    takes back, before the second is refused."""
+    held = [f"{name!r} on the model" for name in delta_model._base_trainers()]
+    held += [str(folder) for folder in folders if _method_says(folder, "trains_base")]
+    if len(held) > 1:
+        raise DeltaTuneError(
+            f"loading {root} would give this model a second full fine-tuning adapter ({', '.join(held)}), and a "
+            "model holds one, so nothing was loaded; load one of them, by name, onto a freshly loaded base"
+        )
 
 
 def folder_kind(folder: Path) -> str:
