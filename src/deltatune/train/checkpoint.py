@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from ..adapter_tensors import non_finite
 from ..atomic import json_writer, safetensors_writer, write_files
-from ..errors import DeltaTuneError
+from ..errors import DeltaTuneError, TrainingDivergedError
 from . import sharding
 from .report import finite_json
 
@@ -161,10 +162,12 @@ def load_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optim
     """Restore adapter weights, optimizer, scheduler and random state from `folder` (under FSDP every
     rank calls it, and takes its shards of the whole tensors)."""
     saved = read_trainer_state(folder)
-    _load_trainable(delta_model, load_file(str(folder / TRAINABLE_FILE)))
-    if (folder / BUFFERS_FILE).is_file():
-        _load_buffers(delta_model, load_file(str(folder / BUFFERS_FILE)))
-    tensors = load_file(str(folder / OPTIMIZER_FILE))
+    trainable = _finite_file(folder / TRAINABLE_FILE)
+    buffers = _finite_file(folder / BUFFERS_FILE) if (folder / BUFFERS_FILE).is_file() else {}
+    tensors = _finite_file(folder / OPTIMIZER_FILE)  # all checked before the first copy
+    _load_trainable(delta_model, trainable)
+    if buffers:
+        _load_buffers(delta_model, buffers)
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -182,7 +185,21 @@ def load_checkpoint(folder: Path, delta_model: Any, optimizer: torch.optim.Optim
 def read_step_state(folder: Path) -> dict[str, torch.Tensor]:
     """The step hooks' state saved in checkpoint `folder` (empty if it has none)."""
     path = folder / STEP_STATE_FILE
-    return load_file(str(path)) if path.is_file() else {}
+    return _finite_file(path) if path.is_file() else {}
+
+
+def _finite_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint file `path`, refused, naming the first, where one holds NaN or ±inf: a run
+    resumed from them would not train (an exp_avg_sq of inf makes every AdamW update 0) or would diverge."""
+    tensors = load_file(str(path))
+    bad = next((key for key in sorted(tensors) if non_finite(tensors[key])), None)
+    if bad is not None:
+        raise TrainingDivergedError(
+            f"--resume: {path} holds non-finite values (NaN or inf) in {bad!r}, so the run was not resumed from "
+            f"{path.parent}: the run that wrote it diverged or the file is damaged; resume from an earlier checkpoint "
+            "(--resume FOLDER), or train afresh with overwrite_output_dir=true"
+        )
+    return tensors
 
 
 def _random_states() -> dict[str, torch.Tensor]:
