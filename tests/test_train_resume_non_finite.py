@@ -101,3 +101,25 @@ def test_a_refused_checkpoint_changes_no_weight_and_no_optimizer_state(
         checkpoint.load_checkpoint(folder, resuming, optimizer, scheduler)
     assert all(torch.equal(parameter, before[name]) for name, parameter in resuming.named_parameters())
     assert optimizer.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize(
+    "file_name", [checkpoint.BUFFERS_FILE, checkpoint.STEP_STATE_FILE], ids=["buffers", "step-state"]
+)
+def test_a_checkpoints_adapter_buffers_and_step_hook_state_holding_a_non_finite_value_are_refused(
+    tmp_path: Path, file_name: str
+) -> None:
+    """The adapters' persistent buffers (VeLoRA's projection) and the step hooks' state (AdaLoRA's importance
+    scores) are checked as the weights are."""
+    delta_model = deltatune.attach(build("mlp"), deltatune.LoraConfig(r=2, target_modules=["net.0"]))
+    optimizer = torch.optim.AdamW([p for p in delta_model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    folder = checkpoint.checkpoint_folder(tmp_path, 1)
+    checkpoint.save_checkpoint(folder, delta_model, optimizer, scheduler, checkpoint.TrainerState(step=1))
+    save_file({"scores": torch.tensor([1.0, float("nan")])}, str(folder / file_name))
+    read = {
+        checkpoint.BUFFERS_FILE: lambda: checkpoint.load_checkpoint(folder, delta_model, optimizer, scheduler),
+        checkpoint.STEP_STATE_FILE: lambda: checkpoint.read_step_state(folder),
+    }[file_name]
+    with pytest.raises(TrainingDivergedError, match=f"{file_name} holds non-finite values .* in 'scores'"):
+        read()
