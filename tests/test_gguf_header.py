@@ -203,3 +203,59 @@ def test_a_float_tensor_of_another_shape_than_the_model_expects_is_refused(tmp_p
     path = write_gguf(tmp_path / "bad-norm.gguf", model)
     with pytest.raises(DeltaTuneError, match=r"output_norm|model\.norm\.weight.*\(1,\).*\(64,\)"):
         load_gguf_model(path)
+
+
+def test_a_file_naming_a_tensor_twice_is_refused_as_the_gguf_package_refuses_it(tmp_path: Path) -> None:
+    """A second `output_norm.weight` in the table (written under another name of its length, then renamed): the
+    gguf package refuses the file, and so does the loader, naming the tensor and the file, instead of taking
+    one of the two copies."""
+    model = tiny_llama()
+    stand_in = "output_norm.weighX"
+    extra = lambda writer: writer.add_tensor(stand_in, torch.full((64,), 7.0).numpy())  # noqa: E731
+    path = write_gguf(tmp_path / "twice.gguf", model, metadata=extra)
+    data = path.read_bytes()
+    assert data.count(stand_in.encode()) == 1
+    path.write_bytes(data.replace(stand_in.encode(), b"output_norm.weight"))
+    with pytest.raises(ValueError, match="duplicated tensor"):
+        gguf.GGUFReader(str(path))
+    with pytest.raises(DeltaTuneError, match=r"^twice\.gguf names the tensor output_norm\.weight twice") as error:
+        load_gguf_model(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_quantized_embedding_of_another_width_than_the_model_is_refused_at_load(tmp_path: Path, tied: bool) -> None:
+    """A Q8_0 token_embd of 32 values a row in a file whose metadata makes the model 64 wide: refused at load
+    naming the file, the tensor and both shapes, not at the first forward."""
+    model = tiny_llama(tied=tied)
+    model.model.embed_tokens = torch.nn.Embedding(model.config.vocab_size, 32)
+    path = write_gguf(tmp_path / "narrow.gguf", model)
+    with pytest.raises(
+        DeltaTuneError, match=r"^narrow\.gguf: tensor token_embd\.weight .*\(96, 32\).*\(96, 64\)"
+    ) as err:
+        load_gguf_model(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_quantized_linear_of_another_width_than_the_model_is_refused_naming_the_file(tmp_path: Path) -> None:
+    model = tiny_llama()
+    model.model.layers[0].mlp.down_proj = torch.nn.Linear(64, 64, bias=False)  # 64 inputs where 128 are expected
+    path = write_gguf(tmp_path / "narrow.gguf", model)
+    with pytest.raises(
+        DeltaTuneError, match=r"^narrow\.gguf: tensor blk\.0\.ffn_down\.weight .*\(64, 64\).*\(64, 128\)"
+    ):
+        load_gguf_model(path)
+
+
+def test_a_quantized_tensor_whose_rows_are_not_whole_blocks_is_refused_naming_it(tmp_path: Path) -> None:
+    """blk.0.ffn_down.weight's first dimension (values a row, fastest first) patched from 128 to 100 in the table:
+    rows of 100 Q4_1 values are no whole number of blocks of 32."""
+    path = write_gguf(tmp_path / "ragged.gguf", tiny_llama())
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    first_dimension = data.index(_text(name)) + len(_text(name)) + 4  # after the name and the number of dimensions
+    assert struct.unpack_from("<Q", data, first_dimension) == (128,)
+    struct.pack_into("<Q", data, first_dimension, 100)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DeltaTuneError, match=r"^ragged\.gguf: tensor blk\.0\.ffn_down\.weight declares rows of 100"):
+        load_gguf_model(path)

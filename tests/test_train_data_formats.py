@@ -107,3 +107,97 @@ def test_without_the_package_a_path_is_one_line_naming_the_extra(
     )
     with pytest.raises(DataError, match=rf"needs the {package} package: pip install 'deltatune\[data\]'$"):
         read_records(path)
+
+
+NAMED_ROWS = [
+    {"text": "red cat", "label": "yes", "tags": ["B", "O"]},
+    {"text": "blue dog", "label": "no", "tags": ["O"]},
+    {"text": "big fish", "label": None, "tags": []},
+]
+"""Rows of names, as a JSON Lines file holds them (the reference); the null label is `datasets`' id -1."""
+
+
+def class_label_forms(tmp_path: Path, label_names: list[str], tag_names: list[str]) -> dict[str, object]:
+    """NAMED_ROWS as `datasets` stores them under these ClassLabel lists (ids, -1 for no label): a saved folder,
+    its Arrow stream shard, a parquet file and the `Dataset` itself."""
+    datasets = needs_datasets()
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=label_names),
+            "tags": datasets.Sequence(datasets.ClassLabel(names=tag_names)),
+        }
+    )
+    ids = [
+        {
+            "text": row["text"],
+            "label": -1 if row["label"] is None else label_names.index(row["label"]),
+            "tags": [tag_names.index(tag) for tag in row["tags"]],
+        }
+        for row in NAMED_ROWS
+    ]
+    dataset = datasets.Dataset.from_list(ids, features=features)
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    dataset.to_parquet(str(tmp_path / "rows.parquet"))
+    (shard,) = (tmp_path / "saved").glob("*.arrow")
+    return {"folder": tmp_path / "saved", "stream": shard, "parquet": tmp_path / "rows.parquet", "python": dataset}
+
+
+@pytest.mark.parametrize("label_names", [["no", "yes"], ["yes", "no"]])
+def test_classlabel_columns_read_as_their_names_as_jsonl_gives_them(tmp_path, label_names: list[str]) -> None:
+    expected = [record.fields for record in read_records(write_jsonl(tmp_path / "rows.jsonl", NAMED_ROWS))]
+    for form, source in class_label_forms(tmp_path, label_names, ["O", "B"]).items():
+        assert [record.fields for record in read_records(source)] == expected, form
+
+
+def test_a_class_id_past_the_classlabel_names_is_refused_naming_the_row(tmp_path) -> None:
+    pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install 'deltatune[data]')")
+    import pyarrow
+    import pyarrow.parquet
+
+    features = {"label": {"names": ["no", "yes"], "_type": "ClassLabel"}}
+    schema = pyarrow.schema(
+        [("label", pyarrow.int64())], metadata={"huggingface": json.dumps({"info": {"features": features}})}
+    )
+    pyarrow.parquet.write_table(
+        pyarrow.Table.from_pylist([{"label": 1}, {"label": 2}], schema=schema), tmp_path / "rows.parquet"
+    )
+    with pytest.raises(
+        DataError, match=r"rows.parquet row 1: field 'label' holds the class id 2, but its ClassLabel names 2"
+    ):
+        read_records(tmp_path / "rows.parquet")
+
+
+def test_a_classlabel_folder_trains_and_scores_as_the_same_names_in_jsonl_do(tmp_path, capsys) -> None:
+    """Train and eval folders listing the classes in other orders: the run equals the one from JSON Lines of names
+    (the same losses, id2label of the names), and each eval folder scores as the JSONL file does."""
+    datasets = needs_datasets()
+    rows = records("seq-cls")
+
+    def saved(name: str, label_names: list[str]) -> Path:
+        features = datasets.Features(
+            {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)}
+        )
+        ids = [{"text": row["text"], "label": label_names.index(row["label"])} for row in rows]
+        datasets.Dataset.from_list(ids, features=features).save_to_disk(str(tmp_path / name))
+        return tmp_path / name
+
+    jsonl = write_jsonl(tmp_path / "train.jsonl", rows)
+    runs = {}
+    for name, train_file in (("jsonl", jsonl), ("datasets", saved("train", ["no", "yes"]))):
+        config = task_config(tmp_path, "seq-cls", train_file=train_file, eval_file=jsonl, output_dir=tmp_path / name)
+        assert main(["train", str(config), "--quiet"]) == 0
+        adapter_config = json.loads((tmp_path / name / "adapter" / "adapter_config.json").read_text())
+        runs[name] = (
+            json.loads((tmp_path / name / "metrics.json").read_text())["history"],
+            adapter_config["task"]["id2label"],
+        )
+    assert runs["datasets"] == runs["jsonl"]
+    assert sorted(runs["jsonl"][1].values()) == ["no", "yes"]
+    scores = []
+    for eval_file in (jsonl, saved("dev_same", ["no", "yes"]), saved("dev_other_order", ["yes", "no"])):
+        capsys.readouterr()
+        assert main(["eval", str(config), f"eval_file={eval_file}"]) == 0
+        output = capsys.readouterr().out
+        scores.append(json.loads(output[output.index("{") :]))
+    assert scores[1] == scores[0] and scores[2] == scores[0]

@@ -127,3 +127,41 @@ def test_resume_refuses_a_checkpoint_of_other_base_model_weights_at_the_same_pat
     capsys.readouterr()
     assert main(["train", str(config), "--quiet", "--resume"]) == 2
     assert "base_model_weights" in last_error_line(capsys)
+
+
+def edit_model_config(tmp_path, **settings) -> None:
+    """Rewrite the tiny model folder's config.json with `settings` changed, its weights files untouched."""
+    path = tmp_path / "tiny-causal-lm" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **settings}), encoding="utf-8")
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_config_at_the_same_path_and_names_it(tmp_path, capsys) -> None:
+    config, out = interrupted_run(tmp_path)
+    edit_model_config(tmp_path, rms_norm_eps=0.5, hidden_act="relu")
+    capsys.readouterr()
+    assert main(["train", str(config), "--quiet", "--resume"]) == 2
+    line = last_error_line(capsys)
+    assert line.startswith("deltatune: --resume: ") and "base_model_config.rms_norm_eps: 1e-06 → 0.5" in line, line
+    assert 'base_model_config.hidden_act: "silu" → "relu"' in line, line
+    assert not (out / "adapter").exists()
+
+
+def test_resume_accepts_a_model_config_saved_again_by_another_release_with_the_same_settings(tmp_path) -> None:
+    config, out = interrupted_run(tmp_path)
+    edit_model_config(tmp_path, transformers_version="0.0.1", _name_or_path="elsewhere")
+    assert main(["train", str(config), "--quiet", "--resume"]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_checkpoint_written_before_the_model_config_was_recorded_resumes_with_a_warning(tmp_path, caplog) -> None:
+    """Its model config is unknown: it is not compared (the weights still are), and the log says so."""
+    config, out = interrupted_run(tmp_path)
+    state_file = out / "checkpoints" / "step-000006" / "trainer_state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    fingerprint = state["run"]["fingerprint"]
+    state["run"]["fingerprint"] = {name: value for name, value in fingerprint.items() if "model_config" not in name}
+    assert len(state["run"]["fingerprint"]) < len(fingerprint)
+    state_file.write_text(json.dumps(state), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="deltatune"):
+        assert main(["train", str(config), "--quiet", "--resume"]) == 0
+    assert any("does not record the model's config.json" in message for message in caplog.messages), caplog.messages

@@ -3,7 +3,7 @@ table, with nothing of the tensor data read or copied.
 
 Layout (GGUF v2 / v3, little-endian): the magic `GGUF`, the version (u32), the tensor count and the
 metadata count (u64 each); the metadata entries (a key string, a value type (u32), the value); the tensor
-table (per tensor: its name, the number of dimensions (u32), the dimensions fastest first (u64 each), the
+table (per tensor: its name, given once, the number of dimensions (u32), the dimensions fastest first (u64 each), the
 ggml type (u32) and the offset of its data in the data section (u64)); the data section, which starts at
 the next multiple of `general.alignment` (32 by default). A string is its byte length (u64) and its UTF-8
 bytes; an array is its element type (u32), its length (u64) and its elements.
@@ -134,8 +134,15 @@ def read_header(path: Path) -> GGUFHeader:
             cursor.position -= 4  # the element type, read again by value()
         metadata[key] = cursor.value(value_type)
     entries = []
+    named: set[str] = set()
     for _ in range(tensor_count):
         name = cursor.string()
+        if name in named:
+            raise DeltaTuneError(
+                f"{path.name} names the tensor {name} twice in its tensor table, so which copy is the model's is "
+                "unknown (llama.cpp and the gguf package refuse it too); write the file again"
+            )
+        named.add(name)
         (dimensions,) = cursor.unpack("I")
         shape = tuple(reversed(cursor.unpack(f"{dimensions}Q")))
         ggml_type, offset = cursor.unpack("IQ")

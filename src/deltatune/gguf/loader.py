@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
-from .blocks import BLOCK_FORMATS, row_bytes
+from .blocks import BLOCK_FORMATS, block_format, row_bytes
 from .config import gguf_config
 from .embedding import GGUFEmbedding
 from .header import GGUFHeader, TensorEntry, read_header
@@ -93,34 +94,44 @@ def _check_types(header: GGUFHeader, path: Path, names: dict[str, str]) -> None:
             )
 
 
-def _quantized_module(skeleton: nn.Module, blocks: torch.Tensor, kind: int, name: str) -> nn.Module:
-    """The block layer that replaces `skeleton` (an nn.Linear or nn.Embedding), checked against its shape."""
+def _other_shape(path: Path, tensor: TensorEntry, name: str, expected: tuple[int, ...]) -> DeltaTuneError:
+    """The refusal of a tensor whose declared shape is not the one the model built from the file's metadata has."""
+    return DeltaTuneError(
+        f"{path.name}: tensor {tensor.name} ({name}) holds {tensor.shape} values where the model its metadata "
+        f"describes expects {expected}; the file's tensors do not match its metadata, write the file again"
+    )
+
+
+def _quantized_module(
+    skeleton: nn.Module, blocks: torch.Tensor, tensor: TensorEntry, name: str, path: Path
+) -> nn.Module:
+    """The block layer that replaces `skeleton` (an nn.Linear or nn.Embedding), built once the tensor's declared
+    shape is checked against the skeleton's (out × in, or tokens × width)."""
+    kind = tensor.ggml_type
     if isinstance(skeleton, nn.Embedding):
-        replacement = GGUFEmbedding(blocks, kind, skeleton.embedding_dim, skeleton.padding_idx)
         expected = (skeleton.num_embeddings, skeleton.embedding_dim)
-        found = (replacement.num_embeddings, replacement.embedding_dim)
+        build = partial(GGUFEmbedding, blocks, kind, skeleton.embedding_dim, skeleton.padding_idx)
     elif isinstance(skeleton, nn.Linear):
         bias = None if skeleton.bias is None else skeleton.bias.detach()  # on meta until the file's bias comes
-        replacement = GGUFLinear(blocks, kind, skeleton.in_features, bias)
         expected = (skeleton.out_features, skeleton.in_features)
-        found = (replacement.out_features, replacement.in_features)
+        build = partial(GGUFLinear, blocks, kind, skeleton.in_features, bias)
     else:
-        raise DeltaTuneError(f"tensor {name} is quantized but belongs to a {type(skeleton).__name__}, not a Linear")
-    if found != expected:
-        raise DeltaTuneError(f"tensor {name} holds {found} values where the model expects {expected}")
-    return replacement
+        raise DeltaTuneError(
+            f"{path.name}: tensor {tensor.name} is quantized but belongs to a {type(skeleton).__name__}, not a Linear"
+        )
+    if tensor.shape != expected:
+        raise _other_shape(path, tensor, name, expected)
+    return build()
 
 
-def _put_float(model: nn.Module, name: str, values: torch.Tensor) -> None:
-    """Put `values` in place of the (meta) tensor `name`, a parameter keeping its `requires_grad` (a
-    `GGUFLinear`'s bias stays frozen)."""
+def _put_float(model: nn.Module, name: str, values: torch.Tensor, path: Path, tensor: TensorEntry) -> None:
+    """Put `values` (of file tensor `tensor`) in place of the (meta) tensor `name`, a parameter keeping its
+    `requires_grad` (a `GGUFLinear`'s bias stays frozen)."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
     current = module._buffers.get(attribute, module._parameters.get(attribute))
     if current is not None and tuple(current.shape) != tuple(values.shape):
-        raise DeltaTuneError(
-            f"tensor {name} holds {tuple(values.shape)} values where the model expects {tuple(current.shape)}"
-        )
+        raise _other_shape(path, tensor, name, tuple(current.shape))
     if attribute in module._buffers:
         module._buffers[attribute] = values
     else:
@@ -156,6 +167,11 @@ def _tensor_bytes(header: GGUFHeader, tensor: TensorEntry, path: Path) -> torch.
     """The bytes of `tensor` in the file's copy-on-write map (no copy), as rows of its last dimension."""
     rows, values = math.prod(tensor.shape[:-1]), tensor.shape[-1]
     kind = tensor.ggml_type
+    if kind in BLOCK_FORMATS and values % block_format(kind).block_size:
+        raise DeltaTuneError(
+            f"{path.name}: tensor {tensor.name} declares rows of {values} values, not a whole number of "
+            f"{block_format(kind).name} blocks of {block_format(kind).block_size}; the file is damaged"
+        )
     width = row_bytes(values, kind) if kind in BLOCK_FORMATS else values * FLOAT_TYPES[kind].itemsize
     if tensor.start + rows * width > header.data.shape[0]:
         raise DeltaTuneError(f"{path.name} ends inside tensor {tensor.name}; the file is truncated")
@@ -203,11 +219,11 @@ def load_gguf_model(
         if heads:
             values = _unpermute_rows(values, getattr(config, heads[0]))
         if tensor.ggml_type in FLOAT_TYPES:
-            _put_float(model, name, values)
+            _put_float(model, name, values, path, tensor)
             continue
         module_name = name.removesuffix(".weight")
         skeleton = model.get_submodule(module_name)
-        model.set_submodule(module_name, _quantized_module(skeleton, values, tensor.ggml_type, name))
+        model.set_submodule(module_name, _quantized_module(skeleton, values, tensor, name, path))
     _tie_head(model)
     missing = meta_tensors(model)
     _initialise_new(model, missing, path, set(names.values()))

@@ -10,7 +10,9 @@ are: by its first line, or by `column_names` with `header: false`. Blank lines a
 Parquet and Arrow files are read with pyarrow and saved folders with `datasets` (which brings
 pyarrow): `pip install 'deltatune[data]'`; without them such a path is refused in one line naming
 the extra. An Arrow file is the IPC stream that `datasets` writes (its cache files, the shards of a
-saved folder) or the IPC file format (Feather v2).
+saved folder) or the IPC file format (Feather v2). A `ClassLabel` column of `datasets` (a saved folder, the
+Arrow and parquet files it writes, a `Dataset` from Python) is read by its class names, not its ids
+(`data_class_labels`).
 
 A field has one value: a header, `column_names`, a JSON object or an Arrow table that names a column
 twice is refused, as are `columns` that would put two values under one name (a rename onto a field the
@@ -235,15 +237,21 @@ def _require(module: str, what: str) -> None:
         raise DataError(f"{what} needs the {module} package: pip install 'deltatune[data]'")
 
 
-def _rows(path: Path, rows: list[dict[str, Any]]) -> list[Record]:
-    return [Record(fields, f"{path.name} row {index}") for index, fields in enumerate(rows)]
+def _rows(path: Path, rows: list[dict[str, Any]], features: dict[str, Any]) -> list[Record]:
+    """The records of `rows`, their ClassLabel columns (by `datasets`' `features`) read as class names."""
+    from .data_class_labels import class_label_columns, with_class_names
+
+    records = [Record(fields, f"{path.name} row {index}") for index, fields in enumerate(rows)]
+    return with_class_names(records, class_label_columns(features))
 
 
 def _table_rows(path: Path, table: Any) -> list[Record]:
     """The records of a pyarrow table, refused where it names a column twice (its rows as dicts would
-    keep the last)."""
+    keep the last); the features `datasets` wrote into its schema name its ClassLabel ids."""
+    from .data_class_labels import schema_features
+
     _check_columns_once_each(table.schema.names, f"{path.name}: the table")
-    return _rows(path, table.to_pylist())
+    return _rows(path, table.to_pylist(), schema_features(table.schema, path.name))
 
 
 def _read_parquet(path: Path, layout: TableLayout) -> list[Record]:
@@ -290,7 +298,7 @@ def _read_saved_dataset(path: Path, layout: TableLayout) -> list[Record]:
         raise DataError(
             f"{path} holds the splits {', '.join(splits)}; give one split's folder, e.g. {path / splits[0]}"
         )
-    return _rows(path, dataset.to_list())
+    return _rows(path, dataset.to_list(), dataset.features.to_dict())
 
 
 READERS: dict[str, Callable[[Path, TableLayout], list[Record]]] = {
@@ -347,7 +355,10 @@ def _renamed(record: Record, columns: dict[str, str]) -> Record:
 
 def _read(source: str | Path | Iterable[dict[str, Any]], layout: TableLayout) -> list[Record]:
     if not isinstance(source, (str, Path)):
-        return [_python_record(fields, f"record {index}") for index, fields in enumerate(source)]
+        from .data_class_labels import class_label_columns, source_features, with_class_names
+
+        records = [_python_record(fields, f"record {index}") for index, fields in enumerate(source)]
+        return with_class_names(records, class_label_columns(source_features(source)))
     path = Path(source)
     reader = _read_saved_dataset if path.is_dir() else READERS.get(path.suffix.lower())
     if reader is None:

@@ -12,6 +12,11 @@ weights file in the model folder: a stat per file, where hashing the weights wou
 every start. So rewriting the weights is always seen (even a change confined to a few layers, as a
 merged LoRA makes, which hashing a sample of the bytes could miss), and copying the same weights
 without keeping their times also counts as a change (resume from the original, or start afresh).
+The model folder's `config.json` is recorded too (`base_model_config`, each entry by dotted name): its
+architecture settings (norm eps, activation, rope, tied embeddings, dropout) change the math of every step
+though the weights files are untouched; a GGUF file holds its settings itself. A checkpoint written before
+this record existed resumes without it, with a warning: its model config is unknown, and refusing it would
+leave every run checkpointed before the upgrade unresumable where nothing changed (its weights are compared).
 A resume whose fingerprint differs stops and names what differs. A setting added to the config
 later counts as changing the math unless it is listed here; a checkpoint written before it existed
 counts as written with its `ADDED_LATER` value, which every earlier run computed with.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +104,13 @@ alone), so an older KaSA checkpoint is refused. Where the step does not divide t
 epoch's last step once topped up from the epoch's first examples (reading them twice) and is now short
 (`last_step_of_epoch`), so such a checkpoint is refused."""
 
+MODEL_CONFIG = "base_model_config"
+"""The fingerprint's record of the model folder's config.json (`model_config_identity`)."""
+MODEL_CONFIG_KEEPS_THE_MATH = frozenset({"_name_or_path", "transformers_version"})
+"""Entries of a config.json that say where and by which transformers release it was saved, not the model."""
+
+logger = logging.getLogger("deltatune")
+
 DATA_FIELDS = ("train_file", "eval_file")
 """Settings that may hold records passed from Python instead of a path."""
 WEIGHTS_SUFFIXES = (".safetensors", ".bin")
@@ -119,6 +132,7 @@ def run_record(
         "world_size": world_size,
         "training_data": hashlib.sha256(examples).hexdigest(),
         "base_model_weights": weights_identity(weights_source(config.model, config.quantize)),
+        MODEL_CONFIG: model_config_identity(weights_source(config.model, config.quantize)),
         **_loss_added_by_trainer(config),
         **_last_step_of_epoch(config, len(train_features), world_size),
         **({"time_budget": time_budget} if time_budget is not None else {}),
@@ -153,6 +167,21 @@ def weights_identity(folder: Path) -> str:
     return hashlib.sha256(json.dumps(stats).encode("utf-8")).hexdigest()
 
 
+def model_config_identity(source: Path) -> dict[str, Any]:
+    """The settings of model folder `source`'s config.json, less `MODEL_CONFIG_KEEPS_THE_MATH`; none for a
+    GGUF file (its settings are in the file, which `weights_identity` covers). The file as written, not the
+    config transformers loads from it, whose defaults differ between releases."""
+    if source.is_file():
+        return {}
+    settings = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    return {name: value for name, value in settings.items() if name not in MODEL_CONFIG_KEEPS_THE_MATH}
+
+
+def _records_model_config(fingerprint: dict[str, Any]) -> bool:
+    """Whether a (dotted) fingerprint holds `MODEL_CONFIG`: `{}` for a GGUF file, its entries for a folder."""
+    return any(name == MODEL_CONFIG or name.startswith(f"{MODEL_CONFIG}.") for name in fingerprint)
+
+
 def check_same_run(folder: Path, record: dict[str, Any]) -> None:
     """Refuse to resume from checkpoint `folder` unless it was written by the run `record` describes."""
     saved = read_trainer_state(folder).get("run")
@@ -167,6 +196,12 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
             "so no run can continue it exactly; train afresh without --resume"
         )
     now = record["fingerprint"]
+    if not _records_model_config(saved["fingerprint"]):
+        logger.warning(
+            f"--resume: {folder} does not record the model's config.json (an older deltatune wrote it), so a "
+            "change to the model's settings since then is not seen; the weights files are compared"
+        )
+        now = {name: value for name, value in now.items() if not _records_model_config({name: value})}
     before = {**{name: value for name, value in ADDED_LATER.items() if name in now}, **saved["fingerprint"]}
     differ = differences(before, now)
     if differ:
