@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import deltatune
-from deltatune.errors import UnsupportedFormatError
+from deltatune.errors import AdapterFileError, UnsupportedFormatError
 from test_invariants import randomize
 from tiny_models import ARCHS, build, mlp
 
@@ -104,3 +105,44 @@ def test_adapterhub_save_of_a_model_without_a_transformers_config_is_refused_and
         delta_model.save(tmp_path / "task", format="adapterhub")
     assert "\n" not in str(refusal.value) and "format='deltatune'" in str(refusal.value)
     assert not (tmp_path / "task").exists()
+
+
+STRAY_TENSORS = {
+    "bottleneck": "{block}.output_adapters.adapters.task.adapter_down.0.weight",
+    "another-adapters-lora": "{block}.{attention}.loras.other.lora_A",
+}
+"""Tensors a hostile or mixed-up AdapterHub LoRA file may hold beside the adapter's own, which its config does not
+describe (module paths of the arch's first block)."""
+LORA_ARCHS = {
+    "llama": ({"target_modules": ["q_proj", "v_proj"]}, "model.layers.0", "self_attn.q_proj"),
+    "gpt2": (
+        {"target_modules": ["c_attn"], "fused_slices": {"c_attn": [True, False, True]}},
+        "transformer.h.0",
+        "attn.c_attn",
+    ),
+}
+"""Arch → (its LoRA placement AdapterHub can write, its first block, the adapted attention module in it)."""
+
+
+@pytest.mark.parametrize("stray", list(STRAY_TENSORS))
+@pytest.mark.parametrize("arch", list(LORA_ARCHS))
+def test_an_adapterhub_lora_file_holding_a_tensor_its_config_does_not_describe_is_refused_by_name(
+    arch: str, stray: str, tmp_path: Path
+) -> None:
+    """As the bottleneck and ReFT readers do: the reader takes only keys of adapter 'task''s LoRA, so a key it
+    dropped would load a smaller adapter than the file holds without a word."""
+    placement, block, attention = LORA_ARCHS[arch]
+    folder = tmp_path / "task"
+    deltatune.attach(build(arch), deltatune.LoraConfig(r=2, **placement), name="task").save(folder, format="adapterhub")
+    weights = folder / "adapter.safetensors"
+    tensors = load_file(weights)
+    key = STRAY_TENSORS[stray].format(block=block, attention=attention)
+    save_file({**tensors, key: torch.zeros(2, 32)}, weights)
+    model = build(arch)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(AdapterFileError) as refusal:
+        deltatune.load(model, folder)
+    message = str(refusal.value)
+    assert "\n" not in message and str(folder) in message and repr(key) in message
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())

@@ -102,3 +102,61 @@ def test_save_of_a_finite_adapter_loads_back_exactly(tmp_path):
     delta_model.save(str(tmp_path / "adapter"))
     with torch.no_grad():
         assert torch.equal(run(deltatune.load(build("llama"), str(tmp_path / "adapter")), "llama"), adapted_output)
+
+
+OVERFLOWS = {torch.float16: 1e5, torch.bfloat16: 3.4e38}
+"""A float32 value that is finite but beyond each half-precision dtype's range (float16's largest is 65504,
+bfloat16's about 3.39e38)."""
+
+
+def _overflowing_folder(folder: Path, dtype: torch.dtype, head: bool) -> str:
+    """A float32 LoRA (with the classifier head kept whole, if `head`) saved with one tensor at a value finite in
+    float32 but beyond `dtype`'s range; the name of the tensor that would overflow."""
+    config = deltatune.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"] if head else None)
+    delta_model = deltatune.attach(build("bert"), config)
+    name, parameter = next(
+        (name, parameter)
+        for name, parameter in delta_model.named_parameters()
+        if parameter.requires_grad
+        and name.endswith("classifier.deltatune.adapters.default.copy.weight" if head else "lora_A")
+    )
+    with torch.no_grad():
+        parameter[0, 0] = OVERFLOWS[dtype]
+    delta_model.save(str(folder))
+    return "classifier" if head else "lora_A"
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["lora-kept-in-model-dtype", "head-on-the-default-path"])
+@pytest.mark.parametrize("dtype", list(OVERFLOWS), ids=lambda dtype: str(dtype).removeprefix("torch."))
+def test_load_refuses_a_finite_tensor_that_the_models_dtype_would_make_inf_and_loads_nothing(tmp_path, dtype, head):
+    """The check is on what the model would hold (after the cast to its part's dtype), not on the file's values:
+    a head kept whole stays in the model's dtype even with autocast_adapter_dtype=True, LoRA with it False."""
+    folder = tmp_path / "adapter"
+    tensor = _overflowing_folder(folder, dtype, head)
+    model = build("bert").to(dtype)
+    with torch.no_grad():
+        base_output = run(model, "bert")
+    with pytest.raises(AdapterFileError) as refusal:
+        deltatune.load(model, str(folder), autocast_adapter_dtype=head)
+    message = str(refusal.value)
+    assert "\n" not in message and str(folder) in message and tensor in message
+    assert f"{OVERFLOWS[dtype]:.4g}" in message and str(dtype).removeprefix("torch.") in message
+    with torch.no_grad():
+        assert torch.equal(run(model, "bert"), base_output)
+
+
+def test_restore_refuses_a_checkpoint_that_the_models_dtype_would_make_inf_and_copies_nothing(tmp_path):
+    """A trainer's resume shares the check: the model's adapter (float16 here) keeps its values."""
+    from deltatune.restore import restore_weights
+
+    folder = tmp_path / "checkpoint"
+    _overflowing_folder(folder, torch.float16, head=False)
+    delta_model = deltatune.attach(
+        build("bert").to(torch.float16),
+        deltatune.LoraConfig(r=2, target_modules=["query"]),
+        autocast_adapter_dtype=False,
+    )
+    before = {name: tensor.clone() for name, tensor in delta_model.state_dict().items()}
+    with pytest.raises(AdapterFileError, match="lora_A.*float16"):
+        restore_weights(delta_model, folder)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in delta_model.state_dict().items())

@@ -1,7 +1,7 @@
 """One adapter's tensors as a folder holds them (`ReadAdapter`, keyed as its format's `FileLayout` says)
 and their copy into a model's adapter parts: `copy_plan` checks that the file holds exactly the adapter's
-tensors with the right shapes, each finite and of the model part's kind (float or not), before `copy_tensors`
-copies any (a load or a checkpoint restore changes nothing on a bad file)."""
+tensors with the right shapes, each of the model part's kind (float or not) and finite once cast to the part's
+dtype, before `copy_tensors` copies any (a load or a checkpoint restore changes nothing on a bad file)."""
 
 from __future__ import annotations
 
@@ -93,8 +93,9 @@ def copy_plan(
                     f"{file_key}: the file holds shape {tuple(stored.shape)}, the model needs "
                     f"{tuple(current.shape)}; the adapter was made for a model of another shape"
                 )
-            _check_values(read.source, file_key, stored, current)
+            _check_kind(read.source, file_key, stored, current)
             loaded[tensor_name] = stored.to(dtype=current.dtype, device=current.device)
+            _check_finite(read.source, file_key, stored, loaded[tensor_name])
             used.add(file_key)
         plan.append((adapter, loaded))
     extra = sorted(set(read.tensors) - used)
@@ -111,17 +112,33 @@ def non_finite(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and not _all_finite(tensor)
 
 
-def _check_values(source: Path, file_key: str, stored: torch.Tensor, current: torch.Tensor) -> None:
+def _check_kind(source: Path, file_key: str, stored: torch.Tensor, current: torch.Tensor) -> None:
     """Refuse a stored tensor that is not of the model part's kind (an int64 or bool tensor where the part is
-    float, or the reverse: a cast would invent values) or that holds NaN or ±inf."""
+    float, or the reverse): a cast would invent values."""
     if stored.is_floating_point() != current.is_floating_point():
         raise AdapterFileError(
-            f"{source}: tensor {file_key!r} is {str(stored.dtype).removeprefix('torch.')} and the model's part is "
-            f"{str(current.dtype).removeprefix('torch.')}; the file is damaged or was not written for this adapter, "
-            "so nothing was loaded"
+            f"{source}: tensor {file_key!r} is {_dtype_name(stored)} and the model's part is {_dtype_name(current)}; "
+            "the file is damaged or was not written for this adapter, so nothing was loaded"
         )
+
+
+def _check_finite(source: Path, file_key: str, stored: torch.Tensor, cast: torch.Tensor) -> None:
+    """Refuse a tensor that would hold NaN or ±inf in the model: what the model part would store (`cast`, the
+    file's tensor in the part's dtype) is checked, so a finite float32 value beyond float16's range (65504),
+    which the cast makes ±inf, is refused as a NaN in the file is."""
+    if not non_finite(cast):
+        return
     if non_finite(stored):
         raise AdapterFileError(
             f"{source}: tensor {file_key!r} holds non-finite values (NaN or inf), so nothing was loaded; the run that "
             "trained it likely diverged (or the file is damaged): train it again with a lower learning rate"
         )
+    largest = stored.abs().max().item()
+    raise AdapterFileError(
+        f"{source}: tensor {file_key!r} holds values up to {largest:.4g} in magnitude, beyond {_dtype_name(cast)}'s "
+        f"range, so it would be inf in this model and nothing was loaded; load it onto a float32 model"
+    )
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")

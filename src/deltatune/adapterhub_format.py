@@ -137,7 +137,7 @@ def _read_bottleneck(options: dict, tensors: Tensors, name: str, model: nn.Modul
 
 
 def _read_lora(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
-    return lora_config_from_adapterhub(options, model, folder), lora_tensors(tensors, name)
+    return lora_config_from_adapterhub(options, model, folder), lora_tensors(tensors, name, folder)
 
 
 def _read_prefix(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
@@ -153,7 +153,7 @@ def _read_reft(options: dict, tensors: Tensors, name: str, model: nn.Module, fol
 
 def _read_union(options: dict, tensors: Tensors, name: str, model: nn.Module, folder: Path) -> tuple:
     """MAM (prefix tuning + a bottleneck) or UniPELT (the two + LoRA): each part read by its own reader,
-    the bottleneck from the tensors that are neither the prefix's nor LoRA's."""
+    the prefix and LoRA from their own tensors (`PART_KEYS`), the bottleneck from the rest."""
     parts = {part.get("architecture") or "bottleneck": part for part in options.get("configs", [])}
     composed = UNIONS.get(tuple(sorted(parts)))
     if composed is None or len(options["configs"]) != len(parts) or parts["bottleneck"].get("phm_layer"):
@@ -163,10 +163,11 @@ def _read_union(options: dict, tensors: Tensors, name: str, model: nn.Module, fo
             "(UniPELT)"
         )
     config_class, fields = composed
-    rest = {key: tensor for key, tensor in tensors.items() if not (is_prefix_key(key, name) or is_lora_key(key, name))}
+    rest = {key: tensor for key, tensor in tensors.items() if not any(own(key, name) for own in PART_KEYS.values())}
     configs, ours = {}, {}
     for architecture, field in fields.items():
-        part_tensors = rest if architecture == "bottleneck" else tensors
+        own = PART_KEYS.get(architecture)
+        part_tensors = rest if own is None else {key: tensor for key, tensor in tensors.items() if own(key, name)}
         configs[field], read = READERS[architecture](parts[architecture], part_tensors, name, model, folder)
         ours.update(read)
     return config_class(**configs), ours
@@ -188,6 +189,8 @@ UNIONS = {
     ),
 }
 """The parts of a union AdapterHub folder (sorted) → our composed config and its field of each part."""
+PART_KEYS = {"prefix_tuning": is_prefix_key, "lora": is_lora_key}
+"""A union's part → whether a key of the weights (and adapter name) is that part's; the bottleneck has the rest."""
 
 
 def bottleneck_tensors(

@@ -99,10 +99,19 @@ def is_lora_key(key: str, name: str) -> bool:
     return f"{MARKER}{name}." in key
 
 
-def lora_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """Our file keys (`<layer>.<tensor>`) for the LoRA tensors of adapter `name` in AdapterHub's weights."""
+def lora_tensors(tensors: dict[str, torch.Tensor], name: str, folder: Path) -> dict[str, torch.Tensor]:
+    """Our file keys (`<layer>.<tensor>`) for the LoRA tensors of adapter `name` in AdapterHub's weights `tensors`,
+    which must hold nothing else: a tensor the config does not describe is refused by name (as the bottleneck
+    and ReFT readers refuse one), since dropping it would load a smaller adapter than the file holds."""
     marker = f"{MARKER}{name}."
-    return {key.replace(marker, "."): tensor for key, tensor in tensors.items() if marker in key}
+    ours = {}
+    for key, tensor in tensors.items():
+        if marker not in key:
+            raise AdapterFileError(
+                f"{folder}: tensor {key!r} is not part of a LoRA adapter {name!r} that deltatune can load"
+            )
+        ours[key.replace(marker, ".")] = tensor
+    return ours
 
 
 def lora_config_to_adapterhub(config: LoraConfig, delta_model: DeltaModel, name: str) -> dict[str, Any]:
