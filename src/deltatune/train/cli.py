@@ -338,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     except DeltaTuneError as error:
         print(f"deltatune: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("deltatune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # its message, where there is one, says what was kept
+        print(f"deltatune: interrupted{f'; {interrupt}' if interrupt.args else ''}", file=sys.stderr)
         return 130
     return 0
 
