@@ -207,6 +207,7 @@ def _demo(arguments: argparse.Namespace) -> None:
             steps=arguments.steps,
             examples=arguments.examples,
             overrides=arguments.overrides,
+            overwrite=arguments.overwrite,
         )
     )
 
@@ -308,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="a prompt/completion JSONL file to use instead of the generated task")
     demo.add_argument("--steps", type=int, help="optimizer steps (default: the demo's budget)")
     demo.add_argument("--examples", type=int, help="evaluation examples (default 64)")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's or demo's work in --out (only what deltatune wrote there goes)",
+    )
     demo.add_argument(
         "overrides",
         nargs="*",
