@@ -5,12 +5,14 @@ adapter folder (by any path that leads there), replaces an existing non-empty OU
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 import transformers
 
 import deltatune
+import deltatune.atomic as atomic
 from deltatune.train.cli import main
 from training_fixtures import model_folder
 
@@ -122,3 +124,53 @@ def test_a_merge_that_adds_a_bias_the_architecture_cannot_load_is_refused_and_wr
     assert main(["merge", str(model), str(tmp_path / "adapter"), str(out)]) == 2
     assert "q_proj.bias" in capsys.readouterr().err
     assert not out.exists()
+
+
+INTERRUPTS = {
+    "after-the-exchange": (True, 1),
+    "between-the-renames": (False, 1),
+    "after-both-renames": (False, 2),
+}
+"""Where a Ctrl-C lands in `merge --overwrite`: (the file system exchanges folders, the move of a folder in OUT's
+parent after which it comes). Without an exchange (NFS, macOS) the old OUT is renamed aside, then the new one in."""
+
+
+@pytest.mark.parametrize("interrupt", list(INTERRUPTS))
+def test_an_interrupted_merge_overwrite_leaves_a_whole_model_at_out(
+    interrupt: str, model_and_adapter, tmp_path, monkeypatch, capsys
+) -> None:
+    """After a Ctrl-C at any move, OUT holds the old model or the new one, or the next merge puts the old one back
+    (and names where it lay): then it refuses to write over it without --overwrite, and leaves nothing hidden."""
+    model, adapter = model_and_adapter
+    out = tmp_path / "merged"
+    assert main(["merge", str(model), str(adapter), str(out)]) == 0
+    merged = folder_digest(out)
+    exchanges, interrupt_after = INTERRUPTS[interrupt]
+    moves = []
+
+    def counted(move):
+        def move_then_maybe_interrupt(source, target, *args, **kwargs):
+            result = move(source, target, *args, **kwargs)
+            if out.parent in (Path(source).parent, Path(target).parent):
+                moves.append(target)
+                if len(moves) == interrupt_after:
+                    raise KeyboardInterrupt
+            return result
+
+        return move_then_maybe_interrupt
+
+    monkeypatch.setattr(os, "rename", counted(os.rename))
+    monkeypatch.setattr(os, "replace", counted(os.replace))
+    real_exchange = atomic._exchange
+    monkeypatch.setattr(atomic, "_exchange", counted(real_exchange) if exchanges else lambda first, second: False)
+    assert main(["merge", str(model), str(adapter), str(out), "--overwrite"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    assert main(["merge", str(model), str(adapter), str(out)]) == 2
+    said = capsys.readouterr()
+    assert "--overwrite" in said.err
+    if interrupt == "between-the-renames":  # OUT was absent: the old model is put back, and where it lay is said
+        assert f"note: {out} was put back from {tmp_path / '.merged.deltatune-old'}" in said.out, said.out
+    assert folder_digest(out) == merged
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]

@@ -24,6 +24,10 @@ folder or the new one, never a mix. With `parent` the folder's parent (POSIX):
    two renames the path is absent. A kill there leaves the old folder complete under that name: the
    next save puts it back first, and `load` names it in its error.
 
+`staged_folder(folder)` is the same replacement for a block that writes the staging folder itself (a
+merged model, whose files a library's `save_pretrained` writes); `restore_interrupted(folder)` finishes an
+interrupted swap at once (`deltatune merge` calls it before it checks OUT, and says what it put back).
+
 So a kill at any instant leaves the old folder or the new one at the path, and staging that the next
 save into that parent removes. Readers take no lock: `folder_version` changes whenever the folder is
 replaced, so a reader compares it before and after reading and reads again if it changed. A process
@@ -59,7 +63,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -90,19 +94,33 @@ def replace_folder(
     """Replace `folder`, in one step, by a folder holding what `writers` write (`{entry name:
     writer(path)}`, each writing one file or folder) and the old folder's other entries, except those
     that `replaced(entry)` claims for this save. An error before the swap leaves the old folder as it was."""
+    with staged_folder(folder, replaced, list(writers)) as staging:
+        for name, write in writers.items():
+            write(str(staging / name))
+
+
+@contextlib.contextmanager
+def staged_folder(
+    folder: Path, replaced: Callable[[Path], bool] = lambda entry: False, names: Iterable[str] = ()
+) -> Iterator[Path]:
+    """A new staging folder beside `folder` for the block to write into (`names`: the entries it will write,
+    checked first as `replace_folder` checks its writers'). When the block ends without error the staging
+    folder, with the old folder's entries that it lacks and `replaced` does not claim, replaces `folder` in
+    one step; else it is removed and `folder` stays as it was. `replaced=lambda entry: True` replaces the
+    old folder whole (`deltatune merge --overwrite`)."""
     with _errors_said(folder):
         real = _real_folder(Path(folder))
         with _locked(real.parent):
             _remove_staging(real.parent)
             _finish_interrupted_swap(real)
             if real.is_dir():
-                _check_only_saves_replaced(real, writers, replaced)
+                _check_only_saves_replaced(real, names, replaced)
             staging = _new_staging(real.parent, real.name)
             try:
                 os.mkdir(staging)
-                for name, write in writers.items():
-                    write(str(staging / name))
-                    _sync_tree(staging / name)
+                yield staging
+                for entry in staging.iterdir():
+                    _sync_tree(entry)
                 if real.is_dir():
                     _carry_over(real, staging, replaced)
                     shutil.copymode(real, staging)
@@ -112,6 +130,17 @@ def replace_folder(
                 _sync_folder(real.parent)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def restore_interrupted(folder: Path) -> Path | None:
+    """Finish a replacement of `folder` that a kill stopped between its two renames (step 4's fallback): where
+    the path is absent, put the old folder back and return where it lay; where the new one is in place, drop
+    the old. None where there was nothing to finish."""
+    real = Path(os.path.realpath(folder))
+    if not _aside(real).is_dir():
+        return None
+    with _errors_said(folder), _locked(real.parent):
+        return _finish_interrupted_swap(real)
 
 
 def write_files(folder: Path, writers: dict[str, Writer]) -> None:
@@ -255,15 +284,16 @@ def _remove_staging(directory: Path) -> None:
                 entry.unlink(missing_ok=True)
 
 
-def _finish_interrupted_swap(folder: Path) -> None:
-    """A kill between the two renames of a swap without exchange: put the old folder back (or, if the
-    new one is in place, drop the old)."""
+def _finish_interrupted_swap(folder: Path) -> Path | None:
+    """A kill between the two renames of a swap without exchange: put the old folder back (returning where
+    it lay), or, if the new one is in place, drop the old."""
     aside = _aside(folder)
     if aside.is_dir():
-        if folder.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
+        if not folder.exists():
             os.rename(aside, folder)
+            return aside
+        shutil.rmtree(aside, ignore_errors=True)
+    return None
 
 
 def _new_staging(directory: Path, name: str) -> Path:
@@ -275,10 +305,10 @@ def _new_staging(directory: Path, name: str) -> Path:
             return staging
 
 
-def _check_only_saves_replaced(old: Path, writers: dict[str, Writer], replaced: Callable[[Path], bool]) -> None:
-    """Refuse, before anything is written, a save that would replace an entry of `old` that no save
-    wrote (a user's folder or file with an adapter's name)."""
-    for name in writers:
+def _check_only_saves_replaced(old: Path, names: Iterable[str], replaced: Callable[[Path], bool]) -> None:
+    """Refuse, before anything is written, a save that would write entries `names` over an entry of `old`
+    that no save wrote (a user's folder or file with an adapter's name)."""
+    for name in names:
         entry = old / name
         if os.path.lexists(entry) and not replaced(entry):
             raise AdapterFileError(

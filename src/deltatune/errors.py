@@ -56,6 +56,10 @@ class TrainingDivergedError(DeltaTuneError):
     """A training step gave a non-finite loss, gradient norm or weight; nothing broken was saved."""
 
 
+class FinalEvaluationError(DeltaTuneError):
+    """The evaluation after a run's last step failed; the trained adapter was saved before it."""
+
+
 class CheckpointMismatchError(DeltaTuneError):
     """A checkpoint written by a run with other settings (or other data) than the run resuming it."""
 

@@ -104,13 +104,17 @@ def _merge(arguments: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from .. import load
+    from ..atomic import restore_interrupted, staged_folder
     from ..quantized import quantized_linear
     from ..requantize import save_requantized
     from .models import adapter_task, load_model, model_folder
-    from .outputs import check_merge_output, replaced_folder
+    from .outputs import check_merge_output
     from .quantize import quantization_config, require_backend
 
     out, folder = Path(arguments.out), model_folder(arguments.model)
+    restored = restore_interrupted(out)  # before the checks: a model put back is not written over unasked
+    if restored is not None:
+        print(f"note: {out} was put back from {restored}, where an interrupted replacement had left it")
     check_merge_output(out, {"model": folder, "adapter": Path(arguments.adapter)}, arguments.overwrite)
     dequantize = arguments.dequantize or arguments.requantize is not None
     if arguments.quantize and not dequantize:
@@ -145,7 +149,7 @@ def _merge(arguments: argparse.Namespace) -> None:
         )
     if arguments.dtype:
         merged.to(dtype)
-    with replaced_folder(out) as staging:
+    with staged_folder(out, replaced=lambda entry: True) as staging:  # the old OUT goes whole, in one exchange
         if arguments.requantize:
             save_requantized(merged, staging, quantization_config(arguments.requantize, dtype), dtype)
         else:
@@ -203,6 +207,7 @@ def _demo(arguments: argparse.Namespace) -> None:
             steps=arguments.steps,
             examples=arguments.examples,
             overrides=arguments.overrides,
+            overwrite=arguments.overwrite,
         )
     )
 
@@ -305,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="optimizer steps (default: the demo's budget)")
     demo.add_argument("--examples", type=int, help="evaluation examples (default 64)")
     demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's or demo's work in --out (only what deltatune wrote there goes)",
+    )
+    demo.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -338,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     except DeltaTuneError as error:
         print(f"deltatune: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("deltatune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # its message, where there is one, says what was kept
+        print(f"deltatune: interrupted{f'; {interrupt}' if interrupt.args else ''}", file=sys.stderr)
         return 130
     return 0
 

@@ -10,8 +10,9 @@
    blocks by default: the backward pass then stops halfway down), measure again.
    A second, format-blind score, `record_match`, parses the answer as JSON and compares records.
 4. Print a before/after table and a few answers; write the adapter, `metrics.json` (with "before" and
-   "after": exact match in [0, 1], and `quantize`) and `training.png` into the output folder, replacing
-   those of an earlier demo run there.
+   "after": exact match in [0, 1], and `quantize`) and `training.png` into the output folder. A folder
+   holding an earlier run's or demo's work is replaced only with `--overwrite`, and then only what a
+   deltatune run or demo wrote there goes (`demo_outputs.py`); the `--data` input is never written over.
 5. Write the adapter as a llama.cpp LoRA file, `adapter.gguf`, with an Ollama `Modelfile` beside it
    (`deltatune export`; LoRA on a Llama-family model only: otherwise a note says why not).
 
@@ -32,6 +33,7 @@ from ..atomic import write_files
 from ..errors import DeltaTuneError
 from .config import TrainConfig, apply_overrides
 from .data import read_records
+from .demo_outputs import DATA_FILES, GGUF_FILES, check_demo_out, clear_demo_files, record_demo_files
 from .evaluate import Evaluation
 from .report import before_after_table
 
@@ -54,7 +56,6 @@ PATTERNS = [
 ]
 SYSTEM_PROMPT = "Turn the sentence into a JSON record with the keys name, city, item and count."
 TRAIN_EXAMPLES, EVAL_EXAMPLES, SEED = 320, 64, 1234
-GGUF_ADAPTER = "adapter.gguf"
 
 
 def generate_records(count: int, seed: int) -> list[dict[str, str]]:
@@ -95,6 +96,8 @@ class DemoOptions:
     """Load the frozen base quantized (a `quantize:` name: nf4, fp4, int8, ...); none: float32. A
     `quantize=NAME` override does the same."""
     overrides: list[str] = field(default_factory=list)
+    overwrite: bool = False
+    """Replace an earlier run's or demo's work in `out` (only what a deltatune run or demo wrote there)."""
 
 
 def record_match(predictions: list[str], references: list[str]) -> float:
@@ -152,7 +155,7 @@ def demo_config(options: DemoOptions, train_file: Path, eval_file: Path, layers:
         "adapter": adapter,
         "output_dir": options.out,
         "quantize": options.quantize,
-        "overwrite_output_dir": True,
+        "overwrite_output_dir": options.overwrite,
         "chat_template": chat,
         "system_prompt": SYSTEM_PROMPT if chat and not options.data else None,
         "max_length": 128,
@@ -176,11 +179,15 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     out = Path(options.out)
     folder = model_folder(options.model)
     tokenizer = load_tokenizer(str(folder))
-    train_file, eval_file = write_data(options, out / "data")
     settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    train_file, eval_file = (out / name for name in DATA_FILES)
     config = demo_config(
         options, train_file, eval_file, settings.get("num_hidden_layers"), bool(tokenizer.chat_template)
     )
+    check_demo_out(config, options.data)
+    clear_demo_files(out)
+    write_data(options, train_file.parent)
+    record_demo_files(out, DATA_FILES)
     run = prepare_run(config)
     base = f"quantized {config.quantize}" if config.quantize else "float32"
     print(f"{options.model} ({base} base), method {config.adapter['method']}")
@@ -214,17 +221,19 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     for prompt, was, now in list(zip(prompts, before.predictions, after.predictions))[:3]:
         print(f"\n  input:  {prompt}\n  before: {was[:100]!r}\n  after:  {now!r}")
     print(f"\nadapter, metrics.json and training.png are in {out}/")
-    _write_gguf(run, options.model, out / GGUF_ADAPTER)
+    _write_gguf(run, options.model, out)
     return report
 
 
-def _write_gguf(run: Any, model: str, path: Path) -> None:
-    """The demo's adapter as a llama.cpp LoRA file and its Modelfile, or a note saying why there is none."""
+def _write_gguf(run: Any, model: str, out: Path) -> None:
+    """The demo's adapter as a llama.cpp LoRA file and its Modelfile in `out` (recorded as the demo's), or a
+    note saying why there is none."""
     from .export import write_gguf_adapter
 
     try:
-        written = write_gguf_adapter(run.delta_model, "default", path, model)
+        written = write_gguf_adapter(run.delta_model, "default", out / GGUF_FILES[0], model)
     except DeltaTuneError as error:
         print(f"no llama.cpp adapter written: {error}")
         return
+    record_demo_files(out, GGUF_FILES)
     print(f"llama.cpp LoRA adapter: {written.path} (Ollama: ollama create demo -f {written.modelfile})")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DeltaTuneError
+from ..errors import DeltaTuneError, FinalEvaluationError
 from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
@@ -302,15 +302,48 @@ def _train_run(
     bar.close()
     train_seconds = clock.seconds()
     check_weights(config, parameters, state.step)
-    final = _evaluate_into(run, ranks, state, progress, trackers) if run.eval_features else None
+    _save_outputs(run, ranks, None)  # before the final evaluation, whose failure then loses no training
+    final = _final_evaluation(run, ranks, state, progress, trackers) if run.eval_features else None
     seconds = time.perf_counter() - started
+    extra = {"train_seconds": round(train_seconds, 2), "config": state.run["config"]}  # settings as resolved
+    _save_outputs(run, ranks, final, (state.history, seconds, extra))
+    return TrainResult(run, state.history, final, output_dir, seconds, state.step, train_seconds)
+
+
+def _save_outputs(
+    run: Run,
+    ranks: distributed.Ranks,
+    final: Evaluation | None,
+    report: tuple[list[dict[str, float]], float, dict[str, Any]] | None = None,
+) -> None:
+    """By the main process, the whole adapter in hand: the adapter saved into `output_dir/adapter` (its card
+    listing `final`'s metrics; saved again only for them once a `report` comes), and `report` (history,
+    seconds, extra) written as `metrics.json` and the plot."""
+    output_dir = Path(run.config.output_dir)
     with sharding.whole_adapter(run.delta_model):
         if ranks.main:
-            run.delta_model.save(str(output_dir / ADAPTER_FOLDER), metrics=final.metrics if final else None)
-            extra = {"train_seconds": round(train_seconds, 2), "config": state.run["config"]}  # settings as resolved
-            run.write_report(output_dir, state.history, final, seconds, extra)
+            if report is None or final is not None:
+                run.delta_model.save(str(output_dir / ADAPTER_FOLDER), metrics=final.metrics if final else None)
+            if report is not None:
+                run.write_report(output_dir, report[0], final, report[1], report[2])
     distributed.barrier(ranks)
-    return TrainResult(run, state.history, final, output_dir, seconds, state.step, train_seconds)
+
+
+def _final_evaluation(
+    run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool, trackers: Trackers
+) -> Evaluation | None:
+    """The evaluation after the last step, the adapter already saved: a failure (an error, a Ctrl-C) says
+    in one line where the adapter is, then stops the run."""
+    saved = f"the trained adapter is saved at {Path(run.config.output_dir) / ADAPTER_FOLDER}"
+    try:
+        return _evaluate_into(run, ranks, state, progress, trackers)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{saved}; the final evaluation did not finish") from None
+    except Exception as error:
+        raise FinalEvaluationError(
+            f"{saved}, but the final evaluation failed ({type(error).__name__}: {error}); evaluate it with "
+            "`deltatune eval CONFIG` once the cause is fixed"
+        ) from error
 
 
 def _starting_state(

@@ -25,12 +25,10 @@ it was and no staging behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from ..atomic import is_helper
@@ -235,39 +233,3 @@ def check_merge_output(out: Path, inputs: dict[str, Path], overwrite: bool) -> N
         raise OutputFolderError(
             f"OUT {out} already exists and is not empty; pass --overwrite to replace it, or give a new folder"
         )
-
-
-@contextlib.contextmanager
-def replaced_folder(out: Path) -> Iterator[Path]:
-    """A staging folder beside `out` to write into; when the block ends without error it takes the
-    place of `out` (an old `out` is removed), else it is removed and `out` stays as it was."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    except OSError as error:
-        raise OutputFolderError(
-            f"cannot write beside {out} ({error.strerror or error}); give a folder you can write to"
-        ) from None
-    try:
-        yield staging
-        _put_in_place(staging, out)
-    except OSError as error:
-        raise OutputFolderError(f"writing {out} failed ({error.strerror or error}); {out} was left as it was") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _put_in_place(staging: Path, out: Path) -> None:
-    """Rename `staging` to `out`, moving an existing `out` aside first and removing it after."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, aside / out.name)
-    try:
-        os.replace(staging, out)
-    except OSError:
-        os.replace(aside / out.name, out)
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside)

@@ -1,0 +1,106 @@
+"""`deltatune demo --out DIR` follows the trainer's output rules: a folder holding another run's work or a
+user's files is refused (one line, before anything is written) unless `--overwrite`, which replaces only what
+a deltatune run or demo wrote there; and the demo never writes over its `--data` input."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from deltatune.train.cli import main
+from training_fixtures import model_folder, records, task_config, write_jsonl
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (helper entries of saves left out) → its content's digest."""
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.name.startswith(".deltatune")
+    }
+
+
+def demo(model: Path, out: Path, *extra: str) -> int:
+    return main(["demo", "--model", str(model), "--out", str(out), "--steps", "1", "--examples", "2", *extra])
+
+
+def earlier_training_run(tmp_path: Path, out: Path) -> None:
+    config = task_config(tmp_path, "causal-lm", output_dir=out, eval_file=None, max_steps=1)
+    assert main(["train", str(config), "--quiet"]) == 0
+
+
+def user_file(name: str, content: bytes) -> Callable[[Path, Path], None]:
+    def write(tmp_path: Path, out: Path) -> None:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+
+    return write
+
+
+REFUSED = {
+    "an-earlier-training-run": (earlier_training_run, "already holds adapter"),
+    "the-users-modelfile": (user_file("Modelfile", b"FROM /models/mine.gguf\n"), "Modelfile"),
+    "the-users-adapter-gguf": (user_file("adapter.gguf", b"my own export"), "adapter.gguf"),
+    "the-users-data-file": (user_file("data/train.jsonl", b'{"prompt": "a", "completion": "b"}\n'), "data/train.jsonl"),
+}
+
+
+@pytest.mark.parametrize("holding", list(REFUSED))
+def test_demo_refuses_an_out_folder_holding_other_work_and_writes_nothing(holding: str, tmp_path, capsys) -> None:
+    model, out = model_folder(tmp_path, "causal-lm"), tmp_path / "project"
+    out.mkdir()
+    make, named = REFUSED[holding]
+    make(tmp_path, out)
+    before = folder_digest(out)
+    capsys.readouterr()
+    assert demo(model, out) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("deltatune: ") and named in last and "--overwrite" in last, last
+    assert folder_digest(out) == before
+
+
+@pytest.mark.parametrize("holding", [name for name in REFUSED if name != "an-earlier-training-run"])
+def test_demo_overwrite_still_refuses_files_no_deltatune_run_wrote(holding: str, tmp_path, capsys) -> None:
+    model, out = model_folder(tmp_path, "causal-lm"), tmp_path / "project"
+    out.mkdir()
+    make, named = REFUSED[holding]
+    make(tmp_path, out)
+    before = folder_digest(out)
+    capsys.readouterr()
+    assert demo(model, out, "--overwrite") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("deltatune: ") and named in last and "no deltatune" in last, last
+    assert folder_digest(out) == before
+
+
+def test_demo_never_writes_over_its_data_input(tmp_path, capsys) -> None:
+    model, out = model_folder(tmp_path, "causal-lm"), tmp_path / "project"
+    (out / "data").mkdir(parents=True)
+    data = write_jsonl(out / "data" / "train.jsonl", records("causal-lm", 12))
+    before = folder_digest(out)
+    for overwrite in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert demo(model, out, "--data", str(data), *overwrite) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("deltatune: ") and str(data) in last and "--data" in last, last
+        assert folder_digest(out) == before
+
+
+def test_demo_overwrite_replaces_an_earlier_run_and_keeps_the_users_files(tmp_path) -> None:
+    """An earlier training run, then a LoRA demo (with its llama.cpp file), then a BitFit demo (none): each
+    replaces the run before it whole (no stale adapter.gguf), and the user's note stays."""
+    model, out = model_folder(tmp_path, "causal-lm"), tmp_path / "project"
+    earlier_training_run(tmp_path, out)
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert demo(model, out, "--overwrite") == 0
+    if importlib.util.find_spec("gguf") is not None:
+        assert (out / "adapter.gguf").is_file() and (out / "Modelfile").is_file()
+    assert demo(model, out) == 2  # the demo's own earlier work, too, is replaced only when told
+    assert demo(model, out, "--overwrite", "--method", "bitfit") == 0
+    assert not (out / "adapter.gguf").exists() and not (out / "Modelfile").exists()
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "data" / "eval.jsonl").is_file()
