@@ -219,6 +219,14 @@ def unchanged_after_refusal(model: deltatune.DeltaModel, adapters: list[str], we
     return str(refusal.value)
 
 
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "minus-inf"])
+def test_non_finite_weights_are_refused_in_one_line(weight: float) -> None:
+    model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, init_lora_weights=False), name="a")
+    model.add("b", deltatune.LoraConfig(r=4, init_lora_weights=False))
+    message = unchanged_after_refusal(model, ["a", "b"], [1.0, weight])
+    assert f"weights must be finite numbers, got [1.0, {weight}]" in message
+
+
 UNCOMBINABLE_PARTS = {
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, r"cannot combine a: a copy of lm_head \(modules_to_save\)"),
     "use_gating": ({"use_gating": True}, r"cannot combine a: a gated LoRA's gate \(use_gating\) depends on its input"),

@@ -176,6 +176,14 @@ def _refuse_parts_beyond_the_factors(adapters: list[str], configs: list[LoraConf
             )
 
 
+def _finite_number(weight: object) -> bool:
+    """Whether `weight` is a finite real number (a float, an int, a one-element tensor)."""
+    try:
+        return not isinstance(weight, str) and math.isfinite(float(weight))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def _checked_kind(
     adapters: list[str],
     weights: list[float],
@@ -191,6 +199,8 @@ def _checked_kind(
         raise DeltaTuneError(f"unknown majority_sign_method {majority_sign_method!r}; use 'total' or 'frequency'")
     if len(adapters) != len(weights) or not adapters:
         raise DeltaTuneError("pass one weight per adapter (and at least one adapter)")
+    if not all(_finite_number(weight) for weight in weights):
+        raise DeltaTuneError(f"weights must be finite numbers, got {list(weights)}; pass one real weight per adapter")
     prunes = combination_type.removesuffix("_svd") in PRUNING_MERGES
     if prunes and (density is None or not 0 < density <= 1):
         raise DeltaTuneError(f"combination_type {combination_type!r} needs a density in (0, 1]; got {density!r}")
