@@ -196,10 +196,13 @@ def test_a_fusion_saves_on_its_own_and_loads_onto_a_model_with_its_adapters(tmp_
         deltatune.load(build("bert"), tmp_path / "fusion")
 
 
-def test_fusion_rows_in_a_mixed_batch_equal_separate_runs() -> None:
+@pytest.mark.parametrize("skip_layers", [(), (0,)], ids=["every-layer", "adapterdrop-layer-0"])
+def test_fusion_rows_in_a_mixed_batch_equal_separate_runs(skip_layers: tuple[int, ...]) -> None:
+    """Under AdapterDrop too: each row skips the layers its setup run alone skips."""
     delta_model = fused()
+    delta_model.activate(deltatune.Fuse("a", "b"), skip_layers=skip_layers)
     fusion_output = run(delta_model, "bert")
-    delta_model.activate("a")
+    delta_model.activate("a", skip_layers=skip_layers)
     output_a = run(delta_model, "bert")
     mixed = run(delta_model, "bert", adapter_names=["a,b", "a", None])
     torch.testing.assert_close(mixed[0], fusion_output[0], atol=1e-6, rtol=0)

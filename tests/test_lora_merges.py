@@ -5,6 +5,7 @@ outputs with it active agree within 1e-5, and the global generator is left where
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import peft
@@ -205,3 +206,53 @@ def test_dora_and_kasa_adapters_are_refused_before_anything_changes(variant: dic
         model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix", combination_type="linear")
     assert "\n" not in str(error.value) and "mix" not in model.configs
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def unchanged_after_refusal(model: deltatune.DeltaModel, adapters: list[str], weights: list[float]) -> str:
+    """The one-line message of the refused `add_weighted_adapter`; no adapter "mix" is left and no tensor changed."""
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(DeltaTuneError) as refusal:
+        model.add_weighted_adapter(adapters, weights, "mix", combination_type="cat")
+    assert "\n" not in str(refusal.value) and "mix" not in model.configs
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    return str(refusal.value)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "minus-inf"])
+def test_non_finite_weights_are_refused_in_one_line(weight: float) -> None:
+    model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, init_lora_weights=False), name="a")
+    model.add("b", deltatune.LoraConfig(r=4, init_lora_weights=False))
+    message = unchanged_after_refusal(model, ["a", "b"], [1.0, weight])
+    assert f"weights must be finite numbers, got [1.0, {weight}]" in message
+
+
+UNCOMBINABLE_PARTS = {
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, r"cannot combine a: a copy of lm_head \(modules_to_save\)"),
+    "use_gating": ({"use_gating": True}, r"cannot combine a: a gated LoRA's gate \(use_gating\) depends on its input"),
+}
+
+
+@pytest.mark.parametrize("adapters", [["a"], ["a", "b"]], ids=["alone", "with-a-plain-lora"])
+@pytest.mark.parametrize("part", list(UNCOMBINABLE_PARTS))
+def test_adapters_with_parts_beyond_the_factors_are_refused_before_anything_changes(
+    part: str, adapters: list[str]
+) -> None:
+    """A module copy would be left out of the combination, and a gate taken as a scale of 1: even one such
+    adapter at weight 1 would not give its own outputs back."""
+    options, message = UNCOMBINABLE_PARTS[part]
+    model = deltatune.attach(build("llama"), deltatune.LoraConfig(r=4, init_lora_weights=False, **options), name="a")
+    model.add("b", deltatune.LoraConfig(r=4, init_lora_weights=False))
+    assert re.search(message, unchanged_after_refusal(model, adapters, [1.0] * len(adapters)))
+
+
+def test_two_adapters_with_copies_of_one_module_are_refused_as_peft_refuses_them() -> None:
+    config = {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"], "init_lora_weights": False}
+    theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(**config), adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(**config))
+    with pytest.raises(ValueError, match="target the same module with modules_to_save"):
+        theirs.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix", combination_type="cat")
+    ours = deltatune.attach(build("llama"), deltatune.LoraConfig(**config), name="a")
+    ours.add("b", deltatune.LoraConfig(**config))
+    message = unchanged_after_refusal(ours, ["a", "b"], [0.5, 0.5])
+    assert "cannot combine a, b: a copy of lm_head (modules_to_save)" in message

@@ -96,7 +96,7 @@ class ActivePlan:
         """Set every site's active adapters, also skipping layers below `lowest`."""
         for site, layer in self.sites:
             skipped = layer is not None and (layer in self.skip_layers or layer < lowest)
-            site.set_active(() if skipped else self.names)
+            site.set_active(self.names, skipped)
         self._lowest = lowest
 
     def before_call(self, training: bool) -> None:

@@ -111,6 +111,8 @@ class DeltaSite(nn.Module):
         """The block index of the module, recorded at placement by methods that know it (None: found
         from the model when AdapterDrop needs it)."""
         self.active: list[nn.Module] = []
+        self.skipped = False
+        """AdapterDrop skips this site's block: no adapter runs here, for any row of a mixed batch either."""
         self.observers: list[SiteAdapter] = []
         self.preparing: frozenset[str] = frozenset()
         self.call_enders: list[SiteAdapter] = []
@@ -185,8 +187,11 @@ class DeltaSite(nn.Module):
                 handle.remove()
         self.hook_handle = self.pre_hook_handle = self.end_hook_handle = None
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        """Precompute the adapters the hook runs, in activation order (merged ones are in the weights)."""
+    def set_active(self, names: tuple[str, ...], skipped: bool = False) -> None:
+        """Precompute the adapters the hook runs, in activation order (merged ones are in the weights);
+        none where AdapterDrop skips the block (`skipped`), whatever adapters the rows name."""
+        self.skipped = skipped
+        names = () if skipped else names
         self.active = [self.adapters[name] for name in names if name in self.adapters and name not in self.merges]
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -198,7 +203,7 @@ class DeltaSite(nn.Module):
         for observer in self.observers:
             observer.observe(module, args, kwargs)
         if state.row_groups is not None:
-            groups = [(self.adapters[name], name, rows) for name, rows in state.row_groups if name in self.preparing]
+            groups = [(self.adapters[name], name, rows) for name, rows in self._row_groups() if name in self.preparing]
             if groups:
                 args, kwargs = groups[0][0].prepare_rows(module, args, kwargs, groups, state, note)
         else:
@@ -239,13 +244,17 @@ class DeltaSite(nn.Module):
         """Each group of rows gets its own adapter; rows of other adapters or `None` keep the base output."""
         if self.merges:
             raise DeltaTuneError("mixed batches need unmerged adapters: call unmerge() first")
-        for name, group in self.state.row_groups:
+        for name, group in self._row_groups():
             if name in self.adapters:
                 adapter = self.adapters[name]
                 leading = adapter.batch_size(module, output)
                 rows = self.state.expanded_rows(name, group, leading, leading_tensor(output).device)
                 output = adapter.forward_rows(module, args, kwargs, output, rows)
         return output
+
+    def _row_groups(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        """The mixed batch's (adapter, its rows) groups that run here: none in a block AdapterDrop skips."""
+        return () if self.skipped else self.state.row_groups or ()
 
 
 def site_of(module: nn.Module) -> DeltaSite | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,13 +70,7 @@ def add_weighted_adapter(
     configs = [delta_model.configs[adapter] for adapter in adapters]
     if not all(isinstance(config, LoraConfig) for config in configs):
         raise DeltaTuneError("add_weighted_adapter combines LoRA adapters only; pass only LoRA adapters' names")
-    dora = [adapter for adapter, config in zip(adapters, configs) if config.use_dora or config.kasa_config]
-    if dora:
-        raise DeltaTuneError(
-            f"add_weighted_adapter cannot combine DoRA or KaSA adapters ({', '.join(dora)}): their magnitudes, "
-            "singular values and truncated bases do not combine like LoRA factors; merge each into the weights "
-            "(merge()) instead"
-        )
+    _refuse_parts_beyond_the_factors(adapters, configs)
     apart = sorted(
         {
             adapter
@@ -104,20 +99,6 @@ def add_weighted_adapter(
             "base's decomposition (PiSSA, OLoRA, CorDA) also subtracts its frozen start s·B₀A₀, which the "
             "factors alone leave out; convert each with deltatune.to_plain_lora(model, name, new_name) and "
             "combine the converted adapters"
-        )
-    block_diagonal = [adapter for adapter, c in zip(adapters, configs) if c.use_bdlora is not None]
-    if block_diagonal:
-        raise DeltaTuneError(
-            f"add_weighted_adapter cannot combine {', '.join(block_diagonal)}: a block-diagonal factor (use_bdlora) "
-            "would lose its blocks in the combination; merge each into the weights (merge()) instead"
-        )
-    extras = [
-        adapter for adapter, c in zip(adapters, configs) if c.lora_bias or c.bias != "none" or c.trainable_token_indices
-    ]
-    if extras:
-        raise DeltaTuneError(
-            f"add_weighted_adapter combines LoRA's A and B only, and {', '.join(extras)} also train biases or token "
-            "rows, which the combination would drop; merge each into the weights (merge()) instead"
         )
     per_module = _factors_per_module(delta_model, adapters)
     on_cuda = all(layer.lora_A.is_cuda for pieces in per_module.values() for _, layer in pieces)
@@ -153,6 +134,56 @@ def add_weighted_adapter(
         raise
 
 
+REFUSED_PARTS: tuple[tuple[Callable[[LoraConfig], object], str], ...] = (
+    (
+        lambda c: c.use_dora or c.kasa_config,
+        "add_weighted_adapter cannot combine DoRA or KaSA adapters ({names}): their magnitudes, singular values and "
+        "truncated bases do not combine like LoRA factors; merge each into the weights (merge()) instead",
+    ),
+    (
+        lambda c: c.use_bdlora is not None,
+        "add_weighted_adapter cannot combine {names}: a block-diagonal factor (use_bdlora) would lose its blocks in "
+        "the combination; merge each into the weights (merge()) instead",
+    ),
+    (
+        lambda c: c.lora_bias or c.bias != "none" or c.trainable_token_indices,
+        "add_weighted_adapter combines LoRA's A and B only, and {names} also train biases or token rows, which the "
+        "combination would drop; merge each into the weights (merge()) instead",
+    ),
+    (
+        lambda c: c.modules_to_save,
+        "add_weighted_adapter cannot combine {names}: a copy of {modules} (modules_to_save) is a whole trained "
+        "module, not LoRA factors, which the combination would drop (peft refuses two copies of one module); merge "
+        "each into the weights (merge()) instead",
+    ),
+    (
+        lambda c: c.use_gating,
+        "add_weighted_adapter cannot combine {names}: a gated LoRA's gate (use_gating) depends on its input, so its "
+        "ΔW is no fixed s·B A that a weight could scale; combine LoRA adapters trained without use_gating",
+    ),
+)
+"""Adapters whose configs give them parts that the new adapter's A and B cannot hold, with the refusal."""
+
+
+def _refuse_parts_beyond_the_factors(adapters: list[str], configs: list[LoraConfig]) -> None:
+    """Refuse, in one line, adapters that would not be themselves in the combination (`REFUSED_PARTS`)."""
+    for has_part, message in REFUSED_PARTS:
+        refused = [(adapter, config) for adapter, config in zip(adapters, configs) if has_part(config)]
+        if refused:
+            modules = sorted({module for _, config in refused for module in config.modules_to_save or []})
+            raise DeltaTuneError(
+                message.format(names=", ".join(adapter for adapter, _ in refused), modules=", ".join(modules))
+            )
+
+
+def _finite_number(weight: object) -> bool:
+    """Whether `weight` is a finite real number (a float, an int, a one-element tensor)."""
+    try:
+        return not isinstance(weight, str) and math.isfinite(float(weight))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def _checked_kind(
     adapters: list[str],
     weights: list[float],
@@ -168,6 +199,8 @@ def _checked_kind(
         raise DeltaTuneError(f"unknown majority_sign_method {majority_sign_method!r}; use 'total' or 'frequency'")
     if len(adapters) != len(weights) or not adapters:
         raise DeltaTuneError("pass one weight per adapter (and at least one adapter)")
+    if not all(_finite_number(weight) for weight in weights):
+        raise DeltaTuneError(f"weights must be finite numbers, got {list(weights)}; pass one real weight per adapter")
     prunes = combination_type.removesuffix("_svd") in PRUNING_MERGES
     if prunes and (density is None or not 0 < density <= 1):
         raise DeltaTuneError(f"combination_type {combination_type!r} needs a density in (0, 1]; got {density!r}")
