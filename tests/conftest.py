@@ -12,7 +12,8 @@ torch.set_num_threads(1)
 
 SLOWEST_FIRST = ("test_gguf_llamacpp.py", "test_bench_quick.py")
 """Modules whose tests take the longest (SmolLM2 trained then run in llama.cpp; the whole quick benchmark),
-run first: under `pytest -n 2` a long test that starts late leaves the other core idle while it ends."""
+run first: under `pytest -n 2` a long test that starts late leaves the other core idle while it ends. (With
+`--dist loadgroup` xdist sends its groups, the units of most tests, before them.)"""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

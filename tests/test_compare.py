@@ -23,6 +23,9 @@ from deltatune.train.progress import TrainingClock
 from deltatune.train.time_budget import StopRule
 from training_fixtures import records, task_config
 
+pytestmark = pytest.mark.xdist_group("compare")
+"""One worker runs the module (`--dist loadgroup`), so the comparison of the module fixture runs once."""
+
 METHODS = ["lora", "bitfit", "houlsby", "full"]
 """The rows; `houlsby` is `houlsby=bottleneck` with its preset set."""
 STEPS = 3

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,21 @@ LAUNCHERS = {
 }
 
 
+def launch(launcher: str, config: Path, folder: Path) -> None:
+    """`SCRIPT` in two processes under `launcher`: each rank writes its trainable weights into `folder`."""
+    script = folder / "run.py"
+    script.write_text(SCRIPT, encoding="utf-8")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [*LAUNCHERS[launcher], str(script), str(config), str(folder)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_two_processes_train_one_adapter_and_agree(launcher: str, tmp_path) -> None:
     if launcher == "accelerate":
@@ -61,18 +77,7 @@ def test_two_processes_train_one_adapter_and_agree(launcher: str, tmp_path) -> N
         eval_file=None,
         adapter={"method": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": 0.1},
     )
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT, encoding="utf-8")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [*LAUNCHERS[launcher], str(script), str(config), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-
+    launch(launcher, config, tmp_path)
     ranks = [load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
     assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
@@ -83,25 +88,19 @@ def test_two_processes_train_one_adapter_and_agree(launcher: str, tmp_path) -> N
 def test_a_short_last_step_over_two_processes_equals_one_process_reading_the_same_examples(tmp_path) -> None:
     """16 examples, 7 a rank: each epoch's second step has 2 examples, both on rank 0, so rank 1 runs a
     stand-in that counts zero; the adapter equals one process's reading 14 a step (the same examples,
-    each step's gradient the mean over them; seq-cls, a loss that is a mean over examples)."""
-    trained = {}
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RANK": "0"}
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT, encoding="utf-8")
-    for processes, batch_size in ((2, 7), (1, 14)):
-        folder = tmp_path / f"processes{processes}"
-        folder.mkdir()
-        config = task_config(folder, "seq-cls", batch_size=batch_size, max_steps=4, eval_file=None)
-        launcher = LAUNCHERS["torchrun"][:-1] + [str(processes)]
-        done = subprocess.run(
-            [*launcher, str(script), str(config), str(folder)],
-            capture_output=True,
-            text=True,
-            env=environment,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        trained[processes] = load_file(str(folder / "rank0.safetensors"))
-    assert trained[1].keys() == trained[2].keys() and trained[1]
-    for name in trained[1]:
-        torch.testing.assert_close(trained[2][name], trained[1][name], rtol=1e-4, atol=1e-5)
+    each step's gradient the mean over them; seq-cls, a loss that is a mean over examples). The one
+    process is this one, with no process group: the plain computation, without a launcher to start."""
+    from deltatune.train import TrainConfig, train
+
+    (tmp_path / "processes2").mkdir()
+    config = task_config(tmp_path / "processes2", "seq-cls", batch_size=7, max_steps=4, eval_file=None)
+    launch("torchrun", config, tmp_path / "processes2")
+    two_processes = load_file(str(tmp_path / "processes2" / "rank0.safetensors"))
+
+    (tmp_path / "processes1").mkdir()
+    config = task_config(tmp_path / "processes1", "seq-cls", batch_size=14, max_steps=4, eval_file=None)
+    parameters = train(TrainConfig.from_yaml(config), progress=False).run.delta_model.named_parameters()
+    one_process = {name: parameter.detach() for name, parameter in parameters if parameter.requires_grad}
+    assert two_processes.keys() == one_process.keys() and one_process
+    for name in one_process:
+        torch.testing.assert_close(two_processes[name], one_process[name], rtol=1e-4, atol=1e-5)

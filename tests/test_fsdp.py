@@ -33,6 +33,9 @@ from deltatune.train.cli import main
 from test_distributed import LAUNCHERS
 from training_fixtures import WORDS, task_config, write_jsonl
 
+pytestmark = pytest.mark.xdist_group("fsdp")
+"""One worker runs the module (`--dist loadgroup`): the other would wait on the lock while the launch runs."""
+
 SCRIPT = textwrap.dedent("""
     import json, shutil, sys
     import torch, torch.distributed as dist

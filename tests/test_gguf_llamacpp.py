@@ -59,23 +59,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-def llamacpp_answers(base: Path, adapter: Path | None, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """llama.cpp's greedy completions of the token-id prompts, on `base` with the LoRA file `adapter`."""
+def llamacpp_server(base: Path, adapter: Path) -> Any:
+    """A llama.cpp server on `base` with the LoRA file `adapter` loaded (as adapter 0), on 2 threads."""
     params = xllamacpp.CommonParams()
     params.model.path = str(base)
-    if adapter is not None:
-        lora = xllamacpp.CommonAdapterLoraInfo(str(adapter), 1.0)
-        params.lora_adapters = [lora]
+    params.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(str(adapter), 1.0)]
     params.n_ctx, params.n_parallel, params.warmup = 512, 1, False
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
-    server = xllamacpp.Server(params)
+    return xllamacpp.Server(params)
+
+
+def llamacpp_answers(server: Any, prompts: list[list[int]], max_new_tokens: int, lora_scale: float) -> list[str]:
+    """The server's greedy completions of the token-id prompts, with the adapter at `lora_scale` (0: the base)."""
     request = {"n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1, "cache_prompt": False}
+    request["lora"] = [{"id": 0, "scale": lora_scale}]
     return [server.handle_completions({**request, "prompt": ids})["choices"][0]["text"].strip() for ids in prompts]
 
 
 def test_llamacpp_with_the_exported_adapter_answers_as_deltatune(trained):
-    found = llamacpp_answers(trained["base"], trained["adapter"], trained["prompts"], trained["max_new_tokens"])
-    base = llamacpp_answers(trained["base"], None, trained["prompts"][:4], trained["max_new_tokens"])
+    server = llamacpp_server(trained["base"], trained["adapter"])
+    found = llamacpp_answers(server, trained["prompts"], trained["max_new_tokens"], 1.0)
+    base = llamacpp_answers(server, trained["prompts"][:4], trained["max_new_tokens"], 0.0)
     expected = trained["answers"]
     agreement = sum(a == b for a, b in zip(found, expected)) / len(expected)
     assert base != expected[:4]  # the adapter changes llama.cpp's answers
