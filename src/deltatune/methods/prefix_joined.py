@@ -82,6 +82,18 @@ def lengthened_mask(mask: torch.Tensor | None, count: int) -> torch.Tensor | Non
     return torch.cat([opening((*mask.shape[:-1], count)), mask], dim=-1)
 
 
+def causal_mask(length: int, past: int, reference: torch.Tensor) -> torch.Tensor:
+    """The additive causal mask (1 × 1 × length × past + length) of `length` queries behind `past` cached keys.
+    Built where the model passes none (SDPA's `is_causal`, which would align it to the top left of the
+    lengthened keys: queries would see too few real keys)."""
+    query = torch.arange(length, device=reference.device)[:, None] + past
+    key = torch.arange(past + length, device=reference.device)[None, :]
+    blocked = torch.finfo(reference.dtype).min if reference.is_floating_point() else float("-inf")
+    return torch.zeros(length, past + length, dtype=reference.dtype, device=reference.device).masked_fill(
+        key > query, blocked
+    )[None, None]
+
+
 def table_columns(source: nn.Module, start: int, stop: int) -> torch.Tensor:
     """Columns start..stop of the table `source` makes (n × width), computing only those."""
     if isinstance(source, PrefixProjection):
@@ -142,8 +154,12 @@ class JoinedPrefix(SiteAdapter):
         given = bound.get(self.cache_key)
         inner = None if self.location is Location.CROSS or given is None else self_attention_part(given)
         keys, values = self.prefix(hidden)
+        mask = bound.get(self.mask_key)
+        if mask is None and self.location is Location.SELF and hidden.shape[1] > 1:
+            past = inner.get_seq_length(self.layer) if inner is not None else 0
+            mask = causal_mask(hidden.shape[1], past, hidden)
         bound[self.cache_key] = JoiningCache(inner, keys, values)
-        bound[self.mask_key] = lengthened_mask(bound.get(self.mask_key), self.num_virtual_tokens)
+        bound[self.mask_key] = lengthened_mask(mask, self.num_virtual_tokens)
         return (), bound
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
