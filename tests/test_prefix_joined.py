@@ -131,3 +131,23 @@ def test_mam_and_unipelt_on_t5_train_through_the_command_and_their_loss_falls(me
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     losses = [entry["loss"] for entry in metrics["history"] if "loss" in entry]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_two_active_joined_prefixes_equal_one_prefix_of_both_tables() -> None:
+    """Adapters a and b active together: each joins after what the other joined, b (activated second) in front,
+    the same as one flat prefix whose rows are b's then a's (cross-attention included)."""
+    flat = {**PREFIX, "prefix_projection": False}
+    delta_model = deltatune.attach(t5(), deltatune.PrefixTuningConfig(**{**flat, "num_virtual_tokens": 2}), name="a")
+    delta_model.add("b", deltatune.PrefixTuningConfig(**{**flat, "num_virtual_tokens": 3}))
+    both = deltatune.attach(t5(), deltatune.PrefixTuningConfig(**{**flat, "num_virtual_tokens": 5}), name="ab")
+
+    def tables(model: deltatune.DeltaModel, name: str) -> dict[str, torch.Tensor]:
+        return {key.split(".deltatune")[0]: value for key, value in model.named_parameters() if f"{name}.source" in key}
+
+    with torch.no_grad():
+        for holder, table in tables(both, "ab").items():
+            table.copy_(torch.cat([tables(delta_model, "b")[holder], tables(delta_model, "a")[holder]]))
+        delta_model.activate("a", "b")
+        inputs = ARCHS["t5"].inputs(1)
+        torch.testing.assert_close(delta_model(**inputs).logits, both(**inputs).logits, atol=1e-6, rtol=0)
+    assert len(tables(both, "ab")) == 3

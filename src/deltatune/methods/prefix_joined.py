@@ -152,7 +152,9 @@ class JoinedPrefix(SiteAdapter):
         bound = dict(zip(self.names, args)) | kwargs
         hidden = bound[self.names[0]]
         given = bound.get(self.cache_key)
-        inner = None if self.location is Location.CROSS or given is None else self_attention_part(given)
+        inner = given if isinstance(given, JoiningCache) else None  # another active prefix joined first
+        if inner is None and given is not None and self.location is not Location.CROSS:
+            inner = self_attention_part(given)
         keys, values = self.prefix(hidden)
         mask = bound.get(self.mask_key)
         if mask is None and self.location is Location.SELF and hidden.shape[1] > 1:
