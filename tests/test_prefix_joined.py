@@ -13,6 +13,11 @@ import torch
 
 import deltatune
 from deltatune.train.cli import main
+from resume_checks import (
+    RESUME_SETTINGS,
+    assert_resume_equals_the_uninterrupted_run,
+    assert_resume_with_a_switched_setting_is_refused,
+)
 from tiny_models import ARCHS, build
 from training_fixtures import task_config
 
@@ -118,10 +123,21 @@ def test_joined_prefix_collapses_to_its_tables_and_reloads(tmp_path) -> None:
     assert not loaded.configs["default"].prefix_projection
 
 
+MAM = {"method": "mam", "prefix_tuning": {"num_virtual_tokens": 3, "encoder_hidden_size": 8}}
+
+
+def test_mam_on_t5_resumes_bit_exactly_and_refuses_another_cross_prefix(tmp_path, capsys) -> None:
+    config = task_config(tmp_path, "seq2seq-lm", **{**RESUME_SETTINGS, "adapter": MAM})
+    assert_resume_equals_the_uninterrupted_run(config, tmp_path)
+    assert_resume_with_a_switched_setting_is_refused(
+        config, tmp_path, capsys, "adapter.prefix_tuning.cross_prefix=false", "adapter.prefix_tuning.cross_prefix"
+    )
+
+
 @pytest.mark.parametrize(
     "method",
     [
-        {"method": "mam", "prefix_tuning": {"num_virtual_tokens": 3, "encoder_hidden_size": 8}},
+        MAM,
         {"method": "unipelt", "prefix_tuning": {"num_virtual_tokens": 3}, "adapter": {"reduction_factor": 4}},
     ],
     ids=["mam", "unipelt"],
