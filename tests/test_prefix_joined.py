@@ -167,3 +167,10 @@ def test_two_active_joined_prefixes_equal_one_prefix_of_both_tables() -> None:
         inputs = ARCHS["t5"].inputs(1)
         torch.testing.assert_close(delta_model(**inputs).logits, both(**inputs).logits, atol=1e-6, rtol=0)
     assert len(tables(both, "ab")) == 3
+
+
+def test_a_mixed_batch_with_a_joined_prefix_is_refused() -> None:
+    delta_model = joined("mlp")
+    delta_model.add("other", deltatune.LoraConfig(r=2, target_modules=["q", "v"]))
+    with pytest.raises(deltatune.DeltaTuneError, match="mixed batches"):
+        delta_model(**ARCHS["t5"].inputs(1), adapter_names=["default", "other", None])
