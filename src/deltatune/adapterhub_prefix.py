@@ -98,11 +98,11 @@ def prefix_tensors(
 ) -> dict[str, torch.Tensor]:
     """Our file keys for the prefix tensors of adapter `name` in an AdapterHub weights dict."""
     stacks = find_stacks(model, config)
-    encoder_decoder = stacks.decoder is not None
-    holders = {location.value: holder for location, holder in location_holders(model, stacks).items()}
-    if not encoder_decoder:
-        holders = {LOCATION: stacks.cache_stack}
-    marker = TUNINGS_MARKER if encoder_decoder else POOL_MARKER
+    if stacks.decoder is None:
+        holders, marker = {LOCATION: stacks.cache_stack}, POOL_MARKER
+    else:  # any copy: the pool's on the top model, or a layer's
+        holders = {location.value: holder for location, holder in location_holders(model, stacks).items()}
+        marker = TUNINGS_MARKER
     ours = {}
     for key, tensor in tensors.items():
         if GATE_MARKER + name + "." in key:

@@ -88,10 +88,8 @@ def causal_mask(length: int, past: int, reference: torch.Tensor) -> torch.Tensor
     lengthened keys: queries would see too few real keys)."""
     query = torch.arange(length, device=reference.device)[:, None] + past
     key = torch.arange(past + length, device=reference.device)[None, :]
-    blocked = torch.finfo(reference.dtype).min if reference.is_floating_point() else float("-inf")
-    return torch.zeros(length, past + length, dtype=reference.dtype, device=reference.device).masked_fill(
-        key > query, blocked
-    )[None, None]
+    mask = torch.zeros(length, past + length, dtype=reference.dtype, device=reference.device)
+    return mask.masked_fill(key > query, torch.finfo(reference.dtype).min)[None, None]
 
 
 def table_columns(source: nn.Module, start: int, stop: int) -> torch.Tensor:
