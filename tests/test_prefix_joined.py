@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from transformers import BartConfig, BartForConditionalGeneration
 
 import deltatune
 from deltatune.train.cli import main
@@ -51,14 +52,40 @@ def t5(attention: str = "eager") -> torch.nn.Module:
     return model
 
 
-def joined(variant: str, attention: str = "eager") -> deltatune.DeltaModel:
-    return randomized(deltatune.attach(t5(attention), CONFIGS[variant]()))
+def bart(attention: str = "eager") -> torch.nn.Module:
+    """A tiny BART: learned positions, attention modules that take `attention_mask`."""
+    torch.manual_seed(0)
+    layers = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4)
+    config = BartConfig(
+        vocab_size=96,
+        d_model=32,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        **layers,
+    )
+    model = BartForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attention)
+    return model
 
 
-def test_joined_prefix_generate_with_its_cache_equals_full_forward_calls() -> None:
+MODELS = {"t5": t5, "bart": bart}
+
+
+def joined(variant: str, attention: str = "eager", arch: str = "t5") -> deltatune.DeltaModel:
+    return randomized(deltatune.attach(MODELS[arch](attention), CONFIGS[variant]()))
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_joined_prefix_generate_with_its_cache_equals_full_forward_calls(arch: str) -> None:
     """Greedy cached generation: the encoder runs once, and every step's logits are those of a full forward
     call over the whole decoder sequence (a cache that stored a prefix would double it)."""
-    delta_model = joined("mam")
+    delta_model = joined("mam", arch=arch)
     encoder_calls = []
     delta_model.base_model.get_encoder().register_forward_hook(lambda *_: encoder_calls.append(1))
     inputs = {"input_ids": ARCHS["t5"].inputs(1)["input_ids"][:1]}
@@ -84,14 +111,15 @@ def test_joined_prefix_padded_encoder_rows_equal_the_rows_alone() -> None:
     torch.testing.assert_close(padded, alone.logits[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("variant", list(CONFIGS))
-def test_joined_prefix_sdpa_equals_eager(variant: str) -> None:
+def test_joined_prefix_sdpa_equals_eager(variant: str, arch: str) -> None:
     inputs = ARCHS["t5"].inputs(1)
     mask = torch.ones_like(inputs["input_ids"])
     mask[1, -2:] = 0
     with torch.no_grad():
-        eager = joined(variant)(**inputs, attention_mask=mask).logits
-        sdpa = joined(variant, "sdpa")(**inputs, attention_mask=mask).logits
+        eager = joined(variant, arch=arch)(**inputs, attention_mask=mask).logits
+        sdpa = joined(variant, "sdpa", arch=arch)(**inputs, attention_mask=mask).logits
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=0)
 
 

@@ -56,14 +56,16 @@ class AdapterHubLayout:
 
     weights_file = WEIGHTS_FILE
 
-    def __init__(self, name: str, locations: dict[str, str]) -> None:
+    def __init__(self, name: str, locations: dict[str, str], pool: str = "") -> None:
         self.name = name
         self.locations = locations
         """Our output module of each bottleneck site → AdapterHub's module path of its adapters."""
+        self.pool = pool
+        """The module holding AdapterHub's prefix pool on an encoder-decoder: its base model ("" for T5's own)."""
 
     def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
         if isinstance(adapter, JoinedPrefix) and not tensor_name.startswith("gate."):
-            return prefix_key("", _source_tensor(tensor_name), self.name, adapter.location.value)
+            return prefix_key(self.pool, _source_tensor(tensor_name), self.name, adapter.location.value)
         if isinstance(adapter, PrefixCache):
             return prefix_key(module_name, _source_tensor(tensor_name), self.name)
         if isinstance(adapter, GatedPrefixReinsert | JoinedPrefix):
@@ -122,7 +124,8 @@ def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], A
         "name": name,
         "version": f"deltatune.{__version__}",
     }
-    return data, AdapterHubLayout(name, locations)
+    names = {id(module): module_name for module_name, module in model.named_modules()}
+    return data, AdapterHubLayout(name, locations, names.get(id(getattr(model, "base_model", model)), ""))
 
 
 def _bottleneck_part(config: BottleneckConfig, delta_model: DeltaModel, name: str, locations: dict) -> dict:
