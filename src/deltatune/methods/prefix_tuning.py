@@ -91,7 +91,8 @@ class PrefixTuningConfig(SoftPromptConfig):
     "hidden_size": the model's hidden size (AdapterHub's)."""
     shift_positions: bool = True
     """Real tokens take positions n, n+1, ... behind the prefix, as in peft; False: they keep the positions
-    they have without it, as in AdapterHub (the stack must take `position_ids`)."""
+    they have without it, as in AdapterHub (the stack must take `position_ids`; an encoder-decoder's prefix is
+    then joined at each attention module, `prefix_joined`)."""
     use_gating: bool = False
     """Scale each layer's prefix by a learned gate of the layer's input (UniPELT; AdapterHub's
     `use_gating`, `methods/prefix_gating.py`); no mixed batches then."""
