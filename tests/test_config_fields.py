@@ -216,6 +216,8 @@ ADAPTER_FIELDS: dict[str, Case] = {
     "prefix_projection": Case("true or false", '"false"'),
     "embedding_dim": Case('a whole number ≥ 1, "hidden_size" or null', "big", ("0",)),
     "shift_positions": Case("true or false", '"false"'),
+    "encoder_prefix": Case("true or false", '"true"'),
+    "cross_prefix": Case("true or false", '"true"'),
     # MAM: its parts, each a config or a mapping of changes to AdapterHub's MAM defaults
     "mam.prefix_tuning": Case("a PrefixTuningConfig, a mapping or null", "5"),
     "mam.adapter": Case("a BottleneckConfig, a mapping or null", "5"),

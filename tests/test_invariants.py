@@ -246,20 +246,42 @@ CASES = {
         mergeable=False,
         zero_init=False,
     ),
-    # MAM: prefix tuning + a parallel adapter (AdapterHub's form); T5's decoder takes no position_ids, so its
-    # prefix shifts positions (peft's form).
-    "mam": Case(
-        lambda arch: deltatune.MAMConfig(
-            prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 8, "shift_positions": arch == "t5"}
+    # An encoder-decoder's prefix in AdapterHub's form: joined at every encoder self-, decoder self- and
+    # cross-attention module after its cache; no mixed batches.
+    "prefix_tuning-joined": Case(
+        lambda arch: deltatune.PrefixTuningConfig(
+            num_virtual_tokens=3,
+            prefix_projection=True,
+            encoder_hidden_size=8,
+            embedding_dim="hidden_size",
+            shift_positions=False,
+            encoder_prefix=True,
+            cross_prefix=True,
         ),
-        archs=("llama", "gpt2", "bert", "t5"),
+        archs=("t5",),
         mergeable=False,
         zero_init=False,
+        mixed_batch=False,
+    ),
+    # MAM: prefix tuning + a parallel adapter (AdapterHub's form); on T5 its prefix is joined at the attention
+    # modules (`mam-joined`), which rules out mixed batches.
+    "mam": Case(
+        lambda arch: deltatune.MAMConfig(prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 8}),
+        archs=("llama", "gpt2", "bert"),
+        mergeable=False,
+        zero_init=False,
+    ),
+    "mam-joined": Case(
+        lambda arch: deltatune.MAMConfig(prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 8}),
+        archs=("t5",),
+        mergeable=False,
+        zero_init=False,
+        mixed_batch=False,
     ),
     # UniPELT: MAM's prefix and a Pfeiffer adapter and LoRA, each gated; the prefix's gate rules out mixed batches.
     "unipelt": Case(
         lambda arch: deltatune.UniPELTConfig(
-            prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 8, "shift_positions": arch == "t5"},
+            prefix_tuning={"num_virtual_tokens": 3, "encoder_hidden_size": 8},
             adapter={"reduction_factor": 4},
             lora={"r": 2},
         ),

@@ -28,7 +28,7 @@ def randomized(delta_model: deltatune.DeltaModel, name: str) -> deltatune.DeltaM
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5"])
 def test_mam_equals_its_prefix_and_parallel_adapter_stacked(arch: str) -> None:
-    config = deltatune.MAMConfig(prefix_tuning={**PREFIX, "shift_positions": arch == "t5"})
+    config = deltatune.MAMConfig(prefix_tuning=PREFIX)
     mam = randomized(deltatune.attach(build(arch), config, name="mam"), "mam")
     parts = deltatune.attach(build(arch), config.prefix_tuning, name="prefix")
     parts.add("adapter", config.adapter)
@@ -50,6 +50,7 @@ def test_mam_defaults_are_adapterhubs() -> None:
     prefix, adapter = config.prefix_tuning, config.adapter
     assert (prefix.num_virtual_tokens, prefix.encoder_hidden_size, prefix.prefix_projection) == (30, 800, True)
     assert (prefix.embedding_dim, prefix.shift_positions) == ("hidden_size", False)
+    assert (prefix.encoder_prefix, prefix.cross_prefix) == (True, True)
     assert (adapter.parallel, adapter.reduction_factor, adapter.scaling, adapter.init_weights) == (
         True,
         2,
@@ -100,9 +101,12 @@ def test_a_prefix_that_keeps_positions_is_refused_in_peft_format(tmp_path) -> No
     assert not (tmp_path / "peft").exists()
 
 
-def test_keeping_positions_on_a_stack_without_position_ids_is_refused() -> None:
-    with pytest.raises(DeltaTuneError, match="set shift_positions=True"):
-        deltatune.attach(build("t5"), deltatune.MAMConfig(prefix_tuning=PREFIX))
+def test_encoder_and_cross_attention_prefixes_that_shift_positions_are_refused() -> None:
+    """They exist only in AdapterHub's form, joined at the attention modules, which keeps real positions."""
+    model = build("t5")
+    with pytest.raises(DeltaTuneError, match="set shift_positions=False"):
+        deltatune.attach(model, deltatune.MAMConfig(prefix_tuning={**PREFIX, "shift_positions": True}))
+    assert not [name for name, _ in model.named_modules() if name.endswith("deltatune")]
 
 
 def test_a_mixed_batch_of_prefixes_that_shift_and_keep_positions_is_refused() -> None:

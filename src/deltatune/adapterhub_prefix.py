@@ -9,6 +9,13 @@ layer that references it, `<layer>.prefix_tuning.pool.prefix_tunings...`: the sa
 of n × (layers · 2 · kv_heads · head_dim), row by row our table `source.weight`. A gated prefix
 (`use_gating`) has a gate per attention layer, `<layer>.prefix_tuning.prefix_gates.NAME.weight` / `.bias`:
 ours is `<layer>.gate`.
+
+On an encoder-decoder (T5) AdapterHub builds a prefix per kind of attention, under its location key
+(`encoder_prefix`, `self_prefix`, `cross_prefix`), with its pool on the top model (`prefix_tuning.prefix_tunings.
+NAME.LOCATION.<tensor>`, which its own saves put into the head's file, leaving the adapter's file with the
+layers' copies). Ours are joined at the attention modules (`methods/prefix_joined.py`), each location's table
+held by its first attention module: `encoder.block.0.layer.0.SelfAttention.source.<tensor>`. A folder is read
+from whichever copy it has; ours are written as the pool's.
 """
 
 from __future__ import annotations
@@ -21,14 +28,17 @@ from torch import nn
 
 from .adapterhub_options import refuse_other_options
 from .errors import AdapterFileError
+from .methods.prefix_joined import location_holders
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.soft_prompt import find_stacks
 
 LOCATION = "self_prefix"
 """AdapterHub's location key of self-attention prefixes (decoder-only and encoder models)."""
 POOL_MARKER = ".prefix_tuning.prefix_tunings."
-"""In the keys of the pool's own copy of a prefix (a layer's copy has `.prefix_tuning.pool.prefix_tunings.`)."""
-LAYER_COPY_MARKER = ".prefix_tuning.pool.prefix_tunings."
+"""In the keys of the pool's own copy of a prefix (a layer's copy has `.prefix_tuning.pool.prefix_tunings.`;
+on the top model the pool's keys start `prefix_tuning.prefix_tunings.`)."""
+TUNINGS_MARKER = "prefix_tunings."
+"""In the keys of every copy of a prefix: the pool's (on the top model's pool too), a layer's."""
 GATE_MARKER = ".prefix_tuning.prefix_gates."
 TENSOR_NAMES = {
     "wte.weight": "source.embedding.weight",
@@ -56,6 +66,8 @@ def prefix_config_from_adapterhub(options: dict[str, Any], folder: Path) -> Pref
         shift_positions=False,
         use_gating=bool(options.get("use_gating", False)),
         shared_gating=bool(options.get("shared_gating", True)),
+        encoder_prefix=bool(options.get("encoder_prefix", True)),
+        cross_prefix=bool(options.get("cross_prefix", True)),
     )
 
 
@@ -69,8 +81,8 @@ def prefix_config_to_adapterhub(config: PrefixTuningConfig) -> dict[str, Any]:
         )
     return {
         "architecture": "prefix_tuning",
-        "encoder_prefix": True,
-        "cross_prefix": True,
+        "encoder_prefix": config.encoder_prefix,
+        "cross_prefix": config.cross_prefix,
         "flat": not config.prefix_projection,
         "prefix_length": config.num_virtual_tokens,
         "bottleneck_size": config.encoder_hidden_size or 512,
@@ -85,32 +97,32 @@ def prefix_tensors(
     tensors: dict[str, torch.Tensor], name: str, model: nn.Module, config: PrefixTuningConfig, folder: Path
 ) -> dict[str, torch.Tensor]:
     """Our file keys for the prefix tensors of adapter `name` in an AdapterHub weights dict."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise AdapterFileError(
-            f"{folder}: AdapterHub puts prefixes into an encoder-decoder's encoder and cross-attention too; "
-            "deltatune reads AdapterHub prefixes for decoder-only and encoder models"
-        )
-    stack = find_stacks(model, config).cache_stack
+    stacks = find_stacks(model, config)
+    if stacks.decoder is None:
+        holders, marker = {LOCATION: stacks.cache_stack}, POOL_MARKER
+    else:  # any copy: the pool's on the top model, or a layer's
+        holders = {location.value: holder for location, holder in location_holders(model, stacks).items()}
+        marker = TUNINGS_MARKER
     ours = {}
     for key, tensor in tensors.items():
         if GATE_MARKER + name + "." in key:
             layer, tensor_name = key.split(GATE_MARKER + name + ".")
             ours[f"{layer}.gate.{tensor_name}"] = tensor
             continue
-        if POOL_MARKER + name + "." not in key:
+        if marker + name + "." not in key:
             continue
-        location, tensor_name = key.split(POOL_MARKER + name + ".", 1)[1].split(".", 1)
-        if location != LOCATION or tensor_name not in TENSOR_NAMES:
+        location, tensor_name = key.split(marker + name + ".", 1)[1].split(".", 1)
+        if location not in holders or tensor_name not in TENSOR_NAMES:
             raise AdapterFileError(f"{folder}: prefix tensor {key!r} is not one deltatune can load")
         if tensor_name == "control_trans":
             tensor = tensor.reshape(config.num_virtual_tokens, -1)
-        ours[f"{stack}.{TENSOR_NAMES[tensor_name]}"] = tensor
+        ours.setdefault(f"{holders[location]}.{TENSOR_NAMES[tensor_name]}", tensor)
     return ours
 
 
 def is_prefix_key(key: str, name: str) -> bool:
     """Whether `key` holds a part of adapter `name`'s prefix (the pool's copy or a layer's)."""
-    return any(marker + name + "." in key for marker in (POOL_MARKER, LAYER_COPY_MARKER, GATE_MARKER))
+    return any(marker + name + "." in key for marker in (TUNINGS_MARKER, GATE_MARKER))
 
 
 def gate_key(layer: str, tensor_name: str, name: str) -> str:
@@ -118,7 +130,9 @@ def gate_key(layer: str, tensor_name: str, name: str) -> str:
     return f"{layer}{GATE_MARKER}{name}.{tensor_name.removeprefix('gate.')}"
 
 
-def prefix_key(stack: str, tensor_name: str, name: str) -> str | None:
-    """AdapterHub's key of our prefix tensor `tensor_name` held at `stack`; None for none of its tensors."""
+def prefix_key(base: str, tensor_name: str, name: str, location: str = LOCATION) -> str | None:
+    """AdapterHub's key of our prefix tensor `tensor_name` in the pool held at `base` ("" for the top model),
+    at `location`; None for none of its tensors."""
     theirs = {ours: theirs for theirs, ours in TENSOR_NAMES.items()}.get(tensor_name)
-    return None if theirs is None else f"{stack}{POOL_MARKER}{name}.{LOCATION}.{theirs}"
+    pool = f"{base}{POOL_MARKER}" if base else POOL_MARKER.removeprefix(".")
+    return None if theirs is None else f"{pool}{name}.{location}.{theirs}"

@@ -33,6 +33,7 @@ from .methods.lora_gating import GatedLoraLinear
 from .methods.lora_init import LoraOrthogonalLinear
 from .methods.mam import MAMConfig
 from .methods.prefix_gating import GatedPrefixReinsert
+from .methods.prefix_joined import JoinedPrefix
 from .methods.prefix_tuning import PrefixCache, PrefixTuningConfig
 from .methods.soft_prompt import PromptTable
 from .methods.unipelt import UniPELTConfig
@@ -55,17 +56,19 @@ class AdapterHubLayout:
 
     weights_file = WEIGHTS_FILE
 
-    def __init__(self, name: str, locations: dict[str, str]) -> None:
+    def __init__(self, name: str, locations: dict[str, str], pool: str = "") -> None:
         self.name = name
         self.locations = locations
         """Our output module of each bottleneck site → AdapterHub's module path of its adapters."""
+        self.pool = pool
+        """The module holding AdapterHub's prefix pool on an encoder-decoder: its base model ("" for T5's own)."""
 
     def tensor_key(self, module_name: str, adapter: SiteAdapter, tensor_name: str) -> str:
+        if isinstance(adapter, JoinedPrefix) and not tensor_name.startswith("gate."):
+            return prefix_key(self.pool, _source_tensor(tensor_name), self.name, adapter.location.value)
         if isinstance(adapter, PrefixCache):
-            return prefix_key(
-                module_name, "source.weight" if tensor_name == "control_trans" else tensor_name, self.name
-            )
-        if isinstance(adapter, GatedPrefixReinsert):
+            return prefix_key(module_name, _source_tensor(tensor_name), self.name)
+        if isinstance(adapter, GatedPrefixReinsert | JoinedPrefix):
             return gate_key(module_name, tensor_name, self.name)
         if isinstance(adapter, LoraLinear):
             return f"{module_name}{LORA_MARKER}{self.name}.{tensor_name}"
@@ -75,9 +78,14 @@ class AdapterHubLayout:
 
     def file_state(self, adapter: SiteAdapter) -> dict[str, torch.Tensor]:
         state = adapter.file_state()
-        if isinstance(adapter, PrefixCache) and isinstance(adapter.source, PromptTable):
-            return {"control_trans": state["source.weight"].reshape(-1)}
+        if isinstance(getattr(adapter, "source", None), PromptTable):  # a flat prefix: one vector, row by row
+            return {**state, "control_trans": state.pop("source.weight").reshape(-1)}
         return state
+
+
+def _source_tensor(tensor_name: str) -> str:
+    """Our name of a prefix holder's tensor as `file_state` gives it (a flat prefix's `control_trans`)."""
+    return "source.weight" if tensor_name == "control_trans" else tensor_name
 
 
 OTHER_WRITERS = {"reft": adapterhub_reft.adapter_files}
@@ -116,7 +124,8 @@ def adapter_files(delta_model: DeltaModel, name: str) -> tuple[dict[str, Any], A
         "name": name,
         "version": f"deltatune.{__version__}",
     }
-    return data, AdapterHubLayout(name, locations)
+    names = {id(module): module_name for module_name, module in model.named_modules()}
+    return data, AdapterHubLayout(name, locations, names.get(id(getattr(model, "base_model", model)), ""))
 
 
 def _bottleneck_part(config: BottleneckConfig, delta_model: DeltaModel, name: str, locations: dict) -> dict:
@@ -188,6 +197,7 @@ WRITTEN = {
     BottleneckAdapter,
     PrefixCache,
     GatedPrefixReinsert,
+    JoinedPrefix,
     LoraLinear,
     LoraQuantizedLinear,
     LoraOrthogonalLinear,

@@ -30,6 +30,8 @@ PREFIX_DEFAULTS: dict[str, Any] = dict(
     encoder_hidden_size=800,
     embedding_dim="hidden_size",
     shift_positions=False,
+    encoder_prefix=True,
+    cross_prefix=True,
 )
 """AdapterHub's MAM prefix: `PrefixTuningConfig(bottleneck_size=800)` with its prefix_length 30."""
 ADAPTER_DEFAULTS: dict[str, Any] = dict(preset="parallel")

@@ -44,28 +44,39 @@ class PrefixLayout:
         return 2 * layer, 2 * layer + 1
 
 
-def prefix_layout(model: nn.Module, stacks: Stacks) -> PrefixLayout:
-    config = model.config
-    stack = stacks.cache_stack
+def cached_attention(model: nn.Module, stack: str, cross: bool = False) -> dict[str, int]:
+    """The attention modules under `stack` that read a cache (full name → layer index): its self-attention
+    modules, or (`cross`) its cross-attention ones; the innermost module where they nest."""
     attention = {}
     for name, module in model.named_modules():
         if (
             not name.startswith(stack + ".")
             or not hasattr(module, "layer_idx")
-            or name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES
+            or (name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES) != cross
         ):
             continue
         if any(argument in parameter_names(module) for argument in CACHE_ARGUMENTS):
             attention = {kept: index for kept, index in attention.items() if not name.startswith(kept + ".")}
             attention[name] = module.layer_idx
+    return attention
+
+
+def head_shape(config: Any) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a model config's attention."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+def prefix_layout(model: nn.Module, stacks: Stacks) -> PrefixLayout:
+    attention = cached_attention(model, stacks.cache_stack)
     if sorted(attention.values()) != list(range(len(attention))) or not attention:
         raise UnsupportedModuleError(
             f"cannot find one cached self-attention module per layer in {type(model).__name__} "
             f"(found {sorted(attention)}); prefix tuning needs attention modules that read the model's cache"
         )
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
+    kv_heads, head_dim = head_shape(model.config)
     return PrefixLayout(attention, kv_heads, head_dim, stacks.decoder is not None)
 
 
@@ -80,6 +91,12 @@ class PrefixProjection(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.mlp(self.embedding.weight)
+
+    def columns(self, start: int, stop: int) -> torch.Tensor:
+        """Columns start..stop of T: the output layer's rows for them alone, W₂[start:stop] h + b₂[start:stop]."""
+        output = self.mlp[2]
+        hidden = self.mlp[1](self.mlp[0](self.embedding.weight))
+        return nn.functional.linear(hidden, output.weight[start:stop], output.bias[start:stop])
 
 
 class ReadOnlyPrefixCache(DynamicCache):
@@ -96,9 +113,9 @@ def self_attention_part(cache: Any) -> DynamicCache:
     return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
 
-def projection_input_width(model: nn.Module, layout: PrefixLayout, config: Any) -> int:
-    """d of the MLP's learned vectors: `embedding_dim`, kv_heads · head_dim by default (peft's MLP has these
-    shapes), the model's hidden size for "hidden_size" (AdapterHub's)."""
+def projection_input_width(model: nn.Module, default: int, config: Any) -> int:
+    """d of the MLP's learned vectors: `embedding_dim`, `default` (kv_heads · head_dim: peft's MLP has these
+    shapes) if unset, the model's hidden size for "hidden_size" (AdapterHub's)."""
     if config.embedding_dim == "hidden_size":
         return model.config.hidden_size
-    return config.embedding_dim or layout.kv_heads * layout.head_dim
+    return config.embedding_dim or default

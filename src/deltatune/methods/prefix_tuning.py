@@ -20,8 +20,10 @@ The prefix reaches attention through the model's own cache object (`DynamicCache
 `EncoderDecoderCache` whose self-attention part holds it for encoder-decoders), built per call in front
 of the first tokens the cache sees, as a prompt is (see `soft_prompt`: mask, positions, mixed batches).
 Cached self-attention is what the models expose: decoder-only self-attention, BERT's self-attention and
-an encoder-decoder's decoder self-attention (T5's encoder stack drops any cache; cross-attention
-prefixes are not built).
+an encoder-decoder's decoder self-attention (T5's encoder stack drops any cache). An encoder-decoder's
+prefix that keeps positions (`shift_positions=False`, AdapterHub's form) is joined at each attention module
+instead (`prefix_joined`), and can reach the encoder's self-attention and the cross-attention too
+(`encoder_prefix`, `cross_prefix`).
 
 Training runs on a `ReadOnlyPrefixCache`, whose `update` returns [prefix ; new] and stores nothing, so a
 layer run twice (gradient checkpointing recomputes it in the backward pass) sees the same keys both
@@ -46,6 +48,7 @@ from ..placement import Placement
 from ..registry import register
 from ..site import CallNote, RoutingState
 from ..site_adapter import SiteAdapter
+from .prefix_joined import joined_adapters
 from .prefix_layout import (
     PrefixLayout,
     PrefixProjection,
@@ -88,12 +91,19 @@ class PrefixTuningConfig(SoftPromptConfig):
     "hidden_size": the model's hidden size (AdapterHub's)."""
     shift_positions: bool = True
     """Real tokens take positions n, n+1, ... behind the prefix, as in peft; False: they keep the positions
-    they have without it, as in AdapterHub (the stack must take `position_ids`)."""
+    they have without it, as in AdapterHub (the stack must take `position_ids`; an encoder-decoder's prefix is
+    then joined at each attention module, `prefix_joined`)."""
     use_gating: bool = False
     """Scale each layer's prefix by a learned gate of the layer's input (UniPELT; AdapterHub's
     `use_gating`, `methods/prefix_gating.py`); no mixed batches then."""
     shared_gating: bool = True
     """With `use_gating`: one gate for keys and values (else one each)."""
+    encoder_prefix: bool = False
+    """An encoder-decoder's encoder self-attention gets a prefix of its own too (AdapterHub's `encoder_prefix`;
+    needs shift_positions=False); ignored by models without an encoder."""
+    cross_prefix: bool = False
+    """An encoder-decoder's cross-attention gets a prefix of its own too (AdapterHub's `cross_prefix`; needs
+    shift_positions=False); ignored by models without cross-attention."""
 
     def collapsed(self) -> PrefixTuningConfig:
         return self.replace(prefix_projection=False)
@@ -337,12 +347,19 @@ class PrefixTuning(SoftPromptMethod):
 
     def adapters(self, placement: Placement, config: PrefixTuningConfig, stacks: Stacks) -> dict[str, SiteAdapter]:
         model = placement.model
+        if stacks.decoder is not None and not config.shift_positions:
+            return joined_adapters(model, stacks, config)
+        if stacks.decoder is not None and (config.encoder_prefix or config.cross_prefix):
+            raise DeltaTuneError(
+                "prefixes on the encoder and the cross-attention are joined at the attention modules as AdapterHub "
+                "joins them, which keeps real positions; set shift_positions=False"
+            )
         layout = prefix_layout(model, stacks)
         embedding = model.get_input_embeddings()
         reference = embedding.weight
         count = config.num_virtual_tokens
         if config.prefix_projection:
-            dim = projection_input_width(model, layout, config)
+            dim = projection_input_width(model, layout.kv_heads * layout.head_dim, config)
             source: nn.Module = PrefixProjection(count, dim, config.encoder_hidden_size or dim, layout.width, reference)
         else:
             source = PromptTable(torch.randn(count, layout.width, device=reference.device).to(reference.dtype))

@@ -33,6 +33,8 @@ PREFIX_DEFAULTS: dict[str, Any] = dict(
     encoder_hidden_size=512,
     embedding_dim="hidden_size",
     shift_positions=False,
+    encoder_prefix=True,
+    cross_prefix=True,
     use_gating=True,
 )
 """AdapterHub's UniPELT prefix: `PrefixTuningConfig(prefix_length=10)` (bottleneck 512), gated."""

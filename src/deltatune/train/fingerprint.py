@@ -86,6 +86,10 @@ ADDED_LATER = {
     "adapter.shared_gating": True,
     "adapter.embedding_dim": None,
     "adapter.shift_positions": True,
+    "adapter.encoder_prefix": False,
+    "adapter.cross_prefix": False,
+    "adapter.prefix_tuning.encoder_prefix": True,
+    "adapter.prefix_tuning.cross_prefix": True,
     "header": True,
     "column_names": None,
     "separator": None,
@@ -102,7 +106,9 @@ terms the trainer adds (`loss_added_by_trainer.<term>`): MonteCLoRA's regularise
 orthogonality term were always added; KaSA's was not (before it, a KaSA run trained on the task loss
 alone), so an older KaSA checkpoint is refused. Where the step does not divide the example count, an
 epoch's last step once topped up from the epoch's first examples (reading them twice) and is now short
-(`last_step_of_epoch`), so such a checkpoint is refused."""
+(`last_step_of_epoch`), so such a checkpoint is refused. Prefix tuning's `encoder_prefix` and `cross_prefix`
+came after: a prefix-tuning run had neither; a MAM or UniPELT run (`adapter.prefix_tuning.*`) could resume only
+on models without an encoder, where True (their default now) computes the same."""
 
 MODEL_CONFIG = "base_model_config"
 """The fingerprint's record of the model folder's config.json (`model_config_identity`)."""
