@@ -71,8 +71,10 @@ def prefix_config_from_adapterhub(options: dict[str, Any], folder: Path) -> Pref
     )
 
 
-def prefix_config_to_adapterhub(config: PrefixTuningConfig) -> dict[str, Any]:
-    """AdapterHub's prefix-tuning config dict for ours; refused where AdapterHub computes another prefix."""
+def prefix_config_to_adapterhub(config: PrefixTuningConfig, hidden_size: int) -> dict[str, Any]:
+    """AdapterHub's prefix-tuning config dict for ours on a model of `hidden_size`; refused where AdapterHub
+    computes another prefix. Its `bottleneck_size` is the width of the MLP we write (ours defaults to the hidden
+    size, AdapterHub's to 512), so that both libraries build the MLP the file holds."""
     if config.shift_positions or (config.prefix_projection and config.embedding_dim != "hidden_size"):
         raise AdapterFileError(
             "AdapterHub's prefix tuning keeps real positions and reads the model's hidden size; this prefix has "
@@ -85,7 +87,7 @@ def prefix_config_to_adapterhub(config: PrefixTuningConfig) -> dict[str, Any]:
         "cross_prefix": config.cross_prefix,
         "flat": not config.prefix_projection,
         "prefix_length": config.num_virtual_tokens,
-        "bottleneck_size": config.encoder_hidden_size or 512,
+        "bottleneck_size": config.encoder_hidden_size or hidden_size,
         "init_weights_seed": None,
         "use_gating": config.use_gating,
         "shared_gating": config.shared_gating,
@@ -109,12 +111,19 @@ def prefix_tensors(
             layer, tensor_name = key.split(GATE_MARKER + name + ".")
             ours[f"{layer}.gate.{tensor_name}"] = tensor
             continue
+        if not is_prefix_key(key, name):
+            raise AdapterFileError(f"{folder}: tensor {key!r} is not part of a prefix {name!r} that deltatune can load")
         if marker + name + "." not in key:
-            continue
+            continue  # a layer's copy of the pool's prefix
         location, tensor_name = key.split(marker + name + ".", 1)[1].split(".", 1)
         if location not in holders or tensor_name not in TENSOR_NAMES:
             raise AdapterFileError(f"{folder}: prefix tensor {key!r} is not one deltatune can load")
         if tensor_name == "control_trans":
+            if tensor.numel() % config.num_virtual_tokens:
+                raise AdapterFileError(
+                    f"{folder}: prefix tensor {key!r} holds {tensor.numel()} values, not a whole number of rows for "
+                    f"its {config.num_virtual_tokens} virtual tokens"
+                )
             tensor = tensor.reshape(config.num_virtual_tokens, -1)
         ours.setdefault(f"{holders[location]}.{TENSOR_NAMES[tensor_name]}", tensor)
     return ours

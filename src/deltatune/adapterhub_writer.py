@@ -136,7 +136,7 @@ def _bottleneck_part(config: BottleneckConfig, delta_model: DeltaModel, name: st
 
 
 def _prefix_part(config: PrefixTuningConfig, delta_model: DeltaModel, name: str, locations: dict) -> dict:
-    return prefix_config_to_adapterhub(config)
+    return prefix_config_to_adapterhub(config, delta_model.base_model.config.hidden_size)
 
 
 def _lora_part(config: LoraConfig, delta_model: DeltaModel, name: str, locations: dict) -> dict:
