@@ -91,15 +91,17 @@ def test_demo_never_writes_over_its_data_input(tmp_path, capsys) -> None:
 
 
 def test_demo_overwrite_replaces_an_earlier_run_and_keeps_the_users_files(tmp_path) -> None:
-    """An earlier training run, then a LoRA demo (with its llama.cpp file), then a BitFit demo (none): each
-    replaces the run before it whole (no stale adapter.gguf), and the user's note stays."""
+    """An earlier training run, then a LoRA demo (with its llama.cpp file), the same demo again, then a BitFit demo
+    (none): each replaces the run before it whole (no stale adapter.gguf), and the user's note stays. A training
+    run's work is replaced only when told; a demo's own (recorded, unchanged) is replaced by the next demo, so that
+    `make demo` runs twice."""
     model, out = model_folder(tmp_path, "causal-lm"), tmp_path / "project"
     earlier_training_run(tmp_path, out)
     (out / "notes.txt").write_text("mine", encoding="utf-8")
     assert demo(model, out, "--overwrite") == 0
     if importlib.util.find_spec("gguf") is not None:
         assert (out / "adapter.gguf").is_file() and (out / "Modelfile").is_file()
-    assert demo(model, out) == 2  # the demo's own earlier work, too, is replaced only when told
+    assert demo(model, out) == 0
     assert demo(model, out, "--overwrite", "--method", "bitfit") == 0
     assert not (out / "adapter.gguf").exists() and not (out / "Modelfile").exists()
     assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"

@@ -15,7 +15,7 @@ from torch import nn
 
 from .architectures import sublayer_output_width
 from .config import DeltaConfig, TargetedConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, TargetNotFoundError
 from .methods.base import ModuleMethod
 from .methods.bottleneck import BottleneckConfig, placed_sites
 from .peft_format import PeftLayout
@@ -117,7 +117,11 @@ def _built_width(part: DeltaConfig, model: nn.Module, layer_width: int) -> int:
     targeted = isinstance(part, TargetedConfig) and part.target_modules and isinstance(method, ModuleMethod)
     if not targeted or getattr(part, "target_parameters", None):
         return layer_width
-    return max((_module_width(model.get_submodule(name)) for name in method.select(model, part)), default=layer_width)
+    try:
+        selected = method.select(model, part)
+    except TargetNotFoundError:  # the build names what matches nothing, and the task record a missing head
+        return layer_width
+    return max((_module_width(model.get_submodule(name)) for name in selected), default=layer_width)
 
 
 def _module_width(module: nn.Module) -> int:

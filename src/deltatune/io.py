@@ -365,7 +365,10 @@ def _load_order(folder: Path) -> tuple[bool, bool]:
 
 
 def _method_says(folder: Path, flag: str) -> bool:
-    """Whether the method of the deltatune-format adapter in `folder` sets `flag`."""
+    """Whether the method of the deltatune-format adapter in `folder` sets `flag` (a fusion folder has no
+    adapter config: its own reader checks it)."""
+    if adapterhub_format.is_fusion_folder(folder):
+        return False
     data = read_json(folder / CONFIG_FILE)
     method = data.get("method") if data.get("format") == "deltatune" else None
     return method in registered_methods() and getattr(get_method(method), flag, False)

@@ -184,7 +184,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     config = demo_config(
         options, train_file, eval_file, settings.get("num_hidden_layers"), bool(tokenizer.chat_template)
     )
-    check_demo_out(config, options.data)
+    config = check_demo_out(config, options.data)
     clear_demo_files(out)
     write_data(options, train_file.parent)
     record_demo_files(out, DATA_FILES)

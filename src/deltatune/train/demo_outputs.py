@@ -5,8 +5,9 @@ Besides a training run's entries (`outputs.RUN_ENTRIES`: the adapter, metrics.js
 the trainer checks and clears, the demo writes its data split (`DATA_FILES`) and its llama.cpp adapter with
 a Modelfile (`GGUF_FILES`). It records each file it wrote in `DEMO_RECORD`, with a digest of its content.
 
-- Without `--overwrite`, an `--out` holding any of those entries (an earlier run's or demo's, or a user's
-  file of that name) is refused before anything is written.
+- Without `--overwrite`, an `--out` holding any of those entries is refused before anything is written,
+  unless an earlier demo wrote there (its `DEMO_RECORD` is there): a demo run again replaces its own work,
+  by the same rules as `--overwrite` below, so `make demo` can be run twice.
 - With it, a demo file goes only where the record names it with the digest of what is there now: a file a
   user put or edited in its place is refused by name, and nothing is removed; the run's entries are cleared by
   the trainer's rules (`outputs.check_replaceable`).
@@ -16,6 +17,7 @@ a Modelfile (`GGUF_FILES`). It records each file it wrote in `DEMO_RECORD`, with
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,13 +41,16 @@ DEMO_RECORD = ".deltatune-demo.json"
 """`{"written_by": "deltatune demo", "files": {name: sha256 of its content}}`: the demo files a demo wrote."""
 
 
-def check_demo_out(config: TrainConfig, data: str | None) -> None:
+def check_demo_out(config: TrainConfig, data: str | None) -> TrainConfig:
     """Refuse, before anything is written, a `--data` input the demo would write over, an `--out` holding earlier
-    work without `overwrite_output_dir`, and, with it, any entry there that no deltatune run or demo wrote."""
+    work without `overwrite_output_dir` (but for an earlier demo's), and any entry there that no deltatune run or
+    demo wrote; returns the config to run, with `overwrite_output_dir` set where an earlier demo's work goes."""
     out = Path(config.output_dir)
     if data is not None:
         _check_not_written(Path(data), out)
     found = previous_run(out) + [name for name in DEMO_FILES if os.path.lexists(out / name)]
+    if found and not config.overwrite_output_dir and (out / DEMO_RECORD).is_file():
+        config = dataclasses.replace(config, overwrite_output_dir=True)  # a demo run again replaces its own work
     if found and not config.overwrite_output_dir:
         raise OutputFolderError(
             f"--out {out} already holds {', '.join(found)}; replace what an earlier deltatune run or demo wrote "
@@ -59,6 +64,7 @@ def check_demo_out(config: TrainConfig, data: str | None) -> None:
             f"--out {out} holds files no deltatune demo wrote there: {', '.join(foreign)} (--overwrite replaces only "
             f"the files a demo's {DEMO_RECORD} names, unchanged); move them out of the folder, or give another --out"
         )
+    return config
 
 
 def clear_demo_files(out: Path) -> None:
