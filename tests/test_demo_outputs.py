@@ -49,31 +49,26 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("holding", list(REFUSED))
-def test_demo_refuses_an_out_folder_holding_other_work_and_writes_nothing(holding: str, tmp_path, capsys) -> None:
+REFUSALS = [(holding, (), "--overwrite") for holding in REFUSED] + [
+    (holding, ("--overwrite",), "no deltatune") for holding in REFUSED if holding != "an-earlier-training-run"
+]
+"""(what --out holds, the demo's flags, what its refusal says): --overwrite still refuses files no deltatune
+run wrote (an earlier training run's work it replaces)."""
+
+
+@pytest.mark.parametrize("holding, flags, said", REFUSALS)
+def test_demo_refuses_an_out_folder_holding_other_work_and_writes_nothing(
+    holding: str, flags: tuple[str, ...], said: str, tmp_path, capsys
+) -> None:
     model, out = model_folder(tmp_path, "causal-lm"), tmp_path / "project"
     out.mkdir()
     make, named = REFUSED[holding]
     make(tmp_path, out)
     before = folder_digest(out)
     capsys.readouterr()
-    assert demo(model, out) == 2
+    assert demo(model, out, *flags) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("deltatune: ") and named in last and "--overwrite" in last, last
-    assert folder_digest(out) == before
-
-
-@pytest.mark.parametrize("holding", [name for name in REFUSED if name != "an-earlier-training-run"])
-def test_demo_overwrite_still_refuses_files_no_deltatune_run_wrote(holding: str, tmp_path, capsys) -> None:
-    model, out = model_folder(tmp_path, "causal-lm"), tmp_path / "project"
-    out.mkdir()
-    make, named = REFUSED[holding]
-    make(tmp_path, out)
-    before = folder_digest(out)
-    capsys.readouterr()
-    assert demo(model, out, "--overwrite") == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("deltatune: ") and named in last and "no deltatune" in last, last
+    assert last.startswith("deltatune: ") and named in last and said in last, last
     assert folder_digest(out) == before
 
 

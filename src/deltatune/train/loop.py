@@ -21,6 +21,7 @@ import contextlib
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,30 +303,29 @@ def _train_run(
     bar.close()
     train_seconds = clock.seconds()
     check_weights(config, parameters, state.step)
-    _save_outputs(run, ranks, None)  # before the final evaluation, whose failure then loses no training
+    adapter_folder = str(output_dir / ADAPTER_FOLDER)
+    # saved before the final evaluation, whose failure then loses no training
+    _by_main_with_whole_adapter(run, ranks, functools.partial(run.delta_model.save, adapter_folder))
     final = _final_evaluation(run, ranks, state, progress, trackers) if run.eval_features else None
     seconds = time.perf_counter() - started
     extra = {"train_seconds": round(train_seconds, 2), "config": state.run["config"]}  # settings as resolved
-    _save_outputs(run, ranks, final, (state.history, seconds, extra))
+    report = functools.partial(run.write_report, output_dir, state.history, final, seconds, extra)
+    if final is None:
+        _by_main_with_whole_adapter(run, ranks, report)
+    else:  # saved again, for its card to list the final metrics
+        _by_main_with_whole_adapter(
+            run, ranks, functools.partial(run.delta_model.save, adapter_folder, metrics=final.metrics), report
+        )
     return TrainResult(run, state.history, final, output_dir, seconds, state.step, train_seconds)
 
 
-def _save_outputs(
-    run: Run,
-    ranks: distributed.Ranks,
-    final: Evaluation | None,
-    report: tuple[list[dict[str, float]], float, dict[str, Any]] | None = None,
-) -> None:
-    """By the main process, the whole adapter in hand: the adapter saved into `output_dir/adapter` (its card
-    listing `final`'s metrics; saved again only for them once a `report` comes), and `report` (history,
-    seconds, extra) written as `metrics.json` and the plot."""
-    output_dir = Path(run.config.output_dir)
+def _by_main_with_whole_adapter(run: Run, ranks: distributed.Ranks, *actions: Callable[[], object]) -> None:
+    """Run `actions` (saves, the report) in the main process with the whole adapter in hand (gathered where
+    it is sharded), the other processes waiting."""
     with sharding.whole_adapter(run.delta_model):
         if ranks.main:
-            if report is None or final is not None:
-                run.delta_model.save(str(output_dir / ADAPTER_FOLDER), metrics=final.metrics if final else None)
-            if report is not None:
-                run.write_report(output_dir, report[0], final, report[1], report[2])
+            for action in actions:
+                action()
     distributed.barrier(ranks)
 
 
