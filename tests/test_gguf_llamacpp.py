@@ -20,7 +20,11 @@ pytest.importorskip("gguf", reason="gguf is not installed (pip install deltatune
 from deltatune.errors import DeltaTuneError  # noqa: E402
 from deltatune.train import smollm2  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"),
+    # llama.cpp reading our GGUF export: tests/test_gguf_lora_export.py checks the export on both transformers lines
+    pytest.mark.transformers_independent,
+]
 
 STEPS, EXAMPLES = 12, 32
 AGREEMENT = 0.9
