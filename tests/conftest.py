@@ -19,8 +19,8 @@ run first: under `pytest -n 2` a long test that starts late leaves the other cor
 
 ONE_ENVIRONMENT_MARK = "transformers_independent"
 """The mark of tests whose proof does not depend on the transformers version (pure torch, file formats,
-experiment trackers, llama.cpp reading our export, the benchmark scripts `make bench` runs under transformers 5): `make
-test` runs the suite in two environments, and these run in the transformers 5 one only."""
+experiment trackers, llama.cpp reading our export, the benchmark scripts `make bench` runs under transformers
+5): `make test` runs the suite in two environments, and these run in the transformers 5 one only."""
 
 TRANSFORMERS_MAJOR = int(version("transformers").split(".")[0])
 
