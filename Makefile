@@ -2,6 +2,8 @@
 # `make test` runs the suite twice: on the current transformers 5.x, and on 4.57 (the release
 # AdapterHub pins), the two lines deltatune supports; the second environment also holds AdapterHub
 # `adapters`, so the cross-checks against it run there.
+# Tests marked `transformers_independent` (pure torch, file formats, trackers, llama.cpp, the benchmarks) prove
+# nothing that depends on the transformers version: tests/conftest.py runs them in the 5.x environment only.
 PYTHON ?= python3
 VENV := .venv
 VENV_457 := .venv-transformers457

@@ -1,6 +1,7 @@
 import os
 import sys
 from collections.abc import Iterator
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -16,9 +17,22 @@ run first: under `pytest -n 2` a long test that starts late leaves the other cor
 `--dist loadgroup` xdist sends its groups, the units of most tests, before them.)"""
 
 
+ONE_ENVIRONMENT_MARK = "transformers_independent"
+"""The mark of tests whose proof does not depend on the transformers version (pure torch, file formats,
+experiment trackers, llama.cpp reading our export, the benchmark scripts `make bench` runs under transformers
+5): `make test` runs the suite in two environments, and these run in the transformers 5 one only."""
+
+TRANSFORMERS_MAJOR = int(version("transformers").split(".")[0])
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other test keeps its place
+    if TRANSFORMERS_MAJOR < 5:
+        skip = pytest.mark.skip(reason=f"{ONE_ENVIRONMENT_MARK}: runs once, in the transformers 5 environment")
+        for item in items:
+            if item.get_closest_marker(ONE_ENVIRONMENT_MARK):
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 
 from deltatune.train.cli import main
 
+pytestmark = pytest.mark.transformers_independent  # folders written and read here: file formats only
+
 BOTTLENECK = {
     "architecture": "bottleneck",
     "mh_adapter": False,

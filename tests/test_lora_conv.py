@@ -14,6 +14,8 @@ import deltatune
 from deltatune.errors import DeltaTuneError, MergeError, UnsupportedModuleError
 from test_peft_crosscheck import assert_changed, assert_same
 
+pytestmark = pytest.mark.transformers_independent  # torch's convolutions, no transformers model
+
 LAYERS = {
     "conv1d-dilated-reflect": (nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=2, padding_mode="reflect"), (2, 3, 11)),
     "conv2d-strided-circular": (nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1, padding_mode="circular"), (2, 3, 7, 6)),

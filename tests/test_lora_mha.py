@@ -16,6 +16,8 @@ from deltatune.errors import DeltaTuneError, UnsupportedModuleError
 from deltatune.methods.lora_mha import OUT_PROJ_REPEATS
 from test_peft_crosscheck import assert_changed, assert_same
 
+pytestmark = pytest.mark.transformers_independent  # torch's own attention, no transformers model
+
 
 class Attention(nn.Module):
     def __init__(self, batch_first: bool = True, **options) -> None:

@@ -10,6 +10,8 @@ import pytest
 
 from deltatune.train import metrics
 
+pytestmark = pytest.mark.transformers_independent  # sacrebleu and rouge-score on strings
+
 sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu is not installed (pip install 'deltatune[metrics]')")
 rouge_scorer = pytest.importorskip(
     "rouge_score.rouge_scorer", reason="rouge-score is not installed (pip install 'deltatune[metrics]')"

@@ -23,7 +23,10 @@ import torch
 import deltatune
 from save_checks import leftovers
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the savers are forked")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="the savers are forked"),
+    pytest.mark.transformers_independent,  # a torch module's adapter saved: files and processes only
+]
 
 VERSIONS = """
 import torch

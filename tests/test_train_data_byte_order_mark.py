@@ -8,6 +8,8 @@ import pytest
 
 from deltatune.train.data import TableLayout, read_records
 
+pytestmark = pytest.mark.transformers_independent  # data files read as text
+
 BYTE_ORDER_MARK = "\ufeff"
 E2E = TableLayout(header=False, column_names=("prompt", "completion"), separator="||")
 FILES = {

@@ -9,6 +9,8 @@ import pytest
 
 from deltatune.train.progress import TrainingBar, TrainingClock
 
+pytestmark = pytest.mark.transformers_independent  # the bar on a fake clock
+
 
 class FakeClock:
     def __init__(self) -> None:
