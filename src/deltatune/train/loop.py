@@ -10,9 +10,9 @@ any `modules_to_save`); the learning rate warms up linearly for
 Nothing goes wrong silently. The output folder is checked before the model loads (`outputs.py`);
 `--resume` continues only the run that wrote the checkpoint (`fingerprint.py`). Every step checks
 that its loss and total gradient norm are finite (one device sync: the norm is what gradient
-clipping computes anyway), and every save that its weights are: a run that diverges stops with a
-`TrainingDivergedError` naming the step and the likely cause, saves no adapter and keeps the
-checkpoints written before.
+clipping computes anyway), and every save that its weights and the optimizer's state are: a run that
+diverges stops with a `TrainingDivergedError` naming the step and the likely cause, saves no adapter
+and keeps the checkpoints written before.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _train_run(
             throughput = bar.tokens_per_second(tokens * ranks.world_size)
             _record(run, ranks, state, last, row, throughput, trackers, progress)
             if config.save_every and state.step % config.save_every == 0 and not last:
-                check_weights(config, parameters, state.step)
+                check_weights(config, parameters, optimizer, state.step)
                 folder = checkpoint_folder(output_dir, state.step)
                 save_checkpoint(folder, run.delta_model, optimizer, scheduler, state, ranks.main, hooks_state(hooks))
                 if ranks.main and config.save_total_limit:
@@ -302,7 +302,7 @@ def _train_run(
                 distributed.barrier(ranks)
     bar.close()
     train_seconds = clock.seconds()
-    check_weights(config, parameters, state.step)
+    check_weights(config, parameters, optimizer, state.step)
     adapter_folder = str(output_dir / ADAPTER_FOLDER)
     # saved before the final evaluation, whose failure then loses no training
     _by_main_with_whole_adapter(run, ranks, functools.partial(run.delta_model.save, adapter_folder))
