@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,9 @@ def compare(options: CompareOptions) -> dict[str, Any]:
     rows = []
     for plan in plans:
         bar.set_description(f"compare: {plan.label}")
-        rows.append(run_method(plan, options.budget, metric, options.progress))
+        adapter = str(Path(plan.config.output_dir) / ADAPTER_FOLDER)
+        again = shlex.join(["deltatune", "eval", str(options.config), *options.overrides, "--adapter", adapter])
+        rows.append(run_method(plan, options.budget, metric, options.progress, again))
         bar.update(1)
     bar.close()
     summary = {
@@ -137,9 +140,10 @@ def chosen_metric(task_name: str, metric: str | None) -> str:
     return metric
 
 
-def run_method(plan: MethodPlan, budget: Budget, metric: str, progress: bool) -> dict[str, Any]:
+def run_method(plan: MethodPlan, budget: Budget, metric: str, progress: bool, evaluate_again: str) -> dict[str, Any]:
     """Train one method (`loop.train`) and read its row from its own metrics.json and adapter folder; a
-    run that diverged or failed gives a row with its status, its one-line error and no figures."""
+    run that diverged or failed gives a row with its status, its one-line error and no figures.
+    `evaluate_again`: the command that evaluates its adapter (the advice of a failed final evaluation)."""
     device = choose_device(plan.config.device, ranks_from_environment())
     row = {
         "label": plan.label,
@@ -152,7 +156,7 @@ def run_method(plan: MethodPlan, budget: Budget, metric: str, progress: bool) ->
     }
     try:
         with measure_peak(device) as peak:
-            train(plan.config, progress=progress, time_budget=budget.seconds)
+            train(plan.config, progress=progress, time_budget=budget.seconds, evaluate_again=evaluate_again)
     except TrainingDivergedError as error:
         return _without_figures(row, DIVERGED, str(error))
     except DeltaTuneError as error:  # already one line: a final evaluation that failed says where the adapter is

@@ -10,7 +10,8 @@
    blocks by default: the backward pass then stops halfway down), measure again.
    A second, format-blind score, `record_match`, parses the answer as JSON and compares records.
 4. Print a before/after table and a few answers; write the adapter, `metrics.json` (with "before" and
-   "after": exact match in [0, 1], and `quantize`) and `training.png` into the output folder. A folder
+   "after": exact match in [0, 1], and `quantize`), `training.png` and the config it trained with,
+   `demo.yaml` (`deltatune eval DIR/demo.yaml` evaluates the adapter again), into the output folder. A folder
    holding an earlier run's or demo's work is replaced only with `--overwrite`, and then only what a
    deltatune run or demo wrote there goes (`demo_outputs.py`); the `--data` input is never written over.
 5. Write the adapter as a llama.cpp LoRA file, `adapter.gguf`, with an Ollama `Modelfile` beside it
@@ -25,15 +26,18 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..atomic import write_files
 from ..errors import DeltaTuneError
 from .config import TrainConfig, apply_overrides
 from .data import read_records
-from .demo_outputs import DATA_FILES, GGUF_FILES, check_demo_out, clear_demo_files, record_demo_files
+from .demo_outputs import CONFIG_FILE, DATA_FILES, GGUF_FILES, check_demo_out, clear_demo_files, record_demo_files
 from .evaluate import Evaluation
 from .report import before_after_table
 
@@ -122,6 +126,13 @@ def _write_jsonl(records: list[dict[str, Any]]):
     return write
 
 
+def _write_yaml(settings: dict[str, Any]):
+    def write(path: str) -> None:
+        Path(path).write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+
+    return write
+
+
 def write_data(options: DemoOptions, folder: Path) -> tuple[Path, Path]:
     """The train and eval files of the demo (generated, or split from `options.data`)."""
     examples = options.examples or EVAL_EXAMPLES
@@ -187,8 +198,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     config = check_demo_out(config, options.data)
     clear_demo_files(out)
     write_data(options, train_file.parent)
-    record_demo_files(out, DATA_FILES)
+    write_files(out, {CONFIG_FILE: _write_yaml(config.to_dict())})
+    record_demo_files(out, (*DATA_FILES, CONFIG_FILE))
     run = prepare_run(config)
+    run.evaluate_again = shlex.join(["deltatune", "eval", str(out / CONFIG_FILE)])
     base = f"quantized {config.quantize}" if config.quantize else "float32"
     print(f"{options.model} ({base} base), method {config.adapter['method']}")
     print(run.delta_model.trainable_summary())

@@ -83,6 +83,9 @@ class Run:
     eval_features: list[dict[str, Any]]
     device: torch.device
     eval_context: EvalContext = field(init=False)
+    evaluate_again: str | None = field(default=None, kw_only=True)
+    """The command that evaluates the saved adapter again, for the entry point that trains (a failed final
+    evaluation advises it); None: the Python call on the run's config."""
 
     def __post_init__(self) -> None:
         self.eval_context = EvalContext(
@@ -201,17 +204,21 @@ def train(
     resume: str | Path | bool | None = None,
     progress: bool = True,
     time_budget: float | None = None,
+    evaluate_again: str | None = None,
 ) -> TrainResult:
     """Train the adapter the config describes; returns the trained model and what was measured.
     `resume=True` continues from the latest checkpoint in `output_dir`, a path from that checkpoint.
-    `time_budget`: train for this many seconds instead of the config's steps (`time_budget.py`)."""
+    `time_budget`: train for this many seconds instead of the config's steps (`time_budget.py`).
+    `evaluate_again`: the caller's command that evaluates the saved adapter (`Run.evaluate_again`)."""
     ranks = distributed.ranks_from_environment()
     check_output_dir(config, resume)
     require_trackers(tracker_names(config.report_to))
     device = choose_device(config.device, ranks)
     joined = distributed.start(ranks, device)
     try:
-        return train_run(prepare_run(config, device, quiet=not progress), resume, progress, time_budget)
+        run = prepare_run(config, device, quiet=not progress)
+        run.evaluate_again = evaluate_again
+        return train_run(run, resume, progress, time_budget)
     finally:
         if joined:
             distributed.stop(ranks)
@@ -334,7 +341,9 @@ def _final_evaluation(
 ) -> Evaluation | None:
     """The evaluation after the last step, the adapter already saved: a failure (an error, a Ctrl-C) says
     in one line where the adapter is, then stops the run."""
-    saved = f"the trained adapter is saved at {Path(run.config.output_dir) / ADAPTER_FOLDER}"
+    folder = Path(run.config.output_dir) / ADAPTER_FOLDER
+    saved = f"the trained adapter is saved at {folder}"
+    again = run.evaluate_again or f"deltatune.train.prepare_run(config, adapter={str(folder)!r}).evaluate()"
     try:
         return _evaluate_into(run, ranks, state, progress, trackers)
     except KeyboardInterrupt:
@@ -342,7 +351,7 @@ def _final_evaluation(
     except Exception as error:
         raise FinalEvaluationError(
             f"{saved}, but the final evaluation failed ({type(error).__name__}: {error}); evaluate it with "
-            "`deltatune eval CONFIG` once the cause is fixed"
+            f"`{again}` once the cause is fixed"
         ) from error
 
 
