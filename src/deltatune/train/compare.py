@@ -37,8 +37,10 @@ from .checkpoint import ADAPTER_FOLDER
 from .compare_memory import measure_peak
 from .compare_plan import Budget, CompareError, MethodPlan, check_methods_fit, plan_comparison
 from .compare_report import import_plotting, table, write_results
+from .config import TrainConfig
 from .distributed import ranks_from_environment
 from .loop import choose_device, train
+from .output_lock import output_lock
 from .report import METRICS_FILE
 from .tasks import get_task
 
@@ -72,6 +74,12 @@ def compare(options: CompareOptions) -> dict[str, Any]:
     base, plans = plan_comparison(
         options.config, options.methods, options.overrides, options.method_overrides, options.budget, options.overwrite
     )
+    with output_lock(Path(base.output_dir)):  # each method's run locks its own folder inside
+        return _run_comparison(options, base, plans)
+
+
+def _run_comparison(options: CompareOptions, base: TrainConfig, plans: list[MethodPlan]) -> dict[str, Any]:
+    """The comparison once planned (see `compare`), its output folder locked."""
     metric = chosen_metric(base.task, options.metric)
     check_methods_fit(base, plans)
     import_plotting()

@@ -39,6 +39,7 @@ from .config import TrainConfig, apply_overrides
 from .data import read_records
 from .demo_outputs import CONFIG_FILE, DATA_FILES, GGUF_FILES, check_demo_out, clear_demo_files, record_demo_files
 from .evaluate import Evaluation
+from .output_lock import output_lock
 from .report import before_after_table
 
 NAMES = (
@@ -184,7 +185,6 @@ def demo_config(options: DemoOptions, train_file: Path, eval_file: Path, layers:
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run the demo; returns what it writes to `metrics.json`."""
-    from .loop import prepare_run, train_run
     from .models import load_tokenizer, model_folder
 
     out = Path(options.out)
@@ -195,6 +195,16 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     config = demo_config(
         options, train_file, eval_file, settings.get("num_hidden_layers"), bool(tokenizer.chat_template)
     )
+    with output_lock(out):  # before anything in --out is checked or written; the trainer's is then held
+        return _train_and_report(options, config)
+
+
+def _train_and_report(options: DemoOptions, config: TrainConfig) -> dict[str, Any]:
+    """The demo once its config is made (see `run_demo`), its `--out` locked."""
+    from .loop import prepare_run, train_run
+
+    out = Path(options.out)
+    train_file, eval_file = (out / name for name in DATA_FILES)
     config = check_demo_out(config, options.data)
     clear_demo_files(out)
     write_data(options, train_file.parent)

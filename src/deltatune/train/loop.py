@@ -7,7 +7,8 @@ makes `--resume` continue bit-exactly. AdamW updates the trainable parameters on
 any `modules_to_save`); the learning rate warms up linearly for
 `warmup_steps`, then follows the schedule (linear or cosine to zero, or constant).
 
-Nothing goes wrong silently. The output folder is checked before the model loads (`outputs.py`);
+Nothing goes wrong silently. The output folder is locked for the run (`output_lock.py`: a second run
+into it refuses) and checked before the model loads (`outputs.py`);
 `--resume` continues only the run that wrote the checkpoint (`fingerprint.py`). Every step checks
 that its loss and total gradient norm are finite (one device sync: the norm is what gradient
 clipping computes anyway), and every save that its weights and the optimizer's state are: a run that
@@ -56,6 +57,7 @@ from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
 from .models import adapter_task, attach_adapter, load_model, load_tokenizer, model_folder
 from .optimizer import build_optimizer, freeze_lora_a
+from .output_lock import output_lock
 from .outputs import check_output_dir, clear_previous_run
 from .packing import packed_collate_for
 from .predict import EvalContext
@@ -211,17 +213,18 @@ def train(
     `time_budget`: train for this many seconds instead of the config's steps (`time_budget.py`).
     `evaluate_again`: the caller's command that evaluates the saved adapter (`Run.evaluate_again`)."""
     ranks = distributed.ranks_from_environment()
-    check_output_dir(config, resume)
-    require_trackers(tracker_names(config.report_to))
-    device = choose_device(config.device, ranks)
-    joined = distributed.start(ranks, device)
-    try:
-        run = prepare_run(config, device, quiet=not progress)
-        run.evaluate_again = evaluate_again
-        return train_run(run, resume, progress, time_budget)
-    finally:
-        if joined:
-            distributed.stop(ranks)
+    with output_lock(Path(config.output_dir), ranks.main):  # the trainer's own is then taken already
+        check_output_dir(config, resume)
+        require_trackers(tracker_names(config.report_to))
+        device = choose_device(config.device, ranks)
+        joined = distributed.start(ranks, device)
+        try:
+            run = prepare_run(config, device, quiet=not progress)
+            run.evaluate_again = evaluate_again
+            return train_run(run, resume, progress, time_budget)
+        finally:
+            if joined:
+                distributed.stop(ranks)
 
 
 def train_run(
@@ -229,8 +232,12 @@ def train_run(
 ) -> TrainResult:
     """Train a prepared run (see `train`); under a launcher the process group must be joined. The main
     process reports to the trackers of `report_to` (`deltatune.train.tracking`), closed as failed if training
-    fails."""
-    with reporting(run.config.report_to, Path(run.config.output_dir)) as trackers:
+    fails. The main process holds the output folder's lock (`output_lock`) throughout."""
+    output_dir = Path(run.config.output_dir)
+    with (
+        output_lock(output_dir, distributed.ranks_from_environment().main),
+        reporting(run.config.report_to, output_dir) as trackers,
+    ):
         return _train_run(run, resume, progress, time_budget, trackers)
 
 
