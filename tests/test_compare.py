@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import deltatune
+import deltatune.train.loop as loop_module
 from deltatune.errors import DeltaTuneError, TrainingDivergedError
 from deltatune.train.cli import main
 from deltatune.train.compare import CompareOptions, compare
@@ -47,6 +48,7 @@ ROW_FIELDS = {
     "memory_kind",
     "adapter_bytes",
     "error",
+    "status",
 }
 
 
@@ -334,3 +336,32 @@ def test_the_pre_check_reads_a_headerless_table_as_training_does(tmp_path: Path)
     assert main(["compare", str(config), "--methods", "bitfit", "--quiet"]) == 0
     (row,) = rows(tmp_path / "out")
     assert row["error"] is None and row["steps"] == 1 and row["metric"] is not None
+
+
+def test_a_method_whose_evaluation_fails_is_a_failed_row_the_next_method_runs_and_the_comparison_fails(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The finished methods' results of a long comparison are not lost to one method's failed evaluation: its
+    row says why (its adapter is saved), the others run and are written, and the exit status is non-zero."""
+    config = task_config(tmp_path, "seq-cls", arch="bert")
+    real_evaluate, calls = loop_module.evaluate, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "evaluate", first_fails)
+    capsys.readouterr()
+    assert main(["compare", str(config), "--methods", "lora,bitfit", "--max-steps", "1", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the models' loading bars
+    out = tmp_path / "out"
+    assert error.startswith("deltatune: ") and "lora" in error and str(out / "compare.md") in error, error
+    failed, trained = rows(out)
+    assert failed["status"] == "failed" and failed["metric"] is None and failed["steps"] is None
+    assert "final evaluation failed (RuntimeError: CUDA out of memory)" in failed["error"]
+    assert str(out / "lora" / "adapter") in failed["error"] and (out / "lora" / "adapter").is_dir()
+    assert trained["status"] == "trained" and trained["error"] is None and trained["metric"] is not None
+    written = (out / "compare.md").read_text()
+    assert "| lora | n/a |" in written and "lora (failed): the trained adapter is saved at" in written

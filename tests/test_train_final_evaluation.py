@@ -4,6 +4,7 @@ fails (an error, a Ctrl-C) loses no training; the failure is said in one line na
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 import deltatune.train.loop as loop
 from deltatune.train.cli import main
-from training_fixtures import task_config
+from training_fixtures import model_folder, task_config
 
 FAILURES = {
     "error": (RuntimeError("CUDA out of memory"), 2, "RuntimeError: CUDA out of memory"),
@@ -50,3 +51,41 @@ def test_a_final_evaluation_that_succeeds_puts_its_metrics_on_the_adapter_card(t
     final = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))["eval"]
     card = (tmp_path / "out" / "adapter" / "README.md").read_text(encoding="utf-8")
     assert final and all(name in card for name in final), card
+
+
+def _train_command(tmp_path: Path) -> list[str]:
+    config = task_config(tmp_path, "causal-lm", max_steps=1)
+    return ["train", str(config), "--quiet", f"output_dir={tmp_path / 'elsewhere'}"]
+
+
+def _demo_command(tmp_path: Path) -> list[str]:
+    return ["demo", "--out", str(tmp_path / "demo"), "--model", str(model_folder(tmp_path, "causal-lm"))] + [
+        *("--steps", "1", "--examples", "2")
+    ]
+
+
+ENTRY_POINTS = {"train": (_train_command, "elsewhere"), "demo": (_demo_command, "demo")}
+"""Entry point → (its command line, the folder under tmp_path its adapter is saved in)."""
+
+
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_a_failed_final_evaluation_advises_a_command_that_evaluates_the_saved_adapter(
+    entry_point: str, tmp_path, monkeypatch, capsys
+) -> None:
+    """`deltatune demo` has no config file, and `deltatune train` may have overrides: the advice is, for each, a
+    command that works as written (run here once the cause is gone) and evaluates the adapter the run saved."""
+    command, folder = ENTRY_POINTS[entry_point]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "_evaluate_into", fail)
+        assert main(command(tmp_path)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"the trained adapter is saved at {tmp_path / folder / 'adapter'}" in last, last
+    advice = last.split("`")[-2]
+    assert advice.startswith("deltatune eval "), last
+    assert main(shlex.split(advice)[1:]) == 0
+    printed = capsys.readouterr().out
+    assert "exact_match" in json.loads(printed[printed.rindex("{") :])  # the metrics, printed last

@@ -164,3 +164,29 @@ def test_a_run_whose_gradient_vanishes_at_a_positive_loss_stops_instead_of_savin
     line = last_error_line(capsys)
     assert "the gradient is exactly zero" in line and "learning rate" in line, line
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize("save_every, stopped_at", [(2, 2), (None, 4)], ids=["at-a-checkpoint", "at-the-end"])
+def test_a_step_that_leaves_the_optimizer_state_non_finite_stops_the_run_as_diverged(
+    save_every: int | None, stopped_at: int, tmp_path, monkeypatch, capsys
+) -> None:
+    """An exp_avg_sq of inf makes every later AdamW update of its elements exactly 0 while the loss, the
+    gradient and the weights stay finite: the run would train nothing and end with exit 0. It is checked
+    where the weights are: before each checkpoint and before the adapter is saved."""
+    config = task_config(tmp_path, "causal-lm", eval_file=None, max_steps=4, save_every=save_every)
+    real_step = torch.optim.AdamW.step
+
+    def overflow_second_moment(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        first = self.param_groups[0]["params"][0]
+        if self.state[first]["step"] == 1:
+            self.state[first]["exp_avg_sq"].view(-1)[0] = math.inf
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflow_second_moment)
+    assert main(["train", str(config), "--quiet"]) == 2
+    line = last_error_line(capsys)
+    assert line.startswith(f"deltatune: training diverged at step {stopped_at}: "), line
+    assert "exp_avg_sq" in line and "no adapter was saved" in line, line
+    out = tmp_path / "out"
+    assert not (out / "adapter").exists() and not (out / "checkpoints" / "step-000002").exists()

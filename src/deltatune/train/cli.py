@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -70,9 +71,9 @@ def _train(arguments: argparse.Namespace) -> None:
     from .loop import train
     from .report import METRICS_FILE
 
-    result = train(
-        _config(arguments.config, arguments.overrides), resume=arguments.resume, progress=not arguments.quiet
-    )
+    config = _config(arguments.config, arguments.overrides)
+    again = shlex.join(["deltatune", "eval", arguments.config, *arguments.overrides])
+    result = train(config, resume=arguments.resume, progress=not arguments.quiet, evaluate_again=again)
     print(f"adapter saved in {result.output_dir / ADAPTER_FOLDER}; metrics in {result.output_dir / METRICS_FILE}")
 
 

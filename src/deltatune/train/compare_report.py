@@ -10,7 +10,8 @@ memory, adapter bytes):
     metric), trainable_parameters, total_parameters, trainable_percent, steps, wall_seconds (training
     and final evaluation: metrics.json's seconds), train_seconds (training alone), peak_memory_bytes
     (null where not measured) and memory_kind (`compare_memory`), adapter_bytes (the adapter folder's files),
-    error (null, or why the run diverged: then every figure is null)
+    error (null, or why the run diverged or failed, in one line: then every figure is null), status
+    ("trained", "diverged" or "failed": its run stopped for another reason than its training; see `compare`)
 
 `compare.md` holds the same table as the one printed. `compare.png` (matplotlib; skipped with a note
 without it) plots the metric against the trainable share of parameters on a log axis, each method's
@@ -46,7 +47,7 @@ def table(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in titles) + "|"]
     for row in summary["methods"]:
         lines.append("| " + " | ".join(_cell(row[key], shape) for key, _, shape in COLUMNS) + " |")
-    lines += [f"\n{row['label']}: {row['error']}" for row in summary["methods"] if row["error"]]
+    lines += [f"\n{row['label']} ({row['status']}): {row['error']}" for row in summary["methods"] if row["error"]]
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@
    blocks by default: the backward pass then stops halfway down), measure again.
    A second, format-blind score, `record_match`, parses the answer as JSON and compares records.
 4. Print a before/after table and a few answers; write the adapter, `metrics.json` (with "before" and
-   "after": exact match in [0, 1], and `quantize`) and `training.png` into the output folder. A folder
+   "after": exact match in [0, 1], and `quantize`), `training.png` and the config it trained with,
+   `demo.yaml` (`deltatune eval DIR/demo.yaml` evaluates the adapter again), into the output folder. A folder
    holding an earlier run's or demo's work is replaced only with `--overwrite`, and then only what a
    deltatune run or demo wrote there goes (`demo_outputs.py`); the `--data` input is never written over.
 5. Write the adapter as a llama.cpp LoRA file, `adapter.gguf`, with an Ollama `Modelfile` beside it
@@ -25,16 +26,20 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..atomic import write_files
 from ..errors import DeltaTuneError
 from .config import TrainConfig, apply_overrides
 from .data import read_records
-from .demo_outputs import DATA_FILES, GGUF_FILES, check_demo_out, clear_demo_files, record_demo_files
+from .demo_outputs import CONFIG_FILE, DATA_FILES, GGUF_FILES, check_demo_out, clear_demo_files, record_demo_files
 from .evaluate import Evaluation
+from .output_lock import output_lock
 from .report import before_after_table
 
 NAMES = (
@@ -122,6 +127,13 @@ def _write_jsonl(records: list[dict[str, Any]]):
     return write
 
 
+def _write_yaml(settings: dict[str, Any]):
+    def write(path: str) -> None:
+        Path(path).write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+
+    return write
+
+
 def write_data(options: DemoOptions, folder: Path) -> tuple[Path, Path]:
     """The train and eval files of the demo (generated, or split from `options.data`)."""
     examples = options.examples or EVAL_EXAMPLES
@@ -173,7 +185,6 @@ def demo_config(options: DemoOptions, train_file: Path, eval_file: Path, layers:
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run the demo; returns what it writes to `metrics.json`."""
-    from .loop import prepare_run, train_run
     from .models import load_tokenizer, model_folder
 
     out = Path(options.out)
@@ -184,11 +195,23 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     config = demo_config(
         options, train_file, eval_file, settings.get("num_hidden_layers"), bool(tokenizer.chat_template)
     )
+    with output_lock(out):  # before anything in --out is checked or written; the trainer's is then held
+        return _train_and_report(options, config)
+
+
+def _train_and_report(options: DemoOptions, config: TrainConfig) -> dict[str, Any]:
+    """The demo once its config is made (see `run_demo`), its `--out` locked."""
+    from .loop import prepare_run, train_run
+
+    out = Path(options.out)
+    train_file, eval_file = (out / name for name in DATA_FILES)
     config = check_demo_out(config, options.data)
     clear_demo_files(out)
     write_data(options, train_file.parent)
-    record_demo_files(out, DATA_FILES)
+    write_files(out, {CONFIG_FILE: _write_yaml(config.to_dict())})
+    record_demo_files(out, (*DATA_FILES, CONFIG_FILE))
     run = prepare_run(config)
+    run.evaluate_again = shlex.join(["deltatune", "eval", str(out / CONFIG_FILE)])
     base = f"quantized {config.quantize}" if config.quantize else "float32"
     print(f"{options.model} ({base} base), method {config.adapter['method']}")
     print(run.delta_model.trainable_summary())

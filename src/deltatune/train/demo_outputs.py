@@ -2,8 +2,9 @@
 the demo's own files there.
 
 Besides a training run's entries (`outputs.RUN_ENTRIES`: the adapter, metrics.json, training.png), which
-the trainer checks and clears, the demo writes its data split (`DATA_FILES`) and its llama.cpp adapter with
-a Modelfile (`GGUF_FILES`). It records each file it wrote in `DEMO_RECORD`, with a digest of its content.
+the trainer checks and clears, the demo writes its data split (`DATA_FILES`), the config it trains with
+(`CONFIG_FILE`) and its llama.cpp adapter with a Modelfile (`GGUF_FILES`). It records each file it wrote in
+`DEMO_RECORD`, with a digest of its content.
 
 - Without `--overwrite`, an `--out` holding any of those entries is refused before anything is written,
   unless an earlier demo wrote there (its `DEMO_RECORD` is there): a demo run again replaces its own work,
@@ -36,7 +37,9 @@ DATA_FILES = (f"{DATA_FOLDER}/train.jsonl", f"{DATA_FOLDER}/eval.jsonl")
 GGUF_ADAPTER = "adapter.gguf"
 GGUF_FILES = (GGUF_ADAPTER, MODELFILE)
 """The demo's llama.cpp LoRA file and its Ollama Modelfile, under `--out`."""
-DEMO_FILES = DATA_FILES + GGUF_FILES
+CONFIG_FILE = "demo.yaml"
+"""The config the demo trained with, under `--out`: `deltatune eval DIR/demo.yaml` evaluates its adapter again."""
+DEMO_FILES = (*DATA_FILES, CONFIG_FILE, *GGUF_FILES)
 DEMO_RECORD = ".deltatune-demo.json"
 """`{"written_by": "deltatune demo", "files": {name: sha256 of its content}}`: the demo files a demo wrote."""
 

@@ -7,12 +7,13 @@ makes `--resume` continue bit-exactly. AdamW updates the trainable parameters on
 any `modules_to_save`); the learning rate warms up linearly for
 `warmup_steps`, then follows the schedule (linear or cosine to zero, or constant).
 
-Nothing goes wrong silently. The output folder is checked before the model loads (`outputs.py`);
+Nothing goes wrong silently. The output folder is locked for the run (`output_lock.py`: a second run
+into it refuses) and checked before the model loads (`outputs.py`);
 `--resume` continues only the run that wrote the checkpoint (`fingerprint.py`). Every step checks
 that its loss and total gradient norm are finite (one device sync: the norm is what gradient
-clipping computes anyway), and every save that its weights are: a run that diverges stops with a
-`TrainingDivergedError` naming the step and the likely cause, saves no adapter and keeps the
-checkpoints written before.
+clipping computes anyway), and every save that its weights and the optimizer's state are: a run that
+diverges stops with a `TrainingDivergedError` naming the step and the likely cause, saves no adapter
+and keeps the checkpoints written before.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from .evaluate import Evaluation, evaluate
 from .fingerprint import check_same_run, run_record
 from .models import adapter_task, attach_adapter, load_model, load_tokenizer, model_folder
 from .optimizer import build_optimizer, freeze_lora_a
+from .output_lock import output_lock
 from .outputs import check_output_dir, clear_previous_run
 from .packing import packed_collate_for
 from .predict import EvalContext
@@ -83,6 +85,9 @@ class Run:
     eval_features: list[dict[str, Any]]
     device: torch.device
     eval_context: EvalContext = field(init=False)
+    evaluate_again: str | None = field(default=None, kw_only=True)
+    """The command that evaluates the saved adapter again, for the entry point that trains (a failed final
+    evaluation advises it); None: the Python call on the run's config."""
 
     def __post_init__(self) -> None:
         self.eval_context = EvalContext(
@@ -201,20 +206,25 @@ def train(
     resume: str | Path | bool | None = None,
     progress: bool = True,
     time_budget: float | None = None,
+    evaluate_again: str | None = None,
 ) -> TrainResult:
     """Train the adapter the config describes; returns the trained model and what was measured.
     `resume=True` continues from the latest checkpoint in `output_dir`, a path from that checkpoint.
-    `time_budget`: train for this many seconds instead of the config's steps (`time_budget.py`)."""
+    `time_budget`: train for this many seconds instead of the config's steps (`time_budget.py`).
+    `evaluate_again`: the caller's command that evaluates the saved adapter (`Run.evaluate_again`)."""
     ranks = distributed.ranks_from_environment()
-    check_output_dir(config, resume)
-    require_trackers(tracker_names(config.report_to))
-    device = choose_device(config.device, ranks)
-    joined = distributed.start(ranks, device)
-    try:
-        return train_run(prepare_run(config, device, quiet=not progress), resume, progress, time_budget)
-    finally:
-        if joined:
-            distributed.stop(ranks)
+    with output_lock(Path(config.output_dir), ranks.main):  # the trainer's own is then taken already
+        check_output_dir(config, resume)
+        require_trackers(tracker_names(config.report_to))
+        device = choose_device(config.device, ranks)
+        joined = distributed.start(ranks, device)
+        try:
+            run = prepare_run(config, device, quiet=not progress)
+            run.evaluate_again = evaluate_again
+            return train_run(run, resume, progress, time_budget)
+        finally:
+            if joined:
+                distributed.stop(ranks)
 
 
 def train_run(
@@ -222,8 +232,12 @@ def train_run(
 ) -> TrainResult:
     """Train a prepared run (see `train`); under a launcher the process group must be joined. The main
     process reports to the trackers of `report_to` (`deltatune.train.tracking`), closed as failed if training
-    fails."""
-    with reporting(run.config.report_to, Path(run.config.output_dir)) as trackers:
+    fails. The main process holds the output folder's lock (`output_lock`) throughout."""
+    output_dir = Path(run.config.output_dir)
+    with (
+        output_lock(output_dir, distributed.ranks_from_environment().main),
+        reporting(run.config.report_to, output_dir) as trackers,
+    ):
         return _train_run(run, resume, progress, time_budget, trackers)
 
 
@@ -294,7 +308,7 @@ def _train_run(
             throughput = bar.tokens_per_second(tokens * ranks.world_size)
             _record(run, ranks, state, last, row, throughput, trackers, progress)
             if config.save_every and state.step % config.save_every == 0 and not last:
-                check_weights(config, parameters, state.step)
+                check_weights(config, parameters, optimizer, state.step)
                 folder = checkpoint_folder(output_dir, state.step)
                 save_checkpoint(folder, run.delta_model, optimizer, scheduler, state, ranks.main, hooks_state(hooks))
                 if ranks.main and config.save_total_limit:
@@ -302,7 +316,7 @@ def _train_run(
                 distributed.barrier(ranks)
     bar.close()
     train_seconds = clock.seconds()
-    check_weights(config, parameters, state.step)
+    check_weights(config, parameters, optimizer, state.step)
     adapter_folder = str(output_dir / ADAPTER_FOLDER)
     # saved before the final evaluation, whose failure then loses no training
     _by_main_with_whole_adapter(run, ranks, functools.partial(run.delta_model.save, adapter_folder))
@@ -334,7 +348,9 @@ def _final_evaluation(
 ) -> Evaluation | None:
     """The evaluation after the last step, the adapter already saved: a failure (an error, a Ctrl-C) says
     in one line where the adapter is, then stops the run."""
-    saved = f"the trained adapter is saved at {Path(run.config.output_dir) / ADAPTER_FOLDER}"
+    folder = Path(run.config.output_dir) / ADAPTER_FOLDER
+    saved = f"the trained adapter is saved at {folder}"
+    again = run.evaluate_again or f"deltatune.train.prepare_run(config, adapter={str(folder)!r}).evaluate()"
     try:
         return _evaluate_into(run, ranks, state, progress, trackers)
     except KeyboardInterrupt:
@@ -342,7 +358,7 @@ def _final_evaluation(
     except Exception as error:
         raise FinalEvaluationError(
             f"{saved}, but the final evaluation failed ({type(error).__name__}: {error}); evaluate it with "
-            "`deltatune eval CONFIG` once the cause is fixed"
+            f"`{again}` once the cause is fixed"
         ) from error
 
 

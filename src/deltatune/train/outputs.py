@@ -99,7 +99,7 @@ RUN_CONTENT: dict[str, Callable[[Path], list[Path]]] = {
 def check_output_dir(config: TrainConfig, resume: str | Path | bool | None) -> None:
     """The checks on a run's output_dir that come before the model loads."""
     folder = Path(config.output_dir)
-    _check_writable(folder)
+    check_writable(folder)
     found = previous_run(folder)
     if found and not resume and not config.overwrite_output_dir:
         raise OutputFolderError(
@@ -144,7 +144,7 @@ def _recorded_entries(folder: Path) -> set[str]:
     return {name for name in entries if name in RUN_ENTRIES} if isinstance(entries, list) else set()
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
     """Create `folder` and write a probe file into it, or say in one line why that cannot be done."""
     if folder.exists() and not folder.is_dir():
         raise OutputFolderError(f"output_dir {folder} cannot be written: it is a file; give a folder")
