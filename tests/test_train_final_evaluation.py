@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 import deltatune.train.loop as loop
+import deltatune.train.run_end as run_end
 from deltatune.train.cli import main
 from training_fixtures import model_folder, task_config
 
@@ -80,7 +81,7 @@ def test_a_failed_final_evaluation_advises_a_command_that_evaluates_the_saved_ad
         raise RuntimeError("CUDA out of memory")
 
     with monkeypatch.context() as patched:
-        patched.setattr(loop, "_evaluate_into", fail)
+        patched.setattr(run_end, "evaluate_into", fail)
         assert main(command(tmp_path)) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"the trained adapter is saved at {tmp_path / folder / 'adapter'}" in last, last

@@ -14,6 +14,7 @@ that its loss and total gradient norm are finite (one device sync: the norm is w
 clipping computes anyway), and every save that its weights and the optimizer's state are: a run that
 diverges stops with a `TrainingDivergedError` naming the step and the likely cause, saves no adapter
 and keeps the checkpoints written before.
+The end of a run (the adapter saved before its final evaluation, then the report) is `run_end.py`.
 """
 
 from __future__ import annotations
@@ -22,22 +23,19 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import DeltaTuneError, FinalEvaluationError
+from ..errors import DeltaTuneError
 from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
-from . import distributed, sharding
+from . import distributed
 from .allocator import release_freed_memory, return_free_heap_pages
 from .checkpoint import (
-    ADAPTER_FOLDER,
     CHECKPOINTS_FOLDER,
     TrainerState,
     checkpoint_folder,
@@ -64,6 +62,7 @@ from .predict import EvalContext
 from .progress import TrainingBar, TrainingClock
 from .quantize import require_backend
 from .report import write_report
+from .run_end import RunEnd, TrainResult, evaluate_into, finish
 from .schedule import Schedule, learning_rate_factor
 from .start_line import start_line
 from .step_hooks import StepHook, after_step, extra_loss, hooks_state, load_hooks_state, step_hooks
@@ -119,21 +118,6 @@ class Run:
             main_metric=self.task.main_metric,
             extra=extra,
         )
-
-
-@dataclass
-class TrainResult:
-    """What a finished run leaves: the trained model, its history and final evaluation."""
-
-    run: Run
-    history: list[dict[str, float]]
-    final: Evaluation | None
-    output_dir: Path
-    seconds: float
-    steps: int = 0
-    """The optimizer steps taken (a time budget decides them as the run goes)."""
-    train_seconds: float = 0.0
-    """The training time alone (`TrainingClock`: evaluations and saves left out)."""
 
 
 def choose_device(name: str, ranks: distributed.Ranks) -> torch.device:
@@ -315,51 +299,7 @@ def _train_run(
                     prune_checkpoints(output_dir, config.save_total_limit)
                 distributed.barrier(ranks)
     bar.close()
-    train_seconds = clock.seconds()
-    check_weights(config, parameters, optimizer, state.step)
-    adapter_folder = str(output_dir / ADAPTER_FOLDER)
-    # saved before the final evaluation, whose failure then loses no training
-    _by_main_with_whole_adapter(run, ranks, functools.partial(run.delta_model.save, adapter_folder))
-    final = _final_evaluation(run, ranks, state, progress, trackers) if run.eval_features else None
-    seconds = time.perf_counter() - started
-    extra = {"train_seconds": round(train_seconds, 2), "config": state.run["config"]}  # settings as resolved
-    report = functools.partial(run.write_report, output_dir, state.history, final, seconds, extra)
-    if final is None:
-        _by_main_with_whole_adapter(run, ranks, report)
-    else:  # saved again, for its card to list the final metrics
-        _by_main_with_whole_adapter(
-            run, ranks, functools.partial(run.delta_model.save, adapter_folder, metrics=final.metrics), report
-        )
-    return TrainResult(run, state.history, final, output_dir, seconds, state.step, train_seconds)
-
-
-def _by_main_with_whole_adapter(run: Run, ranks: distributed.Ranks, *actions: Callable[[], object]) -> None:
-    """Run `actions` (saves, the report) in the main process with the whole adapter in hand (gathered where
-    it is sharded), the other processes waiting."""
-    with sharding.whole_adapter(run.delta_model):
-        if ranks.main:
-            for action in actions:
-                action()
-    distributed.barrier(ranks)
-
-
-def _final_evaluation(
-    run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool, trackers: Trackers
-) -> Evaluation | None:
-    """The evaluation after the last step, the adapter already saved: a failure (an error, a Ctrl-C) says
-    in one line where the adapter is, then stops the run."""
-    folder = Path(run.config.output_dir) / ADAPTER_FOLDER
-    saved = f"the trained adapter is saved at {folder}"
-    again = run.evaluate_again or f"deltatune.train.prepare_run(config, adapter={str(folder)!r}).evaluate()"
-    try:
-        return _evaluate_into(run, ranks, state, progress, trackers)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{saved}; the final evaluation did not finish") from None
-    except Exception as error:
-        raise FinalEvaluationError(
-            f"{saved}, but the final evaluation failed ({type(error).__name__}: {error}); evaluate it with "
-            f"`{again}` once the cause is fixed"
-        ) from error
+    return finish(RunEnd(run, ranks, state, parameters, optimizer, trackers, progress, started, clock.seconds()))
 
 
 def _starting_state(
@@ -420,21 +360,4 @@ def _record(
         state.history.append(row)
         trackers.log({**row, "tokens_per_second": tokens_per_second})
     if run.eval_features and config.eval_every and state.step % config.eval_every == 0 and not last:
-        _evaluate_into(run, ranks, state, progress, trackers)
-
-
-def _evaluate_into(
-    run: Run, ranks: distributed.Ranks, state: TrainerState, progress: bool, trackers: Trackers
-) -> Evaluation | None:
-    """Evaluate on rank 0 (its own progress bar if `progress`) and add `eval_<metric>` to the history;
-    the other ranks wait, or, holding shards of the model (FSDP), run the same evaluation alongside (a
-    forward pass needs every rank)."""
-    result = None
-    if ranks.main or distributed.sharded(ranks, run.config.data_parallel):
-        result = run.evaluate(progress=progress and ranks.main)
-    if ranks.main:
-        state.history.append({"step": state.step, **{f"eval_{name}": value for name, value in result.metrics.items()}})
-        trackers.log(state.history[-1])
-        tqdm.write("step {}: {}".format(state.step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())))
-    distributed.barrier(ranks)
-    return result
+        evaluate_into(run, ranks, state, progress, trackers)
