@@ -37,7 +37,7 @@ def _silent_load(model: torch.nn.Module, folder: Path, **options) -> deltatune.D
         return deltatune.load(model, str(folder), **options)
 
 
-def test_recorded_signs_are_the_documented_sample_of_the_weights(tmp_path: Path) -> None:
+def test_recorded_signs_and_orders_are_the_documented_sample_of_the_weights(tmp_path: Path) -> None:
     model = build("llama")
     folder = _saved_adapter(tmp_path, "deltatune", model)
     recorded = json.loads((folder / "adapter_config.json").read_text())["base_fingerprint"]["modules"]
@@ -45,7 +45,8 @@ def test_recorded_signs_are_the_documented_sample_of_the_weights(tmp_path: Path)
     values = module.weight.detach().reshape(-1)  # the plain computation: the weight alone (no bias), row-major
     positions = [(2 * k + 1) * values.numel() // (2 * SAMPLE_SIZE) for k in range(SAMPLE_SIZE)]
     expected = "".join({1.0: "+", -1.0: "-", 0.0: "0"}[float(torch.sign(values[p]))] for p in positions)
-    assert recorded["model.layers.1.self_attn.q_proj"].split(" ")[1] == expected
+    orders = "".join({1.0: "+", -1.0: "-", 0.0: "0"}[float(torch.sign(values[p] - values[p + 1]))] for p in positions)
+    assert recorded["model.layers.1.self_attn.q_proj"].split(" ")[1:] == [expected, orders]
     assert sorted(recorded) == sorted(f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj"))
 
 
@@ -171,3 +172,44 @@ def test_a_fresh_task_head_is_not_part_of_the_fingerprint(config: deltatune.Delt
     recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_fingerprint"]["modules"]
     assert recorded and not [name for name in recorded if name.split(".")[0] == "classifier"]
     _silent_load(task_model(2), tmp_path / "adapter", strict=True)
+
+
+def _positive_norms(seed: int) -> torch.nn.Module:
+    """A tiny Llama whose RMSNorm weights are positive and differ with `seed`, as a pretrained model's do."""
+    model = build("llama", seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(0.05 + 2.0 * torch.rand(parameter.shape, generator=generator))
+    return model
+
+
+def test_norm_layers_of_another_base_are_seen_though_their_weights_are_all_positive(tmp_path: Path) -> None:
+    """Every sampled sign of a norm's weight is `+` in any checkpoint: the print also records the order of
+    neighbouring values, so LN tuning (whose targets are the norms alone) trained on one base warns on another."""
+    delta_model = deltatune.attach(_positive_norms(0), deltatune.LNTuningConfig())
+    delta_model.save(str(tmp_path / "ln"))
+    with pytest.warns(deltatune.BaseWeightsWarning, match=r"adapted modules differ"):
+        deltatune.load(_positive_norms(1), str(tmp_path / "ln"))
+    with pytest.raises(deltatune.BaseWeightsError):
+        deltatune.load(_positive_norms(1), str(tmp_path / "ln"), strict=True)
+    _silent_load(_positive_norms(0), tmp_path / "ln", strict=True)
+    _silent_load(_positive_norms(0).to(torch.bfloat16), tmp_path / "ln", strict=True)  # order survives rounding
+
+
+def test_a_folder_of_the_signs_only_scheme_is_still_compared_by_its_signs(tmp_path: Path) -> None:
+    """A folder saved before the order was recorded (scheme `deltatune-signs-32`: digest and signs) is compared
+    by what it records: silent on its own base, a warning naming the modules on another."""
+    folder = _saved_adapter(tmp_path, "deltatune")
+    config_file = folder / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    modules = data["base_fingerprint"]["modules"]
+    data["base_fingerprint"] = {
+        "scheme": "deltatune-signs-32",
+        "modules": {name: " ".join(entry.split(" ")[:2]) for name, entry in modules.items()},
+    }
+    config_file.write_text(json.dumps(data))
+    _silent_load(build("llama"), folder, strict=True)
+    with pytest.warns(deltatune.BaseWeightsWarning, match=r"4 of its 4 adapted modules differ"):
+        deltatune.load(build("llama", seed=1), str(folder))

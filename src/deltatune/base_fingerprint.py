@@ -10,25 +10,32 @@ a plain encoder): `"<shape digest> <signs>"`.
   adapters left out; a quantized layer counts with its logical weight shape (out × in) and its bias, so
   a 4-bit layer and the full-precision layer it came from give one digest.
 - signs: the sample. The module's parameters, sorted by name, each flattened row-major, are read as
-  one vector v of N values; the sample is v[⌊(2k + 1)·N / 2S⌋] for k = 0..S−1, S = min(32, N), and each
-  value is written as its sign: `+`, `-` or `0`. The positions depend on the shapes alone.
+  one vector v of N values; the sample is v[p_k], p_k = ⌊(2k + 1)·N / 2S⌋ for k = 0..S−1, S = min(32, N),
+  each value written as its sign: `+`, `-` or `0`.
+- orders: the sign of v[p_k] − v[q_k] at each sampled position, q_k = p_k + 1 (p_k − 1 at the last value;
+  none for N = 1), written the same way. The positions depend on the shapes alone.
 
-Why signs, and not a hash of the values: rounding a float to another float dtype is monotone and keeps
-zero, so it never turns a positive value negative. A float32 base saved in bfloat16 or float16 and
-loaded back (on any device) keeps every sign, except that float16 rounds |x| < 2⁻²⁵ to zero. So two
-prints differ at a module only where a sampled value is positive in one and negative in the other; a
-zero matches either sign. A hash of the values, even rounded, would change under such round trips, and
-one of the signs would hide which modules differ. A model with other weights (another checkpoint of the
-architecture, a fresh init) conflicts at about half of the 32 signs of each module; a fine-tuned copy of
-the base only where a sampled weight changed sign, so a small fine-tune may go unseen.
+Why signs and orders, and not a hash of the values: rounding a float to another float dtype is monotone
+and keeps zero, so it never turns a positive value negative nor puts two values in the other order (it may
+make them equal). A float32 base saved in bfloat16 or float16 and loaded back (on any device) keeps every
+sign and order, except that rounding may turn one into `0` (float16 rounds |x| < 2⁻²⁵ to zero; two close
+values may round to one), and a `0` matches either. So two prints differ at a module only where a sampled
+sign or order is `+` in one and `-` in the other. A hash of the values, even rounded, would change under
+such round trips, and one of the modules would hide which modules differ. A model with other weights
+(another checkpoint of the architecture, a fresh init) conflicts at about half of each module's orders, and
+half of its signs where its values have both signs; the orders see the modules whose values are all positive
+(every norm layer's weight, in every real checkpoint: their signs are all `+`). A fine-tuned copy of the
+base differs only where a sampled sign or order changed, so a small fine-tune may go unseen.
 
 A module holding a quantized layer has no signs (`shape digest` alone): its packed storage is not the
 float base's values, and a QLoRA adapter must load onto its full-precision base silently. So on a
 quantized base (bitsandbytes, quanto, torchao, GGUF blocks) the fingerprint checks module names and
 shapes only.
 
-A folder's record is `{"scheme": "deltatune-signs-32", "modules": {module name: entry}}`; one that is not of
-that form (`fingerprint_problem`) is refused where the folder is read (`folder_records`).
+A folder's record is `{"scheme": "deltatune-signs-orders-32", "modules": {module name: entry}}`; one that is not
+of that form (`fingerprint_problem`) is refused where the folder is read (`folder_records`). Folders saved
+before the orders were recorded hold scheme `deltatune-signs-32` (entries without orders): they are
+compared by their signs.
 """
 
 from __future__ import annotations
@@ -49,11 +56,20 @@ from .targeting import model_modules
 from .task_record import task_heads
 
 SAMPLE_SIZE = 32
-SCHEME = "deltatune-signs-32"
-"""Names this way of taking the print; a folder with another scheme is not compared."""
+SCHEME = "deltatune-signs-orders-32"
+"""Names this way of taking the print."""
+SCHEMES = (SCHEME, "deltatune-signs-32")
+"""The schemes compared: this one, and the earlier one whose entries have no orders (a folder with another
+scheme is not compared)."""
 SIGNS = {1: "+", -1: "-", 0: "0"}
-Entry = Annotated[str, FullMatch(rf"[0-9a-f]{{8}}( [-+0]{{0,{SAMPLE_SIZE}}})?", "shape digests with their signs")]
-"""A module's entry: its shape digest, then (unless quantized) a space and its signs."""
+Entry = Annotated[
+    str,
+    FullMatch(
+        rf"[0-9a-f]{{8}}( [-+0]{{0,{SAMPLE_SIZE}}}( [-+0]{{0,{SAMPLE_SIZE}}})?)?", "shape digests with their signs"
+    ),
+]
+"""A module's entry: its shape digest, then (unless quantized) a space and its signs, then (this scheme) a
+space and its orders."""
 
 
 def fingerprint(model: nn.Module, module_names: list[str]) -> dict[str, object]:
@@ -68,11 +84,13 @@ def fingerprint(model: nn.Module, module_names: list[str]) -> dict[str, object]:
         parameters, unreadable = _parameters(model.get_submodule(module_name))
         shapes[module_name] = _shape_digest(parameters)
         if not unreadable:
-            samples[module_name] = _sample_signs([tensor for _, tensor in parameters])
-    signs = _to_host(samples)
+            samples[module_name] = _sample([tensor for _, tensor in parameters])
+    sampled = _to_host(samples)
     return {
         "scheme": SCHEME,
-        "modules": {name: f"{digest} {signs[name]}" if name in signs else digest for name, digest in shapes.items()},
+        "modules": {
+            name: f"{digest} {sampled[name]}" if name in sampled else digest for name, digest in shapes.items()
+        },
     }
 
 
@@ -81,7 +99,7 @@ def fingerprint_problem(record: Any) -> str | None:
     string `scheme` and, under this scheme, `modules`: {module name: `Entry`} (another scheme's record is
     not compared, so not read further)."""
     problem = mapping_problem(record, {"scheme": str}, required=("scheme",))
-    if problem is None and record["scheme"] == SCHEME:
+    if problem is None and record["scheme"] in SCHEMES:
         problem = mapping_problem(record, {"modules": dict[str, Entry]}, required=("modules",))
     return problem
 
@@ -89,7 +107,7 @@ def fingerprint_problem(record: Any) -> str | None:
 def differing_modules(recorded: Mapping[str, object], current: Mapping[str, object]) -> list[str] | None:
     """The modules at which two fingerprints differ (in `recorded`'s order, then those only `current` has);
     None when they cannot be compared (another scheme)."""
-    if recorded.get("scheme") != SCHEME or current.get("scheme") != SCHEME:
+    if recorded.get("scheme") not in SCHEMES or current.get("scheme") not in SCHEMES:
         return None
     old, new = dict(recorded.get("modules", {})), dict(current.get("modules", {}))
     differ = [name for name, entry in old.items() if name not in new or not _same_module(entry, new[name])]
@@ -97,14 +115,14 @@ def differing_modules(recorded: Mapping[str, object], current: Mapping[str, obje
 
 
 def _same_module(recorded: str, current: str) -> bool:
-    """Same shapes, and no sampled value positive in one and negative in the other (signs, where both have them)."""
-    old_digest, _, old_signs = recorded.partition(" ")
-    new_digest, _, new_signs = current.partition(" ")
-    if old_digest != new_digest:
-        return False
-    if not old_signs or not new_signs:
-        return True
-    return len(old_signs) == len(new_signs) and not any({a, b} == {"+", "-"} for a, b in zip(old_signs, new_signs))
+    """Same shapes, and no sampled sign or order `+` in one and `-` in the other (where both have them: a
+    quantized layer has neither, an earlier scheme's entry no orders)."""
+    old_digest, *old_samples = recorded.split(" ")
+    new_digest, *new_samples = current.split(" ")
+    return old_digest == new_digest and all(
+        len(old) == len(new) and not any({a, b} == {"+", "-"} for a, b in zip(old, new))
+        for old, new in zip(old_samples, new_samples)
+    )
 
 
 def _parameters(module: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], bool]:
@@ -131,38 +149,58 @@ def _shape_digest(parameters: list[tuple[str, torch.Tensor]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _sample_signs(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The signs (int8, on the tensors' device) of the sample of the tensors read as one flat vector."""
+def _sample(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The signs, then the orders (int8, on the tensors' device), of the sample of the tensors read as one
+    flat vector."""
     total = sum(tensor.numel() for tensor in tensors)
     size = min(SAMPLE_SIZE, total)
     positions = [(2 * k + 1) * total // (2 * size) for k in range(size)]
+    neighbours = [position + 1 if position + 1 < total else position - 1 for position in positions]
+    if total < 2:
+        neighbours = []
+    values = _values_at(tensors, positions + neighbours)
+    sampled, beside = values[: len(positions)], values[len(positions) :]
+    signs = torch.sign(sampled)
+    orders = torch.sign(sampled[: len(beside)] - beside)
+    return torch.cat([signs, orders]).to(torch.int8)
+
+
+def _values_at(tensors: list[torch.Tensor], positions: list[int]) -> torch.Tensor:
+    """The values (float64) at `positions` of the tensors read as one flat vector, in the order given."""
+    order = sorted(range(len(positions)), key=positions.__getitem__)
     picked, start = [], 0
+    device = tensors[0].device if tensors else torch.device("cpu")
     for tensor in tensors:
-        inside = [position - start for position in positions if start <= position < start + tensor.numel()]
+        inside = [positions[i] - start for i in order if start <= positions[i] < start + tensor.numel()]
         if inside:
             flat = tensor.detach().reshape(-1)
-            picked.append(torch.sign(flat[torch.tensor(inside, device=flat.device)].float()).to(torch.int8))
+            picked.append(flat[torch.tensor(inside, device=flat.device)].to(device=device, dtype=torch.float64))
         start += tensor.numel()
     if not picked:
-        return torch.zeros(0, dtype=torch.int8)
-    device = picked[0].device
-    return torch.cat([values.to(device) for values in picked])
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    ascending = torch.cat(picked)
+    result = torch.empty_like(ascending)
+    result[torch.tensor(order, device=device)] = ascending
+    return result
 
 
 def _to_host(samples: dict[str, torch.Tensor]) -> dict[str, str]:
-    """The sampled signs as strings of `+`, `-` and `0`, read from the devices in one copy per device."""
+    """Each module's sampled signs and orders as `+`, `-` and `0`, the two strings joined by a space, read
+    from the devices in one copy per device."""
     by_device: dict[torch.device, list[str]] = {}
     for name, values in samples.items():
         by_device.setdefault(values.device, []).append(name)
-    signs: dict[str, str] = {}
+    sampled: dict[str, str] = {}
     for names in by_device.values():
         flat = torch.cat([samples[name] for name in names]).cpu().tolist()
         start = 0
         for name in names:
             count = samples[name].numel()
-            signs[name] = "".join(SIGNS[value] for value in flat[start : start + count])
+            text = "".join(SIGNS[value] for value in flat[start : start + count])
+            signs = (count + 1) // 2  # as many signs as orders, but one order less for a single value
+            sampled[name] = f"{text[:signs]} {text[signs:]}"
             start += count
-    return signs
+    return sampled
 
 
 def check_same_base(
