@@ -19,6 +19,7 @@ from deltatune.gguf.lora_export import GGUFExportError  # noqa: E402
 from deltatune.gguf.merged_export import export_merged_gguf  # noqa: E402
 from deltatune.train.cli import main  # noqa: E402
 from test_gguf_base import tiny_llama, write_gguf, write_qwen2_gguf  # noqa: E402
+from training_fixtures import save_two_adapters  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -72,6 +73,27 @@ def test_merged_export_command_needs_a_gguf_base(tmp_path, base_and_adapter, cap
     out = tmp_path / "m.gguf"
     assert main(["export", str(adapter), "--merged", "--gguf", str(out), "--base", str(base_file)]) == 0
     assert out.is_file() and "merged llama.cpp model written" in capsys.readouterr().out
+
+
+def test_merged_export_refuses_a_folder_of_several_adapters_before_loading(
+    tmp_path, base_and_adapter, monkeypatch, capsys
+):
+    """Merging would keep the active adapter (the first) and drop the others without a word; the plain export
+    refuses such a folder with the same line."""
+    import deltatune.gguf as gguf_package
+    import deltatune.gguf.merged_export as merged_export
+
+    base_file = base_and_adapter[0]
+    adapters = save_two_adapters(load_gguf_model(base_file), tmp_path / "adapters")
+    for module in (gguf_package, merged_export):
+        monkeypatch.setattr(module, "load_gguf_model", lambda *args: pytest.fail("the model was loaded"))
+    capsys.readouterr()  # what the setup printed
+    for merged in (["--merged"], []):
+        out = tmp_path / "out.gguf"
+        assert main(["export", str(adapters), *merged, "--gguf", str(out), "--base", str(base_file)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds 2 adapters (a, b)" in err[0] and str(adapters / "a") in err[0], err
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["adapters"]
 
 
 def _trained(base_file, config) -> deltatune.DeltaModel:

@@ -14,7 +14,7 @@ import transformers
 import deltatune
 import deltatune.atomic as atomic
 from deltatune.train.cli import main
-from training_fixtures import model_folder
+from training_fixtures import model_folder, save_two_adapters
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -123,6 +123,23 @@ def test_a_merge_that_adds_a_bias_the_architecture_cannot_load_is_refused_and_wr
     out = tmp_path / "merged"
     assert main(["merge", str(model), str(tmp_path / "adapter"), str(out)]) == 2
     assert "q_proj.bias" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_merge_refuses_a_folder_of_several_adapters_before_loading_and_writes_nothing(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Merging would keep the active adapter (the first) and drop the others without a word."""
+    import deltatune.train.models as models
+
+    model = model_folder(tmp_path, "causal-lm")
+    adapters = save_two_adapters(transformers.AutoModelForCausalLM.from_pretrained(model), tmp_path / "adapters")
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    capsys.readouterr()  # what the setup printed
+    out = tmp_path / "merged"
+    assert main(["merge", str(model), str(adapters), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds 2 adapters (a, b)" in err[0] and str(adapters / "a") in err[0], err
     assert not out.exists()
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_files
+from ..single_adapter import single_adapter_folder
 from .loader import ROW_PERMUTED, load_gguf_model, require_gguf
 from .lora_export import GGUFExportError, permute_rows
 from .names import gguf_tensor_names
@@ -132,6 +133,7 @@ def export_merged_gguf(base_file: str | Path, adapter: str | Path, out: str | Pa
             f"--merged --gguf copies the tokenizer and settings of a GGUF base, and {base_file} is none: pass --base "
             "FILE.gguf, or merge with deltatune merge and convert that folder with llama.cpp's convert_hf_to_gguf.py"
         )
+    single_adapter_folder(adapter)
     merged = load(load_gguf_model(base_file), str(adapter)).unload(merge=True, dequantize=True)
     write_files(out.parent, {out.name: merged_writer(base_file, merged, dtype)})
     return out

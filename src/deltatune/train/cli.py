@@ -108,6 +108,7 @@ def _merge(arguments: argparse.Namespace) -> None:
     from ..atomic import restore_interrupted, staged_folder
     from ..quantized import quantized_linear
     from ..requantize import save_requantized
+    from ..single_adapter import single_adapter_folder
     from .models import adapter_task, load_model, model_folder
     from .outputs import check_merge_output
     from .quantize import quantization_config, require_backend
@@ -117,6 +118,7 @@ def _merge(arguments: argparse.Namespace) -> None:
     if restored is not None:
         print(f"note: {out} was put back from {restored}, where an interrupted replacement had left it")
     check_merge_output(out, {"model": folder, "adapter": Path(arguments.adapter)}, arguments.overwrite)
+    single_adapter_folder(arguments.adapter)  # before the model loads: a merge keeps only the active adapter
     dequantize = arguments.dequantize or arguments.requantize is not None
     if arguments.quantize and not dequantize:
         _refuse_packed_merge(f"--quantize {arguments.quantize} loads the base quantized")
