@@ -37,6 +37,8 @@ from .names import gguf_tensor_names
 
 MERGED_TYPES = ("f16", "q8_0")
 """`--dtype` names of a merged file."""
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+"""The largest f16 value (65504); a q8_0 block's scale (its largest |value| / 127) is an f16 too."""
 
 
 def _file_type(dtype: str) -> int:
@@ -56,14 +58,25 @@ def _copy_metadata(reader: Any, writer: Any, dtype: str) -> None:
         writer.add_key_value(key, field.contents(), field.types[0], sub_type=element)
 
 
-def _encoded(values: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
-    """(array to write, its raw ggml type or None) for a float32 tensor in the asked type."""
+def _encoded(name: str, values: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(array to write, its raw ggml type or None) for float32 tensor `name` in the asked type; refuses values
+    beyond what that type holds, which it would write as inf."""
     import gguf
 
     if values.ndim < 2:
         return values.astype(np.float32), None
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    if dtype == "q8_0" and values.shape[-1] % block == 0:
+    blocks = values.shape[-1] % block == 0
+    quantized = dtype == "q8_0" and blocks
+    largest = np.abs(values).max(initial=0.0)
+    if not largest <= FLOAT16_MAX * (127 if quantized else 1):
+        other = "export with --dtype q8_0, or " if blocks and not quantized else ""
+        raise GGUFExportError(
+            f"merged tensor {name} holds values up to {largest:.4g}, beyond what {'q8_0' if quantized else 'f16'} "
+            f"holds, so nothing was written: {other}keep the adapter unmerged (deltatune export --gguf writes its "
+            "factors in f32)"
+        )
+    if quantized:
         return gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     return values.astype(np.float16), None
 
@@ -113,7 +126,7 @@ def merged_writer(base_file: Path, merged: torch.nn.Module, dtype: str):
             heads = [field for part, field in permuted.items() if part in f".{tensor.name}"]
             if heads:
                 values = permute_rows(values, getattr(merged.config, heads[0]))
-            array, raw_type = _encoded(values.contiguous().numpy(), dtype)
+            array, raw_type = _encoded(tensor.name, values.contiguous().numpy(), dtype)
             writer.add_tensor(tensor.name, array, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -26,6 +26,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import registered_methods
 from ..errors import DeltaTuneError, MergeError
@@ -35,6 +36,9 @@ from ..version import __version__
 from . import compare_cli
 from .import_notes import quiet_import_notes
 from .quantize import QUANTIZE_OPTIONS
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _methods(arguments: argparse.Namespace) -> None:
@@ -151,7 +155,7 @@ def _merge(arguments: argparse.Namespace) -> None:
             "option; nothing was written"
         )
     if arguments.dtype:
-        merged.to(dtype)
+        _cast_merged(merged, dtype)
     with staged_folder(out, replaced=lambda entry: True) as staging:  # the old OUT goes whole, in one exchange
         if arguments.requantize:
             save_requantized(merged, staging, quantization_config(arguments.requantize, dtype), dtype)
@@ -160,6 +164,22 @@ def _merge(arguments: argparse.Namespace) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     print(f"merged model written to {out}" + (f" ({arguments.requantize})" if arguments.requantize else ""))
+
+
+def _cast_merged(merged: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the merged model to `--dtype`; refuse a tensor that the cast makes non-finite (float16: |x| > 65504)."""
+    import torch
+
+    from ..adapter_tensors import non_finite
+
+    merged.to(dtype)
+    overflown = next((name for name, tensor in merged.state_dict().items() if non_finite(tensor)), None)
+    if overflown is not None:
+        name = str(dtype).removeprefix("torch.")
+        raise MergeError(
+            f"the merged {overflown} holds values beyond {name}'s range (±{torch.finfo(dtype).max:.6g}), which --dtype "
+            f"{name} would write as inf: merge with --dtype float32 or bfloat16; nothing was written"
+        )
 
 
 def _refuse_packed_merge(reason: str) -> None:
