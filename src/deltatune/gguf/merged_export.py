@@ -7,7 +7,8 @@ its blocks kept (`load_gguf_model`), the adapter merged with `unload(merge=True,
 the merged model's tensor of the same name (`names.gguf_tensor_names`), a Llama's q and k rows put back in
 llama.cpp's order (`lora_export.permute_rows`). Matrices are written in the asked type (q8_0 where the row
 length is a multiple of its 32-value blocks, else f16), vectors (norms) in F32; a tensor the model does
-not hold (llama.cpp's `rope_freqs`) is copied with its bytes.
+not hold (llama.cpp's `rope_freqs`) is copied with its bytes. A merged value past what its type holds (f16:
+65504), which the float32 merge cannot see, is refused by the tensor's name rather than written as inf.
 
 The file keeps the base file's tensor list, so a tensor the merge gives the model that the base file has
 no tensor for is refused by name, with nothing written, rather than left out: a trained bias on a
