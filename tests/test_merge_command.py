@@ -141,6 +141,8 @@ def test_merge_refuses_a_folder_of_several_adapters_before_loading_and_writes_no
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds 2 adapters (a, b)" in err[0] and str(adapters / "a") in err[0], err
     assert not out.exists()
+    monkeypatch.undo()
+    assert main(["merge", str(model), str(adapters / "a"), str(out)]) == 0  # the way it names
 
 
 def test_merge_to_float16_refuses_a_weight_past_its_range_and_writes_nothing(tmp_path, capsys) -> None:
