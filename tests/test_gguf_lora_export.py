@@ -178,6 +178,17 @@ def test_variants_llamacpp_cannot_express_are_refused_by_name(tmp_path, case):
     _refused(tmp_path, adapted(config), match)
 
 
+def test_a_lora_alpha_of_zero_is_refused_in_one_line_and_writes_nothing(tmp_path):
+    """The file's α is lora_alpha, and llama.cpp reads an α of 0 as none (scale 1), so no file α of 0 is written."""
+    config = deltatune.LoraConfig(
+        r=4, lora_alpha=0, alpha_pattern={"q_proj": 8.0}, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    with pytest.raises(GGUFExportError, match="lora_alpha") as refusal:
+        export_lora_gguf(adapted(config), "default", tmp_path / "refused.gguf")
+    assert "\n" not in str(refusal.value) and "--merged" in str(refusal.value)
+    assert not list(tmp_path.iterdir())
+
+
 def test_head_tied_to_the_embedding_is_refused(tmp_path):
     _refused(tmp_path, adapted(deltatune.LoraConfig(r=2, target_modules=["lm_head"]), tied=True), "tied")
 

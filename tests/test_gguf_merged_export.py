@@ -19,6 +19,7 @@ from deltatune.gguf.lora_export import GGUFExportError  # noqa: E402
 from deltatune.gguf.merged_export import export_merged_gguf  # noqa: E402
 from deltatune.train.cli import main  # noqa: E402
 from test_gguf_base import tiny_llama, write_gguf, write_qwen2_gguf  # noqa: E402
+from training_fixtures import save_float16_overflow, save_two_adapters  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -72,6 +73,41 @@ def test_merged_export_command_needs_a_gguf_base(tmp_path, base_and_adapter, cap
     out = tmp_path / "m.gguf"
     assert main(["export", str(adapter), "--merged", "--gguf", str(out), "--base", str(base_file)]) == 0
     assert out.is_file() and "merged llama.cpp model written" in capsys.readouterr().out
+
+
+def test_merged_export_refuses_a_folder_of_several_adapters_before_loading(
+    tmp_path, base_and_adapter, monkeypatch, capsys
+):
+    """Merging would keep the active adapter (the first) and drop the others without a word; the plain export
+    refuses such a folder with the same line."""
+    import deltatune.gguf as gguf_package
+    import deltatune.gguf.merged_export as merged_export
+
+    base_file = base_and_adapter[0]
+    adapters = save_two_adapters(load_gguf_model(base_file), tmp_path / "adapters")
+    for module in (gguf_package, merged_export):
+        monkeypatch.setattr(module, "load_gguf_model", lambda *args: pytest.fail("the model was loaded"))
+    capsys.readouterr()  # what the setup printed
+    for merged in (["--merged"], []):
+        out = tmp_path / "out.gguf"
+        assert main(["export", str(adapters), *merged, "--gguf", str(out), "--base", str(base_file)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds 2 adapters (a, b)" in err[0] and str(adapters / "a") in err[0], err
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["adapters"]
+
+
+def test_merged_f16_export_refuses_a_weight_past_float16s_range_and_writes_nothing(tmp_path, base_and_adapter):
+    """The merge runs in float32, where 9e4 is finite; written as f16 it would be inf. A q8_0 block's scale
+    (its largest value / 127) is a float16, so q8_0 holds it."""
+    base_file = base_and_adapter[0]
+    adapter = save_float16_overflow(load_gguf_model(base_file), "v_proj", tmp_path / "adapter")
+    with pytest.raises(GGUFExportError, match=r"blk\.0\.attn_v\.weight.*q8_0") as refusal:
+        export_merged_gguf(base_file, adapter, tmp_path / "merged.gguf", "f16")
+    assert "\n" not in str(refusal.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
+    out = export_merged_gguf(base_file, adapter, tmp_path / "merged.gguf", "q8_0")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
+    assert merged.model.layers[0].self_attn.v_proj.weight[0, 0].item() == pytest.approx(9e4, rel=1e-2)
 
 
 def _trained(base_file, config) -> deltatune.DeltaModel:

@@ -14,7 +14,7 @@ import transformers
 import deltatune
 import deltatune.atomic as atomic
 from deltatune.train.cli import main
-from training_fixtures import model_folder
+from training_fixtures import model_folder, save_float16_overflow, save_two_adapters
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -124,6 +124,42 @@ def test_a_merge_that_adds_a_bias_the_architecture_cannot_load_is_refused_and_wr
     assert main(["merge", str(model), str(tmp_path / "adapter"), str(out)]) == 2
     assert "q_proj.bias" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_merge_refuses_a_folder_of_several_adapters_before_loading_and_writes_nothing(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Merging would keep the active adapter (the first) and drop the others without a word."""
+    import deltatune.train.models as models
+
+    model = model_folder(tmp_path, "causal-lm")
+    adapters = save_two_adapters(transformers.AutoModelForCausalLM.from_pretrained(model), tmp_path / "adapters")
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    capsys.readouterr()  # what the setup printed
+    out = tmp_path / "merged"
+    assert main(["merge", str(model), str(adapters), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds 2 adapters (a, b)" in err[0] and str(adapters / "a") in err[0], err
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main(["merge", str(model), str(adapters / "a"), str(out)]) == 0  # the way it names
+
+
+def test_merge_to_float16_refuses_a_weight_past_its_range_and_writes_nothing(tmp_path, capsys) -> None:
+    """The merge runs in float32, where 9e4 is finite; cast to float16 it would be written as inf."""
+    model = model_folder(tmp_path, "causal-lm")
+    adapter = save_float16_overflow(
+        transformers.AutoModelForCausalLM.from_pretrained(model), "q_proj", tmp_path / "adapter"
+    )
+    capsys.readouterr()  # what the setup printed
+    out = tmp_path / "merged"
+    assert main(["merge", str(model), str(adapter), str(out), "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("deltatune: "), err
+    assert "model.layers.0.self_attn.q_proj.weight" in last and "bfloat16" in last, last
+    assert not out.exists()
+    assert main(["merge", str(model), str(adapter), str(out), "--dtype", "bfloat16"]) == 0  # the way it names
 
 
 INTERRUPTS = {

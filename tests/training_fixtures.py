@@ -142,6 +142,31 @@ def model_folder(root: Path, task: str, seed: int = 0, arch: str | None = None) 
     return folder
 
 
+def save_two_adapters(model: torch.nn.Module, folder: Path) -> Path:
+    """`folder` holding two LoRA adapters of `model`, a (q_proj) and b (v_proj), each changing the output."""
+    import deltatune
+
+    delta_model = deltatune.attach(
+        model, deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name="a"
+    )
+    delta_model.add("b", deltatune.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    delta_model.save(str(folder))
+    return folder
+
+
+def save_float16_overflow(model: torch.nn.Module, target: str, folder: Path) -> Path:
+    """`folder` holding a LoRA of `model` on `target` whose ΔW is 9e4 (past float16's 65504) at row 0, column 0 of
+    each such layer, and 0 elsewhere: finite in float32, inf once cast to float16."""
+    import deltatune
+
+    delta_model = deltatune.attach(model, deltatune.LoraConfig(r=2, lora_alpha=2, target_modules=[target]))
+    with torch.no_grad():
+        for parameter in delta_model.adapter_parameters("default"):
+            parameter.zero_()[0, 0] = 300.0
+    delta_model.save(str(folder))
+    return folder
+
+
 def records(task: str, count: int = 16, seed: int = 0) -> list[dict[str, Any]]:
     """A small learnable data set for `task`."""
     rng = random.Random(seed)

@@ -11,7 +11,8 @@ llama.cpp's adapter loader (`src/llama-adapter.cpp`) reads:
 So the file computes y = W x + (α / r) · B A x at each layer, which is LoRA's y = W x + s · B A x when
 α = s · r. One α serves the whole file: it is the config's (lora_alpha; with rsLoRA, s = lora_alpha / √r,
 so α = lora_alpha · √r), and a layer whose scale differs (`rank_pattern`, `alpha_pattern`) gets its B
-multiplied by s · r / α, which keeps its s · B A.
+multiplied by s · r / α, which keeps its s · B A. A lora_alpha of 0 is refused: llama.cpp reads an α of 0 as
+none (scale 1, `scale = alpha ? alpha / rank : 1`).
 
 llama.cpp stores a Llama's q and k projection rows permuted per head (`loader.ROW_PERMUTED`; its rotary
 layout). The low-rank term's output rows are B's rows, so B is permuted as the base's rows were
@@ -153,6 +154,11 @@ def lora_tensors(delta_model: DeltaModel, name: str, dtype: str = "f32") -> Lora
     permuted = ROW_PERMUTED.get(architecture, {})
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     alpha, exportable = file_alpha(config), _exportable()
+    if alpha == 0:
+        raise GGUFExportError(
+            f"adapter {name!r} has lora_alpha 0, the α of a llama.cpp LoRA file, which llama.cpp reads as no α (scale "
+            "1); export it merged instead (deltatune export --merged --gguf, or deltatune merge); nothing written"
+        )
     tensors: dict[str, np.ndarray] = {}
     for module_name, site in delta_model.sites():
         if name not in site.adapters:

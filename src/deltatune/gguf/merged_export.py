@@ -7,7 +7,8 @@ its blocks kept (`load_gguf_model`), the adapter merged with `unload(merge=True,
 the merged model's tensor of the same name (`names.gguf_tensor_names`), a Llama's q and k rows put back in
 llama.cpp's order (`lora_export.permute_rows`). Matrices are written in the asked type (q8_0 where the row
 length is a multiple of its 32-value blocks, else f16), vectors (norms) in F32; a tensor the model does
-not hold (llama.cpp's `rope_freqs`) is copied with its bytes.
+not hold (llama.cpp's `rope_freqs`) is copied with its bytes. A merged value past what its type holds (f16:
+65504), which the float32 merge cannot see, is refused by the tensor's name rather than written as inf.
 
 The file keeps the base file's tensor list, so a tensor the merge gives the model that the base file has
 no tensor for is refused by name, with nothing written, rather than left out: a trained bias on a
@@ -30,12 +31,15 @@ import numpy as np
 import torch
 
 from ..atomic import write_files
+from ..single_adapter import single_adapter_folder
 from .loader import ROW_PERMUTED, load_gguf_model, require_gguf
 from .lora_export import GGUFExportError, permute_rows
 from .names import gguf_tensor_names
 
 MERGED_TYPES = ("f16", "q8_0")
 """`--dtype` names of a merged file."""
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+"""The largest f16 value (65504); a q8_0 block's scale (its largest |value| / 127) is an f16 too."""
 
 
 def _file_type(dtype: str) -> int:
@@ -55,14 +59,25 @@ def _copy_metadata(reader: Any, writer: Any, dtype: str) -> None:
         writer.add_key_value(key, field.contents(), field.types[0], sub_type=element)
 
 
-def _encoded(values: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
-    """(array to write, its raw ggml type or None) for a float32 tensor in the asked type."""
+def _encoded(name: str, values: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(array to write, its raw ggml type or None) for float32 tensor `name` in the asked type; refuses values
+    beyond what that type holds, which it would write as inf."""
     import gguf
 
     if values.ndim < 2:
         return values.astype(np.float32), None
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    if dtype == "q8_0" and values.shape[-1] % block == 0:
+    blocks = values.shape[-1] % block == 0
+    quantized = dtype == "q8_0" and blocks
+    largest = np.abs(values).max(initial=0.0)
+    if not largest <= FLOAT16_MAX * (127 if quantized else 1):
+        other = "export with --dtype q8_0, or " if blocks and not quantized else ""
+        raise GGUFExportError(
+            f"merged tensor {name} holds values up to {largest:.4g}, beyond what {'q8_0' if quantized else 'f16'} "
+            f"holds, so nothing was written: {other}keep the adapter unmerged (deltatune export --gguf writes its "
+            "factors in f32)"
+        )
+    if quantized:
         return gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     return values.astype(np.float16), None
 
@@ -112,7 +127,7 @@ def merged_writer(base_file: Path, merged: torch.nn.Module, dtype: str):
             heads = [field for part, field in permuted.items() if part in f".{tensor.name}"]
             if heads:
                 values = permute_rows(values, getattr(merged.config, heads[0]))
-            array, raw_type = _encoded(values.contiguous().numpy(), dtype)
+            array, raw_type = _encoded(tensor.name, values.contiguous().numpy(), dtype)
             writer.add_tensor(tensor.name, array, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -132,6 +147,7 @@ def export_merged_gguf(base_file: str | Path, adapter: str | Path, out: str | Pa
             f"--merged --gguf copies the tokenizer and settings of a GGUF base, and {base_file} is none: pass --base "
             "FILE.gguf, or merge with deltatune merge and convert that folder with llama.cpp's convert_hf_to_gguf.py"
         )
+    single_adapter_folder(adapter)
     merged = load(load_gguf_model(base_file), str(adapter)).unload(merge=True, dequantize=True)
     write_files(out.parent, {out.name: merged_writer(base_file, merged, dtype)})
     return out

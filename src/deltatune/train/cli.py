@@ -26,6 +26,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import registered_methods
 from ..errors import DeltaTuneError, MergeError
@@ -35,6 +36,9 @@ from ..version import __version__
 from . import compare_cli
 from .import_notes import quiet_import_notes
 from .quantize import QUANTIZE_OPTIONS
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _methods(arguments: argparse.Namespace) -> None:
@@ -108,6 +112,7 @@ def _merge(arguments: argparse.Namespace) -> None:
     from ..atomic import restore_interrupted, staged_folder
     from ..quantized import quantized_linear
     from ..requantize import save_requantized
+    from ..single_adapter import single_adapter_folder
     from .models import adapter_task, load_model, model_folder
     from .outputs import check_merge_output
     from .quantize import quantization_config, require_backend
@@ -117,6 +122,7 @@ def _merge(arguments: argparse.Namespace) -> None:
     if restored is not None:
         print(f"note: {out} was put back from {restored}, where an interrupted replacement had left it")
     check_merge_output(out, {"model": folder, "adapter": Path(arguments.adapter)}, arguments.overwrite)
+    single_adapter_folder(arguments.adapter)  # before the model loads: a merge keeps only the active adapter
     dequantize = arguments.dequantize or arguments.requantize is not None
     if arguments.quantize and not dequantize:
         _refuse_packed_merge(f"--quantize {arguments.quantize} loads the base quantized")
@@ -149,7 +155,7 @@ def _merge(arguments: argparse.Namespace) -> None:
             "option; nothing was written"
         )
     if arguments.dtype:
-        merged.to(dtype)
+        _cast_merged(merged, dtype)
     with staged_folder(out, replaced=lambda entry: True) as staging:  # the old OUT goes whole, in one exchange
         if arguments.requantize:
             save_requantized(merged, staging, quantization_config(arguments.requantize, dtype), dtype)
@@ -158,6 +164,22 @@ def _merge(arguments: argparse.Namespace) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     print(f"merged model written to {out}" + (f" ({arguments.requantize})" if arguments.requantize else ""))
+
+
+def _cast_merged(merged: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the merged model to `--dtype`; refuse a tensor that the cast makes non-finite (float16: |x| > 65504)."""
+    import torch
+
+    from ..adapter_tensors import non_finite
+
+    merged.to(dtype)
+    overflown = next((name for name, tensor in merged.state_dict().items() if non_finite(tensor)), None)
+    if overflown is not None:
+        name = str(dtype).removeprefix("torch.")
+        raise MergeError(
+            f"the merged {overflown} holds values beyond {name}'s range (±{torch.finfo(dtype).max:.6g}), which --dtype "
+            f"{name} would write as inf: merge with --dtype float32 or bfloat16; nothing was written"
+        )
 
 
 def _refuse_packed_merge(reason: str) -> None:

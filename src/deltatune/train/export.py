@@ -27,6 +27,7 @@ from ..atomic import write_files
 from ..errors import DeltaTuneError, OutputFolderError
 from ..folder_summary import describe_folder
 from ..io import CONFIG_FILE
+from ..single_adapter import single_adapter_folder
 from .models import GGUF_SUFFIX, PACKAGED_GGUF
 from .outputs import RELATIONS
 
@@ -142,7 +143,8 @@ def export_merged(
     """Write the GGUF base (`base`, else the adapter's own) with adapter folder `adapter` merged in to `out`."""
     from ..gguf.merged_export import export_merged_gguf
 
-    out, base = Path(out), base or recorded_base(adapter)
+    folder = single_adapter_folder(adapter)  # before anything loads
+    out, base = Path(out), base or recorded_base(folder)
     _check_outputs([out], _inputs(adapter, base), overwrite)
     return export_merged_gguf(base_gguf_file(base) or base, adapter, out, dtype)
 
@@ -153,10 +155,9 @@ def export_adapter(
     """Write the adapter folder `adapter` as llama.cpp LoRA file `out` and a Modelfile beside it."""
     from .. import load
 
-    out, base = Path(out), base or recorded_base(adapter)
+    folder = single_adapter_folder(adapter)  # before anything loads
+    out, base = Path(out), base or recorded_base(folder)
     _check_outputs([out, out.parent / MODELFILE], _inputs(adapter, base), overwrite)
     delta_model = load(_load_base(base), str(adapter))
-    names = list(delta_model.configs)
-    if len(names) != 1:
-        raise DeltaTuneError(f"{adapter} holds {len(names)} adapters ({', '.join(names)}); export one folder at a time")
-    return write_gguf_adapter(delta_model, names[0], out, base, dtype)
+    (name,) = delta_model.configs
+    return write_gguf_adapter(delta_model, name, out, base, dtype)

@@ -33,6 +33,7 @@ from ..errors import DeltaTuneError
 from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
+from ..single_adapter import single_adapter_folder
 from . import distributed
 from .allocator import release_freed_memory, return_free_heap_pages
 from .checkpoint import (
@@ -139,6 +140,8 @@ def prepare_run(
     sharding moves each rank's shards to the device, a block at a time. A new task head is said in one line
     (`load_report`) by the main process, unless `quiet`."""
     task = get_task(config.task)
+    if adapter is not None:
+        single_adapter_folder(adapter)  # loaded, a folder of several would run its first adapter only
     if config.quantize is not None:
         require_backend(config.quantize)
     ranks = distributed.ranks_from_environment()
