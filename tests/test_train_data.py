@@ -55,6 +55,24 @@ def test_a_csv_row_with_extra_columns_names_the_line(tmp_path) -> None:
         read_records(tmp_path / "a.csv")
 
 
+def test_a_tsv_has_no_quoting_so_each_line_is_one_record_as_written(tmp_path) -> None:
+    texts = ['"great" fun , really', '" a dull , lifeless film', "a fine cast", "utterly boring", 'the "best" of it']
+    lines = ["sentence\tlabel"] + [f"{text}\t{index % 2}" for index, text in enumerate(texts)]
+    (tmp_path / "a.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records = read_records(tmp_path / "a.tsv")
+    assert [record.fields["sentence"] for record in records] == texts
+    assert [record.where for record in records] == [f"a.tsv line {number}" for number in range(2, 7)]
+
+
+@pytest.mark.parametrize(
+    "row,lines", [('"great" fun,1', "line 3: ',' expected"), ('"a stray quote,1\nbad film,0', "lines 3-4: unexpected")]
+)
+def test_a_csv_cell_with_malformed_quoting_names_the_line(tmp_path, row: str, lines: str) -> None:
+    (tmp_path / "a.csv").write_text(f"text,label\nred,yes\n{row}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"a.csv {lines}.*; a cell holding a comma, a quote or a line end must be"):
+        read_records(tmp_path / "a.csv")
+
+
 def test_unknown_suffix_and_missing_file_are_clear(tmp_path) -> None:
     with pytest.raises(DataError, match="unknown data file type '.xlsx'"):
         read_records(tmp_path / "a.xlsx")
