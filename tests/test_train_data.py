@@ -3,6 +3,8 @@ falls on completions only, chat formats render through the template, errors name
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from deltatune.train import encode as encoding
@@ -149,6 +151,33 @@ def test_token_labels_go_to_the_first_piece_of_each_word_and_qa_finds_the_span()
             read_records([{"question": "where", "context": "in rome", "answer": "oslo"}]),
             EncodeContext(tokenizer, 32),
         )
+
+
+def qa_span(answer: str, max_length: int = 32, passage: str = "the cat is in rome at six") -> str:
+    """The text of the span a QA record with `answer` is trained on."""
+    tokenizer = word_tokenizer(pair_template=True)
+    row = {"question": "where is the cat", "context": passage, "answer": answer}
+    [feature] = encode("qa", read_records([row]), EncodeContext(tokenizer, max_length))
+    return tokenizer.decode(feature["input_ids"][feature["start_positions"] : feature["end_positions"] + 1])
+
+
+@pytest.mark.parametrize("answer", [" rome", "rome ", " in rome "])
+def test_a_qa_answer_with_surrounding_spaces_is_trained_on_its_words_alone(answer: str) -> None:
+    assert qa_span(answer) == answer.strip()
+
+
+LONG_PASSAGE = "the cat is big and the dog is small and the bird is red and the fish is blue in paris"
+
+
+@pytest.mark.parametrize("answer,at", [("paris", "27-27"), ("blue in paris", "25-27")])
+def test_a_qa_answer_past_max_length_is_refused_saying_what_max_length_keeps_it(answer: str, at: str) -> None:
+    with pytest.raises(DataError, match=r"record 0: the answer .* lies past max_length=16") as refused:
+        qa_span(answer, max_length=16, passage=LONG_PASSAGE)
+    needed = int(re.search(r"raise max_length to (\d+)", str(refused.value))[1])
+    assert f"(its tokens are {at} of the 28 that the question and the whole context take)" in str(refused.value)
+    assert qa_span(answer, max_length=needed, passage=LONG_PASSAGE) == answer
+    with pytest.raises(DataError, match="lies past max_length"):
+        qa_span(answer, max_length=needed - 1, passage=LONG_PASSAGE)
 
 
 def test_collate_pads_each_field_with_its_own_value() -> None:

@@ -13,6 +13,13 @@ label, and a chat message without a string `role` and `content` are refused nami
 position), never read as the text 'None' or as a class ''. A null optional field is the field left
 out: `text_pair` null is no pair, `answer_start` null (or an empty cell) the answer's first occurrence
 in the context. Texts are taken as they are: an empty CSV cell is the empty text.
+
+A QA answer is trained as the span of the tokens its text covers, its surrounding spaces left out (a
+CSV cell after `, `); an empty answer (or one of spaces only) is SQuAD 2.0's no answer, the first
+token. There is no document stride: an answer that max_length cuts out of the context, whole or in
+part, is refused naming the record and the max_length that keeps it, in training and evaluation
+alike, since a row trained toward no answer teaches what evaluation never answers and a row left out
+would change what the metrics measure.
 """
 
 from __future__ import annotations
@@ -226,6 +233,51 @@ def _answer_start(record: Record, passage: str, answer: str) -> int:
     return start
 
 
+Offsets = list[tuple[int, int] | None]
+"""Each token's character range in the context; None for the question's and the special tokens."""
+
+
+def _context_offsets(encoded: Any) -> Offsets:
+    """The context offsets of a tokenized (question, context) pair, its `offset_mapping` taken out."""
+    pairs = zip(encoded.pop("offset_mapping"), encoded.sequence_ids())
+    return [tuple(offset) if sequence == 1 else None for offset, sequence in pairs]
+
+
+def _covering(offsets: Offsets, first: int, end: int) -> list[int]:
+    """The tokens whose characters overlap [first, end)."""
+    return [index for index, offset in enumerate(offsets) if offset and offset[0] < end and offset[1] > first]
+
+
+def _answer_span(
+    record: Record, context: EncodeContext, offsets: Offsets, start_char: int, answer: str
+) -> tuple[int, int]:
+    """The first and last tokens of the answer's text, its surrounding spaces left out (they are no
+    token's); (0, 0) for an empty answer (SQuAD 2.0's no answer). An answer that max_length cuts out of
+    the context, whole or in part, is refused: trained as no answer, it would teach what evaluation
+    never answers."""
+    words = answer.strip()
+    if not words:
+        return 0, 0
+    first = start_char + len(answer) - len(answer.lstrip())
+    end = first + len(words)
+    tokens = _covering(offsets, first, end)
+    if tokens and offsets[tokens[-1]][1] >= end:
+        return tokens[0], tokens[-1]
+    pair = record.fields["question"], record.fields["context"]
+    whole = _context_offsets(context.tokenizer(*pair, return_offsets_mapping=True))
+    whole_tokens = _covering(whole, first, end)
+    if not whole_tokens:
+        raise DataError(f"{record.where}: the answer {answer!r} is no token of the context; give text of the context")
+    if len(whole_tokens) == len(tokens):  # its last characters are no token's, and nothing of it was cut
+        return tokens[0], tokens[-1]
+    needed = whole_tokens[-1] + len(whole) - max(index for index, offset in enumerate(whole) if offset)
+    raise DataError(
+        f"{record.where}: the answer {answer!r} lies past max_length={context.max_length} (its tokens are "
+        f"{whole_tokens[0] + 1}-{whole_tokens[-1] + 1} of the {len(whole)} that the question and the whole context "
+        f"take); raise max_length to {needed} or shorten the context: an answer cut from the context cannot be learned"
+    )
+
+
 def encode_question_answering(record: Record, context: EncodeContext) -> dict[str, Any]:
     hint = " (qa records need 'question', 'context' and 'answer')"
     question, passage, answer = (
@@ -236,19 +288,11 @@ def encode_question_answering(record: Record, context: EncodeContext) -> dict[st
     start_char = _answer_start(record, passage, answer)
     if start_char < 0 or passage[start_char : start_char + len(answer)] != answer:
         raise DataError(f"{record.where}: the answer {answer!r} is not in the context (at answer_start={start_char})")
-    end_char = start_char + len(answer)
     encoded = context.tokenizer(
         question, passage, truncation="only_second", max_length=context.max_length, return_offsets_mapping=True
     )
-    sequence_ids = encoded.sequence_ids()
-    offsets = [
-        tuple(offset) if sequence == 1 else None
-        for offset, sequence in zip(encoded.pop("offset_mapping"), sequence_ids)
-    ]
-    start = next((i for i, o in enumerate(offsets) if o and o[0] <= start_char < o[1]), 0)
-    end = next((i for i, o in enumerate(offsets) if o and o[0] < end_char <= o[1]), 0)
-    if end < start:
-        start = end = 0
+    offsets = _context_offsets(encoded)
+    start, end = _answer_span(record, context, offsets, start_char, answer)
     return {
         **{key: list(value) for key, value in encoded.items()},
         "start_positions": start,
