@@ -4,9 +4,11 @@ falls on completions only, chat formats render through the template, errors name
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 
+from deltatune.errors import CutCompletionsWarning
 from deltatune.train import encode as encoding
 from deltatune.train.data import DataError, read_records
 from deltatune.train.encode import EncodeContext, collate
@@ -90,6 +92,36 @@ def test_prompt_completion_learns_the_completion_only() -> None:
     assert feature["labels"][:prompt_length] == [-100] * prompt_length
     assert tokenizer.decode(feature["labels"][prompt_length:]) == "the cat </s>"
     assert feature["input_ids"][prompt_length:] == feature["labels"][prompt_length:]
+
+
+CUT_ROWS = [
+    {"prompt": "what color is the cat", "completion": " the cat is red"},
+    {"prompt": "what color is the cat", "completion": " the cat is red and the dog is blue and the bird is green"},
+    {"prompt": "one two three four five six seven eight nine ten", "completion": " yes"},
+    {"prompt": "what color is the cat", "completion": " the cat is red and the dog is blue and the bird is green"},
+]
+"""Four language-model records: with max_length=12, the second and fourth have their completion cut, and in
+causal-lm (where the prompt counts too) the third."""
+
+
+@pytest.mark.parametrize("task,count,longest", [("causal-lm", 3, 21), ("seq2seq-lm", 2, 15)])
+def test_completions_cut_by_max_length_are_counted_in_one_notice(task: str, count: int, longest: int) -> None:
+    tokenizer = word_tokenizer(pair_template=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        features = encode(task, read_records(CUT_ROWS), EncodeContext(tokenizer, 12))
+    assert [len(feature["labels"]) <= 12 for feature in features] == [True] * 4
+    [notice] = caught
+    assert issubclass(notice.category, CutCompletionsWarning)
+    assert str(notice.message) == (
+        f"{count} of 4 records are longer than max_length=12 tokens (the first: record 1), so max_length cut their "
+        f"completions: their ends are not trained on (nor counted in the eval loss); raise max_length to {longest} to "
+        "keep them whole"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encode(task, read_records(CUT_ROWS), EncodeContext(tokenizer, longest))
+    assert caught == []
 
 
 def test_chat_template_renders_prompt_and_learns_the_assistant_turn() -> None:

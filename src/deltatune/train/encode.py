@@ -4,7 +4,9 @@ Language models learn the completion only: prompt positions get label -100. With
 prompt becomes a user turn (after an optional system turn) rendered by the tokenizer's chat template,
 and the completion is the assistant turn, end-of-turn marker included; `messages` records are rendered
 whole and the last (assistant) message is learned. Without a template the completion follows the prompt
-as it is (put a leading space in it if your tokenizer needs one) and ends with EOS.
+as it is (put a leading space in it if your tokenizer needs one) and ends with EOS. A completion that
+max_length cuts loses its end (in causal-lm its EOS too): the records so cut are counted in one
+`CutCompletionsWarning` a data set, naming the first and the max_length that keeps them whole.
 Classification labels are mapped to ids in sorted order of the training labels (`label_names`); the
 training data must hold at least two (with one, transformers would train a regression).
 
@@ -24,12 +26,14 @@ would change what the metrics measure.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..errors import CutCompletionsWarning
 from ..losses import IGNORE_INDEX
 from .data import DataError, Record
 
@@ -43,6 +47,9 @@ class EncodeContext:
     chat_template: bool = False
     system_prompt: str | None = None
     label_ids: dict[str, int] = field(default_factory=dict)
+    cut: list[tuple[str, int]] = field(default_factory=list)
+    """Filled while encoding: (record, tokens it takes whole) of each record whose completion max_length
+    cut, for one notice per data set (`warn_of_cut_completions`)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,8 @@ def encode_causal(record: Record, context: EncodeContext) -> dict[str, Any]:
             f"{record.where}: the prompt alone fills max_length={context.max_length} tokens; raise max_length or "
             "shorten the prompt"
         )
+    if len(ids) < len(prompt_ids) + len(completion_ids):
+        context.cut.append((record.where, len(prompt_ids) + len(completion_ids)))
     labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
     return {
         "input_ids": ids,
@@ -152,13 +161,30 @@ def encode_seq2seq(record: Record, context: EncodeContext) -> dict[str, Any]:
     hint = " (seq2seq-lm records need 'prompt' and 'completion')"
     source, target = record.get("prompt", hint=hint), record.get("completion", hint=hint)
     encoded = context.tokenizer(source, truncation=True, max_length=context.max_length)
-    labels = context.tokenizer(text_target=target, truncation=True, max_length=context.max_length)["input_ids"]
+    labels = context.tokenizer(text_target=target)["input_ids"]
+    if len(labels) > context.max_length:
+        context.cut.append((record.where, len(labels)))
+        labels = context.tokenizer(text_target=target, truncation=True, max_length=context.max_length)["input_ids"]
     return {
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"],
         "labels": labels,
         "reference": target,
     }
+
+
+def warn_of_cut_completions(context: EncodeContext, records: int) -> None:
+    """One `CutCompletionsWarning` counting the records of a data set (`records` of them, encoded with
+    `context`) whose completion max_length cut, naming the first and the max_length that keeps them all."""
+    if not context.cut:
+        return
+    warnings.warn(
+        f"{len(context.cut):,} of {records:,} records are longer than max_length={context.max_length} tokens (the "
+        f"first: {context.cut[0][0]}), so max_length cut their completions: their ends are not trained on (nor "
+        f"counted in the eval loss); raise max_length to {max(length for _, length in context.cut)} to keep them whole",
+        CutCompletionsWarning,
+        stacklevel=3,
+    )
 
 
 def _label_keys(record: Record, label_field: LabelField) -> list[str]:
