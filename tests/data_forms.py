@@ -28,7 +28,8 @@ def _delimited(suffix: str, delimiter: str, header: bool) -> Callable[[Path, lis
     def write(folder: Path, rows: list[dict]) -> tuple[Source, TableLayout]:
         path = folder / f"rows{suffix}"
         with path.open("w", encoding="utf-8", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]), delimiter=delimiter)
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # a TSV has no quoting
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]), delimiter=delimiter, quoting=quoting)
             if header:
                 writer.writeheader()
             writer.writerows(rows)

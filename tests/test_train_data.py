@@ -3,8 +3,12 @@ falls on completions only, chat formats render through the template, errors name
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 
+from deltatune.errors import CutCompletionsWarning
 from deltatune.train import encode as encoding
 from deltatune.train.data import DataError, read_records
 from deltatune.train.encode import EncodeContext, collate
@@ -55,6 +59,24 @@ def test_a_csv_row_with_extra_columns_names_the_line(tmp_path) -> None:
         read_records(tmp_path / "a.csv")
 
 
+def test_a_tsv_has_no_quoting_so_each_line_is_one_record_as_written(tmp_path) -> None:
+    texts = ['"great" fun , really', '" a dull , lifeless film', "a fine cast", "utterly boring", 'the "best" of it']
+    lines = ["sentence\tlabel"] + [f"{text}\t{index % 2}" for index, text in enumerate(texts)]
+    (tmp_path / "a.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records = read_records(tmp_path / "a.tsv")
+    assert [record.fields["sentence"] for record in records] == texts
+    assert [record.where for record in records] == [f"a.tsv line {number}" for number in range(2, 7)]
+
+
+@pytest.mark.parametrize(
+    "row,lines", [('"great" fun,1', "line 3: ',' expected"), ('"a stray quote,1\nbad film,0', "lines 3-4: unexpected")]
+)
+def test_a_csv_cell_with_malformed_quoting_names_the_line(tmp_path, row: str, lines: str) -> None:
+    (tmp_path / "a.csv").write_text(f"text,label\nred,yes\n{row}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"a.csv {lines}.*; a cell holding a comma, a quote or a line end must be"):
+        read_records(tmp_path / "a.csv")
+
+
 def test_unknown_suffix_and_missing_file_are_clear(tmp_path) -> None:
     with pytest.raises(DataError, match="unknown data file type '.xlsx'"):
         read_records(tmp_path / "a.xlsx")
@@ -70,6 +92,36 @@ def test_prompt_completion_learns_the_completion_only() -> None:
     assert feature["labels"][:prompt_length] == [-100] * prompt_length
     assert tokenizer.decode(feature["labels"][prompt_length:]) == "the cat </s>"
     assert feature["input_ids"][prompt_length:] == feature["labels"][prompt_length:]
+
+
+CUT_ROWS = [
+    {"prompt": "what color is the cat", "completion": " the cat is red"},
+    {"prompt": "what color is the cat", "completion": " the cat is red and the dog is blue and the bird is green"},
+    {"prompt": "one two three four five six seven eight nine ten", "completion": " yes"},
+    {"prompt": "what color is the cat", "completion": " the cat is red and the dog is blue and the bird is green"},
+]
+"""Four language-model records: with max_length=12, the second and fourth have their completion cut, and in
+causal-lm (where the prompt counts too) the third."""
+
+
+@pytest.mark.parametrize("task,count,longest", [("causal-lm", 3, 21), ("seq2seq-lm", 2, 15)])
+def test_completions_cut_by_max_length_are_counted_in_one_notice(task: str, count: int, longest: int) -> None:
+    tokenizer = word_tokenizer(pair_template=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        features = encode(task, read_records(CUT_ROWS), EncodeContext(tokenizer, 12))
+    assert [len(feature["labels"]) <= 12 for feature in features] == [True] * 4
+    [notice] = caught
+    assert issubclass(notice.category, CutCompletionsWarning)
+    assert str(notice.message) == (
+        f"{count} of 4 records are longer than max_length=12 tokens (the first: record 1), so max_length cut their "
+        f"completions: their ends are not trained on (nor counted in the eval loss); raise max_length to {longest} to "
+        "keep them whole"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encode(task, read_records(CUT_ROWS), EncodeContext(tokenizer, longest))
+    assert caught == []
 
 
 def test_chat_template_renders_prompt_and_learns_the_assistant_turn() -> None:
@@ -131,6 +183,33 @@ def test_token_labels_go_to_the_first_piece_of_each_word_and_qa_finds_the_span()
             read_records([{"question": "where", "context": "in rome", "answer": "oslo"}]),
             EncodeContext(tokenizer, 32),
         )
+
+
+def qa_span(answer: str, max_length: int = 32, passage: str = "the cat is in rome at six") -> str:
+    """The text of the span a QA record with `answer` is trained on."""
+    tokenizer = word_tokenizer(pair_template=True)
+    row = {"question": "where is the cat", "context": passage, "answer": answer}
+    [feature] = encode("qa", read_records([row]), EncodeContext(tokenizer, max_length))
+    return tokenizer.decode(feature["input_ids"][feature["start_positions"] : feature["end_positions"] + 1])
+
+
+@pytest.mark.parametrize("answer", [" rome", "rome ", " in rome "])
+def test_a_qa_answer_with_surrounding_spaces_is_trained_on_its_words_alone(answer: str) -> None:
+    assert qa_span(answer) == answer.strip()
+
+
+LONG_PASSAGE = "the cat is big and the dog is small and the bird is red and the fish is blue in paris"
+
+
+@pytest.mark.parametrize("answer,at", [("paris", "27-27"), ("blue in paris", "25-27")])
+def test_a_qa_answer_past_max_length_is_refused_saying_what_max_length_keeps_it(answer: str, at: str) -> None:
+    with pytest.raises(DataError, match=r"record 0: the answer .* lies past max_length=16") as refused:
+        qa_span(answer, max_length=16, passage=LONG_PASSAGE)
+    needed = int(re.search(r"raise max_length to (\d+)", str(refused.value))[1])
+    assert f"(its tokens are {at} of the 28 that the question and the whole context take)" in str(refused.value)
+    assert qa_span(answer, max_length=needed, passage=LONG_PASSAGE) == answer
+    with pytest.raises(DataError, match="lies past max_length"):
+        qa_span(answer, max_length=needed - 1, passage=LONG_PASSAGE)
 
 
 def test_collate_pads_each_field_with_its_own_value() -> None:

@@ -77,6 +77,10 @@ class RandomWeightsWarning(UserWarning):
     weights outside the task head it adds, or an adapter loaded next holds no weights for that new head."""
 
 
+class CutCompletionsWarning(UserWarning):
+    """Records whose language-model completions max_length cut: their ends are not trained on (nor in the eval loss)."""
+
+
 class UnsupportedFormatError(DeltaTuneError):
     """An adapter that the file format asked for (peft's, AdapterHub's) cannot express: another library
     would load its folder as another model."""

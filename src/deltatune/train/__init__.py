@@ -1,7 +1,8 @@
 """Training: `deltatune.train.train(TrainConfig.from_yaml("run.yaml"))`, or `deltatune train run.yaml`.
 
 Files: `tasks.py` (one row per task type), `config.py` (the YAML config), `data.py` (reading records),
-`encode.py` (records → tokens), `models.py` / `smollm2.py` (loading, offline), `loop.py` (the loop),
+`data_record.py` (one record), `encode.py` (records → tokens),
+`models.py` / `smollm2.py` (loading, offline), `loop.py` (the loop),
 `schedule.py` (data order and learning rate per step), `packing.py` / `length_groups.py` (batch layout),
 `optimizer.py` (AdamW and LoRA+ groups), `step_hooks.py` (a method's per-step work: AdaLoRA's rank budget),
 `sharding.py` (FSDP), `checkpoint.py` (`--resume`),

@@ -102,7 +102,8 @@ class TrainConfig:
     their place is refused by name, never removed. Without it such a run stops before the model loads
     (`--resume` continues the run that is there)."""
     max_length: PositiveInt = 256
-    """Longest example in tokens (longer ones are cut)."""
+    """Longest example in tokens. Longer ones are cut: a language model's completions so (their ends not
+    trained on) are counted in one warning per data file, and a QA answer cut from its context is refused."""
     packing: bool = False
     """Causal LM: lay each micro-batch's examples end to end in rows of at most max_length tokens, each
     example attending only to itself, instead of padding every example to the longest (same loss and

@@ -2,6 +2,12 @@
 at a separator (`.txt`), folders saved by `datasets`' `save_to_disk`, or any iterable of dicts (a
 `datasets.Dataset`) from Python.
 
+A CSV file is quoted as Excel and Python's `csv` write it: a cell holding a comma, a quote or a line
+end is quoted whole, each quote inside it doubled; malformed quoting (text after a closing quote, a
+quote never closed) is refused naming the line, never read as other cells. A TSV file has no quoting,
+as GLUE's files and their readers have none: every line is one record, split at every tab, and each
+character is taken as it is (a `"` is part of the text).
+
 A `.txt` file holds a record a line, its columns split at every occurrence of `separator` (E2E NLG's
 `meaning representation||reference`: `separator: "||"`), with no quoting: a line must hold exactly
 one value per column, and each value loses its surrounding spaces. Its columns are named as a CSV's
@@ -20,7 +26,7 @@ record keeps under its name, two renames onto one name), since a reader would ke
 chosen by column order. A rename onto a name that is itself renamed away (`{label_text: label, label:
 label_id}`) keeps both.
 
-Every record keeps where it came from (`train.jsonl line 12`, `train.parquet row 0`: rows counted
+Every record (`data_record.Record`) keeps where it came from (`train.jsonl line 12`, `train.parquet row 0`: rows counted
 from 0, as `dataset[i]`), so that an error about a malformed record names the file, the line and the
 field. Fields each task reads (see `encode`):
 
@@ -45,59 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DeltaTuneError
+from .data_record import DataError, Record
 
 TEXT_ENCODING = "utf-8-sig"
 """How JSON Lines, CSV/TSV and `.txt` files are read: UTF-8, a leading byte-order mark (Notepad's "UTF-8 with
 BOM", Excel's "CSV UTF-8") dropped, so that it is no part of the first value or column name."""
-
-
-class DataError(DeltaTuneError):
-    """A data file that is missing, unreadable, or holds a malformed record."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One example: its fields, and where it came from (for error messages)."""
-
-    fields: dict[str, Any]
-    where: str
-
-    def get(self, field: str, kind: type | tuple[type, ...] = str, hint: str = "") -> Any:
-        """The value of `field`, checked to be of `kind`; a clear error naming the record otherwise
-        (a null is no value: refused as a missing field is)."""
-        if field not in self.fields:
-            raise DataError(f"{self.where}: field {field!r} is missing{hint}; the record has {sorted(self.fields)}")
-        value = self.fields[field]
-        if value is None:
-            raise DataError(f"{self.where}: field {field!r} is null{hint}; give it a value")
-        if not isinstance(value, kind):
-            raise DataError(f"{self.where}: field {field!r} must be {_kind_names(kind)}, got {_shown(value)}")
-        return value
-
-    def get_items(self, field: str, kind: type | tuple[type, ...] = str) -> list[Any]:
-        """The list in `field`, each item checked to be of `kind`: a null item (a word or tag
-        without a value) is refused naming its position, never read as the text 'None'."""
-        items = self.get(field, list)
-        for position, item in enumerate(items):
-            if item is None:
-                raise DataError(
-                    f"{self.where}: field {field!r} holds a null at position {position}; give every item a value"
-                )
-            if not isinstance(item, kind):
-                raise DataError(
-                    f"{self.where}: field {field!r} must hold {_kind_names(kind)} items, got {_shown(item)} at "
-                    f"position {position}"
-                )
-        return items
-
-
-def _kind_names(kind: type | tuple[type, ...]) -> str:
-    return kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-
-
-def _shown(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
 
 
 ONE_NAME_EACH = "give each its own name (only one of the values would be read)"
@@ -167,22 +125,43 @@ class TableLayout:
     separator: str | None = None
 
 
-def _read_delimited(delimiter: str) -> Callable[[Path, TableLayout], list[Record]]:
+CSV_QUOTING = (
+    'a cell holding a comma, a quote or a line end must be quoted whole, each quote inside it doubled ("say ""hi""",1)'
+)
+"""How a CSV cell holds a comma, a quote or a line end: what the error about malformed quoting says."""
+
+
+def _read_delimited(delimiter: str, quoting: int) -> Callable[[Path, TableLayout], list[Record]]:
+    """A reader of files of cells split at `delimiter`: CSV with `csv.QUOTE_MINIMAL` (strict, so that
+    malformed quoting is an error naming the line), TSV with `csv.QUOTE_NONE` (see the module docstring)."""
+
     def read(path: Path, layout: TableLayout) -> list[Record]:
         with path.open(encoding=TEXT_ENCODING, newline="") as file:
             names = None if layout.header else list(layout.column_names or ())
-            reader = csv.DictReader(file, fieldnames=names, delimiter=delimiter)
-            _check_column_names(path, list(reader.fieldnames or []), layout.header)
-            named_by = f"the header {reader.fieldnames}" if layout.header else f"column_names {names}"
-            records = []
-            for row in reader:
-                where = f"{path.name} line {reader.line_num}"
-                if None in row or None in row.values():
-                    raise DataError(f"{where}: the row has a different number of columns than {named_by}")
-                records.append(Record(dict(row), where))
-        return records
+            reader = csv.DictReader(file, fieldnames=names, delimiter=delimiter, quoting=quoting, strict=True)
+            try:
+                return _delimited_records(path, reader, layout, names)
+            except csv.Error as error:
+                first, last = reader.line_num + 1, reader.reader.line_num  # the record after the last one read
+                lines = f"line {first}" if first >= last else f"lines {first}-{last}"
+                rule = "" if quoting == csv.QUOTE_NONE else f"; {CSV_QUOTING}"
+                raise DataError(f"{path.name} {lines}: {error}{rule}") from None
 
     return read
+
+
+def _delimited_records(
+    path: Path, reader: csv.DictReader, layout: TableLayout, names: list[str] | None
+) -> list[Record]:
+    _check_column_names(path, list(reader.fieldnames or []), layout.header)
+    named_by = f"the header {reader.fieldnames}" if layout.header else f"column_names {names}"
+    records = []
+    for row in reader:
+        where = f"{path.name} line {reader.line_num}"
+        if None in row or None in row.values():
+            raise DataError(f"{where}: the row has a different number of columns than {named_by}")
+        records.append(Record(dict(row), where))
+    return records
 
 
 def _read_separated(path: Path, layout: TableLayout) -> list[Record]:
@@ -304,8 +283,8 @@ def _read_saved_dataset(path: Path, layout: TableLayout) -> list[Record]:
 READERS: dict[str, Callable[[Path, TableLayout], list[Record]]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_jsonl,
-    ".csv": _read_delimited(","),
-    ".tsv": _read_delimited("\t"),
+    ".csv": _read_delimited(",", csv.QUOTE_MINIMAL),
+    ".tsv": _read_delimited("\t", csv.QUOTE_NONE),
     ".txt": _read_separated,
     ".parquet": _read_parquet,
     ".arrow": _read_arrow,

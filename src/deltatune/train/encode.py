@@ -4,7 +4,9 @@ Language models learn the completion only: prompt positions get label -100. With
 prompt becomes a user turn (after an optional system turn) rendered by the tokenizer's chat template,
 and the completion is the assistant turn, end-of-turn marker included; `messages` records are rendered
 whole and the last (assistant) message is learned. Without a template the completion follows the prompt
-as it is (put a leading space in it if your tokenizer needs one) and ends with EOS.
+as it is (put a leading space in it if your tokenizer needs one) and ends with EOS. A completion that
+max_length cuts loses its end (in causal-lm its EOS too): the records so cut are counted in one
+`CutCompletionsWarning` a data set, naming the first and the max_length that keeps them whole.
 Classification labels are mapped to ids in sorted order of the training labels (`label_names`); the
 training data must hold at least two (with one, transformers would train a regression).
 
@@ -13,16 +15,25 @@ label, and a chat message without a string `role` and `content` are refused nami
 position), never read as the text 'None' or as a class ''. A null optional field is the field left
 out: `text_pair` null is no pair, `answer_start` null (or an empty cell) the answer's first occurrence
 in the context. Texts are taken as they are: an empty CSV cell is the empty text.
+
+A QA answer is trained as the span of the tokens its text covers, its surrounding spaces left out (a
+CSV cell after `, `); an empty answer (or one of spaces only) is SQuAD 2.0's no answer, the first
+token. There is no document stride: an answer that max_length cuts out of the context, whole or in
+part, is refused naming the record and the max_length that keeps it, in training and evaluation
+alike, since a row trained toward no answer teaches what evaluation never answers and a row left out
+would change what the metrics measure.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..errors import CutCompletionsWarning
 from ..losses import IGNORE_INDEX
 from .data import DataError, Record
 
@@ -36,6 +47,9 @@ class EncodeContext:
     chat_template: bool = False
     system_prompt: str | None = None
     label_ids: dict[str, int] = field(default_factory=dict)
+    cut: list[tuple[str, int]] = field(default_factory=list)
+    """Filled while encoding: (record, tokens it takes whole) of each record whose completion max_length
+    cut, for one notice per data set (`warn_of_cut_completions`)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,8 @@ def encode_causal(record: Record, context: EncodeContext) -> dict[str, Any]:
             f"{record.where}: the prompt alone fills max_length={context.max_length} tokens; raise max_length or "
             "shorten the prompt"
         )
+    if len(ids) < len(prompt_ids) + len(completion_ids):
+        context.cut.append((record.where, len(prompt_ids) + len(completion_ids)))
     labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
     return {
         "input_ids": ids,
@@ -145,13 +161,30 @@ def encode_seq2seq(record: Record, context: EncodeContext) -> dict[str, Any]:
     hint = " (seq2seq-lm records need 'prompt' and 'completion')"
     source, target = record.get("prompt", hint=hint), record.get("completion", hint=hint)
     encoded = context.tokenizer(source, truncation=True, max_length=context.max_length)
-    labels = context.tokenizer(text_target=target, truncation=True, max_length=context.max_length)["input_ids"]
+    labels = context.tokenizer(text_target=target)["input_ids"]
+    if len(labels) > context.max_length:
+        context.cut.append((record.where, len(labels)))
+        labels = context.tokenizer(text_target=target, truncation=True, max_length=context.max_length)["input_ids"]
     return {
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"],
         "labels": labels,
         "reference": target,
     }
+
+
+def warn_of_cut_completions(context: EncodeContext, records: int) -> None:
+    """One `CutCompletionsWarning` counting the records of a data set (`records` of them, encoded with
+    `context`) whose completion max_length cut, naming the first and the max_length that keeps them all."""
+    if not context.cut:
+        return
+    warnings.warn(
+        f"{len(context.cut):,} of {records:,} records are longer than max_length={context.max_length} tokens (the "
+        f"first: {context.cut[0][0]}), so max_length cut their completions: their ends are not trained on (nor "
+        f"counted in the eval loss); raise max_length to {max(length for _, length in context.cut)} to keep them whole",
+        CutCompletionsWarning,
+        stacklevel=3,
+    )
 
 
 def _label_keys(record: Record, label_field: LabelField) -> list[str]:
@@ -226,6 +259,51 @@ def _answer_start(record: Record, passage: str, answer: str) -> int:
     return start
 
 
+Offsets = list[tuple[int, int] | None]
+"""Each token's character range in the context; None for the question's and the special tokens."""
+
+
+def _context_offsets(encoded: Any) -> Offsets:
+    """The context offsets of a tokenized (question, context) pair, its `offset_mapping` taken out."""
+    pairs = zip(encoded.pop("offset_mapping"), encoded.sequence_ids())
+    return [tuple(offset) if sequence == 1 else None for offset, sequence in pairs]
+
+
+def _covering(offsets: Offsets, first: int, end: int) -> list[int]:
+    """The tokens whose characters overlap [first, end)."""
+    return [index for index, offset in enumerate(offsets) if offset and offset[0] < end and offset[1] > first]
+
+
+def _answer_span(
+    record: Record, context: EncodeContext, offsets: Offsets, start_char: int, answer: str
+) -> tuple[int, int]:
+    """The first and last tokens of the answer's text, its surrounding spaces left out (they are no
+    token's); (0, 0) for an empty answer (SQuAD 2.0's no answer). An answer that max_length cuts out of
+    the context, whole or in part, is refused: trained as no answer, it would teach what evaluation
+    never answers."""
+    words = answer.strip()
+    if not words:
+        return 0, 0
+    first = start_char + len(answer) - len(answer.lstrip())
+    end = first + len(words)
+    tokens = _covering(offsets, first, end)
+    if tokens and offsets[tokens[-1]][1] >= end:
+        return tokens[0], tokens[-1]
+    pair = record.fields["question"], record.fields["context"]
+    whole = _context_offsets(context.tokenizer(*pair, return_offsets_mapping=True))
+    whole_tokens = _covering(whole, first, end)
+    if not whole_tokens:
+        raise DataError(f"{record.where}: the answer {answer!r} is no token of the context; give text of the context")
+    if len(whole_tokens) == len(tokens):  # its last characters are no token's, and nothing of it was cut
+        return tokens[0], tokens[-1]
+    needed = whole_tokens[-1] + len(whole) - max(index for index, offset in enumerate(whole) if offset)
+    raise DataError(
+        f"{record.where}: the answer {answer!r} lies past max_length={context.max_length} (its tokens are "
+        f"{whole_tokens[0] + 1}-{whole_tokens[-1] + 1} of the {len(whole)} that the question and the whole context "
+        f"take); raise max_length to {needed} or shorten the context: an answer cut from the context cannot be learned"
+    )
+
+
 def encode_question_answering(record: Record, context: EncodeContext) -> dict[str, Any]:
     hint = " (qa records need 'question', 'context' and 'answer')"
     question, passage, answer = (
@@ -236,19 +314,11 @@ def encode_question_answering(record: Record, context: EncodeContext) -> dict[st
     start_char = _answer_start(record, passage, answer)
     if start_char < 0 or passage[start_char : start_char + len(answer)] != answer:
         raise DataError(f"{record.where}: the answer {answer!r} is not in the context (at answer_start={start_char})")
-    end_char = start_char + len(answer)
     encoded = context.tokenizer(
         question, passage, truncation="only_second", max_length=context.max_length, return_offsets_mapping=True
     )
-    sequence_ids = encoded.sequence_ids()
-    offsets = [
-        tuple(offset) if sequence == 1 else None
-        for offset, sequence in zip(encoded.pop("offset_mapping"), sequence_ids)
-    ]
-    start = next((i for i, o in enumerate(offsets) if o and o[0] <= start_char < o[1]), 0)
-    end = next((i for i, o in enumerate(offsets) if o and o[0] < end_char <= o[1]), 0)
-    if end < start:
-        start = end = 0
+    offsets = _context_offsets(encoded)
+    start, end = _answer_span(record, context, offsets, start_char, answer)
     return {
         **{key: list(value) for key, value in encoded.items()},
         "start_positions": start,

@@ -24,6 +24,7 @@ here and nothing else; a name with no row is an error that lists the known ones.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +81,11 @@ class TaskType:
         return getattr(transformers, self.model_class)
 
     def encode(self, records: list[Record], context: encode.EncodeContext) -> list[dict[str, Any]]:
-        return [self.encoder(record, context) for record in records]
+        """The examples of a data set's records; one notice counts those whose completion max_length cut."""
+        context = dataclasses.replace(context, cut=[])
+        features = [self.encoder(record, context) for record in records]
+        encode.warn_of_cut_completions(context, len(records))
+        return features
 
 
 def trained_heads(model: nn.Module) -> list[str]:
