@@ -140,10 +140,10 @@ def prepare_run(
     sharding moves each rank's shards to the device, a block at a time. A new task head is said in one line
     (`load_report`) by the main process, unless `quiet`."""
     task = get_task(config.task)
-    if adapter is not None:
-        single_adapter_folder(adapter)  # loaded, a folder of several would run its first adapter only
     if config.quantize is not None:
         require_backend(config.quantize)
+    if adapter is not None:
+        single_adapter_folder(adapter)  # loaded, a folder of several would run its first adapter only
     ranks = distributed.ranks_from_environment()
     device = device or choose_device(config.device, ranks)
     home = torch.device("cpu") if distributed.sharded(ranks, config.data_parallel) else device
