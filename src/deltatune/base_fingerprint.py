@@ -155,9 +155,7 @@ def _sample(tensors: list[torch.Tensor]) -> torch.Tensor:
     total = sum(tensor.numel() for tensor in tensors)
     size = min(SAMPLE_SIZE, total)
     positions = [(2 * k + 1) * total // (2 * size) for k in range(size)]
-    neighbours = [position + 1 if position + 1 < total else position - 1 for position in positions]
-    if total < 2:
-        neighbours = []
+    neighbours = [position + 1 if position + 1 < total else position - 1 for position in positions] if total > 1 else []
     values = _values_at(tensors, positions + neighbours)
     sampled, beside = values[: len(positions)], values[len(positions) :]
     signs = torch.sign(sampled)
@@ -166,22 +164,19 @@ def _sample(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _values_at(tensors: list[torch.Tensor], positions: list[int]) -> torch.Tensor:
-    """The values (float64) at `positions` of the tensors read as one flat vector, in the order given."""
-    order = sorted(range(len(positions)), key=positions.__getitem__)
-    picked, start = [], 0
+    """The values at `positions` of the tensors read as one flat vector, in the order given, as float32 (which
+    every device has; a float64 order it cannot hold becomes a tie, which matches either order)."""
     device = tensors[0].device if tensors else torch.device("cpu")
+    values = torch.empty(len(positions), dtype=torch.float32, device=device)
+    start = 0
     for tensor in tensors:
-        inside = [positions[i] - start for i in order if start <= positions[i] < start + tensor.numel()]
+        inside = [index for index, position in enumerate(positions) if start <= position < start + tensor.numel()]
         if inside:
             flat = tensor.detach().reshape(-1)
-            picked.append(flat[torch.tensor(inside, device=flat.device)].to(device=device, dtype=torch.float64))
+            offsets = torch.tensor([positions[index] - start for index in inside], device=flat.device)
+            values[torch.tensor(inside, device=device)] = flat[offsets].to(device=device, dtype=torch.float32)
         start += tensor.numel()
-    if not picked:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    ascending = torch.cat(picked)
-    result = torch.empty_like(ascending)
-    result[torch.tensor(order, device=device)] = ascending
-    return result
+    return values
 
 
 def _to_host(samples: dict[str, torch.Tensor]) -> dict[str, str]:
