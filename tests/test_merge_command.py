@@ -12,7 +12,7 @@ import pytest
 import transformers
 
 import deltatune
-import deltatune.atomic as atomic
+import deltatune.file_system as file_system
 from deltatune.train.cli import main
 from training_fixtures import model_folder, save_float16_overflow, save_two_adapters
 
@@ -197,8 +197,8 @@ def test_an_interrupted_merge_overwrite_leaves_a_whole_model_at_out(
 
     monkeypatch.setattr(os, "rename", counted(os.rename))
     monkeypatch.setattr(os, "replace", counted(os.replace))
-    real_exchange = atomic._exchange
-    monkeypatch.setattr(atomic, "_exchange", counted(real_exchange) if exchanges else lambda first, second: False)
+    real_exchange = file_system.exchange
+    monkeypatch.setattr(file_system, "exchange", counted(real_exchange) if exchanges else lambda first, second: False)
     assert main(["merge", str(model), str(adapter), str(out), "--overwrite"]) == 130
     monkeypatch.undo()
     capsys.readouterr()

@@ -15,6 +15,7 @@ import torch
 
 import deltatune
 import deltatune.atomic
+import deltatune.file_system
 import deltatune.io
 from save_checks import leftovers
 from tiny_models import build, run
@@ -220,7 +221,7 @@ def test_without_exchange_a_save_stopped_between_its_renames_is_named_by_load_an
     old, new = delta_model(["default"], seed=1), delta_model(["default"], seed=2)
     old.save(str(folder))
     (folder / "README.md").write_text("mine")
-    monkeypatch.setattr(deltatune.atomic, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(deltatune.file_system, "exchange", lambda first, second: False)
     real_rename = os.rename
 
     def stop_before_the_new_folder_moves_in(source, target):
@@ -244,7 +245,7 @@ def test_without_exchange_a_save_stopped_between_its_renames_is_named_by_load_an
 
 
 def test_without_exchange_saves_still_replace_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(deltatune.atomic, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(deltatune.file_system, "exchange", lambda first, second: False)
     folder = tmp_path / "adapters"
     delta_model(["a", "b"], seed=1).save(str(folder))
     second = delta_model(["a", "c"], seed=2)

@@ -17,12 +17,12 @@ folder or the new one, never a mix. With `parent` the folder's parent (POSIX):
 3. Carry over: the entries of the old folder that no writer wrote and that `replaced(entry)` does not
    claim (a README, a model beside the adapter) are hard-linked into the staging folder (copied where
    a link fails). The old folder is never written to.
-4. Swap: `renameat2(RENAME_EXCHANGE)` exchanges the folder and the staging folder in one step (Linux:
-   ext4, xfs, btrfs, tmpfs, ...), so at every instant the path holds a complete folder; the old one,
-   now under the staging name, is then removed. Where the file system cannot exchange (NFS, macOS)
-   the old folder is renamed to `.<name>.deltatune-old` and the staging folder into place; between the
-   two renames the path is absent. A kill there leaves the old folder complete under that name: the
-   next save puts it back first, and `load` names it in its error.
+4. Swap: `renameat2(RENAME_EXCHANGE)` (`file_system.exchange`) exchanges the folder and the staging
+   folder in one step (Linux: ext4, xfs, btrfs, tmpfs, ...), so at every instant the path holds a
+   complete folder; the old one, now under the staging name, is then removed. Where the file system
+   cannot exchange (NFS, macOS) the old folder is renamed to `.<name>.deltatune-old` and the staging
+   folder into place; between the two renames the path is absent. A kill there leaves the old folder
+   complete under that name: the next save puts it back first, and `load` names it in its error.
 
 `staged_folder(folder)` is the same replacement for a block that writes the staging folder itself (a
 merged model, whose files a library's `save_pretrained` writes); `restore_interrupted(folder)` finishes an
@@ -54,23 +54,20 @@ file system takes can be saved.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from . import file_system
 from .errors import AdapterFileError
 
 try:
@@ -84,8 +81,6 @@ LOCK_FILE = ".deltatune.lock"
 STEM_BYTES = 200
 STAGING = re.compile(r"\..+\.deltatune-[0-9a-f]{16}\.partial")
 ASIDE_SUFFIX = ".deltatune-old"
-AT_FDCWD = -100
-RENAME_EXCHANGE = 2
 
 
 def replace_folder(
@@ -120,14 +115,14 @@ def staged_folder(
                 os.mkdir(staging)
                 yield staging
                 for entry in staging.iterdir():
-                    _sync_tree(entry)
+                    file_system.sync_tree(entry)
                 if real.is_dir():
                     _carry_over(real, staging, replaced)
                     shutil.copymode(real, staging)
-                _sync_folder(staging)
+                file_system.sync_folder(staging)
                 with _working_directory_kept(real):
                     _swap(real, staging)
-                _sync_folder(real.parent)
+                file_system.sync_folder(real.parent)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
@@ -158,10 +153,10 @@ def write_files(folder: Path, writers: dict[str, Writer]) -> None:
                 for name, write in writers.items():
                     staged[name] = _new_staging(folder, name)
                     write(str(staged[name]))
-                    _sync_tree(staged[name])
+                    file_system.sync_tree(staged[name])
                 for name, path in staged.items():
                     os.replace(path, folder / name)
-                _sync_folder(folder)
+                file_system.sync_folder(folder)
             finally:
                 for path in staged.values():
                     with contextlib.suppress(FileNotFoundError):
@@ -339,36 +334,11 @@ def _link_or_copy(source: str, target: str) -> None:
 def _swap(folder: Path, staging: Path) -> None:
     if not folder.exists():
         os.rename(staging, folder)
-    elif not _exchange(folder, staging):
+    elif not file_system.exchange(folder, staging):
         aside = _aside(folder)
         os.rename(folder, aside)
         os.rename(staging, folder)
         shutil.rmtree(aside, ignore_errors=True)
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths in one atomic step; False where the system or file system cannot."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(first))
-
-
-@cache
-def _renameat2() -> Any:
-    """The C library's `renameat2` (Linux, glibc 2.28+ or musl), or None."""
-    if sys.platform != "linux":
-        return None
-    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        function.restype = ctypes.c_int
-    return function
 
 
 @contextlib.contextmanager
@@ -381,27 +351,6 @@ def _working_directory_kept(folder: Path) -> Iterator[None]:
     yield
     if cwd is not None and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)) and os.path.isdir(cwd):
         os.chdir(cwd)
-
-
-def _sync_tree(path: Path) -> None:
-    """fsync a file, or a folder with everything in it."""
-    if path.is_dir():
-        for child in path.iterdir():
-            _sync_tree(child)
-        _sync_folder(path)
-    else:
-        with open(path, "rb") as file:
-            os.fsync(file.fileno())
-
-
-def _sync_folder(path: Path) -> None:
-    """fsync a folder's entries (POSIX; Windows cannot open a folder)."""
-    if os.name == "posix":
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def _aside(folder: Path) -> Path:
