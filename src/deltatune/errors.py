@@ -77,8 +77,23 @@ class RandomWeightsWarning(UserWarning):
     weights outside the task head it adds, or an adapter loaded next holds no weights for that new head."""
 
 
-class CutCompletionsWarning(UserWarning):
+class MaxLengthCutWarning(UserWarning):
+    """Records longer than max_length were cut: what was cut is neither trained on nor evaluated. One
+    notice a data set and kind, naming the first record and the max_length that keeps them whole."""
+
+
+class CutCompletionsWarning(MaxLengthCutWarning):
     """Records whose language-model completions max_length cut: their ends are not trained on (nor in the eval loss)."""
+
+
+class CutInputsWarning(MaxLengthCutWarning):
+    """Records whose input text (a classification text or pair, a seq2seq source, an embedding text)
+    max_length cut: the model never sees its end."""
+
+
+class CutWordsWarning(MaxLengthCutWarning):
+    """Token-classification records whose words past max_length were cut: those words get no tag, in
+    training or scoring."""
 
 
 class UnsupportedFormatError(DeltaTuneError):

@@ -34,6 +34,7 @@ from ..folder_summary import describe_folder
 from ..peft_releases import minimum_peft_version
 from ..version import __version__
 from . import compare_cli
+from .cli_warnings import one_line_warnings
 from .import_notes import quiet_import_notes
 from .quantize import QUANTIZE_OPTIONS
 
@@ -367,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_import_notes()
     arguments = parse(argv)
     try:
-        arguments.run(arguments)
+        with one_line_warnings():
+            arguments.run(arguments)
     except DeltaTuneError as error:
         print(f"deltatune: {error}", file=sys.stderr)
         return 2

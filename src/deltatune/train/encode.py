@@ -4,9 +4,9 @@ Language models learn the completion only: prompt positions get label -100. With
 prompt becomes a user turn (after an optional system turn) rendered by the tokenizer's chat template,
 and the completion is the assistant turn, end-of-turn marker included; `messages` records are rendered
 whole and the last (assistant) message is learned. Without a template the completion follows the prompt
-as it is (put a leading space in it if your tokenizer needs one) and ends with EOS. A completion that
-max_length cuts loses its end (in causal-lm its EOS too): the records so cut are counted in one
-`CutCompletionsWarning` a data set, naming the first and the max_length that keeps them whole.
+as it is (put a leading space in it if your tokenizer needs one) and ends with EOS. What max_length
+cuts is counted in one notice a data set and kind (`max_length_cuts.py`): a completion loses its end
+(in causal-lm its EOS too), an input text its end, token classification the tags of the words cut.
 Classification labels are mapped to ids in sorted order of the training labels (`label_names`); the
 training data must hold at least two (with one, transformers would train a regression).
 
@@ -26,16 +26,15 @@ would change what the metrics measure.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import CutCompletionsWarning
 from ..losses import IGNORE_INDEX
 from .data import DataError, Record
+from .max_length_cuts import Cut, CutLog, tokenize_within
 
 
 @dataclass
@@ -47,9 +46,8 @@ class EncodeContext:
     chat_template: bool = False
     system_prompt: str | None = None
     label_ids: dict[str, int] = field(default_factory=dict)
-    cut: list[tuple[str, int]] = field(default_factory=list)
-    """Filled while encoding: (record, tokens it takes whole) of each record whose completion max_length
-    cut, for one notice per data set (`warn_of_cut_completions`)."""
+    cut: CutLog = field(default_factory=CutLog)
+    """Filled while encoding: the records max_length cut, for one notice a data set and kind."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ def encode_causal(record: Record, context: EncodeContext) -> dict[str, Any]:
             "shorten the prompt"
         )
     if len(ids) < len(prompt_ids) + len(completion_ids):
-        context.cut.append((record.where, len(prompt_ids) + len(completion_ids)))
+        context.cut.add("completions", Cut(record.where, len(prompt_ids) + len(completion_ids)))
     labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
     return {
         "input_ids": ids,
@@ -160,10 +158,10 @@ def encode_causal(record: Record, context: EncodeContext) -> dict[str, Any]:
 def encode_seq2seq(record: Record, context: EncodeContext) -> dict[str, Any]:
     hint = " (seq2seq-lm records need 'prompt' and 'completion')"
     source, target = record.get("prompt", hint=hint), record.get("completion", hint=hint)
-    encoded = context.tokenizer(source, truncation=True, max_length=context.max_length)
+    encoded = _input_within(context, record, source)
     labels = context.tokenizer(text_target=target)["input_ids"]
     if len(labels) > context.max_length:
-        context.cut.append((record.where, len(labels)))
+        context.cut.add("completions", Cut(record.where, len(labels)))
         labels = context.tokenizer(text_target=target, truncation=True, max_length=context.max_length)["input_ids"]
     return {
         "input_ids": encoded["input_ids"],
@@ -173,18 +171,12 @@ def encode_seq2seq(record: Record, context: EncodeContext) -> dict[str, Any]:
     }
 
 
-def warn_of_cut_completions(context: EncodeContext, records: int) -> None:
-    """One `CutCompletionsWarning` counting the records of a data set (`records` of them, encoded with
-    `context`) whose completion max_length cut, naming the first and the max_length that keeps them all."""
-    if not context.cut:
-        return
-    warnings.warn(
-        f"{len(context.cut):,} of {records:,} records are longer than max_length={context.max_length} tokens (the "
-        f"first: {context.cut[0][0]}), so max_length cut their completions: their ends are not trained on (nor "
-        f"counted in the eval loss); raise max_length to {max(length for _, length in context.cut)} to keep them whole",
-        CutCompletionsWarning,
-        stacklevel=3,
-    )
+def _input_within(context: EncodeContext, record: Record, *texts: str | None) -> Any:
+    """The encoding of `record`'s input `texts` within max_length; a cut one is logged as an input cut."""
+    encoded, whole = tokenize_within(context.tokenizer, context.max_length, *texts)
+    if whole is not None:
+        context.cut.add("inputs", Cut(record.where, len(whole["input_ids"])))
+    return encoded
 
 
 def _label_keys(record: Record, label_field: LabelField) -> list[str]:
@@ -214,7 +206,7 @@ def encode_sequence_classification(record: Record, context: EncodeContext) -> di
     hint = " (seq-cls records need 'text' and 'label')"
     text = record.get("text", hint=hint)
     pair = record.get("text_pair") if record.fields.get("text_pair") is not None else None  # null: no pair
-    encoded = context.tokenizer(text, pair, truncation=True, max_length=context.max_length)
+    encoded = _input_within(context, record, text, pair)
     [label_name] = _label_keys(record, SEQUENCE_LABEL)
     label = _label_id(record, context, label_name)
     return {**{key: list(value) for key, value in encoded.items()}, "labels": label}
@@ -226,7 +218,10 @@ def encode_token_classification(record: Record, context: EncodeContext) -> dict[
         raise DataError(
             f"{record.where}: 'tokens' has {len(words)} words but 'tags' {len(tags)}; give one tag per word"
         )
-    encoded = context.tokenizer(words, is_split_into_words=True, truncation=True, max_length=context.max_length)
+    encoded, whole = tokenize_within(context.tokenizer, context.max_length, words, is_split_into_words=True)
+    if whole is not None:
+        lost = len(set(whole.word_ids()) - set(encoded.word_ids()))
+        context.cut.add("words", Cut(record.where, len(whole["input_ids"]), words_lost=lost))
     labels, previous = [], None
     for word in encoded.word_ids():
         labels.append(IGNORE_INDEX if word is None or word == previous else _label_id(record, context, tags[word]))
@@ -331,8 +326,13 @@ def encode_question_answering(record: Record, context: EncodeContext) -> dict[st
 
 def encode_feature_extraction(record: Record, context: EncodeContext) -> dict[str, Any]:
     hint = " (feature-extraction records need 'text' and 'positive')"
-    text = context.tokenizer(record.get("text", hint=hint), truncation=True, max_length=context.max_length)
-    positive = context.tokenizer(record.get("positive", hint=hint), truncation=True, max_length=context.max_length)
+    (text, whole_text), (positive, whole_positive) = (
+        tokenize_within(context.tokenizer, context.max_length, record.get(name, hint=hint))
+        for name in ("text", "positive")
+    )
+    wholes = [len(whole["input_ids"]) for whole in (whole_text, whole_positive) if whole is not None]
+    if wholes:
+        context.cut.add("inputs", Cut(record.where, max(wholes)))
     return {
         "input_ids": text["input_ids"],
         "attention_mask": text["attention_mask"],

@@ -38,6 +38,7 @@ from ..losses import causal_lm_batch_loss, contrastive_loss, model_loss, seq2seq
 from ..task_record import head_children
 from . import encode, metrics, predict, prompt_groups
 from .data import Record
+from .max_length_cuts import CutLog
 
 Loss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 Encoder = Callable[[Record, encode.EncodeContext], dict[str, Any]]
@@ -81,10 +82,10 @@ class TaskType:
         return getattr(transformers, self.model_class)
 
     def encode(self, records: list[Record], context: encode.EncodeContext) -> list[dict[str, Any]]:
-        """The examples of a data set's records; one notice counts those whose completion max_length cut."""
-        context = dataclasses.replace(context, cut=[])
+        """The examples of a data set's records; one notice a kind counts those max_length cut."""
+        context = dataclasses.replace(context, cut=CutLog())
         features = [self.encoder(record, context) for record in records]
-        encode.warn_of_cut_completions(context, len(records))
+        context.cut.warn(len(records), context.max_length)
         return features
 
 
