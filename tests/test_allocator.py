@@ -83,3 +83,15 @@ def test_the_trainer_applies_the_policy_only_when_asked_and_always_trims_after_l
         deltatune.train.loop.prepare_run(TrainConfig.from_yaml(config, [f"release_freed_memory={release}"]))
     assert applied == ["policy", "load", "trim", "load", "trim"]
     assert TrainConfig.from_yaml(config).release_freed_memory is False  # opt-in: it slows every step
+
+
+def test_under_the_policy_the_trainer_trims_the_heap_after_every_step(tmp_path, monkeypatch):
+    trims = []
+    monkeypatch.setattr(deltatune.train.loop, "release_freed_memory", lambda: None)
+    monkeypatch.setattr(deltatune.train.loop, "return_free_heap_pages", lambda: trims.append(1))
+    for release, expected in (("true", 1 + 3), ("false", 1)):  # the trim after loading, then one a step
+        trims.clear()
+        (tmp_path / release).mkdir()
+        config = task_config(tmp_path / release, "causal-lm", max_steps=3)
+        deltatune.train.loop.train(TrainConfig.from_yaml(config, [f"release_freed_memory={release}"]), progress=False)
+        assert len(trims) == expected, release

@@ -77,6 +77,7 @@ TRAIN_FIELDS: dict[str, Case] = {
     "max_grad_norm": Case("a number > 0 or null", "yes", ("-1", "0")),
     "seed": Case("a whole number in [0, 4294967295]", '"0"', ("-1", "4294967296")),
     "gradient_checkpointing": Case("true or false", '"false"'),
+    "lean_gated_mlp": Case("true or false", '"true"'),
     "loss_chunk_rows": Case("a whole number ≥ 1 or null", "[256]", ("0", "-8")),
     "bf16": Case('true, false or "auto"', '"false"', ('"on"',)),
     "eval_every": Case("a whole number ≥ 1 or null", '"10"', ("0",)),

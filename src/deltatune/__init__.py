@@ -30,6 +30,7 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModuleError,
 )
+from .gated_mlp import lean_gated_mlp
 from .io import load_adapters
 from .losses import causal_lm_loss
 from .methods.adalora import AdaLoraConfig
@@ -160,6 +161,7 @@ __all__ = [
     "DiReftConfig",
     "attach",
     "get_method",
+    "lean_gated_mlp",
     "load",
     "minimum_peft_version",
     "model_modules",

@@ -15,8 +15,11 @@ The policy, through `mallopt` (glibc only; a no-op elsewhere, where the C librar
     M_TRIM_THRESHOLD = 0       free heap pages at the top of a heap are returned at once
     M_ARENA_MAX      = 1       one heap for all threads (torch's worker threads allocate too)
 
-and, once the model is loaded (on any setting), `return_free_heap_pages` (`malloc_trim`) gives back
-the free pages inside the heaps that the policy cannot: quantizing a checkpoint while it loads
+and, after every optimizer step, `return_free_heap_pages` (`malloc_trim`) gives back the free pages inside
+the heap that the policy cannot: a step frees thousands of blocks under 1 MiB (adapter gradients, rank-r
+intermediates, autograd's nodes) between live ones, and their pages stayed resident, ~230 MiB on
+SmolLM2-135M at one 1,000-token row (LoRA r=16 on every linear layer), the peak 130-160 MiB lower with the
+trim. The trim is also made once the model is loaded, on any setting: quantizing a checkpoint while it loads
 interleaves the packed weights (each under 1 MiB, so in the heap) with the freed float32 temporaries of
 their quantization (17 MiB of SmolLM2's nf4 load).
 

@@ -160,6 +160,10 @@ class TrainConfig:
     """Seeds the adapter's initialisation, the data order and the max_*_examples samples."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    lean_gated_mlp: bool = True
+    """Gated MLP blocks (SwiGLU, GeGLU: Llama, Mistral, Qwen, Gemma and kin) keep their gate and up projections'
+    outputs for backward and recompute the activation and product there (`deltatune.gated_mlp`): two of the four
+    [tokens, intermediate] tensors a block keeps, with bitwise the same gradients; false: the model's own forward."""
     loss_chunk_rows: PositiveInt | None = DEFAULT_CHUNK_ROWS
     """Language-model tasks: compute the output head and cross-entropy this many labelled positions at a
     time, recomputed in backward, so the [positions, vocabulary] logits never exist at once; null: all at

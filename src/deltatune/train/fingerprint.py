@@ -56,15 +56,17 @@ KEEPS_THE_MATH = frozenset(
         "release_freed_memory",
         "data_parallel",
         "gradient_checkpointing",
+        "lean_gated_mlp",
         "loss_chunk_rows",
         "train_file",
     }
 )
 """Settings a resumed run may change: where and how often it writes and evaluates, the device, its
 thread count (the same math, up to float reduction order), the C heap policy (where memory comes from),
-the data-parallel engine (DDP or FSDP: the same steps), activation recomputation and the lean loss's
-chunk (the same gradients up to float rounding; a checkpoint written before the chunked loss existed
-resumes with it). `train_file` is compared by content (`training_data`)."""
+the data-parallel engine (DDP or FSDP: the same steps), activation recomputation (checkpointing, and the
+lean gated MLP with bitwise the same gradients) and the lean loss's chunk (the same gradients up to float
+rounding; a checkpoint written before the chunked loss existed resumes with it). `train_file` is compared
+by content (`training_data`)."""
 
 ADDED_LATER = {
     "packing": False,

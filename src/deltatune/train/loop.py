@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import DeltaTuneError
+from ..gated_mlp import lean_gated_mlp
 from ..losses import loss_chunk_rows
 from ..model import DeltaModel
 from ..qlora import prepare_quantized_base
@@ -224,6 +225,7 @@ def train_run(
     with (
         output_lock(output_dir, distributed.ranks_from_environment().main),
         reporting(run.config.report_to, output_dir) as trackers,
+        lean_gated_mlp(run.delta_model, run.config.lean_gated_mlp),
     ):
         return _train_run(run, resume, progress, time_budget, trackers)
 
@@ -287,6 +289,8 @@ def _train_run(
         scheduler.step()
         after_step(hooks, state.step)
         optimizer.zero_grad(set_to_none=True)
+        if config.release_freed_memory:
+            return_free_heap_pages()  # the step's small freed blocks, inside the heap (`allocator`)
         state.step += 1
         last = stop.finished(state.step)
         bar.step(float(step_loss), tokens * ranks.world_size)
