@@ -1,5 +1,6 @@
 """A training run writes only inside its output_dir and never through a link: a run entry (`adapter`,
-`checkpoints`, `metrics.json`, `training.png`, or anything inside them) or the run record that is a symlink,
+`checkpoints`, `metrics.json`, `training.png`, or anything inside them), the run record or TensorBoard's `runs`
+folder that is a symlink,
 dangling or not, is refused in one line naming it, before the model loads, and nothing outside output_dir
 changes; a file there that is a hard link to a file elsewhere is replaced, never written into."""
 
@@ -53,6 +54,7 @@ LINKS = {
     "dangling-checkpoints": ("checkpoints", "elsewhere/checkpoints"),
     "metrics-to-a-users-file": ("metrics.json", "home/.bashrc"),
     "adapter-to-a-folder": ("adapter", "elsewhere"),
+    "tensorboard-runs-to-a-folder": ("runs", "elsewhere"),
 }
 """Entry of output_dir → where its symlink points (in the test's folder)."""
 

@@ -12,8 +12,9 @@ adapter folder, an adapter folder of a save's files, a metrics file, a plot). An
 names (a user's own `checkpoints/`, a note put into the adapter folder, a folder a deltatune release before
 the record wrote) is refused in one line naming it, before the model loads, and nothing is removed.
 
-A run writes only inside output_dir and never through a link: a run entry, anything inside one, or the record
-that is a symlink (dangling or not) is refused in one line naming it, before the model loads, on a resume too.
+A run writes only inside output_dir and never through a link: a run entry, anything inside one, the record or
+the folder a TensorBoard tracker writes (`runs`, or anything inside it) that is a symlink (dangling or not) is
+refused in one line naming it, before the model loads, on a resume too.
 Every file a run writes there is a new file that takes its name, so the other name of a hard link keeps its
 contents.
 
@@ -29,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..atomic import is_helper
@@ -47,6 +48,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .report import METRICS_FILE, PLOT_FILE
+from .tracking.tensorboard_log import RUNS_FOLDER
 
 RUN_ENTRIES = (ADAPTER_FOLDER, CHECKPOINTS_FOLDER, METRICS_FILE, PLOT_FILE)
 """What a training run writes into its output_dir."""
@@ -165,10 +167,15 @@ def previous_run(folder: Path) -> list[str]:
     return [name for name in RUN_ENTRIES if os.path.lexists(folder / name)]
 
 
-def check_no_links(folder: Path) -> None:
-    """Refuse, naming it, a symlink (dangling or not) among what a run writes in `folder`: a run entry, anything
-    inside one, the run record. A run writes only inside its output_dir, and never through a link."""
-    link = next((path for name in (*RUN_ENTRIES, RUN_RECORD) for path in _links(folder / name)), None)
+LINKS_REFUSED = (*RUN_ENTRIES, RUN_RECORD, RUNS_FOLDER)
+"""What a run writes in its output_dir, where no link may be: its entries, its record, TensorBoard's folder."""
+
+
+def check_no_links(folder: Path, names: Iterable[str] = LINKS_REFUSED) -> None:
+    """Refuse, naming it, a symlink (dangling or not) at an entry `names` names in `folder` or anything inside one
+    (by default, what a run writes there: `LINKS_REFUSED`). A run writes only inside its output_dir, and never
+    through a link."""
+    link = next((path for name in names for path in _links(folder / name)), None)
     if link is not None:
         raise OutputFolderError(
             f"{link} is a link (to {os.readlink(link)}): a run writes only inside output_dir and never through a "
