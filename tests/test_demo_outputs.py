@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from deltatune.train.cli import main
+from test_train_outputs_links import refusal, tree, users_files
 from training_fixtures import model_folder, records, task_config, write_jsonl
 
 
@@ -70,6 +71,35 @@ def test_demo_refuses_an_out_folder_holding_other_work_and_writes_nothing(
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("deltatune: ") and named in last and said in last, last
     assert folder_digest(out) == before
+
+
+DEMO_LINKS = {
+    "data-folder-to-a-folder": ("data", "elsewhere"),
+    "dangling-data-folder": ("data", "elsewhere/data"),
+    "config-to-a-users-file": ("demo.yaml", "home/.bashrc"),
+    "dangling-gguf": ("adapter.gguf", "elsewhere/adapter.gguf"),
+    "record-to-a-users-file": (".deltatune-demo.json", "home/.bashrc"),
+}
+"""Entry of --out that the demo writes → where its symlink points (in the test's folder)."""
+
+
+@pytest.mark.parametrize("entry, target", list(DEMO_LINKS.values()), ids=list(DEMO_LINKS))
+@pytest.mark.parametrize("flags", [(), ("--overwrite",)], ids=["fresh", "overwrite"])
+def test_demo_never_writes_through_a_link_in_its_out_folder(
+    entry: str, target: str, flags: tuple[str, ...], tmp_path, capsys
+) -> None:
+    """The demo writes only inside --out and never through a link: a symlink at its data folder or one of its own
+    files is refused in one line naming it, before anything is written, whatever --overwrite says."""
+    model, out = model_folder(tmp_path, "causal-lm"), tmp_path / "project"
+    users_files(tmp_path)
+    out.mkdir()
+    (out / entry).symlink_to(tmp_path / target)
+    before = tree(tmp_path)
+    capsys.readouterr()
+    assert demo(model, out, *flags) == 2
+    error = refusal(capsys)
+    assert f"{out / entry} is a link" in error, error
+    assert tree(tmp_path) == before
 
 
 def test_demo_never_writes_over_its_data_input(tmp_path, capsys) -> None:

@@ -1,7 +1,8 @@
 """A training run writes only inside its output_dir and never through a link: a run entry (`adapter`,
-`checkpoints`, `metrics.json`, `training.png`, or anything inside them) or the run record that is a symlink,
-dangling or not, is refused in one line naming it, before the model loads, and nothing outside output_dir
-changes; a file there that is a hard link to a file elsewhere is replaced, never written into."""
+`checkpoints`, `metrics.json`, `training.png`, or anything inside them), the run record, TensorBoard's `runs` or
+MLflow's `mlruns` folder (or anything inside them) or W&B's `wandb` folder that is a symlink, dangling or not, is
+refused in one line naming it, before the model loads, and nothing outside output_dir changes; a file there that
+is a hard link to a file elsewhere is replaced, never written into."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from deltatune.train.cli import main
+from test_train_tracking import needs, tracker_defaults
 from training_fixtures import task_config
 
 SETTINGS = {"max_steps": 3, "save_every": 1, "eval_file": None}
@@ -53,6 +55,10 @@ LINKS = {
     "dangling-checkpoints": ("checkpoints", "elsewhere/checkpoints"),
     "metrics-to-a-users-file": ("metrics.json", "home/.bashrc"),
     "adapter-to-a-folder": ("adapter", "elsewhere"),
+    "tensorboard-runs-to-a-folder": ("runs", "elsewhere"),
+    "mlflow-mlruns-to-a-folder": ("mlruns", "elsewhere"),
+    "an-mlflow-experiment-to-a-folder": ("mlruns/0", "elsewhere"),
+    "wandb-folder-to-a-folder": ("wandb", "elsewhere"),
 }
 """Entry of output_dir → where its symlink points (in the test's folder)."""
 
@@ -65,7 +71,7 @@ def test_a_run_never_writes_through_a_link_in_its_output_dir(
     config = task_config(tmp_path, "seq-cls", **SETTINGS)
     users_files(tmp_path)
     out = tmp_path / "out"
-    out.mkdir()
+    (out / entry).parent.mkdir(parents=True)
     (out / entry).symlink_to(tmp_path / target)
     before = tree(tmp_path)
     capsys.readouterr()
@@ -73,6 +79,48 @@ def test_a_run_never_writes_through_a_link_in_its_output_dir(
     error = refusal(capsys)
     assert f"{out / entry} is a link" in error and "a run writes only inside output_dir" in error, error
     assert tree(tmp_path) == before
+
+
+TRACKER_FOLDERS = {"mlflow": "mlruns", "wandb": "wandb"}
+"""Tracker → the folder it writes in output_dir when the environment names no other place for it."""
+
+
+@pytest.mark.transformers_independent
+@pytest.mark.parametrize("tracker", list(TRACKER_FOLDERS))
+def test_a_tracker_never_writes_through_a_link_at_its_folder_in_output_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tracker: str
+) -> None:
+    """Without MLFLOW_TRACKING_URI or WANDB_DIR the tracker writes in output_dir: a link there would take its
+    files elsewhere."""
+    needs(tracker)
+    tracker_defaults(monkeypatch)
+    config = task_config(tmp_path, "seq-cls", report_to=tracker, **SETTINGS)
+    users_files(tmp_path)
+    link = tmp_path / "out" / TRACKER_FOLDERS[tracker]
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "elsewhere")
+    before = tree(tmp_path)
+    capsys.readouterr()
+    assert main(["train", str(config), "--quiet"]) == 2
+    error = refusal(capsys)
+    assert f"{link} is a link" in error, error
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.transformers_independent
+def test_a_run_again_beside_the_links_wandb_keeps_in_its_folder_is_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B keeps links of its own in `wandb/` (`latest-run`, `debug.log`), each put in the place of what was
+    there, never written through: only the folder itself is refused as a link."""
+    needs("wandb")
+    tracker_defaults(monkeypatch)
+    config = task_config(tmp_path, "seq-cls", report_to="wandb", **SETTINGS)
+    wandb_folder = tmp_path / "out" / "wandb"
+    assert main(["train", str(config), "--quiet"]) == 0
+    assert any(path.is_symlink() for path in wandb_folder.iterdir())
+    assert main(["train", str(config), "--quiet", "overwrite_output_dir=true"]) == 0
+    assert len(list(wandb_folder.glob("offline-run-*"))) == 2
 
 
 @pytest.mark.parametrize(

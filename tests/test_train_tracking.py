@@ -39,15 +39,20 @@ def needs(name: str) -> None:
         pytest.skip(f"{tracking.TRACKERS[name].package} is not installed (pip install 'deltatune[tracking]')")
 
 
+def tracker_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tracker setting in the environment, so each tracker writes in its own folder of output_dir; W&B quiet."""
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, monkeypatch_module) -> Path:
     """A tiny seq-cls run evaluated every 3 of its 6 steps, reporting to every installed tracker."""
     if not INSTALLED:
         pytest.skip("no tracker package is installed (pip install 'deltatune[tracking]')")
     tmp_path = tmp_path_factory.mktemp("tracked")
-    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch_module.delenv(name, raising=False)
-    monkeypatch_module.setenv("WANDB_SILENT", "true")
+    tracker_defaults(monkeypatch_module)
     config = task_config(tmp_path, "seq-cls", eval_every=3, report_to=INSTALLED)
     assert main(["train", str(config), "--quiet"]) == 0
     return tmp_path / "out"

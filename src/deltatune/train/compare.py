@@ -19,7 +19,9 @@ printed and written with the plot (`compare_report`: compare.md, compare.json, c
 are written, a comparison with a failed method fails (`CompareError`, exit status 2: its table is
 incomplete for a reason to fix, not a result), and one in which every method diverged, where nothing
 was compared, fails with `TrainingDivergedError` (exit status 2, as `deltatune train` on a divergence).
-A Ctrl-C stops the comparison at once.
+A Ctrl-C stops the comparison at once. An earlier comparison's compare files that `--overwrite` replaces are
+removed once every check has passed, before the first method trains (`compare_report.remove_results`): a
+comparison stopped before its end leaves no table describing runs that its method folders no longer hold.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..errors import DeltaTuneError, TrainingDivergedError
 from .checkpoint import ADAPTER_FOLDER
 from .compare_memory import measure_peak
 from .compare_plan import Budget, CompareError, MethodPlan, check_methods_fit, plan_comparison
-from .compare_report import import_plotting, table, write_results
+from .compare_report import import_plotting, remove_results, table, write_results
 from .config import TrainConfig
 from .distributed import ranks_from_environment
 from .loop import choose_device, train
@@ -83,6 +85,7 @@ def _run_comparison(options: CompareOptions, base: TrainConfig, plans: list[Meth
     metric = chosen_metric(base.task, options.metric)
     check_methods_fit(base, plans)
     import_plotting()
+    remove_results(Path(base.output_dir))  # the earlier comparison's, which --overwrite replaces
     bar = tqdm(total=len(plans), unit="method", disable=not options.progress, dynamic_ncols=True)
     rows = []
     for plan in plans:

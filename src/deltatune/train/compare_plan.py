@@ -17,8 +17,10 @@ Refused in one line, before any model trains: an unknown method, a label named t
 is not finite and positive, a `--set` for a method not compared, of a shared key or of `adapter.method` (a label's
 method is the one `--methods` names), a method whose config does not validate or that cannot attach to
 the config's model for its task (every method is attached once to the loaded base, and taken off again),
-a `--time-budget` for a method that schedules over the step count (AdaLoRA), and an output folder that
-holds another run (unless `--overwrite`, which still refuses a method folder's entries that no run wrote).
+a `--time-budget` for a method that schedules over the step count (AdaLoRA), an output folder that holds another
+run (unless `--overwrite`, which still refuses a method folder's entries that no run wrote), and, whatever
+`--overwrite` says, a compare file there that is a link (a comparison writes only inside its output folder and
+never through a link, as a run does: `outputs.check_no_links`) or not a file.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 from ..errors import DeltaTuneError
 from ..names import name_problem
 from ..registry import get_method
+from .compare_report import COMPARE_FILES
 from .config import TrainConfig, apply_overrides
-from .outputs import check_replaceable, previous_run
+from .outputs import check_no_links, check_replaceable, previous_run
 from .time_budget import refuse_step_schedules
 
-COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
 SHARED_KEYS = (
     *("model", "task", "tokenizer", "quantize", "seed"),
     *("train_file", "eval_file", "columns", "header", "column_names", "separator"),
@@ -180,8 +183,17 @@ def _method_overrides(method_overrides: list[str], labels: list[str]) -> dict[st
 
 def _check_output_dir(root: Path, labels: list[str], overwrite: bool) -> None:
     """Refuse a folder that holds another run (a comparison, a training run, a method's run) unless `overwrite`,
-    and a method's folder whose run-named entries no run wrote even then (`outputs.check_replaceable`)."""
-    found = [name for name in COMPARE_FILES if (root / name).exists()] + previous_run(root)
+    and even then a compare file that is a link or not a file, and a method's folder whose run-named entries no
+    run wrote (`outputs.check_replaceable`)."""
+    check_no_links(root, COMPARE_FILES)
+    found = [name for name in COMPARE_FILES if os.path.lexists(root / name)]
+    folder = next((root / name for name in found if not (root / name).is_file()), None)
+    if folder is not None:
+        raise CompareError(
+            f"{folder} is not a file: a comparison writes its results there; move it out of the folder, or give "
+            "another output_dir"
+        )
+    found += previous_run(root)
     found += [f"{label}/" for label in labels if previous_run(root / label)]
     if found and not overwrite:
         raise CompareError(

@@ -16,17 +16,25 @@ memory, adapter bytes):
 `compare.md` holds the same table as the one printed. `compare.png` (matplotlib; skipped with a note
 without it) plots the metric against the trainable share of parameters on a log axis, each method's
 marker area in proportion to its wall time and labelled with it.
+
+The three are written together, each a new file that takes its name (`atomic.write_files`), compare.json
+last. A comparison that replaces an earlier one removes the earlier one's files before its first method
+trains (`remove_results`), so a comparison stopped before its end leaves no table at all rather than one
+describing runs that its method folders no longer hold.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 from pathlib import Path
 from typing import Any
 
 from ..atomic import json_writer, write_files
 from .report import finite_json
+
+COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
 
 COLUMNS = (
     ("label", "method", "{}"),
@@ -69,16 +77,24 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def write_results(root: Path, summary: dict[str, Any]) -> None:
-    """Write compare.json and compare.md (atomically, together), then compare.png, into `root`."""
+    """Write compare.png, compare.md and compare.json into `root`, together (see the module docstring)."""
     text = markdown(summary)
+    image = plot(summary)
+    plotted = {} if image is None else {"compare.png": lambda path: Path(path).write_bytes(image)}
     write_files(
         root,
         {
+            **plotted,
             "compare.md": lambda path: Path(path).write_text(text, encoding="utf-8"),
             "compare.json": json_writer(finite_json(summary)),
         },
     )
-    plot(summary, root / "compare.png")
+
+
+def remove_results(root: Path) -> None:
+    """Remove an earlier comparison's files from `root` (the output check found files there, never links)."""
+    for name in COMPARE_FILES:
+        (root / name).unlink(missing_ok=True)
 
 
 def import_plotting() -> None:
@@ -91,11 +107,12 @@ def import_plotting() -> None:
         from matplotlib import pyplot  # noqa: F401
 
 
-def plot(summary: dict[str, Any], path: Path) -> bool:
-    """The metric against the trainable % (log axis), marker area ∝ wall time. False without matplotlib."""
+def plot(summary: dict[str, Any]) -> bytes | None:
+    """The metric against the trainable % (log axis), marker area ∝ wall time, as PNG bytes. None without
+    matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
-        print(f"matplotlib is not installed: no plot written ({path.name}); pip install matplotlib")
-        return False
+        print("matplotlib is not installed: no plot written (compare.png); pip install matplotlib")
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +139,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     axis.set_ylabel(f"eval {summary['metric']}")
     axis.set_title(f"{summary['task']}: {summary['budget']} (marker area: wall time)", fontsize=9)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
     pyplot.close(figure)
-    return True
+    return image.getvalue()

@@ -14,6 +14,9 @@ the trainer checks and clears, the demo writes its data split (`DATA_FILES`), th
   the trainer's rules (`outputs.check_replaceable`).
 - The demo never writes over its `--data` input: an input that is, or lies inside, an entry the demo writes is
   refused whatever `--overwrite` says.
+- The demo writes only inside `--out` and never through a link: a symlink (dangling or not) at a demo file, at its
+  `data` folder or at its record is refused in one line naming it, whatever `--overwrite` says
+  (`outputs.check_no_links`, which refuses links at the run's entries too).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..atomic import json_writer, write_files
 from ..errors import OutputFolderError
 from .config import TrainConfig
 from .export import MODELFILE
-from .outputs import RELATIONS, RUN_ENTRIES, RUN_RECORD, check_output_dir, previous_run
+from .outputs import RELATIONS, RUN_ENTRIES, RUN_RECORD, check_no_links, check_output_dir, previous_run
 
 DATA_FOLDER = "data"
 DATA_FILES = (f"{DATA_FOLDER}/train.jsonl", f"{DATA_FOLDER}/eval.jsonl")
@@ -45,10 +48,12 @@ DEMO_RECORD = ".deltatune-demo.json"
 
 
 def check_demo_out(config: TrainConfig, data: str | None) -> TrainConfig:
-    """Refuse, before anything is written, a `--data` input the demo would write over, an `--out` holding earlier
-    work without `overwrite_output_dir` (but for an earlier demo's), and any entry there that no deltatune run or
-    demo wrote; returns the config to run, with `overwrite_output_dir` set where an earlier demo's work goes."""
+    """Refuse, before anything is written, a link where the demo writes, a `--data` input the demo would write over,
+    an `--out` holding earlier work without `overwrite_output_dir` (but for an earlier demo's), and any entry there
+    that no deltatune run or demo wrote; returns the config to run, with `overwrite_output_dir` set where an earlier
+    demo's work goes."""
     out = Path(config.output_dir)
+    check_no_links(out, (*DEMO_FILES, DEMO_RECORD))
     if data is not None:
         _check_not_written(Path(data), out)
     found = previous_run(out) + [name for name in DEMO_FILES if os.path.lexists(out / name)]

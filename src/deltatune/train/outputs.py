@@ -12,8 +12,10 @@ adapter folder, an adapter folder of a save's files, a metrics file, a plot). An
 names (a user's own `checkpoints/`, a note put into the adapter folder, a folder a deltatune release before
 the record wrote) is refused in one line naming it, before the model loads, and nothing is removed.
 
-A run writes only inside output_dir and never through a link: a run entry, anything inside one, or the record
-that is a symlink (dangling or not) is refused in one line naming it, before the model loads, on a resume too.
+A run writes only inside output_dir and never through a link: a run entry, anything inside one, the record, the
+folder TensorBoard or MLflow writes there (`runs`, `mlruns`, or anything inside them) or W&B's folder (`wandb`
+itself: W&B keeps links of its own inside it) that is a symlink (dangling or not) is refused in one line naming
+it, before the model loads, on a resume too, whatever `report_to` and the trackers' environment variables say.
 Every file a run writes there is a new file that takes its name, so the other name of a hard link keeps its
 contents.
 
@@ -29,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..atomic import is_helper
@@ -47,6 +49,9 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .report import METRICS_FILE, PLOT_FILE
+from .tracking.mlflow_log import MLRUNS_FOLDER
+from .tracking.tensorboard_log import RUNS_FOLDER
+from .tracking.wandb_log import WANDB_FOLDER
 
 RUN_ENTRIES = (ADAPTER_FOLDER, CHECKPOINTS_FOLDER, METRICS_FILE, PLOT_FILE)
 """What a training run writes into its output_dir."""
@@ -165,10 +170,21 @@ def previous_run(folder: Path) -> list[str]:
     return [name for name in RUN_ENTRIES if os.path.lexists(folder / name)]
 
 
-def check_no_links(folder: Path) -> None:
-    """Refuse, naming it, a symlink (dangling or not) among what a run writes in `folder`: a run entry, anything
-    inside one, the run record. A run writes only inside its output_dir, and never through a link."""
-    link = next((path for name in (*RUN_ENTRIES, RUN_RECORD) for path in _links(folder / name)), None)
+LINKS_REFUSED = (*RUN_ENTRIES, RUN_RECORD, RUNS_FOLDER, MLRUNS_FOLDER, WANDB_FOLDER)
+"""What a run writes in its output_dir, where no link may be: its entries, its record, the trackers' folders."""
+
+KEEPS_ITS_OWN_LINKS = frozenset({WANDB_FOLDER})
+"""The folders whose writer keeps links of its own inside them, where only the folder itself is refused as a link:
+W&B's `latest-run`, `debug.log` and `debug-internal.log` in `wandb/`, each put in the place of what was there
+(never written through), and each run written into a folder of a new name."""
+
+
+def check_no_links(folder: Path, names: Iterable[str] = LINKS_REFUSED) -> None:
+    """Refuse, naming it, a symlink (dangling or not) at an entry `names` names in `folder`, at a folder on the way
+    to one (`data` of `data/train.jsonl`) or inside one (but for the folders of `KEEPS_ITS_OWN_LINKS`). By default
+    `names` is what a run writes there (`LINKS_REFUSED`). A run writes only inside its output_dir, and never
+    through a link."""
+    link = next((path for name in names for path in _links(folder, name)), None)
     if link is not None:
         raise OutputFolderError(
             f"{link} is a link (to {os.readlink(link)}): a run writes only inside output_dir and never through a "
@@ -176,13 +192,19 @@ def check_no_links(folder: Path) -> None:
         )
 
 
-def _links(path: Path) -> Iterator[Path]:
-    """The symlinks at `path` and under it (none is followed)."""
-    if path.is_symlink():
-        yield path
+def _links(folder: Path, name: str) -> Iterator[Path]:
+    """The first symlink at `folder / name` or at a folder on the way to it, else those under it unless its writer
+    keeps links of its own there (none is followed)."""
+    parts = Path(name).parts
+    on_the_way = (folder.joinpath(*parts[:end]) for end in range(1, len(parts) + 1))
+    link = next((path for path in on_the_way if path.is_symlink()), None)
+    if link is not None:
+        yield link
         return
-    for parent, folders, files in os.walk(path):
-        yield from (Path(parent, name) for name in sorted(folders + files) if os.path.islink(Path(parent, name)))
+    if name in KEEPS_ITS_OWN_LINKS:
+        return
+    for parent, folders, files in os.walk(folder / name):
+        yield from (Path(parent, entry) for entry in sorted(folders + files) if os.path.islink(Path(parent, entry)))
 
 
 def clear_previous_run(folder: Path) -> None:

@@ -2,7 +2,9 @@
 `MLFLOW_TRACKING_URI`, or, when that is not set, of a local file store in `OUTPUT_DIR/mlruns`; the
 config as the run's parameters. MLflow 3 keeps the file store only on request: for that local store
 `MLFLOW_ALLOW_FILE_STORE` is set to true unless the environment sets it (view it with
-`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri OUTPUT_DIR/mlruns`). mlflow-skinny is enough."""
+`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri OUTPUT_DIR/mlruns`). mlflow-skinny is enough.
+A link at `OUTPUT_DIR/mlruns`, or inside it, is refused before the model loads (`outputs.check_no_links`),
+whatever `MLFLOW_TRACKING_URI` says: to keep the store elsewhere, set `MLFLOW_TRACKING_URI`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """TensorBoard: scalars in `OUTPUT_DIR/runs/<start time>/`, one folder per run (as transformers'
 Trainer), written by torch's `SummaryWriter`; the config as hyperparameters (the HParams tab) and as
-JSON text (the Text tab). View with `tensorboard --logdir OUTPUT_DIR/runs`."""
+JSON text (the Text tab). View with `tensorboard --logdir OUTPUT_DIR/runs`. A link at `runs`, or inside it, is
+refused before the model loads (`outputs.check_no_links`): a run never writes outside its output_dir."""
 
 from __future__ import annotations
 

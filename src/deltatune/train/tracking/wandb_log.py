@@ -1,7 +1,9 @@
 """Weights & Biases: offline by default, the run kept in `OUTPUT_DIR/wandb/offline-run-*` (upload it
 later with `wandb sync`), unless the environment sets `WANDB_MODE` (online, offline, disabled); the
 project is `WANDB_PROJECT` or "deltatune", the folder `WANDB_DIR` or the output folder, the run
-named after the output folder; the config as the run's config."""
+named after the output folder; the config as the run's config. W&B writes in `wandb/` under that folder: a link at
+`OUTPUT_DIR/wandb` is refused before the model loads (`outputs.check_no_links`), whatever `WANDB_DIR` says; to
+keep W&B's files elsewhere, set `WANDB_DIR`."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PROJECT = "deltatune"
+WANDB_FOLDER = "wandb"
+"""The folder W&B writes in, under the folder it is given."""
 
 
 class WandbTracker:
