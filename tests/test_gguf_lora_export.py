@@ -255,6 +255,26 @@ def test_adapter_on_a_gguf_base_exports_against_that_file(tmp_path):
     assert (out.parent / "Modelfile").read_text() == f"FROM {base_file.resolve()}\nADAPTER ./a.gguf\n"
 
 
+def test_export_refuses_a_merged_only_dtype_before_loading(tmp_path, monkeypatch, capsys):
+    """q8_0 is a merged file's type: an adapter export refuses it in one line before the base loads (minutes on a
+    large model), whether the base exists or not."""
+    import deltatune.gguf as gguf_package
+
+    base_file = write_gguf(tmp_path / "base.gguf", tiny_llama(seed=0, tied=True))
+    deltatune.attach(
+        load_gguf_model(base_file), deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    ).save(str(tmp_path / "adapter"))
+    monkeypatch.setattr(gguf_package, "load_gguf_model", lambda *args: pytest.fail("the model was loaded"))
+    capsys.readouterr()  # what the setup printed
+    for base in (base_file, tmp_path / "missing.gguf"):
+        out = tmp_path / "export" / "a.gguf"
+        command = ["export", str(tmp_path / "adapter"), "--dtype", "q8_0", "--gguf", str(out), "--base", str(base)]
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "GGUF adapter dtype 'q8_0' is not one of f32, f16" in err[0], err
+        assert not (tmp_path / "export").exists()
+
+
 def test_qwen2_and_mistral_take_llamacpps_architecture_names_and_row_order(tmp_path):
     """llama.cpp's converter writes a Mistral as a llama (q, k rows permuted) and a Qwen2 as a qwen2 (rows as
     transformers holds them: its rotary layout is already llama.cpp's NeoX one)."""

@@ -6,6 +6,7 @@ base file's metadata."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -94,6 +95,55 @@ def test_merged_export_refuses_a_folder_of_several_adapters_before_loading(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "holds 2 adapters (a, b)" in err[0] and str(adapters / "a") in err[0], err
         assert sorted(path.name for path in tmp_path.iterdir()) == ["adapters"]
+
+
+def test_merged_export_refuses_a_dtype_it_cannot_write_before_loading(tmp_path, base_and_adapter, monkeypatch, capsys):
+    """f32 is an adapter file's type, not a merged file's: refused in one line before the base loads (minutes on
+    a large model), whether the base exists or not."""
+    import deltatune.gguf as gguf_package
+    import deltatune.gguf.merged_export as merged_export
+
+    base_file, adapter, *_ = base_and_adapter
+    for module in (gguf_package, merged_export):
+        monkeypatch.setattr(module, "load_gguf_model", lambda *args: pytest.fail("the model was loaded"))
+    for base in (base_file, tmp_path / "missing.gguf"):
+        out = tmp_path / "merged.gguf"
+        command = ["export", str(adapter), "--merged", "--dtype", "f32", "--gguf", str(out), "--base", str(base)]
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "a merged GGUF is written as f16 or q8_0, not 'f32'" in err[0], err
+        assert not out.exists()
+
+
+ALIGNED_NAMES = ("t" * 4, "t" * 20, "t" * 36, "t" * 52)
+"""general.name values 16 bytes apart, spanning 48 bytes of header: at least one ends the header past a
+multiple of 32 that is no multiple of 64, where a 32-byte padding and a 64-byte one part ways."""
+
+
+@pytest.mark.parametrize("name", ALIGNED_NAMES, ids=len)
+def test_a_base_with_its_own_alignment_gives_a_merged_file_laid_out_at_it(tmp_path, base_and_adapter, name):
+    """A base written with general.alignment 64 (valid; the gguf package writes it): the merged file declares
+    64 and lays its data out at 64, so the gguf package reads the same tensors as from the merge onto the
+    same base at the default alignment, and deltatune loads it as the adapted model."""
+    base_file, adapter, tokens, adapted, _ = base_and_adapter
+
+    def metadata(writer) -> None:
+        writer.add_custom_alignment(64)
+        writer.add_name(name)
+
+    aligned = write_gguf(tmp_path / "aligned.gguf", tiny_llama(seed=0, tied=True), metadata=metadata)
+    out = export_merged_gguf(aligned, adapter, tmp_path / "merged.gguf", "f16")
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.alignment"].contents() == 64 and reader.fields["general.name"].contents() == name
+    assert all(tensor.data_offset % 64 == 0 for tensor in reader.tensors)
+    reference = gguf.GGUFReader(str(export_merged_gguf(base_file, adapter, tmp_path / "reference.gguf", "f16")))
+    found = {tensor.name: np.array(tensor.data) for tensor in reader.tensors}
+    assert list(found) == [tensor.name for tensor in reference.tensors]
+    for tensor in reference.tensors:
+        np.testing.assert_array_equal(found[tensor.name], np.array(tensor.data), err_msg=tensor.name)
+    with torch.no_grad():
+        logits = load_gguf_model(out)(input_ids=tokens).logits
+    assert (logits - adapted).abs().max() < TOLERANCE["f16"]
 
 
 def test_merged_f16_export_refuses_a_weight_past_float16s_range_and_writes_nothing(tmp_path, base_and_adapter):

@@ -137,6 +137,12 @@ def file_alpha(config: LoraConfig) -> float:
     return config.lora_alpha * math.sqrt(config.r) if config.use_rslora else float(config.lora_alpha)
 
 
+def check_adapter_dtype(dtype: str) -> None:
+    """Refuse a `--dtype` that an adapter file's factors are not written in (before anything loads)."""
+    if dtype not in GGUF_DTYPES:
+        raise GGUFExportError(f"GGUF adapter dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
+
+
 def lora_tensors(delta_model: DeltaModel, name: str, dtype: str = "f32") -> LoraTensors:
     """The tensors and α of adapter `name` as llama.cpp reads them (module docstring); refuses what it cannot hold."""
     delta_model.require([name])
@@ -146,8 +152,7 @@ def lora_tensors(delta_model: DeltaModel, name: str, dtype: str = "f32") -> Lora
             f"adapter {name!r} is {config.method}, and llama.cpp's adapter files hold LoRA only; merge it into the "
             "model instead (deltatune merge); nothing written"
         )
-    if dtype not in GGUF_DTYPES:
-        raise GGUFExportError(f"GGUF adapter dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
+    check_adapter_dtype(dtype)
     model = delta_model.base_model
     architecture = gguf_architecture(model)
     gguf_names = {state: gguf_name for gguf_name, state in gguf_tensor_names(model, architecture).items()}

@@ -1,10 +1,14 @@
 """A GGUF base with an adapter merged in, as a new llama.cpp model file at f16 or q8_0.
 
 The base file's metadata (architecture, sizes, tokenizer, chat template) is copied as it is, but for
-`general.file_type`. The weights come from deltatune's own merge: the base is loaded from the file with
-its blocks kept (`load_gguf_model`), the adapter merged with `unload(merge=True, dequantize=True)`
-(every layer dequantized, W + ΔW added in float32), and each of the file's tensors is written again from
-the merged model's tensor of the same name (`names.gguf_tensor_names`), a Llama's q and k rows put back in
+`general.file_type`. A base's own `general.alignment` is kept as the writer's alignment, so that the key the
+header declares and the padding the data is laid out with agree (copied as a plain key, it would declare 64
+over data padded to the writer's 32, and every tensor offset would be off).
+
+The weights come from deltatune's own merge: the base is loaded from the file with its blocks kept
+(`load_gguf_model`), the adapter merged with `unload(merge=True, dequantize=True)` (every layer
+dequantized, W + ΔW added in float32), and each of the file's tensors is written again from the merged
+model's tensor of the same name (`names.gguf_tensor_names`), a Llama's q and k rows put back in
 llama.cpp's order (`lora_export.permute_rows`). Matrices are written in the asked type (q8_0 where the row
 length is a multiple of its 32-value blocks, else f16), vectors (norms) in F32; a tensor the model does
 not hold (llama.cpp's `rope_freqs`) is copied with its bytes. A merged value past what its type holds (f16:
@@ -48,6 +52,12 @@ def _file_type(dtype: str) -> int:
     return {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
 
+def check_merged_dtype(dtype: str) -> None:
+    """Refuse a `--dtype` that a merged file is not written in (before anything loads)."""
+    if dtype not in MERGED_TYPES:
+        raise GGUFExportError(f"a merged GGUF is written as {' or '.join(MERGED_TYPES)}, not {dtype!r}")
+
+
 def _copy_metadata(reader: Any, writer: Any, dtype: str) -> None:
     import gguf
 
@@ -55,6 +65,9 @@ def _copy_metadata(reader: Any, writer: Any, dtype: str) -> None:
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE):
             continue  # the header's own fields, and what is written above or by the writer itself
+        if key == gguf.Keys.General.ALIGNMENT:
+            writer.add_custom_alignment(int(field.contents()))  # the key and the data's padding together
+            continue
         element = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), field.types[0], sub_type=element)
 
@@ -105,8 +118,7 @@ def merged_writer(base_file: Path, merged: torch.nn.Module, dtype: str):
     require_gguf()
     import gguf
 
-    if dtype not in MERGED_TYPES:
-        raise GGUFExportError(f"a merged GGUF is written as {' or '.join(MERGED_TYPES)}, not {dtype!r}")
+    check_merged_dtype(dtype)
     reader = gguf.GGUFReader(str(base_file))
     architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     names = gguf_tensor_names(merged, architecture)
@@ -142,6 +154,7 @@ def export_merged_gguf(base_file: str | Path, adapter: str | Path, out: str | Pa
     from .. import load
 
     base_file, out = Path(base_file), Path(out)
+    check_merged_dtype(dtype)
     if base_file.suffix != ".gguf":
         raise GGUFExportError(
             f"--merged --gguf copies the tokenizer and settings of a GGUF base, and {base_file} is none: pass --base "

@@ -141,9 +141,10 @@ def export_merged(
     adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "f16", overwrite: bool = False
 ) -> Path:
     """Write the GGUF base (`base`, else the adapter's own) with adapter folder `adapter` merged in to `out`."""
-    from ..gguf.merged_export import export_merged_gguf
+    from ..gguf.merged_export import check_merged_dtype, export_merged_gguf
 
-    folder = single_adapter_folder(adapter)  # before anything loads
+    check_merged_dtype(dtype)  # before anything loads
+    folder = single_adapter_folder(adapter)
     out, base = Path(out), base or recorded_base(folder)
     _check_outputs([out], _inputs(adapter, base), overwrite)
     return export_merged_gguf(base_gguf_file(base) or base, adapter, out, dtype)
@@ -154,8 +155,10 @@ def export_adapter(
 ) -> ExportedAdapter:
     """Write the adapter folder `adapter` as llama.cpp LoRA file `out` and a Modelfile beside it."""
     from .. import load
+    from ..gguf.lora_export import check_adapter_dtype
 
-    folder = single_adapter_folder(adapter)  # before anything loads
+    check_adapter_dtype(dtype)  # before anything loads
+    folder = single_adapter_folder(adapter)
     out, base = Path(out), base or recorded_base(folder)
     _check_outputs([out, out.parent / MODELFILE], _inputs(adapter, base), overwrite)
     delta_model = load(_load_base(base), str(adapter))
