@@ -18,6 +18,7 @@ from deltatune.gguf import load_gguf_model  # noqa: E402
 from deltatune.gguf.config import gguf_config, uses_plain_config  # noqa: E402
 from deltatune.gguf.header import read_header  # noqa: E402
 from deltatune.gguf.names import gguf_tensor_names  # noqa: E402
+from gguf_bytes import FLOAT32, STRING, UINT32, UINT64, gguf_bytes, metadata_entry, text, tiny_metadata, write_tiny_gguf  # noqa: E402
 from test_gguf_base import tiny_llama, write_gguf, write_qwen2_gguf  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -156,32 +157,29 @@ def test_a_damaged_file_is_refused_in_one_line(llama_file: Path, tmp_path: Path,
     assert "\n" not in str(error.value)
 
 
-def _text(value: str | bytes) -> bytes:
-    raw = value if isinstance(value, bytes) else value.encode()
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _gguf_bytes(metadata: list[bytes]) -> bytes:
-    """A GGUF v3 header with no tensors and these already encoded metadata entries."""
-    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(metadata)) + b"".join(metadata)
-
-
-UINT32, STRING_TYPE = 4, 8
-ARCHITECTURE = _text("general.architecture") + struct.pack("<I", STRING_TYPE) + _text("llama")
+ARCHITECTURE = metadata_entry("general.architecture", STRING, "llama")
 MALFORMED_HEADERS = {
     "empty": (b"", "holds 0 bytes"),
-    "string-past-the-end": (_gguf_bytes([struct.pack("<Q", 2**40) + b"general"]), "past its end"),
-    "key-not-utf8": (_gguf_bytes([_text(b"\xff\xfe") + struct.pack("<II", UINT32, 1)]), "not UTF-8"),
+    "string-past-the-end": (gguf_bytes([struct.pack("<Q", 2**40) + b"general"], []), "past its end"),
+    "key-not-utf8": (gguf_bytes([text(b"\xff\xfe") + struct.pack("<II", UINT32, 1)], []), "not UTF-8"),
     "alignment-zero": (
-        _gguf_bytes([ARCHITECTURE, _text("general.alignment") + struct.pack("<II", UINT32, 0)]),
+        gguf_bytes([ARCHITECTURE, metadata_entry("general.alignment", UINT32, 0)], []),
         "general.alignment 0",
     ),
     "alignment-text": (
-        _gguf_bytes([ARCHITECTURE, _text("general.alignment") + struct.pack("<I", STRING_TYPE) + _text("32")]),
+        gguf_bytes([ARCHITECTURE, metadata_entry("general.alignment", STRING, "32")], []),
         "general.alignment '32'",
     ),
+    "alignment-not-a-power-of-two": (
+        gguf_bytes([ARCHITECTURE, metadata_entry("general.alignment", UINT32, 48)], []),
+        "general.alignment 48, not a power of two",
+    ),
+    "alignment-2**63": (
+        gguf_bytes([ARCHITECTURE, metadata_entry("general.alignment", UINT64, 2**63 + 1)], []),
+        f"general.alignment {2**63 + 1}, not a power of two",
+    ),
     "architecture-a-number": (
-        _gguf_bytes([_text("general.architecture") + struct.pack("<II", UINT32, 7)]),
+        gguf_bytes([metadata_entry("general.architecture", UINT32, 7)], []),
         "no general.architecture name",
     ),
 }
@@ -223,15 +221,30 @@ def test_a_file_naming_a_tensor_twice_is_refused_as_the_gguf_package_refuses_it(
     assert "\n" not in str(error.value)
 
 
+def test_a_file_giving_a_metadata_key_twice_is_refused_as_the_gguf_package_refuses_it(tmp_path: Path) -> None:
+    """llama.rope.freq_base given twice (10000, then 500000): the gguf package refuses the file, and so does the
+    loader, naming the key and the file, instead of taking the last value."""
+    metadata = tiny_metadata() + [metadata_entry("llama.rope.freq_base", FLOAT32, 500000.0)]
+    path = write_tiny_gguf(tmp_path / "twice.gguf", metadata)
+    with pytest.raises(KeyError, match="Duplicate llama.rope.freq_base"):
+        gguf.GGUFReader(str(path))
+    with pytest.raises(
+        DeltaTuneError, match=r"^twice\.gguf gives the metadata key llama\.rope\.freq_base twice"
+    ) as error:
+        load_gguf_model(path)
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_a_quantized_embedding_of_another_width_than_the_model_is_refused_at_load(tmp_path: Path, tied: bool) -> None:
-    """A Q8_0 token_embd of 32 values a row in a file whose metadata makes the model 64 wide: refused at load
-    naming the file, the tensor and both shapes, not at the first forward."""
+    """A Q8_0 token_embd of 32 values a row in a file whose metadata makes the model 64 wide: refused at load,
+    before the model is built, naming the file, the key, its value and the tensor's shape, not at the first
+    forward."""
     model = tiny_llama(tied=tied)
     model.model.embed_tokens = torch.nn.Embedding(model.config.vocab_size, 32)
     path = write_gguf(tmp_path / "narrow.gguf", model)
     with pytest.raises(
-        DeltaTuneError, match=r"^narrow\.gguf: tensor token_embd\.weight .*\(96, 32\).*\(96, 64\)"
+        DeltaTuneError, match=r"^narrow\.gguf: .*llama\.embedding_length 64, but token_embd\.weight is \(96, 32\)"
     ) as err:
         load_gguf_model(path)
     assert "\n" not in str(err.value)
@@ -253,7 +266,7 @@ def test_a_quantized_tensor_whose_rows_are_not_whole_blocks_is_refused_naming_it
     path = write_gguf(tmp_path / "ragged.gguf", tiny_llama())
     data = bytearray(path.read_bytes())
     name = b"blk.0.ffn_down.weight"
-    first_dimension = data.index(_text(name)) + len(_text(name)) + 4  # after the name and the number of dimensions
+    first_dimension = data.index(text(name)) + len(text(name)) + 4  # after the name and the number of dimensions
     assert struct.unpack_from("<Q", data, first_dimension) == (128,)
     struct.pack_into("<Q", data, first_dimension, 100)
     path.write_bytes(bytes(data))

@@ -151,9 +151,3 @@ def dequantize_rows(rows: torch.Tensor, ggml_type: int) -> torch.Tensor:
     blocks = rows.reshape(-1, layout.type_size)
     values = layout.dequantize(blocks)
     return values.reshape(*rows.shape[:-1], rows.shape[-1] // layout.type_size * layout.block_size)
-
-
-def row_bytes(values: int, ggml_type: int) -> int:
-    """Bytes that hold a row of `values` values in blocks of `ggml_type`."""
-    layout = block_format(ggml_type)
-    return values // layout.block_size * layout.type_size

@@ -8,15 +8,19 @@ the same config is built here from that table (`GGUF_CONFIG_MAPPING`: `general.*
 ids and the architecture's own keys), with the head tied where the file has no `output.weight`, as
 transformers does. Every other file (an architecture transformers renames or adjusts: a llama file of a
 Mistral, T5, MoE models...; or one without a vocabulary size key, which transformers counts from the
-tokenizer's vocabulary) gets transformers' own config."""
+tokenizer's vocabulary) gets transformers' own config. A config transformers cannot build from the file's
+values (an architecture it does not know, a value its validation refuses) is refused naming the file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from ..errors import DeltaTuneError
 from .header import GGUFHeader
 
+BUILD_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, ZeroDivisionError, OverflowError)
+"""What transformers' config and model classes raise for values they cannot build from."""
 PLAIN_CONFIG = frozenset({"llama", "qwen2"})
 """GGUF architectures whose config is the plain key mapping (tests/test_gguf_header.py checks each against
 transformers' own)."""
@@ -42,14 +46,34 @@ def uses_plain_config(header: GGUFHeader) -> bool:
     return header.architecture in PLAIN_CONFIG and sized and "mistral" not in name.lower()
 
 
+def build_errors() -> tuple[type[Exception], ...]:
+    """The exceptions transformers raises for a config or model it cannot build from a file's values (its config
+    classes' validation errors among them, where the installed huggingface_hub has them)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return BUILD_ERRORS
+    return (*BUILD_ERRORS, StrictDataclassError)
+
+
+def unbuildable(path: Path, error: Exception) -> DeltaTuneError:
+    """The one-line refusal of a file whose metadata transformers cannot build a config or model from."""
+    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DeltaTuneError(
+        f"{path.name}: its metadata does not describe a model transformers can build ({said}); write the file "
+        "again, or load it with a transformers that knows its architecture"
+    )
+
+
 def gguf_config(header: GGUFHeader, path: Path, **config_settings: Any) -> Any:
     """The config transformers builds for GGUF file `path` (whose header is `header`), updated with
-    `config_settings`."""
-    from transformers import AutoConfig
+    `config_settings`; one that transformers cannot build is refused (`unbuildable`)."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
-    if not uses_plain_config(header):
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **config_settings)
-    from transformers import CONFIG_MAPPING
-
-    settings = _config_dict(header)
-    return CONFIG_MAPPING[settings.pop("model_type")].from_dict(settings, **config_settings)
+    try:
+        if not uses_plain_config(header):
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **config_settings)
+        settings = _config_dict(header)
+        return CONFIG_MAPPING[settings.pop("model_type")].from_dict(settings, **config_settings)
+    except build_errors() as error:
+        raise unbuildable(path, error) from error

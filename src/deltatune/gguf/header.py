@@ -125,6 +125,11 @@ def read_header(path: Path) -> GGUFHeader:
     string_arrays: dict[str, int] = {}
     for _ in range(metadata_count):
         key = cursor.string()
+        if key in metadata or key in string_arrays:
+            raise DeltaTuneError(
+                f"{path.name} gives the metadata key {key} twice, so which value is the model's is unknown "
+                "(llama.cpp and the gguf package refuse it too); write the file again"
+            )
         (value_type,) = cursor.unpack("I")
         if value_type == ARRAY and cursor.unpack("I")[0] == STRING:
             (string_arrays[key],) = cursor.unpack("Q")
@@ -150,6 +155,8 @@ def read_header(path: Path) -> GGUFHeader:
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if type(alignment) is not int or alignment <= 0:
         raise cursor.damaged(f"gives general.alignment {alignment!r}, not a positive whole number")
+    if alignment & (alignment - 1):
+        raise cursor.damaged(f"gives general.alignment {alignment}, not a power of two")
     data_start = -(-cursor.position // alignment) * alignment
     tensors = [TensorEntry(name, shape, kind, data_start + offset) for name, shape, kind, offset in entries]
     if not isinstance(metadata.get("general.architecture"), str):

@@ -2,7 +2,9 @@
 their quantized blocks.
 
 1. The file's header (metadata and tensor table) is read once, from a copy-on-write memory map of the
-   file (`header.py`); the config transformers' own GGUF loader builds comes from it (`config.py`).
+   file (`header.py`); the config transformers' own GGUF loader builds comes from it (`config.py`). Before
+   and after the config is built, the header is checked against itself and its tensor table
+   (`header_checks.py`), so that a count or size the tensors contradict is refused before a model is built.
 2. The model is built with its parameters on the meta device (`skeleton.py`): nothing float is allocated.
 3. Tensor names are mapped to the model's as transformers' `get_gguf_hf_weights_map` maps them
    (`names.py`). Each quantized tensor (a type of `blocks.BLOCK_FORMATS`) replaces its skeleton layer
@@ -16,7 +18,8 @@ their quantized blocks.
    run along the input dimension.
 5. A head tied to the embedding (no `output.weight` in the file) is a `GGUFLinear` over the embedding's
    blocks. A task head that GGUF files do not hold (a classifier's `score`) starts freshly initialised, as
-   transformers starts it; a tensor the file should hold but lacks is an error.
+   transformers starts it; a tensor the file should hold but lacks is an error, and so is a tensor of the
+   file the model has no place for (but for the few of `header_checks.LEFT_OUT`).
 
 Architectures whose tensors transformers converts in other ways after dequantizing (its
 `TENSOR_PROCESSORS` other than Llama's: merged or reshaped experts, transposed GPT-2 weights...) load their
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,11 @@ import torch
 from torch import nn
 
 from ..errors import DeltaTuneError
-from .blocks import BLOCK_FORMATS, block_format, row_bytes
-from .config import gguf_config
+from .blocks import BLOCK_FORMATS
+from .config import build_errors, gguf_config, unbuildable
 from .embedding import GGUFEmbedding
 from .header import GGUFHeader, TensorEntry, read_header
+from .header_checks import check_all_used, check_config, check_metadata, check_tensor_table, row_width, type_name
 from .linear import GGUFLinear
 from .names import gguf_tensor_names
 from .skeleton import meta_tensors, parameters_on_meta
@@ -56,21 +59,20 @@ def require_gguf() -> None:
 
 
 def supported_types() -> str:
-    floats = [_type_name(kind) for kind in FLOAT_TYPES]
+    floats = [type_name(kind) for kind in FLOAT_TYPES]
     return ", ".join([*floats, *(layout.name for layout in BLOCK_FORMATS.values())])
 
 
-def _unpermute_rows(blocks: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head row order: its rows (h, j, i) back to transformers' (h, i, j), i ∈ {0, 1}."""
+def _unpermute_rows(blocks: torch.Tensor, heads: int, tensor: TensorEntry, path: Path) -> torch.Tensor:
+    """Undo llama.cpp's per-head row order: its rows (h, j, i) back to transformers' (h, i, j), i ∈ {0, 1}; rows
+    that are no even number a head (no rotary pairs) are refused."""
+    if blocks.shape[0] % (2 * heads):
+        raise DeltaTuneError(
+            f"{path.name}: tensor {tensor.name} has {blocks.shape[0]} rows, not an even number for each of its "
+            f"{heads} heads, so its rotary pairs cannot be put in order; the file is damaged, write it again"
+        )
     half = blocks.shape[0] // heads // 2
     return blocks.reshape(heads, half, 2, -1).transpose(1, 2).reshape(blocks.shape)
-
-
-def _type_name(ggml_type: int) -> str:
-    import gguf
-
-    known = ggml_type in gguf.GGMLQuantizationType._value2member_map_
-    return gguf.GGMLQuantizationType(ggml_type).name if known else f"ggml type {ggml_type}"
 
 
 def _check_types(header: GGUFHeader, path: Path, names: dict[str, str]) -> None:
@@ -83,55 +85,49 @@ def _check_types(header: GGUFHeader, path: Path, names: dict[str, str]) -> None:
             continue
         if kind not in BLOCK_FORMATS:
             raise DeltaTuneError(
-                f"{path.name}: tensor {tensor.name} is {_type_name(kind)}, a type deltatune cannot keep "
+                f"{path.name}: tensor {tensor.name} is {type_name(kind)}, a type deltatune cannot keep "
                 f"quantized; supported: {supported_types()} (re-quantize the file, e.g. with llama-quantize)"
             )
         if architecture in TENSOR_PROCESSORS and architecture not in ROW_PERMUTED:
             raise DeltaTuneError(
                 f"{path.name}: transformers converts {architecture} tensors after dequantizing them, which cannot be "
-                f"done on quantized blocks ({tensor.name} is {_type_name(kind)}); quantized GGUF bases are "
+                f"done on quantized blocks ({tensor.name} is {type_name(kind)}); quantized GGUF bases are "
                 f"supported for llama and architectures stored as transformers holds them"
             )
 
 
-def _other_shape(path: Path, tensor: TensorEntry, name: str, expected: tuple[int, ...]) -> DeltaTuneError:
-    """The refusal of a tensor whose declared shape is not the one the model built from the file's metadata has."""
-    return DeltaTuneError(
-        f"{path.name}: tensor {tensor.name} ({name}) holds {tensor.shape} values where the model its metadata "
-        f"describes expects {expected}; the file's tensors do not match its metadata, write the file again"
+def _check_shape(model: nn.Module, name: str, tensor: TensorEntry, path: Path) -> None:
+    """Refuse a tensor whose declared shape is not that of the model's tensor `name` (built from the file's
+    metadata), before anything is made of its bytes."""
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    expected = tuple(module._buffers.get(attribute, module._parameters.get(attribute)).shape)
+    if tensor.shape != expected:
+        raise DeltaTuneError(
+            f"{path.name}: tensor {tensor.name} ({name}) holds {tensor.shape} values where the model its metadata "
+            f"describes expects {expected}; the file's tensors do not match its metadata, write the file again"
+        )
+
+
+def _quantized_module(skeleton: nn.Module, blocks: torch.Tensor, tensor: TensorEntry, path: Path) -> nn.Module:
+    """The block layer that replaces `skeleton` (an nn.Linear or nn.Embedding, whose weight's shape the tensor's
+    has: out × in, or tokens × width)."""
+    kind = tensor.ggml_type
+    if isinstance(skeleton, nn.Embedding):
+        return GGUFEmbedding(blocks, kind, skeleton.embedding_dim, skeleton.padding_idx)
+    if isinstance(skeleton, nn.Linear):
+        bias = None if skeleton.bias is None else skeleton.bias.detach()  # on meta until the file's bias comes
+        return GGUFLinear(blocks, kind, skeleton.in_features, bias)
+    raise DeltaTuneError(
+        f"{path.name}: tensor {tensor.name} is quantized but belongs to a {type(skeleton).__name__}, not a Linear"
     )
 
 
-def _quantized_module(
-    skeleton: nn.Module, blocks: torch.Tensor, tensor: TensorEntry, name: str, path: Path
-) -> nn.Module:
-    """The block layer that replaces `skeleton` (an nn.Linear or nn.Embedding), built once the tensor's declared
-    shape is checked against the skeleton's (out × in, or tokens × width)."""
-    kind = tensor.ggml_type
-    if isinstance(skeleton, nn.Embedding):
-        expected = (skeleton.num_embeddings, skeleton.embedding_dim)
-        build = partial(GGUFEmbedding, blocks, kind, skeleton.embedding_dim, skeleton.padding_idx)
-    elif isinstance(skeleton, nn.Linear):
-        bias = None if skeleton.bias is None else skeleton.bias.detach()  # on meta until the file's bias comes
-        expected = (skeleton.out_features, skeleton.in_features)
-        build = partial(GGUFLinear, blocks, kind, skeleton.in_features, bias)
-    else:
-        raise DeltaTuneError(
-            f"{path.name}: tensor {tensor.name} is quantized but belongs to a {type(skeleton).__name__}, not a Linear"
-        )
-    if tensor.shape != expected:
-        raise _other_shape(path, tensor, name, expected)
-    return build()
-
-
-def _put_float(model: nn.Module, name: str, values: torch.Tensor, path: Path, tensor: TensorEntry) -> None:
-    """Put `values` (of file tensor `tensor`) in place of the (meta) tensor `name`, a parameter keeping its
-    `requires_grad` (a `GGUFLinear`'s bias stays frozen)."""
+def _put_float(model: nn.Module, name: str, values: torch.Tensor) -> None:
+    """Put `values` in place of the (meta) tensor `name`, a parameter keeping its `requires_grad` (a
+    `GGUFLinear`'s bias stays frozen)."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
-    current = module._buffers.get(attribute, module._parameters.get(attribute))
-    if current is not None and tuple(current.shape) != tuple(values.shape):
-        raise _other_shape(path, tensor, name, tuple(current.shape))
     if attribute in module._buffers:
         module._buffers[attribute] = values
     else:
@@ -163,18 +159,10 @@ def _initialise_new(model: nn.Module, missing: list[str], path: Path, expected: 
             model._init_weights(module)
 
 
-def _tensor_bytes(header: GGUFHeader, tensor: TensorEntry, path: Path) -> torch.Tensor:
-    """The bytes of `tensor` in the file's copy-on-write map (no copy), as rows of its last dimension."""
-    rows, values = math.prod(tensor.shape[:-1]), tensor.shape[-1]
-    kind = tensor.ggml_type
-    if kind in BLOCK_FORMATS and values % block_format(kind).block_size:
-        raise DeltaTuneError(
-            f"{path.name}: tensor {tensor.name} declares rows of {values} values, not a whole number of "
-            f"{block_format(kind).name} blocks of {block_format(kind).block_size}; the file is damaged"
-        )
-    width = row_bytes(values, kind) if kind in BLOCK_FORMATS else values * FLOAT_TYPES[kind].itemsize
-    if tensor.start + rows * width > header.data.shape[0]:
-        raise DeltaTuneError(f"{path.name} ends inside tensor {tensor.name}; the file is truncated")
+def _tensor_bytes(header: GGUFHeader, tensor: TensorEntry) -> torch.Tensor:
+    """The bytes of `tensor` (inside the file: `check_tensor_table`) in the file's copy-on-write map (no copy), as
+    rows of its last dimension."""
+    rows, width = math.prod(tensor.shape[:-1]), row_width(tensor)
     return torch.from_numpy(header.data[tensor.start : tensor.start + rows * width]).view(rows, width)
 
 
@@ -195,7 +183,9 @@ def load_gguf_model(
     (`GGUFLinear`, `GGUFEmbedding`), float ones as `dtype` parameters; eval mode. With `output_loading_info`,
     also transformers' loading info for it (`from_pretrained(..., output_loading_info=True)`): `missing_keys`,
     the tensors no GGUF file holds and that start freshly initialised (a new task head); `unexpected_keys`
-    empty (file tensors outside the model are skipped, as transformers' GGUF loader skips them)."""
+    empty (a file holding tensors the model has no place for is refused: `header_checks.check_all_used`). A
+    header that disagrees with itself or its tensor table is refused before the model is built
+    (`header_checks`)."""
     require_gguf()
     from transformers import AutoModelForCausalLM
 
@@ -203,27 +193,36 @@ def load_gguf_model(
     if not path.is_file():
         raise DeltaTuneError(f"GGUF file {path} does not exist")
     header = read_header(path)
+    check_tensor_table(header, path)
+    check_metadata(header, path)
     config = gguf_config(header, path, **config_settings)
-    with parameters_on_meta():
-        model = (model_class or AutoModelForCausalLM).from_config(config)
+    check_config(header, path, config)
+    try:
+        with parameters_on_meta():
+            model = (model_class or AutoModelForCausalLM).from_config(config)
+    except (*build_errors(), RuntimeError) as error:
+        raise unbuildable(path, error) from error
     names = gguf_tensor_names(model, header.architecture)
+    check_all_used(header, path, names, model)
     _check_types(header, path, names)
     permuted = ROW_PERMUTED.get(header.architecture, {})
     for tensor in header.tensors:
         if tensor.name not in names:
             continue
-        name, values = names[tensor.name], _tensor_bytes(header, tensor, path)
+        name = names[tensor.name]
+        _check_shape(model, name, tensor, path)
+        values = _tensor_bytes(header, tensor)
         if tensor.ggml_type in FLOAT_TYPES:
             values = _float_values(values, tensor, dtype)
         heads = [field for part, field in permuted.items() if part in tensor.name]
         if heads:
-            values = _unpermute_rows(values, getattr(config, heads[0]))
+            values = _unpermute_rows(values, getattr(config, heads[0]), tensor, path)
         if tensor.ggml_type in FLOAT_TYPES:
-            _put_float(model, name, values, path, tensor)
+            _put_float(model, name, values)
             continue
         module_name = name.removesuffix(".weight")
         skeleton = model.get_submodule(module_name)
-        model.set_submodule(module_name, _quantized_module(skeleton, values, tensor, name, path))
+        model.set_submodule(module_name, _quantized_module(skeleton, values, tensor, path))
     _tie_head(model)
     missing = meta_tensors(model)
     _initialise_new(model, missing, path, set(names.values()))

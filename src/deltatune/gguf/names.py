@@ -10,6 +10,8 @@ subtrees in turn), and a GGUF name keeps the first state-dict name it was found 
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..errors import DeltaTuneError
@@ -22,11 +24,18 @@ def _split(name: str) -> tuple[str, str]:
     return (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if name.endswith(SUFFIXES) else (name, "")
 
 
+def gguf_architecture(architecture: str) -> Any:
+    """The gguf package's `MODEL_ARCH` of GGUF architecture name `architecture` (`llama`), None if it has none."""
+    import gguf
+
+    return next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture), None)
+
+
 def gguf_tensor_names(model: nn.Module, architecture: str) -> dict[str, str]:
     """{GGUF tensor name: the model's state-dict name} for a file of GGUF `architecture`."""
     import gguf
 
-    arch = next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture), None)
+    arch = gguf_architecture(architecture)
     if arch is None:
         raise DeltaTuneError(
             f"the installed gguf package does not know the GGUF architecture {architecture!r}; upgrade it: "
