@@ -109,7 +109,15 @@ def train(library: str, options: dict[str, Any]) -> Calls:
         return_free_heap_pages()  # as the trainer does once its model is loaded
     input_ids = token_batch(model, BATCH, LENGTH)
     labels = labels_for(input_ids, options.get("labelled_tail"))
-    step = lora_step(library, model, options["dropout"], input_ids, labels, options.get("checkpointing", False))
+    step = lora_step(
+        library,
+        model,
+        options["dropout"],
+        input_ids,
+        labels,
+        options.get("checkpointing", False),
+        options.get("release_freed_memory", False),
+    )
     return {"seconds": step}
 
 
@@ -120,15 +128,24 @@ def lora_step(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     checkpointing: bool = False,
+    trim: bool = False,
 ) -> Callable[[], None]:
     """A LoRA training step on `model` (forward, loss, backward, AdamW), each library with its own loss:
     deltatune's `causal_lm_loss` (the LM head only at labelled positions, in chunks of its default
-    rows), peft's the model's own."""
+    rows), peft's the model's own; deltatune's gated MLP blocks lean, as its trainer trains them
+    (`lean_gated_mlp`). `trim`: the heap trimmed after each step, as the trainer does under
+    `release_freed_memory` (the process's policy, so for either library)."""
+    from deltatune.train.allocator import return_free_heap_pages
+
     if checkpointing:
         model = gradient_checkpointing_on(library, model)
     wrapped = lora_model(library, model, dropout)
     if checkpointing and library == "deltatune":
         wrapped.gradient_checkpointing_enable()
+    if library == "deltatune":
+        from deltatune.gated_mlp import enable_lean_gated_mlp
+
+        enable_lean_gated_mlp(wrapped)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
     loss_of = (
         _sparse_loss(wrapped) if library == "deltatune" else lambda: wrapped(input_ids=input_ids, labels=labels).loss
@@ -138,6 +155,8 @@ def lora_step(
         loss_of(input_ids, labels).backward() if library == "deltatune" else loss_of().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if trim:
+            return_free_heap_pages()
 
     return step
 

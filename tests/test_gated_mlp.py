@@ -20,6 +20,7 @@ from transformers import (
 )
 
 import deltatune
+from deltatune import gated_mlp
 from deltatune.gated_mlp import disable_lean_gated_mlp, enable_lean_gated_mlp, lean_gated_mlp
 from deltatune.losses import causal_lm_loss
 from deltatune.train.cli import main
@@ -102,7 +103,10 @@ def _saved_intermediate_tensors(delta_model: deltatune.DeltaModel) -> int:
     return sum(shapes.values())
 
 
-def test_a_block_keeps_two_intermediate_tensors_instead_of_four() -> None:
+def test_a_block_keeps_two_intermediate_tensors_instead_of_four(monkeypatch) -> None:
+    monkeypatch.setattr(
+        gated_mlp, "_outer_saved_tensor_hooks", lambda: False
+    )  # the counting hooks are not a checkpoint
     delta_model = _adapted("llama", "lora-dropout")
     blocks = len(delta_model.base_model.model.layers)
     assert _saved_intermediate_tensors(delta_model) == 4 * blocks  # g, a(g), u and the product
@@ -123,6 +127,21 @@ def test_the_product_is_freed_after_the_forward(adapter) -> None:
         loss = causal_lm_loss(delta_model, input_ids, None, input_ids.clone())
         assert products and all(reference() is None for reference in products)
         loss.backward()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_under_checkpointing_down_keeps_its_saved_tensors_to_the_checkpoint(checkpointing, monkeypatch) -> None:
+    """Checkpointing drops a block's tensors after its forward and recomputes them: a recipe would keep g and u
+    alive beside it, so under checkpointing's hooks none is made (and without them one a block)."""
+    made: list[gated_mlp.ProductRecipe] = []
+    monkeypatch.setattr(gated_mlp, "ProductRecipe", lambda *fields: made.append(fields) or fields)
+    delta_model = _adapted("llama", "lora-down-only")
+    if checkpointing:
+        delta_model.gradient_checkpointing_enable()
+    input_ids = torch.randint(0, 96, (3, 11))
+    with lean_gated_mlp(delta_model):
+        causal_lm_loss(delta_model, input_ids, None, input_ids.clone())
+    assert len(made) == (0 if checkpointing else len(delta_model.base_model.model.layers))
 
 
 def test_without_gradients_the_outputs_are_the_model_own_and_leaving_restores_the_model() -> None:

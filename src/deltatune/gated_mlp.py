@@ -14,7 +14,9 @@ holds between forward and backward. Here the block keeps g and u only:
   operations autograd runs, so the gradients are bitwise those of the model's own forward (tested);
 - inside `down`, every tensor saved on p's storage (by an adapter, a view of it) is packed as a recipe
   holding g and u, already kept, and rebuilt as a(g) ⊙ u when backward unpacks it
-  (`torch.autograd.graph.saved_tensors_hooks`).
+  (`torch.autograd.graph.saved_tensors_hooks`). Where hooks are in force already (non-reentrant gradient
+  checkpointing's, which drop and recompute the whole block), `down` keeps its own: the block saves a(g)
+  no more, and checkpointing still frees everything.
 
 The cost is one activation and one product a block in backward, elementwise, against the matmuls of
 the block. Without gradients (evaluation, generation) the block runs the model's own forward. A block
@@ -118,8 +120,21 @@ def _lean_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     def unpack(packed: torch.Tensor | ProductRecipe) -> torch.Tensor:
         return packed.rebuild() if isinstance(packed, ProductRecipe) else packed
 
+    if _outer_saved_tensor_hooks():  # checkpointing's own: inside a block of ours they would not apply
+        return module.down_proj(product)
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return module.down_proj(product)
+
+
+def _outer_saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are in force already (non-reentrant checkpointing's, a user's offloading):
+    only the innermost pair applies, so ours would take the tensors saved in `down` away from them (under
+    checkpointing, g and u would then live through the whole forward). Without torch's query: assume so."""
+    query = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        return query is None or query(False) is not None
+    except TypeError:
+        return True
 
 
 def _is_gated_block(module: nn.Module) -> bool:

@@ -10,17 +10,17 @@ of the resident peak on either base, more than the live tensors of the step (ben
 
 The policy, through `mallopt` (glibc only; a no-op elsewhere, where the C library decides):
 
-    M_MMAP_THRESHOLD = 1 MiB   tensors of 1 MiB or more are mapped on their own and unmapped when freed
+    M_MMAP_THRESHOLD = 256 KiB tensors of 256 KiB or more are mapped on their own and unmapped when freed
                                (set explicitly, so the threshold no longer rises)
     M_TRIM_THRESHOLD = 0       free heap pages at the top of a heap are returned at once
     M_ARENA_MAX      = 1       one heap for all threads (torch's worker threads allocate too)
 
 and, after every optimizer step, `return_free_heap_pages` (`malloc_trim`) gives back the free pages inside
-the heap that the policy cannot: a step frees thousands of blocks under 1 MiB (adapter gradients, rank-r
+the heap that the policy cannot: a step frees thousands of blocks under 256 KiB (adapter gradients, rank-r
 intermediates, autograd's nodes) between live ones, and their pages stayed resident, ~230 MiB on
 SmolLM2-135M at one 1,000-token row (LoRA r=16 on every linear layer), the peak 130-160 MiB lower with the
 trim. The trim is also made once the model is loaded, on any setting: quantizing a checkpoint while it loads
-interleaves the packed weights (each under 1 MiB, so in the heap) with the freed float32 temporaries of
+interleaves the packed weights (many under the threshold, so in the heap) with the freed float32 temporaries of
 their quantization (17 MiB of SmolLM2's nf4 load).
 
 It changes where memory comes from, never a number a run computes, so it is not part of the run
@@ -38,8 +38,10 @@ import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 """`mallopt` parameter numbers (glibc's malloc.h)."""
-POLICY: dict[int, int] = {M_MMAP_THRESHOLD: 1 << 20, M_TRIM_THRESHOLD: 0, M_ARENA_MAX: 1}
-"""The values set: parameter → value (see the module docstring)."""
+POLICY: dict[int, int] = {M_MMAP_THRESHOLD: 256 << 10, M_TRIM_THRESHOLD: 0, M_ARENA_MAX: 1}
+"""The values set: parameter → value (see the module docstring). The threshold: on SmolLM2-135M's LoRA step
+(nf4 and float32 bases, batch 8 x 64, checkpointing) 256 KiB gave resident peaks of 337 and 689 MiB,
+512 KiB 345 and 701, 1 MiB 350 and 694, at the same step time."""
 
 
 @functools.cache
