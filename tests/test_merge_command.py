@@ -210,3 +210,24 @@ def test_an_interrupted_merge_overwrite_leaves_a_whole_model_at_out(
         assert f"note: {out} was put back from {tmp_path / '.merged.deltatune-old'}" in said.out, said.out
     assert folder_digest(out) == merged
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+def test_merge_refuses_an_adapter_recorded_for_other_base_weights_unless_allowed(
+    model_and_adapter, tmp_path, capsys
+) -> None:
+    """A merged folder of an adapter on weights it was not trained on is another model under the adapter's name:
+    refused in one line, nothing written; `--allow-other-base` merges it, with the warning."""
+    _, adapter = model_and_adapter
+    (tmp_path / "other").mkdir()
+    other = model_folder(tmp_path / "other", "causal-lm", seed=1)  # the same architecture, other weights
+    out = tmp_path / "merged"
+    capsys.readouterr()  # the fixtures' own output
+    assert main(["merge", str(other), str(adapter), str(out)]) == 2
+    error = capsys.readouterr().err
+    last = error.strip().splitlines()[-1]
+    assert "Traceback" not in error and last.startswith("deltatune: ") and "other base weights" in last, error
+    assert "--allow-other-base" in last
+    assert not out.exists()
+    with pytest.warns(deltatune.BaseWeightsWarning):
+        assert main(["merge", str(other), str(adapter), str(out), "--allow-other-base"]) == 0
+    assert (out / "config.json").is_file()

@@ -41,6 +41,8 @@ from .quantize import QUANTIZE_OPTIONS
 if TYPE_CHECKING:
     import torch
 
+    from ..model import DeltaModel
+
 
 def _methods(arguments: argparse.Namespace) -> None:
     if arguments.name:
@@ -109,7 +111,6 @@ def _merge(arguments: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from .. import load
     from ..atomic import restore_interrupted, staged_folder
     from ..quantized import quantized_linear
     from ..requantize import save_requantized
@@ -143,7 +144,7 @@ def _merge(arguments: argparse.Namespace) -> None:
         print(f"note: no tokenizer in {folder}; the merged folder holds the model only")
     dtype = getattr(torch, arguments.dtype or "float32")
     own_parameters = {name for name, _ in model.named_parameters()}
-    merged = load(model, arguments.adapter).unload(merge=True, dequantize=dequantize, dtype=dtype)
+    merged = _load_for_merge(model, arguments).unload(merge=True, dequantize=dequantize, dtype=dtype)
     added = sorted(  # biases only: a dequantized layer's weight is a new parameter that loads back
         name for name, _ in merged.named_parameters() if name.endswith(".bias") and name not in own_parameters
     )
@@ -165,6 +166,20 @@ def _merge(arguments: argparse.Namespace) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     print(f"merged model written to {out}" + (f" ({arguments.requantize})" if arguments.requantize else ""))
+
+
+def _load_for_merge(model: torch.nn.Module, arguments: argparse.Namespace) -> DeltaModel:
+    """The adapter on `model`; one recorded for other base weights is refused unless `--allow-other-base`
+    (merged, it would be another model under the adapter's name)."""
+    from .. import load
+    from ..errors import BaseWeightsError
+
+    try:
+        return load(model, arguments.adapter, strict=not arguments.allow_other_base)
+    except BaseWeightsError as error:
+        raise BaseWeightsError(
+            str(error).replace("nothing was loaded", "nothing was written; --allow-other-base merges it anyway")
+        ) from None
 
 
 def _cast_merged(merged: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -284,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter", help="adapter folder (deltatune or peft)")
     merge.add_argument("out", help="a new (or empty) folder to write the merged model into; never an input folder")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
+    merge.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="merge an adapter whose folder records other base weights than MODEL's (refused otherwise)",
+    )
     merge.add_argument(
         "--quantize",
         choices=list(QUANTIZE_OPTIONS),
